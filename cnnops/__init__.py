@@ -1,0 +1,16 @@
+"""cnnops: hand-written CPU and CUDA kernels for convolution, pooling and normalization,
+as drop-in replacements for torch.nn modules and torch.nn.functional functions."""
+import torch
+
+from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
+from . import autograd, functional, nn  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def has_cuda():
+    """True when the CUDA kernels were compiled into this build."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("cnnops::conv_forward", "CUDA")
+
+
+__all__ = ["autograd", "functional", "nn", "has_cuda", "__version__"]

@@ -1,0 +1,85 @@
+#pragma once
+// Host-side argument checks for the convolution ops. They run before any kernel, on CPU and
+// CUDA alike, so an op called directly through torch.ops.cnnops never reads out of bounds.
+// Messages follow torch.nn.functional.conv*d's wording.
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include "conv_shape.h"
+
+namespace cnnops {
+
+inline void check_conv_param(const char* name, c10::IntArrayRef value, int64_t dims) {
+  TORCH_CHECK(static_cast<int64_t>(value.size()) == dims, "expected ", name,
+              " to be a list of ", dims, " values to match the convolution dimensions, but got ",
+              name, "=", value);
+}
+
+// Validates input (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel) and bias (C_out)
+// and returns the geometry with 1d/2d lifted to 3d.
+inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias,
+                                       c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                       c10::IntArrayRef dilation, int64_t groups) {
+  const int64_t dims = weight.dim() - 2;
+  TORCH_CHECK(dims >= 1 && dims <= 3, "weight: expected 3, 4 or 5 dimensions (C_out, C_in/groups, *kernel), but got weight of size ", weight.sizes());
+  TORCH_CHECK(input.dim() == dims + 2, "input: expected ", dims + 2, "D (batched) input to conv", dims, "d, but got input of size: ", input.sizes());
+  check_conv_param("stride", stride, dims);
+  check_conv_param("padding", padding, dims);
+  check_conv_param("dilation", dilation, dims);
+  TORCH_CHECK(input.device() == weight.device(), "input and weight must be on the same device, but got input on ", input.device(), " and weight on ", weight.device());
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "Input type (", input.scalar_type(), ") and weight type (", weight.scalar_type(), ") should be the same");
+  TORCH_CHECK(groups > 0, "non-positive groups is not supported: groups=", groups);
+  for (int64_t i = 0; i < dims; ++i) {
+    TORCH_CHECK(stride[i] > 0, "non-positive stride is not supported: stride=", stride);
+    TORCH_CHECK(padding[i] >= 0, "negative padding is not supported: padding=", padding);
+    TORCH_CHECK(dilation[i] > 0, "non-positive dilation is not supported: dilation=", dilation);
+  }
+  const int64_t out_channels = weight.size(0);
+  TORCH_CHECK(out_channels % groups == 0, "Given groups=", groups, ", expected weight to be divisible by ", groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, "Given groups=", groups, ", weight of size ", weight.sizes(), ", expected input", input.sizes(), " to have ", weight.size(1) * groups, " channels, but got ", input.size(1), " channels instead");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "Given weight of size ", weight.sizes(), ", expected bias to be 1-dimensional with ", out_channels, " elements, but got bias of size ", bias->sizes(), " instead");
+    TORCH_CHECK(bias->device() == input.device(), "input and bias must be on the same device, but got input on ", input.device(), " and bias on ", bias->device());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "Input type (", input.scalar_type(), ") and bias type (", bias->scalar_type(), ") should be the same");
+  }
+
+  ConvGeometry g;
+  g.batch = input.size(0);
+  g.groups = groups;
+  g.in_channels = input.size(1);
+  g.out_channels = out_channels;
+  const int64_t lift = 3 - dims;  // leading unit dims
+  for (int64_t i = 0; i < 3; ++i) {
+    const bool real = i >= lift;
+    const int64_t j = i - lift;
+    g.in[i] = real ? input.size(2 + j) : 1;
+    g.kernel[i] = real ? weight.size(2 + j) : 1;
+    g.stride[i] = real ? stride[j] : 1;
+    g.pad[i] = real ? padding[j] : 0;
+    g.dilation[i] = real ? dilation[j] : 1;
+    const int64_t padded = g.in[i] + 2 * g.pad[i];
+    const int64_t span = g.dilation[i] * (g.kernel[i] - 1) + 1;
+    TORCH_CHECK(padded >= span, "Calculated padded input size per channel: ", input.sizes().slice(2), " + 2 * padding ", padding, ". Kernel size: ", weight.sizes().slice(2), " (dilated extent ", span, " in dim ", j, "). Kernel size can't be greater than actual input size");
+    g.out[i] = conv_output_size(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i]);
+  }
+  return g;
+}
+
+inline std::vector<int64_t> conv_output_shape(const ConvGeometry& g, int64_t dims) {
+  std::vector<int64_t> shape{g.batch, g.out_channels};
+  for (int64_t i = 3 - dims; i < 3; ++i) shape.push_back(g.out[i]);
+  return shape;
+}
+
+// grad_output must have exactly the forward output's shape.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
+                              const ConvGeometry& g, int64_t dims) {
+  const auto expected = conv_output_shape(g, dims);
+  TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef(expected), "grad_output: expected size ", c10::IntArrayRef(expected), ", but got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == input.device(), "grad_output must be on the input's device ", input.device(), ", but is on ", grad_output.device());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output: expected dtype ", input.scalar_type(), ", but got ", grad_output.scalar_type());
+}
+
+}  // namespace cnnops

@@ -1,0 +1,239 @@
+// Convolution on the CPU, 1d/2d/3d (all lifted to 3d), forward and backward.
+//
+// General case, per sample n and group g (slides: each output is an inner product over
+// C_in/groups x K_d x K_h x K_w):
+//   forward      Y_ng  = W_g * im2col(X_ng) + b          (GEMM, im2col packed straight into B)
+//   grad input   dX_ng = col2im(W_g^T * dY_ng)           (dl/dx_i = sum_j dl/dy_j (star) w_ij)
+//   grad weight  dW_g  = sum_n dY_ng * im2col(X_ng)^T    (dl/dw_ij = dl/dy_j (conv) x_i)
+//   grad bias    db    = sum over n and positions of dY
+// Depthwise convolution (groups == C_in) has direct kernels in conv_depthwise.cpp instead.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/conv_checks.h"
+#include "cpu/conv_cpu.h"
+#include "cpu/conv_im2col.h"
+#include "cpu/gemm.h"
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc x 384 B block fits L2
+
+int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+template <typename T>
+void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
+  std::vector<PackedA<T>> weights;  // packed once, shared by every task
+  for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
+  const int64_t blocks = num_blocks(l, kColumnBlock);
+  const bool pointwise = g.is_pointwise();
+  at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = (task % blocks) * kColumnBlock, nc = std::min(kColumnBlock, l - n0);
+      const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
+      const T* x_ng = x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane();
+      T* y_ng = y + (n * g.out_channels + grp * m) * l;
+      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+        if (pointwise)  // 1x1 stride 1: im2col(X) is X itself
+          pack_b_strided(x_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
+        else
+          pack_im2col_panels<T, gemm_nr<T>()>(g, x_ng, k0, kc, n0 + j0, jc, dst);
+      };
+      gemm<T>(weights[grp], nc, pack, y_ng + n0, l, bias ? bias + grp * m : nullptr, false, workspace.data());
+    }
+  });
+}
+
+template <typename T>
+void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
+  std::vector<PackedA<T>> weights_t;  // W_g^T: K x M
+  for (int64_t grp = 0; grp < g.groups; ++grp) weights_t.push_back(pack_a(k, m, w + grp * m * k, int64_t(1), k));
+  const bool pointwise = g.is_pointwise();
+  // A task owns one (sample, group) slice of dX, so the col2im additions never race.
+  at::parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
+    std::vector<T> col(pointwise ? 0 : k * kColumnBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task % g.groups, n = task / g.groups;
+      const T* dy_ng = dy + (n * g.out_channels + grp * m) * l;
+      T* dx_ng = dx + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane();
+      for (int64_t n0 = 0; n0 < l; n0 += kColumnBlock) {
+        const int64_t nc = std::min(kColumnBlock, l - n0);
+        auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+          pack_b_strided(dy_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
+        };
+        if (pointwise) {  // col2im is the identity: write dX directly
+          gemm<T>(weights_t[grp], nc, pack, dx_ng + n0, l, nullptr, false, workspace.data());
+        } else {
+          gemm<T>(weights_t[grp], nc, pack, col.data(), nc, nullptr, false, workspace.data());
+          col2im_add_block(g, col.data(), nc, n0, nc, dx_ng);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
+  const int64_t blocks = num_blocks(l, kColumnBlock), units = g.batch * blocks;
+  // Deterministic reduction over (sample, column block): a fixed number of partial sums, each
+  // over a fixed range of units, added in order afterwards, whatever the thread count.
+  const int64_t partials = std::min<int64_t>(units, 8);
+  std::vector<T> partial(partials * g.groups * m * k, T(0));
+  at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(k));
+    std::vector<T> col(k * kColumnBlock);
+    for (int64_t p = begin; p < end; ++p) {
+      T* dw_p = partial.data() + p * g.groups * m * k;
+      for (int64_t unit = units * p / partials; unit < units * (p + 1) / partials; ++unit) {
+        const int64_t n = unit / blocks, n0 = (unit % blocks) * kColumnBlock;
+        const int64_t nc = std::min(kColumnBlock, l - n0);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* x_ng = x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane();
+          const T* dy_ng = dy + (n * g.out_channels + grp * m) * l;
+          // A = dY block (M x nc), B = im2col block transposed (nc x K): reduce over positions.
+          const PackedA<T> a = pack_a(m, nc, dy_ng + n0, l, int64_t(1));
+          im2col_block(g, x_ng, n0, nc, col.data(), nc);
+          auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+            pack_b_strided(col.data(), int64_t(1), nc, k0, kc, j0, jc, dst);
+          };
+          gemm<T>(a, k, pack, dw_p + grp * m * k, k, nullptr, true, workspace.data());
+        }
+      }
+    }
+  });
+  const int64_t size = g.groups * m * k;
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T sum = partial[i];
+      for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + i];
+      dw[i] = sum;
+    }
+  });
+}
+
+template <typename T>
+void conv_backward_bias(const ConvGeometry& g, const T* dy, T* db) {
+  const int64_t l = g.out_plane();
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      T sum = 0;
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const T* plane = dy + (n * g.out_channels + c) * l;
+        T plane_sum = 0;
+        for (int64_t i = 0; i < l; ++i) plane_sum += plane[i];
+        sum += plane_sum;
+      }
+      db[c] = sum;
+    }
+  });
+}
+
+// Reduced-precision tensors run through the float kernels: float accumulation, as torch does.
+bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+at::Tensor compute_copy(const at::Tensor& t) {
+  return (is_reduced(t) ? t.to(at::kFloat) : t).contiguous();
+}
+
+}  // namespace
+
+at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  const auto channels_last = input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  if (input.dim() < 4) return at::MemoryFormat::Contiguous;
+  if (input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last)
+    return channels_last;
+  return at::MemoryFormat::Contiguous;
+}
+
+void check_cpu_dtype(const at::Tensor& input) {
+  const auto t = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+                              "cnnops conv on CPU: dtype ", t, " is not supported (float32, float64, bfloat16, float16)");
+}
+
+at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g = make_conv_geometry(input, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(input.device().is_cpu(), "conv_forward_cpu: input must be a CPU tensor, got ", input.device());
+  check_cpu_dtype(input);
+  const auto x = compute_copy(input), w = compute_copy(weight);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto b = has_bias ? compute_copy(*bias) : at::Tensor();
+  auto y = at::empty(conv_output_shape(g, weight.dim() - 2), x.options());
+  if (y.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward_cpu", [&] {
+      const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
+      if (g.is_depthwise())
+        conv_depthwise_forward(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
+      else
+        conv_forward_gemm(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
+    });
+  }
+  return y.to(input.scalar_type()).contiguous(conv_output_memory_format(input, weight));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const ConvGeometry g = make_conv_geometry(input, weight, std::nullopt, stride, padding, dilation, groups);
+  check_grad_output(grad_output, input, g, weight.dim() - 2);
+  TORCH_CHECK(input.device().is_cpu(), "conv_backward_cpu: input must be a CPU tensor, got ", input.device());
+  check_cpu_dtype(input);
+  const auto dy = compute_copy(grad_output), x = compute_copy(input), w = compute_copy(weight);
+  const auto empty = at::empty({0}, input.options());
+  at::Tensor dx = empty, dw = empty, db = empty;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
+    const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
+    if (output_mask[0]) {
+      dx = at::zeros(x.sizes(), x.options());
+      if (dx.numel() > 0 && dy.numel() > 0) {
+        if (g.is_depthwise())
+          conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+        else
+          conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+      }
+      dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));
+    }
+    if (output_mask[1]) {
+      dw = at::zeros(w.sizes(), w.options());
+      if (dw.numel() > 0 && dy.numel() > 0) {
+        if (g.is_depthwise())
+          conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+        else
+          conv_backward_weight_gemm(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+      }
+      dw = dw.to(weight.scalar_type());
+    }
+    if (output_mask[2]) {
+      db = at::zeros({g.out_channels}, dy.options());
+      if (dy.numel() > 0) conv_backward_bias(g, dy_ptr, db.data_ptr<scalar_t>());
+      db = db.to(input.scalar_type());
+    }
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace cpu
+}  // namespace cnnops
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("conv_forward", &cnnops::cpu::conv_forward_cpu);
+  m.impl("conv_backward", &cnnops::cpu::conv_backward_cpu);
+}

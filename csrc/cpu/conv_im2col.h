@@ -1,0 +1,134 @@
+#pragma once
+// im2col and col2im over a block of output columns, for the CPU convolution kernels.
+//
+// The im2col matrix of one sample and group has a row per (input channel, kernel tap) and a
+// column per output position: col[(c, kd, kh, kw), (od, oh, ow)] = x[c, od*s-p+kd*d, ...], zero
+// where the tap lands in the padding. A block of columns [n0, n0 + nc) is walked as runs that
+// stay inside one output row, so the inner loops are contiguous copies when stride_w is 1.
+#include <algorithm>
+#include <cstdint>
+
+#include "common/conv_shape.h"
+
+namespace cnnops {
+namespace cpu {
+
+// One run of columns [col, col + count) of the block in one output row, for one im2col row.
+// Columns [col + valid_begin, col + valid_end) read x_row[first_iw + j * stride_w]; the rest are
+// padding.
+template <typename T>
+struct Im2colRun {
+  int64_t col, count, valid_begin, valid_end;
+  T* x_row;  // nullptr when the whole run reads padding (its d or h index is outside)
+  int64_t first_iw;
+};
+
+// Calls fn(run) for every run of im2col row `r` over columns [n0, n0 + nc). `x` is the first
+// channel of the group in this sample.
+template <typename T, typename Fn>
+inline void for_each_im2col_run(const ConvGeometry& g, T* x, int64_t r, int64_t n0, int64_t nc,
+                                Fn&& fn) {
+  const KernelTap tap = decompose_gemm_row(g, r);
+  const int64_t out_w = g.out[2], out_h = g.out[1];
+  int64_t w_lo, w_hi;  // output columns whose tap kw lands inside the input row
+  valid_output_range(g.in[2], out_w, tap.kw, g.stride[2], g.pad[2], g.dilation[2], &w_lo, &w_hi);
+  T* x_channel = x + tap.channel * g.in_plane();
+  int64_t ow = n0 % out_w, t = n0 / out_w;
+  int64_t oh = t % out_h, od = t / out_h;
+  for (int64_t col = 0; col < nc;) {
+    const int64_t count = std::min(out_w - ow, nc - col);
+    const int64_t id = conv_input_index(od, tap.kd, g.stride[0], g.pad[0], g.dilation[0]);
+    const int64_t ih = conv_input_index(oh, tap.kh, g.stride[1], g.pad[1], g.dilation[1]);
+    const bool row_inside = id >= 0 && id < g.in[0] && ih >= 0 && ih < g.in[1];
+    Im2colRun<T> run;
+    run.col = col;
+    run.count = count;
+    run.valid_begin = std::clamp(w_lo - ow, int64_t(0), count);
+    run.valid_end = std::clamp(w_hi - ow, run.valid_begin, count);
+    run.x_row = row_inside ? x_channel + (id * g.in[1] + ih) * g.in[2] : nullptr;
+    run.first_iw = conv_input_index(ow + run.valid_begin, tap.kw, g.stride[2], g.pad[2], g.dilation[2]);
+    fn(run);
+    col += count;
+    ow += count;
+    if (ow == out_w) {
+      ow = 0;
+      if (++oh == out_h) {
+        oh = 0;
+        ++od;
+      }
+    }
+  }
+}
+
+// dst[j] = the run's im2col values, j in [0, run.count), with dst_stride between them.
+template <typename T>
+inline void read_run(const Im2colRun<T>& run, int64_t stride_w, T* dst) {
+  std::fill(dst, dst + run.valid_begin, T(0));
+  if (run.x_row) {
+    const T* src = run.x_row + run.first_iw;
+    const int64_t n = run.valid_end - run.valid_begin;
+    T* out = dst + run.valid_begin;
+    if (stride_w == 1) {
+      std::copy(src, src + n, out);
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] = src[j * stride_w];
+    }
+  } else {
+    std::fill(dst + run.valid_begin, dst + run.valid_end, T(0));
+  }
+  std::fill(dst + run.valid_end, dst + run.count, T(0));
+}
+
+// Packs im2col rows [k0, k0 + kc) x columns [n0, n0 + nc) as GEMM B panels of NR columns.
+template <typename T, int64_t NR>
+void pack_im2col_panels(const ConvGeometry& g, const T* x, int64_t k0, int64_t kc, int64_t n0,
+                        int64_t nc, T* dst) {
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    for_each_im2col_run(g, const_cast<T*>(x), k0 + kk, n0, nc, [&](const Im2colRun<T>& run) {
+      // Split the run at panel boundaries; each piece is contiguous in its panel row.
+      for (int64_t done = 0; done < run.count;) {
+        const int64_t col = run.col + done;
+        const int64_t piece = std::min(run.count - done, NR - col % NR);
+        Im2colRun<T> sub = run;
+        sub.count = piece;
+        sub.valid_begin = std::clamp(run.valid_begin - done, int64_t(0), piece);
+        sub.valid_end = std::clamp(run.valid_end - done, sub.valid_begin, piece);
+        sub.first_iw = run.first_iw + (done + sub.valid_begin - run.valid_begin) * g.stride[2];
+        T* out = dst + (col / NR) * kc * NR + kk * NR + col % NR;
+        read_run(sub, g.stride[2], out);
+        done += piece;
+      }
+    });
+    // Zero the tail of the last panel.
+    const int64_t tail = nc % NR;
+    if (tail) {
+      T* last_panel_row = dst + (nc / NR) * kc * NR + kk * NR;
+      std::fill(last_panel_row + tail, last_panel_row + NR, T(0));
+    }
+  }
+}
+
+// col[r, j] (row stride ld) = im2col rows [0, K) x columns [n0, n0 + nc).
+template <typename T>
+void im2col_block(const ConvGeometry& g, const T* x, int64_t n0, int64_t nc, T* col, int64_t ld) {
+  for (int64_t r = 0; r < g.gemm_k(); ++r)
+    for_each_im2col_run(g, const_cast<T*>(x), r, n0, nc,
+                        [&](const Im2colRun<T>& run) { read_run(run, g.stride[2], col + r * ld + run.col); });
+}
+
+// x += col2im(col) for columns [n0, n0 + nc): each im2col entry is added back to the input
+// element it was read from (the backprop of im2col's copy).
+template <typename T>
+void col2im_add_block(const ConvGeometry& g, const T* col, int64_t ld, int64_t n0, int64_t nc, T* x) {
+  for (int64_t r = 0; r < g.gemm_k(); ++r)
+    for_each_im2col_run(g, x, r, n0, nc, [&](const Im2colRun<T>& run) {
+      if (!run.x_row) return;
+      const T* src = col + r * ld + run.col + run.valid_begin;
+      T* dst = run.x_row + run.first_iw;
+      const int64_t n = run.valid_end - run.valid_begin, s = g.stride[2];
+      for (int64_t j = 0; j < n; ++j) dst[j * s] += src[j];
+    });
+}
+
+}  // namespace cpu
+}  // namespace cnnops

@@ -1,0 +1,214 @@
+// GEMM micro-kernels and the blocked driver (see gemm.h).
+//
+// One micro-kernel body, written with GCC vector extensions, is compiled three times under
+// different target attributes (AVX-512, AVX2+FMA, baseline x86-64/other) and the widest one the
+// CPU supports is picked at run time. Only these functions carry the target attributes, so no
+// AVX-512 code can leak into code that runs on other CPUs.
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+#define CNNOPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T)), __may_alias__));
+  static constexpr int kLanes = 64 / sizeof(T);
+};
+
+// C[0:mr, 0:nr] = init + sum_k a[k, 0:MR] (outer) b[k, 0:NR], with a and b packed panels.
+template <typename T, int MR>
+CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
+                                            const T* __restrict b, T* __restrict c, int64_t ldc,
+                                            int64_t mr, int64_t nr, const T* row_bias,
+                                            bool accumulate) {
+  using V = typename Vec64<T>::type;
+  constexpr int kL = Vec64<T>::kLanes;
+  constexpr int kNr = 2 * kL;
+  V acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
+  for (int64_t k = 0; k < kc; ++k) {
+    const V b0 = *reinterpret_cast<const V*>(b + k * kNr);
+    const V b1 = *reinterpret_cast<const V*>(b + k * kNr + kL);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[k * MR + i];
+      acc0[i] += ai * b0;  // contracts to FMA
+      acc1[i] += ai * b1;
+    }
+  }
+  if (mr == MR && nr == kNr) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      V* row = reinterpret_cast<V*>(c + i * ldc);
+      if (accumulate) {
+        row[0] += acc0[i];
+        row[1] += acc1[i];
+      } else {
+        const T init = row_bias ? row_bias[i] : T(0);
+        row[0] = acc0[i] + init;
+        row[1] = acc1[i] + init;
+      }
+    }
+    return;
+  }
+  T tile[MR][kNr];  // edge tile: spill, then copy the valid part
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(&tile[i][0], &acc0[i], sizeof(V));
+    std::memcpy(&tile[i][kL], &acc1[i], sizeof(V));
+  }
+  for (int64_t i = 0; i < mr; ++i) {
+    T* row = c + i * ldc;
+    const T init = row_bias ? row_bias[i] : T(0);
+    for (int64_t j = 0; j < nr; ++j) row[j] = (accumulate ? row[j] : init) + tile[i][j];
+  }
+}
+
+template <typename T>
+using MicroKernel = void (*)(int64_t, const T*, const T*, T*, int64_t, int64_t, int64_t, const T*,
+                             bool);
+
+// MR per ISA: MR rows x 2 vectors of accumulators plus 2 B vectors must fit the register file
+// (32 zmm for AVX-512; 16 ymm for AVX2, where a 64-byte vector takes two).
+#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, MR_F, MR_D)                               \
+  ATTRIBUTE void NAME##_f(int64_t kc, const float* a, const float* b,  \
+                                                 float* c, int64_t ldc, int64_t mr, int64_t nr, \
+                                                 const float* bias, bool acc) {               \
+    micro_kernel_body<float, MR_F>(kc, a, b, c, ldc, mr, nr, bias, acc);                      \
+  }                                                                                           \
+  ATTRIBUTE void NAME##_d(int64_t kc, const double* a, const double* b, \
+                                                 double* c, int64_t ldc, int64_t mr,          \
+                                                 int64_t nr, const double* bias, bool acc) {  \
+    micro_kernel_body<double, MR_D>(kc, a, b, c, ldc, mr, nr, bias, acc);                     \
+  }
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CNNOPS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+#define CNNOPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx512, CNNOPS_TARGET_AVX512, 12, 12)
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx2, CNNOPS_TARGET_AVX2, 3, 3)
+#endif
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_portable, , 2, 2)
+
+template <typename T>
+struct KernelChoice {
+  MicroKernel<T> fn;
+  int64_t mr;
+  const char* isa;
+};
+
+template <typename T>
+KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, int64_t mr_f,
+                            int64_t mr_d, const char* isa) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return {f, mr_f, isa};
+  } else {
+    return {d, mr_d, isa};
+  }
+}
+
+template <typename T>
+const KernelChoice<T>& kernel_choice() {
+  static const KernelChoice<T> choice = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+      return make_choice<T>(kernel_avx512_f, kernel_avx512_d, 12, 12, "avx512");
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return make_choice<T>(kernel_avx2_f, kernel_avx2_d, 3, 3, "avx2");
+#endif
+    return make_choice<T>(kernel_portable_f, kernel_portable_d, 2, 2, "portable");
+  }();
+  return choice;
+}
+
+}  // namespace
+
+const char* gemm_isa() { return kernel_choice<float>().isa; }
+
+template <typename T>
+PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride) {
+  PackedA<T> packed;
+  packed.m = m;
+  packed.k = k;
+  packed.mr = kernel_choice<T>().mr;
+  const int64_t mr = packed.mr;
+  const int64_t padded_m = (m + mr - 1) / mr * mr;
+  packed.data.assign(padded_m * k, T(0));
+  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
+    const int64_t kc = std::min(kKc, k - k0);
+    for (int64_t m0 = 0; m0 < m; m0 += mr) {
+      T* dst = packed.data.data() + k0 * padded_m + m0 * kc;
+      const int64_t rows = std::min(mr, m - m0);
+      for (int64_t kk = 0; kk < kc; ++kk)
+        for (int64_t i = 0; i < rows; ++i)
+          dst[kk * mr + i] = a[(m0 + i) * row_stride + (k0 + kk) * col_stride];
+    }
+  }
+  return packed;
+}
+
+template <typename T>
+void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
+          bool accumulate, T* workspace) {
+  const auto& kernel = kernel_choice<T>();
+  const int64_t mr = a.mr, nr = gemm_nr<T>();
+  if (a.k == 0) {  // empty reduction: C = init
+    for (int64_t i = 0; i < a.m; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        c[i * ldc + j] = accumulate ? c[i * ldc + j] : (row_bias ? row_bias[i] : T(0));
+    return;
+  }
+  for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {
+    const int64_t kc = std::min(kKc, a.k - k0);
+    const bool acc = accumulate || k0 > 0;
+    pack_b(k0, kc, 0, n, workspace);
+    for (int64_t j0 = 0; j0 < n; j0 += nr) {  // B panel stays in L1 while A panels stream
+      const T* b_panel = workspace + (j0 / nr) * kc * nr;
+      for (int64_t i0 = 0; i0 < a.m; i0 += mr) {
+        kernel.fn(kc, a.panel(k0, kc, i0), b_panel, c + i0 * ldc + j0, ldc,
+                  std::min(mr, a.m - i0), std::min(nr, n - j0),
+                  row_bias ? row_bias + i0 : nullptr, acc);
+      }
+    }
+  }
+}
+
+template <typename T>
+void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc,
+                    int64_t n0, int64_t nc, T* dst) {
+  constexpr int64_t nr = gemm_nr<T>();
+  for (int64_t j0 = 0; j0 < nc; j0 += nr) {
+    T* panel = dst + (j0 / nr) * kc * nr;
+    const int64_t cols = std::min(nr, nc - j0);
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const T* src = b + (k0 + kk) * row_stride + (n0 + j0) * col_stride;
+      T* out = panel + kk * nr;
+      if (col_stride == 1) {
+        std::memcpy(out, src, cols * sizeof(T));
+      } else {
+        for (int64_t j = 0; j < cols; ++j) out[j] = src[j * col_stride];
+      }
+      for (int64_t j = cols; j < nr; ++j) out[j] = T(0);
+    }
+  }
+}
+
+#define CNNOPS_INSTANTIATE_GEMM(T)                                                           \
+  template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
+  template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
+                        T*);                                                                 \
+  template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
+                                  int64_t, T*);
+CNNOPS_INSTANTIATE_GEMM(float)
+CNNOPS_INSTANTIATE_GEMM(double)
+
+}  // namespace cpu
+}  // namespace cnnops

@@ -1,0 +1,67 @@
+#pragma once
+// Our own cache-blocked GEMM for the convolution kernels: C = init + A * B.
+//
+// Blocking follows BLIS: the reduction dim is cut into blocks of kKc, A is packed once into
+// row panels of MR rows (MR depends on the SIMD width picked at run time), and B is packed
+// block by block into column panels of NR columns by a caller-supplied packer, which lets
+// convolution write im2col columns straight into the panel instead of materialising im2col.
+// A register-tiled MR x NR micro-kernel does the arithmetic.
+#include <c10/util/FunctionRef.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace cnnops {
+namespace cpu {
+
+constexpr int64_t kKc = 256;  // reduction block: one MR x kKc A panel and kKc x NR B panel in L1
+
+template <typename T>
+constexpr int64_t gemm_nr() {  // columns per B panel: two 64-byte vectors
+  return 128 / sizeof(T);
+}
+
+// Fills dst with B[k0 : k0+kc, n0 : n0+nc] as ceil(nc / NR) panels, each kc rows of NR values,
+// zero padded past nc.
+template <typename T>
+using PackB = c10::function_ref<void(int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst)>;
+
+// A (M x K) packed once and reused for many B blocks: per kKc block, ceil(M / mr) panels of
+// kc x mr values, zero padded past M.
+template <typename T>
+struct PackedA {
+  int64_t m = 0, k = 0, mr = 0;
+  std::vector<T> data;
+  const T* panel(int64_t k0, int64_t kc, int64_t m0) const {
+    const int64_t padded_m = (m + mr - 1) / mr * mr;
+    return data.data() + k0 * padded_m + m0 * kc;
+  }
+};
+
+// A[i, j] = a[i * row_stride + j * col_stride]: a transposed view costs nothing.
+template <typename T>
+PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride);
+
+// C[M, N] (row stride ldc) = init + A * B, where init is C itself when accumulate, else
+// row_bias[i] for row i when row_bias is given, else 0. `workspace` must hold
+// gemm_workspace_size<T>(nc_max) values, nc_max being the widest N handed to this call.
+template <typename T>
+void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
+          const T* row_bias, bool accumulate, T* workspace);
+
+template <typename T>
+int64_t gemm_workspace_size(int64_t n) {
+  const int64_t nr = gemm_nr<T>();
+  return kKc * ((n + nr - 1) / nr * nr);
+}
+
+// Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride].
+template <typename T>
+void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc,
+                    int64_t n0, int64_t nc, T* dst);
+
+// Which micro-kernel the CPU runs ("avx512", "avx2" or "portable"), for benchmarks and tests.
+const char* gemm_isa();
+
+}  // namespace cpu
+}  // namespace cnnops

@@ -1,0 +1,91 @@
+"""Build cnnops._C: CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
+
+CNNOPS_CUDA=0 turns CUDA off; CNNOPS_CUDA=1 makes a missing CUDA toolchain an error.
+DEBUG=1 builds with -O0 -g for gdb. TORCH_CUDA_ARCH_LIST overrides the GPU architectures.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The real toolkit folder. /usr/local/bin/nvcc here is a wrapper script, from which
+    torch would guess CUDA_HOME=/usr/local (then -lcudart fails), so look for bin/nvcc."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
+            return os.path.realpath(candidate)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        with open(real, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):  # a wrapper script: find the nvcc it execs
+            for token in head.decode(errors="ignore").split():
+                if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                    real = os.path.realpath(token)
+                    break
+        return os.path.dirname(os.path.dirname(real))
+    return None
+
+
+cuda_home = find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension loads
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+want_cuda = os.environ.get("CNNOPS_CUDA", "auto").lower()
+debug = os.environ.get("DEBUG", "0") == "1"
+cuda_possible = torch.version.cuda is not None and cuda_home is not None
+if want_cuda in ("1", "true", "yes", "on") and not cuda_possible:
+    sys.exit(f"CNNOPS_CUDA=1 but no CUDA toolchain: torch.version.cuda={torch.version.cuda}, "
+             f"CUDA_HOME={cuda_home}")
+use_cuda = cuda_possible and want_cuda not in ("0", "false", "no", "off")
+
+
+def nvidia_pip_includes():
+    """cublas_v2.h and cusparse.h, which torch's CUDAContext.h includes, live in the pip
+    package `nvidia` rather than in the minimal toolkit here."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in list(nvidia.__path__):
+        found += [p for p in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(p)]
+    return sorted(found)
+
+
+if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
+opt = ["-O0", "-g"] if debug else ["-O3"]
+# fp-contract: let the GEMM micro-kernel fuse a*b+c into FMA (ISO -std=c++NN turns it off).
+cxx_flags = opt + ["-ffp-contract=fast"]  # torch.utils.cpp_extension picks -std (c++20 for torch>=2.10)
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+extra = {"cxx": cxx_flags}
+Extension = CppExtension
+if use_cuda:
+    Extension = CUDAExtension
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += nvidia_pip_includes()
+    extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"] + (["-G"] if debug else [])
+    cxx_flags.append("-DCNNOPS_WITH_CUDA")
+
+setup(
+    packages=find_packages(include=["cnnops", "cnnops.*"]),
+    ext_modules=[Extension("cnnops._C", sources, include_dirs=include_dirs, extra_compile_args=extra)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
