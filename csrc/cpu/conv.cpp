@@ -20,6 +20,7 @@
 #include "common/conv_checks.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_im2col.h"
+#include "cpu/conv_shifted.h"
 #include "cpu/gemm.h"
 
 namespace cnnops {
@@ -83,6 +84,34 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
       }
     }
   });
+}
+
+// For stride 1, dX = dY correlated with the kernel rotated 180 degrees and its in/out channels
+// swapped, zero padded by d(k-1) - p (slides: dl/dx_i = sum_j dl/dy_j (star) w_ij): a forward
+// convolution, so it runs on the fast shifted-window path. Returns false when it does not apply.
+template <typename T>
+bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+  ConvGeometry t = g;  // the transposed problem: dY in, dX out
+  std::swap(t.in_channels, t.out_channels);
+  for (int i = 0; i < 3; ++i) {
+    if (g.stride[i] != 1) return false;
+    t.in[i] = g.out[i];
+    t.out[i] = g.in[i];
+    t.pad[i] = g.dilation[i] * (g.kernel[i] - 1) - g.pad[i];
+    if (t.pad[i] < 0) return false;
+  }
+  if (!use_shifted_grid(t)) return false;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t taps = g.kernel_volume();
+  std::vector<T> rotated(g.out_channels * cin_g * taps);  // [C_in][C_out / groups][taps]
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t m = 0; m < cout_g; ++m)
+      for (int64_t c = 0; c < cin_g; ++c)
+        for (int64_t r = 0; r < taps; ++r)
+          rotated[((grp * cin_g + c) * cout_g + m) * taps + (taps - 1 - r)] =
+              w[((grp * cout_g + m) * cin_g + c) * taps + r];
+  conv_forward_shifted(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx);
+  return true;
 }
 
 template <typename T>
@@ -181,6 +210,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
       const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
       if (g.is_depthwise())
         conv_depthwise_forward(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
+      else if (use_shifted_grid(g))
+        conv_forward_shifted(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
       else
         conv_forward_gemm(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
     });
@@ -206,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       if (dx.numel() > 0 && dy.numel() > 0) {
         if (g.is_depthwise())
           conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
-        else
+        else if (!conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>()))
           conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
       }
       dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));

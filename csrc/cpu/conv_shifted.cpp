@@ -1,0 +1,69 @@
+// Stride-1 convolution forward on the shifted-window grid (see conv_shifted.h):
+// Y_ng = W_g * shifted(pad(X_ng)) + b, computed in column blocks of the padded grid.
+#include "cpu/conv_shifted.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/gemm.h"
+
+namespace cnnops {
+namespace cpu {
+
+template <typename T>
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  constexpr int64_t nr = gemm_nr<T>();
+  constexpr int64_t block = 384;  // grid columns per GEMM call (a multiple of nr)
+  const ShiftedGrid grid(g);
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
+  const int64_t planes = g.batch * g.in_channels, pp = grid.padded_plane;
+  const int64_t hp = grid.padded[1], wp = grid.padded[2];
+
+  // Zero-padded input; the tail slack keeps the last panel's reads past the grid in bounds.
+  std::vector<T> padded(planes * pp + nr, T(0));
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t d = 0; d < g.in[0]; ++d)
+        for (int64_t h = 0; h < g.in[1]; ++h)
+          std::memcpy(&padded[p * pp + ((d + g.pad[0]) * hp + h + g.pad[1]) * wp + g.pad[2]],
+                      x + (p * g.in[0] + d) * g.in[1] * g.in[2] + h * g.in[2], g.in[2] * sizeof(T));
+  });
+
+  std::vector<PackedA<T>> weights;
+  for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
+  const int64_t blocks = (grid.columns + block - 1) / block;
+  at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(block));
+    std::vector<T> tile(m * block);  // C for one block of grid columns, before dropping waste
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = (task % blocks) * block, nc = std::min(block, grid.columns - n0);
+      const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
+      const T* x_ng = padded.data() + (n * g.in_channels + grp * g.in_channels_per_group()) * pp;
+      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+        for (int64_t p = 0; p * nr < jc; ++p)
+          for (int64_t kk = 0; kk < kc; ++kk)
+            std::memcpy(dst + (p * kc + kk) * nr, x_ng + grid.row_offset[k0 + kk] + n0 + j0 + p * nr, nr * sizeof(T));
+      };
+      gemm<T>(weights[grp], nc, pack, tile.data(), nc, bias ? bias + grp * m : nullptr, false, workspace.data());
+      // Keep the real outputs: grid column l' = (od*Hp + oh)*Wp + ow with oh < H_out, ow < W_out.
+      T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
+      for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
+        const int64_t oh = row_start / wp % hp, od = row_start / wp / hp;
+        if (oh >= g.out[1]) continue;
+        const int64_t first = std::max(row_start, n0), last = std::min(row_start + g.out[2], n0 + nc);
+        if (first >= last) continue;
+        T* dst = y_ng + (od * g.out[1] + oh) * g.out[2] + (first - row_start);
+        for (int64_t i = 0; i < m; ++i)
+          std::memcpy(dst + i * g.out_plane(), tile.data() + i * nc + (first - n0), (last - first) * sizeof(T));
+      }
+    }
+  });
+}
+
+template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, const float*, float*);
+template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, const double*, double*);
+
+}  // namespace cpu
+}  // namespace cnnops
