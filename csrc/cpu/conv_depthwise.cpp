@@ -1,10 +1,12 @@
-// Depthwise convolution on the CPU: each output channel co reads only input channel
-// co / multiplier, so a direct loop over kernel taps beats a GEMM with a reduction of length K.
-// Every kernel walks one tap at a time over the output rows where that tap lands inside the
-// input (valid_output_range), so the innermost loop over ow has no bounds test and vectorizes.
+// Depthwise convolution on the CPU: output channel co reads only input channel
+// ci = co / multiplier, so direct loops over the kernel taps beat a GEMM whose reduction would
+// be just the K_d*K_h*K_w taps. Each kernel first copies the plane it reads into a zero-padded
+// buffer, so the loops over output positions need no bounds tests and the innermost loop over
+// ow (unit stride when stride_w is 1) vectorizes.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "cpu/conv_cpu.h"
@@ -13,81 +15,90 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// Calls fn(out_row_offset, in_row_offset, ow_begin, ow_end, iw_of_ow_begin) for every output
-// row of a plane where kernel tap r lands inside the input.
-template <typename Fn>
-void for_each_tap_row(const ConvGeometry& g, int64_t r, Fn&& fn) {
-  const int64_t kw = r % g.kernel[2], kh = r / g.kernel[2] % g.kernel[1], kd = r / g.kernel[2] / g.kernel[1];
-  int64_t d_lo, d_hi, h_lo, h_hi, w_lo, w_hi;
-  valid_output_range(g.in[0], g.out[0], kd, g.stride[0], g.pad[0], g.dilation[0], &d_lo, &d_hi);
-  valid_output_range(g.in[1], g.out[1], kh, g.stride[1], g.pad[1], g.dilation[1], &h_lo, &h_hi);
-  valid_output_range(g.in[2], g.out[2], kw, g.stride[2], g.pad[2], g.dilation[2], &w_lo, &w_hi);
-  if (w_lo >= w_hi) return;
-  const int64_t iw0 = conv_input_index(w_lo, kw, g.stride[2], g.pad[2], g.dilation[2]);
-  for (int64_t od = d_lo; od < d_hi; ++od) {
-    const int64_t id = conv_input_index(od, kd, g.stride[0], g.pad[0], g.dilation[0]);
-    for (int64_t oh = h_lo; oh < h_hi; ++oh) {
-      const int64_t ih = conv_input_index(oh, kh, g.stride[1], g.pad[1], g.dilation[1]);
-      fn((od * g.out[1] + oh) * g.out[2], (id * g.in[1] + ih) * g.in[2], w_lo, w_hi, iw0);
-    }
+// A zero-padded (D+2p, H+2p, W+2p) copy of one channel plane.
+template <typename T>
+struct PaddedPlane {
+  int64_t hp, wp;
+  std::vector<T> data;
+
+  explicit PaddedPlane(const ConvGeometry& g)
+      : hp(g.in[1] + 2 * g.pad[1]), wp(g.in[2] + 2 * g.pad[2]),
+        data((g.in[0] + 2 * g.pad[0]) * hp * wp, T(0)) {}
+
+  T* row(int64_t d, int64_t h) { return data.data() + (d * hp + h) * wp; }
+
+  void load(const ConvGeometry& g, const T* plane) {  // borders stay zero
+    for (int64_t d = 0; d < g.in[0]; ++d)
+      for (int64_t h = 0; h < g.in[1]; ++h)
+        std::memcpy(row(d + g.pad[0], h + g.pad[1]) + g.pad[2], plane + (d * g.in[1] + h) * g.in[2], g.in[2] * sizeof(T));
   }
+  void store(const ConvGeometry& g, T* plane) {  // the interior back out
+    for (int64_t d = 0; d < g.in[0]; ++d)
+      for (int64_t h = 0; h < g.in[1]; ++h)
+        std::memcpy(plane + (d * g.in[1] + h) * g.in[2], row(d + g.pad[0], h + g.pad[1]) + g.pad[2], g.in[2] * sizeof(T));
+  }
+};
+
+// Calls fn(tap, output row offset, padded input row) for every output row and kernel tap:
+// output (od, oh) with tap (kd, kh, kw) reads padded row (od*s + kd*d, oh*s + kh*d) from
+// column kw*d on, every stride_w-th element.
+template <typename T, typename Fn>
+void for_each_row_and_tap(const ConvGeometry& g, PaddedPlane<T>& padded, Fn&& fn) {
+  for (int64_t od = 0; od < g.out[0]; ++od)
+    for (int64_t oh = 0; oh < g.out[1]; ++oh)
+      for (int64_t kd = 0, tap = 0; kd < g.kernel[0]; ++kd)
+        for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+          T* in_row = padded.row(od * g.stride[0] + kd * g.dilation[0], oh * g.stride[1] + kh * g.dilation[1]);
+          for (int64_t kw = 0; kw < g.kernel[2]; ++kw, ++tap)
+            fn(tap, (od * g.out[1] + oh) * g.out[2], in_row + kw * g.dilation[2]);
+        }
 }
 
 }  // namespace
 
-// y[co] = b[co] + sum over taps of w[co, tap] * shifted x[co / multiplier]
+// y[co] = b[co] + sum over taps of w[co, tap] * x[co / multiplier] at the tap's shift
 template <typename T>
 void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane(), sw = g.stride[2];
+  const int64_t ow_end = g.out[2], sw = g.stride[2];
   at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    PaddedPlane<T> padded(g);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t co = plane % g.out_channels, n = plane / g.out_channels;
-      const T* x_plane = x + (n * g.in_channels + co / multiplier) * in_plane;
-      T* y_plane = y + plane * out_plane;
-      std::fill(y_plane, y_plane + out_plane, bias ? bias[co] : T(0));
-      for (int64_t r = 0; r < taps; ++r) {
-        const T weight = w[co * taps + r];
-        for_each_tap_row(g, r, [&](int64_t out_row, int64_t in_row, int64_t ow0, int64_t ow1, int64_t iw0) {
-          T* out = y_plane + out_row;
-          const T* in = x_plane + in_row + iw0 - ow0 * sw;
-          if (sw == 1) {
-            for (int64_t ow = ow0; ow < ow1; ++ow) out[ow] += weight * in[ow];
-          } else {
-            for (int64_t ow = ow0; ow < ow1; ++ow) out[ow] += weight * in[ow * sw];
-          }
-        });
-      }
+      padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
+      T* y_plane = y + plane * g.out_plane();
+      std::fill(y_plane, y_plane + g.out_plane(), bias ? bias[co] : T(0));
+      const T* w_co = w + co * taps;
+      for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
+        T* out = y_plane + out_row;
+        const T weight = w_co[tap];
+        for (int64_t ow = 0; ow < ow_end; ++ow) out[ow] += weight * in[ow * sw];
+      });
     }
   });
 }
 
-// dx[ci] = sum over its output channels co and taps of w[co, tap] * dy[co] shifted back
-// (the gradient of each read in the forward, added where it was read).
+// dx[ci] = sum over ci's output channels co and taps of w[co, tap] * dy[co], added back where the
+// forward read it (the backprop of each read).
 template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane(), sw = g.stride[2];
+  const int64_t ow_end = g.out[2], sw = g.stride[2];
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
+    PaddedPlane<T> padded(g);  // accumulates dx with its border, which is then dropped
     for (int64_t plane = begin; plane < end; ++plane) {  // a task owns its dx plane: no races
       const int64_t ci = plane % g.in_channels, n = plane / g.in_channels;
-      T* dx_plane = dx + plane * in_plane;
-      for (int64_t j = 0; j < multiplier; ++j) {
-        const int64_t co = ci * multiplier + j;
-        const T* dy_plane = dy + (n * g.out_channels + co) * out_plane;
-        for (int64_t r = 0; r < taps; ++r) {
-          const T weight = w[co * taps + r];
-          for_each_tap_row(g, r, [&](int64_t out_row, int64_t in_row, int64_t ow0, int64_t ow1, int64_t iw0) {
-            const T* grad = dy_plane + out_row;
-            T* in = dx_plane + in_row + iw0 - ow0 * sw;
-            if (sw == 1) {
-              for (int64_t ow = ow0; ow < ow1; ++ow) in[ow] += weight * grad[ow];
-            } else {
-              for (int64_t ow = ow0; ow < ow1; ++ow) in[ow * sw] += weight * grad[ow];
-            }
-          });
-        }
+      std::fill(padded.data.begin(), padded.data.end(), T(0));
+      for (int64_t co = ci * multiplier; co < (ci + 1) * multiplier; ++co) {
+        const T* dy_plane = dy + (n * g.out_channels + co) * g.out_plane();
+        const T* w_co = w + co * taps;
+        for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, T* in) {
+          const T* grad = dy_plane + out_row;
+          const T weight = w_co[tap];
+          for (int64_t ow = 0; ow < ow_end; ++ow) in[ow * sw] += weight * grad[ow];
+        });
       }
+      padded.store(g, dx + plane * g.in_plane());
     }
   });
 }
@@ -96,31 +107,27 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
 template <typename T>
 void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane(), sw = g.stride[2];
+  const int64_t ow_end = g.out[2], sw = g.stride[2];
   at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    // Products are summed lane-wise into a row buffer first, so the inner loop vectorizes
-    // without reassociating a scalar sum; the row is reduced once per tap, in order.
-    std::vector<T> row_sum(g.out[2]);
+    PaddedPlane<T> padded(g);
+    // Products are summed lane-wise into one row per tap, so the inner loop vectorizes without
+    // reassociating a scalar sum; each row is reduced once at the end, in a fixed order.
+    std::vector<T> row_sums(taps * ow_end);
     for (int64_t co = begin; co < end; ++co) {
-      for (int64_t r = 0; r < taps; ++r) {
-        std::fill(row_sum.begin(), row_sum.end(), T(0));
-        T* acc = row_sum.data();
-        for (int64_t n = 0; n < g.batch; ++n) {
-          const T* dy_plane = dy + (n * g.out_channels + co) * out_plane;
-          const T* x_plane = x + (n * g.in_channels + co / multiplier) * in_plane;
-          for_each_tap_row(g, r, [&](int64_t out_row, int64_t in_row, int64_t ow0, int64_t ow1, int64_t iw0) {
-            const T* grad = dy_plane + out_row;
-            const T* in = x_plane + in_row + iw0 - ow0 * sw;
-            if (sw == 1) {
-              for (int64_t ow = ow0; ow < ow1; ++ow) acc[ow] += grad[ow] * in[ow];
-            } else {
-              for (int64_t ow = ow0; ow < ow1; ++ow) acc[ow] += grad[ow] * in[ow * sw];
-            }
-          });
-        }
+      std::fill(row_sums.begin(), row_sums.end(), T(0));
+      for (int64_t n = 0; n < g.batch; ++n) {
+        padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
+        const T* dy_plane = dy + (n * g.out_channels + co) * g.out_plane();
+        for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
+          const T* grad = dy_plane + out_row;
+          T* acc = row_sums.data() + tap * ow_end;
+          for (int64_t ow = 0; ow < ow_end; ++ow) acc[ow] += grad[ow] * in[ow * sw];
+        });
+      }
+      for (int64_t tap = 0; tap < taps; ++tap) {
         T sum = 0;
-        for (T v : row_sum) sum += v;
-        dw[co * taps + r] = sum;
+        for (int64_t ow = 0; ow < ow_end; ++ow) sum += row_sums[tap * ow_end + ow];
+        dw[co * taps + tap] = sum;
       }
     }
   });

@@ -1,0 +1,32 @@
+# cnnops: `make demo` and `make test` work on a fresh machine with only python3 and pip.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+OUT ?= gpu-logs
+
+.PHONY: install deps test demo bench gpu-check clean
+
+# Installs only what is missing: torch (a CUDA build where pip offers one, so the CUDA kernels
+# compile), the build and test tools, then cnnops itself (editable, incremental ninja build).
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.6"
+	@$(PYTHON) -c "import numpy, pytest, ninja, pybind11" 2>/dev/null || $(PIP) install numpy pytest ninja pybind11
+
+install: deps
+	$(PIP) install --no-build-isolation -e .
+
+test: install
+	$(PYTHON) -m pytest tests -q
+
+demo: install
+	$(PYTHON) -m cnnops.demo
+
+bench: install
+	$(PYTHON) -m benchmarks.bench_conv
+
+# On a fresh GPU machine (torch preinstalled, no network): local-arch build, CUDA tests, GPU
+# benchmark; logs and results go to $(OUT).
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
+
+clean:
+	rm -rf build *.egg-info cnnops/_C*.so

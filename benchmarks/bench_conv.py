@@ -1,0 +1,272 @@
+"""Convolution benchmark: cnnops.functional.conv{1,2,3}d against torch.nn.functional, timed in
+the same run on the same tensors (same dtype and memory layout).
+
+    python -m benchmarks.bench_conv [--device cpu|cuda] [--dtype float32 ...] [--quick]
+                                    [--out benchmarks/results] [--filter SUBSTRING]
+
+The suite: the 3x3 and 1x1 convolutions of ResNet-50 at batch 8, depthwise 3x3, the strided
+7x7 stem, one conv1d and one conv3d case, each forward and forward+backward; plus channels_last
+variants of the 2d cases (all of them on CUDA, two on the CPU).
+
+Forward is timed under torch.no_grad(). Forward+backward is one forward and
+torch.autograd.grad for input, weight and bias (no input gradient for the stem, whose input is
+the image). FLOPs: forward = 2 * output numel * C_in/groups * kernel volume; forward+backward
+adds the same again for grad_weight and for grad_input (when computed), i.e. 3x forward (2x
+for the stem). Bias FLOPs are not counted. Results: <out>/<device>.json and <out>/<device>.md.
+"""
+import argparse
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional
+
+from . import common
+
+# Relative error allowed (max |cnnops - torch| / max |torch|, per tensor) before a row is
+# flagged. Both sides round to the same dtype, so these are a few units in its last place.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TF32_TOLERANCE = 5e-3  # float32 on CUDA with cudnn.allow_tf32 (both torch and cnnops use TF32)
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    dims: int
+    n: int
+    cin: int
+    cout: int
+    spatial: tuple
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    bias: bool = False
+    input_grad: bool = True
+    channels_last: bool = False
+
+    @property
+    def kwargs(self):
+        return dict(stride=self.stride, padding=self.padding, groups=self.groups)
+
+    def out_spatial(self):
+        return [(s + 2 * self.padding - self.kernel) // self.stride + 1 for s in self.spatial]
+
+    def forward_flops(self):
+        out_numel = self.n * self.cout * math.prod(self.out_spatial())
+        return 2 * out_numel * (self.cin // self.groups) * self.kernel ** self.dims
+
+    def shape(self):
+        sp = "x".join(map(str, self.spatial))
+        s = f"{self.cin}->{self.cout} {sp} k{self.kernel}"
+        s += f" s{self.stride}" if self.stride != 1 else ""
+        s += f" g{self.groups}" if self.groups != 1 else ""
+        return s + (" +bias" if self.bias else "")
+
+
+def suite(device):
+    cases = []
+    for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
+        cases.append(Case(f"r50 3x3 {c}", 2, 8, c, c, (hw, hw), 3, padding=1))
+    for cin, cout, hw in ((64, 256, 56), (256, 64, 56), (512, 128, 28), (1024, 256, 14)):
+        cases.append(Case(f"r50 1x1 {cin}->{cout}", 2, 8, cin, cout, (hw, hw), 1))
+    for c, hw in ((64, 56), (256, 28)):
+        cases.append(Case(f"dw 3x3 {c}", 2, 8, c, c, (hw, hw), 3, padding=1, groups=c, bias=True))
+    cases.append(Case("stem 7x7 s2", 2, 8, 3, 64, (224, 224), 7, stride=2, padding=3, input_grad=False))
+    cases.append(Case("conv1d k9", 1, 8, 64, 64, (4096,), 9, padding=4, bias=True))
+    cases.append(Case("conv3d 3x3x3", 3, 2, 32, 32, (16, 28, 28), 3, padding=1, bias=True))
+    if device.type == "cuda":
+        cl = [c for c in cases if c.dims == 2]
+    else:  # the CPU suite must stay short: one 3x3 and one 1x1
+        cl = [c for c in cases if c.name in ("r50 3x3 64", "r50 1x1 64->256")]
+    cases += [dataclasses.replace(c, channels_last=True) for c in cl]
+    return cases
+
+
+def make_inputs(case, dtype, device, seed=0):
+    """Input, weight, bias (None without bias) as leaves, drawn in float32 on the CPU then
+    rounded; channels_last cases put input and weight in channels_last (as model.to does)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = randn(case.n, case.cin, *case.spatial)
+    fan_in = case.cin // case.groups * case.kernel ** case.dims
+    w = randn(case.cout, case.cin // case.groups, *([case.kernel] * case.dims), scale=fan_in ** -0.5)
+    b = randn(case.cout) if case.bias else None
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(case.input_grad)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, w, b
+
+
+def runners(conv, case, x, w, b, grad_out):
+    """(forward, forward+backward) callables of one implementation."""
+    kwargs = case.kwargs
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+
+    def forward():
+        with torch.no_grad():
+            return conv(x, w, b, **kwargs)
+
+    def forward_backward():
+        y = conv(x, w, b, **kwargs)
+        return (y.detach(),) + torch.autograd.grad(y, leaves, grad_out)
+
+    return forward, forward_backward
+
+
+def max_errors(got, ref):
+    """(max abs difference over all tensors, max over tensors of diff / max |ref|)."""
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    abs_err, rel_err = 0.0, 0.0
+    for g, r in zip(got, ref, strict=True):
+        if g.shape != r.shape:
+            return math.inf, math.inf
+        d = (g.double() - r.double()).abs().max().item()
+        abs_err = max(abs_err, d)
+        rel_err = max(rel_err, d / max(r.double().abs().max().item(), 1e-30))
+    return abs_err, rel_err
+
+
+def run_case(case, dtype, device, min_run_time):
+    """Rows for forward and forward+backward of one case (time, GFLOP/s, ratio, error)."""
+    x, w, b = make_inputs(case, dtype, device)
+    conv_t = getattr(F, f"conv{case.dims}d")
+    conv_c = getattr(cnnops.functional, f"conv{case.dims}d")
+    with torch.no_grad():
+        y = conv_t(x, w, b, **case.kwargs)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last) if case.channels_last else grad_out
+    fwd_t, fb_t = runners(conv_t, case, x, w, b, grad_out)
+    fwd_c, fb_c = runners(conv_c, case, x, w, b, grad_out)
+    fwd_flops = case.forward_flops()
+    tol = TOLERANCE[dtype]
+    if device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        tol = TF32_TOLERANCE
+    rows = []
+    for mode, fn_t, fn_c, flops in (("fwd", fwd_t, fwd_c, fwd_flops),
+                                    ("fwd+bwd", fb_t, fb_c, fwd_flops * (2 + case.input_grad))):
+        row = dict(case=case.name, shape=case.shape(), dims=case.dims, batch=case.n,
+                   layout="channels_last" if case.channels_last else "contiguous",
+                   dtype=str(dtype).replace("torch.", ""), mode=mode, gflop=flops / 1e9,
+                   torch_s=None, cnnops_s=None, torch_gflops=None, cnnops_gflops=None,
+                   ratio=None, max_abs_diff=None, max_rel_diff=None, check="-", error=None)
+        try:
+            abs_err, rel_err = max_errors(fn_c(), fn_t())  # also warms up (cudnn.benchmark)
+            row.update(max_abs_diff=abs_err, max_rel_diff=rel_err,
+                       check="ok" if rel_err <= tol else "MISMATCH")
+            t_torch, t_cnnops = common.compare_times([fn_t, fn_c], min_run_time)
+            row.update(torch_s=t_torch, cnnops_s=t_cnnops, torch_gflops=flops / t_torch / 1e9,
+                       cnnops_gflops=flops / t_cnnops / 1e9, ratio=t_torch / t_cnnops)
+        except Exception as exc:  # keep going: one failing case must not hide the others
+            row.update(check="ERROR", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("case", lambda r: r["case"]),
+    ("shape (batch)", lambda r: f"{r['shape']} ({r['batch']})"),
+    ("layout", lambda r: "NHWC" if r["layout"] == "channels_last" else "NCHW"),
+    ("dtype", lambda r: r["dtype"]),
+    ("pass", lambda r: r["mode"]),
+    ("torch", lambda r: common.fmt_time(r["torch_s"])),
+    ("cnnops", lambda r: common.fmt_time(r["cnnops_s"])),
+    ("torch GFLOP/s", lambda r: common.fmt_num(r["torch_gflops"])),
+    ("cnnops GFLOP/s", lambda r: common.fmt_num(r["cnnops_gflops"])),
+    ("torch/cnnops", lambda r: common.fmt_num(r["ratio"], ".2f")),
+    ("max abs diff", lambda r: common.fmt_num(r["max_abs_diff"], ".2g")),
+    ("check", lambda r: r["check"] if not r["error"] else f"ERROR {r['error'][:60]}"),
+]
+
+
+def summary_lines(rows):
+    lines = []
+    for (dtype, mode), med in sorted(common.median_ratios(rows, ("dtype", "mode")).items()):
+        lines.append(f"median torch/cnnops {dtype} {mode}: {med:.2f}x")
+    for mode, med in sorted(common.median_ratios(rows, ("mode",)).items()):
+        lines.append(f"median torch/cnnops all dtypes {mode[0]}: {med:.2f}x")
+    bad = [r for r in rows if r["check"] in ("MISMATCH", "ERROR")]
+    lines.append(f"correctness: {len(rows) - len(bad)} rows ok, {len(bad)} failed"
+                 + "".join(f"\n  {r['check']}: {r['case']} {r['layout']} {r['dtype']} {r['mode']}"
+                           f" rel {common.fmt_num(r['max_rel_diff'], '.2g')} {r['error'] or ''}"
+                           for r in bad))
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"],
+                        choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="short min_run_time (noisier)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per case and pass (default 1.0 CPU / 0.2 CUDA, --quick 0.1 / 0.05)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--filter", default=None, help="only cases whose name contains this")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device")
+        if not cnnops.has_cuda():
+            parser.error("--device cuda: cnnops was built without CUDA kernels")
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True  # torch's best algorithm per shape, for fairness
+    min_run_time = args.min_run_time
+    if min_run_time is None:
+        min_run_time = (0.05 if args.quick else 0.2) if device.type == "cuda" else (0.1 if args.quick else 1.0)
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    cases = [c for c in suite(device) if not args.filter or args.filter in c.name]
+    if not cases:
+        parser.error(f"--filter {args.filter!r} matches no case")
+
+    env = common.environment(device)
+    env["min_run_time"] = min_run_time
+    header = ["# cnnops convolution vs torch" + (" (cuDNN)" if device.type == "cuda" else ""), ""]
+    header += [f"- {line}" for line in common.environment_lines(env)]
+    header += ["- Median time of torch.utils.benchmark blocked_autorange, torch and cnnops alternating "
+               f"in 2 turns, min_run_time {min_run_time} s in all. torch/cnnops > 1: cnnops faster.",
+               "- GFLOP/s: fwd = 2 * out numel * C_in/groups * kernel volume; fwd+bwd = 3x fwd "
+               "(grad_input + grad_weight), 2x for the stem (no grad_input). fwd runs under no_grad.",
+               "- max abs diff: cnnops vs torch in the same dtype, max over output (and grads).", ""]
+    print("\n".join(header), flush=True)
+    print(common.markdown_table(COLUMNS, []), flush=True)
+
+    name = common.device_slug(device)
+    rows = []
+    for dtype in dtypes:
+        for case in cases:
+            for row in run_case(case, dtype, device, min_run_time):
+                rows.append(row)
+                print(common.markdown_row(COLUMNS, row), flush=True)
+            # written after every case, so a run cut short by a timeout keeps what it measured
+            summary = summary_lines(rows)
+            payload = dict(benchmark="conv", environment=env, summary=summary, rows=rows,
+                           median_ratio={f"{d} {m}": v for (d, m), v in
+                                         common.median_ratios(rows, ("dtype", "mode")).items()})
+            markdown = "\n".join(header + [common.markdown_table(COLUMNS, rows), ""]
+                                 + [f"- {line}" for line in summary])
+            paths = common.write_results(args.out, name, payload, markdown)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\n" + "\n".join(summary_lines(rows)))
+    print("wrote " + " and ".join(paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Helpers shared by the cnnops benchmarks: timing, environment metadata, tables, result files.
+
+Every benchmark times cnnops and torch in the same process on the same tensors and reports
+ratio = torch_time / cnnops_time (above 1 means cnnops is faster).
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+
+import torch
+from torch.utils import benchmark
+
+
+def _timer(fn):
+    # The Timer synchronizes the accelerator around each block; it runs with the process's
+    # thread count (its default of 1 thread would understate a multi-core CPU).
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
+def median_time(fn, min_run_time):
+    """Median seconds per call of ``fn()``, from torch.utils.benchmark's blocked_autorange."""
+    return _timer(fn).blocked_autorange(min_run_time=min_run_time).median
+
+
+def compare_times(fns, min_run_time, rounds=2):
+    """Median seconds per call of each of ``fns``, measured in ``rounds`` alternating turns of
+    min_run_time / rounds each, so a change in machine load affects all of them alike."""
+    timers = [_timer(fn) for fn in fns]
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for timer, acc in zip(timers, times):
+            acc.extend(timer.blocked_autorange(min_run_time=min_run_time / rounds).times)
+    return [statistics.median(t) for t in times]
+
+
+def device_slug(device):
+    """'cpu', or the CUDA device name in lower case with dashes: 'nvidia-h100-80gb-hbm3'."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def cnnops_cpu_isa():
+    """The CPU micro-kernel ISA if cnnops exposes it (an op or _C function named gemm_isa)."""
+    import cnnops
+
+    for owner in (getattr(torch.ops, "cnnops", None), getattr(cnnops, "_C", None)):
+        fn = getattr(owner, "gemm_isa", None) if owner is not None else None
+        if fn is None:
+            continue
+        try:
+            return str(fn())
+        except Exception:  # an op without a usable overload
+            continue
+    return None
+
+
+def _git_revision():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
+    except Exception:
+        return None
+
+
+def environment(device):
+    """Metadata stored beside the numbers: versions, machine, threads, backend settings."""
+    import cnnops
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "cnnops": getattr(cnnops, "__version__", None),
+        "git": _git_revision(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cnnops_cpu_isa": cnnops_cpu_isa(),
+    }
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            cnnops_has_cuda=bool(cnnops.has_cuda()),
+        )
+    return env
+
+
+def environment_lines(env):
+    """Human-readable environment summary, with the note on the physical limit."""
+    lines = [f"torch {env['torch']}, cnnops {env['cnnops']} (git {env['git']}), {env['date']}",
+             f"CPU capability {env['cpu_capability']}, {env['threads']} threads of "
+             f"{env['cpu_count']} CPUs, cnnops CPU micro-kernel ISA: "
+             f"{env['cnnops_cpu_isa'] or 'not exposed'}, load average {env['load_average_1min']:.2f} "
+             "at start (other processes on the cores skew CPU timings, torch's OpenMP the most)"]
+    if "device_name" in env:
+        lines.append(f"GPU {env['device_name']} (sm_{env['capability'].replace('.', '')}, "
+                     f"{env['sm_count']} SMs), CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+                     f"cudnn.benchmark={env['cudnn_benchmark']}, "
+                     f"cudnn.allow_tf32={env['cudnn_allow_tf32']} (applies to both)")
+    lines.append("Physical limit: FLOPs / the FMA peak, which is not measured portably here; "
+                 "compare GFLOP/s with the peak of the hardware above.")
+    return lines
+
+
+def fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def fmt_num(value, spec=".3g"):
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(columns, rows):
+    """columns: list of (header, function row -> str); rows: list of dicts."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += [markdown_row(columns, row) for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_row(columns, row):
+    return "| " + " | ".join(f(row) for _, f in columns) + " |"
+
+
+def median_ratios(rows, group_keys):
+    """Median of row['ratio'] per group (a tuple of the group_keys values); skips failed rows."""
+    groups = {}
+    for row in rows:
+        if row.get("ratio") is not None:
+            groups.setdefault(tuple(row[k] for k in group_keys), []).append(row["ratio"])
+    return {key: statistics.median(values) for key, values in groups.items()}
+
+
+def write_results(out_dir, name, payload, markdown):
+    """Write <out_dir>/<name>.json (payload) and <out_dir>/<name>.md (markdown); returns paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    md_path = os.path.join(out_dir, f"{name}.md")
+    for path, text in ((json_path, json.dumps(payload, indent=1) + "\n"), (md_path, markdown + "\n")):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # a run killed mid-write leaves the previous complete file
+    return json_path, md_path
