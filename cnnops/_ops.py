@@ -35,6 +35,7 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
     dims = weight.dim() - 2
     torch._check(input.dim() == dims + 2, lambda: f"input: expected {dims + 2}D input, got {input.dim()}D")
     torch._check(input.size(1) == weight.size(1) * groups, lambda: "input channels do not match weight")
+    torch._check_not_implemented(input.size(1) > 0, lambda: "cnnops conv: an input with zero channels is not supported")
     spatial = [
         conv_output_size(input.size(2 + i), weight.size(2 + i), stride[i], padding[i], dilation[i])
         for i in range(dims)
@@ -45,8 +46,10 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
 
 @torch.library.register_fake("cnnops::conv_backward")
 def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-    empty = input.new_empty([0])
-    grad_input = input.new_empty(input.shape).contiguous(memory_format=_conv_memory_format(input, input)) if output_mask[0] else empty
-    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else empty
-    grad_bias = input.new_empty([weight.size(0)]) if output_mask[2] else empty
+    def empty():
+        return input.new_empty([0])
+
+    grad_input = input.new_empty(input.shape).contiguous(memory_format=_conv_memory_format(input, input)) if output_mask[0] else empty()
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else empty()
+    grad_bias = input.new_empty([weight.size(0)]) if output_mask[2] else empty()
     return grad_input, grad_weight, grad_bias

@@ -26,7 +26,6 @@ it stays a fixed, small fraction of the typical magnitude of the values being co
 """
 
 import math
-import os
 import random
 
 import pytest

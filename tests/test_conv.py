@@ -17,14 +17,12 @@ import cnnops.functional
 from conftest import (
     CHANNELS_LAST,
     CPU_DTYPES,
-    REFERENCE_DTYPE,
     assert_close_to_torch,
     check_conv_against_torch,
     conv_fn,
     conv_tensors,
     dtype_id,
     make_tensor,
-    reductions,
     run_conv,
 )
 
@@ -301,12 +299,14 @@ LARGE = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("name", list(LARGE))
+LARGE_OTHER_DTYPES = ("resnet3x3_64to96", "odd_K171_Cout37_29x23", "depthwise_32_x3_stride2", "conv3d_16to24")
+LARGE_CASES = [pytest.param(name, torch.float32, id=f"{name}-float32") for name in LARGE] + [
+    pytest.param(name, dtype, id=f"{name}-{dtype_id(dtype)}")
+    for name in LARGE_OTHER_DTYPES for dtype in (torch.float64, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name,dtype", LARGE_CASES)
 def test_large(name, dtype):
-    if dtype != torch.float32 and name not in ("resnet3x3_64to96", "odd_K171_Cout37_29x23",
-                                               "depthwise_32_x3_stride2", "conv3d_16to24"):
-        pytest.skip("float32 only for this shape (runtime budget)")
     dims, n, cin, cout, spatial, kernel, groups, kwargs = LARGE[name]
     x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, True, dtype)
     check_conv_against_torch(dims, x, w, b, dict(kwargs, groups=groups), dtype, msg=name)

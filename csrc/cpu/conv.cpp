@@ -228,8 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   TORCH_CHECK(input.device().is_cpu(), "conv_backward_cpu: input must be a CPU tensor, got ", input.device());
   check_cpu_dtype(input);
   const auto dy = compute_copy(grad_output), x = compute_copy(input), w = compute_copy(weight);
-  const auto empty = at::empty({0}, input.options());
-  at::Tensor dx = empty, dw = empty, db = empty;
+  // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
+  auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor dx = empty(), dw = empty(), db = empty();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
     const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
     if (output_mask[0]) {
