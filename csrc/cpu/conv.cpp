@@ -124,7 +124,6 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
   std::vector<T> partial(partials * g.groups * m * k, T(0));
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> workspace(gemm_workspace_size<T>(k));
-    std::vector<T> col(k * kColumnBlock);
     for (int64_t p = begin; p < end; ++p) {
       T* dw_p = partial.data() + p * g.groups * m * k;
       for (int64_t unit = units * p / partials; unit < units * (p + 1) / partials; ++unit) {
@@ -135,9 +134,8 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
           const T* dy_ng = dy + (n * g.out_channels + grp * m) * l;
           // A = dY block (M x nc), B = im2col block transposed (nc x K): reduce over positions.
           const PackedA<T> a = pack_a(m, nc, dy_ng + n0, l, int64_t(1));
-          im2col_block(g, x_ng, n0, nc, col.data(), nc);
           auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-            pack_b_strided(col.data(), int64_t(1), nc, k0, kc, j0, jc, dst);
+            pack_im2col_transposed_panels<T, gemm_nr<T>()>(g, x_ng, n0, k0, kc, j0, jc, dst);
           };
           gemm<T>(a, k, pack, dw_p + grp * m * k, k, nullptr, true, workspace.data());
         }

@@ -60,23 +60,22 @@ inline void for_each_im2col_run(const ConvGeometry& g, T* x, int64_t r, int64_t 
   }
 }
 
-// dst[j] = the run's im2col values, j in [0, run.count), with dst_stride between them.
+// dst[j * dst_stride] = the run's im2col values, j in [0, run.count).
 template <typename T>
-inline void read_run(const Im2colRun<T>& run, int64_t stride_w, T* dst) {
-  std::fill(dst, dst + run.valid_begin, T(0));
-  if (run.x_row) {
-    const T* src = run.x_row + run.first_iw;
-    const int64_t n = run.valid_end - run.valid_begin;
-    T* out = dst + run.valid_begin;
-    if (stride_w == 1) {
-      std::copy(src, src + n, out);
-    } else {
-      for (int64_t j = 0; j < n; ++j) out[j] = src[j * stride_w];
-    }
-  } else {
-    std::fill(dst + run.valid_begin, dst + run.valid_end, T(0));
+inline void read_run(const Im2colRun<T>& run, int64_t stride_w, T* dst, int64_t dst_stride = 1) {
+  if (dst_stride == 1 && stride_w == 1) {  // the common case: contiguous copies
+    std::fill(dst, dst + run.valid_begin, T(0));
+    if (run.x_row)
+      std::copy(run.x_row + run.first_iw, run.x_row + run.first_iw + (run.valid_end - run.valid_begin), dst + run.valid_begin);
+    else
+      std::fill(dst + run.valid_begin, dst + run.valid_end, T(0));
+    std::fill(dst + run.valid_end, dst + run.count, T(0));
+    return;
   }
-  std::fill(dst + run.valid_end, dst + run.count, T(0));
+  for (int64_t j = 0; j < run.count; ++j) {
+    const bool inside = run.x_row && j >= run.valid_begin && j < run.valid_end;
+    dst[j * dst_stride] = inside ? run.x_row[run.first_iw + (j - run.valid_begin) * stride_w] : T(0);
+  }
 }
 
 // Packs im2col rows [k0, k0 + kc) x columns [n0, n0 + nc) as GEMM B panels of NR columns.
@@ -108,12 +107,20 @@ void pack_im2col_panels(const ConvGeometry& g, const T* x, int64_t k0, int64_t k
   }
 }
 
-// col[r, j] (row stride ld) = im2col rows [0, K) x columns [n0, n0 + nc).
-template <typename T>
-void im2col_block(const ConvGeometry& g, const T* x, int64_t n0, int64_t nc, T* col, int64_t ld) {
-  for (int64_t r = 0; r < g.gemm_k(); ++r)
-    for_each_im2col_run(g, const_cast<T*>(x), r, n0, nc,
-                        [&](const Im2colRun<T>& run) { read_run(run, g.stride[2], col + r * ld + run.col); });
+// Packs the transposed im2col block, B[l, r] = im2col[r, l], for rows l in [n0 + k0, + kc) and
+// columns r in [j0, j0 + jc), as GEMM B panels of NR columns: the weight gradient's operand.
+template <typename T, int64_t NR>
+void pack_im2col_transposed_panels(const ConvGeometry& g, const T* x, int64_t n0, int64_t k0,
+                                   int64_t kc, int64_t j0, int64_t jc, T* dst) {
+  for (int64_t j = 0; j < (jc + NR - 1) / NR * NR; ++j) {
+    T* column = dst + (j / NR) * kc * NR + j % NR;
+    if (j >= jc) {  // zero padding of the last panel
+      for (int64_t l = 0; l < kc; ++l) column[l * NR] = T(0);
+      continue;
+    }
+    for_each_im2col_run(g, const_cast<T*>(x), j0 + j, n0 + k0, kc,
+                        [&](const Im2colRun<T>& run) { read_run(run, g.stride[2], column + run.col * NR, NR); });
+  }
 }
 
 // x += col2im(col) for columns [n0, n0 + nc): each im2col entry is added back to the input
