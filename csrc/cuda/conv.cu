@@ -173,7 +173,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   at::Tensor grad_input, grad_weight, grad_bias;
-  const at::Tensor none = at::empty({0}, input.options());
   if (output_mask[0]) grad_input = at::empty(input.sizes(), input.options());
   if (output_mask[1]) grad_weight = at::empty(weight.sizes(), weight.options());
   if (output_mask[2]) grad_bias = at::empty({g.out_channels}, input.options());
@@ -272,8 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   });
 
   if (output_mask[0]) grad_input = in_input_format(grad_input, input_);
-  return std::make_tuple(output_mask[0] ? grad_input : none, output_mask[1] ? grad_weight : none,
-                         output_mask[2] ? grad_bias : none);
+  // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
+  return std::make_tuple(or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias));
 }
 
 }  // namespace cnnops
