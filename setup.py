@@ -71,7 +71,9 @@ if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 opt = ["-O0", "-g"] if debug else ["-O3"]
 # fp-contract: let the GEMM micro-kernel fuse a*b+c into FMA (ISO -std=c++NN turns it off).
-cxx_flags = opt + ["-ffp-contract=fast"]  # torch.utils.cpp_extension picks -std (c++20 for torch>=2.10)
+# torch.utils.cpp_extension picks -std (c++20 for torch>=2.10). -fopenmp: at::parallel_for is a
+# header template that runs serially unless the extension itself is compiled with OpenMP.
+cxx_flags = opt + ["-ffp-contract=fast", "-fopenmp"]
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra = {"cxx": cxx_flags}
@@ -85,7 +87,8 @@ if use_cuda:
 
 setup(
     packages=find_packages(include=["cnnops", "cnnops.*"]),
-    ext_modules=[Extension("cnnops._C", sources, include_dirs=include_dirs, extra_compile_args=extra)],
+    ext_modules=[Extension("cnnops._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                         extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )
