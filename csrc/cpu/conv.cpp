@@ -114,28 +114,48 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   return true;
 }
 
+// Calls fn(n, l0, len, offset) for the pieces of the flat (sample, position) range
+// [begin, begin + count) that lie in one sample: positions [l0, l0 + len) of sample n.
+template <typename Fn>
+void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& fn) {
+  for (int64_t offset = 0; offset < count;) {
+    const int64_t n = (begin + offset) / plane, l0 = (begin + offset) % plane;
+    const int64_t len = std::min(plane - l0, count - offset);
+    fn(n, l0, len, offset);
+    offset += len;
+  }
+}
+
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
-  const int64_t blocks = num_blocks(l, kColumnBlock), units = g.batch * blocks;
-  // Deterministic reduction over (sample, column block): a fixed number of partial sums, each
-  // over a fixed range of units, added in order afterwards, whatever the thread count.
-  const int64_t partials = std::min<int64_t>(units, 8);
+  // The reduction runs over every (sample, output position), cut into chunks of the flat index,
+  // so small images still give each GEMM call a long reduction.
+  const int64_t total = g.batch * l, chunks = num_blocks(total, kColumnBlock);
+  // Deterministic: a fixed number of partial sums, each over a fixed range of chunks, added in
+  // order afterwards, whatever the thread count.
+  const int64_t partials = std::min<int64_t>(chunks, 8);
   std::vector<T> partial(partials * g.groups * m * k, T(0));
+  constexpr int64_t nr = gemm_nr<T>();
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> workspace(gemm_workspace_size<T>(k));
+    std::vector<T> dy_chunk(m * kColumnBlock);
     for (int64_t p = begin; p < end; ++p) {
       T* dw_p = partial.data() + p * g.groups * m * k;
-      for (int64_t unit = units * p / partials; unit < units * (p + 1) / partials; ++unit) {
-        const int64_t n = unit / blocks, n0 = (unit % blocks) * kColumnBlock;
-        const int64_t nc = std::min(kColumnBlock, l - n0);
+      for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
+        const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const T* x_ng = x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane();
-          const T* dy_ng = dy + (n * g.out_channels + grp * m) * l;
-          // A = dY block (M x nc), B = im2col block transposed (nc x K): reduce over positions.
-          const PackedA<T> a = pack_a(m, nc, dy_ng + n0, l, int64_t(1));
+          auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
+          // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
+          for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+            for (int64_t i = 0; i < m; ++i)
+              std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
+          });
+          const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
           auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-            pack_im2col_transposed_panels<T, gemm_nr<T>()>(g, x_ng, n0, k0, kc, j0, jc, dst);
+            for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+              pack_im2col_transposed_panels<T, nr>(g, x_ng(n), l0, len, j0, jc, kc, dst + offset * nr);
+            });
           };
           gemm<T>(a, k, pack, dw_p + grp * m * k, k, nullptr, true, workspace.data());
         }

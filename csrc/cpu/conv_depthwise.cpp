@@ -72,7 +72,11 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
       for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
         T* out = y_plane + out_row;
         const T weight = w_co[tap];
-        for (int64_t ow = 0; ow < ow_end; ++ow) out[ow] += weight * in[ow * sw];
+        if (sw == 1) {  // separate loop so the compiler sees unit stride and vectorizes
+          for (int64_t ow = 0; ow < ow_end; ++ow) out[ow] += weight * in[ow];
+        } else {
+          for (int64_t ow = 0; ow < ow_end; ++ow) out[ow] += weight * in[ow * sw];
+        }
       });
     }
   });
@@ -95,7 +99,11 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
         for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, T* in) {
           const T* grad = dy_plane + out_row;
           const T weight = w_co[tap];
-          for (int64_t ow = 0; ow < ow_end; ++ow) in[ow * sw] += weight * grad[ow];
+          if (sw == 1) {
+            for (int64_t ow = 0; ow < ow_end; ++ow) in[ow] += weight * grad[ow];
+          } else {
+            for (int64_t ow = 0; ow < ow_end; ++ow) in[ow * sw] += weight * grad[ow];
+          }
         });
       }
       padded.store(g, dx + plane * g.in_plane());
@@ -121,7 +129,11 @@ void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T*
         for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
           const T* grad = dy_plane + out_row;
           T* acc = row_sums.data() + tap * ow_end;
-          for (int64_t ow = 0; ow < ow_end; ++ow) acc[ow] += grad[ow] * in[ow * sw];
+          if (sw == 1) {
+            for (int64_t ow = 0; ow < ow_end; ++ow) acc[ow] += grad[ow] * in[ow];
+          } else {
+            for (int64_t ow = 0; ow < ow_end; ++ow) acc[ow] += grad[ow] * in[ow * sw];
+          }
         });
       }
       for (int64_t tap = 0; tap < taps; ++tap) {

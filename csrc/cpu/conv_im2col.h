@@ -60,22 +60,21 @@ inline void for_each_im2col_run(const ConvGeometry& g, T* x, int64_t r, int64_t 
   }
 }
 
-// dst[j * dst_stride] = the run's im2col values, j in [0, run.count).
+// dst[j * dst_stride] = the run's im2col values, j in [0, run.count): zeros where the taps land
+// in the padding, input elements (every stride_w-th) in between.
 template <typename T>
 inline void read_run(const Im2colRun<T>& run, int64_t stride_w, T* dst, int64_t dst_stride = 1) {
+  const int64_t vb = run.valid_begin, ve = run.x_row ? run.valid_end : run.valid_begin;
+  const T* src = run.x_row ? run.x_row + run.first_iw - vb * stride_w : nullptr;
   if (dst_stride == 1 && stride_w == 1) {  // the common case: contiguous copies
-    std::fill(dst, dst + run.valid_begin, T(0));
-    if (run.x_row)
-      std::copy(run.x_row + run.first_iw, run.x_row + run.first_iw + (run.valid_end - run.valid_begin), dst + run.valid_begin);
-    else
-      std::fill(dst + run.valid_begin, dst + run.valid_end, T(0));
-    std::fill(dst + run.valid_end, dst + run.count, T(0));
+    std::fill(dst, dst + vb, T(0));
+    std::copy(src + vb, src + ve, dst + vb);
+    std::fill(dst + ve, dst + run.count, T(0));
     return;
   }
-  for (int64_t j = 0; j < run.count; ++j) {
-    const bool inside = run.x_row && j >= run.valid_begin && j < run.valid_end;
-    dst[j * dst_stride] = inside ? run.x_row[run.first_iw + (j - run.valid_begin) * stride_w] : T(0);
-  }
+  for (int64_t j = 0; j < vb; ++j) dst[j * dst_stride] = T(0);
+  for (int64_t j = vb; j < ve; ++j) dst[j * dst_stride] = src[j * stride_w];
+  for (int64_t j = ve; j < run.count; ++j) dst[j * dst_stride] = T(0);
 }
 
 // Packs im2col rows [k0, k0 + kc) x columns [n0, n0 + nc) as GEMM B panels of NR columns.
@@ -107,18 +106,19 @@ void pack_im2col_panels(const ConvGeometry& g, const T* x, int64_t k0, int64_t k
   }
 }
 
-// Packs the transposed im2col block, B[l, r] = im2col[r, l], for rows l in [n0 + k0, + kc) and
-// columns r in [j0, j0 + jc), as GEMM B panels of NR columns: the weight gradient's operand.
+// Packs the transposed im2col block, B[i, r] = im2col[r, l0 + i], for i in [0, count) and
+// columns r in [j0, j0 + jc), as GEMM B panels of NR columns and panel_rows rows (the block may
+// fill only part of each panel): the weight gradient's operand.
 template <typename T, int64_t NR>
-void pack_im2col_transposed_panels(const ConvGeometry& g, const T* x, int64_t n0, int64_t k0,
-                                   int64_t kc, int64_t j0, int64_t jc, T* dst) {
+void pack_im2col_transposed_panels(const ConvGeometry& g, const T* x, int64_t l0, int64_t count,
+                                   int64_t j0, int64_t jc, int64_t panel_rows, T* dst) {
   for (int64_t j = 0; j < (jc + NR - 1) / NR * NR; ++j) {
-    T* column = dst + (j / NR) * kc * NR + j % NR;
+    T* column = dst + (j / NR) * panel_rows * NR + j % NR;
     if (j >= jc) {  // zero padding of the last panel
-      for (int64_t l = 0; l < kc; ++l) column[l * NR] = T(0);
+      for (int64_t i = 0; i < count; ++i) column[i * NR] = T(0);
       continue;
     }
-    for_each_im2col_run(g, const_cast<T*>(x), j0 + j, n0 + k0, kc,
+    for_each_im2col_run(g, const_cast<T*>(x), j0 + j, l0, count,
                         [&](const Im2colRun<T>& run) { read_run(run, g.stride[2], column + run.col * NR, NR); });
   }
 }
