@@ -31,27 +31,74 @@ constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc 
 
 int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
+// Splits M rows into blocks of whole micro-kernel panels when `tasks` other tasks are too few
+// to keep every thread busy (two tasks per thread).
+struct RowSplit {
+  int64_t count, size;
+  RowSplit(int64_t m, int64_t mr, int64_t tasks) {
+    const int64_t wanted = num_blocks(2 * at::get_num_threads(), tasks);
+    const int64_t panels = num_blocks(m, mr);
+    count = std::min(wanted, panels);
+    size = num_blocks(panels, count) * mr;
+    count = num_blocks(m, size);
+  }
+};
+
+// Calls fn(n, l0, len, offset) for the pieces of the flat (sample, position) range
+// [begin, begin + count) that lie in one sample: positions [l0, l0 + len) of sample n.
+template <typename Fn>
+void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& fn) {
+  for (int64_t offset = 0; offset < count;) {
+    const int64_t n = (begin + offset) / plane, l0 = (begin + offset) % plane;
+    const int64_t len = std::min(plane - l0, count - offset);
+    fn(n, l0, len, offset);
+    offset += len;
+  }
+}
+
+// Columns run over the flat (sample, output position) index, so small images (7x7 in deep
+// layers) still give full-width GEMM calls; a block that spans samples is computed into a tile
+// and then copied to each sample's rows.
 template <typename T>
 void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
   std::vector<PackedA<T>> weights;  // packed once, shared by every task
   for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
-  const int64_t blocks = num_blocks(l, kColumnBlock);
+  const int64_t total = g.batch * l, blocks = num_blocks(total, kColumnBlock);
+  const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
+  // Few column blocks (small images) but many output channels: split the rows too.
+  const RowSplit rows(m, weights[0].mr, g.groups * blocks);
   const bool pointwise = g.is_pointwise();
-  at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
+  at::parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(block));
+    std::vector<T> tile(m * block);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n0 = (task % blocks) * kColumnBlock, nc = std::min(kColumnBlock, l - n0);
-      const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
-      const T* x_ng = x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane();
-      T* y_ng = y + (n * g.out_channels + grp * m) * l;
+      const int64_t row_block = task % rows.count, column_task = task / rows.count;
+      const int64_t grp = column_task / blocks, c0 = (column_task % blocks) * block;
+      const int64_t nc = std::min(block, total - c0);
+      const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
+      auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
+      auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-        if (pointwise)  // 1x1 stride 1: im2col(X) is X itself
-          pack_b_strided(x_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
-        else
-          pack_im2col_panels<T, gemm_nr<T>()>(g, x_ng, k0, kc, n0 + j0, jc, dst);
+        for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+          if (pointwise)  // 1x1 stride 1: im2col(X) is X itself
+            pack_b_strided(x_ng(n) + l0, l, int64_t(1), k0, kc, int64_t(0), len, dst, offset);
+          else
+            pack_im2col_panels<T, nr>(g, x_ng(n), k0, kc, l0, len, offset, dst);
+        });
+        zero_panel_tail(kc, jc, dst);
       };
-      gemm<T>(weights[grp], nc, pack, y_ng + n0, l, bias ? bias + grp * m : nullptr, false, workspace.data());
+      const T* row_bias = bias ? bias + grp * m : nullptr;
+      const int64_t n_first = c0 / l, l_first = c0 % l;
+      if (l_first + nc <= l) {  // inside one sample: write the output directly
+        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.data(), row_begin, row_end);
+        continue;
+      }
+      gemm<T>(weights[grp], nc, pack, tile.data(), nc, row_bias, false, workspace.data(), row_begin, row_end);
+      for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        for (int64_t i = row_begin; i < row_end; ++i) std::copy_n(tile.data() + i * nc + offset, len, y_ng(n) + i * l + l0);
+      });
     }
   });
 }
@@ -74,6 +121,7 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
         const int64_t nc = std::min(kColumnBlock, l - n0);
         auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
           pack_b_strided(dy_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
+          zero_panel_tail(kc, jc, dst);
         };
         if (pointwise) {  // col2im is the identity: write dX directly
           gemm<T>(weights_t[grp], nc, pack, dx_ng + n0, l, nullptr, false, workspace.data());
@@ -114,36 +162,27 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   return true;
 }
 
-// Calls fn(n, l0, len, offset) for the pieces of the flat (sample, position) range
-// [begin, begin + count) that lie in one sample: positions [l0, l0 + len) of sample n.
-template <typename Fn>
-void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& fn) {
-  for (int64_t offset = 0; offset < count;) {
-    const int64_t n = (begin + offset) / plane, l0 = (begin + offset) % plane;
-    const int64_t len = std::min(plane - l0, count - offset);
-    fn(n, l0, len, offset);
-    offset += len;
-  }
-}
-
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
-  // The reduction runs over every (sample, output position), cut into chunks of the flat index,
-  // so small images still give each GEMM call a long reduction.
-  const int64_t total = g.batch * l, chunks = num_blocks(total, kColumnBlock);
-  // Deterministic: a fixed number of partial sums, each over a fixed range of chunks, added in
-  // order afterwards, whatever the thread count.
-  const int64_t partials = std::min<int64_t>(chunks, 8);
-  std::vector<T> partial(partials * g.groups * m * k, T(0));
   constexpr int64_t nr = gemm_nr<T>();
-  at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(k));
-    std::vector<T> dy_chunk(m * kColumnBlock);
-    for (int64_t p = begin; p < end; ++p) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
+  // The reduction runs over every (sample, output position), in chunks of the flat index, so
+  // small images still give each GEMM call a long reduction. Work is split two ways, both fixed
+  // by the sizes alone so the result never depends on the thread count: a long reduction into
+  // up to 8 partial sums (added in order afterwards), and the K columns of dW into slices.
+  const int64_t total = g.batch * l, chunk_size = kColumnBlock;
+  const int64_t chunks = num_blocks(total, chunk_size);
+  const int64_t partials = std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8));
+  const int64_t slice = 8 * nr, slices = num_blocks(k, slice);
+  std::vector<T> partial(partials * g.groups * m * k, T(0));
+  at::parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(slice));
+    std::vector<T> dy_chunk(m * chunk_size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
       T* dw_p = partial.data() + p * g.groups * m * k;
       for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
-        const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
+        const int64_t r0 = chunk * chunk_size, rc = std::min(chunk_size, total - r0);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
           // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
@@ -152,12 +191,12 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
               std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
           });
           const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
-          auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+          auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
             for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-              pack_im2col_transposed_panels<T, nr>(g, x_ng(n), l0, len, j0, jc, kc, dst + offset * nr);
+              pack_im2col_transposed_panels<T, nr>(g, x_ng(n), l0, len, j0 + jj, jc, kc, dst + offset * nr);
             });
           };
-          gemm<T>(a, k, pack, dw_p + grp * m * k, k, nullptr, true, workspace.data());
+          gemm<T>(a, jw, pack, dw_p + grp * m * k + j0, k, nullptr, true, workspace.data());
         }
       }
     }

@@ -77,32 +77,26 @@ inline void read_run(const Im2colRun<T>& run, int64_t stride_w, T* dst, int64_t 
   for (int64_t j = ve; j < run.count; ++j) dst[j * dst_stride] = T(0);
 }
 
-// Packs im2col rows [k0, k0 + kc) x columns [n0, n0 + nc) as GEMM B panels of NR columns.
+// Packs im2col rows [k0, k0 + kc) x output positions [l0, l0 + count) as GEMM B panels of NR
+// columns, at panel columns [first_col, first_col + count).
 template <typename T, int64_t NR>
-void pack_im2col_panels(const ConvGeometry& g, const T* x, int64_t k0, int64_t kc, int64_t n0,
-                        int64_t nc, T* dst) {
+void pack_im2col_panels(const ConvGeometry& g, const T* x, int64_t k0, int64_t kc, int64_t l0,
+                        int64_t count, int64_t first_col, T* dst) {
   for (int64_t kk = 0; kk < kc; ++kk) {
-    for_each_im2col_run(g, const_cast<T*>(x), k0 + kk, n0, nc, [&](const Im2colRun<T>& run) {
+    for_each_im2col_run(g, const_cast<T*>(x), k0 + kk, l0, count, [&](const Im2colRun<T>& run) {
       // Split the run at panel boundaries; each piece is contiguous in its panel row.
       for (int64_t done = 0; done < run.count;) {
-        const int64_t col = run.col + done;
+        const int64_t col = first_col + run.col + done;
         const int64_t piece = std::min(run.count - done, NR - col % NR);
         Im2colRun<T> sub = run;
         sub.count = piece;
         sub.valid_begin = std::clamp(run.valid_begin - done, int64_t(0), piece);
         sub.valid_end = std::clamp(run.valid_end - done, sub.valid_begin, piece);
         sub.first_iw = run.first_iw + (done + sub.valid_begin - run.valid_begin) * g.stride[2];
-        T* out = dst + (col / NR) * kc * NR + kk * NR + col % NR;
-        read_run(sub, g.stride[2], out);
+        read_run(sub, g.stride[2], dst + (col / NR) * kc * NR + kk * NR + col % NR);
         done += piece;
       }
     });
-    // Zero the tail of the last panel.
-    const int64_t tail = nc % NR;
-    if (tail) {
-      T* last_panel_row = dst + (nc / NR) * kc * NR + kk * NR;
-      std::fill(last_panel_row + tail, last_panel_row + NR, T(0));
-    }
   }
 }
 

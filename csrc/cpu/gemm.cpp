@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <c10/util/Exception.h>
+
 namespace cnnops {
 namespace cpu {
 namespace {
@@ -157,11 +159,13 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
-          bool accumulate, T* workspace) {
+          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end) {
   const auto& kernel = kernel_choice<T>();
   const int64_t mr = a.mr, nr = gemm_nr<T>();
+  if (row_end < 0) row_end = a.m;
+  TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= a.m, "gemm: row range must start on a panel");
   if (a.k == 0) {  // empty reduction: C = init
-    for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t i = row_begin; i < row_end; ++i)
       for (int64_t j = 0; j < n; ++j)
         c[i * ldc + j] = accumulate ? c[i * ldc + j] : (row_bias ? row_bias[i] : T(0));
     return;
@@ -172,9 +176,9 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
     pack_b(k0, kc, 0, n, workspace);
     for (int64_t j0 = 0; j0 < n; j0 += nr) {  // B panel stays in L1 while A panels stream
       const T* b_panel = workspace + (j0 / nr) * kc * nr;
-      for (int64_t i0 = 0; i0 < a.m; i0 += mr) {
+      for (int64_t i0 = row_begin; i0 < row_end; i0 += mr) {
         kernel.fn(kc, a.panel(k0, kc, i0), b_panel, c + i0 * ldc + j0, ldc,
-                  std::min(mr, a.m - i0), std::min(nr, n - j0),
+                  std::min(mr, row_end - i0), std::min(nr, n - j0),
                   row_bias ? row_bias + i0 : nullptr, acc);
       }
     }
@@ -183,30 +187,39 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
 
 template <typename T>
 void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc,
-                    int64_t n0, int64_t nc, T* dst) {
+                    int64_t n0, int64_t nc, T* dst, int64_t first_col) {
   constexpr int64_t nr = gemm_nr<T>();
-  for (int64_t j0 = 0; j0 < nc; j0 += nr) {
-    T* panel = dst + (j0 / nr) * kc * nr;
-    const int64_t cols = std::min(nr, nc - j0);
+  for (int64_t j = 0; j < nc;) {  // pieces of columns that stay inside one panel
+    const int64_t col = first_col + j, piece = std::min(nc - j, nr - col % nr);
+    T* panel = dst + (col / nr) * kc * nr + col % nr;
     for (int64_t kk = 0; kk < kc; ++kk) {
-      const T* src = b + (k0 + kk) * row_stride + (n0 + j0) * col_stride;
+      const T* src = b + (k0 + kk) * row_stride + (n0 + j) * col_stride;
       T* out = panel + kk * nr;
       if (col_stride == 1) {
-        std::memcpy(out, src, cols * sizeof(T));
+        std::memcpy(out, src, piece * sizeof(T));
       } else {
-        for (int64_t j = 0; j < cols; ++j) out[j] = src[j * col_stride];
+        for (int64_t jj = 0; jj < piece; ++jj) out[jj] = src[jj * col_stride];
       }
-      for (int64_t j = cols; j < nr; ++j) out[j] = T(0);
     }
+    j += piece;
   }
+}
+
+template <typename T>
+void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
+  constexpr int64_t nr = gemm_nr<T>();
+  if (nc % nr == 0) return;
+  T* last_panel = dst + (nc / nr) * kc * nr;
+  for (int64_t kk = 0; kk < kc; ++kk) std::fill(last_panel + kk * nr + nc % nr, last_panel + (kk + 1) * nr, T(0));
 }
 
 #define CNNOPS_INSTANTIATE_GEMM(T)                                                           \
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
-                        T*);                                                                 \
+                        T*, int64_t, int64_t);                                               \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
-                                  int64_t, T*);
+                                  int64_t, T*, int64_t);                                     \
+  template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)
 CNNOPS_INSTANTIATE_GEMM(double)
 

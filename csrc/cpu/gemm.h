@@ -22,7 +22,7 @@ constexpr int64_t gemm_nr() {  // columns per B panel: two 64-byte vectors
 }
 
 // Fills dst with B[k0 : k0+kc, n0 : n0+nc] as ceil(nc / NR) panels, each kc rows of NR values,
-// zero padded past nc.
+// zero padded past nc (zero_panel_tail).
 template <typename T>
 using PackB = c10::function_ref<void(int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst)>;
 
@@ -44,10 +44,13 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 
 // C[M, N] (row stride ldc) = init + A * B, where init is C itself when accumulate, else
 // row_bias[i] for row i when row_bias is given, else 0. `workspace` must hold
-// gemm_workspace_size<T>(nc_max) values, nc_max being the widest N handed to this call.
+// gemm_workspace_size<T>(n) values. Only rows [row_begin, row_end) are computed (row_begin a
+// multiple of a.mr, row_end -1 for all): splitting M lets threads share a GEMM whose A is large
+// and whose N is small.
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
-          const T* row_bias, bool accumulate, T* workspace);
+          const T* row_bias, bool accumulate, T* workspace, int64_t row_begin = 0,
+          int64_t row_end = -1);
 
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {
@@ -55,10 +58,16 @@ int64_t gemm_workspace_size(int64_t n) {
   return kKc * ((n + nr - 1) / nr * nr);
 }
 
-// Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride].
+// Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride], rows
+// [k0, k0 + kc) and columns [n0, n0 + nc) placed at panel columns [first_col, first_col + nc).
 template <typename T>
 void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc,
-                    int64_t n0, int64_t nc, T* dst);
+                    int64_t n0, int64_t nc, T* dst, int64_t first_col = 0);
+
+// Zeroes the padding columns [nc, NR * ceil(nc / NR)) of a packed B block of kc rows; a packer
+// calls it once it has placed all nc columns.
+template <typename T>
+void zero_panel_tail(int64_t kc, int64_t nc, T* dst);
 
 // Which micro-kernel the CPU runs ("avx512", "avx2" or "portable"), for benchmarks and tests.
 const char* gemm_isa();
