@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/conv_cpu.h"
@@ -39,19 +40,53 @@ struct PaddedPlane {
   }
 };
 
-// Calls fn(tap, output row offset, padded input row) for every output row and kernel tap:
-// output (od, oh) with tap (kd, kh, kw) reads padded row (od*s + kd*d, oh*s + kh*d) from
-// column kw*d on, every stride_w-th element.
+// Calls fn(first tap of the kernel row, output row offset, padded input row) for every output
+// row and kernel row (kd, kh): output (od, oh) reads padded row (od*s + kd*d, oh*s + kh*d),
+// tap kw from column kw*d on, every stride_w-th element.
 template <typename T, typename Fn>
-void for_each_row_and_tap(const ConvGeometry& g, PaddedPlane<T>& padded, Fn&& fn) {
+void for_each_row_and_kernel_row(const ConvGeometry& g, PaddedPlane<T>& padded, Fn&& fn) {
   for (int64_t od = 0; od < g.out[0]; ++od)
     for (int64_t oh = 0; oh < g.out[1]; ++oh)
-      for (int64_t kd = 0, tap = 0; kd < g.kernel[0]; ++kd)
-        for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-          T* in_row = padded.row(od * g.stride[0] + kd * g.dilation[0], oh * g.stride[1] + kh * g.dilation[1]);
-          for (int64_t kw = 0; kw < g.kernel[2]; ++kw, ++tap)
-            fn(tap, (od * g.out[1] + oh) * g.out[2], in_row + kw * g.dilation[2]);
-        }
+      for (int64_t kd = 0; kd < g.kernel[0]; ++kd)
+        for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
+          fn((kd * g.kernel[1] + kh) * g.kernel[2], (od * g.out[1] + oh) * g.out[2],
+             padded.row(od * g.stride[0] + kd * g.dilation[0], oh * g.stride[1] + kh * g.dilation[1]));
+}
+
+// The row loops below take the kernel width as a template argument for the common widths, so
+// the taps unroll inside a loop over ow that the compiler vectorizes; 0 means a runtime width.
+template <int KW>
+int64_t kernel_width(const ConvGeometry& g) {
+  return KW > 0 ? KW : g.kernel[2];
+}
+
+// out[ow] += sum over kw of w[kw] * in[ow*s + kw*d]
+template <typename T, int KW>
+void forward_row(const ConvGeometry& g, const T* w, const T* in, T* out) {
+  const int64_t kw_end = kernel_width<KW>(g), sw = g.stride[2], dw = g.dilation[2];
+  for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+    T sum = out[ow];
+    for (int64_t kw = 0; kw < kw_end; ++kw) sum += w[kw] * in[ow * sw + kw * dw];
+    out[ow] = sum;
+  }
+}
+
+// acc[kw][ow] += dy[ow] * in[ow*s + kw*d]: per-lane partial sums of the weight gradient
+template <typename T, int KW>
+void weight_grad_row(const ConvGeometry& g, const T* dy, const T* in, T* acc) {
+  const int64_t kw_end = kernel_width<KW>(g), sw = g.stride[2], dw = g.dilation[2], ow_end = g.out[2];
+  for (int64_t kw = 0; kw < kw_end; ++kw)
+    for (int64_t ow = 0; ow < ow_end; ++ow) acc[kw * ow_end + ow] += dy[ow] * in[ow * sw + kw * dw];
+}
+
+// Runs body.template operator()<KW>() with KW the kernel width when it is a common one and the
+// stride is 1, else with KW = 0.
+template <typename Body>
+void dispatch_kernel_width(const ConvGeometry& g, Body&& body) {
+  if (g.stride[2] == 1 && g.kernel[2] == 3) return body(std::integral_constant<int, 3>());
+  if (g.stride[2] == 1 && g.kernel[2] == 5) return body(std::integral_constant<int, 5>());
+  if (g.stride[2] == 1 && g.kernel[2] == 7) return body(std::integral_constant<int, 7>());
+  body(std::integral_constant<int, 0>());
 }
 
 }  // namespace
@@ -60,34 +95,45 @@ void for_each_row_and_tap(const ConvGeometry& g, PaddedPlane<T>& padded, Fn&& fn
 template <typename T>
 void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  const int64_t ow_end = g.out[2], sw = g.stride[2];
-  at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlane<T> padded(g);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t co = plane % g.out_channels, n = plane / g.out_channels;
-      padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
-      T* y_plane = y + plane * g.out_plane();
-      std::fill(y_plane, y_plane + g.out_plane(), bias ? bias[co] : T(0));
-      const T* w_co = w + co * taps;
-      for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
-        T* out = y_plane + out_row;
-        const T weight = w_co[tap];
-        if (sw == 1) {  // separate loop so the compiler sees unit stride and vectorizes
-          for (int64_t ow = 0; ow < ow_end; ++ow) out[ow] += weight * in[ow];
-        } else {
-          for (int64_t ow = 0; ow < ow_end; ++ow) out[ow] += weight * in[ow * sw];
-        }
-      });
-    }
+  dispatch_kernel_width(g, [&](auto kw_constant) {
+    constexpr int KW = decltype(kw_constant)::value;
+    at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t begin, int64_t end) {
+      PaddedPlane<T> padded(g);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t co = plane % g.out_channels, n = plane / g.out_channels;
+        padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
+        T* y_plane = y + plane * g.out_plane();
+        std::fill(y_plane, y_plane + g.out_plane(), bias ? bias[co] : T(0));
+        for_each_row_and_kernel_row(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
+          forward_row<T, KW>(g, w + co * taps + tap, in, y_plane + out_row);
+        });
+      }
+    });
   });
 }
 
 // dx[ci] = sum over ci's output channels co and taps of w[co, tap] * dy[co], added back where the
-// forward read it (the backprop of each read).
+// forward read it (the backprop of each read). For stride 1 and multiplier 1 this is itself a
+// depthwise convolution: dy, padded by d(k-1) - p, correlated with the kernel rotated 180 degrees.
 template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  const int64_t ow_end = g.out[2], sw = g.stride[2];
+  ConvGeometry t = g;  // the transposed problem: dy in, dx out
+  bool as_forward = multiplier == 1;
+  for (int i = 0; i < 3; ++i) {
+    t.in[i] = g.out[i];
+    t.out[i] = g.in[i];
+    t.pad[i] = g.dilation[i] * (g.kernel[i] - 1) - g.pad[i];
+    as_forward = as_forward && g.stride[i] == 1 && t.pad[i] >= 0;
+  }
+  if (as_forward) {
+    std::vector<T> rotated(g.out_channels * taps);
+    for (int64_t c = 0; c < g.out_channels; ++c)
+      for (int64_t r = 0; r < taps; ++r) rotated[c * taps + taps - 1 - r] = w[c * taps + r];
+    conv_depthwise_forward(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx);
+    return;
+  }
+  const int64_t ow_end = g.out[2], sw = g.stride[2], dw = g.dilation[2];
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
     PaddedPlane<T> padded(g);  // accumulates dx with its border, which is then dropped
     for (int64_t plane = begin; plane < end; ++plane) {  // a task owns its dx plane: no races
@@ -95,14 +141,12 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
       std::fill(padded.data.begin(), padded.data.end(), T(0));
       for (int64_t co = ci * multiplier; co < (ci + 1) * multiplier; ++co) {
         const T* dy_plane = dy + (n * g.out_channels + co) * g.out_plane();
-        const T* w_co = w + co * taps;
-        for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, T* in) {
+        for_each_row_and_kernel_row(g, padded, [&](int64_t tap, int64_t out_row, T* in) {
           const T* grad = dy_plane + out_row;
-          const T weight = w_co[tap];
-          if (sw == 1) {
-            for (int64_t ow = 0; ow < ow_end; ++ow) in[ow] += weight * grad[ow];
-          } else {
-            for (int64_t ow = 0; ow < ow_end; ++ow) in[ow * sw] += weight * grad[ow];
+          for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+            const T weight = w[co * taps + tap + kw];
+            T* in_kw = in + kw * dw;
+            for (int64_t ow = 0; ow < ow_end; ++ow) in_kw[ow * sw] += weight * grad[ow];
           }
         });
       }
@@ -115,33 +159,30 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
 template <typename T>
 void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  const int64_t ow_end = g.out[2], sw = g.stride[2];
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlane<T> padded(g);
-    // Products are summed lane-wise into one row per tap, so the inner loop vectorizes without
-    // reassociating a scalar sum; each row is reduced once at the end, in a fixed order.
-    std::vector<T> row_sums(taps * ow_end);
-    for (int64_t co = begin; co < end; ++co) {
-      std::fill(row_sums.begin(), row_sums.end(), T(0));
-      for (int64_t n = 0; n < g.batch; ++n) {
-        padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
-        const T* dy_plane = dy + (n * g.out_channels + co) * g.out_plane();
-        for_each_row_and_tap(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
-          const T* grad = dy_plane + out_row;
-          T* acc = row_sums.data() + tap * ow_end;
-          if (sw == 1) {
-            for (int64_t ow = 0; ow < ow_end; ++ow) acc[ow] += grad[ow] * in[ow];
-          } else {
-            for (int64_t ow = 0; ow < ow_end; ++ow) acc[ow] += grad[ow] * in[ow * sw];
-          }
-        });
+  const int64_t ow_end = g.out[2];
+  dispatch_kernel_width(g, [&](auto kw_constant) {
+    constexpr int KW = decltype(kw_constant)::value;
+    at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+      PaddedPlane<T> padded(g);
+      // Products are summed lane-wise into one row per tap, so the inner loop vectorizes without
+      // reassociating a scalar sum; each row is reduced once at the end, in a fixed order.
+      std::vector<T> row_sums(taps * ow_end);
+      for (int64_t co = begin; co < end; ++co) {
+        std::fill(row_sums.begin(), row_sums.end(), T(0));
+        for (int64_t n = 0; n < g.batch; ++n) {
+          padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
+          const T* dy_plane = dy + (n * g.out_channels + co) * g.out_plane();
+          for_each_row_and_kernel_row(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
+            weight_grad_row<T, KW>(g, dy_plane + out_row, in, row_sums.data() + tap * ow_end);
+          });
+        }
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          T sum = 0;
+          for (int64_t ow = 0; ow < ow_end; ++ow) sum += row_sums[tap * ow_end + ow];
+          dw[co * taps + tap] = sum;
+        }
       }
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        T sum = 0;
-        for (int64_t ow = 0; ow < ow_end; ++ow) sum += row_sums[tap * ow_end + ow];
-        dw[co * taps + tap] = sum;
-      }
-    }
+    });
   });
 }
 
