@@ -35,18 +35,14 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
   for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
   const int64_t blocks = (grid.columns + block - 1) / block;
   at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(block));
     std::vector<T> tile(m * block);  // C for one block of grid columns, before dropping waste
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = (task % blocks) * block, nc = std::min(block, grid.columns - n0);
       const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
       const T* x_ng = padded.data() + (n * g.in_channels + grp * g.in_channels_per_group()) * pp;
-      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-        for (int64_t p = 0; p * nr < jc; ++p)
-          for (int64_t kk = 0; kk < kc; ++kk)
-            std::memcpy(dst + (p * kc + kk) * nr, x_ng + grid.row_offset[k0 + kk] + n0 + j0 + p * nr, nr * sizeof(T));
-      };
-      gemm<T>(weights[grp], nc, pack, tile.data(), nc, bias ? bias + grp * m : nullptr, false, workspace.data());
+      // B is read in place: grid column j of im2col row r is x_ng[row_offset[r] + j].
+      gemm_shifted_b<T>(weights[grp], nc, x_ng + n0, grid.row_offset.data(), tile.data(), nc,
+                        bias ? bias + grp * m : nullptr, false);
       // Keep the real outputs: grid column l' = (od*Hp + oh)*Wp + ow with oh < H_out, ow < W_out.
       T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
       for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {

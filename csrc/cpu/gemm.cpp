@@ -23,12 +23,14 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
-// C[0:mr, 0:nr] = init + sum_k a[k, 0:MR] (outer) b[k, 0:NR], with a and b packed panels.
-template <typename T, int MR>
+// C[0:mr, 0:nr] = init + sum_k a[k, 0:MR] (outer) b[k, 0:NR], with a a packed panel and b
+// either a packed panel (row k at b + k * NR) or, kIndirect, rows at b + b_offsets[k].
+template <typename T, int MR, bool kIndirect>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
-                                            const T* __restrict b, T* __restrict c, int64_t ldc,
-                                            int64_t mr, int64_t nr, const T* row_bias,
-                                            bool accumulate) {
+                                            const T* __restrict b,
+                                            const int64_t* __restrict b_offsets,
+                                            T* __restrict c, int64_t ldc, int64_t mr, int64_t nr,
+                                            const T* row_bias, bool accumulate) {
   using V = typename Vec64<T>::type;
   constexpr int kL = Vec64<T>::kLanes;
   constexpr int kNr = 2 * kL;
@@ -36,8 +38,9 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
   for (int64_t k = 0; k < kc; ++k) {
-    const V b0 = *reinterpret_cast<const V*>(b + k * kNr);
-    const V b1 = *reinterpret_cast<const V*>(b + k * kNr + kL);
+    const T* b_row = kIndirect ? b + b_offsets[k] : b + k * kNr;
+    const V b0 = *reinterpret_cast<const V*>(b_row);
+    const V b1 = *reinterpret_cast<const V*>(b_row + kL);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const T ai = a[k * MR + i];
@@ -73,22 +76,22 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
 }
 
 template <typename T>
-using MicroKernel = void (*)(int64_t, const T*, const T*, T*, int64_t, int64_t, int64_t, const T*,
-                             bool);
+using MicroKernel = void (*)(int64_t, const T*, const T*, const int64_t*, T*, int64_t, int64_t,
+                             int64_t, const T*, bool);
 
 // MR per ISA: MR rows x 2 vectors of accumulators plus 2 B vectors must fit the register file
 // (32 zmm for AVX-512; 16 ymm for AVX2, where a 64-byte vector takes two).
-#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, MR_F, MR_D)                               \
-  ATTRIBUTE void NAME##_f(int64_t kc, const float* a, const float* b,  \
-                                                 float* c, int64_t ldc, int64_t mr, int64_t nr, \
-                                                 const float* bias, bool acc) {               \
-    micro_kernel_body<float, MR_F>(kc, a, b, c, ldc, mr, nr, bias, acc);                      \
-  }                                                                                           \
-  ATTRIBUTE void NAME##_d(int64_t kc, const double* a, const double* b, \
-                                                 double* c, int64_t ldc, int64_t mr,          \
-                                                 int64_t nr, const double* bias, bool acc) {  \
-    micro_kernel_body<double, MR_D>(kc, a, b, c, ldc, mr, nr, bias, acc);                     \
+#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                 \
+  ATTRIBUTE void NAME(int64_t kc, const T* a, const T* b, const int64_t* b_offsets, T* c,       \
+                      int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc) {           \
+    if (b_offsets)                                                                            \
+      micro_kernel_body<T, MR, true>(kc, a, b, b_offsets, c, ldc, mr, nr, bias, acc);         \
+    else                                                                                      \
+      micro_kernel_body<T, MR, false>(kc, a, b, b_offsets, c, ldc, mr, nr, bias, acc);        \
   }
+#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, MR_F, MR_D)      \
+  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, MR_F)   \
+  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_d, ATTRIBUTE, double, MR_D)
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CNNOPS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
@@ -157,9 +160,13 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
   return packed;
 }
 
-template <typename T>
-void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
-          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end) {
+// The blocked loops shared by both B sources: for each kKc block, prepare(k0, kc) makes B
+// ready (packs it, or nothing), then every NR-column B panel, panel(k0, j0) -> {data, offsets},
+// stays in L1 while the A panels of the row range stream past it.
+template <typename T, typename Prepare, typename Panel>
+void gemm_blocked(const PackedA<T>& a, int64_t n, T* c, int64_t ldc, const T* row_bias,
+                  bool accumulate, int64_t row_begin, int64_t row_end, Prepare&& prepare,
+                  Panel&& panel) {
   const auto& kernel = kernel_choice<T>();
   const int64_t mr = a.mr, nr = gemm_nr<T>();
   if (row_end < 0) row_end = a.m;
@@ -173,16 +180,41 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
   for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {
     const int64_t kc = std::min(kKc, a.k - k0);
     const bool acc = accumulate || k0 > 0;
-    pack_b(k0, kc, 0, n, workspace);
-    for (int64_t j0 = 0; j0 < n; j0 += nr) {  // B panel stays in L1 while A panels stream
-      const T* b_panel = workspace + (j0 / nr) * kc * nr;
+    prepare(k0, kc);
+    for (int64_t j0 = 0; j0 < n; j0 += nr) {
+      const auto [b, b_offsets] = panel(k0, kc, j0);
       for (int64_t i0 = row_begin; i0 < row_end; i0 += mr) {
-        kernel.fn(kc, a.panel(k0, kc, i0), b_panel, c + i0 * ldc + j0, ldc,
+        kernel.fn(kc, a.panel(k0, kc, i0), b, b_offsets, c + i0 * ldc + j0, ldc,
                   std::min(mr, row_end - i0), std::min(nr, n - j0),
                   row_bias ? row_bias + i0 : nullptr, acc);
       }
     }
   }
+}
+
+template <typename T>
+struct BPanel {
+  const T* data;
+  const int64_t* offsets;
+};
+
+template <typename T>
+void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
+          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end) {
+  constexpr int64_t nr = gemm_nr<T>();
+  gemm_blocked(
+      a, n, c, ldc, row_bias, accumulate, row_begin, row_end,
+      [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
+      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
+}
+
+template <typename T>
+void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
+                    int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin,
+                    int64_t row_end) {
+  gemm_blocked(
+      a, n, c, ldc, row_bias, accumulate, row_begin, row_end, [](int64_t, int64_t) {},
+      [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
 }
 
 template <typename T>
@@ -217,6 +249,8 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
                         T*, int64_t, int64_t);                                               \
+  template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \
+                                  int64_t, const T*, bool, int64_t, int64_t);                \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
                                   int64_t, T*, int64_t);                                     \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);

@@ -52,6 +52,14 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
           const T* row_bias, bool accumulate, T* workspace, int64_t row_begin = 0,
           int64_t row_end = -1);
 
+// The same product with B read in place, no packing: B[k, j] = b[row_offset[k] + j]. Every
+// row offset plus n rounded up to NR columns must stay inside b's allocation. This is how the
+// stride-1 convolution reads its shifted-window im2col rows straight from the padded input.
+template <typename T>
+void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
+                    int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin = 0,
+                    int64_t row_end = -1);
+
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {
   const int64_t nr = gemm_nr<T>();
