@@ -6,7 +6,10 @@
 //   grad input   dX_ng = col2im(W_g^T * dY_ng)           (dl/dx_i = sum_j dl/dy_j (star) w_ij)
 //   grad weight  dW_g  = sum_n dY_ng * im2col(X_ng)^T    (dl/dw_ij = dl/dy_j (conv) x_i)
 //   grad bias    db    = sum over n and positions of dY
-// Depthwise convolution (groups == C_in) has direct kernels in conv_depthwise.cpp instead.
+// Columns of the forward GEMM run over (sample, position) so small images still fill it. Stride-1
+// convolutions take the shifted-window path (conv_shifted.h), and their grad input is a forward
+// convolution with the rotated kernel. Depthwise convolution (groups == C_in) has direct kernels
+// in conv_depthwise.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -103,16 +106,17 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   });
 }
 
+// The general grad input (strided convolutions): dX_ng = col2im(W_g^T * dY_ng), a column block
+// at a time.
 template <typename T>
 void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
   std::vector<PackedA<T>> weights_t;  // W_g^T: K x M
   for (int64_t grp = 0; grp < g.groups; ++grp) weights_t.push_back(pack_a(k, m, w + grp * m * k, int64_t(1), k));
-  const bool pointwise = g.is_pointwise();
   // A task owns one (sample, group) slice of dX, so the col2im additions never race.
   at::parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
-    std::vector<T> col(pointwise ? 0 : k * kColumnBlock);
+    std::vector<T> col(k * kColumnBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task % g.groups, n = task / g.groups;
       const T* dy_ng = dy + (n * g.out_channels + grp * m) * l;
@@ -123,20 +127,28 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
           pack_b_strided(dy_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
           zero_panel_tail(kc, jc, dst);
         };
-        if (pointwise) {  // col2im is the identity: write dX directly
-          gemm<T>(weights_t[grp], nc, pack, dx_ng + n0, l, nullptr, false, workspace.data());
-        } else {
-          gemm<T>(weights_t[grp], nc, pack, col.data(), nc, nullptr, false, workspace.data());
-          col2im_add_block(g, col.data(), nc, n0, nc, dx_ng);
-        }
+        gemm<T>(weights_t[grp], nc, pack, col.data(), nc, nullptr, false, workspace.data());
+        col2im_add_block(g, col.data(), nc, n0, nc, dx_ng);
       }
     }
   });
 }
 
+// The forward kernel that suits the geometry.
+template <typename T>
+void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  if (g.is_depthwise())
+    conv_depthwise_forward(g, x, w, bias, y);
+  else if (use_shifted_grid(g))
+    conv_forward_shifted(g, x, w, bias, y);
+  else
+    conv_forward_gemm(g, x, w, bias, y);
+}
+
 // For stride 1, dX = dY correlated with the kernel rotated 180 degrees and its in/out channels
 // swapped, zero padded by d(k-1) - p (slides: dl/dx_i = sum_j dl/dy_j (star) w_ij): a forward
-// convolution, so it runs on the fast shifted-window path. Returns false when it does not apply.
+// convolution, with no col2im scatter. Returns false when it does not apply (stride > 1, or
+// padding beyond the dilated kernel).
 template <typename T>
 bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   ConvGeometry t = g;  // the transposed problem: dY in, dX out
@@ -148,7 +160,6 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
     t.pad[i] = g.dilation[i] * (g.kernel[i] - 1) - g.pad[i];
     if (t.pad[i] < 0) return false;
   }
-  if (!use_shifted_grid(t)) return false;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();
   std::vector<T> rotated(g.out_channels * cin_g * taps);  // [C_in][C_out / groups][taps]
@@ -158,7 +169,7 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
         for (int64_t r = 0; r < taps; ++r)
           rotated[((grp * cin_g + c) * cout_g + m) * taps + (taps - 1 - r)] =
               w[((grp * cout_g + m) * cin_g + c) * taps + r];
-  conv_forward_shifted(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx);
+  conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx);
   return true;
 }
 
@@ -265,12 +276,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward_cpu", [&] {
       const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
-      if (g.is_depthwise())
-        conv_depthwise_forward(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
-      else if (use_shifted_grid(g))
-        conv_forward_shifted(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
-      else
-        conv_forward_gemm(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
+      conv_forward_any(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
     });
   }
   return y.to(input.scalar_type()).contiguous(conv_output_memory_format(input, weight));
