@@ -45,18 +45,10 @@ def device_slug(device):
 
 
 def cnnops_cpu_isa():
-    """The CPU micro-kernel ISA if cnnops exposes it (an op or _C function named gemm_isa)."""
-    import cnnops
+    """The GEMM micro-kernel the cnnops CPU kernels run: avx512, avx2 or portable."""
+    import cnnops  # noqa: F401  (registers the ops)
 
-    for owner in (getattr(torch.ops, "cnnops", None), getattr(cnnops, "_C", None)):
-        fn = getattr(owner, "gemm_isa", None) if owner is not None else None
-        if fn is None:
-            continue
-        try:
-            return str(fn())
-        except Exception:  # an op without a usable overload
-            continue
-    return None
+    return torch.ops.cnnops.cpu_gemm_isa()
 
 
 def _git_revision():

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "common/conv_checks.h"
@@ -327,6 +328,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
 
 }  // namespace cpu
 }  // namespace cnnops
+
+TORCH_LIBRARY_FRAGMENT(cnnops, m) {
+  // Which GEMM micro-kernel this CPU runs: "avx512", "avx2" or "portable" (benchmarks, tests).
+  m.def("cpu_gemm_isa() -> str", [] { return std::string(cnnops::cpu::gemm_isa()); });
+}
 
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("conv_forward", &cnnops::cpu::conv_forward_cpu);

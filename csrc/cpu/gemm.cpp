@@ -7,7 +7,9 @@
 #include "cpu/gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include <c10/util/Exception.h>
 
@@ -120,13 +122,17 @@ KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, int64_t
 
 template <typename T>
 const KernelChoice<T>& kernel_choice() {
+  // The widest ISA this CPU has, or a narrower one named by CNNOPS_CPU_ISA (avx2, portable), so
+  // the tests can run every micro-kernel on one machine.
   static const KernelChoice<T> choice = [] {
+    const char* env = std::getenv("CNNOPS_CPU_ISA");
+    const std::string cap = env && *env ? env : "avx512";
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+    if (cap == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
       return make_choice<T>(kernel_avx512_f, kernel_avx512_d, 12, 12, "avx512");
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (cap != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       return make_choice<T>(kernel_avx2_f, kernel_avx2_d, 3, 3, "avx2");
 #endif
     return make_choice<T>(kernel_portable_f, kernel_portable_d, 2, 2, "portable");
