@@ -31,10 +31,6 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc x 384 B block fits L2
-
-int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
-
 // Splits M rows into blocks of whole micro-kernel panels when `tasks` other tasks are too few
 // to keep every thread busy (two tasks per thread).
 struct RowSplit {
@@ -47,18 +43,6 @@ struct RowSplit {
     count = num_blocks(m, size);
   }
 };
-
-// Calls fn(n, l0, len, offset) for the pieces of the flat (sample, position) range
-// [begin, begin + count) that lie in one sample: positions [l0, l0 + len) of sample n.
-template <typename Fn>
-void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& fn) {
-  for (int64_t offset = 0; offset < count;) {
-    const int64_t n = (begin + offset) / plane, l0 = (begin + offset) % plane;
-    const int64_t len = std::min(plane - l0, count - offset);
-    fn(n, l0, len, offset);
-    offset += len;
-  }
-}
 
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
 // layers) still give full-width GEMM calls; a block that spans samples is computed into a tile
@@ -135,10 +119,12 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
   });
 }
 
-// The forward kernel that suits the geometry.
+// The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 template <typename T>
-void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
-  if (g.is_depthwise())
+void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc) {
+  if (nhwc)
+    conv_forward_nhwc(g, x, w, bias, y);
+  else if (g.is_depthwise())
     conv_depthwise_forward(g, x, w, bias, y);
   else if (use_shifted_grid(g))
     conv_forward_shifted(g, x, w, bias, y);
@@ -151,7 +137,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
 // convolution, with no col2im scatter. Returns false when it does not apply (stride > 1, or
 // padding beyond the dilated kernel).
 template <typename T>
-bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc) {
   ConvGeometry t = g;  // the transposed problem: dY in, dX out
   std::swap(t.in_channels, t.out_channels);
   for (int i = 0; i < 3; ++i) {
@@ -170,56 +156,29 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
         for (int64_t r = 0; r < taps; ++r)
           rotated[((grp * cin_g + c) * cout_g + m) * taps + (taps - 1 - r)] =
               w[((grp * cout_g + m) * cin_g + c) * taps + r];
-  conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx);
+  conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx, nhwc);
   return true;
 }
 
+// dW_g = sum over chunks of dY_chunk * im2col(X)_chunk^T (see reduce_weight_gradient).
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
-  // The reduction runs over every (sample, output position), in chunks of the flat index, so
-  // small images still give each GEMM call a long reduction. Work is split two ways, both fixed
-  // by the sizes alone so the result never depends on the thread count: a long reduction into
-  // up to 8 partial sums (added in order afterwards), and the K columns of dW into slices.
-  const int64_t total = g.batch * l, chunk_size = kColumnBlock;
-  const int64_t chunks = num_blocks(total, chunk_size);
-  const int64_t partials = std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8));
-  const int64_t slice = 8 * nr, slices = num_blocks(k, slice);
-  std::vector<T> partial(partials * g.groups * m * k, T(0));
-  at::parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(slice));
-    std::vector<T> dy_chunk(m * chunk_size);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
-      T* dw_p = partial.data() + p * g.groups * m * k;
-      for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
-        const int64_t r0 = chunk * chunk_size, rc = std::min(chunk_size, total - r0);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
-          // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
-          for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-            for (int64_t i = 0; i < m; ++i)
-              std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
-          });
-          const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
-          auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-            for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-              pack_im2col_transposed_panels<T, nr>(g, x_ng(n), l0, len, j0 + jj, jc, kc, dst + offset * nr);
-            });
-          };
-          gemm<T>(a, jw, pack, dw_p + grp * m * k + j0, k, nullptr, true, workspace.data());
-        }
-      }
-    }
-  });
-  const int64_t size = g.groups * m * k;
-  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T sum = partial[i];
-      for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + i];
-      dw[i] = sum;
-    }
+  const int64_t m = g.out_channels_per_group(), l = g.out_plane();
+  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>& dy_chunk) {
+    auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
+    // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
+    for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+      for (int64_t i = 0; i < m; ++i)
+        std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
+    });
+    const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
+    auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
+      for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        pack_im2col_transposed_panels<T, nr>(g, x_ng(n), l0, len, j0 + jj, jc, kc, dst + offset * nr);
+      });
+    };
+    gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
   });
 }
 
@@ -240,12 +199,40 @@ void conv_backward_bias(const ConvGeometry& g, const T* dy, T* db) {
   });
 }
 
+// db[c] = sum of dY[r, c] over every (sample, position) r, in NHWC rows of C_out values: fixed
+// row chunks summed lane-wise into partial rows, then added in order.
+template <typename T>
+void conv_backward_bias_nhwc(const ConvGeometry& g, const T* dy, T* db) {
+  const int64_t rows = g.batch * g.out_plane(), c_out = g.out_channels;
+  const int64_t chunks = std::min<int64_t>(rows, 8);
+  std::vector<T> partial(chunks * c_out, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      T* sum = partial.data() + p * c_out;
+      for (int64_t r = rows * p / chunks; r < rows * (p + 1) / chunks; ++r)
+        for (int64_t c = 0; c < c_out; ++c) sum[c] += dy[r * c_out + c];
+    }
+  });
+  for (int64_t c = 0; c < c_out; ++c) {
+    T sum = partial[c];
+    for (int64_t p = 1; p < chunks; ++p) sum += partial[p * c_out + c];
+    db[c] = sum;
+  }
+}
+
 // Reduced-precision tensors run through the float kernels: float accumulation, as torch does.
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
-at::Tensor compute_copy(const at::Tensor& t) {
-  return (is_reduced(t) ? t.to(at::kFloat) : t).contiguous();
+at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  return (is_reduced(t) ? t.to(at::kFloat) : t).contiguous(format);
+}
+
+// Channels-last inputs run the NHWC kernels (depthwise ones are converted: no NHWC kernel yet).
+at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
+  const auto channels_last = input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  if (input.dim() >= 4 && !g.is_depthwise() && input.suggest_memory_format() == channels_last) return channels_last;
+  return at::MemoryFormat::Contiguous;
 }
 
 }  // namespace
@@ -270,14 +257,16 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const ConvGeometry g = make_conv_geometry(input, weight, bias, stride, padding, dilation, groups);
   TORCH_CHECK(input.device().is_cpu(), "conv_forward_cpu: input must be a CPU tensor, got ", input.device());
   check_cpu_dtype(input);
-  const auto x = compute_copy(input), w = compute_copy(weight);
+  const auto layout = kernel_memory_format(input, g);
+  const bool nhwc = layout != at::MemoryFormat::Contiguous;
+  const auto x = compute_copy(input, layout), w = compute_copy(weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? compute_copy(*bias) : at::Tensor();
-  auto y = at::empty(conv_output_shape(g, weight.dim() - 2), x.options());
+  auto y = at::empty(conv_output_shape(g, weight.dim() - 2), x.options().memory_format(layout));
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward_cpu", [&] {
       const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
-      conv_forward_any(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>());
+      conv_forward_any(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>(), nhwc);
     });
   }
   return y.to(input.scalar_type()).contiguous(conv_output_memory_format(input, weight));
@@ -291,26 +280,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   check_grad_output(grad_output, input, g, weight.dim() - 2);
   TORCH_CHECK(input.device().is_cpu(), "conv_backward_cpu: input must be a CPU tensor, got ", input.device());
   check_cpu_dtype(input);
-  const auto dy = compute_copy(grad_output), x = compute_copy(input), w = compute_copy(weight);
+  const auto layout = kernel_memory_format(input, g);
+  const bool nhwc = layout != at::MemoryFormat::Contiguous;
+  const auto dy = compute_copy(grad_output, layout), x = compute_copy(input, layout), w = compute_copy(weight);
   // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
   auto empty = [&] { return at::empty({0}, input.options()); };
   at::Tensor dx = empty(), dw = empty(), db = empty();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
     const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
     if (output_mask[0]) {
-      dx = at::zeros(x.sizes(), x.options());
+      dx = at::empty(x.sizes(), x.options().memory_format(layout)).zero_();  // at::zeros ignores the format
       if (dx.numel() > 0 && dy.numel() > 0) {
-        if (g.is_depthwise())
+        if (g.is_depthwise()) {
           conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
-        else if (!conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>()))
-          conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+        } else if (!conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc)) {
+          // Strided: col2im, which runs on NCHW only.
+          const auto dy_nchw = dy.contiguous();
+          auto dx_nchw = at::zeros(x.sizes(), x.options());
+          conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), dx_nchw.data_ptr<scalar_t>());
+          dx.copy_(dx_nchw);
+        }
       }
       dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));
     }
     if (output_mask[1]) {
       dw = at::zeros(w.sizes(), w.options());
       if (dw.numel() > 0 && dy.numel() > 0) {
-        if (g.is_depthwise())
+        if (nhwc)
+          conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+        else if (g.is_depthwise())
           conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
         else
           conv_backward_weight_gemm(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
@@ -319,7 +317,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     }
     if (output_mask[2]) {
       db = at::zeros({g.out_channels}, dy.options());
-      if (dy.numel() > 0) conv_backward_bias(g, dy_ptr, db.data_ptr<scalar_t>());
+      if (dy.numel() > 0) {
+        if (nhwc)
+          conv_backward_bias_nhwc(g, dy_ptr, db.data_ptr<scalar_t>());
+        else
+          conv_backward_bias(g, dy_ptr, db.data_ptr<scalar_t>());
+      }
       db = db.to(input.scalar_type());
     }
   });

@@ -1,9 +1,73 @@
 #pragma once
-// Kernels shared between the CPU convolution files.
+// Kernels and loop skeletons shared between the CPU convolution files.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "common/conv_shape.h"
+#include "cpu/gemm.h"
 
 namespace cnnops {
 namespace cpu {
+
+constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc x 384 B block fits L2
+
+inline int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+// Calls fn(n, l0, len, offset) for the pieces of the flat (sample, position) range
+// [begin, begin + count) that lie in one sample: positions [l0, l0 + len) of sample n.
+template <typename Fn>
+void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& fn) {
+  for (int64_t offset = 0; offset < count;) {
+    const int64_t n = (begin + offset) / plane, l0 = (begin + offset) % plane;
+    const int64_t len = std::min(plane - l0, count - offset);
+    fn(n, l0, len, offset);
+    offset += len;
+  }
+}
+
+// The weight gradient's reduction, dW_g[M, K] = sum over every (sample, output position) r of
+// dY[r, m] * im2col[r, k] (slides: dl/dw_ij = dl/dy_j (conv) x_i). The flat range of r is cut
+// into chunks, so small images still give each GEMM call a long reduction. Work is split two
+// ways, both fixed by the sizes alone so the result never depends on the thread count: the
+// chunks into up to 8 partial sums, added in order at the end (no atomics), and the K columns
+// into slices. chunk_gemm(r0, rc, group, j0, jw, dw_slice, workspace, dy_scratch) must add the
+// chunk's contribution to columns [j0, j0 + jw) of dW_g, at dw_slice (row stride K).
+template <typename T, typename ChunkGemm>
+void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
+  const int64_t total = g.batch * g.out_plane(), chunks = num_blocks(total, kColumnBlock);
+  const int64_t partials = std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8));
+  const int64_t slice = 8 * gemm_nr<T>(), slices = num_blocks(k, slice);
+  const int64_t size = g.groups * m * k;
+  std::vector<T> partial(partials * size, T(0));
+  at::parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(slice));
+    std::vector<T> dy_scratch(m * kColumnBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
+      for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
+        const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
+        for (int64_t grp = 0; grp < g.groups; ++grp)
+          chunk_gemm(r0, rc, grp, j0, jw, partial.data() + p * size + grp * m * k + j0, workspace.data(), dy_scratch);
+      }
+    }
+  });
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T sum = partial[i];
+      for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + i];
+      dw[i] = sum;
+    }
+  });
+}
+
+// Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
+template <typename T>
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
 template <typename T>

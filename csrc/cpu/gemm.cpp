@@ -145,7 +145,7 @@ const KernelChoice<T>& kernel_choice() {
 const char* gemm_isa() { return kernel_choice<float>().isa; }
 
 template <typename T>
-PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride) {
+PackedA<T> pack_a_rows(int64_t m, int64_t k, ReadRow<T> read_row) {
   PackedA<T> packed;
   packed.m = m;
   packed.k = k;
@@ -155,15 +155,17 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
   packed.data.assign(padded_m * k, T(0));
   for (int64_t k0 = 0; k0 < k; k0 += kKc) {
     const int64_t kc = std::min(kKc, k - k0);
-    for (int64_t m0 = 0; m0 < m; m0 += mr) {
-      T* dst = packed.data.data() + k0 * padded_m + m0 * kc;
-      const int64_t rows = std::min(mr, m - m0);
-      for (int64_t kk = 0; kk < kc; ++kk)
-        for (int64_t i = 0; i < rows; ++i)
-          dst[kk * mr + i] = a[(m0 + i) * row_stride + (k0 + kk) * col_stride];
-    }
+    for (int64_t i = 0; i < m; ++i)  // row i is column i % mr of its panel
+      read_row(i, k0, kc, packed.data.data() + k0 * padded_m + (i / mr) * mr * kc + i % mr, mr);
   }
   return packed;
+}
+
+template <typename T>
+PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride) {
+  return pack_a_rows<T>(m, k, [&](int64_t i, int64_t k0, int64_t kc, T* dst, int64_t dst_stride) {
+    for (int64_t kk = 0; kk < kc; ++kk) dst[kk * dst_stride] = a[i * row_stride + (k0 + kk) * col_stride];
+  });
 }
 
 // The blocked loops shared by both B sources: for each kKc block, prepare(k0, kc) makes B
@@ -253,6 +255,7 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
 
 #define CNNOPS_INSTANTIATE_GEMM(T)                                                           \
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
+  template PackedA<T> pack_a_rows<T>(int64_t, int64_t, ReadRow<T>);                           \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
                         T*, int64_t, int64_t);                                               \
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \

@@ -38,6 +38,14 @@ struct PackedA {
   }
 };
 
+// Writes A[row, k0 : k0 + kc] to dst[j * dst_stride], j in [0, kc).
+template <typename T>
+using ReadRow = c10::function_ref<void(int64_t row, int64_t k0, int64_t kc, T* dst, int64_t dst_stride)>;
+
+// A packed from a row reader: lets convolution pack channels-last im2col rows directly.
+template <typename T>
+PackedA<T> pack_a_rows(int64_t m, int64_t k, ReadRow<T> read_row);
+
 // A[i, j] = a[i * row_stride + j * col_stride]: a transposed view costs nothing.
 template <typename T>
 PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride);

@@ -1,0 +1,111 @@
+// Channels-last convolution on the CPU. In NHWC the output of one position is a row of
+// C_out values, so the GEMM is transposed with respect to the NCHW one:
+//   forward      Y[r, co]      = sum over (tap, c) of im2col[r, (tap, c)] * W[co, c, tap] + b[co]
+//   grad weight  dW[co, (tap,c)] = sum over r of dY[r, co] * im2col[r, (tap, c)]
+// with r the flat (sample, output position) index. The im2col columns are ordered (tap, c),
+// channel fastest, so each tap contributes a contiguous run of the input's channels and every
+// row of the output is written in place, with no layout conversion.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/conv_cpu.h"
+#include "cpu/gemm.h"
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+// Reads row r of the channels-last im2col matrix of one group: columns [k0, k0 + kc) to
+// dst[j * dst_stride], zero where a tap lands in the padding.
+template <typename T>
+void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r, int64_t k0,
+                          int64_t kc, T* dst, int64_t dst_stride) {
+  const int64_t cg = g.in_channels_per_group();
+  const int64_t ow = r % g.out[2], oh = r / g.out[2] % g.out[1];
+  const int64_t od = r / g.out[2] / g.out[1] % g.out[0], n = r / g.out_plane();
+  for (int64_t j = 0; j < kc;) {
+    const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
+    const int64_t kw = tap % g.kernel[2], kh = tap / g.kernel[2] % g.kernel[1], kd = tap / g.kernel[2] / g.kernel[1];
+    const int64_t id = conv_input_index(od, kd, g.stride[0], g.pad[0], g.dilation[0]);
+    const int64_t ih = conv_input_index(oh, kh, g.stride[1], g.pad[1], g.dilation[1]);
+    const int64_t iw = conv_input_index(ow, kw, g.stride[2], g.pad[2], g.dilation[2]);
+    T* out = dst + j * dst_stride;
+    if (id >= 0 && id < g.in[0] && ih >= 0 && ih < g.in[1] && iw >= 0 && iw < g.in[2]) {
+      const T* src = x + (((n * g.in[0] + id) * g.in[1] + ih) * g.in[2] + iw) * g.in_channels + group * cg + c;
+      for (int64_t q = 0; q < run; ++q) out[q * dst_stride] = src[q];
+    } else {
+      for (int64_t q = 0; q < run; ++q) out[q * dst_stride] = T(0);
+    }
+    j += run;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group(), rows = g.batch * g.out_plane();
+  // B_g = W_g as [(tap, c), co]: the weight reordered once, packed per K block by each task.
+  std::vector<T> w_t(g.groups * k * m);
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t co = 0; co < m; ++co)
+      for (int64_t c = 0; c < cg; ++c)
+        for (int64_t tap = 0; tap < taps; ++tap)
+          w_t[(grp * k + tap * cg + c) * m + co] = w[((grp * m + co) * cg + c) * taps + tap];
+  const int64_t blocks = num_blocks(rows, kColumnBlock);
+  const int64_t block = num_blocks(rows, blocks);  // even blocks
+  at::parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(m));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / blocks, r0 = (task % blocks) * block, rc = std::min(block, rows - r0);
+      const PackedA<T> a = pack_a_rows<T>(rc, k, [&](int64_t i, int64_t k0, int64_t kc, T* dst, int64_t stride) {
+        read_im2col_row_nhwc(g, x, grp, r0 + i, k0, kc, dst, stride);
+      });
+      const T* b = w_t.data() + grp * k * m;
+      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+        pack_b_strided(b, m, int64_t(1), k0, kc, j0, jc, dst);
+        zero_panel_tail(kc, jc, dst);
+      };
+      T* c = y + r0 * g.out_channels + grp * m;  // rows of C_out values, this group's columns
+      if (bias) {  // the bias runs along columns here: start C from it and accumulate
+        for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m, m, c + i * g.out_channels);
+      }
+      gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.data());
+    }
+  });
+}
+
+template <typename T>
+void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group();
+  std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
+  reduce_weight_gradient<T>(g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>&) {
+    // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
+    const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
+    auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
+      for (int64_t i = 0; i < kc; ++i)
+        for (int64_t p = 0; p * nr < jc; ++p)
+          read_im2col_row_nhwc(g, x, grp, r0 + k0 + i, j0 + jj + p * nr, std::min(nr, jc - p * nr),
+                               dst + (p * kc + i) * nr, int64_t(1));
+      zero_panel_tail(kc, jc, dst);
+    };
+    gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);
+  });
+  for (int64_t co = 0; co < g.out_channels; ++co)
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t tap = 0; tap < taps; ++tap) dw[(co * cg + c) * taps + tap] = dw_t[co * k + tap * cg + c];
+}
+
+#define CNNOPS_INSTANTIATE_NHWC(T)                                                           \
+  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*); \
+  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
+CNNOPS_INSTANTIATE_NHWC(float)
+CNNOPS_INSTANTIATE_NHWC(double)
+
+}  // namespace cpu
+}  // namespace cnnops
