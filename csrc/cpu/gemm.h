@@ -14,7 +14,7 @@
 namespace cnnops {
 namespace cpu {
 
-constexpr int64_t kKc = 128;  // reduction block: one MR x kKc A panel and kKc x NR B panel in L1
+constexpr int64_t kKc = 256;  // reduction block: an MR x kKc A panel and a kKc x NR B panel fit L1
 
 template <typename T>
 constexpr int64_t gemm_nr() {  // columns per B panel: two 64-byte vectors
