@@ -79,6 +79,28 @@ void weight_grad_row(const ConvGeometry& g, const T* dy, const T* in, T* acc) {
     for (int64_t ow = 0; ow < ow_end; ++ow) acc[kw * ow_end + ow] += dy[ow] * in[ow * sw + kw * dw];
 }
 
+// The whole 2-d window in one pass for a 3x3 stride-1 kernel (MobileNet's), so each output is
+// written once: y[oh, ow] = b + sum over kh, kw of w[kh, kw] * x_padded[oh + kh*d, ow + kw*d].
+template <typename T>
+void forward_plane_3x3(const ConvGeometry& g, const T* w, T bias, PaddedPlane<T>& padded, T* y_plane) {
+  const int64_t dh = g.dilation[1], dw = g.dilation[2], ow_end = g.out[2];
+  for (int64_t oh = 0; oh < g.out[1]; ++oh) {
+    const T* r0 = padded.row(0, oh);
+    const T* r1 = padded.row(0, oh + dh);
+    const T* r2 = padded.row(0, oh + 2 * dh);
+    T* out = y_plane + oh * ow_end;
+    for (int64_t ow = 0; ow < ow_end; ++ow)
+      out[ow] = bias + w[0] * r0[ow] + w[1] * r0[ow + dw] + w[2] * r0[ow + 2 * dw] +
+                w[3] * r1[ow] + w[4] * r1[ow + dw] + w[5] * r1[ow + 2 * dw] +
+                w[6] * r2[ow] + w[7] * r2[ow + dw] + w[8] * r2[ow + 2 * dw];
+  }
+}
+
+bool is_2d_3x3_stride1(const ConvGeometry& g) {
+  return g.kernel[0] == 1 && g.kernel[1] == 3 && g.kernel[2] == 3 && g.in[0] == 1 && g.stride[1] == 1 &&
+         g.stride[2] == 1;
+}
+
 // Runs body.template operator()<KW>() with KW the kernel width when it is a common one and the
 // stride is 1, else with KW = 0.
 template <typename Body>
@@ -103,6 +125,10 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
         const int64_t co = plane % g.out_channels, n = plane / g.out_channels;
         padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
         T* y_plane = y + plane * g.out_plane();
+        if (is_2d_3x3_stride1(g)) {
+          forward_plane_3x3(g, w + co * taps, bias ? bias[co] : T(0), padded, y_plane);
+          continue;
+        }
         std::fill(y_plane, y_plane + g.out_plane(), bias ? bias[co] : T(0));
         for_each_row_and_kernel_row(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
           forward_row<T, KW>(g, w + co * taps + tap, in, y_plane + out_row);
