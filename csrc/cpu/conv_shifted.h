@@ -38,10 +38,11 @@ struct ShiftedGrid {
 };
 
 // Worth it when every stride is 1 and few grid columns are wasted; otherwise im2col packing.
+// Measured here: even at 7x7 (80% of the grid real) the grid beats packing rows of 7.
 inline bool use_shifted_grid(const ConvGeometry& g) {
   for (int i = 0; i < 3; ++i)
     if (g.stride[i] != 1) return false;
-  return !g.is_pointwise() && ShiftedGrid(g).efficiency(g) >= 0.8;
+  return !g.is_pointwise() && ShiftedGrid(g).efficiency(g) >= 0.75;
 }
 
 template <typename T>
