@@ -12,7 +12,7 @@ set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1  # a step killed by its timeout still leaves its output in the log
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_SECONDS:-470}))
