@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <limits>
@@ -42,7 +43,13 @@ bool fits_int32(std::initializer_list<int64_t> numels) {
 bool use_tensor_cores(at::ScalarType dtype) {
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
   if (dtype == at::kHalf || dtype == at::kBFloat16) return true;
+  // Per-op query, as torch's own convolution does: the op-less overload throws when the conv and
+  // RNN TF32 flags differ (torch.backends.cudnn.conv.fp32_precision = "ieee", say).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return dtype == at::kFloat && at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else  // before the per-op precision API
   return dtype == at::kFloat && at::globalContext().allowTF32CuDNN();
+#endif
 }
 
 // Launches OUT = A x B for one pass over all groups (and split-K chunks).
@@ -56,10 +63,13 @@ void launch_conv_gemm(const ConvGeometry& g, const scalar_t* a, const scalar_t* 
   const bool mma = use_tensor_cores(c10::CppTypeToScalarType<scalar_t>::value);
   const int64_t bm = mma ? kMmaBM : kFmaBM, bn = mma ? kMmaBN : kFmaBN;
   const int64_t grid_y = ceil_div(args.m, bm), grid_z = g.groups * chunks;
+  const int64_t grid_x = ceil_div(args.n, bn);
   TORCH_CHECK_NOT_IMPLEMENTED(grid_y <= kMaxGridYZ && grid_z <= kMaxGridYZ,
                               "cnnops conv (CUDA): too many channels per group (", args.m,
                               ") or groups (", g.groups, ")");
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.n, bn)), static_cast<unsigned>(grid_y),
+  TORCH_CHECK_NOT_IMPLEMENTED(grid_x <= std::numeric_limits<int32_t>::max(),
+                              "cnnops conv (CUDA): GEMM too wide (", args.n, " columns)");
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(grid_z));
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto index_tag) {
@@ -103,13 +113,21 @@ int64_t reduction_chunks(int64_t blocks_per_chunk, int64_t length, int64_t min_l
 
 bool depthwise_fits(const ConvGeometry& g, size_t acc_size) {
   const int64_t mult = g.out_channels / g.in_channels;
-  return g.is_depthwise() && g.out_channels <= kMaxGridYZ &&
+  // grid.y is out_channels (forward) or in_channels (grad_input; larger when C_out == 0).
+  return g.is_depthwise() && g.out_channels <= kMaxGridYZ && g.in_channels <= kMaxGridYZ &&
          mult * g.kernel_volume() * static_cast<int64_t>(acc_size) <= kDepthwiseMaxSmem;
 }
 
-at::Tensor in_input_format(const at::Tensor& result, const at::Tensor& input) {
-  const auto format = input.suggest_memory_format();
-  return format == at::MemoryFormat::Contiguous ? result : result.contiguous(format);
+// The CPU op's rule (csrc/cpu/conv.cpp conv_output_memory_format): channels_last when the
+// input or the weight suggests it (4-d and 5-d only); grad_input passes the input twice.
+at::Tensor in_conv_output_format(const at::Tensor& result, const at::Tensor& input,
+                                 const at::Tensor& weight) {
+  if (input.dim() < 4) return result;
+  const auto channels_last =
+      input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  if (input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last)
+    return result.contiguous(channels_last);
+  return result;
 }
 
 }  // namespace
@@ -127,7 +145,7 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
   const bool has_bias = bias_.has_value() && bias_->defined();
   const at::Tensor bias = has_bias ? bias_->contiguous() : at::Tensor();
   at::Tensor output = at::empty(conv_output_shape(g, dims), input.options());
-  if (output.numel() == 0) return in_input_format(output, input_);
+  if (output.numel() == 0) return in_conv_output_format(output, input_, weight_);
 
   const bool int32_ok = fits_int32({input.numel(), weight.numel(), output.numel()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_forward_cuda", [&] {
@@ -155,7 +173,7 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
                                         output.mutable_data_ptr<scalar_t>(), 1,
                                         gemm_r<ConvGemm::Forward>(g), int32_ok);
   });
-  return in_input_format(output, input_);
+  return in_conv_output_format(output, input_, weight_);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
@@ -270,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
     }
   });
 
-  if (output_mask[0]) grad_input = in_input_format(grad_input, input_);
+  if (output_mask[0]) grad_input = in_conv_output_format(grad_input, input_, input_);
   // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
   return std::make_tuple(or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias));

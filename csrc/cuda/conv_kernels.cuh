@@ -254,7 +254,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   __syncthreads();
 
   const index_t out_plane = g.out_plane(), in_plane = g.in_plane();
-  const index_t l = blockIdx.x * blockDim.x + threadIdx.x;
+  // Widen before multiplying: unsigned 32-bit blockIdx.x * blockDim.x wraps for planes of 2^32+.
+  const index_t l = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (l >= out_plane) return;
   const index_t c = co / static_cast<index_t>(g.out_channels / g.in_channels);
   const int64_t out_dims[3] = {g.out[0], g.out[1], g.out[2]};
@@ -306,7 +307,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   __syncthreads();
 
   const index_t out_plane = g.out_plane(), in_plane = g.in_plane();
-  const index_t l = blockIdx.x * blockDim.x + threadIdx.x;
+  const index_t l = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (l >= in_plane) return;
   const int64_t in_dims[3] = {g.in[0], g.in[1], g.in[2]};
   const GridPosition i = split_grid_position(l, in_dims);
