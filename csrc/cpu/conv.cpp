@@ -8,8 +8,8 @@
 //   grad bias    db    = sum over n and positions of dY
 // Columns of the forward GEMM run over (sample, position) so small images still fill it. Stride-1
 // convolutions take the shifted-window path (conv_shifted.h), and their grad input is a forward
-// convolution with the rotated kernel. Depthwise convolution (groups == C_in) has direct kernels
-// in conv_depthwise.cpp.
+// convolution with the rotated kernel. Channels-last inputs run conv_nhwc.cpp's kernels and
+// depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
