@@ -6,6 +6,7 @@
 // channel fastest, so each tap contributes a contiguous run of the input's channels and every
 // row of the output is written in place, with no layout conversion.
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <vector>
@@ -17,27 +18,56 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// Reads row r of the channels-last im2col matrix of one group: columns [k0, k0 + kc) to
-// dst[j * dst_stride], zero where a tap lands in the padding.
+// Where channels-last im2col row r (output position (n, od, oh, ow)) reads tap (kd, kh, kw):
+// the offset of channel 0 of that input pixel, or -1 in the padding.
 template <typename T>
-void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r, int64_t k0,
-                          int64_t kc, T* dst, int64_t dst_stride) {
-  const int64_t cg = g.in_channels_per_group();
+int64_t tap_source(const ConvGeometry& g, int64_t r, int64_t tap) {
   const int64_t ow = r % g.out[2], oh = r / g.out[2] % g.out[1];
   const int64_t od = r / g.out[2] / g.out[1] % g.out[0], n = r / g.out_plane();
+  const int64_t kw = tap % g.kernel[2], kh = tap / g.kernel[2] % g.kernel[1], kd = tap / g.kernel[2] / g.kernel[1];
+  const int64_t id = conv_input_index(od, kd, g.stride[0], g.pad[0], g.dilation[0]);
+  const int64_t ih = conv_input_index(oh, kh, g.stride[1], g.pad[1], g.dilation[1]);
+  const int64_t iw = conv_input_index(ow, kw, g.stride[2], g.pad[2], g.dilation[2]);
+  if (id < 0 || id >= g.in[0] || ih < 0 || ih >= g.in[1] || iw < 0 || iw >= g.in[2]) return -1;
+  return (((n * g.in[0] + id) * g.in[1] + ih) * g.in[2] + iw) * g.in_channels;
+}
+
+// Rows [r0, r0 + rows) x columns [k0, k0 + kc) of one group's channels-last im2col matrix,
+// columns ordered (tap, c), written as a GEMM A panel dst[kk * mr + i]. Within one tap every
+// row reads a contiguous run of channels, so the panel is filled in order, mr values per column,
+// from mr row pointers (rows in the padding read from `zeros`).
+template <typename T>
+void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r0,
+                            int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr,
+                            const T* zeros) {
+  const int64_t cg = g.in_channels_per_group();
+  const T* src[16];  // mr is at most 12 for every micro-kernel
+  TORCH_INTERNAL_ASSERT(mr <= 16);
   for (int64_t j = 0; j < kc;) {
     const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
-    const int64_t kw = tap % g.kernel[2], kh = tap / g.kernel[2] % g.kernel[1], kd = tap / g.kernel[2] / g.kernel[1];
-    const int64_t id = conv_input_index(od, kd, g.stride[0], g.pad[0], g.dilation[0]);
-    const int64_t ih = conv_input_index(oh, kh, g.stride[1], g.pad[1], g.dilation[1]);
-    const int64_t iw = conv_input_index(ow, kw, g.stride[2], g.pad[2], g.dilation[2]);
-    T* out = dst + j * dst_stride;
-    if (id >= 0 && id < g.in[0] && ih >= 0 && ih < g.in[1] && iw >= 0 && iw < g.in[2]) {
-      const T* src = x + (((n * g.in[0] + id) * g.in[1] + ih) * g.in[2] + iw) * g.in_channels + group * cg + c;
-      for (int64_t q = 0; q < run; ++q) out[q * dst_stride] = src[q];
-    } else {
-      for (int64_t q = 0; q < run; ++q) out[q * dst_stride] = T(0);
+    for (int64_t i = 0; i < mr; ++i) {
+      const int64_t offset = i < rows ? tap_source<T>(g, r0 + i, tap) : -1;
+      src[i] = offset < 0 ? zeros : x + offset + group * cg + c;
     }
+    for (int64_t q = 0; q < run; ++q)
+      for (int64_t i = 0; i < mr; ++i) dst[(j + q) * mr + i] = src[i][q];
+    j += run;
+  }
+}
+
+// Reads row r of the channels-last im2col matrix of one group: columns [k0, k0 + kc) to
+// dst[j], zero where a tap lands in the padding.
+template <typename T>
+void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r, int64_t k0,
+                          int64_t kc, T* dst) {
+  const int64_t cg = g.in_channels_per_group();
+  for (int64_t j = 0; j < kc;) {
+    const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
+    const int64_t offset = tap_source<T>(g, r, tap);
+    if (offset < 0)
+      std::fill(dst + j, dst + j + run, T(0));
+    else
+      std::copy_n(x + offset + group * cg + c, run, dst + j);
     j += run;
   }
 }
@@ -57,12 +87,13 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
           w_t[(grp * k + tap * cg + c) * m + co] = w[((grp * m + co) * cg + c) * taps + tap];
   const int64_t blocks = num_blocks(rows, kColumnBlock);
   const int64_t block = num_blocks(rows, blocks);  // even blocks
+  const std::vector<T> zeros(kKc, T(0));  // what rows in the padding read
   at::parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> workspace(gemm_workspace_size<T>(m));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / blocks, r0 = (task % blocks) * block, rc = std::min(block, rows - r0);
-      const PackedA<T> a = pack_a_rows<T>(rc, k, [&](int64_t i, int64_t k0, int64_t kc, T* dst, int64_t stride) {
-        read_im2col_row_nhwc(g, x, grp, r0 + i, k0, kc, dst, stride);
+      const PackedA<T> a = pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+        read_im2col_panel_nhwc(g, x, grp, r0 + i0, rows, k0, kc, dst, mr, zeros.data());
       });
       const T* b = w_t.data() + grp * k * m;
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
@@ -91,7 +122,7 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
       for (int64_t i = 0; i < kc; ++i)
         for (int64_t p = 0; p * nr < jc; ++p)
           read_im2col_row_nhwc(g, x, grp, r0 + k0 + i, j0 + jj + p * nr, std::min(nr, jc - p * nr),
-                               dst + (p * kc + i) * nr, int64_t(1));
+                               dst + (p * kc + i) * nr);
       zero_panel_tail(kc, jc, dst);
     };
     gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);

@@ -146,7 +146,7 @@ const KernelChoice<T>& kernel_choice() {
 const char* gemm_isa() { return kernel_choice<float>().isa; }
 
 template <typename T>
-PackedA<T> pack_a_rows(int64_t m, int64_t k, ReadRow<T> read_row) {
+PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel) {
   PackedA<T> packed;
   packed.m = m;
   packed.k = k;
@@ -156,16 +156,17 @@ PackedA<T> pack_a_rows(int64_t m, int64_t k, ReadRow<T> read_row) {
   packed.data.assign(padded_m * k, T(0));
   for (int64_t k0 = 0; k0 < k; k0 += kKc) {
     const int64_t kc = std::min(kKc, k - k0);
-    for (int64_t i = 0; i < m; ++i)  // row i is column i % mr of its panel
-      read_row(i, k0, kc, packed.data.data() + k0 * padded_m + (i / mr) * mr * kc + i % mr, mr);
+    for (int64_t i0 = 0; i0 < m; i0 += mr)
+      read_panel(i0, std::min(mr, m - i0), k0, kc, packed.data.data() + k0 * padded_m + i0 * kc, mr);
   }
   return packed;
 }
 
 template <typename T>
 PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride) {
-  return pack_a_rows<T>(m, k, [&](int64_t i, int64_t k0, int64_t kc, T* dst, int64_t dst_stride) {
-    for (int64_t kk = 0; kk < kc; ++kk) dst[kk * dst_stride] = a[i * row_stride + (k0 + kk) * col_stride];
+  return pack_a_panels<T>(m, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+    for (int64_t kk = 0; kk < kc; ++kk)
+      for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = a[(i0 + i) * row_stride + (k0 + kk) * col_stride];
   });
 }
 
@@ -256,7 +257,7 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
 
 #define CNNOPS_INSTANTIATE_GEMM(T)                                                           \
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
-  template PackedA<T> pack_a_rows<T>(int64_t, int64_t, ReadRow<T>);                           \
+  template PackedA<T> pack_a_panels<T>(int64_t, int64_t, ReadPanel<T>);                       \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
                         T*, int64_t, int64_t);                                               \
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \

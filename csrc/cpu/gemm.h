@@ -38,13 +38,14 @@ struct PackedA {
   }
 };
 
-// Writes A[row, k0 : k0 + kc] to dst[j * dst_stride], j in [0, kc).
+// Writes one A panel: rows [i0, i0 + rows) x columns [k0, k0 + kc) to dst[kk * mr + i] (rows up
+// to mr, the rest of the panel already zero).
 template <typename T>
-using ReadRow = c10::function_ref<void(int64_t row, int64_t k0, int64_t kc, T* dst, int64_t dst_stride)>;
+using ReadPanel = c10::function_ref<void(int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr)>;
 
-// A packed from a row reader: lets convolution pack channels-last im2col rows directly.
+// A packed panel by panel by a reader: lets convolution pack channels-last im2col rows directly.
 template <typename T>
-PackedA<T> pack_a_rows(int64_t m, int64_t k, ReadRow<T> read_row);
+PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel);
 
 // A[i, j] = a[i * row_stride + j * col_stride]: a transposed view costs nothing.
 template <typename T>
