@@ -7,7 +7,7 @@ import sys
 import pytest
 
 CHECK = r"""
-import sys, torch, torch.nn.functional as F
+import itertools, sys, torch, torch.nn.functional as F
 import cnnops
 print(torch.ops.cnnops.cpu_gemm_isa())
 torch.manual_seed(0)
@@ -18,9 +18,15 @@ cases = [  # (dims, N, C_in, C_out, size, kernel, stride, padding, dilation, gro
     (1, 2, 4, 6, (17,), 5, 1, 4, 2, 1),       # 1d, dilation, grad_input through col2im
     (3, 1, 3, 5, (4, 5, 6), 2, 1, 0, 1, 1),   # 3d, even kernel
 ]
+layouts = {2: torch.channels_last, 3: torch.channels_last_3d}
 for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
-    for dims, n, ci, co, size, k, s, p, d, g in cases:
-        x = torch.randn(n, ci, *size, dtype=dtype, requires_grad=True)
+    for (dims, n, ci, co, size, k, s, p, d, g), channels_last in itertools.product(cases, (False, True)):
+        if channels_last and dims == 1:
+            continue
+        x = torch.randn(n, ci, *size, dtype=dtype)
+        if channels_last:  # the NHWC kernels, with this micro-kernel's panel height
+            x = x.to(memory_format=layouts[dims])
+        x.requires_grad_()
         w = torch.randn(co, ci // g, *([k] * dims), dtype=dtype, requires_grad=True)
         b = torch.randn(co, dtype=dtype, requires_grad=True)
         ref_fn = getattr(F, f"conv{dims}d")
@@ -32,7 +38,7 @@ for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
         for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
             err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
             if not err < tol:
-                sys.exit(f"{dtype} {(dims, n, ci, co, size, k, s, p, d, g)} {name}: relative error {err}")
+                sys.exit(f"{dtype} {(dims, n, ci, co, size, k, s, p, d, g)} channels_last={channels_last} {name}: relative error {err}")
 """
 
 
