@@ -58,6 +58,9 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   // Few column blocks (small images) but many output channels: split the rows too.
   const RowSplit rows(m, weights[0].mr, g.groups * blocks);
   const bool pointwise = g.is_pointwise();
+  const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
+  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
+  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   at::parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> workspace(gemm_workspace_size<T>(block));
     std::vector<T> tile(m * block);
@@ -66,15 +69,24 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const int64_t grp = column_task / blocks, c0 = (column_task % blocks) * block;
       const int64_t nc = std::min(block, total - c0);
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
-      auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
+      const int64_t channel0 = grp * g.in_channels_per_group();
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
+      const std::vector<int64_t> column_offset = pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc);
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-        for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-          if (pointwise)  // 1x1 stride 1: im2col(X) is X itself
-            pack_b_strided(x_ng(n) + l0, l, int64_t(1), k0, kc, int64_t(0), len, dst, offset);
-          else
-            pack_im2col_panels<T, nr>(g, x_ng(n), k0, kc, l0, len, offset, dst);
-        });
+        if (pointwise) {  // 1x1 stride 1: im2col(X) is X itself
+          for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+            pack_b_strided(x + (n * g.in_channels + channel0) * l + l0, l, int64_t(1), k0, kc, int64_t(0), len, dst, offset);
+          });
+        } else {
+          const T* x_g = padded.data() + channel0 * layout.plane;
+          for (int64_t p = 0; p * nr < jc; ++p)
+            for (int64_t kk = 0; kk < kc; ++kk) {
+              const T* src = x_g + row_offset[k0 + kk];
+              const int64_t* cols = column_offset.data() + j0 + p * nr;
+              T* out = dst + (p * kc + kk) * nr;
+              for (int64_t q = 0; q < std::min(nr, jc - p * nr); ++q) out[q] = src[cols[q]];
+            }
+        }
         zero_panel_tail(kc, jc, dst);
       };
       const T* row_bias = bias ? bias + grp * m : nullptr;
@@ -92,20 +104,25 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
 }
 
 // The general grad input (strided convolutions): dX_ng = col2im(W_g^T * dY_ng), a column block
-// at a time.
+// at a time. col2im adds each im2col entry back where the forward read it, through the offset
+// tables, into a padded dX whose border is dropped at the end.
 template <typename T>
 void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
+  const int64_t cg = g.in_channels_per_group();
   std::vector<PackedA<T>> weights_t;  // W_g^T: K x M
   for (int64_t grp = 0; grp < g.groups; ++grp) weights_t.push_back(pack_a(k, m, w + grp * m * k, int64_t(1), k));
+  const PaddedLayout layout(g);
+  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   // A task owns one (sample, group) slice of dX, so the col2im additions never race.
   at::parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
     std::vector<T> col(k * kColumnBlock);
+    std::vector<T> dx_padded(cg * layout.plane);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task % g.groups, n = task / g.groups;
       const T* dy_ng = dy + (n * g.out_channels + grp * m) * l;
-      T* dx_ng = dx + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane();
+      std::fill(dx_padded.begin(), dx_padded.end(), T(0));
       for (int64_t n0 = 0; n0 < l; n0 += kColumnBlock) {
         const int64_t nc = std::min(kColumnBlock, l - n0);
         auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
@@ -113,8 +130,14 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
           zero_panel_tail(kc, jc, dst);
         };
         gemm<T>(weights_t[grp], nc, pack, col.data(), nc, nullptr, false, workspace.data());
-        col2im_add_block(g, col.data(), nc, n0, nc, dx_ng);
+        const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, n0, nc);  // sample 0's
+        for (int64_t r = 0; r < k; ++r) {
+          T* dst = dx_padded.data() + row_offset[r];
+          const T* src = col.data() + r * nc;
+          for (int64_t j = 0; j < nc; ++j) dst[column_offset[j]] += src[j];
+        }
       }
+      unpad_planes(g, layout, dx_padded.data(), cg, dx + (n * g.in_channels + grp * cg) * g.in_plane());
     }
   });
 }
@@ -165,18 +188,27 @@ template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
+  const PaddedLayout layout(g);
+  const std::vector<T> padded = pad_planes(g, layout, x, g.batch * g.in_channels);
+  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>& dy_chunk) {
-    auto x_ng = [&](int64_t n) { return x + (n * g.in_channels + grp * g.in_channels_per_group()) * g.in_plane(); };
     // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
     for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
       for (int64_t i = 0; i < m; ++i)
         std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
     });
     const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
+    const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
+    const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
     auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-      for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        pack_im2col_transposed_panels<T, nr>(g, x_ng(n), l0, len, j0 + jj, jc, kc, dst + offset * nr);
-      });
+      for (int64_t p = 0; p * nr < jc; ++p)  // B[i, r] = x_g[row_offset[r] + column_offset[i]]
+        for (int64_t i = 0; i < kc; ++i) {
+          const T* src = x_g + column_offset[k0 + i];
+          const int64_t* rows = row_offset.data() + j0 + jj + p * nr;
+          T* out = dst + (p * kc + i) * nr;
+          for (int64_t q = 0; q < std::min(nr, jc - p * nr); ++q) out[q] = src[rows[q]];
+        }
+      zero_panel_tail(kc, jc, dst);
     };
     gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
   });

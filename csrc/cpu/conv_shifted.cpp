@@ -18,18 +18,9 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
   constexpr int64_t block = 384;  // grid columns per GEMM call (a multiple of nr)
   const ShiftedGrid grid(g);
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
-  const int64_t planes = g.batch * g.in_channels, pp = grid.padded_plane;
-  const int64_t hp = grid.padded[1], wp = grid.padded[2];
-
-  // Zero-padded input; the tail slack keeps the last panel's reads past the grid in bounds.
-  std::vector<T> padded(planes * pp + nr, T(0));
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      for (int64_t d = 0; d < g.in[0]; ++d)
-        for (int64_t h = 0; h < g.in[1]; ++h)
-          std::memcpy(&padded[p * pp + ((d + g.pad[0]) * hp + h + g.pad[1]) * wp + g.pad[2]],
-                      x + (p * g.in[0] + d) * g.in[1] * g.in[2] + h * g.in[2], g.in[2] * sizeof(T));
-  });
+  const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;
+  // The slack keeps the last panel's reads past the grid in bounds.
+  const std::vector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
 
   std::vector<PackedA<T>> weights;
   for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
