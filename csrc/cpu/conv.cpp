@@ -145,7 +145,9 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc) {
-  if (nhwc)
+  if (nhwc && use_shifted_grid(g))
+    conv_forward_nhwc_shifted(g, x, w, bias, y);
+  else if (nhwc)
     conv_forward_nhwc(g, x, w, bias, y);
   else if (g.is_depthwise())
     conv_depthwise_forward(g, x, w, bias, y);

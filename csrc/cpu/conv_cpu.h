@@ -66,6 +66,8 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
+template <typename T>  // stride 1, when use_shifted_grid(g)
+void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 

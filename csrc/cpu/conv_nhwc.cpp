@@ -9,9 +9,11 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_shifted.h"
 #include "cpu/gemm.h"
 
 namespace cnnops {
@@ -72,19 +74,27 @@ void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int6
   }
 }
 
-}  // namespace
-
+// B_g = W_g as [(tap, c), co] for every group g: the weight reordered to the channels-last
+// im2col's column order, once per call.
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+std::vector<T> weight_as_tap_channel_rows(const ConvGeometry& g, const T* w) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
-  const int64_t cg = g.in_channels_per_group(), rows = g.batch * g.out_plane();
-  // B_g = W_g as [(tap, c), co]: the weight reordered once, packed per K block by each task.
+  const int64_t cg = g.in_channels_per_group();
   std::vector<T> w_t(g.groups * k * m);
   for (int64_t grp = 0; grp < g.groups; ++grp)
     for (int64_t co = 0; co < m; ++co)
       for (int64_t c = 0; c < cg; ++c)
         for (int64_t tap = 0; tap < taps; ++tap)
           w_t[(grp * k + tap * cg + c) * m + co] = w[((grp * m + co) * cg + c) * taps + tap];
+  return w_t;
+}
+
+}  // namespace
+
+template <typename T>
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), rows = g.batch * g.out_plane();
+  const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
   const int64_t blocks = num_blocks(rows, kColumnBlock);
   const int64_t block = num_blocks(rows, blocks);  // even blocks
   const std::vector<T> zeros(kKc, T(0));  // what rows in the padding read
@@ -105,6 +115,58 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m, m, c + i * g.out_channels);
       }
       gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.data());
+    }
+  });
+}
+
+// Stride-1 channels-last forward on the shifted-window grid (conv_shifted.h, with the channel
+// innermost): on a zero-padded NHWC copy, grid row r' = (od*Hp + oh)*Wp + ow reads tap t at
+// padded pixel r' + shift(t), so A[r', (t, c)] = x_padded[(r' + shift(t)) * C_in + c]: every
+// column of A is the padded input at a fixed offset, rows C_in apart, read in place.
+template <typename T>
+void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+  const ShiftedGrid grid(g);
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group(), c_in = g.in_channels, pp = grid.padded.plane;
+  const int64_t hp = grid.padded.h, wp = grid.padded.w;
+  // Padded NHWC input; the slack covers the rows past the grid that the last A panel reads.
+  std::vector<T> padded(g.batch * pp * c_in + (gemm_mr<T>() + 1) * c_in, T(0));
+  at::parallel_for(0, g.batch * g.in[0] * g.in[1], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // (n, d, h): one input row of W pixels
+      const int64_t h = row % g.in[1], d = row / g.in[1] % g.in[0], n = row / g.in[1] / g.in[0];
+      std::memcpy(&padded[((n * grid.padded.d + d + g.pad[0]) * hp + h + g.pad[1]) * wp * c_in + g.pad[2] * c_in],
+                  x + row * g.in[2] * c_in, g.in[2] * c_in * sizeof(T));
+    }
+  });
+  std::vector<int64_t> column_offset(k);  // A's column (t, c) of group 0: shift(t) * C_in + c
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const int64_t kw = tap % g.kernel[2], kh = tap / g.kernel[2] % g.kernel[1], kd = tap / g.kernel[2] / g.kernel[1];
+    const int64_t shift = (kd * g.dilation[0] * hp + kh * g.dilation[1]) * wp + kw * g.dilation[2];
+    for (int64_t c = 0; c < cg; ++c) column_offset[tap * cg + c] = shift * c_in + c;
+  }
+  const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
+  constexpr int64_t block = 384;  // grid rows per GEMM call
+  const int64_t blocks = (grid.columns + block - 1) / block;
+  at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(gemm_workspace_size<T>(m));
+    std::vector<T> tile(block * m);  // C for one block of grid rows, before dropping waste
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = (task % blocks) * block, rc = std::min(block, grid.columns - r0);
+      const int64_t grp = task / blocks % g.groups, n = task / blocks / g.groups;
+      const T* b = w_t.data() + grp * k * m;
+      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
+        pack_b_strided(b, m, int64_t(1), k0, kc, j0, jc, dst);
+        zero_panel_tail(kc, jc, dst);
+      };
+      const T* a = padded.data() + (n * pp + r0) * c_in + grp * cg;
+      gemm_shifted_a<T>(rc, k, a, c_in, column_offset.data(), m, pack, tile.data(), m, workspace.data());
+      for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs, adding the bias
+        const int64_t r = r0 + i, ow = r % wp, oh = r / wp % hp, od = r / wp / hp;
+        if (ow >= g.out[2] || oh >= g.out[1]) continue;
+        T* out = y + (((n * g.out[0] + od) * g.out[1] + oh) * g.out[2] + ow) * g.out_channels + grp * m;
+        const T* src = tile.data() + i * m;
+        for (int64_t co = 0; co < m; ++co) out[co] = src[co] + (bias ? bias[grp * m + co] : T(0));
+      }
     }
   });
 }
@@ -134,6 +196,7 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
 
 #define CNNOPS_INSTANTIATE_NHWC(T)                                                           \
   template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*); \
+  template void conv_forward_nhwc_shifted<T>(const ConvGeometry&, const T*, const T*, const T*, T*); \
   template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_NHWC(float)
 CNNOPS_INSTANTIATE_NHWC(double)

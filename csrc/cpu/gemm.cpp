@@ -25,10 +25,12 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
-// C[0:mr, 0:nr] = init + sum_k a[k, 0:MR] (outer) b[k, 0:NR], with a a packed panel and b
-// either a packed panel (row k at b + k * NR) or, kIndirect, rows at b + b_offsets[k].
-template <typename T, int MR, bool kIndirect>
+// C[0:mr, 0:nr] = init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]. a is a packed panel (a[k*MR + i])
+// or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row k at
+// b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k].
+template <typename T, int MR, bool kOffsetA, bool kOffsetB>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
+                                            const int64_t* __restrict a_offsets, int64_t lda,
                                             const T* __restrict b,
                                             const int64_t* __restrict b_offsets,
                                             T* __restrict c, int64_t ldc, int64_t mr, int64_t nr,
@@ -40,12 +42,14 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
   for (int64_t k = 0; k < kc; ++k) {
-    const T* b_row = kIndirect ? b + b_offsets[k] : b + k * kNr;
+    const T* b_row = kOffsetB ? b + b_offsets[k] : b + k * kNr;
+    const T* a_k = kOffsetA ? a + a_offsets[k] : a + k * MR;
+    const int64_t a_step = kOffsetA ? lda : 1;
     const V b0 = *reinterpret_cast<const V*>(b_row);
     const V b1 = *reinterpret_cast<const V*>(b_row + kL);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T ai = a[k * MR + i];
+      const T ai = a_k[i * a_step];
       acc0[i] += ai * b0;  // contracts to FMA
       acc1[i] += ai * b1;
     }
@@ -78,19 +82,22 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
 }
 
 template <typename T>
-using MicroKernel = void (*)(int64_t, const T*, const T*, const int64_t*, T*, int64_t, int64_t,
-                             int64_t, const T*, bool);
+using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*,
+                             T*, int64_t, int64_t, int64_t, const T*, bool);
 
 // MR per ISA: MR rows x 2 vectors of accumulators plus 2 B vectors must fit the register file
 // (32 zmm for AVX-512; 16 ymm for AVX2, where a 64-byte vector takes two). 8 rather than the 12
 // that would fit: channel counts are multiples of 8, so no panel computes padding rows.
-#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                 \
-  ATTRIBUTE void NAME(int64_t kc, const T* a, const T* b, const int64_t* b_offsets, T* c,       \
-                      int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc) {           \
-    if (b_offsets)                                                                            \
-      micro_kernel_body<T, MR, true>(kc, a, b, b_offsets, c, ldc, mr, nr, bias, acc);         \
-    else                                                                                      \
-      micro_kernel_body<T, MR, false>(kc, a, b, b_offsets, c, ldc, mr, nr, bias, acc);        \
+#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                   \
+  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,  \
+                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr,        \
+                      const T* bias, bool acc) {                                                  \
+    if (a_offsets)                                                                              \
+      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc); \
+    else if (b_offsets)                                                                         \
+      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc); \
+    else                                                                                        \
+      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc); \
   }
 #define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, MR_F, MR_D)      \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, MR_F)   \
@@ -146,6 +153,13 @@ const KernelChoice<T>& kernel_choice() {
 const char* gemm_isa() { return kernel_choice<float>().isa; }
 
 template <typename T>
+int64_t gemm_mr() {
+  return kernel_choice<T>().mr;
+}
+template int64_t gemm_mr<float>();
+template int64_t gemm_mr<double>();
+
+template <typename T>
 PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel) {
   PackedA<T> packed;
   packed.m = m;
@@ -170,31 +184,32 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
   });
 }
 
-// The blocked loops shared by both B sources: for each kKc block, prepare(k0, kc) makes B
-// ready (packs it, or nothing), then every NR-column B panel, panel(k0, j0) -> {data, offsets},
-// stays in L1 while the A panels of the row range stream past it.
-template <typename T, typename Prepare, typename Panel>
-void gemm_blocked(const PackedA<T>& a, int64_t n, T* c, int64_t ldc, const T* row_bias,
-                  bool accumulate, int64_t row_begin, int64_t row_end, Prepare&& prepare,
-                  Panel&& panel) {
+// The blocked loops shared by every operand source: for each kKc block, prepare(k0, kc) makes B
+// ready (packs it, or nothing), then every NR-column B panel, b_panel(k0, kc, j0), stays in L1
+// while the A panels of the row range, a_panel(k0, kc, i0), stream past it.
+template <typename T, typename Prepare, typename APanelFn, typename BPanelFn>
+void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc,
+                  const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end,
+                  Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel) {
   const auto& kernel = kernel_choice<T>();
-  const int64_t mr = a.mr, nr = gemm_nr<T>();
-  if (row_end < 0) row_end = a.m;
-  TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= a.m, "gemm: row range must start on a panel");
-  if (a.k == 0) {  // empty reduction: C = init
+  const int64_t nr = gemm_nr<T>();
+  if (row_end < 0) row_end = m;
+  TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= m, "gemm: row range must start on a panel");
+  if (k == 0) {  // empty reduction: C = init
     for (int64_t i = row_begin; i < row_end; ++i)
       for (int64_t j = 0; j < n; ++j)
         c[i * ldc + j] = accumulate ? c[i * ldc + j] : (row_bias ? row_bias[i] : T(0));
     return;
   }
-  for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {
-    const int64_t kc = std::min(kKc, a.k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
+    const int64_t kc = std::min(kKc, k - k0);
     const bool acc = accumulate || k0 > 0;
     prepare(k0, kc);
     for (int64_t j0 = 0; j0 < n; j0 += nr) {
-      const auto [b, b_offsets] = panel(k0, kc, j0);
+      const auto [b, b_offsets] = b_panel(k0, kc, j0);
       for (int64_t i0 = row_begin; i0 < row_end; i0 += mr) {
-        kernel.fn(kc, a.panel(k0, kc, i0), b, b_offsets, c + i0 * ldc + j0, ldc,
+        const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
+        kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c + i0 * ldc + j0, ldc,
                   std::min(mr, row_end - i0), std::min(nr, n - j0),
                   row_bias ? row_bias + i0 : nullptr, acc);
       }
@@ -203,18 +218,26 @@ void gemm_blocked(const PackedA<T>& a, int64_t n, T* c, int64_t ldc, const T* ro
 }
 
 template <typename T>
+struct APanel {
+  const T* data;
+  const int64_t* offsets;  // per k, for A read in place (data[offsets[k] + i * lda])
+  int64_t lda;
+};
+
+template <typename T>
 struct BPanel {
   const T* data;
-  const int64_t* offsets;
+  const int64_t* offsets;  // per k, for B read in place (row k at data + offsets[k])
 };
 
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
           bool accumulate, T* workspace, int64_t row_begin, int64_t row_end) {
   constexpr int64_t nr = gemm_nr<T>();
-  gemm_blocked(
-      a, n, c, ldc, row_bias, accumulate, row_begin, row_end,
+  gemm_blocked<T>(
+      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
+      [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
 }
 
@@ -222,9 +245,21 @@ template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
                     int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin,
                     int64_t row_end) {
-  gemm_blocked(
-      a, n, c, ldc, row_bias, accumulate, row_begin, row_end, [](int64_t, int64_t) {},
+  gemm_blocked<T>(
+      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, [](int64_t, int64_t) {},
+      [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
+}
+
+template <typename T>
+void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset,
+                    int64_t n, PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
+  constexpr int64_t nr = gemm_nr<T>();
+  gemm_blocked<T>(
+      m, k, kernel_choice<T>().mr, n, c, ldc, nullptr, false, 0, -1,
+      [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
+      [&](int64_t k0, int64_t, int64_t i0) { return APanel<T>{a + i0 * lda, column_offset + k0, lda}; },
+      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
 }
 
 template <typename T>
@@ -262,6 +297,8 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
                         T*, int64_t, int64_t);                                               \
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \
                                   int64_t, const T*, bool, int64_t, int64_t);                \
+  template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, \
+                                  PackB<T>, T*, int64_t, T*);                                \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
                                   int64_t, T*, int64_t);                                     \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
