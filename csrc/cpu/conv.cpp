@@ -19,7 +19,12 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common/conv_checks.h"
 #include "cpu/conv_cpu.h"
@@ -186,6 +191,41 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
 }
 
 // dW_g = sum over chunks of dY_chunk * im2col(X)_chunk^T (see reduce_weight_gradient).
+// One B panel of the weight gradient: B[i, q] = x_g[rows[q] + columns[i]] for positions
+// i in [0, kc) and im2col rows q in [0, cols), panel row i at out + i * NR: the transpose of
+// an im2col block. Where four positions are adjacent in memory (stride 1, inside one output
+// row), SSE transposes 4 x 4 tiles of them; elsewhere it is an element-by-element gather.
+template <typename T, int64_t NR>
+void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t cols,
+                                  const int64_t* columns, int64_t kc, T* out) {
+  auto gather_row = [&](int64_t i) {
+    const T* src = x_g + columns[i];
+    for (int64_t q = 0; q < cols; ++q) out[i * NR + q] = src[rows[q]];
+  };
+  int64_t i = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; cols == NR && i + 4 <= kc; i += 4) {
+      if (columns[i + 3] != columns[i] + 3) {
+        for (int64_t t = 0; t < 4; ++t) gather_row(i + t);
+        continue;
+      }
+      const float* base = x_g + columns[i];
+      for (int64_t q = 0; q < NR; q += 4) {
+        __m128 r0 = _mm_loadu_ps(base + rows[q]), r1 = _mm_loadu_ps(base + rows[q + 1]);
+        __m128 r2 = _mm_loadu_ps(base + rows[q + 2]), r3 = _mm_loadu_ps(base + rows[q + 3]);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(out + i * NR + q, r0);
+        _mm_storeu_ps(out + (i + 1) * NR + q, r1);
+        _mm_storeu_ps(out + (i + 2) * NR + q, r2);
+        _mm_storeu_ps(out + (i + 3) * NR + q, r3);
+      }
+    }
+  }
+#endif
+  for (; i < kc; ++i) gather_row(i);
+}
+
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
@@ -203,13 +243,9 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
     const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
     const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
     auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-      for (int64_t p = 0; p * nr < jc; ++p)  // B[i, r] = x_g[row_offset[r] + column_offset[i]]
-        for (int64_t i = 0; i < kc; ++i) {
-          const T* src = x_g + column_offset[k0 + i];
-          const int64_t* rows = row_offset.data() + j0 + jj + p * nr;
-          T* out = dst + (p * kc + i) * nr;
-          for (int64_t q = 0; q < std::min(nr, jc - p * nr); ++q) out[q] = src[rows[q]];
-        }
+      for (int64_t p = 0; p * nr < jc; ++p)
+        pack_transposed_im2col_panel<T, nr>(x_g, row_offset.data() + j0 + jj + p * nr, std::min(nr, jc - p * nr),
+                                            column_offset.data() + k0, kc, dst + p * kc * nr);
       zero_panel_tail(kc, jc, dst);
     };
     gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
