@@ -4,7 +4,8 @@
 //   grad weight  dW[co, (tap,c)] = sum over r of dY[r, co] * im2col[r, (tap, c)]
 // with r the flat (sample, output position) index. The im2col columns are ordered (tap, c),
 // channel fastest, so each tap contributes a contiguous run of the input's channels and every
-// row of the output is written in place, with no layout conversion.
+// row of the output is written in place, with no layout conversion. Stride-1 convolutions read
+// A in place on the shifted-window grid instead of packing it (conv_forward_nhwc_shifted).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -22,7 +23,6 @@ namespace {
 
 // Where channels-last im2col row r (output position (n, od, oh, ow)) reads tap (kd, kh, kw):
 // the offset of channel 0 of that input pixel, or -1 in the padding.
-template <typename T>
 int64_t tap_source(const ConvGeometry& g, int64_t r, int64_t tap) {
   const int64_t ow = r % g.out[2], oh = r / g.out[2] % g.out[1];
   const int64_t od = r / g.out[2] / g.out[1] % g.out[0], n = r / g.out_plane();
@@ -48,7 +48,7 @@ void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, in
   for (int64_t j = 0; j < kc;) {
     const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
     for (int64_t i = 0; i < mr; ++i) {
-      const int64_t offset = i < rows ? tap_source<T>(g, r0 + i, tap) : -1;
+      const int64_t offset = i < rows ? tap_source(g, r0 + i, tap) : -1;
       src[i] = offset < 0 ? zeros : x + offset + group * cg + c;
     }
     for (int64_t q = 0; q < run; ++q)
@@ -65,7 +65,7 @@ void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int6
   const int64_t cg = g.in_channels_per_group();
   for (int64_t j = 0; j < kc;) {
     const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
-    const int64_t offset = tap_source<T>(g, r, tap);
+    const int64_t offset = tap_source(g, r, tap);
     if (offset < 0)
       std::fill(dst + j, dst + j + run, T(0));
     else
