@@ -27,10 +27,12 @@ def main(argv=None):
     with torch.no_grad():
         ours, theirs = conv(x), reference(x)
     flops = 2 * ours.numel() * 64 * 9
-    print(f"cnnops {cnnops.__version__} on {args.device}: conv 3x3, 64 channels, {args.batch}x64x56x56")
+    print(f"cnnops {cnnops.__version__} on {args.device} ({torch.get_num_threads()} threads): "
+          f"conv 3x3, 64 channels, {args.batch}x64x56x56")
     print(f"largest difference from torch.nn.Conv2d: {(ours - theirs).abs().max().item():.2e}")
     for name, module in (("torch ", reference), ("cnnops", conv)):
-        timer = benchmark.Timer("with torch.no_grad(): m(x)", globals={"m": module, "x": x, "torch": torch})
+        timer = benchmark.Timer("with torch.no_grad(): m(x)", globals={"m": module, "x": x, "torch": torch},
+                                num_threads=torch.get_num_threads())  # Timer's default is one thread
         t = timer.blocked_autorange(min_run_time=1.0).median
         print(f"{name}  {t * 1e3:7.2f} ms  {flops / t / 1e9:6.1f} GFLOP/s")
 
