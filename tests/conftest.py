@@ -314,3 +314,19 @@ def conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype, layou
     w = make_tensor((cout, cin // groups) + tuple(kernel), dtype, weight_layout, device)
     b = make_tensor((cout,), dtype, "sliced" if weight_layout == "sliced" else "contiguous", device) if bias else None
     return x, w, b
+
+
+def assert_compiled_matches_eager(f, inputs, backend):
+    """torch.compile(f, fullgraph=True) gives eager f's output and the gradient of every input
+    (for one random grad_output). Returns the compiled output."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    eager_leaves = [t.clone().requires_grad_() for t in inputs]
+    compiled_leaves = [t.clone().requires_grad_() for t in inputs]
+    eager_out, compiled_out = f(*eager_leaves), compiled(*compiled_leaves)
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    grad_output = torch.randn_like(eager_out)
+    for got, expected in zip(torch.autograd.grad(compiled_out, compiled_leaves, grad_output),
+                             torch.autograd.grad(eager_out, eager_leaves, grad_output)):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    return compiled_out.detach()

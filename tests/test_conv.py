@@ -18,6 +18,7 @@ from conftest import (
     CHANNELS_LAST,
     CPU_DTYPES,
     assert_close_to_torch,
+    assert_compiled_matches_eager,
     check_conv_against_torch,
     conv_fn,
     conv_tensors,
@@ -462,7 +463,6 @@ def test_fake_matches_real_metadata(name):
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compile_fullgraph(backend):
-    torch._dynamo.reset()
     x, w, b = conv_tensors(2, 2, 3, 4, (8, 7), 3, 1, True, torch.float32)
     w2 = make_tensor((5, 4, 2, 2), torch.float32)
 
@@ -470,39 +470,21 @@ def test_compile_fullgraph(backend):
         y = torch.relu(cnnops.functional.conv2d(x, w, b, stride=1, padding=1))
         return cnnops.functional.conv2d(y, w2, None, padding="same", dilation=2)
 
-    compiled = torch.compile(f, backend=backend, fullgraph=True)
-    results = []
-    for fn in (f, compiled):
-        leaves = [t.clone().requires_grad_() for t in (x, w, b, w2)]
-        out = fn(*leaves)
-        grads = torch.autograd.grad(out, leaves, torch.ones_like(out) * 0.5 + out.detach() * 0)
-        results.append((out.detach(), grads))
-    (eo, eg), (co, cg) = results
-    torch.testing.assert_close(co, eo, atol=1e-5, rtol=1e-5)
-    for a, e in zip(cg, eg):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+    compiled_out = assert_compiled_matches_eager(f, (x, w, b, w2), backend)
     # and the eager cnnops result is right (vs torch)
     ref = F.conv2d(torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1)), w2.double(), None,
                    padding="same", dilation=2)
-    assert_close_to_torch(co, ref, torch.float32, 27 * 16)
+    assert_close_to_torch(compiled_out, ref, torch.float32, 27 * 16)
 
 
 @pytest.mark.slow
 def test_compile_inductor():
-    torch._dynamo.reset()
     x, w, b = conv_tensors(2, 2, 3, 4, (8, 7), 3, 1, True, torch.float32)
 
     def f(x, w, b):
         return torch.relu(cnnops.functional.conv2d(x, w, b, padding=1)) * 2.0
 
-    compiled = torch.compile(f, backend="inductor", fullgraph=True)
-    leaves_e = [t.clone().requires_grad_() for t in (x, w, b)]
-    leaves_c = [t.clone().requires_grad_() for t in (x, w, b)]
-    oe, oc = f(*leaves_e), compiled(*leaves_c)
-    torch.testing.assert_close(oc, oe, atol=1e-5, rtol=1e-5)
-    go = torch.randn_like(oe)
-    for a, e in zip(torch.autograd.grad(oc, leaves_c, go), torch.autograd.grad(oe, leaves_e, go)):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+    assert_compiled_matches_eager(f, (x, w, b), "inductor")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from conftest import (
     CHANNELS_LAST,
     CUDA_DTYPES,
     assert_close_to_torch,
+    assert_compiled_matches_eager,
     check_conv_against_torch,
     conv_fn,
     conv_tensors,
@@ -226,20 +227,12 @@ def test_cuda_opcheck(mask):
 
 
 def test_cuda_compile_aot_eager():
-    torch._dynamo.reset()
     x, w, b = conv_tensors(2, 2, 3, 4, (8, 7), 3, 1, True, torch.float32, device=DEVICE)
 
     def f(x, w, b):
         return torch.relu(cnnops.functional.conv2d(x, w, b, padding=1))
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    le = [t.clone().requires_grad_() for t in (x, w, b)]
-    lc = [t.clone().requires_grad_() for t in (x, w, b)]
-    oe, oc = f(*le), compiled(*lc)
-    torch.testing.assert_close(oc, oe, atol=1e-5, rtol=1e-5)
-    go = torch.randn_like(oe)
-    for a, e in zip(torch.autograd.grad(oc, lc, go), torch.autograd.grad(oe, le, go)):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+    assert_compiled_matches_eager(f, (x, w, b), "aot_eager")
 
 
 @pytest.mark.slow

@@ -76,6 +76,38 @@ struct GemmBlock {
   }
 };
 
+// The global-memory half shared by both GEMM kernels: thread tid stages A_LOADS elements of the
+// block's A tile (rows a_m + i*A_STEP, reduction a_k: a warp reads along k, contiguous in W and
+// dY) and B_LOADS of its B tile (reduction b_k + i*B_STEP, one column b_n per thread, decomposed
+// once) in registers, fetching the next K-slice while the current one is multiplied.
+template <ConvGemm kind, typename scalar_t, typename out_t, typename index_t, int BM, int BN,
+          int BK, int THREADS>
+struct TileStager {
+  static constexpr int A_LOADS = BM * BK / THREADS, B_LOADS = BK * BN / THREADS;
+  static constexpr int A_STEP = THREADS / BK, B_STEP = THREADS / BN;
+  int a_k, a_m, b_n, b_k;
+  int64_t m0;
+  bool column_ok;
+  ColumnIndex<index_t> column;
+
+  __device__ __forceinline__ TileStager(const GemmArgs<scalar_t, out_t>& args, int tid, int64_t block_m0,
+                                        int64_t n0)
+      : a_k(tid % BK), a_m(tid / BK), b_n(tid % BN), b_k(tid / BN), m0(block_m0),
+        column_ok(n0 + b_n < args.n),
+        column(column_index<kind, index_t>(args.g, column_ok ? n0 + b_n : 0)) {}
+
+  // a and b are the calling kernel's register arrays (kept out of this struct, which would
+  // otherwise be spilled to local memory).
+  __device__ __forceinline__ void fetch(const GemmBlock<kind, scalar_t, out_t, index_t>& blk,
+                                        const ReductionIndex<index_t>* slice, scalar_t (&a)[A_LOADS],
+                                        scalar_t (&b)[B_LOADS]) const {
+#pragma unroll
+    for (int i = 0; i < A_LOADS; ++i) a[i] = blk.load_a(m0 + a_m + i * A_STEP, slice[a_k]);
+#pragma unroll
+    for (int i = 0; i < B_LOADS; ++i) b[i] = blk.load_b(column_ok, slice[b_k + i * B_STEP], column);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // CUDA-core path: 64x64 block tile, 16-deep K-slice, 4x4 register micro-tile per thread.
 // ---------------------------------------------------------------------------------------------
@@ -91,8 +123,6 @@ __global__ void __launch_bounds__(kFmaThreads)
   using acc_t = at::acc_type<scalar_t, true>;
   constexpr int BM = kFmaBM, BN = kFmaBN, BK = kFmaBK, THREADS = kFmaThreads;
   constexpr int TM = 4, TN = 4;                    // micro-tile: rows ty + 16i, cols tx + 16j
-  constexpr int A_LOADS = BM * BK / THREADS;       // 4
-  constexpr int B_LOADS = BK * BN / THREADS;       // 4
   // A is stored k-major so a thread's rows are one broadcast read per k; +2 pads the stores.
   __shared__ acc_t As[BK][BM + 2];
   __shared__ acc_t Bs[BK][BN];
@@ -102,24 +132,8 @@ __global__ void __launch_bounds__(kFmaThreads)
   const int tid = threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
-
-  // Loader mapping: A(m0 + a_m + i*THREADS/BK, k a_k) reads along k (contiguous in W and dY);
-  // B(k b_k + i*THREADS/BN, n0 + b_n) keeps one column per thread, decomposed once.
-  const int a_k = tid % BK, a_m = tid / BK;
-  const int b_n = tid % BN, b_k = tid / BN;
-  const bool column_ok = n0 + b_n < args.n;
-  const ColumnIndex<index_t> column =
-      column_index<kind, index_t>(args.g, column_ok ? n0 + b_n : 0);
-
-  scalar_t a_reg[A_LOADS], b_reg[B_LOADS];
-  auto fetch = [&](int buf) {
-#pragma unroll
-    for (int i = 0; i < A_LOADS; ++i)
-      a_reg[i] = blk.load_a(m0 + a_m + i * (THREADS / BK), slice[buf][a_k]);
-#pragma unroll
-    for (int i = 0; i < B_LOADS; ++i)
-      b_reg[i] = blk.load_b(column_ok, slice[buf][b_k + i * (THREADS / BN)], column);
-  };
+  const TileStager<kind, scalar_t, out_t, index_t, BM, BN, BK, THREADS> stage(args, tid, m0, n0);
+  scalar_t a_reg[stage.A_LOADS], b_reg[stage.B_LOADS];
 
   const int tx = tid % 16, ty = tid / 16;
   acc_t acc[TM][TN];
@@ -131,18 +145,18 @@ __global__ void __launch_bounds__(kFmaThreads)
   const int64_t tiles = blk.tiles(BK);
   if (tid < BK) slice[0][tid] = blk.reduction(blk.r_begin + tid);
   __syncthreads();
-  if (tiles > 0) fetch(0);
+  if (tiles > 0) stage.fetch(blk, slice[0], a_reg, b_reg);
   for (int64_t t = 0; t < tiles; ++t) {
     const int next = (t + 1) & 1;
 #pragma unroll
-    for (int i = 0; i < A_LOADS; ++i)
-      As[a_k][a_m + i * (THREADS / BK)] = static_cast<acc_t>(a_reg[i]);
+    for (int i = 0; i < stage.A_LOADS; ++i)
+      As[stage.a_k][stage.a_m + i * stage.A_STEP] = static_cast<acc_t>(a_reg[i]);
 #pragma unroll
-    for (int i = 0; i < B_LOADS; ++i)
-      Bs[b_k + i * (THREADS / BN)][b_n] = static_cast<acc_t>(b_reg[i]);
+    for (int i = 0; i < stage.B_LOADS; ++i)
+      Bs[stage.b_k + i * stage.B_STEP][stage.b_n] = static_cast<acc_t>(b_reg[i]);
     if (tid < BK) slice[next][tid] = blk.reduction(blk.r_begin + (t + 1) * BK + tid);
     __syncthreads();
-    if (t + 1 < tiles) fetch(next);
+    if (t + 1 < tiles) stage.fetch(blk, slice[next], a_reg, b_reg);
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       acc_t av[TM], bv[TN];

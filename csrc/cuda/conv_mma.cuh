@@ -51,8 +51,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   using Traits = MmaTraits<scalar_t>;
   using smem_t = typename Traits::smem_t;
   constexpr int BM = kMmaBM, BN = kMmaBN, BK = kMmaBK, THREADS = kMmaThreads, WK = Traits::K;
-  constexpr int A_LOADS = BM * BK / THREADS;  // 8
-  constexpr int B_LOADS = BK * BN / THREADS;  // 8
   constexpr int FM = BM / kMmaWarpsM / 16, FN = BN / kMmaWarpsN / 16;  // fragments per warp: 1x2
   // Pads shift banks between rows; WMMA needs ldm a multiple of 16 bytes and fragment origins
   // 32-byte aligned, which every origin below (rows and columns multiples of 8 or 16) is.
@@ -68,21 +66,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
 
-  const int a_k = tid % BK, a_m = tid / BK;  // A(a_m + 8i, a_k): a warp reads 32 consecutive k
-  const int b_n = tid % BN, b_k = tid / BN;  // B(b_k + 4i, b_n): one column per thread
-  const bool column_ok = n0 + b_n < args.n;
-  const ColumnIndex<index_t> column =
-      column_index<kind, index_t>(args.g, column_ok ? n0 + b_n : 0);
-
-  scalar_t a_reg[A_LOADS], b_reg[B_LOADS];
-  auto fetch = [&](int buf) {
-#pragma unroll
-    for (int i = 0; i < A_LOADS; ++i)
-      a_reg[i] = blk.load_a(m0 + a_m + i * (THREADS / BK), slice[buf][a_k]);
-#pragma unroll
-    for (int i = 0; i < B_LOADS; ++i)
-      b_reg[i] = blk.load_b(column_ok, slice[buf][b_k + i * (THREADS / BN)], column);
-  };
+  const TileStager<kind, scalar_t, out_t, index_t, BM, BN, BK, THREADS> stage(args, tid, m0, n0);
+  scalar_t a_reg[stage.A_LOADS], b_reg[stage.B_LOADS];
 
   const int warp = tid / 32;
   const int warp_m = (warp / kMmaWarpsN) * FM * 16, warp_n = (warp % kMmaWarpsN) * FN * 16;
@@ -95,18 +80,18 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int64_t tiles = blk.tiles(BK);
   if (tid < BK) slice[0][tid] = blk.reduction(blk.r_begin + tid);
   __syncthreads();
-  if (tiles > 0) fetch(0);
+  if (tiles > 0) stage.fetch(blk, slice[0], a_reg, b_reg);
   for (int64_t t = 0; t < tiles; ++t) {
     const int next = (t + 1) & 1;
 #pragma unroll
-    for (int i = 0; i < A_LOADS; ++i)
-      As[a_m + i * (THREADS / BK)][a_k] = static_cast<smem_t>(a_reg[i]);
+    for (int i = 0; i < stage.A_LOADS; ++i)
+      As[stage.a_m + i * stage.A_STEP][stage.a_k] = static_cast<smem_t>(a_reg[i]);
 #pragma unroll
-    for (int i = 0; i < B_LOADS; ++i)
-      Bs[b_k + i * (THREADS / BN)][b_n] = static_cast<smem_t>(b_reg[i]);
+    for (int i = 0; i < stage.B_LOADS; ++i)
+      Bs[stage.b_k + i * stage.B_STEP][stage.b_n] = static_cast<smem_t>(b_reg[i]);
     if (tid < BK) slice[next][tid] = blk.reduction(blk.r_begin + (t + 1) * BK + tid);
     __syncthreads();
-    if (t + 1 < tiles) fetch(next);
+    if (t + 1 < tiles) stage.fetch(blk, slice[next], a_reg, b_reg);
 #pragma unroll
     for (int k = 0; k < BK; k += WK) {
       wmma::fragment<wmma::matrix_a, 16, 16, WK, typename Traits::frag_t, wmma::row_major> fa[FM];
@@ -141,11 +126,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       wmma::store_matrix_sync(&Cs[warp_m + 16 * i][warp_n + 16 * j], acc[i][j], LDC,
                               wmma::mem_row_major);
   __syncthreads();
-  if (!column_ok) return;
+  if (!stage.column_ok) return;  // each thread writes its staged column
 #pragma unroll 4
   for (int i = 0; i < BM * BN / THREADS; ++i) {
-    const int row = b_k + i * (THREADS / BN);
-    if (m0 + row < args.m) blk.store(m0 + row, column, Cs[row][b_n]);
+    const int row = stage.b_k + i * stage.B_STEP;
+    if (m0 + row < args.m) blk.store(m0 + row, stage.column, Cs[row][stage.b_n]);
   }
 #endif
 }
