@@ -76,6 +76,22 @@ inline std::vector<int64_t> conv_output_shape(const ConvGeometry& g, int64_t dim
   return shape;
 }
 
+// The memory format of 4-d and 5-d tensors whose channels are innermost.
+inline at::MemoryFormat channels_last_format(int64_t dim) {
+  return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// Output layout, as torch's: channels_last when the input or the weight suggests it (4-d and
+// 5-d only). grad_input passes the input twice. Shared by the CPU and CUDA ops and mirrored by
+// the fake kernels in cnnops/_ops.py.
+inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  if (input.dim() < 4) return at::MemoryFormat::Contiguous;
+  const auto channels_last = channels_last_format(input.dim());
+  if (input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last)
+    return channels_last;
+  return at::MemoryFormat::Contiguous;
+}
+
 // grad_output must have exactly the forward output's shape.
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
                               const ConvGeometry& g, int64_t dims) {

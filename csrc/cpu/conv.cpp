@@ -300,20 +300,12 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 
 // Channels-last inputs run the NHWC kernels (depthwise ones are converted: no NHWC kernel yet).
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
-  const auto channels_last = input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const auto channels_last = channels_last_format(input.dim());
   if (input.dim() >= 4 && !g.is_depthwise() && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
 
 }  // namespace
-
-at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
-  const auto channels_last = input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-  if (input.dim() < 4) return at::MemoryFormat::Contiguous;
-  if (input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last)
-    return channels_last;
-  return at::MemoryFormat::Contiguous;
-}
 
 void check_cpu_dtype(const at::Tensor& input) {
   const auto t = input.scalar_type();

@@ -118,16 +118,9 @@ bool depthwise_fits(const ConvGeometry& g, size_t acc_size) {
          mult * g.kernel_volume() * static_cast<int64_t>(acc_size) <= kDepthwiseMaxSmem;
 }
 
-// The CPU op's rule (csrc/cpu/conv.cpp conv_output_memory_format): channels_last when the
-// input or the weight suggests it (4-d and 5-d only); grad_input passes the input twice.
 at::Tensor in_conv_output_format(const at::Tensor& result, const at::Tensor& input,
                                  const at::Tensor& weight) {
-  if (input.dim() < 4) return result;
-  const auto channels_last =
-      input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-  if (input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last)
-    return result.contiguous(channels_last);
-  return result;
+  return result.contiguous(conv_output_memory_format(input, weight));
 }
 
 }  // namespace
