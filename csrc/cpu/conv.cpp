@@ -168,6 +168,9 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
 // padding beyond the dilated kernel).
 template <typename T>
 bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc) {
+  // A depthwise multiplier > 1 would make the transposed problem a GEMM with one row per group;
+  // the direct depthwise kernel serves it better.
+  if (g.is_depthwise() && g.out_channels != g.in_channels) return false;
   ConvGeometry t = g;  // the transposed problem: dY in, dX out
   std::swap(t.in_channels, t.out_channels);
   for (int i = 0; i < 3; ++i) {
@@ -353,9 +356,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     if (output_mask[0]) {
       dx = at::empty(x.sizes(), x.options().memory_format(layout)).zero_();  // at::zeros ignores the format
       if (dx.numel() > 0 && dy.numel() > 0) {
-        if (g.is_depthwise()) {
+        const bool as_forward = conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+        if (!as_forward && g.is_depthwise()) {
           conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
-        } else if (!conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc)) {
+        } else if (!as_forward) {
           // Strided: col2im, which runs on NCHW only.
           const auto dy_nchw = dy.contiguous();
           auto dx_nchw = at::zeros(x.sizes(), x.options());

@@ -139,26 +139,11 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
 }
 
 // dx[ci] = sum over ci's output channels co and taps of w[co, tap] * dy[co], added back where the
-// forward read it (the backprop of each read). For stride 1 and multiplier 1 this is itself a
-// depthwise convolution: dy, padded by d(k-1) - p, correlated with the kernel rotated 180 degrees.
+// forward read it (the backprop of each read). Used for strides > 1 and multipliers > 1: otherwise
+// conv.cpp runs grad input as a depthwise forward convolution with the rotated kernel.
 template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
-  ConvGeometry t = g;  // the transposed problem: dy in, dx out
-  bool as_forward = multiplier == 1;
-  for (int i = 0; i < 3; ++i) {
-    t.in[i] = g.out[i];
-    t.out[i] = g.in[i];
-    t.pad[i] = g.dilation[i] * (g.kernel[i] - 1) - g.pad[i];
-    as_forward = as_forward && g.stride[i] == 1 && t.pad[i] >= 0;
-  }
-  if (as_forward) {
-    std::vector<T> rotated(g.out_channels * taps);
-    for (int64_t c = 0; c < g.out_channels; ++c)
-      for (int64_t r = 0; r < taps; ++r) rotated[c * taps + taps - 1 - r] = w[c * taps + r];
-    conv_depthwise_forward(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx);
-    return;
-  }
   const int64_t ow_end = g.out[2], sw = g.stride[2], dw = g.dilation[2];
   at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
     PaddedPlane<T> padded(g);  // accumulates dx with its border, which is then dropped
