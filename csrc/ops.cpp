@@ -20,4 +20,49 @@ TORCH_LIBRARY(cnnops, m) {
   // come back as empty tensors.
   m.def("conv_backward(Tensor grad_output, Tensor input, Tensor weight, int[] stride, "
         "int[] padding, int[] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Pooling, 1d/2d/3d (len(kernel_size) picks the dims; input is N x C x *spatial, the Python
+  // layer adds and removes the batch dim of unbatched input). Indices are int64, flat within
+  // each (n, c) plane as torch's: ((d * H) + h) * W + w.
+  m.def("max_pool_forward(Tensor input, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool_backward(Tensor grad_output, Tensor input, Tensor indices, int[] kernel_size, "
+        "int[] stride, int[] padding, int[] dilation, bool ceil_mode) -> Tensor");
+  // divisor_override: 0 means none (torch rejects 0 in Python before it gets here).
+  m.def("avg_pool_forward(Tensor input, int[] kernel_size, int[] stride, int[] padding, "
+        "bool ceil_mode, bool count_include_pad, int divisor_override) -> Tensor");
+  m.def("avg_pool_backward(Tensor grad_output, Tensor input, int[] kernel_size, int[] stride, "
+        "int[] padding, bool ceil_mode, bool count_include_pad, int divisor_override) -> Tensor");
+  // Adaptive pools: output_size is the spatial output (every entry resolved, no None).
+  m.def("adaptive_avg_pool_forward(Tensor input, int[] output_size) -> Tensor");
+  m.def("adaptive_avg_pool_backward(Tensor grad_output, Tensor input) -> Tensor");
+  m.def("adaptive_max_pool_forward(Tensor input, int[] output_size) -> (Tensor, Tensor)");
+  m.def("adaptive_max_pool_backward(Tensor grad_output, Tensor input, Tensor indices) -> Tensor");
+  // Max unpool: output_size is the spatial output size (already resolved by the Python layer).
+  m.def("max_unpool_forward(Tensor input, Tensor indices, int[] output_size) -> Tensor");
+  m.def("max_unpool_backward(Tensor grad_output, Tensor input, Tensor indices) -> Tensor");
+
+  // Normalization. Every forward returns (output, mean, invstd) of the statistics it normalized
+  // with; every backward takes them back, with an output_mask for (input, weight, bias).
+  // Batch norm over N x C x *: per-channel statistics. training=True normalizes with the batch
+  // statistics and, when running stats are given, updates them in place
+  // (running = (1 - momentum) * running + momentum * batch, with the unbiased variance).
+  // training=False normalizes with the running statistics, which must then be given.
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // training=False: mean/invstd are constants (the running statistics), so grad_input is a
+  // per-channel scale.
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+        "Tensor invstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Layer norm over the trailing normalized_shape; mean/invstd have the leading shape.
+  m.def("layer_norm_forward(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad_output, Tensor input, int[] normalized_shape, Tensor mean, "
+        "Tensor invstd, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Group norm over N x C x *: statistics per (n, group), affine per channel; mean/invstd are
+  // N x num_groups. Instance norm is group norm with num_groups = C.
+  m.def("group_norm_forward(Tensor input, Tensor? weight, Tensor? bias, int num_groups, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("group_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+        "Tensor? weight, int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

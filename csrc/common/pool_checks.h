@@ -1,0 +1,117 @@
+#pragma once
+// Host-side argument checks for the pooling ops, shared by the CPU and CUDA kernels. Messages
+// follow torch's own wording, so users see the errors they know.
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include "pool_shape.h"
+
+namespace cnnops {
+
+inline void check_pool_param(const char* op, const char* name, c10::IntArrayRef value,
+                             int64_t dims) {
+  TORCH_CHECK(static_cast<int64_t>(value.size()) == dims, op, ": expected ", name, " to have ",
+              dims, " values (one per spatial dim), but got ", name, "=", value);
+}
+
+// input must be N x C x *spatial with `dims` spatial dims; only the batch may be empty.
+inline void check_pool_input(const char* op, const at::Tensor& input, int64_t dims) {
+  TORCH_CHECK(input.dim() == dims + 2, op, ": expected a ", dims + 2, "D (batched) input, but got input of size ", input.sizes());
+  for (int64_t i = 1; i < input.dim(); ++i)
+    TORCH_CHECK(input.size(i) > 0, op, ": Expected ", dims + 2, "D (batch mode) tensor with optional 0 dim batch size for input, but got:", input.sizes());
+}
+
+// Validates a max or average pool (dilation all 1 for average) and returns its geometry with
+// 1d/2d lifted to 3d.
+inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
+                                       c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                       c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                       bool ceil_mode) {
+  const int64_t dims = static_cast<int64_t>(kernel_size.size());
+  TORCH_CHECK(dims >= 1 && dims <= 3, op, ": expected kernel_size to have 1, 2 or 3 values, but got kernel_size=", kernel_size);
+  check_pool_param(op, "stride", stride, dims);
+  check_pool_param(op, "padding", padding, dims);
+  check_pool_param(op, "dilation", dilation, dims);
+  check_pool_input(op, input, dims);
+  for (int64_t i = 0; i < dims; ++i) {
+    TORCH_CHECK(kernel_size[i] > 0, op, ": kernel_size should be greater than zero, but got kernel_size=", kernel_size);
+    TORCH_CHECK(stride[i] > 0, op, ": stride should be greater than zero, but got stride=", stride);
+    TORCH_CHECK(dilation[i] > 0, op, ": dilation should be greater than zero, but got dilation=", dilation);
+    TORCH_CHECK(padding[i] >= 0, op, ": pad must be non-negative, but got padding=", padding);
+    const int64_t effective_kernel = (kernel_size[i] - 1) * dilation[i] + 1;
+    TORCH_CHECK(padding[i] <= effective_kernel / 2, op, ": pad should be at most half of effective kernel size, but got pad=", padding[i], ", kernel_size=", kernel_size[i], " and dilation=", dilation[i]);
+  }
+  PoolGeometry g;
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  const int64_t lift = 3 - dims;
+  bool empty = false;
+  for (int64_t i = 0; i < 3; ++i) {
+    const bool real = i >= lift;
+    const int64_t j = i - lift;
+    g.in[i] = real ? input.size(2 + j) : 1;
+    g.kernel[i] = real ? kernel_size[j] : 1;
+    g.stride[i] = real ? stride[j] : 1;
+    g.pad[i] = real ? padding[j] : 0;
+    g.dilation[i] = real ? dilation[j] : 1;
+    g.out[i] = pool_output_size(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i], ceil_mode);
+    empty = empty || g.out[i] < 1;
+  }
+  TORCH_CHECK(!empty, op, ": Given input size: ", input.sizes().slice(1), ". Calculated output size: (", g.out[0], ", ", g.out[1], ", ", g.out[2], ") in (D, H, W). Output size is too small");
+  return g;
+}
+
+// Adaptive pools: any output size >= 0; every input size except the batch must be positive
+// (channels may be 0 as in torch).
+inline PoolGeometry make_adaptive_pool_geometry(const char* op, const at::Tensor& input,
+                                                c10::IntArrayRef output_size) {
+  const int64_t dims = static_cast<int64_t>(output_size.size());
+  TORCH_CHECK(dims >= 1 && dims <= 3, op, ": expected output_size to have 1, 2 or 3 values, but got output_size=", output_size);
+  TORCH_CHECK(input.dim() == dims + 2, op, ": expected a ", dims + 2, "D (batched) input, but got input of size ", input.sizes());
+  for (int64_t i = 2; i < input.dim(); ++i)
+    TORCH_CHECK(input.size(i) > 0, op, ": expected input to have non-zero size for non-batch dimensions, but input has sizes ", input.sizes(), " with dimension ", i, " being empty");
+  PoolGeometry g;
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  const int64_t lift = 3 - dims;
+  for (int64_t i = 0; i < 3; ++i) {
+    const bool real = i >= lift;
+    const int64_t j = i - lift;
+    TORCH_CHECK(!real || output_size[j] >= 0, op, ": output_size must be non-negative, but got output_size=", output_size);
+    g.in[i] = real ? input.size(2 + j) : 1;
+    g.out[i] = real ? output_size[j] : 1;
+    g.kernel[i] = g.stride[i] = g.dilation[i] = 1;  // unused: windows come from adaptive_start/end
+    g.pad[i] = 0;
+  }
+  return g;
+}
+
+inline std::vector<int64_t> pool_output_shape(const PoolGeometry& g, int64_t dims) {
+  std::vector<int64_t> shape{g.batch, g.channels};
+  for (int64_t i = 3 - dims; i < 3; ++i) shape.push_back(g.out[i]);
+  return shape;
+}
+
+// Outputs keep the input's memory format (channels_last in, channels_last out).
+inline at::MemoryFormat pool_memory_format(const at::Tensor& input) {
+  return input.suggest_memory_format();
+}
+
+// grad_output (and indices) must have the forward output's shape, device and dtype.
+inline void check_pool_grad_output(const char* op, const at::Tensor& grad_output,
+                                   const at::Tensor& input, const PoolGeometry& g, int64_t dims) {
+  const auto expected = pool_output_shape(g, dims);
+  TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef(expected), op, ": grad_output: expected size ", c10::IntArrayRef(expected), ", but got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output must be on the input's device ", input.device(), ", but is on ", grad_output.device());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output: expected dtype ", input.scalar_type(), ", but got ", grad_output.scalar_type());
+}
+
+inline void check_pool_indices(const char* op, const at::Tensor& indices,
+                               c10::IntArrayRef expected_sizes, const at::Tensor& input) {
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices: expected dtype int64, but got ", indices.scalar_type());
+  TORCH_CHECK(indices.sizes() == expected_sizes, op, ": indices: expected size ", expected_sizes, ", but got ", indices.sizes());
+  TORCH_CHECK(indices.device() == input.device(), op, ": indices must be on the input's device ", input.device(), ", but are on ", indices.device());
+}
+
+}  // namespace cnnops
