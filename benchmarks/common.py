@@ -158,3 +158,18 @@ def write_results(out_dir, name, payload, markdown):
             f.write(text)
         os.replace(tmp, path)  # a run killed mid-write leaves the previous complete file
     return json_path, md_path
+
+
+def copy_bandwidth(device, nbytes=256 * 2**20, min_run_time=0.5):
+    """The machine's copy bandwidth in GB/s: bytes read plus bytes written by dst.copy_(src) on
+    a buffer far larger than the caches. Memory-bound kernels (pooling, normalization) quote
+    their GB/s beside it."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), min_run_time)
+    return 2 * nbytes / seconds / 1e9
+
+
+def gbps(nbytes, seconds):
+    """GB/s for a kernel that must move nbytes (each input read once, each output written once)."""
+    return nbytes / seconds / 1e9 if seconds else None
