@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU check for a fresh CUDA machine (no network): build for the local arch, run the CUDA tests,
-# benchmark against cuDNN, summarize. Usage: bash scripts/gpu_check.sh OUT_DIR
+# benchmark convolution, pooling and normalization against torch's CUDA kernels (cuDNN and
+# ATen), summarize. Usage: bash scripts/gpu_check.sh OUT_DIR
 #
 # Every step is logged under OUT_DIR, runs under `timeout`, and never stops the steps after it.
 # The whole run stays within GPU_CHECK_SECONDS (default 470 s): each step gets its own cap or
-# what is left, whichever is less. At most 7 files are written (the device tool returns 8):
-#   env.log build.log tests_cuda.log bench_cuda.log summary.txt <gpu>.json <gpu>.md
+# what is left, whichever is less. Six files are written (the device tool returns at most 8):
+#   env.log build.log tests_cuda.log bench_cuda.log summary.txt, and results.tar.gz with the
+#   benchmarks' <family>_<gpu>.json/.md (summary.txt repeats their tables).
 set -o pipefail
 set -u
 
@@ -89,11 +91,17 @@ else
     --maxfail=5 -rfE --durations=10 -k cuda
 fi
 
-# (4) benchmark against cuDNN (bench_conv sets cudnn.benchmark=True; results written per case,
-# so a timeout keeps what was measured).
+# (4) benchmarks, each family against torch on the same tensors (results are written per case,
+# so a timeout keeps what was measured). Convolution first: it has the most to prove.
+RESULTS="$OUT/results"
+mkdir -p "$RESULTS"
 # shellcheck disable=SC2086
-run_step bench "$OUT/bench_cuda.log" 240 "$PYTHON" -m benchmarks.bench_conv --device cuda \
-  --dtype float32 float16 bfloat16 --out "$OUT" ${BENCH_ARGS:---min-run-time 0.1}
+run_step bench_conv "$OUT/bench_cuda.log" 120 "$PYTHON" -m benchmarks.bench_conv --device cuda \
+  --dtype float32 float16 bfloat16 --out "$RESULTS" ${BENCH_ARGS:---min-run-time 0.1}
+run_step bench_pool "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_pool --device cuda \
+  --dtype float32 float16 bfloat16 --quick --out "$RESULTS"
+run_step bench_norm "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_norm --device cuda \
+  --dtype float32 float16 bfloat16 --quick --out "$RESULTS"
 
 # (3b) CPU smoke, after the benchmark so that it only uses time left over (at most 60 s).
 run_step tests_cpu "$OUT/tests_cuda.log" 60 "$PYTHON" -m pytest tests -q -p no:cacheprovider \
@@ -117,7 +125,7 @@ rm -f "$OUT"/*.tmp
   echo "bench:"
   timeout 30 "$PYTHON" - "$OUT" <<'EOF' || echo "  no bench results"
 import glob, json, sys
-files = glob.glob(sys.argv[1] + "/*.json")
+files = sorted(glob.glob(sys.argv[1] + "/results/*.json"))
 for path in files:
     data = json.load(open(path))
     print(f"  {path.rsplit('/', 1)[-1]}: {len(data['rows'])} rows")
@@ -125,5 +133,7 @@ for path in files:
         print("  " + line)
 sys.exit(0 if files else 1)
 EOF
+  for md in "$RESULTS"/*.md; do [ -f "$md" ] && { echo; cat "$md"; }; done
 } >"$SUMMARY" 2>&1
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results 2>/dev/null && rm -rf "$RESULTS"
 cat "$SUMMARY"
