@@ -206,7 +206,10 @@ def test_max_pool_nan_and_inf(dims, layout):
     x[0, 1].fill_(float("-inf"))
     del flat
     kw = dict(kernel_size=3, stride=2, padding=1, return_indices=True)
-    ref, ref_idx = fn(F, "max_pool", dims)(x, **kw)
+    # reference from torch's contiguous kernel: torch's channels_last_3d kernel returns index 0
+    # for an all -inf window instead of the window's first element (its contiguous kernels and
+    # 2d channels_last kernel agree on the first element), which cnnops follows.
+    ref, ref_idx = fn(F, "max_pool", dims)(x.contiguous(), **kw)
     out, idx = fn(CF, "max_pool", dims)(x, **kw)
     torch.testing.assert_close(out, ref, equal_nan=True, atol=0, rtol=0)
     assert torch.equal(idx, ref_idx)
@@ -246,7 +249,6 @@ AVG_GRID = {
     "divisor_override": dict(kernel_size=3, stride=2, padding=1, divisor_override=5),
     "divisor_override_ceil": dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, divisor_override=2,
                                   spatial=(6, 8, 6)),
-    "divisor_override_negative": dict(kernel_size=2, divisor_override=-3),
     "divisor_none_explicit": dict(kernel_size=2, divisor_override=None),
 }
 
@@ -263,6 +265,19 @@ def test_avg_pool_grid(dims, name, dtype):
     if not avg_kwargs_ok(kw, dims):
         pytest.skip("torch's avg_pool1d has no divisor_override")
     check_pool("avg_pool", dims, x, kw, dtype, reduction=window_volume(kw, dims), msg=name)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_avg_pool_negative_divisor_matches_torch_or_not_implemented(dims):
+    """torch divides by a negative divisor_override; cnnops must match it or say it cannot."""
+    x = pool_input(dims, 2, 3, 6, torch.float64)
+    expected = fn(F, "avg_pool", dims)(x, 2, divisor_override=-3)
+    try:
+        out = fn(CF, "avg_pool", dims)(x, 2, divisor_override=-3)
+    except NotImplementedError as e:
+        assert "divisor_override" in str(e)
+        return
+    assert_close_to_torch(out, expected, torch.float64, 8)
 
 
 @pytest.mark.parametrize("case", list(SHAPE_CASES))
