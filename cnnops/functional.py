@@ -435,6 +435,11 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         raise RuntimeError(f"{fname}: Expected shape of indices to be same as that of the input tensor "
                            f"({list(input.shape)}) but got indices tensor with shape: {list(indices.shape)}")
     _check_floating(input, fname)
+    if any(v == 0 for v in sizes) and indices.numel() > 0:
+        # torch returns the empty output without looking at the indices; cnnops' kernel checks
+        # every index against the output plane
+        raise NotImplementedError(f"cnnops {fname}: an empty output_size {tuple(sizes)} for non-empty indices is "
+                                  f"not supported")
     x, unbatched = _batched(input, dims)
     if unbatched:
         indices = indices.unsqueeze(0)
