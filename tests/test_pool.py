@@ -34,6 +34,18 @@ POOL_DTYPES = [d for d in CPU_DTYPES if d in (torch.float32, torch.float64, torc
 LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced"]
 
 
+def grid_cases(grid, other_dtype_names):
+    """Every grid entry in float32; the other dtypes on a representative subset (the window and
+    index logic is the same for every dtype; what differs is rounding), to keep the runtime low."""
+    cases = [(name, torch.float32) for name in grid]
+    cases += [(name, d) for name in other_dtype_names for d in POOL_DTYPES if d != torch.float32]
+    return cases
+
+
+def case_id(case):
+    return f"{case[0]}-{dtype_id(case[1])}"
+
+
 def per_dim(value, dims):
     """Tuples are written for 3 dims and cut to ``dims``; anything else passes through."""
     return value[:dims] if isinstance(value, tuple) else value
@@ -74,13 +86,15 @@ def check_memory_format(x, out, what):
 
 
 def check_pool(op, dims, x, kwargs, dtype, grad=True, extra_ref=(), extra=(), reduction=1, msg="",
-               torch_strides=False):
+               torch_strides=False, grad_layout="contiguous"):
     """cnnops.functional.<op><dims>d vs torch.nn.functional's: output (and indices exactly) and
     grad_input for a random grad_output. Returns cnnops' (output, indices)."""
     ref_dtype = REFERENCE_DTYPE[dtype]
     ref_x = x.detach().to(ref_dtype)
     ref_out, ref_idx, _ = _run(fn(F, op, dims), ref_x, kwargs, extra=extra_ref)
-    grad_out = make_tensor(ref_out.shape, dtype) if grad else None
+    if grad_layout == "channels_last" and ref_out.dim() not in CHANNELS_LAST:
+        grad_layout = "contiguous"
+    grad_out = make_tensor(ref_out.shape, dtype, grad_layout) if grad else None
     ref_out, ref_idx, ref_grad = _run(fn(F, op, dims), ref_x, kwargs,
                                       None if grad_out is None else grad_out.to(ref_dtype), extra_ref)
     out, idx, got_grad = _run(fn(CF, op, dims), x, kwargs, grad_out, extra)
@@ -153,10 +167,11 @@ def grid_input_args(name, grid, dims, dtype, layout="contiguous", n=2, c=3, unba
     return x, kw
 
 
-@pytest.mark.parametrize("dtype", POOL_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("name", list(MAX_GRID))
+@pytest.mark.parametrize("case", grid_cases(MAX_GRID, ["k3_s2_p1_stem", "dilation_stride_pad", "ceil_last_in_padding",
+                                                      "odd_sizes"]), ids=case_id)
 @pytest.mark.parametrize("dims", DIMS)
-def test_max_pool_grid(dims, name, dtype):
+def test_max_pool_grid(dims, case):
+    name, dtype = case
     x, kw = grid_input_args(name, MAX_GRID, dims, dtype)
     kw.setdefault("return_indices", True)
     check_pool("max_pool", dims, x, kw, dtype, reduction=window_volume(kw, dims), msg=name)
@@ -191,7 +206,7 @@ def test_max_pool_layouts(dims, name, layout):
     x, kw = grid_input_args(name, MAX_GRID, dims, torch.float32, layout=layout, c=4)
     # torch's max pools keep channels_last: the strides must be torch's exactly
     check_pool("max_pool", dims, x, dict(kw, return_indices=True), torch.float32, msg=layout,
-               torch_strides=layout == "channels_last")
+               torch_strides=layout == "channels_last", grad_layout=layout)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -257,10 +272,11 @@ def avg_kwargs_ok(kw, dims):
     return dims > 1 or "divisor_override" not in kw
 
 
-@pytest.mark.parametrize("dtype", POOL_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("name", list(AVG_GRID))
+@pytest.mark.parametrize("case", grid_cases(AVG_GRID, ["k3_s2_p1_no_pad_count", "ceil_partial_count_pad",
+                                                      "divisor_override_ceil", "odd_sizes"]), ids=case_id)
 @pytest.mark.parametrize("dims", DIMS)
-def test_avg_pool_grid(dims, name, dtype):
+def test_avg_pool_grid(dims, case):
+    name, dtype = case
     x, kw = grid_input_args(name, AVG_GRID, dims, dtype)
     if not avg_kwargs_ok(kw, dims):
         pytest.skip("torch's avg_pool1d has no divisor_override")
@@ -301,7 +317,7 @@ def test_avg_pool_layouts(dims, name, layout):
         pytest.skip("torch's avg_pool1d has no divisor_override")
     # torch keeps channels_last in 2d (in 3d it returns contiguous; cnnops follows DESIGN.md)
     check_pool("avg_pool", dims, x, kw, torch.float32, reduction=27, msg=layout,
-               torch_strides=layout == "channels_last" and dims == 2)
+               torch_strides=layout == "channels_last" and dims == 2, grad_layout=layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,11 +349,11 @@ def adaptive_reduction(x, size, dims):
     return prod(-(-i // max(o, 1)) + 1 for i, o in zip(x.shape[-dims:], sizes))
 
 
-@pytest.mark.parametrize("dtype", POOL_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("name", list(ADAPTIVE_GRID))
+@pytest.mark.parametrize("case", grid_cases(ADAPTIVE_GRID, ["non_divisor", "upsample", "prime_sizes"]), ids=case_id)
 @pytest.mark.parametrize("op", ["adaptive_avg_pool", "adaptive_max_pool"])
 @pytest.mark.parametrize("dims", DIMS)
-def test_adaptive_grid(dims, op, name, dtype):
+def test_adaptive_grid(dims, op, case):
+    name, dtype = case
     x, size = adaptive_args(name, dims, dtype)
     kw = dict(output_size=size)
     if op == "adaptive_max_pool":
@@ -357,7 +373,7 @@ def test_adaptive_shapes_and_layouts(dims, op, case, layout):
     if op == "adaptive_max_pool":
         kw["return_indices"] = True
     check_pool(op, dims, x, kw, torch.float32, reduction=adaptive_reduction(x, size, dims),
-               msg=f"{case} {layout}", torch_strides=layout == "channels_last" and dims == 2)
+               msg=f"{case} {layout}", torch_strides=layout == "channels_last" and dims == 2, grad_layout=layout)
 
 
 @pytest.mark.parametrize("size", [(None, 3), (4, None), (None, None)], ids=str)
@@ -450,10 +466,10 @@ def unpool_case(name, dims, dtype, layout="contiguous", n=2, c=3, unbatched=Fals
     return pooled, indices, kw
 
 
-@pytest.mark.parametrize("dtype", POOL_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("name", list(UNPOOL_GRID))
+@pytest.mark.parametrize("case", grid_cases(UNPOOL_GRID, ["k3_s2_p1", "k2_s1_overlap", "ceil_pool_plus"]), ids=case_id)
 @pytest.mark.parametrize("dims", DIMS)
-def test_max_unpool_grid(dims, name, dtype):
+def test_max_unpool_grid(dims, case):
+    name, dtype = case
     pooled, indices, kw = unpool_case(name, dims, dtype)
     check_pool("max_unpool", dims, pooled, kw, dtype, extra_ref=(indices,), extra=(indices,), msg=name)
 
@@ -466,7 +482,7 @@ def test_max_unpool_shapes_and_layouts(dims, case, layout):
         pytest.skip("no channels_last for 3-d tensors")
     pooled, indices, kw = unpool_case("k3_s2_p1", dims, torch.float32, layout=layout, **shape_case(case, c=4))
     check_pool("max_unpool", dims, pooled, kw, torch.float32, extra_ref=(indices,), extra=(indices,),
-               msg=f"{case} {layout}", torch_strides=layout == "channels_last" and dims == 2)
+               msg=f"{case} {layout}", torch_strides=layout == "channels_last" and dims == 2, grad_layout=layout)
 
 
 @pytest.mark.parametrize("dims", DIMS)
@@ -791,3 +807,33 @@ def test_batch1_equals_unbatched(dims, op):
     kw = dict(kernel_size=3, stride=2, padding=1) if op in ("max_pool", "avg_pool") else dict(output_size=3)
     f = fn(CF, op, dims)
     torch.testing.assert_close(f(x[0], **kw), f(x, **kw)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("op", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "max_unpool"])
+@pytest.mark.parametrize("dims", DIMS)
+def test_expanded_grad_output(dims, op):
+    """out.sum().backward() hands the backward a stride-0 (expanded) grad_output."""
+    x = pool_input(dims, 2, 3, 8 if dims < 3 else 6, torch.float64, distinct=True)
+    kw = dict(kernel_size=3, stride=2, padding=1) if op in ("max_pool", "avg_pool") else dict(output_size=3)
+    extra = ()
+    if op == "max_unpool":
+        x, indices = fn(F, "max_pool", dims)(x, 2, return_indices=True)
+        kw, extra = dict(kernel_size=2), (indices,)
+    grads = []
+    for module in (F, CF):
+        leaf = x.clone().requires_grad_()
+        fn(module, op, dims)(leaf, *extra, **kw).sum().backward()
+        grads.append(leaf.grad)
+    assert_close_to_torch(grads[1], grads[0], torch.float64, 9)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_max_unpool_non_contiguous_indices(dims):
+    """Indices in any strides (here a transposed copy) give the same unpool."""
+    x = pool_input(dims, 2, 3, 8 if dims < 3 else 6, torch.float64)
+    pooled, indices = fn(F, "max_pool", dims)(x, 2, return_indices=True)
+    perm = list(reversed(range(indices.dim())))
+    t_indices = indices.permute(*perm).contiguous().permute(*perm)
+    assert torch.equal(t_indices, indices) and not t_indices.is_contiguous()
+    check_pool("max_unpool", dims, pooled, dict(kernel_size=2), torch.float64, extra_ref=(indices,),
+               extra=(t_indices,), msg="transposed indices")
