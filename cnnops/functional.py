@@ -443,7 +443,7 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     x, unbatched = _batched(input, dims)
     if unbatched:
         indices = indices.unsqueeze(0)
-    out = MaxUnpoolFunction.apply(x, indices, [int(v) for v in sizes])
+    out = MaxUnpoolFunction.apply(x, indices, list(sizes))
     return out.squeeze(0) if unbatched else out
 
 

@@ -837,3 +837,23 @@ def test_max_unpool_non_contiguous_indices(dims):
     assert torch.equal(t_indices, indices) and not t_indices.is_contiguous()
     check_pool("max_unpool", dims, pooled, dict(kernel_size=2), torch.float64, extra_ref=(indices,),
                extra=(t_indices,), msg="transposed indices")
+
+
+def test_compile_dynamic_shapes():
+    """torch.compile(dynamic=True): right values and gradients across input sizes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_pool_net, backend="aot_eager", fullgraph=True, dynamic=True)
+    for shape in [(2, 3, 9, 8), (3, 3, 11, 10)]:
+        x = pool_input(2, shape[0], shape[1], shape[2:], torch.float32, distinct=True).requires_grad_()
+        out = compiled(x)
+        ref = _pool_net(x)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        go = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(out, x, go)[0], torch.autograd.grad(ref, x, go)[0],
+                                   atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    x = pool_input(2, 2, 3, (9, 8), torch.float32, distinct=True)
+    assert_compiled_matches_eager(lambda t: _pool_net(t) * 2.0, (x,), "inductor")
