@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cnnops
+import cnnops  # noqa: F401  (registers torch.ops.cnnops)
 import cnnops.functional as CF
 
 DIMS = [1, 2, 3]
@@ -30,11 +30,7 @@ def torch_exception(f, args, kwargs):
     return None
 
 
-def tup(v, dims):
-    return (v,) * dims
-
-
-# name -> (op, builder(dims) -> (args, kwargs), regex naming the argument, dims it applies to)
+# name -> (builder(dims) -> (args, kwargs), regex the message must match: it names the argument)
 def _with(**kw):
     def build(d):
         return (x_of(d),), {k: (v(d) if callable(v) else v) for k, v in kw.items()}
@@ -47,13 +43,6 @@ def _input(shape_fn, **kw):
     return build
 
 
-def _dtype(dtype, **kw):
-    def build(d):
-        return (x_of(d).to(dtype),), dict(kw)
-    return build
-
-
-ALL = (1, 2, 3)
 WINDOW_CASES = {
     "kernel_zero": (_with(kernel_size=0), r"kernel|stride"),
     "kernel_negative": (_with(kernel_size=-1), r"kernel"),
