@@ -7,6 +7,7 @@ passed between cnnops and torch; float64 gradcheck; opcheck on all ten ops; torc
 Expected values always come from torch (computed in REFERENCE_DTYPE on the same rounded inputs).
 """
 
+import inspect
 import random
 
 import pytest
@@ -851,3 +852,36 @@ def test_compile_dynamic_shapes():
 def test_compile_inductor():
     x = pool_input(2, 2, 3, (9, 8), torch.float32, distinct=True)
     assert_compiled_matches_eager(lambda t: _pool_net(t) * 2.0, (x,), "inductor")
+
+
+# torch.nn.functional's documented signatures (avg_pool*, adaptive_avg_pool1d are builtins
+# without an inspectable signature): parameter names, order and defaults.
+_WINDOW = ["input", "kernel_size", "stride=None", "padding=0"]
+SIGNATURES = {
+    **{f"max_pool{d}d": _WINDOW + ["dilation=1", "ceil_mode=False", "return_indices=False"] for d in DIMS},
+    "avg_pool1d": _WINDOW + ["ceil_mode=False", "count_include_pad=True"],
+    **{f"avg_pool{d}d": _WINDOW + ["ceil_mode=False", "count_include_pad=True", "divisor_override=None"]
+       for d in (2, 3)},
+    **{f"adaptive_avg_pool{d}d": ["input", "output_size"] for d in DIMS},
+    **{f"adaptive_max_pool{d}d": ["input", "output_size", "return_indices=False"] for d in DIMS},
+    **{f"max_unpool{d}d": ["input", "indices", "kernel_size", "stride=None", "padding=0", "output_size=None"]
+       for d in DIMS},
+}
+
+
+def _params(f):
+    return [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+            for p in inspect.signature(f).parameters.values()]
+
+
+@pytest.mark.parametrize("name", list(SIGNATURES))
+def test_signature_matches_torch(name):
+    assert _params(getattr(CF, name)) == SIGNATURES[name]
+    assert name in CF.__all__
+    # where torch's own function is inspectable, compare with it directly
+    ref = getattr(F, name if not name.startswith(("max_pool", "adaptive_max_pool")) else f"{name}_with_indices")
+    try:
+        expected = _params(ref)
+    except (ValueError, TypeError):
+        return
+    assert _params(getattr(CF, name)) == expected
