@@ -188,6 +188,9 @@ ADAPTIVE_CASES = [  # dims, N, C, size, output_size
     (1, 2, 2, (5,), (7,)),          # output larger than input: overlapping windows
     (2, 2, 3, (7, 9), (3, 4)),
     (2, 2, 40, (7, 7), (1, 1)),     # global average pool, C > warp
+    (2, 2, 40, (17, 19), (1, 1)),   # global, large window: the two-pass (split) kernels
+    (2, 2, 3, (32, 30), (3, 2)),    # large windows, several outputs: split
+    (3, 1, 4, (6, 8, 9), (1, 2, 1)),  # 3d split
     (2, 2, 2, (4, 6), (6, 5)),
     (3, 1, 3, (5, 6, 7), (2, 3, 4)),
     (3, 2, 2, (3, 4, 5), (4, 3, 7)),

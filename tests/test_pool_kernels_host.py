@@ -147,7 +147,9 @@ at::Tensor avg_pool_bwd(at::Tensor grad_output_, at::Tensor input, std::vector<i
   return grad_input;
 }
 
-std::vector<at::Tensor> adaptive_fwd(at::Tensor input_, std::vector<int64_t> output_size, bool is_max, bool int32) {
+// chunks > 1: the two-pass (split window) average kernels.
+std::vector<at::Tensor> adaptive_fwd(at::Tensor input_, std::vector<int64_t> output_size, bool is_max, bool int32,
+                                     int64_t chunks) {
   const PoolGeometry g = make_adaptive_pool_geometry("adaptive_pool_forward", input_, output_size);
   const auto fmt = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(fmt);
@@ -162,9 +164,19 @@ std::vector<at::Tensor> adaptive_fwd(at::Tensor input_, std::vector<int64_t> out
         launch(&adaptive_max_pool_forward_kernel<scalar_t, index_t, decltype(cl)::value>, total,
                input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>(),
                g, static_cast<index_t>(total));
-      else
+      else if (chunks == 1)
         launch(&adaptive_avg_pool_forward_kernel<scalar_t, index_t, decltype(cl)::value>, total,
                input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, static_cast<index_t>(total));
+      else {
+        using acc_t = at::acc_type<scalar_t, true>;
+        at::Tensor partial = at::full({total * chunks}, std::nan(""), input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        launch(&adaptive_avg_pool_partial_kernel<scalar_t, index_t, decltype(cl)::value>, total * chunks,
+               input.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), g,
+               static_cast<index_t>(chunks), static_cast<index_t>(total * chunks));
+        launch(&adaptive_avg_pool_finish_kernel<scalar_t, index_t, decltype(cl)::value>, total,
+               partial.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), g,
+               static_cast<index_t>(chunks), static_cast<index_t>(total));
+      }
     });
   });
   return {out, idx};
@@ -400,6 +412,7 @@ ADAPTIVE_CASES = [  # dims, N, C, size, output_size
     (1, 1, 2, (5,), (7,)),          # output larger than input: overlapping windows
     (2, 2, 3, (7, 9), (3, 4)),
     (2, 1, 2, (5, 5), (1, 1)),      # global
+    (2, 2, 3, (16, 20), (1, 1)),    # global, a window large enough for the split kernels on CUDA
     (2, 2, 2, (4, 6), (6, 5)),
     (2, 2, 2, (4, 6), (0, 3)),      # empty output: zero gradient
     (3, 1, 3, (5, 6, 7), (2, 3, 4)),
@@ -420,9 +433,10 @@ def test_adaptive_pool_kernels(emu, case, layout, dtype, int32):
     x = make_input((n, c) + size, dtype, layout)
     xr = x.detach().to(ref_dtype).requires_grad_()
     ref = getattr(F, f"adaptive_avg_pool{dims}d")(xr, osize)
-    out, _ = emu.adaptive_fwd(x, list(osize), False, int32)
-    close(out, ref.to(dtype), dtype, "avg output")
-    expect_layout(out, x, layout)
+    for chunks in (1, 3, 7):
+        out, _ = emu.adaptive_fwd(x, list(osize), False, int32, chunks)
+        close(out, ref.to(dtype), dtype, f"avg output, {chunks} chunks")
+        expect_layout(out, x, layout)
     if 0 in osize:  # torch's backward rejects an empty grad_output; no window means no gradient
         dx = emu.adaptive_bwd(torch.empty(ref.shape, dtype=dtype), x, torch.empty(0, dtype=torch.long), False, int32)
         assert torch.equal(dx, torch.zeros_like(x))
@@ -438,7 +452,7 @@ def test_adaptive_pool_kernels(emu, case, layout, dtype, int32):
             memory_order(x)[1::5] = float("nan")
         xr = x.detach().clone().requires_grad_()
         ref, ref_idx = getattr(F, f"adaptive_max_pool{dims}d")(xr, osize, return_indices=True)
-        out, idx = emu.adaptive_fwd(x, list(osize), True, int32)
+        out, idx = emu.adaptive_fwd(x, list(osize), True, int32, 1)
         torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True, msg=f"{kind}: max output")
         assert torch.equal(idx, ref_idx), f"{kind}: indices differ\n{idx}\n{ref_idx}"
         if kind == "nan":

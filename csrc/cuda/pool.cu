@@ -4,6 +4,7 @@
 // they are deterministic. Arguments are checked by the same functions as on the CPU
 // (csrc/common/pool_checks.h), and outputs keep the input's memory format: contiguous inputs get
 // the NCDHW kernels, channels_last ones the NDHWC kernels.
+#include <ATen/AccumulateType.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -102,6 +103,16 @@ void raise_if_invalid_index(const at::Tensor& flag, const at::Tensor& indices,
   std::string sizes;
   for (size_t i = 0; i < output_size.size(); ++i) sizes += (i ? "x" : "") + std::to_string(output_size[i]);
   TORCH_CHECK(false, "Found an invalid max index: ", value, " (output volumes are of size ", sizes, ")");
+}
+
+// How many threads share one adaptive-average window (1: one thread per output). Splitting pays
+// when windows are large and outputs too few to fill the GPU, as in global average pooling
+// (N*C outputs of H*W taps). Each chunk then sums at least ~32 taps.
+int64_t adaptive_avg_chunks(const PoolGeometry& g, int64_t outputs) {
+  int64_t window = 1;  // an upper bound on the taps of one window
+  for (int i = 0; i < 3; ++i) window *= std::min(g.in[i], ceil_div(g.in[i], g.out[i]) + 1);
+  if (window < 64 || outputs >= (int64_t{1} << 18)) return 1;
+  return std::min<int64_t>(window / 32, 64);
 }
 
 }  // namespace
@@ -255,15 +266,32 @@ at::Tensor adaptive_avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArra
   const int64_t total = output.numel();
   if (total == 0) return output;
 
-  const bool int32_ok = fits_int32({input.numel(), total});
+  const int64_t chunks = adaptive_avg_chunks(g, total);
+  const bool int32_ok = fits_int32({input.numel(), total * chunks});
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "adaptive_avg_pool_forward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
       using index_t = decltype(index_tag);
-      adaptive_avg_pool_forward_kernel<scalar_t, index_t, decltype(layout)::value>
+      constexpr bool channels_last = decltype(layout)::value;
+      if (chunks == 1) {
+        adaptive_avg_pool_forward_kernel<scalar_t, index_t, channels_last>
+            <<<grid_for(total), kPoolThreads, 0, stream>>>(
+                input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
+                static_cast<index_t>(total));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      at::Tensor partial = at::empty({total * chunks}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      adaptive_avg_pool_partial_kernel<scalar_t, index_t, channels_last>
+          <<<grid_for(total * chunks), kPoolThreads, 0, stream>>>(
+              input.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), g,
+              static_cast<index_t>(chunks), static_cast<index_t>(total * chunks));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      adaptive_avg_pool_finish_kernel<scalar_t, index_t, channels_last>
           <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
-              static_cast<index_t>(total));
+              partial.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), g,
+              static_cast<index_t>(chunks), static_cast<index_t>(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

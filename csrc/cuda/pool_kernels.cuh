@@ -324,6 +324,74 @@ __global__ void __launch_bounds__(kPoolThreads)
   }
 }
 
+// Large windows (global average pooling: N*C outputs of H*W taps each) leave one thread per
+// output with too little parallelism and long serial loops. They run in two passes instead:
+// `chunks` threads share each window, thread j summing taps j, j + chunks, ... (so a warp reads
+// consecutive taps in NCDHW, consecutive channels in NDHWC), then one thread per output adds
+// the chunk sums in order. The split depends only on the sizes: results are reproducible.
+//
+// Partial sums are stored in the walk order of the first pass: for output position o (memory
+// order) and chunk j, at o * chunks + j (NCDHW), or (o / C * chunks + j) * C + o % C (NDHWC).
+template <bool channels_last, typename index_t>
+__device__ __forceinline__ index_t partial_slot(index_t o, index_t j, index_t channels, index_t chunks) {
+  if (channels_last) return ((o / channels) * chunks + j) * channels + o % channels;
+  return o * chunks + j;
+}
+
+template <typename scalar_t, typename index_t, bool channels_last>
+__global__ void __launch_bounds__(kPoolThreads)
+    adaptive_avg_pool_partial_kernel(const scalar_t* __restrict__ input,
+                                     at::acc_type<scalar_t, true>* __restrict__ partial,
+                                     const PoolGeometry g, index_t chunks, index_t total) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  const PoolSizes<index_t> s(g);
+  for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
+    // i -> (output position o in memory order, chunk j), inverting partial_slot
+    index_t o, j;
+    if (channels_last) {
+      const index_t rest = i / s.channels;
+      j = rest % chunks;
+      o = (rest / chunks) * s.channels + i % s.channels;
+    } else {
+      j = i % chunks;
+      o = i / chunks;
+    }
+    const Element<index_t> e = element_at<channels_last>(o, s.channels, s.out);
+    const Plane<index_t> in = plane_at<channels_last>(e, s.channels, s.in_plane);
+    const Range<index_t> rd = adaptive_range(e.d, g.in[0], g.out[0]);
+    const Range<index_t> rh = adaptive_range(e.h, g.in[1], g.out[1]);
+    const Range<index_t> rw = adaptive_range(e.w, g.in[2], g.out[2]);
+    const index_t kh = rh.end - rh.begin, kw = rw.end - rw.begin;
+    const index_t taps = (rd.end - rd.begin) * kh * kw;
+    acc_t sum = acc_t(0);
+    for (index_t t = j; t < taps; t += chunks) {
+      const index_t w = t % kw, hd = t / kw;
+      sum += static_cast<acc_t>(input[in.at(s.in_flat(rd.begin + hd / kh, rh.begin + hd % kh, rw.begin + w))]);
+    }
+    partial[i] = sum;
+  }
+}
+
+template <typename scalar_t, typename index_t, bool channels_last>
+__global__ void __launch_bounds__(kPoolThreads)
+    adaptive_avg_pool_finish_kernel(const at::acc_type<scalar_t, true>* __restrict__ partial,
+                                    scalar_t* __restrict__ output, const PoolGeometry g,
+                                    index_t chunks, index_t total) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  const PoolSizes<index_t> s(g);
+  for (index_t o = first_element<index_t>(); o < total; o += element_step<index_t>()) {
+    const Element<index_t> e = element_at<channels_last>(o, s.channels, s.out);
+    const Range<index_t> rd = adaptive_range(e.d, g.in[0], g.out[0]);
+    const Range<index_t> rh = adaptive_range(e.h, g.in[1], g.out[1]);
+    const Range<index_t> rw = adaptive_range(e.w, g.in[2], g.out[2]);
+    acc_t sum = acc_t(0);
+    for (index_t j = 0; j < chunks; ++j) sum += partial[partial_slot<channels_last>(o, j, s.channels, chunks)];
+    output[o] = static_cast<scalar_t>(sum / static_cast<acc_t>(rd.end - rd.begin) /
+                                      static_cast<acc_t>(rh.end - rh.begin) /
+                                      static_cast<acc_t>(rw.end - rw.begin));
+  }
+}
+
 // dl/dx = sum over the adaptive windows containing x of dl/dy / window size (a gather).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
