@@ -20,7 +20,7 @@ constexpr const char* kBackward = "cnnops::layer_norm_backward";
 
 // Rows per partial dweight/dbias block: at most 64 blocks, and at most ~4M partial values.
 int64_t layer_norm_rows_per_block(int64_t rows, int64_t cols) {
-  int64_t per = (rows + 63) / 64;
+  int64_t per = std::max<int64_t>((rows + 63) / 64, 1);
   const int64_t cap = (int64_t(1) << 22) / std::max<int64_t>(cols, 1);
   if (cap > 0 && (rows + per - 1) / per > cap) per = (rows + cap - 1) / cap;
   return std::max<int64_t>(per, 1);
