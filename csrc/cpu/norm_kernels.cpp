@@ -50,16 +50,34 @@ CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __re
     for (int l = 0; l < L; ++l)
       welford_add_shared_count(mean[l], m2[l], static_cast<acc_t>(p[l]), inv_count);
   }
-  // Chan merge of the lanes in a fixed order, then the tail one value at a time.
-  Welford<acc_t> total;
-  for (int l = 0; l < L && steps > 0; ++l) {
-    Welford<acc_t> lane;
-    lane.mean = mean[l];
-    lane.m2 = m2[l];
-    lane.count = static_cast<acc_t>(steps);
-    total.merge(lane);
+  // Merge the lanes as a tree of equal-count pairs (lane l with l + half), in a fixed order.
+  acc_t count = static_cast<acc_t>(steps);
+  for (int half = L / 2; half >= 1; half /= 2) {
+    for (int l = 0; l < half; ++l)
+      welford_merge_equal_count(mean[l], m2[l], mean[l + half], m2[l + half], count);
+    count += count;
   }
-  for (int64_t i = steps * L; i < n; ++i) total.add(static_cast<acc_t>(x[i]));
+  Welford<acc_t> total;
+  if (steps > 0) {
+    total.mean = mean[0];
+    total.m2 = m2[0];
+    total.count = count;
+  }
+  // The tail (fewer than L values): its own two-pass statistics, then one Chan merge.
+  const int64_t tail = n - steps * L;
+  if (tail > 0) {
+    const scalar_t* p = x + steps * L;
+    acc_t sum = 0;
+    for (int64_t i = 0; i < tail; ++i) sum += static_cast<acc_t>(p[i]);
+    Welford<acc_t> rest;
+    rest.count = static_cast<acc_t>(tail);
+    rest.mean = sum / rest.count;
+    for (int64_t i = 0; i < tail; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - rest.mean;
+      rest.m2 += d * d;
+    }
+    total.merge(rest);
+  }
   return total;
 }
 
