@@ -115,16 +115,13 @@ Partials reduce_planes(const Op& op, int fields, int64_t outer, int64_t channels
                        const at::TensorOptions& acc_options, int64_t numel) {
   TORCH_CHECK_NOT_IMPLEMENTED(channels <= kMaxGridX, "cnnops normalization (CUDA): too many statistics (",
                               channels, ") for one grid");
-  const int64_t total = outer * inner;
-  const int64_t chunks = norm_chunk_count(channels, total, 4096);
-  const int64_t chunk_len = std::max<int64_t>(1, ceil_div(total, chunks));
+  const PlanesConfig cfg = planes_config(outer, channels, inner);
   Partials p;
-  p.chunks = std::max<int64_t>(1, ceil_div(total, chunk_len));
+  p.chunks = cfg.chunks;
   p.count = channels * p.chunks;
   p.buffer = at::empty({fields * p.count}, acc_options);
-  // Threads per block: enough to give each a few values of the chunk (layer norm rows of 64
-  // values get one warp, long reductions 256 threads).
-  const int threads = chunk_len >= 1024 ? 256 : chunk_len >= 512 ? 128 : chunk_len >= 256 ? 64 : 32;
+  const int64_t chunk_len = cfg.chunk_len;
+  const int threads = cfg.threads;
   const dim3 grid(static_cast<unsigned>(channels), static_cast<unsigned>(p.chunks));
   const auto stream = at::cuda::getCurrentCUDAStream();
   acc_t* out = p.buffer.mutable_data_ptr<acc_t>();
@@ -144,17 +141,16 @@ Partials reduce_planes(const Op& op, int fields, int64_t outer, int64_t channels
 template <typename acc_t, typename Op>
 Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, int64_t cols,
                         const at::TensorOptions& acc_options, int64_t numel) {
-  const int64_t col_blocks = ceil_div(cols, kColumnThreadsX);
-  TORCH_CHECK_NOT_IMPLEMENTED(col_blocks <= kMaxGridX, "cnnops normalization (CUDA): too many channels (",
+  const ColumnsConfig cfg = columns_config(batch, rows, cols);
+  TORCH_CHECK_NOT_IMPLEMENTED(cfg.col_blocks <= kMaxGridX, "cnnops normalization (CUDA): too many channels (",
                               cols, ") for one grid");
-  const int64_t z = std::min<int64_t>(batch, kMaxGridYZ);
-  const int64_t chunks = norm_chunk_count(col_blocks * z, rows, 64);
-  const int64_t chunk_len = std::max<int64_t>(1, ceil_div(rows, chunks));
   Partials p;
-  p.chunks = std::max<int64_t>(1, ceil_div(rows, chunk_len));
+  p.chunks = cfg.chunks;
   p.count = batch * p.chunks * cols;
   p.buffer = at::empty({fields * p.count}, acc_options);
-  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(p.chunks), static_cast<unsigned>(z));
+  const int64_t chunk_len = cfg.chunk_len;
+  const dim3 grid(static_cast<unsigned>(cfg.col_blocks), static_cast<unsigned>(p.chunks),
+                  static_cast<unsigned>(cfg.grid_z));
   const dim3 block(kColumnThreadsX, kColumnThreadsY);
   const auto stream = at::cuda::getCurrentCUDAStream();
   acc_t* out = p.buffer.mutable_data_ptr<acc_t>();
@@ -168,29 +164,6 @@ Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, i
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return p;
-}
-
-// The statistic o of a planes reduction is its channel o: chunks o * chunks + k.
-PartialIndex planes_index(const Partials& p) {
-  PartialIndex pi;
-  pi.outer_stride = p.chunks;
-  pi.chunks = p.chunks;
-  pi.chunk_stride = 1;
-  return pi;
-}
-
-// The statistic o = n * groups + g of a columns reduction covers the columns
-// g * parts .. g * parts + parts - 1 of batch n: partials ((n * chunks + k) * cols + g * parts + d).
-PartialIndex columns_index(const Partials& p, int64_t cols, int64_t groups, int64_t parts) {
-  PartialIndex pi;
-  pi.groups = groups;
-  pi.outer_stride = p.chunks * cols;
-  pi.inner_stride = parts;
-  pi.chunks = p.chunks;
-  pi.chunk_stride = cols;
-  pi.parts = parts;
-  pi.part_stride = 1;
-  return pi;
 }
 
 template <typename acc_t, typename param_t>
@@ -324,11 +297,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
         if (channels_last || s.spatial == 1) {  // [N * spatial][C]: channels contiguous
           p = reduce_columns<acc_t>(welford, 3, 1, s.batch * s.spatial, s.channels,
                                                        acc_options, x.numel());
-          pi = columns_index(p, s.channels, 1, 1);
+          pi = columns_partials(p.chunks, s.channels, s.channels, 1);
         } else {
           p = reduce_planes<acc_t>(welford, 3, s.batch, s.channels, s.spatial,
                                                       acc_options, x.numel());
-          pi = planes_index(p);
+          pi = planes_partials(p.chunks);
         }
         finalize_stats<acc_t, param_t>(p, pi, s.channels, mean, invstd, mutable_ptr_or_null<param_t>(running_mean),
                                        mutable_ptr_or_null<param_t>(running_var), momentum, eps);
@@ -396,10 +369,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
           if (channels_last || s.spatial == 1) {
             p = reduce_columns<acc_t>(sums, 2, 1, s.batch * s.spatial, s.channels, acc_options,
                                                       x.numel());
-            pi = columns_index(p, s.channels, 1, 1);
+            pi = columns_partials(p.chunks, s.channels, s.channels, 1);
           } else {
             p = reduce_planes<acc_t>(sums, 2, s.batch, s.channels, s.spatial, acc_options, x.numel());
-            pi = planes_index(p);
+            pi = planes_partials(p.chunks);
           }
           auto [sum_a, sum_b] = finalize_sums<acc_t>(p, pi, s.channels, acc_options);
           if (output_mask[0] && training) {
@@ -458,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
       const Partials p = reduce_planes<acc_t>(welford, 3, 1, s.rows, s.cols, acc_options,
                                                                  x.numel());
-      finalize_stats<acc_t, param_t>(p, planes_index(p), s.rows, mean, invstd, nullptr, nullptr, 0.0, eps);
+      finalize_stats<acc_t, param_t>(p, planes_partials(p.chunks), s.rows, mean, invstd, nullptr, nullptr, 0.0, eps);
       launch_normalize<scalar_t, param_t, acc_t>(true, x, output, mean, invstd, weight, bias, s.cols, 1, 1,
                                                  s.cols);
     });
@@ -507,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
                                                         mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                                         ptr_or_null<param_t>(weight), 0, 1, false};
         const Partials p = reduce_planes<acc_t>(sums, 2, 1, s.rows, s.cols, acc_options, x.numel());
-        auto [sum_a, sum_b] = finalize_sums<acc_t>(p, planes_index(p), s.rows, acc_options);
+        auto [sum_a, sum_b] = finalize_sums<acc_t>(p, planes_partials(p.chunks), s.rows, acc_options);
         at::Tensor coef_a = at::empty({s.rows}, acc_options), coef_b = at::empty({s.rows}, acc_options);
         layer_norm_coeffs_kernel<acc_t><<<grid_for(s.rows, kSmallThreads), kSmallThreads, 0,
                                           at::cuda::getCurrentCUDAStream()>>>(
@@ -523,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
                                                         mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                                         nullptr, 0, 1, true};
         const Partials p = reduce_columns<acc_t>(sums, 2, 1, s.rows, s.cols, acc_options, x.numel());
-        auto [sum_a, sum_b] = finalize_sums<acc_t>(p, columns_index(p, s.cols, 1, 1), s.cols, acc_options);
+        auto [sum_a, sum_b] = finalize_sums<acc_t>(p, columns_partials(p.chunks, s.cols, s.cols, 1), s.cols, acc_options);
         cast_pair_kernel<acc_t, param_t><<<grid_for(s.cols, kSmallThreads), kSmallThreads, 0,
                                            at::cuda::getCurrentCUDAStream()>>>(
             sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), s.cols,
@@ -575,12 +548,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
         // channels (and chunks) of each (n, g).
         p = reduce_columns<acc_t>(welford, 3, s.batch, s.spatial, s.channels, acc_options,
                                                      x.numel());
-        pi = columns_index(p, s.channels, groups, per_group);
+        pi = columns_partials(p.chunks, s.channels, groups, per_group);
       } else {
         // NCHW: each (n, g) is one contiguous run of (C / G) * spatial values.
         p = reduce_planes<acc_t>(welford, 3, 1, s.batch * groups, per_group * s.spatial,
                                                     acc_options, x.numel());
-        pi = planes_index(p);
+        pi = planes_partials(p.chunks);
       }
       finalize_stats<acc_t, param_t>(p, pi, s.batch * groups, mean, invstd, nullptr, nullptr, 0.0, eps);
       launch_normalize<scalar_t, param_t, acc_t>(channels_last, x, output, mean, invstd, weight, bias, s.channels,
@@ -633,12 +606,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
         PartialIndex pi;
         if (channels_last) {
           p = reduce_columns<acc_t>(sums, 2, s.batch, s.spatial, s.channels, acc_options, x.numel());
-          pi = columns_index(p, s.channels, s.channels, 1);
+          pi = columns_partials(p.chunks, s.channels, s.channels, 1);
         } else {
           // Planes (n, c) of the [1][N * C][spatial] view; statistic of plane p is p / (C / G).
           p = reduce_planes<acc_t>(sums, 2, 1, s.batch * s.channels, s.spatial, acc_options,
                                                    x.numel());
-          pi = planes_index(p);
+          pi = planes_partials(p.chunks);
         }
         auto [sum_a, sum_b] = finalize_sums<acc_t>(p, pi, s.batch * s.channels, acc_options);
         const auto stream = at::cuda::getCurrentCUDAStream();

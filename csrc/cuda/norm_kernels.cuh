@@ -25,8 +25,6 @@ namespace cnnops {
 namespace norm {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kColumnThreadsX = 32;  // columns kernels: 32 columns x 8 rows per block
-constexpr int kColumnThreadsY = 8;
 constexpr int kElementwiseThreads = 256;
 
 // ---------------------------------------------------------------------------------------------
@@ -42,48 +40,12 @@ __device__ __forceinline__ Welford<acc_t> shfl_down(const Welford<acc_t>& w, int
   return o;
 }
 
-// Gradient sums: a = sum(g), b = sum(g * (x - mean) * scale), g = dy (times a weight for
-// layer norm's per-row sums).
-template <typename acc_t>
-struct SumPair {
-  acc_t a = 0;
-  acc_t b = 0;
-  __device__ __forceinline__ void merge(const SumPair& o) {
-    a += o.a;
-    b += o.b;
-  }
-};
-
 template <typename acc_t>
 __device__ __forceinline__ SumPair<acc_t> shfl_down(const SumPair<acc_t>& s, int offset) {
   SumPair<acc_t> o;
   o.a = __shfl_down_sync(kFullMask, s.a, offset);
   o.b = __shfl_down_sync(kFullMask, s.b, offset);
   return o;
-}
-
-// Partial buffers are structure-of-arrays: field f of partial p at buffer[f * count + p].
-template <typename acc_t>
-__device__ __forceinline__ void store(const Welford<acc_t>& w, acc_t* buf, int64_t p, int64_t count) {
-  buf[p] = w.mean;
-  buf[count + p] = w.m2;
-  buf[2 * count + p] = w.count;
-}
-template <typename acc_t>
-__device__ __forceinline__ void load(Welford<acc_t>& w, const acc_t* buf, int64_t p, int64_t count) {
-  w.mean = buf[p];
-  w.m2 = buf[count + p];
-  w.count = buf[2 * count + p];
-}
-template <typename acc_t>
-__device__ __forceinline__ void store(const SumPair<acc_t>& s, acc_t* buf, int64_t p, int64_t count) {
-  buf[p] = s.a;
-  buf[count + p] = s.b;
-}
-template <typename acc_t>
-__device__ __forceinline__ void load(SumPair<acc_t>& s, const acc_t* buf, int64_t p, int64_t count) {
-  s.a = buf[p];
-  s.b = buf[count + p];
 }
 
 // Fixed-shape tree over a 1-d block (blockDim.x a multiple of 32, at most 1024): a shuffle tree
@@ -107,65 +69,6 @@ template <typename State, int n>
 struct SharedStates {
   alignas(State) unsigned char raw[n * sizeof(State)];
   __device__ __forceinline__ State* get() { return reinterpret_cast<State*>(raw); }
-};
-
-// ---------------------------------------------------------------------------------------------
-// What a reduction accumulates, per element.
-// ---------------------------------------------------------------------------------------------
-
-template <typename scalar_t, typename acc_t>
-struct WelfordOp {
-  using State = Welford<acc_t>;
-  const scalar_t* x;
-
-  template <typename index_t>
-  __device__ __forceinline__ void plane(State& s, index_t off, index_t /*c*/, index_t /*l*/) const {
-    s.add(static_cast<acc_t>(x[off]));
-  }
-  template <typename index_t>
-  __device__ __forceinline__ void column(State& s, index_t off, index_t /*b*/, index_t /*r*/,
-                                         index_t /*col*/) const {
-    s.add(static_cast<acc_t>(x[off]));
-  }
-};
-
-// Gradient sums with the statistic each element was normalized with:
-//   planes:  stat = c / channels_per_stat; g = dy * weight[l] when weight is given (layer norm
-//            rows), else dy;
-//   columns: stat = b * stats_per_sample + col / channels_per_stat, scale 1 (batch and group
-//            norm), or, when per_row, stat = r and scale = invstd[r] (layer norm's weight grad).
-template <typename scalar_t, typename param_t, typename acc_t>
-struct GradSumsOp {
-  using State = SumPair<acc_t>;
-  const scalar_t* dy;
-  const scalar_t* x;
-  const acc_t* mean;
-  const acc_t* invstd;
-  const param_t* weight;  // planes only, may be null
-  int64_t stats_per_sample;
-  int64_t channels_per_stat;
-  bool per_row;
-
-  template <typename index_t>
-  __device__ __forceinline__ void plane(State& s, index_t off, index_t c, index_t l) const {
-    acc_t g = static_cast<acc_t>(dy[off]);
-    if (weight != nullptr) g *= static_cast<acc_t>(weight[l]);
-    const acc_t mu = mean[c / static_cast<index_t>(channels_per_stat)];
-    s.a += g;
-    s.b += g * (static_cast<acc_t>(x[off]) - mu);
-  }
-  template <typename index_t>
-  __device__ __forceinline__ void column(State& s, index_t off, index_t b, index_t r, index_t col) const {
-    const acc_t g = static_cast<acc_t>(dy[off]);
-    const acc_t xv = static_cast<acc_t>(x[off]);
-    s.a += g;
-    if (per_row) {
-      s.b += g * ((xv - mean[r]) * invstd[r]);
-    } else {
-      const index_t st = b * static_cast<index_t>(stats_per_sample) + col / static_cast<index_t>(channels_per_stat);
-      s.b += g * (xv - mean[st]);
-    }
-  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -194,7 +97,7 @@ __global__ void reduce_planes_kernel(Op op, acc_t* partial, index_t outer,
     }
   }
   s = block_reduce(s, shared.get());
-  if (threadIdx.x == 0) store(s, partial, static_cast<int64_t>(c) * gridDim.y + blockIdx.y, partial_count);
+  if (threadIdx.x == 0) store_state(s, partial, static_cast<int64_t>(c) * gridDim.y + blockIdx.y, partial_count);
 }
 
 // Columns view [batch][rows][cols]: block (blockIdx.x = 32 columns, blockIdx.y = chunk of rows,
@@ -225,7 +128,7 @@ __global__ void reduce_columns_kernel(Op op, acc_t* partial, index_t batch,
       __syncthreads();
     }
     if (ty == 0 && col < cols)
-      store(smem[tx], partial, (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * cols + col, partial_count);
+      store_state(smem[tx], partial, (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * cols + col, partial_count);
     __syncthreads();  // smem is reused for the next b
   }
 }
@@ -233,19 +136,6 @@ __global__ void reduce_columns_kernel(Op op, acc_t* partial, index_t batch,
 // ---------------------------------------------------------------------------------------------
 // Stage 2: merge partials in a fixed order (PartialIndex), one thread per statistic.
 // ---------------------------------------------------------------------------------------------
-
-template <typename State, typename acc_t>
-__device__ __forceinline__ State merge_partials(const acc_t* partial, int64_t partial_count,
-                                                const PartialIndex& pi, int64_t o) {
-  State s;
-  for (int64_t k = 0; k < pi.chunks; ++k)
-    for (int64_t d = 0; d < pi.parts; ++d) {
-      State p;
-      load(p, partial, pi.at(o, k, d), partial_count);
-      s.merge(p);
-    }
-  return s;
-}
 
 // Statistics: mean, invstd = 1 / sqrt(biased var + eps); with running stats (batch norm
 // training) also running = (1 - momentum) * running + momentum * batch (unbiased variance);
@@ -401,9 +291,9 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t c = ix.template channel<channels_last>(i);
     const index_t s = ix.stat(i, c);
-    acc_t v = (static_cast<acc_t>(x[i]) - mean[s]) * invstd[s];
-    if (weight != nullptr) v *= static_cast<acc_t>(weight[c]);
-    if (bias != nullptr) v += static_cast<acc_t>(bias[c]);
+    const acc_t v = norm_output(static_cast<acc_t>(x[i]), mean[s], invstd[s],
+                                weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
+                                bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0));
     y[i] = static_cast<scalar_t>(v);
   }
 }
@@ -420,11 +310,11 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t c = ix.template channel<channels_last>(i);
     const index_t s = ix.stat(i, c);
-    acc_t g = static_cast<acc_t>(dy[i]);
-    if (weight != nullptr) g *= static_cast<acc_t>(weight[c]);
-    const acc_t is = invstd[s];
-    if (coef_a != nullptr) g -= coef_a[s] + (static_cast<acc_t>(x[i]) - mean[s]) * is * coef_b[s];
-    dx[i] = static_cast<scalar_t>(is * g);
+    const bool train = coef_a != nullptr;
+    const acc_t v = norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
+                                    weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
+                                    train ? coef_a[s] : acc_t(0), train ? coef_b[s] : acc_t(0));
+    dx[i] = static_cast<scalar_t>(v);
   }
 }
 
