@@ -53,3 +53,126 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else empty()
     grad_bias = input.new_empty([weight.size(0)]) if output_mask[2] else empty()
     return grad_input, grad_weight, grad_bias
+
+
+# ============================================================================================
+# Normalization
+# ============================================================================================
+# Every forward returns (output, mean, invstd). The statistics are kept in the input's opmath
+# dtype (float for bfloat16/half, as at::opmath_type) so a half input does not lose them to
+# rounding; their shapes are batch norm (C,), group norm (N, num_groups), layer norm the
+# input's leading (un-normalized) shape. The fakes check what the kernels check, so a traced
+# program fails where the eager one would.
+
+
+def _opmath_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _norm_memory_format(input):
+    """Batch and group norm keep the input's layout: channels_last in, channels_last out."""
+    return suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
+
+
+def _check_per_channel(tensor, name, channels):
+    if tensor is not None:
+        torch._check(
+            tensor.numel() == channels,
+            lambda: f"{name}: expected {channels} elements (one per channel), got {tensor.numel()}",
+        )
+
+
+@torch.library.register_fake("cnnops::batch_norm_forward")
+def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    # The real kernel updates running_mean/running_var in place when training; the fake only
+    # describes the outputs (tracing records the mutation from the schema's Tensor(a!)).
+    torch._check(input.dim() >= 2, lambda: f"input: expected at least 2 dims (N, C, *), got {input.dim()}D")
+    channels = input.size(1)
+    for tensor, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
+                         (running_var, "running_var")):
+        _check_per_channel(tensor, name, channels)
+    if not training:
+        torch._check(running_mean is not None and running_var is not None,
+                     lambda: "running_mean and running_var must be given when training=False")
+    out = torch.empty_like(input, memory_format=_norm_memory_format(input))
+    stats = input.new_empty([channels], dtype=_opmath_dtype(input.dtype))
+    return out, stats, torch.empty_like(stats)
+
+
+def _norm_backward_grads(input, grad_input_format, param_shape, param_dtype, output_mask):
+    def empty():
+        return input.new_empty([0])
+
+    grad_input = torch.empty_like(input, memory_format=grad_input_format) if output_mask[0] else empty()
+    grad_weight = input.new_empty(param_shape, dtype=param_dtype) if output_mask[1] else empty()
+    grad_bias = input.new_empty(param_shape, dtype=param_dtype) if output_mask[2] else empty()
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("cnnops::batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+    torch._check(input.dim() >= 2, lambda: f"input: expected at least 2 dims (N, C, *), got {input.dim()}D")
+    torch._check(grad_output.shape == input.shape, lambda: "grad_output: expected the input's shape")
+    channels = input.size(1)
+    for tensor, name in ((weight, "weight"), (mean, "mean"), (invstd, "invstd")):
+        _check_per_channel(tensor, name, channels)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    return _norm_backward_grads(input, _norm_memory_format(input), [channels], param_dtype, output_mask)
+
+
+def _layer_norm_axis(input, normalized_shape):
+    axis = input.dim() - len(normalized_shape)
+    torch._check(len(normalized_shape) >= 1, lambda: "normalized_shape: expected at least one dim")
+    torch._check(
+        axis >= 0 and list(input.shape[axis:]) == list(normalized_shape),
+        lambda: f"normalized_shape={list(normalized_shape)} does not match the input's trailing dims "
+                f"(input of size {list(input.shape)})",
+    )
+    return axis
+
+
+@torch.library.register_fake("cnnops::layer_norm_forward")
+def _layer_norm_forward_fake(input, normalized_shape, weight, bias, eps):
+    axis = _layer_norm_axis(input, normalized_shape)
+    for tensor, name in ((weight, "weight"), (bias, "bias")):
+        if tensor is not None:
+            torch._check(list(tensor.shape) == list(normalized_shape),
+                         lambda: f"{name}: expected shape {list(normalized_shape)}, got {list(tensor.shape)}")
+    # Layer norm reduces over the trailing dims, so (like torch) its output is contiguous.
+    out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    stats = input.new_empty(input.shape[:axis], dtype=_opmath_dtype(input.dtype))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("cnnops::layer_norm_backward")
+def _layer_norm_backward_fake(grad_output, input, normalized_shape, mean, invstd, weight, output_mask):
+    _layer_norm_axis(input, normalized_shape)
+    torch._check(grad_output.shape == input.shape, lambda: "grad_output: expected the input's shape")
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    return _norm_backward_grads(input, torch.contiguous_format, list(normalized_shape), param_dtype, output_mask)
+
+
+def _check_group_norm(input, weight, num_groups):
+    torch._check(input.dim() >= 2, lambda: f"input: expected at least 2 dims (N, C, *), got {input.dim()}D")
+    channels = input.size(1)
+    torch._check(num_groups > 0 and channels % num_groups == 0,
+                 lambda: f"num_groups={num_groups} must be positive and divide the {channels} channels")
+    _check_per_channel(weight, "weight", channels)
+    return channels
+
+
+@torch.library.register_fake("cnnops::group_norm_forward")
+def _group_norm_forward_fake(input, weight, bias, num_groups, eps):
+    _check_group_norm(input, weight, num_groups)
+    _check_per_channel(bias, "bias", input.size(1))
+    out = torch.empty_like(input, memory_format=_norm_memory_format(input))
+    stats = input.new_empty([input.size(0), num_groups], dtype=_opmath_dtype(input.dtype))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("cnnops::group_norm_backward")
+def _group_norm_backward_fake(grad_output, input, mean, invstd, weight, num_groups, output_mask):
+    channels = _check_group_norm(input, weight, num_groups)
+    torch._check(grad_output.shape == input.shape, lambda: "grad_output: expected the input's shape")
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    return _norm_backward_grads(input, _norm_memory_format(input), [channels], param_dtype, output_mask)

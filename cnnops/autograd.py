@@ -37,3 +37,135 @@ class ConvFunction(torch.autograd.Function):
             grad_bias if mask[2] else None,
             None, None, None, None,
         )
+
+
+# ============================================================================================
+# Normalization
+# ============================================================================================
+# Each Function returns (output, mean, invstd): the statistics the forward op normalized with
+# are saved for the backward op and handed back (non-differentiable) so instance norm can
+# update its running statistics from them. The backward ops are single kernels, not
+# differentiable themselves: @once_differentiable makes a double backward raise instead of
+# silently returning zeros.
+
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+
+def _norm_mask(ctx, weight_index, bias_index):
+    """output_mask for (input, weight, bias): only the gradients autograd asks for."""
+    return [
+        ctx.needs_input_grad[0],
+        ctx.has_weight and ctx.needs_input_grad[weight_index],
+        ctx.has_bias and ctx.needs_input_grad[bias_index],
+    ]
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch norm over N x C x *: apply(input, weight, bias, running_mean, running_var,
+    training, momentum, eps) -> (output, mean, invstd).
+
+    training=True normalizes with the batch statistics and updates the running statistics (when
+    given) in place; training=False normalizes with the running statistics.
+    """
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+        return ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, training, _, _ = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = _norm_mask(ctx, 1, 2)
+        if not any(mask):
+            return (None,) * 8
+        grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
+            grad_output, input, weight, mean, invstd, ctx.training, mask
+        )
+        return (
+            grad_input if mask[0] else None,
+            grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None,
+            None, None, None, None, None,
+        )
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Layer norm over the trailing normalized_shape: apply(input, normalized_shape, weight,
+    bias, eps) -> (output, mean, invstd), statistics of the input's leading shape."""
+
+    @staticmethod
+    def forward(input, normalized_shape, weight, bias, eps):
+        return ops.layer_norm_forward(input, list(normalized_shape), weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, normalized_shape, weight, bias, _ = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.normalized_shape = list(normalized_shape)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = _norm_mask(ctx, 2, 3)
+        if not any(mask):
+            return (None,) * 5
+        grad_input, grad_weight, grad_bias = ops.layer_norm_backward(
+            grad_output, input, ctx.normalized_shape, mean, invstd, weight, mask
+        )
+        return (
+            grad_input if mask[0] else None,
+            None,
+            grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None,
+            None,
+        )
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """Group norm over N x C x *: apply(input, weight, bias, num_groups, eps) ->
+    (output, mean, invstd), statistics of shape N x num_groups. Instance norm is
+    num_groups = C."""
+
+    @staticmethod
+    def forward(input, weight, bias, num_groups, eps):
+        return ops.group_norm_forward(input, weight, bias, num_groups, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, num_groups, _ = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.num_groups = num_groups
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = _norm_mask(ctx, 1, 2)
+        if not any(mask):
+            return (None,) * 5
+        grad_input, grad_weight, grad_bias = ops.group_norm_backward(
+            grad_output, input, mean, invstd, weight, ctx.num_groups, mask
+        )
+        return (
+            grad_input if mask[0] else None,
+            grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None,
+            None, None,
+        )

@@ -330,3 +330,20 @@ def assert_compiled_matches_eager(f, inputs, backend):
                              torch.autograd.grad(eager_out, eager_leaves, grad_output)):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     return compiled_out.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# normalization
+# --------------------------------------------------------------------------------------------
+
+
+def large_mean_atol(dtype, magnitude, spread):
+    """Absolute error bound, in units of the normalized output, for inputs of a large mean.
+
+    A mean of magnitude |mu| stored in ``dtype`` is only known to half an ulp, about
+    |mu| * eps / 2 (eps = torch.finfo(dtype).eps); x - mean then carries that error, and
+    normalizing divides it by the spread (the standard deviation). Two ulps leave room for the
+    rounding of the Welford updates. For 1e4 with unit spread in float32 this is ~2.4e-3: an
+    E[x^2] - E[x]^2 variance would be off by O(1) there (ulp(1e8) = 8), so the test still
+    tells a stable algorithm from an unstable one."""
+    return 2 * magnitude * torch.finfo(dtype).eps / spread

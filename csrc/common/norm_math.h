@@ -12,6 +12,27 @@ namespace cnnops {
 CNNOPS_HD float norm_invstd(float biased_var, float eps) { return 1.0f / sqrtf(biased_var + eps); }
 CNNOPS_HD double norm_invstd(double biased_var, double eps) { return 1.0 / sqrt(biased_var + eps); }
 
+// One Welford step for a lane whose new count is known and shared by many lanes (SIMD lanes
+// that all see the same number of values, CUDA threads striding in lockstep): inv_count is
+// 1 / (count after adding x), computed once for all of them, so the loop has no division.
+template <typename acc_t>
+CNNOPS_HD void welford_add_shared_count(acc_t& mean, acc_t& m2, acc_t x, acc_t inv_count) {
+  const acc_t delta = x - mean;
+  mean += delta * inv_count;
+  m2 += delta * (x - mean);
+}
+
+// Chan's merge of two partials that have the same count n (SIMD lanes or warp lanes that ran in
+// lockstep): no division, so a tree of these merges vectorizes.
+//   mean = (mean_a + mean_b) / 2,  m2 = m2_a + m2_b + (mean_b - mean_a)^2 * n / 2
+template <typename acc_t>
+CNNOPS_HD void welford_merge_equal_count(acc_t& mean, acc_t& m2, acc_t other_mean, acc_t other_m2,
+                                         acc_t count) {
+  const acc_t delta = other_mean - mean;
+  mean = acc_t(0.5) * (mean + other_mean);
+  m2 = m2 + other_m2 + delta * delta * (acc_t(0.5) * count);
+}
+
 // Running statistics (torch's momentum convention): running = (1 - m) * running + m * batch,
 // where the variance fed in is the unbiased one, m2 / (count - 1).
 template <typename acc_t>
@@ -19,17 +40,12 @@ CNNOPS_HD acc_t running_stat_update(acc_t running, acc_t batch, acc_t momentum) 
   return (acc_t(1) - momentum) * running + momentum * batch;
 }
 
-// Forward as one multiply-add per element: y = (x - mean) * invstd * w + b = x * scale + shift.
+// Forward: y = (x - mean) * scale + bias with scale = invstd * weight. Subtracting the mean
+// first (rather than x * scale + (bias - mean * scale)) keeps inputs with a large mean exact:
+// x - mean is exact for nearby values, whereas x * scale rounds at the magnitude of x.
 template <typename acc_t>
-struct ScaleShift {
-  acc_t scale;
-  acc_t shift;
-};
-
-template <typename acc_t>
-CNNOPS_HD ScaleShift<acc_t> norm_scale_shift(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
-  const acc_t scale = invstd * weight;
-  return {scale, bias - mean * scale};
+CNNOPS_HD acc_t norm_scale(acc_t invstd, acc_t weight) {
+  return invstd * weight;
 }
 
 // Backward of x_hat = (x - mean) * invstd over a set of `count` values sharing mean and invstd
@@ -37,20 +53,21 @@ CNNOPS_HD ScaleShift<acc_t> norm_scale_shift(acc_t mean, acc_t invstd, acc_t wei
 //   dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat))          (lecture / Ioffe-Szegedy)
 // The kernels accumulate sum_g = sum(g) and sum_g_xmu = sum(g * (x - mean)), subtracting the
 // known mean per element (not sum(g * x) - mean * sum(g), which cancels for a large mean), and
-// then write dx = w * invstd * dy + x * coef_x + coef_const per element.
+// then write, per element,
+//   dx = w * invstd * dy + coef_xmu * (x - mean) + coef_const.
 template <typename acc_t>
 struct InputGradCoef {
-  acc_t coef_x;
+  acc_t coef_xmu;
   acc_t coef_const;
 };
 
 template <typename acc_t>
-CNNOPS_HD InputGradCoef<acc_t> norm_input_grad_coef(acc_t mean, acc_t invstd, acc_t sum_g,
-                                                    acc_t sum_g_xmu, acc_t count) {
+CNNOPS_HD InputGradCoef<acc_t> norm_input_grad_coef(acc_t invstd, acc_t sum_g, acc_t sum_g_xmu,
+                                                    acc_t count) {
   // x_hat * mean(g * x_hat) = (x - mean) * invstd^2 * sum_g_xmu / count
-  const acc_t coef_x = -invstd * invstd * invstd * sum_g_xmu / count;
-  const acc_t coef_const = -invstd * sum_g / count - coef_x * mean;
-  return {coef_x, coef_const};
+  const acc_t coef_xmu = -invstd * invstd * invstd * sum_g_xmu / count;
+  const acc_t coef_const = -invstd * sum_g / count;
+  return {coef_xmu, coef_const};
 }
 
 // dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)); dbias = sum(dy).

@@ -1,0 +1,149 @@
+// Layer norm on the CPU: statistics per row of K = prod(normalized_shape) values, affine per
+// column (lecture: "Layer Normalization", mu, sigma: N x 1). Each row is reduced with Welford
+// and normalized while it is still in cache. The output is contiguous, as torch's.
+// Backward: dx per row (dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = w * dy);
+// dweight = sum over rows of dy * x_hat and dbias = sum of dy are reduced in two stages: one
+// partial per fixed block of rows, then the blocks added in order.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include "common/norm_checks.h"
+#include "cpu/norm_cpu.h"
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+constexpr const char* kForward = "cnnops::layer_norm_forward";
+constexpr const char* kBackward = "cnnops::layer_norm_backward";
+
+// Rows per partial dweight/dbias block: at most 64 blocks, and at most ~4M partial values.
+int64_t layer_norm_rows_per_block(int64_t rows, int64_t cols) {
+  int64_t per = std::max<int64_t>((rows + 63) / 64, 1);
+  const int64_t cap = (int64_t(1) << 22) / std::max<int64_t>(cols, 1);
+  if (cap > 0 && (rows + per - 1) / per > cap) per = (rows + cap - 1) / cap;
+  return std::max<int64_t>(per, 1);
+}
+
+}  // namespace
+
+TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normalized_shape,
+                                const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, double eps) {
+  const RowNormShape s = check_layer_norm_input(kForward, input, normalized_shape);
+  check_layer_norm_param(kForward, "weight", weight, input, normalized_shape);
+  check_layer_norm_param(kForward, "bias", bias, input, normalized_shape);
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(input.sizes(), input.options());
+  const auto stat_shape = layer_norm_stat_shape(input, normalized_shape);
+  const auto stat_opts = input.options().dtype(norm_stat_dtype(input));
+  at::Tensor mean_out = at::empty(stat_shape, stat_opts);
+  at::Tensor invstd_out = at::empty(stat_shape, stat_opts);
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int64_t K = s.cols;
+    const auto w = load_param<acc_t>(weight, has_w ? K : 0, 1);
+    const auto b = load_param<acc_t>(bias, has_b ? K : 0, 0);
+    const acc_t eps_a = static_cast<acc_t>(eps);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc_t* mo = mean_out.mutable_data_ptr<acc_t>();
+    acc_t* io = invstd_out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, s.rows, grain_for(2 * K), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Welford<acc_t> st = welford_span(xp + r * K, K);
+        const acc_t inv = norm_invstd(st.biased_variance(), eps_a);
+        layer_norm_row(xp + r * K, yp + r * K, K, st.mean, inv, has_w ? w.data() : nullptr,
+                       has_b ? b.data() : nullptr);
+        mo[r] = st.mean;
+        io[r] = inv;
+      }
+    });
+  });
+  return {y, mean_out, invstd_out};
+}
+
+TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                 c10::IntArrayRef normalized_shape, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                 std::array<bool, 3> output_mask) {
+  const RowNormShape s = check_layer_norm_input(kBackward, input, normalized_shape);
+  check_norm_grad_output(kBackward, grad_output, input);
+  check_layer_norm_param(kBackward, "weight", weight, input, normalized_shape);
+  const auto stat_shape = layer_norm_stat_shape(input, normalized_shape);
+  check_norm_stat(kBackward, "mean", mean, stat_shape, input);
+  check_norm_stat(kBackward, "invstd", invstd, stat_shape, input);
+  const bool has_w = weight.has_value() && weight->defined();
+  const auto pdtype = has_w ? weight->scalar_type() : input.scalar_type();
+
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options()) : norm_unselected(input);
+  at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, input.options().dtype(pdtype))
+                                 : norm_unselected(input);
+  at::Tensor db = output_mask[2] ? at::empty(normalized_shape, input.options().dtype(pdtype))
+                                 : norm_unselected(input);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int64_t M = s.rows, K = s.cols;
+    const auto w = load_param<acc_t>(weight, has_w ? K : 0, 1);
+    const acc_t* wp = has_w ? w.data() : nullptr;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
+    const acc_t* ip = invstd_c.const_data_ptr<acc_t>();
+    scalar_t* dxp = output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    const bool params = output_mask[1] || output_mask[2];
+    const int64_t per = layer_norm_rows_per_block(M, K);
+    const int64_t blocks = M > 0 ? (M + per - 1) / per : 0;
+    std::vector<acc_t> pdw(output_mask[1] ? blocks * K : 0, acc_t(0));
+    std::vector<acc_t> pdb(output_mask[2] ? blocks * K : 0, acc_t(0));
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        for (int64_t r = blk * per; r < std::min(M, (blk + 1) * per); ++r) {
+          const scalar_t* xr = xp + r * K;
+          const scalar_t* dyr = dyp + r * K;
+          if (dxp) {
+            acc_t sum_g, sum_g_xmu;
+            layer_norm_row_grad_sums(dyr, xr, K, mp[r], wp, &sum_g, &sum_g_xmu);
+            const auto coef = norm_input_grad_coef(ip[r], sum_g, sum_g_xmu, static_cast<acc_t>(K));
+            layer_norm_row_input_grad(dyr, xr, dxp + r * K, K, mp[r], ip[r], wp, coef.coef_xmu,
+                                      coef.coef_const);
+          }
+          if (params)
+            layer_norm_row_param_grad(dyr, xr, K, mp[r], ip[r],
+                                      output_mask[1] ? &pdw[blk * K] : nullptr,
+                                      output_mask[2] ? &pdb[blk * K] : nullptr);
+        }
+      }
+    });
+    // Second stage: the block partials added in block order, columns in parallel.
+    std::vector<acc_t> gw(output_mask[1] ? K : 0, acc_t(0)), gb(output_mask[2] ? K : 0, acc_t(0));
+    at::parallel_for(0, K, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int64_t k = begin; k < end; ++k) {
+          if (output_mask[1]) gw[k] += pdw[blk * K + k];
+          if (output_mask[2]) gb[k] += pdb[blk * K + k];
+        }
+    });
+    if (output_mask[1]) {
+      at::Tensor flat = dw.view({K});
+      store_param(flat, gw);
+    }
+    if (output_mask[2]) {
+      at::Tensor flat = db.view({K});
+      store_param(flat, gb);
+    }
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace cpu
+}  // namespace cnnops

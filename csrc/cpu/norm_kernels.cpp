@@ -1,0 +1,377 @@
+// The inner loops of the CPU normalization kernels (see norm_cpu.h). They are written as plain
+// loops over fixed-size lane arrays or over channels, which GCC vectorizes; target_clones
+// compiles each for AVX-512, AVX2 and the baseline, and picks one at load time.
+#include "cpu/norm_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+
+namespace cnnops {
+namespace cpu {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CNNOPS_NORM_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CNNOPS_NORM_CLONES
+#endif
+
+namespace {
+
+// Independent Welford lanes of a span: 64 floats (four AVX-512 vectors) or 32 doubles, enough
+// independent chains to hide the add latency.
+template <typename acc_t>
+constexpr int span_lanes() {
+  return sizeof(acc_t) == 8 ? 32 : 64;
+}
+
+template <typename scalar_t>
+inline acc_type<scalar_t> load(const scalar_t* p) {
+  return static_cast<acc_type<scalar_t>>(*p);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __restrict x,
+                                                             int64_t n) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int L = span_lanes<acc_t>();
+  acc_t mean[L] = {};
+  acc_t m2[L] = {};
+  const int64_t steps = n / L;
+  for (int64_t s = 0; s < steps; ++s) {
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(s + 1);
+    const scalar_t* p = x + s * L;
+    for (int l = 0; l < L; ++l)
+      welford_add_shared_count(mean[l], m2[l], static_cast<acc_t>(p[l]), inv_count);
+  }
+  // Merge the lanes as a tree of equal-count pairs (lane l with l + half), in a fixed order.
+  acc_t count = static_cast<acc_t>(steps);
+  for (int half = L / 2; half >= 1; half /= 2) {
+    for (int l = 0; l < half; ++l)
+      welford_merge_equal_count(mean[l], m2[l], mean[l + half], m2[l + half], count);
+    count += count;
+  }
+  Welford<acc_t> total;
+  if (steps > 0) {
+    total.mean = mean[0];
+    total.m2 = m2[0];
+    total.count = count;
+  }
+  // The tail (fewer than L values): its own two-pass statistics, then one Chan merge.
+  const int64_t tail = n - steps * L;
+  if (tail > 0) {
+    const scalar_t* p = x + steps * L;
+    acc_t sum = 0;
+    for (int64_t i = 0; i < tail; ++i) sum += static_cast<acc_t>(p[i]);
+    Welford<acc_t> rest;
+    rest.count = static_cast<acc_t>(tail);
+    rest.mean = sum / rest.count;
+    for (int64_t i = 0; i < tail; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - rest.mean;
+      rest.m2 += d * d;
+    }
+    total.merge(rest);
+  }
+  return total;
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* __restrict y,
+                                       int64_t n, acc_type<scalar_t> mean,
+                                       acc_type<scalar_t> scale, acc_type<scalar_t> bias) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * scale + bias);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                       int64_t n, acc_type<scalar_t> mean,
+                                       acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int L = span_lanes<acc_t>();
+  acc_t a[L] = {};
+  acc_t b[L] = {};
+  const int64_t steps = n / L;
+  for (int64_t s = 0; s < steps; ++s) {
+    const scalar_t* pd = dy + s * L;
+    const scalar_t* px = x + s * L;
+    for (int l = 0; l < L; ++l) {
+      const acc_t g = static_cast<acc_t>(pd[l]);
+      a[l] += g;
+      b[l] += g * (static_cast<acc_t>(px[l]) - mean);
+    }
+  }
+  acc_t sa = 0, sb = 0;
+  for (int l = 0; l < L; ++l) {
+    sa += a[l];
+    sb += b[l];
+  }
+  for (int64_t i = steps * L; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    sa += g;
+    sb += g * (static_cast<acc_t>(x[i]) - mean);
+  }
+  *sum_dy = sa;
+  *sum_dy_xmu = sb;
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                        scalar_t* __restrict dx, int64_t n,
+                                        acc_type<scalar_t> dy_scale, acc_type<scalar_t> mean,
+                                        acc_type<scalar_t> coef_xmu, acc_type<scalar_t> coef_const) {
+  using acc_t = acc_type<scalar_t>;
+  if (coef_xmu == acc_t(0)) {  // eval: dx = w * invstd * dy, x is not read
+    for (int64_t i = 0; i < n; ++i)
+      dx[i] = static_cast<scalar_t>(dy_scale * static_cast<acc_t>(dy[i]) + coef_const);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    dx[i] = static_cast<scalar_t>(dy_scale * static_cast<acc_t>(dy[i]) +
+                                  coef_xmu * (static_cast<acc_t>(x[i]) - mean) + coef_const);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row(const scalar_t* __restrict x, scalar_t* __restrict y,
+                                       int64_t n, acc_type<scalar_t> mean,
+                                       acc_type<scalar_t> invstd, const acc_type<scalar_t>* w,
+                                       const acc_type<scalar_t>* b) {
+  using acc_t = acc_type<scalar_t>;
+  if (w && b) {
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd * w[i] + b[i]);
+  } else if (w) {
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd * w[i]);
+  } else if (b) {
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd + b[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd);
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* __restrict dy,
+                                                 const scalar_t* __restrict x, int64_t n,
+                                                 acc_type<scalar_t> mean,
+                                                 const acc_type<scalar_t>* w,
+                                                 acc_type<scalar_t>* sum_g,
+                                                 acc_type<scalar_t>* sum_g_xmu) {
+  using acc_t = acc_type<scalar_t>;
+  if (!w) {
+    grad_sums_span(dy, x, n, mean, sum_g, sum_g_xmu);
+    return;
+  }
+  constexpr int L = span_lanes<acc_t>();
+  acc_t a[L] = {};
+  acc_t b[L] = {};
+  const int64_t steps = n / L;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t o = s * L;
+    for (int l = 0; l < L; ++l) {
+      const acc_t g = static_cast<acc_t>(dy[o + l]) * w[o + l];
+      a[l] += g;
+      b[l] += g * (static_cast<acc_t>(x[o + l]) - mean);
+    }
+  }
+  acc_t sa = 0, sb = 0;
+  for (int l = 0; l < L; ++l) {
+    sa += a[l];
+    sb += b[l];
+  }
+  for (int64_t i = steps * L; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]) * w[i];
+    sa += g;
+    sb += g * (static_cast<acc_t>(x[i]) - mean);
+  }
+  *sum_g = sa;
+  *sum_g_xmu = sb;
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* __restrict dy,
+                                                  const scalar_t* __restrict x,
+                                                  scalar_t* __restrict dx, int64_t n,
+                                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                                  const acc_type<scalar_t>* w,
+                                                  acc_type<scalar_t> coef_xmu,
+                                                  acc_type<scalar_t> coef_const) {
+  using acc_t = acc_type<scalar_t>;
+  if (!w) {
+    input_grad_span(dy, x, dx, n, invstd, mean, coef_xmu, coef_const);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    dx[i] = static_cast<scalar_t>(w[i] * invstd * static_cast<acc_t>(dy[i]) +
+                                  coef_xmu * (static_cast<acc_t>(x[i]) - mean) + coef_const);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy,
+                                                  const scalar_t* __restrict x, int64_t n,
+                                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                                  acc_type<scalar_t>* __restrict dw,
+                                                  acc_type<scalar_t>* __restrict db) {
+  using acc_t = acc_type<scalar_t>;
+  if (dw)
+    for (int64_t i = 0; i < n; ++i)
+      dw[i] += static_cast<acc_t>(dy[i]) * ((static_cast<acc_t>(x[i]) - mean) * invstd);
+  if (db)
+    for (int64_t i = 0; i < n; ++i) db[i] += static_cast<acc_t>(dy[i]);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void welford_rows(const scalar_t* __restrict x, int64_t rows, int64_t C,
+                                     acc_type<scalar_t>* __restrict mean,
+                                     acc_type<scalar_t>* __restrict m2) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
+    const scalar_t* p = x + r * C;
+    for (int64_t c = 0; c < C; ++c)
+      welford_add_shared_count(mean[c], m2[c], static_cast<acc_t>(p[c]), inv_count);
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void normalize_rows(const scalar_t* __restrict x, scalar_t* __restrict y,
+                                       int64_t rows, int64_t C,
+                                       const acc_type<scalar_t>* __restrict mean,
+                                       const acc_type<scalar_t>* __restrict scale,
+                                       const acc_type<scalar_t>* __restrict bias) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* p = x + r * C;
+    scalar_t* q = y + r * C;
+    for (int64_t c = 0; c < C; ++c)
+      q[c] = static_cast<scalar_t>((static_cast<acc_t>(p[c]) - mean[c]) * scale[c] + bias[c]);
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                       int64_t rows, int64_t C,
+                                       const acc_type<scalar_t>* __restrict mean,
+                                       acc_type<scalar_t>* __restrict sum_dy,
+                                       acc_type<scalar_t>* __restrict sum_dy_xmu) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* pd = dy + r * C;
+    const scalar_t* px = x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t g = static_cast<acc_t>(pd[c]);
+      sum_dy[c] += g;
+      sum_dy_xmu[c] += g * (static_cast<acc_t>(px[c]) - mean[c]);
+    }
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void input_grad_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                        scalar_t* __restrict dx, int64_t rows, int64_t C,
+                                        const acc_type<scalar_t>* __restrict dy_scale,
+                                        const acc_type<scalar_t>* __restrict mean,
+                                        const acc_type<scalar_t>* __restrict coef_xmu,
+                                        const acc_type<scalar_t>* __restrict coef_const) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* pd = dy + r * C;
+    const scalar_t* px = x + r * C;
+    scalar_t* q = dx + r * C;
+    for (int64_t c = 0; c < C; ++c)
+      q[c] = static_cast<scalar_t>(dy_scale[c] * static_cast<acc_t>(pd[c]) +
+                                   coef_xmu[c] * (static_cast<acc_t>(px[c]) - mean[c]) +
+                                   coef_const[c]);
+  }
+}
+
+// ---- host helpers --------------------------------------------------------------------------
+
+template <typename acc_t>
+std::vector<acc_t> load_param(const c10::optional<at::Tensor>& param, int64_t n, acc_t fill) {
+  std::vector<acc_t> out(static_cast<size_t>(n), fill);
+  if (!param.has_value() || !param->defined()) return out;
+  const at::Tensor& t = *param;
+  const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
+  TORCH_INTERNAL_ASSERT(t.numel() == n);
+  const at::Tensor tc = t.dim() == 1 ? t : t.contiguous();  // layer norm: any shape, dense read
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "load_param", [&] {
+    const scalar_t* p = tc.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i * stride]);
+  });
+  return out;
+}
+
+template <typename acc_t>
+void store_param(at::Tensor& param, const std::vector<acc_t>& values) {
+  TORCH_INTERNAL_ASSERT(param.dim() == 1 && param.numel() == static_cast<int64_t>(values.size()));
+  const int64_t stride = param.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "store_param", [&] {
+    scalar_t* p = param.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) p[i * stride] = static_cast<scalar_t>(values[i]);
+  });
+}
+
+bool use_rows_layout(const at::Tensor& input, int64_t spatial) {
+  if (spatial == 1) return true;
+  const auto fmt = input.suggest_memory_format();
+  return (input.dim() == 4 && fmt == at::MemoryFormat::ChannelsLast) ||
+         (input.dim() == 5 && fmt == at::MemoryFormat::ChannelsLast3d);
+}
+
+at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
+  if (rows_layout && t.dim() == 4) return t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (rows_layout && t.dim() == 5) return t.contiguous(at::MemoryFormat::ChannelsLast3d);
+  return t.contiguous();
+}
+
+// ---- instantiations ------------------------------------------------------------------------
+
+#define CNNOPS_INSTANTIATE_NORM(T)                                                              \
+  template Welford<acc_type<T>> welford_span<T>(const T*, int64_t);                             \
+  template void normalize_span<T>(const T*, T*, int64_t, acc_type<T>, acc_type<T>, acc_type<T>); \
+  template void grad_sums_span<T>(const T*, const T*, int64_t, acc_type<T>, acc_type<T>*,        \
+                                  acc_type<T>*);                                                \
+  template void input_grad_span<T>(const T*, const T*, T*, int64_t, acc_type<T>, acc_type<T>,    \
+                                   acc_type<T>, acc_type<T>);                                   \
+  template void layer_norm_row<T>(const T*, T*, int64_t, acc_type<T>, acc_type<T>,               \
+                                  const acc_type<T>*, const acc_type<T>*);                      \
+  template void layer_norm_row_grad_sums<T>(const T*, const T*, int64_t, acc_type<T>,            \
+                                            const acc_type<T>*, acc_type<T>*, acc_type<T>*);    \
+  template void layer_norm_row_input_grad<T>(const T*, const T*, T*, int64_t, acc_type<T>,       \
+                                             acc_type<T>, const acc_type<T>*, acc_type<T>,       \
+                                             acc_type<T>);                                      \
+  template void layer_norm_row_param_grad<T>(const T*, const T*, int64_t, acc_type<T>,           \
+                                             acc_type<T>, acc_type<T>*, acc_type<T>*);           \
+  template void welford_rows<T>(const T*, int64_t, int64_t, acc_type<T>*, acc_type<T>*);         \
+  template void normalize_rows<T>(const T*, T*, int64_t, int64_t, const acc_type<T>*,            \
+                                  const acc_type<T>*, const acc_type<T>*);                      \
+  template void grad_sums_rows<T>(const T*, const T*, int64_t, int64_t, const acc_type<T>*,      \
+                                  acc_type<T>*, acc_type<T>*);                                  \
+  template void input_grad_rows<T>(const T*, const T*, T*, int64_t, int64_t, const acc_type<T>*, \
+                                   const acc_type<T>*, const acc_type<T>*, const acc_type<T>*);
+
+CNNOPS_INSTANTIATE_NORM(float)
+CNNOPS_INSTANTIATE_NORM(double)
+CNNOPS_INSTANTIATE_NORM(c10::BFloat16)
+CNNOPS_INSTANTIATE_NORM(c10::Half)
+#undef CNNOPS_INSTANTIATE_NORM
+
+template std::vector<float> load_param<float>(const c10::optional<at::Tensor>&, int64_t, float);
+template std::vector<double> load_param<double>(const c10::optional<at::Tensor>&, int64_t, double);
+template void store_param<float>(at::Tensor&, const std::vector<float>&);
+template void store_param<double>(at::Tensor&, const std::vector<double>&);
+
+}  // namespace cpu
+}  // namespace cnnops
