@@ -88,6 +88,40 @@ void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride,
   }
 }
 
+// NCHW row loops run over the outputs of a row padded to a multiple of this (one AVX-512
+// vector of float), so their vectorized loops never need a tail.
+constexpr int64_t kRowBlock = 16;
+
+// A padded input row split into its `stride` phases: phase p holds padded columns p, p + S,
+// p + 2S, ... Output o's tap at padded column o*S + t is then phase t % S at o + t / S, so every
+// tap loop reads consecutive memory whatever the stride (which the compiler vectorizes; it
+// does not vectorize strided loads with a running max and index well). Columns outside the
+// input hold `fill` (-inf for max pooling, 0 for sums).
+template <typename A>
+struct PhasedRow {
+  int64_t stride, pad, phase_len;
+  std::vector<A> data;
+  PhasedRow(int64_t stride_, int64_t pad_, int64_t padded_width, A fill)
+      : stride(stride_), pad(pad_), phase_len(pool_blocks(padded_width, stride_)),
+        data(stride_ * phase_len, fill) {}
+  template <typename T>
+  void load(const T* row, int64_t width) {  // input column iw at padded column iw + pad
+    for (int64_t p = 0; p < stride; ++p) {
+      A* __restrict phase = data.data() + p * phase_len;
+      const int64_t j0 = max64(ceil_div(pad - p, stride), 0), j1 = ceil_div(width + pad - p, stride);
+      const T* __restrict src = row + p - pad;
+      if (stride == 1)  // constant strides vectorize
+        for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[j]);
+      else if (stride == 2)
+        for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[2 * j]);
+      else
+        for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[j * stride]);
+    }
+  }
+  // The taps at padded column o*S + t for o = 0, 1, ...
+  const A* taps(int64_t t) const { return data.data() + (t % stride) * phase_len + t / stride; }
+};
+
 // The kernels. Tensors are contiguous in the layout named by channels_last, outputs allocated
 // by the caller with the geometry's sizes. Each returns after all threads are done.
 void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
