@@ -53,3 +53,99 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else empty()
     grad_bias = input.new_empty([weight.size(0)]) if output_mask[2] else empty()
     return grad_input, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------
+# Inputs are batched (N x C x *spatial); len(kernel_size) or len(output_size) gives the spatial
+# dims. Outputs, indices and gradients keep the input's suggested memory format, as the kernels
+# do (csrc/common/pool_checks.h: pool_memory_format).
+
+
+def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
+    """Slides: O = (I + 2P - D(K-1) - 1) / S + 1, rounded up with ceil_mode; a ceil_mode window
+    that would start in the right padding is dropped (torch's rule, csrc/common/pool_shape.h)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out = out - 1
+    return out
+
+
+def _pool_memory_format(input):
+    return suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
+
+
+def _pool_empty(input, shape, dtype=None):
+    return torch.empty(shape, dtype=dtype or input.dtype, device=input.device,
+                       memory_format=_pool_memory_format(input))
+
+
+def _check_pool_input_rank(op, input, dims):
+    torch._check(input.dim() == dims + 2,
+                 lambda: f"{op}: expected a {dims + 2}D (batched) input, but got input of size {list(input.shape)}")
+
+
+@torch.library.register_fake("cnnops::max_pool_forward")
+def _max_pool_forward_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    dims = len(kernel_size)
+    _check_pool_input_rank("max_pool_forward", input, dims)
+    spatial = [pool_output_size(input.size(2 + i), kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+               for i in range(dims)]
+    shape = [input.size(0), input.size(1), *spatial]
+    return _pool_empty(input, shape), _pool_empty(input, shape, torch.int64)
+
+
+@torch.library.register_fake("cnnops::max_pool_backward")
+def _max_pool_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    return _pool_empty(input, input.shape)
+
+
+@torch.library.register_fake("cnnops::avg_pool_forward")
+def _avg_pool_forward_fake(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    dims = len(kernel_size)
+    _check_pool_input_rank("avg_pool_forward", input, dims)
+    spatial = [pool_output_size(input.size(2 + i), kernel_size[i], stride[i], padding[i], 1, ceil_mode)
+               for i in range(dims)]
+    return _pool_empty(input, [input.size(0), input.size(1), *spatial])
+
+
+@torch.library.register_fake("cnnops::avg_pool_backward")
+def _avg_pool_backward_fake(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                            divisor_override):
+    return _pool_empty(input, input.shape)
+
+
+@torch.library.register_fake("cnnops::adaptive_avg_pool_forward")
+def _adaptive_avg_pool_forward_fake(input, output_size):
+    _check_pool_input_rank("adaptive_avg_pool_forward", input, len(output_size))
+    return _pool_empty(input, [input.size(0), input.size(1), *output_size])
+
+
+@torch.library.register_fake("cnnops::adaptive_avg_pool_backward")
+def _adaptive_avg_pool_backward_fake(grad_output, input):
+    return _pool_empty(input, input.shape)
+
+
+@torch.library.register_fake("cnnops::adaptive_max_pool_forward")
+def _adaptive_max_pool_forward_fake(input, output_size):
+    _check_pool_input_rank("adaptive_max_pool_forward", input, len(output_size))
+    shape = [input.size(0), input.size(1), *output_size]
+    return _pool_empty(input, shape), _pool_empty(input, shape, torch.int64)
+
+
+@torch.library.register_fake("cnnops::adaptive_max_pool_backward")
+def _adaptive_max_pool_backward_fake(grad_output, input, indices):
+    return _pool_empty(input, input.shape)
+
+
+@torch.library.register_fake("cnnops::max_unpool_forward")
+def _max_unpool_forward_fake(input, indices, output_size):
+    _check_pool_input_rank("max_unpool_forward", input, len(output_size))
+    return _pool_empty(input, [input.size(0), input.size(1), *output_size])
+
+
+@torch.library.register_fake("cnnops::max_unpool_backward")
+def _max_unpool_backward_fake(grad_output, input, indices):
+    return _pool_empty(input, input.shape)

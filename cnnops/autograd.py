@@ -37,3 +37,125 @@ class ConvFunction(torch.autograd.Function):
             grad_bias if mask[2] else None,
             None, None, None, None,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------
+# Inputs are batched (N x C x *spatial); the pooling parameters are lists of one int per
+# spatial dim, already resolved by cnnops.functional. Indices are int64 outputs without a
+# gradient. The backward passes are not themselves differentiable (their ops have no
+# derivative): once_differentiable makes a double backward raise instead of returning zeros.
+
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+
+class MaxPoolFunction(torch.autograd.Function):
+    """Max pooling with argmax indices. apply(input, kernel_size, stride, padding, dilation,
+    ceil_mode) -> (output, indices). Backward routes each gradient to its window's argmax."""
+
+    @staticmethod
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return ops.max_pool_forward(input, list(kernel_size), list(stride), list(padding), list(dilation),
+                                    bool(ceil_mode))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(input, indices)
+        ctx.pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_indices):
+        input, indices = ctx.saved_tensors
+        grad_input = ops.max_pool_backward(grad_output, input, indices, *ctx.pool_args)
+        return grad_input, None, None, None, None, None
+
+
+class AvgPoolFunction(torch.autograd.Function):
+    """Average pooling. apply(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+    divisor_override), divisor_override 0 meaning none. Backward spreads each gradient evenly
+    over its window (divided by the same divisor)."""
+
+    @staticmethod
+    def forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return ops.avg_pool_forward(input, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
+                                    bool(count_include_pad), int(divisor_override))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override = inputs
+        ctx.save_for_backward(input)
+        ctx.pool_args = (list(kernel_size), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad),
+                         int(divisor_override))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        grad_input = ops.avg_pool_backward(grad_output, input, *ctx.pool_args)
+        return grad_input, None, None, None, None, None, None
+
+
+class AdaptiveAvgPoolFunction(torch.autograd.Function):
+    """Adaptive average pooling. apply(input, output_size), every entry of output_size resolved."""
+
+    @staticmethod
+    def forward(input, output_size):
+        return ops.adaptive_avg_pool_forward(input, list(output_size))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, _ = inputs
+        ctx.save_for_backward(input)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        return ops.adaptive_avg_pool_backward(grad_output, input), None
+
+
+class AdaptiveMaxPoolFunction(torch.autograd.Function):
+    """Adaptive max pooling with argmax indices. apply(input, output_size) -> (output, indices)."""
+
+    @staticmethod
+    def forward(input, output_size):
+        return ops.adaptive_max_pool_forward(input, list(output_size))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, _ = inputs
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(input, indices)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_indices):
+        input, indices = ctx.saved_tensors
+        return ops.adaptive_max_pool_backward(grad_output, input, indices), None
+
+
+class MaxUnpoolFunction(torch.autograd.Function):
+    """Max unpooling: scatters input into a zero output of spatial size output_size at the flat
+    per-plane positions in indices. apply(input, indices, output_size). Backward gathers
+    grad_output at the same positions; indices get no gradient."""
+
+    @staticmethod
+    def forward(input, indices, output_size):
+        return ops.max_unpool_forward(input, indices, list(output_size))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, indices, _ = inputs
+        ctx.save_for_backward(input, indices)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, indices = ctx.saved_tensors
+        return ops.max_unpool_backward(grad_output, input, indices), None, None

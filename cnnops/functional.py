@@ -93,3 +93,370 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """As torch.nn.functional.conv3d."""
     return _conv(input, weight, bias, stride, padding, dilation, groups, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------
+# Same signatures, defaults and results as torch.nn.functional's pools. The arguments are
+# resolved here to one int per spatial dim; what torch rejects in Python (or before its
+# kernels) is rejected here with the same exception type. The kernels' own checks
+# (csrc/common/pool_checks.h) keep the raw ops safe.
+
+from .autograd import (  # noqa: E402
+    AdaptiveAvgPoolFunction,
+    AdaptiveMaxPoolFunction,
+    AvgPoolFunction,
+    MaxPoolFunction,
+    MaxUnpoolFunction,
+)
+
+__all__ += [
+    "max_pool1d", "max_pool2d", "max_pool3d",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "max_unpool1d", "max_unpool2d", "max_unpool3d",
+]
+
+_INT_TYPES = (numbers.Integral, torch.SymInt)
+
+
+def _is_int(v):
+    return isinstance(v, _INT_TYPES) and not isinstance(v, bool)
+
+
+def _pool_ints(value, name, dims, fname):
+    """An int or a sequence of 1 or `dims` ints, as torch's pooling argument parsers accept."""
+    if _is_int(value):
+        return [value] * dims
+    if isinstance(value, bool) or not isinstance(value, (tuple, list, torch.Size)):
+        raise TypeError(f"{fname}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
+    values = list(value)
+    for i, v in enumerate(values):
+        if not _is_int(v):
+            raise TypeError(f"{fname}(): argument '{name}' must be tuple of ints, but found element of type "
+                            f"{type(v).__name__} at pos {i}")
+    if len(values) == 1:
+        values = values * dims
+    if len(values) != dims:
+        raise RuntimeError(f"{fname}: {name} must either be a single int, or a tuple of {dims} ints, but got "
+                           f"{name}={tuple(value)}")
+    return values
+
+
+def _check_bool(value, name, fname):
+    if not isinstance(value, bool):
+        raise TypeError(f"{fname}(): argument '{name}' must be bool, not {type(value).__name__}")
+
+
+def _check_pool_tensor(input, fname, name="input"):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{fname}(): argument '{name}' must be Tensor, not {type(input).__name__}")
+
+
+def _check_floating(input, fname):
+    """cnnops' kernels are for floating-point tensors; torch either computes integer pools or
+    raises NotImplementedError, so anything else is a gap cnnops names, never a wrong result."""
+    if not input.is_floating_point():
+        raise NotImplementedError(f"cnnops {fname}: input dtype {input.dtype} is not supported "
+                                  f"(floating-point inputs only)")
+
+
+def _check_pool_rank(input, dims, fname):
+    if input.dim() not in (dims + 1, dims + 2):
+        raise RuntimeError(f"{fname}: Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input, but got "
+                           f"input of size: {list(input.shape)}")
+
+
+def _batched(input, dims):
+    """Adds the batch dim of unbatched input; returns (input, unbatched)."""
+    return (input.unsqueeze(0), True) if input.dim() == dims + 1 else (input, False)
+
+
+def _window_args(fname, dims, kernel_size, stride, padding, dilation):
+    """Resolves kernel_size, stride (None or empty: kernel_size), padding and dilation to lists
+    and checks them in torch's order, each message naming its argument."""
+    kernel_size = _pool_ints(kernel_size, "kernel_size", dims, fname)
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        stride = list(kernel_size)
+    else:
+        stride = _pool_ints(stride, "stride", dims, fname)
+    padding = _pool_ints(padding, "padding", dims, fname)
+    dilation = _pool_ints(dilation, "dilation", dims, fname)
+    if any(k <= 0 for k in kernel_size):
+        raise RuntimeError(f"{fname}: kernel_size should be greater than zero, but got kernel_size={tuple(kernel_size)}")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError(f"{fname}: stride should be greater than zero, but got stride={tuple(stride)}")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"{fname}: dilation should be greater than zero, but got dilation={tuple(dilation)}")
+    if any(p < 0 for p in padding):
+        raise RuntimeError(f"{fname}: pad must be non-negative, but got padding={tuple(padding)}")
+    # torch bounds the padding by half the kernel itself, even when dilation widens the window.
+    if any(p > k // 2 for p, k in zip(padding, kernel_size)):
+        raise RuntimeError(f"{fname}: pad should be at most half of kernel size, but got "
+                           f"padding={tuple(padding)} and kernel_size={tuple(kernel_size)}")
+    return kernel_size, stride, padding, dilation
+
+
+def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, dims):
+    fname = f"max_pool{dims}d"
+    _check_pool_tensor(input, fname)
+    _check_bool(ceil_mode, "ceil_mode", fname)
+    kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation)
+    _check_pool_rank(input, dims, fname)
+    _check_floating(input, fname)
+    x, unbatched = _batched(input, dims)
+    out, indices = MaxPoolFunction.apply(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """As torch.nn.functional.max_pool1d."""
+    return _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, 1)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """As torch.nn.functional.max_pool2d."""
+    return _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, 2)
+
+
+def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """As torch.nn.functional.max_pool3d."""
+    return _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, 3)
+
+
+def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims):
+    fname = f"avg_pool{dims}d"
+    _check_pool_tensor(input, fname)
+    _check_bool(ceil_mode, "ceil_mode", fname)
+    _check_bool(count_include_pad, "count_include_pad", fname)
+    if divisor_override is None:
+        divisor_override = 0  # the ops' "none"
+    elif not _is_int(divisor_override):
+        raise TypeError(f"{fname}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
+    elif divisor_override == 0:
+        raise RuntimeError(f"{fname}: divisor_override must be not zero")
+    elif divisor_override < 0:
+        # torch divides by it; the kernels take only positive divisors (0 meaning none)
+        raise NotImplementedError(f"cnnops {fname}: a negative divisor_override ({divisor_override}) is not supported")
+    kernel_size, stride, padding, _ = _window_args(fname, dims, kernel_size, stride, padding, 1)
+    if dims == 2 and input.dim() < 3:
+        # torch's avg_pool2d indexes the input's third-to-last dim first, and so raises IndexError
+        raise IndexError(f"{fname}: Dimension out of range: expected a 3D (unbatched) or 4D (batched) input, but "
+                         f"got input of size: {list(input.shape)}")
+    _check_pool_rank(input, dims, fname)
+    _check_floating(input, fname)
+    x, unbatched = _batched(input, dims)
+    out = AvgPoolFunction.apply(x, kernel_size, stride, padding, ceil_mode, count_include_pad, int(divisor_override))
+    return out.squeeze(0) if unbatched else out
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """As torch.nn.functional.avg_pool1d."""
+    return _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, None, 1)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """As torch.nn.functional.avg_pool2d."""
+    return _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, 2)
+
+
+def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """As torch.nn.functional.avg_pool3d."""
+    return _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, 3)
+
+
+def _adaptive_output_size(input, output_size, dims, fname):
+    """torch's rules: an int is repeated; 1d takes exactly one int; 2d/3d take `dims` entries,
+    None meaning the input's size along that dim (torch.nn.modules.utils._list_with_default)."""
+    if _is_int(output_size):
+        sizes = [output_size] * dims
+    elif dims == 1:
+        if not isinstance(output_size, (tuple, list, torch.Size)):
+            raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, not {type(output_size).__name__}")
+        if len(output_size) != 1:
+            raise RuntimeError(f"{fname}() argument 'output_size' should contain one int (got {len(output_size)})")
+        sizes = _pool_ints(output_size, "output_size", 1, fname)
+    else:
+        if not isinstance(output_size, (tuple, list, torch.Size)):
+            raise TypeError(f"{fname}(): output_size must be an int or a tuple of {dims} ints or None, but got "
+                            f"output_size of type {type(output_size).__name__}")
+        if input.dim() <= len(output_size):
+            raise ValueError(f"{fname}: Input dimension should be at least {len(output_size) + 1}, but got input of "
+                             f"size {list(input.shape)}")
+        trailing = input.shape[-len(output_size):] if len(output_size) else []
+        sizes = [t if v is None else v for v, t in zip(output_size, trailing)]
+        for i, v in enumerate(sizes):
+            if not _is_int(v):
+                raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
+                                f"{type(v).__name__} at pos {i}")
+        if len(sizes) != dims:
+            raise RuntimeError(f"{fname}: output_size must be {dims} ints, but got output_size={tuple(output_size)}")
+    if any(v < 0 for v in sizes):
+        raise RuntimeError(f"{fname}: elements of output_size must be greater than or equal to 0, but got "
+                           f"output_size={tuple(sizes)}")
+    return list(sizes)
+
+
+def _check_adaptive_input(input, dims, fname, allow_zero_channels):
+    _check_pool_rank(input, dims, fname)
+    first = 0 if input.dim() == dims + 1 else 1
+    for i in range(first, input.dim()):
+        if input.size(i) == 0 and not (allow_zero_channels and i == first):
+            raise RuntimeError(f"{fname}(): Expected input to have non-zero size for non-batch dimensions, but input "
+                               f"has sizes {list(input.shape)} with dimension {i} being empty")
+    _check_floating(input, fname)
+
+
+def _adaptive_avg_pool(input, output_size, dims):
+    fname = f"adaptive_avg_pool{dims}d"
+    _check_pool_tensor(input, fname)
+    sizes = _adaptive_output_size(input, output_size, dims, fname)
+    # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
+    _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
+    x, unbatched = _batched(input, dims)
+    out = AdaptiveAvgPoolFunction.apply(x, sizes)
+    return out.squeeze(0) if unbatched else out
+
+
+def adaptive_avg_pool1d(input, output_size):
+    """As torch.nn.functional.adaptive_avg_pool1d."""
+    return _adaptive_avg_pool(input, output_size, 1)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """As torch.nn.functional.adaptive_avg_pool2d (output_size entries may be None)."""
+    return _adaptive_avg_pool(input, output_size, 2)
+
+
+def adaptive_avg_pool3d(input, output_size):
+    """As torch.nn.functional.adaptive_avg_pool3d (output_size entries may be None)."""
+    return _adaptive_avg_pool(input, output_size, 3)
+
+
+def _adaptive_max_pool(input, output_size, return_indices, dims):
+    fname = f"adaptive_max_pool{dims}d"
+    _check_pool_tensor(input, fname)
+    sizes = _adaptive_output_size(input, output_size, dims, fname)
+    _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
+    x, unbatched = _batched(input, dims)
+    out, indices = AdaptiveMaxPoolFunction.apply(x, sizes)
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+
+
+def adaptive_max_pool1d(input, output_size, return_indices=False):
+    """As torch.nn.functional.adaptive_max_pool1d."""
+    return _adaptive_max_pool(input, output_size, return_indices, 1)
+
+
+def adaptive_max_pool2d(input, output_size, return_indices=False):
+    """As torch.nn.functional.adaptive_max_pool2d (output_size entries may be None)."""
+    return _adaptive_max_pool(input, output_size, return_indices, 2)
+
+
+def adaptive_max_pool3d(input, output_size, return_indices=False):
+    """As torch.nn.functional.adaptive_max_pool3d (output_size entries may be None)."""
+    return _adaptive_max_pool(input, output_size, return_indices, 3)
+
+
+def _ntuple(value, dims):
+    """torch.nn.modules.utils._single/_pair/_triple: a sequence passes through as a tuple."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(value)
+    return (value,) * dims
+
+
+def _unpool_output_size(input, kernel_size, stride, padding, output_size):
+    """torch.nn.functional._unpool_output_size: the default size inverts the pool's output-size
+    formula, (I - 1) * S - 2P + K; a given output_size (optionally with N and C in front) must
+    lie strictly within one stride of it."""
+    input_size = input.size()
+    default_size = []
+    for d in range(len(kernel_size)):
+        default_size.append((input_size[-len(kernel_size) + d] - 1) * stride[d] + kernel_size[d] - 2 * padding[d])
+    if output_size is None:
+        ret = default_size
+    else:
+        output_size = list(output_size)
+        if len(output_size) == len(kernel_size) + 2:
+            output_size = output_size[2:]
+        if len(output_size) != len(kernel_size):
+            raise ValueError(
+                "output_size should be a sequence containing "
+                f"{len(kernel_size)} or {len(kernel_size) + 2} elements, but it has a length of '{len(output_size)}'"
+            )
+        for d in range(len(kernel_size)):
+            min_size = default_size[d] - stride[d]
+            max_size = default_size[d] + stride[d]
+            if not (min_size < output_size[d] < max_size):
+                raise ValueError(
+                    f'invalid output_size "{output_size}" (dim {d} must be between {min_size} and {max_size})'
+                )
+        ret = output_size
+    for d in range(len(kernel_size)):
+        if ret[d] < 0:
+            raise ValueError("max_unpooling: output_size must contain non-negative spatial "
+                             f"dimensions, but got output_size[{d}]={ret[d]}")
+    return ret
+
+
+def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims):
+    fname = f"max_unpool{dims}d"
+    _check_pool_tensor(input, fname)
+    _check_pool_tensor(indices, fname, "indices")
+    kernel_size = _ntuple(kernel_size, dims)
+    stride = kernel_size if stride is None else _ntuple(stride, dims)
+    padding = _ntuple(padding, dims)
+    if output_size is not None and not isinstance(output_size, (tuple, list, torch.Size)):
+        raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
+    sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
+    if len(sizes) != dims:
+        raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
+                           f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
+    for i, v in enumerate(sizes):
+        if not _is_int(v):
+            raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
+                            f"{type(v).__name__} at pos {i}")
+    if dims == 3 and any(s <= 0 for s in stride[:3]):
+        raise RuntimeError(f"{fname}: strides should be greater than zero, but got stride={tuple(stride)}")
+    if input.dim() not in (dims + 1, dims + 2):
+        raise RuntimeError(f"{fname}: Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input, but got "
+                           f"input of size: {list(input.shape)}")
+    if indices.dtype != torch.int64:
+        raise RuntimeError(f"{fname}: elements in indices should be type int64 but got: {indices.dtype}")
+    if indices.shape != input.shape:
+        raise RuntimeError(f"{fname}: Expected shape of indices to be same as that of the input tensor "
+                           f"({list(input.shape)}) but got indices tensor with shape: {list(indices.shape)}")
+    _check_floating(input, fname)
+    if any(v == 0 for v in sizes) and indices.numel() > 0:
+        # torch returns the empty output without looking at the indices; cnnops' kernel checks
+        # every index against the output plane
+        raise NotImplementedError(f"cnnops {fname}: an empty output_size {tuple(sizes)} for non-empty indices is "
+                                  f"not supported")
+    x, unbatched = _batched(input, dims)
+    if unbatched:
+        indices = indices.unsqueeze(0)
+    out = MaxUnpoolFunction.apply(x, indices, list(sizes))
+    return out.squeeze(0) if unbatched else out
+
+
+def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """As torch.nn.functional.max_unpool1d."""
+    return _max_unpool(input, indices, kernel_size, stride, padding, output_size, 1)
+
+
+def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """As torch.nn.functional.max_unpool2d."""
+    return _max_unpool(input, indices, kernel_size, stride, padding, output_size, 2)
+
+
+def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """As torch.nn.functional.max_unpool3d."""
+    return _max_unpool(input, indices, kernel_size, stride, padding, output_size, 3)
