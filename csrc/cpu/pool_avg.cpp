@@ -108,11 +108,11 @@ template <typename T>
 CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y,
                                          int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A> sum(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
     const T* xn = x + n * g.in_plane() * C;
     std::fill(sum.begin(), sum.end(), A(0));
@@ -172,14 +172,15 @@ CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgParams 
                                                ChannelBlocks cb, const T* dy, T* dx,
                                                int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A> buffer, delta(cb.size);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
     with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      for (int64_t o = 0; o < g.out_plane(); ++o) {
-        const int64_t ow = o % OW, oh = (o / OW) % OH, od = o / (OW * OH);
+      PositionCursor pos(g, 0);
+      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
         const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
         const int64_t divisor = avg_divisor(wd, wh, ww, p);
         if (divisor == 0) continue;
@@ -231,9 +232,9 @@ CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, const T
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A> sum(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % OD;
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
     const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
     const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
@@ -290,8 +291,9 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, C
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
     with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      for (int64_t o = 0; o < g.out_plane(); ++o) {
-        const int64_t ow = o % OW, oh = (o / OW) % OH, od = o / (OW * OH);
+      PositionCursor pos(g, 0);
+      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
         const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
         const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
         const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);

@@ -47,6 +47,28 @@ inline int64_t pool_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
 }
 
+// Walks the flat (n, od, oh, ow) range of output positions with counters: NHWC kernels do
+// little work per position, so a division per position would show.
+struct PositionCursor {
+  int64_t OD, OH, OW;
+  int64_t n, od, oh, ow;
+  PositionCursor(const PoolGeometry& g, int64_t q) : OD(g.out[0]), OH(g.out[1]), OW(g.out[2]) {
+    ow = q % OW;
+    oh = (q / OW) % OH;
+    od = (q / (OW * OH)) % OD;
+    n = q / (OW * OH * OD);
+  }
+  void next() {
+    if (++ow < OW) return;
+    ow = 0;
+    if (++oh < OH) return;
+    oh = 0;
+    if (++od < OD) return;
+    od = 0;
+    ++n;
+  }
+};
+
 // Channel blocks for NHWC scatters: tasks are (image, channel block) pairs, and channel blocks
 // are only cut (in multiples of 16) when there are too few images to keep every thread busy.
 struct ChannelBlocks {

@@ -155,12 +155,12 @@ template <typename T, typename I>
 CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
                                               int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A> best(C);
   std::vector<I> where(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
     const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
     const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
@@ -218,9 +218,9 @@ CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, const T
   const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A> best(C);
   std::vector<I> where(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const int64_t d0 = adaptive_start(od, D, g.out[0]), d1 = adaptive_end(od, D, g.out[0]);
     const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
     const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
