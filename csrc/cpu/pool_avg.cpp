@@ -125,7 +125,12 @@ CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, con
         }
     const int64_t divisor = avg_divisor(wd, wh, ww, p);
     T* __restrict yq = y + q * C;
-    for (int64_t c = 0; c < C; ++c) yq[c] = divisor == 0 ? T(0) : T(s[c] / A(divisor));
+    if (divisor == 0) {
+      std::fill_n(yq, C, T(0));
+      continue;
+    }
+    const A d = A(divisor);
+    for (int64_t c = 0; c < C; ++c) yq[c] = T(s[c] / d);
   }
 }
 
