@@ -103,26 +103,25 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T*
   }
 }
 
-// Forward NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range.
+// Forward NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range. Channels go in
+// blocks of kChannelBlock whose running sums stay in registers across the window's taps.
+constexpr int64_t kChannelBlock = 32;
+
+template <int64_t kWidth, typename T, typename A>
+CNNOPS_POOL_INLINE void add_channels(const T* __restrict src, int64_t width, A* __restrict acc) {
+  const int64_t w = kWidth > 0 ? kWidth : width;  // a constant width unrolls into registers
+  for (int64_t c = 0; c < w; ++c) acc[c] += A(src[c]);
+}
+
 template <typename T>
 CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y,
                                          int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
-  std::vector<A> sum(C);
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
-    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
-    const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
-    const T* xn = x + n * g.in_plane() * C;
-    std::fill(sum.begin(), sum.end(), A(0));
-    A* __restrict s = sum.data();
-    for (int64_t id = wd.start; id < wd.end; ++id)
-      for (int64_t ih = wh.start; ih < wh.end; ++ih)
-        for (int64_t iw = ww.start; iw < ww.end; ++iw) {
-          const T* __restrict src = xn + ((id * H + ih) * W + iw) * C;
-          for (int64_t c = 0; c < C; ++c) s[c] += A(src[c]);
-        }
+    const AvgWindow wd = avg_window(g, 0, pos.od), wh = avg_window(g, 1, pos.oh), ww = avg_window(g, 2, pos.ow);
+    const T* xn = x + pos.n * g.in_plane() * C;
     const int64_t divisor = avg_divisor(wd, wh, ww, p);
     T* __restrict yq = y + q * C;
     if (divisor == 0) {
@@ -130,7 +129,20 @@ CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, con
       continue;
     }
     const A d = A(divisor);
-    for (int64_t c = 0; c < C; ++c) yq[c] = T(s[c] / d);
+    for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+      const int64_t width = std::min(kChannelBlock, C - c0);
+      A acc[kChannelBlock] = {};
+      for (int64_t id = wd.start; id < wd.end; ++id)
+        for (int64_t ih = wh.start; ih < wh.end; ++ih)
+          for (int64_t iw = ww.start; iw < ww.end; ++iw) {
+            const T* src = xn + ((id * H + ih) * W + iw) * C + c0;
+            if (width == kChannelBlock)
+              add_channels<kChannelBlock>(src, width, acc);
+            else
+              add_channels<0>(src, width, acc);
+          }
+      for (int64_t c = 0; c < width; ++c) yq[c0 + c] = T(acc[c] / d);
+    }
   }
 }
 
