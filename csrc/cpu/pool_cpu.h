@@ -121,17 +121,29 @@ constexpr int64_t kRowBlock = 16;
 // input hold `fill` (-inf for max pooling, 0 for sums).
 template <typename A>
 struct PhasedRow {
-  int64_t stride, pad, phase_len;
+  int64_t stride, pad, width, phase_len;
   std::vector<A> data;
-  PhasedRow(int64_t stride_, int64_t pad_, int64_t padded_width, A fill)
-      : stride(stride_), pad(pad_), phase_len(pool_blocks(padded_width, stride_)),
-        data(stride_ * phase_len, fill) {}
+  std::vector<int64_t> first, last;  // per phase: the range of j that holds input columns
+  std::vector<int64_t> tap_offset;   // per tap k: where taps(k * dilation) starts in data
+  PhasedRow(int64_t stride_, int64_t pad_, int64_t width_, int64_t padded_width, int64_t kernel,
+            int64_t dilation, A fill)
+      : stride(stride_), pad(pad_), width(width_), phase_len(pool_blocks(padded_width, stride_)),
+        data(stride_ * phase_len, fill) {
+    for (int64_t p = 0; p < stride; ++p) {  // phase p, slot j: input column j*S + p - pad
+      first.push_back(max64(ceil_div(pad - p, stride), 0));
+      last.push_back(ceil_div(width + pad - p, stride));
+    }
+    for (int64_t k = 0; k < kernel; ++k) {
+      const int64_t t = k * dilation;
+      tap_offset.push_back((t % stride) * phase_len + t / stride);
+    }
+  }
   template <typename T>
-  void load(const T* row, int64_t width) {  // input column iw at padded column iw + pad
+  void load(const T* row) {  // input column iw goes to padded column iw + pad
     for (int64_t p = 0; p < stride; ++p) {
       A* __restrict phase = data.data() + p * phase_len;
-      const int64_t j0 = max64(ceil_div(pad - p, stride), 0), j1 = ceil_div(width + pad - p, stride);
       const T* __restrict src = row + p - pad;
+      const int64_t j0 = first[p], j1 = last[p];
       if (stride == 1)  // constant strides vectorize
         for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[j]);
       else if (stride == 2)
@@ -140,8 +152,8 @@ struct PhasedRow {
         for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[j * stride]);
     }
   }
-  // The taps at padded column o*S + t for o = 0, 1, ...
-  const A* taps(int64_t t) const { return data.data() + (t % stride) * phase_len + t / stride; }
+  // Tap k of every output: output o reads taps(k)[o], the padded column o*S + k*D.
+  const A* taps(int64_t k) const { return data.data() + tap_offset[k]; }
 };
 
 // The kernels. Tensors are contiguous in the layout named by channels_last, outputs allocated

@@ -28,8 +28,8 @@ CNNOPS_POOL_INLINE bool max_takes(A v, A best) {
   return (v > best) | (v != v);
 }
 
-// NCHW: every tap kw of one input row for every output of an output row: tap value
-// row.taps(kw*D)[o], in-plane index index0 + kw*D + o*S (-inf where the window leaves the input:
+// NCHW: every tap k of one input row for every output of an output row: tap value
+// row.taps(k)[o], in-plane index index0 + k*D + o*S (-inf where the window leaves the input:
 // never taken). `count`, the padded output width, is a multiple of kRowBlock.
 template <typename A, typename I>
 using MaxRowFn = void (*)(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
@@ -39,7 +39,7 @@ template <typename A, typename I>
 void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
                      int64_t index0, A* __restrict best, I* __restrict where) {
   for (int64_t k = 0; k < kernel; ++k) {
-    const A* __restrict taps = row.taps(k * dilation);
+    const A* __restrict taps = row.taps(k);
     const int64_t first = index0 + k * dilation;
     for (int64_t o = 0; o < count; ++o) {
       const A v = taps[o];
@@ -52,24 +52,28 @@ void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, 
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The same for float with int32 indices, 16 outputs per AVX-512 vector (the compiler does not
-// vectorize the generic loop's masked index update on its own).
+// vectorize the generic loop's masked index update on its own). Each block of outputs stays in
+// registers across the taps, in tap order.
 __attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& row, int64_t kernel,
                                                        int64_t dilation, int64_t count,
                                                        int64_t index0, float* best, int32_t* where) {
+  const int32_t stride = static_cast<int32_t>(row.stride);
   const __m512i lanes = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(row.stride)));
-  for (int64_t k = 0; k < kernel; ++k) {
-    const float* taps = row.taps(k * dilation);
-    const int64_t first = index0 + k * dilation;
-    for (int64_t o = 0; o < count; o += 16) {
-      const __m512 v = _mm512_loadu_ps(taps + o), b = _mm512_loadu_ps(best + o);
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride));
+  const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(dilation));
+  for (int64_t o = 0; o < count; o += 16) {
+    __m512 b = _mm512_loadu_ps(best + o);
+    __m512i w = _mm512_loadu_si512(where + o);
+    __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(index0 + o * stride)));
+    for (int64_t k = 0; k < kernel; ++k) {
+      const __m512 v = _mm512_loadu_ps(row.taps(k) + o);
       const __mmask16 take = _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      _mm512_storeu_ps(best + o, _mm512_mask_blend_ps(take, b, v));
-      const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(first + o * row.stride)));
-      const __m512i w = _mm512_loadu_si512(where + o);
-      _mm512_storeu_si512(where + o, _mm512_mask_blend_epi32(take, w, index));
+      b = _mm512_mask_blend_ps(take, b, v);
+      w = _mm512_mask_blend_epi32(take, w, index);
+      index = _mm512_add_epi32(index, step);
     }
+    _mm512_storeu_ps(best + o, b);
+    _mm512_storeu_si512(where + o, w);
   }
 }
 #endif
@@ -123,7 +127,7 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y
   const int64_t H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2];
   const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
-  PhasedRow<A> row(SW, PW, std::max(padded_ow * SW + (KW - 1) * DW, W + PW), kLowest);
+  PhasedRow<A> row(SW, PW, W, std::max(padded_ow * SW + (KW - 1) * DW, W + PW), KW, DW, kLowest);
   std::vector<A> best(padded_ow);
   std::vector<I> where(padded_ow);
   const MaxRowFn<A, I> update_row = pick_max_row<A, I>();
@@ -143,7 +147,7 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y
     for (int64_t id = wd.start; id < wd.end; id += wd.step)
       for (int64_t ih = wh.start; ih < wh.end; ih += wh.step) {
         const int64_t base = (id * H + ih) * W;
-        row.load(xp + base, W);
+        row.load(xp + base);
         update_row(row, KW, DW, padded_ow, base - PW, best.data(), where.data());
       }
     store_max(OW, best.data(), where.data(), y + r * OW, indices + r * OW);
@@ -200,10 +204,9 @@ CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, const T* x, 
           for (int64_t iw = w0; iw < w1; ++iw) {
             const int64_t tap = (id * H + ih) * W + iw;
             const A v = A(xp[tap]);
-            if (max_takes(v, best)) {
-              best = v;
-              where = tap;
-            }
+            const bool take = max_takes(v, best);  // branch-free: selects, not jumps
+            best = take ? v : best;
+            where = take ? tap : where;
           }
       y[r * OW + ow] = T(best);
       indices[r * OW + ow] = where;
@@ -285,6 +288,20 @@ void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
 
 void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
                                       at::Tensor& output, at::Tensor& indices, bool channels_last) {
+  // Where every size divides evenly, the adaptive windows [o*I/O, (o+1)*I/O) are a plain max
+  // pool's with kernel = stride = I/O: the NCHW case takes that (vectorized) kernel.
+  bool uniform = !channels_last;
+  for (int i = 0; i < 3; ++i) uniform = uniform && g.out[i] > 0 && g.in[i] % g.out[i] == 0;
+  if (uniform) {
+    PoolGeometry plain = g;
+    for (int i = 0; i < 3; ++i) {
+      plain.kernel[i] = plain.stride[i] = g.in[i] / g.out[i];
+      plain.pad[i] = 0;
+      plain.dilation[i] = 1;
+    }
+    max_pool_forward_kernel(plain, input, output, indices, false);
+    return;
+  }
   // a window holds about in/out elements per dim
   const int64_t window = pool_blocks(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
   if (channels_last)
