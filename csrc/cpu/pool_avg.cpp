@@ -12,15 +12,6 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// sum[o] += row[o*S + off] for outputs o in [lo, hi) of an NCHW row (S = kStride, or `stride`
-// when kStride is 0).
-template <int kStride, typename T, typename A>
-CNNOPS_POOL_INLINE void sum_update_row(const T* __restrict row, int64_t stride, int64_t lo,
-                                       int64_t hi, int64_t off, A* __restrict sum) {
-  const int64_t s = kStride > 0 ? kStride : stride;
-  for (int64_t o = lo; o < hi; ++o) sum[o] += A(row[o * s + off]);
-}
-
 // The backward's counterpart: row[o*S + off] += delta[o].
 template <int kStride, typename A>
 CNNOPS_POOL_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi,
@@ -67,15 +58,34 @@ CNNOPS_POOL_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw
   return {max64(ceil_div(-off, s), 0), min64(floor_div(g.in[2] - 1 - off, s) + 1, g.out[2])};
 }
 
+// sum[o] += every tap k of one input row, row.taps(k)[o] (0 outside the input), for the
+// `count` (a multiple of kRowBlock) outputs of a row; each block's sums stay in registers.
+template <typename A>
+CNNOPS_POOL_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, int64_t count,
+                                     A* __restrict sum) {
+  for (int64_t o0 = 0; o0 < count; o0 += kRowBlock) {
+    A acc[kRowBlock];
+    for (int64_t j = 0; j < kRowBlock; ++j) acc[j] = sum[o0 + j];
+    for (int64_t k = 0; k < kernel; ++k) {
+      const A* __restrict taps = row.taps(k) + o0;
+      for (int64_t j = 0; j < kRowBlock; ++j) acc[j] += taps[j];
+    }
+    for (int64_t j = 0; j < kRowBlock; ++j) sum[o0 + j] = acc[j];
+  }
+}
+
 // Forward NCHW: output rows [begin, end) of the flat (plane, od, oh) range; taps summed in
-// (id, ih, kw) order per output, the outputs along W as the vectorized inner loop.
+// (id, ih, kw) order per output (as torch), the outputs along W in vectors. Each input row is
+// first loaded into a zero-padded PhasedRow (pool_cpu.h), so the tap loops need no bounds.
 template <typename T>
 CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T* x, T* y,
                                     int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
-  const int64_t SW = g.stride[2];
-  std::vector<A> sum(OW);
+  const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2];
+  const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
+  PhasedRow<A> row(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
+  std::vector<A> sum(padded_ow);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
     const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
@@ -83,17 +93,8 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T*
     std::fill(sum.begin(), sum.end(), A(0));
     for (int64_t id = wd.start; id < wd.end; ++id)
       for (int64_t ih = wh.start; ih < wh.end; ++ih) {
-        const T* row = xp + (id * H + ih) * W;
-        for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-          const OutputRange o = avg_tap_outputs(g, kw);
-          const int64_t off = kw - g.pad[2];
-          if (SW == 1)
-            sum_update_row<1>(row, SW, o.lo, o.hi, off, sum.data());
-          else if (SW == 2)
-            sum_update_row<2>(row, SW, o.lo, o.hi, off, sum.data());
-          else
-            sum_update_row<0>(row, SW, o.lo, o.hi, off, sum.data());
-        }
+        row.load(xp + (id * H + ih) * W);
+        sum_taps_row(row, KW, padded_ow, sum.data());
       }
     T* yr = y + r * OW;
     for (int64_t ow = 0; ow < OW; ++ow) {
