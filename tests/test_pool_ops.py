@@ -352,13 +352,20 @@ def test_max_unpool(i, case, dtype, layout):
 
 
 def test_max_unpool_duplicate_indices_last_wins():
-    """With overlapping windows the same index can appear twice; torch keeps the last write."""
+    """With overlapping windows the same index can appear twice; torch run serially keeps the
+    last write (its parallel loop splits planes between threads), cnnops always does."""
     x = torch.randn(1, 2, 9, 9)
     pooled, idx = F.max_pool2d(x, 3, 1, return_indices=True)
     values = torch.randn_like(pooled)
+    threads = torch.get_num_threads()
     for fmt in (torch.contiguous_format, torch.channels_last):
         v, i = values.contiguous(memory_format=fmt), idx.contiguous(memory_format=fmt)
-        assert torch.equal(ops.max_unpool_forward(v, i, [9, 9]), F.max_unpool2d(v, i, 3, 1, output_size=(9, 9)))
+        try:
+            torch.set_num_threads(1)
+            expected = F.max_unpool2d(v, i, 3, 1, output_size=(9, 9))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(ops.max_unpool_forward(v, i, [9, 9]), expected)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,15 +12,6 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// sum[o] += row[o*S + off] for outputs o in [lo, hi) of an NCHW row (S = kStride, or `stride`
-// when kStride is 0).
-template <int kStride, typename T, typename A>
-CNNOPS_POOL_INLINE void sum_update_row(const T* __restrict row, int64_t stride, int64_t lo,
-                                       int64_t hi, int64_t off, A* __restrict sum) {
-  const int64_t s = kStride > 0 ? kStride : stride;
-  for (int64_t o = lo; o < hi; ++o) sum[o] += A(row[o * s + off]);
-}
-
 // The backward's counterpart: row[o*S + off] += delta[o].
 template <int kStride, typename A>
 CNNOPS_POOL_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi,
@@ -67,15 +58,34 @@ CNNOPS_POOL_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw
   return {max64(ceil_div(-off, s), 0), min64(floor_div(g.in[2] - 1 - off, s) + 1, g.out[2])};
 }
 
+// sum[o] += every tap k of one input row, row.taps(k)[o] (0 outside the input), for the
+// `count` (a multiple of kRowBlock) outputs of a row; each block's sums stay in registers.
+template <typename A>
+CNNOPS_POOL_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, int64_t count,
+                                     A* __restrict sum) {
+  for (int64_t o0 = 0; o0 < count; o0 += kRowBlock) {
+    A acc[kRowBlock];
+    for (int64_t j = 0; j < kRowBlock; ++j) acc[j] = sum[o0 + j];
+    for (int64_t k = 0; k < kernel; ++k) {
+      const A* __restrict taps = row.taps(k) + o0;
+      for (int64_t j = 0; j < kRowBlock; ++j) acc[j] += taps[j];
+    }
+    for (int64_t j = 0; j < kRowBlock; ++j) sum[o0 + j] = acc[j];
+  }
+}
+
 // Forward NCHW: output rows [begin, end) of the flat (plane, od, oh) range; taps summed in
-// (id, ih, kw) order per output, the outputs along W as the vectorized inner loop.
+// (id, ih, kw) order per output (as torch), the outputs along W in vectors. Each input row is
+// first loaded into a zero-padded PhasedRow (pool_cpu.h), so the tap loops need no bounds.
 template <typename T>
 CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T* x, T* y,
                                     int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
-  const int64_t SW = g.stride[2];
-  std::vector<A> sum(OW);
+  const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2];
+  const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
+  PhasedRow<A> row(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
+  std::vector<A> sum(padded_ow);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
     const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
@@ -83,17 +93,8 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T*
     std::fill(sum.begin(), sum.end(), A(0));
     for (int64_t id = wd.start; id < wd.end; ++id)
       for (int64_t ih = wh.start; ih < wh.end; ++ih) {
-        const T* row = xp + (id * H + ih) * W;
-        for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-          const OutputRange o = avg_tap_outputs(g, kw);
-          const int64_t off = kw - g.pad[2];
-          if (SW == 1)
-            sum_update_row<1>(row, SW, o.lo, o.hi, off, sum.data());
-          else if (SW == 2)
-            sum_update_row<2>(row, SW, o.lo, o.hi, off, sum.data());
-          else
-            sum_update_row<0>(row, SW, o.lo, o.hi, off, sum.data());
-        }
+        row.load(xp + (id * H + ih) * W);
+        sum_taps_row(row, KW, padded_ow, sum.data());
       }
     T* yr = y + r * OW;
     for (int64_t ow = 0; ow < OW; ++ow) {
@@ -103,29 +104,46 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T*
   }
 }
 
-// Forward NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range.
+// Forward NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range. Channels go in
+// blocks of kChannelBlock whose running sums stay in registers across the window's taps.
+constexpr int64_t kChannelBlock = 32;
+
+template <int64_t kWidth, typename T, typename A>
+CNNOPS_POOL_INLINE void add_channels(const T* __restrict src, int64_t width, A* __restrict acc) {
+  const int64_t w = kWidth > 0 ? kWidth : width;  // a constant width unrolls into registers
+  for (int64_t c = 0; c < w; ++c) acc[c] += A(src[c]);
+}
+
 template <typename T>
 CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y,
                                          int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
-  std::vector<A> sum(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
-    const int64_t n = q / g.out_plane();
-    const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
-    const T* xn = x + n * g.in_plane() * C;
-    std::fill(sum.begin(), sum.end(), A(0));
-    A* __restrict s = sum.data();
-    for (int64_t id = wd.start; id < wd.end; ++id)
-      for (int64_t ih = wh.start; ih < wh.end; ++ih)
-        for (int64_t iw = ww.start; iw < ww.end; ++iw) {
-          const T* __restrict src = xn + ((id * H + ih) * W + iw) * C;
-          for (int64_t c = 0; c < C; ++c) s[c] += A(src[c]);
-        }
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const AvgWindow wd = avg_window(g, 0, pos.od), wh = avg_window(g, 1, pos.oh), ww = avg_window(g, 2, pos.ow);
+    const T* xn = x + pos.n * g.in_plane() * C;
     const int64_t divisor = avg_divisor(wd, wh, ww, p);
     T* __restrict yq = y + q * C;
-    for (int64_t c = 0; c < C; ++c) yq[c] = divisor == 0 ? T(0) : T(s[c] / A(divisor));
+    if (divisor == 0) {
+      std::fill_n(yq, C, T(0));
+      continue;
+    }
+    const A d = A(divisor);
+    for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+      const int64_t width = std::min(kChannelBlock, C - c0);
+      A acc[kChannelBlock] = {};
+      for (int64_t id = wd.start; id < wd.end; ++id)
+        for (int64_t ih = wh.start; ih < wh.end; ++ih)
+          for (int64_t iw = ww.start; iw < ww.end; ++iw) {
+            const T* src = xn + ((id * H + ih) * W + iw) * C + c0;
+            if (width == kChannelBlock)
+              add_channels<kChannelBlock>(src, width, acc);
+            else
+              add_channels<0>(src, width, acc);
+          }
+      for (int64_t c = 0; c < width; ++c) yq[c0 + c] = T(acc[c] / d);
+    }
   }
 }
 
@@ -172,14 +190,15 @@ CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgParams 
                                                ChannelBlocks cb, const T* dy, T* dx,
                                                int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A> buffer, delta(cb.size);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
     with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      for (int64_t o = 0; o < g.out_plane(); ++o) {
-        const int64_t ow = o % OW, oh = (o / OW) % OH, od = o / (OW * OH);
+      PositionCursor pos(g, 0);
+      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
         const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
         const int64_t divisor = avg_divisor(wd, wh, ww, p);
         if (divisor == 0) continue;
@@ -231,9 +250,9 @@ CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, const T
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A> sum(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % OD;
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
     const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
     const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
@@ -290,8 +309,9 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, C
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
     with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      for (int64_t o = 0; o < g.out_plane(); ++o) {
-        const int64_t ow = o % OW, oh = (o / OW) % OH, od = o / (OW * OH);
+      PositionCursor pos(g, 0);
+      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
         const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
         const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
         const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);

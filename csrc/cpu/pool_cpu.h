@@ -47,6 +47,28 @@ inline int64_t pool_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
 }
 
+// Walks the flat (n, od, oh, ow) range of output positions with counters: NHWC kernels do
+// little work per position, so a division per position would show.
+struct PositionCursor {
+  int64_t OD, OH, OW;
+  int64_t n, od, oh, ow;
+  PositionCursor(const PoolGeometry& g, int64_t q) : OD(g.out[0]), OH(g.out[1]), OW(g.out[2]) {
+    ow = q % OW;
+    oh = (q / OW) % OH;
+    od = (q / (OW * OH)) % OD;
+    n = q / (OW * OH * OD);
+  }
+  void next() {
+    if (++ow < OW) return;
+    ow = 0;
+    if (++oh < OH) return;
+    oh = 0;
+    if (++od < OD) return;
+    od = 0;
+    ++n;
+  }
+};
+
 // Channel blocks for NHWC scatters: tasks are (image, channel block) pairs, and channel blocks
 // are only cut (in multiples of 16) when there are too few images to keep every thread busy.
 struct ChannelBlocks {
@@ -87,6 +109,52 @@ void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride,
       for (int64_t i = 0; i < width; ++i) dst[r * dst_stride + i] = T(buffer[r * width + i]);
   }
 }
+
+// NCHW row loops run over the outputs of a row padded to a multiple of this (one AVX-512
+// vector of float), so their vectorized loops never need a tail.
+constexpr int64_t kRowBlock = 16;
+
+// A padded input row split into its `stride` phases: phase p holds padded columns p, p + S,
+// p + 2S, ... Output o's tap at padded column o*S + t is then phase t % S at o + t / S, so every
+// tap loop reads consecutive memory whatever the stride (which the compiler vectorizes; it
+// does not vectorize strided loads with a running max and index well). Columns outside the
+// input hold `fill` (-inf for max pooling, 0 for sums).
+template <typename A>
+struct PhasedRow {
+  int64_t stride, pad, width, phase_len;
+  std::vector<A> data;
+  std::vector<int64_t> first, last;  // per phase: the range of j that holds input columns
+  std::vector<int64_t> tap_offset;   // per tap k: where taps(k * dilation) starts in data
+  PhasedRow(int64_t stride_, int64_t pad_, int64_t width_, int64_t padded_width, int64_t kernel,
+            int64_t dilation, A fill)
+      : stride(stride_), pad(pad_), width(width_), phase_len(pool_blocks(padded_width, stride_)),
+        data(stride_ * phase_len, fill) {
+    for (int64_t p = 0; p < stride; ++p) {  // phase p, slot j: input column j*S + p - pad
+      first.push_back(max64(ceil_div(pad - p, stride), 0));
+      last.push_back(ceil_div(width + pad - p, stride));
+    }
+    for (int64_t k = 0; k < kernel; ++k) {
+      const int64_t t = k * dilation;
+      tap_offset.push_back((t % stride) * phase_len + t / stride);
+    }
+  }
+  template <typename T>
+  void load(const T* row) {  // input column iw goes to padded column iw + pad
+    for (int64_t p = 0; p < stride; ++p) {
+      A* __restrict phase = data.data() + p * phase_len;
+      const T* __restrict src = row + p - pad;
+      const int64_t j0 = first[p], j1 = last[p];
+      if (stride == 1)  // constant strides vectorize
+        for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[j]);
+      else if (stride == 2)
+        for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[2 * j]);
+      else
+        for (int64_t j = j0; j < j1; ++j) phase[j] = A(src[j * stride]);
+    }
+  }
+  // Tap k of every output: output o reads taps(k)[o], the padded column o*S + k*D.
+  const A* taps(int64_t k) const { return data.data() + tap_offset[k]; }
+};
 
 // The kernels. Tensors are contiguous in the layout named by channels_last, outputs allocated
 // by the caller with the geometry's sizes. Each returns after all threads are done.

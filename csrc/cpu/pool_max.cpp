@@ -5,9 +5,13 @@
 // always wins, later NaNs over earlier ones, exactly as torch's CPU loop
 // `if (val > maxval || isnan(val))` starting from -inf and the window's first tap.
 //
-// Indices are tracked in an index type I: int32 while a plane has under 2^31 elements (half
+// Indices are tracked in an index type I: int32 while a plane has under 2^30 elements (half
 // the bytes, and lanes as wide as float's, so the selects vectorize), int64 beyond.
 #include <ATen/Dispatch.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <limits>
@@ -24,30 +28,82 @@ CNNOPS_POOL_INLINE bool max_takes(A v, A best) {
   return (v > best) | (v != v);
 }
 
-// NCHW: for outputs o in [lo, hi) of a row, the tap row[o*S + off] (S = kStride, or `stride`
-// when kStride is 0), whose in-plane index is index0 + o*S.
-template <int kStride, typename T, typename A, typename I>
-CNNOPS_POOL_INLINE void max_update_row(const T* __restrict row, int64_t stride, int64_t lo,
-                                       int64_t hi, int64_t off, int64_t index0,
-                                       A* __restrict best, I* __restrict where) {
-  const int64_t s = kStride > 0 ? kStride : stride;
-  for (int64_t o = lo; o < hi; ++o) {
-    const A v = A(row[o * s + off]);
-    const bool take = max_takes(v, best[o]);
-    best[o] = take ? v : best[o];
-    where[o] = take ? I(index0 + o * s) : where[o];
+// NCHW: every tap k of one input row for every output of an output row: tap value
+// row.taps(k)[o], in-plane index index0 + k*D + o*S (-inf where the window leaves the input:
+// never taken). `count`, the padded output width, is a multiple of kRowBlock.
+template <typename A, typename I>
+using MaxRowFn = void (*)(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
+                          int64_t index0, A* best, I* where);
+
+template <typename A, typename I>
+void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
+                     int64_t index0, A* __restrict best, I* __restrict where) {
+  for (int64_t k = 0; k < kernel; ++k) {
+    const A* __restrict taps = row.taps(k);
+    const int64_t first = index0 + k * dilation;
+    for (int64_t o = 0; o < count; ++o) {
+      const A v = taps[o];
+      const bool take = max_takes(v, best[o]);
+      best[o] = take ? v : best[o];
+      where[o] = take ? I(first + o * row.stride) : where[o];
+    }
   }
 }
 
-// NHWC: one tap (in-plane index `tap`) of every channel of one output position.
-template <typename T, typename A, typename I>
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same for float with int32 indices, 16 outputs per AVX-512 vector (the compiler does not
+// vectorize the generic loop's masked index update on its own). Each block of outputs stays in
+// registers across the taps, in tap order.
+__attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& row, int64_t kernel,
+                                                       int64_t dilation, int64_t count,
+                                                       int64_t index0, float* best, int32_t* where) {
+  const int32_t stride = static_cast<int32_t>(row.stride);
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride));
+  const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(dilation));
+  for (int64_t o = 0; o < count; o += 16) {
+    __m512 b = _mm512_loadu_ps(best + o);
+    __m512i w = _mm512_loadu_si512(where + o);
+    __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(index0 + o * stride)));
+    for (int64_t k = 0; k < kernel; ++k) {
+      const __m512 v = _mm512_loadu_ps(row.taps(k) + o);
+      const __mmask16 take = _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      b = _mm512_mask_blend_ps(take, b, v);
+      w = _mm512_mask_blend_epi32(take, w, index);
+      index = _mm512_add_epi32(index, step);
+    }
+    _mm512_storeu_ps(best + o, b);
+    _mm512_storeu_si512(where + o, w);
+  }
+}
+#endif
+
+template <typename A, typename I>
+MaxRowFn<A, I> pick_max_row() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<I, int32_t>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) return max_row_avx512;
+  }
+#endif
+  return max_row_generic<A, I>;
+}
+
+// NHWC: one tap (in-plane index `tap`) of every channel of one output position. The window's
+// first tap initializes (best, where): that is what the -inf start and one update give.
+template <bool kFirst, typename T, typename A, typename I>
 CNNOPS_POOL_INLINE void max_update_channels(const T* __restrict src, int64_t channels, I tap,
                                             A* __restrict best, I* __restrict where) {
   for (int64_t c = 0; c < channels; ++c) {
     const A v = A(src[c]);
-    const bool take = max_takes(v, best[c]);
-    best[c] = take ? v : best[c];
-    where[c] = take ? tap : where[c];
+    if (kFirst) {
+      best[c] = v;
+      where[c] = tap;
+    } else {
+      const bool take = max_takes(v, best[c]);
+      best[c] = take ? v : best[c];
+      where[c] = take ? tap : where[c];
+    }
   }
 }
 
@@ -59,43 +115,40 @@ CNNOPS_POOL_INLINE void store_max(int64_t count, const A* best, const I* where, 
 }
 
 // Output rows [begin, end) of the flat (plane, od, oh) range. Per row, every tap of every window
-// is visited in (id, ih, kw) order, with the outputs along W as the vectorized inner loop.
+// is visited in (id, ih, kw) order, with the outputs along W as the vectorized inner loop. Each
+// input row a window reads is first loaded into a PhasedRow padded with -inf, wide enough for
+// a whole number of vectors of outputs, so the tap loops need no bounds.
 template <typename T, typename I>
 CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y,
                                          int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
+  constexpr A kLowest = -std::numeric_limits<A>::infinity();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2];
-  std::vector<A> best(OW);
-  std::vector<I> where(OW);
+  const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
+  PhasedRow<A> row(SW, PW, W, std::max(padded_ow * SW + (KW - 1) * DW, W + PW), KW, DW, kLowest);
+  std::vector<A> best(padded_ow);
+  std::vector<I> where(padded_ow);
+  const MaxRowFn<A, I> update_row = pick_max_row<A, I>();
+  std::vector<I> first_column(padded_ow, 0);  // of each output's window along W
+  for (int64_t ow = 0; ow < OW; ++ow) first_column[ow] = I(max_pool_window(ow, W, KW, SW, PW, DW).start);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
     const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
     const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
     const T* xp = x + plane * g.in_plane();
     // Before any tap: -inf at the window's first tap (what an all -inf window returns).
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      const PoolWindow ww = max_pool_window(ow, W, KW, SW, PW, DW);
-      best[ow] = -std::numeric_limits<A>::infinity();
-      where[ow] = I((wd.start * H + wh.start) * W + ww.start);
+    const I first_row = I((wd.start * H + wh.start) * W);
+    for (int64_t ow = 0; ow < padded_ow; ++ow) {
+      best[ow] = kLowest;
+      where[ow] = first_row + first_column[ow];
     }
     for (int64_t id = wd.start; id < wd.end; id += wd.step)
       for (int64_t ih = wh.start; ih < wh.end; ih += wh.step) {
         const int64_t base = (id * H + ih) * W;
-        for (int64_t kw = 0; kw < KW; ++kw) {
-          // outputs whose tap kw, at iw = ow*SW + off, lies inside the row
-          const int64_t off = kw * DW - PW;
-          const int64_t lo = max64(ceil_div(-off, SW), 0);
-          const int64_t hi = min64(floor_div(W - 1 - off, SW) + 1, OW);
-          if (lo >= hi) continue;
-          if (SW == 1)
-            max_update_row<1>(xp + base, SW, lo, hi, off, base + off, best.data(), where.data());
-          else if (SW == 2)
-            max_update_row<2>(xp + base, SW, lo, hi, off, base + off, best.data(), where.data());
-          else
-            max_update_row<0>(xp + base, SW, lo, hi, off, base + off, best.data(), where.data());
-        }
+        row.load(xp + base);
+        update_row(row, KW, DW, padded_ow, base - PW, best.data(), where.data());
       }
     store_max(OW, best.data(), where.data(), y + r * OW, indices + r * OW);
   }
@@ -106,23 +159,25 @@ template <typename T, typename I>
 CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
                                               int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A> best(C);
   std::vector<I> where(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
     const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
     const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
     const T* xn = x + n * g.in_plane() * C;
-    std::fill(best.begin(), best.end(), -std::numeric_limits<A>::infinity());
-    std::fill(where.begin(), where.end(), I((wd.start * H + wh.start) * W + ww.start));
+    const int64_t first = (wd.start * H + wh.start) * W + ww.start;
     for (int64_t id = wd.start; id < wd.end; id += wd.step)
       for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
         for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
           const int64_t tap = (id * H + ih) * W + iw;
-          max_update_channels(xn + tap * C, C, I(tap), best.data(), where.data());
+          if (tap == first)
+            max_update_channels<true>(xn + tap * C, C, I(tap), best.data(), where.data());
+          else
+            max_update_channels<false>(xn + tap * C, C, I(tap), best.data(), where.data());
         }
     store_max(C, best.data(), where.data(), y + q * C, indices + q * C);
   }
@@ -149,10 +204,9 @@ CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, const T* x, 
           for (int64_t iw = w0; iw < w1; ++iw) {
             const int64_t tap = (id * H + ih) * W + iw;
             const A v = A(xp[tap]);
-            if (max_takes(v, best)) {
-              best = v;
-              where = tap;
-            }
+            const bool take = max_takes(v, best);  // branch-free: selects, not jumps
+            best = take ? v : best;
+            where = take ? tap : where;
           }
       y[r * OW + ow] = T(best);
       indices[r * OW + ow] = where;
@@ -167,20 +221,22 @@ CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, const T
   const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A> best(C);
   std::vector<I> where(C);
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
-    const int64_t n = q / g.out_plane();
+  PositionCursor pos(g, begin);
+  for (int64_t q = begin; q < end; ++q, pos.next()) {
+    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
     const int64_t d0 = adaptive_start(od, D, g.out[0]), d1 = adaptive_end(od, D, g.out[0]);
     const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
     const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
     const T* xn = x + n * g.in_plane() * C;
-    std::fill(best.begin(), best.end(), -std::numeric_limits<A>::infinity());
-    std::fill(where.begin(), where.end(), I((d0 * H + h0) * W + w0));
+    const int64_t first = (d0 * H + h0) * W + w0;
     for (int64_t id = d0; id < d1; ++id)
       for (int64_t ih = h0; ih < h1; ++ih)
         for (int64_t iw = w0; iw < w1; ++iw) {
           const int64_t tap = (id * H + ih) * W + iw;
-          max_update_channels(xn + tap * C, C, I(tap), best.data(), where.data());
+          if (tap == first)
+            max_update_channels<true>(xn + tap * C, C, I(tap), best.data(), where.data());
+          else
+            max_update_channels<false>(xn + tap * C, C, I(tap), best.data(), where.data());
         }
     store_max(C, best.data(), where.data(), y + q * C, indices + q * C);
   }
@@ -195,7 +251,8 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     int64_t* ind = indices.mutable_data_ptr<int64_t>();
-    const bool narrow = g.in_plane() <= std::numeric_limits<int32_t>::max();
+    // int32 leaves room for the padded-row arithmetic of the NCHW kernel (indices stay below 2^30)
+    const bool narrow = g.in_plane() < (int64_t(1) << 30);
     at::parallel_for(0, tasks, pool_grain(work_per_task), [&](int64_t begin, int64_t end) {
       if (narrow)
         Kernel<scalar_t, int32_t>::run(g, x, y, ind, begin, end);
@@ -231,6 +288,20 @@ void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
 
 void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
                                       at::Tensor& output, at::Tensor& indices, bool channels_last) {
+  // Where every size divides evenly, the adaptive windows [o*I/O, (o+1)*I/O) are a plain max
+  // pool's with kernel = stride = I/O: the NCHW case takes that (vectorized) kernel.
+  bool uniform = !channels_last;
+  for (int i = 0; i < 3; ++i) uniform = uniform && g.out[i] > 0 && g.in[i] % g.out[i] == 0;
+  if (uniform) {
+    PoolGeometry plain = g;
+    for (int i = 0; i < 3; ++i) {
+      plain.kernel[i] = plain.stride[i] = g.in[i] / g.out[i];
+      plain.pad[i] = 0;
+      plain.dilation[i] = 1;
+    }
+    max_pool_forward_kernel(plain, input, output, indices, false);
+    return;
+  }
   // a window holds about in/out elements per dim
   const int64_t window = pool_blocks(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
   if (channels_last)

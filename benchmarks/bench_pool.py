@@ -1,0 +1,247 @@
+"""Pooling benchmark: cnnops.functional pools against torch.nn.functional, timed in the same run
+on the same tensors (same dtype and memory layout).
+
+    python -m benchmarks.bench_pool [--device cpu|cuda] [--dtype float32 ...] [--quick]
+                                    [--out benchmarks/results] [--filter SUBSTRING]
+
+The suite, at ResNet's first-stage size N=32, C=64, 56x56, NCHW and channels_last: the stem max
+pool 3x3 stride 2 padding 1, max pool 2x2 stride 2, average pool 2x2 stride 2, global average
+pool (adaptive, output 1) and adaptive max pool to 7x7; each forward (under torch.no_grad) and
+forward+backward (forward, then torch.autograd.grad for the input).
+
+GB/s counts the bytes that must move: forward reads the input and writes the output;
+forward+backward also reads grad_output and writes grad_input, and for the max pools writes the
+int64 indices in the forward and reads them back in the backward. The machine's copy bandwidth
+(bytes read plus written by a large tensor copy) is quoted beside it: the physical limit of these
+memory-bound ops. Results: <out>/pool_<device>.json and .md.
+"""
+import argparse
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional
+
+from . import common
+
+# Relative error allowed (max |cnnops - torch| / max |torch|, per tensor) before a row is flagged.
+# Max pools must agree exactly (values and, through the gradient, argmax positions).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    op: str  # a torch.nn.functional / cnnops.functional name
+    kwargs: dict
+    n: int = 32
+    c: int = 64
+    hw: int = 56
+    channels_last: bool = False
+
+    @property
+    def is_max(self):
+        return "max" in self.op
+
+    def shape(self):
+        return f"{self.n}x{self.c}x{self.hw}x{self.hw}"
+
+
+def suite():
+    cases = [
+        Case("stem max 3x3 s2 p1", "max_pool2d", dict(kernel_size=3, stride=2, padding=1)),
+        Case("max 2x2 s2", "max_pool2d", dict(kernel_size=2, stride=2)),
+        Case("avg 2x2 s2", "avg_pool2d", dict(kernel_size=2, stride=2)),
+        Case("global avg", "adaptive_avg_pool2d", dict(output_size=1)),
+        Case("adaptive max 7", "adaptive_max_pool2d", dict(output_size=7)),
+    ]
+    return [dataclasses.replace(c, channels_last=cl) for cl in (False, True) for c in cases]
+
+
+def make_input(case, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((case.n, case.c, case.hw, case.hw), generator=gen).to(device=device, dtype=dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(True)
+
+
+def runners(pool, case, x, grad_out):
+    """(forward, forward+backward) callables of one implementation."""
+
+    def forward():
+        with torch.no_grad():
+            return pool(x, **case.kwargs)
+
+    def forward_backward():
+        y = pool(x, **case.kwargs)
+        return y.detach(), torch.autograd.grad(y, x, grad_out)[0]
+
+    return forward, forward_backward
+
+
+def max_rel_error(got, ref):
+    """max over tensors of max |got - ref| / max |ref| (inf on a shape mismatch)."""
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    err = 0.0
+    for g, r in zip(got, ref, strict=True):
+        if g.shape != r.shape:
+            return math.inf
+        d = (g.double() - r.double()).abs().max().item() if g.numel() else 0.0
+        err = max(err, d / max(r.double().abs().max().item() if r.numel() else 0.0, 1e-30))
+    return err
+
+
+def bytes_moved(case, x, y, mode):
+    """Bytes that must move (see the module docstring)."""
+    elem = x.element_size()
+    fwd = (x.numel() + y.numel()) * elem
+    if mode == "fwd":
+        return fwd
+    indices = 2 * y.numel() * 8 if case.is_max else 0
+    return fwd + (y.numel() + x.numel()) * elem + indices
+
+
+def run_case(case, dtype, device, min_run_time, copy_gbps):
+    x = make_input(case, dtype, device)
+    pool_t = getattr(F, case.op)
+    pool_c = getattr(cnnops.functional, case.op)
+    with torch.no_grad():
+        y = pool_t(x, **case.kwargs)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    if case.channels_last:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    fwd_t, fb_t = runners(pool_t, case, x, grad_out)
+    fwd_c, fb_c = runners(pool_c, case, x, grad_out)
+    rows = []
+    for mode, fn_t, fn_c in (("fwd", fwd_t, fwd_c), ("fwd+bwd", fb_t, fb_c)):
+        nbytes = bytes_moved(case, x, y, mode)
+        row = dict(case=case.name, shape=case.shape(), layout="channels_last" if case.channels_last else "contiguous",
+                   dtype=str(dtype).replace("torch.", ""), mode=mode, mbytes=nbytes / 1e6,
+                   torch_s=None, cnnops_s=None, torch_gbps=None, cnnops_gbps=None, copy_gbps=copy_gbps,
+                   ratio=None, max_rel_diff=None, check="-", error=None)
+        try:
+            got, ref = fn_c(), fn_t()
+            err = max_rel_error(got, ref)
+            tol = 0.0 if case.is_max and mode == "fwd" else TOLERANCE[dtype]
+            # outputs keep the input's memory format (torch's grad_input may be an expanded view)
+            out = got[0] if isinstance(got, tuple) else got
+            fmt_ok = out.is_contiguous(memory_format=torch.channels_last if case.channels_last else torch.contiguous_format)
+            row.update(max_rel_diff=err, check="ok" if err <= tol and fmt_ok else "MISMATCH")
+            t_torch, t_cnnops = common.compare_times([fn_t, fn_c], min_run_time)
+            row.update(torch_s=t_torch, cnnops_s=t_cnnops, torch_gbps=common.gbps(nbytes, t_torch),
+                       cnnops_gbps=common.gbps(nbytes, t_cnnops), ratio=t_torch / t_cnnops)
+        except Exception as exc:  # keep going: one failing case must not hide the others
+            row.update(check="ERROR", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("case", lambda r: r["case"]),
+    ("layout", lambda r: "NHWC" if r["layout"] == "channels_last" else "NCHW"),
+    ("dtype", lambda r: r["dtype"]),
+    ("pass", lambda r: r["mode"]),
+    ("torch", lambda r: common.fmt_time(r["torch_s"])),
+    ("cnnops", lambda r: common.fmt_time(r["cnnops_s"])),
+    ("torch/cnnops", lambda r: common.fmt_num(r["ratio"], ".2f")),
+    ("torch GB/s", lambda r: common.fmt_num(r["torch_gbps"], ".3g")),
+    ("cnnops GB/s", lambda r: common.fmt_num(r["cnnops_gbps"], ".3g")),
+    ("copy GB/s", lambda r: common.fmt_num(r["copy_gbps"], ".3g")),
+    ("max rel diff", lambda r: common.fmt_num(r["max_rel_diff"], ".2g")),
+    ("check", lambda r: r["check"] if not r["error"] else f"ERROR {r['error'][:60]}"),
+]
+
+
+def summary_lines(rows):
+    lines = []
+    for (dtype, mode), med in sorted(common.median_ratios(rows, ("dtype", "mode")).items()):
+        lines.append(f"median torch/cnnops {dtype} {mode}: {med:.2f}x")
+    for (dtype, layout), med in sorted(common.median_ratios(rows, ("dtype", "layout")).items()):
+        lines.append(f"median torch/cnnops {dtype} {layout}: {med:.2f}x")
+    for (dtype,), med in sorted(common.median_ratios(rows, ("dtype",)).items()):
+        lines.append(f"median torch/cnnops {dtype}, whole suite: {med:.2f}x")
+    bad = [r for r in rows if r["check"] in ("MISMATCH", "ERROR")]
+    lines.append(f"correctness: {len(rows) - len(bad)} rows ok, {len(bad)} failed"
+                 + "".join(f"\n  {r['check']}: {r['case']} {r['layout']} {r['dtype']} {r['mode']}"
+                           f" rel {common.fmt_num(r['max_rel_diff'], '.2g')} {r['error'] or ''}"
+                           for r in bad))
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"],
+                        choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="short min_run_time (noisier)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per case and pass (default 1.0 CPU / 0.2 CUDA, --quick 0.1 / 0.05)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--filter", default=None, help="only cases whose name contains this")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device")
+        if not cnnops.has_cuda():
+            parser.error("--device cuda: cnnops was built without CUDA kernels")
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+    min_run_time = args.min_run_time
+    if min_run_time is None:
+        min_run_time = (0.05 if args.quick else 0.2) if device.type == "cuda" else (0.1 if args.quick else 1.0)
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    cases = [c for c in suite() if not args.filter or args.filter in c.name]
+    if not cases:
+        parser.error(f"--filter {args.filter!r} matches no case")
+
+    env = common.environment(device)
+    env["min_run_time"] = min_run_time
+    copy_gbps = common.copy_bandwidth(device, min_run_time=max(min_run_time, 0.2))
+    env["copy_gbps"] = copy_gbps
+    header = ["# cnnops pooling vs torch", ""]
+    header += [f"- {line}" for line in common.environment_lines(env)[:-1]]
+    header += [f"- Copy bandwidth (bytes read + written by a 256 MiB tensor copy): {copy_gbps:.3g} GB/s, "
+               "the limit for these memory-bound ops.",
+               "- Median time of torch.utils.benchmark blocked_autorange, torch and cnnops alternating "
+               f"in 2 turns, min_run_time {min_run_time} s in all. torch/cnnops > 1: cnnops faster.",
+               "- GB/s: bytes that must move / time. fwd: input + output; fwd+bwd adds grad_output + "
+               "grad_input, and 2x the int64 indices for max pools. fwd runs under no_grad.",
+               "- cnnops runs the user-facing cnnops.functional API; max rel diff: against torch in the "
+               "same dtype (max pools must match exactly).", ""]
+    print("\n".join(header), flush=True)
+    print(common.markdown_table(COLUMNS, []), flush=True)
+
+    name = "pool_" + common.device_slug(device)
+    rows = []
+    paths = ()
+    for dtype in dtypes:
+        for case in cases:
+            for row in run_case(case, dtype, device, min_run_time, copy_gbps):
+                rows.append(row)
+                print(common.markdown_row(COLUMNS, row), flush=True)
+            # written after every case, so a run cut short by a timeout keeps what it measured
+            summary = summary_lines(rows)
+            payload = dict(benchmark="pool", environment=env, summary=summary, rows=rows,
+                           median_ratio={f"{d} {m}": v for (d, m), v in
+                                         common.median_ratios(rows, ("dtype", "mode")).items()})
+            markdown = "\n".join(header + [common.markdown_table(COLUMNS, rows), ""]
+                                 + [f"- {line}" for line in summary])
+            paths = common.write_results(args.out, name, payload, markdown)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\n" + "\n".join(summary_lines(rows)))
+    print("wrote " + " and ".join(paths))
+
+
+if __name__ == "__main__":
+    main()
