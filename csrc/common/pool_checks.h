@@ -39,8 +39,8 @@ inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
     TORCH_CHECK(stride[i] > 0, op, ": stride should be greater than zero, but got stride=", stride);
     TORCH_CHECK(dilation[i] > 0, op, ": dilation should be greater than zero, but got dilation=", dilation);
     TORCH_CHECK(padding[i] >= 0, op, ": pad must be non-negative, but got padding=", padding);
-    const int64_t effective_kernel = (kernel_size[i] - 1) * dilation[i] + 1;
-    TORCH_CHECK(padding[i] <= effective_kernel / 2, op, ": pad should be at most half of effective kernel size, but got pad=", padding[i], ", kernel_size=", kernel_size[i], " and dilation=", dilation[i]);
+    // torch bounds the padding by half the kernel itself, not the dilated window
+    TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op, ": pad should be at most half of kernel size, but got pad=", padding[i], " and kernel_size=", kernel_size[i]);
   }
   PoolGeometry g;
   g.batch = input.size(0);
@@ -60,6 +60,15 @@ inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
   }
   TORCH_CHECK(!empty, op, ": Given input size: ", input.sizes().slice(1), ". Calculated output size: (", g.out[0], ", ", g.out[1], ", ", g.out[2], ") in (D, H, W). Output size is too small");
   return g;
+}
+
+// torch's avg_pool3d (and only it) also rejects an input smaller than the kernel in any dim,
+// padding or not; the average pool ops mirror that for 3-d pools.
+inline void check_avg_pool3d_input_size(const char* op, const PoolGeometry& g, int64_t dims) {
+  if (dims != 3) return;
+  TORCH_CHECK(g.in[0] >= g.kernel[0] && g.in[1] >= g.kernel[1] && g.in[2] >= g.kernel[2], op,
+              ": input image (T: ", g.in[0], " H: ", g.in[1], " W: ", g.in[2], ") smaller than kernel size (kT: ",
+              g.kernel[0], " kH: ", g.kernel[1], " kW: ", g.kernel[2], ")");
 }
 
 // Adaptive pools: any output size >= 0; every input size except the batch must be positive

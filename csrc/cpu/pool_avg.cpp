@@ -1,0 +1,395 @@
+// Average pooling and adaptive average pooling on the CPU, forward and backward, NCHW and NHWC.
+//
+// Slides: y = (1/n) * sum over the window, so the backward spreads dl/dy / n evenly over the
+// window (dl/dx_i = sum over the windows containing x_i of dl/dy / n). Sums run in float for
+// half and bfloat16 (double for double). The divisor n follows torch: the window's size in the
+// padded input with count_include_pad, the taps inside the input without it, or the override.
+#include <ATen/Dispatch.h>
+
+#include "cpu/pool_cpu.h"
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+// sum[o] += row[o*S + off] for outputs o in [lo, hi) of an NCHW row (S = kStride, or `stride`
+// when kStride is 0).
+template <int kStride, typename T, typename A>
+CNNOPS_POOL_INLINE void sum_update_row(const T* __restrict row, int64_t stride, int64_t lo,
+                                       int64_t hi, int64_t off, A* __restrict sum) {
+  const int64_t s = kStride > 0 ? kStride : stride;
+  for (int64_t o = lo; o < hi; ++o) sum[o] += A(row[o * s + off]);
+}
+
+// The backward's counterpart: row[o*S + off] += delta[o].
+template <int kStride, typename A>
+CNNOPS_POOL_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi,
+                                   int64_t off, const A* __restrict delta) {
+  const int64_t s = kStride > 0 ? kStride : stride;
+  for (int64_t o = lo; o < hi; ++o) row[o * s + off] += delta[o];
+}
+
+// Sum of n contiguous values with 64 independent partial sums: the compiler vectorizes it
+// (a single running sum would not be, since float addition is not associative).
+template <typename T, typename A>
+CNNOPS_POOL_INLINE A sum_contiguous(const T* __restrict p, int64_t n) {
+  constexpr int kLanes = 64;
+  A part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += A(p[i + l]);
+  A sum = 0;
+  for (; i < n; ++i) sum += A(p[i]);
+  for (int l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
+struct AvgParams {
+  bool count_include_pad;
+  int64_t divisor_override;
+};
+
+// The divisor of output (od, oh, ow), or 0 when its window holds no input element (torch
+// writes 0 there).
+CNNOPS_POOL_INLINE int64_t avg_divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w,
+                                       const AvgParams& p) {
+  if (d.end <= d.start || h.end <= h.start || w.end <= w.start) return 0;
+  return avg_pool_divisor(d, h, w, p.count_include_pad, p.divisor_override);
+}
+
+CNNOPS_POOL_INLINE AvgWindow avg_window(const PoolGeometry& g, int dim, int64_t o) {
+  return avg_pool_window(o, g.in[dim], g.kernel[dim], g.stride[dim], g.pad[dim]);
+}
+
+// Outputs along W whose tap kw (at iw = ow*SW + kw - PW) lies inside the row: [lo, hi).
+CNNOPS_POOL_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw) {
+  const int64_t off = kw - g.pad[2], s = g.stride[2];
+  return {max64(ceil_div(-off, s), 0), min64(floor_div(g.in[2] - 1 - off, s) + 1, g.out[2])};
+}
+
+// Forward NCHW: output rows [begin, end) of the flat (plane, od, oh) range; taps summed in
+// (id, ih, kw) order per output, the outputs along W as the vectorized inner loop.
+template <typename T>
+CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T* x, T* y,
+                                    int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t SW = g.stride[2];
+  std::vector<A> sum(OW);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
+    const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
+    const T* xp = x + plane * g.in_plane();
+    std::fill(sum.begin(), sum.end(), A(0));
+    for (int64_t id = wd.start; id < wd.end; ++id)
+      for (int64_t ih = wh.start; ih < wh.end; ++ih) {
+        const T* row = xp + (id * H + ih) * W;
+        for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+          const OutputRange o = avg_tap_outputs(g, kw);
+          const int64_t off = kw - g.pad[2];
+          if (SW == 1)
+            sum_update_row<1>(row, SW, o.lo, o.hi, off, sum.data());
+          else if (SW == 2)
+            sum_update_row<2>(row, SW, o.lo, o.hi, off, sum.data());
+          else
+            sum_update_row<0>(row, SW, o.lo, o.hi, off, sum.data());
+        }
+      }
+    T* yr = y + r * OW;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const int64_t divisor = avg_divisor(wd, wh, avg_window(g, 2, ow), p);
+      yr[ow] = divisor == 0 ? T(0) : T(sum[ow] / A(divisor));
+    }
+  }
+}
+
+// Forward NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range.
+template <typename T>
+CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y,
+                                         int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  std::vector<A> sum(C);
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % g.out[0];
+    const int64_t n = q / g.out_plane();
+    const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
+    const T* xn = x + n * g.in_plane() * C;
+    std::fill(sum.begin(), sum.end(), A(0));
+    A* __restrict s = sum.data();
+    for (int64_t id = wd.start; id < wd.end; ++id)
+      for (int64_t ih = wh.start; ih < wh.end; ++ih)
+        for (int64_t iw = ww.start; iw < ww.end; ++iw) {
+          const T* __restrict src = xn + ((id * H + ih) * W + iw) * C;
+          for (int64_t c = 0; c < C; ++c) s[c] += A(src[c]);
+        }
+    const int64_t divisor = avg_divisor(wd, wh, ww, p);
+    T* __restrict yq = y + q * C;
+    for (int64_t c = 0; c < C; ++c) yq[c] = divisor == 0 ? T(0) : T(s[c] / A(divisor));
+  }
+}
+
+// Backward NCHW: planes [begin, end), each spread row by row into its own accumulator.
+template <typename T>
+CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgParams p, const T* dy,
+                                               T* dx, int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  const int64_t SW = g.stride[2];
+  std::vector<A> buffer, delta(OW);
+  for (int64_t plane = begin; plane < end; ++plane) {
+    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
+      for (int64_t od = 0; od < OD; ++od)
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
+          const T* dyr = dy + ((plane * OD + od) * OH + oh) * OW;
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t divisor = avg_divisor(wd, wh, avg_window(g, 2, ow), p);
+            delta[ow] = divisor == 0 ? A(0) : A(dyr[ow]) / A(divisor);
+          }
+          for (int64_t id = wd.start; id < wd.end; ++id)
+            for (int64_t ih = wh.start; ih < wh.end; ++ih) {
+              A* row = acc + (id * H + ih) * W;
+              for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+                const OutputRange o = avg_tap_outputs(g, kw);
+                const int64_t off = kw - g.pad[2];
+                if (SW == 1)
+                  spread_row<1>(row, SW, o.lo, o.hi, off, delta.data());
+                else if (SW == 2)
+                  spread_row<2>(row, SW, o.lo, o.hi, off, delta.data());
+                else
+                  spread_row<0>(row, SW, o.lo, o.hi, off, delta.data());
+              }
+            }
+        }
+    });
+  }
+}
+
+// Backward NHWC: tasks [begin, end) of the flat (n, channel block) range.
+template <typename T>
+CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgParams p,
+                                               ChannelBlocks cb, const T* dy, T* dx,
+                                               int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  std::vector<A> buffer, delta(cb.size);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
+    const int64_t cw = std::min(cb.size, C - c0);
+    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
+      for (int64_t o = 0; o < g.out_plane(); ++o) {
+        const int64_t ow = o % OW, oh = (o / OW) % OH, od = o / (OW * OH);
+        const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
+        const int64_t divisor = avg_divisor(wd, wh, ww, p);
+        if (divisor == 0) continue;
+        const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
+        A* __restrict d = delta.data();
+        for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / A(divisor);
+        for (int64_t id = wd.start; id < wd.end; ++id)
+          for (int64_t ih = wh.start; ih < wh.end; ++ih)
+            for (int64_t iw = ww.start; iw < ww.end; ++iw) {
+              A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
+              for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
+            }
+      }
+    });
+  }
+}
+
+// Adaptive average, forward NCHW: rows [begin, end) of (plane, od, oh). A window spanning
+// whole rows is one contiguous run per depth slice (the global pool: the whole plane).
+template <typename T>
+CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y,
+                                             int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
+    const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
+    const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
+    const T* xp = x + plane * g.in_plane();
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
+      A sum = 0;
+      for (int64_t id = d0; id < d1; ++id) {
+        if (w0 == 0 && w1 == W) {
+          sum += sum_contiguous<T, A>(xp + (id * H + h0) * W, (h1 - h0) * W);
+          continue;
+        }
+        for (int64_t ih = h0; ih < h1; ++ih) sum += sum_contiguous<T, A>(xp + (id * H + ih) * W + w0, w1 - w0);
+      }
+      y[r * OW + ow] = T(sum / A((d1 - d0) * (h1 - h0) * (w1 - w0)));
+    }
+  }
+}
+
+template <typename T>
+CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
+                                                  int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
+  std::vector<A> sum(C);
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t ow = q % OW, oh = (q / OW) % OH, od = (q / (OW * OH)) % OD;
+    const int64_t n = q / g.out_plane();
+    const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
+    const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
+    const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
+    const T* xn = x + n * g.in_plane() * C;
+    std::fill(sum.begin(), sum.end(), A(0));
+    A* __restrict s = sum.data();
+    for (int64_t id = d0; id < d1; ++id)
+      for (int64_t ih = h0; ih < h1; ++ih)
+        for (int64_t iw = w0; iw < w1; ++iw) {
+          const T* __restrict src = xn + ((id * H + ih) * W + iw) * C;
+          for (int64_t c = 0; c < C; ++c) s[c] += A(src[c]);
+        }
+    const A count = A((d1 - d0) * (h1 - h0) * (w1 - w0));
+    T* __restrict yq = y + q * C;
+    for (int64_t c = 0; c < C; ++c) yq[c] = T(s[c] / count);
+  }
+}
+
+template <typename T>
+CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, const T* dy, T* dx,
+                                                        int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
+  std::vector<A> buffer;
+  for (int64_t plane = begin; plane < end; ++plane) {
+    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
+      for (int64_t od = 0; od < OD; ++od)
+        for (int64_t oh = 0; oh < OH; ++oh)
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
+            const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
+            const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
+            const A delta = A(dy[((plane * OD + od) * OH + oh) * OW + ow]) /
+                            A((d1 - d0) * (h1 - h0) * (w1 - w0));
+            for (int64_t id = d0; id < d1; ++id)
+              for (int64_t ih = h0; ih < h1; ++ih) {
+                A* __restrict row = acc + (id * H + ih) * W;
+                for (int64_t iw = w0; iw < w1; ++iw) row[iw] += delta;
+              }
+          }
+    });
+  }
+}
+
+template <typename T>
+CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, ChannelBlocks cb,
+                                                        const T* dy, T* dx, int64_t begin,
+                                                        int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
+  std::vector<A> buffer, delta(cb.size);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
+    const int64_t cw = std::min(cb.size, C - c0);
+    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
+      for (int64_t o = 0; o < g.out_plane(); ++o) {
+        const int64_t ow = o % OW, oh = (o / OW) % OH, od = o / (OW * OH);
+        const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
+        const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
+        const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
+        const A count = A((d1 - d0) * (h1 - h0) * (w1 - w0));
+        const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
+        A* __restrict d = delta.data();
+        for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / count;
+        for (int64_t id = d0; id < d1; ++id)
+          for (int64_t ih = h0; ih < h1; ++ih)
+            for (int64_t iw = w0; iw < w1; ++iw) {
+              A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
+              for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
+            }
+      }
+    });
+  }
+}
+
+#define CNNOPS_DISPATCH_POOL_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace
+
+void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
+                             bool channels_last, bool count_include_pad, int64_t divisor_override) {
+  const AvgParams p{count_include_pad, divisor_override};
+  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
+  CNNOPS_DISPATCH_POOL_TYPES(input.scalar_type(), "avg_pool_forward_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      at::parallel_for(0, g.batch * g.out_plane(), pool_grain(window * g.channels), [&](int64_t b, int64_t e) {
+        avg_nhwc_positions<scalar_t>(g, p, x, y, b, e);
+      });
+    } else {
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
+        avg_nchw_rows<scalar_t>(g, p, x, y, b, e);
+      });
+    }
+  });
+}
+
+void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output,
+                              at::Tensor& grad_input, bool channels_last, bool count_include_pad,
+                              int64_t divisor_override) {
+  const AvgParams p{count_include_pad, divisor_override};
+  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
+  CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "avg_pool_backward_cpu", [&] {
+    const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      const ChannelBlocks cb(g.batch, g.channels);
+      at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
+        avg_backward_nhwc_blocks<scalar_t>(g, p, cb, dy, dx, b, e);
+      });
+    } else {
+      at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + g.out_plane() * window), [&](int64_t b, int64_t e) {
+        avg_backward_nchw_planes<scalar_t>(g, p, dy, dx, b, e);
+      });
+    }
+  });
+}
+
+void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
+                                      at::Tensor& output, bool channels_last) {
+  const int64_t window = pool_blocks(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
+  CNNOPS_DISPATCH_POOL_TYPES(input.scalar_type(), "adaptive_avg_pool_forward_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      at::parallel_for(0, g.batch * g.out_plane(), pool_grain(window * g.channels), [&](int64_t b, int64_t e) {
+        adaptive_avg_nhwc_positions<scalar_t>(g, x, y, b, e);
+      });
+    } else {
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
+        adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e);
+      });
+    }
+  });
+}
+
+void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output,
+                                       at::Tensor& grad_input, bool channels_last) {
+  CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "adaptive_avg_pool_backward_cpu", [&] {
+    const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      const ChannelBlocks cb(g.batch, g.channels);
+      at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
+        adaptive_avg_backward_nhwc_blocks<scalar_t>(g, cb, dy, dx, b, e);
+      });
+    } else {
+      at::parallel_for(0, g.planes(), pool_grain(2 * g.in_plane()), [&](int64_t b, int64_t e) {
+        adaptive_avg_backward_nchw_planes<scalar_t>(g, dy, dx, b, e);
+      });
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace cnnops
