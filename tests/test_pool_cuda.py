@@ -179,6 +179,18 @@ def test_avg_pool(case, layout, dtype):
         assert_close_to_torch(dx.cpu(), dx_c, dtype, msg="grad_input vs cnnops CPU")
 
 
+def test_avg_pool_negative_divisor_override():
+    """torch takes any non-zero divisor_override, negative ones too."""
+    x = torch.randn(2, 3, 7, 6, device=DEVICE)
+    out = ops.avg_pool_forward(x, (2, 3), (2, 2), (1, 1), True, True, -3)
+    xr = x.detach().double().requires_grad_()
+    ref = F.avg_pool2d(xr, (2, 3), (2, 2), (1, 1), True, True, -3)
+    assert_close_to_torch(out, ref, torch.float32)
+    dy = torch.randn_like(out)
+    (ref_dx,) = torch.autograd.grad(ref, xr, dy.double())
+    assert_close_to_torch(ops.avg_pool_backward(dy, x, (2, 3), (2, 2), (1, 1), True, True, -3), ref_dx, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # adaptive pools
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +376,8 @@ def test_argument_errors():
         ops.max_pool_forward(x, (0, 2), (1, 1), (0, 0), (1, 1), False)
     with pytest.raises(RuntimeError, match="pad should be at most half"):
         ops.avg_pool_forward(x, (2, 2), (1, 1), (2, 2), False, True, 0)
+    with pytest.raises(RuntimeError, match="smaller than kernel size"):  # torch's avg_pool3d rule
+        ops.avg_pool_forward(torch.randn(1, 2, 2, 5, 5, device=DEVICE), (3, 2, 2), (1, 1, 1), (1, 0, 0), False, True, 0)
     with pytest.raises(RuntimeError, match="grad_output"):
         ops.avg_pool_backward(torch.randn(2, 3, 3, 3, device=DEVICE), x, (2, 2), (2, 2), (0, 0), False, True, 0)
     _, idx = ops.max_pool_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), False)

@@ -10,7 +10,7 @@ int64 offsets), and every result is compared with torch's CPU operators. So the 
 index math, the window and gather math and the unpool index checks that the GPU runs are tested
 on every CI run, with or without a GPU.
 """
-import itertools
+import hashlib
 import os
 import tempfile
 import zlib
@@ -263,6 +263,7 @@ std::vector<at::Tensor> unpool_bwd(at::Tensor grad_output_, at::Tensor input, at
 }
 """
 
+HEADERS = ["cuda/pool_kernels.cuh", "common/pool_shape.h", "common/pool_checks.h", "common/macros.h"]
 FUNCTIONS = ["max_pool_fwd", "max_pool_bwd", "avg_pool_fwd", "avg_pool_bwd", "adaptive_fwd", "adaptive_bwd",
              "unpool_fwd", "unpool_bwd"]
 
@@ -274,9 +275,15 @@ def emu():
     # A build folder per checkout, kept between runs (load_inline rebuilds when SOURCE changes).
     build = os.path.join(tempfile.gettempdir(), f"cnnops_pool_kernels_host_{zlib.crc32(ROOT.encode()):08x}")
     os.makedirs(build, exist_ok=True)
+    # load_inline rebuilds when its source text changes, not when a header does: name the
+    # headers' digest in the source.
+    digest = hashlib.sha1()
+    for header in HEADERS:
+        with open(os.path.join(ROOT, "csrc", header), "rb") as f:
+            digest.update(f.read())
     return load_inline(
         name="cnnops_pool_kernels_host",
-        cpp_sources=SOURCE,
+        cpp_sources=SOURCE + f"\n// headers {digest.hexdigest()}\n",
         functions=FUNCTIONS,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O1"],
@@ -375,6 +382,7 @@ AVG_CASES = [
     (3, 1, 3, (5, 6, 7), (2, 3, 2), (2, 2, 1), (1, 1, 0), True, True, 0),
     (3, 2, 2, (4, 5, 5), (3, 2, 2), (2, 2, 2), (1, 1, 1), True, False, 0),
     (3, 1, 2, (4, 4, 4), (2, 2, 2), (1, 2, 1), (0, 1, 1), False, True, 5),
+    (2, 1, 3, (7, 6), (2, 3), (2, 2), (1, 1), True, True, -3),    # torch takes negative divisors
 ]
 
 

@@ -195,6 +195,7 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
   const char* op = "avg_pool_forward";
   const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
+  check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
@@ -226,6 +227,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
   const char* op = "avg_pool_backward";
   const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
+  check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
