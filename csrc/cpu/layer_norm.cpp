@@ -113,6 +113,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
     std::vector<acc_t> pdw(by_blocks ? blocks * K : 0, acc_t(0)), pdb(pdw.size(), acc_t(0));
     // dx = w * invstd * dy + coef_xmu[r] * (x - mean[r]) + coef_const[r]
     std::vector<acc_t> coef_xmu(M), coef_const(M);
+    constexpr int64_t kColumnChunk = 8192;  // long enough runs for the prefetchers
+    const int64_t chunks = (K + kColumnChunk - 1) / kColumnChunk;
     at::parallel_for(0, (dxp || by_blocks) ? blocks : 0, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         for (int64_t r = blk * per; r < std::min(M, (blk + 1) * per); ++r) {
@@ -128,15 +130,14 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
           const auto coef = norm_input_grad_coef(ip[r], sum_g, sum_g_xmu, static_cast<acc_t>(K));
           coef_xmu[r] = coef.coef_xmu;
           coef_const[r] = coef.coef_const;
-          if (!by_columns)  // the row is still in cache
+          if (!by_columns)  // the row is still in cache; by columns, dx comes with dweight/dbias
             layer_norm_row_input_grad(dyr, xr, dxp + r * K, K, mp[r], ip[r], wp, coef.coef_xmu,
                                       coef.coef_const);
         }
       }
     });
     std::vector<acc_t> gw(params ? K : 0, acc_t(0)), gb(params ? K : 0, acc_t(0));
-    constexpr int64_t kColumnChunk = 1024;
-    at::parallel_for(0, params ? (K + kColumnChunk - 1) / kColumnChunk : 0, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, params ? chunks : 0, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t k0 = chunk * kColumnChunk, len = std::min(kColumnChunk, K - k0);
         if (by_columns) {  // dx of the chunk and its dweight/dbias, rows in order
