@@ -133,8 +133,13 @@ def _check_channel_params(input, **tensors):
 
 
 def _check_tensor(input, fn):
+    """A floating-point Tensor; torch raises NotImplementedError from its dtype dispatch for
+    the others, and so does cnnops."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fn}(): input must be a Tensor, but got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"{fn}\" not implemented for input of dtype {input.dtype} "
+                                  "(cnnops supports float32, float64, bfloat16 and float16)")
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -157,6 +162,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             if tensor is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
+    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
+    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
     out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                         float(momentum), float(eps))
     return out
@@ -194,7 +202,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     channels = input.size(1)
-    if num_groups <= 0 or channels % num_groups != 0:
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    if channels % num_groups != 0:
         raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
                            f"of shape {list(input.shape)} and num_groups={num_groups}")
     for name, tensor in (("weight", weight), ("bias", bias)):
