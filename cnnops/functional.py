@@ -161,6 +161,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
@@ -182,8 +184,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if len(normalized_shape) == 0:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
                            "least one element, but got normalized_shape = []")
-    trailing = tuple(input.shape[input.dim() - len(normalized_shape):]) if input.dim() >= len(normalized_shape) else None
-    if trailing != normalized_shape:
+    leading = input.dim() - len(normalized_shape)
+    if leading < 0 or tuple(input.shape[leading:]) != normalized_shape:
         raise RuntimeError(f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
