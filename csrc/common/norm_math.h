@@ -22,6 +22,17 @@ CNNOPS_HD void welford_add_shared_count(acc_t& mean, acc_t& m2, acc_t x, acc_t i
   m2 += delta * (x - mean);
 }
 
+// Chan's merge of two partials that have the same count n (SIMD lanes or warp lanes that ran in
+// lockstep): no division, so a tree of these merges vectorizes.
+//   mean = (mean_a + mean_b) / 2,  m2 = m2_a + m2_b + (mean_b - mean_a)^2 * n / 2
+template <typename acc_t>
+CNNOPS_HD void welford_merge_equal_count(acc_t& mean, acc_t& m2, acc_t other_mean, acc_t other_m2,
+                                         acc_t count) {
+  const acc_t delta = other_mean - mean;
+  mean = acc_t(0.5) * (mean + other_mean);
+  m2 = m2 + other_m2 + delta * delta * (acc_t(0.5) * count);
+}
+
 // Running statistics (torch's momentum convention): running = (1 - m) * running + m * batch,
 // where the variance fed in is the unbiased one, m2 / (count - 1).
 template <typename acc_t>

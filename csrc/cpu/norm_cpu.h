@@ -95,11 +95,20 @@ void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* 
                                const acc_type<scalar_t>* w, acc_type<scalar_t> coef_xmu,
                                acc_type<scalar_t> coef_const);
 
-// dw[k] += dy * (x - mean) * invstd, db[k] += dy (either may be null).
+// dw[k] += dy * (x - mean) * invstd, db[k] += dy.
 template <typename scalar_t>
 void layer_norm_row_param_grad(const scalar_t* dy, const scalar_t* x, int64_t n,
                                acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
                                acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
+
+// One pass for both: the row sums of layer_norm_row_grad_sums and the updates of
+// layer_norm_row_param_grad.
+template <typename scalar_t>
+void layer_norm_row_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
+                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                  const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g,
+                                  acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* dw,
+                                  acc_type<scalar_t>* db);
 
 // ---- channels-last rows (C channels per row, per-channel lanes) ----------------------------
 

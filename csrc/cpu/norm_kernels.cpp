@@ -36,11 +36,12 @@ inline acc_type<scalar_t> load(const scalar_t* p) {
 
 }  // namespace
 
-template <typename scalar_t>
-CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __restrict x,
-                                                             int64_t n) {
+// Welford over x[0, n) in L lanes that share the count, merged as a tree of equal-count pairs,
+// then the tail (fewer than L values) by its own two-pass statistics and one Chan merge.
+template <int L, typename scalar_t>
+__attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(
+    const scalar_t* __restrict x, int64_t n) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int L = span_lanes<acc_t>();
   acc_t mean[L] = {};
   acc_t m2[L] = {};
   const int64_t steps = n / L;
@@ -50,17 +51,44 @@ CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __re
     for (int l = 0; l < L; ++l)
       welford_add_shared_count(mean[l], m2[l], static_cast<acc_t>(p[l]), inv_count);
   }
-  // Chan merge of the lanes in a fixed order, then the tail one value at a time.
-  Welford<acc_t> total;
-  for (int l = 0; l < L && steps > 0; ++l) {
-    Welford<acc_t> lane;
-    lane.mean = mean[l];
-    lane.m2 = m2[l];
-    lane.count = static_cast<acc_t>(steps);
-    total.merge(lane);
+  acc_t count = static_cast<acc_t>(steps);
+  for (int half = L / 2; half >= 1; half /= 2) {
+    for (int l = 0; l < half; ++l)
+      welford_merge_equal_count(mean[l], m2[l], mean[l + half], m2[l + half], count);
+    count += count;
   }
-  for (int64_t i = steps * L; i < n; ++i) total.add(static_cast<acc_t>(x[i]));
+  Welford<acc_t> total;
+  if (steps > 0) {
+    total.mean = mean[0];
+    total.m2 = m2[0];
+    total.count = count;
+  }
+  const int64_t tail = n - steps * L;
+  if (tail > 0) {
+    const scalar_t* p = x + steps * L;
+    acc_t sum = 0;
+    for (int64_t i = 0; i < tail; ++i) sum += static_cast<acc_t>(p[i]);
+    Welford<acc_t> rest;
+    rest.count = static_cast<acc_t>(tail);
+    rest.mean = sum / rest.count;
+    for (int64_t i = 0; i < tail; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - rest.mean;
+      rest.m2 += d * d;
+    }
+    total.merge(rest);
+  }
   return total;
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __restrict x,
+                                                             int64_t n) {
+  using acc_t = acc_type<scalar_t>;
+  // Long spans: four vectors of lanes (independent chains hide the add latency); short spans
+  // (a ConvNeXt layer-norm row of 64 channels): one vector, so the merge tree stays small.
+  constexpr int kWide = span_lanes<acc_t>();
+  constexpr int kNarrow = kWide / 4;
+  return n >= 4 * kWide ? welford_lanes<kWide>(x, n) : welford_lanes<kNarrow>(x, n);
 }
 
 template <typename scalar_t>
@@ -204,11 +232,52 @@ CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy,
                                                   acc_type<scalar_t>* __restrict dw,
                                                   acc_type<scalar_t>* __restrict db) {
   using acc_t = acc_type<scalar_t>;
-  if (dw)
-    for (int64_t i = 0; i < n; ++i)
-      dw[i] += static_cast<acc_t>(dy[i]) * ((static_cast<acc_t>(x[i]) - mean) * invstd);
-  if (db)
-    for (int64_t i = 0; i < n; ++i) db[i] += static_cast<acc_t>(dy[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    dw[i] += g * ((static_cast<acc_t>(x[i]) - mean) * invstd);
+    db[i] += g;
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_backward_sums(
+    const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t n, acc_type<scalar_t> mean,
+    acc_type<scalar_t> invstd, const acc_type<scalar_t>* __restrict w, acc_type<scalar_t>* sum_g,
+    acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* __restrict dw,
+    acc_type<scalar_t>* __restrict db) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int L = span_lanes<acc_t>() / 4;
+  acc_t a[L] = {};
+  acc_t b[L] = {};
+  const int64_t steps = n / L;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t o = s * L;
+    for (int l = 0; l < L; ++l) {
+      const acc_t d = static_cast<acc_t>(dy[o + l]);
+      const acc_t xmu = static_cast<acc_t>(x[o + l]) - mean;
+      const acc_t g = w ? d * w[o + l] : d;
+      a[l] += g;
+      b[l] += g * xmu;
+      dw[o + l] += d * (xmu * invstd);
+      db[o + l] += d;
+    }
+  }
+  acc_t sa = 0, sb = 0;
+  for (int l = 0; l < L; ++l) {
+    sa += a[l];
+    sb += b[l];
+  }
+  for (int64_t i = steps * L; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(dy[i]);
+    const acc_t xmu = static_cast<acc_t>(x[i]) - mean;
+    const acc_t g = w ? d * w[i] : d;
+    sa += g;
+    sb += g * xmu;
+    dw[i] += d * (xmu * invstd);
+    db[i] += d;
+  }
+  *sum_g = sa;
+  *sum_g_xmu = sb;
 }
 
 template <typename scalar_t>
@@ -336,6 +405,9 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
                                              acc_type<T>);                                      \
   template void layer_norm_row_param_grad<T>(const T*, const T*, int64_t, acc_type<T>,           \
                                              acc_type<T>, acc_type<T>*, acc_type<T>*);           \
+  template void layer_norm_row_backward_sums<T>(const T*, const T*, int64_t, acc_type<T>,        \
+                                                acc_type<T>, const acc_type<T>*, acc_type<T>*,   \
+                                                acc_type<T>*, acc_type<T>*, acc_type<T>*);       \
   template void welford_rows<T>(const T*, int64_t, int64_t, acc_type<T>*, acc_type<T>*);         \
   template void normalize_rows<T>(const T*, T*, int64_t, int64_t, const acc_type<T>*,            \
                                   const acc_type<T>*, const acc_type<T>*);                      \
