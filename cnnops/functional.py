@@ -258,8 +258,7 @@ def _update_instance_running_stats(input, mean, invstd, running_mean, running_va
         spatial *= s
     with torch.no_grad():
         batch_mean = mean.mean(0)
-        batch_var = ((invstd.reciprocal().square() - eps) * (spatial / (spatial - 1))).mean(0)
-        new_mean = running_mean.to(batch_mean.dtype) * (1.0 - momentum) + batch_mean * momentum
-        new_var = running_var.to(batch_var.dtype) * (1.0 - momentum) + batch_var * momentum
-        running_mean.copy_(new_mean.view_as(running_mean))
-        running_var.copy_(new_var.view_as(running_var))
+        batch_var = invstd.pow(-2).sub_(eps).mean(0).mul_(spatial / (spatial - 1))
+        # lerp: running + m * (batch - running) = (1 - m) * running + m * batch, in place
+        running_mean.lerp_(batch_mean.to(running_mean.dtype).view_as(running_mean), momentum)
+        running_var.lerp_(batch_var.to(running_var.dtype).view_as(running_var), momentum)
