@@ -197,8 +197,8 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
           const auto coef = group_coef(ng);
           for (int64_t d = 0; d < D; ++d) {
             const int64_t off = (ng * D + d) * S;
-            input_grad_span(dyp + off, xp + off, dxp + off, S, w[c0 + d] * ip[ng], mp[ng],
-                            coef.coef_xmu, coef.coef_const);
+            input_grad_span(dyp + off, xp + off, dxp + off, S, w[c0 + d], ip[ng], mp[ng], coef.coef_g,
+                            coef.coef_xmu);
           }
         }
       });
@@ -208,7 +208,7 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < C; ++c) mean_c[n * C + c] = mp[n * G + c / D];
       std::vector<acc_t> pa(static_cast<size_t>(N * blocks.count * C)), pb(pa.size());
-      std::vector<acc_t> dy_scale(N * C), coef_xmu(N * C), coef_const(N * C);
+      std::vector<acc_t> invstd_c(N * C), coef_g(N * C), coef_xmu(N * C);
       auto block_sums = [&](int64_t n, int64_t blk) {
         const int64_t i = n * blocks.count + blk;
         const int64_t off = (n * S + blocks.begin(blk)) * C;
@@ -226,16 +226,16 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
           const int64_t c0 = g * D;
           const auto coef = group_coef(n * G + g);
           for (int64_t d = 0; d < D; ++d) {
-            dy_scale[n * C + c0 + d] = w[c0 + d] * ip[n * G + g];
+            invstd_c[n * C + c0 + d] = ip[n * G + g];
+            coef_g[n * C + c0 + d] = coef.coef_g;
             coef_xmu[n * C + c0 + d] = coef.coef_xmu;
-            coef_const[n * C + c0 + d] = coef.coef_const;
           }
         }
       };
       auto input_grad_block = [&](int64_t n, int64_t blk) {
         const int64_t off = (n * S + blocks.begin(blk)) * C;
-        input_grad_rows(dyp + off, xp + off, dxp + off, blocks.size(blk), C, &dy_scale[n * C],
-                        &mean_c[n * C], &coef_xmu[n * C], &coef_const[n * C]);
+        input_grad_rows(dyp + off, xp + off, dxp + off, blocks.size(blk), C, w.data(), &invstd_c[n * C],
+                        &mean_c[n * C], &coef_g[n * C], &coef_xmu[n * C]);
       };
       if (N >= 2 * at::get_num_threads()) {  // one image per task, second pass from cache
         at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {

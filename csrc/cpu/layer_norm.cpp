@@ -55,14 +55,9 @@ TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normal
     acc_t* mo = mean_out.mutable_data_ptr<acc_t>();
     acc_t* io = invstd_out.mutable_data_ptr<acc_t>();
     at::parallel_for(0, s.rows, grain_for(2 * K), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const Welford<acc_t> st = welford_span(xp + r * K, K);
-        const acc_t inv = norm_invstd(st.biased_variance(), eps_a);
-        layer_norm_row(xp + r * K, yp + r * K, K, st.mean, inv, has_w ? w.data() : nullptr,
-                       has_b ? b.data() : nullptr);
-        mo[r] = st.mean;
-        io[r] = inv;
-      }
+      layer_norm_rows_forward(xp + begin * K, yp + begin * K, end - begin, K, eps_a,
+                              has_w ? w.data() : nullptr, has_b ? b.data() : nullptr, mo + begin,
+                              io + begin);
     });
   });
   return {y, mean_out, invstd_out};
@@ -111,28 +106,26 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
     const bool by_columns = params && per < 4;
     const bool by_blocks = params && !by_columns;
     std::vector<acc_t> pdw(by_blocks ? blocks * K : 0, acc_t(0)), pdb(pdw.size(), acc_t(0));
-    // dx = w * invstd * dy + coef_xmu[r] * (x - mean[r]) + coef_const[r]
-    std::vector<acc_t> coef_xmu(M), coef_const(M);
+    // dx = invstd[r] * (w * dy + coef_g[r]) + coef_xmu[r] * (x - mean[r])
+    std::vector<acc_t> coef_g(M), coef_xmu(M);
     constexpr int64_t kColumnChunk = 8192;  // long enough runs for the prefetchers
     const int64_t chunks = (K + kColumnChunk - 1) / kColumnChunk;
     at::parallel_for(0, (dxp || by_blocks) ? blocks : 0, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        for (int64_t r = blk * per; r < std::min(M, (blk + 1) * per); ++r) {
-          const scalar_t* xr = xp + r * K;
-          const scalar_t* dyr = dyp + r * K;
+        const int64_t r0 = blk * per, nrows = std::min(M, (blk + 1) * per) - r0;
+        if (!by_columns) {  // dx while the row is in cache, dweight/dbias into the block partial
+          layer_norm_rows_backward(dyp + r0 * K, xp + r0 * K, dxp ? dxp + r0 * K : nullptr, nrows, K,
+                                   mp + r0, ip + r0, wp, by_blocks ? &pdw[blk * K] : nullptr,
+                                   by_blocks ? &pdb[blk * K] : nullptr);
+          continue;
+        }
+        // By columns: only the coefficients here; dx comes with dweight/dbias below.
+        for (int64_t r = r0; r < r0 + nrows; ++r) {
           acc_t sum_g, sum_g_xmu;
-          if (by_blocks)
-            layer_norm_row_backward_sums(dyr, xr, K, mp[r], ip[r], wp, &sum_g, &sum_g_xmu,
-                                         &pdw[blk * K], &pdb[blk * K]);
-          else
-            layer_norm_row_grad_sums(dyr, xr, K, mp[r], wp, &sum_g, &sum_g_xmu);
-          if (!dxp) continue;
+          layer_norm_row_grad_sums(dyp + r * K, xp + r * K, K, mp[r], wp, &sum_g, &sum_g_xmu);
           const auto coef = norm_input_grad_coef(ip[r], sum_g, sum_g_xmu, static_cast<acc_t>(K));
+          coef_g[r] = coef.coef_g;
           coef_xmu[r] = coef.coef_xmu;
-          coef_const[r] = coef.coef_const;
-          if (!by_columns)  // the row is still in cache; by columns, dx comes with dweight/dbias
-            layer_norm_row_input_grad(dyr, xr, dxp + r * K, K, mp[r], ip[r], wp, coef.coef_xmu,
-                                      coef.coef_const);
         }
       }
     });
@@ -145,7 +138,7 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
             const int64_t off = r * K + k0;
             if (dxp)
               layer_norm_row_input_grad(dyp + off, xp + off, dxp + off, len, mp[r], ip[r],
-                                        wp ? wp + k0 : nullptr, coef_xmu[r], coef_const[r]);
+                                        wp ? wp + k0 : nullptr, coef_g[r], coef_xmu[r]);
             layer_norm_row_param_grad(dyp + off, xp + off, len, mp[r], ip[r], &gw[k0], &gb[k0]);
           }
         } else {
