@@ -274,6 +274,17 @@ def test_layer_norm_empty_rows():
     assert dx.shape == (0, 5) and torch.equal(dw, torch.zeros(5)) and torch.equal(db, torch.zeros(5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("C", [64, 80, 136])
+def test_channels_last_wide(C, dtype):
+    """Channels-last kernels run blocks of 64 channels in registers and the rest from memory:
+    C = 64, 64 + 16 and 2 * 64 + 8 cover both and their seam."""
+    run_batch_norm((3, C, 5, 4), dtype, "channels_last", True, True)
+    run_batch_norm((3, C, 5, 4), dtype, "channels_last", False, True)
+    run_group_norm((3, C, 5, 4), 8, dtype, "channels_last", True)
+    run_group_norm((3, C, 5, 4), C, dtype, "channels_last", True)
+
+
 # --------------------------------------------------------------------------------------------
 # random shapes, output masks
 # --------------------------------------------------------------------------------------------

@@ -377,16 +377,36 @@ CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scala
   }
 }
 
+// Channels-last loops work on blocks of kChannelBlock channels: a block's lanes stay in
+// registers across the rows (a row of C channels is C / kChannelBlock blocks side by side).
+constexpr int64_t kChannelBlock = 64;
+
 template <typename scalar_t>
 CNNOPS_NORM_CLONES void welford_rows(const scalar_t* __restrict x, int64_t rows, int64_t C,
                                      acc_type<scalar_t>* __restrict mean,
                                      acc_type<scalar_t>* __restrict m2) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t c0 = 0;
+  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+    acc_t mb[kChannelBlock] = {};
+    acc_t qb[kChannelBlock] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
+      const scalar_t* p = x + r * C + c0;
+      for (int64_t l = 0; l < kChannelBlock; ++l)
+        welford_add_shared_count(mb[l], qb[l], static_cast<acc_t>(p[l]), inv_count);
+    }
+    for (int64_t l = 0; l < kChannelBlock; ++l) {
+      mean[c0 + l] = mb[l];
+      m2[c0 + l] = qb[l];
+    }
+  }
+  // The remaining channels (C not a multiple of the block): lanes kept in memory.
+  for (int64_t c = c0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
+  for (int64_t r = 0; r < rows && c0 < C; ++r) {
     const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
     const scalar_t* p = x + r * C;
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t c = c0; c < C; ++c)
       welford_add_shared_count(mean[c], m2[c], static_cast<acc_t>(p[c]), inv_count);
   }
 }
@@ -413,11 +433,31 @@ CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scal
                                        acc_type<scalar_t>* __restrict sum_dy,
                                        acc_type<scalar_t>* __restrict sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = acc_t(0);
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t c0 = 0;
+  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+    acc_t a[kChannelBlock] = {};
+    acc_t b[kChannelBlock] = {};
+    acc_t mu[kChannelBlock];
+    for (int64_t l = 0; l < kChannelBlock; ++l) mu[l] = mean[c0 + l];
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* pd = dy + r * C + c0;
+      const scalar_t* px = x + r * C + c0;
+      for (int64_t l = 0; l < kChannelBlock; ++l) {
+        const acc_t g = static_cast<acc_t>(pd[l]);
+        a[l] += g;
+        b[l] += g * (static_cast<acc_t>(px[l]) - mu[l]);
+      }
+    }
+    for (int64_t l = 0; l < kChannelBlock; ++l) {
+      sum_dy[c0 + l] = a[l];
+      sum_dy_xmu[c0 + l] = b[l];
+    }
+  }
+  for (int64_t c = c0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = acc_t(0);
+  for (int64_t r = 0; r < rows && c0 < C; ++r) {
     const scalar_t* pd = dy + r * C;
     const scalar_t* px = x + r * C;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < C; ++c) {
       const acc_t g = static_cast<acc_t>(pd[c]);
       sum_dy[c] += g;
       sum_dy_xmu[c] += g * (static_cast<acc_t>(px[c]) - mean[c]);
