@@ -53,7 +53,9 @@ class ConvFunction(torch.autograd.Function):
 # are saved for the backward op and handed back (non-differentiable) so instance norm can
 # update its running statistics from them. The backward ops are single kernels, not
 # differentiable themselves: @once_differentiable makes a double backward raise instead of
-# silently returning zeros.
+# silently returning zeros. forward(ctx, ...) rather than a separate setup_context: with
+# setup_context, Function.apply binds default arguments through inspect.signature on every call
+# (~50 us, four times a small norm's own cost).
 
 from torch.autograd.function import once_differentiable  # noqa: E402
 
@@ -167,6 +169,22 @@ class MaxUnpoolFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, indices = ctx.saved_tensors
         return ops.max_unpool_backward(grad_output, input, indices), None, None
+def _save_bias_dtype(ctx, input, weight, bias, param_shape):
+    """The backward ops return grad_bias in the weight's dtype (they are not given the bias).
+    Without a weight, a bias of another dtype than the input's (float32 bias, bfloat16 input)
+    gets a unit weight in its dtype in the backward: exact, and no detour through bfloat16."""
+    ctx.unit_weight = None
+    if weight is None and bias is not None and bias.dtype != input.dtype:
+        ctx.unit_weight = (list(param_shape), bias.dtype)
+
+
+def _backward_weight(ctx, input, weight):
+    if ctx.unit_weight is None:
+        return weight
+    shape, dtype = ctx.unit_weight
+    return torch.ones(shape, dtype=dtype, device=input.device)
+
+
 def _norm_mask(ctx, weight_index, bias_index):
     """output_mask for (input, weight, bias): only the gradients autograd asks for."""
     return [
@@ -185,17 +203,15 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
-        return ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, _, _, training, _, _ = inputs
-        _, mean, invstd = output
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        out, mean, invstd = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training,
+                                                   momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
+        _save_bias_dtype(ctx, input, weight, bias, [input.size(1)])
         ctx.training = training
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
 
     @staticmethod
     @once_differentiable
@@ -205,7 +221,7 @@ class BatchNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 8
         grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
-            grad_output, input, weight, mean, invstd, ctx.training, mask
+            grad_output, input, _backward_weight(ctx, input, weight), mean, invstd, ctx.training, mask
         )
         return (
             grad_input if mask[0] else None,
@@ -220,17 +236,14 @@ class LayerNormFunction(torch.autograd.Function):
     bias, eps) -> (output, mean, invstd), statistics of the input's leading shape."""
 
     @staticmethod
-    def forward(input, normalized_shape, weight, bias, eps):
-        return ops.layer_norm_forward(input, list(normalized_shape), weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, normalized_shape, weight, bias, _ = inputs
-        _, mean, invstd = output
+    def forward(ctx, input, normalized_shape, weight, bias, eps):
+        out, mean, invstd = ops.layer_norm_forward(input, list(normalized_shape), weight, bias, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
+        _save_bias_dtype(ctx, input, weight, bias, normalized_shape)
         ctx.normalized_shape = list(normalized_shape)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
 
     @staticmethod
     @once_differentiable
@@ -240,7 +253,7 @@ class LayerNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 5
         grad_input, grad_weight, grad_bias = ops.layer_norm_backward(
-            grad_output, input, ctx.normalized_shape, mean, invstd, weight, mask
+            grad_output, input, ctx.normalized_shape, mean, invstd, _backward_weight(ctx, input, weight), mask
         )
         return (
             grad_input if mask[0] else None,
@@ -257,17 +270,14 @@ class GroupNormFunction(torch.autograd.Function):
     num_groups = C."""
 
     @staticmethod
-    def forward(input, weight, bias, num_groups, eps):
-        return ops.group_norm_forward(input, weight, bias, num_groups, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, num_groups, _ = inputs
-        _, mean, invstd = output
+    def forward(ctx, input, weight, bias, num_groups, eps):
+        out, mean, invstd = ops.group_norm_forward(input, weight, bias, num_groups, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
+        _save_bias_dtype(ctx, input, weight, bias, [input.size(1)])
         ctx.num_groups = num_groups
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
 
     @staticmethod
     @once_differentiable
@@ -277,7 +287,7 @@ class GroupNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 5
         grad_input, grad_weight, grad_bias = ops.group_norm_backward(
-            grad_output, input, mean, invstd, weight, ctx.num_groups, mask
+            grad_output, input, mean, invstd, _backward_weight(ctx, input, weight), ctx.num_groups, mask
         )
         return (
             grad_input if mask[0] else None,
