@@ -52,11 +52,10 @@ std::vector<Welford<acc_type<scalar_t>>> channel_stats(const scalar_t* x, const 
         partial[i] = welford_span(x + plane * S + start, std::min(kSpanChunk, S - start));
       }
     });
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c)
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t k = 0; k < chunks; ++k) stats[c].merge(partial[(n * C + c) * chunks + k]);
-    });
+    // N * C * chunks merges: too little work for another parallel region.
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < chunks; ++k) stats[c].merge(partial[(n * C + c) * chunks + k]);
     return stats;
   }
   const RowBlocks blocks(N * S, C);

@@ -54,10 +54,11 @@ TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normal
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     acc_t* mo = mean_out.mutable_data_ptr<acc_t>();
     acc_t* io = invstd_out.mutable_data_ptr<acc_t>();
+    const acc_t* wp = has_w ? w.data() : nullptr;
+    const acc_t* bp = has_b ? b.data() : nullptr;
     at::parallel_for(0, s.rows, grain_for(2 * K), [&](int64_t begin, int64_t end) {
-      layer_norm_rows_forward(xp + begin * K, yp + begin * K, end - begin, K, eps_a,
-                              has_w ? w.data() : nullptr, has_b ? b.data() : nullptr, mo + begin,
-                              io + begin);
+      layer_norm_rows_forward(xp + begin * K, yp + begin * K, end - begin, K, eps_a, wp, bp,
+                              mo + begin, io + begin);
     });
   });
   return {y, mean_out, invstd_out};

@@ -4,8 +4,9 @@
 //
 // Two memory layouts, each with its own loops:
 //  * spans: a contiguous run of values sharing one mean/invstd (an NCHW plane, an NCHW group
-//    of C/G planes, a layer-norm row). Welford runs in LANES independent lanes that all see the
-//    same count, merged with Chan's formula at the end.
+//    of C/G planes, a layer-norm row). Welford runs in independent SIMD lanes that all see the
+//    same count (so one reciprocal serves them all), merged at the end by Chan's formula as a
+//    tree of equal-count pairs; a tail shorter than the lanes is merged in once.
 //  * rows: channels-last data, rows of C contiguous channels (one row per (n, spatial
 //    position)). Each channel is a SIMD lane; all lanes share the row count.
 //
@@ -36,8 +37,8 @@ constexpr int64_t kMaxRowBlocks = 256;  // row blocks per channels-last reductio
 constexpr int64_t kParallelGrainValues = 32768;  // values per parallel task, at least
 
 // Rows per block of a channels-last reduction over `rows` rows: depends on the sizes only.
-// At most kMaxRowBlocks blocks, each of at least kParallelGrainValues / C rows (so merging the
-// partial results stays cheap beside the pass over the data).
+// At most kMaxRowBlocks blocks, each of at least kParallelGrainValues / (2 C) rows (so merging
+// the partial results stays cheap beside the pass over the data).
 inline int64_t rows_per_block(int64_t rows, int64_t C) {
   int64_t per = (rows + kMaxRowBlocks - 1) / kMaxRowBlocks;
   const int64_t min_rows = C > 0 ? kParallelGrainValues / 2 / C : rows;
