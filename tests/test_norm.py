@@ -522,6 +522,34 @@ def test_partial_gradients(kind, wanted):
             assert results[1][k].grad is None
 
 
+@pytest.mark.parametrize("kind,name", [("batch_norm", "2d_train"), ("batch_norm", "2d_eval"),
+                                       ("instance_norm", "2d_running_affine_momentum"),
+                                       ("layer_norm", "4d_last_two"), ("group_norm", "2d")])
+def test_strided_parameters(kind, name):
+    """weight, bias and running statistics that are strided views (every other element)."""
+    x, w, b, rm, rv, kw = build(kind, GRIDS[kind][name], torch.float32)
+
+    def strided(t):
+        if t is None:
+            return None
+        big = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+
+    w, b, rm, rv = (strided(t) for t in (w, b, rm, rv))
+    assert not w.is_contiguous()
+    check_norm_against_torch(kind, x, w, b, rm, rv, kw, torch.float32)  # (clones the running stats)
+    if rm is not None:
+        # the strided running statistics themselves: read (eval) or updated in place (training)
+        rm_t, rv_t = rm.double(), rv.double()
+        expected = call(F, kind, x.double(), w.double(), b.double(), rm_t, rv_t, kw)
+        out = call(cnnops.functional, kind, x, w, b, rm, rv, kw)
+        assert not rm.is_contiguous()
+        assert_norm_close(out, expected, torch.float32, msg="output")
+        assert_norm_close(rm, rm_t, torch.float32, 120, msg="running_mean")
+        assert_norm_close(rv, rv_t, torch.float32, 120, msg="running_var")
+
+
 def test_no_grad_and_inference_mode():
     x, w, b, rm, rv, kw = build("batch_norm", BN["2d_train"], torch.float32)
     expected = F.batch_norm(x, rm.clone(), rv.clone(), w, b, **kw)
