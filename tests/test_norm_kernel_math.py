@@ -1,4 +1,5 @@
-"""The CUDA normalization kernels' arithmetic and reduction order, run on the CPU.
+"""The CUDA normalization kernels' arithmetic and reduction order, run on the CPU (named without
+"cuda" so scripts/gpu_check.sh, which runs tests/test_*cuda*.py, does not spend GPU time on it).
 
 csrc/common/norm_cuda_math.h holds what the CUDA kernels (csrc/cuda/norm_kernels.cuh) compute
 per element and per statistic: the launch shapes, the strided cursor of the planes reduction,
@@ -358,10 +359,10 @@ def emu():
     from torch.utils.cpp_extension import load_inline
 
     # A fixed folder: ninja then rebuilds only when the header or SOURCE changed.
-    build = os.path.join(tempfile.gettempdir(), "cnnops_norm_cuda_math")
+    build = os.path.join(tempfile.gettempdir(), "cnnops_norm_kernel_math")
     os.makedirs(build, exist_ok=True)
     return load_inline(
-        name="cnnops_norm_cuda_math",
+        name="cnnops_norm_kernel_math",
         cpp_sources=SOURCE,
         functions=FUNCTIONS,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
