@@ -25,7 +25,6 @@ namespace {
 using namespace norm;
 
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-constexpr int64_t kMaxGridYZ = 65535;
 constexpr int kSmallThreads = 256;  // per-statistic kernels
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -205,8 +204,8 @@ void launch_normalize(bool channels_last, const at::Tensor& x, at::Tensor& y, co
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const NormIndex<index_t> ix{static_cast<index_t>(channels), static_cast<index_t>(inner),
-                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat)};
+    const NormIndex<index_t> ix(static_cast<index_t>(channels), static_cast<index_t>(inner),
+                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat));
     auto kernel = channels_last ? normalize_kernel<true, scalar_t, param_t, acc_t, index_t>
                                 : normalize_kernel<false, scalar_t, param_t, acc_t, index_t>;
     kernel<<<blocks, kElementwiseThreads, 0, stream>>>(
@@ -230,8 +229,8 @@ void launch_grad_input(bool channels_last, const at::Tensor& dy, const at::Tenso
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const NormIndex<index_t> ix{static_cast<index_t>(channels), static_cast<index_t>(inner),
-                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat)};
+    const NormIndex<index_t> ix(static_cast<index_t>(channels), static_cast<index_t>(inner),
+                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat));
     auto kernel = channels_last ? grad_input_kernel<true, scalar_t, param_t, acc_t, index_t>
                                 : grad_input_kernel<false, scalar_t, param_t, acc_t, index_t>;
     kernel<<<blocks, kElementwiseThreads, 0, stream>>>(

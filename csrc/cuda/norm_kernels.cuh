@@ -289,8 +289,8 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
                                  NormIndex<index_t> ix, index_t numel) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t c = ix.template channel<channels_last>(i);
-    const index_t s = ix.stat(i, c);
+    index_t c, s;
+    ix.template locate<channels_last>(i, c, s);
     const acc_t v = norm_output(static_cast<acc_t>(x[i]), mean[s], invstd[s],
                                 weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
                                 bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0));
@@ -308,8 +308,8 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
                                   NormIndex<index_t> ix, index_t numel) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t c = ix.template channel<channels_last>(i);
-    const index_t s = ix.stat(i, c);
+    index_t c, s;
+    ix.template locate<channels_last>(i, c, s);
     const bool train = coef_a != nullptr;
     const acc_t v = norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
                                     weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
