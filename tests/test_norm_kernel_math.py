@@ -175,8 +175,10 @@ void grad_input(bool cl, const Tensor& dy, const Tensor& x, Tensor& dx, const ac
     int64_t c, s;
     if (cl) ix.locate<true>(i, c, s);
     else ix.locate<false>(i, c, s);
-    dx.data_ptr<acc_t>()[i] = norm_grad_input(dy.data_ptr<acc_t>()[i], x.data_ptr<acc_t>()[i], mean[s], invstd[s],
-                                              w ? w[c] : 1.0, ca ? ca[s] : 0.0, cb ? cb[s] : 0.0);
+    const acc_t wv = w ? w[c] : 1.0;
+    dx.data_ptr<acc_t>()[i] = ca ? norm_grad_input(dy.data_ptr<acc_t>()[i], x.data_ptr<acc_t>()[i], mean[s],
+                                                   invstd[s], wv, ca[s], cb[s])
+                                 : norm_grad_input_eval(dy.data_ptr<acc_t>()[i], invstd[s], wv);
   }
 }
 

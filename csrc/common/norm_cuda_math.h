@@ -333,13 +333,19 @@ CNNOPS_HD acc_t norm_output(acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc
 }
 
 // dx = invstd * (g - A - (x - mean) * invstd * B), g = dy * w, with per-statistic A = mean(g),
-// B = mean(g * x_hat) (lecture / Ioffe-Szegedy). Batch norm eval passes A = B = 0 (mean and
-// invstd are constants there): dx = dy * w * invstd.
+// B = mean(g * x_hat) (Ioffe-Szegedy's backward of the lecture's batch norm).
 template <typename acc_t>
 CNNOPS_HD acc_t norm_grad_input(acc_t dy, acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc_t coef_a,
                                 acc_t coef_b) {
   const acc_t g = dy * weight;
   return invstd * (g - (coef_a + (x - mean) * invstd * coef_b));
+}
+
+// Batch norm eval: mean and invstd are constants (the running statistics), so the map is a
+// per-channel scale: dx = dy * w * invstd.
+template <typename acc_t>
+CNNOPS_HD acc_t norm_grad_input_eval(acc_t dy, acc_t invstd, acc_t weight) {
+  return dy * weight * invstd;
 }
 
 }  // namespace cnnops

@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
       if (training) {
-        // Statistics per channel over N x spatial (lecture: mu_B, sigma_B^2 of the mini-batch).
+        // Statistics per channel over N x spatial (lecture, batch norm for ConvNets: mu, sigma are 1 x C x 1 x 1).
         const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
         Partials p;
         PartialIndex pi;
@@ -426,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
-      // Statistics per row (lecture: layer norm normalizes each sample over its features).
+      // Statistics per row (lecture, layer norm: mu, sigma are N x 1, one per sample).
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
       const Partials p = reduce_planes<acc_t>(welford, 3, 1, s.rows, s.cols, acc_options,
                                                                  x.numel());
@@ -538,7 +538,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
-      // Statistics per (n, group) over (C / G) x spatial values (lecture: group norm).
+      // Statistics per (n, group) over (C / G) x spatial values (lecture: group norm, Wu and He;
+      // instance norm, mu, sigma N x C x 1 x 1, is G = C).
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
       Partials p;
       PartialIndex pi;

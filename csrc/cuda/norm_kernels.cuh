@@ -281,7 +281,7 @@ __global__ void group_norm_param_grads_kernel(const acc_t* sum_a, const acc_t* s
 // Stage 4: elementwise.
 // ---------------------------------------------------------------------------------------------
 
-// y = (x - mean) * invstd * w + b (slides: y = gamma * xhat + beta).
+// y = (x - mean) * invstd * w + b (lecture: y = gamma * (x - mu) / sigma + beta).
 template <bool channels_last, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
@@ -298,8 +298,8 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
   }
 }
 
-// dx = invstd * (dy * w - A - (x - mean) * invstd * B); A = B = null for batch norm eval
-// (dx = dy * w * invstd).
+// dx = invstd * (dy * w - A - (x - mean) * invstd * B); A = B = null for batch norm eval,
+// dx = dy * w * invstd (x is not read there, as in torch).
 template <bool channels_last, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
@@ -310,10 +310,11 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     index_t c, s;
     ix.template locate<channels_last>(i, c, s);
-    const bool train = coef_a != nullptr;
-    const acc_t v = norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
-                                    weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
-                                    train ? coef_a[s] : acc_t(0), train ? coef_b[s] : acc_t(0));
+    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
+    const acc_t v = coef_a != nullptr
+                        ? norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
+                                          w, coef_a[s], coef_b[s])
+                        : norm_grad_input_eval(static_cast<acc_t>(dy[i]), invstd[s], w);
     dx[i] = static_cast<scalar_t>(v);
   }
 }
