@@ -205,6 +205,9 @@ def test_batch_norm_output_mask_and_batch0():
     rm, rv = torch.zeros(4, device=DEV), torch.ones(4, device=DEV)
     y0, mean0, invstd0 = ops.batch_norm_forward(x0, w, None, rm, rv, True, 0.1, EPS)
     assert y0.shape == x0.shape and torch.equal(rm, torch.zeros(4, device=DEV)) and torch.equal(rv, torch.ones(4, device=DEV))
+    # statistics of no values: mean 0, variance 0 (as the CPU kernels)
+    assert torch.equal(mean0.cpu(), torch.zeros(4))
+    check(invstd0, torch.full((4,), 1 / math.sqrt(EPS), dtype=torch.float64), msg="empty-batch invstd")
     dx0, dw0, db0 = ops.batch_norm_backward(x0, x0, w, mean0, invstd0, True, [True, True, True])
     assert dx0.shape == x0.shape and torch.equal(dw0, torch.zeros(4, device=DEV)) and torch.equal(db0, torch.zeros(4, device=DEV))
 

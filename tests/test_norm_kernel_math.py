@@ -129,9 +129,8 @@ void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, 
                     acc_t* rm, acc_t* rv, acc_t momentum, acc_t eps) {
   for (int64_t o = 0; o < outputs; ++o) {
     const Welford<acc_t> w = merge_partials<Welford<acc_t>>(p.buffer.data(), p.count, pi, o);
-    const acc_t var = w.count > 0 ? w.biased_variance() : std::nan("");
     mean[o] = w.mean;
-    invstd[o] = norm_invstd(var, eps);
+    invstd[o] = norm_invstd(w.biased_variance(), eps);
     if (rm != nullptr && w.count > 0) {
       rm[o] = running_stat_update(rm[o], w.mean, momentum);
       rv[o] = running_stat_update(rv[o], w.unbiased_variance(), momentum);

@@ -149,10 +149,9 @@ __global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_co
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < outputs;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Welford<acc_t> w = merge_partials<Welford<acc_t>>(partial, partial_count, pi, o);
-    // No values: mean 0 and invstd NaN, as torch's layer norm over an empty normalized_shape.
-    const acc_t var = w.count > 0 ? w.biased_variance() : acc_t(NAN);
+    // No values (an empty batch): mean 0 and variance 0, as the CPU kernels return.
     mean[o] = w.mean;
-    invstd[o] = norm_invstd(var, eps);
+    invstd[o] = norm_invstd(w.biased_variance(), eps);
     if (running_mean != nullptr && w.count > 0) {
       running_mean[o] = static_cast<param_t>(
           running_stat_update(static_cast<acc_t>(running_mean[o]), w.mean, momentum));
