@@ -25,6 +25,13 @@ EPS = 1e-5
 ALL_MASKS = [list(m) for m in itertools.product([True, False], repeat=3)]
 
 
+def skip_redundant(layout, dtype):
+    """Strided-layout handling does not depend on the dtype: the non-dense layouts run in
+    float32 and float64 only, which keeps the file fast."""
+    if layout in ("sliced", "transposed") and dtype in (torch.bfloat16, torch.float16):
+        pytest.skip("non-dense layouts are covered in float32/float64")
+
+
 def layout_of(shape, layout):
     return layout if (layout != "channels_last" or len(shape) in CHANNELS_LAST) else "contiguous"
 
@@ -124,6 +131,7 @@ BN_SHAPES = [(2, 3, 5, 7), (1, 1, 4, 4), (3, 5, 4, 3, 2), (7, 4), (2, 3, 11), (4
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
 def test_batch_norm(shape, layout, dtype):
+    skip_redundant(layout, dtype)
     for training, affine in itertools.product([True, False], [True, False]):
         run_batch_norm(shape, dtype, layout, training, affine)
 
@@ -202,6 +210,7 @@ GN_CASES = [((2, 6, 5, 7), 3), ((2, 6, 5, 7), 1), ((2, 6, 5, 7), 6), ((1, 4, 9),
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("shape,groups", GN_CASES, ids=str)
 def test_group_norm(shape, groups, layout, dtype):
+    skip_redundant(layout, dtype)
     for affine in (True, False):
         run_group_norm(shape, groups, dtype, layout, affine)
 
@@ -252,6 +261,7 @@ LN_CASES = [((4, 7), 1), ((2, 3, 5, 7), 1), ((2, 3, 5, 7), 3), ((2, 3, 5, 7), 4)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize("shape,k", LN_CASES, ids=str)
 def test_layer_norm(shape, k, layout, dtype):
+    skip_redundant(layout, dtype)
     for affine in ((True, True), (False, False), (True, False), (False, True)):
         run_layer_norm(shape, k, dtype, layout, affine)
 
@@ -360,7 +370,7 @@ def _all_outputs(shape, layout, dtype):
 def test_deterministic_across_thread_counts(layout):
     """Fixed partitions merged in a fixed order: bitwise the same results with 1 and 2 threads
     (shapes large enough that every reduction is split into several parallel pieces)."""
-    shape = (6, 16, 33, 40)
+    shape = (3, 16, 33, 40)  # N=3: 1 thread fuses per image, 2 threads run the split passes
     threads = torch.get_num_threads()
     results = []
     try:

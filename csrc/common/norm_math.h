@@ -54,20 +54,20 @@ CNNOPS_HD acc_t norm_scale(acc_t invstd, acc_t weight) {
 // The kernels accumulate sum_g = sum(g) and sum_g_xmu = sum(g * (x - mean)), subtracting the
 // known mean per element (not sum(g * x) - mean * sum(g), which cancels for a large mean), and
 // then write, per element,
-//   dx = w * invstd * dy + coef_xmu * (x - mean) + coef_const.
+//   dx = invstd * (g + coef_g) + coef_xmu * (x - mean).
+// g - mean(g) is formed before the multiplication by invstd (large when the variance is tiny),
+// so e.g. a single-element layer norm gets exactly dx = 0.
 template <typename acc_t>
 struct InputGradCoef {
-  acc_t coef_xmu;
-  acc_t coef_const;
+  acc_t coef_g;    // -mean(g)
+  acc_t coef_xmu;  // -invstd^3 * mean(g * (x - mean))
 };
 
 template <typename acc_t>
 CNNOPS_HD InputGradCoef<acc_t> norm_input_grad_coef(acc_t invstd, acc_t sum_g, acc_t sum_g_xmu,
                                                     acc_t count) {
-  // x_hat * mean(g * x_hat) = (x - mean) * invstd^2 * sum_g_xmu / count
-  const acc_t coef_xmu = -invstd * invstd * invstd * sum_g_xmu / count;
-  const acc_t coef_const = -invstd * sum_g / count;
-  return {coef_xmu, coef_const};
+  // invstd * x_hat * mean(g * x_hat) = (x - mean) * invstd^3 * sum_g_xmu / count
+  return {-sum_g / count, -invstd * invstd * invstd * sum_g_xmu / count};
 }
 
 // dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)); dbias = sum(dy).

@@ -6,7 +6,7 @@
 // (n, chunk) order. Pass 2 normalizes plane by plane.
 // Channels-last: rows of C channels; pass 1 runs per-channel Welford lanes over fixed blocks of
 // rows, merged in block order; pass 2 normalizes the rows.
-// Backward (training): dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)), from the
+// Backward (training): dx = invstd * (w * dy - mean(w * dy)) - w * invstd * x_hat * mean(dy * x_hat), from the
 // per-channel sums of dy and dy * (x - mean) reduced the same two-stage way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -263,28 +263,27 @@ TensorTriple batch_norm_backward(const at::Tensor& grad_output, const at::Tensor
     }
     if (output_mask[2]) store_param(db, sum_dy);
     if (!output_mask[0]) return;
-    // dx = dy_scale * dy + coef_xmu * (x - mean) + coef_const; in eval the statistics are
-    // constants and only the first term remains.
+    // dx = invstd * (w * dy + coef_g) + coef_xmu * (x - mean); in eval the statistics are
+    // constants and only invstd * w * dy remains.
     const acc_t count = static_cast<acc_t>(s.batch * s.spatial);
-    std::vector<acc_t> dy_scale(C), coef_xmu(C, acc_t(0)), coef_const(C, acc_t(0));
+    std::vector<acc_t> coef_g(C, acc_t(0)), coef_xmu(C, acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
-      dy_scale[c] = w[c] * is[c];
       if (training && count > 0) {
         const auto coef = norm_input_grad_coef(is[c], w[c] * sum_dy[c], w[c] * sum_dy_xmu[c], count);
+        coef_g[c] = coef.coef_g;
         coef_xmu[c] = coef.coef_xmu;
-        coef_const[c] = coef.coef_const;
       }
     }
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     for_each_channel_slice(
         s, rows, 3,
         [&](int64_t off, int64_t len, int64_t c) {
-          input_grad_span(dyp + off, xp + off, dxp + off, len, dy_scale[c], mu[c], coef_xmu[c],
-                          coef_const[c]);
+          input_grad_span(dyp + off, xp + off, dxp + off, len, w[c], is[c], mu[c], coef_g[c],
+                          coef_xmu[c]);
         },
         [&](int64_t off, int64_t nrows) {
-          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, dy_scale.data(), mu.data(),
-                          coef_xmu.data(), coef_const.data());
+          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, w.data(), is.data(), mu.data(),
+                          coef_g.data(), coef_xmu.data());
         });
   });
   return {dx, dw, db};

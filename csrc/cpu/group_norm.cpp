@@ -5,7 +5,8 @@
 // NCHW: a group is one contiguous span of (C/G) * S values; each (n, g) is reduced with Welford
 // and normalized while it is still in cache, one parallel task per group.
 // Channels-last: per image, rows of C channels; per-channel Welford lanes over fixed blocks of
-// rows, merged (blocks in order, then the group's channels in order) with Chan's formula.
+// rows, merged (blocks in order, then the group's channels in order) with Chan's formula; with
+// enough images, one image per task so the normalizing pass reads it from cache.
 // Backward: per (n, c) sums of dy and dy * (x - mean), combined with the weights into the
 // group's sums for dx (dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = w * dy);
 // dweight and dbias add the per-(n, c) sums over n in order.
@@ -76,21 +77,19 @@ TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at:
       });
       return;
     }
-    // Channels-last: pass 1, per-channel lanes over the row blocks of every image.
+    // Channels-last: per-channel Welford lanes over the row blocks of every image, merged per
+    // (n, g) (blocks in order, each block's channels of the group in order), then the rows
+    // normalized with per-channel coefficients.
     const ImageBlocks blocks(S, C);
     std::vector<acc_t> pmean(static_cast<size_t>(N * blocks.count * C)), pm2(pmean.size());
-    at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / blocks.count, blk = i % blocks.count;
-        welford_rows(xp + (n * S + blocks.begin(blk)) * C, blocks.size(blk), C, &pmean[i * C],
-                     &pm2[i * C]);
-      }
-    });
-    // Merge per (n, g): blocks in order, each block's channels of the group in order.
-    std::vector<acc_t> mean_c(N * C), scale_c(N * C), bias_c(N * C);
-    at::parallel_for(0, N * G, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, c0 = (ng % G) * D;
+    std::vector<acc_t> mean_c(N * C), scale_c(N * C);
+    auto block_stats = [&](int64_t n, int64_t blk) {
+      const int64_t i = n * blocks.count + blk;
+      welford_rows(xp + (n * S + blocks.begin(blk)) * C, blocks.size(blk), C, &pmean[i * C], &pm2[i * C]);
+    };
+    auto merge_image = [&](int64_t n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t c0 = g * D;
         Welford<acc_t> st;
         for (int64_t blk = 0; blk < blocks.count; ++blk)
           for (int64_t d = 0; d < D; ++d) {
@@ -102,22 +101,38 @@ TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at:
             st.merge(part);
           }
         const acc_t inv = norm_invstd(st.biased_variance(), eps_a);
-        mo[ng] = st.mean;
-        io[ng] = inv;
+        mo[n * G + g] = st.mean;
+        io[n * G + g] = inv;
         for (int64_t d = 0; d < D; ++d) {
           mean_c[n * C + c0 + d] = st.mean;
           scale_c[n * C + c0 + d] = norm_scale(inv, w[c0 + d]);
         }
       }
-    });
-    // Pass 2: normalize the rows of every image with its per-channel coefficients.
+    };
+    auto normalize_block = [&](int64_t n, int64_t blk) {
+      const int64_t off = (n * S + blocks.begin(blk)) * C;
+      normalize_rows(xp + off, yp + off, blocks.size(blk), C, &mean_c[n * C], &scale_c[n * C], b.data());
+    };
+    if (N >= 2 * at::get_num_threads()) {
+      // Enough images to keep every thread busy: one image per task, so its second pass reads
+      // it from cache. Same partition and merge order as below, hence the same bits.
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t blk = 0; blk < blocks.count; ++blk) block_stats(n, blk);
+          merge_image(n);
+          for (int64_t blk = 0; blk < blocks.count; ++blk) normalize_block(n, blk);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / blocks.count, blk = i % blocks.count;
-        const int64_t off = (n * S + blocks.begin(blk)) * C;
-        normalize_rows(xp + off, yp + off, blocks.size(blk), C, &mean_c[n * C], &scale_c[n * C],
-                       b.data());
-      }
+      for (int64_t i = begin; i < end; ++i) block_stats(i / blocks.count, i % blocks.count);
+    });
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) merge_image(n);
+    });
+    at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) normalize_block(i / blocks.count, i % blocks.count);
     });
   });
   return {y, mean_out, invstd_out};
@@ -182,8 +197,8 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
           const auto coef = group_coef(ng);
           for (int64_t d = 0; d < D; ++d) {
             const int64_t off = (ng * D + d) * S;
-            input_grad_span(dyp + off, xp + off, dxp + off, S, w[c0 + d] * ip[ng], mp[ng],
-                            coef.coef_xmu, coef.coef_const);
+            input_grad_span(dyp + off, xp + off, dxp + off, S, w[c0 + d], ip[ng], mp[ng], coef.coef_g,
+                            coef.coef_xmu);
           }
         }
       });
@@ -193,39 +208,54 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < C; ++c) mean_c[n * C + c] = mp[n * G + c / D];
       std::vector<acc_t> pa(static_cast<size_t>(N * blocks.count * C)), pb(pa.size());
-      at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t n = i / blocks.count, blk = i % blocks.count;
-          const int64_t off = (n * S + blocks.begin(blk)) * C;
-          grad_sums_rows(dyp + off, xp + off, blocks.size(blk), C, &mean_c[n * C], &pa[i * C],
-                         &pb[i * C]);
-        }
-      });
-      for (int64_t n = 0; n < N; ++n)
+      std::vector<acc_t> invstd_c(N * C), coef_g(N * C), coef_xmu(N * C);
+      auto block_sums = [&](int64_t n, int64_t blk) {
+        const int64_t i = n * blocks.count + blk;
+        const int64_t off = (n * S + blocks.begin(blk)) * C;
+        grad_sums_rows(dyp + off, xp + off, blocks.size(blk), C, &mean_c[n * C], &pa[i * C], &pb[i * C]);
+      };
+      // Per (n, c) sums (blocks in order), then the image's dx coefficients.
+      auto merge_image = [&](int64_t n) {
         for (int64_t blk = 0; blk < blocks.count; ++blk)
           for (int64_t c = 0; c < C; ++c) {
             sum_dy[n * C + c] += pa[(n * blocks.count + blk) * C + c];
             sum_dy_xmu[n * C + c] += pb[(n * blocks.count + blk) * C + c];
           }
-      if (dxp) {
-        std::vector<acc_t> dy_scale(N * C), coef_xmu(N * C), coef_const(N * C);
-        for (int64_t ng = 0; ng < N * G; ++ng) {
-          const int64_t c0 = (ng % G) * D, n = ng / G;
-          const auto coef = group_coef(ng);
+        if (!dxp) return;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t c0 = g * D;
+          const auto coef = group_coef(n * G + g);
           for (int64_t d = 0; d < D; ++d) {
-            dy_scale[n * C + c0 + d] = w[c0 + d] * ip[ng];
+            invstd_c[n * C + c0 + d] = ip[n * G + g];
+            coef_g[n * C + c0 + d] = coef.coef_g;
             coef_xmu[n * C + c0 + d] = coef.coef_xmu;
-            coef_const[n * C + c0 + d] = coef.coef_const;
           }
         }
-        at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t n = i / blocks.count, blk = i % blocks.count;
-            const int64_t off = (n * S + blocks.begin(blk)) * C;
-            input_grad_rows(dyp + off, xp + off, dxp + off, blocks.size(blk), C, &dy_scale[n * C],
-                            &mean_c[n * C], &coef_xmu[n * C], &coef_const[n * C]);
+      };
+      auto input_grad_block = [&](int64_t n, int64_t blk) {
+        const int64_t off = (n * S + blocks.begin(blk)) * C;
+        input_grad_rows(dyp + off, xp + off, dxp + off, blocks.size(blk), C, w.data(), &invstd_c[n * C],
+                        &mean_c[n * C], &coef_g[n * C], &coef_xmu[n * C]);
+      };
+      if (N >= 2 * at::get_num_threads()) {  // one image per task, second pass from cache
+        at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t n = begin; n < end; ++n) {
+            for (int64_t blk = 0; blk < blocks.count; ++blk) block_sums(n, blk);
+            merge_image(n);
+            for (int64_t blk = 0; dxp && blk < blocks.count; ++blk) input_grad_block(n, blk);
           }
         });
+      } else {
+        at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) block_sums(i / blocks.count, i % blocks.count);
+        });
+        at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t n = begin; n < end; ++n) merge_image(n);
+        });
+        if (dxp)
+          at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) input_grad_block(i / blocks.count, i % blocks.count);
+          });
       }
     }
     // dweight[c] = sum_n invstd[n, g] * sum(dy * (x - mean)), dbias[c] = sum_n sum(dy), n in order.

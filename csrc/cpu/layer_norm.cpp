@@ -2,8 +2,9 @@
 // column (lecture: "Layer Normalization", mu, sigma: N x 1). Each row is reduced with Welford
 // and normalized while it is still in cache. The output is contiguous, as torch's.
 // Backward: dx per row (dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = w * dy);
-// dweight = sum over rows of dy * x_hat and dbias = sum of dy are reduced in two stages: one
-// partial per fixed block of rows, then the blocks added in order.
+// dweight = sum over rows of dy * x_hat and dbias = sum of dy are reduced deterministically:
+// in two stages (one partial per fixed block of rows, then the blocks added in order), or for
+// a few long rows column chunk by column chunk, rows in order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -54,14 +55,9 @@ TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normal
     acc_t* mo = mean_out.mutable_data_ptr<acc_t>();
     acc_t* io = invstd_out.mutable_data_ptr<acc_t>();
     at::parallel_for(0, s.rows, grain_for(2 * K), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const Welford<acc_t> st = welford_span(xp + r * K, K);
-        const acc_t inv = norm_invstd(st.biased_variance(), eps_a);
-        layer_norm_row(xp + r * K, yp + r * K, K, st.mean, inv, has_w ? w.data() : nullptr,
-                       has_b ? b.data() : nullptr);
-        mo[r] = st.mean;
-        io[r] = inv;
-      }
+      layer_norm_rows_forward(xp + begin * K, yp + begin * K, end - begin, K, eps_a,
+                              has_w ? w.data() : nullptr, has_b ? b.data() : nullptr, mo + begin,
+                              io + begin);
     });
   });
   return {y, mean_out, invstd_out};
@@ -103,35 +99,56 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
     const bool params = output_mask[1] || output_mask[2];
     const int64_t per = layer_norm_rows_per_block(M, K);
     const int64_t blocks = M > 0 ? (M + per - 1) / per : 0;
-    std::vector<acc_t> pdw(output_mask[1] ? blocks * K : 0, acc_t(0));
-    std::vector<acc_t> pdb(output_mask[2] ? blocks * K : 0, acc_t(0));
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // dweight/dbias: with several rows per block, each block accumulates its partial while it
+    // computes dx (one pass over dy and x), and the partials are added in block order. With
+    // few long rows, partials would cost as much as the data: then a separate pass over column
+    // chunks adds the rows in order instead. Either way the partition depends on sizes only.
+    const bool by_columns = params && per < 4;
+    const bool by_blocks = params && !by_columns;
+    std::vector<acc_t> pdw(by_blocks ? blocks * K : 0, acc_t(0)), pdb(pdw.size(), acc_t(0));
+    // dx = invstd[r] * (w * dy + coef_g[r]) + coef_xmu[r] * (x - mean[r])
+    std::vector<acc_t> coef_g(M), coef_xmu(M);
+    constexpr int64_t kColumnChunk = 8192;  // long enough runs for the prefetchers
+    const int64_t chunks = (K + kColumnChunk - 1) / kColumnChunk;
+    at::parallel_for(0, (dxp || by_blocks) ? blocks : 0, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        for (int64_t r = blk * per; r < std::min(M, (blk + 1) * per); ++r) {
-          const scalar_t* xr = xp + r * K;
-          const scalar_t* dyr = dyp + r * K;
-          if (dxp) {
-            acc_t sum_g, sum_g_xmu;
-            layer_norm_row_grad_sums(dyr, xr, K, mp[r], wp, &sum_g, &sum_g_xmu);
-            const auto coef = norm_input_grad_coef(ip[r], sum_g, sum_g_xmu, static_cast<acc_t>(K));
-            layer_norm_row_input_grad(dyr, xr, dxp + r * K, K, mp[r], ip[r], wp, coef.coef_xmu,
-                                      coef.coef_const);
-          }
-          if (params)
-            layer_norm_row_param_grad(dyr, xr, K, mp[r], ip[r],
-                                      output_mask[1] ? &pdw[blk * K] : nullptr,
-                                      output_mask[2] ? &pdb[blk * K] : nullptr);
+        const int64_t r0 = blk * per, nrows = std::min(M, (blk + 1) * per) - r0;
+        if (!by_columns) {  // dx while the row is in cache, dweight/dbias into the block partial
+          layer_norm_rows_backward(dyp + r0 * K, xp + r0 * K, dxp ? dxp + r0 * K : nullptr, nrows, K,
+                                   mp + r0, ip + r0, wp, by_blocks ? &pdw[blk * K] : nullptr,
+                                   by_blocks ? &pdb[blk * K] : nullptr);
+          continue;
+        }
+        // By columns: only the coefficients here; dx comes with dweight/dbias below.
+        for (int64_t r = r0; r < r0 + nrows; ++r) {
+          acc_t sum_g, sum_g_xmu;
+          layer_norm_row_grad_sums(dyp + r * K, xp + r * K, K, mp[r], wp, &sum_g, &sum_g_xmu);
+          const auto coef = norm_input_grad_coef(ip[r], sum_g, sum_g_xmu, static_cast<acc_t>(K));
+          coef_g[r] = coef.coef_g;
+          coef_xmu[r] = coef.coef_xmu;
         }
       }
     });
-    // Second stage: the block partials added in block order, columns in parallel.
-    std::vector<acc_t> gw(output_mask[1] ? K : 0, acc_t(0)), gb(output_mask[2] ? K : 0, acc_t(0));
-    at::parallel_for(0, K, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = 0; blk < blocks; ++blk)
-        for (int64_t k = begin; k < end; ++k) {
-          if (output_mask[1]) gw[k] += pdw[blk * K + k];
-          if (output_mask[2]) gb[k] += pdb[blk * K + k];
+    std::vector<acc_t> gw(params ? K : 0, acc_t(0)), gb(params ? K : 0, acc_t(0));
+    at::parallel_for(0, params ? chunks : 0, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t k0 = chunk * kColumnChunk, len = std::min(kColumnChunk, K - k0);
+        if (by_columns) {  // dx of the chunk and its dweight/dbias, rows in order
+          for (int64_t r = 0; r < M; ++r) {
+            const int64_t off = r * K + k0;
+            if (dxp)
+              layer_norm_row_input_grad(dyp + off, xp + off, dxp + off, len, mp[r], ip[r],
+                                        wp ? wp + k0 : nullptr, coef_g[r], coef_xmu[r]);
+            layer_norm_row_param_grad(dyp + off, xp + off, len, mp[r], ip[r], &gw[k0], &gb[k0]);
+          }
+        } else {
+          for (int64_t blk = 0; blk < blocks; ++blk)
+            for (int64_t k = k0; k < k0 + len; ++k) {
+              gw[k] += pdw[blk * K + k];
+              gb[k] += pdb[blk * K + k];
+            }
         }
+      }
     });
     if (output_mask[1]) {
       at::Tensor flat = dw.view({K});

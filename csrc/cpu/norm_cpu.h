@@ -68,11 +68,12 @@ template <typename scalar_t>
 void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
                     acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu);
 
-// dx = dy_scale * dy + coef_xmu * (x - mean) + coef_const (coef_xmu = 0 skips x: eval mode).
+// dx = invstd * (w * dy + coef_g) + coef_xmu * (x - mean) (see norm_math.h; both coefficients
+// 0: eval mode, x is not read).
 template <typename scalar_t>
 void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                     acc_type<scalar_t> dy_scale, acc_type<scalar_t> mean,
-                     acc_type<scalar_t> coef_xmu, acc_type<scalar_t> coef_const);
+                     acc_type<scalar_t> w, acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
+                     acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu);
 
 // ---- layer-norm rows (contiguous, per-column affine) ---------------------------------------
 
@@ -88,18 +89,40 @@ void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
                               acc_type<scalar_t> mean, const acc_type<scalar_t>* w,
                               acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu);
 
-// dx = w * invstd * dy + coef_xmu * (x - mean) + coef_const.
+// dx = invstd * (w * dy + coef_g) + coef_xmu * (x - mean), w per column (null: 1).
 template <typename scalar_t>
 void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
                                acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                               const acc_type<scalar_t>* w, acc_type<scalar_t> coef_xmu,
-                               acc_type<scalar_t> coef_const);
+                               const acc_type<scalar_t>* w, acc_type<scalar_t> coef_g,
+                               acc_type<scalar_t> coef_xmu);
 
-// dw[k] += dy * (x - mean) * invstd, db[k] += dy (either may be null).
+// dw[k] += dy * (x - mean) * invstd, db[k] += dy.
 template <typename scalar_t>
 void layer_norm_row_param_grad(const scalar_t* dy, const scalar_t* x, int64_t n,
                                acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
                                acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
+
+// One pass for both: the row sums of layer_norm_row_grad_sums and the updates of
+// layer_norm_row_param_grad.
+template <typename scalar_t>
+void layer_norm_row_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
+                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                  const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g,
+                                  acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* dw,
+                                  acc_type<scalar_t>* db);
+
+// Rows [0, rows) of n values each: forward with Welford per row (mean/invstd written), and
+// backward (dx may be null; dw/db accumulate, both null or both given).
+template <typename scalar_t>
+void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n,
+                             acc_type<scalar_t> eps, const acc_type<scalar_t>* w,
+                             const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
+                             acc_type<scalar_t>* invstd_out);
+template <typename scalar_t>
+void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows,
+                              int64_t n, const acc_type<scalar_t>* mean,
+                              const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* w,
+                              acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
 
 // ---- channels-last rows (C channels per row, per-channel lanes) ----------------------------
 
@@ -121,11 +144,12 @@ void grad_sums_rows(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t
                     const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
                     acc_type<scalar_t>* sum_dy_xmu);
 
-// dx = dy_scale[c] * dy + coef_xmu[c] * (x - mean[c]) + coef_const[c].
+// dx = invstd[c] * (w[c] * dy + coef_g[c]) + coef_xmu[c] * (x - mean[c]).
 template <typename scalar_t>
 void input_grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
-                     const acc_type<scalar_t>* dy_scale, const acc_type<scalar_t>* mean,
-                     const acc_type<scalar_t>* coef_xmu, const acc_type<scalar_t>* coef_const);
+                     const acc_type<scalar_t>* w, const acc_type<scalar_t>* invstd,
+                     const acc_type<scalar_t>* mean, const acc_type<scalar_t>* coef_g,
+                     const acc_type<scalar_t>* coef_xmu);
 
 // ---- host helpers --------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ namespace cpu {
 #else
 #define CNNOPS_NORM_CLONES
 #endif
+// The loop bodies, inlined into each compiled clone (so into its instruction set).
+#define CNNOPS_NORM_INLINE __attribute__((always_inline)) inline
 
 namespace {
 
@@ -36,11 +38,12 @@ inline acc_type<scalar_t> load(const scalar_t* p) {
 
 }  // namespace
 
-template <typename scalar_t>
-CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __restrict x,
-                                                             int64_t n) {
+// Welford over x[0, n) in L lanes that share the count, merged as a tree of equal-count pairs,
+// then the tail (fewer than L values) by its own two-pass statistics and one Chan merge.
+template <int L, typename scalar_t>
+__attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(
+    const scalar_t* __restrict x, int64_t n) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int L = span_lanes<acc_t>();
   acc_t mean[L] = {};
   acc_t m2[L] = {};
   const int64_t steps = n / L;
@@ -50,7 +53,6 @@ CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __re
     for (int l = 0; l < L; ++l)
       welford_add_shared_count(mean[l], m2[l], static_cast<acc_t>(p[l]), inv_count);
   }
-  // Merge the lanes as a tree of equal-count pairs (lane l with l + half), in a fixed order.
   acc_t count = static_cast<acc_t>(steps);
   for (int half = L / 2; half >= 1; half /= 2) {
     for (int l = 0; l < half; ++l)
@@ -63,7 +65,6 @@ CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __re
     total.m2 = m2[0];
     total.count = count;
   }
-  // The tail (fewer than L values): its own two-pass statistics, then one Chan merge.
   const int64_t tail = n - steps * L;
   if (tail > 0) {
     const scalar_t* p = x + steps * L;
@@ -82,6 +83,17 @@ CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* __re
 }
 
 template <typename scalar_t>
+CNNOPS_NORM_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_t* __restrict x,
+                                                             int64_t n) {
+  using acc_t = acc_type<scalar_t>;
+  // Long spans: four vectors of lanes (independent chains hide the add latency); short spans
+  // (a ConvNeXt layer-norm row of 64 channels): one vector, so the merge tree stays small.
+  constexpr int kWide = span_lanes<acc_t>();
+  constexpr int kNarrow = kWide / 4;
+  return n >= 4 * kWide ? welford_lanes<kWide>(x, n) : welford_lanes<kNarrow>(x, n);
+}
+
+template <typename scalar_t>
 CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* __restrict y,
                                        int64_t n, acc_type<scalar_t> mean,
                                        acc_type<scalar_t> scale, acc_type<scalar_t> bias) {
@@ -91,7 +103,7 @@ CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* _
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+CNNOPS_NORM_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                        int64_t n, acc_type<scalar_t> mean,
                                        acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
@@ -123,23 +135,22 @@ CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* __restrict dy, const scal
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                        scalar_t* __restrict dx, int64_t n,
-                                        acc_type<scalar_t> dy_scale, acc_type<scalar_t> mean,
-                                        acc_type<scalar_t> coef_xmu, acc_type<scalar_t> coef_const) {
+CNNOPS_NORM_INLINE void input_grad_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                        scalar_t* __restrict dx, int64_t n, acc_type<scalar_t> w,
+                                        acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
+                                        acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
   using acc_t = acc_type<scalar_t>;
-  if (coef_xmu == acc_t(0)) {  // eval: dx = w * invstd * dy, x is not read
-    for (int64_t i = 0; i < n; ++i)
-      dx[i] = static_cast<scalar_t>(dy_scale * static_cast<acc_t>(dy[i]) + coef_const);
+  if (coef_xmu == acc_t(0) && coef_g == acc_t(0)) {  // eval: dx = invstd * w * dy, x not read
+    for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<scalar_t>(invstd * (w * static_cast<acc_t>(dy[i])));
     return;
   }
   for (int64_t i = 0; i < n; ++i)
-    dx[i] = static_cast<scalar_t>(dy_scale * static_cast<acc_t>(dy[i]) +
-                                  coef_xmu * (static_cast<acc_t>(x[i]) - mean) + coef_const);
+    dx[i] = static_cast<scalar_t>(invstd * (w * static_cast<acc_t>(dy[i]) + coef_g) +
+                                  coef_xmu * (static_cast<acc_t>(x[i]) - mean));
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row(const scalar_t* __restrict x, scalar_t* __restrict y,
+CNNOPS_NORM_INLINE void layer_norm_row_impl(const scalar_t* __restrict x, scalar_t* __restrict y,
                                        int64_t n, acc_type<scalar_t> mean,
                                        acc_type<scalar_t> invstd, const acc_type<scalar_t>* w,
                                        const acc_type<scalar_t>* b) {
@@ -160,7 +171,7 @@ CNNOPS_NORM_CLONES void layer_norm_row(const scalar_t* __restrict x, scalar_t* _
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* __restrict dy,
+CNNOPS_NORM_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict dy,
                                                  const scalar_t* __restrict x, int64_t n,
                                                  acc_type<scalar_t> mean,
                                                  const acc_type<scalar_t>* w,
@@ -168,7 +179,7 @@ CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* __restrict dy,
                                                  acc_type<scalar_t>* sum_g_xmu) {
   using acc_t = acc_type<scalar_t>;
   if (!w) {
-    grad_sums_span(dy, x, n, mean, sum_g, sum_g_xmu);
+    grad_sums_span_impl(dy, x, n, mean, sum_g, sum_g_xmu);
     return;
   }
   constexpr int L = span_lanes<acc_t>();
@@ -198,21 +209,21 @@ CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* __restrict dy,
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* __restrict dy,
+CNNOPS_NORM_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restrict dy,
                                                   const scalar_t* __restrict x,
                                                   scalar_t* __restrict dx, int64_t n,
                                                   acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
                                                   const acc_type<scalar_t>* w,
-                                                  acc_type<scalar_t> coef_xmu,
-                                                  acc_type<scalar_t> coef_const) {
+                                                  acc_type<scalar_t> coef_g,
+                                                  acc_type<scalar_t> coef_xmu) {
   using acc_t = acc_type<scalar_t>;
   if (!w) {
-    input_grad_span(dy, x, dx, n, invstd, mean, coef_xmu, coef_const);
+    input_grad_span_impl(dy, x, dx, n, acc_t(1), invstd, mean, coef_g, coef_xmu);
     return;
   }
   for (int64_t i = 0; i < n; ++i)
-    dx[i] = static_cast<scalar_t>(w[i] * invstd * static_cast<acc_t>(dy[i]) +
-                                  coef_xmu * (static_cast<acc_t>(x[i]) - mean) + coef_const);
+    dx[i] = static_cast<scalar_t>(invstd * (static_cast<acc_t>(dy[i]) * w[i] + coef_g) +
+                                  coef_xmu * (static_cast<acc_t>(x[i]) - mean));
 }
 
 template <typename scalar_t>
@@ -222,11 +233,148 @@ CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy,
                                                   acc_type<scalar_t>* __restrict dw,
                                                   acc_type<scalar_t>* __restrict db) {
   using acc_t = acc_type<scalar_t>;
-  if (dw)
-    for (int64_t i = 0; i < n; ++i)
-      dw[i] += static_cast<acc_t>(dy[i]) * ((static_cast<acc_t>(x[i]) - mean) * invstd);
-  if (db)
-    for (int64_t i = 0; i < n; ++i) db[i] += static_cast<acc_t>(dy[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    dw[i] += g * ((static_cast<acc_t>(x[i]) - mean) * invstd);
+    db[i] += g;
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_INLINE void layer_norm_row_backward_sums_impl(
+    const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t n, acc_type<scalar_t> mean,
+    acc_type<scalar_t> invstd, const acc_type<scalar_t>* __restrict w, acc_type<scalar_t>* sum_g,
+    acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* __restrict dw,
+    acc_type<scalar_t>* __restrict db) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int L = span_lanes<acc_t>() / 4;
+  acc_t a[L] = {};
+  acc_t b[L] = {};
+  const int64_t steps = n / L;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t o = s * L;
+    for (int l = 0; l < L; ++l) {
+      const acc_t d = static_cast<acc_t>(dy[o + l]);
+      const acc_t xmu = static_cast<acc_t>(x[o + l]) - mean;
+      const acc_t g = w ? d * w[o + l] : d;
+      a[l] += g;
+      b[l] += g * xmu;
+      dw[o + l] += d * (xmu * invstd);
+      db[o + l] += d;
+    }
+  }
+  acc_t sa = 0, sb = 0;
+  for (int l = 0; l < L; ++l) {
+    sa += a[l];
+    sb += b[l];
+  }
+  for (int64_t i = steps * L; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(dy[i]);
+    const acc_t xmu = static_cast<acc_t>(x[i]) - mean;
+    const acc_t g = w ? d * w[i] : d;
+    sa += g;
+    sb += g * xmu;
+    dw[i] += d * (xmu * invstd);
+    db[i] += d;
+  }
+  *sum_g = sa;
+  *sum_g_xmu = sb;
+}
+
+// ---- the span and layer-norm row loops, one compiled clone set each ----------------------
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* x, int64_t n) {
+  return welford_span_impl(x, n);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n,
+                                       acc_type<scalar_t> mean, acc_type<scalar_t>* sum_dy,
+                                       acc_type<scalar_t>* sum_dy_xmu) {
+  grad_sums_span_impl(dy, x, n, mean, sum_dy, sum_dy_xmu);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+                                        int64_t n, acc_type<scalar_t> w, acc_type<scalar_t> invstd,
+                                        acc_type<scalar_t> mean, acc_type<scalar_t> coef_g,
+                                        acc_type<scalar_t> coef_xmu) {
+  input_grad_span_impl(dy, x, dx, n, w, invstd, mean, coef_g, coef_xmu);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row(const scalar_t* x, scalar_t* y, int64_t n,
+                                       acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                       const acc_type<scalar_t>* w, const acc_type<scalar_t>* b) {
+  layer_norm_row_impl(x, y, n, mean, invstd, w, b);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
+                                                 acc_type<scalar_t> mean,
+                                                 const acc_type<scalar_t>* w,
+                                                 acc_type<scalar_t>* sum_g,
+                                                 acc_type<scalar_t>* sum_g_xmu) {
+  layer_norm_row_grad_sums_impl(dy, x, n, mean, w, sum_g, sum_g_xmu);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x,
+                                                  scalar_t* dx, int64_t n, acc_type<scalar_t> mean,
+                                                  acc_type<scalar_t> invstd,
+                                                  const acc_type<scalar_t>* w,
+                                                  acc_type<scalar_t> coef_g,
+                                                  acc_type<scalar_t> coef_xmu) {
+  layer_norm_row_input_grad_impl(dy, x, dx, n, mean, invstd, w, coef_g, coef_xmu);
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_row_backward_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+    acc_type<scalar_t> invstd, const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g,
+    acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
+  layer_norm_row_backward_sums_impl(dy, x, n, mean, invstd, w, sum_g, sum_g_xmu, dw, db);
+}
+
+// Many short rows (a ConvNeXt layer norm over 64 channels): the row loop inside the clone, so
+// the per-row statistics and coefficients are inlined rather than called row by row.
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows,
+                                                int64_t n, acc_type<scalar_t> eps,
+                                                const acc_type<scalar_t>* w,
+                                                const acc_type<scalar_t>* b,
+                                                acc_type<scalar_t>* mean_out,
+                                                acc_type<scalar_t>* invstd_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto st = welford_span_impl(x + r * n, n);
+    const auto inv = norm_invstd(st.biased_variance(), eps);
+    layer_norm_row_impl(x + r * n, y + r * n, n, st.mean, inv, w, b);
+    mean_out[r] = st.mean;
+    invstd_out[r] = inv;
+  }
+}
+
+template <typename scalar_t>
+CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x,
+                                                 scalar_t* dx, int64_t rows, int64_t n,
+                                                 const acc_type<scalar_t>* mean,
+                                                 const acc_type<scalar_t>* invstd,
+                                                 const acc_type<scalar_t>* w,
+                                                 acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t sum_g, sum_g_xmu;
+    if (dw)
+      layer_norm_row_backward_sums_impl(dy + r * n, x + r * n, n, mean[r], invstd[r], w, &sum_g,
+                                        &sum_g_xmu, dw, db);
+    else
+      layer_norm_row_grad_sums_impl(dy + r * n, x + r * n, n, mean[r], w, &sum_g, &sum_g_xmu);
+    if (!dx) continue;
+    const auto coef = norm_input_grad_coef(invstd[r], sum_g, sum_g_xmu, static_cast<acc_t>(n));
+    layer_norm_row_input_grad_impl(dy + r * n, x + r * n, dx + r * n, n, mean[r], invstd[r], w,
+                                   coef.coef_g, coef.coef_xmu);
+  }
 }
 
 template <typename scalar_t>
@@ -280,19 +428,19 @@ CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scal
 template <typename scalar_t>
 CNNOPS_NORM_CLONES void input_grad_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                         scalar_t* __restrict dx, int64_t rows, int64_t C,
-                                        const acc_type<scalar_t>* __restrict dy_scale,
+                                        const acc_type<scalar_t>* __restrict w,
+                                        const acc_type<scalar_t>* __restrict invstd,
                                         const acc_type<scalar_t>* __restrict mean,
-                                        const acc_type<scalar_t>* __restrict coef_xmu,
-                                        const acc_type<scalar_t>* __restrict coef_const) {
+                                        const acc_type<scalar_t>* __restrict coef_g,
+                                        const acc_type<scalar_t>* __restrict coef_xmu) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* pd = dy + r * C;
     const scalar_t* px = x + r * C;
     scalar_t* q = dx + r * C;
     for (int64_t c = 0; c < C; ++c)
-      q[c] = static_cast<scalar_t>(dy_scale[c] * static_cast<acc_t>(pd[c]) +
-                                   coef_xmu[c] * (static_cast<acc_t>(px[c]) - mean[c]) +
-                                   coef_const[c]);
+      q[c] = static_cast<scalar_t>(invstd[c] * (w[c] * static_cast<acc_t>(pd[c]) + coef_g[c]) +
+                                   coef_xmu[c] * (static_cast<acc_t>(px[c]) - mean[c]));
   }
 }
 
@@ -344,7 +492,7 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
   template void grad_sums_span<T>(const T*, const T*, int64_t, acc_type<T>, acc_type<T>*,        \
                                   acc_type<T>*);                                                \
   template void input_grad_span<T>(const T*, const T*, T*, int64_t, acc_type<T>, acc_type<T>,    \
-                                   acc_type<T>, acc_type<T>);                                   \
+                                   acc_type<T>, acc_type<T>, acc_type<T>);                      \
   template void layer_norm_row<T>(const T*, T*, int64_t, acc_type<T>, acc_type<T>,               \
                                   const acc_type<T>*, const acc_type<T>*);                      \
   template void layer_norm_row_grad_sums<T>(const T*, const T*, int64_t, acc_type<T>,            \
@@ -354,13 +502,23 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
                                              acc_type<T>);                                      \
   template void layer_norm_row_param_grad<T>(const T*, const T*, int64_t, acc_type<T>,           \
                                              acc_type<T>, acc_type<T>*, acc_type<T>*);           \
+  template void layer_norm_rows_forward<T>(const T*, T*, int64_t, int64_t, acc_type<T>,          \
+                                           const acc_type<T>*, const acc_type<T>*, acc_type<T>*, \
+                                           acc_type<T>*);                                       \
+  template void layer_norm_rows_backward<T>(const T*, const T*, T*, int64_t, int64_t,            \
+                                            const acc_type<T>*, const acc_type<T>*,              \
+                                            const acc_type<T>*, acc_type<T>*, acc_type<T>*);     \
+  template void layer_norm_row_backward_sums<T>(const T*, const T*, int64_t, acc_type<T>,        \
+                                                acc_type<T>, const acc_type<T>*, acc_type<T>*,   \
+                                                acc_type<T>*, acc_type<T>*, acc_type<T>*);       \
   template void welford_rows<T>(const T*, int64_t, int64_t, acc_type<T>*, acc_type<T>*);         \
   template void normalize_rows<T>(const T*, T*, int64_t, int64_t, const acc_type<T>*,            \
                                   const acc_type<T>*, const acc_type<T>*);                      \
   template void grad_sums_rows<T>(const T*, const T*, int64_t, int64_t, const acc_type<T>*,      \
                                   acc_type<T>*, acc_type<T>*);                                  \
   template void input_grad_rows<T>(const T*, const T*, T*, int64_t, int64_t, const acc_type<T>*, \
-                                   const acc_type<T>*, const acc_type<T>*, const acc_type<T>*);
+                                   const acc_type<T>*, const acc_type<T>*, const acc_type<T>*,   \
+                                   const acc_type<T>*);
 
 CNNOPS_INSTANTIATE_NORM(float)
 CNNOPS_INSTANTIATE_NORM(double)
