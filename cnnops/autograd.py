@@ -51,6 +51,22 @@ class ConvFunction(torch.autograd.Function):
 from torch.autograd.function import once_differentiable  # noqa: E402
 
 
+def _save_bias_dtype(ctx, input, weight, bias, param_shape):
+    """The backward ops return grad_bias in the weight's dtype (they are not given the bias).
+    Without a weight, a bias of another dtype than the input's (float32 bias, bfloat16 input)
+    gets a unit weight in its dtype in the backward: exact, and no detour through bfloat16."""
+    ctx.unit_weight = None
+    if weight is None and bias is not None and bias.dtype != input.dtype:
+        ctx.unit_weight = (list(param_shape), bias.dtype)
+
+
+def _backward_weight(ctx, input, weight):
+    if ctx.unit_weight is None:
+        return weight
+    shape, dtype = ctx.unit_weight
+    return torch.ones(shape, dtype=dtype, device=input.device)
+
+
 def _norm_mask(ctx, weight_index, bias_index):
     """output_mask for (input, weight, bias): only the gradients autograd asks for."""
     return [
@@ -77,6 +93,7 @@ class BatchNormFunction(torch.autograd.Function):
         input, weight, bias, _, _, training, _, _ = inputs
         _, mean, invstd = output
         ctx.save_for_backward(input, weight, mean, invstd)
+        _save_bias_dtype(ctx, input, weight, bias, [input.size(1)])
         ctx.training = training
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
@@ -89,7 +106,7 @@ class BatchNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 8
         grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
-            grad_output, input, weight, mean, invstd, ctx.training, mask
+            grad_output, input, _backward_weight(ctx, input, weight), mean, invstd, ctx.training, mask
         )
         return (
             grad_input if mask[0] else None,
@@ -112,6 +129,7 @@ class LayerNormFunction(torch.autograd.Function):
         input, normalized_shape, weight, bias, _ = inputs
         _, mean, invstd = output
         ctx.save_for_backward(input, weight, mean, invstd)
+        _save_bias_dtype(ctx, input, weight, bias, normalized_shape)
         ctx.normalized_shape = list(normalized_shape)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
@@ -124,7 +142,7 @@ class LayerNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 5
         grad_input, grad_weight, grad_bias = ops.layer_norm_backward(
-            grad_output, input, ctx.normalized_shape, mean, invstd, weight, mask
+            grad_output, input, ctx.normalized_shape, mean, invstd, _backward_weight(ctx, input, weight), mask
         )
         return (
             grad_input if mask[0] else None,
@@ -149,6 +167,7 @@ class GroupNormFunction(torch.autograd.Function):
         input, weight, bias, num_groups, _ = inputs
         _, mean, invstd = output
         ctx.save_for_backward(input, weight, mean, invstd)
+        _save_bias_dtype(ctx, input, weight, bias, [input.size(1)])
         ctx.num_groups = num_groups
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
@@ -161,7 +180,7 @@ class GroupNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 5
         grad_input, grad_weight, grad_bias = ops.group_norm_backward(
-            grad_output, input, mean, invstd, weight, ctx.num_groups, mask
+            grad_output, input, mean, invstd, _backward_weight(ctx, input, weight), ctx.num_groups, mask
         )
         return (
             grad_input if mask[0] else None,

@@ -133,8 +133,13 @@ def _check_channel_params(input, **tensors):
 
 
 def _check_tensor(input, fn):
+    """A floating-point Tensor; torch raises NotImplementedError from its dtype dispatch for
+    the others, and so does cnnops."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fn}(): input must be a Tensor, but got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"{fn}\" not implemented for input of dtype {input.dtype} "
+                                  "(cnnops supports float32, float64, bfloat16 and float16)")
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -156,7 +161,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
+    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
+    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
     out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                         float(momentum), float(eps))
     return out
@@ -174,8 +184,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if len(normalized_shape) == 0:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
                            "least one element, but got normalized_shape = []")
-    trailing = tuple(input.shape[input.dim() - len(normalized_shape):]) if input.dim() >= len(normalized_shape) else None
-    if trailing != normalized_shape:
+    leading = input.dim() - len(normalized_shape)
+    if leading < 0 or tuple(input.shape[leading:]) != normalized_shape:
         raise RuntimeError(f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
@@ -194,7 +204,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     channels = input.size(1)
-    if num_groups <= 0 or channels % num_groups != 0:
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    if channels % num_groups != 0:
         raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
                            f"of shape {list(input.shape)} and num_groups={num_groups}")
     for name, tensor in (("weight", weight), ("bias", bias)):
