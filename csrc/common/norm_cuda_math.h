@@ -11,28 +11,81 @@
 
 namespace cnnops {
 
-// Every normalization as "element i uses statistic stat(i) and affine channel channel(i)",
-// for a tensor that is contiguous in its own memory format:
+// Division by a divisor fixed for a whole launch. int64_t: the hardware division. int32_t
+// (every index below 2^31): multiply-high by a magic number and shift (Granlund-Montgomery, as
+// torch's IntDivider), a few instructions instead of the ~20 of an integer division, which the
+// elementwise kernels would otherwise pay several times per element.
+CNNOPS_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+template <typename index_t>
+struct Divider {
+  index_t d;
+  CNNOPS_HD explicit Divider(index_t divisor) : d(divisor > 0 ? divisor : 1) {}
+  CNNOPS_HD index_t div(index_t n) const { return n / d; }
+};
+
+template <>
+struct Divider<int32_t> {
+  uint32_t magic;
+  uint32_t shift;
+  // divisor in [1, 2^31 - 1]; n / divisor = (mul_hi(n, magic) + n) >> shift for n in [0, 2^31).
+  CNNOPS_HD explicit Divider(int32_t divisor) {
+    const uint32_t d = divisor > 0 ? static_cast<uint32_t>(divisor) : 1u;
+    shift = 0;
+    while ((uint32_t{1} << shift) < d) ++shift;  // smallest 2^shift >= d (shift <= 31)
+    const uint64_t one = 1;
+    magic = static_cast<uint32_t>(((one << 32) * ((one << shift) - d)) / d + 1);
+  }
+  CNNOPS_HD int32_t div(int32_t n) const {
+    const uint32_t un = static_cast<uint32_t>(n);
+    return static_cast<int32_t>((mul_hi_u32(un, magic) + un) >> shift);
+  }
+};
+
+// Every normalization as "element i uses statistic stat and affine channel c", for a tensor
+// that is contiguous in its own memory format:
 //   channels_first: [N][C][inner]  (NCHW: inner = spatial size)
 //   channels_last:  [N][inner][C]  (NHWC)
-// stat(i) = n * stats_per_sample + channel(i) / channels_per_stat, so
+// stat = n * stats_per_sample + c / channels_per_stat, so
 //   batch norm:  stats_per_sample = 0, channels_per_stat = 1    -> stat = c
 //   group norm:  stats_per_sample = G, channels_per_stat = C / G -> stat = n * G + c / (C / G)
 //   layer norm:  channels_last, C = K (the normalized size), inner = 1,
 //                stats_per_sample = 1, channels_per_stat = K     -> stat = row, channel = k
+// All sizes >= 1 (the kernels only run on non-empty tensors).
 template <typename index_t>
 struct NormIndex {
   index_t channels;
-  index_t inner;
   index_t stats_per_sample;
-  index_t channels_per_stat;
+  Divider<index_t> inner_div;
+  Divider<index_t> channels_div;
+  Divider<index_t> per_stat_div;
+
+  CNNOPS_HD NormIndex(index_t channels_, index_t inner, index_t stats_per_sample_, index_t channels_per_stat)
+      : channels(channels_),
+        stats_per_sample(stats_per_sample_),
+        inner_div(inner),
+        channels_div(channels_),
+        per_stat_div(channels_per_stat) {}
 
   template <bool channels_last>
-  CNNOPS_HD index_t channel(index_t i) const {
-    return channels_last ? i % channels : (i / inner) % channels;
-  }
-  CNNOPS_HD index_t stat(index_t i, index_t c) const {
-    return (i / (inner * channels)) * stats_per_sample + c / channels_per_stat;
+  CNNOPS_HD void locate(index_t i, index_t& c, index_t& stat) const {
+    index_t n;
+    if (channels_last) {  // i = (n * inner + l) * C + c
+      const index_t q = channels_div.div(i);
+      c = i - q * channels;
+      n = inner_div.div(q);
+    } else {  // i = (n * C + c) * inner + l
+      const index_t p = inner_div.div(i);
+      n = channels_div.div(p);
+      c = p - n * channels;
+    }
+    stat = n * stats_per_sample + per_stat_div.div(c);
   }
 };
 
@@ -280,13 +333,19 @@ CNNOPS_HD acc_t norm_output(acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc
 }
 
 // dx = invstd * (g - A - (x - mean) * invstd * B), g = dy * w, with per-statistic A = mean(g),
-// B = mean(g * x_hat) (lecture / Ioffe-Szegedy). Batch norm eval passes A = B = 0 (mean and
-// invstd are constants there): dx = dy * w * invstd.
+// B = mean(g * x_hat) (Ioffe-Szegedy's backward of the lecture's batch norm).
 template <typename acc_t>
 CNNOPS_HD acc_t norm_grad_input(acc_t dy, acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc_t coef_a,
                                 acc_t coef_b) {
   const acc_t g = dy * weight;
   return invstd * (g - (coef_a + (x - mean) * invstd * coef_b));
+}
+
+// Batch norm eval: mean and invstd are constants (the running statistics), so the map is a
+// per-channel scale: dx = dy * w * invstd.
+template <typename acc_t>
+CNNOPS_HD acc_t norm_grad_input_eval(acc_t dy, acc_t invstd, acc_t weight) {
+  return dy * weight * invstd;
 }
 
 }  // namespace cnnops

@@ -25,7 +25,6 @@ namespace {
 using namespace norm;
 
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-constexpr int64_t kMaxGridYZ = 65535;
 constexpr int kSmallThreads = 256;  // per-statistic kernels
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -205,8 +204,8 @@ void launch_normalize(bool channels_last, const at::Tensor& x, at::Tensor& y, co
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const NormIndex<index_t> ix{static_cast<index_t>(channels), static_cast<index_t>(inner),
-                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat)};
+    const NormIndex<index_t> ix(static_cast<index_t>(channels), static_cast<index_t>(inner),
+                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat));
     auto kernel = channels_last ? normalize_kernel<true, scalar_t, param_t, acc_t, index_t>
                                 : normalize_kernel<false, scalar_t, param_t, acc_t, index_t>;
     kernel<<<blocks, kElementwiseThreads, 0, stream>>>(
@@ -230,8 +229,8 @@ void launch_grad_input(bool channels_last, const at::Tensor& dy, const at::Tenso
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const NormIndex<index_t> ix{static_cast<index_t>(channels), static_cast<index_t>(inner),
-                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat)};
+    const NormIndex<index_t> ix(static_cast<index_t>(channels), static_cast<index_t>(inner),
+                                static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat));
     auto kernel = channels_last ? grad_input_kernel<true, scalar_t, param_t, acc_t, index_t>
                                 : grad_input_kernel<false, scalar_t, param_t, acc_t, index_t>;
     kernel<<<blocks, kElementwiseThreads, 0, stream>>>(
@@ -290,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
       if (training) {
-        // Statistics per channel over N x spatial (lecture: mu_B, sigma_B^2 of the mini-batch).
+        // Statistics per channel over N x spatial (lecture, batch norm for ConvNets: mu, sigma are 1 x C x 1 x 1).
         const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
         Partials p;
         PartialIndex pi;
@@ -427,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
-      // Statistics per row (lecture: layer norm normalizes each sample over its features).
+      // Statistics per row (lecture, layer norm: mu, sigma are N x 1, one per sample).
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
       const Partials p = reduce_planes<acc_t>(welford, 3, 1, s.rows, s.cols, acc_options,
                                                                  x.numel());
@@ -539,7 +538,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
-      // Statistics per (n, group) over (C / G) x spatial values (lecture: group norm).
+      // Statistics per (n, group) over (C / G) x spatial values (lecture: group norm, Wu and He;
+      // instance norm, mu, sigma N x C x 1 x 1, is G = C).
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
       Partials p;
       PartialIndex pi;

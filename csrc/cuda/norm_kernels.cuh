@@ -149,10 +149,9 @@ __global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_co
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < outputs;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Welford<acc_t> w = merge_partials<Welford<acc_t>>(partial, partial_count, pi, o);
-    // No values: mean 0 and invstd NaN, as torch's layer norm over an empty normalized_shape.
-    const acc_t var = w.count > 0 ? w.biased_variance() : acc_t(NAN);
+    // No values (an empty batch): mean 0 and variance 0, as the CPU kernels return.
     mean[o] = w.mean;
-    invstd[o] = norm_invstd(var, eps);
+    invstd[o] = norm_invstd(w.biased_variance(), eps);
     if (running_mean != nullptr && w.count > 0) {
       running_mean[o] = static_cast<param_t>(
           running_stat_update(static_cast<acc_t>(running_mean[o]), w.mean, momentum));
@@ -281,7 +280,7 @@ __global__ void group_norm_param_grads_kernel(const acc_t* sum_a, const acc_t* s
 // Stage 4: elementwise.
 // ---------------------------------------------------------------------------------------------
 
-// y = (x - mean) * invstd * w + b (slides: y = gamma * xhat + beta).
+// y = (x - mean) * invstd * w + b (lecture: y = gamma * (x - mu) / sigma + beta).
 template <bool channels_last, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
@@ -289,8 +288,8 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
                                  NormIndex<index_t> ix, index_t numel) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t c = ix.template channel<channels_last>(i);
-    const index_t s = ix.stat(i, c);
+    index_t c, s;
+    ix.template locate<channels_last>(i, c, s);
     const acc_t v = norm_output(static_cast<acc_t>(x[i]), mean[s], invstd[s],
                                 weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
                                 bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0));
@@ -298,8 +297,8 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
   }
 }
 
-// dx = invstd * (dy * w - A - (x - mean) * invstd * B); A = B = null for batch norm eval
-// (dx = dy * w * invstd).
+// dx = invstd * (dy * w - A - (x - mean) * invstd * B); A = B = null for batch norm eval,
+// dx = dy * w * invstd (x is not read there, as in torch).
 template <bool channels_last, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
@@ -308,12 +307,13 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
                                   NormIndex<index_t> ix, index_t numel) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t c = ix.template channel<channels_last>(i);
-    const index_t s = ix.stat(i, c);
-    const bool train = coef_a != nullptr;
-    const acc_t v = norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
-                                    weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1),
-                                    train ? coef_a[s] : acc_t(0), train ? coef_b[s] : acc_t(0));
+    index_t c, s;
+    ix.template locate<channels_last>(i, c, s);
+    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
+    const acc_t v = coef_a != nullptr
+                        ? norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
+                                          w, coef_a[s], coef_b[s])
+                        : norm_grad_input_eval(static_cast<acc_t>(dy[i]), invstd[s], w);
     dx[i] = static_cast<scalar_t>(v);
   }
 }

@@ -1,4 +1,5 @@
-"""The CUDA normalization kernels' arithmetic and reduction order, run on the CPU.
+"""The CUDA normalization kernels' arithmetic and reduction order, run on the CPU (named without
+"cuda" so scripts/gpu_check.sh, which runs tests/test_*cuda*.py, does not spend GPU time on it).
 
 csrc/common/norm_cuda_math.h holds what the CUDA kernels (csrc/cuda/norm_kernels.cuh) compute
 per element and per statistic: the launch shapes, the strided cursor of the planes reduction,
@@ -128,9 +129,8 @@ void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, 
                     acc_t* rm, acc_t* rv, acc_t momentum, acc_t eps) {
   for (int64_t o = 0; o < outputs; ++o) {
     const Welford<acc_t> w = merge_partials<Welford<acc_t>>(p.buffer.data(), p.count, pi, o);
-    const acc_t var = w.count > 0 ? w.biased_variance() : std::nan("");
     mean[o] = w.mean;
-    invstd[o] = norm_invstd(var, eps);
+    invstd[o] = norm_invstd(w.biased_variance(), eps);
     if (rm != nullptr && w.count > 0) {
       rm[o] = running_stat_update(rm[o], w.mean, momentum);
       rv[o] = running_stat_update(rv[o], w.unbiased_variance(), momentum);
@@ -155,12 +155,13 @@ const acc_t* ptr(const Opt& t) { return t.has_value() && t->defined() ? t->data_
 // normalize_kernel / grad_input_kernel
 void normalize(bool cl, const Tensor& x, Tensor& y, const acc_t* mean, const acc_t* invstd, const acc_t* w,
                const acc_t* b, int64_t channels, int64_t inner, int64_t sps, int64_t cps) {
-  const NormIndex<int64_t> ix{channels, inner, sps, cps};
+  const NormIndex<int64_t> ix(channels, inner, sps, cps);
   const acc_t* xp = x.data_ptr<acc_t>();
   acc_t* yp = y.data_ptr<acc_t>();
   for (int64_t i = 0; i < x.numel(); ++i) {
-    const int64_t c = cl ? ix.channel<true>(i) : ix.channel<false>(i);
-    const int64_t s = ix.stat(i, c);
+    int64_t c, s;
+    if (cl) ix.locate<true>(i, c, s);
+    else ix.locate<false>(i, c, s);
     yp[i] = norm_output(xp[i], mean[s], invstd[s], w ? w[c] : 1.0, b ? b[c] : 0.0);
   }
 }
@@ -168,12 +169,15 @@ void normalize(bool cl, const Tensor& x, Tensor& y, const acc_t* mean, const acc
 void grad_input(bool cl, const Tensor& dy, const Tensor& x, Tensor& dx, const acc_t* mean, const acc_t* invstd,
                 const acc_t* w, const acc_t* ca, const acc_t* cb, int64_t channels, int64_t inner, int64_t sps,
                 int64_t cps) {
-  const NormIndex<int64_t> ix{channels, inner, sps, cps};
+  const NormIndex<int64_t> ix(channels, inner, sps, cps);
   for (int64_t i = 0; i < x.numel(); ++i) {
-    const int64_t c = cl ? ix.channel<true>(i) : ix.channel<false>(i);
-    const int64_t s = ix.stat(i, c);
-    dx.data_ptr<acc_t>()[i] = norm_grad_input(dy.data_ptr<acc_t>()[i], x.data_ptr<acc_t>()[i], mean[s], invstd[s],
-                                              w ? w[c] : 1.0, ca ? ca[s] : 0.0, cb ? cb[s] : 0.0);
+    int64_t c, s;
+    if (cl) ix.locate<true>(i, c, s);
+    else ix.locate<false>(i, c, s);
+    const acc_t wv = w ? w[c] : 1.0;
+    dx.data_ptr<acc_t>()[i] = ca ? norm_grad_input(dy.data_ptr<acc_t>()[i], x.data_ptr<acc_t>()[i], mean[s],
+                                                   invstd[s], wv, ca[s], cb[s])
+                                 : norm_grad_input_eval(dy.data_ptr<acc_t>()[i], invstd[s], wv);
   }
 }
 
@@ -344,13 +348,42 @@ std::vector<Tensor> gn_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd,
   return {dx, gw, gb};
 }
 
+// The int32 index path of the elementwise kernels (magic-number division) against plain int64
+// division: number of mismatching (channel, stat) pairs over the given element indices.
+int64_t norm_index_mismatches(int64_t channels, int64_t inner, int64_t sps, int64_t cps, bool cl,
+                              std::vector<int64_t> indices) {
+  const NormIndex<int32_t> fast(static_cast<int32_t>(channels), static_cast<int32_t>(inner),
+                                static_cast<int32_t>(sps), static_cast<int32_t>(cps));
+  int64_t bad = 0;
+  for (int64_t i : indices) {
+    int32_t c, s;
+    if (cl) fast.locate<true>(static_cast<int32_t>(i), c, s);
+    else fast.locate<false>(static_cast<int32_t>(i), c, s);
+    const int64_t n = i / (inner * channels);
+    const int64_t ce = cl ? i % channels : (i / inner) % channels;
+    const int64_t se = n * sps + ce / cps;
+    bad += (c != ce || s != se);
+  }
+  return bad;
+}
+
+// Divider<int32_t> against n / d for the given divisors and dividends.
+int64_t divider_mismatches(std::vector<int64_t> divisors, std::vector<int64_t> dividends) {
+  int64_t bad = 0;
+  for (int64_t d : divisors) {
+    const Divider<int32_t> div(static_cast<int32_t>(d));
+    for (int64_t n : dividends) bad += div.div(static_cast<int32_t>(n)) != n / d;
+  }
+  return bad;
+}
+
 int64_t planes_chunks(int64_t outer, int64_t channels, int64_t inner) {
   return planes_config(outer, channels, inner).chunks;
 }
 int64_t columns_chunks(int64_t batch, int64_t rows, int64_t cols) { return columns_config(batch, rows, cols).chunks; }
 """
 
-FUNCTIONS = ["planes_chunks", "columns_chunks", "bn_forward", "bn_backward", "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
+FUNCTIONS = ["norm_index_mismatches", "divider_mismatches", "planes_chunks", "columns_chunks", "bn_forward", "bn_backward", "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
 
 
 @pytest.fixture(scope="module")
@@ -358,10 +391,10 @@ def emu():
     from torch.utils.cpp_extension import load_inline
 
     # A fixed folder: ninja then rebuilds only when the header or SOURCE changed.
-    build = os.path.join(tempfile.gettempdir(), "cnnops_norm_cuda_math")
+    build = os.path.join(tempfile.gettempdir(), "cnnops_norm_kernel_math")
     os.makedirs(build, exist_ok=True)
     return load_inline(
-        name="cnnops_norm_cuda_math",
+        name="cnnops_norm_kernel_math",
         cpp_sources=SOURCE,
         functions=FUNCTIONS,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
@@ -504,3 +537,41 @@ def test_cases_reach_multi_chunk_merges(emu):
     assert emu.columns_chunks(1, 5000, 3) > 1       # batch norm (5000, 3)
     assert emu.columns_chunks(1, 2 * 70 * 90, 3) > 1  # batch norm NHWC (2, 3, 70, 90)
     assert emu.columns_chunks(1, 90 * 80, 4) > 1    # group norm NHWC (1, 4, 90, 80), per sample
+
+
+def test_int32_divider_exact(emu):
+    """Magic-number division (the int32 index path) equals integer division, at the edges of
+    its range: every divisor shape (1, powers of two and their neighbours, primes, 2^31 - 1)
+    and dividends near 0, near multiples and near 2^31 - 1."""
+    import random
+    rng = random.Random(0)
+    top = 2**31 - 1
+    divisors = {1, 2, 3, 5, 7, 10, 49, 64, 3136, 12544, 65535, 65536, 65537, 1 << 20, (1 << 30) - 1, 1 << 30,
+                (1 << 30) + 1, top - 1, top}
+    divisors |= {(1 << k) + e for k in range(1, 31) for e in (-1, 0, 1)}
+    divisors |= {rng.randrange(1, top) for _ in range(200)}
+    dividends = {0, 1, 2, top, top - 1, top - 2, 1 << 30, (1 << 30) - 1}
+    dividends |= {rng.randrange(0, top) for _ in range(2000)}
+    for d in list(divisors)[:60]:
+        for q in (1, 2, 3, top // d // 2, top // d):
+            for e in (-1, 0, 1):
+                if 0 <= q * d + e <= top:
+                    dividends.add(q * d + e)
+    divisors = sorted(x for x in divisors if 1 <= x <= top)
+    assert emu.divider_mismatches(divisors, sorted(dividends)) == 0
+
+
+@pytest.mark.parametrize("channels,inner,sps,cps", [(3, 49, 0, 1), (64, 3136, 32, 2), (70, 6, 35, 2), (1024, 1, 1, 1024),
+                                                   (6, 1, 0, 1), (2048, 49, 2048, 1)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_int32_norm_index(emu, channels, inner, sps, cps, cl):
+    """The elementwise kernels' int32 (channel, statistic) of an element equals the plain
+    formula, for the first and last elements of tensors up to the int32 limit."""
+    import random
+    rng = random.Random(channels * inner)
+    per_sample = channels * inner
+    n = (2**31 - (1 << 25)) // per_sample  # the largest batch the int32 path accepts
+    numel = n * per_sample
+    idx = list(range(min(numel, 5000))) + list(range(max(numel - 5000, 0), numel))
+    idx += [rng.randrange(numel) for _ in range(20000)]
+    assert emu.norm_index_mismatches(channels, inner, sps, cps, cl, idx) == 0
