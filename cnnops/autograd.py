@@ -1,5 +1,13 @@
-"""One torch.autograd.Function per op family: the forward op, what it saves, the backward op."""
+"""One torch.autograd.Function per op family: the forward op, what it saves, the backward op.
+
+Every Function saves in forward(ctx, ...) rather than in a separate setup_context: with
+setup_context, Function.apply binds default arguments through inspect.signature on every call
+(~50 us, several times a small pool's or norm's own cost). The backward ops are single kernels
+with no derivative of their own, so @once_differentiable makes a double backward raise instead
+of silently returning zeros (convolution's backward is differentiable only through its op too).
+"""
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._ops import ops
 
@@ -12,17 +20,14 @@ class ConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups):
-        return ops.conv_forward(input, weight, bias, list(stride), list(padding), list(dilation), groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(input, weight)
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
         ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight)
+        return ops.conv_forward(input, weight, bias, *ctx.conv_args)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
@@ -44,20 +49,7 @@ class ConvFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Inputs are batched (N x C x *spatial); the pooling parameters are lists of one int per
 # spatial dim, already resolved by cnnops.functional. Indices are int64 outputs without a
-# gradient. The backward passes are not themselves differentiable (their ops have no
-# derivative): once_differentiable makes a double backward raise instead of returning zeros.
-# ============================================================================================
-# Normalization
-# ============================================================================================
-# Each Function returns (output, mean, invstd): the statistics the forward op normalized with
-# are saved for the backward op and handed back (non-differentiable) so instance norm can
-# update its running statistics from them. The backward ops are single kernels, not
-# differentiable themselves: @once_differentiable makes a double backward raise instead of
-# silently returning zeros. forward(ctx, ...) rather than a separate setup_context: with
-# setup_context, Function.apply binds default arguments through inspect.signature on every call
-# (~50 us, four times a small norm's own cost).
-
-from torch.autograd.function import once_differentiable  # noqa: E402
+# gradient.
 
 
 class MaxPoolFunction(torch.autograd.Function):
@@ -65,17 +57,12 @@ class MaxPoolFunction(torch.autograd.Function):
     ceil_mode) -> (output, indices). Backward routes each gradient to its window's argmax."""
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return ops.max_pool_forward(input, list(kernel_size), list(stride), list(padding), list(dilation),
-                                    bool(ceil_mode))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
-        _, indices = output
+    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
+        ctx.pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+        output, indices = ops.max_pool_forward(input, *ctx.pool_args)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(input, indices)
-        ctx.pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+        return output, indices
 
     @staticmethod
     @once_differentiable
@@ -91,16 +78,11 @@ class AvgPoolFunction(torch.autograd.Function):
     over its window (divided by the same divisor)."""
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        return ops.avg_pool_forward(input, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
-                                    bool(count_include_pad), int(divisor_override))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override = inputs
-        ctx.save_for_backward(input)
+    def forward(ctx, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
         ctx.pool_args = (list(kernel_size), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad),
                          int(divisor_override))
+        ctx.save_for_backward(input)
+        return ops.avg_pool_forward(input, *ctx.pool_args)
 
     @staticmethod
     @once_differentiable
@@ -114,13 +96,9 @@ class AdaptiveAvgPoolFunction(torch.autograd.Function):
     """Adaptive average pooling. apply(input, output_size), every entry of output_size resolved."""
 
     @staticmethod
-    def forward(input, output_size):
-        return ops.adaptive_avg_pool_forward(input, list(output_size))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, _ = inputs
+    def forward(ctx, input, output_size):
         ctx.save_for_backward(input)
+        return ops.adaptive_avg_pool_forward(input, list(output_size))
 
     @staticmethod
     @once_differentiable
@@ -133,15 +111,11 @@ class AdaptiveMaxPoolFunction(torch.autograd.Function):
     """Adaptive max pooling with argmax indices. apply(input, output_size) -> (output, indices)."""
 
     @staticmethod
-    def forward(input, output_size):
-        return ops.adaptive_max_pool_forward(input, list(output_size))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, _ = inputs
-        _, indices = output
+    def forward(ctx, input, output_size):
+        output, indices = ops.adaptive_max_pool_forward(input, list(output_size))
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(input, indices)
+        return output, indices
 
     @staticmethod
     @once_differentiable
@@ -156,19 +130,25 @@ class MaxUnpoolFunction(torch.autograd.Function):
     grad_output at the same positions; indices get no gradient."""
 
     @staticmethod
-    def forward(input, indices, output_size):
-        return ops.max_unpool_forward(input, indices, list(output_size))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, indices, _ = inputs
+    def forward(ctx, input, indices, output_size):
         ctx.save_for_backward(input, indices)
+        return ops.max_unpool_forward(input, indices, list(output_size))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         input, indices = ctx.saved_tensors
         return ops.max_unpool_backward(grad_output, input, indices), None, None
+
+
+# ============================================================================================
+# Normalization
+# ============================================================================================
+# Each Function returns (output, mean, invstd): the statistics the forward op normalized with
+# are saved for the backward op and handed back (non-differentiable) so instance norm can
+# update its running statistics from them.
+
+
 def _save_bias_dtype(ctx, input, weight, bias, param_shape):
     """The backward ops return grad_bias in the weight's dtype (they are not given the bias).
     Without a weight, a bias of another dtype than the input's (float32 bias, bfloat16 input)
