@@ -119,6 +119,13 @@ constexpr int64_t kRowBlock = 16;
 // tap loop reads consecutive memory whatever the stride (which the compiler vectorizes; it
 // does not vectorize strided loads with a running max and index well). Columns outside the
 // input hold `fill` (-inf for max pooling, 0 for sums).
+// Whether rows of width W with this stride and padding take the phased path: its row buffer
+// spans padded_ow * stride columns, which a stride far beyond the row would blow up (outputs
+// then read the row sparsely anyway, and a direct loop serves them).
+inline bool use_phased_rows(int64_t out_w, int64_t in_w, int64_t stride, int64_t pad) {
+  return pool_blocks(out_w, kRowBlock) * kRowBlock * stride <= 4 * (in_w + 2 * pad) + 64 * kRowBlock;
+}
+
 template <typename A>
 struct PhasedRow {
   int64_t stride, pad, width, phase_len;

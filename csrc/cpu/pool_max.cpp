@@ -154,6 +154,37 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y
   }
 }
 
+// The direct NCHW loop, one output at a time, for strides too large for phased rows.
+template <typename T, typename I>
+CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, const T* x, T* y,
+                                           int64_t* indices, int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
+    const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
+    const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
+    const T* xp = x + plane * g.in_plane();
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
+      A best = -std::numeric_limits<A>::infinity();
+      int64_t where = (wd.start * H + wh.start) * W + ww.start;
+      for (int64_t id = wd.start; id < wd.end; id += wd.step)
+        for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
+          for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
+            const int64_t tap = (id * H + ih) * W + iw;
+            const A v = A(xp[tap]);
+            if (max_takes(v, best)) {
+              best = v;
+              where = tap;
+            }
+          }
+      y[r * OW + ow] = T(best);
+      indices[r * OW + ow] = where;
+    }
+  }
+}
+
 // Output positions [begin, end) of the flat (n, od, oh, ow) range, all channels at once.
 template <typename T, typename I>
 CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
@@ -270,6 +301,7 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
     }                                                                                       \
   };
 CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows)
+CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct)
 CNNOPS_MAX_KERNEL(MaxNhwc, max_pool_nhwc_positions)
 CNNOPS_MAX_KERNEL(AdaptiveMaxNchw, adaptive_max_nchw_rows)
 CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, adaptive_max_nhwc_positions)
@@ -282,8 +314,10 @@ void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
   const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
   if (channels_last)
     run_max_kernel<MaxNhwc>(g, input, output, indices, g.batch * g.out_plane(), window * g.channels);
-  else
+  else if (use_phased_rows(g.out[2], g.in[2], g.stride[2], g.pad[2]))
     run_max_kernel<MaxNchw>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], window * g.out[2]);
+  else
+    run_max_kernel<MaxNchwDirect>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], window * g.out[2]);
 }
 
 void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
