@@ -25,7 +25,11 @@
 
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the dynamic loader picks the
 // widest the CPU has (GCC function multi-versioning). The loops themselves are plain C++ that
-// the compiler vectorizes, so other architectures simply get the default version.
+// the compiler vectorizes, so other architectures simply get the default version. Only the
+// running max with its index update is not vectorized well that way: pool_max.cpp has AVX-512
+// intrinsics for it (float, int32 indices), chosen at run time, beside the portable loops.
+// (GCC vector extensions are no way out: under target_clones they are lowered for the
+// baseline ISA before cloning, and come out scalar.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CNNOPS_POOL_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
