@@ -71,6 +71,8 @@ GRID = [  # (spatial, kernel, stride, padding, dilation, ceil_mode)
     ((6, 7, 5), (2, 3, 2), (2, 2, 1), (1, 1, 0), (1, 1, 1), True),
     ((5, 5, 6), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), False),
     ((7, 6, 5), (2, 2, 2), (1, 2, 3), (0, 1, 1), (2, 1, 1), True),
+    ((3, 7), (3, 2), (5, 10**7), (1, 1), (1, 1), True),  # a stride far beyond the row
+    ((300,), (3,), (150,), (1,), (1,), True),  # a large stride: the direct NCHW loop too
 ]
 
 

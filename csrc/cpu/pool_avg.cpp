@@ -104,6 +104,28 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T*
   }
 }
 
+// The direct NCHW loop, one output at a time, for strides too large for phased rows.
+template <typename T>
+CNNOPS_POOL_SIMD void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y,
+                                      int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
+    const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
+    const T* xp = x + plane * g.in_plane();
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const AvgWindow ww = avg_window(g, 2, ow);
+      A sum = 0;
+      for (int64_t id = wd.start; id < wd.end; ++id)
+        for (int64_t ih = wh.start; ih < wh.end; ++ih)
+          for (int64_t iw = ww.start; iw < ww.end; ++iw) sum += A(xp[(id * H + ih) * W + iw]);
+      const int64_t divisor = avg_divisor(wd, wh, ww, p);
+      y[r * OW + ow] = divisor == 0 ? T(0) : T(sum / A(divisor));
+    }
+  }
+}
+
 // Forward NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range. Channels go in
 // blocks of kChannelBlock whose running sums stay in registers across the window's taps.
 constexpr int64_t kChannelBlock = 32;
@@ -347,8 +369,12 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
         avg_nhwc_positions<scalar_t>(g, p, x, y, b, e);
       });
     } else {
+      const bool phased = use_phased_rows(g.out[2], g.in[2], g.stride[2], g.pad[2]);
       at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
-        avg_nchw_rows<scalar_t>(g, p, x, y, b, e);
+        if (phased)
+          avg_nchw_rows<scalar_t>(g, p, x, y, b, e);
+        else
+          avg_nchw_direct<scalar_t>(g, p, x, y, b, e);
       });
     }
   });

@@ -25,7 +25,11 @@
 
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the dynamic loader picks the
 // widest the CPU has (GCC function multi-versioning). The loops themselves are plain C++ that
-// the compiler vectorizes, so other architectures simply get the default version.
+// the compiler vectorizes, so other architectures simply get the default version. Only the
+// running max with its index update is not vectorized well that way: pool_max.cpp has AVX-512
+// intrinsics for it (float, int32 indices), chosen at run time, beside the portable loops.
+// (GCC vector extensions are no way out: under target_clones they are lowered for the
+// baseline ISA before cloning, and come out scalar.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CNNOPS_POOL_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -119,6 +123,13 @@ constexpr int64_t kRowBlock = 16;
 // tap loop reads consecutive memory whatever the stride (which the compiler vectorizes; it
 // does not vectorize strided loads with a running max and index well). Columns outside the
 // input hold `fill` (-inf for max pooling, 0 for sums).
+// Whether rows of width W with this stride and padding take the phased path: its row buffer
+// spans padded_ow * stride columns, which a stride far beyond the row would blow up (outputs
+// then read the row sparsely anyway, and a direct loop serves them).
+inline bool use_phased_rows(int64_t out_w, int64_t in_w, int64_t stride, int64_t pad) {
+  return pool_blocks(out_w, kRowBlock) * kRowBlock * stride <= 4 * (in_w + 2 * pad) + 64 * kRowBlock;
+}
+
 template <typename A>
 struct PhasedRow {
   int64_t stride, pad, width, phase_len;

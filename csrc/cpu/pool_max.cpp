@@ -78,6 +78,48 @@ __attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& r
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// NHWC, float with int32 indices: one output position, 16 channels per AVX-512 vector kept in
+// registers across the window's taps, written straight to the output and the int64 indices.
+__attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int64_t channels,
+                                                            int64_t H, int64_t W, PoolWindow wd,
+                                                            PoolWindow wh, PoolWindow ww, float* y,
+                                                            int64_t* indices) {
+  const int32_t first = static_cast<int32_t>((wd.start * H + wh.start) * W + ww.start);
+  for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+    const int64_t width = std::min<int64_t>(16, channels - c0);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
+    __m512 b = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512i w = _mm512_set1_epi32(first);  // before any tap, as the generic kernel
+    for (int64_t id = wd.start; id < wd.end; id += wd.step)
+      for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
+        for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
+          const int64_t tap = (id * H + ih) * W + iw;
+          const __m512 v = _mm512_maskz_loadu_ps(lanes, xn + tap * channels + c0);
+          const __mmask16 take = _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          b = _mm512_mask_blend_ps(take, b, v);
+          w = _mm512_mask_blend_epi32(take, w, _mm512_set1_epi32(static_cast<int32_t>(tap)));
+        }
+    _mm512_mask_storeu_ps(y + c0, lanes, b);
+    alignas(64) int32_t where[16];
+    _mm512_store_si512(where, w);
+    for (int64_t j = 0; j < width; ++j) indices[c0 + j] = where[j];
+  }
+}
+#endif
+
+// Whether the NHWC kernels of (T, I) take max_position_avx512.
+template <typename T, typename I>
+bool use_max_position_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    return avx512;
+  }
+#endif
+  return false;
+}
+
 template <typename A, typename I>
 MaxRowFn<A, I> pick_max_row() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -154,6 +196,37 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y
   }
 }
 
+// The direct NCHW loop, one output at a time, for strides too large for phased rows.
+template <typename T, typename I>
+CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, const T* x, T* y,
+                                           int64_t* indices, int64_t begin, int64_t end) {
+  using A = pool_acc_t<T>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
+    const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
+    const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
+    const T* xp = x + plane * g.in_plane();
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
+      A best = -std::numeric_limits<A>::infinity();
+      int64_t where = (wd.start * H + wh.start) * W + ww.start;
+      for (int64_t id = wd.start; id < wd.end; id += wd.step)
+        for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
+          for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
+            const int64_t tap = (id * H + ih) * W + iw;
+            const A v = A(xp[tap]);
+            if (max_takes(v, best)) {
+              best = v;
+              where = tap;
+            }
+          }
+      y[r * OW + ow] = T(best);
+      indices[r * OW + ow] = where;
+    }
+  }
+}
+
 // Output positions [begin, end) of the flat (n, od, oh, ow) range, all channels at once.
 template <typename T, typename I>
 CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
@@ -162,6 +235,7 @@ CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x,
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A> best(C);
   std::vector<I> where(C);
+  const bool fast = use_max_position_avx512<T, I>();
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
     const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
@@ -169,6 +243,14 @@ CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x,
     const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
     const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
     const T* xn = x + n * g.in_plane() * C;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
+      if (fast) {
+        max_position_avx512(xn, C, H, W, wd, wh, ww, y + q * C, indices + q * C);
+        continue;
+      }
+    }
+#endif
     const int64_t first = (wd.start * H + wh.start) * W + ww.start;
     for (int64_t id = wd.start; id < wd.end; id += wd.step)
       for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
@@ -221,6 +303,7 @@ CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, const T
   const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A> best(C);
   std::vector<I> where(C);
+  const bool fast = use_max_position_avx512<T, I>();
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
     const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
@@ -228,6 +311,14 @@ CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, const T
     const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
     const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
     const T* xn = x + n * g.in_plane() * C;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
+      if (fast) {
+        max_position_avx512(xn, C, H, W, {d0, d1, 1}, {h0, h1, 1}, {w0, w1, 1}, y + q * C, indices + q * C);
+        continue;
+      }
+    }
+#endif
     const int64_t first = (d0 * H + h0) * W + w0;
     for (int64_t id = d0; id < d1; ++id)
       for (int64_t ih = h0; ih < h1; ++ih)
@@ -270,6 +361,7 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
     }                                                                                       \
   };
 CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows)
+CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct)
 CNNOPS_MAX_KERNEL(MaxNhwc, max_pool_nhwc_positions)
 CNNOPS_MAX_KERNEL(AdaptiveMaxNchw, adaptive_max_nchw_rows)
 CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, adaptive_max_nhwc_positions)
@@ -282,8 +374,10 @@ void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
   const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
   if (channels_last)
     run_max_kernel<MaxNhwc>(g, input, output, indices, g.batch * g.out_plane(), window * g.channels);
-  else
+  else if (use_phased_rows(g.out[2], g.in[2], g.stride[2], g.pad[2]))
     run_max_kernel<MaxNchw>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], window * g.out[2]);
+  else
+    run_max_kernel<MaxNchwDirect>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], window * g.out[2]);
 }
 
 void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
