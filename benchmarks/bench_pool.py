@@ -15,7 +15,6 @@ int64 indices in the forward and reads them back in the backward. The machine's 
 (bytes read plus written by a large tensor copy) is quoted beside it: the physical limit of these
 memory-bound ops. Results: <out>/pool_<device>.json and .md.
 """
-import argparse
 import dataclasses
 import math
 
@@ -174,32 +173,9 @@ def summary_lines(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", nargs="+", default=["float32"],
-                        choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--quick", action="store_true", help="short min_run_time (noisier)")
-    parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds of timing per case and pass (default 1.0 CPU / 0.2 CUDA, --quick 0.1 / 0.05)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--filter", default=None, help="only cases whose name contains this")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser = common.make_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device")
-        if not cnnops.has_cuda():
-            parser.error("--device cuda: cnnops was built without CUDA kernels")
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = True
-    min_run_time = args.min_run_time
-    if min_run_time is None:
-        min_run_time = (0.05 if args.quick else 0.2) if device.type == "cuda" else (0.1 if args.quick else 1.0)
-    dtypes = [getattr(torch, d) for d in args.dtype]
+    device, min_run_time, dtypes = common.resolve_run(parser, args)
     cases = [c for c in suite() if not args.filter or args.filter in c.name]
     if not cases:
         parser.error(f"--filter {args.filter!r} matches no case")

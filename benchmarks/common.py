@@ -173,3 +173,41 @@ def copy_bandwidth(device, nbytes=256 * 2**20, min_run_time=0.5):
 def gbps(nbytes, seconds):
     """GB/s for a kernel that must move nbytes (each input read once, each output written once)."""
     return nbytes / seconds / 1e9 if seconds else None
+
+
+def make_parser(description):
+    """The command line every benchmark takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"],
+                        choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="short min_run_time (noisier)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per case and pass (default 1.0 CPU / 0.2 CUDA, --quick 0.1 / 0.05)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--filter", default=None, help="only cases whose name contains this")
+    parser.add_argument("--out", default="benchmarks/results")
+    return parser
+
+
+def resolve_run(parser, args):
+    """(device, min_run_time, dtypes) from make_parser's arguments; a CUDA run needs a GPU and
+    cnnops' CUDA kernels, and lets cuDNN pick its best algorithm per shape, for fairness."""
+    import cnnops
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device")
+        if not cnnops.has_cuda():
+            parser.error("--device cuda: cnnops was built without CUDA kernels")
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+    min_run_time = args.min_run_time
+    if min_run_time is None:
+        min_run_time = (0.05 if args.quick else 0.2) if device.type == "cuda" else (0.1 if args.quick else 1.0)
+    return device, min_run_time, [getattr(torch, d) for d in args.dtype]
