@@ -232,7 +232,7 @@ def check_avg_pool(case, dtype, layout, count_include_pad, divisor_override, bat
 @pytest.mark.parametrize("i,case", list(enumerate(AVG_CASES)), ids=[case_id(c) for c in AVG_CASES])
 def test_avg_pool_float32(i, case):
     check_avg_pool(case, torch.float32, pick(LAYOUTS, i), count_include_pad=bool(i % 2),
-                   divisor_override=pick([None, None, None, 3, 7], i))
+                   divisor_override=pick([None, None, None, 3, 7, -2, None, -5], i))
 
 
 @pytest.mark.parametrize("dtype", [t for t in CPU_DTYPES if t != torch.float32], ids=dtype_id)
@@ -242,7 +242,7 @@ def test_avg_pool_dtypes(dtype, layout):
         if dtype == torch.float16 and len(case[0]) == 3:
             pass  # torch has no float16 avg_pool3d on the CPU; the reference runs in float32 anyway
         check_avg_pool(case, dtype, layout, count_include_pad=bool(i % 2),
-                       divisor_override=pick([None, None, 5], i))
+                       divisor_override=pick([None, None, 5, -3], i))
 
 
 # ------------------------------------------------------------------------------------------------

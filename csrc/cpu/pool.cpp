@@ -104,7 +104,6 @@ Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArr
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
   const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
-  TORCH_CHECK(divisor_override >= 0, op, ": divisor must be not zero, but got divisor_override=", divisor_override);
   const auto format = pool_memory_format(input);
   Tensor output = empty_like_format(pool_output_shape(g, kernel_size.size()), input, format);
   if (output.numel() > 0)
@@ -121,7 +120,6 @@ Tensor avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, Int
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
   const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
-  TORCH_CHECK(divisor_override >= 0, op, ": divisor must be not zero, but got divisor_override=", divisor_override);
   check_pool_grad_output(op, grad_output, input, g, kernel_size.size());
   BackwardTensors t = backward_tensors(grad_output, input);
   if (t.grad_input.numel() > 0)
