@@ -393,8 +393,19 @@ def test_adaptive_zero_output(dims, op):
     """output_size 0 is allowed by torch (an empty output)."""
     x = pool_input(dims, 2, 3, 5, torch.float32)
     size = (0,) + (2,) * (dims - 1)
-    # forward only: torch's backward rejects an empty grad_output
     check_pool(op, dims, x, dict(output_size=size), torch.float32, grad=False, msg="zero output")
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg_pool", "adaptive_max_pool"])
+@pytest.mark.parametrize("dims", DIMS)
+def test_adaptive_zero_output_backward_raises_like_torch(dims, op):
+    """torch's backward rejects the empty grad_output of an output size 0; so does cnnops'."""
+    size = (2,) * (dims - 1) + (0,)
+    for module in (F, CF):
+        x = pool_input(dims, 2, 3, 5, torch.float32).requires_grad_()
+        out = fn(module, op, dims)(x, size)
+        with pytest.raises(RuntimeError, match="Expected grad_output to have non-zero size for non-batch dimensions"):
+            out.sum().backward()
 
 
 def test_adaptive_avg_zero_channels_like_torch():

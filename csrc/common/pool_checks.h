@@ -132,11 +132,14 @@ inline void check_pool_indices(const char* op, const at::Tensor& indices,
 }
 
 // The adaptive backward ops read the output size off grad_output, so its rank is checked first;
-// grad_output must then match that output (size, device, dtype).
+// grad_output must then match that output (size, device, dtype). Like torch, the backward
+// rejects an empty output (or channel) dim, although the forward produces one.
 inline PoolGeometry make_adaptive_backward_geometry(const char* op, const at::Tensor& grad_output,
                                                     const at::Tensor& input) {
   TORCH_CHECK(input.dim() >= 3 && input.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input.sizes());
   TORCH_CHECK(grad_output.dim() == input.dim(), op, ": grad_output: expected ", input.dim(), " dimensions like input, but got grad_output of size ", grad_output.sizes());
+  for (int64_t i = 1; i < grad_output.dim(); ++i)
+    TORCH_CHECK(grad_output.size(i) > 0, op, ": Expected grad_output to have non-zero size for non-batch dimensions, but grad_output has sizes ", grad_output.sizes(), " with dimension ", i, " being empty");
   const PoolGeometry g = make_adaptive_pool_geometry(op, input, grad_output.sizes().slice(2));
   check_pool_grad_output(op, grad_output, input, g, input.dim() - 2);
   return g;

@@ -132,7 +132,7 @@ Tensor adaptive_avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& i
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
   BackwardTensors t = backward_tensors(grad_output, input);
-  if (t.grad_input.numel() > 0)  // an empty output_size leaves it zero
+  if (t.grad_input.numel() > 0)
     adaptive_avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last);
   return t.grad_input;
 }

@@ -291,7 +291,7 @@ at::Tensor adaptive_avg_pool_backward_cuda(const at::Tensor& grad_output_, const
   const at::Tensor grad_output = grad_output_.contiguous(format);
   at::Tensor grad_input = at::empty(input_.sizes(), grad_output.options().memory_format(format));
   const int64_t total = grad_input.numel();
-  if (total == 0) return grad_input;  // (an empty output size still gives a zero gradient below)
+  if (total == 0) return grad_input;
 
   const bool int32_ok = fits_int32({total, grad_output.numel()});
   const auto stream = c10::cuda::getCurrentCUDAStream();
