@@ -61,12 +61,17 @@ class MaxPoolFunction(torch.autograd.Function):
         ctx.pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
         output, indices = ops.max_pool_forward(input, *ctx.pool_args)
         ctx.mark_non_differentiable(indices)
+        # Else autograd hands backward a zero tensor of the indices' shape for grad_indices
+        # (int64, twice the output's bytes): a whole extra allocation and pass for nothing.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, indices)
         return output, indices
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_indices):
+        if grad_output is None:
+            return None, None, None, None, None, None
         input, indices = ctx.saved_tensors
         grad_input = ops.max_pool_backward(grad_output, input, indices, *ctx.pool_args)
         return grad_input, None, None, None, None, None
@@ -114,12 +119,15 @@ class AdaptiveMaxPoolFunction(torch.autograd.Function):
     def forward(ctx, input, output_size):
         output, indices = ops.adaptive_max_pool_forward(input, list(output_size))
         ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)  # no zero grad_indices (see MaxPoolFunction)
         ctx.save_for_backward(input, indices)
         return output, indices
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_indices):
+        if grad_output is None:
+            return None, None
         input, indices = ctx.saved_tensors
         return ops.adaptive_max_pool_backward(grad_output, input, indices), None
 

@@ -234,14 +234,11 @@ def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
     _check_bool(ceil_mode, "ceil_mode", fname)
     _check_bool(count_include_pad, "count_include_pad", fname)
     if divisor_override is None:
-        divisor_override = 0  # the ops' "none"
+        divisor_override = 0  # the ops' "none"; any other value, negative ones too, divides as in torch
     elif not _is_int(divisor_override):
         raise TypeError(f"{fname}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
     elif divisor_override == 0:
         raise RuntimeError(f"{fname}: divisor_override must be not zero")
-    elif divisor_override < 0:
-        # torch divides by it; the kernels take only positive divisors (0 meaning none)
-        raise NotImplementedError(f"cnnops {fname}: a negative divisor_override ({divisor_override}) is not supported")
     kernel_size, stride, padding, _ = _window_args(fname, dims, kernel_size, stride, padding, 1)
     if dims == 2 and input.dim() < 3:
         # torch's avg_pool2d indexes the input's third-to-last dim first, and so raises IndexError

@@ -281,17 +281,15 @@ def test_avg_pool_grid(dims, case):
     check_pool("avg_pool", dims, x, kw, dtype, reduction=window_volume(kw, dims), msg=name)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("divisor", [-3, -1])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_avg_pool_negative_divisor_matches_torch_or_not_implemented(dims):
-    """torch divides by a negative divisor_override; cnnops must match it or say it cannot."""
-    x = pool_input(dims, 2, 3, 6, torch.float64)
-    expected = fn(F, "avg_pool", dims)(x, 2, divisor_override=-3)
-    try:
-        out = fn(CF, "avg_pool", dims)(x, 2, divisor_override=-3)
-    except NotImplementedError as e:
-        assert "divisor_override" in str(e)
-        return
-    assert_close_to_torch(out, expected, torch.float64, 8)
+def test_avg_pool_negative_divisor(dims, divisor, layout):
+    """torch divides by a negative divisor_override, forward and backward; so does cnnops."""
+    x, kw = grid_input_args("k3_s2_p1_no_pad_count", AVG_GRID, dims, torch.float64, layout=layout, c=4)
+    kw["divisor_override"] = divisor
+    check_pool("avg_pool", dims, x, kw, torch.float64, reduction=9, msg=f"divisor={divisor}",
+               torch_strides=layout == "channels_last" and dims == 2, grad_layout=layout)
 
 
 @pytest.mark.parametrize("case", list(SHAPE_CASES))
@@ -395,8 +393,19 @@ def test_adaptive_zero_output(dims, op):
     """output_size 0 is allowed by torch (an empty output)."""
     x = pool_input(dims, 2, 3, 5, torch.float32)
     size = (0,) + (2,) * (dims - 1)
-    # forward only: torch's backward rejects an empty grad_output
     check_pool(op, dims, x, dict(output_size=size), torch.float32, grad=False, msg="zero output")
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg_pool", "adaptive_max_pool"])
+@pytest.mark.parametrize("dims", DIMS)
+def test_adaptive_zero_output_backward_raises_like_torch(dims, op):
+    """torch's backward rejects the empty grad_output of an output size 0; so does cnnops'."""
+    size = (2,) * (dims - 1) + (0,)
+    for module in (F, CF):
+        x = pool_input(dims, 2, 3, 5, torch.float32).requires_grad_()
+        out = fn(module, op, dims)(x, size)
+        with pytest.raises(RuntimeError, match="Expected grad_output to have non-zero size for non-batch dimensions"):
+            out.sum().backward()
 
 
 def test_adaptive_avg_zero_channels_like_torch():
@@ -572,7 +581,7 @@ def test_random(i):
         if op == "avg_pool":
             kw["count_include_pad"] = rng.random() < 0.5
             if dims > 1 and rng.random() < 0.3:
-                kw["divisor_override"] = rng.randint(1, 10)
+                kw["divisor_override"] = rng.choice([-1, 1]) * rng.randint(1, 10)
         else:
             kw["return_indices"] = True
         x = pool_input(dims, n, c, spatial, dtype, layout, unbatched)

@@ -65,10 +65,6 @@ void with_variant(bool int32, bool channels_last, const F& f) {
   }
 }
 
-bool is_channels_last(at::MemoryFormat f) {
-  return f == at::MemoryFormat::ChannelsLast || f == at::MemoryFormat::ChannelsLast3d;
-}
-
 #define DISPATCH(t, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "emulated", __VA_ARGS__)
 
 std::vector<at::Tensor> max_pool_fwd(at::Tensor input_, std::vector<int64_t> k, std::vector<int64_t> s,

@@ -232,7 +232,7 @@ def check_avg_pool(case, dtype, layout, count_include_pad, divisor_override, bat
 @pytest.mark.parametrize("i,case", list(enumerate(AVG_CASES)), ids=[case_id(c) for c in AVG_CASES])
 def test_avg_pool_float32(i, case):
     check_avg_pool(case, torch.float32, pick(LAYOUTS, i), count_include_pad=bool(i % 2),
-                   divisor_override=pick([None, None, None, 3, 7], i))
+                   divisor_override=pick([None, None, None, 3, 7, -2, None, -5], i))
 
 
 @pytest.mark.parametrize("dtype", [t for t in CPU_DTYPES if t != torch.float32], ids=dtype_id)
@@ -242,7 +242,7 @@ def test_avg_pool_dtypes(dtype, layout):
         if dtype == torch.float16 and len(case[0]) == 3:
             pass  # torch has no float16 avg_pool3d on the CPU; the reference runs in float32 anyway
         check_avg_pool(case, dtype, layout, count_include_pad=bool(i % 2),
-                       divisor_override=pick([None, None, 5], i))
+                       divisor_override=pick([None, None, 5, -3], i))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,6 +260,26 @@ def adaptive_id(case):
     return f"{'x'.join(map(str, case[0]))}-to-{'x'.join(map(str, case[1]))}"
 
 
+EMPTY_GRAD_OUTPUT = "non-zero size for non-batch dimensions"
+
+
+def check_adaptive_empty_backward(x, y, leaf, ref_y, ctx):
+    """An empty output (output size 0): the forwards match torch's shapes, and the backwards
+    reject the empty grad_output as torch's do."""
+    assert y.shape == ref_y.shape, f"{ctx}: avg output shape"
+    ref_max, ref_idx = getattr(F, f"adaptive_max_pool{x.dim() - 2}d")(leaf, ref_y.shape[2:], return_indices=True)
+    y_max, idx = ops.adaptive_max_pool_forward(x, list(ref_y.shape[2:]))
+    assert y_max.shape == idx.shape == ref_max.shape, f"{ctx}: max output shape"
+    g = torch.zeros(ref_y.shape, dtype=x.dtype)
+    for ref_out in (ref_y, ref_max):
+        with pytest.raises(RuntimeError, match=EMPTY_GRAD_OUTPUT):
+            torch.autograd.grad(ref_out, leaf, g.to(leaf.dtype))
+    with pytest.raises(RuntimeError, match=EMPTY_GRAD_OUTPUT):
+        ops.adaptive_avg_pool_backward(g, x)
+    with pytest.raises(RuntimeError, match=EMPTY_GRAD_OUTPUT):
+        ops.adaptive_max_pool_backward(g, x, idx)
+
+
 def check_adaptive(case, dtype, layout, batch=2, channels=3):
     spatial, osize = case
     dims = len(spatial)
@@ -268,9 +288,12 @@ def check_adaptive(case, dtype, layout, batch=2, channels=3):
     # average
     leaf = reference(x)
     ref_y = getattr(F, f"adaptive_avg_pool{dims}d")(leaf, osize)
-    g = make_tensor(ref_y.shape, dtype, layout_for(dims, layout)) if ref_y.numel() else torch.zeros(ref_y.shape, dtype=dtype)
-    (ref_gi,) = torch.autograd.grad(ref_y, leaf, g.to(leaf.dtype)) if ref_y.numel() else (torch.zeros_like(leaf),)
     y = ops.adaptive_avg_pool_forward(x, list(osize))
+    if ref_y.numel() == 0:
+        check_adaptive_empty_backward(x, y, leaf, ref_y, ctx)
+        return
+    g = make_tensor(ref_y.shape, dtype, layout_for(dims, layout))
+    (ref_gi,) = torch.autograd.grad(ref_y, leaf, g.to(leaf.dtype))
     gi = ops.adaptive_avg_pool_backward(g, x)
     window = math.prod(math.ceil(i / o) + 1 if o else 1 for i, o in zip(spatial, osize))
     assert_close_to_torch(y, ref_y.detach(), dtype, 1, msg=f"{ctx}: avg output")
@@ -280,7 +303,7 @@ def check_adaptive(case, dtype, layout, batch=2, channels=3):
     # max
     leaf = reference(x)
     ref_y, ref_idx = getattr(F, f"adaptive_max_pool{dims}d")(leaf, osize, return_indices=True)
-    (ref_gi,) = torch.autograd.grad(ref_y, leaf, g.to(leaf.dtype)) if ref_y.numel() else (torch.zeros_like(leaf),)
+    (ref_gi,) = torch.autograd.grad(ref_y, leaf, g.to(leaf.dtype))
     y, idx = ops.adaptive_max_pool_forward(x, list(osize))
     gi = ops.adaptive_max_pool_backward(g, x, idx)
     assert torch.equal(y, ref_y.detach().to(dtype)), f"{ctx}: max values differ"
@@ -308,8 +331,14 @@ def test_adaptive_zero_channels():
     assert ops.adaptive_avg_pool_forward(x, [2, 3]).shape == (2, 0, 2, 3)
     y, idx = ops.adaptive_max_pool_forward(x, [2, 3])
     assert y.shape == idx.shape == (2, 0, 2, 3)
-    assert ops.adaptive_avg_pool_backward(torch.randn(2, 0, 2, 3), x).shape == x.shape
-    assert ops.adaptive_max_pool_backward(torch.randn(2, 0, 2, 3), x, idx).shape == x.shape
+    # torch's backwards reject the empty grad_output (dimension 1 being empty); so do cnnops'
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=EMPTY_GRAD_OUTPUT):
+        F.adaptive_avg_pool2d(leaf, (2, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match=EMPTY_GRAD_OUTPUT):
+        ops.adaptive_avg_pool_backward(torch.randn(2, 0, 2, 3), x)
+    with pytest.raises(RuntimeError, match=EMPTY_GRAD_OUTPUT):
+        ops.adaptive_max_pool_backward(torch.randn(2, 0, 2, 3), x, idx)
 
 
 # ------------------------------------------------------------------------------------------------

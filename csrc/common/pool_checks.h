@@ -5,6 +5,9 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+#include <vector>
+
 #include "pool_shape.h"
 
 namespace cnnops {
@@ -107,6 +110,11 @@ inline at::MemoryFormat pool_memory_format(const at::Tensor& input) {
   return input.suggest_memory_format();
 }
 
+// channels_last (2d or 3d) tensors run the NHWC / NDHWC kernels.
+inline bool is_channels_last(at::MemoryFormat format) {
+  return format == at::MemoryFormat::ChannelsLast || format == at::MemoryFormat::ChannelsLast3d;
+}
+
 // grad_output (and indices) must have the forward output's shape, device and dtype.
 inline void check_pool_grad_output(const char* op, const at::Tensor& grad_output,
                                    const at::Tensor& input, const PoolGeometry& g, int64_t dims) {
@@ -121,6 +129,51 @@ inline void check_pool_indices(const char* op, const at::Tensor& indices,
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices: expected dtype int64, but got ", indices.scalar_type());
   TORCH_CHECK(indices.sizes() == expected_sizes, op, ": indices: expected size ", expected_sizes, ", but got ", indices.sizes());
   TORCH_CHECK(indices.device() == input.device(), op, ": indices must be on the input's device ", input.device(), ", but are on ", indices.device());
+}
+
+// The adaptive backward ops read the output size off grad_output, so its rank is checked first;
+// grad_output must then match that output (size, device, dtype). Like torch, the backward
+// rejects an empty output (or channel) dim, although the forward produces one.
+inline PoolGeometry make_adaptive_backward_geometry(const char* op, const at::Tensor& grad_output,
+                                                    const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 3 && input.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input.sizes());
+  TORCH_CHECK(grad_output.dim() == input.dim(), op, ": grad_output: expected ", input.dim(), " dimensions like input, but got grad_output of size ", grad_output.sizes());
+  for (int64_t i = 1; i < grad_output.dim(); ++i)
+    TORCH_CHECK(grad_output.size(i) > 0, op, ": Expected grad_output to have non-zero size for non-batch dimensions, but grad_output has sizes ", grad_output.sizes(), " with dimension ", i, " being empty");
+  const PoolGeometry g = make_adaptive_pool_geometry(op, input, grad_output.sizes().slice(2));
+  check_pool_grad_output(op, grad_output, input, g, input.dim() - 2);
+  return g;
+}
+
+// Max unpool: `input` is the pooled side (N x C x *spatial, non-empty non-batch dims), indices
+// int64 of its shape on its device, output_size one non-negative value per spatial dim.
+inline void check_max_unpool(const char* op, const at::Tensor& input, const at::Tensor& indices,
+                             c10::IntArrayRef output_size) {
+  TORCH_CHECK(input.dim() >= 3 && input.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input.sizes());
+  TORCH_CHECK(static_cast<int64_t>(output_size.size()) == input.dim() - 2, op, ": output_size must have ", input.dim() - 2, " elements (one per spatial dim), but got output_size=", output_size);
+  check_pool_input(op, input, input.dim() - 2);
+  for (const int64_t s : output_size)
+    TORCH_CHECK(s >= 0, op, ": output_size must be non-negative, but got output_size=", output_size);
+  check_pool_indices(op, indices, input.sizes(), input);
+}
+
+// Max unpool backward: grad_output is N x C x *output_size of the input's device and dtype.
+inline void check_max_unpool_backward(const char* op, const at::Tensor& grad_output,
+                                      const at::Tensor& input, const at::Tensor& indices) {
+  TORCH_CHECK(input.dim() >= 3 && input.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input.sizes());
+  TORCH_CHECK(grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
+              grad_output.size(1) == input.size(1), op, ": grad_output: expected size (", input.size(0), ", ", input.size(1), ", *output_size), but got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output must be on the input's device ", input.device(), ", but is on ", grad_output.device());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output: expected dtype ", input.scalar_type(), ", but got ", grad_output.scalar_type());
+  check_max_unpool(op, input, indices, grad_output.sizes().slice(2));
+}
+
+// torch's error for an unpool index outside its output plane (`bad` is the index itself).
+inline void check_max_unpool_index(const char* op, bool ok, int64_t bad, c10::IntArrayRef output_size) {
+  if (ok) return;
+  std::string sizes;  // "DxHxW", as torch names the output volume
+  for (size_t i = 0; i < output_size.size(); ++i) sizes += (i ? "x" : "") + std::to_string(output_size[i]);
+  TORCH_CHECK(false, op, ": Found an invalid max index: ", bad, " (output volumes are of size ", sizes, ")");
 }
 
 }  // namespace cnnops

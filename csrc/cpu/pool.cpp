@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -23,21 +22,10 @@ namespace {
 using at::Tensor;
 using c10::IntArrayRef;
 
-bool is_channels_last(at::MemoryFormat format) {
-  return format == at::MemoryFormat::ChannelsLast || format == at::MemoryFormat::ChannelsLast3d;
-}
-
 void check_floating(const char* op, const Tensor& input) {
   const auto t = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
                               op, ": cnnops pooling supports float32, float64, bfloat16 and float16 on the CPU, but got input of dtype ", t);
-}
-
-// "DxHxW" of the trailing dims of a shape, as torch's unpool message names them.
-std::string spatial_string(IntArrayRef sizes) {
-  std::string s;
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? "x" : "") + std::to_string(sizes[i]);
-  return s;
 }
 
 Tensor empty_like_format(IntArrayRef shape, const Tensor& like, at::MemoryFormat format,
@@ -104,7 +92,6 @@ Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArr
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
   const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
-  TORCH_CHECK(divisor_override >= 0, op, ": divisor must be not zero, but got divisor_override=", divisor_override);
   const auto format = pool_memory_format(input);
   Tensor output = empty_like_format(pool_output_shape(g, kernel_size.size()), input, format);
   if (output.numel() > 0)
@@ -121,19 +108,12 @@ Tensor avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, Int
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
   const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
-  TORCH_CHECK(divisor_override >= 0, op, ": divisor must be not zero, but got divisor_override=", divisor_override);
   check_pool_grad_output(op, grad_output, input, g, kernel_size.size());
   BackwardTensors t = backward_tensors(grad_output, input);
   if (t.grad_input.numel() > 0)
     avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last, count_include_pad,
                              divisor_override);
   return t.grad_input;
-}
-
-// The adaptive backwards read the output size off grad_output.
-PoolGeometry adaptive_backward_geometry(const char* op, const Tensor& grad_output, const Tensor& input) {
-  TORCH_CHECK(grad_output.dim() == input.dim() && input.dim() >= 3, op, ": expected grad_output of the input's rank ", input.dim(), ", but got grad_output of size ", grad_output.sizes());
-  return make_adaptive_pool_geometry(op, input, grad_output.sizes().slice(2));
 }
 
 Tensor adaptive_avg_pool_forward_cpu(const Tensor& input, IntArrayRef output_size) {
@@ -150,10 +130,9 @@ Tensor adaptive_avg_pool_forward_cpu(const Tensor& input, IntArrayRef output_siz
 Tensor adaptive_avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input) {
   const char* op = "adaptive_avg_pool_backward";
   check_floating(op, input);
-  const PoolGeometry g = adaptive_backward_geometry(op, grad_output, input);
-  check_pool_grad_output(op, grad_output, input, g, input.dim() - 2);
+  const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
   BackwardTensors t = backward_tensors(grad_output, input);
-  if (t.grad_input.numel() > 0)  // an empty output_size leaves it zero
+  if (t.grad_input.numel() > 0)
     adaptive_avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last);
   return t.grad_input;
 }
@@ -174,18 +153,12 @@ std::tuple<Tensor, Tensor> adaptive_max_pool_forward_cpu(const Tensor& input, In
 Tensor adaptive_max_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& indices) {
   const char* op = "adaptive_max_pool_backward";
   check_floating(op, input);
-  const PoolGeometry g = adaptive_backward_geometry(op, grad_output, input);
+  const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
   return max_backward(op, g, input.dim() - 2, grad_output, input, indices);
 }
 
 // Max unpool: `input` is the pooled side, its (N, C) planes are spread into planes of
 // output_size.
-void check_unpool_input(const char* op, const Tensor& input, const Tensor& indices) {
-  TORCH_CHECK(input.dim() >= 3 && input.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input.sizes());
-  check_pool_input(op, input, input.dim() - 2);
-  check_pool_indices(op, indices, input.sizes(), input);
-}
-
 PoolGeometry unpool_geometry(const Tensor& input, IntArrayRef output_spatial) {
   PoolGeometry g{};
   g.batch = input.size(0);
@@ -200,18 +173,10 @@ PoolGeometry unpool_geometry(const Tensor& input, IntArrayRef output_spatial) {
   return g;
 }
 
-void check_unpool_index(const char* op, bool ok, int64_t bad, IntArrayRef output_spatial) {
-  TORCH_CHECK(ok, op, ": Found an invalid max index: ", bad, " (output volumes are of size ",
-              spatial_string(output_spatial), ")");
-}
-
 Tensor max_unpool_forward_cpu(const Tensor& input, const Tensor& indices, IntArrayRef output_size) {
   const char* op = "max_unpool_forward";
   check_floating(op, input);
-  check_unpool_input(op, input, indices);
-  TORCH_CHECK(static_cast<int64_t>(output_size.size()) == input.dim() - 2, op, ": output_size must have ", input.dim() - 2, " elements (one per spatial dim), but got output_size=", output_size);
-  for (const int64_t s : output_size)
-    TORCH_CHECK(s >= 0, op, ": output_size must be non-negative, but got output_size=", output_size);
+  check_max_unpool(op, input, indices, output_size);
   const PoolGeometry g = unpool_geometry(input, output_size);
   const auto format = pool_memory_format(input);
   Tensor output = empty_like_format(pool_output_shape(g, output_size.size()), input, format);
@@ -220,18 +185,14 @@ Tensor max_unpool_forward_cpu(const Tensor& input, const Tensor& indices, IntArr
   int64_t bad = 0;
   const bool ok = index_scatter_kernel(p, input.contiguous(format), indices.contiguous(format), output,
                                        is_channels_last(format), &bad);
-  check_unpool_index(op, ok, bad, output_size);
+  check_max_unpool_index(op, ok, bad, output_size);
   return output;
 }
 
 Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& indices) {
   const char* op = "max_unpool_backward";
   check_floating(op, input);
-  check_unpool_input(op, input, indices);
-  TORCH_CHECK(grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
-              grad_output.size(1) == input.size(1), op, ": grad_output: expected size (", input.size(0), ", ", input.size(1), ", *output_size), but got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output must be on the input's device ", input.device(), ", but is on ", grad_output.device());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output: expected dtype ", input.scalar_type(), ", but got ", grad_output.scalar_type());
+  check_max_unpool_backward(op, grad_output, input, indices);
   const IntArrayRef output_spatial = grad_output.sizes().slice(2);
   const PoolGeometry g = unpool_geometry(input, output_spatial);
   BackwardTensors t = backward_tensors(grad_output, input);
@@ -240,7 +201,7 @@ Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   int64_t bad = 0;
   const bool ok = index_gather_kernel(p, t.grad_output, indices.contiguous(t.format), t.grad_input,
                                       t.channels_last, &bad);
-  check_unpool_index(op, ok, bad, output_spatial);
+  check_max_unpool_index(op, ok, bad, output_spatial);
   return t.grad_input;
 }
 

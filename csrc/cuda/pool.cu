@@ -42,10 +42,6 @@ dim3 grid_for(int64_t total) {
   return dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kPoolThreads), kMaxBlocks)));
 }
 
-bool is_channels_last(at::MemoryFormat format) {
-  return format == at::MemoryFormat::ChannelsLast || format == at::MemoryFormat::ChannelsLast3d;
-}
-
 // Calls launch(index_t{}, std::integral_constant<bool, channels_last>{}) for the kernel variant
 // that fits: int32 offsets when every tensor allows it, the NDHWC kernels for channels_last.
 template <typename F>
@@ -65,18 +61,6 @@ void check_cuda(const char* op, const at::Tensor& input) {
 
 std::vector<int64_t> ones(size_t n) { return std::vector<int64_t>(n, 1); }
 
-// Max unpool's arguments, as torch checks them: N x C x *spatial input with non-empty non-batch
-// dims, int64 indices of the input's shape on its device, a non-negative output size.
-void check_unpool(const char* op, const at::Tensor& input, const at::Tensor& indices,
-                  c10::IntArrayRef output_size) {
-  const int64_t dims = static_cast<int64_t>(output_size.size());
-  TORCH_CHECK(dims >= 1 && dims <= 3, op, ": expected output_size to have 1, 2 or 3 values, but got output_size=", output_size);
-  check_pool_input(op, input, dims);
-  for (int64_t size : output_size)
-    TORCH_CHECK(size >= 0, op, ": output_size must be non-negative, but got output_size=", output_size);
-  check_pool_indices(op, indices, input.sizes(), input);
-}
-
 // A device word the unpool kernels atomicMin an offending position into; all ones = none.
 at::Tensor invalid_index_flag(const at::Tensor& like, cudaStream_t stream) {
   at::Tensor flag = at::empty({1}, like.options().dtype(at::kLong));
@@ -91,7 +75,7 @@ unsigned long long* flag_ptr(at::Tensor& flag) {
 // Raises torch's error for an index outside the output plane. This costs one stream-ordered
 // copy of 8 bytes (a sync) per unpool call: the price of reporting bad indices as an error
 // instead of torch's device-side assert, which would leave the CUDA context unusable.
-void raise_if_invalid_index(const at::Tensor& flag, const at::Tensor& indices,
+void raise_if_invalid_index(const char* op, const at::Tensor& flag, const at::Tensor& indices,
                             c10::IntArrayRef output_size, cudaStream_t stream) {
   unsigned long long first_invalid = 0;
   c10::cuda::memcpy_and_sync(&first_invalid, flag.const_data_ptr<int64_t>(), sizeof(first_invalid),
@@ -100,9 +84,7 @@ void raise_if_invalid_index(const at::Tensor& flag, const at::Tensor& indices,
   int64_t value = 0;  // the offending index itself, for the message
   c10::cuda::memcpy_and_sync(&value, indices.const_data_ptr<int64_t>() + first_invalid, sizeof(value),
                              cudaMemcpyDeviceToHost, stream);
-  std::string sizes;
-  for (size_t i = 0; i < output_size.size(); ++i) sizes += (i ? "x" : "") + std::to_string(output_size[i]);
-  TORCH_CHECK(false, "Found an invalid max index: ", value, " (output volumes are of size ", sizes, ")");
+  check_max_unpool_index(op, false, value, output_size);
 }
 
 // How many threads share one adaptive-average window (1: one thread per output). Splitting pays
@@ -300,28 +282,16 @@ at::Tensor adaptive_avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArra
   return output;
 }
 
-namespace {
-// The adaptive backward ops take the output size from grad_output, so its rank is checked first.
-PoolGeometry adaptive_backward_geometry(const char* op, const at::Tensor& grad_output,
-                                        const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 3 && input.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input.sizes());
-  TORCH_CHECK(grad_output.dim() == input.dim(), op, ": grad_output: expected ", input.dim(), " dimensions like input, but got grad_output of size ", grad_output.sizes());
-  const PoolGeometry g = make_adaptive_pool_geometry(op, input, grad_output.sizes().slice(2));
-  check_pool_grad_output(op, grad_output, input, g, input.dim() - 2);
-  return g;
-}
-}  // namespace
-
 at::Tensor adaptive_avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_) {
   const char* op = "adaptive_avg_pool_backward";
-  const PoolGeometry g = adaptive_backward_geometry(op, grad_output_, input_);
+  const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output_, input_);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
   const at::Tensor grad_output = grad_output_.contiguous(format);
   at::Tensor grad_input = at::empty(input_.sizes(), grad_output.options().memory_format(format));
   const int64_t total = grad_input.numel();
-  if (total == 0) return grad_input;  // (an empty output size still gives a zero gradient below)
+  if (total == 0) return grad_input;
 
   const bool int32_ok = fits_int32({total, grad_output.numel()});
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -370,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool_forward_cuda(const at::Tens
 at::Tensor adaptive_max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
                                            const at::Tensor& indices_) {
   const char* op = "adaptive_max_pool_backward";
-  const PoolGeometry g = adaptive_backward_geometry(op, grad_output_, input_);
+  const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output_, input_);
   check_pool_indices(op, indices_, grad_output_.sizes(), input_);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
@@ -403,7 +373,7 @@ at::Tensor adaptive_max_pool_backward_cuda(const at::Tensor& grad_output_, const
 at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& indices_,
                                    c10::IntArrayRef output_size) {
   const char* op = "max_unpool_forward";
-  check_unpool(op, input_, indices_, output_size);
+  check_max_unpool(op, input_, indices_, output_size);
   check_cuda(op, input_);
   // Duplicate indices make the result depend on which thread writes last (torch raises the
   // same alert for its own kernel).
@@ -438,21 +408,15 @@ at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& i
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  raise_if_invalid_index(flag, indices, output_size, stream);
+  raise_if_invalid_index(op, flag, indices, output_size, stream);
   return output;
 }
 
 at::Tensor max_unpool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
                                     const at::Tensor& indices_) {
   const char* op = "max_unpool_backward";
-  TORCH_CHECK(input_.dim() >= 3 && input_.dim() <= 5, op, ": expected a 3D, 4D or 5D (batched) input, but got input of size ", input_.sizes());
-  TORCH_CHECK(grad_output_.dim() == input_.dim() && grad_output_.size(0) == input_.size(0) &&
-                  grad_output_.size(1) == input_.size(1),
-              op, ": grad_output: expected size (", input_.size(0), ", ", input_.size(1), ", *output_size), but got ", grad_output_.sizes());
-  TORCH_CHECK(grad_output_.device() == input_.device(), op, ": grad_output must be on the input's device ", input_.device(), ", but is on ", grad_output_.device());
-  TORCH_CHECK(grad_output_.scalar_type() == input_.scalar_type(), op, ": grad_output: expected dtype ", input_.scalar_type(), ", but got ", grad_output_.scalar_type());
+  check_max_unpool_backward(op, grad_output_, input_, indices_);
   const c10::IntArrayRef output_size = grad_output_.sizes().slice(2);
-  check_unpool(op, input_, indices_, output_size);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
@@ -479,7 +443,7 @@ at::Tensor max_unpool_backward_cuda(const at::Tensor& grad_output_, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  raise_if_invalid_index(flag, indices, output_size, stream);
+  raise_if_invalid_index(op, flag, indices, output_size, stream);
   return grad_input;
 }
 
