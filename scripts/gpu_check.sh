@@ -84,10 +84,10 @@ echo "cnnops.has_cuda() after build: ${BUILT:-import failed}" >>"$OUT/build.log"
 CUDA_TESTS=$(ls tests/test_*cuda*.py 2>/dev/null | tr '\n' ' ')
 if [ -n "$CUDA_TESTS" ]; then
   # shellcheck disable=SC2086
-  run_step tests_cuda "$OUT/tests_cuda.log" 150 "$PYTHON" -m pytest -q -p no:cacheprovider \
+  run_step tests_cuda "$OUT/tests_cuda.log" 180 "$PYTHON" -m pytest -q -p no:cacheprovider \
     --maxfail=5 -rfE --durations=10 $CUDA_TESTS
 else
-  run_step tests_cuda "$OUT/tests_cuda.log" 150 "$PYTHON" -m pytest tests -q -p no:cacheprovider \
+  run_step tests_cuda "$OUT/tests_cuda.log" 180 "$PYTHON" -m pytest tests -q -p no:cacheprovider \
     --maxfail=5 -rfE --durations=10 -k cuda
 fi
 
