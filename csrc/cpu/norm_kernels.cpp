@@ -36,6 +36,18 @@ inline acc_type<scalar_t> load(const scalar_t* p) {
   return static_cast<acc_type<scalar_t>>(*p);
 }
 
+// Sum of L lane accumulators as a tree of halves (a[l] += a[l + half]): the halves are whole
+// vectors, so this vectorizes, whereas a left-to-right sum is a chain of L dependent scalar adds
+// (the order is fixed either way, so the result is deterministic). Overwrites a.
+template <int L, typename acc_t>
+__attribute__((always_inline)) inline acc_t lane_tree_sum(acc_t* a) {
+#pragma GCC unroll 8
+  for (int half = L / 2; half >= 1; half /= 2)
+#pragma GCC unroll 64
+    for (int l = 0; l < half; ++l) a[l] += a[l + half];
+  return a[0];
+}
+
 }  // namespace
 
 // Welford over x[0, n) in L lanes that share the count, merged as a tree of equal-count pairs,
@@ -120,11 +132,8 @@ CNNOPS_NORM_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const
       b[l] += g * (static_cast<acc_t>(px[l]) - mean);
     }
   }
-  acc_t sa = 0, sb = 0;
-  for (int l = 0; l < L; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
+  acc_t sa = lane_tree_sum<L>(a);
+  acc_t sb = lane_tree_sum<L>(b);
   for (int64_t i = steps * L; i < n; ++i) {
     const acc_t g = static_cast<acc_t>(dy[i]);
     sa += g;
@@ -194,11 +203,8 @@ CNNOPS_NORM_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict
       b[l] += g * (static_cast<acc_t>(x[o + l]) - mean);
     }
   }
-  acc_t sa = 0, sb = 0;
-  for (int l = 0; l < L; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
+  acc_t sa = lane_tree_sum<L>(a);
+  acc_t sb = lane_tree_sum<L>(b);
   for (int64_t i = steps * L; i < n; ++i) {
     const acc_t g = static_cast<acc_t>(dy[i]) * w[i];
     sa += g;
@@ -263,11 +269,8 @@ CNNOPS_NORM_INLINE void layer_norm_row_backward_sums_impl(
       db[o + l] += d;
     }
   }
-  acc_t sa = 0, sb = 0;
-  for (int l = 0; l < L; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
+  acc_t sa = lane_tree_sum<L>(a);
+  acc_t sb = lane_tree_sum<L>(b);
   for (int64_t i = steps * L; i < n; ++i) {
     const acc_t d = static_cast<acc_t>(dy[i]);
     const acc_t xmu = static_cast<acc_t>(x[i]) - mean;
