@@ -382,7 +382,33 @@ CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scala
                                                  const acc_type<scalar_t>* w,
                                                  acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  if (n < 4 * span_lanes<acc_t>()) {
+    // Short rows in groups, sums first (as in the forward): the row reductions overlap. The
+    // rows still add into dw/db in order, so the results are the same.
+    constexpr int64_t kGroup = 4;
+    for (; r + kGroup <= rows; r += kGroup) {
+      acc_t sum_g[kGroup], sum_g_xmu[kGroup];
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int64_t o = (r + j) * n;
+        if (dw)
+          layer_norm_row_backward_sums_impl(dy + o, x + o, n, mean[r + j], invstd[r + j], w,
+                                            &sum_g[j], &sum_g_xmu[j], dw, db);
+        else
+          layer_norm_row_grad_sums_impl(dy + o, x + o, n, mean[r + j], w, &sum_g[j],
+                                        &sum_g_xmu[j]);
+      }
+      if (!dx) continue;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int64_t o = (r + j) * n;
+        const auto coef =
+            norm_input_grad_coef(invstd[r + j], sum_g[j], sum_g_xmu[j], static_cast<acc_t>(n));
+        layer_norm_row_input_grad_impl(dy + o, x + o, dx + o, n, mean[r + j], invstd[r + j], w,
+                                       coef.coef_g, coef.coef_xmu);
+      }
+    }
+  }
+  for (; r < rows; ++r) {
     acc_t sum_g, sum_g_xmu;
     if (dw)
       layer_norm_row_backward_sums_impl(dy + r * n, x + r * n, n, mean[r], invstd[r], w, &sum_g,
