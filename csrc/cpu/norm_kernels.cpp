@@ -386,7 +386,7 @@ CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scala
   if (n < 4 * span_lanes<acc_t>()) {
     // Short rows in groups, sums first (as in the forward): the row reductions overlap. The
     // rows still add into dw/db in order, so the results are the same.
-    constexpr int64_t kGroup = 4;
+    constexpr int64_t kGroup = 8;
     for (; r + kGroup <= rows; r += kGroup) {
       acc_t sum_g[kGroup], sum_g_xmu[kGroup];
       for (int64_t j = 0; j < kGroup; ++j) {
