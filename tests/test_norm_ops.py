@@ -395,6 +395,36 @@ def test_deterministic_across_thread_counts(layout):
         assert torch.equal(a, b), f"output {k} differs between 1 and 2 threads"
 
 
+def test_layer_norm_short_rows_deterministic_and_correct():
+    """ConvNeXt-style layer norm over the last dim of 64: the short-row kernels handle rows in
+    groups (4 forward, 8 backward) whose alignment depends on the thread partition; the results
+    must still be bitwise the same for 1 and 2 threads, and match torch (large means: see
+    test_large_mean)."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 17, 23, 64) + 3  # 1173 rows: not a multiple of the group sizes
+    dy = torch.randn_like(x)
+    w, b = torch.randn(64), torch.randn(64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, m, i = ops.layer_norm_forward(x, [64], w, b, EPS)
+            results.append([y, m, i, *ops.layer_norm_backward(dy, x, [64], m, i, w, [True] * 3)])
+    finally:
+        torch.set_num_threads(threads)
+    for k, (a, c) in enumerate(zip(*results)):
+        assert torch.equal(a, c), f"output {k} differs between 1 and 2 threads"
+    xr, wr, br = (t.double().requires_grad_(True) for t in (x, w, b))
+    yr = F.layer_norm(xr, [64], wr, br, EPS)
+    grads = torch.autograd.grad(yr, (xr, wr, br), dy.double())
+    y, _, _, dx, dw, db = results[0]
+    torch.testing.assert_close(y.double(), yr.detach(), rtol=1e-4, atol=1e-4)
+    for got, ref, name in zip((dx, dw, db), grads, ("dx", "dw", "db")):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------------------------------
 # bad arguments
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,18 @@ inline acc_type<scalar_t> load(const scalar_t* p) {
   return static_cast<acc_type<scalar_t>>(*p);
 }
 
+// Sum of L lane accumulators as a tree of halves (a[l] += a[l + half]): the halves are whole
+// vectors, so this vectorizes, whereas a left-to-right sum is a chain of L dependent scalar adds
+// (the order is fixed either way, so the result is deterministic). Overwrites a.
+template <int L, typename acc_t>
+__attribute__((always_inline)) inline acc_t lane_tree_sum(acc_t* a) {
+#pragma GCC unroll 8
+  for (int half = L / 2; half >= 1; half /= 2)
+#pragma GCC unroll 64
+    for (int l = 0; l < half; ++l) a[l] += a[l + half];
+  return a[0];
+}
+
 }  // namespace
 
 // Welford over x[0, n) in L lanes that share the count, merged as a tree of equal-count pairs,
@@ -120,11 +132,8 @@ CNNOPS_NORM_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const
       b[l] += g * (static_cast<acc_t>(px[l]) - mean);
     }
   }
-  acc_t sa = 0, sb = 0;
-  for (int l = 0; l < L; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
+  acc_t sa = lane_tree_sum<L>(a);
+  acc_t sb = lane_tree_sum<L>(b);
   for (int64_t i = steps * L; i < n; ++i) {
     const acc_t g = static_cast<acc_t>(dy[i]);
     sa += g;
@@ -194,11 +203,8 @@ CNNOPS_NORM_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict
       b[l] += g * (static_cast<acc_t>(x[o + l]) - mean);
     }
   }
-  acc_t sa = 0, sb = 0;
-  for (int l = 0; l < L; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
+  acc_t sa = lane_tree_sum<L>(a);
+  acc_t sb = lane_tree_sum<L>(b);
   for (int64_t i = steps * L; i < n; ++i) {
     const acc_t g = static_cast<acc_t>(dy[i]) * w[i];
     sa += g;
@@ -263,11 +269,8 @@ CNNOPS_NORM_INLINE void layer_norm_row_backward_sums_impl(
       db[o + l] += d;
     }
   }
-  acc_t sa = 0, sb = 0;
-  for (int l = 0; l < L; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
+  acc_t sa = lane_tree_sum<L>(a);
+  acc_t sb = lane_tree_sum<L>(b);
   for (int64_t i = steps * L; i < n; ++i) {
     const acc_t d = static_cast<acc_t>(dy[i]);
     const acc_t xmu = static_cast<acc_t>(x[i]) - mean;
@@ -346,7 +349,23 @@ CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, 
                                                 const acc_type<scalar_t>* b,
                                                 acc_type<scalar_t>* mean_out,
                                                 acc_type<scalar_t>* invstd_out) {
-  for (int64_t r = 0; r < rows; ++r) {
+  // Short rows: the statistics of a group of rows first, so their independent merge trees
+  // (latency-bound for a 64-value row) overlap; the same arithmetic per row either way.
+  constexpr int64_t kGroup = 4;
+  int64_t r = 0;
+  if (n < 4 * span_lanes<acc_type<scalar_t>>()) {
+    for (; r + kGroup <= rows; r += kGroup) {
+      Welford<acc_type<scalar_t>> st[kGroup];
+      for (int64_t j = 0; j < kGroup; ++j) st[j] = welford_span_impl(x + (r + j) * n, n);
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const auto inv = norm_invstd(st[j].biased_variance(), eps);
+        layer_norm_row_impl(x + (r + j) * n, y + (r + j) * n, n, st[j].mean, inv, w, b);
+        mean_out[r + j] = st[j].mean;
+        invstd_out[r + j] = inv;
+      }
+    }
+  }
+  for (; r < rows; ++r) {
     const auto st = welford_span_impl(x + r * n, n);
     const auto inv = norm_invstd(st.biased_variance(), eps);
     layer_norm_row_impl(x + r * n, y + r * n, n, st.mean, inv, w, b);
@@ -363,7 +382,33 @@ CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scala
                                                  const acc_type<scalar_t>* w,
                                                  acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  if (n < 4 * span_lanes<acc_t>()) {
+    // Short rows in groups, sums first (as in the forward): the row reductions overlap. The
+    // rows still add into dw/db in order, so the results are the same.
+    constexpr int64_t kGroup = 8;
+    for (; r + kGroup <= rows; r += kGroup) {
+      acc_t sum_g[kGroup], sum_g_xmu[kGroup];
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int64_t o = (r + j) * n;
+        if (dw)
+          layer_norm_row_backward_sums_impl(dy + o, x + o, n, mean[r + j], invstd[r + j], w,
+                                            &sum_g[j], &sum_g_xmu[j], dw, db);
+        else
+          layer_norm_row_grad_sums_impl(dy + o, x + o, n, mean[r + j], w, &sum_g[j],
+                                        &sum_g_xmu[j]);
+      }
+      if (!dx) continue;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int64_t o = (r + j) * n;
+        const auto coef =
+            norm_input_grad_coef(invstd[r + j], sum_g[j], sum_g_xmu[j], static_cast<acc_t>(n));
+        layer_norm_row_input_grad_impl(dy + o, x + o, dx + o, n, mean[r + j], invstd[r + j], w,
+                                       coef.coef_g, coef.coef_xmu);
+      }
+    }
+  }
+  for (; r < rows; ++r) {
     acc_t sum_g, sum_g_xmu;
     if (dw)
       layer_norm_row_backward_sums_impl(dy + r * n, x + r * n, n, mean[r], invstd[r], w, &sum_g,
