@@ -86,7 +86,35 @@ __attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int
                                                             PoolWindow wh, PoolWindow ww, float* y,
                                                             int64_t* indices) {
   const int32_t first = static_cast<int32_t>((wd.start * H + wh.start) * W + ww.start);
-  for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+  int64_t c0 = 0;
+  // 64 channels at a time: four independent (best, where) vector pairs share each tap's address.
+  for (; c0 + 64 <= channels; c0 += 64) {
+    __m512 b[4];
+    __m512i w[4];
+    for (int j = 0; j < 4; ++j) {
+      b[j] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      w[j] = _mm512_set1_epi32(first);
+    }
+    for (int64_t id = wd.start; id < wd.end; id += wd.step)
+      for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
+        for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
+          const int64_t tap = (id * H + ih) * W + iw;
+          const float* src = xn + tap * channels + c0;
+          const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(tap));
+          for (int j = 0; j < 4; ++j) {
+            const __m512 v = _mm512_loadu_ps(src + 16 * j);
+            const __mmask16 take = _mm512_cmp_ps_mask(v, b[j], _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            b[j] = _mm512_mask_blend_ps(take, b[j], v);
+            w[j] = _mm512_mask_blend_epi32(take, w[j], t);
+          }
+        }
+    for (int j = 0; j < 4; ++j) {
+      _mm512_storeu_ps(y + c0 + 16 * j, b[j]);
+      _mm512_storeu_si512(indices + c0 + 16 * j, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(w[j])));
+      _mm512_storeu_si512(indices + c0 + 16 * j + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(w[j], 1)));
+    }
+  }
+  for (; c0 < channels; c0 += 16) {
     const int64_t width = std::min<int64_t>(16, channels - c0);
     const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
     __m512 b = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -101,9 +129,11 @@ __attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int
           w = _mm512_mask_blend_epi32(take, w, _mm512_set1_epi32(static_cast<int32_t>(tap)));
         }
     _mm512_mask_storeu_ps(y + c0, lanes, b);
-    alignas(64) int32_t where[16];
-    _mm512_store_si512(where, w);
-    for (int64_t j = 0; j < width; ++j) indices[c0 + j] = where[j];
+    // Widen the int32 indices to int64 in registers: two masked stores of 8 lanes each.
+    _mm512_mask_storeu_epi64(indices + c0, static_cast<__mmask8>(lanes),
+                             _mm512_cvtepi32_epi64(_mm512_castsi512_si256(w)));
+    _mm512_mask_storeu_epi64(indices + c0 + 8, static_cast<__mmask8>(lanes >> 8),
+                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(w, 1)));
   }
 }
 #endif
