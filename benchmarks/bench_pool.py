@@ -164,11 +164,7 @@ def summary_lines(rows):
         lines.append(f"median torch/cnnops {dtype} {layout}: {med:.2f}x")
     for (dtype,), med in sorted(common.median_ratios(rows, ("dtype",)).items()):
         lines.append(f"median torch/cnnops {dtype}, whole suite: {med:.2f}x")
-    bad = [r for r in rows if r["check"] in ("MISMATCH", "ERROR")]
-    lines.append(f"correctness: {len(rows) - len(bad)} rows ok, {len(bad)} failed"
-                 + "".join(f"\n  {r['check']}: {r['case']} {r['layout']} {r['dtype']} {r['mode']}"
-                           f" rel {common.fmt_num(r['max_rel_diff'], '.2g')} {r['error'] or ''}"
-                           for r in bad))
+    lines.append(common.correctness_line(rows))
     return lines
 
 
@@ -194,29 +190,8 @@ def main(argv=None):
                "grad_input, and 2x the int64 indices for max pools. fwd runs under no_grad.",
                "- cnnops runs the user-facing cnnops.functional API; max rel diff: against torch in the "
                "same dtype (max pools must match exactly).", ""]
-    print("\n".join(header), flush=True)
-    print(common.markdown_table(COLUMNS, []), flush=True)
-
-    name = "pool_" + common.device_slug(device)
-    rows = []
-    paths = ()
-    for dtype in dtypes:
-        for case in cases:
-            for row in run_case(case, dtype, device, min_run_time, copy_gbps):
-                rows.append(row)
-                print(common.markdown_row(COLUMNS, row), flush=True)
-            # written after every case, so a run cut short by a timeout keeps what it measured
-            summary = summary_lines(rows)
-            payload = dict(benchmark="pool", environment=env, summary=summary, rows=rows,
-                           median_ratio={f"{d} {m}": v for (d, m), v in
-                                         common.median_ratios(rows, ("dtype", "mode")).items()})
-            markdown = "\n".join(header + [common.markdown_table(COLUMNS, rows), ""]
-                                 + [f"- {line}" for line in summary])
-            paths = common.write_results(args.out, name, payload, markdown)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print("\n" + "\n".join(summary_lines(rows)))
-    print("wrote " + " and ".join(paths))
+    common.run_suite("pool", "pool_" + common.device_slug(device), args.out, header, COLUMNS, summary_lines,
+                     lambda case, dtype: run_case(case, dtype, device, min_run_time, copy_gbps), cases, dtypes, device, env)
 
 
 if __name__ == "__main__":

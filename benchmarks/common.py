@@ -211,3 +211,35 @@ def resolve_run(parser, args):
     if min_run_time is None:
         min_run_time = (0.05 if args.quick else 0.2) if device.type == "cuda" else (0.1 if args.quick else 1.0)
     return device, min_run_time, [getattr(torch, d) for d in args.dtype]
+
+
+def correctness_line(rows):
+    """'correctness: K rows ok, M failed', naming each failed row on a line of its own."""
+    bad = [r for r in rows if r["check"] in ("MISMATCH", "ERROR")]
+    return (f"correctness: {len(rows) - len(bad)} rows ok, {len(bad)} failed"
+            + "".join(f"\n  {r['check']}: {r['case']} {r['layout']} {r['dtype']} {r['mode']}"
+                      f" rel {fmt_num(r['max_rel_diff'], '.2g')} {r['error'] or ''}" for r in bad))
+
+
+def run_suite(benchmark, name, out_dir, header, columns, summary_lines, measure, cases, dtypes, device, env):
+    """Measures every (dtype, case) with measure(case, dtype) -> rows, printing each row as it
+    comes and rewriting <out_dir>/<name>.json and .md after every case, so a run cut short by a
+    timeout keeps what it measured. Returns the rows."""
+    print("\n".join(header), flush=True)
+    print(markdown_table(columns, []), flush=True)
+    rows, paths = [], ()
+    for dtype in dtypes:
+        for case in cases:
+            for row in measure(case, dtype):
+                rows.append(row)
+                print(markdown_row(columns, row), flush=True)
+            summary = summary_lines(rows)
+            payload = dict(benchmark=benchmark, environment=env, summary=summary, rows=rows,
+                           median_ratio={f"{d} {m}": v for (d, m), v in median_ratios(rows, ("dtype", "mode")).items()})
+            markdown = "\n".join(header + [markdown_table(columns, rows), ""] + [f"- {line}" for line in summary])
+            paths = write_results(out_dir, name, payload, markdown)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\n" + "\n".join(summary_lines(rows)))
+    print("wrote " + " and ".join(paths))
+    return rows
