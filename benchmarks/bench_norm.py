@@ -142,19 +142,7 @@ def run_case(case, dtype, device, min_run_time, copy_gbps):
     return rows
 
 
-COLUMNS = [
-    ("case", lambda r: r["case"]),
-    ("layout", lambda r: r["layout"]),
-    ("dtype", lambda r: r["dtype"]),
-    ("pass", lambda r: r["mode"]),
-    ("torch", lambda r: common.fmt_time(r["torch_s"])),
-    ("cnnops", lambda r: common.fmt_time(r["cnnops_s"])),
-    ("torch/cnnops", lambda r: common.fmt_num(r["ratio"], ".2f")),
-    ("torch GB/s", lambda r: common.fmt_num(r["torch_gbps"], ".1f")),
-    ("cnnops GB/s", lambda r: common.fmt_num(r["cnnops_gbps"], ".1f")),
-    ("copy GB/s", lambda r: common.fmt_num(r["copy_gbps"], ".1f")),
-    ("check", lambda r: r["check"] if not r["error"] else f"ERROR {r['error'][:60]}"),
-]
+COLUMNS = common.memory_bound_columns()
 
 
 def summary_lines(rows):

@@ -140,20 +140,10 @@ def run_case(case, dtype, device, min_run_time, copy_gbps):
     return rows
 
 
-COLUMNS = [
-    ("case", lambda r: r["case"]),
-    ("layout", lambda r: "NHWC" if r["layout"] == "channels_last" else "NCHW"),
-    ("dtype", lambda r: r["dtype"]),
-    ("pass", lambda r: r["mode"]),
-    ("torch", lambda r: common.fmt_time(r["torch_s"])),
-    ("cnnops", lambda r: common.fmt_time(r["cnnops_s"])),
-    ("torch/cnnops", lambda r: common.fmt_num(r["ratio"], ".2f")),
-    ("torch GB/s", lambda r: common.fmt_num(r["torch_gbps"], ".3g")),
-    ("cnnops GB/s", lambda r: common.fmt_num(r["cnnops_gbps"], ".3g")),
-    ("copy GB/s", lambda r: common.fmt_num(r["copy_gbps"], ".3g")),
-    ("max rel diff", lambda r: common.fmt_num(r["max_rel_diff"], ".2g")),
-    ("check", lambda r: r["check"] if not r["error"] else f"ERROR {r['error'][:60]}"),
-]
+COLUMNS = common.memory_bound_columns(
+    layout=lambda r: "NHWC" if r["layout"] == "channels_last" else "NCHW",
+    extra=[("max rel diff", lambda r: common.fmt_num(r["max_rel_diff"], ".2g"))],
+)
 
 
 def summary_lines(rows):

@@ -243,3 +243,22 @@ def run_suite(benchmark, name, out_dir, header, columns, summary_lines, measure,
     print("\n" + "\n".join(summary_lines(rows)))
     print("wrote " + " and ".join(paths))
     return rows
+
+
+def memory_bound_columns(layout=lambda r: r["layout"], extra=()):
+    """Table columns of a memory-bound benchmark (pooling, normalization): times, the ratio,
+    GB/s of both sides beside the copy bandwidth, then `extra` and the correctness check."""
+    return [
+        ("case", lambda r: r["case"]),
+        ("layout", layout),
+        ("dtype", lambda r: r["dtype"]),
+        ("pass", lambda r: r["mode"]),
+        ("torch", lambda r: fmt_time(r["torch_s"])),
+        ("cnnops", lambda r: fmt_time(r["cnnops_s"])),
+        ("torch/cnnops", lambda r: fmt_num(r["ratio"], ".2f")),
+        ("torch GB/s", lambda r: fmt_num(r["torch_gbps"], ".1f")),
+        ("cnnops GB/s", lambda r: fmt_num(r["cnnops_gbps"], ".1f")),
+        ("copy GB/s", lambda r: fmt_num(r["copy_gbps"], ".1f")),
+        *extra,
+        ("check", lambda r: r["check"] if not r["error"] else f"ERROR {r['error'][:60]}"),
+    ]

@@ -12,6 +12,11 @@ from torch.autograd.function import once_differentiable
 from ._ops import ops
 
 
+def _selected(grads, mask):
+    """The backward ops return empty tensors for the gradients output_mask left out: None."""
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+
 class ConvFunction(torch.autograd.Function):
     """Convolution with symmetric zero padding; 1d/2d/3d from the weight's rank.
 
@@ -33,15 +38,8 @@ class ConvFunction(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         if not any(mask):
             return None, None, None, None, None, None, None
-        grad_input, grad_weight, grad_bias = ops.conv_backward(
-            grad_output, input, weight, *ctx.conv_args, mask
-        )
-        return (
-            grad_input if mask[0] else None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None,
-            None, None, None, None,
-        )
+        grads = ops.conv_backward(grad_output, input, weight, *ctx.conv_args, mask)
+        return (*_selected(grads, mask), None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,15 +206,10 @@ class BatchNormFunction(torch.autograd.Function):
         mask = _norm_mask(ctx, 1, 2)
         if not any(mask):
             return (None,) * 8
-        grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
+        grads = ops.batch_norm_backward(
             grad_output, input, _backward_weight(ctx, input, weight), mean, invstd, ctx.training, mask
         )
-        return (
-            grad_input if mask[0] else None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None,
-            None, None, None, None, None,
-        )
+        return (*_selected(grads, mask), None, None, None, None, None)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -240,16 +233,10 @@ class LayerNormFunction(torch.autograd.Function):
         mask = _norm_mask(ctx, 2, 3)
         if not any(mask):
             return (None,) * 5
-        grad_input, grad_weight, grad_bias = ops.layer_norm_backward(
+        grad_input, grad_weight, grad_bias = _selected(ops.layer_norm_backward(
             grad_output, input, ctx.normalized_shape, mean, invstd, _backward_weight(ctx, input, weight), mask
-        )
-        return (
-            grad_input if mask[0] else None,
-            None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None,
-            None,
-        )
+        ), mask)
+        return grad_input, None, grad_weight, grad_bias, None
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -274,12 +261,7 @@ class GroupNormFunction(torch.autograd.Function):
         mask = _norm_mask(ctx, 1, 2)
         if not any(mask):
             return (None,) * 5
-        grad_input, grad_weight, grad_bias = ops.group_norm_backward(
+        grads = ops.group_norm_backward(
             grad_output, input, mean, invstd, _backward_weight(ctx, input, weight), ctx.num_groups, mask
         )
-        return (
-            grad_input if mask[0] else None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None,
-            None, None,
-        )
+        return (*_selected(grads, mask), None, None)

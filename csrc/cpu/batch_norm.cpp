@@ -23,15 +23,6 @@ namespace {
 constexpr const char* kForward = "cnnops::batch_norm_forward";
 constexpr const char* kBackward = "cnnops::batch_norm_backward";
 
-// The fixed partition of a channels-last reduction over R rows.
-struct RowBlocks {
-  int64_t rows, per_block, count;
-  RowBlocks(int64_t rows_, int64_t C) : rows(rows_), per_block(rows_per_block(rows_, C)) {
-    count = (rows + per_block - 1) / per_block;
-  }
-  int64_t begin(int64_t b) const { return b * per_block; }
-  int64_t size(int64_t b) const { return std::min(per_block, rows - b * per_block); }
-};
 
 // Per-channel Welford statistics of x (dense in its layout).
 template <typename scalar_t>

@@ -25,15 +25,6 @@ namespace {
 constexpr const char* kForward = "cnnops::group_norm_forward";
 constexpr const char* kBackward = "cnnops::group_norm_backward";
 
-// The fixed row-block partition of one channels-last image (S rows of C values).
-struct ImageBlocks {
-  int64_t rows, per_block, count;
-  ImageBlocks(int64_t S, int64_t C) : rows(S), per_block(rows_per_block(S, C)) {
-    count = (rows + per_block - 1) / per_block;
-  }
-  int64_t begin(int64_t b) const { return b * per_block; }
-  int64_t size(int64_t b) const { return std::min(per_block, rows - b * per_block); }
-};
 
 }  // namespace
 
@@ -80,7 +71,7 @@ TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at:
     // Channels-last: per-channel Welford lanes over the row blocks of every image, merged per
     // (n, g) (blocks in order, each block's channels of the group in order), then the rows
     // normalized with per-channel coefficients.
-    const ImageBlocks blocks(S, C);
+    const RowBlocks blocks(S, C);
     std::vector<acc_t> pmean(static_cast<size_t>(N * blocks.count * C)), pm2(pmean.size());
     std::vector<acc_t> mean_c(N * C), scale_c(N * C);
     auto block_stats = [&](int64_t n, int64_t blk) {
@@ -203,7 +194,7 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
         }
       });
     } else {
-      const ImageBlocks blocks(S, C);
+      const RowBlocks blocks(S, C);
       std::vector<acc_t> mean_c(N * C);
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < C; ++c) mean_c[n * C + c] = mp[n * G + c / D];

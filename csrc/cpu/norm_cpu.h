@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 #include <vector>
@@ -45,6 +46,17 @@ inline int64_t rows_per_block(int64_t rows, int64_t C) {
   if (per < min_rows) per = min_rows;
   return per < 1 ? 1 : per;
 }
+
+// The fixed partition of a channels-last reduction over `rows` rows of C values (batch norm:
+// all N x spatial rows; group norm: the spatial rows of one image).
+struct RowBlocks {
+  int64_t rows, per_block, count;
+  RowBlocks(int64_t rows_, int64_t C) : rows(rows_), per_block(rows_per_block(rows_, C)) {
+    count = (rows + per_block - 1) / per_block;
+  }
+  int64_t begin(int64_t b) const { return b * per_block; }
+  int64_t size(int64_t b) const { return std::min(per_block, rows - b * per_block); }
+};
 
 // Parallel grain in items of `values_per_item` values each.
 inline int64_t grain_for(int64_t values_per_item) {
