@@ -337,3 +337,17 @@ def test_script_module_is_refused_untouched():
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 1, 1)))
     with pytest.raises(TypeError, match="TorchScript"):
         cnnops.convert(scripted)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "unet"])
+def test_converted_model_compiles_with_fullgraph(name):
+    reference, converted, x = _pair(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    x_ref, x_cnn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_cnn = reference(x_ref), compiled(x_cnn)
+    torch.testing.assert_close(out_cnn, out_ref, atol=1e-9, rtol=1e-8)
+    out_ref.sum().backward()
+    out_cnn.sum().backward()
+    torch.testing.assert_close(x_cnn.grad, x_ref.grad, atol=1e-9, rtol=1e-8)
+    _assert_models_equal(reference, converted, atol=1e-9, rtol=1e-8)
