@@ -343,3 +343,53 @@ def test_conv_zero_output_channels_rejected_like_torch():
         F.conv2d(x, w)
     with pytest.raises(RuntimeError, match="weight"):
         CF.conv2d(x, w)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: the generic NHWC max-pool kernel (csrc/cpu/pool_max.cpp, "
+                                       "max_pool_nhwc_positions: every dtype but float32) leaves best/where "
+                                       "unset for a window with no tap inside the input (dilation): 0 and index 0 "
+                                       "instead of -inf; remove this marker when fixed")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_max_pool_channels_last_window_without_input_taps(dtype):
+    """Dilation 3 with kernel 2 and padding 1 on a height of 2: the only window's taps (-1, 2)
+    both miss the input, so torch's output is -inf there."""
+    x = torch.randn(2, 5, 2, 7, dtype=torch.float64).to(dtype)
+    expected, expected_indices = F.max_pool2d(x, (2, 3), (3, 2), (1, 1), (3, 1), True, True)
+    assert torch.isneginf(expected).all()
+    out, indices = CF.max_pool2d(x.contiguous(memory_format=torch.channels_last), (2, 3), (3, 2), (1, 1), (3, 1),
+                                 True, True)
+    assert torch.equal(out, expected)
+    assert torch.equal(indices, expected_indices)
+
+
+def _grad_input(fn, x, grad_output):
+    x = x.detach().requires_grad_()
+    fn(x).backward(grad_output)
+    return x.grad
+
+
+@pytest.mark.parametrize("case", ["batch_norm_nhwc_permuted_height_1", "batch_norm_nhwc_permuted_width_1",
+                                  "instance_norm_batch_1_channels_last_grad"])
+def test_gradients_where_torch_cpu_depends_on_strides(case):
+    """torch 2.x's CPU kernels return wrong input gradients for these stride patterns (their
+    result differs from the same call on contiguous copies); cnnops must give the contiguous
+    result. The expected values are torch's, computed on contiguous tensors."""
+    torch.manual_seed(0)
+    if case.startswith("batch_norm"):
+        shape = (3, 3, 1, 4) if "height" in case else (3, 3, 4, 1)
+        fn = {"torch": lambda x: F.batch_norm(x, None, None, training=True),
+              "cnnops": lambda x: CF.batch_norm(x, None, None, training=True)}
+        x = torch.randn(shape, dtype=torch.float64)
+        # an (N, H, W, C) tensor permuted to (N, C, H, W): channels last with a size-1 dim
+        # whose stride is not the canonical one
+        strided_x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        grad_output = torch.randn(shape, dtype=torch.float64)
+        strided_grad = grad_output
+    else:
+        fn = {"torch": F.instance_norm, "cnnops": CF.instance_norm}
+        x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+        strided_x = x.contiguous(memory_format=torch.channels_last)
+        grad_output = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+        strided_grad = grad_output.contiguous(memory_format=torch.channels_last)
+    expected = _grad_input(fn["torch"], x, grad_output)
+    torch.testing.assert_close(_grad_input(fn["cnnops"], strided_x, strided_grad), expected, atol=1e-12, rtol=1e-10)
