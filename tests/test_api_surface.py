@@ -393,3 +393,37 @@ def test_gradients_where_torch_cpu_depends_on_strides(case):
         strided_grad = grad_output.contiguous(memory_format=torch.channels_last)
     expected = _grad_input(fn["torch"], x, grad_output)
     torch.testing.assert_close(_grad_input(fn["cnnops"], strided_x, strided_grad), expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: running statistics that require grad are accepted and "
+                                       "updated in place, where torch raises RuntimeError; remove this marker "
+                                       "when fixed")
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
+def test_running_stats_requiring_grad_rejected_like_torch(op):
+    p = torch.rand(3, requires_grad=True)
+    x = torch.randn(4, 3, 5)
+    call = {"batch_norm": lambda M, rm, rv: M.batch_norm(x, rm, rv, training=True),
+            "instance_norm": lambda M, rm, rv: M.instance_norm(x, rm, rv)}[op]
+    with pytest.raises(RuntimeError, match="running_mean"):
+        call(F, p * 0, p * 0 + 1)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        call(CF, p * 0, p * 0 + 1)
+
+
+def test_torch_side_of_the_known_bugs():
+    """The strict-xfail tests above fail as long as cnnops differs; this checks, outside any
+    xfail, that torch still behaves as they expect, so none of them can fail for a torch-side
+    reason."""
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.conv2d(x, w).dtype == torch.bfloat16 and F.conv2d(x.bfloat16(), w).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="weight"):
+        F.conv2d(torch.randn(2, 3, 5, 5), torch.randn(0, 3, 3, 3))
+    for dtype in (torch.float64, torch.bfloat16):
+        out, _ = F.max_pool2d(torch.randn(2, 5, 2, 7).to(dtype), (2, 3), (3, 2), (1, 1), (3, 1), True, True)
+        assert torch.isneginf(out).all()
+    p = torch.rand(3, requires_grad=True)
+    for call in (lambda: F.batch_norm(torch.randn(4, 3, 5), p * 0, p * 0 + 1, training=True),
+                 lambda: F.instance_norm(torch.randn(4, 3, 5), p * 0, p * 0 + 1)):
+        with pytest.raises(RuntimeError, match="running_mean"):
+            call()
