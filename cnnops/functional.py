@@ -494,6 +494,17 @@ def _check_channel_params(input, **tensors):
             raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
 
 
+def _check_running_stats_need_no_grad(fn, running_mean, running_var):
+    """Running statistics are buffers updated in place, never differentiated: torch refuses
+    ones that require grad (while grad mode is on), and so does cnnops."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None and tensor.requires_grad:
+            raise RuntimeError(f"{fn}: the function is not differentiable with respect to argument '{name}'. "
+                               "This input cannot have requires_grad True.")
+
+
 def _check_tensor(input, fn):
     """A floating-point Tensor; torch raises NotImplementedError from its dtype dispatch for
     the others, and so does cnnops."""
@@ -525,6 +536,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     elif (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
@@ -595,6 +607,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if input.dim() < 2:
         raise RuntimeError(f"instance_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D")
+    _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not use_input_stats:
         if running_mean is None:

@@ -345,10 +345,6 @@ def test_conv_zero_output_channels_rejected_like_torch():
         CF.conv2d(x, w)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the generic NHWC max-pool kernel (csrc/cpu/pool_max.cpp, "
-                                       "max_pool_nhwc_positions: every dtype but float32) leaves best/where "
-                                       "unset for a window with no tap inside the input (dilation): 0 and index 0 "
-                                       "instead of -inf; remove this marker when fixed")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_max_pool_channels_last_window_without_input_taps(dtype):
     """Dilation 3 with kernel 2 and padding 1 on a height of 2: the only window's taps (-1, 2)
@@ -395,9 +391,6 @@ def test_gradients_where_torch_cpu_depends_on_strides(case):
     torch.testing.assert_close(_grad_input(fn["cnnops"], strided_x, strided_grad), expected, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: running statistics that require grad are accepted and "
-                                       "updated in place, where torch raises RuntimeError; remove this marker "
-                                       "when fixed")
 @pytest.mark.parametrize("op", ["batch_norm", "instance_norm"])
 def test_running_stats_requiring_grad_rejected_like_torch(op):
     p = torch.rand(3, requires_grad=True)

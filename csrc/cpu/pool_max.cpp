@@ -282,6 +282,12 @@ CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x,
     }
 #endif
     const int64_t first = (wd.start * H + wh.start) * W + ww.start;
+    if (wd.start >= wd.end || wh.start >= wh.end || ww.start >= ww.end) {
+      // A dilated window with no tap inside the input: -inf at the window's first position,
+      // as the NCHW kernels and torch give.
+      std::fill(best.begin(), best.end(), -std::numeric_limits<A>::infinity());
+      std::fill(where.begin(), where.end(), I(first));
+    }
     for (int64_t id = wd.start; id < wd.end; id += wd.step)
       for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
         for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
