@@ -13,6 +13,33 @@ from .autograd import ConvFunction
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
 
+# torch.autocast as ATen's autocast lists define it for the ops cnnops replaces: convolution
+# runs in the autocast dtype; these run in float32; the rest in their input's dtype. cnnops' ops
+# have no Autocast kernels of their own, so the functions cast here, before autograd records the
+# op (the casts' backward returns each gradient in its tensor's own dtype, as with torch).
+_AUTOCAST_FLOAT32 = {
+    "cpu": {"max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
+            "max_unpool1d", "max_unpool2d", "max_unpool3d"},
+    "cuda": {"layer_norm", "group_norm"},
+}
+
+
+def _autocast(fname, *tensors):
+    """`tensors` as torch.autocast hands them to `fname`. Only floating tensors other than
+    float64 are cast, as in torch."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    if fname.startswith("conv"):
+        target = torch.get_autocast_dtype(device)
+    elif fname in _AUTOCAST_FLOAT32[device]:
+        target = torch.float32
+    else:
+        return tensors
+    return tuple(t.to(target) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def _expand(value, name, dims):
     """An int or a sequence of 1 or `dims` ints, as torch's expand_param_if_needed."""
     values = [value] if isinstance(value, numbers.Integral) else list(value)
@@ -62,6 +89,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims):
         )
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool):
         raise TypeError(f"groups must be an int, but got groups={groups!r}")
+    input, weight, bias = _autocast(f"conv{dims}d", input, weight, bias)
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)
@@ -206,6 +234,7 @@ def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_i
     kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation)
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
+    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
     out, indices = MaxPoolFunction.apply(x, kernel_size, stride, padding, dilation, ceil_mode)
     if unbatched:
@@ -246,6 +275,7 @@ def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                          f"got input of size: {list(input.shape)}")
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
+    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
     out = AvgPoolFunction.apply(x, kernel_size, stride, padding, ceil_mode, count_include_pad, int(divisor_override))
     return out.squeeze(0) if unbatched else out
@@ -316,6 +346,7 @@ def _adaptive_avg_pool(input, output_size, dims):
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
+    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
     out = AdaptiveAvgPoolFunction.apply(x, sizes)
     return out.squeeze(0) if unbatched else out
@@ -341,6 +372,7 @@ def _adaptive_max_pool(input, output_size, return_indices, dims):
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
+    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
     out, indices = AdaptiveMaxPoolFunction.apply(x, sizes)
     if unbatched:
@@ -437,6 +469,7 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         # every index against the output plane
         raise NotImplementedError(f"cnnops {fname}: an empty output_size {tuple(sizes)} for non-empty indices is "
                                   f"not supported")
+    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
     if unbatched:
         indices = indices.unsqueeze(0)
@@ -566,6 +599,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         if tensor is not None and tuple(tensor.shape) != normalized_shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                                f"{list(tensor.shape)} and normalized_shape = {list(normalized_shape)}")
+    input, weight, bias = _autocast("layer_norm", input, weight, bias)
     out, _, _ = LayerNormFunction.apply(input, normalized_shape, weight, bias, float(eps))
     return out
 
@@ -587,6 +621,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         if tensor is not None and (tensor.dim() != 1 or tensor.numel() != channels):
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of channels in input, "
                                f"but got {name} of shape {list(tensor.shape)} and input of shape {list(input.shape)}")
+    input, weight, bias = _autocast("group_norm", input, weight, bias)
     out, _, _ = GroupNormFunction.apply(input, weight, bias, int(num_groups), float(eps))
     return out
 

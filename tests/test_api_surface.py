@@ -325,8 +325,6 @@ def test_cpu_ops_run_under_deterministic_algorithms():
         torch.use_deterministic_algorithms(old)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: cnnops convolution ignores torch.autocast (no Autocast "
-                                       "kernel or cast in cnnops.functional._conv); remove this marker when fixed")
 def test_conv_follows_autocast_like_torch():
     x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -335,8 +333,6 @@ def test_conv_follows_autocast_like_torch():
         assert CF.conv2d(x.bfloat16(), w).dtype == F.conv2d(x.bfloat16(), w).dtype
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a weight with zero output channels is accepted (an empty "
-                                       "output) where torch raises RuntimeError; remove this marker when fixed")
 def test_conv_zero_output_channels_rejected_like_torch():
     x, w = torch.randn(2, 3, 5, 5), torch.randn(0, 3, 3, 3)
     with pytest.raises(RuntimeError, match="weight"):

@@ -37,6 +37,7 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     TORCH_CHECK(dilation[i] > 0, "non-positive dilation is not supported: dilation=", dilation);
   }
   const int64_t out_channels = weight.size(0);
+  TORCH_CHECK(out_channels >= 1, "Given groups=", groups, ", expected weight to be at least 1 at dimension 0, but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(out_channels % groups == 0, "Given groups=", groups, ", expected weight to be divisible by ", groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(input.size(1) == weight.size(1) * groups, "Given groups=", groups, ", weight of size ", weight.sizes(), ", expected input", input.sizes(), " to have ", weight.size(1) * groups, " channels, but got ", input.size(1), " channels instead");
   if (bias.has_value() && bias->defined()) {
