@@ -293,7 +293,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     modules: DistributedDataParallel refuses any torch.nn.SyncBatchNorm instance in a CPU model
     ("SyncBatchNorm layers only work with GPU modules"), which would rule out the CPU/gloo use
     this module exists for. Like torch's, it is a _BatchNorm, so torch's own
-    convert_sync_batchnorm and cnnops.convert recognize it.
+    convert_sync_batchnorm converts it (back) like any BatchNorm.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

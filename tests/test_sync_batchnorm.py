@@ -431,6 +431,15 @@ def test_world_size_one_group_falls_back_to_batch_norm(one_rank_group):
     assert_norm_close(mine.running_var, ref.running_var, torch.float32, 100, 10.0, msg="world size 1")
 
 
+def test_ddp_accepts_it_on_cpu(one_rank_group):
+    """Why cnnops.nn.SyncBatchNorm is not a torch.nn.SyncBatchNorm subclass: DDP refuses those
+    in a CPU model."""
+    with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+        torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.SyncBatchNorm(3)))
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(cnnops.nn.SyncBatchNorm(3)))
+    ddp(torch.randn(4, 3, 5)).sum().backward()
+
+
 # --------------------------------------------------------------------------------------------
 # two processes, gloo
 # --------------------------------------------------------------------------------------------
@@ -447,6 +456,7 @@ SPAWN_CASES = {
     "3d": ((2, 1), (3, 3, 4, 5), torch.float32, "channels_last", dict(momentum=0.3), 0.0),
     "large_mean": ((4, 3), (3, 5, 6), torch.float32, "contiguous", {}, LARGE_MEAN),
     "no_running": ((3, 3), (3, 5, 6), torch.float32, "contiguous", dict(track_running_stats=False), 0.0),
+    "bfloat16": ((3, 2), (3, 5, 6), torch.bfloat16, "channels_last", {}, 0.0),
 }
 STEPS = 2
 
@@ -527,7 +537,11 @@ def _worker(rank, world_size, port, out_dir, ddp_state):
                         memory_format=CHANNELS_LAST[out.dim()])))
                 for p in bn.parameters():
                     p.grad = None
-            results[name] = per_step
+            # eval: the running statistics, no synchronization (as torch)
+            bn.eval()
+            with torch.no_grad():
+                eval_out = bn(_rank_slice(steps[0][0], sizes, rank)) if bn.track_running_stats else None
+            results[name] = dict(steps=per_step, eval_out=eval_out)
 
         # DDP: the cnnops net, each rank on its half of every batch, mean loss per rank
         net = _Net(cnnops.nn.Conv2d, cnnops.nn.SyncBatchNorm, cnnops.nn.MaxPool2d)
@@ -598,7 +612,7 @@ def test_two_processes_equal_batch_norm_over_global_batch(spawned, name):
         L = x.numel() // C
         kappa = (5.0 + abs(shift) + step) * kappa_w
         ctx = f"{name} step {step}"
-        got = [spawned[r][name][step] for r in range(2)]
+        got = [spawned[r][name]["steps"][step] for r in range(2)]
         assert_norm_close(torch.cat([r["out"] for r in got]), out, dtype, 1, kappa, msg=f"{ctx}: output")
         assert_norm_close(torch.cat([r["grad_input"] for r in got]), xr.grad, dtype, 1, kappa * 20,
                           msg=f"{ctx}: grad_input")
@@ -622,6 +636,11 @@ def test_two_processes_equal_batch_norm_over_global_batch(spawned, name):
                     assert_norm_close(got[r][buf], expected, dtype, L, kappa, msg=f"{ctx} rank {r}: {buf}")
             expected_nbt = None if ref.num_batches_tracked is None else int(ref.num_batches_tracked)
             assert got[r]["num_batches_tracked"] == expected_nbt
+    if ref.track_running_stats:
+        with torch.no_grad():
+            expected = ref.eval()(steps[0][0].double())
+        got = torch.cat([spawned[r][name]["eval_out"] for r in range(2)])
+        assert_norm_close(got, expected, dtype, 1, (5.0 + abs(shift)) * kappa_w * 4, msg=f"{name}: eval output")
 
 
 def test_ddp_training_equals_single_process_full_batch(spawned, torch_ddp_reference):
