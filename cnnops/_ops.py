@@ -270,3 +270,40 @@ def _group_norm_backward_fake(grad_output, input, mean, invstd, weight, num_grou
     torch._check(grad_output.shape == input.shape, lambda: "grad_output: expected the input's shape")
     param_dtype = weight.dtype if weight is not None else input.dtype
     return _norm_backward_grads(input, _norm_memory_format(input), [channels], param_dtype, output_mask)
+
+
+# ============================================================================================
+# SyncBatchNorm pieces (cnnops.nn.SyncBatchNorm)
+# ============================================================================================
+# Per-rank kernels; the ranks combine their results with torch.distributed in
+# cnnops.autograd.SyncBatchNormFunction. Statistics and sums are in the input's opmath dtype.
+
+
+def _check_batch_norm_input(input):
+    torch._check(input.dim() >= 2, lambda: f"input: expected at least 2 dims (N, C, *), got {input.dim()}D")
+    return input.size(1)
+
+
+@torch.library.register_fake("cnnops::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    channels = _check_batch_norm_input(input)
+    mean = input.new_empty([channels], dtype=_opmath_dtype(input.dtype))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("cnnops::batch_norm_elemt")
+def _batch_norm_elemt_fake(input, weight, bias, mean, invstd):
+    channels = _check_batch_norm_input(input)
+    for tensor, name in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (invstd, "invstd")):
+        _check_per_channel(tensor, name, channels)
+    return torch.empty_like(input, memory_format=_norm_memory_format(input))
+
+
+@torch.library.register_fake("cnnops::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    channels = _check_batch_norm_input(input)
+    torch._check(grad_output.shape == input.shape, lambda: "grad_output: expected the input's shape")
+    for tensor, name in ((weight, "weight"), (mean, "mean"), (invstd, "invstd"), (sum_dy, "sum_dy"),
+                         (sum_dy_xmu, "sum_dy_xmu")):
+        _check_per_channel(tensor, name, channels)
+    return torch.empty_like(input, memory_format=_norm_memory_format(input))

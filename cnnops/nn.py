@@ -266,3 +266,106 @@ class GroupNorm(torch.nn.GroupNorm):
 
     def forward(self, input):
         return CF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+# ============================================================================================
+# SyncBatchNorm
+# ============================================================================================
+# torch.nn.SyncBatchNorm's forward, step for step: in training inside an initialized process
+# group of more than one rank, batch norm over the union of the ranks' batches
+# (cnnops.autograd.SyncBatchNormFunction, CPU tensors with gloo or CUDA tensors with NCCL);
+# anywhere else exactly cnnops' BatchNorm.
+
+from typing import Any  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from .autograd import SyncBatchNormFunction  # noqa: E402
+
+__all__ += ["SyncBatchNorm"]
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """As torch.nn.SyncBatchNorm (constructor, process_group, state_dict, repr, errors,
+    convert_sync_batchnorm), also for CPU tensors with gloo.
+
+    It mirrors torch.nn.SyncBatchNorm instead of subclassing it, unlike the other cnnops
+    modules: DistributedDataParallel refuses any torch.nn.SyncBatchNorm instance in a CPU model
+    ("SyncBatchNorm layers only work with GPU modules"), which would rule out the CPU/gloo use
+    this module exists for. Like torch's, it is a _BatchNorm, so torch's own
+    convert_sync_batchnorm converts it (back) like any BatchNorm.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any | None = None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.process_group = process_group
+
+    # torch's checks and messages ("expected at least 2D input (got 1D input)", ...)
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        # momentum=None: cumulative moving average, factor 1 / (number of batches seen so far).
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                exponential_average_factor = self.momentum
+        # Batch statistics in training, and in eval when there are no running statistics.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Running statistics are passed to be updated (training and tracked) or used (eval).
+        pass_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if pass_running else None
+        running_var = self.running_var if pass_running else None
+
+        # Statistics are synchronized only in training (never in eval, as torch).
+        need_sync = bn_training and self.training and dist.is_available() and dist.is_initialized()
+        if need_sync:
+            if input.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"SyncBatchNorm expected input tensor to be on CPU or GPU, got {input.device.type}")
+            process_group = self.process_group if self.process_group else dist.group.WORLD
+            world_size = dist.get_world_size(process_group)
+            need_sync = world_size > 1
+        if not need_sync:
+            return CF.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                 exponential_average_factor, self.eps)
+        return SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                           exponential_average_factor, process_group, world_size)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """As torch.nn.SyncBatchNorm.convert_sync_batchnorm, producing cnnops.nn.SyncBatchNorm:
+        every BatchNorm*d (torch's or cnnops') becomes one with the same Parameter and buffer
+        objects and training flag; a BatchNorm module itself is returned converted."""
+        module_output = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module_output = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                bias=module.bias is not None,
+            )
+            if module.affine:
+                with torch.no_grad():
+                    module_output.weight = module.weight
+                    module_output.bias = module.bias
+            module_output.running_mean = module.running_mean
+            module_output.running_var = module.running_var
+            module_output.num_batches_tracked = module.num_batches_tracked
+            module_output.training = module.training
+            if hasattr(module, "qconfig"):
+                module_output.qconfig = module.qconfig
+        for name, child in module.named_children():
+            module_output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        del module
+        return module_output

@@ -65,4 +65,15 @@ TORCH_LIBRARY(cnnops, m) {
         "float eps) -> (Tensor, Tensor, Tensor)");
   m.def("group_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
         "Tensor? weight, int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // SyncBatchNorm (cnnops.nn.SyncBatchNorm): the per-rank pieces; the ranks combine them with
+  // torch.distributed in Python. Statistics are in the input's opmath dtype.
+  // Per-channel mean and m2 = sum((x - mean)^2) over N x * (zeros for an empty batch).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // y = (x - mean) * invstd * weight + bias with given per-channel statistics.
+  m.def("batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor");
+  // Training grad_input of batch norm from given statistics and the per-channel sums sum(dy),
+  // sum(dy * (x - mean)) over `count` values per channel (all ranks).
+  m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+        "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
 }

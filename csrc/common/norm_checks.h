@@ -191,3 +191,17 @@ inline void check_norm_stat(const char* op, const char* name, const at::Tensor& 
 inline at::Tensor norm_unselected(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 }  // namespace cnnops
+
+// ------------------------------------------------------------------------------------------
+// SyncBatchNorm: batch_norm_backward_elemt's count is the number of values per channel over all
+// ranks, so at least this rank's N x spatial.
+// ------------------------------------------------------------------------------------------
+
+namespace cnnops {
+
+inline void check_sync_count(const char* op, int64_t count, const ChannelNormShape& s) {
+  TORCH_CHECK(count >= s.batch * s.spatial, op, ": count: expected the number of values per channel over all ranks, "
+              "at least this input's N x spatial = ", s.batch * s.spatial, ", but got ", count);
+}
+
+}  // namespace cnnops

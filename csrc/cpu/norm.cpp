@@ -12,4 +12,8 @@ TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("layer_norm_backward", &cnnops::cpu::layer_norm_backward);
   m.impl("group_norm_forward", &cnnops::cpu::group_norm_forward);
   m.impl("group_norm_backward", &cnnops::cpu::group_norm_backward);
+  // SyncBatchNorm pieces
+  m.impl("batch_norm_stats", &cnnops::cpu::batch_norm_stats);
+  m.impl("batch_norm_elemt", &cnnops::cpu::batch_norm_elemt);
+  m.impl("batch_norm_backward_elemt", &cnnops::cpu::batch_norm_backward_elemt);
 }

@@ -213,3 +213,23 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
 
 }  // namespace cpu
 }  // namespace cnnops
+
+// ---- SyncBatchNorm pieces (batch_norm.cpp, registered in norm.cpp) -------------------------
+
+namespace cnnops {
+namespace cpu {
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+TensorPair batch_norm_stats(const at::Tensor& input);
+at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                            const at::Tensor& invstd);
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                     int64_t count);
+
+}  // namespace cpu
+}  // namespace cnnops
