@@ -1,7 +1,8 @@
 """cnnops.convert(model): swap a model's torch.nn layers for their cnnops twins, in place.
 
-Every cnnops.nn module subclasses its torch.nn twin and adds no state of its own, so a module
-is converted by changing its class: the module object stays the same one, and with it every
+Every cnnops.nn module has its torch.nn twin's attributes and no state of its own (all but
+SyncBatchNorm subclass the twin; SyncBatchNorm is, like torch's, a _BatchNorm with a
+process_group), so a module is converted by changing its class: the module object stays the same one, and with it every
 Parameter and buffer object, hook, training flag, device and dtype. An optimizer, a
 state_dict reference or a hook registered before the conversion keeps working.
 """
@@ -40,6 +41,7 @@ SUPPORTED = {
     torch.nn.InstanceNorm3d: cnn.InstanceNorm3d,
     torch.nn.LayerNorm: cnn.LayerNorm,
     torch.nn.GroupNorm: cnn.GroupNorm,
+    torch.nn.SyncBatchNorm: cnn.SyncBatchNorm,
 }
 
 _CNNOPS_TYPES = frozenset(SUPPORTED.values())

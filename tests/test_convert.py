@@ -184,6 +184,9 @@ MODELS = {
     "unet": (lambda: UNetEncoder(4), (2, 3, 16, 20)),
     "audio_1d": (audio_net, (3, 2, 401)),
     "video_3d": (video_net, (2, 3, 5, 22, 18)),
+    # torch.nn.SyncBatchNorm outside a process group normalizes like BatchNorm, on the CPU too
+    "resnet_sync_bn": (lambda: nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(BasicBlock(3, 8, 2))),
+                       (4, 3, 9, 11)),
 }
 
 
