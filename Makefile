@@ -19,8 +19,8 @@ install: deps
 test: install
 	$(PYTHON) -m pytest tests -q
 
-# One small CNN trained with torch.nn and with cnnops from one initialization (--epochs,
-# --device, --out, --seed: `make demo ARGS="--epochs 5"`); the plot goes to demo-out/.
+# One small CNN trained with torch.nn and with cnnops from one initialization; the plot goes
+# to demo-out/. Options (--epochs, --device, --out, --seed, --threads): make demo ARGS="--epochs 5"
 demo: install
 	$(PYTHON) -m cnnops.demo $(ARGS)
 

@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_short_run(tmp_path, capsys):
-    runs, differences, path = demo.main(["--epochs", "2", "--device", "cpu", "--out", str(tmp_path),
-                                         "--threads", "1"])  # 1 thread: fast on a busy CI machine too
+    threads = torch.get_num_threads()
+    runs, differences, path = demo.main(["--epochs", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # --threads (default 1) is undone on return
     out = capsys.readouterr().out
     torch_run, cnnops_run = runs
 
@@ -69,7 +70,9 @@ def test_bad_options(argv, message, capsys):
 
 def test_cuda_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert demo.parse_args([]).device == "cpu"  # the default follows what is available
+    defaults = demo.parse_args([])
+    assert defaults.device == "cpu"  # the default follows what is available
+    assert (defaults.epochs, defaults.out, defaults.threads) == (12, "demo-out", 1)
     with pytest.raises(SystemExit) as info:
         demo.parse_args(["--device", "cuda"])
     assert info.value.code == 2
