@@ -190,7 +190,8 @@ def train(args, log=print):
     log(f"cnnops {cnnops.__version__} demo on {device.type} ({threads} CPU thread{'s' * (threads > 1)}), "
         f"torch {torch.__version__}, seed {args.seed}")
     log(f"data: scikit-learn digits, 8x8 scans in [0, 1], {len(y_train):,} train / {len(y_test):,} test "
-        f"(stratified), {batches} batches of {args.batch_size}, SGD lr {LR} momentum {MOMENTUM}, {args.epochs} epochs\n")
+        f"(stratified), {batches} batches of {args.batch_size}, SGD lr {LR} momentum {MOMENTUM}, "
+        f"{args.epochs} epoch{'s' * (args.epochs > 1)}\n")
 
     torch.manual_seed(args.seed)
     reference = make_model().to(device)
@@ -253,7 +254,7 @@ def main(argv=None):
     loss_gap = max(abs(p - q) for p, q in zip(a.batch_losses, b.batch_losses))
     print(f"\nplot: {os.path.abspath(path)}")
     print(f"summary: test accuracy torch {a.accuracies[-1]:.2%}, cnnops {b.accuracies[-1]:.2%} after "
-          f"{args.epochs} epochs; largest batch-loss difference {loss_gap:.1e}, parameter difference "
+          f"{args.epochs} epoch{'s' * (args.epochs > 1)}; largest batch-loss difference {loss_gap:.1e}, parameter difference "
           f"{differences[-1]:.1e}; training time torch {sum(a.times):.2f} s, cnnops {sum(b.times):.2f} s "
           f"(cnnops/torch {sum(b.times) / sum(a.times):.2f}); whole demo {time.perf_counter() - start:.1f} s")
     return runs, differences, path
