@@ -1,5 +1,5 @@
-"""The demo (python -m cnnops.demo): a short run end to end (output lines, the plot, both runs
-agreeing), and its option errors. The full run's accuracy is what `make demo` shows."""
+"""The demo (python -m cnnops.demo): the default run end to end (output lines, the plot, both
+runs agreeing, test accuracy above 95%), and its option errors."""
 import os
 import subprocess
 import sys
@@ -13,9 +13,10 @@ from cnnops import demo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_short_run(tmp_path, capsys):
+def test_default_run(tmp_path, capsys):
+    """The run `make demo` does (12 epochs, one thread, ~8 s), with the plot in tmp_path."""
     threads = torch.get_num_threads()
-    runs, differences, path = demo.main(["--epochs", "2", "--device", "cpu", "--out", str(tmp_path)])
+    runs, differences, path = demo.main(["--device", "cpu", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # --threads (default 1) is undone on return
     out = capsys.readouterr().out
     torch_run, cnnops_run = runs
@@ -24,15 +25,16 @@ def test_short_run(tmp_path, capsys):
     assert type(torch_run.model.conv1) is torch.nn.Conv2d
     assert type(cnnops_run.model.conv1) is cnnops.nn.Conv2d
     assert type(cnnops_run.model.gn2) is cnnops.nn.GroupNorm
-    assert len(torch_run.batch_losses) == len(cnnops_run.batch_losses) == 2 * 23
+    assert len(torch_run.batch_losses) == len(cnnops_run.batch_losses) == 12 * 23
     # Same initialization and batches. The first batch sees identical weights, so its losses
     # differ by forward rounding only. Later the runs drift apart (rounding, amplified by
     # training and by max-pool near ties flipping, see cnnops/demo.py), but stay close.
     assert cnnops_run.batch_losses[0] == pytest.approx(torch_run.batch_losses[0], rel=1e-5)
-    assert cnnops_run.epoch_losses == pytest.approx(torch_run.epoch_losses, rel=5e-2)
+    assert cnnops_run.epoch_losses[:3] == pytest.approx(torch_run.epoch_losses[:3], rel=5e-2)
     assert cnnops_run.accuracies == pytest.approx(torch_run.accuracies, abs=0.03)
-    assert len(differences) == 2 and 0 <= max(differences) < 0.1
-    assert all(0.8 < a <= 1 for a in torch_run.accuracies + cnnops_run.accuracies)  # it learns
+    assert len(differences) == 12 and 0 <= max(differences) < 0.1
+    # What the issue asks of the demo: test accuracy above 95% for both runs.
+    assert torch_run.accuracies[-1] > 0.95 and cnnops_run.accuracies[-1] > 0.95
 
     # The printed log: header, convert report, complexity table, one line per epoch, summary.
     table = str(cnnops.complexity(demo.make_model().eval(), torch.zeros(1, 1, 8, 8)))
