@@ -16,6 +16,7 @@ neighbouring pixel. The losses and accuracies stay close (test accuracy above 99
 """
 import argparse
 import copy
+import importlib.util
 import os
 import sys
 import time
@@ -240,10 +241,17 @@ def train(args, log=print):
     return runs, differences, path
 
 
+EXTRAS = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib"}  # module: pip name
+
+
 def main(argv=None):
     """Runs the demo; returns what train() returns (for tests)."""
     start = time.perf_counter()
     args = parse_args(argv)
+    missing = [pip_name for module, pip_name in EXTRAS.items() if importlib.util.find_spec(module) is None]
+    if missing:  # `make demo` installs them; a bare `python -m cnnops.demo` may not have them
+        sys.exit(f"python -m cnnops.demo needs {' '.join(missing)}: run `make demo`, or "
+                 f"`pip install {' '.join(missing)}`")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # cnnops' at::parallel_for loops follow it too
     try:

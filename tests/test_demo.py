@@ -89,6 +89,13 @@ def test_out_is_a_file(tmp_path, capsys):
     assert "argument --out: expected a folder" in capsys.readouterr().err
 
 
+def test_missing_extras(monkeypatch, tmp_path):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None if name == "sklearn" else real(name))
+    with pytest.raises(SystemExit, match=r"needs scikit-learn: run `make demo`, or `pip install scikit-learn`"):
+        demo.main(["--out", str(tmp_path)])
+
+
 def test_runs_as_a_module():
     """`python -m cnnops.demo` is the entry point `make demo` uses; an error exits with 2."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
