@@ -6,10 +6,12 @@ OUT ?= gpu-logs
 .PHONY: install deps test demo bench gpu-check clean
 
 # Installs only what is missing: torch (a CUDA build where pip offers one, so the CUDA kernels
-# compile), the build and test tools, then cnnops itself (editable, incremental ninja build).
+# compile), the build and test tools, the demo's extras (its test runs in `make test` too),
+# then cnnops itself (editable, incremental ninja build).
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.6"
 	@$(PYTHON) -c "import numpy, pytest, ninja, pybind11" 2>/dev/null || $(PIP) install numpy pytest ninja pybind11
+	@$(PYTHON) -c "import sklearn, tqdm, matplotlib" 2>/dev/null || $(PIP) install scikit-learn tqdm matplotlib
 
 install: deps
 	$(PIP) install --no-build-isolation -e .
@@ -17,8 +19,10 @@ install: deps
 test: install
 	$(PYTHON) -m pytest tests -q
 
+# One small CNN trained with torch.nn and with cnnops from one initialization; the plot goes
+# to demo-out/. Options (--epochs, --device, --out, --seed, --threads): make demo ARGS="--epochs 5"
 demo: install
-	$(PYTHON) -m cnnops.demo
+	$(PYTHON) -m cnnops.demo $(ARGS)
 
 # Each family against torch in the same run; tables in benchmarks/results/{cpu,pool_cpu,norm_cpu}.md.
 bench: install
