@@ -50,22 +50,23 @@ def torch_relu_conv(dims, x, w, b, **kwargs):
     return torch.relu(getattr(F, f"conv{dims}d")(x, w, b, **kwargs))
 
 
-def band(dtype, reduction):
+def band(dtype, reduction, tf32=False):
     """Outputs this close to 0 may round to either side: a few times the comparison tolerance
     (at the typical magnitude sqrt(L) of the outputs)."""
-    atol, rtol = tolerance(dtype, reduction)
+    atol, rtol = tolerance(dtype, reduction, tf32)
     return 4 * (atol + rtol * math.sqrt(reduction))
 
 
-def check_relu_conv(dims, x, w, b, kwargs, dtype, fn=None, msg=""):
+def check_relu_conv(dims, x, w, b, kwargs, dtype, fn=None, tf32=False, msg=""):
     """Forward and gradients of fn (default: the fused functional) against torch.relu(convNd)
-    computed in REFERENCE_DTYPE on the same rounded inputs."""
+    computed on the CPU in REFERENCE_DTYPE on the same rounded inputs (on the CPU, so no TF32
+    reaches the reference when x is a CUDA tensor)."""
     fn = fn or (lambda x, w, b: relu_conv(dims, x, w, b, **kwargs))
     ref_dtype = REFERENCE_DTYPE[dtype]
-    leaves_ref = [None if t is None else t.detach().to(ref_dtype).requires_grad_() for t in (x, w, b)]
+    leaves_ref = [None if t is None else t.detach().to("cpu", ref_dtype).requires_grad_() for t in (x, w, b)]
     ref = torch_relu_conv(dims, *leaves_ref, **kwargs)
     red = reductions(x.shape, w.shape, ref.shape, kwargs.get("groups", 1), unbatched=x.dim() == dims + 1)
-    margin = band(dtype, red["output"])
+    margin = band(dtype, red["output"], tf32)
     grad_out = make_tensor(ref.shape, dtype)
     grad_out = torch.where(ref.detach().abs() <= margin, 0, grad_out)  # see the module docstring
     wanted = [t for t in leaves_ref if t is not None]
@@ -74,16 +75,17 @@ def check_relu_conv(dims, x, w, b, kwargs, dtype, fn=None, msg=""):
     # clone() keeps the layout under test (channels_last, ...)
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
     out = fn(*leaves)
+    grad_out = grad_out.to(x.device)
     got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out) if out.numel() else None
 
     ctx = f"{msg} conv{dims}d+relu x={tuple(x.shape)} w={tuple(w.shape)} bias={b is not None} {kwargs}"
-    assert_close_to_torch(out, ref.detach(), dtype, red["output"], msg=f"{ctx}: output")
-    negative = ref.detach() < -margin
+    assert_close_to_torch(out, ref.detach().to(x.device), dtype, red["output"], tf32, msg=f"{ctx}: output")
+    negative = (ref.detach() < -margin).to(x.device)
     assert (out.detach()[negative] == 0).all(), f"{ctx}: ReLU not applied (nonzero where torch's output < 0)"
     assert (out.detach() >= 0).all(), f"{ctx}: negative outputs after ReLU"
     if got is not None:
         for name, g, r in zip(("input", "weight", "bias"), got, ref_grads):
-            assert_close_to_torch(g, r, dtype, red[f"grad_{name}"], msg=f"{ctx}: grad_{name}")
+            assert_close_to_torch(g, r.to(x.device), dtype, red[f"grad_{name}"], tf32, msg=f"{ctx}: grad_{name}")
     if x.dim() in CHANNELS_LAST and suggest_memory_format(x) == CHANNELS_LAST[x.dim()] and not x.is_contiguous():
         assert out.is_contiguous(memory_format=CHANNELS_LAST[x.dim()]), f"{ctx}: output lost channels_last"
     return out
