@@ -487,3 +487,32 @@ def test_compile_fullgraph():
     x = torch.randn(2, 3, 8, 7)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), m(x))
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_module_forward_is_one_fused_op(dims, padding_mode):
+    """ConvReLU{d}d's forward runs one cnnops::conv_forward with activation="relu" and no
+    separate ReLU (nor any other op besides the padding of a non-zero padding mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((str(func), args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    m = getattr(cnnops.nn, f"ConvReLU{dims}d")(3, 4, 3, padding=1, padding_mode=padding_mode)
+    x = torch.randn((2, 3) + (7, 6, 5)[:dims])
+    with torch.no_grad(), Record() as rec:
+        m(x)
+    convs = [c for c in rec.calls if c[0].startswith("cnnops.conv_forward")]
+    assert len(convs) == 1, rec.calls
+    _, args, kwargs = convs[0]
+    assert (args[7] if len(args) > 7 else kwargs.get("activation")) == "relu", convs
+    others = [c[0] for c in rec.calls if not c[0].startswith("cnnops.conv_forward")]
+    allowed = () if padding_mode == "zeros" else ("aten.reflection_pad", "aten.pad", "aten._pad")
+    assert all(o.startswith(allowed) for o in others) if allowed else not others, others
