@@ -103,6 +103,13 @@ run_step bench_pool "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_pool 
 run_step bench_norm "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_norm --device cuda \
   --dtype float32 float16 bfloat16 --quick --out "$RESULTS"
 
+# (4b) the demo on the GPU, where the machine has its extras (it has no network to fetch them)
+if "$PYTHON" -c "import sklearn, tqdm, matplotlib" 2>/dev/null; then
+  run_step demo "$OUT/bench_cuda.log" 60 "$PYTHON" -m cnnops.demo --device cuda --epochs 3 --out "$RESULTS/demo"
+else
+  echo "=== demo: SKIPPED, scikit-learn/tqdm/matplotlib not installed" >>"$OUT/bench_cuda.log"
+fi
+
 # (3b) CPU smoke, after the benchmark so that it only uses time left over (at most 60 s).
 run_step tests_cpu "$OUT/tests_cuda.log" 60 "$PYTHON" -m pytest tests -q -p no:cacheprovider \
   -x --maxfail=3 -k "not cuda"
