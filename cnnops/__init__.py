@@ -4,6 +4,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
 from . import autograd, functional, nn  # noqa: F401
+from .fuse import FuseReport, fuse_conv_bn
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,4 @@ def has_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("cnnops::conv_forward", "CUDA")
 
 
-__all__ = ["autograd", "functional", "nn", "has_cuda", "__version__"]
+__all__ = ["autograd", "functional", "nn", "has_cuda", "__version__", "fuse_conv_bn", "FuseReport"]
