@@ -451,3 +451,22 @@ def test_training_mode_raises_and_leaves_model_untouched():
 def test_not_a_module_raises_type_error(bad):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, but got"):
         cnnops.fuse_conv_bn(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_half_precision_fold_rounds_once(dtype):
+    """The fold runs in float64 and the folded weights are rounded to the conv's dtype once,
+    so a bfloat16 model stays within the bfloat16 tolerance of torch's float32 reference."""
+    model = prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)), dtype)
+    fused = cnnops.fuse_conv_bn(model)
+    assert fused.get_submodule("0").weight.dtype == fused.get_submodule("0").bias.dtype == dtype
+    check_against_unfused(model, fused, torch.randn(2, 3, 8, 8).to(dtype), dtype)
+
+
+def test_fusing_twice_changes_nothing_more():
+    model = prepare(nn.Sequential(BasicBlock(4, 8, stride=2)), torch.float32)
+    once = cnnops.fuse_conv_bn(model)
+    twice, report = cnnops.fuse_conv_bn(once, report=True)
+    assert report.method == "fx" and report.fused == [] and report.left == []
+    check_against_unfused(model, twice, torch.randn(2, 4, 8, 8), torch.float32)
