@@ -4,6 +4,8 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
 from . import autograd, functional, nn  # noqa: F401
+from .conversion import ConvertReport, convert
+from .counting import Complexity, complexity
 from .fuse import FuseReport, fuse_conv_bn
 
 __version__ = "0.1.0"
@@ -14,4 +16,5 @@ def has_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("cnnops::conv_forward", "CUDA")
 
 
-__all__ = ["autograd", "functional", "nn", "has_cuda", "__version__", "fuse_conv_bn", "FuseReport"]
+__all__ = ["autograd", "functional", "nn", "convert", "ConvertReport", "complexity", "Complexity",
+           "fuse_conv_bn", "FuseReport", "has_cuda", "__version__"]
