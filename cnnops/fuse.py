@@ -11,7 +11,9 @@ How pairs are found
 1. ``torch.fx`` traces the model (cnnops.nn modules are leaves, as torch.nn ones are). A
    conv ``call_module`` node whose only user is a batch norm ``call_module`` node is a pair;
    when the batch norm's only user is a ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, in
-   place or not) it joins. The result is the traced ``GraphModule``, rewritten.
+   place or not) it joins. The result is the traced ``GraphModule``, rewritten: it has the
+   model's forward and submodules (named as before) but not its other methods, as with
+   torch.fx.experimental.optimization.fuse.
 2. A model fx cannot trace (data-dependent control flow, ...) falls back to walking every
    ``nn.Sequential`` in order and folding adjacent (conv, bn[, nn.ReLU]) children there; the
    batch norm and ReLU become ``nn.Identity`` so the Sequential's indices and state_dict keys
@@ -111,9 +113,9 @@ def fuse_conv_bn(model, report=False):
 
 def _check_eval(model):
     # torch's own fusers (torch.nn.utils.fuse_conv_bn_eval, torch.fx.experimental.optimization)
-    # raise AssertionError("Fusion only for eval!"). A model left in training mode is a state
-    # the caller must fix, not a broken invariant of this library, so we raise RuntimeError (what
-    # torch raises for a tensor or module in the wrong state) and name the module.
+    # raise AssertionError("Fusion only for eval!"). AssertionError reads as a broken invariant
+    # inside a library; a model left in training mode is a state of the caller's object that
+    # the caller must fix, so we raise RuntimeError, naming the module.
     for name, module in model.named_modules():
         if module.training:
             where = f"submodule '{name}'" if name else "the model"
@@ -148,7 +150,8 @@ def _folded_conv(conv, bn, relu):
         gamma = bn.weight.detach().to(**f64) if bn.weight is not None else torch.ones_like(mean)
         beta = bn.bias.detach().to(**f64) if bn.bias is not None else torch.zeros_like(mean)
         b = conv.bias.detach().to(**f64) if conv.bias is not None else torch.zeros_like(mean)
-        # y = gamma (x - mu) / sigma + beta with x = w*in + b: w' = w gamma / sqrt(var + eps), b' = (b - mu) gamma / sqrt(var + eps) + beta
+        # Lecture's y = gamma (x - mu) / sigma + beta with x = w*in + b, sigma = sqrt(var + eps):
+        # w' = w * gamma / sigma per output channel, b' = (b - mu) * gamma / sigma + beta
         scale = gamma / torch.sqrt(var + bn.eps)
         new_w = torch.empty_like(w)  # keeps the weight's dtype and memory format (channels_last)
         new_w.copy_(w.to(torch.float64) * scale.reshape((-1,) + (1,) * (w.dim() - 1)))
