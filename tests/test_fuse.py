@@ -470,3 +470,13 @@ def test_fusing_twice_changes_nothing_more():
     twice, report = cnnops.fuse_conv_bn(once, report=True)
     assert report.method == "fx" and report.fused == [] and report.left == []
     check_against_unfused(model, twice, torch.randn(2, 4, 8, 8), torch.float32)
+
+
+def test_convert_after_fuse():
+    """cnnops.convert on the fused GraphModule swaps what is left (pools here) in place."""
+    model = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1)), torch.float32)
+    fused, report = cnnops.convert(cnnops.fuse_conv_bn(model), report=True)
+    assert [name for name, _, _ in report.replaced] == ["3", "6"]
+    assert type(fused.get_submodule("3")) is cnnops.nn.MaxPool2d
+    check_against_unfused(model, fused, torch.randn(2, 3, 10, 10), torch.float32)
