@@ -30,8 +30,15 @@ def _conv_memory_format(input, weight):
     return torch.contiguous_format
 
 
+CONV_ACTIVATIONS = ("none", "relu")  # conv_forward's activation argument (csrc/common/activation.h)
+
+
 @torch.library.register_fake("cnnops::conv_forward")
-def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups):
+def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups, activation="none"):
+    torch._check(
+        activation in CONV_ACTIVATIONS,
+        lambda: f"activation: expected one of 'none', 'relu', but got activation='{activation}'",
+    )
     dims = weight.dim() - 2
     torch._check(input.dim() == dims + 2, lambda: f"input: expected {dims + 2}D input, got {input.dim()}D")
     torch._check(input.size(1) == weight.size(1) * groups, lambda: "input channels do not match weight")

@@ -44,7 +44,9 @@ def _same_padding(input, weight, stride, dilation, dims):
     return input, left
 
 
-def _conv(input, weight, bias, stride, padding, dilation, groups, dims):
+def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _activation="none"):
+    """conv{dims}d; _activation="relu" (private, for cnnops.nn.ConvReLU*) fuses a ReLU into the
+    kernel's output step: relu(conv{dims}d(...)) in one op."""
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(
             f"conv{dims}d(): input and weight must be Tensors, but got "
@@ -76,7 +78,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims):
             raise RuntimeError(f"Invalid padding string: '{padding}', expected 'same' or 'valid'")
     else:
         padding = _expand(padding, "padding", dims)
-    out = ConvFunction.apply(input, weight, bias, stride, padding, dilation, int(groups))
+    out = ConvFunction.apply(input, weight, bias, stride, padding, dilation, int(groups), _activation)
     return out.squeeze(0) if unbatched else out
 
 

@@ -41,6 +41,43 @@ class Conv3d(_CnnopsConv, torch.nn.Conv3d):
     _cnnops_conv = staticmethod(CF.conv3d)
 
 
+__all__ += ["ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]
+
+
+class _CnnopsConvReLU:
+    """relu(conv(x)) as one cnnops op: the convolution kernels apply the ReLU as they write each
+    output value (conv_forward's activation="relu"), so there is no second pass over the output.
+    Same constructor, parameters and state_dict as the torch.nn.ConvNd it extends."""
+
+    _dims = None
+
+    def _conv_forward(self, input, weight, bias):
+        padding = self.padding
+        if self.padding_mode != "zeros":  # pad first, as torch.nn.ConvNd does
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return CF._conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, self._dims,
+                        _activation="relu")
+
+
+class ConvReLU1d(_CnnopsConvReLU, Conv1d):
+    """cnnops.nn.Conv1d followed by ReLU, fused: forward(x) = relu(conv1d(x))."""
+
+    _dims = 1
+
+
+class ConvReLU2d(_CnnopsConvReLU, Conv2d):
+    """cnnops.nn.Conv2d followed by ReLU, fused: forward(x) = relu(conv2d(x))."""
+
+    _dims = 2
+
+
+class ConvReLU3d(_CnnopsConvReLU, Conv3d):
+    """cnnops.nn.Conv3d followed by ReLU, fused: forward(x) = relu(conv3d(x))."""
+
+    _dims = 3
+
+
 # --------------------------------------------------------------------------------------------
 # Pooling
 # --------------------------------------------------------------------------------------------

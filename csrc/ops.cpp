@@ -14,8 +14,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(cnnops, m) {
   // Convolution, 1d/2d/3d (weight rank picks the dims). Symmetric zero padding; the Python
   // layer pads asymmetric 'same' and non-zero padding modes first, as torch does.
+  // activation: "none" or "relu", applied in the kernels' output step (csrc/common/activation.h).
   m.def("conv_forward(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
-        "int[] dilation, int groups) -> Tensor");
+        "int[] dilation, int groups, str activation=\"none\") -> Tensor");
   // Only the gradients selected by output_mask (input, weight, bias) are computed; the others
   // come back as empty tensors.
   m.def("conv_backward(Tensor grad_output, Tensor input, Tensor weight, int[] stride, "

@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/activation.h"
 #include "common/conv_checks.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_im2col.h"
@@ -53,7 +54,8 @@ struct RowSplit {
 // layers) still give full-width GEMM calls; a block that spans samples is computed into a tile
 // and then copied to each sample's rows.
 template <typename T>
-void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                       Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
   std::vector<PackedA<T>> weights;  // packed once, shared by every task
@@ -97,10 +99,12 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const T* row_bias = bias ? bias + grp * m : nullptr;
       const int64_t n_first = c0 / l, l_first = c0 % l;
       if (l_first + nc <= l) {  // inside one sample: write the output directly
-        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.data(), row_begin, row_end);
+        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.data(), row_begin,
+                row_end, activation);
         continue;
       }
-      gemm<T>(weights[grp], nc, pack, tile.data(), nc, row_bias, false, workspace.data(), row_begin, row_end);
+      gemm<T>(weights[grp], nc, pack, tile.data(), nc, row_bias, false, workspace.data(), row_begin, row_end,
+              activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
         for (int64_t i = row_begin; i < row_end; ++i) std::copy_n(tile.data() + i * nc + offset, len, y_ng(n) + i * l + l0);
       });
@@ -148,18 +152,20 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 }
 
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
+// Each applies the activation in its own output step, where the bias is added.
 template <typename T>
-void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc) {
+void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
+                      Activation activation) {
   if (nhwc && use_shifted_grid(g))
-    conv_forward_nhwc_shifted(g, x, w, bias, y);
+    conv_forward_nhwc_shifted(g, x, w, bias, y, activation);
   else if (nhwc)
-    conv_forward_nhwc(g, x, w, bias, y);
+    conv_forward_nhwc(g, x, w, bias, y, activation);
   else if (g.is_depthwise())
-    conv_depthwise_forward(g, x, w, bias, y);
+    conv_depthwise_forward(g, x, w, bias, y, activation);
   else if (use_shifted_grid(g))
-    conv_forward_shifted(g, x, w, bias, y);
+    conv_forward_shifted(g, x, w, bias, y, activation);
   else
-    conv_forward_gemm(g, x, w, bias, y);
+    conv_forward_gemm(g, x, w, bias, y, activation);
 }
 
 // For stride 1, dX = dY correlated with the kernel rotated 180 degrees and its in/out channels
@@ -189,7 +195,7 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
         for (int64_t r = 0; r < taps; ++r)
           rotated[((grp * cin_g + c) * cout_g + m) * taps + (taps - 1 - r)] =
               w[((grp * cout_g + m) * cin_g + c) * taps + r];
-  conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx, nhwc);
+  conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx, nhwc, Activation::None);
   return true;
 }
 
@@ -318,8 +324,10 @@ void check_cpu_dtype(const at::Tensor& input) {
 
 at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
-                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                            c10::string_view activation_name) {
   const ConvGeometry g = make_conv_geometry(input, weight, bias, stride, padding, dilation, groups);
+  const Activation activation = parse_activation(activation_name);
   TORCH_CHECK(input.device().is_cpu(), "conv_forward_cpu: input must be a CPU tensor, got ", input.device());
   check_cpu_dtype(input);
   const auto layout = kernel_memory_format(input, g);
@@ -331,7 +339,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward_cpu", [&] {
       const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
-      conv_forward_any(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>(), nhwc);
+      conv_forward_any(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>(), nhwc,
+                       activation);
     });
   }
   return y.to(input.scalar_type()).contiguous(conv_output_memory_format(input, weight));

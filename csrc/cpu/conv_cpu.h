@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/conv_shape.h"
 #include "cpu/gemm.h"
 
@@ -64,16 +65,20 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 }
 
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
+// The forward kernels apply `activation` in their output step (csrc/common/activation.h).
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                       Activation activation);
 template <typename T>  // stride 1, when use_shifted_grid(g)
-void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
+void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                               Activation activation);
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
 template <typename T>
-void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
+void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                            Activation activation);
 template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx);
 template <typename T>

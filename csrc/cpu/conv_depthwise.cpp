@@ -60,14 +60,15 @@ int64_t kernel_width(const ConvGeometry& g) {
   return KW > 0 ? KW : g.kernel[2];
 }
 
-// out[ow] += sum over kw of w[kw] * in[ow*s + kw*d]
-template <typename T, int KW>
+// out[ow] += sum over kw of w[kw] * in[ow*s + kw*d]; with RELU (the last kernel row, whose sums
+// are final) the row is written through the ReLU.
+template <typename T, int KW, bool RELU = false>
 void forward_row(const ConvGeometry& g, const T* w, const T* in, T* out) {
   const int64_t kw_end = kernel_width<KW>(g), sw = g.stride[2], dw = g.dilation[2];
   for (int64_t ow = 0; ow < g.out[2]; ++ow) {
     T sum = out[ow];
     for (int64_t kw = 0; kw < kw_end; ++kw) sum += w[kw] * in[ow * sw + kw * dw];
-    out[ow] = sum;
+    out[ow] = RELU ? relu(sum) : sum;
   }
 }
 
@@ -80,8 +81,8 @@ void weight_grad_row(const ConvGeometry& g, const T* dy, const T* in, T* acc) {
 }
 
 // The whole 2-d window in one pass for a 3x3 stride-1 kernel (MobileNet's), so each output is
-// written once: y[oh, ow] = b + sum over kh, kw of w[kh, kw] * x_padded[oh + kh*d, ow + kw*d].
-template <typename T>
+// written once: y[oh, ow] = act(b + sum over kh, kw of w[kh, kw] * x_padded[oh + kh*d, ow + kw*d]).
+template <typename T, bool RELU>
 void forward_plane_3x3(const ConvGeometry& g, const T* w, T bias, PaddedPlane<T>& padded, T* y_plane) {
   const int64_t dh = g.dilation[1], dw = g.dilation[2], ow_end = g.out[2];
   for (int64_t oh = 0; oh < g.out[1]; ++oh) {
@@ -89,10 +90,12 @@ void forward_plane_3x3(const ConvGeometry& g, const T* w, T bias, PaddedPlane<T>
     const T* r1 = padded.row(0, oh + dh);
     const T* r2 = padded.row(0, oh + 2 * dh);
     T* out = y_plane + oh * ow_end;
-    for (int64_t ow = 0; ow < ow_end; ++ow)
-      out[ow] = bias + w[0] * r0[ow] + w[1] * r0[ow + dw] + w[2] * r0[ow + 2 * dw] +
-                w[3] * r1[ow] + w[4] * r1[ow + dw] + w[5] * r1[ow + 2 * dw] +
-                w[6] * r2[ow] + w[7] * r2[ow + dw] + w[8] * r2[ow + 2 * dw];
+    for (int64_t ow = 0; ow < ow_end; ++ow) {
+      const T sum = bias + w[0] * r0[ow] + w[1] * r0[ow + dw] + w[2] * r0[ow + 2 * dw] +
+                    w[3] * r1[ow] + w[4] * r1[ow + dw] + w[5] * r1[ow + 2 * dw] +
+                    w[6] * r2[ow] + w[7] * r2[ow + dw] + w[8] * r2[ow + 2 * dw];
+      out[ow] = RELU ? relu(sum) : sum;
+    }
   }
 }
 
@@ -113,10 +116,13 @@ void dispatch_kernel_width(const ConvGeometry& g, Body&& body) {
 
 }  // namespace
 
-// y[co] = b[co] + sum over taps of w[co, tap] * x[co / multiplier] at the tap's shift
+// y[co] = act(b[co] + sum over taps of w[co, tap] * x[co / multiplier] at the tap's shift)
 template <typename T>
-void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                            Activation activation) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
+  const int64_t last_kernel_row = taps - g.kernel[2];  // first tap of the last (kd, kh) row
+  const bool relu_out = activation == Activation::Relu;
   dispatch_kernel_width(g, [&](auto kw_constant) {
     constexpr int KW = decltype(kw_constant)::value;
     at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t begin, int64_t end) {
@@ -125,13 +131,22 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
         const int64_t co = plane % g.out_channels, n = plane / g.out_channels;
         padded.load(g, x + (n * g.in_channels + co / multiplier) * g.in_plane());
         T* y_plane = y + plane * g.out_plane();
+        const T b = bias ? bias[co] : T(0);
         if (is_2d_3x3_stride1(g)) {
-          forward_plane_3x3(g, w + co * taps, bias ? bias[co] : T(0), padded, y_plane);
+          if (relu_out)
+            forward_plane_3x3<T, true>(g, w + co * taps, b, padded, y_plane);
+          else
+            forward_plane_3x3<T, false>(g, w + co * taps, b, padded, y_plane);
           continue;
         }
-        std::fill(y_plane, y_plane + g.out_plane(), bias ? bias[co] : T(0));
+        std::fill(y_plane, y_plane + g.out_plane(), b);
+        // Each output row takes its kernel rows one after the other: the last one writes the
+        // final sums, through the activation.
         for_each_row_and_kernel_row(g, padded, [&](int64_t tap, int64_t out_row, const T* in) {
-          forward_row<T, KW>(g, w + co * taps + tap, in, y_plane + out_row);
+          if (relu_out && tap == last_kernel_row)
+            forward_row<T, KW, true>(g, w + co * taps + tap, in, y_plane + out_row);
+          else
+            forward_row<T, KW>(g, w + co * taps + tap, in, y_plane + out_row);
         });
       }
     });
@@ -198,7 +213,7 @@ void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T*
 }
 
 #define CNNOPS_INSTANTIATE_DEPTHWISE(T)                                                          \
-  template void conv_depthwise_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*); \
+  template void conv_depthwise_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
   template void conv_depthwise_backward_input<T>(const ConvGeometry&, const T*, const T*, T*);    \
   template void conv_depthwise_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_DEPTHWISE(float)

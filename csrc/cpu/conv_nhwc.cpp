@@ -1,6 +1,6 @@
 // Channels-last convolution on the CPU. In NHWC the output of one position is a row of
 // C_out values, so the GEMM is transposed with respect to the NCHW one:
-//   forward      Y[r, co]      = sum over (tap, c) of im2col[r, (tap, c)] * W[co, c, tap] + b[co]
+//   forward      Y[r, co]      = act(sum over (tap, c) of im2col[r, (tap, c)] * W[co, c, tap] + b[co])
 //   grad weight  dW[co, (tap,c)] = sum over r of dY[r, co] * im2col[r, (tap, c)]
 // with r the flat (sample, output position) index. The im2col columns are ordered (tap, c),
 // channel fastest, so each tap contributes a contiguous run of the input's channels and every
@@ -92,7 +92,8 @@ std::vector<T> weight_as_tap_channel_rows(const ConvGeometry& g, const T* w) {
 }  // namespace
 
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                       Activation activation) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), rows = g.batch * g.out_plane();
   const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
   const int64_t blocks = num_blocks(rows, kColumnBlock);
@@ -114,7 +115,8 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
       if (bias) {  // the bias runs along columns here: start C from it and accumulate
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m, m, c + i * g.out_channels);
       }
-      gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.data());
+      // The activation goes on as the last reduction block is written.
+      gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.data(), 0, -1, activation);
     }
   });
 }
@@ -124,7 +126,8 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
 // padded pixel r' + shift(t), so A[r', (t, c)] = x_padded[(r' + shift(t)) * C_in + c]: every
 // column of A is the padded input at a fixed offset, rows C_in apart, read in place.
 template <typename T>
-void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                               Activation activation) {
   const ShiftedGrid grid(g);
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group(), c_in = g.in_channels, pp = grid.padded.plane;
@@ -160,12 +163,16 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
       };
       const T* a = padded.data() + (n * pp + r0) * c_in + grp * cg;
       gemm_shifted_a<T>(rc, k, a, c_in, column_offset.data(), m, pack, tile.data(), m, workspace.data());
-      for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs, adding the bias
+      for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs, adding the bias, then the activation
         const int64_t r = r0 + i, ow = r % wp, oh = r / wp % hp, od = r / wp / hp;
         if (ow >= g.out[2] || oh >= g.out[1]) continue;
         T* out = y + (((n * g.out[0] + od) * g.out[1] + oh) * g.out[2] + ow) * g.out_channels + grp * m;
         const T* src = tile.data() + i * m;
-        for (int64_t co = 0; co < m; ++co) out[co] = src[co] + (bias ? bias[grp * m + co] : T(0));
+        if (activation == Activation::Relu) {
+          for (int64_t co = 0; co < m; ++co) out[co] = relu(src[co] + (bias ? bias[grp * m + co] : T(0)));
+        } else {
+          for (int64_t co = 0; co < m; ++co) out[co] = src[co] + (bias ? bias[grp * m + co] : T(0));
+        }
       }
     }
   });
@@ -195,8 +202,8 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
 }
 
 #define CNNOPS_INSTANTIATE_NHWC(T)                                                           \
-  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*); \
-  template void conv_forward_nhwc_shifted<T>(const ConvGeometry&, const T*, const T*, const T*, T*); \
+  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
+  template void conv_forward_nhwc_shifted<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
   template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_NHWC(float)
 CNNOPS_INSTANTIATE_NHWC(double)

@@ -1,5 +1,5 @@
 // Stride-1 convolution forward on the shifted-window grid (see conv_shifted.h):
-// Y_ng = W_g * shifted(pad(X_ng)) + b, computed in column blocks of the padded grid.
+// Y_ng = activation(W_g * shifted(pad(X_ng)) + b), computed in column blocks of the padded grid.
 #include "cpu/conv_shifted.h"
 
 #include <ATen/Parallel.h>
@@ -13,7 +13,8 @@ namespace cnnops {
 namespace cpu {
 
 template <typename T>
-void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y) {
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                          Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   constexpr int64_t block = 384;  // grid columns per GEMM call (a multiple of nr)
   const ShiftedGrid grid(g);
@@ -31,9 +32,10 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
       const int64_t n0 = (task % blocks) * block, nc = std::min(block, grid.columns - n0);
       const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
       const T* x_ng = padded.data() + (n * g.in_channels + grp * g.in_channels_per_group()) * pp;
-      // B is read in place: grid column j of im2col row r is x_ng[row_offset[r] + j].
+      // B is read in place: grid column j of im2col row r is x_ng[row_offset[r] + j]. The GEMM
+      // adds the bias and applies the activation as it writes the tile.
       gemm_shifted_b<T>(weights[grp], nc, x_ng + n0, grid.row_offset.data(), tile.data(), nc,
-                        bias ? bias + grp * m : nullptr, false);
+                        bias ? bias + grp * m : nullptr, false, 0, -1, activation);
       // Keep the real outputs: grid column l' = (od*Hp + oh)*Wp + ow with oh < H_out, ow < W_out.
       T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
       for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
@@ -49,8 +51,10 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
   });
 }
 
-template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, const float*, float*);
-template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, const double*, double*);
+template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, const float*, float*,
+                                          Activation);
+template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, const double*,
+                                           double*, Activation);
 
 }  // namespace cpu
 }  // namespace cnnops

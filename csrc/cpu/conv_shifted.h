@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/conv_shape.h"
 #include "cpu/conv_im2col.h"
 
@@ -37,7 +38,8 @@ inline bool use_shifted_grid(const ConvGeometry& g) {
 }
 
 template <typename T>
-void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y);
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                          Activation activation);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -25,16 +25,18 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
-// C[0:mr, 0:nr] = init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]. a is a packed panel (a[k*MR + i])
-// or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row k at
-// b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k].
+// C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]). a is a packed panel
+// (a[k*MR + i]) or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row
+// k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
+// activation only with the last reduction block, when the sum is final.
 template <typename T, int MR, bool kOffsetA, bool kOffsetB>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
                                             const int64_t* __restrict a_offsets, int64_t lda,
                                             const T* __restrict b,
                                             const int64_t* __restrict b_offsets,
                                             T* __restrict c, int64_t ldc, int64_t mr, int64_t nr,
-                                            const T* row_bias, bool accumulate) {
+                                            const T* row_bias, bool accumulate,
+                                            Activation activation) {
   using V = typename Vec64<T>::type;
   constexpr int kL = Vec64<T>::kLanes;
   constexpr int kNr = 2 * kL;
@@ -54,18 +56,27 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
       acc1[i] += ai * b1;
     }
   }
+  const bool relu_out = activation == Activation::Relu;
   if (mr == MR && nr == kNr) {
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       V* row = reinterpret_cast<V*>(c + i * ldc);
+      V out0, out1;
       if (accumulate) {
-        row[0] += acc0[i];
-        row[1] += acc1[i];
+        out0 = row[0] + acc0[i];
+        out1 = row[1] + acc1[i];
       } else {
         const T init = row_bias ? row_bias[i] : T(0);
-        row[0] = acc0[i] + init;
-        row[1] = acc1[i] + init;
+        out0 = acc0[i] + init;
+        out1 = acc1[i] + init;
       }
+      if (relu_out) {  // the fused ReLU (common/activation.h's relu), lane-wise on the registers
+        const V zero{};  // written out here: a call taking vectors would warn of an ABI change
+        out0 = out0 < zero ? zero : out0;
+        out1 = out1 < zero ? zero : out1;
+      }
+      row[0] = out0;
+      row[1] = out1;
     }
     return;
   }
@@ -77,13 +88,13 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
   for (int64_t i = 0; i < mr; ++i) {
     T* row = c + i * ldc;
     const T init = row_bias ? row_bias[i] : T(0);
-    for (int64_t j = 0; j < nr; ++j) row[j] = (accumulate ? row[j] : init) + tile[i][j];
+    for (int64_t j = 0; j < nr; ++j) row[j] = apply_activation((accumulate ? row[j] : init) + tile[i][j], activation);
   }
 }
 
 template <typename T>
 using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*,
-                             T*, int64_t, int64_t, int64_t, const T*, bool);
+                             T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
 
 // MR per ISA: MR rows x 2 vectors of accumulators plus 2 B vectors must fit the register file
 // (32 zmm for AVX-512; 16 ymm for AVX2, where a 64-byte vector takes two). 8 rather than the 12
@@ -91,13 +102,13 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
 #define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                   \
   ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,  \
                       const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr,        \
-                      const T* bias, bool acc) {                                                  \
+                      const T* bias, bool acc, Activation act) {                                  \
     if (a_offsets)                                                                              \
-      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc); \
+      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
     else if (b_offsets)                                                                         \
-      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc); \
+      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
     else                                                                                        \
-      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc); \
+      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
   }
 #define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, MR_F, MR_D)      \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, MR_F)   \
@@ -190,7 +201,7 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 template <typename T, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc,
                   const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end,
-                  Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel) {
+                  Activation activation, Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel) {
   const auto& kernel = kernel_choice<T>();
   const int64_t nr = gemm_nr<T>();
   if (row_end < 0) row_end = m;
@@ -198,12 +209,13 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
   if (k == 0) {  // empty reduction: C = init
     for (int64_t i = row_begin; i < row_end; ++i)
       for (int64_t j = 0; j < n; ++j)
-        c[i * ldc + j] = accumulate ? c[i * ldc + j] : (row_bias ? row_bias[i] : T(0));
+        c[i * ldc + j] = apply_activation(accumulate ? c[i * ldc + j] : (row_bias ? row_bias[i] : T(0)), activation);
     return;
   }
   for (int64_t k0 = 0; k0 < k; k0 += kKc) {
     const int64_t kc = std::min(kKc, k - k0);
     const bool acc = accumulate || k0 > 0;
+    const Activation act = k0 + kc == k ? activation : Activation::None;  // only on final sums
     prepare(k0, kc);
     for (int64_t j0 = 0; j0 < n; j0 += nr) {
       const auto [b, b_offsets] = b_panel(k0, kc, j0);
@@ -211,7 +223,7 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
         const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
         kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c + i0 * ldc + j0, ldc,
                   std::min(mr, row_end - i0), std::min(nr, n - j0),
-                  row_bias ? row_bias + i0 : nullptr, acc);
+                  row_bias ? row_bias + i0 : nullptr, acc, act);
       }
     }
   }
@@ -232,10 +244,10 @@ struct BPanel {
 
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
-          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end) {
+          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
-      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end,
+      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
@@ -244,9 +256,10 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
 template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
                     int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin,
-                    int64_t row_end) {
+                    int64_t row_end, Activation activation) {
   gemm_blocked<T>(
-      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, [](int64_t, int64_t) {},
+      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
+      [](int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
 }
@@ -256,7 +269,7 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
                     int64_t n, PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
-      m, k, kernel_choice<T>().mr, n, c, ldc, nullptr, false, 0, -1,
+      m, k, kernel_choice<T>().mr, n, c, ldc, nullptr, false, 0, -1, Activation::None,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
       [&](int64_t k0, int64_t, int64_t i0) { return APanel<T>{a + i0 * lda, column_offset + k0, lda}; },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
@@ -294,9 +307,9 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
   template PackedA<T> pack_a_panels<T>(int64_t, int64_t, ReadPanel<T>);                       \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
-                        T*, int64_t, int64_t);                                               \
+                        T*, int64_t, int64_t, Activation);                                   \
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \
-                                  int64_t, const T*, bool, int64_t, int64_t);                \
+                                  int64_t, const T*, bool, int64_t, int64_t, Activation);    \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, \
                                   PackB<T>, T*, int64_t, T*);                                \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \

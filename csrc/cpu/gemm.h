@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/activation.h"
+
 namespace cnnops {
 namespace cpu {
 
@@ -51,15 +53,16 @@ PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel);
 template <typename T>
 PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride);
 
-// C[M, N] (row stride ldc) = init + A * B, where init is C itself when accumulate, else
-// row_bias[i] for row i when row_bias is given, else 0. `workspace` must hold
-// gemm_workspace_size<T>(n) values. Only rows [row_begin, row_end) are computed (row_begin a
-// multiple of a.mr, row_end -1 for all): splitting M lets threads share a GEMM whose A is large
-// and whose N is small.
+// C[M, N] (row stride ldc) = activation(init + A * B), where init is C itself when accumulate,
+// else row_bias[i] for row i when row_bias is given, else 0. The activation is applied by the
+// micro-kernel as it writes the last reduction block, so it costs no pass of its own.
+// `workspace` must hold gemm_workspace_size<T>(n) values. Only rows [row_begin, row_end) are
+// computed (row_begin a multiple of a.mr, row_end -1 for all): splitting M lets threads share a
+// GEMM whose A is large and whose N is small.
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
           const T* row_bias, bool accumulate, T* workspace, int64_t row_begin = 0,
-          int64_t row_end = -1);
+          int64_t row_end = -1, Activation activation = Activation::None);
 
 // The same product with B read in place, no packing: B[k, j] = b[row_offset[k] + j]. Every
 // row offset plus n rounded up to NR columns must stay inside b's allocation. This is how the
@@ -67,7 +70,7 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
 template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
                     int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin = 0,
-                    int64_t row_end = -1);
+                    int64_t row_end = -1, Activation activation = Activation::None);
 
 // C[M, N] = A * B with A read in place, A[i, k] = a[column_offset[k] + i * lda], and B packed
 // as in gemm(). The channels-last stride-1 convolution reads its shifted-window im2col rows this

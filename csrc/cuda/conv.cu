@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "../common/activation.h"
 #include "../common/conv_checks.h"
 #include "conv_kernels.cuh"
 #include "conv_mma.cuh"
@@ -52,14 +53,15 @@ bool use_tensor_cores(at::ScalarType dtype) {
 #endif
 }
 
-// Launches OUT = A x B for one pass over all groups (and split-K chunks).
+// Launches OUT = A x B for one pass over all groups (and split-K chunks); the forward pass
+// adds the bias and applies the activation in the kernels' epilogue.
 template <ConvGemm kind, typename scalar_t, typename out_t>
 void launch_conv_gemm(const ConvGeometry& g, const scalar_t* a, const scalar_t* b,
                       const scalar_t* bias, out_t* out, int64_t chunks, int64_t r_chunk,
-                      bool int32_ok) {
+                      bool int32_ok, Activation activation = Activation::None) {
   GemmArgs<scalar_t, out_t> args{g, a, b, bias, out, gemm_m<kind>(g), gemm_n<kind>(g),
                                  gemm_r<kind>(g), r_chunk, chunks,
-                                 g.out_channels * g.gemm_k()};
+                                 g.out_channels * g.gemm_k(), activation};
   const bool mma = use_tensor_cores(c10::CppTypeToScalarType<scalar_t>::value);
   const int64_t bm = mma ? kMmaBM : kFmaBM, bn = mma ? kMmaBN : kFmaBN;
   const int64_t grid_y = ceil_div(args.m, bm), grid_z = g.groups * chunks;
@@ -128,8 +130,9 @@ at::Tensor in_conv_output_format(const at::Tensor& result, const at::Tensor& inp
 at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_,
                              const std::optional<at::Tensor>& bias_, c10::IntArrayRef stride,
                              c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                             int64_t groups) {
+                             int64_t groups, c10::string_view activation_name) {
   const ConvGeometry g = make_conv_geometry(input_, weight_, bias_, stride, padding, dilation, groups);
+  const Activation activation = parse_activation(activation_name);
   TORCH_CHECK(input_.is_cuda(), "conv_forward_cuda: input must be a CUDA tensor");
   const int64_t dims = weight_.dim() - 2;
   c10::cuda::OptionalCUDAGuard guard(input_.device());
@@ -152,11 +155,11 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
       if (int32_ok) {
         depthwise_forward_kernel<scalar_t, int32_t><<<grid, kDepthwiseThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias_ptr,
-            output.mutable_data_ptr<scalar_t>(), g);
+            output.mutable_data_ptr<scalar_t>(), g, activation);
       } else {
         depthwise_forward_kernel<scalar_t, int64_t><<<grid, kDepthwiseThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias_ptr,
-            output.mutable_data_ptr<scalar_t>(), g);
+            output.mutable_data_ptr<scalar_t>(), g, activation);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -164,7 +167,7 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
     launch_conv_gemm<ConvGemm::Forward>(g, weight.const_data_ptr<scalar_t>(),
                                         input.const_data_ptr<scalar_t>(), bias_ptr,
                                         output.mutable_data_ptr<scalar_t>(), 1,
-                                        gemm_r<ConvGemm::Forward>(g), int32_ok);
+                                        gemm_r<ConvGemm::Forward>(g), int32_ok, activation);
   });
   return in_conv_output_format(output, input_, weight_);
 }

@@ -4,6 +4,7 @@
 // csrc/common/cuda_implicit_gemm.h.
 #include <ATen/AccumulateType.h>
 
+#include "../common/activation.h"
 #include "../common/conv_shape.h"
 #include "../common/cuda_implicit_gemm.h"
 
@@ -24,6 +25,7 @@ struct GemmArgs {
   int64_t r_chunk;       // reduction length of one split-K chunk
   int64_t chunks;        // blockIdx.z = group * chunks + chunk
   int64_t out_chunk_stride;
+  Activation activation;  // forward only: applied to each output as it is stored
 };
 
 // The part of a block's work that does not depend on the tile sizes: where its operands start,
@@ -68,10 +70,13 @@ struct GemmBlock {
     const index_t offset = gemm_b_offset<kind, index_t>(p.g, e, c);
     return offset >= 0 ? b[offset] : scalar_t(0);
   }
+  // The epilogue of both GEMM kernels: bias, then the activation, on the accumulator type.
   template <typename acc_t>
   __device__ void store(int64_t m, const ColumnIndex<index_t>& c, acc_t value) const {
-    if (kind == ConvGemm::Forward && p.bias != nullptr)
-      value += static_cast<acc_t>(p.bias[group * p.m + m]);
+    if constexpr (kind == ConvGemm::Forward) {
+      if (p.bias != nullptr) value += static_cast<acc_t>(p.bias[group * p.m + m]);
+      value = apply_activation(value, p.activation);
+    }
     out[static_cast<index_t>(m) * out_row_stride + c.out_offset] = static_cast<out_t>(value);
   }
 };
@@ -251,13 +256,13 @@ __global__ void __launch_bounds__(kReduceThreads)
 constexpr int kDepthwiseThreads = 256;
 constexpr int kDepthwiseMaxSmem = 16 * 1024;  // bytes of weight taps staged in shared memory
 
-// y[b, co, o] = bias[co] + sum_k x[b, co / mult, o*stride - pad + k*dilation] * w[co, k]
+// y[b, co, o] = act(bias[co] + sum_k x[b, co / mult, o*stride - pad + k*dilation] * w[co, k])
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kDepthwiseThreads)
     depthwise_forward_kernel(const scalar_t* __restrict__ input,
                              const scalar_t* __restrict__ weight,
                              const scalar_t* __restrict__ bias, scalar_t* __restrict__ output,
-                             const __grid_constant__ ConvGeometry g) {
+                             const __grid_constant__ ConvGeometry g, Activation activation) {
   using acc_t = at::acc_type<scalar_t, true>;
   __shared__ acc_t taps[kDepthwiseMaxSmem / sizeof(acc_t)];
   const index_t kd_n = g.kernel[0], kh_n = g.kernel[1], kw_n = g.kernel[2];
@@ -299,7 +304,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
       }
     }
     output[(b * static_cast<index_t>(g.out_channels) + co) * out_plane + l] =
-        static_cast<scalar_t>(sum);
+        static_cast<scalar_t>(apply_activation(sum, activation));
   }
 }
 
