@@ -51,7 +51,6 @@ if hasattr(cnn, "SyncBatchNorm"):  # helper B's module, once merged
 # The ReLU spellings fx records: a module, a function, a tensor method.
 _RELU_FUNCTIONS = (torch.nn.functional.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
-_HAS_CONV_RELU = hasattr(cnn, "ConvReLU2d")  # TEMPORARY until branch conv-act is merged
 
 
 @dataclasses.dataclass
@@ -239,7 +238,7 @@ def _fuse_graph(gm, rep):
             continue
 
         users = list(bn_node.users)
-        relu_node = users[0] if _HAS_CONV_RELU and len(users) == 1 and _is_relu_of(users[0], bn_node, modules) else None
+        relu_node = users[0] if len(users) == 1 and _is_relu_of(users[0], bn_node, modules) else None
         fused = _folded_conv(conv, bn, relu_node is not None)
         _set_submodule(gm, conv_node.target, fused)
         modules[conv_node.target] = fused
@@ -295,7 +294,7 @@ def _fuse_sequentials(model, rep):
                 i += 1
                 continue
             nxt = seq._modules[names[i + 1]] if i + 1 < len(names) else None
-            relu = _HAS_CONV_RELU and type(nxt) is nn.ReLU
+            relu = type(nxt) is nn.ReLU
             seq._modules[names[i - 1]] = _folded_conv(conv, bn, relu)
             seq._modules[names[i]] = nn.Identity()
             if relu:

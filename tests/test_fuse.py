@@ -20,9 +20,6 @@ from conftest import REFERENCE_DTYPE, assert_close_to_torch
 
 DTYPES = [torch.float32, torch.float64]
 
-if not hasattr(cnnops.nn, "ConvReLU2d"):  # TEMPORARY: until branch conv-act is merged
-    pytest.skip("needs cnnops.nn.ConvReLU1d/2d/3d (branch conv-act)", allow_module_level=True)
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
