@@ -96,7 +96,8 @@ def fuse_conv_bn(model, report=False):
         gm = _trace(traced)
     except Exception as exc:  # TraceError, or a TypeError/RuntimeError from a Proxy in control flow
         fused = copy.deepcopy(model)  # the traced copy may be half-mutated by the failed trace
-        rep = FuseReport("sequential", trace_error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        rep = FuseReport("sequential", trace_error=f"{type(exc).__name__}: {first_line}")
         _fuse_sequentials(fused, rep)
     else:
         rep = FuseReport("fx")

@@ -138,7 +138,8 @@ class Net1d(nn.Module):
     def __init__(self):
         super().__init__()
         self.c1, self.b1 = nn.Conv1d(2, 8, 9, padding=4), nn.BatchNorm1d(8)
-        self.c2, self.b2 = nn.Conv1d(8, 8, 5, stride=2, dilation=2, padding_mode="reflect", padding=4), nn.BatchNorm1d(8)
+        self.c2 = nn.Conv1d(8, 8, 5, stride=2, dilation=2, padding=4, padding_mode="reflect")
+        self.b2 = nn.BatchNorm1d(8)
         self.pool = nn.MaxPool1d(2)
 
     def forward(self, x):
@@ -363,6 +364,22 @@ def test_conv_called_twice_is_not_folded():
     fused, report = fuse(model)
     assert report.fused == [] and "more than one place" in report.left[0][1]
     check_against_unfused(model, fused, torch.randn(2, 4, 6, 6), torch.float32)
+
+
+class ReadsConvWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.mean()  # folding would change this weight
+
+
+def test_conv_weight_read_elsewhere_is_not_folded():
+    model = prepare(ReadsConvWeight(), torch.float32)
+    fused, report = fuse(model)
+    assert report.fused == [] and "more than one place" in report.left[0][1]
+    check_against_unfused(model, fused, torch.randn(2, 3, 6, 6), torch.float32)
 
 
 def test_batch_norm_without_running_stats_left_alone():
