@@ -13,11 +13,12 @@ run three ways in the same process on the same input.
 The fc layer, the residual adds and the ReLUs after them are torch ops in all three. Each
 variant is first checked against torch (max abs diff of the logits; MISMATCH above
 TOLERANCE * max |torch logits|), then the three are timed under torch.no_grad() with
-torch.utils.benchmark (num_threads = torch.get_num_threads()), alternating in two turns.
+torch.utils.benchmark (num_threads = torch.get_num_threads()), alternating in four turns.
 Results: <out>/fuse_<device>.json and .md; ratio = torch time / cnnops time (above 1: cnnops
 faster).
 """
 import copy
+import os
 
 import torch
 import torch.nn as nn
@@ -160,7 +161,8 @@ def run_layout(layout, dtype, device, min_run_time):
         rows.append(row)
 
     ok = [i for i, r in enumerate(rows) if r["error"] is None]
-    times = common.compare_times([fns[i] for i in ok], min_run_time)
+    # Four alternating turns: a burst of load from other processes hits all three alike.
+    times = common.compare_times([fns[i] for i in ok], min_run_time, rounds=4)
     for i, t in zip(ok, times):
         rows[i].update(time_s=t, gflops=flops / t / 1e9)
     torch_s = rows[0]["time_s"]
@@ -214,7 +216,7 @@ def main(argv=None):
                f"{'x'.join(map(str, IMAGE))}, under torch.no_grad().",
                "- unfused = cnnops.convert(deepcopy(model)); fused = cnnops.convert(cnnops.fuse_conv_bn(model)). "
                "fc, residual adds and the ReLUs after them are torch ops in all three.",
-               f"- Median time of torch.utils.benchmark blocked_autorange, the three alternating in 2 turns, "
+               f"- Median time of torch.utils.benchmark blocked_autorange, the three alternating in 4 turns, "
                f"min_run_time {min_run_time} s each. torch/variant > 1: faster than torch.",
                "- GFLOP/s: 2 * MACs of the convolutions and the fc layer (the same count for all three).", ""]
     print("\n".join(header), flush=True)
@@ -226,7 +228,9 @@ def main(argv=None):
             reports[layout] = str(report)
             for r in new_rows:
                 print(common.markdown_row(COLUMNS, r), flush=True)
-    summary = summary_lines(rows)
+    env["load_average_1min_end"] = os.getloadavg()[0]
+    summary = summary_lines(rows) + [f"load average (1 min) {env['load_average_1min']:.2f} at start, "
+                                     f"{env['load_average_1min_end']:.2f} at the end"]
     fusion = next(iter(reports.values()), "").splitlines()[0] if reports else ""
     payload = dict(benchmark="fuse", environment=env, summary=summary, fusion=reports, rows=rows)
     markdown = "\n".join(header + [common.markdown_table(COLUMNS, rows), ""]
