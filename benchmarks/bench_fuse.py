@@ -13,15 +13,18 @@ run three ways in the same process on the same input.
 The fc layer, the residual adds and the ReLUs after them are torch ops in all three. Each
 variant is first checked against torch (max abs diff of the logits; MISMATCH above
 TOLERANCE * max |torch logits|), then the three are timed under torch.no_grad() with
-torch.utils.benchmark (num_threads = torch.get_num_threads()), alternating in four turns.
+torch.utils.benchmark (num_threads = torch.get_num_threads()), alternating in four turns;
+median and minimum times are reported (on a shared machine the minimum is the least disturbed).
 Results: <out>/fuse_<device>.json and .md; ratio = torch time / cnnops time (above 1: cnnops
 faster).
 """
 import copy
 import os
+import statistics
 
 import torch
 import torch.nn as nn
+from torch.utils import benchmark
 
 import cnnops
 
@@ -148,8 +151,8 @@ def run_layout(layout, dtype, device, min_run_time):
     rows = []
     for (name, _), fn in zip(models, fns):
         row = dict(case="resnet18", layout=layout, dtype=str(dtype).replace("torch.", ""), mode="fwd",
-                   variant=name, batch=BATCH, gflop=flops / 1e9, time_s=None, gflops=None, ratio=None,
-                   max_abs_diff=None, max_rel_diff=None, check="-", error=None)
+                   variant=name, batch=BATCH, gflop=flops / 1e9, time_s=None, min_s=None, runs=None,
+                   gflops=None, ratio=None, ratio_min=None, max_abs_diff=None, max_rel_diff=None, check="-", error=None)
         try:
             diff = (fn().double() - reference.double()).abs().max().item()
             row.update(max_abs_diff=diff, max_rel_diff=diff / scale,
@@ -161,15 +164,27 @@ def run_layout(layout, dtype, device, min_run_time):
         rows.append(row)
 
     ok = [i for i, r in enumerate(rows) if r["error"] is None]
-    # Four alternating turns: a burst of load from other processes hits all three alike.
-    times = common.compare_times([fns[i] for i in ok], min_run_time, rounds=4)
-    for i, t in zip(ok, times):
-        rows[i].update(time_s=t, gflops=flops / t / 1e9)
-    torch_s = rows[0]["time_s"]
+    for i, times in zip(ok, alternating_times([fns[i] for i in ok], min_run_time)):
+        rows[i].update(time_s=statistics.median(times), min_s=min(times), runs=len(times),
+                       gflops=flops / statistics.median(times) / 1e9)
+    first = rows[0]
     for r in rows:
-        if r["time_s"] and torch_s:
-            r["ratio"] = torch_s / r["time_s"]
+        if r.get("time_s") and first.get("time_s"):
+            r.update(ratio=first["time_s"] / r["time_s"], ratio_min=first["min_s"] / r["min_s"])
     return rows, report
+
+
+def alternating_times(fns, min_run_time, rounds=4):
+    """Seconds per call of each of ``fns`` (every blocked_autorange block), in ``rounds``
+    alternating turns so that a burst of load from other processes hits all of them alike.
+    (common.compare_times, keeping every time: the minimum is reported beside the median,
+    as the run least disturbed on a shared machine.)"""
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for fn in fns]
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for timer, acc in zip(timers, times):
+            acc.extend(timer.blocked_autorange(min_run_time=min_run_time / rounds).times)
+    return times
 
 
 COLUMNS = [
@@ -177,9 +192,11 @@ COLUMNS = [
     ("layout", lambda r: "NHWC" if r["layout"] == "channels_last" else "NCHW"),
     ("dtype", lambda r: r["dtype"]),
     ("variant", lambda r: r["variant"]),
-    ("time", lambda r: common.fmt_time(r["time_s"])),
+    ("time (median)", lambda r: common.fmt_time(r["time_s"])),
+    ("time (min)", lambda r: common.fmt_time(r.get("min_s"))),
     ("GFLOP/s", lambda r: common.fmt_num(r["gflops"])),
     ("torch/variant", lambda r: common.fmt_num(r["ratio"], ".2f")),
+    ("torch/variant (min)", lambda r: common.fmt_num(r.get("ratio_min"), ".2f")),
     ("max abs diff vs torch", lambda r: common.fmt_num(r["max_abs_diff"], ".2g")),
     ("check", lambda r: r["check"] if not r["error"] else f"ERROR {r['error'][:60]}"),
 ]
@@ -189,10 +206,11 @@ def summary_lines(rows):
     lines = []
     by = {(r["layout"], r["variant"]): r for r in rows}
     for layout in LAYOUTS:
-        t, u, f = (by.get((layout, v), {}).get("time_s") for v in ("torch", "cnnops unfused", "cnnops fused"))
-        if t and u and f:
-            lines.append(f"{layout}: torch/cnnops unfused {t / u:.2f}x, torch/cnnops fused {t / f:.2f}x, "
-                         f"fusion speed-up (unfused/fused) {u / f:.2f}x")
+        for key, what in (("time_s", "medians"), ("min_s", "minima")):
+            t, u, f = (by.get((layout, v), {}).get(key) for v in ("torch", "cnnops unfused", "cnnops fused"))
+            if t and u and f:
+                lines.append(f"{layout} ({what}): torch/cnnops unfused {t / u:.2f}x, torch/cnnops fused "
+                             f"{t / f:.2f}x, fusion speed-up (unfused/fused) {u / f:.2f}x")
     lines.append(common.correctness_line(rows))
     return lines
 
@@ -217,7 +235,8 @@ def main(argv=None):
                "- unfused = cnnops.convert(deepcopy(model)); fused = cnnops.convert(cnnops.fuse_conv_bn(model)). "
                "fc, residual adds and the ReLUs after them are torch ops in all three.",
                f"- Median time of torch.utils.benchmark blocked_autorange, the three alternating in 4 turns, "
-               f"min_run_time {min_run_time} s each. torch/variant > 1: faster than torch.",
+               f"min_run_time {min_run_time} s each; the minimum beside the median (the least disturbed run "
+               "on a shared machine). torch/variant > 1: faster than torch.",
                "- GFLOP/s: 2 * MACs of the convolutions and the fc layer (the same count for all three).", ""]
     print("\n".join(header), flush=True)
     rows, reports = [], {}
