@@ -6,6 +6,7 @@ from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not 
 from . import autograd, functional, nn  # noqa: F401
 from .conversion import ConvertReport, convert
 from .counting import Complexity, complexity
+from .fuse import FuseReport, fuse_conv_bn
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,4 @@ def has_cuda():
 
 
 __all__ = ["autograd", "functional", "nn", "convert", "ConvertReport", "complexity", "Complexity",
-           "has_cuda", "__version__"]
+           "fuse_conv_bn", "FuseReport", "has_cuda", "__version__"]
