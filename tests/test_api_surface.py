@@ -4,8 +4,7 @@
    defaults, kinds); every name in cnnops.nn.__all__ subclasses its torch.nn twin and keeps the
    signatures of its constructor and of every public method cnnops defines (forward, ...).
 2. The README's API table names every public name (cnnops.*, cnnops.functional.*, cnnops.nn.*,
-   cnnops.autograd.*), and every cnnops name the table mentions exists (rows still marked
-   "issue 5" describe other branches and are skipped until the marker is removed at merge).
+   cnnops.autograd.*), and every cnnops name the table mentions exists.
 3. Every "NotImplementedError" / "error" claim of the README's support table is asserted here,
    each with what torch does, so the test notices when either side changes.
 
@@ -169,12 +168,9 @@ def test_readme_api_table_lists_every_public_name(qualified):
 
 
 def test_readme_api_names_exist():
-    """Every cnnops name in the API table exists (rows marked as issue-5 work on other branches
-    are skipped until the lead removes the marker at merge)."""
+    """Every cnnops name in the API table exists."""
     missing = []
     for row in _readme_section("API").splitlines():
-        if "issue 5" in row:
-            continue
         for qualified in re.findall(r"`(cnnops\.[\w.]+)", _expand_dims(row.replace("`", "` `"))):
             obj = cnnops
             for part in qualified.split(".")[1:]:
