@@ -164,7 +164,18 @@ def _folded_conv(conv, bn, relu):
         padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
     fused.weight = nn.Parameter(new_w, requires_grad=conv.weight.requires_grad)
     fused.bias = nn.Parameter(new_b, requires_grad=conv.weight.requires_grad)
+    if dims == 1:
+        fused.register_forward_pre_hook(_refuse_unbatched_1d)
     return fused.train(False)
+
+
+def _refuse_unbatched_1d(module, args):
+    """Unbatched (C, L) input: the original BatchNorm1d would have normalized the conv's
+    (C_out, L) output as a batch of C_out rows of L features, a different function from the
+    per-channel fold, so the fused conv refuses it instead of answering differently."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+        raise NotImplementedError("cnnops.fuse_conv_bn: a Conv1d folded with its BatchNorm1d takes batched "
+                                  f"(N, C, L) input only, got input of size {list(args[0].shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -494,3 +494,15 @@ def test_convert_after_fuse():
     assert [name for name, _, _ in report.replaced] == ["3", "6"]
     assert type(fused.get_submodule("3")) is cnnops.nn.MaxPool2d
     check_against_unfused(model, fused, torch.randn(2, 3, 10, 10), torch.float32)
+
+
+def test_folded_conv1d_refuses_unbatched_input():
+    """BatchNorm1d reads a (C_out, L) conv output as L features: the fold cannot reproduce that,
+    so the fused conv raises rather than answer differently from the original."""
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4)).eval()
+    fused = cnnops.fuse_conv_bn(model)
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+    model(x[0])  # torch runs it (normalizing over the wrong dim, with L == C_out == 4)
+    with pytest.raises(NotImplementedError, match="batched"):
+        fused(x[0])
