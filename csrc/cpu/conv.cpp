@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -50,6 +51,21 @@ struct RowSplit {
   }
 };
 
+// Packs `panels` full B panels of kc im2col rows whose columns are runs of L consecutive
+// values (ColumnRuns::uniform_length: whole output rows of small images, L = 8 at 8x8). With L
+// known at compile time each run is a couple of vector moves, not a loop.
+template <int64_t L, typename T>
+void pack_uniform_runs(const T* x_g, const int64_t* row_offset, const ColumnRun* runs, int64_t panels,
+                       int64_t kc, T* dst) {
+  constexpr int64_t nr = gemm_nr<T>(), per_panel = nr / L;
+  for (int64_t p = 0; p < panels; ++p, runs += per_panel)
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const T* src = x_g + row_offset[kk];
+      T* out = dst + (p * kc + kk) * nr;
+      for (int64_t r = 0; r < per_panel; ++r) std::memcpy(out + r * L, src + runs[r].offset, L * sizeof(T));
+    }
+}
+
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
 // layers) still give full-width GEMM calls; a block that spans samples is computed into a tile
 // and then copied to each sample's rows.
@@ -78,7 +94,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       const int64_t channel0 = grp * g.in_channels_per_group();
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
-      const std::vector<int64_t> column_offset = pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc);
+      const ColumnRuns runs(pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc), nr);
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
         if (pointwise) {  // 1x1 stride 1: im2col(X) is X itself
           for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
@@ -86,13 +102,23 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
           });
         } else {
           const T* x_g = padded.data() + channel0 * layout.plane;
-          for (int64_t p = 0; p * nr < jc; ++p)
+          const ColumnRun* first_run = runs.runs.data() + runs.first[j0 / nr];  // j0 starts a panel
+          switch (jc % nr == 0 ? runs.uniform_length : 0) {
+            case 4: return pack_uniform_runs<4>(x_g, &row_offset[k0], first_run, jc / nr, kc, dst);
+            case 8: return pack_uniform_runs<8>(x_g, &row_offset[k0], first_run, jc / nr, kc, dst);
+            case 16: return pack_uniform_runs<16>(x_g, &row_offset[k0], first_run, jc / nr, kc, dst);
+          }
+          for (int64_t p = 0; p * nr < jc; ++p) {
+            const int64_t panel = j0 / nr + p;  // j0 starts a panel
             for (int64_t kk = 0; kk < kc; ++kk) {
               const T* src = x_g + row_offset[k0 + kk];
-              const int64_t* cols = column_offset.data() + j0 + p * nr;
-              T* out = dst + (p * kc + kk) * nr;
-              for (int64_t q = 0; q < std::min(nr, jc - p * nr); ++q) out[q] = src[cols[q]];
+              T* out = dst + (p * kc + kk) * nr - panel * nr;
+              for (int64_t r = runs.first[panel]; r < runs.first[panel + 1]; ++r) {
+                const ColumnRun& run = runs.runs[r];
+                for (int64_t q = 0; q < run.length; ++q) out[run.column + q] = src[run.offset + q];
+              }
             }
+          }
         }
         zero_panel_tail(kc, jc, dst);
       };

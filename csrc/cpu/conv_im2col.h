@@ -50,6 +50,38 @@ inline std::vector<int64_t> im2col_column_offsets(const ConvGeometry& g, const P
   return offsets;
 }
 
+// Columns [column, column + length) of a packed B block whose im2col entries are consecutive
+// in memory (one output row at stride 1 along W), starting at column_offset `offset`. Small
+// images make panels of many short rows (four rows of 8 in a panel of 32 at 8x8): packing
+// copies each run as a block instead of gathering value by value through the offset table.
+struct ColumnRun {
+  int64_t column, length, offset;
+};
+
+// The runs of a block's column offsets, none crossing a panel of `nr` columns; panel p's runs
+// are runs[first[p]] to runs[first[p + 1] - 1]. uniform_length is L when every panel is full
+// and made of nr / L runs of L (whole output rows of a small image), else 0.
+struct ColumnRuns {
+  std::vector<ColumnRun> runs;
+  std::vector<int64_t> first;
+  int64_t uniform_length = 0;
+  ColumnRuns(const std::vector<int64_t>& column_offset, int64_t nr) {
+    const int64_t count = static_cast<int64_t>(column_offset.size());
+    for (int64_t j = 0; j < count; ++j) {
+      if (j % nr == 0) first.push_back(static_cast<int64_t>(runs.size()));
+      if (j % nr != 0 && column_offset[j] == column_offset[j - 1] + 1)
+        ++runs.back().length;
+      else
+        runs.push_back({j, 1, column_offset[j]});
+    }
+    first.push_back(static_cast<int64_t>(runs.size()));
+    if (runs.empty() || count % nr != 0 || nr % runs[0].length != 0) return;
+    for (const ColumnRun& run : runs)
+      if (run.length != runs[0].length) return;
+    uniform_length = runs[0].length;
+  }
+};
+
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
 // last plane for readers that run past it.
 template <typename T>
