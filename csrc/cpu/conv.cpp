@@ -261,6 +261,30 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
   for (; i < kc; ++i) gather_row(i);
 }
 
+// dst[kk * mr + i] = src[i * ld + kk] for rows i < rows and columns kk < cols: an A panel of
+// dW's GEMM read straight from dY's channel planes (rows). SSE transposes 4 x 4 float tiles.
+template <typename T>
+void pack_transposed_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst, int64_t mr) {
+  int64_t kk = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; rows % 4 == 0 && kk + 4 <= cols; kk += 4)
+      for (int64_t i = 0; i < rows; i += 4) {
+        const float* tile = src + i * ld + kk;
+        __m128 r0 = _mm_loadu_ps(tile), r1 = _mm_loadu_ps(tile + ld);
+        __m128 r2 = _mm_loadu_ps(tile + 2 * ld), r3 = _mm_loadu_ps(tile + 3 * ld);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(dst + kk * mr + i, r0);
+        _mm_storeu_ps(dst + (kk + 1) * mr + i, r1);
+        _mm_storeu_ps(dst + (kk + 2) * mr + i, r2);
+        _mm_storeu_ps(dst + (kk + 3) * mr + i, r3);
+      }
+  }
+#endif
+  for (; kk < cols; ++kk)
+    for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = src[i * ld + kk];
+}
+
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
@@ -268,13 +292,14 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
   const PaddedLayout layout(g);
   const std::vector<T> padded = pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
-  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>& dy_chunk) {
-    // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
-    for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-      for (int64_t i = 0; i < m; ++i)
-        std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
+  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
+    // A = dY over the chunk (M x rc), packed from each sample's planes; B = im2col over the
+    // chunk, transposed (rc x K).
+    const PackedA<T> a = pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+      for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        pack_transposed_rows(dy + (n * g.out_channels + grp * m + i0) * l + l0, l, rows, len, dst + offset * mr, mr);
+      });
     });
-    const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
     const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
     const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
     auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
@@ -389,9 +414,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
     const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
     if (output_mask[0]) {
-      dx = at::empty(x.sizes(), x.options().memory_format(layout)).zero_();  // at::zeros ignores the format
-      if (dx.numel() > 0 && dy.numel() > 0) {
-        const bool as_forward = conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
+      const bool work = dx.numel() > 0 && dy.numel() > 0;
+      // The stride-1 path writes every value of dX; the others need it zeroed first.
+      const bool as_forward = work && conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      if (!as_forward) dx.zero_();
+      if (work) {
         if (!as_forward && g.is_depthwise()) {
           conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
         } else if (!as_forward) {

@@ -184,7 +184,7 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();
   std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
-  reduce_weight_gradient<T>(g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>&) {
+  reduce_weight_gradient<T>(g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
     // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
     const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
     auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
