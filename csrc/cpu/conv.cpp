@@ -67,8 +67,9 @@ void pack_uniform_runs(const T* x_g, const int64_t* row_offset, const ColumnRun*
 }
 
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
-// layers) still give full-width GEMM calls; a block that spans samples is computed into a tile
-// and then copied to each sample's rows.
+// layers) still give full-width GEMM calls. A block that spans samples is written to each
+// sample's rows in place when every GEMM panel lies inside one sample (8x8), else computed into
+// a tile and then copied.
 template <typename T>
 void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                        Activation activation) {
@@ -85,8 +86,8 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   at::parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(block));
-    std::vector<T> tile(m * block);
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(block));
+    const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row_block = task % rows.count, column_task = task / rows.count;
       const int64_t grp = column_task / blocks, c0 = (column_task % blocks) * block;
@@ -125,14 +126,22 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const T* row_bias = bias ? bias + grp * m : nullptr;
       const int64_t n_first = c0 / l, l_first = c0 % l;
       if (l_first + nc <= l) {  // inside one sample: write the output directly
-        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.data(), row_begin,
+        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.get(), row_begin,
                 row_end, activation);
         continue;
       }
-      gemm<T>(weights[grp], nc, pack, tile.data(), nc, row_bias, false, workspace.data(), row_begin, row_end,
+      if (l % nr == 0) {  // every panel inside one sample (8x8 images): each written in place
+        std::vector<int64_t> panel_offset(num_blocks(nc, nr));
+        for (int64_t p = 0; p < num_blocks(nc, nr); ++p)
+          panel_offset[p] = y_ng((c0 + p * nr) / l) - y_ng(0) + (c0 + p * nr) % l;
+        gemm<T>(weights[grp], nc, pack, y_ng(0), l, row_bias, false, workspace.get(), row_begin, row_end,
+                activation, panel_offset.data());
+        continue;
+      }
+      gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), row_begin, row_end,
               activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        for (int64_t i = row_begin; i < row_end; ++i) std::copy_n(tile.data() + i * nc + offset, len, y_ng(n) + i * l + l0);
+        for (int64_t i = row_begin; i < row_end; ++i) std::copy_n(tile.get() + i * nc + offset, len, y_ng(n) + i * l + l0);
       });
     }
   });
@@ -151,8 +160,8 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   // A task owns one (sample, group) slice of dX, so the col2im additions never race.
   at::parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
-    std::vector<T> col(k * kColumnBlock);
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(kColumnBlock));
+    const auto col = scratch<T>(k * kColumnBlock);
     std::vector<T> dx_padded(cg * layout.plane);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task % g.groups, n = task / g.groups;
@@ -164,11 +173,11 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
           pack_b_strided(dy_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
           zero_panel_tail(kc, jc, dst);
         };
-        gemm<T>(weights_t[grp], nc, pack, col.data(), nc, nullptr, false, workspace.data());
+        gemm<T>(weights_t[grp], nc, pack, col.get(), nc, nullptr, false, workspace.get());
         const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, n0, nc);  // sample 0's
         for (int64_t r = 0; r < k; ++r) {
           T* dst = dx_padded.data() + row_offset[r];
-          const T* src = col.data() + r * nc;
+          const T* src = col.get() + r * nc;
           for (int64_t j = 0; j < nc; ++j) dst[column_offset[j]] += src[j];
         }
       }

@@ -44,13 +44,13 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
   const int64_t size = g.groups * m * k;
   std::vector<T> partial(partials * size, T(0));
   at::parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(slice));
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
       for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
         const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
         for (int64_t grp = 0; grp < g.groups; ++grp)
-          chunk_gemm(r0, rc, grp, j0, jw, partial.data() + p * size + grp * m * k + j0, workspace.data());
+          chunk_gemm(r0, rc, grp, j0, jw, partial.data() + p * size + grp * m * k + j0, workspace.get());
       }
     }
   });
