@@ -55,15 +55,38 @@ struct RowSplit {
 // values (ColumnRuns::uniform_length: whole output rows of small images, L = 8 at 8x8). With L
 // known at compile time each run is a couple of vector moves, not a loop.
 template <int64_t L, typename T>
-void pack_uniform_runs(const T* x_g, const int64_t* row_offset, const ColumnRun* runs, int64_t panels,
-                       int64_t kc, T* dst) {
+inline __attribute__((always_inline)) void pack_uniform_runs_body(const T* x_g, const int64_t* row_offset,
+                                                                  const ColumnRun* runs, int64_t panels,
+                                                                  int64_t kc, T* dst) {
   constexpr int64_t nr = gemm_nr<T>(), per_panel = nr / L;
+  typedef T Run __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), __may_alias__));  // one run, moved whole
   for (int64_t p = 0; p < panels; ++p, runs += per_panel)
     for (int64_t kk = 0; kk < kc; ++kk) {
       const T* src = x_g + row_offset[kk];
       T* out = dst + (p * kc + kk) * nr;
-      for (int64_t r = 0; r < per_panel; ++r) std::memcpy(out + r * L, src + runs[r].offset, L * sizeof(T));
+      for (int64_t r = 0; r < per_panel; ++r) *reinterpret_cast<Run*>(out + r * L) = *reinterpret_cast<const Run*>(src + runs[r].offset);
     }
+}
+
+// The same compiled for AVX2 too (picked at run time, like the GEMM micro-kernels): 32-byte
+// moves halve the loads and stores, which bound this copy.
+#if defined(__x86_64__)
+template <int64_t L, typename T>
+__attribute__((target("avx2"))) void pack_uniform_runs_avx2(const T* x_g, const int64_t* row_offset,
+                                                            const ColumnRun* runs, int64_t panels, int64_t kc,
+                                                            T* dst) {
+  pack_uniform_runs_body<L>(x_g, row_offset, runs, panels, kc, dst);
+}
+#endif
+
+template <int64_t L, typename T>
+void pack_uniform_runs(const T* x_g, const int64_t* row_offset, const ColumnRun* runs, int64_t panels,
+                       int64_t kc, T* dst) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return pack_uniform_runs_avx2<L>(x_g, row_offset, runs, panels, kc, dst);
+#endif
+  pack_uniform_runs_body<L>(x_g, row_offset, runs, panels, kc, dst);
 }
 
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
