@@ -508,13 +508,13 @@ def test_deterministic(dtype, layout):
 
 
 # The demo's layers (8x8 and 4x4 images, batch 64 so GEMM blocks span samples) and widths that
-# make other im2col run lengths (16, and 7 which is not a uniform-run size): the small-image
+# make other im2col row lengths (16, and 7 which packs value by value): the small-image
 # packing and in-place output paths of the CPU kernels.
 SMALL_IMAGES = {
     "demo_conv1_1to16_8x8": (64, 1, 16, (8, 8), dict(padding=1)),
     "demo_conv2_16to32_8x8": (64, 16, 32, (8, 8), dict(padding=1)),
     "demo_conv3_32to64_4x4": (64, 32, 64, (4, 4), dict(padding=1)),
-    "16x16_8to32": (9, 8, 32, (16, 16), dict(padding=1)),
+    "16x16_dilation3_8to32": (9, 8, 32, (16, 16), dict(padding=3, dilation=3)),
     "7x7_8to16": (11, 8, 16, (7, 7), dict(padding=1)),
     "8x8_groups2": (13, 8, 16, (8, 8), dict(padding=1, groups=2)),
 }

@@ -51,20 +51,21 @@ struct RowSplit {
   }
 };
 
-// Packs `panels` full B panels of kc im2col rows whose columns are runs of L consecutive
-// values (ColumnRuns::uniform_length: whole output rows of small images, L = 8 at 8x8). With L
-// known at compile time each run is a couple of vector moves, not a loop.
+// Packs `panels` full B panels of kc im2col rows whose columns come in groups of L consecutive
+// values (consecutive_column_groups), group q starting at column offset column_offset[q * L].
+// With L known at compile time each group is one vector move, not a loop.
 template <int64_t L, typename T>
-inline __attribute__((always_inline)) void pack_uniform_runs_body(const T* x_g, const int64_t* row_offset,
-                                                                  const ColumnRun* runs, int64_t panels,
-                                                                  int64_t kc, T* dst) {
+inline __attribute__((always_inline)) void pack_column_groups_body(const T* x_g, const int64_t* row_offset,
+                                                                   const int64_t* column_offset, int64_t panels,
+                                                                   int64_t kc, T* dst) {
   constexpr int64_t nr = gemm_nr<T>(), per_panel = nr / L;
-  typedef T Run __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), __may_alias__));  // one run, moved whole
-  for (int64_t p = 0; p < panels; ++p, runs += per_panel)
+  typedef T Group __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), __may_alias__));
+  for (int64_t p = 0; p < panels; ++p, column_offset += nr)
     for (int64_t kk = 0; kk < kc; ++kk) {
       const T* src = x_g + row_offset[kk];
       T* out = dst + (p * kc + kk) * nr;
-      for (int64_t r = 0; r < per_panel; ++r) *reinterpret_cast<Run*>(out + r * L) = *reinterpret_cast<const Run*>(src + runs[r].offset);
+      for (int64_t q = 0; q < per_panel; ++q)
+        *reinterpret_cast<Group*>(out + q * L) = *reinterpret_cast<const Group*>(src + column_offset[q * L]);
     }
 }
 
@@ -72,21 +73,21 @@ inline __attribute__((always_inline)) void pack_uniform_runs_body(const T* x_g, 
 // moves halve the loads and stores, which bound this copy.
 #if defined(__x86_64__)
 template <int64_t L, typename T>
-__attribute__((target("avx2"))) void pack_uniform_runs_avx2(const T* x_g, const int64_t* row_offset,
-                                                            const ColumnRun* runs, int64_t panels, int64_t kc,
-                                                            T* dst) {
-  pack_uniform_runs_body<L>(x_g, row_offset, runs, panels, kc, dst);
+__attribute__((target("avx2"))) void pack_column_groups_avx2(const T* x_g, const int64_t* row_offset,
+                                                             const int64_t* column_offset, int64_t panels,
+                                                             int64_t kc, T* dst) {
+  pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
 }
 #endif
 
 template <int64_t L, typename T>
-void pack_uniform_runs(const T* x_g, const int64_t* row_offset, const ColumnRun* runs, int64_t panels,
-                       int64_t kc, T* dst) {
+void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* column_offset, int64_t panels,
+                        int64_t kc, T* dst) {
 #if defined(__x86_64__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return pack_uniform_runs_avx2<L>(x_g, row_offset, runs, panels, kc, dst);
+  if (avx2) return pack_column_groups_avx2<L>(x_g, row_offset, column_offset, panels, kc, dst);
 #endif
-  pack_uniform_runs_body<L>(x_g, row_offset, runs, panels, kc, dst);
+  pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
 }
 
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
@@ -118,7 +119,8 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       const int64_t channel0 = grp * g.in_channels_per_group();
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
-      const ColumnRuns runs(pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc), nr);
+      const std::vector<int64_t> column_offset = pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc);
+      const int64_t group = consecutive_column_groups(column_offset, nr);
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
         if (pointwise) {  // 1x1 stride 1: im2col(X) is X itself
           for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
@@ -126,23 +128,19 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
           });
         } else {
           const T* x_g = padded.data() + channel0 * layout.plane;
-          const ColumnRun* first_run = runs.runs.data() + runs.first[j0 / nr];  // j0 starts a panel
-          switch (jc % nr == 0 ? runs.uniform_length : 0) {
-            case 4: return pack_uniform_runs<4>(x_g, &row_offset[k0], first_run, jc / nr, kc, dst);
-            case 8: return pack_uniform_runs<8>(x_g, &row_offset[k0], first_run, jc / nr, kc, dst);
-            case 16: return pack_uniform_runs<16>(x_g, &row_offset[k0], first_run, jc / nr, kc, dst);
+          const int64_t* cols0 = column_offset.data() + j0;
+          switch (jc % nr == 0 ? group : 0) {  // small images: whole output rows moved as vectors
+            case 4: return pack_column_groups<4>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 8: return pack_column_groups<8>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 16: return pack_column_groups<16>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
           }
-          for (int64_t p = 0; p * nr < jc; ++p) {
-            const int64_t panel = j0 / nr + p;  // j0 starts a panel
+          for (int64_t p = 0; p * nr < jc; ++p)
             for (int64_t kk = 0; kk < kc; ++kk) {
               const T* src = x_g + row_offset[k0 + kk];
-              T* out = dst + (p * kc + kk) * nr - panel * nr;
-              for (int64_t r = runs.first[panel]; r < runs.first[panel + 1]; ++r) {
-                const ColumnRun& run = runs.runs[r];
-                for (int64_t q = 0; q < run.length; ++q) out[run.column + q] = src[run.offset + q];
-              }
+              const int64_t* cols = cols0 + p * nr;
+              T* out = dst + (p * kc + kk) * nr;
+              for (int64_t q = 0; q < std::min(nr, jc - p * nr); ++q) out[q] = src[cols[q]];
             }
-          }
         }
         zero_panel_tail(kc, jc, dst);
       };

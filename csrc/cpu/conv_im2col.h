@@ -50,37 +50,21 @@ inline std::vector<int64_t> im2col_column_offsets(const ConvGeometry& g, const P
   return offsets;
 }
 
-// Columns [column, column + length) of a packed B block whose im2col entries are consecutive
-// in memory (one output row at stride 1 along W), starting at column_offset `offset`. Small
-// images make panels of many short rows (four rows of 8 in a panel of 32 at 8x8): packing
-// copies each run as a block instead of gathering value by value through the offset table.
-struct ColumnRun {
-  int64_t column, length, offset;
-};
-
-// The runs of a block's column offsets, none crossing a panel of `nr` columns; panel p's runs
-// are runs[first[p]] to runs[first[p + 1] - 1]. uniform_length is L when every panel is full
-// and made of nr / L runs of L (whole output rows of a small image), else 0.
-struct ColumnRuns {
-  std::vector<ColumnRun> runs;
-  std::vector<int64_t> first;
-  int64_t uniform_length = 0;
-  ColumnRuns(const std::vector<int64_t>& column_offset, int64_t nr) {
-    const int64_t count = static_cast<int64_t>(column_offset.size());
-    for (int64_t j = 0; j < count; ++j) {
-      if (j % nr == 0) first.push_back(static_cast<int64_t>(runs.size()));
-      if (j % nr != 0 && column_offset[j] == column_offset[j - 1] + 1)
-        ++runs.back().length;
-      else
-        runs.push_back({j, 1, column_offset[j]});
-    }
-    first.push_back(static_cast<int64_t>(runs.size()));
-    if (runs.empty() || count % nr != 0 || nr % runs[0].length != 0) return;
-    for (const ColumnRun& run : runs)
-      if (run.length != runs[0].length) return;
-    uniform_length = runs[0].length;
+// The largest L in {16, 8, 4} dividing a panel of nr columns for which every aligned group of
+// L columns of a block (of whole panels) reads L consecutive values, else 0. Small images at
+// stride 1 give such groups (one output row: L = 8 at 8x8, 4 at 4x4), and packing then moves
+// each group as one vector instead of gathering it value by value through the offset table.
+inline int64_t consecutive_column_groups(const std::vector<int64_t>& column_offset, int64_t nr) {
+  const int64_t count = static_cast<int64_t>(column_offset.size());
+  if (count == 0 || count % nr != 0) return 0;
+  for (int64_t length = 16; length >= 4; length /= 2) {
+    bool consecutive = nr % length == 0;
+    for (int64_t j = 0; consecutive && j < count; ++j)
+      consecutive = j % length == 0 || column_offset[j] == column_offset[j - 1] + 1;
+    if (consecutive) return length;
   }
-};
+  return 0;
+}
 
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
 // last plane for readers that run past it.
