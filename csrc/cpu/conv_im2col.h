@@ -41,11 +41,19 @@ inline std::vector<int64_t> im2col_row_offsets(const ConvGeometry& g, const Padd
 inline std::vector<int64_t> im2col_column_offsets(const ConvGeometry& g, const PaddedLayout& p,
                                                   int64_t l0, int64_t count) {
   std::vector<int64_t> offsets(count);
+  // (n, od, oh, ow) of l0, then stepped position by position (no divisions per column).
+  int64_t ow = l0 % g.out[2], oh = l0 / g.out[2] % g.out[1];
+  int64_t od = l0 / g.out[2] / g.out[1] % g.out[0], n = l0 / g.out_plane();
   for (int64_t j = 0; j < count; ++j) {
-    const int64_t l = l0 + j, ow = l % g.out[2], oh = l / g.out[2] % g.out[1];
-    const int64_t od = l / g.out[2] / g.out[1] % g.out[0], n = l / g.out_plane();
     offsets[j] = n * g.in_channels * p.plane +
                  (od * g.stride[0] * p.h + oh * g.stride[1]) * p.w + ow * g.stride[2];
+    if (++ow < g.out[2]) continue;
+    ow = 0;
+    if (++oh < g.out[1]) continue;
+    oh = 0;
+    if (++od < g.out[0]) continue;
+    od = 0;
+    ++n;
   }
   return offsets;
 }
@@ -72,12 +80,22 @@ template <typename T>
 std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes,
                           int64_t slack = 0) {
   std::vector<T> padded(planes * p.plane + slack, T(0));
+  const int64_t width = g.in[2];
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q)
       for (int64_t d = 0; d < g.in[0]; ++d)
-        for (int64_t h = 0; h < g.in[1]; ++h)
-          std::memcpy(&padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]],
-                      x + ((q * g.in[0] + d) * g.in[1] + h) * g.in[2], g.in[2] * sizeof(T));
+        for (int64_t h = 0; h < g.in[1]; ++h) {
+          T* dst = &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]];
+          const T* src = x + ((q * g.in[0] + d) * g.in[1] + h) * width;
+          if (width >= 64) {
+            std::memcpy(dst, src, width * sizeof(T));
+            continue;
+          }
+          // Short rows (8 values at 8x8): fixed-size moves, cheaper than a memcpy call per row.
+          int64_t w = 0;
+          for (; w + 4 <= width; w += 4) std::memcpy(dst + w, src + w, 4 * sizeof(T));
+          for (; w < width; ++w) dst[w] = src[w];
+        }
   });
   return padded;
 }
