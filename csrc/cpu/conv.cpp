@@ -69,8 +69,9 @@ inline __attribute__((always_inline)) void pack_column_groups_body(const T* x_g,
     }
 }
 
-// The same compiled for AVX2 too (picked at run time, like the GEMM micro-kernels): 32-byte
-// moves halve the loads and stores, which bound this copy.
+// The same compiled for AVX2 too, used where the GEMM runs an AVX2 or AVX-512 micro-kernel
+// (gemm_isa(), which CNNOPS_CPU_ISA caps): 32-byte moves halve the loads and stores, which
+// bound this copy.
 #if defined(__x86_64__)
 template <int64_t L, typename T>
 __attribute__((target("avx2"))) void pack_column_groups_avx2(const T* x_g, const int64_t* row_offset,
@@ -84,7 +85,7 @@ template <int64_t L, typename T>
 void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* column_offset, int64_t panels,
                         int64_t kc, T* dst) {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool avx2 = std::strcmp(gemm_isa(), "portable") != 0;
   if (avx2) return pack_column_groups_avx2<L>(x_g, row_offset, column_offset, panels, kc, dst);
 #endif
   pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
