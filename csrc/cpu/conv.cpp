@@ -163,7 +163,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), row_begin, row_end,
               activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        for (int64_t i = row_begin; i < row_end; ++i) std::copy_n(tile.get() + i * nc + offset, len, y_ng(n) + i * l + l0);
+        for (int64_t i = row_begin; i < row_end; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
       });
     }
   });

@@ -74,6 +74,19 @@ inline int64_t consecutive_column_groups(const std::vector<int64_t>& column_offs
   return 0;
 }
 
+// Copies n values. Short copies (the rows of small images, 8 values at 8x8) are fixed-size
+// moves: a memcpy call per row would cost more than the copy itself.
+template <typename T>
+inline void copy_values(T* dst, const T* src, int64_t n) {
+  if (n >= 64) {
+    std::memcpy(dst, src, n * sizeof(T));
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) std::memcpy(dst + i, src + i, 4 * sizeof(T));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
 // last plane for readers that run past it.
 template <typename T>
@@ -86,15 +99,7 @@ std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T*
       for (int64_t d = 0; d < g.in[0]; ++d)
         for (int64_t h = 0; h < g.in[1]; ++h) {
           T* dst = &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]];
-          const T* src = x + ((q * g.in[0] + d) * g.in[1] + h) * width;
-          if (width >= 64) {
-            std::memcpy(dst, src, width * sizeof(T));
-            continue;
-          }
-          // Short rows (8 values at 8x8): fixed-size moves, cheaper than a memcpy call per row.
-          int64_t w = 0;
-          for (; w + 4 <= width; w += 4) std::memcpy(dst + w, src + w, 4 * sizeof(T));
-          for (; w < width; ++w) dst[w] = src[w];
+          copy_values(dst, x + ((q * g.in[0] + d) * g.in[1] + h) * width, width);
         }
   });
   return padded;
