@@ -507,6 +507,47 @@ def test_deterministic(dtype, layout):
         assert torch.equal(g1[k], g2[k]), f"grad_{k} not bitwise reproducible"
 
 
+# The demo's layers (8x8 and 4x4 images, batch 64 so GEMM blocks span samples) and widths that
+# make other im2col row lengths (16, and 7 which packs value by value): the small-image
+# packing and in-place output paths of the CPU kernels.
+SMALL_IMAGES = {
+    "demo_conv1_1to16_8x8": (64, 1, 16, (8, 8), dict(padding=1)),
+    "demo_conv2_16to32_8x8": (64, 16, 32, (8, 8), dict(padding=1)),
+    "demo_conv3_32to64_4x4": (64, 32, 64, (4, 4), dict(padding=1)),
+    "16x16_dilation3_8to32": (9, 8, 32, (16, 16), dict(padding=3, dilation=3)),
+    "7x7_8to16": (11, 8, 16, (7, 7), dict(padding=1)),
+    "8x8_groups2": (13, 8, 16, (8, 8), dict(padding=1, groups=2)),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_IMAGES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_small_images(name, dtype):
+    n, cin, cout, spatial, kwargs = SMALL_IMAGES[name]
+    x, w, b = conv_tensors(2, n, cin, cout, spatial, 3, kwargs.get("groups", 1), True, dtype)
+    check_conv_against_torch(2, x, w, b, kwargs, dtype, msg=name)
+
+
+@pytest.mark.parametrize("name", ["demo_conv2_16to32_8x8", "demo_conv3_32to64_4x4"])
+def test_small_images_thread_count_independent(name):
+    """Forward and gradients are bitwise the same with 1 and 2 threads."""
+    n, cin, cout, spatial, kwargs = SMALL_IMAGES[name]
+    x, w, b = conv_tensors(2, n, cin, cout, spatial, 3, 1, True, torch.float32)
+    go = make_tensor((n, cout) + spatial, torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(run_conv(cnnops.functional.conv2d, x, w, b, go, kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2), "forward depends on the thread count"
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
+
+
 BORROWED_PREFIXES = ("conv", "thnn_conv", "slow_conv", "mkldnn", "onednn", "cudnn", "miopen", "mm", "bmm",
                      "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "linear",
                      "einsum", "tensordot", "unfold", "im2col", "col2im")

@@ -14,6 +14,7 @@ torch.manual_seed(0)
 cases = [  # (dims, N, C_in, C_out, size, kernel, stride, padding, dilation, groups)
     (2, 2, 5, 7, (11, 9), 3, 1, 1, 1, 1),     # shifted-window path, odd sizes
     (2, 3, 6, 26, (7, 7), 3, 2, 1, 1, 2),     # im2col packing, strided, grouped, M % MR != 0
+    (2, 8, 4, 8, (8, 8), 3, 1, 1, 1, 1),      # im2col packing of whole 8-wide rows (small images)
     (2, 2, 40, 30, (6, 5), 1, 1, 0, 1, 1),    # pointwise
     (1, 2, 4, 6, (17,), 5, 1, 4, 2, 1),       # 1d, dilation, grad_input through col2im
     (3, 1, 3, 5, (4, 5, 6), 2, 1, 0, 1, 1),   # 3d, even kernel

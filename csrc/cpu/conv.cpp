@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -50,9 +51,50 @@ struct RowSplit {
   }
 };
 
+// Packs `panels` full B panels of kc im2col rows whose columns come in groups of L consecutive
+// values (consecutive_column_groups), group q starting at column offset column_offset[q * L].
+// With L known at compile time each group is one vector move, not a loop.
+template <int64_t L, typename T>
+inline __attribute__((always_inline)) void pack_column_groups_body(const T* x_g, const int64_t* row_offset,
+                                                                   const int64_t* column_offset, int64_t panels,
+                                                                   int64_t kc, T* dst) {
+  constexpr int64_t nr = gemm_nr<T>(), per_panel = nr / L;
+  typedef T Group __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), __may_alias__));
+  for (int64_t p = 0; p < panels; ++p, column_offset += nr)
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const T* src = x_g + row_offset[kk];
+      T* out = dst + (p * kc + kk) * nr;
+      for (int64_t q = 0; q < per_panel; ++q)
+        *reinterpret_cast<Group*>(out + q * L) = *reinterpret_cast<const Group*>(src + column_offset[q * L]);
+    }
+}
+
+// The same compiled for AVX2 too, used where the GEMM runs an AVX2 or AVX-512 micro-kernel
+// (gemm_isa(), which CNNOPS_CPU_ISA caps): 32-byte moves halve the loads and stores, which
+// bound this copy.
+#if defined(__x86_64__)
+template <int64_t L, typename T>
+__attribute__((target("avx2"))) void pack_column_groups_avx2(const T* x_g, const int64_t* row_offset,
+                                                             const int64_t* column_offset, int64_t panels,
+                                                             int64_t kc, T* dst) {
+  pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
+}
+#endif
+
+template <int64_t L, typename T>
+void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* column_offset, int64_t panels,
+                        int64_t kc, T* dst) {
+#if defined(__x86_64__)
+  static const bool avx2 = std::strcmp(gemm_isa(), "portable") != 0;
+  if (avx2) return pack_column_groups_avx2<L>(x_g, row_offset, column_offset, panels, kc, dst);
+#endif
+  pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
+}
+
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
-// layers) still give full-width GEMM calls; a block that spans samples is computed into a tile
-// and then copied to each sample's rows.
+// layers) still give full-width GEMM calls. A block that spans samples is written to each
+// sample's rows in place when every GEMM panel lies inside one sample (8x8), else computed into
+// a tile and then copied.
 template <typename T>
 void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                        Activation activation) {
@@ -69,8 +111,8 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   at::parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(block));
-    std::vector<T> tile(m * block);
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(block));
+    const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row_block = task % rows.count, column_task = task / rows.count;
       const int64_t grp = column_task / blocks, c0 = (column_task % blocks) * block;
@@ -79,6 +121,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const int64_t channel0 = grp * g.in_channels_per_group();
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
       const std::vector<int64_t> column_offset = pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc);
+      const int64_t group = consecutive_column_groups(column_offset, nr);
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
         if (pointwise) {  // 1x1 stride 1: im2col(X) is X itself
           for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
@@ -86,10 +129,16 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
           });
         } else {
           const T* x_g = padded.data() + channel0 * layout.plane;
+          const int64_t* cols0 = column_offset.data() + j0;
+          switch (jc % nr == 0 ? group : 0) {  // small images: whole output rows moved as vectors
+            case 4: return pack_column_groups<4>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 8: return pack_column_groups<8>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 16: return pack_column_groups<16>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+          }
           for (int64_t p = 0; p * nr < jc; ++p)
             for (int64_t kk = 0; kk < kc; ++kk) {
               const T* src = x_g + row_offset[k0 + kk];
-              const int64_t* cols = column_offset.data() + j0 + p * nr;
+              const int64_t* cols = cols0 + p * nr;
               T* out = dst + (p * kc + kk) * nr;
               for (int64_t q = 0; q < std::min(nr, jc - p * nr); ++q) out[q] = src[cols[q]];
             }
@@ -99,14 +148,22 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const T* row_bias = bias ? bias + grp * m : nullptr;
       const int64_t n_first = c0 / l, l_first = c0 % l;
       if (l_first + nc <= l) {  // inside one sample: write the output directly
-        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.data(), row_begin,
+        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.get(), row_begin,
                 row_end, activation);
         continue;
       }
-      gemm<T>(weights[grp], nc, pack, tile.data(), nc, row_bias, false, workspace.data(), row_begin, row_end,
+      if (l % nr == 0) {  // every panel inside one sample (8x8 images): each written in place
+        std::vector<int64_t> panel_offset(num_blocks(nc, nr));
+        for (int64_t p = 0; p < num_blocks(nc, nr); ++p)
+          panel_offset[p] = y_ng((c0 + p * nr) / l) - y_ng(0) + (c0 + p * nr) % l;
+        gemm<T>(weights[grp], nc, pack, y_ng(0), l, row_bias, false, workspace.get(), row_begin, row_end,
+                activation, panel_offset.data());
+        continue;
+      }
+      gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), row_begin, row_end,
               activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        for (int64_t i = row_begin; i < row_end; ++i) std::copy_n(tile.data() + i * nc + offset, len, y_ng(n) + i * l + l0);
+        for (int64_t i = row_begin; i < row_end; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
       });
     }
   });
@@ -125,8 +182,8 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   // A task owns one (sample, group) slice of dX, so the col2im additions never race.
   at::parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(kColumnBlock));
-    std::vector<T> col(k * kColumnBlock);
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(kColumnBlock));
+    const auto col = scratch<T>(k * kColumnBlock);
     std::vector<T> dx_padded(cg * layout.plane);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task % g.groups, n = task / g.groups;
@@ -138,11 +195,11 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
           pack_b_strided(dy_ng, l, int64_t(1), k0, kc, n0 + j0, jc, dst);
           zero_panel_tail(kc, jc, dst);
         };
-        gemm<T>(weights_t[grp], nc, pack, col.data(), nc, nullptr, false, workspace.data());
+        gemm<T>(weights_t[grp], nc, pack, col.get(), nc, nullptr, false, workspace.get());
         const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, n0, nc);  // sample 0's
         for (int64_t r = 0; r < k; ++r) {
           T* dst = dx_padded.data() + row_offset[r];
-          const T* src = col.data() + r * nc;
+          const T* src = col.get() + r * nc;
           for (int64_t j = 0; j < nc; ++j) dst[column_offset[j]] += src[j];
         }
       }
@@ -235,6 +292,30 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
   for (; i < kc; ++i) gather_row(i);
 }
 
+// dst[kk * mr + i] = src[i * ld + kk] for rows i < rows and columns kk < cols: an A panel of
+// dW's GEMM read straight from dY's channel planes (rows). SSE transposes 4 x 4 float tiles.
+template <typename T>
+void pack_transposed_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst, int64_t mr) {
+  int64_t kk = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; rows % 4 == 0 && kk + 4 <= cols; kk += 4)
+      for (int64_t i = 0; i < rows; i += 4) {
+        const float* tile = src + i * ld + kk;
+        __m128 r0 = _mm_loadu_ps(tile), r1 = _mm_loadu_ps(tile + ld);
+        __m128 r2 = _mm_loadu_ps(tile + 2 * ld), r3 = _mm_loadu_ps(tile + 3 * ld);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(dst + kk * mr + i, r0);
+        _mm_storeu_ps(dst + (kk + 1) * mr + i, r1);
+        _mm_storeu_ps(dst + (kk + 2) * mr + i, r2);
+        _mm_storeu_ps(dst + (kk + 3) * mr + i, r3);
+      }
+  }
+#endif
+  for (; kk < cols; ++kk)
+    for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = src[i * ld + kk];
+}
+
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
@@ -242,13 +323,14 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
   const PaddedLayout layout(g);
   const std::vector<T> padded = pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
-  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>& dy_chunk) {
-    // A = dY over the chunk (M x rc), B = im2col over the chunk, transposed (rc x K).
-    for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-      for (int64_t i = 0; i < m; ++i)
-        std::copy_n(dy + (n * g.out_channels + grp * m + i) * l + l0, len, dy_chunk.data() + i * rc + offset);
+  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
+    // A = dY over the chunk (M x rc), packed from each sample's planes; B = im2col over the
+    // chunk, transposed (rc x K).
+    const PackedA<T> a = pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+      for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        pack_transposed_rows(dy + (n * g.out_channels + grp * m + i0) * l + l0, l, rows, len, dst + offset * mr, mr);
+      });
     });
-    const PackedA<T> a = pack_a(m, rc, dy_chunk.data(), rc, int64_t(1));
     const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
     const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
     auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
@@ -363,9 +445,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
     const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
     if (output_mask[0]) {
-      dx = at::empty(x.sizes(), x.options().memory_format(layout)).zero_();  // at::zeros ignores the format
-      if (dx.numel() > 0 && dy.numel() > 0) {
-        const bool as_forward = conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
+      const bool work = dx.numel() > 0 && dy.numel() > 0;
+      // The stride-1 path writes every value of dX; the others need it zeroed first.
+      const bool as_forward = work && conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      if (!as_forward) dx.zero_();
+      if (work) {
         if (!as_forward && g.is_depthwise()) {
           conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
         } else if (!as_forward) {

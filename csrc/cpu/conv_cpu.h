@@ -33,7 +33,7 @@ void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& f
 // into chunks, so small images still give each GEMM call a long reduction. Work is split two
 // ways, both fixed by the sizes alone so the result never depends on the thread count: the
 // chunks into up to 8 partial sums, added in order at the end (no atomics), and the K columns
-// into slices. chunk_gemm(r0, rc, group, j0, jw, dw_slice, workspace, dy_scratch) must add the
+// into slices. chunk_gemm(r0, rc, group, j0, jw, dw_slice, workspace) must add the
 // chunk's contribution to columns [j0, j0 + jw) of dW_g, at dw_slice (row stride K).
 template <typename T, typename ChunkGemm>
 void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm) {
@@ -44,14 +44,13 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
   const int64_t size = g.groups * m * k;
   std::vector<T> partial(partials * size, T(0));
   at::parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(slice));
-    std::vector<T> dy_scratch(m * kColumnBlock);
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
       for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
         const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
         for (int64_t grp = 0; grp < g.groups; ++grp)
-          chunk_gemm(r0, rc, grp, j0, jw, partial.data() + p * size + grp * m * k + j0, workspace.data(), dy_scratch);
+          chunk_gemm(r0, rc, grp, j0, jw, partial.data() + p * size + grp * m * k + j0, workspace.get());
       }
     }
   });

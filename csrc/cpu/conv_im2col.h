@@ -41,13 +41,50 @@ inline std::vector<int64_t> im2col_row_offsets(const ConvGeometry& g, const Padd
 inline std::vector<int64_t> im2col_column_offsets(const ConvGeometry& g, const PaddedLayout& p,
                                                   int64_t l0, int64_t count) {
   std::vector<int64_t> offsets(count);
+  // (n, od, oh, ow) of l0, then stepped position by position (no divisions per column).
+  int64_t ow = l0 % g.out[2], oh = l0 / g.out[2] % g.out[1];
+  int64_t od = l0 / g.out[2] / g.out[1] % g.out[0], n = l0 / g.out_plane();
   for (int64_t j = 0; j < count; ++j) {
-    const int64_t l = l0 + j, ow = l % g.out[2], oh = l / g.out[2] % g.out[1];
-    const int64_t od = l / g.out[2] / g.out[1] % g.out[0], n = l / g.out_plane();
     offsets[j] = n * g.in_channels * p.plane +
                  (od * g.stride[0] * p.h + oh * g.stride[1]) * p.w + ow * g.stride[2];
+    if (++ow < g.out[2]) continue;
+    ow = 0;
+    if (++oh < g.out[1]) continue;
+    oh = 0;
+    if (++od < g.out[0]) continue;
+    od = 0;
+    ++n;
   }
   return offsets;
+}
+
+// The largest L in {16, 8, 4} dividing a panel of nr columns for which every aligned group of
+// L columns of a block (of whole panels) reads L consecutive values, else 0. Small images at
+// stride 1 give such groups (one output row: L = 8 at 8x8, 4 at 4x4), and packing then moves
+// each group as one vector instead of gathering it value by value through the offset table.
+inline int64_t consecutive_column_groups(const std::vector<int64_t>& column_offset, int64_t nr) {
+  const int64_t count = static_cast<int64_t>(column_offset.size());
+  if (count == 0 || count % nr != 0) return 0;
+  for (int64_t length = 16; length >= 4; length /= 2) {
+    bool consecutive = nr % length == 0;
+    for (int64_t j = 0; consecutive && j < count; ++j)
+      consecutive = j % length == 0 || column_offset[j] == column_offset[j - 1] + 1;
+    if (consecutive) return length;
+  }
+  return 0;
+}
+
+// Copies n values. Short copies (the rows of small images, 8 values at 8x8) are fixed-size
+// moves: a memcpy call per row would cost more than the copy itself.
+template <typename T>
+inline void copy_values(T* dst, const T* src, int64_t n) {
+  if (n >= 64) {
+    std::memcpy(dst, src, n * sizeof(T));
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) std::memcpy(dst + i, src + i, 4 * sizeof(T));
+  for (; i < n; ++i) dst[i] = src[i];
 }
 
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
@@ -56,12 +93,14 @@ template <typename T>
 std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes,
                           int64_t slack = 0) {
   std::vector<T> padded(planes * p.plane + slack, T(0));
+  const int64_t width = g.in[2];
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q)
       for (int64_t d = 0; d < g.in[0]; ++d)
-        for (int64_t h = 0; h < g.in[1]; ++h)
-          std::memcpy(&padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]],
-                      x + ((q * g.in[0] + d) * g.in[1] + h) * g.in[2], g.in[2] * sizeof(T));
+        for (int64_t h = 0; h < g.in[1]; ++h) {
+          T* dst = &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]];
+          copy_values(dst, x + ((q * g.in[0] + d) * g.in[1] + h) * width, width);
+        }
   });
   return padded;
 }

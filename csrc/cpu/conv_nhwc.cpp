@@ -100,7 +100,7 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
   const int64_t block = num_blocks(rows, blocks);  // even blocks
   const std::vector<T> zeros(kKc, T(0));  // what rows in the padding read
   at::parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(m));
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(m));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / blocks, r0 = (task % blocks) * block, rc = std::min(block, rows - r0);
       const PackedA<T> a = pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
@@ -116,7 +116,7 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m, m, c + i * g.out_channels);
       }
       // The activation goes on as the last reduction block is written.
-      gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.data(), 0, -1, activation);
+      gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.get(), 0, -1, activation);
     }
   });
 }
@@ -151,8 +151,8 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
   constexpr int64_t block = 384;  // grid rows per GEMM call
   const int64_t blocks = (grid.columns + block - 1) / block;
   at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> workspace(gemm_workspace_size<T>(m));
-    std::vector<T> tile(block * m);  // C for one block of grid rows, before dropping waste
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(m));
+    const auto tile = scratch<T>(block * m);  // C for one block of grid rows, before dropping waste
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r0 = (task % blocks) * block, rc = std::min(block, grid.columns - r0);
       const int64_t grp = task / blocks % g.groups, n = task / blocks / g.groups;
@@ -162,12 +162,12 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
         zero_panel_tail(kc, jc, dst);
       };
       const T* a = padded.data() + (n * pp + r0) * c_in + grp * cg;
-      gemm_shifted_a<T>(rc, k, a, c_in, column_offset.data(), m, pack, tile.data(), m, workspace.data());
+      gemm_shifted_a<T>(rc, k, a, c_in, column_offset.data(), m, pack, tile.get(), m, workspace.get());
       for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs, adding the bias, then the activation
         const int64_t r = r0 + i, ow = r % wp, oh = r / wp % hp, od = r / wp / hp;
         if (ow >= g.out[2] || oh >= g.out[1]) continue;
         T* out = y + (((n * g.out[0] + od) * g.out[1] + oh) * g.out[2] + ow) * g.out_channels + grp * m;
-        const T* src = tile.data() + i * m;
+        const T* src = tile.get() + i * m;
         if (activation == Activation::Relu) {
           for (int64_t co = 0; co < m; ++co) out[co] = relu(src[co] + (bias ? bias[grp * m + co] : T(0)));
         } else {
@@ -184,7 +184,7 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();
   std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
-  reduce_weight_gradient<T>(g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace, std::vector<T>&) {
+  reduce_weight_gradient<T>(g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
     // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
     const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
     auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {

@@ -27,14 +27,14 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
   for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
   const int64_t blocks = (grid.columns + block - 1) / block;
   at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(m * block);  // C for one block of grid columns, before dropping waste
+    const auto tile = scratch<T>(m * block);  // C for one block of grid columns, before dropping waste
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = (task % blocks) * block, nc = std::min(block, grid.columns - n0);
       const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
       const T* x_ng = padded.data() + (n * g.in_channels + grp * g.in_channels_per_group()) * pp;
       // B is read in place: grid column j of im2col row r is x_ng[row_offset[r] + j]. The GEMM
       // adds the bias and applies the activation as it writes the tile.
-      gemm_shifted_b<T>(weights[grp], nc, x_ng + n0, grid.row_offset.data(), tile.data(), nc,
+      gemm_shifted_b<T>(weights[grp], nc, x_ng + n0, grid.row_offset.data(), tile.get(), nc,
                         bias ? bias + grp * m : nullptr, false, 0, -1, activation);
       // Keep the real outputs: grid column l' = (od*Hp + oh)*Wp + ow with oh < H_out, ow < W_out.
       T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
@@ -45,7 +45,7 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
         if (first >= last) continue;
         T* dst = y_ng + (od * g.out[1] + oh) * g.out[2] + (first - row_start);
         for (int64_t i = 0; i < m; ++i)
-          std::memcpy(dst + i * g.out_plane(), tile.data() + i * nc + (first - n0), (last - first) * sizeof(T));
+          std::memcpy(dst + i * g.out_plane(), tile.get() + i * nc + (first - n0), (last - first) * sizeof(T));
       }
     }
   });

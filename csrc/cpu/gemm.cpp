@@ -198,18 +198,23 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 // The blocked loops shared by every operand source: for each kKc block, prepare(k0, kc) makes B
 // ready (packs it, or nothing), then every NR-column B panel, b_panel(k0, kc, j0), stays in L1
 // while the A panels of the row range, a_panel(k0, kc, i0), stream past it.
+// C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
 template <typename T, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc,
                   const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end,
-                  Activation activation, Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel) {
+                  Activation activation, Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel,
+                  const int64_t* c_panel_offset = nullptr) {
   const auto& kernel = kernel_choice<T>();
   const int64_t nr = gemm_nr<T>();
   if (row_end < 0) row_end = m;
   TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= m, "gemm: row range must start on a panel");
+  auto c_column = [&](int64_t j) { return c_panel_offset ? c_panel_offset[j / nr] + j % nr : j; };
   if (k == 0) {  // empty reduction: C = init
     for (int64_t i = row_begin; i < row_end; ++i)
-      for (int64_t j = 0; j < n; ++j)
-        c[i * ldc + j] = apply_activation(accumulate ? c[i * ldc + j] : (row_bias ? row_bias[i] : T(0)), activation);
+      for (int64_t j = 0; j < n; ++j) {
+        T& out = c[i * ldc + c_column(j)];
+        out = apply_activation(accumulate ? out : (row_bias ? row_bias[i] : T(0)), activation);
+      }
     return;
   }
   for (int64_t k0 = 0; k0 < k; k0 += kKc) {
@@ -219,9 +224,10 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
     prepare(k0, kc);
     for (int64_t j0 = 0; j0 < n; j0 += nr) {
       const auto [b, b_offsets] = b_panel(k0, kc, j0);
+      T* c_panel = c + c_column(j0);
       for (int64_t i0 = row_begin; i0 < row_end; i0 += mr) {
         const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
-        kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c + i0 * ldc + j0, ldc,
+        kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc,
                   std::min(mr, row_end - i0), std::min(nr, n - j0),
                   row_bias ? row_bias + i0 : nullptr, acc, act);
       }
@@ -244,13 +250,15 @@ struct BPanel {
 
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
-          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end, Activation activation) {
+          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end, Activation activation,
+          const int64_t* c_panel_offset) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
-      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
+      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; },
+      c_panel_offset);
 }
 
 template <typename T>
@@ -307,7 +315,7 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
   template PackedA<T> pack_a_panels<T>(int64_t, int64_t, ReadPanel<T>);                       \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
-                        T*, int64_t, int64_t, Activation);                                   \
+                        T*, int64_t, int64_t, Activation, const int64_t*);                   \
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \
                                   int64_t, const T*, bool, int64_t, int64_t, Activation);    \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, \

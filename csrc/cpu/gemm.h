@@ -9,6 +9,7 @@
 #include <c10/util/FunctionRef.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/activation.h"
@@ -58,11 +59,14 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 // micro-kernel as it writes the last reduction block, so it costs no pass of its own.
 // `workspace` must hold gemm_workspace_size<T>(n) values. Only rows [row_begin, row_end) are
 // computed (row_begin a multiple of a.mr, row_end -1 for all): splitting M lets threads share a
-// GEMM whose A is large and whose N is small.
+// GEMM whose A is large and whose N is small. C's columns are contiguous unless
+// c_panel_offset is given: then the NR columns of panel p start at c + c_panel_offset[p], which
+// lets a convolution write a block of columns that spans samples straight into each sample.
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
           const T* row_bias, bool accumulate, T* workspace, int64_t row_begin = 0,
-          int64_t row_end = -1, Activation activation = Activation::None);
+          int64_t row_end = -1, Activation activation = Activation::None,
+          const int64_t* c_panel_offset = nullptr);
 
 // The same product with B read in place, no packing: B[k, j] = b[row_offset[k] + j]. Every
 // row offset plus n rounded up to NR columns must stay inside b's allocation. This is how the
@@ -82,6 +86,13 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
 // Rows per A panel of the micro-kernel this CPU runs.
 template <typename T>
 int64_t gemm_mr();
+
+// Scratch memory that is always written before it is read (GEMM workspaces, output tiles):
+// left uninitialized, where a std::vector would zero hundreds of KB on every call.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::make_unique_for_overwrite<T[]>(n);
+}
 
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {
