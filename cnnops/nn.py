@@ -219,34 +219,30 @@ __all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm
             "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
+def _batch_norm_step(bn):
+    """torch's _BatchNorm.forward decisions, shared by BatchNorm*d and SyncBatchNorm: counts the
+    batch, and returns (use batch statistics, running-average factor, running_mean,
+    running_var), the running statistics only where they are used."""
+    # momentum=None: cumulative moving average, factor 1 / (number of batches seen so far).
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    # Batch statistics in training, and in eval when there are no running statistics.
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    # Running statistics are passed to be updated (training and tracked) or used (eval).
+    pass_running = not bn.training or bn.track_running_stats
+    return (bn_training, factor, bn.running_mean if pass_running else None,
+            bn.running_var if pass_running else None)
+
+
 class _CnnopsBatchNorm:
     """torch.nn.modules.batchnorm._BatchNorm.forward, step for step, with cnnops' batch_norm."""
 
     def forward(self, input):
         self._check_input_dim(input)
-        # momentum=None: cumulative moving average, factor 1 / (number of batches seen so far).
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                exponential_average_factor = self.momentum
-        # Batch statistics in training, and in eval when there are no running statistics.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # The running statistics are passed only where they are used: to be updated (training
-        # and tracked) or to normalize with (eval).
-        pass_running = not self.training or self.track_running_stats
-        return CF.batch_norm(
-            input,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
+        bn_training, factor, running_mean, running_var = _batch_norm_step(self)
+        return CF.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps)
 
 
 class BatchNorm1d(_CnnopsBatchNorm, torch.nn.BatchNorm1d):
@@ -347,20 +343,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        # momentum=None: cumulative moving average, factor 1 / (number of batches seen so far).
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                exponential_average_factor = self.momentum
-        # Batch statistics in training, and in eval when there are no running statistics.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are passed to be updated (training and tracked) or used (eval).
-        pass_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_running else None
-        running_var = self.running_var if pass_running else None
+        bn_training, exponential_average_factor, running_mean, running_var = _batch_norm_step(self)
 
         # Statistics are synchronized only in training (never in eval, as torch).
         need_sync = bn_training and self.training and dist.is_available() and dist.is_initialized()
