@@ -132,6 +132,24 @@ void for_each_channel_slice(const ChannelNormShape& s, bool rows_layout, int64_t
   });
 }
 
+// y = (x - mean) * invstd * w + b per channel (lecture: y = gamma * (x - mu) / sigma + beta).
+template <typename scalar_t, typename acc_t>
+void normalize_channels(const ChannelNormShape& s, bool rows, const scalar_t* xp, scalar_t* yp,
+                        const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,
+                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const int64_t C = s.channels;
+  const auto w = load_param<acc_t>(weight, C, 1);
+  const auto b = load_param<acc_t>(bias, C, 0);
+  std::vector<acc_t> scale(C);
+  for (int64_t c = 0; c < C; ++c) scale[c] = norm_scale(invstd[c], w[c]);
+  for_each_channel_slice(
+      s, rows, 2,
+      [&](int64_t off, int64_t len, int64_t c) { normalize_span(xp + off, yp + off, len, mean[c], scale[c], b[c]); },
+      [&](int64_t off, int64_t nrows) {
+        normalize_rows(xp + off, yp + off, nrows, C, mean.data(), scale.data(), b.data());
+      });
+}
+
 at::ScalarType param_grad_dtype(const c10::optional<at::Tensor>& weight, const at::Tensor& input) {
   return weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
 }
@@ -192,21 +210,8 @@ TensorTriple batch_norm_forward(const at::Tensor& input, const c10::optional<at:
       const auto rv = load_param<acc_t>(running_var, C, 0);
       for (int64_t c = 0; c < C; ++c) invstd[c] = norm_invstd(rv[c], eps_a);
     }
-    const auto w = load_param<acc_t>(weight, C, 1);
-    const auto b = load_param<acc_t>(bias, C, 0);
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = norm_scale(invstd[c], w[c]);
-
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_channel_slice(
-        s, rows, 2,
-        [&](int64_t off, int64_t len, int64_t c) {
-          normalize_span(xp + off, yp + off, len, mean[c], scale[c], b[c]);
-        },
-        [&](int64_t off, int64_t nrows) {
-          normalize_rows(xp + off, yp + off, nrows, C, mean.data(), scale.data(), b.data());
-        });
+    normalize_channels(s, rows, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean, invstd,
+                       weight, bias);
     acc_t* mo = mean_out.mutable_data_ptr<acc_t>();
     acc_t* io = invstd_out.mutable_data_ptr<acc_t>();
     std::copy(mean.begin(), mean.end(), mo);
@@ -328,24 +333,9 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Ten
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t C = s.channels;
-    const auto mu = load_param<acc_t>(mean, C, 0);
-    const auto is = load_param<acc_t>(invstd, C, 0);
-    const auto w = load_param<acc_t>(weight, C, 1);
-    const auto b = load_param<acc_t>(bias, C, 0);
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = norm_scale(is[c], w[c]);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    // y = (x - mean) * invstd * w + b (lecture: y = gamma * (x - mu) / sigma + beta)
-    for_each_channel_slice(
-        s, rows, 2,
-        [&](int64_t off, int64_t len, int64_t c) {
-          normalize_span(xp + off, yp + off, len, mu[c], scale[c], b[c]);
-        },
-        [&](int64_t off, int64_t nrows) {
-          normalize_rows(xp + off, yp + off, nrows, C, mu.data(), scale.data(), b.data());
-        });
+    const auto mu = load_param<acc_t>(mean, s.channels, 0);
+    const auto is = load_param<acc_t>(invstd, s.channels, 0);
+    normalize_channels(s, rows, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mu, is, weight, bias);
   });
   return y;
 }
