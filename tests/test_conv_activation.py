@@ -34,6 +34,7 @@ from conftest import (
     reductions,
     tolerance,
 )
+from test_conv import RAW, raw_args
 
 DIMS = [1, 2, 3]
 
@@ -273,20 +274,13 @@ def test_gradcheck(name):
                                     atol=1e-7)
 
 
-OPCHECK = {
-    "2d_bias": (2, 2, 3, 4, (6, 5), 3, 1, True, [1, 1], [1, 1], [1, 1], "contiguous"),
-    "2d_nobias_stride_dil": (2, 2, 4, 6, (9, 8), 3, 2, False, [2, 1], [0, 2], [1, 2], "contiguous"),
-    "1d_bias": (1, 2, 3, 5, (10,), 4, 1, True, [2], [1], [1], "contiguous"),
-    "3d_depthwise": (3, 1, 3, 6, (4, 5, 4), 3, 3, True, [1, 2, 1], [1, 1, 0], [1, 1, 1], "contiguous"),
-    "2d_channels_last": (2, 2, 4, 6, (7, 5), 3, 1, True, [1, 1], [1, 1], [1, 1], "channels_last"),
-    "2d_batch0": (2, 0, 3, 4, (6, 5), 3, 1, True, [1, 1], [1, 1], [1, 1], "contiguous"),
-}
+# The raw-op cases of test_conv.py (1d/2d/3d, bias, stride/dilation, depthwise, channels_last,
+# batch 0), here with activation="relu".
+OPCHECK = RAW
 
 
 def op_args(name, dtype=torch.float32):
-    dims, n, cin, cout, spatial, kernel, groups, bias, stride, padding, dilation, layout = OPCHECK[name]
-    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype, layout=layout)
-    return x, w, b, stride, padding, dilation, groups
+    return raw_args(name, dtype)
 
 
 @pytest.mark.parametrize("name", list(OPCHECK))
