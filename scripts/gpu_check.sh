@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a fresh CUDA machine (no network): build for the local arch, run the CUDA tests,
-# benchmark convolution, pooling and normalization against torch's CUDA kernels (cuDNN and
-# ATen), summarize. Usage: bash scripts/gpu_check.sh OUT_DIR
+# benchmark convolution, pooling, normalization and ResNet-18 conv-BN fusion against torch's CUDA
+# kernels (cuDNN and ATen), run the demo on CUDA, summarize. Usage: bash scripts/gpu_check.sh OUT_DIR
 #
 # Every step is logged under OUT_DIR, runs under `timeout`, and never stops the steps after it.
 # The whole run stays within GPU_CHECK_SECONDS (default 470 s): each step gets its own cap or
@@ -102,6 +102,9 @@ run_step bench_pool "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_pool 
   --dtype float32 float16 bfloat16 --quick --out "$RESULTS"
 run_step bench_norm "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_norm --device cuda \
   --dtype float32 float16 bfloat16 --quick --out "$RESULTS"
+
+run_step bench_fuse "$OUT/bench_cuda.log" 60 "$PYTHON" -m benchmarks.bench_fuse --device cuda --quick \
+  --out "$RESULTS"
 
 # (4b) the demo on the GPU, where the machine has its extras (it has no network to fetch them)
 if "$PYTHON" -c "import sklearn, tqdm, matplotlib" 2>/dev/null; then
