@@ -203,9 +203,7 @@ def main(argv=None):
     parser = common.make_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     device, min_run_time, dtypes = common.resolve_run(parser, args)
-    cases = [c for c in suite(device) if not args.filter or args.filter in c.name]
-    if not cases:
-        parser.error(f"--filter {args.filter!r} matches no case")
+    cases = common.select(parser, args, suite(device))
 
     env = common.environment(device)
     env["min_run_time"] = min_run_time

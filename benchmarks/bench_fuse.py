@@ -221,9 +221,7 @@ def main(argv=None):
     device, min_run_time, dtypes = common.resolve_run(parser, args)
     if args.min_run_time is None:  # one forward is ~0.1-1 s: time longer than the per-op suites
         min_run_time = (1.0 if args.quick else 4.0) if device.type == "cpu" else min_run_time
-    layouts = [lay for lay in LAYOUTS if not args.filter or args.filter in lay]
-    if not layouts:
-        parser.error(f"--filter {args.filter!r} matches no layout")
+    layouts = common.select(parser, args, LAYOUTS, name=str)
 
     env = common.environment(device)
     env["min_run_time"] = min_run_time

@@ -213,6 +213,14 @@ def resolve_run(parser, args):
     return device, min_run_time, [getattr(torch, d) for d in args.dtype]
 
 
+def select(parser, args, items, name=lambda item: item.name):
+    """The items whose name contains --filter (all without one); none is a usage error."""
+    chosen = [item for item in items if not args.filter or args.filter in name(item)]
+    if not chosen:
+        parser.error(f"--filter {args.filter!r} matches nothing")
+    return chosen
+
+
 def correctness_line(rows):
     """'correctness: K rows ok, M failed', naming each failed row on a line of its own."""
     bad = [r for r in rows if r["check"] in ("MISMATCH", "ERROR")]
