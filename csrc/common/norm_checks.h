@@ -204,4 +204,35 @@ inline void check_sync_count(const char* op, int64_t count, const ChannelNormSha
               "at least this input's N x spatial = ", s.batch * s.spatial, ", but got ", count);
 }
 
+// The arguments of batch_norm_elemt (normalize with given statistics), for CPU and CUDA.
+inline ChannelNormShape check_batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                               const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                               const at::Tensor& invstd) {
+  constexpr const char* op = "cnnops::batch_norm_elemt";
+  const ChannelNormShape s = check_batch_norm_input(op, input);
+  check_batch_norm_param(op, "weight", weight, input, s);
+  check_batch_norm_param(op, "bias", bias, input, s);
+  check_norm_stat(op, "mean", mean, {s.channels}, input);
+  check_norm_stat(op, "invstd", invstd, {s.channels}, input);
+  return s;
+}
+
+// The arguments of batch_norm_backward_elemt (grad_input from the all-ranks sums), for CPU and CUDA.
+inline ChannelNormShape check_batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const at::Tensor& mean, const at::Tensor& invstd,
+                                                        const c10::optional<at::Tensor>& weight,
+                                                        const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                                        int64_t count) {
+  constexpr const char* op = "cnnops::batch_norm_backward_elemt";
+  const ChannelNormShape s = check_batch_norm_input(op, input);
+  check_norm_grad_output(op, grad_output, input);
+  check_batch_norm_param(op, "weight", weight, input, s);
+  check_norm_stat(op, "mean", mean, {s.channels}, input);
+  check_norm_stat(op, "invstd", invstd, {s.channels}, input);
+  check_norm_stat(op, "sum_dy", sum_dy, {s.channels}, input);
+  check_norm_stat(op, "sum_dy_xmu", sum_dy_xmu, {s.channels}, input);
+  check_sync_count(op, count, s);
+  return s;
+}
+
 }  // namespace cnnops

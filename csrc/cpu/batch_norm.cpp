@@ -322,12 +322,7 @@ TensorPair batch_norm_stats(const at::Tensor& input) {
 at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
                             const at::Tensor& invstd) {
-  constexpr const char* op = "cnnops::batch_norm_elemt";
-  const ChannelNormShape s = check_batch_norm_input(op, input);
-  check_batch_norm_param(op, "weight", weight, input, s);
-  check_batch_norm_param(op, "bias", bias, input, s);
-  check_norm_stat(op, "mean", mean, {s.channels}, input);
-  check_norm_stat(op, "invstd", invstd, {s.channels}, input);
+  const ChannelNormShape s = check_batch_norm_elemt(input, weight, bias, mean, invstd);
   const bool rows = use_rows_layout(input, s.spatial);
   const at::Tensor x = dense_for_layout(input, rows);
   at::Tensor y = at::empty_like(x);
@@ -345,15 +340,8 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
                                      const c10::optional<at::Tensor>& weight,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                                      int64_t count) {
-  constexpr const char* op = "cnnops::batch_norm_backward_elemt";
-  const ChannelNormShape s = check_batch_norm_input(op, input);
-  check_norm_grad_output(op, grad_output, input);
-  check_batch_norm_param(op, "weight", weight, input, s);
-  check_norm_stat(op, "mean", mean, {s.channels}, input);
-  check_norm_stat(op, "invstd", invstd, {s.channels}, input);
-  check_norm_stat(op, "sum_dy", sum_dy, {s.channels}, input);
-  check_norm_stat(op, "sum_dy_xmu", sum_dy_xmu, {s.channels}, input);
-  check_sync_count(op, count, s);
+  const ChannelNormShape s =
+      check_batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
   const bool rows = use_rows_layout(input, s.spatial);
   const at::Tensor x = dense_for_layout(input, rows);
   const at::Tensor dy = dense_for_layout(grad_output, rows);

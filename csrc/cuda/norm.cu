@@ -717,12 +717,8 @@ at::Tensor batch_norm_elemt_cuda(const at::Tensor& input_, const c10::optional<a
                                  const c10::optional<at::Tensor>& bias_, const at::Tensor& mean_,
                                  const at::Tensor& invstd_) {
   const char* op = "cnnops.batch_norm_elemt";
-  const ChannelNormShape s = check_batch_norm_input(op, input_);
+  const ChannelNormShape s = check_batch_norm_elemt(input_, weight_, bias_, mean_, invstd_);
   TORCH_CHECK(input_.is_cuda(), op, ": expected a CUDA input");
-  check_batch_norm_param(op, "weight", weight_, input_, s);
-  check_batch_norm_param(op, "bias", bias_, input_, s);
-  check_norm_stat(op, "mean", mean_, {s.channels}, input_);
-  check_norm_stat(op, "invstd", invstd_, {s.channels}, input_);
   const bool mixed = params_are_mixed(op, input_, {{"weight", &weight_}, {"bias", &bias_}});
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = kernel_memory_format(input_);
@@ -748,15 +744,9 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output_, const 
                                           const c10::optional<at::Tensor>& weight_, const at::Tensor& sum_dy_,
                                           const at::Tensor& sum_dy_xmu_, int64_t count) {
   const char* op = "cnnops.batch_norm_backward_elemt";
-  const ChannelNormShape s = check_batch_norm_input(op, input_);
+  const ChannelNormShape s =
+      check_batch_norm_backward_elemt(grad_output_, input_, mean_, invstd_, weight_, sum_dy_, sum_dy_xmu_, count);
   TORCH_CHECK(input_.is_cuda(), op, ": expected a CUDA input");
-  check_norm_grad_output(op, grad_output_, input_);
-  check_batch_norm_param(op, "weight", weight_, input_, s);
-  check_norm_stat(op, "mean", mean_, {s.channels}, input_);
-  check_norm_stat(op, "invstd", invstd_, {s.channels}, input_);
-  check_norm_stat(op, "sum_dy", sum_dy_, {s.channels}, input_);
-  check_norm_stat(op, "sum_dy_xmu", sum_dy_xmu_, {s.channels}, input_);
-  check_sync_count(op, count, s);
   const bool mixed = params_are_mixed(op, input_, {{"weight", &weight_}});
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = kernel_memory_format(input_);
