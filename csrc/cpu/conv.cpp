@@ -256,6 +256,17 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   return true;
 }
 
+#if defined(__SSE2__)
+// Four rows of 4 floats stored as four columns: dst[k * stride + j] = r_j[k].
+inline void store_transposed_4x4(__m128 r0, __m128 r1, __m128 r2, __m128 r3, float* dst, int64_t stride) {
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(dst, r0);
+  _mm_storeu_ps(dst + stride, r1);
+  _mm_storeu_ps(dst + 2 * stride, r2);
+  _mm_storeu_ps(dst + 3 * stride, r3);
+}
+#endif
+
 // dW_g = sum over chunks of dY_chunk * im2col(X)_chunk^T (see reduce_weight_gradient).
 // One B panel of the weight gradient: B[i, q] = x_g[rows[q] + columns[i]] for positions
 // i in [0, kc) and im2col rows q in [0, cols), panel row i at out + i * NR: the transpose of
@@ -278,13 +289,9 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
       }
       const float* base = x_g + columns[i];
       for (int64_t q = 0; q < NR; q += 4) {
-        __m128 r0 = _mm_loadu_ps(base + rows[q]), r1 = _mm_loadu_ps(base + rows[q + 1]);
-        __m128 r2 = _mm_loadu_ps(base + rows[q + 2]), r3 = _mm_loadu_ps(base + rows[q + 3]);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(out + i * NR + q, r0);
-        _mm_storeu_ps(out + (i + 1) * NR + q, r1);
-        _mm_storeu_ps(out + (i + 2) * NR + q, r2);
-        _mm_storeu_ps(out + (i + 3) * NR + q, r3);
+        store_transposed_4x4(_mm_loadu_ps(base + rows[q]), _mm_loadu_ps(base + rows[q + 1]),
+                             _mm_loadu_ps(base + rows[q + 2]), _mm_loadu_ps(base + rows[q + 3]),
+                             out + i * NR + q, NR);
       }
     }
   }
@@ -302,13 +309,8 @@ void pack_transposed_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, 
     for (; rows % 4 == 0 && kk + 4 <= cols; kk += 4)
       for (int64_t i = 0; i < rows; i += 4) {
         const float* tile = src + i * ld + kk;
-        __m128 r0 = _mm_loadu_ps(tile), r1 = _mm_loadu_ps(tile + ld);
-        __m128 r2 = _mm_loadu_ps(tile + 2 * ld), r3 = _mm_loadu_ps(tile + 3 * ld);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(dst + kk * mr + i, r0);
-        _mm_storeu_ps(dst + (kk + 1) * mr + i, r1);
-        _mm_storeu_ps(dst + (kk + 2) * mr + i, r2);
-        _mm_storeu_ps(dst + (kk + 3) * mr + i, r3);
+        store_transposed_4x4(_mm_loadu_ps(tile), _mm_loadu_ps(tile + ld), _mm_loadu_ps(tile + 2 * ld),
+                             _mm_loadu_ps(tile + 3 * ld), dst + kk * mr + i, mr);
       }
   }
 #endif
