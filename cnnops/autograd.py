@@ -17,41 +17,6 @@ def _selected(grads, mask):
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
-class ConvFunction(torch.autograd.Function):
-    """Convolution with symmetric zero padding; 1d/2d/3d from the weight's rank.
-
-    apply(input, weight, bias, stride, padding, dilation, groups, activation="none"), with
-    stride, padding and dilation as tuples of one int per spatial dim. Input must be batched.
-    activation="relu" returns relu(conv(...)), the ReLU applied by the kernels as they write
-    the output (one op, no second pass).
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, activation="none"):
-        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
-        ctx.has_bias = bias is not None
-        ctx.relu = activation == "relu"
-        output = ops.conv_forward(input, weight, bias, *ctx.conv_args, activation)
-        # relu's backward needs where the output is positive: the output itself is saved (no copy).
-        ctx.save_for_backward(input, weight, output if ctx.relu else None)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        input, weight, output = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if not any(mask):
-            return None, None, None, None, None, None, None, None
-        if ctx.relu:
-            # d relu(z)/dz = 1 where z > 0, else 0 (torch's threshold_backward: zero where the
-            # output is <= 0). This mask is Python glue, one elementwise pass over grad_output;
-            # the convolution backward that follows is ours.
-            grad_output = torch.where(output <= 0, 0, grad_output)
-        grads = ops.conv_backward(grad_output, input, weight, *ctx.conv_args, mask)
-        return (*_selected(grads, mask), None, None, None, None, None)
-
-
 # --------------------------------------------------------------------------------------------
 # Pooling
 # --------------------------------------------------------------------------------------------

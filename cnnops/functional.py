@@ -8,7 +8,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .autograd import ConvFunction
+from ._ops import ops
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
@@ -106,7 +106,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
             raise RuntimeError(f"Invalid padding string: '{padding}', expected 'same' or 'valid'")
     else:
         padding = _expand(padding, "padding", dims)
-    out = ConvFunction.apply(input, weight, bias, stride, padding, dilation, int(groups), _activation)
+    out = ops.conv_forward(input, weight, bias, stride, padding, dilation, int(groups), _activation)
     return out.squeeze(0) if unbatched else out
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import cnnops
-import cnnops.autograd
 import cnnops.functional
 from conftest import (
     CHANNELS_LAST,
@@ -354,21 +353,21 @@ def test_gradcheck_functional(dims, cfg):
 
 
 @pytest.mark.parametrize("dims", DIMS)
-def test_gradcheck_conv_function(dims):
-    """cnnops.autograd.ConvFunction called directly with tuples and symmetric padding."""
+def test_gradcheck_conv_op(dims):
+    """The raw op torch.ops.cnnops.conv_forward is differentiable itself (its Autograd kernel)."""
     spatial = {1: (8,), 2: (5, 6), 3: (4, 5, 4)}[dims]
     x, w, b = conv_tensors(dims, 2, 4, 6, spatial, 2, 2, True, torch.float64)
     stride, padding, dilation = (2, 1, 1)[:dims], (1, 0, 1)[:dims], (1, 2, 1)[:dims]
     inputs = [t.clone().requires_grad_() for t in (x, w, b)]
 
     def f(xx, ww, bb):
-        return cnnops.autograd.ConvFunction.apply(xx, ww, bb, stride, padding, dilation, 2)
+        return torch.ops.cnnops.conv_forward(xx, ww, bb, stride, padding, dilation, 2)
 
     expected = conv_fn(F, dims)(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=2)
     assert_close_to_torch(f(*inputs).detach(), expected, torch.float64, 8)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
-    # bias None through the Function
-    out = cnnops.autograd.ConvFunction.apply(x, w, None, stride, padding, dilation, 2)
+    # bias None through the op
+    out = torch.ops.cnnops.conv_forward(x, w, None, stride, padding, dilation, 2)
     expected = conv_fn(F, dims)(x, w, None, stride=stride, padding=padding, dilation=dilation, groups=2)
     assert_close_to_torch(out, expected, torch.float64, 8)
 

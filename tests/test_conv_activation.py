@@ -335,13 +335,14 @@ def test_nan_passes_through_relu():
 
 
 def test_existing_callers_unchanged():
-    """ConvFunction.apply with the old 7 arguments and the public functional signatures."""
+    """The raw op with the old 7 arguments (activation defaults to "none") and the public
+    functional signatures."""
     import inspect
 
     x, w, b = conv_tensors(2, 2, 3, 4, (7, 6), 3, 1, True, torch.float64)
-    out = cnnops.autograd.ConvFunction.apply(x, w, b, (1, 1), (1, 1), (1, 1), 1)
+    out = torch.ops.cnnops.conv_forward(x, w, b, (1, 1), (1, 1), (1, 1), 1)
     assert_close_to_torch(out, F.conv2d(x, w, b, padding=1), torch.float64, 27)
-    relu = cnnops.autograd.ConvFunction.apply(x, w, b, (1, 1), (1, 1), (1, 1), 1, "relu")
+    relu = torch.ops.cnnops.conv_forward(x, w, b, (1, 1), (1, 1), (1, 1), 1, "relu")
     assert_close_to_torch(relu, torch.relu(F.conv2d(x, w, b, padding=1)), torch.float64, 27)
     for dims in DIMS:  # no new public argument
         assert "activation" not in inspect.signature(getattr(cnnops.functional, f"conv{dims}d")).parameters

@@ -19,7 +19,9 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <memory>
 #include <optional>
+#include <type_traits>
 
 namespace cnnops::autograd {
 
@@ -41,13 +43,34 @@ using torch::autograd::variable_list;
   }                                                                                                 \
   }
 
+// torch's Node is held by c10::intrusive_ptr in newer releases and by std::shared_ptr (with
+// deleteNode, which frees long chains without deep recursion) in older ones; cnnops builds with both.
+template <typename NodeT>
+auto new_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
+    return c10::make_intrusive<NodeT>();
+  } else {
+    return std::shared_ptr<NodeT>(new NodeT(), [](NodeT* node) { deleteNode(node); });
+  }
+}
+// The owning pointer of `node` itself, which SavedVariable::unpack needs for a saved output.
+template <typename NodeT>
+auto owning_ptr(NodeT* node) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
+    return node->getptr();
+  } else {
+    return node->shared_from_this();
+  }
+}
+
 // The Node recorded for `inputs` (in the order of its gradients), or null when none of them
 // requires grad or grad mode is off. The caller saves what apply() needs, then set_history()s
 // the differentiable outputs.
 template <typename NodeT, typename... Inputs>
-c10::intrusive_ptr<NodeT> make_node(const Inputs&... inputs) {
-  if (!torch::autograd::compute_requires_grad(inputs...)) return {};
-  auto node = c10::make_intrusive<NodeT>();
+auto make_node(const Inputs&... inputs) {
+  decltype(new_node<NodeT>()) node;
+  if (!torch::autograd::compute_requires_grad(inputs...)) return node;
+  node = new_node<NodeT>();
   node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
   return node;
 }
