@@ -91,7 +91,6 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
         )
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool):
         raise TypeError(f"groups must be an int, but got groups={groups!r}")
-    input, weight, bias = _autocast(f"conv{dims}d", input, weight, bias)
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)

@@ -87,3 +87,20 @@ def test_autocast_disabled_region_runs_in_input_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.autocast("cpu", enabled=False):
             assert CF.conv2d(x, w).dtype == torch.float32
+
+
+def test_raw_ops_autocast_as_their_functions():
+    """The policy lives on the ops' Autocast kernels (csrc/autocast), so raw ops cast too."""
+    ops = torch.ops.cnnops
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    x3 = torch.randn(1, 3, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.conv_forward(x, w, None, [1, 1], [0, 0], [1, 1], 1).dtype == F.conv2d(x, w).dtype
+        pooled = ops.max_pool_forward(x3.bfloat16(), [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False)[0]
+        assert pooled.dtype == F.max_pool3d(x3.bfloat16(), 2).dtype == torch.float32
+        pooled = ops.max_pool_forward(x.bfloat16(), [2, 2], [2, 2], [0, 0], [1, 1], False)[0]
+        assert pooled.dtype == F.max_pool2d(x.bfloat16(), 2).dtype == torch.bfloat16
+        assert ops.avg_pool_forward(x3.bfloat16(), [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, 0).dtype == torch.float32
+        out, idx = F.max_pool2d(x.bfloat16(), 2, return_indices=True)
+        assert ops.max_unpool_forward(out, idx, [4, 4]).dtype == F.max_unpool2d(out, idx, 2).dtype == torch.float32
+        assert ops.conv_forward(x.double(), w.double(), None, [1, 1], [0, 0], [1, 1], 1).dtype == torch.float64

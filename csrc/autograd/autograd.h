@@ -6,7 +6,7 @@
 // Each forward kernel
 //   1. runs the op below autograd (AutoDispatchBelowADInplaceOrView, then the CPU/CUDA kernel);
 //   2. when an input requires grad, records a Node (make_node) whose apply() computes the
-//      gradients by calling cnnops ops through the dispatcher (the `call` wrappers). Under
+//      gradients by calling cnnops ops through the dispatcher (CNNOPS_OP_CALL, op_call.h). Under
 //      create_graph=True those calls are recorded in turn, so every gradient is differentiable
 //      again and none can silently lose a term;
 //   3. when an input carries a forward-mode tangent, sets the output's tangent (the jvp formula),
@@ -19,6 +19,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include "op_call.h"
+
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -29,19 +31,6 @@ using at::Tensor;
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-
-// CNNOPS_OP_CALL(conv_forward, Tensor(const Tensor&, ...)) defines call::conv_forward(...): the op
-// through the whole dispatcher (autograd included, unlike a direct call of a CPU function), its
-// handle looked up once.
-#define CNNOPS_OP_CALL(name, ...)                                                                   \
-  namespace call {                                                                                  \
-  template <typename... Args>                                                                       \
-  inline decltype(auto) name(Args&&... args) {                                                      \
-    static const auto handle =                                                                      \
-        c10::Dispatcher::singleton().findSchemaOrThrow("cnnops::" #name, "").typed<__VA_ARGS__>(); \
-    return handle.call(std::forward<Args>(args)...);                                                \
-  }                                                                                                 \
-  }
 
 // torch's Node is held by c10::intrusive_ptr in newer releases and by std::shared_ptr (with
 // deleteNode, which frees long chains without deep recursion) in older ones; cnnops builds with both.
