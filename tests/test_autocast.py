@@ -101,6 +101,6 @@ def test_raw_ops_autocast_as_their_functions():
         pooled = ops.max_pool_forward(x.bfloat16(), [2, 2], [2, 2], [0, 0], [1, 1], False)[0]
         assert pooled.dtype == F.max_pool2d(x.bfloat16(), 2).dtype == torch.bfloat16
         assert ops.avg_pool_forward(x3.bfloat16(), [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, 0).dtype == torch.float32
-        out, idx = F.max_pool2d(x.bfloat16(), 2, return_indices=True)
+        out, idx = F.max_pool2d(x[..., :4, :4].bfloat16(), 2, return_indices=True)
         assert ops.max_unpool_forward(out, idx, [4, 4]).dtype == F.max_unpool2d(out, idx, 2).dtype == torch.float32
         assert ops.conv_forward(x.double(), w.double(), None, [1, 1], [0, 0], [1, 1], 1).dtype == torch.float64
