@@ -42,6 +42,12 @@ def _autocast(fname, *tensors):
 
 def _expand(value, name, dims):
     """An int or a sequence of 1 or `dims` ints, as torch's expand_param_if_needed."""
+    # Fast paths for what modules and most callers pass (an int, or a tuple of `dims` ints):
+    # every call pays this, and a small convolution costs only microseconds.
+    if type(value) is int:
+        return (value,) * dims
+    if type(value) is tuple and len(value) == dims and all(type(v) is int for v in value):
+        return value
     values = [value] if isinstance(value, numbers.Integral) else list(value)
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name} must be an int or a tuple of {dims} ints, but got {name}={value!r}")
@@ -89,7 +95,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
             f"weight: expected a {dims + 2}D weight (out_channels, in_channels/groups, *kernel) "
             f"for conv{dims}d, but got weight of size {list(weight.shape)}"
         )
-    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool):
+    if type(groups) is not int and (not isinstance(groups, numbers.Integral) or isinstance(groups, bool)):
         raise TypeError(f"groups must be an int, but got groups={groups!r}")
     unbatched = input.dim() == dims + 1
     if unbatched:

@@ -110,7 +110,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
-  at::parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(block));
     const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
@@ -181,7 +181,7 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
   const PaddedLayout layout(g);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   // A task owns one (sample, group) slice of dX, so the col2im additions never race.
-  at::parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(kColumnBlock));
     const auto col = scratch<T>(k * kColumnBlock);
     std::vector<T> dx_padded(cg * layout.plane);
@@ -348,7 +348,7 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
 template <typename T>
 void conv_backward_bias(const ConvGeometry& g, const T* dy, T* db) {
   const int64_t l = g.out_plane();
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       T sum = 0;
       for (int64_t n = 0; n < g.batch; ++n) {
@@ -369,7 +369,7 @@ void conv_backward_bias_nhwc(const ConvGeometry& g, const T* dy, T* db) {
   const int64_t rows = g.batch * g.out_plane(), c_out = g.out_channels;
   const int64_t chunks = std::min<int64_t>(rows, 8);
   std::vector<T> partial(chunks * c_out, T(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       T* sum = partial.data() + p * c_out;
       for (int64_t r = rows * p / chunks; r < rows * (p + 1) / chunks; ++r)
@@ -411,6 +411,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                             c10::string_view activation_name) {
   const ConvGeometry g = make_conv_geometry(input, weight, bias, stride, padding, dilation, groups);
+  const SerialRegion small(is_small_conv(g));
   const Activation activation = parse_activation(activation_name);
   TORCH_CHECK(input.device().is_cpu(), "conv_forward_cpu: input must be a CPU tensor, got ", input.device());
   check_cpu_dtype(input);
@@ -436,6 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     std::array<bool, 3> output_mask) {
   const ConvGeometry g = make_conv_geometry(input, weight, std::nullopt, stride, padding, dilation, groups);
   check_grad_output(grad_output, input, g, weight.dim() - 2);
+  const SerialRegion small(is_small_conv(g));
   TORCH_CHECK(input.device().is_cpu(), "conv_backward_cpu: input must be a CPU tensor, got ", input.device());
   check_cpu_dtype(input);
   const auto layout = kernel_memory_format(input, g);

@@ -16,6 +16,41 @@ constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc 
 
 inline int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
+// Convolutions below this many multiply-adds run on the calling thread: for them a parallel
+// region's fork and join (microseconds, far more on a busy machine) costs more than the work.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 16;
+
+// While a SerialRegion is alive on this thread, cpu::parallel_for runs its range inline. Every
+// work split is fixed by the sizes alone, so the result is the same either way.
+class SerialRegion {
+ public:
+  explicit SerialRegion(bool serial) : previous_(active()) { active() = previous_ || serial; }
+  ~SerialRegion() { active() = previous_; }
+  SerialRegion(const SerialRegion&) = delete;
+  SerialRegion& operator=(const SerialRegion&) = delete;
+  static bool& active() {
+    thread_local bool serial = false;
+    return serial;
+  }
+
+ private:
+  bool previous_;
+};
+
+inline bool is_small_conv(const ConvGeometry& g) {  // in double: the product may pass 2^63
+  return double(g.batch) * double(g.out_channels) * double(g.out_plane()) * double(g.gemm_k()) < kMinParallelMacs;
+}
+
+// at::parallel_for, or the whole range on this thread inside a SerialRegion.
+template <typename Fn>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
+  if (SerialRegion::active()) {
+    if (begin < end) fn(begin, end);
+    return;
+  }
+  at::parallel_for(begin, end, grain, fn);
+}
+
 // Calls fn(n, l0, len, offset) for the pieces of the flat (sample, position) range
 // [begin, begin + count) that lie in one sample: positions [l0, l0 + len) of sample n.
 template <typename Fn>
@@ -43,7 +78,7 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
   const int64_t slice = 8 * gemm_nr<T>(), slices = num_blocks(k, slice);
   const int64_t size = g.groups * m * k;
   std::vector<T> partial(partials * size, T(0));
-  at::parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
@@ -54,7 +89,7 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
       }
     }
   });
-  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T sum = partial[i];
       for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + i];

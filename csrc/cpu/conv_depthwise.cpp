@@ -125,7 +125,7 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
   const bool relu_out = activation == Activation::Relu;
   dispatch_kernel_width(g, [&](auto kw_constant) {
     constexpr int KW = decltype(kw_constant)::value;
-    at::parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, g.batch * g.out_channels, 1, [&](int64_t begin, int64_t end) {
       PaddedPlane<T> padded(g);
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t co = plane % g.out_channels, n = plane / g.out_channels;
@@ -160,7 +160,7 @@ template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
   const int64_t ow_end = g.out[2], sw = g.stride[2], dw = g.dilation[2];
-  at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
     PaddedPlane<T> padded(g);  // accumulates dx with its border, which is then dropped
     for (int64_t plane = begin; plane < end; ++plane) {  // a task owns its dx plane: no races
       const int64_t ci = plane % g.in_channels, n = plane / g.in_channels;
@@ -188,7 +188,7 @@ void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T*
   const int64_t ow_end = g.out[2];
   dispatch_kernel_width(g, [&](auto kw_constant) {
     constexpr int KW = decltype(kw_constant)::value;
-    at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
       PaddedPlane<T> padded(g);
       // Products are summed lane-wise into one row per tap, so the inner loop vectorizes without
       // reassociating a scalar sum; each row is reduced once at the end, in a fixed order.

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/conv_shape.h"
+#include "cpu/conv_cpu.h"
 
 namespace cnnops {
 namespace cpu {
@@ -94,7 +95,7 @@ std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T*
                           int64_t slack = 0) {
   std::vector<T> padded(planes * p.plane + slack, T(0));
   const int64_t width = g.in[2];
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q)
       for (int64_t d = 0; d < g.in[0]; ++d)
         for (int64_t h = 0; h < g.in[1]; ++h) {

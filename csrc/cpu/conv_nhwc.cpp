@@ -99,7 +99,7 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
   const int64_t blocks = num_blocks(rows, kColumnBlock);
   const int64_t block = num_blocks(rows, blocks);  // even blocks
   const std::vector<T> zeros(kKc, T(0));  // what rows in the padding read
-  at::parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(m));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / blocks, r0 = (task % blocks) * block, rc = std::min(block, rows - r0);
@@ -134,7 +134,7 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
   const int64_t hp = grid.padded.h, wp = grid.padded.w;
   // Padded NHWC input; the slack covers the rows past the grid that the last A panel reads.
   std::vector<T> padded(g.batch * pp * c_in + (gemm_mr<T>() + 1) * c_in, T(0));
-  at::parallel_for(0, g.batch * g.in[0] * g.in[1], 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.batch * g.in[0] * g.in[1], 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {  // (n, d, h): one input row of W pixels
       const int64_t h = row % g.in[1], d = row / g.in[1] % g.in[0], n = row / g.in[1] / g.in[0];
       std::memcpy(&padded[((n * grid.padded.d + d + g.pad[0]) * hp + h + g.pad[1]) * wp * c_in + g.pad[2] * c_in],
@@ -150,7 +150,7 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
   const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
   constexpr int64_t block = 384;  // grid rows per GEMM call
   const int64_t blocks = (grid.columns + block - 1) / block;
-  at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(m));
     const auto tile = scratch<T>(block * m);  // C for one block of grid rows, before dropping waste
     for (int64_t task = begin; task < end; ++task) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/conv_cpu.h"
 #include "cpu/gemm.h"
 
 namespace cnnops {
@@ -26,7 +27,7 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
   std::vector<PackedA<T>> weights;
   for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
   const int64_t blocks = (grid.columns + block - 1) / block;
-  at::parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);  // C for one block of grid columns, before dropping waste
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = (task % blocks) * block, nc = std::min(block, grid.columns - n0);
