@@ -29,12 +29,14 @@ struct PaddedLayout {
 
 // row_offset(r) for every im2col row of one group (channels counted from the group's first).
 inline std::vector<int64_t> im2col_row_offsets(const ConvGeometry& g, const PaddedLayout& p) {
-  std::vector<int64_t> offsets(g.gemm_k());
-  for (int64_t r = 0; r < g.gemm_k(); ++r) {
-    const KernelTap t = decompose_gemm_row(g, r);
-    offsets[r] = t.channel * p.plane + (t.kd * g.dilation[0] * p.h + t.kh * g.dilation[1]) * p.w +
-                 t.kw * g.dilation[2];
-  }
+  // Rows run over (channel, kd, kh, kw), kw fastest (decompose_gemm_row), stepped without divisions.
+  std::vector<int64_t> offsets;
+  offsets.reserve(g.gemm_k());
+  for (int64_t c = 0; c < g.in_channels_per_group(); ++c)
+    for (int64_t kd = 0; kd < g.kernel[0]; ++kd)
+      for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
+        for (int64_t kw = 0; kw < g.kernel[2]; ++kw)
+          offsets.push_back(c * p.plane + (kd * g.dilation[0] * p.h + kh * g.dilation[1]) * p.w + kw * g.dilation[2]);
   return offsets;
 }
 
