@@ -33,7 +33,8 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 // torch's Node is held by c10::intrusive_ptr in newer releases and by std::shared_ptr (with
-// deleteNode, which frees long chains without deep recursion) in older ones; cnnops builds with both.
+// deleteNode, which frees long chains without deep recursion) in older ones (2.11); cnnops builds
+// with both. Node::getptr() gives either kind, e.g. for SavedVariable::unpack of a saved output.
 template <typename NodeT>
 auto new_node() {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
@@ -42,16 +43,6 @@ auto new_node() {
     return std::shared_ptr<NodeT>(new NodeT(), [](NodeT* node) { deleteNode(node); });
   }
 }
-// The owning pointer of `node` itself, which SavedVariable::unpack needs for a saved output.
-template <typename NodeT>
-auto owning_ptr(NodeT* node) {
-  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
-    return node->getptr();
-  } else {
-    return node->shared_from_this();
-  }
-}
-
 // The Node recorded for `inputs` (in the order of its gradients), or null when none of them
 // requires grad or grad mode is off. The caller saves what apply() needs, then set_history()s
 // the differentiable outputs.

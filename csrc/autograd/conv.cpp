@@ -52,7 +52,7 @@ struct ConvForwardBackward : Node {
     variable_list result(3);
     Tensor dy = grads[0];
     if (!dy.defined()) return result;
-    if (relu) dy = at::threshold_backward(dy, output_.unpack(owning_ptr(this)), 0);
+    if (relu) dy = at::threshold_backward(dy, output_.unpack(getptr()), 0);
     const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
                                    has_bias && task_should_compute_output(2)};
     if (!(mask[0] || mask[1] || mask[2])) return result;
