@@ -262,43 +262,56 @@ def test_norm_integer_and_complex_not_implemented_as_torch(op, dtype):
 
 
 DIFFERENTIABLE = {
-    "conv2d": lambda x: CF.conv2d(x, torch.randn(2, 3, 3, 3, dtype=x.dtype)),
-    "max_pool2d": lambda x: CF.max_pool2d(x, 2),
-    "avg_pool2d": lambda x: CF.avg_pool2d(x, 2),
-    "adaptive_avg_pool2d": lambda x: CF.adaptive_avg_pool2d(x, 2),
-    "adaptive_max_pool2d": lambda x: CF.adaptive_max_pool2d(x, 2),
-    "batch_norm": lambda x: CF.batch_norm(x, None, None, training=True),
-    "layer_norm": lambda x: CF.layer_norm(x, (6,)),
-    "group_norm": lambda x: CF.group_norm(x, 3),
-    "instance_norm": lambda x: CF.instance_norm(x),
+    "conv2d": lambda x, M: M.conv2d(x, torch.randn(2, 3, 3, 3, dtype=x.dtype)),
+    "max_pool2d": lambda x, M: M.max_pool2d(x, 2),
+    "avg_pool2d": lambda x, M: M.avg_pool2d(x, 2),
+    "adaptive_avg_pool2d": lambda x, M: M.adaptive_avg_pool2d(x, 2),
+    "adaptive_max_pool2d": lambda x, M: M.adaptive_max_pool2d(x, 2),
+    "batch_norm": lambda x, M: M.batch_norm(x, None, None, training=True),
+    "layer_norm": lambda x, M: M.layer_norm(x, (6,)),
+    "group_norm": lambda x, M: M.group_norm(x, 3),
+    "instance_norm": lambda x, M: M.instance_norm(x),
 }
 
 
+def _twin(op):
+    """The torch.nn.functional twin of DIFFERENTIABLE[op], with the same random weight."""
+    def call(module, x):
+        torch.manual_seed(0)
+        return DIFFERENTIABLE[op](x, module)
+    return call
+
+
 @pytest.mark.parametrize("op", list(DIFFERENTIABLE))
-def test_double_backward_raises(op):
+def test_double_backward_like_torch(op):
+    """README: double backward works on every op family (autograd in the dispatcher)."""
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad((DIFFERENTIABLE[op](x) ** 2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+    second = []
+    for module in (CF, F):
+        (g,) = torch.autograd.grad((_twin(op)(module, x) ** 2).sum(), x, create_graph=True)
+        assert g.requires_grad
+        second.append(torch.autograd.grad((g ** 2).sum(), x)[0])
+    torch.testing.assert_close(*second)
 
 
-def test_forward_mode_ad_not_implemented():
+@pytest.mark.parametrize("op", list(DIFFERENTIABLE))
+def test_forward_mode_ad_like_torch(op):
     import torch.autograd.forward_ad as fwAD
 
-    with fwAD.dual_level():
-        x = fwAD.make_dual(torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
-        assert fwAD.unpack_dual(F.max_pool2d(x, 2)).tangent is not None  # torch supports it
-        with pytest.raises(NotImplementedError, match="jvp"):
-            CF.max_pool2d(x, 2)
+    x, t = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    tangents = []
+    for module in (CF, F):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(_twin(op)(module, fwAD.make_dual(x, t))).tangent.clone())
+    torch.testing.assert_close(*tangents)
 
 
-def test_torch_func_transforms_raise():
-    x, w = torch.randn(3, 2, 4, 6, 6), torch.randn(5, 4, 3, 3)
-    assert torch.func.vmap(lambda t: F.conv2d(t, w))(x).shape == (3, 2, 5, 4, 4)  # torch supports it
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.vmap(lambda t: CF.conv2d(t, w))(x)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda t: CF.avg_pool2d(t, 2).sum())(x[0])
+@pytest.mark.parametrize("op", list(DIFFERENTIABLE))
+def test_torch_func_like_torch(op):
+    x = torch.randn(3, 2, 3, 6, 6, dtype=torch.float64)
+    per_sample = [torch.func.vmap(torch.func.grad(lambda xi: (_twin(op)(module, xi) ** 2).sum()))(x)
+                  for module in (CF, F)]
+    torch.testing.assert_close(*per_sample)
 
 
 def test_cpu_ops_run_under_deterministic_algorithms():
