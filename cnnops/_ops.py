@@ -62,6 +62,57 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
     return grad_input, grad_weight, grad_bias
 
 
+# torch.vmap of the convolution ops (torch.func's per-sample gradients, jacrev, hessian), so
+# vmap does not run one convolution per vmapped sample. Vmapped inputs alone are more samples
+# of one batch; otherwise the B vmapped problems become one convolution with B times the
+# groups: channels (N, B * C) of the input, filters (B * C_out, ...) of the weight.
+
+
+def _vmapped(t, bdim, size):
+    """t with its vmap dim first (expanded to `size` where t is not vmapped)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def _fold_groups(x, size):
+    """(B, N, C, *s) -> (N, B * C, *s): the vmapped problems side by side as groups."""
+    return x.movedim(0, 1).flatten(1, 2)
+
+
+def _unfold_groups(y, size):
+    """(N, B * C, *s) -> (B, N, C, *s)."""
+    return y.unflatten(1, (size, -1)).movedim(1, 0)
+
+
+@torch.library.register_vmap("cnnops::conv_forward")
+def _conv_forward_vmap(info, in_dims, input, weight, bias, stride, padding, dilation, groups, activation="none"):
+    size = info.batch_size
+    x_dim, w_dim, b_dim = in_dims[:3]
+    if w_dim is None and b_dim is None:
+        x = input.movedim(x_dim, 0)
+        out = ops.conv_forward(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups, activation)
+        return out.unflatten(0, (size, -1)), 0
+    x = _fold_groups(_vmapped(input, x_dim, size), size)
+    w = _vmapped(weight, w_dim, size).flatten(0, 1)
+    b = None if bias is None else _vmapped(bias, b_dim, size).flatten(0, 1)
+    out = ops.conv_forward(x, w, b, stride, padding, dilation, groups * size, activation)
+    return _unfold_groups(out, size), 0
+
+
+@torch.library.register_vmap("cnnops::conv_backward")
+def _conv_backward_vmap(info, in_dims, grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    size = info.batch_size
+    dy_dim, x_dim, w_dim = in_dims[:3]
+    dy = _fold_groups(_vmapped(grad_output, dy_dim, size), size)
+    x = _fold_groups(_vmapped(input, x_dim, size), size)
+    w = _vmapped(weight, w_dim, size).flatten(0, 1)
+    dx, dw, db = ops.conv_backward(dy, x, w, stride, padding, dilation, groups * size, output_mask)
+    # Left-out gradients stay unbatched empty placeholders.
+    return ((_unfold_groups(dx, size) if output_mask[0] else dx,
+             dw.unflatten(0, (size, -1)) if output_mask[1] else dw,
+             db.unflatten(0, (size, -1)) if output_mask[2] else db),
+            (0 if output_mask[0] else None, 0 if output_mask[1] else None, 0 if output_mask[2] else None))
+
+
 # --------------------------------------------------------------------------------------------
 # Pooling
 # --------------------------------------------------------------------------------------------

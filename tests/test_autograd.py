@@ -342,3 +342,30 @@ def test_jacrev_of_converted_model_matches_torch():
     reference, converted = twin_models("group", training=False)
     x = torch.randn(1, 3, 8, 8, dtype=D)
     torch.testing.assert_close(jacrev(converted)(x), jacrev(reference)(x))
+
+
+@pytest.mark.parametrize("batched", ["input", "weight", "both"])
+def test_conv_vmap_rules_match_torch_without_fallback(batched):
+    """conv_forward/conv_backward have vmap rules (cnnops/_ops.py): no per-sample fallback loop
+    (torch warns when it takes one) and torch's values, for every combination of vmapped
+    arguments, forward and through grad/jacrev."""
+    import warnings
+
+    x = torch.randn(4, 2, 4, 6, 6, dtype=D)
+    w = torch.randn(4, 6, 2, 3, 3, dtype=D)
+    b = torch.randn(4, 6, dtype=D)
+    dims = {"input": (0, None, None), "weight": (None, 0, 0), "both": (0, 0, 0)}[batched]
+    args = [t if d is not None else t[0] for t, d in zip((x, w, b), dims)]
+
+    def run(M):
+        forward = torch.func.vmap(lambda x, w, b: M.conv2d(x, w, b, stride=(2, 1), padding=1, groups=2),
+                                  in_dims=dims)(*args)
+        grads = torch.func.vmap(torch.func.grad(lambda x, w, b: M.conv2d(x, w, b, padding=1, groups=2).pow(2).sum(),
+                                                argnums=(0, 1, 2)), in_dims=dims)(*args)
+        return forward, *grads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's performance warning
+        ours = run(CF)
+    for g, e in zip(ours, run(F)):
+        torch.testing.assert_close(g, e)
