@@ -74,7 +74,8 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 # torch.utils.cpp_extension picks -std (c++20 for torch>=2.10). -fopenmp: at::parallel_for is a
 # header template that runs serially unless the extension itself is compiled with OpenMP.
 cxx_flags = opt + ["-ffp-contract=fast", "-fopenmp"]
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/autocast/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/autocast/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                                       + glob.glob("csrc/python/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra = {"cxx": cxx_flags}
 Extension = CppExtension

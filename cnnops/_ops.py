@@ -14,6 +14,20 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 ops = torch.ops.cnnops
 
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function
+
+
+def fast_call_ok(*tensors):
+    """Whether cnnops._C.call (csrc/python/fast_call.cpp: no torch.ops argument matching, several
+    microseconds less per call) may run the op: in eager mode. torch.compile traces torch.ops
+    calls, not C functions, and __torch_function__ overrides (FX proxies, tensor subclasses,
+    TorchFunctionModes) are handled by torch.ops."""
+    return not _is_compiling() and not _has_torch_function(tensors)
+
+
+call = _C.call
+
 
 def conv_output_size(size, kernel, stride, padding, dilation):
     """Slides: H' = (H - K + 2P) / S + 1, with a dilated kernel spanning D(K - 1) + 1."""

@@ -8,7 +8,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ._ops import ops
+from . import _C
+from ._ops import call, fast_call_ok, ops
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
@@ -77,6 +78,9 @@ def _same_padding(input, weight, stride, dilation, dims):
     return input, left
 
 
+_CONV_FORWARD = _C.op("conv_forward")
+
+
 def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _activation="none"):
     """conv{dims}d; _activation="relu" (private, for cnnops.nn.ConvReLU*) fuses a ReLU into the
     kernel's output step: relu(conv{dims}d(...)) in one op."""
@@ -111,7 +115,8 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
             raise RuntimeError(f"Invalid padding string: '{padding}', expected 'same' or 'valid'")
     else:
         padding = _expand(padding, "padding", dims)
-    out = ops.conv_forward(input, weight, bias, stride, padding, dilation, int(groups), _activation)
+    args = (input, weight, bias, stride, padding, dilation, int(groups), _activation)
+    out = call(_CONV_FORWARD, *args) if fast_call_ok(input, weight, bias) else ops.conv_forward(*args)
     return out.squeeze(0) if unbatched else out
 
 

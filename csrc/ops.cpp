@@ -3,10 +3,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace cnnops::python {
+PyMethodDef* fast_call_methods();  // csrc/python/fast_call.cpp
+}
+
 extern "C" {
-// `import cnnops._C` only has to load this library: the ops register through TORCH_LIBRARY.
+// `import cnnops._C` loads this library (the ops register through TORCH_LIBRARY) and gives
+// Python its fast call path (op, call).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          cnnops::python::fast_call_methods()};
   return PyModule_Create(&module_def);
 }
 }
