@@ -309,7 +309,7 @@ def test_forward_mode_ad_like_torch(op):
 @pytest.mark.parametrize("op", list(DIFFERENTIABLE))
 def test_torch_func_like_torch(op):
     x = torch.randn(3, 2, 3, 6, 6, dtype=torch.float64)
-    per_sample = [torch.func.vmap(torch.func.grad(lambda xi: (_twin(op)(module, xi) ** 2).sum()))(x)
+    per_sample = [torch.func.vmap(torch.func.grad(lambda xi: (_twin(op)(module, xi) ** 2).sum()), randomness="same")(x)
                   for module in (CF, F)]
     torch.testing.assert_close(*per_sample)
 
