@@ -113,10 +113,10 @@ Tensor zeros_if_wanted(Node& node, size_t i, const Tensor& input) {
   return node.task_should_compute_output(i) ? at::zeros_like(input) : Tensor();
 }
 
-// Tangent of a backward op, linear in grad_output: the op applied to grad_output's tangent;
-// zero when only the input (a shape) has one.
+// Tangent of a max pool backward op, linear in grad_output: the op applied to grad_output's
+// tangent. As torch (`result: auto_linear`), a tangent of the input alone gives a zero one.
 template <typename F>
-void set_backward_tangent(const Tensor& result, const Tensor& grad_output, const Tensor& input, F&& op) {
+void set_max_backward_tangent(const Tensor& result, const Tensor& grad_output, const Tensor& input, F&& op) {
   const Tensor t_grad = tangent(grad_output);
   if (t_grad.defined())
     set_tangent(result, op(t_grad));
@@ -196,7 +196,7 @@ Tensor max_pool_backward(const Tensor& grad_output, const Tensor& input, const T
     result = call::max_pool_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
   }
   record_max_backward(result, grad_output, input, indices, node);
-  set_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
+  set_max_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
     return call::max_pool_backward(t, primal(input), indices, kernel_size, stride, padding, dilation, ceil_mode);
   });
   return result;
@@ -269,10 +269,10 @@ Tensor avg_pool_backward(const Tensor& grad_output, const Tensor& input, IntArra
     node->saved[0] = SavedVariable(input, false);
     torch::autograd::set_history(result, node);
   }
-  set_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
-    return call::avg_pool_backward(t, primal(input), kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                   divisor_override);
-  });
+  // torch's formula holds grad_output's tangent only: the input's alone gives none
+  if (const Tensor t = tangent(grad_output); t.defined())
+    set_tangent(result, call::avg_pool_backward(t, primal(input), kernel_size, stride, padding, ceil_mode,
+                                                count_include_pad, divisor_override));
   return result;
 }
 
@@ -307,21 +307,33 @@ Tensor adaptive_avg_pool_forward(const Tensor& input, IntArrayRef output_size) {
   return output;
 }
 
-// saved: input
+// saved: input (only when differentiable)
 struct AdaptiveAvgPoolBackwardBackward0 : PoolNode<1> {
   AdaptiveAvgPoolBackwardBackward0() : PoolNode("AdaptiveAvgPoolBackwardBackward0") {}
   Ints output_size;  // grad_output's spatial sizes
+  bool input_differentiable = true;
   variable_list compute(variable_list&& grads) override {
-    variable_list out(2);
+    variable_list out(input_differentiable ? 2 : 1);
     if (!grads[0].defined()) return out;
     if (task_should_compute_output(0)) out[0] = call::adaptive_avg_pool_forward(grads[0], output_size);
-    out[1] = zeros_if_wanted(*this, 1, unpack(0));
+    if (input_differentiable) out[1] = zeros_if_wanted(*this, 1, unpack(0));
     return out;
   }
 };
 
+// An output of all 1s is a mean, which torch's functional adaptive avg pools compute as such:
+// its backward (an expand) does not take the input, so the input gets no edge then, and a
+// gradient's requires_grad is torch's. Otherwise the input gets zeros, as in torch.
+bool is_global_average(c10::SymIntArrayRef grad_output_sizes) {
+  for (const auto& s : grad_output_sizes.slice(2))
+    if (s != 1) return false;
+  return true;
+}
+
 Tensor adaptive_avg_pool_backward(const Tensor& grad_output, const Tensor& input) {
-  auto node = make_node<AdaptiveAvgPoolBackwardBackward0>(grad_output, input);
+  const bool input_differentiable = !is_global_average(grad_output.sym_sizes());
+  auto node = input_differentiable ? make_node<AdaptiveAvgPoolBackwardBackward0>(grad_output, input)
+                                   : make_node<AdaptiveAvgPoolBackwardBackward0>(grad_output);
   Tensor result;
   {
     BelowAutograd guard;
@@ -329,11 +341,13 @@ Tensor adaptive_avg_pool_backward(const Tensor& grad_output, const Tensor& input
   }
   if (node) {
     node->output_size = concrete(grad_output.sym_sizes().slice(2));
-    node->saved[0] = SavedVariable(input, false);
+    node->input_differentiable = input_differentiable;
+    if (input_differentiable) node->saved[0] = SavedVariable(input, false);
     torch::autograd::set_history(result, node);
   }
-  set_backward_tangent(result, grad_output, input,
-                       [&](const Tensor& t) { return call::adaptive_avg_pool_backward(t, primal(input)); });
+  // torch's formula holds grad_output's tangent only: the input's alone gives none
+  if (const Tensor t = tangent(grad_output); t.defined())
+    set_tangent(result, call::adaptive_avg_pool_backward(t, primal(input)));
   return result;
 }
 
@@ -376,7 +390,7 @@ Tensor adaptive_max_pool_backward(const Tensor& grad_output, const Tensor& input
     result = call::adaptive_max_pool_backward(grad_output, input, indices);
   }
   record_max_backward(result, grad_output, input, indices, node);
-  set_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
+  set_max_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
     return call::adaptive_max_pool_backward(t, primal(input), indices);
   });
   return result;
