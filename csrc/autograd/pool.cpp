@@ -5,9 +5,11 @@
 //   avg pools:      y = A x (A linear)          dx = A^T dy                  (avg_pool_backward)
 //   max unpool:     y = scatter(x, idx)         dx = gather(dy, idx)         (max_unpool_backward)
 // Every backward op is linear in grad_output: its derivative w.r.t. grad_output is its adjoint
-// (the forward op again, or gather <-> scatter_add), and w.r.t. the input it only takes the shape
-// of, zeros (torch: `self: zeros_like(self)`). Its tangent is itself applied to grad_output's.
-// Indices are never differentiable.
+// (the forward op again, or gather <-> scatter_add) and its tangent is itself applied to
+// grad_output's tangent. The input it takes only the shape of gets zeros (torch:
+// `self: zeros_like(self)`), except where torch's functional never hands it over: max unpool
+// (max_pool_double_backward) and a global average pool (a mean). Indices are never
+// differentiable.
 //
 // Code that runs under torch.compile tracing sees symbolic sizes: only sym_sizes() here.
 #include <ATen/ops/zeros_like.h>
