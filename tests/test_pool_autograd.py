@@ -394,3 +394,73 @@ def test_forward_ad_nested_levels_and_double_backward_of_jvp():
         res.append((nested, rev_over_fwd))
     assert_same(res[0][0], res[1][0], "jvp of jvp")
     assert_same(res[0][1], res[1][1], "grad of jvp")
+
+
+# --------------------------------------------------------------------------------------------
+# saved tensors: version checks, hooks, release
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "max_unpool"])
+def test_saved_tensors_like_torch(family):
+    """An input modified in place after the forward is caught at backward where torch catches
+    it (torch's max unpool saves only the indices: no error); a second backward without
+    retain_graph raises; saved-tensor hooks see the saved tensors."""
+    case = next(c for c in CASES if c[0] == family and c[1] == 2)
+    raised = []
+    for f in setup(case)[:2]:
+        x = setup(case)[2]
+        leaf = x.clone().requires_grad_()
+        t = leaf * 1
+        out = f(t)
+        with torch.no_grad():
+            t.add_(1)
+        try:
+            out.sum().backward()
+            raised.append(False)
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            raised.append(True)
+        out = f(leaf * 1)
+        out.sum().backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            out.sum().backward()
+    assert raised[0] == raised[1] == (family != "max_unpool")
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    cf, tf, x = setup(case)
+    grads = []
+    for f in (cf, tf):
+        leaf = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = f(leaf)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), leaf)[0])
+    assert packed, "no saved tensor went through the hooks"
+    assert_same(grads[0], grads[1], "gradient under saved_tensors_hooks")
+
+
+@pytest.mark.parametrize("family", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "max_unpool"])
+def test_checkpoint_like_torch(family):
+    case = next(c for c in CASES if c[0] == family and c[1] == 2)
+    cf, tf, x = setup(case)
+    res = []
+    for f in (cf, tf):
+        leaf = x.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(lambda t: f(t * 2) ** 2, leaf, use_reentrant=False)
+        (g,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+        res.append((g, torch.autograd.grad((g ** 2).sum(), leaf)[0]))
+    assert_same(res[0][0], res[1][0], "gradient")
+    assert_same(res[0][1], res[1][1], "second order")
+
+
+@pytest.mark.parametrize("family", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "max_unpool"])
+def test_batched_forward_grad(family):
+    """vmap over tangents (torch.func.jacfwd's way) through the jvp formulas."""
+    case = next(c for c in CASES if c[0] == family and c[1] == 2)
+    cf, _, x = setup(case, n=1)
+    assert gradcheck(cf, (x.requires_grad_(),), check_forward_ad=True, check_backward_ad=False,
+                     check_batched_forward_grad=True, check_undefined_grad=False, **CHECK)

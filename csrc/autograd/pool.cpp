@@ -12,6 +12,7 @@
 // differentiable.
 //
 // Code that runs under torch.compile tracing sees symbolic sizes: only sym_sizes() here.
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -52,6 +53,19 @@ Tensor gather_planes(const Tensor& src, const Tensor& like, const Tensor& indice
   if (like.sym_numel() == 0) return at::zeros_like(like);
   return call::max_unpool_backward(src, like, indices);
 }
+
+// What a gather needs of the tensor it takes the shape of: sizes, memory format (dtype and
+// device are the gathered tensor's). Saved instead of the tensor, as torch saves only the
+// indices for it: the tensor's values may change in place, and need not stay alive.
+struct ShapeOf {
+  std::vector<c10::SymInt> sizes;
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;
+  ShapeOf() = default;
+  explicit ShapeOf(const Tensor& t) : sizes(t.sym_sizes().vec()), format(t.suggest_memory_format()) {}
+  Tensor empty_like(const Tensor& src) const {
+    return at::empty_symint(sizes, src.options().memory_format(format));
+  }
+};
 
 // The adjoint of gather_planes: out[n, c, indices[n, c, j]] += src[n, c, j], out of size `sizes`.
 // Indices repeat (overlapping pool windows, or any unpool indices), so this must add. The pool
@@ -162,15 +176,17 @@ TensorPair max_pool_forward(const Tensor& input, IntArrayRef kernel_size, IntArr
 }
 
 // Node of max_pool_backward and adaptive_max_pool_backward (both scatter-add grad_output at the
-// indices into the input's shape). saved: grad_output (the shape of the gather), input, indices
-struct MaxPoolBackwardBackward0 : PoolNode<3> {
+// indices into the input's shape). saved: input, indices
+struct MaxPoolBackwardBackward0 : PoolNode<2> {
   explicit MaxPoolBackwardBackward0(const char* name) : PoolNode(name) {}
   MaxPoolBackwardBackward0() : PoolNode("MaxPoolBackwardBackward0") {}
+  ShapeOf grad_output;
   variable_list compute(variable_list&& grads) override {
     variable_list out(2);
     if (!grads[0].defined()) return out;
-    if (task_should_compute_output(0)) out[0] = gather_planes(grads[0], unpack(0), unpack(2));
-    out[1] = zeros_if_wanted(*this, 1, unpack(1));
+    if (task_should_compute_output(0))
+      out[0] = gather_planes(grads[0], grad_output.empty_like(grads[0]), unpack(1));
+    out[1] = zeros_if_wanted(*this, 1, unpack(0));
     return out;
   }
 };
@@ -182,9 +198,9 @@ template <typename NodeT>
 void record_max_backward(Tensor& result, const Tensor& grad_output, const Tensor& input, const Tensor& indices,
                          c10::intrusive_ptr<NodeT>& node) {
   if (!node) return;
-  node->saved[0] = SavedVariable(grad_output, false);
-  node->saved[1] = SavedVariable(input, false);
-  node->saved[2] = SavedVariable(indices, false);
+  node->grad_output = ShapeOf(grad_output);
+  node->saved[0] = SavedVariable(input, false);
+  node->saved[1] = SavedVariable(indices, false);
   torch::autograd::set_history(result, node);
 }
 
@@ -402,13 +418,14 @@ Tensor adaptive_max_pool_backward(const Tensor& grad_output, const Tensor& input
 // Max unpool
 // ---------------------------------------------------------------------------------------------
 
-// saved: input (the shape of the gather), indices
-struct MaxUnpoolBackward0 : PoolNode<2> {
+// saved: indices
+struct MaxUnpoolBackward0 : PoolNode<1> {
   MaxUnpoolBackward0() : PoolNode("MaxUnpoolBackward0") {}
+  ShapeOf input;
   variable_list compute(variable_list&& grads) override {
     variable_list out(1);
     if (!grads[0].defined() || !task_should_compute_output(0)) return out;
-    out[0] = call::max_unpool_backward(grads[0], unpack(0), unpack(1));
+    out[0] = call::max_unpool_backward(grads[0], input.empty_like(grads[0]), unpack(0));
     return out;
   }
 };
@@ -421,8 +438,8 @@ Tensor max_unpool_forward(const Tensor& input, const Tensor& indices, IntArrayRe
     output = call::max_unpool_forward(input, indices, output_size);
   }
   if (node) {
-    node->saved[0] = SavedVariable(input, false);
-    node->saved[1] = SavedVariable(indices, false);
+    node->input = ShapeOf(input);
+    node->saved[0] = SavedVariable(indices, false);
     torch::autograd::set_history(output, node);
   }
   if (const Tensor t = tangent(input); t.defined())
