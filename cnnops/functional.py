@@ -141,15 +141,10 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 # Same signatures, defaults and results as torch.nn.functional's pools. The arguments are
 # resolved here to one int per spatial dim; what torch rejects in Python (or before its
 # kernels) is rejected here with the same exception type. The kernels' own checks
-# (csrc/common/pool_checks.h) keep the raw ops safe.
+# (csrc/common/pool_checks.h) keep the raw ops safe. The ops carry their own autograd, to any
+# order and in forward mode (csrc/autograd/pool.cpp).
 
-from .autograd import (  # noqa: E402
-    AdaptiveAvgPoolFunction,
-    AdaptiveMaxPoolFunction,
-    AvgPoolFunction,
-    MaxPoolFunction,
-    MaxUnpoolFunction,
-)
+from ._ops import ops  # noqa: E402
 
 __all__ += [
     "max_pool1d", "max_pool2d", "max_pool3d",
@@ -248,7 +243,7 @@ def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_i
     _check_floating(input, fname)
     (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out, indices = MaxPoolFunction.apply(x, kernel_size, stride, padding, dilation, ceil_mode)
+    out, indices = ops.max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -289,7 +284,7 @@ def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
     _check_floating(input, fname)
     (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out = AvgPoolFunction.apply(x, kernel_size, stride, padding, ceil_mode, count_include_pad, int(divisor_override))
+    out = ops.avg_pool_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad, int(divisor_override))
     return out.squeeze(0) if unbatched else out
 
 
@@ -360,7 +355,7 @@ def _adaptive_avg_pool(input, output_size, dims):
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
     (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out = AdaptiveAvgPoolFunction.apply(x, sizes)
+    out = ops.adaptive_avg_pool_forward(x, sizes)
     return out.squeeze(0) if unbatched else out
 
 
@@ -386,7 +381,7 @@ def _adaptive_max_pool(input, output_size, return_indices, dims):
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
     (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out, indices = AdaptiveMaxPoolFunction.apply(x, sizes)
+    out, indices = ops.adaptive_max_pool_forward(x, sizes)
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -485,7 +480,7 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     x, unbatched = _batched(input, dims)
     if unbatched:
         indices = indices.unsqueeze(0)
-    out = MaxUnpoolFunction.apply(x, indices, list(sizes))
+    out = ops.max_unpool_forward(x, indices, list(sizes))
     return out.squeeze(0) if unbatched else out
 
 

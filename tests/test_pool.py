@@ -643,17 +643,20 @@ def test_gradcheck(dims, case, layout):
 
 
 @pytest.mark.parametrize("op", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "max_unpool"])
-def test_double_backward_raises(op):
-    """The backward ops have no derivative: a second backward must raise, not return zeros."""
-    x = pool_input(2, 1, 2, 6, torch.float64, distinct=True).requires_grad_()
+def test_double_backward_like_torch(op):
+    """The backward ops are differentiable (csrc/autograd/pool.cpp): a second backward gives
+    torch's gradient (tests/test_pool_autograd.py goes through every option and order)."""
+    x = pool_input(2, 1, 2, 6, torch.float64, distinct=True)
     extra, kw = (), dict(kernel_size=2) if op in ("max_pool", "avg_pool", "max_unpool") else dict(output_size=2)
     if op == "max_unpool":
-        pooled, indices = F.max_pool2d(x.detach(), 2, return_indices=True)
-        x, extra = pooled.requires_grad_(), (indices,)
-    out = fn(CF, op, 2)(x, *extra, **kw)
-    (g,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+        x, indices = F.max_pool2d(x, 2, return_indices=True)
+        extra = (indices,)
+    grads = []
+    for module in (F, CF):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(module, op, 2)(leaf, *extra, **kw) ** 2).sum(), leaf, create_graph=True)
+        grads.append(torch.autograd.grad((g ** 2).sum(), leaf)[0])
+    assert_close_to_torch(grads[1], grads[0], torch.float64, 9)
 
 
 @pytest.mark.parametrize("op", ["max_pool", "adaptive_max_pool"])
