@@ -155,6 +155,10 @@ __all__ += [
 ]
 
 _INT_TYPES = (numbers.Integral, torch.SymInt)
+_MAX_POOL_FORWARD = _C.op("max_pool_forward")
+_AVG_POOL_FORWARD = _C.op("avg_pool_forward")
+_ADAPTIVE_AVG_POOL_FORWARD = _C.op("adaptive_avg_pool_forward")
+_ADAPTIVE_MAX_POOL_FORWARD = _C.op("adaptive_max_pool_forward")
 
 
 def _is_int(v):
@@ -163,6 +167,10 @@ def _is_int(v):
 
 def _pool_ints(value, name, dims, fname):
     """An int or a sequence of 1 or `dims` ints, as torch's pooling argument parsers accept."""
+    if type(value) is int:  # the fast paths: what modules and most callers pass
+        return [value] * dims
+    if type(value) in (tuple, list) and len(value) == dims and all(type(v) is int for v in value):
+        return list(value)
     if _is_int(value):
         return [value] * dims
     if isinstance(value, bool) or not isinstance(value, (tuple, list, torch.Size)):
@@ -213,24 +221,25 @@ def _window_args(fname, dims, kernel_size, stride, padding, dilation):
     """Resolves kernel_size, stride (None or empty: kernel_size), padding and dilation to lists
     and checks them in torch's order, each message naming its argument."""
     kernel_size = _pool_ints(kernel_size, "kernel_size", dims, fname)
-    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
-        stride = list(kernel_size)
+    if stride is None or (type(stride) in (tuple, list) and not stride):
+        stride = kernel_size
     else:
         stride = _pool_ints(stride, "stride", dims, fname)
     padding = _pool_ints(padding, "padding", dims, fname)
     dilation = _pool_ints(dilation, "dilation", dims, fname)
-    if any(k <= 0 for k in kernel_size):
+    if min(kernel_size) <= 0:
         raise RuntimeError(f"{fname}: kernel_size should be greater than zero, but got kernel_size={tuple(kernel_size)}")
-    if any(s <= 0 for s in stride):
+    if min(stride) <= 0:
         raise RuntimeError(f"{fname}: stride should be greater than zero, but got stride={tuple(stride)}")
-    if any(d <= 0 for d in dilation):
+    if min(dilation) <= 0:
         raise RuntimeError(f"{fname}: dilation should be greater than zero, but got dilation={tuple(dilation)}")
-    if any(p < 0 for p in padding):
+    if min(padding) < 0:
         raise RuntimeError(f"{fname}: pad must be non-negative, but got padding={tuple(padding)}")
     # torch bounds the padding by half the kernel itself, even when dilation widens the window.
-    if any(p > k // 2 for p, k in zip(padding, kernel_size)):
-        raise RuntimeError(f"{fname}: pad should be at most half of kernel size, but got "
-                           f"padding={tuple(padding)} and kernel_size={tuple(kernel_size)}")
+    for p, k in zip(padding, kernel_size):
+        if p > k // 2:
+            raise RuntimeError(f"{fname}: pad should be at most half of kernel size, but got "
+                               f"padding={tuple(padding)} and kernel_size={tuple(kernel_size)}")
     return kernel_size, stride, padding, dilation
 
 
@@ -241,9 +250,9 @@ def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_i
     kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation)
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
-    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out, indices = ops.max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
+    args = (x, kernel_size, stride, padding, dilation, ceil_mode)
+    out, indices = call(_MAX_POOL_FORWARD, *args) if fast_call_ok(x) else ops.max_pool_forward(*args)
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -282,9 +291,9 @@ def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                          f"got input of size: {list(input.shape)}")
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
-    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out = ops.avg_pool_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad, int(divisor_override))
+    args = (x, kernel_size, stride, padding, ceil_mode, count_include_pad, int(divisor_override))
+    out = call(_AVG_POOL_FORWARD, *args) if fast_call_ok(x) else ops.avg_pool_forward(*args)
     return out.squeeze(0) if unbatched else out
 
 
@@ -353,9 +362,8 @@ def _adaptive_avg_pool(input, output_size, dims):
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
-    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out = ops.adaptive_avg_pool_forward(x, sizes)
+    out = call(_ADAPTIVE_AVG_POOL_FORWARD, x, sizes) if fast_call_ok(x) else ops.adaptive_avg_pool_forward(x, sizes)
     return out.squeeze(0) if unbatched else out
 
 
@@ -379,9 +387,9 @@ def _adaptive_max_pool(input, output_size, return_indices, dims):
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
-    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
-    out, indices = ops.adaptive_max_pool_forward(x, sizes)
+    out, indices = (call(_ADAPTIVE_MAX_POOL_FORWARD, x, sizes) if fast_call_ok(x)
+                    else ops.adaptive_max_pool_forward(x, sizes))
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -476,7 +484,6 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         # every index against the output plane
         raise NotImplementedError(f"cnnops {fname}: an empty output_size {tuple(sizes)} for non-empty indices is "
                                   f"not supported")
-    (input,) = _autocast(fname, input)
     x, unbatched = _batched(input, dims)
     if unbatched:
         indices = indices.unsqueeze(0)
