@@ -194,9 +194,9 @@ struct AdaptiveMaxPoolBackwardBackward0 : MaxPoolBackwardBackward0 {
   AdaptiveMaxPoolBackwardBackward0() : MaxPoolBackwardBackward0("AdaptiveMaxPoolBackwardBackward0") {}
 };
 
-template <typename NodeT>
+template <typename NodePtr>  // make_node's pointer type (intrusive_ptr or shared_ptr, see autograd.h)
 void record_max_backward(Tensor& result, const Tensor& grad_output, const Tensor& input, const Tensor& indices,
-                         c10::intrusive_ptr<NodeT>& node) {
+                         NodePtr& node) {
   if (!node) return;
   node->grad_output = ShapeOf(grad_output);
   node->saved[0] = SavedVariable(input, false);
