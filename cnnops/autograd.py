@@ -179,17 +179,20 @@ def _merge_rank_stats(counts, means, m2s):
     return mean, m2
 
 
-def _double_backward_error(grads):
-    """grads, each defined one behind a node that raises RuntimeError when differentiated."""
-    defined = [g for g in grads if g is not None]
-    if not defined:
-        return grads
-    err = torch._C._functions.DelayedError(
-        b"cnnops SyncBatchNorm: double backward (differentiating a gradient computed with "
-        b"create_graph=True) is not implemented", len(defined))
-    wrapped = err(*[g.detach().requires_grad_() for g in defined])
-    wrapped = iter((wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped)
-    return tuple(None if g is None else next(wrapped) for g in grads)
+class _NoDoubleBackward(torch.autograd.Function):
+    """apply(grad, *anchors) -> grad, recorded as a function of the anchors (what the gradient
+    depends on) whose derivative raises. Its edges lead to the anchors, so autograd.grad(...,
+    inputs=anchor) reaches it and raises (once_differentiable's DelayedError hangs off fresh
+    leaves, which autograd.grad prunes: a silent None)."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("cnnops SyncBatchNorm: double backward (differentiating a gradient computed with "
+                           "create_graph=True) is not implemented")
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -255,8 +258,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         with torch.no_grad():
             grads = SyncBatchNormFunction._backward(ctx, grad_output)
         input, weight = ctx.saved_tensors[:2]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_output, input, weight)):
-            grads = _double_backward_error(grads)
+        anchors = [t for t in (grad_output, input, weight) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled() and anchors:
+            grads = tuple(None if g is None else _NoDoubleBackward.apply(g, *anchors) for g in grads)
         return grads
 
     @staticmethod
