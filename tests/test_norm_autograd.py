@@ -381,7 +381,7 @@ def test_forward_ad(name):
     torch.testing.assert_close(run(ours), run(ref))
 
 
-@pytest.mark.parametrize("name", ["bn_eval_4d", "ln_last", "gn_groups_2_4d"])
+@pytest.mark.parametrize("name", ["bn_eval_4d", "bn_train_5d", "ln_last", "gn_groups_2_4d"])
 def test_vmap_grad_per_sample(name):
     """Per-sample gradients: vmap over the batch of grad of a one-sample loss."""
     x, w, b, ours = _func_fn(name, CF)
@@ -397,6 +397,29 @@ def test_vmap_grad_per_sample(name):
         got = per_sample(ours)
     for a, e in zip(got, per_sample(ref)):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_vmap_batch_norm(training):
+    """batch_norm_forward's vmap rule (its schema mutates the running statistics, which vmap's
+    generic loop refuses): eval folds the vmapped dim into the batch, training without running
+    statistics gives each vmapped sample its own statistics."""
+    X = _rand(3, 4, 2, 5, seed=95)
+    w, b = _rand(2, positive=True, seed=96), _rand(2, seed=97)
+    rm, rv = (None, None) if training else (_rand(2, seed=98), _rand(2, positive=True, seed=99))
+
+    def fn(mod):
+        return lambda x: mod.batch_norm(x, rm, rv, w, b, training)
+
+    torch.testing.assert_close(torch.func.vmap(fn(CF))(X), torch.func.vmap(fn(F))(X))
+    Xt = X.movedim(0, 2)  # vmapped over dim 2: samples 4 x 2 x 5
+    torch.testing.assert_close(torch.func.vmap(fn(CF), in_dims=2)(Xt), torch.func.vmap(fn(F), in_dims=2)(Xt))
+    if training:
+        rm2, rv2 = torch.zeros(2, dtype=D), torch.ones(2, dtype=D)
+        with pytest.raises(NotImplementedError, match="running statistics"):
+            torch.func.vmap(lambda x: CF.batch_norm(x, rm2, rv2, w, b, True))(X)
+        with pytest.raises(NotImplementedError, match="batched weight"):
+            torch.func.vmap(lambda x, w: CF.batch_norm(x, None, None, w, b, True))(X, w.expand(3, 2))
 
 
 @pytest.mark.parametrize("name", ["bn_eval_2d", "bn_train_2d", "ln_last", "gn_groups_1", "in_input_stats"])
@@ -471,3 +494,37 @@ def test_batch_norm_backward_elemt_autograd(count):
     assert gradgradcheck(fn, inputs)
     no_w = [i for k, i in enumerate(inputs) if k != 4]
     assert gradcheck(lambda g, x, m, s, sd, sdx: fn(g, x, m, s, None, sd, sdx), no_w, check_forward_ad=True)
+
+
+# --------------------------------------------------------------------------------------------
+# low precision: bfloat16 input with float32 parameters, second order against torch in float64
+# --------------------------------------------------------------------------------------------
+
+LOW = {
+    "batch_train": lambda m, x, w, b: m.batch_norm(x, None, None, w, b, True),
+    "batch_eval": lambda m, x, w, b: m.batch_norm(x, torch.zeros(4, dtype=w.dtype), torch.full((4,), 2.0, dtype=w.dtype),
+                                                  w, b, False),
+    "layer": lambda m, x, w, b: m.layer_norm(x, [3], None, None),
+    "group": lambda m, x, w, b: m.group_norm(x, 2, w, b),
+}
+
+
+@pytest.mark.parametrize("name", list(LOW))
+def test_bfloat16_second_order(name):
+    f = LOW[name]
+    x64 = _rand(4, 4, 3, 3, seed=90).to(torch.bfloat16).double()  # values exact in both
+    w64, b64 = _rand(4, positive=True, seed=91).float().double(), _rand(4, seed=92).float().double()
+    results = []
+    for mod, dtype, param_dtype in ((CF, torch.bfloat16, torch.float32), (F, D, D)):
+        x, w, b = x64.to(dtype).requires_grad_(), w64.to(param_dtype).requires_grad_(), \
+            b64.to(param_dtype).requires_grad_()
+        (g,) = torch.autograd.grad(f(mod, x, w, b).double().sin().sum(), [x], create_graph=True)
+        gx, gw = torch.autograd.grad(g.double().pow(2).sum(), [x, w], allow_unused=True)
+        if mod is CF:
+            assert g.dtype == gx.dtype == torch.bfloat16 and (gw is None or gw.dtype == torch.float32)
+        results.append([None if t is None else t.double() for t in (g, gx, gw)])
+    for got, expected in zip(*results):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            scale = expected.abs().max()
+            torch.testing.assert_close(got / scale, expected / scale, atol=3e-2, rtol=0)
