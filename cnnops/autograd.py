@@ -158,6 +158,11 @@ class MaxUnpoolFunction(torch.autograd.Function):
 
 
 # ============================================================================================
+# Normalization: autograd of the batch/layer/group norm ops lives in the dispatcher
+# (csrc/autograd/norm.cpp); cnnops.functional calls the ops directly.
+# ============================================================================================
+
+# ============================================================================================
 # SyncBatchNorm
 # ============================================================================================
 # Batch norm over the union of the ranks' batches (lecture: batch norm statistics per channel
