@@ -34,8 +34,8 @@ def _rand(*shape, positive=False, seed=0):
 def _bn(shape, affine, training, running, layout="contiguous"):
     C = shape[1]
     x = _rand(*shape, seed=1)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    if layout != "contiguous":
+        x = x.contiguous(memory_format=getattr(torch, layout))
     w = _rand(C, positive=True, seed=2) if affine in ("both", "weight") else None
     b = _rand(C, seed=3) if affine in ("both", "bias") else None
     rm, rv = (_rand(C, seed=4), _rand(C, positive=True, seed=5)) if running else (None, None)
@@ -87,14 +87,18 @@ CASES = {
     "bn_eval_2d": lambda: _bn((4, 3), "both", False, True),
     "bn_eval_3d_noaffine": lambda: _bn((3, 2, 4), "none", False, True),
     "bn_eval_4d": lambda: _bn((2, 3, 2, 2), "both", False, True),
+    "bn_eval_empty": lambda: _bn((0, 3, 4), "both", False, True),
+    "bn_train_5d_channels_last": lambda: _bn((2, 2, 2, 2, 2), "both", True, True, "channels_last_3d"),
     "ln_last": lambda: _ln((3, 4, 5), (5,), "both"),
     "ln_two_dims_noaffine": lambda: _ln((2, 3, 4), (3, 4), "none"),
     "ln_weight_only": lambda: _ln((4, 6), (6,), "weight"),
     "ln_all_dims_bias_only": lambda: _ln((2, 3, 2), (2, 3, 2), "bias"),
+    "ln_empty": lambda: _ln((0, 3, 4), (4,), "both"),
     "gn_groups_1": lambda: _gn((2, 4, 3), 1, "both"),
     "gn_groups_C": lambda: _gn((2, 4, 3), 4, "none"),
     "gn_groups_2_4d": lambda: _gn((2, 4, 2, 3), 2, "both"),
     "gn_groups_3_channels_last": lambda: _gn((2, 6, 2, 2), 3, "weight", "channels_last"),
+    "gn_empty": lambda: _gn((0, 4, 3), 2, "both"),
     "in_input_stats": lambda: _in((2, 3, 5), True, True),
     "in_input_stats_noaffine": lambda: _in((2, 2, 2, 3), True, False),
     "in_running_stats": lambda: _in((2, 3, 5), False, True),
@@ -243,7 +247,8 @@ def test_running_stats():
 
 PARITY = ["bn_train_2d", "bn_train_3d_bias_only", "bn_train_4d_noaffine", "bn_eval_4d",
           "bn_train_4d_weight_only_channels_last", "ln_last", "ln_two_dims_noaffine", "gn_groups_2_4d",
-          "gn_groups_C", "in_input_stats", "in_running_stats"]
+          "gn_groups_C", "in_input_stats", "in_running_stats", "bn_eval_empty", "bn_train_5d_channels_last",
+          "ln_empty", "gn_empty"]
 
 
 def _both(name):
@@ -275,8 +280,9 @@ def test_create_graph_parity(name, loss):
 
     g_ours, req_ours, second_ours = penalty_grads(CF, ours)
     g_ref, req_ref, second_ref = penalty_grads(F, ref)
-    if name.startswith("gn"):
-        # torch's group norm differentiates an aten composite under create_graph, which sees
+    if name.startswith("gn") or name.endswith("empty"):
+        # torch's group norm (and its norms of an empty input) differentiate an aten composite
+        # under create_graph, which sees
         # that grad_bias = sum(grad_output) is constant when grad_output is; cnnops' backward op
         # records all its outputs, as torch's batch and layer norm backward do. requires_grad
         # may then be True where torch's is False (a zero derivative: the values below agree),
