@@ -282,11 +282,10 @@ def test_create_graph_parity(name, loss):
     g_ref, req_ref, second_ref = penalty_grads(F, ref)
     if name.startswith("gn") or name.endswith("empty"):
         # torch's group norm (and its norms of an empty input) differentiate an aten composite
-        # under create_graph, which sees
-        # that grad_bias = sum(grad_output) is constant when grad_output is; cnnops' backward op
-        # records all its outputs, as torch's batch and layer norm backward do. requires_grad
-        # may then be True where torch's is False (a zero derivative: the values below agree),
-        # never the reverse.
+        # under create_graph, which sees that grad_bias = sum(grad_output) is constant when
+        # grad_output is; cnnops' backward op records all its outputs, as torch's batch and
+        # layer norm backward do. requires_grad may then be True where torch's is False (a zero
+        # derivative: the values below agree), never the reverse.
         assert all(o or not r for o, r in zip(req_ours, req_ref))
     else:
         assert req_ours == req_ref
