@@ -344,6 +344,38 @@ def _group_norm_backward_fake(grad_output, input, mean, invstd, weight, num_grou
     return _norm_backward_grads(input, _norm_memory_format(input), [channels], param_dtype, output_mask)
 
 
+
+# torch.vmap (and so torch.func's per-sample gradients, jacrev, hessian) of batch_norm_forward:
+# its schema mutates the running statistics, which vmap's generic per-sample loop refuses. The
+# other norm ops run in that loop. This rule costs nothing outside vmap.
+@torch.library.register_vmap("cnnops::batch_norm_forward")
+def _batch_norm_forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum,
+                             eps):
+    batched = [name for name, d in zip(("weight", "bias", "running_mean", "running_var"), in_dims[1:5])
+               if d is not None]
+    if batched:
+        raise NotImplementedError(f"cnnops::batch_norm_forward under vmap: batched {', '.join(batched)} is not "
+                                  "supported (only the input may be batched)")
+    B = info.batch_size
+    x = input.movedim(in_dims[0], 0) if in_dims[0] is not None else input.expand(B, *input.shape)
+    if not training:
+        # Constant per-channel statistics: the vmapped samples are more rows of the batch.
+        out, mean, invstd = ops.batch_norm_forward(x.reshape(B * x.size(1), *x.shape[2:]), weight, bias,
+                                                   running_mean, running_var, False, momentum, eps)
+        return (out.reshape(x.shape), mean, invstd), (0, None, None)
+    if running_mean is not None or running_var is not None:
+        raise NotImplementedError("cnnops::batch_norm_forward under vmap: training with running statistics is "
+                                  "not supported (every sample would update the same buffers); use eval mode or "
+                                  "no running statistics")
+    # Statistics per vmapped sample: its channels become B x C channels of one batch.
+    N, C = x.size(1), x.size(2)
+    folded = x.movedim(0, 1).reshape(N, B * C, *x.shape[3:])
+    out, mean, invstd = ops.batch_norm_forward(folded, None if weight is None else weight.repeat(B),
+                                               None if bias is None else bias.repeat(B), None, None, True,
+                                               momentum, eps)
+    out = out.reshape(N, B, C, *x.shape[3:]).movedim(1, 0)
+    return (out, mean.reshape(B, C), invstd.reshape(B, C)), (0, 0, 0)
+
 # ============================================================================================
 # SyncBatchNorm pieces (cnnops.nn.SyncBatchNorm)
 # ============================================================================================

@@ -26,124 +26,9 @@ def _selected(grads, mask):
 
 
 # ============================================================================================
-# Normalization
+# Normalization: autograd of the batch/layer/group norm ops lives in the dispatcher
+# (csrc/autograd/norm.cpp); cnnops.functional calls the ops directly.
 # ============================================================================================
-# Each Function returns (output, mean, invstd): the statistics the forward op normalized with
-# are saved for the backward op and handed back (non-differentiable) so instance norm can
-# update its running statistics from them.
-
-
-def _save_bias_dtype(ctx, input, weight, bias, param_shape):
-    """The backward ops return grad_bias in the weight's dtype (they are not given the bias).
-    Without a weight, a bias of another dtype than the input's (float32 bias, bfloat16 input)
-    gets a unit weight in its dtype in the backward: exact, and no detour through bfloat16."""
-    ctx.unit_weight = None
-    if weight is None and bias is not None and bias.dtype != input.dtype:
-        ctx.unit_weight = (list(param_shape), bias.dtype)
-
-
-def _backward_weight(ctx, input, weight):
-    if ctx.unit_weight is None:
-        return weight
-    shape, dtype = ctx.unit_weight
-    return torch.ones(shape, dtype=dtype, device=input.device)
-
-
-def _norm_mask(ctx, weight_index, bias_index):
-    """output_mask for (input, weight, bias): only the gradients autograd asks for."""
-    return [
-        ctx.needs_input_grad[0],
-        ctx.has_weight and ctx.needs_input_grad[weight_index],
-        ctx.has_bias and ctx.needs_input_grad[bias_index],
-    ]
-
-
-class BatchNormFunction(torch.autograd.Function):
-    """Batch norm over N x C x *: apply(input, weight, bias, running_mean, running_var,
-    training, momentum, eps) -> (output, mean, invstd).
-
-    training=True normalizes with the batch statistics and updates the running statistics (when
-    given) in place; training=False normalizes with the running statistics.
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        out, mean, invstd = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training,
-                                                   momentum, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        _save_bias_dtype(ctx, input, weight, bias, [input.size(1)])
-        ctx.training = training
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.mark_non_differentiable(mean, invstd)
-        return out, mean, invstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        mask = _norm_mask(ctx, 1, 2)
-        if not any(mask):
-            return (None,) * 8
-        grads = ops.batch_norm_backward(
-            grad_output, input, _backward_weight(ctx, input, weight), mean, invstd, ctx.training, mask
-        )
-        return (*_selected(grads, mask), None, None, None, None, None)
-
-
-class LayerNormFunction(torch.autograd.Function):
-    """Layer norm over the trailing normalized_shape: apply(input, normalized_shape, weight,
-    bias, eps) -> (output, mean, invstd), statistics of the input's leading shape."""
-
-    @staticmethod
-    def forward(ctx, input, normalized_shape, weight, bias, eps):
-        out, mean, invstd = ops.layer_norm_forward(input, list(normalized_shape), weight, bias, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        _save_bias_dtype(ctx, input, weight, bias, normalized_shape)
-        ctx.normalized_shape = list(normalized_shape)
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.mark_non_differentiable(mean, invstd)
-        return out, mean, invstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        mask = _norm_mask(ctx, 2, 3)
-        if not any(mask):
-            return (None,) * 5
-        grad_input, grad_weight, grad_bias = _selected(ops.layer_norm_backward(
-            grad_output, input, ctx.normalized_shape, mean, invstd, _backward_weight(ctx, input, weight), mask
-        ), mask)
-        return grad_input, None, grad_weight, grad_bias, None
-
-
-class GroupNormFunction(torch.autograd.Function):
-    """Group norm over N x C x *: apply(input, weight, bias, num_groups, eps) ->
-    (output, mean, invstd), statistics of shape N x num_groups. Instance norm is
-    num_groups = C."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, num_groups, eps):
-        out, mean, invstd = ops.group_norm_forward(input, weight, bias, num_groups, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        _save_bias_dtype(ctx, input, weight, bias, [input.size(1)])
-        ctx.num_groups = num_groups
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.mark_non_differentiable(mean, invstd)
-        return out, mean, invstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        mask = _norm_mask(ctx, 1, 2)
-        if not any(mask):
-            return (None,) * 5
-        grads = ops.group_norm_backward(
-            grad_output, input, mean, invstd, _backward_weight(ctx, input, weight), ctx.num_groups, mask
-        )
-        return (*_selected(grads, mask), None, None)
-
 
 # ============================================================================================
 # SyncBatchNorm
@@ -165,6 +50,22 @@ def _merge_rank_stats(counts, means, m2s):
     mean = (weights * means).sum(0)
     m2 = (m2s + counts * (means - mean) ** 2).sum(0)
     return mean, m2
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """apply(grad, *anchors) -> grad, recorded as a function of the anchors (what the gradient
+    depends on) whose derivative raises. Its edges lead to the anchors, so autograd.grad(...,
+    inputs=anchor) reaches it and raises (once_differentiable's DelayedError hangs off fresh
+    leaves, which autograd.grad prunes: a silent None)."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("cnnops SyncBatchNorm: double backward (differentiating a gradient computed with "
+                           "create_graph=True) is not implemented")
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -220,8 +121,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        # Not @once_differentiable: that raises only when grad_output requires grad, and
+        # create_graph=True with a grad_output that does not (loss = out.sum()) would silently
+        # drop the second-order terms through the saved input. The gradient sums cross ranks
+        # (all_reduce), so there is no double backward: under create_graph=True any gradient that
+        # depends on something requiring grad raises RuntimeError when differentiated, as torch's
+        # SyncBatchNorm does (its backward ops have no derivative).
+        with torch.no_grad():
+            grads = SyncBatchNormFunction._backward(ctx, grad_output)
+        input, weight = ctx.saved_tensors[:2]
+        anchors = [t for t in (grad_output, input, weight) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled() and anchors:
+            grads = tuple(None if g is None else _NoDoubleBackward.apply(g, *anchors) for g in grads)
+        return grads
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_weight = need_weight and weight is not None

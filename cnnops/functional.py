@@ -510,7 +510,9 @@ def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_siz
 # Batch, layer, group and instance norm. The checks torch makes in Python (and the messages of
 # the ones it makes in C++ that a user meets first) are here; the ops check again in C++.
 
-from .autograd import BatchNormFunction, GroupNormFunction, LayerNormFunction  # noqa: E402
+# The ops are differentiable in the dispatcher (csrc/autograd/norm.cpp): first and higher
+# order, forward-mode AD and torch.func all go through the raw ops called here.
+from ._ops import ops  # noqa: E402
 
 __all__ += ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
 
@@ -588,8 +590,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
     bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
-    out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                        float(momentum), float(eps))
+    out, _, _ = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, bool(training),
+                                       float(momentum), float(eps))
     return out
 
 
@@ -614,7 +616,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                                f"{list(tensor.shape)} and normalized_shape = {list(normalized_shape)}")
     input, weight, bias = _autocast("layer_norm", input, weight, bias)
-    out, _, _ = LayerNormFunction.apply(input, normalized_shape, weight, bias, float(eps))
+    out, _, _ = ops.layer_norm_forward(input, list(normalized_shape), weight, bias, float(eps))
     return out
 
 
@@ -636,7 +638,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of channels in input, "
                                f"but got {name} of shape {list(tensor.shape)} and input of shape {list(input.shape)}")
     input, weight, bias = _autocast("group_norm", input, weight, bias)
-    out, _, _ = GroupNormFunction.apply(input, weight, bias, int(num_groups), float(eps))
+    out, _, _ = ops.group_norm_forward(input, weight, bias, int(num_groups), float(eps))
     return out
 
 
@@ -661,10 +663,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if not use_input_stats:
         if running_mean is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-        out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
-                                            float(momentum), float(eps))
+        out, _, _ = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, False,
+                                           float(momentum), float(eps))
         return out
-    out, mean, invstd = GroupNormFunction.apply(input, weight, bias, input.size(1), float(eps))
+    out, mean, invstd = ops.group_norm_forward(input, weight, bias, input.size(1), float(eps))
     if running_mean is not None:
         _update_instance_running_stats(input, mean, invstd, running_mean, running_var, float(momentum), float(eps))
     return out

@@ -652,32 +652,32 @@ def test_gradcheck(name):
 
 
 @pytest.mark.parametrize("kind", list(GRIDS))
-def test_double_backward_raises(kind):
-    """The backward ops are not differentiable: a second derivative must raise, never be a
-    silent zero."""
+def test_double_backward_matches_torch(kind):
+    """The backward ops are differentiable (csrc/autograd/norm.cpp): a second derivative equals
+    torch's, never a silent zero (tests/test_norm_autograd.py checks them in depth)."""
     name = {"batch_norm": "2d_train", "instance_norm": "2d_affine", "layer_norm": "two_dims",
             "group_norm": "2d"}[kind]
     x, w, b, rm, rv, kw = build(kind, GRIDS[kind][name], torch.float64)
-    x.requires_grad_()
-    w.requires_grad_()
-    out = call(cnnops.functional, kind, x, w, b, rm, rv, kw)
-    (gx,) = torch.autograd.grad((out * out).sum(), [x], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gx.sum(), [w])
+    results = []
+    for module in (cnnops.functional, F):
+        xx, ww = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out = call(module, kind, xx, ww, b, None if rm is None else rm.clone(), None if rv is None else rv.clone(),
+                   kw)
+        (gx,) = torch.autograd.grad((out * out).sum(), [xx], create_graph=True)
+        results.append(torch.autograd.grad(gx.pow(2).sum(), [xx, ww]))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
 
 
-def test_functions_direct():
-    """cnnops.autograd's Functions return (output, mean, invstd) with non-differentiable
-    statistics, of the documented shapes and opmath dtype."""
+def test_ops_direct():
+    """The forward ops return (output, mean, invstd) with non-differentiable statistics, of the
+    documented shapes and opmath dtype."""
     x = torch.randn(2, 6, 4, 3, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(6, dtype=torch.bfloat16, requires_grad=True)
-    A = cnnops.autograd
     for (out, mean, invstd), stats_shape in (
-        (A.BatchNormFunction.apply(x, w, None, None, None, True, 0.1, 1e-5), (6,)),
-        (A.GroupNormFunction.apply(x, w, None, 3, 1e-5), (2, 3)),
-        (A.LayerNormFunction.apply(x, (4, 3), None, None, 1e-5), (2, 6)),
+        (ops.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5), (6,)),
+        (ops.group_norm_forward(x, w, None, 3, 1e-5), (2, 3)),
+        (ops.layer_norm_forward(x, [4, 3], None, None, 1e-5), (2, 6)),
     ):
         assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.requires_grad
         for s in (mean, invstd):

@@ -423,6 +423,35 @@ def test_gradcheck_function(one_rank_group):
         torch.testing.assert_close(out, ref, atol=1e-11, rtol=1e-10)
 
 
+@pytest.mark.parametrize("loss", ["pow2", "sum"])
+def test_double_backward_raises(one_rank_group, loss):
+    """No double backward across ranks: a gradient computed with create_graph=True raises
+    RuntimeError when differentiated (as torch's SyncBatchNorm, whose backward ops have no
+    derivative), also when grad_output does not require grad (loss = out.sum(), where
+    @once_differentiable alone would silently drop the terms through the saved input). The
+    first-order gradients themselves are still right."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out = cnnops.autograd.SyncBatchNormFunction.apply(x, w, b, None, None, 1e-5, 0.1, one_rank_group, 1)
+    value = out.pow(2).sum() if loss == "pow2" else out.sum()
+    gx, gw, gb = torch.autograd.grad(value, (x, w, b), create_graph=True)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref = F.batch_norm(xr, None, None, wr, br, True, 0.1, 1e-5)
+    expected = torch.autograd.grad(ref.pow(2).sum() if loss == "pow2" else ref.sum(), (xr, wr, br))
+    for got, exp in zip((gx, gw, gb), expected):
+        torch.testing.assert_close(got, exp)
+    for g in (gx, gw):
+        assert g.requires_grad
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(g.pow(2).sum(), (x, w, b), allow_unused=True)
+    # without create_graph nothing changes
+    out = cnnops.autograd.SyncBatchNormFunction.apply(x, w, b, None, None, 1e-5, 0.1, one_rank_group, 1)
+    gx2, = torch.autograd.grad(out.pow(2).sum(), [x])
+    assert not gx2.requires_grad
+
+
 def test_world_size_one_group_falls_back_to_batch_norm(one_rank_group):
     mine, ref = cnnops.nn.SyncBatchNorm(3), torch.nn.BatchNorm2d(3).double()
     x = make_tensor((4, 3, 5, 5), torch.float32)
