@@ -1,7 +1,9 @@
 """torch.nn.functional-compatible functions: same signatures, results and exceptions.
 
 Argument normalisation and the checks torch makes in Python live here; shape, dtype and
-device checks are in C++ (csrc/common) so the raw ops are safe on their own.
+device checks are in C++ (csrc/common) so the raw ops are safe on their own. Each function ends
+in one op call (autograd, autocast and tracing live on the op's dispatch keys), made through
+cnnops._C.call in eager mode and through torch.ops otherwise (cnnops._ops.fast_call_ok).
 """
 import numbers
 
@@ -12,33 +14,6 @@ from . import _C
 from ._ops import call, fast_call_ok, ops
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
-
-
-# torch.autocast as ATen's autocast lists define it for the ops cnnops replaces: convolution
-# runs in the autocast dtype; these run in float32; the rest in their input's dtype. cnnops' ops
-# have no Autocast kernels of their own, so the functions cast here, before autograd records the
-# op (the casts' backward returns each gradient in its tensor's own dtype, as with torch).
-_AUTOCAST_FLOAT32 = {
-    "cpu": {"max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
-            "max_unpool1d", "max_unpool2d", "max_unpool3d"},
-    "cuda": {"layer_norm", "group_norm"},
-}
-
-
-def _autocast(fname, *tensors):
-    """`tensors` as torch.autocast hands them to `fname`. Only floating tensors other than
-    float64 are cast, as in torch."""
-    device = tensors[0].device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    if fname.startswith("conv"):
-        target = torch.get_autocast_dtype(device)
-    elif fname in _AUTOCAST_FLOAT32[device]:
-        target = torch.float32
-    else:
-        return tensors
-    return tuple(t.to(target) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
 
 
 def _expand(value, name, dims):
@@ -564,6 +539,11 @@ def _check_tensor(input, fn):
                                   "(cnnops supports float32, float64, bfloat16 and float16)")
 
 
+_BATCH_NORM_FORWARD = _C.op("batch_norm_forward")
+_LAYER_NORM_FORWARD = _C.op("layer_norm_forward")
+_GROUP_NORM_FORWARD = _C.op("group_norm_forward")
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """As torch.nn.functional.batch_norm. In training, the running statistics (when given) are
@@ -590,15 +570,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
     bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
-    out, _, _ = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, bool(training),
-                                       float(momentum), float(eps))
-    return out
+    args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    if fast_call_ok(input, weight, bias, running_mean, running_var):
+        return call(_BATCH_NORM_FORWARD, *args)[0]
+    return ops.batch_norm_forward(*args)[0]
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """As torch.nn.functional.layer_norm: normalizes over the trailing normalized_shape."""
     _check_tensor(input, "layer_norm")
-    if isinstance(normalized_shape, numbers.Integral) or not all(
+    if type(normalized_shape) in (tuple, list, torch.Size) and all(type(s) is int for s in normalized_shape):
+        pass  # the common case, checked without the abstract number types
+    elif isinstance(normalized_shape, numbers.Integral) or not all(
         isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in normalized_shape
     ):
         raise TypeError(f"layer_norm(): argument 'normalized_shape' must be tuple of ints, "
@@ -615,9 +598,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         if tensor is not None and tuple(tensor.shape) != normalized_shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                                f"{list(tensor.shape)} and normalized_shape = {list(normalized_shape)}")
-    input, weight, bias = _autocast("layer_norm", input, weight, bias)
-    out, _, _ = ops.layer_norm_forward(input, list(normalized_shape), weight, bias, float(eps))
-    return out
+    args = (input, normalized_shape, weight, bias, float(eps))
+    if fast_call_ok(input, weight, bias):
+        return call(_LAYER_NORM_FORWARD, *args)[0]
+    return ops.layer_norm_forward(*args)[0]
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -637,9 +621,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         if tensor is not None and (tensor.dim() != 1 or tensor.numel() != channels):
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of channels in input, "
                                f"but got {name} of shape {list(tensor.shape)} and input of shape {list(input.shape)}")
-    input, weight, bias = _autocast("group_norm", input, weight, bias)
-    out, _, _ = ops.group_norm_forward(input, weight, bias, int(num_groups), float(eps))
-    return out
+    args = (input, weight, bias, int(num_groups), float(eps))
+    if fast_call_ok(input, weight, bias):
+        return call(_GROUP_NORM_FORWARD, *args)[0]
+    return ops.group_norm_forward(*args)[0]
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
@@ -666,7 +651,13 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         out, _, _ = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, False,
                                            float(momentum), float(eps))
         return out
-    out, mean, invstd = ops.group_norm_forward(input, weight, bias, input.size(1), float(eps))
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
+        # torch's instance norm is a batch norm, which CUDA autocast leaves in the input's dtype;
+        # group_norm_forward's Autocast kernel would compute it in float32.
+        with torch.autocast("cuda", enabled=False):
+            out, mean, invstd = ops.group_norm_forward(input, weight, bias, input.size(1), float(eps))
+    else:
+        out, mean, invstd = ops.group_norm_forward(input, weight, bias, input.size(1), float(eps))
     if running_mean is not None:
         _update_instance_running_stats(input, mean, invstd, running_mean, running_var, float(momentum), float(eps))
     return out
