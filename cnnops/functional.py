@@ -192,9 +192,36 @@ def _batched(input, dims):
     return (input.unsqueeze(0), True) if input.dim() == dims + 1 else (input, False)
 
 
+_WINDOW_ARGS = {}  # resolved window arguments by their Python values: a module passes the same ones each call
+
+
 def _window_args(fname, dims, kernel_size, stride, padding, dilation):
     """Resolves kernel_size, stride (None or empty: kernel_size), padding and dilation to lists
-    and checks them in torch's order, each message naming its argument."""
+    and checks them in torch's order, each message naming its argument. Valid arguments of
+    hashable types (ints, tuples of ints) are remembered, so a layer called again pays one dict
+    lookup (the kernels take lists, which they never modify). torch.compile traces the checks
+    themselves."""
+    if torch.compiler.is_compiling():
+        return _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation)
+    key = _exact_int_key(fname, kernel_size, stride, padding, dilation)
+    resolved = _WINDOW_ARGS.get(key) if key is not None else None
+    if resolved is None:
+        resolved = _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation)
+        if key is not None and len(_WINDOW_ARGS) < 4096:
+            _WINDOW_ARGS[key] = resolved
+    return resolved
+
+
+def _exact_int_key(*values):
+    """values as a dict key when each is None, an int or a tuple of ints, else None (2.0 == 2
+    as a key, but torch rejects a float kernel size)."""
+    for v in values[1:]:
+        if not (v is None or type(v) is int or (type(v) is tuple and all(type(e) is int for e in v))):
+            return None
+    return values
+
+
+def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation):
     kernel_size = _pool_ints(kernel_size, "kernel_size", dims, fname)
     if stride is None or (type(stride) in (tuple, list) and not stride):
         stride = kernel_size
