@@ -374,3 +374,19 @@ def test_conv_vmap_rules_match_torch_without_fallback(batched):
         ours = run(CF)
     for g, e in zip(ours, run(F)):
         torch.testing.assert_close(g, e)
+
+
+def test_jit_trace_records_plain_ops():
+    """Nothing Python sits between a module and its kernel: a trace holds cnnops ops, not a
+    PythonOp, and differentiates like the eager model."""
+    reference, converted = twin_models("batch", training=False)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    traced = torch.jit.trace(converted, (x,), check_trace=False)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert {"cnnops::conv_forward", "cnnops::max_pool_forward", "cnnops::batch_norm_forward",
+            "cnnops::layer_norm_forward", "cnnops::avg_pool_forward"} <= kinds, kinds
+    assert "prim::PythonOp" not in kinds
+    xr = x.clone().requires_grad_()
+    (g_traced,) = torch.autograd.grad(traced(xr).sum(), xr)
+    (g_ref,) = torch.autograd.grad(reference(xr).sum(), xr)
+    torch.testing.assert_close(g_traced, g_ref)
