@@ -21,9 +21,9 @@ deps:
 # (CNNOPS_NO_EXTENSION=1); `build` then compiles in the persistent build/ folder, where ninja
 # recompiles only what changed (a no-op in seconds).
 install: deps
-	@cd / && $(PYTHON) -c "import importlib.util as u, os, sys; s = u.find_spec('cnnops'); \
-		sys.exit(not (s and s.origin and os.path.samefile(os.path.dirname(s.origin), '$(CURDIR)/cnnops')))" \
-		2>/dev/null || CNNOPS_NO_EXTENSION=1 $(PIP) install --no-build-isolation --no-deps -e .
+	@(cd / && $(PYTHON) -c "import importlib.util as u, os, sys; s = u.find_spec('cnnops'); \
+		sys.exit(not (s and s.origin and os.path.samefile(os.path.dirname(s.origin), '$(CURDIR)/cnnops')))") \
+		2>/dev/null || CNNOPS_NO_EXTENSION=1 $(PIP) install --no-build-isolation --no-deps -e "$(CURDIR)"
 	@$(MAKE) --no-print-directory build
 
 build:

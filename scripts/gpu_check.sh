@@ -130,9 +130,11 @@ print("cnnops CUDA kernels:", "MISSING for " + ", ".join(missing) if missing els
 sys.exit(1 if missing else 0)'
 
 # (3) CUDA tests: every file with a test marked `cuda`, each file in its own pytest run (one
-# file's failures or hang cannot hide another's), the biggest first.
+# file's failures or hang cannot hide another's), convolution first, then the biggest. A file that fails to
+# import is run too, so its error is reported rather than its tests silently missing.
 CUDA_FILES=$(timeout 120 "$PYTHON" -m pytest tests -m cuda --collect-only -q -p no:cacheprovider 2>>"$OUT/tests_cuda.log" |
-  grep -oE '^tests/[^:]+\.py' | sort | uniq -c | sort -rn | awk '{print $2}')
+  grep -oE '^(ERROR )?tests/[^: ]+\.py' | sed 's/^ERROR //' | sort | uniq -c | sort -rn | awk '{print $2}')
+CUDA_FILES=$(echo "$CUDA_FILES" | grep -x tests/test_conv_cuda.py; echo "$CUDA_FILES" | grep -vx tests/test_conv_cuda.py)
 echo "=== CUDA test files (marker cuda): $(echo $CUDA_FILES)" >>"$OUT/tests_cuda.log"
 [ -n "$CUDA_FILES" ] || record "tests_cuda (collect)" "FAIL (no cuda tests found)" 0 "$OUT/tests_cuda.log"
 for f in $CUDA_FILES; do
