@@ -10,11 +10,12 @@ TORCH_SPEC := torch>=2.11,<2.15
 
 # Installs only what is missing: torch (a CUDA build where pip offers one, so the CUDA kernels
 # compile), the build and test tools, the demo's extras (its test runs in `make test` too).
+# (find_spec: whether a module is there, without the seconds that importing it takes)
+HAVE = $(PYTHON) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))"
 deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	@$(PYTHON) -c "import numpy, pytest, ninja, pybind11, setuptools, wheel" 2>/dev/null || \
-		$(PIP) install numpy pytest ninja pybind11 "setuptools>=64" wheel
-	@$(PYTHON) -c "import sklearn, tqdm, matplotlib" 2>/dev/null || $(PIP) install scikit-learn tqdm matplotlib
+	@$(HAVE) torch || $(PIP) install "$(TORCH_SPEC)"
+	@$(HAVE) numpy pytest ninja pybind11 setuptools wheel || $(PIP) install numpy pytest ninja pybind11 "setuptools>=64" wheel
+	@$(HAVE) sklearn tqdm matplotlib || $(PIP) install scikit-learn tqdm matplotlib
 
 # cnnops itself, editable. pip builds an editable install in a fresh temporary folder (every
 # object recompiled each time), so pip only registers this tree, once, building nothing
