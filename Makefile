@@ -2,19 +2,33 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= gpu-logs
+# The torch versions cnnops is built and tested against (.ci/run: oldest and newest); the same
+# range as pyproject.toml's (tests/test_build.py checks both).
+TORCH_SPEC := torch>=2.11,<2.15
 
-.PHONY: install deps test demo bench gpu-check clean
+.PHONY: install deps build test demo bench gpu-check clean
 
 # Installs only what is missing: torch (a CUDA build where pip offers one, so the CUDA kernels
-# compile), the build and test tools, the demo's extras (its test runs in `make test` too),
-# then cnnops itself (editable, incremental ninja build).
+# compile), the build and test tools, the demo's extras (its test runs in `make test` too).
+# (find_spec: whether a module is there, without the seconds that importing it takes)
+HAVE = $(PYTHON) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))"
 deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.6"
-	@$(PYTHON) -c "import numpy, pytest, ninja, pybind11" 2>/dev/null || $(PIP) install numpy pytest ninja pybind11
-	@$(PYTHON) -c "import sklearn, tqdm, matplotlib" 2>/dev/null || $(PIP) install scikit-learn tqdm matplotlib
+	@$(HAVE) torch || $(PIP) install "$(TORCH_SPEC)"
+	@$(HAVE) numpy pytest ninja pybind11 setuptools wheel || $(PIP) install numpy pytest ninja pybind11 "setuptools>=64" wheel
+	@$(HAVE) sklearn tqdm matplotlib || $(PIP) install scikit-learn tqdm matplotlib
 
+# cnnops itself, editable. pip builds an editable install in a fresh temporary folder (every
+# object recompiled each time), so pip only registers this tree, once, building nothing
+# (CNNOPS_NO_EXTENSION=1); `build` then compiles in the persistent build/ folder, where ninja
+# recompiles only what changed (a no-op in seconds).
 install: deps
-	$(PIP) install --no-build-isolation -e .
+	@(cd / && $(PYTHON) -c "import importlib.util as u, os, sys; s = u.find_spec('cnnops'); \
+		sys.exit(not (s and s.origin and os.path.samefile(os.path.dirname(s.origin), '$(CURDIR)/cnnops')))") \
+		2>/dev/null || CNNOPS_NO_EXTENSION=1 $(PIP) install --no-build-isolation --no-deps -e "$(CURDIR)"
+	@$(MAKE) --no-print-directory build
+
+build:
+	$(PYTHON) setup.py -q build_ext --inplace
 
 test: install
 	$(PYTHON) -m pytest tests -q

@@ -2,6 +2,9 @@
 
 CNNOPS_CUDA=0 turns CUDA off; CNNOPS_CUDA=1 makes a missing CUDA toolchain an error.
 DEBUG=1 builds with -O0 -g for gdb. TORCH_CUDA_ARCH_LIST overrides the GPU architectures.
+CNNOPS_NO_EXTENSION=1 builds nothing: `make install` uses it for the editable install, which
+pip builds in a fresh temporary folder each time, and then compiles with
+`setup.py build_ext --inplace`, incrementally in the persistent build/ folder.
 """
 import glob
 import os
@@ -70,12 +73,15 @@ if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 opt = ["-O0", "-g"] if debug else ["-O3"]
+# C++20 (std::make_unique_for_overwrite, ...) explicitly: torch.utils.cpp_extension adds its own
+# -std only when none is given: c++17 on torch 2.11, c++20 on 2.14.
+std = ["-std=c++20"]
 # fp-contract: let the GEMM micro-kernel fuse a*b+c into FMA (ISO -std=c++NN turns it off).
-# torch.utils.cpp_extension picks -std (c++20 for torch>=2.10). -fopenmp: at::parallel_for is a
-# header template that runs serially unless the extension itself is compiled with OpenMP.
-cxx_flags = opt + ["-ffp-contract=fast", "-fopenmp"]
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/autocast/*.cpp") + glob.glob("csrc/cpu/*.cpp")
-                                       + glob.glob("csrc/python/*.cpp"))
+# -fopenmp: at::parallel_for is a header template that runs serially unless the extension
+# itself is compiled with OpenMP.
+cxx_flags = opt + std + ["-ffp-contract=fast", "-fopenmp"]
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/autocast/*.cpp")
+                                    + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/python/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra = {"cxx": cxx_flags}
 Extension = CppExtension
@@ -83,13 +89,14 @@ if use_cuda:
     Extension = CUDAExtension
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += nvidia_pip_includes()
-    extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"] + (["-G"] if debug else [])
+    extra["nvcc"] = opt + std + ["--expt-relaxed-constexpr", "-lineinfo"] + (["-G"] if debug else [])
     cxx_flags.append("-DCNNOPS_WITH_CUDA")
 
 setup(
     packages=find_packages(include=["cnnops", "cnnops.*"]),
-    ext_modules=[Extension("cnnops._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-                         extra_link_args=["-fopenmp"])],
+    ext_modules=[] if os.environ.get("CNNOPS_NO_EXTENSION") == "1" else [
+        Extension("cnnops._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                  extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

@@ -309,6 +309,7 @@ class GroupNorm(torch.nn.GroupNorm):
 # (cnnops.autograd.SyncBatchNormFunction, CPU tensors with gloo or CUDA tensors with NCCL);
 # anywhere else exactly cnnops' BatchNorm.
 
+import inspect  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
@@ -316,6 +317,10 @@ import torch.distributed as dist  # noqa: E402
 from .autograd import SyncBatchNormFunction  # noqa: E402
 
 __all__ += ["SyncBatchNorm"]
+
+
+# torch 2.11's _BatchNorm.__init__ has no keyword-only `bias` (later versions do).
+_BATCHNORM_HAS_BIAS = "bias" in inspect.signature(torch.nn.modules.batchnorm._BatchNorm.__init__).parameters
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -329,12 +334,19 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     convert_sync_batchnorm converts it (back) like any BatchNorm.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any | None = None, device=None, dtype=None, *,
-                 bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
-        self.process_group = process_group
+    if _BATCHNORM_HAS_BIAS:
+        def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                     track_running_stats: bool = True, process_group: Any | None = None, device=None, dtype=None, *,
+                     bias: bool = True) -> None:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                             bias=bias)
+            self.process_group = process_group
+    else:  # torch without `bias=` (2.11): the same constructor as torch.nn.SyncBatchNorm there
+        def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                     track_running_stats: bool = True, process_group: Any | None = None, device=None,
+                     dtype=None) -> None:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            self.process_group = process_group
 
     # torch's checks and messages ("expected at least 2D input (got 1D input)", ...)
     _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
@@ -373,7 +385,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 module.affine,
                 module.track_running_stats,
                 process_group,
-                bias=module.bias is not None,
+                **({"bias": module.bias is not None} if _BATCHNORM_HAS_BIAS else {}),
             )
             if module.affine:
                 with torch.no_grad():

@@ -68,6 +68,7 @@ def test_cpu_autocast_matches_torch(name, autocast_dtype, input_dtype):
     _check(name, "cpu", autocast_dtype, input_dtype)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -35,6 +35,9 @@ from test_norm import assert_norm_close
 ops = torch.ops.cnnops
 LARGE_MEAN = 1e4
 SPAWN_TIMEOUT_S = 120  # a hung collective fails the test instead of hanging CI
+# torch 2.11's batch norm modules have no `bias` argument (the oldest supported torch)
+BN_HAS_BIAS = "bias" in inspect.signature(torch.nn.SyncBatchNorm).parameters
+NO_BIAS = dict(bias=False) if BN_HAS_BIAS else dict(affine=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ def test_signatures_match_torch():
     assert "SyncBatchNorm" in cnnops.nn.__all__
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(track_running_stats=False), dict(bias=False),
+@pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(track_running_stats=False), NO_BIAS,
                                     dict(momentum=None, eps=1e-3)])
 def test_state_dict_matches_torch(kwargs):
     torch.manual_seed(0)
@@ -140,7 +143,7 @@ def _model_with_bns():
         torch.nn.BatchNorm2d(4),
         torch.nn.Sequential(cnnops.nn.BatchNorm1d(5, momentum=None, affine=False), torch.nn.ReLU()),
         torch.nn.BatchNorm3d(6, eps=1e-3, track_running_stats=False),
-        torch.nn.BatchNorm2d(7, bias=False),
+        torch.nn.BatchNorm2d(7, **NO_BIAS),
     )
 
 
@@ -158,7 +161,7 @@ def test_convert_sync_batchnorm_keeps_parameters_and_buffers():
         assert m.training == flags[idx]
     assert converted[2][0].momentum is None and converted[2][0].weight is None
     assert converted[3].eps == 1e-3 and converted[3].running_mean is None
-    assert converted[4].bias is None and converted[4].weight is not None
+    assert (converted[4].bias is None) == BN_HAS_BIAS and converted[4].weight is not None
     after = {name: t for name, t in list(converted.named_parameters()) + list(converted.named_buffers())}
     assert list(before) == list(after)
     for name in before:
@@ -481,7 +484,7 @@ SPAWN_CASES = {
     "empty_rank0": ((0, 3), (3, 4), torch.float64, "contiguous", {}, 0.0),
     "channels_last": ((3, 2), (4, 3, 5), torch.float32, "channels_last", dict(eps=1e-3), 0.0),
     "flat": ((6, 3), (5,), torch.float64, "contiguous", dict(affine=False, momentum=None), 0.0),
-    "1d": ((2, 5), (3, 7), torch.float32, "contiguous", dict(bias=False), 0.0),
+    "1d": ((2, 5), (3, 7), torch.float32, "contiguous", NO_BIAS, 0.0),
     "3d": ((2, 1), (3, 3, 4, 5), torch.float32, "channels_last", dict(momentum=0.3), 0.0),
     "large_mean": ((4, 3), (3, 5, 6), torch.float32, "contiguous", {}, LARGE_MEAN),
     "no_running": ((3, 3), (3, 5, 6), torch.float32, "contiguous", dict(track_running_stats=False), 0.0),
