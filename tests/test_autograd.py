@@ -390,3 +390,50 @@ def test_jit_trace_records_plain_ops():
     (g_traced,) = torch.autograd.grad(traced(xr).sum(), xr)
     (g_ref,) = torch.autograd.grad(reference(xr).sum(), xr)
     torch.testing.assert_close(g_traced, g_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# the same autograd on CUDA tensors (the Autograd kernels are device-independent; these check
+# that the CUDA kernels they call differentiate twice as torch's do)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", ["batch", "group", "instance"])
+def test_cuda_wgan_gp_matches_torch(norm):
+    reference, converted = twin_models(norm)
+    reference, converted = reference.cuda(), converted.cuda()
+    real = torch.randn(4, 3, 8, 8, dtype=D, device="cuda")
+    fake = torch.randn(4, 3, 8, 8, dtype=D, device="cuda")
+    alpha = torch.rand(4, 1, 1, 1, dtype=D, device="cuda")
+    grads = []
+    for model in (reference, converted):
+        x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_()
+        (g,) = torch.autograd.grad(model(x_hat).sum(), x_hat, create_graph=True)
+        loss = model(fake).mean() - model(real).mean() + 10 * ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for g, e in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CONV_CASES[::2], ids=case_id)
+def test_cuda_conv_gradgradcheck(case):
+    x, w, b, kwargs = conv_inputs(case, requires_grad=False)
+    inputs = [t.cuda().requires_grad_() for t in (x, w, b) if t is not None]
+    fn = getattr(CF, f"conv{case[0]}d")
+    assert gradgradcheck(lambda *a: fn(*a, **kwargs), inputs)
+
+
+@pytest.mark.cuda
+def test_cuda_per_sample_gradients_match_torch():
+    reference, converted = twin_models("group", training=False)
+    reference, converted = reference.cuda(), converted.cuda()
+    x, y = torch.randn(3, 3, 8, 8, dtype=D, device="cuda"), torch.randn(3, 1, dtype=D, device="cuda")
+    results = []
+    for model in (converted, reference):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        loss = lambda p, xi, yi: F.mse_loss(functional_call(model, p, (xi[None],)), yi[None])  # noqa: E731
+        results.append(vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y))
+    for name in results[1]:
+        torch.testing.assert_close(results[0][name], results[1][name])
