@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
                                                          c10::IntArrayRef padding,
                                                          c10::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_forward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
@@ -140,7 +140,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
                                   c10::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_backward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_indices(op, indices_, grad_output_.sizes(), input_);
   check_cuda(op, input_);
@@ -175,7 +175,7 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
                                  c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
                                  bool count_include_pad, int64_t divisor_override) {
   const char* op = "avg_pool_forward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding,
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_cuda(op, input_);
@@ -207,7 +207,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                   int64_t divisor_override) {
   const char* op = "avg_pool_backward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding,
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
