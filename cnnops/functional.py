@@ -346,6 +346,11 @@ def _adaptive_avg_pool(input, output_size, dims):
     fname = f"adaptive_avg_pool{dims}d"
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
+    if all(v == 1 for v in sizes) and input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
+        # torch takes a global pool as a mean over the spatial dims, without the size checks
+        # below: an empty input gives an empty output, or NaN for an empty window
+        _check_floating(input, fname)
+        return input.mean(tuple(range(-dims, 0)), keepdim=True)
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
     (input,) = _autocast(fname, input)
@@ -565,6 +570,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D "
                            f"input of size {list(input.shape)}")
+    if input.numel() == 0:
+        return _empty_batch_norm(input, weight, bias)
     if not training:
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
@@ -578,6 +585,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
     out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                         float(momentum), float(eps))
+    return out
+
+
+def _empty_batch_norm(input, weight, bias):
+    """torch's batch norm of an empty input: no statistics, no checks of the running ones; the
+    output is the input scaled by weight[0] and shifted by bias[0] (so an empty weight raises
+    IndexError, as in torch), keeping the gradient chain."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight.reshape(-1)[0]
+    if bias is not None:
+        out = out + bias.reshape(-1)[0]
     return out
 
 
@@ -645,6 +664,18 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if input.dim() < 2:
         raise RuntimeError(f"instance_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D")
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
+    if input.numel() == 0:
+        # torch runs batch norm on the input seen as 1 x (N*C) x *: the empty case of
+        # _empty_batch_norm with weight and bias repeated N times, and the running statistics set
+        # to the mean over the N copies (NaN for N = 0)
+        n = input.size(0)
+        out = _empty_batch_norm(input, None if weight is None else weight.repeat(n),
+                                None if bias is None else bias.repeat(n))
+        if running_mean is not None and n == 0:
+            with torch.no_grad():
+                running_mean.fill_(float("nan"))
+                running_var.fill_(float("nan"))
+        return out
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not use_input_stats:
         if running_mean is None:

@@ -55,6 +55,8 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "Input type (", input.scalar_type(), ") and bias type (", bias->scalar_type(), ") should be the same");
   }
 
+  for (int64_t i = 2; i < input.dim(); ++i)
+    TORCH_CHECK(input.size(i) > 0 || input.size(0) == 0 || input.size(1) == 0, "Only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes());
   // torch returns an output with zero channels here; we would rather say so than guess.
   TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
 
