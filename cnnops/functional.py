@@ -204,9 +204,10 @@ def _batched(input, dims):
     return (input.unsqueeze(0), True) if input.dim() == dims + 1 else (input, False)
 
 
-def _window_args(fname, dims, kernel_size, stride, padding, dilation):
+def _window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing=None):
     """Resolves kernel_size, stride (None or empty: kernel_size), padding and dilation to lists
-    and checks them in torch's order, each message naming its argument."""
+    and checks them in torch's order, each message naming its argument. after_parsing() runs
+    between the two, where torch makes its other checks."""
     kernel_size = _pool_ints(kernel_size, "kernel_size", dims, fname)
     if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
         stride = list(kernel_size)
@@ -214,6 +215,12 @@ def _window_args(fname, dims, kernel_size, stride, padding, dilation):
         stride = _pool_ints(stride, "stride", dims, fname)
     padding = _pool_ints(padding, "padding", dims, fname)
     dilation = _pool_ints(dilation, "dilation", dims, fname)
+    if fname != "max_pool1d":  # torch's other pools take these as C++ ints
+        for v in kernel_size + stride + padding + dilation:
+            if not -(2**31) <= v < 2**31:
+                raise RuntimeError(f"{fname}: value cannot be converted to type int without overflow: {v}")
+    if after_parsing is not None:
+        after_parsing()
     if any(k <= 0 for k in kernel_size):
         raise RuntimeError(f"{fname}: kernel_size should be greater than zero, but got kernel_size={tuple(kernel_size)}")
     if any(s <= 0 for s in stride):
@@ -270,11 +277,14 @@ def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
         raise TypeError(f"{fname}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
     elif divisor_override == 0:
         raise RuntimeError(f"{fname}: divisor_override must be not zero")
-    kernel_size, stride, padding, _ = _window_args(fname, dims, kernel_size, stride, padding, 1)
-    if dims == 2 and input.dim() < 3:
-        # torch's avg_pool2d indexes the input's third-to-last dim first, and so raises IndexError
-        raise IndexError(f"{fname}: Dimension out of range: expected a 3D (unbatched) or 4D (batched) input, but "
-                         f"got input of size: {list(input.shape)}")
+    def check_rank():
+        if dims == 2 and input.dim() < 3:
+            # torch's avg_pool2d indexes the input's third-to-last dim before it checks the
+            # window's values, and so raises IndexError
+            raise IndexError(f"{fname}: Dimension out of range: expected a 3D (unbatched) or 4D (batched) input, "
+                             f"but got input of size: {list(input.shape)}")
+
+    kernel_size, stride, padding, _ = _window_args(fname, dims, kernel_size, stride, padding, 1, check_rank)
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
     (input,) = _autocast(fname, input)
@@ -349,7 +359,6 @@ def _adaptive_avg_pool(input, output_size, dims):
     if all(v == 1 for v in sizes) and input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
         # torch takes a global pool as a mean over the spatial dims, without the size checks
         # below: an empty input gives an empty output, or NaN for an empty window
-        _check_floating(input, fname)
         return input.mean(tuple(range(-dims, 0)), keepdim=True)
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
@@ -460,6 +469,9 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
+        if not -(2**63) <= v < 2**63:  # torch's C++ argument parser
+            raise TypeError(f"{fname}(): argument 'output_size' failed to unpack the object at pos {i} with error "
+                            "\"Overflow when unpacking long long\"")
     if dims == 3 and any(s <= 0 for s in stride[:3]):
         raise RuntimeError(f"{fname}: strides should be greater than zero, but got stride={tuple(stride)}")
     if input.dim() not in (dims + 1, dims + 2):
@@ -567,19 +579,22 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:
+        return _empty_batch_norm(input, weight, bias)
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D "
                            f"input of size {list(input.shape)}")
-    if input.numel() == 0:
-        return _empty_batch_norm(input, weight, bias)
-    if not training:
-        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-            if tensor is None:
-                raise RuntimeError(f"{name} must be defined in evaluation mode")
-    elif (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    # in torch's order: each statistic's size (or its absence in eval), weight, bias, then the
+    # kernel's checks
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None:
+            _check_channel_params(input, **{name: tensor})
+        elif not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    _check_channel_params(input, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
-    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
     bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
@@ -594,9 +609,9 @@ def _empty_batch_norm(input, weight, bias):
     IndexError, as in torch), keeping the gradient chain."""
     out = input.clone()
     if weight is not None:
-        out = out * weight.reshape(-1)[0]
+        out = out * weight[0]
     if bias is not None:
-        out = out + bias.reshape(-1)[0]
+        out = out + bias[0]
     return out
 
 
@@ -659,8 +674,12 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     _check_tensor(input, "instance_norm")
     if use_input_stats:
         _verify_spatial_size(input.size())
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if input.dim() == 0:  # torch reads input.size(0) first
+        raise IndexError("instance_norm: Dimension specified as 0 but tensor has no dimensions")
     if input.dim() < 2:
         raise RuntimeError(f"instance_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D")
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
