@@ -582,8 +582,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if input.numel() == 0:
         return _empty_batch_norm(input, weight, bias)
     if input.dim() < 2:
-        raise RuntimeError(f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D "
-                           f"input of size {list(input.shape)}")
+        # torch counts 0 features here and fails at the first check that sees it
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is None and not training:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+            if tensor is not None and tensor.numel() != 0:
+                raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        raise (IndexError if input.dim() == 1 else RuntimeError)(
+            f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
+            f"{list(input.shape)}")
     # in torch's order: each statistic's size (or its absence in eval), weight, bias, then the
     # kernel's checks
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
@@ -595,12 +602,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
-    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
-    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
+    # torch only counts the elements of weight, bias and the running statistics: a (C, 1) weight
+    # is accepted (the statistics' views keep their in-place updates)
+    weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                         float(momentum), float(eps))
     return out
+
+
+def _flat_params(*tensors):
+    """Per-channel tensors as 1-d views (None stays None)."""
+    return tuple(t if t is None or t.dim() == 1 else t.view(-1) for t in tensors)
 
 
 def _empty_batch_norm(input, weight, bias):
@@ -676,13 +688,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         _verify_spatial_size(input.size())
     if not use_input_stats and (running_mean is None or running_var is None):
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if input.dim() == 0:  # torch reads input.size(0) first
+    if input.dim() == 0:  # torch reads input.size(0) and input.size(1) first
         raise IndexError("instance_norm: Dimension specified as 0 but tensor has no dimensions")
     if input.dim() < 2:
-        raise RuntimeError(f"instance_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D")
-    _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
+        raise IndexError(f"instance_norm: Dimension out of range (expected to be in range of [-1, 0], but got 1): "
+                         f"expected input with at least 2 dims (N, C, *), got {input.dim()}D")
     if input.numel() == 0:
         # torch runs batch norm on the input seen as 1 x (N*C) x *: the empty case of
         # _empty_batch_norm with weight and bias repeated N times, and the running statistics set
@@ -690,12 +700,17 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         n = input.size(0)
         out = _empty_batch_norm(input, None if weight is None else weight.repeat(n),
                                 None if bias is None else bias.repeat(n))
-        if running_mean is not None and n == 0:
-            with torch.no_grad():
-                running_mean.fill_(float("nan"))
-                running_var.fill_(float("nan"))
+        with torch.no_grad():
+            for stat in (running_mean, running_var):
+                if stat is not None and n == 0:
+                    stat.fill_(float("nan"))
         return out
+    _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    # torch only counts the elements (as batch_norm)
+    weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     if not use_input_stats:
         if running_mean is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
