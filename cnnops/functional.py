@@ -204,7 +204,7 @@ def _batched(input, dims):
     return (input.unsqueeze(0), True) if input.dim() == dims + 1 else (input, False)
 
 
-def _window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing=None):
+def _window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing=None, int64_ok=False):
     """Resolves kernel_size, stride (None or empty: kernel_size), padding and dilation to lists
     and checks them in torch's order, each message naming its argument. after_parsing() runs
     between the two, where torch makes its other checks."""
@@ -215,7 +215,7 @@ def _window_args(fname, dims, kernel_size, stride, padding, dilation, after_pars
         stride = _pool_ints(stride, "stride", dims, fname)
     padding = _pool_ints(padding, "padding", dims, fname)
     dilation = _pool_ints(dilation, "dilation", dims, fname)
-    if fname != "max_pool1d":  # torch's other pools take these as C++ ints
+    if not int64_ok:  # torch's pools but max_pool1d without indices take these as C++ ints
         for v in kernel_size + stride + padding + dilation:
             if not -(2**31) <= v < 2**31:
                 raise RuntimeError(f"{fname}: value cannot be converted to type int without overflow: {v}")
@@ -240,7 +240,8 @@ def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_i
     fname = f"max_pool{dims}d"
     _check_pool_tensor(input, fname)
     _check_bool(ceil_mode, "ceil_mode", fname)
-    kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation)
+    kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation,
+                                                          int64_ok=dims == 1 and not return_indices)
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
     (input,) = _autocast(fname, input)
