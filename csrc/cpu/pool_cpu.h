@@ -30,6 +30,11 @@
 // intrinsics for it (float, int32 indices), chosen at run time, beside the portable loops.
 // (GCC vector extensions are no way out: under target_clones they are lowered for the
 // baseline ISA before cloning, and come out scalar.)
+//
+// Rule: a CNNOPS_POOL_SIMD function must not throw, nor call anything that may (TORCH_CHECK,
+// allocation): GCC 12 cannot unwind out of a target_clones function, so the throw would end
+// in std::terminate. Callers validate the geometry (csrc/common/checked_math.h) and allocate
+// the kernels' scratch (MaxScratch, AvgScratch) before entering them.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CNNOPS_POOL_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
