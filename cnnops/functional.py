@@ -589,6 +589,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
             if tensor is not None and tensor.numel() != 0:
                 raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and tensor.numel() != 0:
+                raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
         raise (IndexError if input.dim() == 1 else RuntimeError)(
             f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
             f"{list(input.shape)}")
@@ -703,13 +706,18 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                 None if bias is None else bias.repeat(n))
         with torch.no_grad():
             for stat in (running_mean, running_var):
+                if stat is not None:
+                    stat.repeat(n)  # torch repeats them: its errors for a stat of another rank
+                if stat is not None and n > 0 and stat.numel() != input.size(1):
+                    raise RuntimeError(f"shape '[{n}, {input.size(1)}]' is invalid for input of size "
+                                       f"{n * stat.numel()}")
                 if stat is not None and n == 0:
                     stat.fill_(float("nan"))
         return out
+    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     # torch only counts the elements (as batch_norm)
     weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     if not use_input_stats:

@@ -48,7 +48,8 @@ inline int64_t checked_numel(std::initializer_list<int64_t> sizes, const char* w
 
 // One spatial dim of a sliding window, in exact (128-bit) arithmetic:
 //   padded = in + 2 * pad, extent = dilation * (kernel - 1) + 1 (the dilated kernel's span).
-// Inputs: in >= 0, kernel >= 1, stride >= 1, pad >= 0, dilation >= 1, each an int64.
+// Inputs: in >= 0, kernel >= 0 (a zero kernel spans 1 - dilation, as in torch), stride >= 1,
+// pad >= 0, dilation >= 1, each an int64.
 struct WindowDim {
   __int128 padded, extent;
 };

@@ -40,7 +40,6 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     TORCH_CHECK(dilation[i] > 0, "non-positive dilation is not supported: dilation=", dilation);
     // torch's bound: 2 * padding must fit int64
     TORCH_CHECK(padding[i] <= kInt64Max / 2, "Given padding=", padding[i], " at dimension ", i, " , expected padding to be at most ", kInt64Max / 2);
-    TORCH_CHECK(weight.size(2 + i) > 0, "weight: kernel size should be greater than zero, but got weight of size ", weight.sizes());
   }
   const int64_t out_channels = weight.size(0);
   TORCH_CHECK(out_channels >= groups, "Given groups=", groups, ", expected weight to be at least ", groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
@@ -57,8 +56,6 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
 
   for (int64_t i = 2; i < input.dim(); ++i)
     TORCH_CHECK(input.size(i) > 0 || input.size(0) == 0 || input.size(1) == 0, "Only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes());
-  // torch returns an output with zero channels here; we would rather say so than guess.
-  TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
 
   ConvGeometry g;
   g.batch = input.size(0);
@@ -80,6 +77,12 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     TORCH_CHECK(w.padded <= kInt64Max, "Calculated padded input size per channel: ", input.sizes().slice(2), " + 2 * padding ", padding, " does not fit int64");
     g.out[i] = window_count(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i], false);
   }
+  // torch returns an output with zero channels here; we would rather say so than guess.
+  TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
+  // torch checks this in its kernels, after the padded size (where a zero kernel spans
+  // 1 - dilation, exact above) and after its zero-channel path
+  for (int64_t i = 0; i < dims; ++i)
+    TORCH_CHECK(weight.size(2 + i) > 0, "weight: kernel size should be greater than zero, but got weight of size ", weight.sizes());
   // Every buffer the kernels size from the geometry: output, zero-padded input planes, the
   // im2col matrix, the weight as GEMM operands. torch pads implicitly, so a padded input or an
   // im2col matrix too large to address is a cnnops gap, not an error of the arguments.
