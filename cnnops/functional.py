@@ -357,10 +357,15 @@ def _adaptive_avg_pool(input, output_size, dims):
     fname = f"adaptive_avg_pool{dims}d"
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
-    if all(v == 1 for v in sizes) and input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
-        # torch takes a global pool as a mean over the spatial dims, without the size checks
-        # below: an empty input gives an empty output, or NaN for an empty window
-        return input.mean(tuple(range(-dims, 0)), keepdim=True)
+    if all(v == 1 for v in sizes):
+        # torch takes a global pool as a mean over the last dims, without the checks below: an
+        # empty input gives an empty output, or NaN for an empty window; 2d and 3d pools take
+        # any rank
+        if input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
+            return input.mean(tuple(range(-dims, 0)), keepdim=True)
+        if dims > 1 and input.dim() >= dims and input.dim() not in (dims + 1, dims + 2):
+            raise NotImplementedError(f"cnnops {fname}: a global pool of a {input.dim()}-D input (torch takes the "
+                                      f"mean over its last {dims} dims) is not supported")
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
     (input,) = _autocast(fname, input)
