@@ -107,6 +107,17 @@ inline int64_t max_pool_index_limit(const PoolGeometry& g) {
   return add_fits(flat, 1, &limit) ? limit : kInt64Max;
 }
 
+// Whether the window walks fit 32-bit offsets (the CUDA kernels' int32 variant): a coordinate
+// plus one stride or dilation step must stay below 2^31 (max_pool1d takes int64 arguments).
+inline bool pool_windows_fit_int32(const PoolGeometry& g) {
+  constexpr int64_t kQuarter = int64_t(1) << 29;
+  for (int i = 0; i < 3; ++i)
+    if (g.in[i] > kQuarter || g.out[i] > kQuarter || g.kernel[i] > kQuarter || g.stride[i] > kQuarter ||
+        g.pad[i] > kQuarter || g.dilation[i] > kQuarter)
+      return false;
+  return true;
+}
+
 // torch's avg_pool3d (and only it) also rejects an input smaller than the kernel in any dim,
 // padding or not; the average pool ops mirror that for 3-d pools.
 inline void check_avg_pool3d_input_size(const char* op, const PoolGeometry& g, int64_t dims) {

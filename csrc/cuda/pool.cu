@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
   const int64_t total = output.numel();
   if (total == 0) return std::make_tuple(output, indices);
 
-  const bool int32_ok = fits_int32({input.numel(), total});
+  const bool int32_ok = fits_int32({input.numel(), total}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool_forward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
@@ -152,7 +152,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
 
-  const bool int32_ok = fits_int32({total, grad_output.numel()});
+  const bool int32_ok = fits_int32({total, grad_output.numel()}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "max_pool_backward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
@@ -187,7 +187,7 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
   const int64_t total = output.numel();
   if (total == 0) return output;
 
-  const bool int32_ok = fits_int32({input.numel(), total});
+  const bool int32_ok = fits_int32({input.numel(), total}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "avg_pool_forward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
@@ -219,7 +219,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
 
-  const bool int32_ok = fits_int32({total, grad_output.numel()});
+  const bool int32_ok = fits_int32({total, grad_output.numel()}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "avg_pool_backward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
