@@ -19,10 +19,11 @@ import cnnops.functional as C  # noqa: E402
 
 # Allocations past this fail (RuntimeError / MemoryError) instead of exhausting the machine.
 _LIMIT = int(os.environ.get("CNNOPS_FUZZ_MEMORY_LIMIT", str(6 << 30)))
-try:
-    resource.setrlimit(resource.RLIMIT_DATA, (_LIMIT, _LIMIT))
-except (ValueError, OSError):
-    pass
+if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # ASan's shadow memory needs no limit;
+    try:                                                 # it caps allocations itself (test_fuzz.py)
+        resource.setrlimit(resource.RLIMIT_DATA, (_LIMIT, _LIMIT))
+    except (ValueError, OSError):
+        pass
 
 torch.set_num_threads(1)
 

@@ -60,8 +60,11 @@ class Worker:
         self.stderr.seek(0)
         self.stderr.truncate()
         worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_worker.py")
+        env = dict(os.environ)
+        if "libasan" in env.get("LD_PRELOAD", ""):  # make sanitize: huge allocations fail, not abort
+            env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":max_allocation_size_mb=6144:allocator_may_return_null=1"
         self.proc = subprocess.Popen([sys.executable, worker, self.package_root], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr)
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
 
     def stop(self):
         if self.proc is not None:
