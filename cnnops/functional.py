@@ -195,33 +195,35 @@ def _batched(input, dims):
 _WINDOW_ARGS = {}  # resolved window arguments by their Python values: a module passes the same ones each call
 
 
-def _window_args(fname, dims, kernel_size, stride, padding, dilation):
+def _window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing=None, int64_ok=False):
     """Resolves kernel_size, stride (None or empty: kernel_size), padding and dilation to lists
-    and checks them in torch's order, each message naming its argument. Valid arguments of
-    hashable types (ints, tuples of ints) are remembered, so a layer called again pays one dict
-    lookup (the kernels take lists, which they never modify). torch.compile traces the checks
-    themselves."""
+    and checks them in torch's order, each message naming its argument. after_parsing() runs
+    between the two, where torch makes its other checks. Valid arguments of exact types (ints,
+    tuples of ints) are remembered, so a layer called again pays one dict lookup (the kernels
+    take the lists and never modify them); torch.compile traces the checks themselves."""
     if torch.compiler.is_compiling():
-        return _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation)
-    key = _exact_int_key(fname, kernel_size, stride, padding, dilation)
+        return _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing, int64_ok)
+    key = _exact_int_key(fname, int64_ok, kernel_size, stride, padding, dilation)
     resolved = _WINDOW_ARGS.get(key) if key is not None else None
     if resolved is None:
-        resolved = _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation)
+        resolved = _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing, int64_ok)
         if key is not None and len(_WINDOW_ARGS) < 4096:
             _WINDOW_ARGS[key] = resolved
+    elif after_parsing is not None:
+        after_parsing()
     return resolved
 
 
 def _exact_int_key(*values):
-    """values as a dict key when each is None, an int or a tuple of ints, else None (2.0 == 2
-    as a key, but torch rejects a float kernel size)."""
-    for v in values[1:]:
+    """values as a dict key when each after the first two is None, an int or a tuple of ints,
+    else None (2.0 == 2 as a key, but torch rejects a float kernel size)."""
+    for v in values[2:]:
         if not (v is None or type(v) is int or (type(v) is tuple and all(type(e) is int for e in v))):
             return None
     return values
 
 
-def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation):
+def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing, int64_ok):
     kernel_size = _pool_ints(kernel_size, "kernel_size", dims, fname)
     if stride is None or (type(stride) in (tuple, list) and not stride):
         stride = kernel_size
@@ -229,6 +231,12 @@ def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation):
         stride = _pool_ints(stride, "stride", dims, fname)
     padding = _pool_ints(padding, "padding", dims, fname)
     dilation = _pool_ints(dilation, "dilation", dims, fname)
+    if not int64_ok:  # torch's pools but max_pool1d without indices take these as C++ ints
+        for v in kernel_size + stride + padding + dilation:
+            if not -(2**31) <= v < 2**31:
+                raise RuntimeError(f"{fname}: value cannot be converted to type int without overflow: {v}")
+    if after_parsing is not None:
+        after_parsing()
     if min(kernel_size) <= 0:
         raise RuntimeError(f"{fname}: kernel_size should be greater than zero, but got kernel_size={tuple(kernel_size)}")
     if min(stride) <= 0:
@@ -249,7 +257,8 @@ def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_i
     fname = f"max_pool{dims}d"
     _check_pool_tensor(input, fname)
     _check_bool(ceil_mode, "ceil_mode", fname)
-    kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation)
+    kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation,
+                                                          int64_ok=dims == 1 and not return_indices)
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
     x, unbatched = _batched(input, dims)
@@ -286,11 +295,14 @@ def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
         raise TypeError(f"{fname}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
     elif divisor_override == 0:
         raise RuntimeError(f"{fname}: divisor_override must be not zero")
-    kernel_size, stride, padding, _ = _window_args(fname, dims, kernel_size, stride, padding, 1)
-    if dims == 2 and input.dim() < 3:
-        # torch's avg_pool2d indexes the input's third-to-last dim first, and so raises IndexError
-        raise IndexError(f"{fname}: Dimension out of range: expected a 3D (unbatched) or 4D (batched) input, but "
-                         f"got input of size: {list(input.shape)}")
+    def check_rank():
+        if dims == 2 and input.dim() < 3:
+            # torch's avg_pool2d indexes the input's third-to-last dim before it checks the
+            # window's values, and so raises IndexError
+            raise IndexError(f"{fname}: Dimension out of range: expected a 3D (unbatched) or 4D (batched) input, "
+                             f"but got input of size: {list(input.shape)}")
+
+    kernel_size, stride, padding, _ = _window_args(fname, dims, kernel_size, stride, padding, 1, check_rank)
     _check_pool_rank(input, dims, fname)
     _check_floating(input, fname)
     x, unbatched = _batched(input, dims)
@@ -362,6 +374,15 @@ def _adaptive_avg_pool(input, output_size, dims):
     fname = f"adaptive_avg_pool{dims}d"
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
+    if all(v == 1 for v in sizes):
+        # torch takes a global pool as a mean over the last dims, without the checks below: an
+        # empty input gives an empty output, or NaN for an empty window; 2d and 3d pools take
+        # any rank
+        if input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
+            return input.mean(tuple(range(-dims, 0)), keepdim=True)
+        if dims > 1 and input.dim() >= dims and input.dim() not in (dims + 1, dims + 2):
+            raise NotImplementedError(f"cnnops {fname}: a global pool of a {input.dim()}-D input (torch takes the "
+                                      f"mean over its last {dims} dims) is not supported")
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
     x, unbatched = _batched(input, dims)
@@ -470,6 +491,9 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
+        if not -(2**63) <= v < 2**63:  # torch's C++ argument parser
+            raise TypeError(f"{fname}(): argument 'output_size' failed to unpack the object at pos {i} with error "
+                            "\"Overflow when unpacking long long\"")
     if dims == 3 and any(s <= 0 for s in stride[:3]):
         raise RuntimeError(f"{fname}: strides should be greater than zero, but got stride={tuple(stride)}")
     if input.dim() not in (dims + 1, dims + 2):
@@ -583,24 +607,56 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:
+        return _empty_batch_norm(input, weight, bias)
     if input.dim() < 2:
-        raise RuntimeError(f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D "
-                           f"input of size {list(input.shape)}")
-    if not training:
+        # torch counts 0 features here and fails at the first check that sees it
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-            if tensor is None:
+            if tensor is None and not training:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
-    elif (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+            if tensor is not None and tensor.numel() != 0:
+                raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and tensor.numel() != 0:
+                raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        raise (IndexError if input.dim() == 1 else RuntimeError)(
+            f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
+            f"{list(input.shape)}")
+    # in torch's order: each statistic's size (or its absence in eval), weight, bias, then the
+    # kernel's checks
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None:
+            _check_channel_params(input, **{name: tensor})
+        elif not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    _check_channel_params(input, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
-    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
-    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
-    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    # torch only counts the elements of weight, bias and the running statistics: a (C, 1) weight
+    # is accepted (the statistics' views keep their in-place updates)
+    weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if fast_call_ok(input, weight, bias, running_mean, running_var):
         return call(_BATCH_NORM_FORWARD, *args)[0]
     return ops.batch_norm_forward(*args)[0]
+
+
+def _flat_params(*tensors):
+    """Per-channel tensors as 1-d views (None stays None)."""
+    return tuple(t if t is None or t.dim() == 1 else t.view(-1) for t in tensors)
+
+
+def _empty_batch_norm(input, weight, bias):
+    """torch's batch norm of an empty input: no statistics, no checks of the running ones; the
+    output is the input scaled by weight[0] and shifted by bias[0] (so an empty weight raises
+    IndexError, as in torch), keeping the gradient chain."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    return out
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -666,12 +722,36 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     _check_tensor(input, "instance_norm")
     if use_input_stats:
         _verify_spatial_size(input.size())
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+    if input.dim() == 0:  # torch reads input.size(0) and input.size(1) first
+        raise IndexError("instance_norm: Dimension specified as 0 but tensor has no dimensions")
+    if input.dim() < 2:
+        raise IndexError(f"instance_norm: Dimension out of range (expected to be in range of [-1, 0], but got 1): "
+                         f"expected input with at least 2 dims (N, C, *), got {input.dim()}D")
+    if input.numel() == 0:
+        # torch runs batch norm on the input seen as 1 x (N*C) x *: the empty case of
+        # _empty_batch_norm with weight and bias repeated N times, and the running statistics set
+        # to the mean over the N copies (NaN for N = 0)
+        n = input.size(0)
+        out = _empty_batch_norm(input, None if weight is None else weight.repeat(n),
+                                None if bias is None else bias.repeat(n))
+        with torch.no_grad():
+            for stat in (running_mean, running_var):
+                if stat is not None:
+                    stat.repeat(n)  # torch repeats them: its errors for a stat of another rank
+                if stat is not None and n > 0 and stat.numel() != input.size(1):
+                    raise RuntimeError(f"shape '[{n}, {input.size(1)}]' is invalid for input of size "
+                                       f"{n * stat.numel()}")
+                if stat is not None and n == 0:
+                    stat.fill_(float("nan"))
+        return out
+    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if input.dim() < 2:
-        raise RuntimeError(f"instance_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D")
-    _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
-    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    # torch only counts the elements (as batch_norm)
+    weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     if not use_input_stats:
         if running_mean is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")

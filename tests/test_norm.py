@@ -392,22 +392,19 @@ def test_float16(kind, name):
 
 
 def test_instance_norm_batch0_affine():
-    """torch fails on an empty batch with affine instance norm (IndexError from repeating the
-    weight zero times); cnnops returns the empty output and zero weight/bias gradients, as the
-    same call without affine does in torch."""
+    """An empty batch with affine instance norm: torch repeats the weight zero times and then
+    reads its first element (IndexError); cnnops gives torch's outcome (tests/test_degenerate.py
+    has the table of empty inputs)."""
     x = torch.randn(0, 3, 4, 5, requires_grad=True)
     w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
     try:
         expected = F.instance_norm(x, weight=w, bias=b)
-    except IndexError:
-        expected = None
+    except Exception as e:  # noqa: BLE001
+        with pytest.raises(type(e)):
+            cnnops.functional.instance_norm(x, weight=w, bias=b)
+        return
     out = cnnops.functional.instance_norm(x, weight=w, bias=b)
-    assert out.shape == x.shape
-    if expected is not None:  # a torch that handles it: compare
-        assert expected.shape == out.shape
-    out.sum().backward()
-    assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(b.grad, torch.zeros(3))
-    assert x.grad.shape == x.shape
+    assert expected.shape == out.shape == x.shape
 
 
 def test_large_mean_normalizes():

@@ -69,7 +69,7 @@ void with_variant(bool int32, bool channels_last, const F& f) {
 
 std::vector<at::Tensor> max_pool_fwd(at::Tensor input_, std::vector<int64_t> k, std::vector<int64_t> s,
                                      std::vector<int64_t> p, std::vector<int64_t> d, bool ceil_mode, bool int32) {
-  const PoolGeometry g = make_pool_geometry("max_pool_forward", input_, k, s, p, d, ceil_mode);
+  const PoolGeometry g = make_pool_geometry("max_pool_forward", PoolKind::kMax, input_, k, s, p, d, ceil_mode);
   const auto fmt = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(fmt);
   const auto shape = pool_output_shape(g, k.size());
@@ -89,7 +89,7 @@ std::vector<at::Tensor> max_pool_fwd(at::Tensor input_, std::vector<int64_t> k, 
 
 at::Tensor max_pool_bwd(at::Tensor grad_output_, at::Tensor input, at::Tensor indices_, std::vector<int64_t> k,
                         std::vector<int64_t> s, std::vector<int64_t> p, std::vector<int64_t> d, bool ceil_mode, bool int32) {
-  const PoolGeometry g = make_pool_geometry("max_pool_backward", input, k, s, p, d, ceil_mode);
+  const PoolGeometry g = make_pool_geometry("max_pool_backward", PoolKind::kMax, input, k, s, p, d, ceil_mode);
   check_pool_grad_output("max_pool_backward", grad_output_, input, g, k.size());
   const auto fmt = pool_memory_format(input);
   const at::Tensor grad_output = grad_output_.contiguous(fmt), indices = indices_.contiguous(fmt);
@@ -108,7 +108,7 @@ at::Tensor max_pool_bwd(at::Tensor grad_output_, at::Tensor input, at::Tensor in
 
 at::Tensor avg_pool_fwd(at::Tensor input_, std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> p,
                         bool ceil_mode, bool count_include_pad, int64_t divisor_override, bool int32) {
-  const PoolGeometry g = make_pool_geometry("avg_pool_forward", input_, k, s, p, std::vector<int64_t>(k.size(), 1), ceil_mode);
+  const PoolGeometry g = make_pool_geometry("avg_pool_forward", PoolKind::kAvg, input_, k, s, p, std::vector<int64_t>(k.size(), 1), ceil_mode);
   const auto fmt = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(fmt);
   at::Tensor out = at::empty(pool_output_shape(g, k.size()), input.options().memory_format(fmt));
@@ -126,7 +126,7 @@ at::Tensor avg_pool_fwd(at::Tensor input_, std::vector<int64_t> k, std::vector<i
 
 at::Tensor avg_pool_bwd(at::Tensor grad_output_, at::Tensor input, std::vector<int64_t> k, std::vector<int64_t> s,
                         std::vector<int64_t> p, bool ceil_mode, bool count_include_pad, int64_t divisor_override, bool int32) {
-  const PoolGeometry g = make_pool_geometry("avg_pool_backward", input, k, s, p, std::vector<int64_t>(k.size(), 1), ceil_mode);
+  const PoolGeometry g = make_pool_geometry("avg_pool_backward", PoolKind::kAvg, input, k, s, p, std::vector<int64_t>(k.size(), 1), ceil_mode);
   check_pool_grad_output("avg_pool_backward", grad_output_, input, g, k.size());
   const auto fmt = pool_memory_format(input);
   const at::Tensor grad_output = grad_output_.contiguous(fmt);

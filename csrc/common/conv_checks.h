@@ -6,6 +6,9 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
+#include "checked_math.h"
 #include "conv_shape.h"
 
 namespace cnnops {
@@ -35,19 +38,24 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     TORCH_CHECK(stride[i] > 0, "non-positive stride is not supported: stride=", stride);
     TORCH_CHECK(padding[i] >= 0, "negative padding is not supported: padding=", padding);
     TORCH_CHECK(dilation[i] > 0, "non-positive dilation is not supported: dilation=", dilation);
+    // torch's bound: 2 * padding must fit int64
+    TORCH_CHECK(padding[i] <= kInt64Max / 2, "Given padding=", padding[i], " at dimension ", i, " , expected padding to be at most ", kInt64Max / 2);
   }
   const int64_t out_channels = weight.size(0);
-  TORCH_CHECK(out_channels >= 1, "Given groups=", groups, ", expected weight to be at least 1 at dimension 0, but got weight of size ", weight.sizes(), " instead");
+  TORCH_CHECK(out_channels >= groups, "Given groups=", groups, ", expected weight to be at least ", groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(out_channels % groups == 0, "Given groups=", groups, ", expected weight to be divisible by ", groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
-  TORCH_CHECK(input.size(1) == weight.size(1) * groups, "Given groups=", groups, ", weight of size ", weight.sizes(), ", expected input", input.sizes(), " to have ", weight.size(1) * groups, " channels, but got ", input.size(1), " channels instead");
+  // groups <= out_channels, so weight.size(1) * groups <= the weight's numel... unless the weight
+  // is a stride-0 view: check
+  int64_t expected_in = 0;
+  TORCH_CHECK(mul_fits(weight.size(1), groups, &expected_in) && input.size(1) == expected_in, "Given groups=", groups, ", weight of size ", weight.sizes(), ", expected input", input.sizes(), " to have ", static_cast<__int128>(weight.size(1)) * groups > kInt64Max ? std::string("more than 2^63 - 1") : std::to_string(weight.size(1) * groups), " channels, but got ", input.size(1), " channels instead");
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "Given weight of size ", weight.sizes(), ", expected bias to be 1-dimensional with ", out_channels, " elements, but got bias of size ", bias->sizes(), " instead");
     TORCH_CHECK(bias->device() == input.device(), "input and bias must be on the same device, but got input on ", input.device(), " and bias on ", bias->device());
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "Input type (", input.scalar_type(), ") and bias type (", bias->scalar_type(), ") should be the same");
   }
 
-  // torch returns an output with zero channels here; we would rather say so than guess.
-  TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
+  for (int64_t i = 2; i < input.dim(); ++i)
+    TORCH_CHECK(input.size(i) > 0 || input.size(0) == 0 || input.size(1) == 0, "Only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes());
 
   ConvGeometry g;
   g.batch = input.size(0);
@@ -63,11 +71,28 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     g.stride[i] = real ? stride[j] : 1;
     g.pad[i] = real ? padding[j] : 0;
     g.dilation[i] = real ? dilation[j] : 1;
-    const int64_t padded = g.in[i] + 2 * g.pad[i];
-    const int64_t span = g.dilation[i] * (g.kernel[i] - 1) + 1;
-    TORCH_CHECK(padded >= span, "Calculated padded input size per channel: ", input.sizes().slice(2), " + 2 * padding ", padding, ". Kernel size: ", weight.sizes().slice(2), " (dilated extent ", span, " in dim ", j, "). Kernel size can't be greater than actual input size");
-    g.out[i] = conv_output_size(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i]);
+    // exact arithmetic: in + 2 * pad and dilation * (kernel - 1) + 1 may not fit int64
+    const WindowDim w = window_dim(g.in[i], g.kernel[i], g.pad[i], g.dilation[i]);
+    TORCH_CHECK(w.padded >= w.extent, "Calculated padded input size per channel: ", input.sizes().slice(2), " + 2 * padding ", padding, ". Kernel size: ", weight.sizes().slice(2), " dilated by ", dilation, " (in dim ", j, "). Kernel size can't be greater than actual input size");
+    TORCH_CHECK(w.padded <= kInt64Max, "Calculated padded input size per channel: ", input.sizes().slice(2), " + 2 * padding ", padding, " does not fit int64");
+    g.out[i] = window_count(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i], false);
   }
+  // torch returns an output with zero channels here; we would rather say so than guess.
+  TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
+  // torch checks this in its kernels, after the padded size (where a zero kernel spans
+  // 1 - dilation, exact above) and after its zero-channel path
+  for (int64_t i = 0; i < dims; ++i)
+    TORCH_CHECK(weight.size(2 + i) > 0, "weight: kernel size should be greater than zero, but got weight of size ", weight.sizes());
+  // Every buffer the kernels size from the geometry: output, zero-padded input planes, the
+  // im2col matrix, the weight as GEMM operands. torch pads implicitly, so a padded input or an
+  // im2col matrix too large to address is a cnnops gap, not an error of the arguments.
+  checked_numel({g.batch, g.out_channels, g.out[0], g.out[1], g.out[2]}, "conv: output");
+  const int64_t padded_plane = checked_numel({g.in[0] + 2 * g.pad[0], g.in[1] + 2 * g.pad[1], g.in[2] + 2 * g.pad[2]}, "conv: padded input plane", true);
+  checked_numel({g.batch, g.in_channels, padded_plane}, "conv: padded input", true);
+  const int64_t kernel_volume = checked_numel({g.kernel[0], g.kernel[1], g.kernel[2]}, "conv: kernel", true);
+  const int64_t out_plane = checked_numel({g.out[0], g.out[1], g.out[2]}, "conv: output plane");
+  checked_numel({g.batch, g.in_channels, kernel_volume, out_plane}, "conv: im2col matrix", true);
+  checked_numel({g.out_channels, g.in_channels, kernel_volume}, "conv: weight", true);
   return g;
 }
 

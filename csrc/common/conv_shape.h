@@ -7,11 +7,8 @@
 
 namespace cnnops {
 
-// Output size (slides: H' = (H - K + 2P) / S + 1, with dilation the kernel spans D(K-1)+1).
-CNNOPS_HD int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
-                                   int64_t dilation) {
-  return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
-}
+// Output sizes (slides: H' = (H - K + 2P) / S + 1, with dilation the kernel spans D(K-1)+1)
+// come from window_count (checked_math.h), computed once by make_conv_geometry.
 
 struct ConvGeometry {
   int64_t batch, groups;
@@ -61,7 +58,8 @@ CNNOPS_HD int64_t conv_input_index(int64_t o, int64_t k, int64_t stride, int64_t
 CNNOPS_HD void valid_output_range(int64_t in, int64_t out, int64_t k, int64_t stride,
                                   int64_t pad, int64_t dilation, int64_t* lo, int64_t* hi) {
   const int64_t offset = k * dilation - pad;  // input index = o * stride + offset
-  int64_t first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  // ceil(-offset / stride) without -offset + stride - 1, which overflows for huge strides
+  int64_t first = offset >= 0 ? 0 : (-offset) / stride + ((-offset) % stride != 0);
   int64_t last = in - 1 - offset < 0 ? -1 : (in - 1 - offset) / stride;  // inclusive
   if (last > out - 1) last = out - 1;
   *lo = first < out ? first : out;

@@ -103,7 +103,11 @@ inline ChannelNormShape check_group_norm_input(const char* op, const at::Tensor&
   TORCH_CHECK(input.size(1) % num_groups == 0,
               "Expected number of channels in input to be divisible by num_groups, but got input of shape ",
               input.sizes(), " and num_groups=", num_groups);
-  return channel_norm_shape(input, num_groups);
+  // torch's native_group_norm: no empty groups, no empty planes (an empty batch is fine)
+  const ChannelNormShape s = channel_norm_shape(input, num_groups);
+  TORCH_CHECK(s.channels > 0, "Expected number of channels to be greater than 0, got ", s.channels, " (", op, ")");
+  TORCH_CHECK(s.spatial > 0, "Expected HxW to be greater than 0, got ", s.spatial, " (", op, ")");
+  return s;
 }
 
 inline void check_group_norm_param(const char* op, const char* name,

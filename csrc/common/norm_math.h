@@ -56,7 +56,10 @@ CNNOPS_HD acc_t norm_scale(acc_t invstd, acc_t weight) {
 // then write, per element,
 //   dx = invstd * (g + coef_g) + coef_xmu * (x - mean).
 // g - mean(g) is formed before the multiplication by invstd (large when the variance is tiny),
-// so e.g. a single-element layer norm gets exactly dx = 0.
+// so e.g. a single-element layer norm, whose exact dx is 0, gets dx = 0 up to one rounding of g
+// times invstd: not exactly 0, since the compiler may fuse w * dy + coef_g into one FMA (w * dy
+// unrounded, coef_g = -round(w * dy)), leaving up to about ulp(g) * invstd (torch leaves more;
+// tests/test_input_safety.py bounds it).
 template <typename acc_t>
 struct InputGradCoef {
   acc_t coef_g;    // -mean(g)

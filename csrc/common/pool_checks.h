@@ -5,9 +5,12 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "checked_math.h"
 #include "pool_shape.h"
 
 namespace cnnops {
@@ -25,9 +28,20 @@ inline void check_pool_input(const char* op, const at::Tensor& input, int64_t di
     TORCH_CHECK(input.size(i) > 0, op, ": Expected ", dims + 2, "D (batch mode) tensor with optional 0 dim batch size for input, but got:", input.sizes());
 }
 
+// torch's max_pool1d takes its arguments as int64; its other pools (avg_pool1d included,
+// which runs as a 2d pool) convert them to int first and reject what does not fit.
+enum class PoolKind { kMax, kAvg };
+
+inline void check_pool_int32(const char* op, const char* name, c10::IntArrayRef value) {
+  for (const int64_t v : value)
+    TORCH_CHECK(v >= std::numeric_limits<int32_t>::min() && v <= std::numeric_limits<int32_t>::max(), op,
+                ": ", name, "=", value, ": value cannot be converted to type int without overflow");
+}
+
 // Validates a max or average pool (dilation all 1 for average) and returns its geometry with
-// 1d/2d lifted to 3d.
-inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
+// 1d/2d lifted to 3d. All size arithmetic is exact (checked_math.h): afterwards every window
+// offset o * stride - pad + k * dilation of an output o and a tap k fits int64.
+inline PoolGeometry make_pool_geometry(const char* op, PoolKind kind, const at::Tensor& input,
                                        c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                        c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                        bool ceil_mode) {
@@ -36,6 +50,12 @@ inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
   check_pool_param(op, "stride", stride, dims);
   check_pool_param(op, "padding", padding, dims);
   check_pool_param(op, "dilation", dilation, dims);
+  if (kind != PoolKind::kMax || dims != 1) {
+    check_pool_int32(op, "kernel_size", kernel_size);
+    check_pool_int32(op, "stride", stride);
+    check_pool_int32(op, "padding", padding);
+    check_pool_int32(op, "dilation", dilation);
+  }
   check_pool_input(op, input, dims);
   for (int64_t i = 0; i < dims; ++i) {
     TORCH_CHECK(kernel_size[i] > 0, op, ": kernel_size should be greater than zero, but got kernel_size=", kernel_size);
@@ -44,6 +64,8 @@ inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
     TORCH_CHECK(padding[i] >= 0, op, ": pad must be non-negative, but got padding=", padding);
     // torch bounds the padding by half the kernel itself, not the dilated window
     TORCH_CHECK(padding[i] <= kernel_size[i] / 2, op, ": pad should be at most half of kernel size, but got pad=", padding[i], " and kernel_size=", kernel_size[i]);
+    // window offsets in the kernels need the extent; torch's own arithmetic wraps past this
+    TORCH_CHECK(extent_fits(kernel_size[i], dilation[i]), op, ": the dilated kernel extent dilation * (kernel_size - 1) + 1 does not fit int64 (kernel_size=", kernel_size, ", dilation=", dilation, ")");
   }
   PoolGeometry g;
   g.batch = input.size(0);
@@ -58,11 +80,42 @@ inline PoolGeometry make_pool_geometry(const char* op, const at::Tensor& input,
     g.stride[i] = real ? stride[j] : 1;
     g.pad[i] = real ? padding[j] : 0;
     g.dilation[i] = real ? dilation[j] : 1;
-    g.out[i] = pool_output_size(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i], ceil_mode);
+    g.out[i] = window_count(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i], ceil_mode);
     empty = empty || g.out[i] < 1;
   }
   TORCH_CHECK(!empty, op, ": Given input size: ", input.sizes().slice(1), ". Calculated output size: (", g.out[0], ", ", g.out[1], ", ", g.out[2], ") in (D, H, W). Output size is too small");
+  checked_numel({g.batch, g.channels, g.out[0], g.out[1], g.out[2]}, op);
+  if (kind == PoolKind::kAvg)  // count_include_pad divisors multiply per-dim window sizes <= kernel
+    checked_numel({g.kernel[0], g.kernel[1], g.kernel[2]}, op);
   return g;
+}
+
+// One past the largest index a max-pool forward can return. A window whose taps all lie in
+// the padding (dilation > 1) returns -inf at its first tap, as torch does, and that index may
+// lie past the input plane; the backward gives it no gradient (torch's result) instead of
+// calling it invalid. A bound, saturating at int64's max.
+inline int64_t max_pool_index_limit(const PoolGeometry& g) {
+  int64_t flat = 0;
+  for (int i = 0; i < 3; ++i) {
+    // the largest window start: the last output's, or one left in [0, D) by the padding
+    const int64_t last = max_pool_window(g.out[i] - 1, g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i]).start;
+    const int64_t start = max64(last, g.pad[i] > 0 ? g.dilation[i] - 1 : 0);
+    int64_t next;
+    flat = add_fits(saturating_mul(flat, g.in[i]), start, &next) ? next : kInt64Max;
+  }
+  int64_t limit;
+  return add_fits(flat, 1, &limit) ? limit : kInt64Max;
+}
+
+// Whether the window walks fit 32-bit offsets (the CUDA kernels' int32 variant): a coordinate
+// plus one stride or dilation step must stay below 2^31 (max_pool1d takes int64 arguments).
+inline bool pool_windows_fit_int32(const PoolGeometry& g) {
+  constexpr int64_t kQuarter = int64_t(1) << 29;
+  for (int i = 0; i < 3; ++i)
+    if (g.in[i] > kQuarter || g.out[i] > kQuarter || g.kernel[i] > kQuarter || g.stride[i] > kQuarter ||
+        g.pad[i] > kQuarter || g.dilation[i] > kQuarter)
+      return false;
+  return true;
 }
 
 // torch's avg_pool3d (and only it) also rejects an input smaller than the kernel in any dim,

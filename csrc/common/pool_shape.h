@@ -7,21 +7,21 @@
 
 namespace cnnops {
 
-// Floor and ceil division for a positive divisor and a numerator of either sign.
-CNNOPS_HD int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-CNNOPS_HD int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+// Floor and ceil division for a positive divisor and a numerator of either sign; no
+// intermediate can overflow (a + b - 1 would, for the int64 strides max_pool1d accepts).
+CNNOPS_HD int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+CNNOPS_HD int64_t ceil_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && a > 0) ? q + 1 : q;
+}
 CNNOPS_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 CNNOPS_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Output size (slides: O = (I + 2P - D(K-1) - 1) / S + 1). ceil_mode rounds up, but the last
-// window must start inside the input or its left padding, never in the right padding (torch).
-CNNOPS_HD int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
-                                   int64_t dilation, bool ceil_mode) {
-  const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
-  int64_t out = floor_div(span, stride) + 1;
-  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
-  return out;
-}
+// Output sizes come from window_count (checked_math.h, slides: O = (I + 2P - D(K-1) - 1) / S + 1),
+// computed once by the geometry builders in exact arithmetic.
 
 struct PoolGeometry {
   int64_t batch, channels;
@@ -39,12 +39,18 @@ struct PoolWindow {
   int64_t start, end, step;
 };
 
-// Max pool: taps o*S - P + k*D for k < K; taps in the (-inf) padding are skipped.
+// Max pool: taps o*S - P + k*D for k < K; taps in the (-inf) padding are skipped. With the
+// geometry validated (pool_checks.h), o*S - P and (K-1)*D fit int64, but their sum may not: the
+// end is clamped to the input first.
 CNNOPS_HD PoolWindow max_pool_window(int64_t o, int64_t in, int64_t kernel, int64_t stride,
                                      int64_t pad, int64_t dilation) {
   int64_t start = o * stride - pad;
-  const int64_t end = min64(start + (kernel - 1) * dilation + 1, in);
-  if (start < 0) start += ceil_div(-start, dilation) * dilation;
+  const int64_t last = (kernel - 1) * dilation;  // offset of the last tap
+  const int64_t end = (start >= in || last >= in - start) ? in : start + last + 1;
+  if (start < 0) {  // first tap at or after 0: start + ceil(-start / D) * D
+    const int64_t r = (-start) % dilation;
+    start = r == 0 ? 0 : dilation - r;
+  }
   return {start, end, dilation};
 }
 

@@ -50,7 +50,7 @@ std::tuple<Tensor, Tensor> max_pool_forward_cpu(const Tensor& input, IntArrayRef
                                                 IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_forward";
   check_floating(op, input);
-  const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
   const auto format = pool_memory_format(input);
   const auto shape = pool_output_shape(g, kernel_size.size());
   Tensor output = empty_like_format(shape, input, format);
@@ -61,15 +61,17 @@ std::tuple<Tensor, Tensor> max_pool_forward_cpu(const Tensor& input, IntArrayRef
 }
 
 // Backward of max pool and adaptive max pool alike: grad_output added at the argmax indices.
+// Indices in [in_plane, skip_limit) get no gradient (max_pool_index_limit); others outside the
+// plane are an error.
 Tensor max_backward(const char* op, const PoolGeometry& g, int64_t dims, const Tensor& grad_output,
-                    const Tensor& input, const Tensor& indices) {
+                    const Tensor& input, const Tensor& indices, int64_t skip_limit) {
   check_pool_grad_output(op, grad_output, input, g, dims);
   check_pool_indices(op, indices, grad_output.sizes(), input);
   BackwardTensors t = backward_tensors(grad_output, input);
   const IndexedPlanes p{g.batch, g.channels, g.out_plane(), g.in_plane()};
   int64_t bad = 0;
   const bool ok = index_scatter_add_kernel(p, t.grad_output, indices.contiguous(t.format), t.grad_input,
-                                           t.channels_last, &bad);
+                                           t.channels_last, skip_limit, &bad);
   TORCH_CHECK(ok, op, ": indices must lie in [0, ", g.in_plane(), ") (each input plane has ",
               g.in_plane(), " elements), but found index ", bad);
   return t.grad_input;
@@ -80,8 +82,8 @@ Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, con
                              IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_backward";
   check_floating(op, input);
-  const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
-  return max_backward(op, g, kernel_size.size(), grad_output, input, indices);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
+  return max_backward(op, g, kernel_size.size(), grad_output, input, indices, max_pool_index_limit(g));
 }
 
 Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
@@ -90,7 +92,7 @@ Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArr
   const char* op = "avg_pool_forward";
   check_floating(op, input);
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
-  const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
   const auto format = pool_memory_format(input);
   Tensor output = empty_like_format(pool_output_shape(g, kernel_size.size()), input, format);
@@ -106,7 +108,7 @@ Tensor avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, Int
   const char* op = "avg_pool_backward";
   check_floating(op, input);
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
-  const PoolGeometry g = make_pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
   check_pool_grad_output(op, grad_output, input, g, kernel_size.size());
   BackwardTensors t = backward_tensors(grad_output, input);
@@ -154,7 +156,7 @@ Tensor adaptive_max_pool_backward_cpu(const Tensor& grad_output, const Tensor& i
   const char* op = "adaptive_max_pool_backward";
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
-  return max_backward(op, g, input.dim() - 2, grad_output, input, indices);
+  return max_backward(op, g, input.dim() - 2, grad_output, input, indices, g.in_plane());
 }
 
 // Max unpool: `input` is the pooled side, its (N, C) planes are spread into planes of

@@ -6,6 +6,11 @@
 // padded input with count_include_pad, the taps inside the input without it, or the override.
 #include <ATen/Dispatch.h>
 
+#include <optional>
+#include <type_traits>
+
+#include "common/checked_math.h"
+
 #include "cpu/pool_cpu.h"
 
 namespace cnnops {
@@ -74,18 +79,31 @@ CNNOPS_POOL_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, in
   }
 }
 
+// The buffers of the kernels below, allocated by their callers: the kernels are target_clones
+// functions, which cannot pass an exception (std::bad_alloc) on (csrc/common/checked_math.h).
+template <typename T>
+struct AvgScratch {
+  using A = pool_acc_t<T>;
+  std::optional<PhasedRow<A>> row;  // NCHW forward: one input row, zero padded
+  std::vector<A> values;            // per-output sums or per-channel deltas
+  std::vector<A> buffer;            // with_accumulator's, reserved to its largest use
+  AvgScratch(int64_t values_size, int64_t buffer_size) : values(values_size) {
+    if constexpr (!std::is_same_v<T, A>) buffer.reserve(buffer_size);
+  }
+};
+
 // Forward NCHW: output rows [begin, end) of the flat (plane, od, oh) range; taps summed in
 // (id, ih, kw) order per output (as torch), the outputs along W in vectors. Each input row is
 // first loaded into a zero-padded PhasedRow (pool_cpu.h), so the tap loops need no bounds.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgParams p, const T* x, T* y,
-                                    int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p,
+                                    const T* x, T* y, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
-  const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2];
+  const int64_t KW = g.kernel[2];
   const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
-  PhasedRow<A> row(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
-  std::vector<A> sum(padded_ow);
+  PhasedRow<A>& row = *s.row;
+  std::vector<A>& sum = s.values;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
     const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
@@ -172,12 +190,13 @@ CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, con
 
 // Backward NCHW: planes [begin, end), each spread row by row into its own accumulator.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgParams p, const T* dy,
-                                               T* dx, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s,
+                                               AvgParams p, const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t SW = g.stride[2];
-  std::vector<A> buffer, delta(OW);
+  std::vector<A>& buffer = s.buffer;
+  std::vector<A>& delta = s.values;  // OW
   for (int64_t plane = begin; plane < end; ++plane) {
     with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
       for (int64_t od = 0; od < OD; ++od)
@@ -209,12 +228,13 @@ CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgParams 
 
 // Backward NHWC: tasks [begin, end) of the flat (n, channel block) range.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgParams p,
-                                               ChannelBlocks cb, const T* dy, T* dx,
+CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s,
+                                               AvgParams p, ChannelBlocks cb, const T* dy, T* dx,
                                                int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
-  std::vector<A> buffer, delta(cb.size);
+  std::vector<A>& buffer = s.buffer;
+  std::vector<A>& delta = s.values;  // cb.size
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
@@ -267,12 +287,12 @@ CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, 
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
-                                                  int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScratch<T>& scratch,
+                                                  const T* x, T* y, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
-  std::vector<A> sum(C);
+  std::vector<A>& sum = scratch.values;  // C
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
     const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
@@ -295,11 +315,11 @@ CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, const T
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, const T* dy, T* dx,
-                                                        int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s,
+                                                        const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
-  std::vector<A> buffer;
+  std::vector<A>& buffer = s.buffer;
   for (int64_t plane = begin; plane < end; ++plane) {
     with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
       for (int64_t od = 0; od < OD; ++od)
@@ -321,13 +341,14 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, c
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, ChannelBlocks cb,
-                                                        const T* dy, T* dx, int64_t begin,
-                                                        int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s,
+                                                        ChannelBlocks cb, const T* dy, T* dx,
+                                                        int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
-  std::vector<A> buffer, delta(cb.size);
+  std::vector<A>& buffer = s.buffer;
+  std::vector<A>& delta = s.values;  // cb.size
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
@@ -353,6 +374,13 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, C
   }
 }
 
+// Taps one window reads, for grain sizes.
+int64_t avg_window_taps(const PoolGeometry& g) {
+  int64_t window = 1;
+  for (int i = 0; i < 3; ++i) window = saturating_mul(window, std::min(g.kernel[i], g.in[i] + 2 * g.pad[i]));
+  return window;
+}
+
 #define CNNOPS_DISPATCH_POOL_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
@@ -361,21 +389,27 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, C
 void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
                              bool channels_last, bool count_include_pad, int64_t divisor_override) {
   const AvgParams p{count_include_pad, divisor_override};
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
+  const int64_t window = avg_window_taps(g);
   CNNOPS_DISPATCH_POOL_TYPES(input.scalar_type(), "avg_pool_forward_cpu", [&] {
+    using A = pool_acc_t<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (channels_last) {
-      at::parallel_for(0, g.batch * g.out_plane(), pool_grain(window * g.channels), [&](int64_t b, int64_t e) {
+      at::parallel_for(0, g.batch * g.out_plane(), pool_grain(saturating_mul(window, g.channels)), [&](int64_t b, int64_t e) {
         avg_nhwc_positions<scalar_t>(g, p, x, y, b, e);
       });
     } else {
-      const bool phased = use_phased_rows(g.out[2], g.in[2], g.stride[2], g.pad[2]);
-      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
-        if (phased)
-          avg_nchw_rows<scalar_t>(g, p, x, y, b, e);
-        else
+      const bool phased = use_phased_rows(g.out[2], g.in[2], g.kernel[2], g.stride[2], g.pad[2], 1);
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(saturating_mul(window, g.out[2])), [&](int64_t b, int64_t e) {
+        if (phased) {
+          const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], W = g.in[2];
+          const int64_t padded_ow = pool_blocks(g.out[2], kRowBlock) * kRowBlock;
+          AvgScratch<scalar_t> s(padded_ow, 0);
+          s.row.emplace(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
+          avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e);
+        } else {
           avg_nchw_direct<scalar_t>(g, p, x, y, b, e);
+        }
       });
     }
   });
@@ -385,18 +419,21 @@ void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_outp
                               at::Tensor& grad_input, bool channels_last, bool count_include_pad,
                               int64_t divisor_override) {
   const AvgParams p{count_include_pad, divisor_override};
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
+  const int64_t window = avg_window_taps(g);
   CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "avg_pool_backward_cpu", [&] {
+    using A = pool_acc_t<scalar_t>;
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       const ChannelBlocks cb(g.batch, g.channels);
       at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
-        avg_backward_nhwc_blocks<scalar_t>(g, p, cb, dy, dx, b, e);
+        AvgScratch<scalar_t> s(cb.size, g.in_plane() * cb.size);
+        avg_backward_nhwc_blocks<scalar_t>(g, s, p, cb, dy, dx, b, e);
       });
     } else {
-      at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + g.out_plane() * window), [&](int64_t b, int64_t e) {
-        avg_backward_nchw_planes<scalar_t>(g, p, dy, dx, b, e);
+      at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + saturating_mul(g.out_plane(), window)), [&](int64_t b, int64_t e) {
+        AvgScratch<scalar_t> s(g.out[2], g.in_plane());
+        avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e);
       });
     }
   });
@@ -410,7 +447,8 @@ void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& i
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       at::parallel_for(0, g.batch * g.out_plane(), pool_grain(window * g.channels), [&](int64_t b, int64_t e) {
-        adaptive_avg_nhwc_positions<scalar_t>(g, x, y, b, e);
+        AvgScratch<scalar_t> s(g.channels, 0);
+        adaptive_avg_nhwc_positions<scalar_t>(g, s, x, y, b, e);
       });
     } else {
       at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
@@ -428,11 +466,13 @@ void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& 
     if (channels_last) {
       const ChannelBlocks cb(g.batch, g.channels);
       at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
-        adaptive_avg_backward_nhwc_blocks<scalar_t>(g, cb, dy, dx, b, e);
+        AvgScratch<scalar_t> s(cb.size, g.in_plane() * cb.size);
+        adaptive_avg_backward_nhwc_blocks<scalar_t>(g, s, cb, dy, dx, b, e);
       });
     } else {
       at::parallel_for(0, g.planes(), pool_grain(2 * g.in_plane()), [&](int64_t b, int64_t e) {
-        adaptive_avg_backward_nchw_planes<scalar_t>(g, dy, dx, b, e);
+        AvgScratch<scalar_t> s(0, g.in_plane());
+        adaptive_avg_backward_nchw_planes<scalar_t>(g, s, dy, dx, b, e);
       });
     }
   });

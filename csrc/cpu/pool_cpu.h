@@ -30,6 +30,11 @@
 // intrinsics for it (float, int32 indices), chosen at run time, beside the portable loops.
 // (GCC vector extensions are no way out: under target_clones they are lowered for the
 // baseline ISA before cloning, and come out scalar.)
+//
+// Rule: a CNNOPS_POOL_SIMD function must not throw, nor call anything that may (TORCH_CHECK,
+// allocation): GCC 12 cannot unwind out of a target_clones function, so the throw would end
+// in std::terminate. Callers validate the geometry (csrc/common/checked_math.h) and allocate
+// the kernels' scratch (MaxScratch, AvgScratch) before entering them.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CNNOPS_POOL_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -99,6 +104,8 @@ struct BadIndex {
 // Runs body(acc, stride) over a zeroed accumulator for `rows` rows of `width` values that live
 // at dst + r * dst_stride: dst itself when T is its own accumulation type, else a float
 // buffer that is rounded into dst at the end (half and bfloat16 gradients accumulate in float).
+// SIMD (target_clones) callers reserve rows * width in `buffer` beforehand, so nothing here can
+// throw inside them (checked_math.h).
 template <typename T, typename Body>
 void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride,
                       std::vector<pool_acc_t<T>>& buffer, Body&& body) {
@@ -107,7 +114,7 @@ void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride,
     for (int64_t r = 0; r < rows; ++r) std::fill_n(dst + r * dst_stride, width, T(0));
     body(dst, dst_stride);
   } else {
-    buffer.assign(rows * width, A(0));
+    buffer.assign(rows * width, A(0));  // no allocation when the caller reserved enough
     body(buffer.data(), width);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < width; ++i) dst[r * dst_stride + i] = T(buffer[r * width + i]);
@@ -123,11 +130,17 @@ constexpr int64_t kRowBlock = 16;
 // tap loop reads consecutive memory whatever the stride (which the compiler vectorizes; it
 // does not vectorize strided loads with a running max and index well). Columns outside the
 // input hold `fill` (-inf for max pooling, 0 for sums).
-// Whether rows of width W with this stride and padding take the phased path: its row buffer
-// spans padded_ow * stride columns, which a stride far beyond the row would blow up (outputs
-// then read the row sparsely anyway, and a direct loop serves them).
-inline bool use_phased_rows(int64_t out_w, int64_t in_w, int64_t stride, int64_t pad) {
-  return pool_blocks(out_w, kRowBlock) * kRowBlock * stride <= 4 * (in_w + 2 * pad) + 64 * kRowBlock;
+// Whether rows of width W take the phased path: its row buffer spans padded_ow * stride
+// columns plus the dilated kernel's extent, which a stride or kernel far beyond the row would
+// blow up (outputs then read the row sparsely anyway, and a direct loop serves them). Each
+// factor is bounded first, so the products cannot overflow.
+inline bool use_phased_rows(int64_t out_w, int64_t in_w, int64_t kernel, int64_t stride, int64_t pad,
+                            int64_t dilation) {
+  constexpr int64_t kLimit = int64_t(1) << 24;
+  if (out_w > kLimit || in_w > kLimit || kernel > kLimit || stride > kLimit || pad > kLimit || dilation > kLimit)
+    return false;
+  return pool_blocks(out_w, kRowBlock) * kRowBlock * stride <= 4 * (in_w + 2 * pad) + 64 * kRowBlock &&
+         (kernel - 1) * dilation <= 2 * in_w + 64 * kRowBlock;
 }
 
 template <typename A>
@@ -190,10 +203,11 @@ void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& i
 struct IndexedPlanes {
   int64_t batch, channels, small_plane, large_plane;
 };
-// large[plane][indices[i]] += small[plane][i]: max pool backward (plain and adaptive).
+// large[plane][indices[i]] += small[plane][i]: max pool backward (plain and adaptive). Indices
+// in [large_plane, skip_limit) are skipped without a report (all-padding windows).
 bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
                               const at::Tensor& indices, at::Tensor& large, bool channels_last,
-                              int64_t* bad_index);
+                              int64_t skip_limit, int64_t* bad_index);
 // large[plane][indices[i]] = small[plane][i], zero elsewhere: max unpool forward.
 bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small,
                           const at::Tensor& indices, at::Tensor& large, bool channels_last,

@@ -49,9 +49,13 @@ bool report(const BadIndex& bad, int64_t* bad_index) {
 
 bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
                               const at::Tensor& indices, at::Tensor& large, bool channels_last,
-                              int64_t* bad_index) {
+                              int64_t skip_limit, int64_t* bad_index) {
   BadIndex bad;
   const int64_t C = p.channels, S = p.small_plane, L = p.large_plane;
+  // an index outside [0, L) is skipped; reported unless it lies in [L, skip_limit)
+  const auto skip = [&](int64_t i) {
+    if (i < L || i >= skip_limit) bad.report(i);
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, small.scalar_type(), "max_pool_backward_cpu", [&] {
     using A = pool_acc_t<scalar_t>;
     const scalar_t* src = small.const_data_ptr<scalar_t>();
@@ -64,7 +68,7 @@ bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
             const scalar_t* s = src + plane * S;
             const int64_t* in = ind + plane * S;
             for (int64_t o = 0; o < S; ++o) {
-              if (!index_ok(in[o], L)) { bad.report(in[o]); continue; }
+              if (!index_ok(in[o], L)) { skip(in[o]); continue; }
               acc[in[o]] += A(s[o]);
             }
           });
@@ -76,7 +80,7 @@ bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
               const scalar_t* s = src + (n * S + o) * C + c0;
               const int64_t* in = ind + (n * S + o) * C + c0;
               for (int64_t c = 0; c < cw; ++c) {
-                if (!index_ok(in[c], L)) { bad.report(in[c]); continue; }
+                if (!index_ok(in[c], L)) { skip(in[c]); continue; }
                 acc[in[c] * stride + c] += A(s[c]);
               }
             }

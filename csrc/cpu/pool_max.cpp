@@ -9,6 +9,8 @@
 // the bytes, and lanes as wide as float's, so the selects vectorize), int64 beyond.
 #include <ATen/Dispatch.h>
 
+#include <optional>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -16,6 +18,8 @@
 #include <cmath>
 #include <limits>
 
+#include "common/checked_math.h"
+#include "common/pool_checks.h"
 #include "cpu/pool_cpu.h"
 
 namespace cnnops {
@@ -186,24 +190,57 @@ CNNOPS_POOL_INLINE void store_max(int64_t count, const A* best, const I* where, 
   for (int64_t i = 0; i < count; ++i) indices[i] = int64_t(where[i]);
 }
 
+// The buffers of the kernels below, allocated by their callers: the kernels are target_clones
+// functions, which cannot pass an exception (std::bad_alloc) on (csrc/common/checked_math.h).
+template <typename A, typename I>
+struct MaxScratch {
+  std::optional<PhasedRow<A>> row;  // NCHW rows: one input row, -inf padded
+  std::vector<A> best;              // running max per output (NCHW rows) or channel (NHWC)
+  std::vector<I> where, first_column;
+};
+
+template <typename A, typename I>
+MaxScratch<A, I> max_scratch_none(const PoolGeometry&) { return {}; }
+
+template <typename A, typename I>
+MaxScratch<A, I> max_scratch_rows(const PoolGeometry& g) {
+  const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2], W = g.in[2];
+  const int64_t padded_ow = pool_blocks(g.out[2], kRowBlock) * kRowBlock;
+  MaxScratch<A, I> s;
+  s.row.emplace(SW, PW, W, std::max(padded_ow * SW + (KW - 1) * DW, W + PW), KW, DW,
+                -std::numeric_limits<A>::infinity());
+  s.best.resize(padded_ow);
+  s.where.resize(padded_ow);
+  s.first_column.assign(padded_ow, 0);
+  return s;
+}
+
+template <typename A, typename I>
+MaxScratch<A, I> max_scratch_channels(const PoolGeometry& g) {
+  MaxScratch<A, I> s;
+  s.best.resize(g.channels);
+  s.where.resize(g.channels);
+  return s;
+}
+
 // Output rows [begin, end) of the flat (plane, od, oh) range. Per row, every tap of every window
 // is visited in (id, ih, kw) order, with the outputs along W as the vectorized inner loop. Each
 // input row a window reads is first loaded into a PhasedRow padded with -inf, wide enough for
 // a whole number of vectors of outputs, so the tap loops need no bounds.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y,
-                                         int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
+                                         const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   constexpr A kLowest = -std::numeric_limits<A>::infinity();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2];
   const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
-  PhasedRow<A> row(SW, PW, W, std::max(padded_ow * SW + (KW - 1) * DW, W + PW), KW, DW, kLowest);
-  std::vector<A> best(padded_ow);
-  std::vector<I> where(padded_ow);
+  PhasedRow<A>& row = *s.row;
+  std::vector<A>& best = s.best;
+  std::vector<I>& where = s.where;
   const MaxRowFn<A, I> update_row = pick_max_row<A, I>();
-  std::vector<I> first_column(padded_ow, 0);  // of each output's window along W
+  std::vector<I>& first_column = s.first_column;  // of each output's window along W
   for (int64_t ow = 0; ow < OW; ++ow) first_column[ow] = I(max_pool_window(ow, W, KW, SW, PW, DW).start);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
@@ -228,8 +265,8 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, const T* x, T* y
 
 // The direct NCHW loop, one output at a time, for strides too large for phased rows.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, const T* x, T* y,
-                                           int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&,
+                                           const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -259,12 +296,12 @@ CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, const T* x, T*
 
 // Output positions [begin, end) of the flat (n, od, oh, ow) range, all channels at once.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
-                                              int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
+                                              const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
-  std::vector<A> best(C);
-  std::vector<I> where(C);
+  std::vector<A>& best = s.best;
+  std::vector<I>& where = s.where;
   const bool fast = use_max_position_avx512<T, I>();
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
@@ -304,8 +341,8 @@ CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, const T* x,
 // Adaptive max, NCHW: output rows of the flat (plane, od, oh) range; window per output
 // [floor(o*I/O), ceil((o+1)*I/O)) along each dim.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, const T* x, T* y,
-                                             int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&,
+                                             const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -333,12 +370,12 @@ CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, const T* x, 
 }
 
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, const T* x, T* y,
-                                                  int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
+                                                  const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
-  std::vector<A> best(C);
-  std::vector<I> where(C);
+  std::vector<A>& best = s.best;
+  std::vector<I>& where = s.where;
   const bool fast = use_max_position_avx512<T, I>();
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
@@ -378,8 +415,9 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     int64_t* ind = indices.mutable_data_ptr<int64_t>();
-    // int32 leaves room for the padded-row arithmetic of the NCHW kernel (indices stay below 2^30)
-    const bool narrow = g.in_plane() < (int64_t(1) << 30);
+    // int32 leaves room for the padded-row arithmetic of the NCHW kernel (indices stay below
+    // 2^30, those of all-padding windows too)
+    const bool narrow = g.in_plane() < (int64_t(1) << 30) && max_pool_index_limit(g) < (int64_t(1) << 30);
     at::parallel_for(0, tasks, pool_grain(work_per_task), [&](int64_t begin, int64_t end) {
       if (narrow)
         Kernel<scalar_t, int32_t>::run(g, x, y, ind, begin, end);
@@ -389,31 +427,35 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
   });
 }
 
-#define CNNOPS_MAX_KERNEL(NAME, FN)                                                         \
+// run() allocates the kernel's scratch, then enters the kernel (which must not throw).
+#define CNNOPS_MAX_KERNEL(NAME, FN, SCRATCH)                                                \
   template <typename T, typename I>                                                         \
   struct NAME {                                                                             \
     static void run(const PoolGeometry& g, const T* x, T* y, int64_t* ind, int64_t b, int64_t e) { \
-      FN<T, I>(g, x, y, ind, b, e);                                                         \
+      auto scratch = SCRATCH<pool_acc_t<T>, I>(g);                                          \
+      FN<T, I>(g, scratch, x, y, ind, b, e);                                                \
     }                                                                                       \
   };
-CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows)
-CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct)
-CNNOPS_MAX_KERNEL(MaxNhwc, max_pool_nhwc_positions)
-CNNOPS_MAX_KERNEL(AdaptiveMaxNchw, adaptive_max_nchw_rows)
-CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, adaptive_max_nhwc_positions)
+CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows, max_scratch_rows)
+CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct, max_scratch_none)
+CNNOPS_MAX_KERNEL(MaxNhwc, max_pool_nhwc_positions, max_scratch_channels)
+CNNOPS_MAX_KERNEL(AdaptiveMaxNchw, adaptive_max_nchw_rows, max_scratch_none)
+CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, adaptive_max_nhwc_positions, max_scratch_channels)
 #undef CNNOPS_MAX_KERNEL
 
 }  // namespace
 
 void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
                              at::Tensor& indices, bool channels_last) {
-  const int64_t window = g.kernel[0] * g.kernel[1] * g.kernel[2];
+  // taps a window reads (kernel sizes may reach 2^63 for max_pool1d: saturate)
+  int64_t window = 1;
+  for (int i = 0; i < 3; ++i) window = saturating_mul(window, std::min(g.kernel[i], g.in[i]));
   if (channels_last)
-    run_max_kernel<MaxNhwc>(g, input, output, indices, g.batch * g.out_plane(), window * g.channels);
-  else if (use_phased_rows(g.out[2], g.in[2], g.stride[2], g.pad[2]))
-    run_max_kernel<MaxNchw>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], window * g.out[2]);
+    run_max_kernel<MaxNhwc>(g, input, output, indices, g.batch * g.out_plane(), saturating_mul(window, g.channels));
+  else if (use_phased_rows(g.out[2], g.in[2], g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]))
+    run_max_kernel<MaxNchw>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], saturating_mul(window, g.out[2]));
   else
-    run_max_kernel<MaxNchwDirect>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], window * g.out[2]);
+    run_max_kernel<MaxNchwDirect>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], saturating_mul(window, g.out[2]));
 }
 
 void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,

@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
                                                          c10::IntArrayRef padding,
                                                          c10::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_forward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
   const int64_t total = output.numel();
   if (total == 0) return std::make_tuple(output, indices);
 
-  const bool int32_ok = fits_int32({input.numel(), total});
+  const bool int32_ok = fits_int32({input.numel(), total}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool_forward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
@@ -140,7 +140,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
                                   c10::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_backward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_indices(op, indices_, grad_output_.sizes(), input_);
   check_cuda(op, input_);
@@ -152,7 +152,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
 
-  const bool int32_ok = fits_int32({total, grad_output.numel()});
+  const bool int32_ok = fits_int32({total, grad_output.numel()}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "max_pool_backward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
@@ -175,7 +175,7 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
                                  c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
                                  bool count_include_pad, int64_t divisor_override) {
   const char* op = "avg_pool_forward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding,
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_cuda(op, input_);
@@ -187,7 +187,7 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
   const int64_t total = output.numel();
   if (total == 0) return output;
 
-  const bool int32_ok = fits_int32({input.numel(), total});
+  const bool int32_ok = fits_int32({input.numel(), total}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "avg_pool_forward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
@@ -207,7 +207,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                   int64_t divisor_override) {
   const char* op = "avg_pool_backward";
-  const PoolGeometry g = make_pool_geometry(op, input_, kernel_size, stride, padding,
+  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
@@ -219,7 +219,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
 
-  const bool int32_ok = fits_int32({total, grad_output.numel()});
+  const bool int32_ok = fits_int32({total, grad_output.numel()}) && pool_windows_fit_int32(g);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "avg_pool_backward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
