@@ -43,7 +43,8 @@ def _same_padding(input, weight, stride, dilation, dims):
     if any(s != 1 for s in stride):
         raise RuntimeError("padding='same' is not supported for strided convolutions")
     totals = [dilation[i] * (weight.size(2 + i) - 1) for i in range(dims)]
-    left = tuple(t // 2 for t in totals)
+    # C++ division, as torch's: a zero kernel's total of -dilation rounds toward zero
+    left = tuple(t // 2 if t >= 0 else -(-t // 2) for t in totals)
     extra = [t - 2 * l for t, l in zip(totals, left)]
     if any(extra):
         pad = []
@@ -190,6 +191,15 @@ def _check_pool_rank(input, dims, fname):
 def _batched(input, dims):
     """Adds the batch dim of unbatched input; returns (input, unbatched)."""
     return (input.unsqueeze(0), True) if input.dim() == dims + 1 else (input, False)
+
+
+def _batched_at(input, dims):
+    """As _batched, but returns the dim to squeeze (None when batched): an unbatched input
+    with zero channels, which torch pools to an empty result, runs as batch 0 of one channel."""
+    if input.dim() != dims + 1:
+        return input, None
+    at = 1 if input.size(0) == 0 else 0
+    return input.unsqueeze(at), at
 
 
 _WINDOW_ARGS = {}  # resolved window arguments by their Python values: a module passes the same ones each call
@@ -362,9 +372,9 @@ def _adaptive_output_size(input, output_size, dims, fname):
 
 def _check_adaptive_input(input, dims, fname, allow_zero_channels):
     _check_pool_rank(input, dims, fname)
-    first = 0 if input.dim() == dims + 1 else 1
-    for i in range(first, input.dim()):
-        if input.size(i) == 0 and not (allow_zero_channels and i == first):
+    # torch checks every dim but the first, whether or not it is the batch
+    for i in range(1, input.dim()):
+        if input.size(i) == 0 and not (allow_zero_channels and i == 1 and input.dim() == dims + 2):
             raise RuntimeError(f"{fname}(): Expected input to have non-zero size for non-batch dimensions, but input "
                                f"has sizes {list(input.shape)} with dimension {i} being empty")
     _check_floating(input, fname)
@@ -380,14 +390,17 @@ def _adaptive_avg_pool(input, output_size, dims):
         # any rank
         if input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
             return input.mean(tuple(range(-dims, 0)), keepdim=True)
-        if dims > 1 and input.dim() >= dims and input.dim() not in (dims + 1, dims + 2):
+        if dims > 1 and input.dim() < dims:
+            raise IndexError(f"{fname}: Dimension out of range: a global pool takes the mean over the last {dims} "
+                             f"dims, but got input of size {list(input.shape)}")
+        if dims > 1 and input.dim() not in (dims + 1, dims + 2):
             raise NotImplementedError(f"cnnops {fname}: a global pool of a {input.dim()}-D input (torch takes the "
                                       f"mean over its last {dims} dims) is not supported")
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
-    x, unbatched = _batched(input, dims)
+    x, at = _batched_at(input, dims)
     out = call(_ADAPTIVE_AVG_POOL_FORWARD, x, sizes) if fast_call_ok(x) else ops.adaptive_avg_pool_forward(x, sizes)
-    return out.squeeze(0) if unbatched else out
+    return out if at is None else out.squeeze(at)
 
 
 def adaptive_avg_pool1d(input, output_size):
@@ -410,11 +423,11 @@ def _adaptive_max_pool(input, output_size, return_indices, dims):
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
-    x, unbatched = _batched(input, dims)
+    x, at = _batched_at(input, dims)
     out, indices = (call(_ADAPTIVE_MAX_POOL_FORWARD, x, sizes) if fast_call_ok(x)
                     else ops.adaptive_max_pool_forward(x, sizes))
-    if unbatched:
-        out, indices = out.squeeze(0), indices.squeeze(0)
+    if at is not None:
+        out, indices = out.squeeze(at), indices.squeeze(at)
     return (out, indices) if return_indices else out
 
 
@@ -505,16 +518,32 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         raise RuntimeError(f"{fname}: Expected shape of indices to be same as that of the input tensor "
                            f"({list(input.shape)}) but got indices tensor with shape: {list(indices.shape)}")
     _check_floating(input, fname)
+    x, at = _batched_at(input, dims)
+    if at is not None:
+        indices = indices.unsqueeze(at)
     if any(v == 0 for v in sizes) and indices.numel() > 0:
-        # torch returns the empty output without looking at the indices; cnnops' kernel checks
-        # every index against the output plane
-        raise NotImplementedError(f"cnnops {fname}: an empty output_size {tuple(sizes)} for non-empty indices is "
-                                  f"not supported")
-    x, unbatched = _batched(input, dims)
-    if unbatched:
-        indices = indices.unsqueeze(0)
-    out = ops.max_unpool_forward(x, indices, list(sizes))
-    return out.squeeze(0) if unbatched else out
+        # torch returns the empty output without looking at the indices (cnnops' kernel checks
+        # every index against the output plane)
+        out = _EmptyUnpool.apply(x, indices, list(sizes))
+    else:
+        out = ops.max_unpool_forward(x, indices, list(sizes))
+    return out if at is None else out.squeeze(at)
+
+
+class _EmptyUnpool(torch.autograd.Function):
+    """max_unpool to an empty output plane. Backward is torch's derivative, the output's
+    gradient gathered at the indices, which fails as torch's does (every index is out of the
+    empty plane)."""
+
+    @staticmethod
+    def forward(ctx, x, indices, sizes):
+        ctx.save_for_backward(indices)
+        return x.new_zeros(list(x.shape[:2]) + sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return grad.flatten(2).gather(2, indices.flatten(2)).view_as(indices), None, None
 
 
 def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
@@ -740,11 +769,14 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
             for stat in (running_mean, running_var):
                 if stat is not None:
                     stat.repeat(n)  # torch repeats them: its errors for a stat of another rank
+                if not use_input_stats:
+                    continue  # torch only copies the statistics back when it computed them
                 if stat is not None and n > 0 and stat.numel() != input.size(1):
                     raise RuntimeError(f"shape '[{n}, {input.size(1)}]' is invalid for input of size "
                                        f"{n * stat.numel()}")
                 if stat is not None and n == 0:
-                    stat.fill_(float("nan"))
+                    # torch copies back the mean over no copies: NaN, broadcast into the stat
+                    stat.copy_(stat.new_full((input.size(1),), float("nan")))
         return out
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
