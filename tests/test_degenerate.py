@@ -125,6 +125,45 @@ case("layer_norm-normalized0", "layer_norm", T(2, 0), [0])
 case("layer_norm-normalized0-leading", "layer_norm", T(2, 0, 3), [0, 3])
 case("layer_norm-leading0", "layer_norm", T(0, 3, grad=True), [3])
 
+# --- found by longer fuzz runs ---------------------------------------------------------------
+for d in (1, 2, 3):
+    sp, k, one = (5,) * d, (3,) * d, (1,) * d
+    # torch's empty path for a batch-0 input: dilation 0 accepted, a zero-size kernel an IndexError
+    case(f"conv{d}d-batch0-dilation0", f"conv{d}d", T(0, 2, *sp, grad=True), T(4, 2, *k, grad=True), T(4, grad=True),
+         1, 0, 0)
+    case(f"conv{d}d-batch0-same-dilation0", f"conv{d}d", T(0, 2, *sp, grad=True), T(4, 2, *k, grad=True), None,
+         1, "same", 0)
+    case(f"conv{d}d-same-dilation0", f"conv{d}d", T(1, 2, *sp), T(4, 2, *k), None, 1, "same", 0)
+    case(f"conv{d}d-batch0-same-kernel0", f"conv{d}d", T(0, 2, *sp), T(4, 2, *((0,) * d)), None, 1, "same")
+    for i in range(d):
+        kzero = tuple(0 if j == i else 3 for j in range(d))
+        case(f"conv{d}d-batch0-kernel{i}-0-bias", f"conv{d}d", T(0, 2, *sp), T(4, 2, *kzero), T(4))
+        case(f"conv{d}d-batch0-kernel{i}-0", f"conv{d}d", T(0, 2, *sp), T(4, 2, *kzero))
+    sp = (4,) * d
+    for kind in ("max", "avg"):
+        fn = f"adaptive_{kind}_pool{d}d"
+        case(f"{fn}-unbatched-channels0", fn, T(0, *sp, grad=True), 2)
+        if kind == "avg" and d > 1:
+            case(f"{fn}-0d-input-output1", fn, T(), 1)
+            case(f"{fn}-1d-input-output1", fn, T(4), 1)
+    fn = f"max_unpool{d}d"
+    case(f"{fn}-unbatched-channels0", fn, T(0, *sp, grad=True), idx(0, *sp), 2)
+    # an empty output_size within one stride of the default: torch returns the empty output
+    # without reading the indices, and its backward fails gathering at them
+    out0 = [0] + [1] * (d - 1)
+    case(f"{fn}-output0", fn, T(1, 2, *one), idx(1, 2, *one) + 7, 1, 2, 0, out0)
+    case(f"{fn}-output0-backward", fn, T(1, 2, *one, grad=True), idx(1, 2, *one), 1, 2, 0, out0)
+    case(f"{fn}-unbatched-output0", fn, T(2, *one), idx(2, *one), 1, 2, 0, out0)
+# instance norm of an empty input: torch copies the running statistics back only when it
+# computed them (use_input_stats), broadcasting its per-channel NaN into them
+for s in [(1, 0), (1, 0, 3), (0, 3, 2)]:
+    name = "x".join(map(str, s))
+    for stats in (False, True):
+        case(f"instance_norm-{name}-0d-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(), O(), None, None,
+             stats)
+        case(f"instance_norm-{name}-empty-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(0), O(0), None,
+             None, stats)
+
 # torch returns a result that cnnops cannot compute: cnnops must say so (NotImplementedError)
 GAPS = {f"conv{d}d-in-channels0" for d in (1, 2, 3)}
 
