@@ -497,16 +497,16 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     if output_size is not None and not isinstance(output_size, (tuple, list, torch.Size)):
         raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
-    if len(sizes) != dims:
-        raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
-                           f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
-    for i, v in enumerate(sizes):
+    for i, v in enumerate(sizes):  # torch's C++ argument parser, before the op checks the length
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
-        if not -(2**63) <= v < 2**63:  # torch's C++ argument parser
+        if not -(2**63) <= v < 2**63:
             raise TypeError(f"{fname}(): argument 'output_size' failed to unpack the object at pos {i} with error "
                             "\"Overflow when unpacking long long\"")
+    if len(sizes) != dims:
+        raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
+                           f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
     if dims == 3 and any(s <= 0 for s in stride[:3]):
         raise RuntimeError(f"{fname}: strides should be greater than zero, but got stride={tuple(stride)}")
     if input.dim() not in (dims + 1, dims + 2):

@@ -154,6 +154,9 @@ for d in (1, 2, 3):
     case(f"{fn}-output0", fn, T(1, 2, *one), idx(1, 2, *one) + 7, 1, 2, 0, out0)
     case(f"{fn}-output0-backward", fn, T(1, 2, *one, grad=True), idx(1, 2, *one), 1, 2, 0, out0)
     case(f"{fn}-unbatched-output0", fn, T(2, *one), idx(2, *one), 1, 2, 0, out0)
+# a one-entry kernel_size for 2d gives a one-entry output_size whose value overflows int64:
+# torch's argument parser fails (TypeError) before the op checks the length
+case("max_unpool2d-overflowing-short-output-size", "max_unpool2d", T(0, 0, 0, 3), idx(), [0], 2**62)
 # instance norm of an empty input: torch copies the running statistics back only when it
 # computed them (use_input_stats), broadcasting its per-channel NaN into them
 for s in [(1, 0), (1, 0, 3), (0, 3, 2)]:
