@@ -763,12 +763,15 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         # _empty_batch_norm with weight and bias repeated N times, and the running statistics set
         # to the mean over the N copies (NaN for N = 0)
         n = input.size(0)
-        out = _empty_batch_norm(input, None if weight is None else weight.repeat(n),
-                                None if bias is None else bias.repeat(n))
+        # torch repeats all four first (its errors for a tensor of another rank), then indexes
+        weight, bias = (None if t is None else t.repeat(n) for t in (weight, bias))
         with torch.no_grad():
             for stat in (running_mean, running_var):
                 if stat is not None:
-                    stat.repeat(n)  # torch repeats them: its errors for a stat of another rank
+                    stat.repeat(n)
+        out = _empty_batch_norm(input, weight, bias)
+        with torch.no_grad():
+            for stat in (running_mean, running_var):
                 if not use_input_stats:
                     continue  # torch only copies the statistics back when it computed them
                 if stat is not None and n > 0 and stat.numel() != input.size(1):

@@ -167,6 +167,10 @@ for s in [(1, 0), (1, 0, 3), (0, 3, 2)]:
         case(f"instance_norm-{name}-empty-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(0), O(0), None,
              None, stats)
 
+# torch repeats weight, bias and the statistics N times before it indexes the empty weight
+case("instance_norm-empty-2d-running-var", "instance_norm", T(0, 0, 0), None, Z(0, 0), None, T(0))
+case("instance_norm-empty-2d-weight", "instance_norm", T(0, 3, 2), Z(3), O(3), Z(3, 1), T(0))
+
 # torch returns a result that cnnops cannot compute: cnnops must say so (NotImplementedError)
 GAPS = {f"conv{d}d-in-channels0" for d in (1, 2, 3)}
 
