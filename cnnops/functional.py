@@ -769,6 +769,12 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
             for stat in (running_mean, running_var):
                 if stat is not None:
                     stat.repeat(n)
+        # torch then casts the statistics to the parameters' dtype (weight's, else the input's)
+        # when running_mean's differs, running_var too: an absent one fails
+        param_dtype = input.dtype if weight is None else weight.dtype
+        if running_mean is not None and running_var is None and running_mean.dtype != param_dtype:
+            raise RuntimeError("instance_norm: Expected a proper Tensor but got None for running_var, which torch "
+                               f"casts with running_mean (of dtype {running_mean.dtype}) to {param_dtype}")
         out = _empty_batch_norm(input, weight, bias)
         with torch.no_grad():
             for stat in (running_mean, running_var):

@@ -170,6 +170,10 @@ for s in [(1, 0), (1, 0, 3), (0, 3, 2)]:
 # torch repeats weight, bias and the statistics N times before it indexes the empty weight
 case("instance_norm-empty-2d-running-var", "instance_norm", T(0, 0, 0), None, Z(0, 0), None, T(0))
 case("instance_norm-empty-2d-weight", "instance_norm", T(0, 3, 2), Z(3), O(3), Z(3, 1), T(0))
+# torch casts running_mean of another dtype than the parameters' with running_var, even absent
+case("instance_norm-empty-mixed-running-mean-no-var", "instance_norm", T(0, 3, 2), Z(3).float(), None)
+case("instance_norm-empty-mixed-weight-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3).float())
+case("instance_norm-empty-same-dtype-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3))
 
 # torch returns a result that cnnops cannot compute: cnnops must say so (NotImplementedError)
 GAPS = {f"conv{d}d-in-channels0" for d in (1, 2, 3)}
