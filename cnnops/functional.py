@@ -662,8 +662,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    # torch only counts the elements of weight, bias and the running statistics: a (C, 1) weight
-    # is accepted (the statistics' views keep their in-place updates)
+    # torch's CPU kernels read the running statistics as vectors
+    if input.device.type == "cpu":
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is not None and tensor.dim() != 1:
+                raise RuntimeError(f"batch_norm: {name}: TensorAccessor expected 1 dims but tensor has {tensor.dim()}")
+    # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if fast_call_ok(input, weight, bias, running_mean, running_var):
@@ -787,6 +791,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                     # torch copies back the mean over no copies: NaN, broadcast into the stat
                     stat.copy_(stat.new_full((input.size(1),), float("nan")))
         return out
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                         ("running_var", running_var)):
+        if tensor is not None and tensor.dim() > 1:  # torch repeats each N times along its one dim
+            raise RuntimeError(f"instance_norm: {name}: Number of dimensions of repeat dims can not be smaller than "
+                               f"number of dimensions of tensor (got {name} of size {list(tensor.shape)})")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
     if (running_mean is None) != (running_var is None):

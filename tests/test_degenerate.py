@@ -174,6 +174,15 @@ case("instance_norm-empty-2d-weight", "instance_norm", T(0, 3, 2), Z(3), O(3), Z
 case("instance_norm-empty-mixed-running-mean-no-var", "instance_norm", T(0, 3, 2), Z(3).float(), None)
 case("instance_norm-empty-mixed-weight-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3).float())
 case("instance_norm-empty-same-dtype-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3))
+# per-channel tensors of rank 2: batch norm's kernels read the statistics as vectors; instance
+# norm repeats all four along one dim
+for train in (False, True):
+    case(f"batch_norm-2d-running-mean-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3, 1), O(3), None, None, train)
+    case(f"batch_norm-2d-running-var-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3), O(1, 3), None, None, train)
+    for i, name in enumerate(("running-mean", "running-var", "weight", "bias")):
+        params = [Z(3), O(3), O(3), Z(3)]
+        params[i] = params[i].view(3, 1)
+        case(f"instance_norm-2d-{name}-input-stats{int(train)}", "instance_norm", T(2, 3, 4), *params, train)
 
 # torch returns a result that cnnops cannot compute: cnnops must say so (NotImplementedError)
 GAPS = {f"conv{d}d-in-channels0" for d in (1, 2, 3)}
