@@ -648,6 +648,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         for name, tensor in (("weight", weight), ("bias", bias)):
             if tensor is not None and tensor.numel() != 0:
                 raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
         raise (IndexError if input.dim() == 1 else RuntimeError)(
             f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
             f"{list(input.shape)}")
@@ -787,6 +788,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                 if stat is not None and n > 0 and stat.numel() != input.size(1):
                     raise RuntimeError(f"shape '[{n}, {input.size(1)}]' is invalid for input of size "
                                        f"{n * stat.numel()}")
+                if stat is not None and n > 0:
+                    # the mean of N unchanged copies, a (C,) vector copied back: fails for a 0-dim stat
+                    stat.copy_(stat.reshape(-1).clone())
                 if stat is not None and n == 0:
                     # torch copies back the mean over no copies: NaN, broadcast into the stat
                     stat.copy_(stat.new_full((input.size(1),), float("nan")))
