@@ -394,6 +394,7 @@ def _adaptive_avg_pool(input, output_size, dims):
             raise IndexError(f"{fname}: Dimension out of range: a global pool takes the mean over the last {dims} "
                              f"dims, but got input of size {list(input.shape)}")
         if dims > 1 and input.dim() not in (dims + 1, dims + 2):
+            _check_floating(input, fname)  # torch's mean fails for integer inputs
             raise NotImplementedError(f"cnnops {fname}: a global pool of a {input.dim()}-D input (torch takes the "
                                       f"mean over its last {dims} dims) is not supported")
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
