@@ -839,5 +839,10 @@ def _update_instance_running_stats(input, mean, invstd, running_mean, running_va
         batch_mean = mean.mean(0)
         batch_var = invstd.pow(-2).sub_(eps).mean(0).mul_(spatial / (spatial - 1))
         # lerp: running + m * (batch - running) = (1 - m) * running + m * batch, in place
-        running_mean.lerp_(batch_mean.to(running_mean.dtype).view_as(running_mean), momentum)
-        running_var.lerp_(batch_var.to(running_var.dtype).view_as(running_var), momentum)
+        for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+            if abs(momentum) <= torch.finfo(running.dtype).max:
+                running.lerp_(batch.to(running.dtype).view_as(running), momentum)
+            else:  # a momentum the stat's dtype cannot hold: torch's m * batch + (1 - m) * running with m
+                # rounded to that dtype (infinite)
+                m = torch.tensor(momentum, dtype=torch.float64).to(running.dtype)
+                running.copy_(batch.to(running.dtype).view_as(running) * m + running * (1 - m))
