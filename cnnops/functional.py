@@ -508,6 +508,11 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     if len(sizes) != dims:
         raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
                            f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
+    if dims == 3:  # torch's 3d op checks the lengths (2d ignores stride and padding)
+        for name, value in (("stride", stride), ("padding", padding)):
+            if len(value) != 3:
+                raise RuntimeError(f"{fname}: There should be exactly three elements (depth, height, width) in "
+                                   f"{name}, but got: {len(value)} elements.")
     if dims == 3 and any(s <= 0 for s in stride[:3]):
         raise RuntimeError(f"{fname}: strides should be greater than zero, but got stride={tuple(stride)}")
     if input.dim() not in (dims + 1, dims + 2):

@@ -187,6 +187,8 @@ case("instance_norm-1x1x0-0d-running-var", "instance_norm", T(1, 1, 0), None, O(
 case("batch_norm-1d-input-running-var-requires-grad", "batch_norm", T(1), Z(0), Z(0).requires_grad_())
 case("instance_norm-momentum-beyond-float32", "instance_norm", T(2, 3, 4).float(), Z(3).float(), O(3).float(), None,
      None, True, 1e308)
+case("max_unpool3d-stride-4-elements", "max_unpool3d", T(0, 1, 1, 1, 1), idx(0, 1, 1, 1, 1), 1, [1, 1, 1, 0])
+case("max_unpool3d-padding-2-elements", "max_unpool3d", T(1, 1, 2, 2, 2), idx(1, 1, 2, 2, 2), 2, 2, [0, 0])
 
 # torch returns a result that cnnops cannot compute: cnnops must say so (NotImplementedError)
 GAPS = {f"conv{d}d-in-channels0" for d in (1, 2, 3)}
