@@ -43,7 +43,8 @@ def _same_padding(input, weight, stride, dilation, dims):
     if any(s != 1 for s in stride):
         raise RuntimeError("padding='same' is not supported for strided convolutions")
     totals = [dilation[i] * (weight.size(2 + i) - 1) for i in range(dims)]
-    left = tuple(t // 2 for t in totals)
+    # C++ division, as torch's: a zero kernel's total of -dilation rounds toward zero
+    left = tuple(t // 2 if t >= 0 else -(-t // 2) for t in totals)
     extra = [t - 2 * l for t, l in zip(totals, left)]
     if any(extra):
         pad = []
@@ -190,6 +191,15 @@ def _check_pool_rank(input, dims, fname):
 def _batched(input, dims):
     """Adds the batch dim of unbatched input; returns (input, unbatched)."""
     return (input.unsqueeze(0), True) if input.dim() == dims + 1 else (input, False)
+
+
+def _batched_at(input, dims):
+    """As _batched, but returns the dim to squeeze (None when batched): an unbatched input
+    with zero channels, which torch pools to an empty result, runs as batch 0 of one channel."""
+    if input.dim() != dims + 1:
+        return input, None
+    at = 1 if input.size(0) == 0 else 0
+    return input.unsqueeze(at), at
 
 
 _WINDOW_ARGS = {}  # resolved window arguments by their Python values: a module passes the same ones each call
@@ -362,9 +372,9 @@ def _adaptive_output_size(input, output_size, dims, fname):
 
 def _check_adaptive_input(input, dims, fname, allow_zero_channels):
     _check_pool_rank(input, dims, fname)
-    first = 0 if input.dim() == dims + 1 else 1
-    for i in range(first, input.dim()):
-        if input.size(i) == 0 and not (allow_zero_channels and i == first):
+    # torch checks every dim but the first, whether or not it is the batch
+    for i in range(1, input.dim()):
+        if input.size(i) == 0 and not (allow_zero_channels and i == 1 and input.dim() == dims + 2):
             raise RuntimeError(f"{fname}(): Expected input to have non-zero size for non-batch dimensions, but input "
                                f"has sizes {list(input.shape)} with dimension {i} being empty")
     _check_floating(input, fname)
@@ -380,14 +390,18 @@ def _adaptive_avg_pool(input, output_size, dims):
         # any rank
         if input.numel() == 0 and input.dim() in (dims + 1, dims + 2):
             return input.mean(tuple(range(-dims, 0)), keepdim=True)
-        if dims > 1 and input.dim() >= dims and input.dim() not in (dims + 1, dims + 2):
+        if dims > 1 and input.dim() < dims:
+            raise IndexError(f"{fname}: Dimension out of range: a global pool takes the mean over the last {dims} "
+                             f"dims, but got input of size {list(input.shape)}")
+        if dims > 1 and input.dim() not in (dims + 1, dims + 2):
+            _check_floating(input, fname)  # torch's mean fails for integer inputs
             raise NotImplementedError(f"cnnops {fname}: a global pool of a {input.dim()}-D input (torch takes the "
                                       f"mean over its last {dims} dims) is not supported")
     # torch accepts zero channels for 1d/2d (an empty output), not for 3d.
     _check_adaptive_input(input, dims, fname, allow_zero_channels=dims < 3)
-    x, unbatched = _batched(input, dims)
+    x, at = _batched_at(input, dims)
     out = call(_ADAPTIVE_AVG_POOL_FORWARD, x, sizes) if fast_call_ok(x) else ops.adaptive_avg_pool_forward(x, sizes)
-    return out.squeeze(0) if unbatched else out
+    return out if at is None else out.squeeze(at)
 
 
 def adaptive_avg_pool1d(input, output_size):
@@ -410,11 +424,11 @@ def _adaptive_max_pool(input, output_size, return_indices, dims):
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
-    x, unbatched = _batched(input, dims)
+    x, at = _batched_at(input, dims)
     out, indices = (call(_ADAPTIVE_MAX_POOL_FORWARD, x, sizes) if fast_call_ok(x)
                     else ops.adaptive_max_pool_forward(x, sizes))
-    if unbatched:
-        out, indices = out.squeeze(0), indices.squeeze(0)
+    if at is not None:
+        out, indices = out.squeeze(at), indices.squeeze(at)
     return (out, indices) if return_indices else out
 
 
@@ -484,16 +498,21 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     if output_size is not None and not isinstance(output_size, (tuple, list, torch.Size)):
         raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
-    if len(sizes) != dims:
-        raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
-                           f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
-    for i, v in enumerate(sizes):
+    for i, v in enumerate(sizes):  # torch's C++ argument parser, before the op checks the length
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
-        if not -(2**63) <= v < 2**63:  # torch's C++ argument parser
+        if not -(2**63) <= v < 2**63:
             raise TypeError(f"{fname}(): argument 'output_size' failed to unpack the object at pos {i} with error "
                             "\"Overflow when unpacking long long\"")
+    if len(sizes) != dims:
+        raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
+                           f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
+    if dims == 3:  # torch's 3d op checks the lengths (2d ignores stride and padding)
+        for name, value in (("stride", stride), ("padding", padding)):
+            if len(value) != 3:
+                raise RuntimeError(f"{fname}: There should be exactly three elements (depth, height, width) in "
+                                   f"{name}, but got: {len(value)} elements.")
     if dims == 3 and any(s <= 0 for s in stride[:3]):
         raise RuntimeError(f"{fname}: strides should be greater than zero, but got stride={tuple(stride)}")
     if input.dim() not in (dims + 1, dims + 2):
@@ -505,16 +524,32 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         raise RuntimeError(f"{fname}: Expected shape of indices to be same as that of the input tensor "
                            f"({list(input.shape)}) but got indices tensor with shape: {list(indices.shape)}")
     _check_floating(input, fname)
+    x, at = _batched_at(input, dims)
+    if at is not None:
+        indices = indices.unsqueeze(at)
     if any(v == 0 for v in sizes) and indices.numel() > 0:
-        # torch returns the empty output without looking at the indices; cnnops' kernel checks
-        # every index against the output plane
-        raise NotImplementedError(f"cnnops {fname}: an empty output_size {tuple(sizes)} for non-empty indices is "
-                                  f"not supported")
-    x, unbatched = _batched(input, dims)
-    if unbatched:
-        indices = indices.unsqueeze(0)
-    out = ops.max_unpool_forward(x, indices, list(sizes))
-    return out.squeeze(0) if unbatched else out
+        # torch returns the empty output without looking at the indices (cnnops' kernel checks
+        # every index against the output plane)
+        out = _EmptyUnpool.apply(x, indices, list(sizes))
+    else:
+        out = ops.max_unpool_forward(x, indices, list(sizes))
+    return out if at is None else out.squeeze(at)
+
+
+class _EmptyUnpool(torch.autograd.Function):
+    """max_unpool to an empty output plane. Backward is torch's derivative, the output's
+    gradient gathered at the indices, which fails as torch's does (every index is out of the
+    empty plane)."""
+
+    @staticmethod
+    def forward(ctx, x, indices, sizes):
+        ctx.save_for_backward(indices)
+        return x.new_zeros(list(x.shape[:2]) + sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return grad.flatten(2).gather(2, indices.flatten(2)).view_as(indices), None, None
 
 
 def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
@@ -619,6 +654,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         for name, tensor in (("weight", weight), ("bias", bias)):
             if tensor is not None and tensor.numel() != 0:
                 raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
+        _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
         raise (IndexError if input.dim() == 1 else RuntimeError)(
             f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
             f"{list(input.shape)}")
@@ -633,8 +669,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    # torch only counts the elements of weight, bias and the running statistics: a (C, 1) weight
-    # is accepted (the statistics' views keep their in-place updates)
+    # torch's CPU kernels read the running statistics as vectors
+    if input.device.type == "cpu":
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is not None and tensor.dim() != 1:
+                raise RuntimeError(f"batch_norm: {name}: TensorAccessor expected 1 dims but tensor has {tensor.dim()}")
+    # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
     if fast_call_ok(input, weight, bias, running_mean, running_var):
@@ -734,18 +774,38 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         # _empty_batch_norm with weight and bias repeated N times, and the running statistics set
         # to the mean over the N copies (NaN for N = 0)
         n = input.size(0)
-        out = _empty_batch_norm(input, None if weight is None else weight.repeat(n),
-                                None if bias is None else bias.repeat(n))
+        # torch repeats all four first (its errors for a tensor of another rank), then indexes
+        weight, bias = (None if t is None else t.repeat(n) for t in (weight, bias))
         with torch.no_grad():
             for stat in (running_mean, running_var):
                 if stat is not None:
-                    stat.repeat(n)  # torch repeats them: its errors for a stat of another rank
+                    stat.repeat(n)
+        # torch then casts the statistics to the parameters' dtype (weight's, else the input's)
+        # when running_mean's differs, running_var too: an absent one fails
+        param_dtype = input.dtype if weight is None else weight.dtype
+        if running_mean is not None and running_var is None and running_mean.dtype != param_dtype:
+            raise RuntimeError("instance_norm: Expected a proper Tensor but got None for running_var, which torch "
+                               f"casts with running_mean (of dtype {running_mean.dtype}) to {param_dtype}")
+        out = _empty_batch_norm(input, weight, bias)
+        with torch.no_grad():
+            for stat in (running_mean, running_var):
+                if not use_input_stats:
+                    continue  # torch only copies the statistics back when it computed them
                 if stat is not None and n > 0 and stat.numel() != input.size(1):
                     raise RuntimeError(f"shape '[{n}, {input.size(1)}]' is invalid for input of size "
                                        f"{n * stat.numel()}")
+                if stat is not None and n > 0:
+                    # the mean of N unchanged copies, a (C,) vector copied back: fails for a 0-dim stat
+                    stat.copy_(stat.reshape(-1).clone())
                 if stat is not None and n == 0:
-                    stat.fill_(float("nan"))
+                    # torch copies back the mean over no copies: NaN, broadcast into the stat
+                    stat.copy_(stat.new_full((input.size(1),), float("nan")))
         return out
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                         ("running_var", running_var)):
+        if tensor is not None and tensor.dim() > 1:  # torch repeats each N times along its one dim
+            raise RuntimeError(f"instance_norm: {name}: Number of dimensions of repeat dims can not be smaller than "
+                               f"number of dimensions of tensor (got {name} of size {list(tensor.shape)})")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)
     if (running_mean is None) != (running_var is None):
@@ -784,5 +844,10 @@ def _update_instance_running_stats(input, mean, invstd, running_mean, running_va
         batch_mean = mean.mean(0)
         batch_var = invstd.pow(-2).sub_(eps).mean(0).mul_(spatial / (spatial - 1))
         # lerp: running + m * (batch - running) = (1 - m) * running + m * batch, in place
-        running_mean.lerp_(batch_mean.to(running_mean.dtype).view_as(running_mean), momentum)
-        running_var.lerp_(batch_var.to(running_var.dtype).view_as(running_var), momentum)
+        for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+            if abs(momentum) <= torch.finfo(running.dtype).max:
+                running.lerp_(batch.to(running.dtype).view_as(running), momentum)
+            else:  # a momentum the stat's dtype cannot hold: torch's m * batch + (1 - m) * running with m
+                # rounded to that dtype (infinite)
+                m = torch.tensor(momentum, dtype=torch.float64).to(running.dtype)
+                running.copy_(batch.to(running.dtype).view_as(running) * m + running * (1 - m))

@@ -125,6 +125,71 @@ case("layer_norm-normalized0", "layer_norm", T(2, 0), [0])
 case("layer_norm-normalized0-leading", "layer_norm", T(2, 0, 3), [0, 3])
 case("layer_norm-leading0", "layer_norm", T(0, 3, grad=True), [3])
 
+# --- found by longer fuzz runs ---------------------------------------------------------------
+for d in (1, 2, 3):
+    sp, k, one = (5,) * d, (3,) * d, (1,) * d
+    # torch's empty path for a batch-0 input: dilation 0 accepted, a zero-size kernel an IndexError
+    case(f"conv{d}d-batch0-dilation0", f"conv{d}d", T(0, 2, *sp, grad=True), T(4, 2, *k, grad=True), T(4, grad=True),
+         1, 0, 0)
+    case(f"conv{d}d-batch0-same-dilation0", f"conv{d}d", T(0, 2, *sp, grad=True), T(4, 2, *k, grad=True), None,
+         1, "same", 0)
+    case(f"conv{d}d-same-dilation0", f"conv{d}d", T(1, 2, *sp), T(4, 2, *k), None, 1, "same", 0)
+    case(f"conv{d}d-batch0-same-kernel0", f"conv{d}d", T(0, 2, *sp), T(4, 2, *((0,) * d)), None, 1, "same")
+    for i in range(d):
+        kzero = tuple(0 if j == i else 3 for j in range(d))
+        case(f"conv{d}d-batch0-kernel{i}-0-bias", f"conv{d}d", T(0, 2, *sp), T(4, 2, *kzero), T(4))
+        case(f"conv{d}d-batch0-kernel{i}-0", f"conv{d}d", T(0, 2, *sp), T(4, 2, *kzero))
+    sp = (4,) * d
+    for kind in ("max", "avg"):
+        fn = f"adaptive_{kind}_pool{d}d"
+        case(f"{fn}-unbatched-channels0", fn, T(0, *sp, grad=True), 2)
+        if kind == "avg" and d > 1:
+            case(f"{fn}-0d-input-output1", fn, T(), 1)
+            case(f"{fn}-1d-input-output1", fn, T(4), 1)
+    fn = f"max_unpool{d}d"
+    case(f"{fn}-unbatched-channels0", fn, T(0, *sp, grad=True), idx(0, *sp), 2)
+    # an empty output_size within one stride of the default: torch returns the empty output
+    # without reading the indices, and its backward fails gathering at them
+    out0 = [0] + [1] * (d - 1)
+    case(f"{fn}-output0", fn, T(1, 2, *one), idx(1, 2, *one) + 7, 1, 2, 0, out0)
+    case(f"{fn}-output0-backward", fn, T(1, 2, *one, grad=True), idx(1, 2, *one), 1, 2, 0, out0)
+    case(f"{fn}-unbatched-output0", fn, T(2, *one), idx(2, *one), 1, 2, 0, out0)
+# a one-entry kernel_size for 2d gives a one-entry output_size whose value overflows int64:
+# torch's argument parser fails (TypeError) before the op checks the length
+case("max_unpool2d-overflowing-short-output-size", "max_unpool2d", T(0, 0, 0, 3), idx(), [0], 2**62)
+# instance norm of an empty input: torch copies the running statistics back only when it
+# computed them (use_input_stats), broadcasting its per-channel NaN into them
+for s in [(1, 0), (1, 0, 3), (0, 3, 2)]:
+    name = "x".join(map(str, s))
+    for stats in (False, True):
+        case(f"instance_norm-{name}-0d-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(), O(), None, None,
+             stats)
+        case(f"instance_norm-{name}-empty-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(0), O(0), None,
+             None, stats)
+
+# torch repeats weight, bias and the statistics N times before it indexes the empty weight
+case("instance_norm-empty-2d-running-var", "instance_norm", T(0, 0, 0), None, Z(0, 0), None, T(0))
+case("instance_norm-empty-2d-weight", "instance_norm", T(0, 3, 2), Z(3), O(3), Z(3, 1), T(0))
+# torch casts running_mean of another dtype than the parameters' with running_var, even absent
+case("instance_norm-empty-mixed-running-mean-no-var", "instance_norm", T(0, 3, 2), Z(3).float(), None)
+case("instance_norm-empty-mixed-weight-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3).float())
+case("instance_norm-empty-same-dtype-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3))
+# per-channel tensors of rank 2: batch norm's kernels read the statistics as vectors; instance
+# norm repeats all four along one dim
+for train in (False, True):
+    case(f"batch_norm-2d-running-mean-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3, 1), O(3), None, None, train)
+    case(f"batch_norm-2d-running-var-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3), O(1, 3), None, None, train)
+    for i, name in enumerate(("running-mean", "running-var", "weight", "bias")):
+        params = [Z(3), O(3), O(3), Z(3)]
+        params[i] = params[i].view(3, 1)
+        case(f"instance_norm-2d-{name}-input-stats{int(train)}", "instance_norm", T(2, 3, 4), *params, train)
+case("instance_norm-1x1x0-0d-running-var", "instance_norm", T(1, 1, 0), None, O())
+case("batch_norm-1d-input-running-var-requires-grad", "batch_norm", T(1), Z(0), Z(0).requires_grad_())
+case("instance_norm-momentum-beyond-float32", "instance_norm", T(2, 3, 4).float(), Z(3).float(), O(3).float(), None,
+     None, True, 1e308)
+case("max_unpool3d-stride-4-elements", "max_unpool3d", T(0, 1, 1, 1, 1), idx(0, 1, 1, 1, 1), 1, [1, 1, 1, 0])
+case("max_unpool3d-padding-2-elements", "max_unpool3d", T(1, 1, 2, 2, 2), idx(1, 1, 2, 2, 2), 2, 2, [0, 0])
+
 # torch returns a result that cnnops cannot compute: cnnops must say so (NotImplementedError)
 GAPS = {f"conv{d}d-in-channels0" for d in (1, 2, 3)}
 

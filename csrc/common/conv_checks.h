@@ -37,7 +37,8 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
   for (int64_t i = 0; i < dims; ++i) {
     TORCH_CHECK(stride[i] > 0, "non-positive stride is not supported: stride=", stride);
     TORCH_CHECK(padding[i] >= 0, "negative padding is not supported: padding=", padding);
-    TORCH_CHECK(dilation[i] > 0, "non-positive dilation is not supported: dilation=", dilation);
+    // dilation 0 passes torch's shape checks; its kernels reject it (below)
+    TORCH_CHECK(dilation[i] >= 0, "negative dilation is not supported: dilation=", dilation);
     // torch's bound: 2 * padding must fit int64
     TORCH_CHECK(padding[i] <= kInt64Max / 2, "Given padding=", padding[i], " at dimension ", i, " , expected padding to be at most ", kInt64Max / 2);
   }
@@ -80,9 +81,14 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
   // torch returns an output with zero channels here; we would rather say so than guess.
   TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
   // torch checks this in its kernels, after the padded size (where a zero kernel spans
-  // 1 - dilation, exact above) and after its zero-channel path
-  for (int64_t i = 0; i < dims; ++i)
+  // 1 - dilation, exact above) and after its zero-channel path. A batch-0 input takes torch's
+  // empty path instead, which indexes the empty weight: IndexError.
+  for (int64_t i = 0; i < dims; ++i) {
+    TORCH_CHECK_INDEX(weight.size(2 + i) > 0 || input.size(0) > 0, "weight: kernel size should be greater than zero, but got weight of size ", weight.sizes(), " (for a batch-0 input torch raises IndexError: index 0 out of range for its empty weight)");
     TORCH_CHECK(weight.size(2 + i) > 0, "weight: kernel size should be greater than zero, but got weight of size ", weight.sizes());
+  }
+  for (int64_t i = 0; i < dims; ++i)
+    TORCH_CHECK(dilation[i] > 0 || input.size(0) == 0, "dilation should be greater than zero, but got dilation=", dilation);
   // Every buffer the kernels size from the geometry: output, zero-padded input planes, the
   // im2col matrix, the weight as GEMM operands. torch pads implicitly, so a padded input or an
   // im2col matrix too large to address is a cnnops gap, not an error of the arguments.
