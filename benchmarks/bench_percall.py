@@ -113,7 +113,7 @@ def main():
     env = common.environment(device)
     cases = common.select(parser, args, CASES)
     header = ["# Per-call cost: cnnops.functional / torch.nn.functional on tiny tensors (CPU, float32)", ""]
-    header += common.environment_lines(env)[:1] + [""]
+    header += common.environment_lines(env)[:2] + [""]
     rows = []
     print("\n".join(header))
     print(common.markdown_table(COLUMNS, []))
