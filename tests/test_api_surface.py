@@ -233,14 +233,18 @@ def test_integer_pools_not_implemented(op, dtype):
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_max_unpool_empty_output_size_with_indices_not_implemented(dims):
-    x = torch.randn((1, 2) + (1,) * dims)
+def test_max_unpool_empty_output_size_with_indices_like_torch(dims):
+    """README: the empty output, as torch returns it without reading the indices; its backward
+    raises as torch's does (a gather at indices outside the empty output)."""
+    x = torch.randn((1, 2) + (1,) * dims, requires_grad=True)
     indices = torch.zeros(x.shape, dtype=torch.int64)
     size = [0] + [2] * (dims - 1)  # within one stride (4) of the default size (the kernel, 2)
     torch_fn, cnnops_fn = getattr(F, f"max_unpool{dims}d"), getattr(CF, f"max_unpool{dims}d")
-    assert torch_fn(x, indices, 2, stride=4, output_size=size).numel() == 0
-    with pytest.raises(NotImplementedError, match="output_size"):
-        cnnops_fn(x, indices, 2, stride=4, output_size=size)
+    expected, got = torch_fn(x, indices, 2, stride=4, output_size=size), cnnops_fn(x, indices, 2, stride=4, output_size=size)
+    assert got.shape == expected.shape and got.numel() == 0
+    for out in (expected, got):
+        with pytest.raises(RuntimeError):
+            out.sum().backward()
 
 
 NORMS = {
