@@ -341,7 +341,7 @@ def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 def _adaptive_output_size(input, output_size, dims, fname):
     """torch's rules: an int is repeated; 1d takes exactly one int; 2d/3d take `dims` entries,
     None meaning the input's size along that dim (torch.nn.modules.utils._list_with_default)."""
-    if _is_int(output_size):
+    if type(output_size) is int or _is_int(output_size):
         sizes = [output_size] * dims
     elif dims == 1:
         if not isinstance(output_size, (tuple, list, torch.Size)):
@@ -364,7 +364,7 @@ def _adaptive_output_size(input, output_size, dims, fname):
                                 f"{type(v).__name__} at pos {i}")
         if len(sizes) != dims:
             raise RuntimeError(f"{fname}: output_size must be {dims} ints, but got output_size={tuple(output_size)}")
-    if any(v < 0 for v in sizes):
+    if min(sizes) < 0:
         raise RuntimeError(f"{fname}: elements of output_size must be greater than or equal to 0, but got "
                            f"output_size={tuple(sizes)}")
     return list(sizes)
@@ -373,7 +373,7 @@ def _adaptive_output_size(input, output_size, dims, fname):
 def _check_adaptive_input(input, dims, fname, allow_zero_channels):
     _check_pool_rank(input, dims, fname)
     # torch checks every dim but the first, whether or not it is the batch
-    for i in range(1, input.dim()):
+    for i in range(1, input.dim()) if 0 in input.shape[1:] else ():
         if input.size(i) == 0 and not (allow_zero_channels and i == 1 and input.dim() == dims + 2):
             raise RuntimeError(f"{fname}(): Expected input to have non-zero size for non-batch dimensions, but input "
                                f"has sizes {list(input.shape)} with dimension {i} being empty")
@@ -384,7 +384,7 @@ def _adaptive_avg_pool(input, output_size, dims):
     fname = f"adaptive_avg_pool{dims}d"
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
-    if all(v == 1 for v in sizes):
+    if sizes == [1] * dims:
         # torch takes a global pool as a mean over the last dims, without the checks below: an
         # empty input gives an empty output, or NaN for an empty window; 2d and 3d pools take
         # any rank
