@@ -204,20 +204,30 @@ void record_max_backward(Tensor& result, const Tensor& grad_output, const Tensor
   torch::autograd::set_history(result, node);
 }
 
-Tensor max_pool_backward(const Tensor& grad_output, const Tensor& input, const Tensor& indices,
-                         IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
-                         IntArrayRef dilation, bool ceil_mode) {
-  auto node = make_node<MaxPoolBackwardBackward0>(grad_output, input);
+// The Autograd kernel of a max pool backward op (fixed-window or adaptive): backward(dy, x)
+// runs the op on a gradient and an input, below autograd for the result, through autograd for
+// the tangent.
+template <typename NodeT, typename Backward>
+Tensor max_backward_autograd(const Tensor& grad_output, const Tensor& input, const Tensor& indices,
+                             const Backward& backward) {
+  auto node = make_node<NodeT>(grad_output, input);
   Tensor result;
   {
     BelowAutograd guard;
-    result = call::max_pool_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+    result = backward(grad_output, input);
   }
   record_max_backward(result, grad_output, input, indices, node);
-  set_max_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
-    return call::max_pool_backward(t, primal(input), indices, kernel_size, stride, padding, dilation, ceil_mode);
-  });
+  set_max_backward_tangent(result, grad_output, input, [&](const Tensor& t) { return backward(t, primal(input)); });
   return result;
+}
+
+Tensor max_pool_backward(const Tensor& grad_output, const Tensor& input, const Tensor& indices,
+                         IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
+                         IntArrayRef dilation, bool ceil_mode) {
+  return max_backward_autograd<MaxPoolBackwardBackward0>(
+      grad_output, input, indices, [&](const Tensor& dy, const Tensor& x) {
+        return call::max_pool_backward(dy, x, indices, kernel_size, stride, padding, dilation, ceil_mode);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,17 +411,9 @@ TensorPair adaptive_max_pool_forward(const Tensor& input, IntArrayRef output_siz
 }
 
 Tensor adaptive_max_pool_backward(const Tensor& grad_output, const Tensor& input, const Tensor& indices) {
-  auto node = make_node<AdaptiveMaxPoolBackwardBackward0>(grad_output, input);
-  Tensor result;
-  {
-    BelowAutograd guard;
-    result = call::adaptive_max_pool_backward(grad_output, input, indices);
-  }
-  record_max_backward(result, grad_output, input, indices, node);
-  set_max_backward_tangent(result, grad_output, input, [&](const Tensor& t) {
-    return call::adaptive_max_pool_backward(t, primal(input), indices);
-  });
-  return result;
+  return max_backward_autograd<AdaptiveMaxPoolBackwardBackward0>(
+      grad_output, input, indices,
+      [&](const Tensor& dy, const Tensor& x) { return call::adaptive_max_pool_backward(dy, x, indices); });
 }
 
 // ---------------------------------------------------------------------------------------------
