@@ -5,6 +5,7 @@
 // CPU supports is picked at run time. Only these functions carry the target attributes, so no
 // AVX-512 code can leak into code that runs on other CPUs.
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -114,9 +115,7 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, MR_F)   \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_d, ATTRIBUTE, double, MR_D)
 
-#if defined(__x86_64__) || defined(__i386__)
-#define CNNOPS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
-#define CNNOPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#if CNNOPS_X86
 CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx512, CNNOPS_TARGET_AVX512, 8, 8)
 CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx2, CNNOPS_TARGET_AVX2, 3, 3)
 #endif
@@ -141,25 +140,50 @@ KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, int64_t
 
 template <typename T>
 const KernelChoice<T>& kernel_choice() {
-  // The widest ISA this CPU has, or a narrower one named by CNNOPS_CPU_ISA (avx2, portable), so
-  // the tests can run every micro-kernel on one machine.
   static const KernelChoice<T> choice = [] {
-    const char* env = std::getenv("CNNOPS_CPU_ISA");
-    const std::string cap = env && *env ? env : "avx512";
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (cap == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-      return make_choice<T>(kernel_avx512_f, kernel_avx512_d, 8, 8, "avx512");
-    if (cap != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return make_choice<T>(kernel_avx2_f, kernel_avx2_d, 3, 3, "avx2");
+    switch (cpu_isa()) {
+#if CNNOPS_X86
+      case Isa::Avx512:
+        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, 8, 8, "avx512");
+      case Isa::Avx2:
+        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, 3, 3, "avx2");
 #endif
-    return make_choice<T>(kernel_portable_f, kernel_portable_d, 2, 2, "portable");
+      default:
+        return make_choice<T>(kernel_portable_f, kernel_portable_d, 2, 2, "portable");
+    }
   }();
   return choice;
 }
 
 }  // namespace
+
+Isa cpu_isa() {
+  // The tests name a narrower ISA (avx2, portable) to run every kernel version on one machine.
+  static const Isa isa = [] {
+    const char* env = std::getenv("CNNOPS_CPU_ISA");
+    const std::string cap = env && *env ? env : "avx512";
+#if CNNOPS_X86
+    __builtin_cpu_init();
+    if (cap == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+      return Isa::Avx512;
+    if (cap != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+#endif
+    return Isa::Portable;
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
 
 const char* gemm_isa() { return kernel_choice<float>().isa; }
 
