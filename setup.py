@@ -1,6 +1,8 @@
-"""Build cnnops._C: CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
+"""Build cnnops._C: CPU kernels always, CUDA kernels by default only where they can run (torch is
+a CUDA build, nvcc exists and a GPU is visible).
 
-CNNOPS_CUDA=0 turns CUDA off; CNNOPS_CUDA=1 makes a missing CUDA toolchain an error.
+CNNOPS_CUDA=1 compiles CUDA without a GPU (CI does, to prove the CUDA sources compile) and makes
+a missing CUDA toolchain an error; CNNOPS_CUDA=0 turns CUDA off.
 DEBUG=1 builds with -O0 -g for gdb. TORCH_CUDA_ARCH_LIST overrides the GPU architectures.
 CNNOPS_NO_EXTENSION=1 builds nothing: `make install` uses it for the editable install, which
 pip builds in a fresh temporary folder each time, and then compiles with
@@ -43,13 +45,25 @@ if cuda_home:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-want_cuda = os.environ.get("CNNOPS_CUDA", "auto").lower()
+
+def cuda_wanted(setting, toolchain, gpu_visible):
+    """CNNOPS_CUDA=1 forces the CUDA kernels (CI: the sources must compile without a GPU), 0 turns
+    them off; unset, they are compiled only where a GPU is visible (nvcc's minutes buy nothing
+    elsewhere). gpu_visible is called only then. tests/test_build.py checks this table."""
+    setting = (setting or "auto").lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return bool(toolchain and gpu_visible())
+
+
 debug = os.environ.get("DEBUG", "0") == "1"
 cuda_possible = torch.version.cuda is not None and cuda_home is not None
-if want_cuda in ("1", "true", "yes", "on") and not cuda_possible:
+use_cuda = cuda_wanted(os.environ.get("CNNOPS_CUDA"), cuda_possible, torch.cuda.is_available)
+if use_cuda and not cuda_possible:
     sys.exit(f"CNNOPS_CUDA=1 but no CUDA toolchain: torch.version.cuda={torch.version.cuda}, "
              f"CUDA_HOME={cuda_home}")
-use_cuda = cuda_possible and want_cuda not in ("0", "false", "no", "off")
 
 
 def nvidia_pip_includes():

@@ -1,4 +1,5 @@
 """The build itself: version, CUDA kernels present when they were asked for, the ISA dispatch."""
+import ast
 import glob
 import inspect
 import os
@@ -9,6 +10,13 @@ import torch
 
 import cnnops
 import cnnops.nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
 
 
 def test_version():
@@ -23,6 +31,43 @@ def test_cuda_kernels_compiled_when_forced():
     assert cnnops.has_cuda() == torch._C._dispatch_has_kernel_for_dispatch_key("cnnops::conv_backward", "CUDA")
 
 
+def _setup_function(name):
+    """One function of setup.py, compiled alone (running setup.py would build)."""
+    tree = ast.parse(_read("setup.py"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_cuda_compiled_by_default_only_where_a_gpu_is_visible():
+    cuda_wanted = _setup_function("cuda_wanted")
+    asked = []
+
+    def gpu(visible):
+        def check():
+            asked.append(visible)
+            return visible
+        return check
+
+    for unset in (None, "", "auto", "AUTO"):
+        assert cuda_wanted(unset, True, gpu(True)) is True
+        assert cuda_wanted(unset, True, gpu(False)) is False  # a CUDA torch and nvcc, no GPU
+        assert cuda_wanted(unset, False, gpu(True)) is False  # no toolchain
+    for on in ("1", "true", "yes", "on", "ON"):
+        assert cuda_wanted(on, True, gpu(False)) is True  # CI: compiled without a GPU
+        assert cuda_wanted(on, False, gpu(False)) is True  # setup.py then exits: no toolchain
+    for off in ("0", "false", "no", "off", "Off"):
+        assert cuda_wanted(off, True, gpu(True)) is False
+    assert asked == [True, False] * 4, "the GPU is looked for only when CNNOPS_CUDA is unset and CUDA can build"
+
+
+def test_ci_forces_the_cuda_build():
+    """Without a GPU the default build skips CUDA, so CI must force it: every submission proves
+    that the CUDA sources compile."""
+    assert re.search(r"^export CNNOPS_CUDA=1$", _read(".ci/run"), re.M)
+
+
 def test_every_op_has_cpu_and_fake_kernels():
     for op in ("conv_forward", "conv_backward"):
         name = f"cnnops::{op}"
@@ -32,14 +77,6 @@ def test_every_op_has_cpu_and_fake_kernels():
 
 # --------------------------------------------------------------------------------------------
 # the supported torch range (pyproject.toml, Makefile; .ci/run builds and tests its oldest)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _read(path):
-    with open(os.path.join(ROOT, path)) as f:
-        return f.read()
-
 
 def _declared_torch_specs():
     pyproject = _read("pyproject.toml")
