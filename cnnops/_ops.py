@@ -70,7 +70,8 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
     def empty():
         return input.new_empty([0])
 
-    grad_input = input.new_empty(input.shape).contiguous(memory_format=_conv_memory_format(input, input)) if output_mask[0] else empty()
+    grad_input = (input.new_empty(input.shape).contiguous(memory_format=_conv_memory_format(input, input))
+                  if output_mask[0] else empty())
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else empty()
     grad_bias = input.new_empty([weight.size(0)]) if output_mask[2] else empty()
     return grad_input, grad_weight, grad_bias
@@ -145,13 +146,15 @@ def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
     return out
 
 
-def _pool_memory_format(input):
+def _kept_memory_format(input):
+    """Pooling and batch/group/instance norm keep the input's layout: channels_last in,
+    channels_last out."""
     return suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
 
 
 def _pool_empty(input, shape, dtype=None):
     return torch.empty(shape, dtype=dtype or input.dtype, device=input.device,
-                       memory_format=_pool_memory_format(input))
+                       memory_format=_kept_memory_format(input))
 
 
 def _check_pool_input_rank(op, input, dims):
@@ -221,6 +224,8 @@ def _max_unpool_forward_fake(input, indices, output_size):
 @torch.library.register_fake("cnnops::max_unpool_backward")
 def _max_unpool_backward_fake(grad_output, input, indices):
     return _pool_empty(input, input.shape)
+
+
 # ============================================================================================
 # Normalization
 # ============================================================================================
@@ -233,11 +238,6 @@ def _max_unpool_backward_fake(grad_output, input, indices):
 
 def _opmath_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _norm_memory_format(input):
-    """Batch and group norm keep the input's layout: channels_last in, channels_last out."""
-    return suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
 
 
 def _check_per_channel(tensor, name, channels):
@@ -260,7 +260,7 @@ def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, tra
     if not training:
         torch._check(running_mean is not None and running_var is not None,
                      lambda: "running_mean and running_var must be given when training=False")
-    out = torch.empty_like(input, memory_format=_norm_memory_format(input))
+    out = torch.empty_like(input, memory_format=_kept_memory_format(input))
     stats = input.new_empty([channels], dtype=_opmath_dtype(input.dtype))
     return out, stats, torch.empty_like(stats)
 
@@ -283,7 +283,7 @@ def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training
     for tensor, name in ((weight, "weight"), (mean, "mean"), (invstd, "invstd")):
         _check_per_channel(tensor, name, channels)
     param_dtype = weight.dtype if weight is not None else input.dtype
-    return _norm_backward_grads(input, _norm_memory_format(input), [channels], param_dtype, output_mask)
+    return _norm_backward_grads(input, _kept_memory_format(input), [channels], param_dtype, output_mask)
 
 
 def _layer_norm_axis(input, normalized_shape):
@@ -331,7 +331,7 @@ def _check_group_norm(input, weight, num_groups):
 def _group_norm_forward_fake(input, weight, bias, num_groups, eps):
     _check_group_norm(input, weight, num_groups)
     _check_per_channel(bias, "bias", input.size(1))
-    out = torch.empty_like(input, memory_format=_norm_memory_format(input))
+    out = torch.empty_like(input, memory_format=_kept_memory_format(input))
     stats = input.new_empty([input.size(0), num_groups], dtype=_opmath_dtype(input.dtype))
     return out, stats, torch.empty_like(stats)
 
@@ -341,7 +341,7 @@ def _group_norm_backward_fake(grad_output, input, mean, invstd, weight, num_grou
     channels = _check_group_norm(input, weight, num_groups)
     torch._check(grad_output.shape == input.shape, lambda: "grad_output: expected the input's shape")
     param_dtype = weight.dtype if weight is not None else input.dtype
-    return _norm_backward_grads(input, _norm_memory_format(input), [channels], param_dtype, output_mask)
+    return _norm_backward_grads(input, _kept_memory_format(input), [channels], param_dtype, output_mask)
 
 
 
@@ -400,7 +400,7 @@ def _batch_norm_elemt_fake(input, weight, bias, mean, invstd):
     channels = _check_batch_norm_input(input)
     for tensor, name in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (invstd, "invstd")):
         _check_per_channel(tensor, name, channels)
-    return torch.empty_like(input, memory_format=_norm_memory_format(input))
+    return torch.empty_like(input, memory_format=_kept_memory_format(input))
 
 
 @torch.library.register_fake("cnnops::batch_norm_backward_elemt")
@@ -410,4 +410,4 @@ def _batch_norm_backward_elemt_fake(grad_output, input, mean, invstd, weight, su
     for tensor, name in ((weight, "weight"), (mean, "mean"), (invstd, "invstd"), (sum_dy, "sum_dy"),
                          (sum_dy_xmu, "sum_dy_xmu")):
         _check_per_channel(tensor, name, channels)
-    return torch.empty_like(input, memory_format=_norm_memory_format(input))
+    return torch.empty_like(input, memory_format=_kept_memory_format(input))

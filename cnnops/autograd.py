@@ -1,13 +1,10 @@
-"""One torch.autograd.Function per op family: the forward op, what it saves, the backward op.
+"""SyncBatchNormFunction: the one Python torch.autograd.Function (it talks to torch.distributed).
+Every other op carries its autograd in the dispatcher (csrc/autograd/).
 
-Every Function saves in forward(ctx, ...) rather than in a separate setup_context: with
-setup_context, Function.apply binds default arguments through inspect.signature on every call
-(~50 us, several times a small pool's or norm's own cost). The backward ops are single kernels
-with no derivative of their own, so @once_differentiable makes a double backward raise instead
-of silently returning zeros (convolution's backward is differentiable only through its op too).
+It saves in forward(ctx, ...) rather than in a separate setup_context: with setup_context,
+Function.apply binds default arguments through inspect.signature on every call (~50 us).
 """
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._ops import ops
 

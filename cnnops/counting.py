@@ -71,7 +71,10 @@ def _macs(module, inputs, output):
         # The transpose scatters each input over C_out/groups x K_h x K_w outputs.
         return inputs[0].numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, (torch.nn.Linear, torch.nn.Bilinear)):
-        per_output = module.in_features if isinstance(module, torch.nn.Linear) else module.in1_features * module.in2_features
+        if isinstance(module, torch.nn.Linear):
+            per_output = module.in_features
+        else:
+            per_output = module.in1_features * module.in2_features
         return output.numel() * per_output
     return 0
 
@@ -102,7 +105,8 @@ def complexity(model, example_input):
         macs = _macs(module, inputs, output)
         if params or macs or next(module.children(), None) is None:
             out = _first_tensor(output)
-            rows.append(Row(names[module], type(module).__name__, tuple(out.shape) if out is not None else (), params, macs))
+            shape = tuple(out.shape) if out is not None else ()
+            rows.append(Row(names[module], type(module).__name__, shape, params, macs))
 
     training = {module: module.training for module in model.modules()}
     handles = [module.register_forward_hook(record) for module in model.modules()]

@@ -262,8 +262,9 @@ def main(argv=None):
     loss_gap = max(abs(p - q) for p, q in zip(a.batch_losses, b.batch_losses))
     print(f"\nplot: {os.path.abspath(path)}")
     print(f"summary: test accuracy torch {a.accuracies[-1]:.2%}, cnnops {b.accuracies[-1]:.2%} after "
-          f"{args.epochs} epoch{'s' * (args.epochs > 1)}; largest batch-loss difference {loss_gap:.1e}, parameter difference "
-          f"{differences[-1]:.1e}; training time torch {sum(a.times):.2f} s, cnnops {sum(b.times):.2f} s "
+          f"{args.epochs} epoch{'s' * (args.epochs > 1)}; largest batch-loss difference {loss_gap:.1e}, "
+          f"parameter difference {differences[-1]:.1e}; training time torch {sum(a.times):.2f} s, "
+          f"cnnops {sum(b.times):.2f} s "
           f"(cnnops/torch {sum(b.times) / sum(a.times):.2f}); whole demo {time.perf_counter() - start:.1f} s")
     return runs, differences, path
 

@@ -16,25 +16,44 @@ from ._ops import call, fast_call_ok, ops
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
 
-def _expand(value, name, dims):
-    """An int or a sequence of 1 or `dims` ints, as torch's expand_param_if_needed."""
-    # Fast paths for what modules and most callers pass (an int, or a tuple of `dims` ints):
-    # every call pays this, and a small convolution costs only microseconds.
+def _int_tuple(value, name, dims, fname=None, check=True):
+    """kernel_size, stride, padding, dilation: an int or a sequence of 1 or `dims` ints, as a tuple
+    of `dims` ints, with torch's errors: for convolution (fname None) expand_param_if_needed's,
+    which takes no SymInt; for the pools torch's argument parser's, naming fname. check=False is
+    torch's _single/_pair/_triple (max unpool): a sequence passes through, checked later."""
+    # Fast paths for what modules and most callers pass (an int, or `dims` ints): every call
+    # pays this, and a small layer costs only microseconds.
     if type(value) is int:
         return (value,) * dims
-    if type(value) is tuple and len(value) == dims and all(type(v) is int for v in value):
-        return value
-    values = [value] if isinstance(value, numbers.Integral) else list(value)
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"{name} must be an int or a tuple of {dims} ints, but got {name}={value!r}")
+    if type(value) in (tuple, list) and len(value) == dims and all(type(v) is int for v in value):
+        return tuple(value)
+    if not check:
+        return tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value,) * dims
+    if fname is None:
+        values = [value] if isinstance(value, numbers.Integral) else list(value)
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{name} must be an int or a tuple of {dims} ints, but got {name}={value!r}")
+    else:
+        if _is_int(value):
+            return (value,) * dims
+        if isinstance(value, bool) or not isinstance(value, (tuple, list, torch.Size)):
+            raise TypeError(f"{fname}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
+        values = list(value)
+        for i, v in enumerate(values):
+            if not _is_int(v):
+                raise TypeError(f"{fname}(): argument '{name}' must be tuple of ints, but found element of type "
+                                f"{type(v).__name__} at pos {i}")
     if len(values) == 1:
         values = values * dims
     if len(values) != dims:
-        raise RuntimeError(
-            f"expected {name} to be a single integer value or a list of {dims} values to match "
-            f"the convolution dimensions, but got {name}={list(values)}"
-        )
-    return tuple(int(v) for v in values)
+        if fname is None:
+            raise RuntimeError(
+                f"expected {name} to be a single integer value or a list of {dims} values to match "
+                f"the convolution dimensions, but got {name}={list(values)}"
+            )
+        raise RuntimeError(f"{fname}: {name} must either be a single int, or a tuple of {dims} ints, but got "
+                           f"{name}={tuple(value)}")
+    return tuple(int(v) for v in values) if fname is None else tuple(values)
 
 
 def _same_padding(input, weight, stride, dilation, dims):
@@ -45,7 +64,7 @@ def _same_padding(input, weight, stride, dilation, dims):
     totals = [dilation[i] * (weight.size(2 + i) - 1) for i in range(dims)]
     # C++ division, as torch's: a zero kernel's total of -dilation rounds toward zero
     left = tuple(t // 2 if t >= 0 else -(-t // 2) for t in totals)
-    extra = [t - 2 * l for t, l in zip(totals, left)]
+    extra = [t - 2 * lo for t, lo in zip(totals, left)]
     if any(extra):
         pad = []
         for e in reversed(extra):  # F.pad lists the last dim first
@@ -80,8 +99,8 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)
-    stride = _expand(stride, "stride", dims)
-    dilation = _expand(dilation, "dilation", dims)
+    stride = _int_tuple(stride, "stride", dims)
+    dilation = _int_tuple(dilation, "dilation", dims)
     if isinstance(padding, str):
         if padding == "valid":
             padding = (0,) * dims
@@ -90,7 +109,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
         else:
             raise RuntimeError(f"Invalid padding string: '{padding}', expected 'same' or 'valid'")
     else:
-        padding = _expand(padding, "padding", dims)
+        padding = _int_tuple(padding, "padding", dims)
     args = (input, weight, bias, stride, padding, dilation, int(groups), _activation)
     out = call(_CONV_FORWARD, *args) if fast_call_ok(input, weight, bias) else ops.conv_forward(*args)
     return out.squeeze(0) if unbatched else out
@@ -120,8 +139,6 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 # (csrc/common/pool_checks.h) keep the raw ops safe. The ops carry their own autograd, to any
 # order and in forward mode (csrc/autograd/pool.cpp).
 
-from ._ops import ops  # noqa: E402
-
 __all__ += [
     "max_pool1d", "max_pool2d", "max_pool3d",
     "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -139,29 +156,6 @@ _ADAPTIVE_MAX_POOL_FORWARD = _C.op("adaptive_max_pool_forward")
 
 def _is_int(v):
     return isinstance(v, _INT_TYPES) and not isinstance(v, bool)
-
-
-def _pool_ints(value, name, dims, fname):
-    """An int or a sequence of 1 or `dims` ints, as torch's pooling argument parsers accept."""
-    if type(value) is int:  # the fast paths: what modules and most callers pass
-        return [value] * dims
-    if type(value) in (tuple, list) and len(value) == dims and all(type(v) is int for v in value):
-        return list(value)
-    if _is_int(value):
-        return [value] * dims
-    if isinstance(value, bool) or not isinstance(value, (tuple, list, torch.Size)):
-        raise TypeError(f"{fname}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
-    values = list(value)
-    for i, v in enumerate(values):
-        if not _is_int(v):
-            raise TypeError(f"{fname}(): argument '{name}' must be tuple of ints, but found element of type "
-                            f"{type(v).__name__} at pos {i}")
-    if len(values) == 1:
-        values = values * dims
-    if len(values) != dims:
-        raise RuntimeError(f"{fname}: {name} must either be a single int, or a tuple of {dims} ints, but got "
-                           f"{name}={tuple(value)}")
-    return values
 
 
 def _check_bool(value, name, fname):
@@ -234,13 +228,13 @@ def _exact_int_key(*values):
 
 
 def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, after_parsing, int64_ok):
-    kernel_size = _pool_ints(kernel_size, "kernel_size", dims, fname)
+    kernel_size = _int_tuple(kernel_size, "kernel_size", dims, fname)
     if stride is None or (type(stride) in (tuple, list) and not stride):
         stride = kernel_size
     else:
-        stride = _pool_ints(stride, "stride", dims, fname)
-    padding = _pool_ints(padding, "padding", dims, fname)
-    dilation = _pool_ints(dilation, "dilation", dims, fname)
+        stride = _int_tuple(stride, "stride", dims, fname)
+    padding = _int_tuple(padding, "padding", dims, fname)
+    dilation = _int_tuple(dilation, "dilation", dims, fname)
     if not int64_ok:  # torch's pools but max_pool1d without indices take these as C++ ints
         for v in kernel_size + stride + padding + dilation:
             if not -(2**31) <= v < 2**31:
@@ -248,7 +242,8 @@ def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, af
     if after_parsing is not None:
         after_parsing()
     if min(kernel_size) <= 0:
-        raise RuntimeError(f"{fname}: kernel_size should be greater than zero, but got kernel_size={tuple(kernel_size)}")
+        raise RuntimeError(f"{fname}: kernel_size should be greater than zero, but got "
+                           f"kernel_size={tuple(kernel_size)}")
     if min(stride) <= 0:
         raise RuntimeError(f"{fname}: stride should be greater than zero, but got stride={tuple(stride)}")
     if min(dilation) <= 0:
@@ -345,10 +340,11 @@ def _adaptive_output_size(input, output_size, dims, fname):
         sizes = [output_size] * dims
     elif dims == 1:
         if not isinstance(output_size, (tuple, list, torch.Size)):
-            raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, not {type(output_size).__name__}")
+            raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, "
+                            f"not {type(output_size).__name__}")
         if len(output_size) != 1:
             raise RuntimeError(f"{fname}() argument 'output_size' should contain one int (got {len(output_size)})")
-        sizes = _pool_ints(output_size, "output_size", 1, fname)
+        sizes = _int_tuple(output_size, "output_size", 1, fname)
     else:
         if not isinstance(output_size, (tuple, list, torch.Size)):
             raise TypeError(f"{fname}(): output_size must be an int or a tuple of {dims} ints or None, but got "
@@ -447,13 +443,6 @@ def adaptive_max_pool3d(input, output_size, return_indices=False):
     return _adaptive_max_pool(input, output_size, return_indices, 3)
 
 
-def _ntuple(value, dims):
-    """torch.nn.modules.utils._single/_pair/_triple: a sequence passes through as a tuple."""
-    if isinstance(value, (tuple, list, torch.Size)):
-        return tuple(value)
-    return (value,) * dims
-
-
 def _unpool_output_size(input, kernel_size, stride, padding, output_size):
     """torch.nn.functional._unpool_output_size: the default size inverts the pool's output-size
     formula, (I - 1) * S - 2P + K; a given output_size (optionally with N and C in front) must
@@ -492,9 +481,9 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     fname = f"max_unpool{dims}d"
     _check_pool_tensor(input, fname)
     _check_pool_tensor(indices, fname, "indices")
-    kernel_size = _ntuple(kernel_size, dims)
-    stride = kernel_size if stride is None else _ntuple(stride, dims)
-    padding = _ntuple(padding, dims)
+    kernel_size = _int_tuple(kernel_size, "kernel_size", dims, check=False)
+    stride = kernel_size if stride is None else _int_tuple(stride, "stride", dims, check=False)
+    padding = _int_tuple(padding, "padding", dims, check=False)
     if output_size is not None and not isinstance(output_size, (tuple, list, torch.Size)):
         raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
@@ -573,8 +562,6 @@ def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_siz
 
 # The ops are differentiable in the dispatcher (csrc/autograd/norm.cpp): first and higher
 # order, forward-mode AD and torch.func all go through the raw ops called here.
-from ._ops import ops  # noqa: E402
-
 __all__ += ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
 
 

@@ -44,9 +44,8 @@ __all__ = ["fuse_conv_bn", "FuseReport"]
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, cnn.Conv1d: 1, cnn.Conv2d: 2, cnn.Conv3d: 3}
 # Spatial dims the batch norm expects (None: any, as SyncBatchNorm accepts every rank >= 2).
 _BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
-            cnn.BatchNorm1d: 1, cnn.BatchNorm2d: 2, cnn.BatchNorm3d: 3, nn.SyncBatchNorm: None}
-if hasattr(cnn, "SyncBatchNorm"):  # helper B's module, once merged
-    _BN_DIMS[cnn.SyncBatchNorm] = None
+            cnn.BatchNorm1d: 1, cnn.BatchNorm2d: 2, cnn.BatchNorm3d: 3,
+            nn.SyncBatchNorm: None, cnn.SyncBatchNorm: None}
 
 # The ReLU spellings fx records: a module, a function, a tensor method.
 _RELU_FUNCTIONS = (torch.nn.functional.relu, torch.relu, torch.relu_)
