@@ -175,7 +175,8 @@ def main(argv=None):
                "- check: max |cnnops - torch| / max |torch| per tensor (output and grads) within "
                "the dtype's tolerance.", ""]
     common.run_suite("norm", "norm_" + common.device_slug(device), args.out, header, COLUMNS, summary_lines,
-                     lambda case, dtype: run_case(case, dtype, device, min_run_time, copy_gbps), cases, dtypes, device, env)
+                     lambda case, dtype: run_case(case, dtype, device, min_run_time, copy_gbps),
+                     cases, dtypes, device, env)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def run_case(case, dtype, device, min_run_time, copy_gbps):
             tol = 0.0 if case.is_max and mode == "fwd" else TOLERANCE[dtype]
             # outputs keep the input's memory format (torch's grad_input may be an expanded view)
             out = got[0] if isinstance(got, tuple) else got
-            fmt_ok = out.is_contiguous(memory_format=torch.channels_last if case.channels_last else torch.contiguous_format)
+            layout = torch.channels_last if case.channels_last else torch.contiguous_format
+            fmt_ok = out.is_contiguous(memory_format=layout)
             row.update(max_rel_diff=err, check="ok" if err <= tol and fmt_ok else "MISMATCH")
             t_torch, t_cnnops = common.compare_times([fn_t, fn_c], min_run_time)
             row.update(torch_s=t_torch, cnnops_s=t_cnnops, torch_gbps=common.gbps(nbytes, t_torch),
@@ -179,7 +180,8 @@ def main(argv=None):
                "- cnnops runs the user-facing cnnops.functional API; max rel diff: against torch in the "
                "same dtype (max pools must match exactly).", ""]
     common.run_suite("pool", "pool_" + common.device_slug(device), args.out, header, COLUMNS, summary_lines,
-                     lambda case, dtype: run_case(case, dtype, device, min_run_time, copy_gbps), cases, dtypes, device, env)
+                     lambda case, dtype: run_case(case, dtype, device, min_run_time, copy_gbps),
+                     cases, dtypes, device, env)
 
 
 if __name__ == "__main__":

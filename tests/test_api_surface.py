@@ -240,7 +240,8 @@ def test_max_unpool_empty_output_size_with_indices_like_torch(dims):
     indices = torch.zeros(x.shape, dtype=torch.int64)
     size = [0] + [2] * (dims - 1)  # within one stride (4) of the default size (the kernel, 2)
     torch_fn, cnnops_fn = getattr(F, f"max_unpool{dims}d"), getattr(CF, f"max_unpool{dims}d")
-    expected, got = torch_fn(x, indices, 2, stride=4, output_size=size), cnnops_fn(x, indices, 2, stride=4, output_size=size)
+    expected = torch_fn(x, indices, 2, stride=4, output_size=size)
+    got = cnnops_fn(x, indices, 2, stride=4, output_size=size)
     assert got.shape == expected.shape and got.numel() == 0
     for out in (expected, got):
         with pytest.raises(RuntimeError):

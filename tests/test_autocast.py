@@ -26,9 +26,11 @@ CASES = {
     "adaptive_max_pool3d": ((2, 3, 5, 4, 6), lambda M, x: M.adaptive_max_pool3d(x, 2), []),
     "max_unpool2d": ((2, 3, 6, 6), lambda M, x: M.max_unpool2d(*M.max_pool2d(x, 2, return_indices=True), 2), []),
     "max_unpool3d": ((2, 3, 4, 4, 6), lambda M, x: M.max_unpool3d(*M.max_pool3d(x, 2, return_indices=True), 2), []),
-    "batch_norm": ((4, 3, 5, 5), lambda M, x, w, b: M.batch_norm(x, None, None, w, b, True), [torch.rand(3), torch.randn(3)]),
+    "batch_norm": ((4, 3, 5, 5), lambda M, x, w, b: M.batch_norm(x, None, None, w, b, True),
+                   [torch.rand(3), torch.randn(3)]),
     "instance_norm": ((2, 3, 5, 5), lambda M, x: M.instance_norm(x), []),
-    "layer_norm": ((2, 3, 5, 5), lambda M, x, w, b: M.layer_norm(x, (5, 5), w, b), [torch.rand(5, 5), torch.randn(5, 5)]),
+    "layer_norm": ((2, 3, 5, 5), lambda M, x, w, b: M.layer_norm(x, (5, 5), w, b),
+                   [torch.rand(5, 5), torch.randn(5, 5)]),
     "group_norm": ((2, 4, 5, 5), lambda M, x, w, b: M.group_norm(x, 2, w, b), [torch.rand(4), torch.randn(4)]),
 }
 
@@ -101,7 +103,8 @@ def test_raw_ops_autocast_as_their_functions():
         assert pooled.dtype == F.max_pool3d(x3.bfloat16(), 2).dtype == torch.float32
         pooled = ops.max_pool_forward(x.bfloat16(), [2, 2], [2, 2], [0, 0], [1, 1], False)[0]
         assert pooled.dtype == F.max_pool2d(x.bfloat16(), 2).dtype == torch.bfloat16
-        assert ops.avg_pool_forward(x3.bfloat16(), [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, 0).dtype == torch.float32
+        out = ops.avg_pool_forward(x3.bfloat16(), [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, 0)
+        assert out.dtype == torch.float32
         out, idx = F.max_pool2d(x[..., :4, :4].bfloat16(), 2, return_indices=True)
         assert ops.max_unpool_forward(out, idx, [4, 4]).dtype == F.max_unpool2d(out, idx, 2).dtype == torch.float32
         assert ops.conv_forward(x.double(), w.double(), None, [1, 1], [0, 0], [1, 1], 1).dtype == torch.float64

@@ -330,7 +330,8 @@ GRADCHECK = {
     "dil2_same_even": dict(n=1, cin=2, cout=2, kernel=2, groups=1, bias=True, kw=dict(padding="same", dilation=2)),
     "groups2_nobias": dict(n=2, cin=4, cout=2, kernel=2, groups=2, bias=False, kw=dict(padding=(1, 0, 1))),
     "depthwise_x2": dict(n=1, cin=2, cout=4, kernel=3, groups=2, bias=True, kw=dict(padding=1, dilation=(1, 2, 1))),
-    "stride_tuple_valid": dict(n=1, cin=3, cout=2, kernel=2, groups=1, bias=True, kw=dict(stride=(2, 1, 3), padding="valid")),
+    "stride_tuple_valid": dict(n=1, cin=3, cout=2, kernel=2, groups=1, bias=True,
+                               kw=dict(stride=(2, 1, 3), padding="valid")),
 }
 
 

@@ -71,7 +71,10 @@ def check_relu_conv(dims, x, w, b, kwargs, dtype, fn=None, tf32=False, msg=""):
     grad_out = make_tensor(ref.shape, dtype)
     grad_out = torch.where(ref.detach().abs() <= margin, 0, grad_out)  # see the module docstring
     wanted = [t for t in leaves_ref if t is not None]
-    ref_grads = torch.autograd.grad(ref, wanted, grad_out.to(ref_dtype)) if ref.numel() else [torch.zeros_like(t) for t in wanted]
+    if ref.numel():
+        ref_grads = torch.autograd.grad(ref, wanted, grad_out.to(ref_dtype))
+    else:
+        ref_grads = [torch.zeros_like(t) for t in wanted]
 
     # clone() keeps the layout under test (channels_last, ...)
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]

@@ -39,7 +39,8 @@ for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
         for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
             err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
             if not err < tol:
-                sys.exit(f"{dtype} {(dims, n, ci, co, size, k, s, p, d, g)} channels_last={channels_last} {name}: relative error {err}")
+                sys.exit(f"{dtype} {(dims, n, ci, co, size, k, s, p, d, g)} channels_last={channels_last} "
+                         f"{name}: relative error {err}")
 """
 
 

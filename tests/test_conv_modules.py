@@ -260,7 +260,7 @@ def test_sgd_training_matches_torch(dtype):
     topt = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
     copt = torch.optim.SGD(cmodel.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(5)
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(4, 3, 12, 11, generator=gen).to(dtype)
         target = torch.randn(4, 6, 6, 5, generator=gen).to(dtype)
         for model, opt in ((ref_model, topt), (cmodel, copt)):

@@ -67,7 +67,8 @@ class DenseBlock(nn.Module):
     def __init__(self, c, growth, layers):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(c + i * growth), nn.ReLU(), nn.Conv2d(c + i * growth, 2 * growth, 1, bias=False),
+            nn.Sequential(nn.BatchNorm2d(c + i * growth), nn.ReLU(),
+                          nn.Conv2d(c + i * growth, 2 * growth, 1, bias=False),
                           nn.BatchNorm2d(2 * growth), nn.ReLU(), nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False))
             for i in range(layers))
         total = c + layers * growth
@@ -128,8 +129,8 @@ class UNetEncoder(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.enc1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.InstanceNorm2d(c, affine=True, track_running_stats=True),
-                                  nn.ReLU())
+        self.enc1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1),
+                                  nn.InstanceNorm2d(c, affine=True, track_running_stats=True), nn.ReLU())
         self.pool1 = nn.MaxPool2d(2, 2, return_indices=True)
         self.enc2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
         self.pool2 = nn.MaxPool2d(2, 2, return_indices=True)

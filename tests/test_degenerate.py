@@ -20,7 +20,7 @@ def Z(*shape):
     return torch.zeros(shape, dtype=torch.float64)
 
 
-def O(*shape):
+def Ones(*shape):
     return torch.ones(shape, dtype=torch.float64)
 
 
@@ -96,23 +96,24 @@ for shape in [(0, 3), (0, 3, 4), (2, 0), (2, 0, 4), (2, 3, 0), (0, 0, 0)]:
     s = "x".join(map(str, shape))
     c = shape[1]
     for training in (False, True):
-        case(f"batch_norm-{s}-train{int(training)}", "batch_norm", T(*shape), Z(c), O(c),
+        case(f"batch_norm-{s}-train{int(training)}", "batch_norm", T(*shape), Z(c), Ones(c),
              T(c), T(c), training)
     case(f"batch_norm-{s}-eval-no-stats", "batch_norm", T(*shape), None, None)
     case(f"group_norm-{s}-groups1", "group_norm", T(*shape), 1)
     case(f"instance_norm-{s}", "instance_norm", T(*shape))
     case(f"layer_norm-{s}", "layer_norm", T(*shape), shape[-1:])
-case("batch_norm-batch0-affine", "batch_norm", T(0, 3, 2, grad=True), Z(3), O(3), T(3, grad=True), T(3, grad=True), True)
-case("batch_norm-channels0-affine", "batch_norm", T(2, 0, 2), Z(0), O(0), T(0), T(0), True)
-case("instance_norm-batch0-running-stats", "instance_norm", T(0, 3, 4, grad=True), Z(3), O(3), T(3, grad=True),
+case("batch_norm-batch0-affine", "batch_norm", T(0, 3, 2, grad=True), Z(3), Ones(3), T(3, grad=True), T(3, grad=True),
+     True)
+case("batch_norm-channels0-affine", "batch_norm", T(2, 0, 2), Z(0), Ones(0), T(0), T(0), True)
+case("instance_norm-batch0-running-stats", "instance_norm", T(0, 3, 4, grad=True), Z(3), Ones(3), T(3, grad=True),
      T(3, grad=True))
-case("instance_norm-spatial0-running-stats", "instance_norm", T(2, 3, 0), Z(3), O(3), T(3), T(3))
-case("batch_norm-1d-input", "batch_norm", T(3), Z(3), O(3))
-case("batch_norm-0d-input", "batch_norm", T(), Z(1), O(1))
-case("batch_norm-empty-running-stats", "batch_norm", T(2, 3), Z(0), O(0))
-case("batch_norm-empty-running-stats-train", "batch_norm", T(2, 3), Z(0), O(0), None, None, True)
-case("batch_norm-empty-stats-channels0", "batch_norm", T(2, 0), Z(0), O(0))
-case("instance_norm-empty-running-stats", "instance_norm", T(2, 3, 4), Z(0), O(0))
+case("instance_norm-spatial0-running-stats", "instance_norm", T(2, 3, 0), Z(3), Ones(3), T(3), T(3))
+case("batch_norm-1d-input", "batch_norm", T(3), Z(3), Ones(3))
+case("batch_norm-0d-input", "batch_norm", T(), Z(1), Ones(1))
+case("batch_norm-empty-running-stats", "batch_norm", T(2, 3), Z(0), Ones(0))
+case("batch_norm-empty-running-stats-train", "batch_norm", T(2, 3), Z(0), Ones(0), None, None, True)
+case("batch_norm-empty-stats-channels0", "batch_norm", T(2, 0), Z(0), Ones(0))
+case("instance_norm-empty-running-stats", "instance_norm", T(2, 3, 4), Z(0), Ones(0))
 case("instance_norm-1d-input", "instance_norm", T(4))
 case("group_norm-groups0", "group_norm", T(2, 4, 3), 0)
 case("group_norm-groups-above-channels", "group_norm", T(2, 4, 3), 8)
@@ -162,30 +163,30 @@ case("max_unpool2d-overflowing-short-output-size", "max_unpool2d", T(0, 0, 0, 3)
 for s in [(1, 0), (1, 0, 3), (0, 3, 2)]:
     name = "x".join(map(str, s))
     for stats in (False, True):
-        case(f"instance_norm-{name}-0d-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(), O(), None, None,
+        case(f"instance_norm-{name}-0d-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(), Ones(), None, None,
              stats)
-        case(f"instance_norm-{name}-empty-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(0), O(0), None,
+        case(f"instance_norm-{name}-empty-stats-input-stats{int(stats)}", "instance_norm", T(*s), Z(0), Ones(0), None,
              None, stats)
 
 # torch repeats weight, bias and the statistics N times before it indexes the empty weight
 case("instance_norm-empty-2d-running-var", "instance_norm", T(0, 0, 0), None, Z(0, 0), None, T(0))
-case("instance_norm-empty-2d-weight", "instance_norm", T(0, 3, 2), Z(3), O(3), Z(3, 1), T(0))
+case("instance_norm-empty-2d-weight", "instance_norm", T(0, 3, 2), Z(3), Ones(3), Z(3, 1), T(0))
 # torch casts running_mean of another dtype than the parameters' with running_var, even absent
 case("instance_norm-empty-mixed-running-mean-no-var", "instance_norm", T(0, 3, 2), Z(3).float(), None)
-case("instance_norm-empty-mixed-weight-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3).float())
-case("instance_norm-empty-same-dtype-no-var", "instance_norm", T(0, 3, 2), Z(3), None, O(3))
+case("instance_norm-empty-mixed-weight-no-var", "instance_norm", T(0, 3, 2), Z(3), None, Ones(3).float())
+case("instance_norm-empty-same-dtype-no-var", "instance_norm", T(0, 3, 2), Z(3), None, Ones(3))
 # per-channel tensors of rank 2: batch norm's kernels read the statistics as vectors; instance
 # norm repeats all four along one dim
 for train in (False, True):
-    case(f"batch_norm-2d-running-mean-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3, 1), O(3), None, None, train)
-    case(f"batch_norm-2d-running-var-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3), O(1, 3), None, None, train)
+    case(f"batch_norm-2d-running-mean-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3, 1), Ones(3), None, None, train)
+    case(f"batch_norm-2d-running-var-train{int(train)}", "batch_norm", T(2, 3, 4), Z(3), Ones(1, 3), None, None, train)
     for i, name in enumerate(("running-mean", "running-var", "weight", "bias")):
-        params = [Z(3), O(3), O(3), Z(3)]
+        params = [Z(3), Ones(3), Ones(3), Z(3)]
         params[i] = params[i].view(3, 1)
         case(f"instance_norm-2d-{name}-input-stats{int(train)}", "instance_norm", T(2, 3, 4), *params, train)
-case("instance_norm-1x1x0-0d-running-var", "instance_norm", T(1, 1, 0), None, O())
+case("instance_norm-1x1x0-0d-running-var", "instance_norm", T(1, 1, 0), None, Ones())
 case("batch_norm-1d-input-running-var-requires-grad", "batch_norm", T(1), Z(0), Z(0).requires_grad_())
-case("instance_norm-momentum-beyond-float32", "instance_norm", T(2, 3, 4).float(), Z(3).float(), O(3).float(), None,
+case("instance_norm-momentum-beyond-float32", "instance_norm", T(2, 3, 4).float(), Z(3).float(), Ones(3).float(), None,
      None, True, 1e308)
 case("max_unpool3d-stride-4-elements", "max_unpool3d", T(0, 1, 1, 1, 1), idx(0, 1, 1, 1, 1), 1, [1, 1, 1, 0])
 case("max_unpool3d-padding-2-elements", "max_unpool3d", T(1, 1, 2, 2, 2), idx(1, 1, 2, 2, 2), 2, 2, [0, 0])

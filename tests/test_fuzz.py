@@ -62,7 +62,8 @@ class Worker:
         worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_worker.py")
         env = dict(os.environ)
         if "libasan" in env.get("LD_PRELOAD", ""):  # make sanitize: huge allocations fail, not abort
-            env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":max_allocation_size_mb=6144:allocator_may_return_null=1"
+            env["ASAN_OPTIONS"] = (env.get("ASAN_OPTIONS", "")
+                                   + ":max_allocation_size_mb=6144:allocator_may_return_null=1")
         self.proc = subprocess.Popen([sys.executable, worker, self.package_root], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, env=env)
 
@@ -271,7 +272,8 @@ def test_fuzz_conv(worker, data):
         if out is not None and all(o > 0 for o in out) and too_big(x[1][0] * cout * prod(out)):
             return
         p = _per_dim(padding, dims)
-        if p and all(v >= 0 for v in p) and too_big(prod(s + 2 * v for s, v in zip(x[1][2:], p)) * max(x[1][0] * cin, 1)):
+        if (p and all(v >= 0 for v in p)
+                and too_big(prod(s + 2 * v for s, v in zip(x[1][2:], p)) * max(x[1][0] * cin, 1))):
             return
     elif padding == "same" and len(w_shape) == dims + 2:
         d = _per_dim(dilation, dims)
@@ -318,9 +320,11 @@ def test_fuzz_adaptive_pool(worker, data):
     dims = data.draw(st.sampled_from([1, 2, 3]))
     kind = data.draw(st.sampled_from(["max", "avg"]))
     x = data.draw(spatial_input(dims))
-    output_size = data.draw(st.one_of(int_lists(dims), st.lists(st.one_of(ints, st.none()), min_size=dims, max_size=dims)))
+    with_none = st.lists(st.one_of(ints, st.none()), min_size=dims, max_size=dims)
+    output_size = data.draw(st.one_of(int_lists(dims), with_none))
     sizes_ = _per_dim(output_size, dims)
-    if sizes_ is not None and all(isinstance(v, int) and v >= 0 for v in sizes_) and too_big(prod(sizes_) * max(prod(x[1][:2]), 1)):
+    if (sizes_ is not None and all(isinstance(v, int) and v >= 0 for v in sizes_)
+            and too_big(prod(sizes_) * max(prod(x[1][:2]), 1))):
         return
     args = [x, output_size] + ([data.draw(st.booleans())] if kind == "max" else [])
     check(worker, f"adaptive_{kind}_pool{dims}d", args)
@@ -378,7 +382,8 @@ def test_fuzz_norm(worker, data):
         wshape = st.one_of(st.none(), st.just(tensor(normalized, x[2])), random_tensors(max_rank=3))
         args = [x, normalized, data.draw(wshape), data.draw(wshape), eps]
     else:
-        args = [x, data.draw(st.one_of(st.sampled_from([1, 2, 3, c, c + 1]), ints)), data.draw(param), data.draw(param), eps]
+        groups = data.draw(st.one_of(st.sampled_from([1, 2, 3, c, c + 1]), ints))
+        args = [x, groups, data.draw(param), data.draw(param), eps]
     # running statistics are updated in place: give each implementation its own (the specs
     # are rebuilt per call), and compare outcomes only
     check(worker, fn, args)

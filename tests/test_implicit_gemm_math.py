@@ -3,7 +3,6 @@ the CPU. The header is host+device code; here it is compiled for the host into a
 loop, OUT[m, n] = sum_r A(m, r) * B(r, n) with every operand located exactly as the CUDA
 kernels locate it, and compared with torch's convolution and its gradients. So the index math
 that the GPU runs is checked on every CI run, with or without a GPU."""
-import itertools
 import os
 import tempfile
 

@@ -507,8 +507,8 @@ def test_batch_norm_backward_elemt_autograd(count):
 
 LOW = {
     "batch_train": lambda m, x, w, b: m.batch_norm(x, None, None, w, b, True),
-    "batch_eval": lambda m, x, w, b: m.batch_norm(x, torch.zeros(4, dtype=w.dtype), torch.full((4,), 2.0, dtype=w.dtype),
-                                                  w, b, False),
+    "batch_eval": lambda m, x, w, b: m.batch_norm(x, torch.zeros(4, dtype=w.dtype),
+                                                  torch.full((4,), 2.0, dtype=w.dtype), w, b, False),
     "layer": lambda m, x, w, b: m.layer_norm(x, [3], None, None),
     "group": lambda m, x, w, b: m.group_norm(x, 2, w, b),
 }

@@ -204,12 +204,14 @@ def test_batch_norm_output_mask_and_batch0():
     x0 = torch.empty((0, 4, 5, 6), device=DEV)
     rm, rv = torch.zeros(4, device=DEV), torch.ones(4, device=DEV)
     y0, mean0, invstd0 = ops.batch_norm_forward(x0, w, None, rm, rv, True, 0.1, EPS)
-    assert y0.shape == x0.shape and torch.equal(rm, torch.zeros(4, device=DEV)) and torch.equal(rv, torch.ones(4, device=DEV))
+    assert y0.shape == x0.shape
+    assert torch.equal(rm, torch.zeros(4, device=DEV)) and torch.equal(rv, torch.ones(4, device=DEV))
     # statistics of no values: mean 0, variance 0 (as the CPU kernels)
     assert torch.equal(mean0.cpu(), torch.zeros(4))
     check(invstd0, torch.full((4,), 1 / math.sqrt(EPS), dtype=torch.float64), msg="empty-batch invstd")
     dx0, dw0, db0 = ops.batch_norm_backward(x0, x0, w, mean0, invstd0, True, [True, True, True])
-    assert dx0.shape == x0.shape and torch.equal(dw0, torch.zeros(4, device=DEV)) and torch.equal(db0, torch.zeros(4, device=DEV))
+    assert dx0.shape == x0.shape
+    assert torch.equal(dw0, torch.zeros(4, device=DEV)) and torch.equal(db0, torch.zeros(4, device=DEV))
 
 
 def test_batch_norm_non_contiguous_inputs():
@@ -235,7 +237,8 @@ def run_layer_norm(x, ns, w, b, dy, atol=None, check_cpu=True):
     br = ref(b).requires_grad_() if b is not None else None
     y_ref = F.layer_norm(xr, ns, wr, br, eps=EPS)
     wanted = [t for t in (xr, wr, br) if t is not None]
-    g = dict(zip([n for n, t in zip("xwb", (xr, wr, br)) if t is not None], torch.autograd.grad(y_ref, wanted, ref(dy))))
+    names = [n for n, t in zip("xwb", (xr, wr, br)) if t is not None]
+    g = dict(zip(names, torch.autograd.grad(y_ref, wanted, ref(dy))))
     dims = list(range(x.dim() - len(ns), x.dim()))
     mean_ref = ref(x).mean(dims)
     invstd_ref = 1 / torch.sqrt(ref(x).var(dims, unbiased=False) + EPS)
@@ -248,7 +251,8 @@ def run_layer_norm(x, ns, w, b, dy, atol=None, check_cpu=True):
     dx, dw, db = ops.layer_norm_backward(dy, x, ns, mean, invstd, w, [True, w is not None, b is not None])
     check(dx, g["x"], msg="layer_norm grad_input", atol=atol)
     if w is not None:
-        check(dw, g["w"], reduction=rows, msg="layer_norm grad_weight", atol=None if atol is None else atol * math.sqrt(rows))
+        check(dw, g["w"], reduction=rows, msg="layer_norm grad_weight",
+              atol=None if atol is None else atol * math.sqrt(rows))
     if b is not None:
         check(db, g["b"], reduction=rows, msg="layer_norm grad_bias")
     if check_cpu and x.dtype in (torch.float32, torch.float64) and has_cpu_kernel("layer_norm_forward"):
@@ -291,7 +295,8 @@ def test_layer_norm_rows_0_and_non_contiguous():
     y, mean, invstd = ops.layer_norm_forward(x, [4], w, None, EPS)
     assert y.shape == (0, 4) and mean.shape == (0,)
     dx, dw, db = ops.layer_norm_backward(x, x, [4], mean, invstd, w, [True, True, True])
-    assert dx.shape == (0, 4) and torch.equal(dw, torch.zeros(4, device=DEV)) and torch.equal(db, torch.zeros(4, device=DEV))
+    assert dx.shape == (0, 4)
+    assert torch.equal(dw, torch.zeros(4, device=DEV)) and torch.equal(db, torch.zeros(4, device=DEV))
     x = rand((9, 12), torch.float32).t()
     run_layer_norm(x, [9], rand((9,), torch.float32), None, rand((12, 9), torch.float32))
 
@@ -302,13 +307,13 @@ def test_layer_norm_rows_0_and_non_contiguous():
 
 def run_group_norm(x, groups, w, b, dy, atol=None, check_cpu=True):
     n, c = x.shape[:2]
-    per_stat = x.numel() // max(n * groups, 1)
     xr = ref(x).requires_grad_()
     wr = ref(w).requires_grad_() if w is not None else None
     br = ref(b).requires_grad_() if b is not None else None
     y_ref = F.group_norm(xr, groups, wr, br, eps=EPS)
     wanted = [t for t in (xr, wr, br) if t is not None]
-    g = dict(zip([k for k, t in zip("xwb", (xr, wr, br)) if t is not None], torch.autograd.grad(y_ref, wanted, ref(dy))))
+    names = [k for k, t in zip("xwb", (xr, wr, br)) if t is not None]
+    g = dict(zip(names, torch.autograd.grad(y_ref, wanted, ref(dy))))
     xg = ref(x).reshape(n, groups, -1)
     mean_ref, invstd_ref = xg.mean(-1), 1 / torch.sqrt(xg.var(-1, unbiased=False) + EPS)
     y, mean, invstd = ops.group_norm_forward(x, w, b, groups, EPS)
@@ -325,7 +330,8 @@ def run_group_norm(x, groups, w, b, dy, atol=None, check_cpu=True):
     if b is not None:
         check(db, g["b"], reduction=m, msg="group_norm grad_bias")
     if check_cpu and x.dtype in (torch.float32, torch.float64) and has_cpu_kernel("group_norm_forward"):
-        cpu = ops.group_norm_forward(x.cpu(), None if w is None else w.cpu(), None if b is None else b.cpu(), groups, EPS)
+        cpu = ops.group_norm_forward(x.cpu(), None if w is None else w.cpu(), None if b is None else b.cpu(),
+                                     groups, EPS)
         for a, cc, name in zip((y, mean, invstd), cpu, ("y", "mean", "invstd")):
             check(a, cc, msg=f"group_norm CUDA vs CPU {name}", atol=atol)
     return y, mean, invstd, dx, dw, db
@@ -381,7 +387,8 @@ def test_group_norm_batch0():
     y, mean, invstd = ops.group_norm_forward(x, w, None, 2, EPS)
     assert y.shape == x.shape and mean.shape == (0, 2)
     dx, dw, db = ops.group_norm_backward(x, x, mean, invstd, w, 2, [True, True, True])
-    assert dx.shape == x.shape and torch.equal(dw, torch.zeros(4, device=DEV)) and torch.equal(db, torch.zeros(4, device=DEV))
+    assert dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros(4, device=DEV)) and torch.equal(db, torch.zeros(4, device=DEV))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +433,8 @@ def test_bitwise_deterministic(dtype, cl):
         out += g + list(ops.group_norm_backward(dy, x, g[1], g[2], w, 32, [True, True, True]))
         x2, dy2 = x.reshape(8 * 64, 784).contiguous(), dy.reshape(8 * 64, 784).contiguous()
         w2, b2 = rand((784,), dtype), rand((784,), dtype)
-        l = list(ops.layer_norm_forward(x2, [784], w2, b2, EPS))
-        out += l + list(ops.layer_norm_backward(dy2, x2, [784], l[1], l[2], w2, [True, True, True]))
+        ln = list(ops.layer_norm_forward(x2, [784], w2, b2, EPS))
+        out += ln + list(ops.layer_norm_backward(dy2, x2, [784], ln[1], ln[2], w2, [True, True, True]))
         return out
 
     torch.manual_seed(0)

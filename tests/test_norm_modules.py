@@ -383,7 +383,7 @@ def test_sgd_small_cnn_matches_torch():
     cm.load_state_dict(tm.state_dict())
     topt = torch.optim.SGD(tm.parameters(), lr=0.05, momentum=0.9)
     copt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
         target = torch.randn(4, 8, 6, 6, dtype=torch.float64)
         for m, opt in ((tm, topt), (cm, copt)):

@@ -163,7 +163,8 @@ def test_batch_norm_without_running_stats():
 def test_batch_norm_empty_batch():
     """Batch 0 in training: empty output, running statistics untouched (as torch)."""
     for layout in ("contiguous", "channels_last"):
-        x = torch.randn(0, 3, 4, 4).contiguous(memory_format=CHANNELS_LAST[4] if layout == "channels_last" else torch.contiguous_format)
+        memory_format = CHANNELS_LAST[4] if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(0, 3, 4, 4).contiguous(memory_format=memory_format)
         rm, rv = torch.randn(3), torch.rand(3)
         rm_t, rv_t = rm.clone(), rv.clone()
         y, mean, invstd = ops.batch_norm_forward(x, torch.ones(3), torch.zeros(3), rm, rv, True, 0.1, EPS)
@@ -455,7 +456,8 @@ def test_errors():
     _raises(lambda: ops.batch_norm_forward(x.long(), None, None, None, None, True, 0.1, EPS), "floating dtype")
     _raises(lambda: ops.batch_norm_backward(torch.randn(2, 6, 3, 5), x, None, m6, i6, True, [True] * 3),
             "grad_output: expected size")
-    _raises(lambda: ops.batch_norm_backward(x.double(), x, None, m6, i6, True, [True] * 3), "grad_output: expected dtype")
+    _raises(lambda: ops.batch_norm_backward(x.double(), x, None, m6, i6, True, [True] * 3),
+            "grad_output: expected dtype")
     _raises(lambda: ops.batch_norm_backward(x, x, None, torch.zeros(5), i6, True, [True] * 3), "mean: expected size")
     _raises(lambda: ops.batch_norm_backward(x, x, None, m6, i6.double(), True, [True] * 3), "invstd: expected dtype")
 

@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cnnops
-import cnnops.autograd
 import cnnops.functional as CF
 from conftest import (
     CHANNELS_LAST,

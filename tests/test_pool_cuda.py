@@ -53,6 +53,10 @@ def case_id(c):
     return "-".join(str(v).replace(" ", "") for v in c)
 
 
+def _case_layout_id(v):
+    return case_id(v) if isinstance(v, tuple) else v
+
+
 # ---------------------------------------------------------------------------------------------
 # max pool
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +74,7 @@ MAX_CASES = [  # dims, N, C, size, kernel, stride, padding, dilation, ceil_mode
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case,layout", cases_with_layouts(MAX_CASES), ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("case,layout", cases_with_layouts(MAX_CASES), ids=_case_layout_id)
 def test_max_pool(case, layout, dtype):
     dims, n, c, size, k, s, p, d, ceil_mode = case
     x = make_tensor((n, c) + size, dtype, layout, device=DEVICE)
@@ -155,7 +159,7 @@ def avg_reference(x, dims, k, s, p, ceil_mode, cip, div):
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case,layout", cases_with_layouts(AVG_CASES), ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("case,layout", cases_with_layouts(AVG_CASES), ids=_case_layout_id)
 def test_avg_pool(case, layout, dtype):
     dims, n, c, size, k, s, p, ceil_mode, cip, div = case
     x = make_tensor((n, c) + size, dtype, layout, device=DEVICE)
@@ -210,7 +214,7 @@ ADAPTIVE_CASES = [  # dims, N, C, size, output_size
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case,layout", cases_with_layouts(ADAPTIVE_CASES), ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("case,layout", cases_with_layouts(ADAPTIVE_CASES), ids=_case_layout_id)
 def test_adaptive_avg_pool(case, layout, dtype):
     dims, n, c, size, osize = case
     x = make_tensor((n, c) + size, dtype, layout, device=DEVICE)
@@ -231,7 +235,7 @@ def test_adaptive_avg_pool(case, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case,layout", cases_with_layouts(ADAPTIVE_CASES), ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("case,layout", cases_with_layouts(ADAPTIVE_CASES), ids=_case_layout_id)
 def test_adaptive_max_pool(case, layout, dtype):
     dims, n, c, size, osize = case
     x = make_tensor((n, c) + size, dtype, layout, device=DEVICE)
@@ -296,7 +300,7 @@ def unpool_inputs(case, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case,layout", cases_with_layouts(UNPOOL_CASES), ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("case,layout", cases_with_layouts(UNPOOL_CASES), ids=_case_layout_id)
 def test_max_unpool(case, layout, dtype):
     dims, n, c, size, k, osize = case
     x, idx = unpool_inputs(case, layout, dtype)
@@ -388,7 +392,8 @@ def test_argument_errors():
         ops.avg_pool_backward(torch.randn(2, 3, 3, 3, device=DEVICE), x, (2, 2), (2, 2), (0, 0), False, True, 0)
     _, idx = ops.max_pool_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
     with pytest.raises(RuntimeError, match="indices"):
-        ops.max_pool_backward(torch.randn(2, 3, 4, 4, device=DEVICE), x, idx.int(), (2, 2), (2, 2), (0, 0), (1, 1), False)
+        ops.max_pool_backward(torch.randn(2, 3, 4, 4, device=DEVICE), x, idx.int(), (2, 2), (2, 2), (0, 0), (1, 1),
+                              False)
     with pytest.raises(RuntimeError, match="indices"):
         ops.max_unpool_forward(torch.randn(2, 3, 4, 4, device=DEVICE), idx[:, :, :3], (8, 8))
     with pytest.raises(RuntimeError):

@@ -56,7 +56,8 @@ WINDOW_CASES = {
     "stride_none_in_tuple": (_with(kernel_size=2, stride=(None,)), r"stride"),
     "padding_negative": (_with(kernel_size=3, padding=-1), r"pad"),
     "padding_over_half_kernel": (_with(kernel_size=3, padding=2), r"pad"),
-    "padding_over_half_kernel_tuple": (_with(kernel_size=lambda d: (3, 3, 4)[:d], padding=lambda d: (1,) * (d - 1) + (3,)), r"pad"),
+    "padding_over_half_kernel_tuple": (_with(kernel_size=lambda d: (3, 3, 4)[:d],
+                                             padding=lambda d: (1,) * (d - 1) + (3,)), r"pad"),
     "padding_tuple_too_long": (_with(kernel_size=3, padding=lambda d: (1,) * (d + 1)), r"pad"),
     "output_too_small": (_with(kernel_size=9), r"output size|too small|kernel"),
     "output_too_small_with_stride": (_with(kernel_size=(3, 3, 9), stride=2), r"output size|too small|kernel"),
@@ -92,7 +93,8 @@ def assert_same_error(torch_fn, cnnops_fn, args, kwargs, pattern, case):
     got = info.value
     assert type(got) is type(expected), (
         f"{case}: torch raises {type(expected).__name__}({expected}), cnnops raises {type(got).__name__}({got})")
-    assert re.search(pattern, str(got), re.IGNORECASE), f"{case}: message does not name the argument ({pattern!r}): {got}"
+    assert re.search(pattern, str(got), re.IGNORECASE), \
+        f"{case}: message does not name the argument ({pattern!r}): {got}"
 
 
 POOL_CASES = [("max_pool", k) for k in {**WINDOW_CASES, **MAX_ONLY}] + \
