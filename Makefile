@@ -6,7 +6,7 @@ OUT ?= gpu-logs
 # range as pyproject.toml's (tests/test_build.py checks both).
 TORCH_SPEC := torch>=2.11,<2.15
 
-.PHONY: install deps build test demo bench gpu-check clean sanitize
+.PHONY: install deps build lint test demo bench gpu-check clean sanitize
 
 # Installs only what is missing: torch (a CUDA build where pip offers one, so the CUDA kernels
 # compile), the build and test tools, the demo's extras (its test runs in `make test` too),
@@ -31,10 +31,16 @@ install: deps
 		2>/dev/null || CNNOPS_NO_EXTENSION=1 $(PIP) install --no-build-isolation --no-deps -e "$(CURDIR)"
 	@$(MAKE) --no-print-directory build
 
+# CUDA kernels only where a GPU is visible; CNNOPS_CUDA=1 forces them, CNNOPS_CUDA=0 skips them.
 build:
 	$(PYTHON) setup.py -q build_ext --inplace
 
+# ruff's settings are in pyproject.toml. C++: .clang-format (run clang-format -i on what you change).
+lint: deps
+	$(PYTHON) -m ruff check .
+
 test: install
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest tests -q
 
 # One small CNN trained with torch.nn and with cnnops from one initialization; the plot goes
