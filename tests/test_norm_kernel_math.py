@@ -109,7 +109,8 @@ Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, i
             const int64_t col = xb * kColumnThreadsX + tx;
             State s;
             if (col < cols)
-              for (int64_t r = begin + ty; r < end; r += kColumnThreadsY) op.column(s, (b * rows + r) * cols + col, b, r, col);
+              for (int64_t r = begin + ty; r < end; r += kColumnThreadsY)
+                op.column(s, (b * rows + r) * cols + col, b, r, col);
             smem[ty * kColumnThreadsX + tx] = s;
           }
         for (int half = kColumnThreadsY / 2; half > 0; half /= 2)
@@ -253,7 +254,8 @@ std::vector<Tensor> ln_forward(Tensor x, int64_t cols, Opt w, Opt b, double eps)
   Tensor y = at::empty_like(x), mean = at::empty({rows}, x.options()), invstd = at::empty({rows}, x.options());
   const WelfordOp<acc_t, acc_t> op{x.data_ptr<acc_t>()};
   const Partials p = reduce_planes(op, 3, 1, rows, cols);
-  finalize_stats(p, planes_partials(p.chunks), rows, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), nullptr, nullptr, 0, eps);
+  finalize_stats(p, planes_partials(p.chunks), rows, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), nullptr, nullptr,
+                 0, eps);
   normalize(true, x, y, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), ptr(b), cols, 1, 1, cols);
   return {y, mean, invstd};
 }
@@ -287,7 +289,8 @@ std::vector<Tensor> ln_backward(Tensor dy, Tensor x, int64_t cols, Tensor mean, 
 
 std::vector<Tensor> gn_forward(Tensor x, Opt w, Opt b, int64_t groups, double eps, bool cl) {
   const int64_t n = x.size(0), c = x.size(1), s = spatial_of(x), d = c / groups;
-  Tensor y = at::empty_like(x), mean = at::empty({n, groups}, x.options()), invstd = at::empty({n, groups}, x.options());
+  Tensor y = at::empty_like(x), mean = at::empty({n, groups}, x.options());
+  Tensor invstd = at::empty({n, groups}, x.options());
   const WelfordOp<acc_t, acc_t> op{x.data_ptr<acc_t>()};
   Partials p;
   PartialIndex pi;
@@ -383,7 +386,8 @@ int64_t planes_chunks(int64_t outer, int64_t channels, int64_t inner) {
 int64_t columns_chunks(int64_t batch, int64_t rows, int64_t cols) { return columns_config(batch, rows, cols).chunks; }
 """
 
-FUNCTIONS = ["norm_index_mismatches", "divider_mismatches", "planes_chunks", "columns_chunks", "bn_forward", "bn_backward", "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
+FUNCTIONS = ["norm_index_mismatches", "divider_mismatches", "planes_chunks", "columns_chunks",
+             "bn_forward", "bn_backward", "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
 
 
 @pytest.fixture(scope="module")
@@ -561,8 +565,8 @@ def test_int32_divider_exact(emu):
     assert emu.divider_mismatches(divisors, sorted(dividends)) == 0
 
 
-@pytest.mark.parametrize("channels,inner,sps,cps", [(3, 49, 0, 1), (64, 3136, 32, 2), (70, 6, 35, 2), (1024, 1, 1, 1024),
-                                                   (6, 1, 0, 1), (2048, 49, 2048, 1)])
+@pytest.mark.parametrize("channels,inner,sps,cps", [(3, 49, 0, 1), (64, 3136, 32, 2), (70, 6, 35, 2),
+                                                   (1024, 1, 1, 1024), (6, 1, 0, 1), (2048, 49, 2048, 1)])
 @pytest.mark.parametrize("cl", [False, True])
 def test_int32_norm_index(emu, channels, inner, sps, cps, cl):
     """The elementwise kernels' int32 (channel, statistic) of an element equals the plain

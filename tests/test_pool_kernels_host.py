@@ -88,7 +88,8 @@ std::vector<at::Tensor> max_pool_fwd(at::Tensor input_, std::vector<int64_t> k, 
 }
 
 at::Tensor max_pool_bwd(at::Tensor grad_output_, at::Tensor input, at::Tensor indices_, std::vector<int64_t> k,
-                        std::vector<int64_t> s, std::vector<int64_t> p, std::vector<int64_t> d, bool ceil_mode, bool int32) {
+                        std::vector<int64_t> s, std::vector<int64_t> p, std::vector<int64_t> d, bool ceil_mode,
+                        bool int32) {
   const PoolGeometry g = make_pool_geometry("max_pool_backward", PoolKind::kMax, input, k, s, p, d, ceil_mode);
   check_pool_grad_output("max_pool_backward", grad_output_, input, g, k.size());
   const auto fmt = pool_memory_format(input);
@@ -108,7 +109,8 @@ at::Tensor max_pool_bwd(at::Tensor grad_output_, at::Tensor input, at::Tensor in
 
 at::Tensor avg_pool_fwd(at::Tensor input_, std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> p,
                         bool ceil_mode, bool count_include_pad, int64_t divisor_override, bool int32) {
-  const PoolGeometry g = make_pool_geometry("avg_pool_forward", PoolKind::kAvg, input_, k, s, p, std::vector<int64_t>(k.size(), 1), ceil_mode);
+  const PoolGeometry g = make_pool_geometry("avg_pool_forward", PoolKind::kAvg, input_, k, s, p,
+                                            std::vector<int64_t>(k.size(), 1), ceil_mode);
   const auto fmt = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(fmt);
   at::Tensor out = at::empty(pool_output_shape(g, k.size()), input.options().memory_format(fmt));
@@ -125,8 +127,10 @@ at::Tensor avg_pool_fwd(at::Tensor input_, std::vector<int64_t> k, std::vector<i
 }
 
 at::Tensor avg_pool_bwd(at::Tensor grad_output_, at::Tensor input, std::vector<int64_t> k, std::vector<int64_t> s,
-                        std::vector<int64_t> p, bool ceil_mode, bool count_include_pad, int64_t divisor_override, bool int32) {
-  const PoolGeometry g = make_pool_geometry("avg_pool_backward", PoolKind::kAvg, input, k, s, p, std::vector<int64_t>(k.size(), 1), ceil_mode);
+                        std::vector<int64_t> p, bool ceil_mode, bool count_include_pad, int64_t divisor_override,
+                        bool int32) {
+  const PoolGeometry g = make_pool_geometry("avg_pool_backward", PoolKind::kAvg, input, k, s, p,
+                                            std::vector<int64_t>(k.size(), 1), ceil_mode);
   check_pool_grad_output("avg_pool_backward", grad_output_, input, g, k.size());
   const auto fmt = pool_memory_format(input);
   const at::Tensor grad_output = grad_output_.contiguous(fmt);
@@ -165,7 +169,8 @@ std::vector<at::Tensor> adaptive_fwd(at::Tensor input_, std::vector<int64_t> out
                input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, static_cast<index_t>(total));
       else {
         using acc_t = at::acc_type<scalar_t, true>;
-        at::Tensor partial = at::full({total * chunks}, std::nan(""), input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        at::Tensor partial = at::full({total * chunks}, std::nan(""),
+                                      input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
         launch(&adaptive_avg_pool_partial_kernel<scalar_t, index_t, decltype(cl)::value>, total * chunks,
                input.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), g,
                static_cast<index_t>(chunks), static_cast<index_t>(total * chunks));
@@ -204,7 +209,8 @@ at::Tensor adaptive_bwd(at::Tensor grad_output_, at::Tensor input, at::Tensor in
 
 // Returns (output, first invalid position or -1). The output gets a guard band of NaNs on both
 // sides, so a write outside it would show up as a changed guard value.
-std::vector<at::Tensor> unpool_fwd(at::Tensor input_, at::Tensor indices_, std::vector<int64_t> output_size, bool int32) {
+std::vector<at::Tensor> unpool_fwd(at::Tensor input_, at::Tensor indices_, std::vector<int64_t> output_size,
+                                   bool int32) {
   const auto fmt = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(fmt), indices = indices_.contiguous(fmt);
   std::vector<int64_t> shape{input.size(0), input.size(1)};
@@ -389,7 +395,11 @@ def avg_ref(x, dims, k, s, p, ceil_mode, cip, div):
     return getattr(F, f"avg_pool{dims}d")(x, k, s, p, ceil_mode, cip, div or None)
 
 
-@pytest.mark.parametrize("case", AVG_CASES, ids=lambda c: f"{c[0]}d-in{c[3]}-k{c[4]}-s{c[5]}-p{c[6]}-ceil{int(c[7])}-cip{int(c[8])}-div{c[9]}")
+def _avg_case_id(c):
+    return f"{c[0]}d-in{c[3]}-k{c[4]}-s{c[5]}-p{c[6]}-ceil{int(c[7])}-cip{int(c[8])}-div{c[9]}"
+
+
+@pytest.mark.parametrize("case", AVG_CASES, ids=_avg_case_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("int32", [True, False], ids=["i32", "i64"])
