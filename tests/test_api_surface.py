@@ -1,12 +1,13 @@
-"""The public surface of cnnops, against torch and against the README.
+"""The public surface of cnnops, against torch, the README and docs/support.md.
 
 1. Every name in cnnops.functional.__all__ has torch.nn.functional's signature (parameter names,
    defaults, kinds); every name in cnnops.nn.__all__ subclasses its torch.nn twin and keeps the
    signatures of its constructor and of every public method cnnops defines (forward, ...).
 2. The README's API table names every public name (cnnops.*, cnnops.functional.*, cnnops.nn.*,
    cnnops.autograd.*), and every cnnops name the table mentions exists.
-3. Every "NotImplementedError" / "error" claim of the README's support table is asserted here,
-   each with what torch does, so the test notices when either side changes.
+3. Every "NotImplementedError" / "error" claim of the support matrix (docs/support.md) is
+   asserted here, each with what torch does, so the test notices when either side changes; the
+   matrix names every public module and uses only its legend's words.
 
 Expected signatures come from torch itself: inspect.signature where torch has one, else the
 first line of torch's docstring (its builtins document their signature there).
@@ -25,7 +26,9 @@ import cnnops.autograd as CA
 import cnnops.functional as CF
 import cnnops.nn as CN
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+SUPPORT = os.path.join(ROOT, "docs", "support.md")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +185,38 @@ def test_readme_api_names_exist():
 
 
 # --------------------------------------------------------------------------------------------
-# 3. what the support table says raises
+# 3. the support matrix (docs/support.md), and what it says raises
 # --------------------------------------------------------------------------------------------
+
+
+def _support_rows():
+    """(section, cells) of every table row of docs/support.md, header and separator rows left out."""
+    rows, section = [], None
+    with open(SUPPORT, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("## "):
+                section = line[3:].strip()
+            elif line.startswith("|") and not line.startswith(("| argument", "| feature", "| ---")):
+                rows.append((section, [c.strip() for c in line.strip().strip("|").split("|")]))
+    return rows
+
+
+def test_support_matrix_uses_its_legend():
+    rows = _support_rows()
+    assert len(rows) > 60, f"docs/support.md: only {len(rows)} table rows found"
+    allowed = {"CPU": {"yes", "NIE", "yes, gloo", ""}, "CUDA": {"built", "NIE", "built, NCCL", ""}}
+    for section, cells in rows:
+        assert len(cells) == 4, f"docs/support.md ({section}): a row with {len(cells)} cells: {cells}"
+        for column, value in zip(("CPU", "CUDA"), cells[1:3]):
+            assert value in allowed[column], f"docs/support.md ({section}): {column} column says {value!r}: {cells}"
+
+
+def test_support_matrix_names_every_public_module():
+    text = _expand_dims(open(SUPPORT, encoding="utf-8").read())
+    words = set(re.findall(r"\w+", text))
+    prefixes = [p for p in re.findall(r"(\w+)\*", text)]  # `MaxPool*`: every MaxPool...
+    missing = [n for n in CN.__all__ if n not in words and not any(n.startswith(p) for p in prefixes)]
+    assert not missing, f"docs/support.md does not name {missing}"
 
 
 def _int_tensor(shape, dtype):
@@ -227,14 +260,14 @@ def test_integer_pools_not_implemented(op, dtype):
     except NotImplementedError:
         torch_computes = False
     assert torch_computes == (op == "max_pool2d" or (op == "avg_pool2d" and dtype == torch.int64)), \
-        f"torch changed: {op} on {dtype} (update the README's pooling table)"
+        f"torch changed: {op} on {dtype} (update docs/support.md's pooling table)"
     with pytest.raises(NotImplementedError, match="dtype"):
         POOLS[op](CF, x)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_max_unpool_empty_output_size_with_indices_like_torch(dims):
-    """README: the empty output, as torch returns it without reading the indices; its backward
+    """docs/support.md: the empty output, as torch returns it without reading the indices; its backward
     raises as torch's does (a gather at indices outside the empty output)."""
     x = torch.randn((1, 2) + (1,) * dims, requires_grad=True)
     indices = torch.zeros(x.shape, dtype=torch.int64)
@@ -289,7 +322,7 @@ def _twin(op):
 
 @pytest.mark.parametrize("op", list(DIFFERENTIABLE))
 def test_double_backward_like_torch(op):
-    """README: double backward works on every op family (autograd in the dispatcher)."""
+    """docs/support.md: double backward works on every op family (autograd in the dispatcher)."""
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     second = []
     for module in (CF, F):
