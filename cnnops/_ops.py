@@ -30,7 +30,7 @@ call = _C.call
 
 
 def conv_output_size(size, kernel, stride, padding, dilation):
-    """Slides: H' = (H - K + 2P) / S + 1, with a dilated kernel spanning D(K - 1) + 1."""
+    """docs/formulas.md §Conv output size: O = (I + 2P - D(K - 1) - 1) // S + 1."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -137,7 +137,7 @@ def _conv_backward_vmap(info, in_dims, grad_output, input, weight, stride, paddi
 
 
 def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
-    """Slides: O = (I + 2P - D(K-1) - 1) / S + 1, rounded up with ceil_mode; a ceil_mode window
+    """formulas.md §Pool output size: O = (I + 2P - D(K-1) - 1) / S + 1, rounded up with ceil_mode; a ceil_mode window
     that would start in the right padding is dropped (torch's rule, csrc/common/pool_shape.h)."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
     out = span // stride + 1

@@ -30,7 +30,7 @@ def _selected(grads, mask):
 # ============================================================================================
 # SyncBatchNorm
 # ============================================================================================
-# Batch norm over the union of the ranks' batches (lecture: batch norm statistics per channel
+# Batch norm over the union of the ranks' batches (formulas.md §Norm statistics: per channel
 # over N x spatial, here N summed over the ranks). Per-element work runs in our kernels; the
 # ranks exchange only per-channel vectors through torch.distributed.
 

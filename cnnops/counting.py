@@ -1,7 +1,7 @@
 """cnnops.complexity(model, example_input): learnable parameters and multiply-accumulates,
 per layer and in total, measured by running the model once with forward hooks.
 
-The lecture's counting rules:
+The counting rules (docs/formulas.md §Counting):
   convolution  params = C_out * (C_in/groups * K_h * K_w) + C_out (bias)
                MACs   = (outputs) * (C_in/groups * K_h * K_w): each output is one inner product
   linear       MACs   = (outputs) * in_features

@@ -1,8 +1,7 @@
 """Conv-BatchNorm folding for inference: ``cnnops.fuse_conv_bn(model)``.
 
-In eval mode a batch norm is a fixed per-channel affine map (the lecture: "at test time
-batchnorm becomes a linear operator ... can be fused with preceding FC or conv layer"), so a
-convolution followed by one is a single convolution with new weights and a bias. A ReLU right
+In eval mode a batch norm is a fixed per-channel affine map, so a convolution followed by one is
+a single convolution with new weights and a bias (docs/formulas.md §Conv-BN folding). A ReLU right
 after it runs inside the convolution's output step (cnnops.nn.ConvReLU1d/2d/3d), so the
 activations are written once instead of three times.
 
@@ -149,7 +148,7 @@ def _folded_conv(conv, bn, relu):
         gamma = bn.weight.detach().to(**f64) if bn.weight is not None else torch.ones_like(mean)
         beta = bn.bias.detach().to(**f64) if bn.bias is not None else torch.zeros_like(mean)
         b = conv.bias.detach().to(**f64) if conv.bias is not None else torch.zeros_like(mean)
-        # Lecture's y = gamma (x - mu) / sigma + beta with x = w*in + b, sigma = sqrt(var + eps):
+        # formulas.md §Conv-BN folding: y = gamma (x - mu) / sigma + beta, x = w*in + b, sigma = sqrt(var + eps):
         # w' = w * gamma / sigma per output channel, b' = (b - mu) * gamma / sigma + beta
         scale = gamma / torch.sqrt(var + bn.eps)
         new_w = torch.empty_like(w)  # keeps the weight's dtype and memory format (channels_last)

@@ -1,6 +1,6 @@
 """cnnops.complexity: parameters and multiply-accumulates per layer. Expected counts are worked
-out by hand in each test from the lecture's rules (each convolution output is an inner product
-over C_in/groups x K_h x K_w), not taken from the counter."""
+out by hand in each test from the counting rules of docs/formulas.md §Counting (each convolution
+output is an inner product over C_in/groups x K_h x K_w), not taken from the counter."""
 import pytest
 import torch
 import torch.nn as nn
