@@ -68,6 +68,15 @@ def test_ci_forces_the_cuda_build():
     assert re.search(r"^export CNNOPS_CUDA=1$", _read(".ci/run"), re.M)
 
 
+def test_make_test_lints_before_the_tests():
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", _read("Makefile"), re.M)
+    assert recipe, "no test target in the Makefile"
+    lines = recipe.group(1).splitlines()
+    ruff = [i for i, line in enumerate(lines) if "ruff check" in line]
+    pytest_ = [i for i, line in enumerate(lines) if "pytest" in line]
+    assert ruff and pytest_ and ruff[0] < pytest_[0], lines
+
+
 def test_every_op_has_cpu_and_fake_kernels():
     for op in ("conv_forward", "conv_backward"):
         name = f"cnnops::{op}"
