@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _C
-from ._ops import call, fast_call_ok, ops
+from ._ops import call, fast_call_ok
+from .onnx import ops  # torch.ops.cnnops, the torch twins while torch.onnx.export runs
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
@@ -120,7 +121,7 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 # (csrc/common/pool_checks.h) keep the raw ops safe. The ops carry their own autograd, to any
 # order and in forward mode (csrc/autograd/pool.cpp).
 
-from ._ops import ops  # noqa: E402
+from .onnx import ops  # noqa: E402
 
 __all__ += [
     "max_pool1d", "max_pool2d", "max_pool3d",
@@ -573,7 +574,7 @@ def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_siz
 
 # The ops are differentiable in the dispatcher (csrc/autograd/norm.cpp): first and higher
 # order, forward-mode AD and torch.func all go through the raw ops called here.
-from ._ops import ops  # noqa: E402
+from .onnx import ops  # noqa: E402
 
 __all__ += ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
 

@@ -1,0 +1,197 @@
+"""ONNX export of models that use cnnops: a standard ONNX graph, no cnnops domain.
+
+Every cnnops forward op computes what one torch op computes (its "twin": cnnops::conv_forward is
+aten::convolution, cnnops::max_pool_forward is aten::max_pool2d_with_indices, ...), so an exported
+graph is the graph of the twin, which torch's exporters already translate to standard ONNX.
+
+- torch.onnx.export(..., dynamo=True) runs torch.export with the ONNX export flag set; while it is
+  set, cnnops.functional calls the twins instead of the cnnops ops (`ops` below), so the exported
+  program holds the aten ops that the same torch.nn model would give. (A global translation of the
+  cnnops ops themselves is not possible through public API: the exporter's registry is built per
+  export, and batch_norm_forward, whose schema mutates the running statistics, reaches it as a
+  higher-order auto_functionalized node.)
+- torch.onnx.export(..., dynamo=False) traces with torch.jit.trace, which records the cnnops ops
+  as they are called (also by a user calling torch.ops.cnnops.* directly); the symbolic functions
+  registered here (torch.onnx.register_custom_op_symbolic) map each one to torch's own symbolic
+  function for its twin, or to standard ONNX ops where torch has none.
+
+What ONNX cannot express raises NotImplementedError while exporting, never a wrong graph:
+avg pool with divisor_override (torch's exporters ignore it).
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["exporting", "ops", "twin"]
+
+try:  # the flags torch.onnx.is_in_onnx_export() reads, without its per-call imports (~microseconds)
+    from torch.onnx._internal.exporter import _flags as _dynamo_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ts_globals
+
+    def exporting():
+        """Whether torch.onnx.export (either exporter) is running: torch.onnx.is_in_onnx_export()."""
+        return _dynamo_flags._is_onnx_exporting or _ts_globals.in_onnx_export
+except ImportError:  # pragma: no cover - another torch layout
+    exporting = torch.onnx.is_in_onnx_export
+
+
+def _divisor_override_error():
+    return NotImplementedError(
+        "cnnops ONNX export: avg pool with divisor_override has no ONNX equivalent (AveragePool divides by the "
+        "window size; torch's own exporters drop divisor_override and export a wrong graph); use "
+        "divisor_override=None, or multiply an avg pool by window_size / divisor_override yourself")
+
+
+# --------------------------------------------------------------------------------------------
+# Twins: each cnnops forward op as torch ops, same arguments and same outputs (shapes, dtypes).
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_forward(input, weight, bias, stride, padding, dilation, groups, activation="none"):
+    out = torch.convolution(input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    return torch.relu(out) if activation == "relu" else out
+
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_ADAPTIVE_MAX_POOL = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+
+
+def _max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _MAX_POOL[len(kernel_size)](input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def _avg_pool_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    if divisor_override:
+        raise _divisor_override_error()
+    return _AVG_POOL[len(kernel_size)](input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+
+
+def _adaptive_windows(size, out):
+    """Adaptive pooling's windows along one dim: [floor(i * size / out), ceil((i + 1) * size / out))."""
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+def _static_spatial(input, output_size, what):
+    sizes = list(input.shape[2:])
+    if not all(isinstance(s, int) for s in sizes):
+        raise NotImplementedError(f"cnnops ONNX export: {what} needs static spatial input sizes (the windows "
+                                  f"depend on them), but got input of size {list(input.shape)}")
+    return sizes
+
+
+def _adaptive_avg_pool_forward(input, output_size):
+    # Exported as what ONNX has: a global mean, an AveragePool when every window has one size (the
+    # output size divides the input's), and otherwise, per dim, a product with the constant
+    # (in, out) matrix averaging each window (torch's own exporters stop at the first two).
+    output_size = list(output_size)
+    dims = len(output_size)
+    if output_size == [1] * dims:
+        return input.mean(list(range(2, 2 + dims)), keepdim=True)
+    sizes = _static_spatial(input, output_size, "adaptive avg pool")
+    if all(s % o == 0 and o > 0 for s, o in zip(sizes, output_size)):
+        kernel = [s // o for s, o in zip(sizes, output_size)]
+        return _AVG_POOL[dims](input, kernel, kernel)
+    out = input
+    for d, (size, o) in enumerate(zip(sizes, output_size)):
+        weights = torch.zeros(size, o, dtype=input.dtype)
+        for j, (start, end) in enumerate(_adaptive_windows(size, o)):
+            weights[start:end, j] = 1.0 / (end - start)
+        out = torch.matmul(out.movedim(2 + d, -1), weights.to(input.device)).movedim(-1, 2 + d)
+    return out
+
+
+def _adaptive_max_pool_forward(input, output_size):
+    # A MaxPool when every window has one size (a global pool is one window); its indices are the
+    # same flat per-plane positions.
+    output_size = list(output_size)
+    sizes = _static_spatial(input, output_size, "adaptive max pool")
+    if not all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
+        raise NotImplementedError(
+            f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
+            f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
+            "the input size")
+    kernel = [s // o for s, o in zip(sizes, output_size)]
+    return _MAX_POOL[len(kernel)](input, kernel, kernel, 0, 1, False, return_indices=True)
+
+
+def _max_unpool_forward(input, indices, output_size):
+    # The flat per-plane indices scattered into a zero (N, C, prod(output_size)) tensor:
+    # torch's max_unpool{2,3}d kernels, and the index_put its decomposition exports to.
+    n, c = input.shape[:2]
+    plane = 1
+    for s in output_size:
+        plane *= s
+    out = input.new_zeros((n, c, plane))
+    out = out.scatter(2, indices.reshape(n, c, -1), input.reshape(n, c, -1))
+    return out.reshape(n, c, *output_size)
+
+
+def _opmath(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    dtype = _opmath(input.dtype)
+    if training:
+        var, mean = torch.var_mean(input.to(dtype), [d for d in range(input.dim()) if d != 1], correction=0)
+        return out, mean, torch.rsqrt(var + eps)
+    return out, running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
+
+
+def _layer_norm_forward(input, normalized_shape, weight, bias, eps):
+    out = F.layer_norm(input, list(normalized_shape), weight, bias, eps)
+    dims = list(range(input.dim() - len(normalized_shape), input.dim()))
+    var, mean = torch.var_mean(input.to(_opmath(input.dtype)), dims, correction=0)
+    return out, mean, torch.rsqrt(var + eps)
+
+
+def _group_norm_forward(input, weight, bias, num_groups, eps):
+    out = F.group_norm(input, num_groups, weight, bias, eps)
+    grouped = input.to(_opmath(input.dtype)).reshape(input.size(0), num_groups, -1)
+    var, mean = torch.var_mean(grouped, 2, correction=0)
+    return out, mean, torch.rsqrt(var + eps)
+
+
+_TWINS = {
+    "conv_forward": _conv_forward,
+    "max_pool_forward": _max_pool_forward,
+    "avg_pool_forward": _avg_pool_forward,
+    "adaptive_avg_pool_forward": _adaptive_avg_pool_forward,
+    "adaptive_max_pool_forward": _adaptive_max_pool_forward,
+    "max_unpool_forward": _max_unpool_forward,
+    "batch_norm_forward": _batch_norm_forward,
+    "layer_norm_forward": _layer_norm_forward,
+    "group_norm_forward": _group_norm_forward,
+}
+
+
+def twin(name):
+    """The torch function computing cnnops::<name>'s outputs from its arguments."""
+    return _TWINS[name]
+
+
+class _Ops:
+    """torch.ops.cnnops for cnnops.functional: each forward op calls its twin while torch.onnx.export
+    runs (one flag check otherwise; cnnops.functional's eager fast path does not come here)."""
+
+    def __init__(self):
+        self._namespace = torch.ops.cnnops
+        for name in _TWINS:
+            setattr(self, name, self._routed(name))
+
+    def _routed(self, name):
+        op, twin_fn = getattr(self._namespace, name), _TWINS[name]
+
+        def call(*args):
+            return twin_fn(*args) if exporting() else op(*args)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def __getattr__(self, name):  # the other ops, unchanged
+        return getattr(self._namespace, name)
+
+
+ops = _Ops()

@@ -1,0 +1,218 @@
+"""ONNX export of converted models (cnnops/onnx.py): both of torch's exporters give a standard graph
+(no cnnops domain) that onnx.checker accepts and ONNX Runtime runs with torch.nn's outputs."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cnnops
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+
+
+def _export(model, args, dynamo, **kwargs):
+    f = io.BytesIO()
+    if dynamo:
+        kwargs.setdefault("verbose", False)
+    torch.onnx.export(model, args, f, dynamo=dynamo, **kwargs)
+    proto = onnx.load_from_string(f.getvalue())
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _op_types(proto):
+    types = set()
+    for node in proto.graph.node:
+        types.add(node.op_type)
+        assert node.domain in ("", "ai.onnx"), f"non-standard node {node.domain}::{node.op_type}"
+    for function in proto.functions:
+        for node in function.node:
+            types.add(node.op_type)
+    for opset in proto.opset_import:
+        assert opset.domain in ("", "ai.onnx", "pkg.onnxscript.torch_lib.common"), proto.opset_import
+    return types
+
+
+def _run(proto, *inputs):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+
+
+def _check(reference, model, inputs, dynamo, expect_ops=(), **export_kwargs):
+    """Exports the converted `model`, runs it in ONNX Runtime and compares with the torch.nn
+    `reference` in eager mode (float32, 1e-4)."""
+    with torch.no_grad():
+        expected = reference(*inputs)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    proto = _export(model, inputs, dynamo, **export_kwargs)
+    types = _op_types(proto)
+    for op in expect_ops:
+        assert op in types, f"{op} not in the exported graph: {sorted(types)}"
+    got = _run(proto, *inputs)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(g), e, atol=1e-4, rtol=1e-4)
+    return proto, types
+
+
+def _converted(model):
+    converted = cnnops.convert(copy.deepcopy(model))
+    assert not any(type(m).__module__.startswith("torch.nn.modules.conv") for m in converted.modules())
+    return converted
+
+
+def _randomize_bn(model):
+    # running statistics other than (0, 1) so a wrong use of them shows
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def torchvision():
+    return pytest.importorskip("torchvision")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_resnet18(torchvision, dynamo):
+    torch.manual_seed(0)
+    reference = _randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    _, types = _check(reference, _converted(reference), (x,), dynamo)
+    # BatchNormalization may be folded into Conv by the exporter's optimizer
+    assert {"Conv", "MaxPool"} <= types and ({"GlobalAveragePool", "ReduceMean"} & types), sorted(types)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_mobilenet_v3_small(torchvision, dynamo):
+    torch.manual_seed(0)
+    reference = _randomize_bn(torchvision.models.mobilenet_v3_small(num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    _check(reference, _converted(reference), (x,), dynamo, expect_ops=("Conv",))
+
+
+class Small1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 5, padding=2, dilation=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.pool = nn.MaxPool1d(3, stride=2, padding=1, ceil_mode=True)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding="same", dilation=2, groups=4, padding_mode="reflect")
+        self.avg = nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False)
+        self.gap = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn(self.conv(x))))
+        return self.gap(self.avg(self.conv2(x))).flatten(1)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_small_1d(dynamo):
+    torch.manual_seed(0)
+    reference = _randomize_bn(Small1d()).eval()
+    _check(reference, _converted(reference), (torch.randn(2, 3, 23),), dynamo,
+           expect_ops=("Conv", "MaxPool", "AveragePool"))
+
+
+class Small3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1)
+        self.bn = nn.BatchNorm3d(4)
+        self.pool = nn.AvgPool3d(2, stride=2, ceil_mode=False)
+        self.conv2 = nn.Conv3d(4, 4, (1, 3, 3), bias=False)
+        self.mp = nn.MaxPool3d(2, padding=1)
+        self.ap = nn.AdaptiveAvgPool3d((1, 2, 2))
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn(self.conv(x))))
+        return self.ap(self.mp(self.conv2(x)))
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_small_3d(dynamo):
+    torch.manual_seed(0)
+    reference = _randomize_bn(Small3d()).eval()
+    _check(reference, _converted(reference), (torch.randn(2, 2, 6, 12, 12),), dynamo,
+           expect_ops=("Conv", "AveragePool"))
+
+
+class UNet(nn.Module):
+    """Encoder max pools with indices, decoder max unpools with them (SegNet style), skip adds."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool1 = nn.MaxPool2d(2, return_indices=True)
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.pool2 = nn.MaxPool2d(2, return_indices=True)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.unpool2 = nn.MaxUnpool2d(2)
+        self.dec2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.unpool1 = nn.MaxUnpool2d(2)
+        self.dec1 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        p1, i1 = self.pool1(e1)
+        e2 = self.enc2(p1)
+        p2, i2 = self.pool2(e2)
+        m = torch.relu(self.mid(p2))
+        d2 = self.dec2(self.unpool2(m, i2, output_size=e2.shape) + e2)
+        return self.dec1(self.unpool1(d2, i1, output_size=e1.shape) + e1), i1
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_unet_max_unpool(dynamo):
+    torch.manual_seed(0)
+    reference = _randomize_bn(UNet()).eval()
+    _check(reference, _converted(reference), (torch.randn(2, 3, 16, 20),), dynamo, expect_ops=("MaxPool",))
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.inorm_plain = nn.InstanceNorm2d(8)
+        self.ln = nn.LayerNorm([8, 6, 7])
+        self.ln_last = nn.LayerNorm(7, elementwise_affine=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.inorm_plain(self.inorm(self.gn(x)))
+        return self.ln_last(self.ln(x))
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_layer_group_instance_norm(dynamo):
+    torch.manual_seed(0)
+    reference = Norms().eval()
+    with torch.no_grad():
+        for m in reference.modules():
+            for p in m.parameters(recurse=False):
+                p.add_(torch.randn_like(p) * 0.2)
+    _check(reference, _converted(reference), (torch.randn(2, 3, 6, 7),), dynamo)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_no_cnnops_domain_and_no_cnnops_needed(dynamo):
+    """The deployed file holds only standard ONNX: loading and running it needs no cnnops."""
+    torch.manual_seed(0)
+    model = _converted(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))).eval()
+    proto = _export(model, (torch.randn(1, 3, 8, 8),), dynamo)
+    domains = {node.domain for node in proto.graph.node} | {opset.domain for opset in proto.opset_import}
+    domains |= {node.domain for function in proto.functions for node in function.node}
+    assert not any("cnnops" in d for d in domains), domains
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
