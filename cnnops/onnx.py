@@ -25,7 +25,9 @@ __all__ = ["exporting", "ops", "twin"]
 
 try:  # the flags torch.onnx.is_in_onnx_export() reads, without its per-call imports (~microseconds)
     from torch.onnx._internal.exporter import _flags as _dynamo_flags
-    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ts_globals
+    from torch.onnx._internal.torchscript_exporter._globals import (
+        GLOBALS as _ts_globals,
+    )
 
     def exporting():
         """Whether torch.onnx.export (either exporter) is running: torch.onnx.is_in_onnx_export()."""

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import cnnops
 
