@@ -197,3 +197,191 @@ class _Ops:
 
 
 ops = _Ops()
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript exporter (dynamo=False): symbolic functions for the cnnops ops in a traced graph.
+# --------------------------------------------------------------------------------------------
+# Arguments arrive as graph Values; torch's symbolic functions for the twins take them as they
+# are (their parse_args reads the constants), so pooling and normalization reuse them and only
+# what torch has no symbolic for (max unpool, the statistics outputs) is built here.
+
+_SYMBOLIC_OPSET = 11  # ScatterElements (max unpool); torch's own pool symbolics need 10
+
+
+def _ts():
+    from torch.onnx._internal.torchscript_exporter import (
+        _type_utils,
+        registration,
+        symbolic_helper,
+    )
+
+    return registration, symbolic_helper, _type_utils
+
+
+def _torch_symbolic(g, name):
+    registration, _, _ = _ts()
+    return registration.registry.get_function_group(name).get(g.opset)
+
+
+def _arg(value, desc):
+    _, helper, _ = _ts()
+    return helper._parse_arg(value, desc)
+
+
+def _const(g, values, dtype):
+    return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
+
+
+def _dtype(value):
+    _, _, type_utils = _ts()
+    return type_utils.JitScalarType.from_value(value).dtype()
+
+
+def _static_sizes(value, what):
+    _, helper, _ = _ts()
+    sizes = helper._get_tensor_sizes(value)
+    if sizes is None or any(s is None for s in sizes):
+        raise NotImplementedError(f"cnnops ONNX export: {what} needs static input sizes, but the traced input has "
+                                  f"sizes {sizes}")
+    return sizes
+
+
+def _reduce_mean(g, x, axes):
+    if g.opset >= 18:
+        return g.op("ReduceMean", x, _const(g, axes, torch.long), keepdims_i=1)
+    return g.op("ReduceMean", x, axes_i=axes, keepdims_i=1)
+
+
+def _invstd(g, var, eps):
+    return g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, _const(g, eps, _dtype(var)))))
+
+
+def _mean_invstd(g, x, axes, eps):
+    """Biased statistics over `axes` (kept as size-1 dims): mean, 1 / sqrt(var + eps)."""
+    mean = _reduce_mean(g, x, axes)
+    centered = g.op("Sub", x, mean)
+    return mean, _invstd(g, _reduce_mean(g, g.op("Mul", centered, centered), axes), eps)
+
+
+def _squeeze(g, x, axes):
+    _, helper, _ = _ts()
+    return helper._squeeze_helper(g, x, axes)
+
+
+def _conv_forward_symbolic(g, input, weight, bias, stride, padding, dilation, groups, activation=None):
+    activation = "none" if activation is None else _arg(activation, "s")
+    if activation not in ("none", "relu"):
+        raise NotImplementedError(f"cnnops ONNX export: conv activation={activation!r}")
+    padding = _arg(padding, "is")
+    inputs = [input, weight] + ([] if _ts()[1]._is_none(bias) else [bias])
+    out = g.op("Conv", *inputs, strides_i=_arg(stride, "is"), pads_i=padding + padding,
+               dilations_i=_arg(dilation, "is"), group_i=_arg(groups, "i"))
+    return g.op("Relu", out) if activation == "relu" else out
+
+
+def _max_pool_forward_symbolic(g, input, kernel_size, stride, padding, dilation, ceil_mode):
+    dims = len(_arg(kernel_size, "is"))
+    fn = _torch_symbolic(g, f"aten::max_pool{dims}d_with_indices")
+    return fn(g, input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _avg_pool_forward_symbolic(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                               divisor_override):
+    if _arg(divisor_override, "i"):
+        raise _divisor_override_error()
+    dims = len(_arg(kernel_size, "is"))
+    fn = _torch_symbolic(g, f"aten::avg_pool{dims}d")
+    return fn(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
+
+
+def _adaptive_avg_pool_forward_symbolic(g, input, output_size):
+    output_size = _arg(output_size, "is")
+    dims = len(output_size)
+    if output_size == [1] * dims:
+        return g.op("GlobalAveragePool", input)
+    sizes = _static_sizes(input, "adaptive avg pool")[2:]
+    if all(s % o == 0 and o > 0 for s, o in zip(sizes, output_size)):
+        kernel = [s // o for s, o in zip(sizes, output_size)]
+        return g.op("AveragePool", input, kernel_shape_i=kernel, strides_i=kernel, pads_i=[0] * (2 * dims))
+    # Windows of different sizes: per dim, a product with the constant matrix averaging each one.
+    out, rank = input, dims + 2
+    for d, (size, o) in enumerate(zip(sizes, output_size)):
+        weights = torch.zeros(size, o, dtype=_dtype(input))
+        for j, (start, end) in enumerate(_adaptive_windows(size, o)):
+            weights[start:end, j] = 1.0 / (end - start)
+        perm = list(range(rank))
+        perm[2 + d], perm[-1] = perm[-1], perm[2 + d]
+        out = g.op("Transpose", g.op("MatMul", g.op("Transpose", out, perm_i=perm), g.op("Constant", value_t=weights)),
+                   perm_i=perm)
+    return out
+
+
+def _adaptive_max_pool_forward_symbolic(g, input, output_size):
+    output_size = _arg(output_size, "is")
+    sizes = _static_sizes(input, "adaptive max pool")[2:]
+    if not all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
+        raise NotImplementedError(
+            f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
+            f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
+            "the input size")
+    kernel = [s // o for s, o in zip(sizes, output_size)]
+    fn = _torch_symbolic(g, f"aten::max_pool{len(kernel)}d_with_indices")
+    return fn(g, input, kernel, kernel, [0] * len(kernel), [1] * len(kernel), False)
+
+
+def _max_unpool_forward_symbolic(g, input, indices, output_size):
+    # out.view(N, C, -1).scatter_(2, indices.view(N, C, -1), input.view(N, C, -1)), as torch's kernel
+    output_size = _arg(output_size, "is")
+    plane = 1
+    for s in output_size:
+        plane *= s
+    nc = g.op("Slice", g.op("Shape", input), _const(g, [0], torch.long), _const(g, [2], torch.long))
+    flat = g.op("Concat", nc, _const(g, [-1], torch.long), axis_i=0)
+    zeros = g.op("ConstantOfShape", g.op("Concat", nc, _const(g, [plane], torch.long), axis_i=0),
+                 value_t=torch.zeros(1, dtype=_dtype(input)))
+    out = g.op("ScatterElements", zeros, g.op("Reshape", indices, flat), g.op("Reshape", input, flat), axis_i=2)
+    return g.op("Reshape", out, g.op("Concat", nc, _const(g, list(output_size), torch.long), axis_i=0))
+
+
+def _batch_norm_forward_symbolic(g, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    training_value, eps_value = _arg(training, "b"), _arg(eps, "f")
+    fn = _torch_symbolic(g, "aten::batch_norm")
+    out = fn(g, input, weight, bias, running_mean, running_var, training, momentum, eps, None)
+    if training_value:
+        rank = _ts()[1]._get_tensor_rank(input)
+        axes = [0] + list(range(2, rank))
+        mean, invstd = _mean_invstd(g, input, axes, eps_value)
+        return out, _squeeze(g, mean, axes), _squeeze(g, invstd, axes)
+    return out, running_mean, _invstd(g, running_var, eps_value)
+
+
+def _layer_norm_forward_symbolic(g, input, normalized_shape, weight, bias, eps):
+    out, mean, rstd = _torch_symbolic(g, "aten::native_layer_norm")(g, input, normalized_shape, weight, bias, eps)
+    rank = _ts()[1]._get_tensor_rank(input)
+    axes = list(range(rank - len(_arg(normalized_shape, "is")), rank))
+    return out, _squeeze(g, mean, axes), _squeeze(g, rstd, axes)
+
+
+def _group_norm_forward_symbolic(g, input, weight, bias, num_groups, eps):
+    groups, eps_value = _arg(num_groups, "i"), _arg(eps, "f")
+    out = _torch_symbolic(g, "aten::group_norm")(g, input, num_groups, weight, bias, eps, None)
+    grouped = g.op("Reshape", input, _const(g, [0, groups, -1], torch.long))
+    mean, invstd = _mean_invstd(g, grouped, [2], eps_value)
+    return out, _squeeze(g, mean, [2]), _squeeze(g, invstd, [2])
+
+
+_SYMBOLICS = {
+    "conv_forward": _conv_forward_symbolic,
+    "max_pool_forward": _max_pool_forward_symbolic,
+    "avg_pool_forward": _avg_pool_forward_symbolic,
+    "adaptive_avg_pool_forward": _adaptive_avg_pool_forward_symbolic,
+    "adaptive_max_pool_forward": _adaptive_max_pool_forward_symbolic,
+    "max_unpool_forward": _max_unpool_forward_symbolic,
+    "batch_norm_forward": _batch_norm_forward_symbolic,
+    "layer_norm_forward": _layer_norm_forward_symbolic,
+    "group_norm_forward": _group_norm_forward_symbolic,
+}
+
+for _name, _fn in _SYMBOLICS.items():
+    torch.onnx.register_custom_op_symbolic(f"cnnops::{_name}", _fn, _SYMBOLIC_OPSET)
