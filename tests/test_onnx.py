@@ -216,3 +216,91 @@ def test_no_cnnops_domain_and_no_cnnops_needed(dynamo):
     domains |= {node.domain for function in proto.functions for node in function.node}
     assert not any("cnnops" in d for d in domains), domains
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_dynamic_batch(dynamo):
+    """One file for every batch size: exported with batch 2, run with 1 and 3."""
+    torch.manual_seed(0)
+    reference = _randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+        nn.GroupNorm(2, 8), nn.AvgPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())).eval()
+    model = _converted(reference)
+    x = torch.randn(2, 3, 9, 11)
+    if dynamo:
+        kwargs = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)}
+    else:
+        kwargs = {"input_names": ["x"], "output_names": ["y"], "dynamic_axes": {"x": {0: "batch"}, "y": {0: "batch"}}}
+    proto = _export(model, (x,), dynamo, **kwargs)
+    for n in (1, 3):
+        xn = torch.randn(n, 3, 9, 11)
+        with torch.no_grad():
+            expected = reference(xn)
+        torch.testing.assert_close(torch.from_numpy(_run(proto, xn)[0]), expected, atol=1e-4, rtol=1e-4)
+
+
+class _Call(nn.Module):
+    def __init__(self, fn, *params):
+        super().__init__()
+        self.fn = fn
+        self.params = nn.ParameterList(params)
+
+    def forward(self, x):
+        return self.fn(x, *self.params)
+
+
+_cops = torch.ops.cnnops
+
+# (raw cnnops op call, the same computed by torch, input shape): the symbolic functions of the
+# TorchScript exporter, reached by a user calling torch.ops.cnnops directly.
+_g = torch.Generator().manual_seed(0)
+_w = torch.randn(6, 2, 3, 3, generator=_g)
+_b = torch.randn(6, generator=_g)
+_rm, _rv = torch.randn(4, generator=_g) * 0.1, torch.rand(4, generator=_g) + 0.5
+_gamma, _beta = torch.randn(4, generator=_g), torch.randn(4, generator=_g)
+RAW_OPS = {
+    "conv_relu_grouped": (lambda x: _cops.conv_forward(x, _w, _b, [2, 1], [1, 0], [1, 2], 2, "relu"),
+                          lambda x: torch.relu(torch.nn.functional.conv2d(x, _w, _b, (2, 1), (1, 0), (1, 2), 2)),
+                          (2, 4, 9, 10)),
+    "conv_depthwise_no_bias": (lambda x: _cops.conv_forward(x, _w[:4, :1], None, [1, 1], [1, 1], [1, 1], 4),
+                               lambda x: torch.nn.functional.conv2d(x, _w[:4, :1], None, 1, 1, 1, 4), (2, 4, 7, 7)),
+    "max_pool_indices_ceil": (lambda x: _cops.max_pool_forward(x, [3, 2], [2, 2], [1, 1], [1, 1], True),
+                              lambda x: torch.nn.functional.max_pool2d(x, (3, 2), 2, 1, 1, True, True),
+                              (2, 3, 9, 8)),
+    "max_pool_dilated_1d": (lambda x: _cops.max_pool_forward(x, [3], [2], [1], [2], False),
+                            lambda x: torch.nn.functional.max_pool1d(x, 3, 2, 1, 2, False, True), (2, 3, 11)),
+    "avg_pool_ceil_no_pad_count": (lambda x: _cops.avg_pool_forward(x, [3, 3, 3], [2, 2, 2], [1, 1, 1], True, False, 0),
+                                   lambda x: torch.nn.functional.avg_pool3d(x, 3, 2, 1, True, False), (1, 2, 6, 7, 8)),
+    "adaptive_avg_uneven": (lambda x: _cops.adaptive_avg_pool_forward(x, [3, 4]),
+                            lambda x: torch.nn.functional.adaptive_avg_pool2d(x, (3, 4)), (2, 3, 7, 10)),
+    "adaptive_max_even": (lambda x: _cops.adaptive_max_pool_forward(x, [2, 5]),
+                          lambda x: torch.nn.functional.adaptive_max_pool2d(x, (2, 5), True), (2, 3, 8, 10)),
+    "max_unpool_3d": (lambda x: _cops.max_unpool_forward(*_cops.max_pool_forward(x, [2, 2, 2], [2, 2, 2], [0, 0, 0],
+                                                                                [1, 1, 1], False), [5, 6, 7]),
+                      lambda x: torch.nn.functional.max_unpool3d(*torch.nn.functional.max_pool3d(x, 2, 2, return_indices=True),
+                                                                 2, output_size=[5, 6, 7]),
+                      (2, 2, 5, 6, 7)),
+    "batch_norm_eval": (lambda x: _cops.batch_norm_forward(x, _gamma, None, _rm, _rv, False, 0.1, 1e-3),
+                        lambda x: (torch.nn.functional.batch_norm(x, _rm, _rv, _gamma, None, False, 0.1, 1e-3), _rm,
+                                   torch.rsqrt(_rv + 1e-3)),
+                        (2, 4, 3, 5)),
+    "layer_norm": (lambda x: _cops.layer_norm_forward(x, [3, 5], None, None, 1e-5),
+                   lambda x: (torch.nn.functional.layer_norm(x, [3, 5]), x.mean((2, 3)),
+                              torch.rsqrt(x.var((2, 3), correction=0) + 1e-5)),
+                   (2, 4, 3, 5)),
+    "group_norm": (lambda x: _cops.group_norm_forward(x, _gamma, _beta, 2, 1e-5),
+                   lambda x: (torch.nn.functional.group_norm(x, 2, _gamma, _beta), x.reshape(2, 2, -1).mean(2),
+                              torch.rsqrt(x.reshape(2, 2, -1).var(2, correction=0) + 1e-5)),
+                   (2, 4, 3, 5)),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_OPS))
+def test_raw_ops_torchscript_exporter(case):
+    op_call, torch_call, shape = RAW_OPS[case]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    expected = torch_call(x)
+    got = op_call(x)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        torch.testing.assert_close(g, e)  # the torch expression is the op's meaning
+    _check(_Call(lambda x: torch_call(x)), _Call(lambda x: op_call(x)), (x,), False)
