@@ -304,3 +304,83 @@ def test_raw_ops_torchscript_exporter(case):
     for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
         torch.testing.assert_close(g, e)  # the torch expression is the op's meaning
     _check(_Call(lambda x: torch_call(x)), _Call(lambda x: op_call(x)), (x,), False)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("module, match", [
+    (nn.AvgPool2d(2, divisor_override=3), "divisor_override has no ONNX equivalent"),
+    (nn.AdaptiveMaxPool2d((3, 3)), "adaptive max pool to output_size=.3, 3. from spatial size .8, 8."),
+])
+def test_what_onnx_cannot_express_raises(module, match, dynamo):
+    """Never a wrong graph: torch's own exporters drop divisor_override silently."""
+    model = cnnops.convert(nn.Sequential(copy.deepcopy(module))).eval()
+    # the dynamo exporter wraps the error from torch.export in its own, with the message
+    with pytest.raises(torch.onnx.errors.OnnxExporterError if dynamo else NotImplementedError, match=match):
+        _export(model, (torch.randn(1, 2, 8, 8),), dynamo)
+
+
+def _twin_cases():
+    g = torch.Generator().manual_seed(2)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x4, x5 = r(2, 4, 7, 9), r(2, 2, 5, 6, 7)
+    w, b = r(6, 2, 3, 3), r(6)
+    out, idx = torch.ops.cnnops.max_pool_forward(x4, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    return [
+        ("conv_forward", (x4, w, b, [2, 1], [1, 2], [1, 2], 2, "relu")),
+        ("conv_forward", (r(2, 3, 9), r(4, 3, 2), None, [1], [0], [3], 1)),
+        ("max_pool_forward", (x4, [3, 2], [2, 1], [1, 1], [2, 1], True)),
+        ("avg_pool_forward", (x5, [3, 2, 3], [2, 2, 1], [1, 0, 1], True, False, 0)),
+        ("adaptive_avg_pool_forward", (x4, [3, 4])),
+        ("adaptive_avg_pool_forward", (x5, [1, 1, 1])),
+        ("adaptive_avg_pool_forward", (x5, [5, 2, 7])),
+        ("adaptive_max_pool_forward", (x4, [7, 3])),
+        ("max_unpool_forward", (out, idx, [7, 9])),
+        ("batch_norm_forward", (x4, r(4), r(4), r(4), r(4).abs() + 0.5, False, 0.1, 1e-5)),
+        ("batch_norm_forward", (x4, r(4), None, r(4), r(4).abs() + 0.5, True, 0.3, 1e-5)),
+        ("batch_norm_forward", (x5, None, r(2), None, None, True, 0.1, 1e-3)),
+        ("layer_norm_forward", (x4, [7, 9], r(7, 9), r(7, 9), 1e-5)),
+        ("layer_norm_forward", (x4, [9], None, None, 1e-3)),
+        ("group_norm_forward", (x4, r(4), r(4), 2, 1e-5)),
+        ("group_norm_forward", (x5, None, None, 2, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_twin_cases())))
+def test_twins_compute_what_the_ops_compute(case):
+    """While exporting, cnnops.functional calls these torch expressions instead of the ops: every
+    output (and a running-statistics update) must be the op's."""
+    name, args = _twin_cases()[case]
+    op_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    twin_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    expected = cnnops.onnx.twin(name)(*twin_args)
+    got = getattr(torch.ops.cnnops, name)(*op_args)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        torch.testing.assert_close(g, e)
+    for o, t in zip(op_args, twin_args):  # running statistics updated alike
+        if isinstance(o, torch.Tensor):
+            torch.testing.assert_close(o, t)
+
+
+def test_routing_only_while_exporting():
+    """Outside torch.onnx.export, cnnops.functional runs the cnnops ops (the twins only export)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    model = cnnops.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.MaxPool2d(2))).eval()
+    _export(model, (torch.randn(1, 2, 6, 6),), True)
+    assert not cnnops.onnx.exporting()
+    with Record() as record:
+        model(torch.randn(1, 2, 6, 6))
+    assert {"cnnops::conv_forward", "cnnops::batch_norm_forward", "cnnops::max_pool_forward"} <= record.ops
+    assert not any(name.startswith("aten::conv") or "batch_norm" in name and name.startswith("aten") for name in record.ops)
