@@ -23,16 +23,19 @@ import torch.nn.functional as F
 
 __all__ = ["exporting", "ops", "twin"]
 
-try:  # the flags torch.onnx.is_in_onnx_export() reads, without its per-call imports (~microseconds)
+try:  # the flags torch.onnx.is_in_onnx_export() reads, without its per-call imports (microseconds), read as
+    # plain attributes: torch.compile cannot trace the property GLOBALS.in_onnx_export (torch.onnx is skipped)
     from torch.onnx._internal.exporter import _flags as _dynamo_flags
     from torch.onnx._internal.torchscript_exporter._globals import (
         GLOBALS as _ts_globals,
     )
 
+    _ts_globals._in_onnx_export  # noqa: B018  (fails here, not per call, if torch renames it)
+
     def exporting():
         """Whether torch.onnx.export (either exporter) is running: torch.onnx.is_in_onnx_export()."""
-        return _dynamo_flags._is_onnx_exporting or _ts_globals.in_onnx_export
-except ImportError:  # pragma: no cover - another torch layout
+        return _dynamo_flags._is_onnx_exporting or _ts_globals._in_onnx_export
+except (ImportError, AttributeError):  # pragma: no cover - another torch layout
     exporting = torch.onnx.is_in_onnx_export
 
 

@@ -384,3 +384,20 @@ def test_routing_only_while_exporting():
         model(torch.randn(1, 2, 6, 6))
     assert {"cnnops::conv_forward", "cnnops::batch_norm_forward", "cnnops::max_pool_forward"} <= record.ops
     assert not any(name.startswith("aten::conv") or "batch_norm" in name and name.startswith("aten") for name in record.ops)
+
+
+def test_compile_fullgraph_keeps_the_cnnops_ops():
+    """torch.compile traces the routing check without a graph break and records the cnnops ops."""
+    targets = set()
+
+    def backend(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.MaxPool2d(2), nn.AvgPool2d(2)).eval()
+    model = _converted(reference)
+    x = torch.randn(2, 2, 10, 10)
+    torch.testing.assert_close(torch.compile(model, backend=backend, fullgraph=True)(x), reference(x))
+    assert {"cnnops.conv_forward", "cnnops.group_norm_forward", "cnnops.max_pool_forward",
+            "cnnops.avg_pool_forward"} <= {t.replace("torch.ops.", "").replace(".default", "") for t in targets}, targets
