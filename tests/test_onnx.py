@@ -401,3 +401,14 @@ def test_compile_fullgraph_keeps_the_cnnops_ops():
     torch.testing.assert_close(torch.compile(model, backend=backend, fullgraph=True)(x), reference(x))
     assert {"cnnops.conv_forward", "cnnops.group_norm_forward", "cnnops.max_pool_forward",
             "cnnops.avg_pool_forward"} <= {t.replace("torch.ops.", "").replace(".default", "") for t in targets}, targets
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_training_mode_batch_statistics(dynamo):
+    """A model exported in training mode normalizes with the batch statistics, as torch.nn's does."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.InstanceNorm2d(4, track_running_stats=True),
+                              nn.ReLU()).train()
+    model = _converted(reference)
+    kwargs = {} if dynamo else {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False}
+    _check(copy.deepcopy(reference), model, (torch.randn(2, 3, 8, 8),), dynamo, **kwargs)
