@@ -21,7 +21,7 @@ avg pool with divisor_override (torch's exporters ignore it).
 import torch
 import torch.nn.functional as F
 
-__all__ = ["exporting", "ops", "twin"]
+__all__ = ["exporting", "ops", "translation_table", "twin"]
 
 try:  # the flags torch.onnx.is_in_onnx_export() reads, without its per-call imports (microseconds), read as
     # plain attributes: torch.compile cannot trace the property GLOBALS.in_onnx_export (torch.onnx is skipped)
@@ -388,3 +388,134 @@ _SYMBOLICS = {
 
 for _name, _fn in _SYMBOLICS.items():
     torch.onnx.register_custom_op_symbolic(f"cnnops::{_name}", _fn, _SYMBOLIC_OPSET)
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamo exporter, raw ops: a translation table for a model that calls torch.ops.cnnops itself.
+# --------------------------------------------------------------------------------------------
+
+
+def translation_table():
+    """{cnnops op: ONNX translation} for `torch.onnx.export(..., dynamo=True,
+    custom_translation_table=cnnops.onnx.translation_table())`, for a model that calls
+    torch.ops.cnnops.* itself (through cnnops.functional and cnnops.nn no table is needed).
+
+    batch_norm_forward is not in it: its schema mutates the running statistics, so the exporter
+    sees it as a higher_order.auto_functionalized_v2 node, which no table entry can match; call
+    cnnops.functional.batch_norm, or export with dynamo=False.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops import core as tl_core
+    from onnxscript.function_libs.torch_lib.ops import nn as tl_nn
+
+    max_pool = {1: tl_nn.aten_max_pool1d_with_indices, 2: tl_nn.aten_max_pool2d_with_indices,
+                3: tl_nn.aten_max_pool3d_with_indices}
+
+    def static_spatial(input, what):
+        sizes = list(input.shape)[2:]
+        if not all(isinstance(s, int) for s in sizes):
+            raise NotImplementedError(f"cnnops ONNX export: {what} needs static spatial input sizes, but got {sizes}")
+        return sizes
+
+    def ints(values):
+        return op.Constant(value_ints=list(values))
+
+    def conv_forward(input, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups: int = 1,
+                     activation: str = "none"):
+        if activation not in ("none", "relu"):
+            raise NotImplementedError(f"cnnops ONNX export: conv activation={activation!r}")
+        out = tl_core.aten_convolution(input, weight, bias, stride, padding, dilation, False, [0] * len(stride),
+                                       groups)
+        return op.Relu(out) if activation == "relu" else out
+
+    def max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode: bool = False):
+        return max_pool[len(kernel_size)](input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    def avg_pool_forward(input, kernel_size, stride, padding, ceil_mode: bool = False, count_include_pad: bool = True,
+                         divisor_override: int = 0):
+        if divisor_override:
+            raise _divisor_override_error()
+        return op.AveragePool(input, kernel_shape=list(kernel_size), strides=list(stride),
+                              pads=list(padding) * 2, ceil_mode=int(ceil_mode),
+                              count_include_pad=int(count_include_pad))
+
+    def adaptive_avg_pool_forward(input, output_size):
+        output_size = list(output_size)
+        dims = len(output_size)
+        if output_size == [1] * dims:
+            return op.GlobalAveragePool(input)
+        sizes = static_spatial(input, "adaptive avg pool")
+        if all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
+            kernel = [s // o for s, o in zip(sizes, output_size)]
+            return op.AveragePool(input, kernel_shape=kernel, strides=kernel, pads=[0] * (2 * dims))
+        out, rank = input, dims + 2
+        for d, (size, o) in enumerate(zip(sizes, output_size)):
+            weights = np.zeros((size, o), dtype=np.float32)
+            for j, (start, end) in enumerate(_adaptive_windows(size, o)):
+                weights[start:end, j] = 1.0 / (end - start)
+            perm = list(range(rank))
+            perm[2 + d], perm[-1] = perm[-1], perm[2 + d]
+            matrix = op.CastLike(op.Constant(value=ir.tensor(weights)), input)
+            out = op.Transpose(op.MatMul(op.Transpose(out, perm=perm), matrix), perm=perm)
+        return out
+
+    def adaptive_max_pool_forward(input, output_size):
+        output_size = list(output_size)
+        sizes = static_spatial(input, "adaptive max pool")
+        if not all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
+            raise NotImplementedError(
+                f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
+                f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
+                "the input size")
+        kernel = [s // o for s, o in zip(sizes, output_size)]
+        return max_pool[len(kernel)](input, kernel, kernel, [0] * len(kernel), [1] * len(kernel), False)
+
+    def max_unpool_forward(input, indices, output_size):
+        plane = 1
+        for s in output_size:
+            plane *= s
+        nc = op.Shape(input, start=0, end=2)
+        flat = op.Concat(nc, ints([-1]), axis=0)
+        zeros = op.CastLike(op.ConstantOfShape(op.Concat(nc, ints([plane]), axis=0)), input)
+        out = op.ScatterElements(zeros, op.Reshape(indices, flat), op.Reshape(input, flat), axis=2)
+        return op.Reshape(out, op.Concat(nc, ints(output_size), axis=0))
+
+    def mean_invstd(x, axes, eps):
+        mean = op.ReduceMean(x, ints(axes), keepdims=1)
+        centered = op.Sub(x, mean)
+        var = op.ReduceMean(op.Mul(centered, centered), ints(axes), keepdims=1)
+        return mean, op.Reciprocal(op.Sqrt(op.Add(var, op.CastLike(op.Constant(value_float=eps), x))))
+
+    def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+        rank = len(input.shape)
+        axes = list(range(rank - len(normalized_shape), rank))
+        if weight is None:
+            weight = op.CastLike(op.Expand(op.Constant(value_floats=[1.0]), ints(normalized_shape)), input)
+        out, mean, invstd = op.LayerNormalization(input, weight, bias, axis=axes[0], epsilon=eps)
+        return out, op.Squeeze(mean, ints(axes)), op.Squeeze(invstd, ints(axes))
+
+    def group_norm_forward(input, weight=None, bias=None, num_groups: int = 1, eps: float = 1e-5):
+        rank = len(input.shape)
+        grouped = op.Reshape(input, ints([0, num_groups, -1]))
+        mean, invstd = mean_invstd(grouped, [2], eps)
+        out = op.Reshape(op.Mul(op.Sub(grouped, mean), invstd), op.Shape(input))
+        channel_shape = ints([-1] + [1] * (rank - 2))  # per-channel affine, broadcast over N and *
+        if weight is not None:
+            out = op.Mul(out, op.Reshape(weight, channel_shape))
+        if bias is not None:
+            out = op.Add(out, op.Reshape(bias, channel_shape))
+        return out, op.Squeeze(mean, ints([2])), op.Squeeze(invstd, ints([2]))
+
+    cops = torch.ops.cnnops
+    return {
+        cops.conv_forward.default: conv_forward,
+        cops.max_pool_forward.default: max_pool_forward,
+        cops.avg_pool_forward.default: avg_pool_forward,
+        cops.adaptive_avg_pool_forward.default: adaptive_avg_pool_forward,
+        cops.adaptive_max_pool_forward.default: adaptive_max_pool_forward,
+        cops.max_unpool_forward.default: max_unpool_forward,
+        cops.layer_norm_forward.default: layer_norm_forward,
+        cops.group_norm_forward.default: group_norm_forward,
+    }
