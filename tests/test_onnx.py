@@ -422,3 +422,30 @@ def test_training_mode_batch_statistics(dynamo):
     model = _converted(reference)
     kwargs = {} if dynamo else {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False}
     _check(copy.deepcopy(reference), model, (torch.randn(2, 3, 8, 8),), dynamo, **kwargs)
+
+
+@pytest.mark.parametrize("dynamo, opset", [(False, 11), (False, 13), (False, 17), (True, 18), (True, 23)])
+def test_opset_versions(dynamo, opset):
+    """The symbolics need opset 11 (ScatterElements); below 13 Squeeze and below 18 ReduceMean take
+    attributes. The dynamo exporter starts at 18."""
+    torch.manual_seed(0)
+    reference = _randomize_bn(UNet()).eval()
+    proto, _ = _check(reference, _converted(reference), (torch.randn(1, 3, 8, 12),), dynamo, opset_version=opset)
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {opset}
+    if not dynamo:
+        for case in ("batch_norm_eval", "layer_norm", "group_norm", "max_unpool_3d"):
+            op_call, torch_call, shape = RAW_OPS[case]
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+            _check(_Call(torch_call), _Call(op_call), (x,), dynamo, opset_version=opset)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_fused_conv_bn_relu(dynamo):
+    """cnnops.fuse_conv_bn's ConvReLU modules (conv_forward's activation="relu") export as Conv + Relu."""
+    torch.manual_seed(0)
+    reference = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                            nn.Conv2d(8, 4, 1),
+                                            nn.BatchNorm2d(4))).eval()
+    fused = cnnops.fuse_conv_bn(_converted(reference))
+    assert any(isinstance(m, cnnops.nn.ConvReLU2d) for m in fused.modules())
+    _check(reference, fused, (torch.randn(2, 3, 7, 9),), dynamo, expect_ops=("Conv", "Relu"))
