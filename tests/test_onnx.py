@@ -15,6 +15,13 @@ pytest.importorskip("onnxscript")
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
 
+pytestmark = [
+    # torch 2.9+ warns on every TorchScript-exporter call; the tracer warns where cnnops.functional
+    # checks sizes in Python (constants in the trace, as in torch.nn.functional)
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
+
 
 def _export(model, args, dynamo, **kwargs):
     f = io.BytesIO()
@@ -449,3 +456,15 @@ def test_fused_conv_bn_relu(dynamo):
     fused = cnnops.fuse_conv_bn(_converted(reference))
     assert any(isinstance(m, cnnops.nn.ConvReLU2d) for m in fused.modules())
     _check(reference, fused, (torch.randn(2, 3, 7, 9),), dynamo, expect_ops=("Conv", "Relu"))
+
+
+def test_exported_program_with_translation_table():
+    """An ExportedProgram made before torch.onnx.export holds the cnnops ops themselves; the table
+    translates them."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                              nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3))).eval()
+    x = torch.randn(2, 3, 9, 13)
+    program = torch.export.export(_converted(reference), (x,))
+    assert any("cnnops" in str(node.target) for node in program.graph.nodes)
+    _check(reference, program, (x,), True, custom_translation_table=cnnops.onnx.translation_table())
