@@ -6,20 +6,24 @@ graph is the graph of the twin, which torch's exporters already translate to sta
 
 - torch.onnx.export(..., dynamo=True) runs torch.export with the ONNX export flag set; while it is
   set, cnnops.functional calls the twins instead of the cnnops ops (`ops` below), so the exported
-  program holds the aten ops that the same torch.nn model would give. (A global translation of the
-  cnnops ops themselves is not possible through public API: the exporter's registry is built per
-  export, and batch_norm_forward, whose schema mutates the running statistics, reaches it as a
-  higher-order auto_functionalized node.)
+  program holds the aten ops that the same torch.nn model would give. No public hook translates
+  the cnnops ops themselves in every export: the exporter builds its registry per call, and
+  batch_norm_forward, whose schema mutates the running statistics, reaches it as a higher-order
+  auto_functionalized_v2 node. translation_table() serves a model that calls the ops itself, through
+  the exporter's per-call custom_translation_table.
 - torch.onnx.export(..., dynamo=False) traces with torch.jit.trace, which records the cnnops ops
   as they are called (also by a user calling torch.ops.cnnops.* directly); the symbolic functions
   registered here (torch.onnx.register_custom_op_symbolic) map each one to torch's own symbolic
   function for its twin, or to standard ONNX ops where torch has none.
 
-What ONNX cannot express raises NotImplementedError while exporting, never a wrong graph:
-avg pool with divisor_override (torch's exporters ignore it).
+What ONNX cannot express raises NotImplementedError while exporting, never a wrong graph: avg pool
+with divisor_override (torch's exporters drop it), adaptive max pool with windows of different
+sizes.
 """
 import torch
 import torch.nn.functional as F
+
+from ._ops import CONV_ACTIVATIONS
 
 __all__ = ["exporting", "ops", "translation_table", "twin"]
 
@@ -52,6 +56,8 @@ def _divisor_override_error():
 
 
 def _conv_forward(input, weight, bias, stride, padding, dilation, groups, activation="none"):
+    torch._check(activation in CONV_ACTIVATIONS,
+                 lambda: f"activation: expected one of 'none', 'relu', but got activation='{activation}'")
     out = torch.convolution(input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     return torch.relu(out) if activation == "relu" else out
 
