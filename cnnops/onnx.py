@@ -6,7 +6,7 @@ graph is the graph of the twin, which torch's exporters already translate to sta
 
 - torch.onnx.export(..., dynamo=True) runs torch.export with the ONNX export flag set; while it is
   set, cnnops.functional calls the twins instead of the cnnops ops (`ops` below), so the exported
-  program holds the aten ops that the same torch.nn model would give. No public hook translates
+  program holds aten ops (as for the torch.nn model), not cnnops ones. No public hook translates
   the cnnops ops themselves in every export: the exporter builds its registry per call, and
   batch_norm_forward, whose schema mutates the running statistics, reaches it as a higher-order
   auto_functionalized_v2 node. translation_table() serves a model that calls the ops itself, through
