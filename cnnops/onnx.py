@@ -16,14 +16,14 @@ graph is the graph of the twin, which torch's exporters already translate to sta
   registered here (torch.onnx.register_custom_op_symbolic) map each one to torch's own symbolic
   function for its twin, or to standard ONNX ops where torch has none.
 
-What ONNX cannot express raises NotImplementedError while exporting, never a wrong graph: avg pool
-with divisor_override (torch's exporters drop it), adaptive max pool with windows of different
-sizes.
+What ONNX cannot express raises NotImplementedError while exporting, never a wrong graph: adaptive
+max pool with windows of different sizes, and the shape-dependent cases (adaptive pools, avg pool
+with divisor_override, which torch's exporters drop) without static spatial sizes.
 """
 import torch
 import torch.nn.functional as F
 
-from ._ops import CONV_ACTIVATIONS
+from ._ops import CONV_ACTIVATIONS, pool_output_size
 
 __all__ = ["exporting", "ops", "translation_table", "twin"]
 
@@ -43,11 +43,23 @@ except (ImportError, AttributeError):  # pragma: no cover - another torch layout
     exporting = torch.onnx.is_in_onnx_export
 
 
-def _divisor_override_error():
-    return NotImplementedError(
-        "cnnops ONNX export: avg pool with divisor_override has no ONNX equivalent (AveragePool divides by the "
-        "window size; torch's own exporters drop divisor_override and export a wrong graph); use "
-        "divisor_override=None, or multiply an avg pool by window_size / divisor_override yourself")
+def _divisor_override_end_pads(sizes, kernel_size, stride, padding, ceil_mode):
+    """avg pool with divisor_override d is sum / d over each window, clipped to the input. Padded
+    with zeros on the right until torch's last window fits, every window is whole, so an
+    AveragePool counting the padding (no ceil_mode) is sum / prod(kernel_size): out = that *
+    prod(kernel_size) / d. These right pads; they need static spatial sizes."""
+    if not all(isinstance(s, int) for s in sizes):
+        raise NotImplementedError("cnnops ONNX export: avg pool with divisor_override needs static spatial input "
+                                  f"sizes (the windows depend on them), but got {list(sizes)}")
+    return [max((pool_output_size(size, k, s, p, 1, ceil_mode) - 1) * s + k - size - p, 0)
+            for size, k, s, p in zip(sizes, kernel_size, stride, padding)]
+
+
+def _kernel_numel(kernel_size):
+    n = 1
+    for k in kernel_size:
+        n *= k
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +85,11 @@ def _max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 def _avg_pool_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    if divisor_override:
-        raise _divisor_override_error()
+    if divisor_override:  # torch's exporters drop divisor_override; ONNX's AveragePool has none
+        end = _divisor_override_end_pads(list(input.shape[2:]), kernel_size, stride, padding, ceil_mode)
+        pads = [v for p, e in zip(reversed(padding), reversed(end)) for v in (p, e)]  # F.pad: last dim first
+        out = _AVG_POOL[len(kernel_size)](F.pad(input, pads), kernel_size, stride)
+        return out * (_kernel_numel(kernel_size) / divisor_override)
     return _AVG_POOL[len(kernel_size)](input, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
 
@@ -297,11 +312,17 @@ def _max_pool_forward_symbolic(g, input, kernel_size, stride, padding, dilation,
 
 def _avg_pool_forward_symbolic(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                                divisor_override):
-    if _arg(divisor_override, "i"):
-        raise _divisor_override_error()
     dims = len(_arg(kernel_size, "is"))
     fn = _torch_symbolic(g, f"aten::avg_pool{dims}d")
-    return fn(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
+    divisor = _arg(divisor_override, "i")
+    if not divisor:
+        return fn(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
+    kernel, strides, pads = _arg(kernel_size, "is"), _arg(stride, "is"), _arg(padding, "is")
+    end = _divisor_override_end_pads(_static_sizes(input, "avg pool with divisor_override")[2:], kernel, strides, pads,
+                                     _arg(ceil_mode, "b"))
+    out = g.op("AveragePool", input, kernel_shape_i=kernel, strides_i=strides, pads_i=pads + end,
+               count_include_pad_i=1)
+    return g.op("Mul", out, _const(g, _kernel_numel(kernel) / divisor, _dtype(input)))
 
 
 def _adaptive_avg_pool_forward_symbolic(g, input, output_size):
@@ -441,11 +462,14 @@ def translation_table():
 
     def avg_pool_forward(input, kernel_size, stride, padding, ceil_mode: bool = False, count_include_pad: bool = True,
                          divisor_override: int = 0):
-        if divisor_override:
-            raise _divisor_override_error()
-        return op.AveragePool(input, kernel_shape=list(kernel_size), strides=list(stride),
-                              pads=list(padding) * 2, ceil_mode=int(ceil_mode),
-                              count_include_pad=int(count_include_pad))
+        if not divisor_override:
+            return op.AveragePool(input, kernel_shape=list(kernel_size), strides=list(stride),
+                                  pads=list(padding) * 2, ceil_mode=int(ceil_mode),
+                                  count_include_pad=int(count_include_pad))
+        end = _divisor_override_end_pads(list(input.shape)[2:], kernel_size, stride, padding, ceil_mode)
+        out = op.AveragePool(input, kernel_shape=list(kernel_size), strides=list(stride),
+                             pads=list(padding) + end, count_include_pad=1)
+        return op.Mul(out, op.CastLike(op.Constant(value_float=_kernel_numel(kernel_size) / divisor_override), input))
 
     def adaptive_avg_pool_forward(input, output_size):
         output_size = list(output_size)
