@@ -246,6 +246,34 @@ def test_dynamic_batch(dynamo):
         torch.testing.assert_close(torch.from_numpy(_run(proto, xn)[0]), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_dynamic_image_size(dynamo):
+    """Batch, height and width dynamic: every op but the shape-dependent ones (adaptive pools other
+    than global, divisor_override), which raise in the TorchScript exporter."""
+    torch.manual_seed(0)
+    reference = _randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.GroupNorm(4, 8), nn.AvgPool2d(2, ceil_mode=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())).eval()
+    model = _converted(reference)
+    if dynamo:
+        dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=8), 3: torch.export.Dim("w", min=8)}
+        kwargs = {"dynamic_shapes": (dims,)}
+    else:
+        kwargs = {"input_names": ["x"], "dynamic_axes": {"x": {0: "batch", 2: "h", 3: "w"}}}
+    proto = _export(model, (torch.randn(2, 3, 17, 20),), dynamo, **kwargs)
+    for shape in ((1, 3, 16, 16), (3, 3, 33, 21)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = reference(x)
+        torch.testing.assert_close(torch.from_numpy(_run(proto, x)[0]), expected, atol=1e-4, rtol=1e-4)
+    if not dynamo:
+        # (the dynamo exporter, when torch.export fails on a dynamic dim, retries with strict=True
+        # and the dims it had to specialize made static, for torch.nn's model alike)
+        uneven = cnnops.convert(nn.Sequential(nn.AdaptiveAvgPool2d((2, 3)))).eval()
+        with pytest.raises(NotImplementedError, match="static input sizes"):
+            _export(uneven, (torch.randn(1, 2, 8, 9),), dynamo, **kwargs)
+
+
 class _Call(nn.Module):
     def __init__(self, fn, *params):
         super().__init__()
