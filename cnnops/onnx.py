@@ -98,7 +98,34 @@ def _adaptive_windows(size, out):
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
 
 
-def _static_spatial(input, output_size, what):
+def _uniform_kernel(sizes, output_size):
+    """The kernel (= stride) when every adaptive window has one size (the output size divides the
+    input's), else None."""
+    if all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
+        return [s // o for s, o in zip(sizes, output_size)]
+    return None
+
+
+def _averaging_matrix(size, out, dtype):
+    """(size, out) matrix whose product with a dim averages each adaptive window (windows of
+    different sizes, which ONNX's pools cannot express)."""
+    weights = torch.zeros(size, out, dtype=torch.float64)
+    for j, (start, end) in enumerate(_adaptive_windows(size, out)):
+        weights[start:end, j] = 1.0 / (end - start)
+    return weights.to(dtype)
+
+
+def _adaptive_max_kernel(sizes, output_size):
+    kernel = _uniform_kernel(sizes, output_size)
+    if kernel is None:
+        raise NotImplementedError(
+            f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
+            f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
+            "the input size")
+    return kernel
+
+
+def _static_spatial(input, what):
     sizes = list(input.shape[2:])
     if not all(isinstance(s, int) for s in sizes):
         raise NotImplementedError(f"cnnops ONNX export: {what} needs static spatial input sizes (the windows "
@@ -114,16 +141,14 @@ def _adaptive_avg_pool_forward(input, output_size):
     dims = len(output_size)
     if output_size == [1] * dims:
         return input.mean(list(range(2, 2 + dims)), keepdim=True)
-    sizes = _static_spatial(input, output_size, "adaptive avg pool")
-    if all(s % o == 0 and o > 0 for s, o in zip(sizes, output_size)):
-        kernel = [s // o for s, o in zip(sizes, output_size)]
+    sizes = _static_spatial(input, "adaptive avg pool")
+    kernel = _uniform_kernel(sizes, output_size)
+    if kernel is not None:
         return _AVG_POOL[dims](input, kernel, kernel)
     out = input
     for d, (size, o) in enumerate(zip(sizes, output_size)):
-        weights = torch.zeros(size, o, dtype=input.dtype)
-        for j, (start, end) in enumerate(_adaptive_windows(size, o)):
-            weights[start:end, j] = 1.0 / (end - start)
-        out = torch.matmul(out.movedim(2 + d, -1), weights.to(input.device)).movedim(-1, 2 + d)
+        weights = _averaging_matrix(size, o, input.dtype).to(input.device)
+        out = torch.matmul(out.movedim(2 + d, -1), weights).movedim(-1, 2 + d)
     return out
 
 
@@ -131,13 +156,7 @@ def _adaptive_max_pool_forward(input, output_size):
     # A MaxPool when every window has one size (a global pool is one window); its indices are the
     # same flat per-plane positions.
     output_size = list(output_size)
-    sizes = _static_spatial(input, output_size, "adaptive max pool")
-    if not all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
-        raise NotImplementedError(
-            f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
-            f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
-            "the input size")
-    kernel = [s // o for s, o in zip(sizes, output_size)]
+    kernel = _adaptive_max_kernel(_static_spatial(input, "adaptive max pool"), output_size)
     return _MAX_POOL[len(kernel)](input, kernel, kernel, 0, 1, False, return_indices=True)
 
 
@@ -331,31 +350,21 @@ def _adaptive_avg_pool_forward_symbolic(g, input, output_size):
     if output_size == [1] * dims:
         return g.op("GlobalAveragePool", input)
     sizes = _static_sizes(input, "adaptive avg pool")[2:]
-    if all(s % o == 0 and o > 0 for s, o in zip(sizes, output_size)):
-        kernel = [s // o for s, o in zip(sizes, output_size)]
+    kernel = _uniform_kernel(sizes, output_size)
+    if kernel is not None:
         return g.op("AveragePool", input, kernel_shape_i=kernel, strides_i=kernel, pads_i=[0] * (2 * dims))
-    # Windows of different sizes: per dim, a product with the constant matrix averaging each one.
     out, rank = input, dims + 2
     for d, (size, o) in enumerate(zip(sizes, output_size)):
-        weights = torch.zeros(size, o, dtype=_dtype(input))
-        for j, (start, end) in enumerate(_adaptive_windows(size, o)):
-            weights[start:end, j] = 1.0 / (end - start)
+        weights = g.op("Constant", value_t=_averaging_matrix(size, o, _dtype(input)))
         perm = list(range(rank))
         perm[2 + d], perm[-1] = perm[-1], perm[2 + d]
-        out = g.op("Transpose", g.op("MatMul", g.op("Transpose", out, perm_i=perm), g.op("Constant", value_t=weights)),
-                   perm_i=perm)
+        out = g.op("Transpose", g.op("MatMul", g.op("Transpose", out, perm_i=perm), weights), perm_i=perm)
     return out
 
 
 def _adaptive_max_pool_forward_symbolic(g, input, output_size):
     output_size = _arg(output_size, "is")
-    sizes = _static_sizes(input, "adaptive max pool")[2:]
-    if not all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
-        raise NotImplementedError(
-            f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
-            f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
-            "the input size")
-    kernel = [s // o for s, o in zip(sizes, output_size)]
+    kernel = _adaptive_max_kernel(_static_sizes(input, "adaptive max pool")[2:], output_size)
     fn = _torch_symbolic(g, f"aten::max_pool{len(kernel)}d_with_indices")
     return fn(g, input, kernel, kernel, [0] * len(kernel), [1] * len(kernel), False)
 
@@ -431,7 +440,6 @@ def translation_table():
     sees it as a higher_order.auto_functionalized_v2 node, which no table entry can match; call
     cnnops.functional.batch_norm, or export with dynamo=False.
     """
-    import numpy as np
     import onnx_ir as ir
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops import core as tl_core
@@ -477,29 +485,21 @@ def translation_table():
         if output_size == [1] * dims:
             return op.GlobalAveragePool(input)
         sizes = static_spatial(input, "adaptive avg pool")
-        if all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
-            kernel = [s // o for s, o in zip(sizes, output_size)]
+        kernel = _uniform_kernel(sizes, output_size)
+        if kernel is not None:
             return op.AveragePool(input, kernel_shape=kernel, strides=kernel, pads=[0] * (2 * dims))
         out, rank = input, dims + 2
         for d, (size, o) in enumerate(zip(sizes, output_size)):
-            weights = np.zeros((size, o), dtype=np.float32)
-            for j, (start, end) in enumerate(_adaptive_windows(size, o)):
-                weights[start:end, j] = 1.0 / (end - start)
             perm = list(range(rank))
             perm[2 + d], perm[-1] = perm[-1], perm[2 + d]
+            weights = _averaging_matrix(size, o, torch.float64).numpy()
             matrix = op.CastLike(op.Constant(value=ir.tensor(weights)), input)
             out = op.Transpose(op.MatMul(op.Transpose(out, perm=perm), matrix), perm=perm)
         return out
 
     def adaptive_max_pool_forward(input, output_size):
         output_size = list(output_size)
-        sizes = static_spatial(input, "adaptive max pool")
-        if not all(o > 0 and s % o == 0 for s, o in zip(sizes, output_size)):
-            raise NotImplementedError(
-                f"cnnops ONNX export: adaptive max pool to output_size={tuple(output_size)} from spatial size "
-                f"{tuple(sizes)}: ONNX has no max over windows of different sizes; use an output size that divides "
-                "the input size")
-        kernel = [s // o for s, o in zip(sizes, output_size)]
+        kernel = _adaptive_max_kernel(static_spatial(input, "adaptive max pool"), output_size)
         return max_pool[len(kernel)](input, kernel, kernel, [0] * len(kernel), [1] * len(kernel), False)
 
     def max_unpool_forward(input, indices, output_size):
