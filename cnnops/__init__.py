@@ -4,6 +4,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
 from . import autograd, functional, nn  # noqa: F401
+from . import onnx  # noqa: F401  (ONNX export: cnnops/onnx.py)
 from .conversion import ConvertReport, convert
 from .counting import Complexity, complexity
 from .fuse import FuseReport, fuse_conv_bn

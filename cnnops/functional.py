@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _C
-from ._ops import call, fast_call_ok, ops
+from ._ops import call, fast_call_ok
+from .onnx import ops  # torch.ops.cnnops, the torch twins while torch.onnx.export runs
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
@@ -487,6 +488,9 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     if output_size is not None and not isinstance(output_size, (tuple, list, torch.Size)):
         raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
+    if torch.jit.is_tracing():  # the tracer gives sizes as 0-dim tensors; the trace holds them as constants
+        sizes = [int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() else v
+                 for v in sizes]
     for i, v in enumerate(sizes):  # torch's C++ argument parser, before the op checks the length
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
