@@ -3,7 +3,7 @@ as drop-in replacements for torch.nn modules and torch.nn.functional functions."
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
-from . import autograd, flops, functional, nn  # noqa: F401
+from . import ao, autograd, flops, functional, nn  # noqa: F401
 from .conversion import ConvertReport, convert, revert
 from .counting import Complexity, complexity
 from .fuse import FuseReport, fuse_conv_bn
