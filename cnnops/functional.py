@@ -4,14 +4,19 @@ Argument normalisation and the checks torch makes in Python live here; shape, dt
 device checks are in C++ (csrc/common) so the raw ops are safe on their own. Each function ends
 in one op call (autograd, autocast and tracing live on the op's dispatch keys), made through
 cnnops._C.call in eager mode and through torch.ops otherwise (cnnops._ops.fast_call_ok).
+
+An input that is not a Tensor but has __torch_function__ (an FX Proxy) gets its override with
+the public function, as torch.nn.functional's functions do: torch.fx.symbolic_trace records
+each call as one call_function node (cnnops/_fx.py). Tensors, subclasses included, never pay
+more than the isinstance check the argument checks make anyway.
 """
 import numbers
 
 import torch
 import torch.nn.functional as F
 
-from . import _C
-from ._ops import call, fast_call_ok, ops
+from . import _C, _fx
+from ._ops import _has_torch_function, call, fast_call_ok, ops
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
@@ -61,6 +66,12 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
     """conv{dims}d; _activation="relu" (private, for cnnops.nn.ConvReLU*) fuses a ReLU into the
     kernel's output step: relu(conv{dims}d(...)) in one op."""
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        if _has_torch_function((input, weight, bias)):  # an FX Proxy: one node
+            if _activation != "none":  # cnnops.nn.ConvReLU*d traced through: this function, activation kept
+                return _fx.handle(_conv, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                  groups, dims, _activation=_activation)
+            return _fx.handle(globals()[f"conv{dims}d"], (input, weight, bias), input, weight, bias, stride,
+                              padding, dilation, groups)
         raise TypeError(
             f"conv{dims}d(): input and weight must be Tensors, but got "
             f"{type(input).__name__} and {type(weight).__name__}"
@@ -174,12 +185,16 @@ def _check_pool_tensor(input, fname, name="input"):
         raise TypeError(f"{fname}(): argument '{name}' must be Tensor, not {type(input).__name__}")
 
 
+_QUANTIZED_HINT = ("; cnnops has no quantized kernels: call cnnops.revert(model) before torch.ao.quantization "
+                   "prepares the model")
+
+
 def _check_floating(input, fname):
     """cnnops' kernels are for floating-point tensors; torch either computes integer pools or
     raises NotImplementedError, so anything else is a gap cnnops names, never a wrong result."""
     if not input.is_floating_point():
         raise NotImplementedError(f"cnnops {fname}: input dtype {input.dtype} is not supported "
-                                  f"(floating-point inputs only)")
+                                  f"(floating-point inputs only){_QUANTIZED_HINT if input.is_quantized else ''}")
 
 
 def _check_pool_rank(input, dims, fname):
@@ -265,6 +280,9 @@ def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, af
 
 def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, dims):
     fname = f"max_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(globals()[fname], (input,), input, kernel_size, stride, padding, dilation, ceil_mode,
+                          return_indices)
     _check_pool_tensor(input, fname)
     _check_bool(ceil_mode, "ceil_mode", fname)
     kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation,
@@ -296,6 +314,9 @@ def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims):
     fname = f"avg_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        args = (kernel_size, stride, padding, ceil_mode, count_include_pad) + ((divisor_override,) if dims > 1 else ())
+        return _fx.handle(globals()[fname], (input,), input, *args)
     _check_pool_tensor(input, fname)
     _check_bool(ceil_mode, "ceil_mode", fname)
     _check_bool(count_include_pad, "count_include_pad", fname)
@@ -382,6 +403,8 @@ def _check_adaptive_input(input, dims, fname, allow_zero_channels):
 
 def _adaptive_avg_pool(input, output_size, dims):
     fname = f"adaptive_avg_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(globals()[fname], (input,), input, output_size)
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     if sizes == [1] * dims:
@@ -421,6 +444,8 @@ def adaptive_avg_pool3d(input, output_size):
 
 def _adaptive_max_pool(input, output_size, return_indices, dims):
     fname = f"adaptive_max_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(globals()[fname], (input,), input, output_size, return_indices)
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
@@ -490,6 +515,9 @@ def _unpool_output_size(input, kernel_size, stride, padding, output_size):
 
 def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims):
     fname = f"max_unpool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input, indices)):
+        return _fx.handle(globals()[fname], (input, indices), input, indices, kernel_size, stride, padding,
+                          output_size)
     _check_pool_tensor(input, fname)
     _check_pool_tensor(indices, fname, "indices")
     kernel_size = _ntuple(kernel_size, dims)
@@ -622,7 +650,8 @@ def _check_tensor(input, fn):
         raise TypeError(f"{fn}(): input must be a Tensor, but got {type(input).__name__}")
     if not input.is_floating_point():
         raise NotImplementedError(f"\"{fn}\" not implemented for input of dtype {input.dtype} "
-                                  "(cnnops supports float32, float64, bfloat16 and float16)")
+                                  "(cnnops supports float32, float64, bfloat16 and float16)"
+                                  f"{_QUANTIZED_HINT if input.is_quantized else ''}")
 
 
 _BATCH_NORM_FORWARD = _C.op("batch_norm_forward")
@@ -635,6 +664,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """As torch.nn.functional.batch_norm. In training, the running statistics (when given) are
     updated in place: running = (1 - momentum) * running + momentum * batch statistic, with the
     unbiased variance."""
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(batch_norm, (input,), input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_tensor(input, "batch_norm")
     if training:
         _verify_batch_size(input.size())
@@ -701,6 +732,8 @@ def _empty_batch_norm(input, weight, bias):
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """As torch.nn.functional.layer_norm: normalizes over the trailing normalized_shape."""
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(layer_norm, (input,), input, normalized_shape, weight, bias, eps)
     _check_tensor(input, "layer_norm")
     if type(normalized_shape) in (tuple, list, torch.Size) and all(type(s) is int for s in normalized_shape):
         pass  # the common case, checked without the abstract number types
@@ -730,6 +763,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """As torch.nn.functional.group_norm: statistics per (sample, group of C / num_groups
     channels), affine per channel."""
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(group_norm, (input,), input, num_groups, weight, bias, eps)
     _check_tensor(input, "group_norm")
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
@@ -759,6 +794,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     per-channel average over the batch of the per-instance statistics). use_input_stats=False:
     normalizes with the running statistics, a per-channel scale and shift (batch norm in eval).
     """
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(instance_norm, (input,), input, running_mean, running_var, weight, bias, use_input_stats,
+                          momentum, eps)
     _check_tensor(input, "instance_norm")
     if use_input_stats:
         _verify_spatial_size(input.size())
