@@ -527,6 +527,8 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
     for i, v in enumerate(sizes):  # torch's C++ argument parser, before the op checks the length
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and torch.jit.is_tracing():
+            continue  # a size torch.jit.trace records as computed from the input's shape, as torch's
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
