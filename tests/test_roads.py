@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
+from torch import nn
 
 import cnnops
 import cnnops.functional as CF
@@ -157,7 +157,10 @@ def test_fx_symbolic_trace(family):
 
 @pytest.mark.parametrize("family", ["resnet", "mobilenet", "unet"])
 def test_create_feature_extractor(family):
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
 
     ref, model, x = pair(family)
     assert get_graph_node_names(model) == get_graph_node_names(ref)
@@ -270,14 +273,14 @@ def torchscript_runs(tmp_path_factory):
                         warnings.simplefilter("ignore")
                         program = torch.jit.trace(m, x) if road == "trace" else torch.jit.script(m)
                     program.save(path)
-                except Exception as error:  # torch.nn.MaxUnpool2d does not script
+                except (RuntimeError, TypeError) as error:  # torch.nn.MaxUnpool2d does not script or trace
                     results[(family, road, kind)] = (error, 0)
                     continue
                 jobs.append(((family, road, kind), path, x_path))
     spec = json.dumps([["|".join(key), path, x_path] for key, path, x_path in jobs])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", _LOADER, spec], capture_output=True, text=True, env=env,
-                          cwd=str(tmp), timeout=600)
+                          cwd=str(tmp), timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     for key, path, _ in jobs:
