@@ -638,3 +638,35 @@ def test_export_save_load_hooks_checkpoint_profiler(tmp_path):
     with torch.profiler.profile() as prof:
         model(x)
     assert any(e.key.startswith("cnnops::conv_forward") for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fuse_modules_bn_relu(dims):
+    from torch.ao.quantization import fuse_modules_qat
+
+    bn = nn.BatchNorm2d(4) if dims == 2 else nn.BatchNorm3d(4)
+    ref = nn.Sequential(bn, nn.ReLU()).train()
+    model = cnnops.convert(copy.deepcopy(ref))
+    fused_ref, fused = fuse_modules_qat(ref, [["0", "1"]]), fuse_modules_qat(model, [["0", "1"]])
+    assert type(fused[0]) is type(fused_ref[0]) and type(fused[0][0]) is SUPPORTED[type(bn)]
+    x = torch.randn(2, 4, *[5] * dims)
+    assert_close(fused(x), fused_ref(x))
+    assert_close(fused[0][0].running_mean, fused_ref[0][0].running_mean)
+
+
+def test_fused_conv_relu_scripts_traces_and_fx_traces():
+    """cnnops.fuse_conv_bn's ConvReLU modules (relu inside the conv op) on every road."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    with torch.no_grad():
+        ref[1].running_var.uniform_(0.5, 2)
+    fused = cnnops.fuse_conv_bn(cnnops.convert(copy.deepcopy(ref)))
+    assert any(type(m).__name__ == "ConvReLU2d" for m in fused.modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = ref(x)
+        scripted = torch.jit.script(fused)
+        assert "cnnops::conv_forward" in str(scripted.inlined_graph)
+        assert_close(scripted(x), expected)
+        assert_close(torch.jit.trace(fused, x)(x), expected)
+        assert_close(torch.fx.symbolic_trace(fused)(x), expected)
