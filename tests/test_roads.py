@@ -670,3 +670,44 @@ def test_fused_conv_relu_scripts_traces_and_fx_traces():
         assert_close(scripted(x), expected)
         assert_close(torch.jit.trace(fused, x)(x), expected)
         assert_close(torch.fx.symbolic_trace(fused)(x), expected)
+
+
+def test_prepare_fx_raises_on_functional_calls():
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return CF.max_pool2d(CF.conv2d(x, self.weight), 2)
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(NotImplementedError, match=r"cnnops\.functional\.conv2d.*cnnops\.revert"):
+        prepare_fx(Functional(), get_default_qconfig_mapping("x86"), (x,))
+
+
+def test_fx_sync_batch_norm_and_unpool_kwargs():
+    """SyncBatchNorm (which is not a torch.nn.SyncBatchNorm subclass) and MaxUnpool with an
+    output_size computed from a traced tensor, as SegNet-style decoders call it."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.SyncBatchNorm(3)
+            self.pool = nn.MaxPool2d(2, return_indices=True)
+            self.unpool = nn.MaxUnpool2d(2)
+
+        def forward(self, x):
+            y, i = self.pool(self.bn(x))
+            return self.unpool(y, i, output_size=x.size())
+
+    ref = Net().eval()
+    model = cnnops.convert(copy.deepcopy(ref))
+    traced = torch.fx.symbolic_trace(model)
+    assert {type(traced.get_submodule(n.target)) for n in traced.graph.nodes if n.op == "call_module"} == {
+        cnn.SyncBatchNorm, cnn.MaxPool2d, cnn.MaxUnpool2d}
+    x = torch.randn(2, 3, 9, 9)
+    assert_close(traced(x), ref(x))
