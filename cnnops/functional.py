@@ -7,8 +7,9 @@ cnnops._C.call in eager mode and through torch.ops otherwise (cnnops._ops.fast_c
 
 An input that is not a Tensor but has __torch_function__ (an FX Proxy) gets its override with
 the public function, as torch.nn.functional's functions do: torch.fx.symbolic_trace records
-each call as one call_function node (cnnops/_fx.py). Tensors, subclasses included, never pay
-more than the isinstance check the argument checks make anyway.
+each call as one call_function node (cnnops/_fx.py). A Tensor pays one isinstance check for it
+(the convolutions none: their argument checks make it anyway); Tensor subclasses and
+TorchFunctionModes see the op (torch.ops.cnnops.*) in __torch_function__.
 """
 import numbers
 

@@ -3,7 +3,7 @@
 Each module subclasses its torch.nn twin, so the constructor, parameter and buffer names,
 initialisation, state_dict and repr are torch's own; only the computation is cnnops'.
 
-Every forward starts with two branches eager mode pays two cheap checks for: under
+Every forward starts with two branches, which cost eager mode two cheap checks: under
 torch.jit.script (TorchScript compiles only that branch) it calls the ops through
 cnnops/_script.py, and called on an FX Proxy it is recorded where its torch.nn twin would be
 (cnnops/_fx.py).
