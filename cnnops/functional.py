@@ -12,6 +12,7 @@ each call as one call_function node (cnnops/_fx.py). A Tensor pays one isinstanc
 TorchFunctionModes see the op (torch.ops.cnnops.*) in __torch_function__.
 """
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,17 @@ from ._ops import _has_torch_function, call, fast_call_ok, ops
 __all__ = ["conv1d", "conv2d", "conv3d"]
 
 
+def _untraced(value):
+    """torch.jit.trace hands ints computed from shapes over as 0-dim tensors (sequences of them):
+    their values, which the trace records as constants with torch's TracerWarning, as torch's
+    argument parser does for int arguments."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(_untraced(v) for v in value)
+    return value
+
+
 def _expand(value, name, dims):
     """An int or a sequence of 1 or `dims` ints, as torch's expand_param_if_needed."""
     # Fast paths for what modules and most callers pass (an int, or a tuple of `dims` ints):
@@ -30,6 +42,8 @@ def _expand(value, name, dims):
         return (value,) * dims
     if type(value) is tuple and len(value) == dims and all(type(v) is int for v in value):
         return value
+    if torch.jit.is_tracing():
+        value = _untraced(value)
     values = [value] if isinstance(value, numbers.Integral) else list(value)
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name} must be an int or a tuple of {dims} ints, but got {name}={value!r}")
@@ -159,6 +173,8 @@ def _pool_ints(value, name, dims, fname):
         return [value] * dims
     if type(value) in (tuple, list) and len(value) == dims and all(type(v) is int for v in value):
         return list(value)
+    if torch.jit.is_tracing():
+        value = _untraced(value)
     if _is_int(value):
         return [value] * dims
     if isinstance(value, bool) or not isinstance(value, (tuple, list, torch.Size)):
@@ -363,6 +379,15 @@ def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 def _adaptive_output_size(input, output_size, dims, fname):
     """torch's rules: an int is repeated; 1d takes exactly one int; 2d/3d take `dims` entries,
     None meaning the input's size along that dim (torch.nn.modules.utils._list_with_default)."""
+    try:
+        return _resolve_adaptive_output_size(input, output_size, dims, fname)
+    except TypeError:
+        if not torch.jit.is_tracing():
+            raise
+        return _resolve_adaptive_output_size(input, _untraced(output_size), dims, fname)
+
+
+def _resolve_adaptive_output_size(input, output_size, dims, fname):
     if type(output_size) is int or _is_int(output_size):
         sizes = [output_size] * dims
     elif dims == 1:
@@ -529,7 +554,11 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
     for i, v in enumerate(sizes):  # torch's C++ argument parser, before the op checks the length
         if isinstance(v, torch.Tensor) and v.dim() == 0 and torch.jit.is_tracing():
-            continue  # a size torch.jit.trace records as computed from the input's shape, as torch's
+            # a size computed from the input's shape: the op takes it as a constant (torch cannot
+            # trace max_unpool at all), so the trace holds for the traced input size only
+            warnings.warn(f"{fname}: the output size is fixed at {int(v)} in the trace; the traced program gives "
+                          "wrong results for inputs of other sizes", torch.jit.TracerWarning, stacklevel=3)
+            continue
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
@@ -740,7 +769,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     _check_tensor(input, "layer_norm")
     if type(normalized_shape) in (tuple, list, torch.Size) and all(type(s) is int for s in normalized_shape):
         pass  # the common case, checked without the abstract number types
-    elif isinstance(normalized_shape, numbers.Integral) or not all(
+    elif torch.jit.is_tracing() and isinstance(normalized_shape, (tuple, list, torch.Size)):
+        normalized_shape = _untraced(normalized_shape)
+    if isinstance(normalized_shape, numbers.Integral) or not all(
         isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in normalized_shape
     ):
         raise TypeError(f"layer_norm(): argument 'normalized_shape' must be tuple of ints, "

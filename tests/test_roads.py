@@ -711,3 +711,23 @@ def test_fx_sync_batch_norm_and_unpool_kwargs():
         cnn.SyncBatchNorm, cnn.MaxPool2d, cnn.MaxUnpool2d}
     x = torch.randn(2, 3, 9, 9)
     assert_close(traced(x), ref(x))
+
+
+def test_jit_trace_functional_with_shape_derived_arguments():
+    """Ints computed from shapes reach cnnops.functional as 0-dim tensors under jit.trace: taken
+    as their values (a TracerWarning says the trace fixes them), torch's results at that size."""
+    w = torch.randn(4, 4, 3, 3)
+
+    def f(M, x):
+        y = M.conv2d(x, w, None, 1, w.size(-1) // 2)
+        y = M.max_pool2d(y, x.size(-1) // 4)
+        y = M.adaptive_avg_pool2d(y, (y.shape[-2] // 2, y.size(-1) // 2))
+        y, i = M.max_pool2d(y, 2, return_indices=True)
+        y = M.max_unpool2d(y, i, 2, output_size=[2 * s for s in y.shape[-2:]])
+        return M.layer_norm(y, y.shape[-1:])
+
+    x = torch.randn(2, 4, 16, 16)
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(lambda t: f(CF, t), x, check_trace=False)
+    assert "cnnops::max_unpool_forward" in str(traced.graph)
+    assert_close(traced(x), f(torch.nn.functional, x))
