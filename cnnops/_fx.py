@@ -44,6 +44,8 @@ def module_node(module, args, kwargs=None):
         return None  # not traced: the eager forward raises what it raises for a non-tensor
     tracer = proxy.tracer
     _check_not_quantizing(tracer, type(module))
+    if module is getattr(tracer, "root", None):
+        return None  # the traced module itself: its forward is traced, as torch traces its twin's
     path = tracer.path_of_module(module)
     stand_in = object.__new__(_torch_twin(type(module)))  # the twin's view of the same attributes
     stand_in.__dict__.update(module.__dict__)

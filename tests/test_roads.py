@@ -731,3 +731,26 @@ def test_jit_trace_functional_with_shape_derived_arguments():
         traced = torch.jit.trace(lambda t: f(CF, t), x, check_trace=False)
     assert "cnnops::max_unpool_forward" in str(traced.graph)
     assert_close(traced(x), f(torch.nn.functional, x))
+
+
+@pytest.mark.parametrize("make_module", [lambda: nn.Conv2d(3, 4, 3), lambda: nn.MaxPool2d(2, return_indices=True),
+                                         lambda: nn.GroupNorm(1, 3), lambda: nn.BatchNorm2d(3),
+                                         lambda: nn.InstanceNorm2d(3)],
+                         ids=["conv", "maxpool", "groupnorm", "batchnorm", "instancenorm"])
+def test_fx_symbolic_trace_of_a_module_itself(make_module):
+    """The traced root's forward is traced (no call_module of itself), as torch traces its twin's:
+    where torch's forward traces, cnnops' gives call_function nodes; where torch's raises
+    TraceError (batch and instance norm check the input's rank), so does cnnops'."""
+    ref = make_module().eval()
+    model = cnnops.convert(copy.deepcopy(ref))
+    try:
+        traced_ref = torch.fx.symbolic_trace(ref)
+    except torch.fx.proxy.TraceError:
+        with pytest.raises(torch.fx.proxy.TraceError):
+            torch.fx.symbolic_trace(model)
+        return
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.op for n in traced.graph.nodes] == [n.op for n in traced_ref.graph.nodes]
+    assert all(n.target.__module__ == "cnnops.functional" for n in traced.graph.nodes if n.op == "call_function")
+    x = torch.randn(2, 3, 8, 8)
+    assert_close(traced(x), traced_ref(x))
