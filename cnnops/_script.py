@@ -112,7 +112,9 @@ def instance_norm(input: Tensor, running_mean: Tensor | None, running_var: Tenso
     F._verify_spatial_size(input.size())
     out, mean, invstd = torch.ops.cnnops.group_norm_forward(input, weight, bias, input.size(1), eps)
     if running_mean is not None and running_var is not None:
-        spatial = input.numel() // (input.size(0) * input.size(1))
+        spatial = 1
+        for size in input.shape[2:]:
+            spatial *= size
         with torch.no_grad():
             batch_mean = mean.mean(0)
             batch_var = (invstd.pow(-2) - eps).mean(0) * (spatial / (spatial - 1))

@@ -754,3 +754,17 @@ def test_fx_symbolic_trace_of_a_module_itself(make_module):
     assert all(n.target.__module__ == "cnnops.functional" for n in traced.graph.nodes if n.op == "call_function")
     x = torch.randn(2, 3, 8, 8)
     assert_close(traced(x), traced_ref(x))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_jit_script_empty_batch(train):
+    """Batch 0 under script: torch's outputs and running statistics (NaN for instance norm)."""
+    x = torch.randn(0, 3, 4, 4)
+    for make_module in (lambda: nn.BatchNorm2d(3), lambda: nn.InstanceNorm2d(3, track_running_stats=True),
+                        lambda: nn.GroupNorm(1, 3), lambda: nn.Conv2d(3, 2, 1), lambda: nn.MaxPool2d(2),
+                        lambda: nn.AdaptiveAvgPool2d(2)):
+        ref = make_module().train(train)
+        scripted_ref, scripted = torch.jit.script(ref), torch.jit.script(cnnops.convert(copy.deepcopy(ref)))
+        assert_close(scripted(x), scripted_ref(x))
+        torch.testing.assert_close(list(scripted.state_dict().values()), list(scripted_ref.state_dict().values()),
+                                   equal_nan=True)
