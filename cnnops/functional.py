@@ -4,17 +4,35 @@ Argument normalisation and the checks torch makes in Python live here; shape, dt
 device checks are in C++ (csrc/common) so the raw ops are safe on their own. Each function ends
 in one op call (autograd, autocast and tracing live on the op's dispatch keys), made through
 cnnops._C.call in eager mode and through torch.ops otherwise (cnnops._ops.fast_call_ok).
+
+An input that is not a Tensor but has __torch_function__ (an FX Proxy) gets its override with
+the public function, as torch.nn.functional's functions do: torch.fx.symbolic_trace records
+each call as one call_function node (cnnops/_fx.py). A Tensor pays one isinstance check for it
+(the convolutions none: their argument checks make it anyway); Tensor subclasses and
+TorchFunctionModes see the op (torch.ops.cnnops.*) in __torch_function__.
 """
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import _C
-from ._ops import call, fast_call_ok
+from . import _C, _fx
+from ._ops import _has_torch_function, call, fast_call_ok
 from .onnx import ops  # torch.ops.cnnops, the torch twins while torch.onnx.export runs
 
 __all__ = ["conv1d", "conv2d", "conv3d"]
+
+
+def _untraced(value):
+    """torch.jit.trace hands ints computed from shapes over as 0-dim tensors (sequences of them):
+    their values, which the trace records as constants with torch's TracerWarning, as torch's
+    argument parser does for int arguments."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(_untraced(v) for v in value)
+    return value
 
 
 def _int_tuple(value, name, dims, fname=None, check=True):
@@ -28,6 +46,8 @@ def _int_tuple(value, name, dims, fname=None, check=True):
         return (value,) * dims
     if type(value) in (tuple, list) and len(value) == dims and all(type(v) is int for v in value):
         return tuple(value)
+    if torch.jit.is_tracing():
+        value = _untraced(value)
     if not check:
         return tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value,) * dims
     if fname is None:
@@ -81,6 +101,12 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, dims, *, _acti
     """conv{dims}d; _activation="relu" (private, for cnnops.nn.ConvReLU*) fuses a ReLU into the
     kernel's output step: relu(conv{dims}d(...)) in one op."""
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        if _has_torch_function((input, weight, bias)):  # an FX Proxy: one node
+            if _activation != "none":  # cnnops.nn.ConvReLU*d traced through: this function, activation kept
+                return _fx.handle(_conv, (input, weight, bias), input, weight, bias, stride, padding, dilation,
+                                  groups, dims, _activation=_activation)
+            return _fx.handle(globals()[f"conv{dims}d"], (input, weight, bias), input, weight, bias, stride,
+                              padding, dilation, groups)
         raise TypeError(
             f"conv{dims}d(): input and weight must be Tensors, but got "
             f"{type(input).__name__} and {type(weight).__name__}"
@@ -169,12 +195,16 @@ def _check_pool_tensor(input, fname, name="input"):
         raise TypeError(f"{fname}(): argument '{name}' must be Tensor, not {type(input).__name__}")
 
 
+_QUANTIZED_HINT = ("; cnnops has no quantized kernels: call cnnops.revert(model) before torch.ao.quantization "
+                   "prepares the model")
+
+
 def _check_floating(input, fname):
     """cnnops' kernels are for floating-point tensors; torch either computes integer pools or
     raises NotImplementedError, so anything else is a gap cnnops names, never a wrong result."""
     if not input.is_floating_point():
         raise NotImplementedError(f"cnnops {fname}: input dtype {input.dtype} is not supported "
-                                  f"(floating-point inputs only)")
+                                  f"(floating-point inputs only){_QUANTIZED_HINT if input.is_quantized else ''}")
 
 
 def _check_pool_rank(input, dims, fname):
@@ -261,6 +291,9 @@ def _resolve_window_args(fname, dims, kernel_size, stride, padding, dilation, af
 
 def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, dims):
     fname = f"max_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(globals()[fname], (input,), input, kernel_size, stride, padding, dilation, ceil_mode,
+                          return_indices)
     _check_pool_tensor(input, fname)
     _check_bool(ceil_mode, "ceil_mode", fname)
     kernel_size, stride, padding, dilation = _window_args(fname, dims, kernel_size, stride, padding, dilation,
@@ -292,6 +325,9 @@ def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims):
     fname = f"avg_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        args = (kernel_size, stride, padding, ceil_mode, count_include_pad) + ((divisor_override,) if dims > 1 else ())
+        return _fx.handle(globals()[fname], (input,), input, *args)
     _check_pool_tensor(input, fname)
     _check_bool(ceil_mode, "ceil_mode", fname)
     _check_bool(count_include_pad, "count_include_pad", fname)
@@ -337,6 +373,15 @@ def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 def _adaptive_output_size(input, output_size, dims, fname):
     """torch's rules: an int is repeated; 1d takes exactly one int; 2d/3d take `dims` entries,
     None meaning the input's size along that dim (torch.nn.modules.utils._list_with_default)."""
+    try:
+        return _resolve_adaptive_output_size(input, output_size, dims, fname)
+    except TypeError:
+        if not torch.jit.is_tracing():
+            raise
+        return _resolve_adaptive_output_size(input, _untraced(output_size), dims, fname)
+
+
+def _resolve_adaptive_output_size(input, output_size, dims, fname):
     if type(output_size) is int or _is_int(output_size):
         sizes = [output_size] * dims
     elif dims == 1:
@@ -379,6 +424,8 @@ def _check_adaptive_input(input, dims, fname, allow_zero_channels):
 
 def _adaptive_avg_pool(input, output_size, dims):
     fname = f"adaptive_avg_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(globals()[fname], (input,), input, output_size)
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     if sizes == [1] * dims:
@@ -418,6 +465,8 @@ def adaptive_avg_pool3d(input, output_size):
 
 def _adaptive_max_pool(input, output_size, return_indices, dims):
     fname = f"adaptive_max_pool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(globals()[fname], (input,), input, output_size, return_indices)
     _check_pool_tensor(input, fname)
     sizes = _adaptive_output_size(input, output_size, dims, fname)
     _check_adaptive_input(input, dims, fname, allow_zero_channels=False)
@@ -480,6 +529,9 @@ def _unpool_output_size(input, kernel_size, stride, padding, output_size):
 
 def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims):
     fname = f"max_unpool{dims}d"
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input, indices)):
+        return _fx.handle(globals()[fname], (input, indices), input, indices, kernel_size, stride, padding,
+                          output_size)
     _check_pool_tensor(input, fname)
     _check_pool_tensor(indices, fname, "indices")
     kernel_size = _int_tuple(kernel_size, "kernel_size", dims, check=False)
@@ -488,13 +540,19 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
     if output_size is not None and not isinstance(output_size, (tuple, list, torch.Size)):
         raise TypeError(f"{fname}(): output_size must be a sequence of ints, but got {type(output_size).__name__}")
     sizes = _unpool_output_size(input, kernel_size, stride, padding, output_size)
-    if torch.jit.is_tracing():  # the tracer gives sizes as 0-dim tensors; the trace holds them as constants
-        sizes = [int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() else v
-                 for v in sizes]
     for i, v in enumerate(sizes):  # torch's C++ argument parser, before the op checks the length
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and torch.jit.is_tracing():
+            # a size computed from the input's shape: the op takes it as a constant (torch cannot
+            # trace max_unpool at all), so the trace holds for the traced input size only
+            warnings.warn(f"{fname}: the output size is fixed at {int(v)} in the trace; the traced program gives "
+                          "wrong results for inputs of other sizes", torch.jit.TracerWarning, stacklevel=3)
+            continue
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
+    if torch.jit.is_tracing():  # the values of those 0-dim tensors, constants in the trace
+        sizes = [int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() else v
+                 for v in sizes]
         if not -(2**63) <= v < 2**63:
             raise TypeError(f"{fname}(): argument 'output_size' failed to unpack the object at pos {i} with error "
                             "\"Overflow when unpacking long long\"")
@@ -613,7 +671,8 @@ def _check_tensor(input, fn):
         raise TypeError(f"{fn}(): input must be a Tensor, but got {type(input).__name__}")
     if not input.is_floating_point():
         raise NotImplementedError(f"\"{fn}\" not implemented for input of dtype {input.dtype} "
-                                  "(cnnops supports float32, float64, bfloat16 and float16)")
+                                  "(cnnops supports float32, float64, bfloat16 and float16)"
+                                  f"{_QUANTIZED_HINT if input.is_quantized else ''}")
 
 
 _BATCH_NORM_FORWARD = _C.op("batch_norm_forward")
@@ -626,6 +685,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """As torch.nn.functional.batch_norm. In training, the running statistics (when given) are
     updated in place: running = (1 - momentum) * running + momentum * batch statistic, with the
     unbiased variance."""
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(batch_norm, (input,), input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_tensor(input, "batch_norm")
     if training:
         _verify_batch_size(input.size())
@@ -692,10 +753,14 @@ def _empty_batch_norm(input, weight, bias):
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """As torch.nn.functional.layer_norm: normalizes over the trailing normalized_shape."""
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(layer_norm, (input,), input, normalized_shape, weight, bias, eps)
     _check_tensor(input, "layer_norm")
     if type(normalized_shape) in (tuple, list, torch.Size) and all(type(s) is int for s in normalized_shape):
         pass  # the common case, checked without the abstract number types
-    elif isinstance(normalized_shape, numbers.Integral) or not all(
+    elif torch.jit.is_tracing() and isinstance(normalized_shape, (tuple, list, torch.Size)):
+        normalized_shape = _untraced(normalized_shape)
+    if isinstance(normalized_shape, numbers.Integral) or not all(
         isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in normalized_shape
     ):
         raise TypeError(f"layer_norm(): argument 'normalized_shape' must be tuple of ints, "
@@ -721,6 +786,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """As torch.nn.functional.group_norm: statistics per (sample, group of C / num_groups
     channels), affine per channel."""
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(group_norm, (input,), input, num_groups, weight, bias, eps)
     _check_tensor(input, "group_norm")
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
@@ -750,6 +817,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     per-channel average over the batch of the per-instance statistics). use_input_stats=False:
     normalizes with the running statistics, a per-channel scale and shift (batch norm in eval).
     """
+    if not isinstance(input, torch.Tensor) and _has_torch_function((input,)):
+        return _fx.handle(instance_norm, (input,), input, running_mean, running_var, weight, bias, use_input_stats,
+                          momentum, eps)
     _check_tensor(input, "instance_norm")
     if use_input_stats:
         _verify_spatial_size(input.size())

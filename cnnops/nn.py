@@ -2,9 +2,19 @@
 
 Each module subclasses its torch.nn twin, so the constructor, parameter and buffer names,
 initialisation, state_dict and repr are torch's own; only the computation is cnnops'.
-"""
-import torch
 
+Every forward starts with two branches, which cost eager mode two cheap checks: under
+torch.jit.script (TorchScript compiles only that branch) it calls the ops through
+cnnops/_script.py, and called on an FX Proxy it is recorded where its torch.nn twin would be
+(cnnops/_fx.py).
+"""
+import warnings
+from typing import Final
+
+import torch
+from torch.nn.modules.utils import _single
+
+from . import _fx, _script
 from . import functional as CF
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
@@ -15,6 +25,27 @@ class _CnnopsConv:
     first, exactly as torch.nn.ConvNd does."""
 
     _cnnops_conv = None  # the cnnops.functional function for this dim
+    _cnnops_activation = "none"  # conv_forward's activation (ConvReLU: "relu")
+    __constants__ = (*torch.nn.modules.conv._ConvNd.__constants__, "_cnnops_activation")
+
+    def forward(self, input):
+        if torch.jit.is_scripting():
+            if isinstance(self.padding, str):  # 'same' / 'valid': torch's padding amounts, padded first
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+                padding = [0 for _ in self.kernel_size]
+            elif self.padding_mode != "zeros":
+                input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+                padding = [0 for _ in self.kernel_size]
+            else:
+                padding = [p for p in self.padding]
+            return _script.conv(input, self.weight, self.bias, [s for s in self.stride], padding,
+                                [d for d in self.dilation], self.groups, self._cnnops_activation)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
+        return self._conv_forward(input, self.weight, self.bias)
 
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
@@ -50,6 +81,7 @@ class _CnnopsConvReLU:
     Same constructor, parameters and state_dict as the torch.nn.ConvNd it extends."""
 
     _dims = None
+    _cnnops_activation = "relu"
 
     def _conv_forward(self, input, weight, bias):
         padding = self.padding
@@ -95,8 +127,20 @@ __all__ += [
 
 class _CnnopsMaxPool:
     _cnnops_pool = None
+    _dims = 0
+    __constants__ = (*torch.nn.modules.pooling._MaxPoolNd.__constants__, "_dims")
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            out, indices = _script.max_pool(input, _single(self.kernel_size), _single(self.stride),
+                                            _single(self.padding), _single(self.dilation), self.ceil_mode, self._dims)
+            if self.return_indices:
+                return out, indices
+            return out
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return type(self)._cnnops_pool(input, self.kernel_size, self.stride, self.padding, self.dilation,
                                        ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
@@ -105,24 +149,34 @@ class MaxPool1d(_CnnopsMaxPool, torch.nn.MaxPool1d):
     """As torch.nn.MaxPool1d."""
 
     _cnnops_pool = staticmethod(CF.max_pool1d)
+    _dims = 1
 
 
 class MaxPool2d(_CnnopsMaxPool, torch.nn.MaxPool2d):
     """As torch.nn.MaxPool2d."""
 
     _cnnops_pool = staticmethod(CF.max_pool2d)
+    _dims = 2
 
 
 class MaxPool3d(_CnnopsMaxPool, torch.nn.MaxPool3d):
     """As torch.nn.MaxPool3d."""
 
     _cnnops_pool = staticmethod(CF.max_pool3d)
+    _dims = 3
 
 
 class AvgPool1d(torch.nn.AvgPool1d):
     """As torch.nn.AvgPool1d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.avg_pool(input, _single(self.kernel_size), _single(self.stride), _single(self.padding),
+                                    self.ceil_mode, self.count_include_pad, None, 1)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                              self.count_include_pad)
 
@@ -131,6 +185,13 @@ class AvgPool2d(torch.nn.AvgPool2d):
     """As torch.nn.AvgPool2d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.avg_pool(input, _single(self.kernel_size), _single(self.stride), _single(self.padding),
+                                    self.ceil_mode, self.count_include_pad, self.divisor_override, 2)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                              self.count_include_pad, self.divisor_override)
 
@@ -139,6 +200,13 @@ class AvgPool3d(torch.nn.AvgPool3d):
     """As torch.nn.AvgPool3d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.avg_pool(input, _single(self.kernel_size), _single(self.stride), _single(self.padding),
+                                    self.ceil_mode, self.count_include_pad, self.divisor_override, 3)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.avg_pool3d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                              self.count_include_pad, self.divisor_override)
 
@@ -147,6 +215,12 @@ class AdaptiveAvgPool1d(torch.nn.AdaptiveAvgPool1d):
     """As torch.nn.AdaptiveAvgPool1d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.adaptive_pool(input, _single(self.output_size), 1, False)[0]
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.adaptive_avg_pool1d(input, self.output_size)
 
 
@@ -154,6 +228,12 @@ class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
     """As torch.nn.AdaptiveAvgPool2d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.adaptive_pool(input, _single(self.output_size), 2, False)[0]
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.adaptive_avg_pool2d(input, self.output_size)
 
 
@@ -161,6 +241,12 @@ class AdaptiveAvgPool3d(torch.nn.AdaptiveAvgPool3d):
     """As torch.nn.AdaptiveAvgPool3d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.adaptive_pool(input, _single(self.output_size), 3, False)[0]
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.adaptive_avg_pool3d(input, self.output_size)
 
 
@@ -168,6 +254,15 @@ class AdaptiveMaxPool1d(torch.nn.AdaptiveMaxPool1d):
     """As torch.nn.AdaptiveMaxPool1d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            out, indices = _script.adaptive_pool(input, _single(self.output_size), 1, True)
+            if self.return_indices:
+                return out, indices
+            return out
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.adaptive_max_pool1d(input, self.output_size, self.return_indices)
 
 
@@ -175,6 +270,15 @@ class AdaptiveMaxPool2d(torch.nn.AdaptiveMaxPool2d):
     """As torch.nn.AdaptiveMaxPool2d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            out, indices = _script.adaptive_pool(input, _single(self.output_size), 2, True)
+            if self.return_indices:
+                return out, indices
+            return out
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.adaptive_max_pool2d(input, self.output_size, self.return_indices)
 
 
@@ -182,13 +286,33 @@ class AdaptiveMaxPool3d(torch.nn.AdaptiveMaxPool3d):
     """As torch.nn.AdaptiveMaxPool3d."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            out, indices = _script.adaptive_pool(input, _single(self.output_size), 3, True)
+            if self.return_indices:
+                return out, indices
+            return out
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.adaptive_max_pool3d(input, self.output_size, self.return_indices)
 
 
 class _CnnopsMaxUnpool:
     _cnnops_unpool = None
+    # TorchScript types attributes by the nearest class annotations; torch.nn.MaxUnpool*d's (int
+    # or tuple unions) do not script (torch's own modules fail to), the values' types do. This
+    # one annotation (a constant) hides them.
+    _dims: Final[int] = 0
 
-    def forward(self, input, indices, output_size=None):
+    def forward(self, input, indices, output_size: list[int] | None = None):
+        if torch.jit.is_scripting():
+            return _script.max_unpool(input, indices, _single(self.kernel_size), _single(self.stride),
+                                      _single(self.padding), output_size, self._dims)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input, indices), {} if output_size is None else {"output_size": output_size})
+            if node is not None:
+                return node
         return type(self)._cnnops_unpool(input, indices, self.kernel_size, self.stride, self.padding, output_size)
 
 
@@ -196,18 +320,21 @@ class MaxUnpool1d(_CnnopsMaxUnpool, torch.nn.MaxUnpool1d):
     """As torch.nn.MaxUnpool1d."""
 
     _cnnops_unpool = staticmethod(CF.max_unpool1d)
+    _dims = 1
 
 
 class MaxUnpool2d(_CnnopsMaxUnpool, torch.nn.MaxUnpool2d):
     """As torch.nn.MaxUnpool2d."""
 
     _cnnops_unpool = staticmethod(CF.max_unpool2d)
+    _dims = 2
 
 
 class MaxUnpool3d(_CnnopsMaxUnpool, torch.nn.MaxUnpool3d):
     """As torch.nn.MaxUnpool3d."""
 
     _cnnops_unpool = staticmethod(CF.max_unpool3d)
+    _dims = 3
 # ============================================================================================
 # Normalization
 # ============================================================================================
@@ -240,6 +367,26 @@ class _CnnopsBatchNorm:
     """torch.nn.modules.batchnorm._BatchNorm.forward, step for step, with cnnops' batch_norm."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():  # _batch_norm_step, in TorchScript
+            self._check_input_dim(input)
+            factor = 0.0 if self.momentum is None else self.momentum
+            # nested as in torch: TorchScript drops the inner branch when num_batches_tracked is None
+            if self.training and self.track_running_stats:  # noqa: SIM102
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:
+                        factor = 1.0 / float(self.num_batches_tracked)
+                    else:
+                        factor = self.momentum
+            bn_training = self.training or (self.running_mean is None and self.running_var is None)
+            pass_running = not self.training or self.track_running_stats
+            return _script.batch_norm(input, self.running_mean if pass_running else None,
+                                      self.running_var if pass_running else None, self.weight, self.bias,
+                                      bn_training, factor, self.eps)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         self._check_input_dim(input)
         bn_training, factor, running_mean, running_var = _batch_norm_step(self)
         return CF.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps)
@@ -262,7 +409,33 @@ class _CnnopsInstanceNorm:
     input) is kept; the normalization itself is cnnops' instance_norm, with torch's rule:
     instance statistics in training or when no running statistics are tracked."""
 
+    def forward(self, input):
+        if not isinstance(input, torch.Tensor) and not torch.jit.is_scripting():
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
+        # torch.nn.modules.instancenorm._InstanceNorm.forward
+        self._check_input_dim(input)
+        feature_dim = input.dim() - self._get_no_batch_dim()
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features"
+                    f" ({self.num_features}), but got: {input.size(feature_dim)}.")
+            else:
+                warnings.warn(
+                    f"input's size at dim={feature_dim} does not match num_features. "
+                    "You can silence this warning by not passing in num_features, "
+                    "which is not used because affine=False", stacklevel=2)
+        if input.dim() == self._get_no_batch_dim():
+            return self._handle_no_batch_input(input)
+        return self._apply_instance_norm(input)
+
     def _apply_instance_norm(self, input):
+        if torch.jit.is_scripting():
+            return _script.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                         self.training or not self.track_running_stats,
+                                         self.momentum if self.momentum is not None else 0.0, self.eps)
         return CF.instance_norm(
             input,
             self.running_mean,
@@ -291,6 +464,12 @@ class LayerNorm(torch.nn.LayerNorm):
     """As torch.nn.LayerNorm."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.layer_norm(input, [s for s in self.normalized_shape], self.weight, self.bias, self.eps)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -298,6 +477,12 @@ class GroupNorm(torch.nn.GroupNorm):
     """As torch.nn.GroupNorm."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _script.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         return CF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -353,6 +538,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input):
+        if not isinstance(input, torch.Tensor):
+            node = _fx.module_node(self, (input,))
+            if node is not None:
+                return node
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         bn_training, exponential_average_factor, running_mean, running_var = _batch_norm_step(self)
