@@ -550,12 +550,12 @@ def _max_unpool(input, indices, kernel_size, stride, padding, output_size, dims)
         if not _is_int(v):
             raise TypeError(f"{fname}(): argument 'output_size' must be tuple of ints, but found element of type "
                             f"{type(v).__name__} at pos {i}")
-    if torch.jit.is_tracing():  # the values of those 0-dim tensors, constants in the trace
-        sizes = [int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() else v
-                 for v in sizes]
         if not -(2**63) <= v < 2**63:
             raise TypeError(f"{fname}(): argument 'output_size' failed to unpack the object at pos {i} with error "
                             "\"Overflow when unpacking long long\"")
+    if torch.jit.is_tracing():  # the values of those 0-dim tensors, constants in the trace
+        sizes = [int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() else v
+                 for v in sizes]
     if len(sizes) != dims:
         raise RuntimeError(f"{fname}: there should be exactly {dims} elements in output_size, but got "
                            f"output_size={tuple(sizes)} (from kernel_size={kernel_size})")
