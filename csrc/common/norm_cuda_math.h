@@ -1,8 +1,8 @@
 #pragma once
 // Index math of the CUDA normalization kernels (csrc/cuda/norm_kernels.cuh), host+device so
-// tests/test_norm_cuda.py can run it on the CPU: which statistic and which affine channel an
-// element belongs to, where a thread's next element of a reduction lies, and which partial
-// results the second stage of a reduction merges, in which order.
+// tests/test_norm_kernel_math.py runs it, with the kernels, on the CPU: which statistic and
+// which affine channel an element belongs to, where a thread's next element of a reduction
+// lies, and which partial results the second stage of a reduction merges, in which order.
 #include <stdint.h>
 
 #include "macros.h"
