@@ -56,7 +56,8 @@ def _conv_forward_fake(input, weight, bias, stride, padding, dilation, groups, a
     dims = weight.dim() - 2
     torch._check(input.dim() == dims + 2, lambda: f"input: expected {dims + 2}D input, got {input.dim()}D")
     torch._check(input.size(1) == weight.size(1) * groups, lambda: "input channels do not match weight")
-    torch._check_not_implemented(input.size(1) > 0, lambda: "cnnops conv: an input with zero channels is not supported")
+    torch._check_not_implemented(input.size(1) > 0,
+                                 lambda: "conv_forward(): an input with zero channels is not supported")
     spatial = [
         conv_output_size(input.size(2 + i), weight.size(2 + i), stride[i], padding[i], dilation[i])
         for i in range(dims)
@@ -159,7 +160,7 @@ def _pool_empty(input, shape, dtype=None):
 
 def _check_pool_input_rank(op, input, dims):
     torch._check(input.dim() == dims + 2,
-                 lambda: f"{op}: expected a {dims + 2}D (batched) input, but got input of size {list(input.shape)}")
+                 lambda: f"{op}(): expected a {dims + 2}D (batched) input, but got input of size {list(input.shape)}")
 
 
 @torch.library.register_fake("cnnops::max_pool_forward")

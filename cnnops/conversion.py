@@ -110,9 +110,9 @@ def convert(model, report=False):
     its weight before each forward, which cnnops then reads.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"cnnops.convert: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"convert(): model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("cnnops.convert: model is a TorchScript module; convert the eager model before scripting it")
+        raise TypeError("convert(): model is a TorchScript module; convert the eager model before scripting it")
     summary = ConvertReport()
     # named_modules() yields each module object once, so shared modules are not converted twice.
     for name, module in model.named_modules():

@@ -92,7 +92,7 @@ def complexity(model, example_input):
     count parameters and MACs per module call. The model is left as it was: it runs in eval
     mode under no_grad (so no running statistics move) and its training flags are restored."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"cnnops.complexity: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"complexity(): model must be a torch.nn.Module, got {type(model).__name__}")
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
 
     rows, seen = [], set()
@@ -116,7 +116,7 @@ def complexity(model, example_input):
             model(*args)
     except Exception as error:
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
-        error.add_note(f"cnnops.complexity: the model rejected example_input {shapes}")
+        error.add_note(f"complexity(): the model rejected example_input {shapes}")
         raise
     finally:
         for handle in handles:

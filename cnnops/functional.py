@@ -660,7 +660,7 @@ def _check_running_stats_need_no_grad(fn, running_mean, running_var):
         return
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
         if tensor is not None and tensor.requires_grad:
-            raise RuntimeError(f"{fn}: the function is not differentiable with respect to argument '{name}'. "
+            raise RuntimeError(f"{fn}(): the function is not differentiable with respect to argument '{name}'. "
                                "This input cannot have requires_grad True.")
 
 
@@ -708,7 +708,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                 raise RuntimeError(f"{name} should contain 0 elements not {tensor.numel()}")
         _check_running_stats_need_no_grad("batch_norm", running_mean, running_var)
         raise (IndexError if input.dim() == 1 else RuntimeError)(
-            f"batch_norm: expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
+            f"batch_norm(): expected input with at least 2 dims (N, C, *), got {input.dim()}D input of size "
             f"{list(input.shape)}")
     # in torch's order: each statistic's size (or its absence in eval), weight, bias, then the
     # kernel's checks
@@ -725,7 +725,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if input.device.type == "cpu":
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is not None and tensor.dim() != 1:
-                raise RuntimeError(f"batch_norm: {name}: TensorAccessor expected 1 dims but tensor has {tensor.dim()}")
+                raise RuntimeError(f"batch_norm(): {name}: TensorAccessor expected 1 dims but tensor has "
+                                   f"{tensor.dim()}")
     # torch only counts the elements of weight and bias: a (C, 1) weight is accepted
     weight, bias, running_mean, running_var = _flat_params(weight, bias, running_mean, running_var)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
@@ -826,9 +827,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if not use_input_stats and (running_mean is None or running_var is None):
         raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
     if input.dim() == 0:  # torch reads input.size(0) and input.size(1) first
-        raise IndexError("instance_norm: Dimension specified as 0 but tensor has no dimensions")
+        raise IndexError("instance_norm(): Dimension specified as 0 but tensor has no dimensions")
     if input.dim() < 2:
-        raise IndexError(f"instance_norm: Dimension out of range (expected to be in range of [-1, 0], but got 1): "
+        raise IndexError(f"instance_norm(): Dimension out of range (expected to be in range of [-1, 0], but got 1): "
                          f"expected input with at least 2 dims (N, C, *), got {input.dim()}D")
     if input.numel() == 0:
         # torch runs batch norm on the input seen as 1 x (N*C) x *: the empty case of
@@ -845,7 +846,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         # when running_mean's differs, running_var too: an absent one fails
         param_dtype = input.dtype if weight is None else weight.dtype
         if running_mean is not None and running_var is None and running_mean.dtype != param_dtype:
-            raise RuntimeError("instance_norm: Expected a proper Tensor but got None for running_var, which torch "
+            raise RuntimeError("instance_norm(): Expected a proper Tensor but got None for running_var, which torch "
                                f"casts with running_mean (of dtype {running_mean.dtype}) to {param_dtype}")
         out = _empty_batch_norm(input, weight, bias)
         with torch.no_grad():
@@ -865,7 +866,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                          ("running_var", running_var)):
         if tensor is not None and tensor.dim() > 1:  # torch repeats each N times along its one dim
-            raise RuntimeError(f"instance_norm: {name}: Number of dimensions of repeat dims can not be smaller than "
+            raise RuntimeError(f"instance_norm(): {name}: Number of dimensions of repeat dims can not be smaller than "
                                f"number of dimensions of tensor (got {name} of size {list(tensor.shape)})")
     _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_running_stats_need_no_grad("instance_norm", running_mean, running_var)

@@ -172,7 +172,7 @@ def _refuse_unbatched_1d(module, args):
     (C_out, L) output as a batch of C_out rows of L features, a different function from the
     per-channel fold, so the fused conv refuses it instead of answering differently."""
     if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
-        raise NotImplementedError("cnnops.fuse_conv_bn: a Conv1d folded with its BatchNorm1d takes batched "
+        raise NotImplementedError("fuse_conv_bn(): a Conv1d folded with its BatchNorm1d takes batched "
                                   f"(N, C, L) input only, got input of size {list(args[0].shape)}")
 
 

@@ -1,19 +1,27 @@
-// Every cnnops schema, in one place. Kernels register under CPU (csrc/cpu) and CUDA
-// (csrc/cuda); fake implementations for tracing live in cnnops/_ops.py.
+// Every cnnops schema, in one place. Each kernel file registers the ops it implements in one
+// TORCH_LIBRARY_IMPL(cnnops, <key>, m) block at its end: CPU in csrc/cpu, CUDA in csrc/cuda,
+// Autograd in csrc/autograd, AutocastCPU/AutocastCUDA in csrc/autocast; an op without tensor
+// arguments (cpu_gemm_isa) under CompositeExplicitAutograd. Fake implementations for tracing
+// live in cnnops/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
 namespace cnnops::python {
 PyMethodDef* fast_call_methods();  // csrc/python/fast_call.cpp
 }
+namespace cnnops::cpu {
+void add_gemm_test_functions(PyObject* module);  // csrc/cpu/gemm_test.cpp
+}
 
 extern "C" {
 // `import cnnops._C` loads this library (the ops register through TORCH_LIBRARY) and gives
-// Python its fast call path (op, call).
+// Python its fast call path (op, call) and the CPU GEMM's test entry points (gemm_spec, gemm).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                           cnnops::python::fast_call_methods()};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) cnnops::cpu::add_gemm_test_functions(module);
+  return module;
 }
 }
 
@@ -83,4 +91,8 @@ TORCH_LIBRARY(cnnops, m) {
   // sum(dy * (x - mean)) over `count` values per channel (all ranks).
   m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
         "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
+
+  // Which CPU GEMM micro-kernel this process runs: "avx512", "avx2" or "portable" (benchmarks,
+  // tests; CNNOPS_CPU_ISA caps it). cnnops._C.gemm_spec() gives its whole spec.
+  m.def("cpu_gemm_isa() -> str");
 }

@@ -100,7 +100,7 @@ def check_relu_conv(dims, x, w, b, kwargs, dtype, fn=None, tf32=False, msg=""):
 # and use_shifted_grid (csrc/cpu/conv_shifted.h), so the grid can prove it reaches every path.
 # --------------------------------------------------------------------------------------------
 
-GEMM_KC = 256  # csrc/cpu/gemm.h kKc: reductions longer than this take several GEMM blocks
+GEMM_KC = cnnops._C.gemm_spec()["kc"]  # reductions longer than the GEMM's block take several blocks
 
 
 def cpu_path(x, w, stride, padding, dilation, groups):

@@ -41,7 +41,7 @@ void run(const ConvGeometry& g, const double* a, const double* b, double* out) {
 at::Tensor implicit_gemm(at::Tensor x, at::Tensor w, at::Tensor dy, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                          int64_t pass) {
-  const ConvGeometry g = make_conv_geometry(x, w, c10::nullopt, stride, padding, dilation, groups);
+  const ConvGeometry g = make_conv_geometry("conv_forward()", x, w, c10::nullopt, stride, padding, dilation, groups);
   const int64_t dims = w.dim() - 2;
   if (pass == 0) {
     auto y = at::zeros(conv_output_shape(g, dims), x.options());

@@ -1,18 +1,20 @@
-"""The CUDA normalization kernels' arithmetic and reduction order, run on the CPU (named without
+"""The CUDA normalization kernels (csrc/cuda/norm_kernels.cuh), run on the CPU (named without
 "cuda" so scripts/gpu_check.sh, which runs tests/test_*cuda*.py, does not spend GPU time on it).
 
-csrc/common/norm_cuda_math.h holds what the CUDA kernels (csrc/cuda/norm_kernels.cuh) compute
-per element and per statistic: the launch shapes, the strided cursor of the planes reduction,
-the per-element Welford and gradient-sum updates, the partial-buffer layout and the fixed merge
-order of the second stage, the statistic/channel index of each element. Here that header is
-compiled for the host and driven by a sequential emulation of the kernels' threads: every
-thread's share, the warp-shuffle tree (shfl_down semantics, lanes past the warp keep their own
-value), the cross-warp tree in shared memory, the column kernels' shared-memory tree, then the
-second stage, exactly in the order the GPU merges. The host flow below mirrors csrc/cuda/norm.cu
-op by op; results are compared with torch, so the GPU's index math and Welford/Chan merges are
-checked on every run, with or without a GPU."""
+The kernel header is compiled for the host through the shim of tests/test_pool_kernels_host.py
+(__global__/__device__ vanish, threadIdx/blockIdx/blockDim/gridDim are globals), extended with
+what the reductions need: each block's threads run as cooperative fibers on one OS thread, so
+__syncthreads() and the warp shuffles (__shfl_down_sync: every lane reads lane + offset before
+anyone goes on, lanes whose source is past the warp read their own value) behave as on the GPU,
+and __shared__ variables are one per block. The host flow below launches the kernels op by op
+as csrc/cuda/norm.cu does (same launch shapes for the reductions, small ragged grids for the
+grid-stride kernels, int32 and int64 indices), and the results are compared with torch: a change
+to a kernel's arithmetic, index math or merge order is tested on every run, with or without a
+GPU."""
+import hashlib
 import os
 import tempfile
+import zlib
 
 import pytest
 import torch
@@ -22,38 +24,151 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SOURCE = r"""
 #include <torch/extension.h>
-#include "common/norm_cuda_math.h"
+#include <ucontext.h>
+
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+
+// ---- shim: the CUDA vocabulary on the host -------------------------------------------------
+struct EmulatedDim3 {
+  unsigned x = 1, y = 1, z = 1;
+  EmulatedDim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using dim3 = EmulatedDim3;
+static EmulatedDim3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+// The threads of one block as fibers: each runs until it finishes or reaches a barrier
+// (__syncthreads: the whole block; a shuffle: its warp); a barrier opens when every thread of
+// the block (warp) that has not finished waits at it. A barrier that can never open (divergent
+// __syncthreads) is an error.
+namespace fibers {
+enum Wait { kRunning, kBlock, kWarp, kDone };
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  Wait wait = kRunning;
+};
+static std::vector<Fiber> all;
+static ucontext_t scheduler;
+static int current = -1;
+static const std::function<void()>* body = nullptr;
+static std::vector<uint64_t> exchange;  // shuffle values, one slot per thread
+
+static void trampoline() {
+  (*body)();
+  all[current].wait = kDone;  // uc_link returns to the scheduler
+}
+static void wait_at(Wait w) {
+  all[current].wait = w;
+  swapcontext(&all[current].ctx, &scheduler);
+}
+
+static void run_block(const std::function<void()>& fn, int threads) {
+  body = &fn;
+  all.resize(threads);
+  exchange.assign(threads, 0);
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = all[t];
+    f.stack.resize(256 * 1024);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &scheduler;
+    makecontext(&f.ctx, trampoline, 0);
+    f.wait = kRunning;
+  }
+  const int warps = (threads + 31) / 32;
+  for (;;) {
+    for (int t = 0; t < threads; ++t) {
+      if (all[t].wait != kRunning) continue;
+      current = t;
+      threadIdx.x = t % blockDim.x;
+      threadIdx.y = (t / blockDim.x) % blockDim.y;
+      threadIdx.z = t / (blockDim.x * blockDim.y);
+      swapcontext(&scheduler, &all[t].ctx);
+    }
+    bool released = false, any_block = false, all_block = true, all_done = true;
+    for (int w = 0; w < warps; ++w) {
+      bool warp_waits = false, warp_ready = true;
+      for (int t = w * 32; t < std::min(threads, w * 32 + 32); ++t) {
+        if (all[t].wait == kWarp) warp_waits = true;
+        else if (all[t].wait != kDone) warp_ready = false;
+      }
+      if (warp_waits && warp_ready) {
+        for (int t = w * 32; t < std::min(threads, w * 32 + 32); ++t)
+          if (all[t].wait == kWarp) all[t].wait = kRunning;
+        released = true;
+      }
+    }
+    if (released) continue;
+    for (const Fiber& f : all) {
+      if (f.wait != kDone) all_done = false;
+      if (f.wait == kBlock) any_block = true;
+      else if (f.wait != kDone) all_block = false;
+    }
+    if (all_done) return;
+    if (any_block && all_block) {
+      for (Fiber& f : all)
+        if (f.wait == kBlock) f.wait = kRunning;
+      continue;
+    }
+    throw std::runtime_error("emulated block deadlocked: a barrier not reached by all threads");
+  }
+}
+}  // namespace fibers
+
+static void __syncthreads() { fibers::wait_at(fibers::kBlock); }
+
+template <typename T>
+static T __shfl_down_sync(unsigned /*mask*/, T v, int offset) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "one slot per value");
+  const int t = fibers::current, lane = t % 32;
+  std::memcpy(&fibers::exchange[t], &v, sizeof(T));
+  fibers::wait_at(fibers::kWarp);  // every lane has written
+  T out;
+  std::memcpy(&out, &fibers::exchange[lane + offset < 32 ? t + offset : t], sizeof(T));
+  fibers::wait_at(fibers::kWarp);  // every lane has read
+  return out;
+}
+
+#include "cuda/norm_kernels.cuh"
 
 using namespace cnnops;
+using namespace cnnops::norm;
 using acc_t = double;
 using Tensor = at::Tensor;
 using Opt = c10::optional<at::Tensor>;
 
-// ---- thread emulation ------------------------------------------------------------------------
-
-// One warp-shuffle tree: every lane reads lane + offset before anyone merges; lanes whose
-// source is past the warp read their own value (shfl_down semantics).
-template <typename State>
-void warp_tree(std::vector<State>& s) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const std::vector<State> src = s;
-    for (size_t t = 0; t < s.size(); ++t) {
-      const int lane = static_cast<int>(t % 32);
-      s[t].merge(lane + offset < 32 ? src[t + offset] : src[t]);
-    }
-  }
+// Runs kernel(args...) over grid x block, block by block.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+  gridDim = grid;
+  blockDim = block;
+  const std::function<void()> fn = [&] { kernel(static_cast<Params>(args)...); };
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        fibers::run_block(fn, static_cast<int>(block.x * block.y * block.z));
+      }
 }
 
-// block_reduce of norm_kernels.cuh for a 1-d block of s.size() threads.
-template <typename State>
-State block_reduce(std::vector<State> s) {
-  warp_tree(s);
-  const size_t warps = s.size() / 32;
-  std::vector<State> w(32);
-  for (size_t i = 0; i < 32; ++i) w[i] = i < warps ? s[i * 32] : State{};
-  warp_tree(w);
-  return w[0];
+// Grid-stride kernels: at most 3 blocks of 37 threads, so the stride does not divide the work.
+template <typename... Params, typename... Args>
+void launch_strided(void (*kernel)(Params...), int64_t total, Args... args) {
+  const int64_t threads = 37;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(3, (total + threads - 1) / threads));
+  launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), args...);
 }
+
+// Index type of the launches below (norm.cu picks int32 when the tensor allows it).
+static bool use_int32 = true;
 
 struct Partials {
   std::vector<acc_t> buffer;
@@ -61,125 +176,93 @@ struct Partials {
   int64_t chunks = 1;
 };
 
-// reduce_planes_kernel over the grid (channel, chunk).
+// reduce_planes of norm.cu: a block per (channel, chunk), planes_config's threads.
 template <typename Op>
 Partials reduce_planes(const Op& op, int fields, int64_t outer, int64_t channels, int64_t inner) {
-  using State = typename Op::State;
   const PlanesConfig cfg = planes_config(outer, channels, inner);
   Partials p;
   p.chunks = cfg.chunks;
   p.count = channels * p.chunks;
   p.buffer.assign(fields * p.count, std::nan(""));
-  const int64_t total = outer * inner;
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t k = 0; k < cfg.chunks; ++k) {
-      const int64_t begin = k * cfg.chunk_len;
-      const int64_t len = std::min(cfg.chunk_len, total - begin);
-      std::vector<State> s(cfg.threads);
-      for (int64_t t = 0; t < cfg.threads; ++t) {
-        if (t >= len) continue;
-        PlaneCursor<int64_t> cur(begin + t, inner, cfg.threads);
-        for (int64_t j = t; j < len; j += cfg.threads) {
-          op.plane(s[t], cur.offset(c, channels), c, cur.l);
-          cur.advance();
-        }
-      }
-      store_state(block_reduce(s), p.buffer.data(), c * cfg.chunks + k, p.count);
-    }
+  const dim3 grid(static_cast<unsigned>(channels), static_cast<unsigned>(p.chunks));
+  const dim3 block(static_cast<unsigned>(cfg.threads));
+  if (use_int32)
+    launch(&reduce_planes_kernel<Op, acc_t, int32_t>, grid, block, op, p.buffer.data(), outer, channels, inner,
+           cfg.chunk_len, p.count);
+  else
+    launch(&reduce_planes_kernel<Op, acc_t, int64_t>, grid, block, op, p.buffer.data(), outer, channels, inner,
+           cfg.chunk_len, p.count);
   return p;
 }
 
-// reduce_columns_kernel over the grid (column block, chunk, batch).
+// reduce_columns of norm.cu: blocks of kColumnThreadsX x kColumnThreadsY over (column block,
+// chunk, batch).
 template <typename Op>
 Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, int64_t cols) {
-  using State = typename Op::State;
   const ColumnsConfig cfg = columns_config(batch, rows, cols);
   Partials p;
   p.chunks = cfg.chunks;
   p.count = batch * p.chunks * cols;
   p.buffer.assign(fields * p.count, std::nan(""));
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t k = 0; k < cfg.chunks; ++k)
-      for (int64_t xb = 0; xb < cfg.col_blocks; ++xb) {
-        const int64_t begin = k * cfg.chunk_len;
-        const int64_t end = begin + std::min(rows - begin, cfg.chunk_len);
-        std::vector<State> smem(kColumnThreadsX * kColumnThreadsY);
-        for (int ty = 0; ty < kColumnThreadsY; ++ty)
-          for (int tx = 0; tx < kColumnThreadsX; ++tx) {
-            const int64_t col = xb * kColumnThreadsX + tx;
-            State s;
-            if (col < cols)
-              for (int64_t r = begin + ty; r < end; r += kColumnThreadsY)
-                op.column(s, (b * rows + r) * cols + col, b, r, col);
-            smem[ty * kColumnThreadsX + tx] = s;
-          }
-        for (int half = kColumnThreadsY / 2; half > 0; half /= 2)
-          for (int ty = 0; ty < half; ++ty)
-            for (int tx = 0; tx < kColumnThreadsX; ++tx)
-              smem[ty * kColumnThreadsX + tx].merge(smem[(ty + half) * kColumnThreadsX + tx]);
-        for (int tx = 0; tx < kColumnThreadsX; ++tx) {
-          const int64_t col = xb * kColumnThreadsX + tx;
-          if (col < cols) store_state(smem[tx], p.buffer.data(), (b * cfg.chunks + k) * cols + col, p.count);
-        }
-      }
+  const dim3 grid(static_cast<unsigned>(cfg.col_blocks), static_cast<unsigned>(p.chunks),
+                  static_cast<unsigned>(cfg.grid_z));
+  const dim3 block(kColumnThreadsX, kColumnThreadsY);
+  if (use_int32)
+    launch(&reduce_columns_kernel<Op, acc_t, int32_t>, grid, block, op, p.buffer.data(), batch, rows, cols,
+           cfg.chunk_len, p.count);
+  else
+    launch(&reduce_columns_kernel<Op, acc_t, int64_t>, grid, block, op, p.buffer.data(), batch, rows, cols,
+           cfg.chunk_len, p.count);
   return p;
 }
 
-// welford_finalize_kernel
 void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, acc_t* mean, acc_t* invstd,
                     acc_t* rm, acc_t* rv, acc_t momentum, acc_t eps) {
-  for (int64_t o = 0; o < outputs; ++o) {
-    const Welford<acc_t> w = merge_partials<Welford<acc_t>>(p.buffer.data(), p.count, pi, o);
-    mean[o] = w.mean;
-    invstd[o] = norm_invstd(w.biased_variance(), eps);
-    if (rm != nullptr && w.count > 0) {
-      rm[o] = running_stat_update(rm[o], w.mean, momentum);
-      rv[o] = running_stat_update(rv[o], w.unbiased_variance(), momentum);
-    }
-  }
+  launch_strided(&welford_finalize_kernel<acc_t, acc_t>, outputs, p.buffer.data(), p.count, pi, outputs, mean,
+                 invstd, rm, rv, momentum, eps);
 }
 
-// sums_finalize_kernel
 void finalize_sums(const Partials& p, const PartialIndex& pi, int64_t outputs, std::vector<acc_t>& a,
                    std::vector<acc_t>& b) {
-  a.resize(outputs);
-  b.resize(outputs);
-  for (int64_t o = 0; o < outputs; ++o) {
-    const SumPair<acc_t> s = merge_partials<SumPair<acc_t>>(p.buffer.data(), p.count, pi, o);
-    a[o] = s.a;
-    b[o] = s.b;
-  }
+  a.assign(outputs, std::nan(""));
+  b.assign(outputs, std::nan(""));
+  launch_strided(&sums_finalize_kernel<acc_t>, outputs, p.buffer.data(), p.count, pi, outputs, a.data(), b.data());
 }
 
 const acc_t* ptr(const Opt& t) { return t.has_value() && t->defined() ? t->data_ptr<acc_t>() : nullptr; }
 
-// normalize_kernel / grad_input_kernel
+// launch_normalize / launch_grad_input of norm.cu.
+template <typename index_t>
+void normalize_as(bool cl, const Tensor& x, Tensor& y, const acc_t* mean, const acc_t* invstd, const acc_t* w,
+                  const acc_t* b, int64_t channels, int64_t inner, int64_t sps, int64_t cps) {
+  const NormIndex<index_t> ix(static_cast<index_t>(channels), static_cast<index_t>(inner),
+                              static_cast<index_t>(sps), static_cast<index_t>(cps));
+  auto kernel = cl ? normalize_kernel<true, acc_t, acc_t, acc_t, index_t>
+                   : normalize_kernel<false, acc_t, acc_t, acc_t, index_t>;
+  launch_strided(kernel, x.numel(), x.data_ptr<acc_t>(), y.data_ptr<acc_t>(), mean, invstd, w, b, ix, x.numel());
+}
 void normalize(bool cl, const Tensor& x, Tensor& y, const acc_t* mean, const acc_t* invstd, const acc_t* w,
                const acc_t* b, int64_t channels, int64_t inner, int64_t sps, int64_t cps) {
-  const NormIndex<int64_t> ix(channels, inner, sps, cps);
-  const acc_t* xp = x.data_ptr<acc_t>();
-  acc_t* yp = y.data_ptr<acc_t>();
-  for (int64_t i = 0; i < x.numel(); ++i) {
-    int64_t c, s;
-    if (cl) ix.locate<true>(i, c, s);
-    else ix.locate<false>(i, c, s);
-    yp[i] = norm_output(xp[i], mean[s], invstd[s], w ? w[c] : 1.0, b ? b[c] : 0.0);
-  }
+  if (use_int32) normalize_as<int32_t>(cl, x, y, mean, invstd, w, b, channels, inner, sps, cps);
+  else normalize_as<int64_t>(cl, x, y, mean, invstd, w, b, channels, inner, sps, cps);
 }
 
+template <typename index_t>
+void grad_input_as(bool cl, const Tensor& dy, const Tensor& x, Tensor& dx, const acc_t* mean, const acc_t* invstd,
+                   const acc_t* w, const acc_t* cg, const acc_t* cx, int64_t channels, int64_t inner, int64_t sps,
+                   int64_t cps) {
+  const NormIndex<index_t> ix(static_cast<index_t>(channels), static_cast<index_t>(inner),
+                              static_cast<index_t>(sps), static_cast<index_t>(cps));
+  auto kernel = cl ? grad_input_kernel<true, acc_t, acc_t, acc_t, index_t>
+                   : grad_input_kernel<false, acc_t, acc_t, acc_t, index_t>;
+  launch_strided(kernel, x.numel(), dy.data_ptr<acc_t>(), x.data_ptr<acc_t>(), dx.data_ptr<acc_t>(), mean, invstd,
+                 w, cg, cx, ix, x.numel());
+}
 void grad_input(bool cl, const Tensor& dy, const Tensor& x, Tensor& dx, const acc_t* mean, const acc_t* invstd,
-                const acc_t* w, const acc_t* ca, const acc_t* cb, int64_t channels, int64_t inner, int64_t sps,
+                const acc_t* w, const acc_t* cg, const acc_t* cx, int64_t channels, int64_t inner, int64_t sps,
                 int64_t cps) {
-  const NormIndex<int64_t> ix(channels, inner, sps, cps);
-  for (int64_t i = 0; i < x.numel(); ++i) {
-    int64_t c, s;
-    if (cl) ix.locate<true>(i, c, s);
-    else ix.locate<false>(i, c, s);
-    const acc_t wv = w ? w[c] : 1.0;
-    dx.data_ptr<acc_t>()[i] = ca ? norm_grad_input(dy.data_ptr<acc_t>()[i], x.data_ptr<acc_t>()[i], mean[s],
-                                                   invstd[s], wv, ca[s], cb[s])
-                                 : norm_grad_input_eval(dy.data_ptr<acc_t>()[i], invstd[s], wv);
-  }
+  if (use_int32) grad_input_as<int32_t>(cl, dy, x, dx, mean, invstd, w, cg, cx, channels, inner, sps, cps);
+  else grad_input_as<int64_t>(cl, dy, x, dx, mean, invstd, w, cg, cx, channels, inner, sps, cps);
 }
 
 int64_t spatial_of(const Tensor& x) {
@@ -187,6 +270,8 @@ int64_t spatial_of(const Tensor& x) {
   for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
   return s;
 }
+
+void set_int32(bool on) { use_int32 = on; }
 
 // ---- the ops, as csrc/cuda/norm.cu runs them (x already contiguous in its memory format) ----
 
@@ -208,10 +293,8 @@ std::vector<Tensor> bn_forward(Tensor x, Opt w, Opt b, Opt rm, Opt rv, bool trai
     finalize_stats(p, pi, c, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), rm ? rm->data_ptr<acc_t>() : nullptr,
                    rv ? rv->data_ptr<acc_t>() : nullptr, momentum, eps);
   } else {
-    for (int64_t i = 0; i < c; ++i) {
-      mean.data_ptr<acc_t>()[i] = rm->data_ptr<acc_t>()[i];
-      invstd.data_ptr<acc_t>()[i] = norm_invstd(rv->data_ptr<acc_t>()[i], eps);
-    }
+    launch_strided(&running_stats_kernel<acc_t, acc_t>, c, rm->data_ptr<acc_t>(), rv->data_ptr<acc_t>(), c,
+                   mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), static_cast<acc_t>(eps));
   }
   normalize(cl, x, y, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), ptr(b), c, s, 0, 1);
   return {y, mean, invstd};
@@ -233,20 +316,46 @@ std::vector<Tensor> bn_backward(Tensor dy, Tensor x, Opt w, Tensor mean, Tensor 
   std::vector<acc_t> a, b;
   finalize_sums(p, pi, c, a, b);
   Tensor gw = at::empty({c}, x.options()), gb = at::empty({c}, x.options());
-  std::vector<acc_t> ca(c), cb(c);
-  const acc_t inv_m = 1.0 / static_cast<acc_t>(n * s);
-  for (int64_t i = 0; i < c; ++i) {  // batch_norm_coeffs_kernel
-    const acc_t dweight = norm_weight_grad(invstd.data_ptr<acc_t>()[i], b[i]);
-    gw.data_ptr<acc_t>()[i] = dweight;
-    gb.data_ptr<acc_t>()[i] = a[i];
-    const acc_t wv = ptr(w) ? ptr(w)[i] : 1.0;
-    ca[i] = wv * a[i] * inv_m;
-    cb[i] = wv * dweight * inv_m;
-  }
+  std::vector<acc_t> cg(c, std::nan("")), cx(c, std::nan(""));
+  launch_strided(&batch_norm_coeffs_kernel<acc_t, acc_t>, c, a.data(), b.data(), invstd.data_ptr<acc_t>(), ptr(w),
+                 c, static_cast<acc_t>(n * s), gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
+                 training ? cg.data() : nullptr, training ? cx.data() : nullptr);
   Tensor dx = at::empty_like(x);
-  grad_input(cl, dy, x, dx, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), training ? ca.data() : nullptr,
-             training ? cb.data() : nullptr, c, s, 0, 1);
+  grad_input(cl, dy, x, dx, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), training ? cg.data() : nullptr,
+             training ? cx.data() : nullptr, c, s, 0, 1);
   return {dx, gw, gb};
+}
+
+// batch_norm_stats and batch_norm_backward_elemt of csrc/cuda/sync_batch_norm.cu.
+std::vector<Tensor> bn_stats(Tensor x, bool cl) {
+  const int64_t n = x.size(0), c = x.size(1), s = spatial_of(x);
+  Tensor mean = at::empty({c}, x.options()), m2 = at::empty({c}, x.options());
+  const WelfordOp<acc_t, acc_t> op{x.data_ptr<acc_t>()};
+  Partials p;
+  PartialIndex pi;
+  if (cl || s == 1) {
+    p = reduce_columns(op, 3, 1, n * s, c);
+    pi = columns_partials(p.chunks, c, c, 1);
+  } else {
+    p = reduce_planes(op, 3, n, c, s);
+    pi = planes_partials(p.chunks);
+  }
+  launch_strided(&welford_mean_m2_kernel<acc_t>, c, p.buffer.data(), p.count, pi, c, mean.data_ptr<acc_t>(),
+                 m2.data_ptr<acc_t>());
+  return {mean, m2};
+}
+
+Tensor bn_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Opt w, Tensor sum_dy, Tensor sum_dy_xmu,
+                         int64_t count, bool cl) {
+  const int64_t c = x.size(1), s = spatial_of(x);
+  std::vector<acc_t> cg(c, std::nan("")), cx(c, std::nan(""));
+  launch_strided(&batch_norm_coeffs_kernel<acc_t, acc_t>, c, sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(),
+                 invstd.data_ptr<acc_t>(), ptr(w), c, static_cast<acc_t>(count), static_cast<acc_t*>(nullptr),
+                 static_cast<acc_t*>(nullptr), cg.data(), cx.data());
+  Tensor dx = at::empty_like(x);
+  grad_input(cl, dy, x, dx, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), cg.data(), cx.data(), c, s, 0,
+             1);
+  return dx;
 }
 
 std::vector<Tensor> ln_forward(Tensor x, int64_t cols, Opt w, Opt b, double eps) {
@@ -254,8 +363,8 @@ std::vector<Tensor> ln_forward(Tensor x, int64_t cols, Opt w, Opt b, double eps)
   Tensor y = at::empty_like(x), mean = at::empty({rows}, x.options()), invstd = at::empty({rows}, x.options());
   const WelfordOp<acc_t, acc_t> op{x.data_ptr<acc_t>()};
   const Partials p = reduce_planes(op, 3, 1, rows, cols);
-  finalize_stats(p, planes_partials(p.chunks), rows, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), nullptr, nullptr,
-                 0, eps);
+  finalize_stats(p, planes_partials(p.chunks), rows, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), nullptr,
+                 nullptr, 0, eps);
   normalize(true, x, y, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), ptr(b), cols, 1, 1, cols);
   return {y, mean, invstd};
 }
@@ -267,23 +376,19 @@ std::vector<Tensor> ln_backward(Tensor dy, Tensor x, int64_t cols, Tensor mean, 
   const Partials p = reduce_planes(rop, 2, 1, rows, cols);
   std::vector<acc_t> a, b;
   finalize_sums(p, planes_partials(p.chunks), rows, a, b);
-  std::vector<acc_t> ca(rows), cb(rows);
-  for (int64_t r = 0; r < rows; ++r) {  // layer_norm_coeffs_kernel
-    ca[r] = a[r] * (1.0 / cols);
-    cb[r] = b[r] * invstd.data_ptr<acc_t>()[r] * (1.0 / cols);
-  }
+  std::vector<acc_t> cg(rows, std::nan("")), cx(rows, std::nan(""));
+  launch_strided(&layer_norm_coeffs_kernel<acc_t>, rows, a.data(), b.data(), invstd.data_ptr<acc_t>(), rows,
+                 static_cast<acc_t>(cols), cg.data(), cx.data());
   Tensor dx = at::empty_like(x);
-  grad_input(true, dy, x, dx, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), ca.data(), cb.data(), cols,
+  grad_input(true, dy, x, dx, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), ptr(w), cg.data(), cx.data(), cols,
              1, 1, cols);
   const GradSumsOp<acc_t, acc_t, acc_t> cop{dy.data_ptr<acc_t>(), x.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
                                             invstd.data_ptr<acc_t>(), nullptr, 0, 1, true};
   const Partials q = reduce_columns(cop, 2, 1, rows, cols);
   finalize_sums(q, columns_partials(q.chunks, cols, cols, 1), cols, a, b);
   Tensor gw = at::empty({cols}, x.options()), gb = at::empty({cols}, x.options());
-  for (int64_t i = 0; i < cols; ++i) {
-    gw.data_ptr<acc_t>()[i] = b[i];
-    gb.data_ptr<acc_t>()[i] = a[i];
-  }
+  launch_strided(&cast_pair_kernel<acc_t, acc_t>, cols, a.data(), b.data(), cols, gw.data_ptr<acc_t>(),
+                 gb.data_ptr<acc_t>());
   return {dx, gw, gb};
 }
 
@@ -322,32 +427,14 @@ std::vector<Tensor> gn_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd,
   std::vector<acc_t> a, b;
   finalize_sums(p, pi, n * c, a, b);
   const acc_t* is = invstd.data_ptr<acc_t>();
-  const acc_t* wp = ptr(w);
-  std::vector<acc_t> ca(n * groups), cb(n * groups);
-  for (int64_t o = 0; o < n * groups; ++o) {  // group_norm_coeffs_kernel
-    const int64_t nn = o / groups, g = o % groups;
-    acc_t sa = 0, sb = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const int64_t ch = g * d + k;
-      const acc_t wv = wp ? wp[ch] : 1.0;
-      sa += wv * a[nn * c + ch];
-      sb += wv * b[nn * c + ch];
-    }
-    ca[o] = sa * (1.0 / (d * s));
-    cb[o] = sb * is[o] * (1.0 / (d * s));
-  }
+  std::vector<acc_t> cg(n * groups, std::nan("")), cx(n * groups, std::nan(""));
+  launch_strided(&group_norm_coeffs_kernel<acc_t, acc_t>, n * groups, a.data(), b.data(), is, ptr(w), n, c, groups,
+                 static_cast<acc_t>(d * s), cg.data(), cx.data());
   Tensor dx = at::empty_like(x);
-  grad_input(cl, dy, x, dx, mean.data_ptr<acc_t>(), is, wp, ca.data(), cb.data(), c, s, groups, d);
+  grad_input(cl, dy, x, dx, mean.data_ptr<acc_t>(), is, ptr(w), cg.data(), cx.data(), c, s, groups, d);
   Tensor gw = at::empty({c}, x.options()), gb = at::empty({c}, x.options());
-  for (int64_t ch = 0; ch < c; ++ch) {  // group_norm_param_grads_kernel
-    acc_t sa = 0, sb = 0;
-    for (int64_t nn = 0; nn < n; ++nn) {
-      sa += a[nn * c + ch];
-      sb += b[nn * c + ch] * is[nn * groups + ch / d];
-    }
-    gw.data_ptr<acc_t>()[ch] = sb;
-    gb.data_ptr<acc_t>()[ch] = sa;
-  }
+  launch_strided(&group_norm_param_grads_kernel<acc_t, acc_t>, c, a.data(), b.data(), is, n, c, groups,
+                 gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>());
   return {dx, gw, gb};
 }
 
@@ -386,20 +473,31 @@ int64_t planes_chunks(int64_t outer, int64_t channels, int64_t inner) {
 int64_t columns_chunks(int64_t batch, int64_t rows, int64_t cols) { return columns_config(batch, rows, cols).chunks; }
 """
 
-FUNCTIONS = ["norm_index_mismatches", "divider_mismatches", "planes_chunks", "columns_chunks",
-             "bn_forward", "bn_backward", "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
+FUNCTIONS = ["norm_index_mismatches", "divider_mismatches", "planes_chunks", "columns_chunks", "set_int32",
+             "bn_forward", "bn_backward", "bn_stats", "bn_backward_elemt", "ln_forward", "ln_backward",
+             "gn_forward", "gn_backward"]
+
+
+HEADERS = ["cuda/norm_kernels.cuh", "common/norm_cuda_math.h", "common/norm_math.h", "common/welford.h",
+           "common/macros.h"]
 
 
 @pytest.fixture(scope="module")
 def emu():
     from torch.utils.cpp_extension import load_inline
 
-    # A fixed folder: ninja then rebuilds only when the header or SOURCE changed.
-    build = os.path.join(tempfile.gettempdir(), "cnnops_norm_kernel_math")
+    # A folder per checkout: ninja then rebuilds only when the headers or SOURCE changed.
+    build = os.path.join(tempfile.gettempdir(), f"cnnops_norm_kernel_math_{zlib.crc32(ROOT.encode()):08x}")
     os.makedirs(build, exist_ok=True)
+    # load_inline rebuilds when its source text changes, not when a header does: name the
+    # headers' contents in the source.
+    digest = hashlib.sha1()
+    for header in HEADERS:
+        with open(os.path.join(ROOT, "csrc", header), "rb") as f:
+            digest.update(f.read())
     return load_inline(
         name="cnnops_norm_kernel_math",
-        cpp_sources=SOURCE,
+        cpp_sources=SOURCE + f"\n// headers {digest.hexdigest()}\n",
         functions=FUNCTIONS,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O1"],
@@ -437,6 +535,7 @@ BN_CASES = [
 @pytest.mark.parametrize("shape,cl", BN_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("large_mean", [False, True])
 def test_batch_norm_emulation(emu, shape, cl, large_mean):
+    emu.set_int32(not large_mean)  # both index types of every kernel
     c = shape[1]
     x = offset_input(shape, large_mean, 1).requires_grad_()
     w = torch.randn(c, dtype=torch.float64).requires_grad_()
@@ -471,6 +570,32 @@ def test_batch_norm_emulation(emu, shape, cl, large_mean):
     close(dbe, db2, tol)
 
 
+@pytest.mark.parametrize("shape,cl", [((4, 3), False), ((2, 3, 70, 90), False), ((2, 3, 70, 90), True),
+                                      ((2, 33, 3, 5), True), ((5000, 3), False)], ids=lambda v: str(v))
+def test_sync_batch_norm_emulation(emu, shape, cl):
+    """SyncBatchNorm's pieces (csrc/cuda/sync_batch_norm.cu): per-channel mean and m2, and
+    grad_input from given sums and count, against torch's batch norm on the whole batch."""
+    emu.set_int32(True)
+    c = shape[1]
+    x = offset_input(shape, True, 4).requires_grad_()
+    w = torch.randn(c, dtype=torch.float64)
+    dims = [0] + list(range(2, x.dim()))
+    xl = layout(x.detach(), cl)
+    mean, m2 = emu.bn_stats(xl, cl)
+    xd = x.detach()
+    close(mean, xd.mean(dims))
+    close(m2, ((xd - xd.mean(dims, keepdim=True)) ** 2).sum(dims), 1e-7)
+    y = F.batch_norm(x, None, None, w, None, training=True, eps=1e-5)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    invstd = 1 / torch.sqrt(xd.var(dims, unbiased=False) + 1e-5)
+    sum_dy = dy.sum(dims)
+    sum_dy_xmu = (dy * (xd - xd.mean(dims, keepdim=True))).sum(dims)
+    count = xd.numel() // c
+    dxe = emu.bn_backward_elemt(layout(dy, cl), xl, mean, invstd, w, sum_dy, sum_dy_xmu, count, cl)
+    close(dxe, dx)
+
+
 LN_CASES = [((4, 8), 1), ((3, 5, 7), 2), ((2, 3, 33), 1), ((6, 1000), 1), ((2, 9000), 1), ((1, 3, 4, 5), 3),
             ((300, 40), 1)]
 
@@ -479,6 +604,7 @@ LN_CASES = [((4, 8), 1), ((3, 5, 7), 2), ((2, 3, 33), 1), ((6, 1000), 1), ((2, 9
 @pytest.mark.parametrize("large_mean", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_norm_emulation(emu, shape, k, large_mean, affine):
+    emu.set_int32(not large_mean)  # both index types of every kernel
     ns = shape[-k:]
     cols = 1
     for s in ns:
@@ -512,6 +638,7 @@ GN_CASES = [  # shape, groups, channels_last
 @pytest.mark.parametrize("shape,groups,cl", GN_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("large_mean", [False, True])
 def test_group_norm_emulation(emu, shape, groups, cl, large_mean):
+    emu.set_int32(not large_mean)  # both index types of every kernel
     c = shape[1]
     x = offset_input(shape, large_mean, 3).requires_grad_()
     w = torch.randn(c, dtype=torch.float64).requires_grad_()
@@ -565,8 +692,8 @@ def test_int32_divider_exact(emu):
     assert emu.divider_mismatches(divisors, sorted(dividends)) == 0
 
 
-@pytest.mark.parametrize("channels,inner,sps,cps", [(3, 49, 0, 1), (64, 3136, 32, 2), (70, 6, 35, 2),
-                                                   (1024, 1, 1, 1024), (6, 1, 0, 1), (2048, 49, 2048, 1)])
+@pytest.mark.parametrize("channels,inner,sps,cps", [
+    (3, 49, 0, 1), (64, 3136, 32, 2), (70, 6, 35, 2), (1024, 1, 1, 1024), (6, 1, 0, 1), (2048, 49, 2048, 1)])
 @pytest.mark.parametrize("cl", [False, True])
 def test_int32_norm_index(emu, channels, inner, sps, cps, cl):
     """The elementwise kernels' int32 (channel, statistic) of an element equals the plain

@@ -56,7 +56,7 @@ struct NormSpec {
 };
 
 const char* backward_name(Kind k) {
-  return k == Kind::Batch ? "batch_norm_backward" : k == Kind::Layer ? "layer_norm_backward" : "group_norm_backward";
+  return k == Kind::Batch ? "batch_norm_backward()" : k == Kind::Layer ? "layer_norm_backward()" : "group_norm_backward()";
 }
 
 // The input viewed so that each statistic covers whole dims: batch norm N x C x S (statistics
@@ -276,9 +276,9 @@ TensorTriple norm_forward_autograd(const NormSpec& spec, const Tensor& input, co
 void check_running_stat(const OptTensor& t, const char* name) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(!(t->requires_grad() && at::GradMode::is_enabled()),
-              "batch_norm_forward: the function is not differentiable with respect to argument '", name,
+              "batch_norm_forward(): the function is not differentiable with respect to argument '", name,
               "'. This input cannot have requires_grad True.");
-  TORCH_CHECK_NOT_IMPLEMENTED(!tangent(t).defined(), "batch_norm_forward: forward-mode AD with respect to ", name,
+  TORCH_CHECK_NOT_IMPLEMENTED(!tangent(t).defined(), "batch_norm_forward(): forward-mode AD with respect to ", name,
                               " is not supported (running statistics are buffers, not differentiable inputs)");
 }
 

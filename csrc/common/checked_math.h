@@ -40,7 +40,7 @@ inline int64_t checked_numel(std::initializer_list<int64_t> sizes, const char* w
   }
   for (const int64_t s : sizes) {
     if (mul_fits(n, s, &n)) continue;
-    TORCH_CHECK_NOT_IMPLEMENTED(!gap, "cnnops ", what, ": the size ", c10::IntArrayRef(sizes), " has more than 2^63 - 1 elements, which cnnops cannot allocate");
+    TORCH_CHECK_NOT_IMPLEMENTED(!gap, what, ": the size ", c10::IntArrayRef(sizes), " has more than 2^63 - 1 elements, which cnnops cannot allocate");
     TORCH_CHECK(false, what, ": integer multiplication overflow (the size ", c10::IntArrayRef(sizes), " has more than 2^63 - 1 elements)");
   }
   return n;

@@ -20,8 +20,9 @@ inline void check_conv_param(const char* name, c10::IntArrayRef value, int64_t d
 }
 
 // Validates input (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel) and bias (C_out)
-// and returns the geometry with 1d/2d lifted to 3d.
-inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor& weight,
+// and returns the geometry with 1d/2d lifted to 3d. `op` ("conv_forward()") names the op in the
+// messages of cnnops' own limits; the others are torch's words.
+inline ConvGeometry make_conv_geometry(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias,
                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
                                        c10::IntArrayRef dilation, int64_t groups) {
@@ -79,7 +80,7 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
     g.out[i] = window_count(g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i], false);
   }
   // torch returns an output with zero channels here; we would rather say so than guess.
-  TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, "cnnops conv: an input with zero channels (input of size ", input.sizes(), ") is not supported");
+  TORCH_CHECK_NOT_IMPLEMENTED(input.size(1) > 0, op, ": an input with zero channels (input of size ", input.sizes(), ") is not supported");
   // torch checks this in its kernels, after the padded size (where a zero kernel spans
   // 1 - dilation, exact above) and after its zero-channel path. A batch-0 input takes torch's
   // empty path instead, which indexes the empty weight: IndexError.
@@ -92,13 +93,13 @@ inline ConvGeometry make_conv_geometry(const at::Tensor& input, const at::Tensor
   // Every buffer the kernels size from the geometry: output, zero-padded input planes, the
   // im2col matrix, the weight as GEMM operands. torch pads implicitly, so a padded input or an
   // im2col matrix too large to address is a cnnops gap, not an error of the arguments.
-  checked_numel({g.batch, g.out_channels, g.out[0], g.out[1], g.out[2]}, "conv: output");
-  const int64_t padded_plane = checked_numel({g.in[0] + 2 * g.pad[0], g.in[1] + 2 * g.pad[1], g.in[2] + 2 * g.pad[2]}, "conv: padded input plane", true);
-  checked_numel({g.batch, g.in_channels, padded_plane}, "conv: padded input", true);
-  const int64_t kernel_volume = checked_numel({g.kernel[0], g.kernel[1], g.kernel[2]}, "conv: kernel", true);
-  const int64_t out_plane = checked_numel({g.out[0], g.out[1], g.out[2]}, "conv: output plane");
-  checked_numel({g.batch, g.in_channels, kernel_volume, out_plane}, "conv: im2col matrix", true);
-  checked_numel({g.out_channels, g.in_channels, kernel_volume}, "conv: weight", true);
+  checked_numel({g.batch, g.out_channels, g.out[0], g.out[1], g.out[2]}, (std::string(op) + ": output").c_str());
+  const int64_t padded_plane = checked_numel({g.in[0] + 2 * g.pad[0], g.in[1] + 2 * g.pad[1], g.in[2] + 2 * g.pad[2]}, (std::string(op) + ": padded input plane").c_str(), true);
+  checked_numel({g.batch, g.in_channels, padded_plane}, (std::string(op) + ": padded input").c_str(), true);
+  const int64_t kernel_volume = checked_numel({g.kernel[0], g.kernel[1], g.kernel[2]}, (std::string(op) + ": kernel").c_str(), true);
+  const int64_t out_plane = checked_numel({g.out[0], g.out[1], g.out[2]}, (std::string(op) + ": output plane").c_str());
+  checked_numel({g.batch, g.in_channels, kernel_volume, out_plane}, (std::string(op) + ": im2col matrix").c_str(), true);
+  checked_numel({g.out_channels, g.in_channels, kernel_volume}, (std::string(op) + ": weight").c_str(), true);
   return g;
 }
 

@@ -212,7 +212,7 @@ inline void check_sync_count(const char* op, int64_t count, const ChannelNormSha
 inline ChannelNormShape check_batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                                const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
                                                const at::Tensor& invstd) {
-  constexpr const char* op = "cnnops::batch_norm_elemt";
+  constexpr const char* op = "batch_norm_elemt()";
   const ChannelNormShape s = check_batch_norm_input(op, input);
   check_batch_norm_param(op, "weight", weight, input, s);
   check_batch_norm_param(op, "bias", bias, input, s);
@@ -227,7 +227,7 @@ inline ChannelNormShape check_batch_norm_backward_elemt(const at::Tensor& grad_o
                                                         const c10::optional<at::Tensor>& weight,
                                                         const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                                                         int64_t count) {
-  constexpr const char* op = "cnnops::batch_norm_backward_elemt";
+  constexpr const char* op = "batch_norm_backward_elemt()";
   const ChannelNormShape s = check_batch_norm_input(op, input);
   check_norm_grad_output(op, grad_output, input);
   check_batch_norm_param(op, "weight", weight, input, s);

@@ -1,8 +1,8 @@
 #pragma once
 // Index math of the CUDA normalization kernels (csrc/cuda/norm_kernels.cuh), host+device so
-// tests/test_norm_cuda.py can run it on the CPU: which statistic and which affine channel an
-// element belongs to, where a thread's next element of a reduction lies, and which partial
-// results the second stage of a reduction merges, in which order.
+// tests/test_norm_kernel_math.py runs it, with the kernels, on the CPU: which statistic and
+// which affine channel an element belongs to, where a thread's next element of a reduction
+// lies, and which partial results the second stage of a reduction merges, in which order.
 #include <stdint.h>
 
 #include "macros.h"
@@ -160,7 +160,7 @@ inline PartialIndex columns_partials(int64_t chunks, int64_t cols, int64_t stats
 inline int64_t norm_chunk_count(int64_t blocks_per_chunk, int64_t length, int64_t min_len,
                                 int64_t target_blocks = 1024, int64_t max_chunks = 1024) {
   if (blocks_per_chunk < 1) blocks_per_chunk = 1;
-  int64_t chunks = (target_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  int64_t chunks = ceil_div(target_blocks, blocks_per_chunk);
   const int64_t by_len = length / (min_len > 0 ? min_len : 1);
   if (chunks > by_len) chunks = by_len;
   if (chunks > max_chunks) chunks = max_chunks;
@@ -181,8 +181,8 @@ inline PlanesConfig planes_config(int64_t outer, int64_t channels, int64_t inner
   const int64_t total = outer * inner;
   const int64_t want = norm_chunk_count(channels, total, 4096);
   PlanesConfig c;
-  c.chunk_len = total > 0 ? (total + want - 1) / want : 1;
-  c.chunks = total > 0 ? (total + c.chunk_len - 1) / c.chunk_len : 1;
+  c.chunk_len = total > 0 ? ceil_div(total, want) : 1;
+  c.chunks = total > 0 ? ceil_div(total, c.chunk_len) : 1;
   c.threads = c.chunk_len >= 1024 ? 256 : c.chunk_len >= 512 ? 128 : c.chunk_len >= 256 ? 64 : 32;
   return c;
 }
@@ -202,11 +202,11 @@ struct ColumnsConfig {
 
 inline ColumnsConfig columns_config(int64_t batch, int64_t rows, int64_t cols) {
   ColumnsConfig c;
-  c.col_blocks = (cols + kColumnThreadsX - 1) / kColumnThreadsX;
+  c.col_blocks = ceil_div(cols, kColumnThreadsX);
   c.grid_z = batch < kColumnMaxGridZ ? batch : kColumnMaxGridZ;
   const int64_t want = norm_chunk_count(c.col_blocks * c.grid_z, rows, 64);
-  c.chunk_len = rows > 0 ? (rows + want - 1) / want : 1;
-  c.chunks = rows > 0 ? (rows + c.chunk_len - 1) / c.chunk_len : 1;
+  c.chunk_len = rows > 0 ? ceil_div(rows, want) : 1;
+  c.chunks = rows > 0 ? ceil_div(rows, c.chunk_len) : 1;
   return c;
 }
 
@@ -332,13 +332,13 @@ CNNOPS_HD acc_t norm_output(acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc
   return (x - mean) * invstd * weight + bias;
 }
 
-// dx = invstd * (g - A - (x - mean) * invstd * B), g = dy * w, with per-statistic A = mean(g),
-// B = mean(g * x_hat) (Ioffe-Szegedy's backward of the lecture's batch norm).
+// dx = invstd * (g + coef_g) + coef_xmu * (x - mean), g = dy * w, with the per-statistic
+// coefficients of norm_input_grad_coef (norm_math.h: the backward of the lecture's batch norm,
+// written the way the CPU kernels evaluate it).
 template <typename acc_t>
-CNNOPS_HD acc_t norm_grad_input(acc_t dy, acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc_t coef_a,
-                                acc_t coef_b) {
-  const acc_t g = dy * weight;
-  return invstd * (g - (coef_a + (x - mean) * invstd * coef_b));
+CNNOPS_HD acc_t norm_grad_input(acc_t dy, acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc_t coef_g,
+                                acc_t coef_xmu) {
+  return invstd * (dy * weight + coef_g) + coef_xmu * (x - mean);
 }
 
 // Batch norm eval: mean and invstd are constants (the running statistics), so the map is a

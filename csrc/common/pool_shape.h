@@ -7,15 +7,10 @@
 
 namespace cnnops {
 
-// Floor and ceil division for a positive divisor and a numerator of either sign; no
-// intermediate can overflow (a + b - 1 would, for the int64 strides max_pool1d accepts).
+// Floor division for a positive divisor and a numerator of either sign (ceil_div: macros.h).
 CNNOPS_HD int64_t floor_div(int64_t a, int64_t b) {
   const int64_t q = a / b;
   return (a % b != 0 && a < 0) ? q - 1 : q;
-}
-CNNOPS_HD int64_t ceil_div(int64_t a, int64_t b) {
-  const int64_t q = a / b;
-  return (a % b != 0 && a > 0) ? q + 1 : q;
 }
 CNNOPS_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 CNNOPS_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }

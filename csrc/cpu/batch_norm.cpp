@@ -12,59 +12,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 
 #include "common/norm_checks.h"
-#include "cpu/norm_cpu.h"
+#include "cpu/batch_norm_cpu.h"
 
 namespace cnnops {
 namespace cpu {
 namespace {
 
-constexpr const char* kForward = "cnnops::batch_norm_forward";
-constexpr const char* kBackward = "cnnops::batch_norm_backward";
+constexpr const char* kForward = "batch_norm_forward()";
+constexpr const char* kBackward = "batch_norm_backward()";
 
-
-// Per-channel Welford statistics of x (dense in its layout).
-template <typename scalar_t>
-std::vector<Welford<acc_type<scalar_t>>> channel_stats(const scalar_t* x, const ChannelNormShape& s,
-                                                       bool rows_layout) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t N = s.batch, C = s.channels, S = s.spatial;
-  std::vector<Welford<acc_t>> stats(static_cast<size_t>(C));
-  if (N * S == 0) return stats;
-  if (!rows_layout) {
-    const int64_t chunks = (S + kSpanChunk - 1) / kSpanChunk;
-    const int64_t chunk_len = std::min(S, kSpanChunk);
-    std::vector<Welford<acc_t>> partial(static_cast<size_t>(N * C * chunks));
-    at::parallel_for(0, N * C * chunks, grain_for(chunk_len), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t plane = i / chunks, k = i % chunks;
-        const int64_t start = k * kSpanChunk;
-        partial[i] = welford_span(x + plane * S + start, std::min(kSpanChunk, S - start));
-      }
-    });
-    // N * C * chunks merges: too little work for another parallel region.
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < chunks; ++k) stats[c].merge(partial[(n * C + c) * chunks + k]);
-    return stats;
-  }
-  const RowBlocks blocks(N * S, C);
-  std::vector<acc_t> mean(static_cast<size_t>(blocks.count * C)), m2(mean.size());
-  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      welford_rows(x + blocks.begin(b) * C, blocks.size(b), C, &mean[b * C], &m2[b * C]);
-  });
-  for (int64_t b = 0; b < blocks.count; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      Welford<acc_t> part;
-      part.mean = mean[b * C + c];
-      part.m2 = m2[b * C + c];
-      part.count = static_cast<acc_t>(blocks.size(b));
-      stats[c].merge(part);
-    }
-  return stats;
-}
 
 // Per-channel sum(dy) and sum(dy * (x - mean[c])).
 template <typename scalar_t>
@@ -78,7 +37,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelNormS
   sum_dy_xmu.assign(static_cast<size_t>(C), acc_t(0));
   if (N * S == 0) return;
   if (!rows_layout) {
-    const int64_t chunks = (S + kSpanChunk - 1) / kSpanChunk;
+    const int64_t chunks = ceil_div(S, kSpanChunk);
     const int64_t chunk_len = std::min(S, kSpanChunk);
     std::vector<acc_t> pa(static_cast<size_t>(N * C * chunks)), pb(pa.size());
     at::parallel_for(0, N * C * chunks, grain_for(2 * chunk_len), [&](int64_t begin, int64_t end) {
@@ -110,44 +69,6 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelNormS
       sum_dy[c] += pa[b * C + c];
       sum_dy_xmu[c] += pb[b * C + c];
     }
-}
-
-// Elementwise pass with per-channel coefficients: NCHW plane by plane, channels-last in row
-// blocks (any partition: every element is independent).
-template <typename PlaneFn, typename RowsFn>
-void for_each_channel_slice(const ChannelNormShape& s, bool rows_layout, int64_t values_per_elem,
-                            const PlaneFn& plane_fn, const RowsFn& rows_fn) {
-  const int64_t N = s.batch, C = s.channels, S = s.spatial;
-  if (N * C * S == 0) return;
-  if (!rows_layout) {
-    at::parallel_for(0, N * C, grain_for(S * values_per_elem), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) plane_fn(p * S, S, p % C);
-    });
-    return;
-  }
-  const int64_t rows = N * S;
-  const int64_t per = std::max<int64_t>(1, kParallelGrainValues / (C * values_per_elem));
-  at::parallel_for(0, (rows + per - 1) / per, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) rows_fn(b * per * C, std::min(per, rows - b * per));
-  });
-}
-
-// y = (x - mean) * invstd * w + b per channel (lecture: y = gamma * (x - mu) / sigma + beta).
-template <typename scalar_t, typename acc_t>
-void normalize_channels(const ChannelNormShape& s, bool rows, const scalar_t* xp, scalar_t* yp,
-                        const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,
-                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
-  const int64_t C = s.channels;
-  const auto w = load_param<acc_t>(weight, C, 1);
-  const auto b = load_param<acc_t>(bias, C, 0);
-  std::vector<acc_t> scale(C);
-  for (int64_t c = 0; c < C; ++c) scale[c] = norm_scale(invstd[c], w[c]);
-  for_each_channel_slice(
-      s, rows, 2,
-      [&](int64_t off, int64_t len, int64_t c) { normalize_span(xp + off, yp + off, len, mean[c], scale[c], b[c]); },
-      [&](int64_t off, int64_t nrows) {
-        normalize_rows(xp + off, yp + off, nrows, C, mean.data(), scale.data(), b.data());
-      });
 }
 
 at::ScalarType param_grad_dtype(const c10::optional<at::Tensor>& weight, const at::Tensor& input) {
@@ -287,98 +208,7 @@ TensorTriple batch_norm_backward(const at::Tensor& grad_output, const at::Tensor
 }  // namespace cpu
 }  // namespace cnnops
 
-// ============================================================================================
-// SyncBatchNorm pieces (cnnops.nn.SyncBatchNorm). Each rank computes its statistics with
-// batch_norm_stats, the ranks merge them in Python (Chan), each rank normalizes its slice with
-// batch_norm_elemt, and the backward turns the all-reduced gradient sums into grad_input with
-// batch_norm_backward_elemt. The local sums come from batch_norm_backward (see autograd.py).
-// ============================================================================================
-
-namespace cnnops {
-namespace cpu {
-
-TensorPair batch_norm_stats(const at::Tensor& input) {
-  constexpr const char* op = "cnnops::batch_norm_stats";
-  const ChannelNormShape s = check_batch_norm_input(op, input);
-  const bool rows = use_rows_layout(input, s.spatial);
-  const at::Tensor x = dense_for_layout(input, rows);
-  const auto stat_opts = input.options().dtype(norm_stat_dtype(input));
-  at::Tensor mean = at::empty({s.channels}, stat_opts);
-  at::Tensor m2 = at::empty({s.channels}, stat_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats", [&] {
-    using acc_t = acc_type<scalar_t>;
-    // Same Welford/Chan reduction as batch_norm_forward; an empty batch gives zeros.
-    const auto stats = channel_stats(x.const_data_ptr<scalar_t>(), s, rows);
-    acc_t* mp = mean.mutable_data_ptr<acc_t>();
-    acc_t* m2p = m2.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < s.channels; ++c) {
-      mp[c] = stats[c].mean;
-      m2p[c] = stats[c].m2;
-    }
-  });
-  return {mean, m2};
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("batch_norm_forward", &cnnops::cpu::batch_norm_forward);
+  m.impl("batch_norm_backward", &cnnops::cpu::batch_norm_backward);
 }
-
-at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
-                            const at::Tensor& invstd) {
-  const ChannelNormShape s = check_batch_norm_elemt(input, weight, bias, mean, invstd);
-  const bool rows = use_rows_layout(input, s.spatial);
-  const at::Tensor x = dense_for_layout(input, rows);
-  at::Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto mu = load_param<acc_t>(mean, s.channels, 0);
-    const auto is = load_param<acc_t>(invstd, s.channels, 0);
-    normalize_channels(s, rows, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mu, is, weight, bias);
-  });
-  return y;
-}
-
-at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
-                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                     const c10::optional<at::Tensor>& weight,
-                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     int64_t count) {
-  const ChannelNormShape s =
-      check_batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
-  const bool rows = use_rows_layout(input, s.spatial);
-  const at::Tensor x = dense_for_layout(input, rows);
-  const at::Tensor dy = dense_for_layout(grad_output, rows);
-  at::Tensor dx = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const int64_t C = s.channels;
-    const auto mu = load_param<acc_t>(mean, C, 0);
-    const auto is = load_param<acc_t>(invstd, C, 0);
-    const auto w = load_param<acc_t>(weight, C, 1);
-    const auto sdy = load_param<acc_t>(sum_dy, C, 0);
-    const auto sdyx = load_param<acc_t>(sum_dy_xmu, C, 0);
-    // The training formula of batch_norm_backward over the global batch: the sums and the count
-    // are the all-ranks ones, the elements this rank's.
-    std::vector<acc_t> coef_g(C, acc_t(0)), coef_xmu(C, acc_t(0));
-    if (count > 0) {
-      for (int64_t c = 0; c < C; ++c) {
-        const auto coef = norm_input_grad_coef(is[c], w[c] * sdy[c], w[c] * sdyx[c], static_cast<acc_t>(count));
-        coef_g[c] = coef.coef_g;
-        coef_xmu[c] = coef.coef_xmu;
-      }
-    }
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    for_each_channel_slice(
-        s, rows, 3,
-        [&](int64_t off, int64_t len, int64_t c) {
-          input_grad_span(dyp + off, xp + off, dxp + off, len, w[c], is[c], mu[c], coef_g[c], coef_xmu[c]);
-        },
-        [&](int64_t off, int64_t nrows) {
-          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, w.data(), is.data(), mu.data(),
-                          coef_g.data(), coef_xmu.data());
-        });
-  });
-  return dx;
-}
-
-}  // namespace cpu
-}  // namespace cnnops

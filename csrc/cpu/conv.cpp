@@ -400,21 +400,21 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
 
 }  // namespace
 
-void check_cpu_dtype(const at::Tensor& input) {
+void check_cpu_dtype(const char* op, const at::Tensor& input) {
   const auto t = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
-                              "cnnops conv on CPU: dtype ", t, " is not supported (float32, float64, bfloat16, float16)");
+                              op, ": dtype ", t, " is not supported on the CPU (float32, float64, bfloat16, float16)");
 }
 
 at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                             c10::string_view activation_name) {
-  const ConvGeometry g = make_conv_geometry(input, weight, bias, stride, padding, dilation, groups);
+  const ConvGeometry g = make_conv_geometry("conv_forward()", input, weight, bias, stride, padding, dilation, groups);
   const SerialRegion small(is_small_conv(g));
   const Activation activation = parse_activation(activation_name);
-  TORCH_CHECK(input.device().is_cpu(), "conv_forward_cpu: input must be a CPU tensor, got ", input.device());
-  check_cpu_dtype(input);
+  TORCH_CHECK(input.device().is_cpu(), "conv_forward(): input must be a CPU tensor, got ", input.device());
+  check_cpu_dtype("conv_forward()", input);
   const auto layout = kernel_memory_format(input, g);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
   const auto x = compute_copy(input, layout), w = compute_copy(weight);
@@ -435,11 +435,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
-  const ConvGeometry g = make_conv_geometry(input, weight, std::nullopt, stride, padding, dilation, groups);
+  const ConvGeometry g = make_conv_geometry("conv_backward()", input, weight, std::nullopt, stride, padding, dilation, groups);
   check_grad_output(grad_output, input, g, weight.dim() - 2);
   const SerialRegion small(is_small_conv(g));
-  TORCH_CHECK(input.device().is_cpu(), "conv_backward_cpu: input must be a CPU tensor, got ", input.device());
-  check_cpu_dtype(input);
+  TORCH_CHECK(input.device().is_cpu(), "conv_backward(): input must be a CPU tensor, got ", input.device());
+  check_cpu_dtype("conv_backward()", input);
   const auto layout = kernel_memory_format(input, g);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
   const auto dy = compute_copy(grad_output, layout), x = compute_copy(input, layout), w = compute_copy(weight);
@@ -495,11 +495,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
 
 }  // namespace cpu
 }  // namespace cnnops
-
-TORCH_LIBRARY_FRAGMENT(cnnops, m) {
-  // Which GEMM micro-kernel this CPU runs: "avx512", "avx2" or "portable" (benchmarks, tests).
-  m.def("cpu_gemm_isa() -> str", [] { return std::string(cnnops::cpu::gemm_isa()); });
-}
 
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("conv_forward", &cnnops::cpu::conv_forward_cpu);

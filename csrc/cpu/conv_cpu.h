@@ -14,7 +14,7 @@ namespace cpu {
 
 constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc x 384 B block fits L2
 
-inline int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+inline int64_t num_blocks(int64_t n, int64_t block) { return ceil_div(n, block); }  // common/macros.h
 
 // Convolutions below this many multiply-adds run on the calling thread: for them a parallel
 // region's fork and join (microseconds, far more on a busy machine) costs more than the work.

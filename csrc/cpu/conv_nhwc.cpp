@@ -43,8 +43,8 @@ void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, in
                             int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr,
                             const T* zeros) {
   const int64_t cg = g.in_channels_per_group();
-  const T* src[16];  // mr is at most 12 for every micro-kernel
-  TORCH_INTERNAL_ASSERT(mr <= 16);
+  const T* src[kGemmMaxMr];
+  TORCH_INTERNAL_ASSERT(mr <= kGemmMaxMr);
   for (int64_t j = 0; j < kc;) {
     const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
     for (int64_t i = 0; i < mr; ++i) {
@@ -148,7 +148,7 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
     for (int64_t c = 0; c < cg; ++c) column_offset[tap * cg + c] = shift * c_in + c;
   }
   const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
-  constexpr int64_t block = 384;  // grid rows per GEMM call
+  constexpr int64_t block = kColumnBlock;  // grid rows per GEMM call
   const int64_t blocks = (grid.columns + block - 1) / block;
   parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(m));

@@ -17,7 +17,7 @@ template <typename T>
 void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                           Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
-  constexpr int64_t block = 384;  // grid columns per GEMM call (a multiple of nr)
+  constexpr int64_t block = kColumnBlock;  // grid columns per GEMM call (a multiple of nr)
   const ShiftedGrid grid(g);
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
   const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;

@@ -6,6 +6,7 @@
 // AVX-512 code can leak into code that runs on other CPUs.
 #include "cpu/gemm.h"
 #include "cpu/simd.h"
+#include "common/macros.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -13,12 +14,11 @@
 #include <string>
 
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 namespace cnnops {
 namespace cpu {
 namespace {
-
-#define CNNOPS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 template <typename T>
 struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
@@ -26,7 +26,7 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
-// C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]). a is a packed panel
+// C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]), NR = gemm_nr<T>(). a is a packed panel
 // (a[k*MR + i]) or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row
 // k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
 // activation only with the last reduction block, when the sum is final.
@@ -40,7 +40,8 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
                                             Activation activation) {
   using V = typename Vec64<T>::type;
   constexpr int kL = Vec64<T>::kLanes;
-  constexpr int kNr = 2 * kL;
+  constexpr int kNr = gemm_nr<T>();
+  static_assert(kNr == 2 * kL, "the micro-kernel holds a row of B in two 64-byte vectors");
   V acc0[MR], acc1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
@@ -97,10 +98,8 @@ template <typename T>
 using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*,
                              T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
 
-// MR per ISA: MR rows x 2 vectors of accumulators plus 2 B vectors must fit the register file
-// (32 zmm for AVX-512; 16 ymm for AVX2, where a 64-byte vector takes two). 8 rather than the 12
-// that would fit: channel counts are multiples of 8, so no panel computes padding rows.
-#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                   \
+// The micro-kernel of one ISA: its spec (gemm.h) gives MR as the template argument.
+#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                     \
   ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,  \
                       const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr,        \
                       const T* bias, bool acc, Activation act) {                                  \
@@ -111,30 +110,30 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
     else                                                                                        \
       micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
   }
-#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, MR_F, MR_D)      \
-  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, MR_F)   \
-  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_d, ATTRIBUTE, double, MR_D)
+#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)              \
+  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr)  \
+  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_d, ATTRIBUTE, double, SPEC.mr)
 
 #if CNNOPS_X86
-CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx512, CNNOPS_TARGET_AVX512, 8, 8)
-CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx2, CNNOPS_TARGET_AVX2, 3, 3)
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx512, CNNOPS_TARGET_AVX512, kGemmAvx512)
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx2, CNNOPS_TARGET_AVX2, kGemmAvx2)
 #endif
-CNNOPS_DEFINE_MICRO_KERNEL(kernel_portable, , 2, 2)
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_portable, , kGemmPortable)
 
 template <typename T>
 struct KernelChoice {
   MicroKernel<T> fn;
-  int64_t mr;
-  const char* isa;
+  const GemmSpec* spec;
 };
 
 template <typename T>
-KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, int64_t mr_f,
-                            int64_t mr_d, const char* isa) {
+KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, const GemmSpec& spec) {
+  static_assert(kGemmAvx512.kc <= kKc && kGemmAvx2.kc <= kKc && kGemmPortable.kc <= kKc,
+                "gemm_workspace_size and the packers size blocks by kKc");
   if constexpr (sizeof(T) == sizeof(float)) {
-    return {f, mr_f, isa};
+    return {f, &spec};
   } else {
-    return {d, mr_d, isa};
+    return {d, &spec};
   }
 }
 
@@ -144,12 +143,12 @@ const KernelChoice<T>& kernel_choice() {
     switch (cpu_isa()) {
 #if CNNOPS_X86
       case Isa::Avx512:
-        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, 8, 8, "avx512");
+        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, kGemmAvx512);
       case Isa::Avx2:
-        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, 3, 3, "avx2");
+        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, kGemmAvx2);
 #endif
       default:
-        return make_choice<T>(kernel_portable_f, kernel_portable_d, 2, 2, "portable");
+        return make_choice<T>(kernel_portable_f, kernel_portable_d, kGemmPortable);
     }
   }();
   return choice;
@@ -185,11 +184,13 @@ const char* isa_name(Isa isa) {
   }
 }
 
-const char* gemm_isa() { return kernel_choice<float>().isa; }
+const GemmSpec& gemm_spec() { return *kernel_choice<float>().spec; }
+
+const char* gemm_isa() { return gemm_spec().name; }
 
 template <typename T>
 int64_t gemm_mr() {
-  return kernel_choice<T>().mr;
+  return gemm_spec().mr;
 }
 template int64_t gemm_mr<float>();
 template int64_t gemm_mr<double>();
@@ -199,12 +200,12 @@ PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel) {
   PackedA<T> packed;
   packed.m = m;
   packed.k = k;
-  packed.mr = kernel_choice<T>().mr;
-  const int64_t mr = packed.mr;
-  const int64_t padded_m = (m + mr - 1) / mr * mr;
+  packed.mr = gemm_spec().mr;
+  const int64_t mr = packed.mr, block = gemm_spec().kc;
+  const int64_t padded_m = ceil_div(m, mr) * mr;
   packed.data.assign(padded_m * k, T(0));
-  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
-    const int64_t kc = std::min(kKc, k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += block) {
+    const int64_t kc = std::min(block, k - k0);
     for (int64_t i0 = 0; i0 < m; i0 += mr)
       read_panel(i0, std::min(mr, m - i0), k0, kc, packed.data.data() + k0 * padded_m + i0 * kc, mr);
   }
@@ -219,7 +220,7 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
   });
 }
 
-// The blocked loops shared by every operand source: for each kKc block, prepare(k0, kc) makes B
+// The blocked loops shared by every operand source: for each spec.kc block, prepare(k0, kc) makes B
 // ready (packs it, or nothing), then every NR-column B panel, b_panel(k0, kc, j0), stays in L1
 // while the A panels of the row range, a_panel(k0, kc, i0), stream past it.
 // C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
@@ -229,7 +230,7 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
                   Activation activation, Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel,
                   const int64_t* c_panel_offset = nullptr) {
   const auto& kernel = kernel_choice<T>();
-  const int64_t nr = gemm_nr<T>();
+  const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc;
   if (row_end < 0) row_end = m;
   TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= m, "gemm: row range must start on a panel");
   auto c_column = [&](int64_t j) { return c_panel_offset ? c_panel_offset[j / nr] + j % nr : j; };
@@ -241,8 +242,8 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
       }
     return;
   }
-  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
-    const int64_t kc = std::min(kKc, k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += block) {
+    const int64_t kc = std::min(block, k - k0);
     const bool acc = accumulate || k0 > 0;
     const Activation act = k0 + kc == k ? activation : Activation::None;  // only on final sums
     prepare(k0, kc);
@@ -301,7 +302,7 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
                     int64_t n, PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
-      m, k, kernel_choice<T>().mr, n, c, ldc, nullptr, false, 0, -1, Activation::None,
+      m, k, gemm_spec().mr, n, c, ldc, nullptr, false, 0, -1, Activation::None,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
       [&](int64_t k0, int64_t, int64_t i0) { return APanel<T>{a + i0 * lda, column_offset + k0, lda}; },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
@@ -352,3 +353,8 @@ CNNOPS_INSTANTIATE_GEMM(double)
 
 }  // namespace cpu
 }  // namespace cnnops
+
+// No tensor arguments, so no backend key: CompositeExplicitAutograd serves every call.
+TORCH_LIBRARY_IMPL(cnnops, CompositeExplicitAutograd, m) {
+  m.impl("cpu_gemm_isa", [] { return std::string(cnnops::cpu::gemm_isa()); });
+}

@@ -8,6 +8,7 @@
 // A register-tiled MR x NR micro-kernel does the arithmetic.
 #include <c10/util/FunctionRef.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -17,12 +18,35 @@
 namespace cnnops {
 namespace cpu {
 
-constexpr int64_t kKc = 256;  // reduction block: an MR x kKc A panel and a kKc x NR B panel fit L1
+// Reduction block of every spec below: an MR x kKc A panel and a kKc x NR B panel fit L1.
+constexpr int64_t kKc = 256;
 
 template <typename T>
 constexpr int64_t gemm_nr() {  // columns per B panel: two 64-byte vectors
   return 128 / sizeof(T);
 }
+
+// One micro-kernel per ISA, described by its spec; gemm.cpp instantiates the micro-kernel from
+// it, packing, blocking, the workspace size and the tests read it, nothing restates it.
+// MR x 2 vectors of accumulators plus 2 B vectors must fit the register file (32 zmm for
+// AVX-512; 16 ymm for AVX2, where a 64-byte vector takes two). AVX-512 uses 8 rather than the 12
+// that would fit: channel counts are multiples of 8, so no panel computes padding rows.
+struct GemmSpec {
+  const char* name;  // what cpu_gemm_isa() reports
+  int mr;            // rows of A per packed panel and per micro-kernel call (float and double)
+  int64_t kc;        // reduction block
+  template <typename T>
+  constexpr int64_t nr() const {  // columns per B panel: two 64-byte vectors on every ISA
+    return gemm_nr<T>();
+  }
+};
+constexpr GemmSpec kGemmAvx512{"avx512", 8, kKc};
+constexpr GemmSpec kGemmAvx2{"avx2", 3, kKc};
+constexpr GemmSpec kGemmPortable{"portable", 2, kKc};
+constexpr int kGemmMaxMr = std::max({kGemmAvx512.mr, kGemmAvx2.mr, kGemmPortable.mr});  // fixed-size row arrays
+
+// The spec of the micro-kernel this CPU runs (cpu_isa(), which CNNOPS_CPU_ISA caps).
+const GemmSpec& gemm_spec();
 
 // Fills dst with B[k0 : k0+kc, n0 : n0+nc] as ceil(nc / NR) panels, each kc rows of NR values,
 // zero padded past nc (zero_panel_tail).
@@ -36,7 +60,7 @@ struct PackedA {
   int64_t m = 0, k = 0, mr = 0;
   std::vector<T> data;
   const T* panel(int64_t k0, int64_t kc, int64_t m0) const {
-    const int64_t padded_m = (m + mr - 1) / mr * mr;
+    const int64_t padded_m = ceil_div(m, mr) * mr;
     return data.data() + k0 * padded_m + m0 * kc;
   }
 };
@@ -83,7 +107,7 @@ template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset,
                     int64_t n, PackB<T> pack_b, T* c, int64_t ldc, T* workspace);
 
-// Rows per A panel of the micro-kernel this CPU runs.
+// Rows per A panel of the micro-kernel this CPU runs: gemm_spec().mr.
 template <typename T>
 int64_t gemm_mr();
 
@@ -97,7 +121,7 @@ std::unique_ptr<T[]> scratch(int64_t n) {
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {
   const int64_t nr = gemm_nr<T>();
-  return kKc * ((n + nr - 1) / nr * nr);
+  return kKc * (ceil_div(n, nr) * nr);
 }
 
 // Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride], rows

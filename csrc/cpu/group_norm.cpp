@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 
 #include "common/norm_checks.h"
 #include "cpu/norm_cpu.h"
@@ -22,8 +23,8 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-constexpr const char* kForward = "cnnops::group_norm_forward";
-constexpr const char* kBackward = "cnnops::group_norm_backward";
+constexpr const char* kForward = "group_norm_forward()";
+constexpr const char* kBackward = "group_norm_backward()";
 
 
 }  // namespace
@@ -266,3 +267,8 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
 
 }  // namespace cpu
 }  // namespace cnnops
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("group_norm_forward", &cnnops::cpu::group_norm_forward);
+  m.impl("group_norm_backward", &cnnops::cpu::group_norm_backward);
+}

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include "common/norm_checks.h"
 #include "cpu/norm_cpu.h"
@@ -16,14 +17,14 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-constexpr const char* kForward = "cnnops::layer_norm_forward";
-constexpr const char* kBackward = "cnnops::layer_norm_backward";
+constexpr const char* kForward = "layer_norm_forward()";
+constexpr const char* kBackward = "layer_norm_backward()";
 
 // Rows per partial dweight/dbias block: at most 64 blocks, and at most ~4M partial values.
 int64_t layer_norm_rows_per_block(int64_t rows, int64_t cols) {
   int64_t per = std::max<int64_t>((rows + 63) / 64, 1);
   const int64_t cap = (int64_t(1) << 22) / std::max<int64_t>(cols, 1);
-  if (cap > 0 && (rows + per - 1) / per > cap) per = (rows + cap - 1) / cap;
+  if (cap > 0 && ceil_div(rows, per) > cap) per = ceil_div(rows, cap);
   return std::max<int64_t>(per, 1);
 }
 
@@ -99,7 +100,7 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
     scalar_t* dxp = output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const bool params = output_mask[1] || output_mask[2];
     const int64_t per = layer_norm_rows_per_block(M, K);
-    const int64_t blocks = M > 0 ? (M + per - 1) / per : 0;
+    const int64_t blocks = M > 0 ? ceil_div(M, per) : 0;
     // dweight/dbias: with several rows per block, each block accumulates its partial while it
     // computes dx (one pass over dy and x), and the partials are added in block order. With
     // few long rows, partials would cost as much as the data: then a separate pass over column
@@ -110,7 +111,7 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
     // dx = invstd[r] * (w * dy + coef_g[r]) + coef_xmu[r] * (x - mean[r])
     std::vector<acc_t> coef_g(M), coef_xmu(M);
     constexpr int64_t kColumnChunk = 8192;  // long enough runs for the prefetchers
-    const int64_t chunks = (K + kColumnChunk - 1) / kColumnChunk;
+    const int64_t chunks = ceil_div(K, kColumnChunk);
     at::parallel_for(0, (dxp || by_blocks) ? blocks : 0, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t r0 = blk * per, nrows = std::min(M, (blk + 1) * per) - r0;
@@ -165,3 +166,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
 
 }  // namespace cpu
 }  // namespace cnnops
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("layer_norm_forward", &cnnops::cpu::layer_norm_forward);
+  m.impl("layer_norm_backward", &cnnops::cpu::layer_norm_backward);
+}

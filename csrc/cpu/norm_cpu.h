@@ -41,7 +41,7 @@ constexpr int64_t kParallelGrainValues = 32768;  // values per parallel task, at
 // At most kMaxRowBlocks blocks, each of at least kParallelGrainValues / (2 C) rows (so merging
 // the partial results stays cheap beside the pass over the data).
 inline int64_t rows_per_block(int64_t rows, int64_t C) {
-  int64_t per = (rows + kMaxRowBlocks - 1) / kMaxRowBlocks;
+  int64_t per = ceil_div(rows, kMaxRowBlocks);
   const int64_t min_rows = C > 0 ? kParallelGrainValues / 2 / C : rows;
   if (per < min_rows) per = min_rows;
   return per < 1 ? 1 : per;
@@ -52,7 +52,7 @@ inline int64_t rows_per_block(int64_t rows, int64_t C) {
 struct RowBlocks {
   int64_t rows, per_block, count;
   RowBlocks(int64_t rows_, int64_t C) : rows(rows_), per_block(rows_per_block(rows_, C)) {
-    count = (rows + per_block - 1) / per_block;
+    count = ceil_div(rows, per_block);
   }
   int64_t begin(int64_t b) const { return b * per_block; }
   int64_t size(int64_t b) const { return std::min(per_block, rows - b * per_block); }
@@ -90,12 +90,6 @@ void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_
 
 // ---- layer-norm rows (contiguous, per-column affine) ---------------------------------------
 
-// y = (x - mean) * invstd * w + b, w and b of length n (w, b may be null: 1 and 0).
-template <typename scalar_t>
-void layer_norm_row(const scalar_t* x, scalar_t* y, int64_t n, acc_type<scalar_t> mean,
-                    acc_type<scalar_t> invstd, const acc_type<scalar_t>* w,
-                    const acc_type<scalar_t>* b);
-
 // g = w * dy: sum(g) and sum(g * (x - mean)).
 template <typename scalar_t>
 void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
@@ -114,15 +108,6 @@ template <typename scalar_t>
 void layer_norm_row_param_grad(const scalar_t* dy, const scalar_t* x, int64_t n,
                                acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
                                acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
-
-// One pass for both: the row sums of layer_norm_row_grad_sums and the updates of
-// layer_norm_row_param_grad.
-template <typename scalar_t>
-void layer_norm_row_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
-                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                                  const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g,
-                                  acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* dw,
-                                  acc_type<scalar_t>* db);
 
 // Rows [0, rows) of n values each: forward with Welford per row (mean/invstd written), and
 // backward (dx may be null; dw/db accumulate, both null or both given).
@@ -183,7 +168,7 @@ bool use_rows_layout(const at::Tensor& input, int64_t spatial);
 // The input made dense in the layout its kernel reads.
 at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout);
 
-// ---- the ops (registered in norm.cpp) ------------------------------------------------------
+// ---- the ops (each registered at the end of its file) -----------------------------------
 
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
@@ -214,7 +199,7 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
 }  // namespace cpu
 }  // namespace cnnops
 
-// ---- SyncBatchNorm pieces (batch_norm.cpp, registered in norm.cpp) -------------------------
+// ---- SyncBatchNorm pieces (sync_batch_norm.cpp) -----------------------------------------
 
 namespace cnnops {
 namespace cpu {

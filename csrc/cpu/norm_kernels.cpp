@@ -1,6 +1,7 @@
 // The inner loops of the CPU normalization kernels (see norm_cpu.h). They are written as plain
 // loops over fixed-size lane arrays or over channels, which GCC vectorizes; target_clones
 // compiles each for AVX-512, AVX2 and the baseline, and picks one at load time.
+#include "common/macros.h"
 #include "cpu/norm_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -19,8 +20,8 @@ namespace cpu {
 #else
 #define CNNOPS_NORM_CLONES
 #endif
-// The loop bodies, inlined into each compiled clone (so into its instruction set).
-#define CNNOPS_NORM_INLINE __attribute__((always_inline)) inline
+// The loop bodies are CNNOPS_ALWAYS_INLINE (common/macros.h): inlined into each compiled clone,
+// so into its instruction set.
 
 namespace {
 
@@ -29,11 +30,6 @@ namespace {
 template <typename acc_t>
 constexpr int span_lanes() {
   return sizeof(acc_t) == 8 ? 32 : 64;
-}
-
-template <typename scalar_t>
-inline acc_type<scalar_t> load(const scalar_t* p) {
-  return static_cast<acc_type<scalar_t>>(*p);
 }
 
 // Sum of L lane accumulators as a tree of halves (a[l] += a[l + half]): the halves are whole
@@ -95,7 +91,7 @@ __attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_t* __restrict x,
+CNNOPS_ALWAYS_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_t* __restrict x,
                                                              int64_t n) {
   using acc_t = acc_type<scalar_t>;
   // Long spans: four vectors of lanes (independent chains hide the add latency); short spans
@@ -115,7 +111,7 @@ CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* _
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+CNNOPS_ALWAYS_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                        int64_t n, acc_type<scalar_t> mean,
                                        acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
@@ -144,7 +140,7 @@ CNNOPS_NORM_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE void input_grad_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+CNNOPS_ALWAYS_INLINE void input_grad_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                         scalar_t* __restrict dx, int64_t n, acc_type<scalar_t> w,
                                         acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
                                         acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
@@ -159,7 +155,7 @@ CNNOPS_NORM_INLINE void input_grad_span_impl(const scalar_t* __restrict dy, cons
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE void layer_norm_row_impl(const scalar_t* __restrict x, scalar_t* __restrict y,
+CNNOPS_ALWAYS_INLINE void layer_norm_row_impl(const scalar_t* __restrict x, scalar_t* __restrict y,
                                        int64_t n, acc_type<scalar_t> mean,
                                        acc_type<scalar_t> invstd, const acc_type<scalar_t>* w,
                                        const acc_type<scalar_t>* b) {
@@ -180,7 +176,7 @@ CNNOPS_NORM_INLINE void layer_norm_row_impl(const scalar_t* __restrict x, scalar
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict dy,
+CNNOPS_ALWAYS_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict dy,
                                                  const scalar_t* __restrict x, int64_t n,
                                                  acc_type<scalar_t> mean,
                                                  const acc_type<scalar_t>* w,
@@ -215,7 +211,7 @@ CNNOPS_NORM_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restrict dy,
+CNNOPS_ALWAYS_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restrict dy,
                                                   const scalar_t* __restrict x,
                                                   scalar_t* __restrict dx, int64_t n,
                                                   acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
@@ -247,7 +243,7 @@ CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy,
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_INLINE void layer_norm_row_backward_sums_impl(
+CNNOPS_ALWAYS_INLINE void layer_norm_row_backward_sums_impl(
     const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t n, acc_type<scalar_t> mean,
     acc_type<scalar_t> invstd, const acc_type<scalar_t>* __restrict w, acc_type<scalar_t>* sum_g,
     acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* __restrict dw,
@@ -307,13 +303,6 @@ CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* dy, const scalar_t* x, s
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row(const scalar_t* x, scalar_t* y, int64_t n,
-                                       acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                                       const acc_type<scalar_t>* w, const acc_type<scalar_t>* b) {
-  layer_norm_row_impl(x, y, n, mean, invstd, w, b);
-}
-
-template <typename scalar_t>
 CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
                                                  acc_type<scalar_t> mean,
                                                  const acc_type<scalar_t>* w,
@@ -330,14 +319,6 @@ CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* dy, const scal
                                                   acc_type<scalar_t> coef_g,
                                                   acc_type<scalar_t> coef_xmu) {
   layer_norm_row_input_grad_impl(dy, x, dx, n, mean, invstd, w, coef_g, coef_xmu);
-}
-
-template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_backward_sums(
-    const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
-    acc_type<scalar_t> invstd, const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g,
-    acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
-  layer_norm_row_backward_sums_impl(dy, x, n, mean, invstd, w, sum_g, sum_g_xmu, dw, db);
 }
 
 // Many short rows (a ConvNeXt layer norm over 64 channels): the row loop inside the clone, so
@@ -578,8 +559,6 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
                                   acc_type<T>*);                                                \
   template void input_grad_span<T>(const T*, const T*, T*, int64_t, acc_type<T>, acc_type<T>,    \
                                    acc_type<T>, acc_type<T>, acc_type<T>);                      \
-  template void layer_norm_row<T>(const T*, T*, int64_t, acc_type<T>, acc_type<T>,               \
-                                  const acc_type<T>*, const acc_type<T>*);                      \
   template void layer_norm_row_grad_sums<T>(const T*, const T*, int64_t, acc_type<T>,            \
                                             const acc_type<T>*, acc_type<T>*, acc_type<T>*);    \
   template void layer_norm_row_input_grad<T>(const T*, const T*, T*, int64_t, acc_type<T>,       \
@@ -593,9 +572,6 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
   template void layer_norm_rows_backward<T>(const T*, const T*, T*, int64_t, int64_t,            \
                                             const acc_type<T>*, const acc_type<T>*,              \
                                             const acc_type<T>*, acc_type<T>*, acc_type<T>*);     \
-  template void layer_norm_row_backward_sums<T>(const T*, const T*, int64_t, acc_type<T>,        \
-                                                acc_type<T>, const acc_type<T>*, acc_type<T>*,   \
-                                                acc_type<T>*, acc_type<T>*, acc_type<T>*);       \
   template void welford_rows<T>(const T*, int64_t, int64_t, acc_type<T>*, acc_type<T>*);         \
   template void normalize_rows<T>(const T*, T*, int64_t, int64_t, const acc_type<T>*,            \
                                   const acc_type<T>*, const acc_type<T>*);                      \

@@ -48,7 +48,7 @@ BackwardTensors backward_tensors(const Tensor& grad_output, const Tensor& input)
 std::tuple<Tensor, Tensor> max_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size,
                                                 IntArrayRef stride, IntArrayRef padding,
                                                 IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool_forward";
+  const char* op = "max_pool_forward()";
   check_floating(op, input);
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
   const auto format = pool_memory_format(input);
@@ -80,7 +80,7 @@ Tensor max_backward(const char* op, const PoolGeometry& g, int64_t dims, const T
 Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& indices,
                              IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
                              IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool_backward";
+  const char* op = "max_pool_backward()";
   check_floating(op, input);
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
   return max_backward(op, g, kernel_size.size(), grad_output, input, indices, max_pool_index_limit(g));
@@ -89,7 +89,7 @@ Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, con
 Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
                             IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                             int64_t divisor_override) {
-  const char* op = "avg_pool_forward";
+  const char* op = "avg_pool_forward()";
   check_floating(op, input);
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
@@ -105,7 +105,7 @@ Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArr
 Tensor avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, IntArrayRef kernel_size,
                              IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
                              bool count_include_pad, int64_t divisor_override) {
-  const char* op = "avg_pool_backward";
+  const char* op = "avg_pool_backward()";
   check_floating(op, input);
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
@@ -119,7 +119,7 @@ Tensor avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, Int
 }
 
 Tensor adaptive_avg_pool_forward_cpu(const Tensor& input, IntArrayRef output_size) {
-  const char* op = "adaptive_avg_pool_forward";
+  const char* op = "adaptive_avg_pool_forward()";
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_pool_geometry(op, input, output_size);
   const auto format = pool_memory_format(input);
@@ -130,7 +130,7 @@ Tensor adaptive_avg_pool_forward_cpu(const Tensor& input, IntArrayRef output_siz
 }
 
 Tensor adaptive_avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input) {
-  const char* op = "adaptive_avg_pool_backward";
+  const char* op = "adaptive_avg_pool_backward()";
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
   BackwardTensors t = backward_tensors(grad_output, input);
@@ -140,7 +140,7 @@ Tensor adaptive_avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& i
 }
 
 std::tuple<Tensor, Tensor> adaptive_max_pool_forward_cpu(const Tensor& input, IntArrayRef output_size) {
-  const char* op = "adaptive_max_pool_forward";
+  const char* op = "adaptive_max_pool_forward()";
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_pool_geometry(op, input, output_size);
   const auto format = pool_memory_format(input);
@@ -153,7 +153,7 @@ std::tuple<Tensor, Tensor> adaptive_max_pool_forward_cpu(const Tensor& input, In
 }
 
 Tensor adaptive_max_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& indices) {
-  const char* op = "adaptive_max_pool_backward";
+  const char* op = "adaptive_max_pool_backward()";
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
   return max_backward(op, g, input.dim() - 2, grad_output, input, indices, g.in_plane());
@@ -176,7 +176,7 @@ PoolGeometry unpool_geometry(const Tensor& input, IntArrayRef output_spatial) {
 }
 
 Tensor max_unpool_forward_cpu(const Tensor& input, const Tensor& indices, IntArrayRef output_size) {
-  const char* op = "max_unpool_forward";
+  const char* op = "max_unpool_forward()";
   check_floating(op, input);
   check_max_unpool(op, input, indices, output_size);
   const PoolGeometry g = unpool_geometry(input, output_size);
@@ -192,7 +192,7 @@ Tensor max_unpool_forward_cpu(const Tensor& input, const Tensor& indices, IntArr
 }
 
 Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& indices) {
-  const char* op = "max_unpool_backward";
+  const char* op = "max_unpool_backward()";
   check_floating(op, input);
   check_max_unpool_backward(op, grad_output, input, indices);
   const IntArrayRef output_spatial = grad_output.sizes().slice(2);

@@ -19,7 +19,7 @@ namespace {
 
 // The backward's counterpart: row[o*S + off] += delta[o].
 template <int kStride, typename A>
-CNNOPS_POOL_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi,
+CNNOPS_ALWAYS_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi,
                                    int64_t off, const A* __restrict delta) {
   const int64_t s = kStride > 0 ? kStride : stride;
   for (int64_t o = lo; o < hi; ++o) row[o * s + off] += delta[o];
@@ -28,7 +28,7 @@ CNNOPS_POOL_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo
 // Sum of n contiguous values with 64 independent partial sums: the compiler vectorizes it
 // (a single running sum would not be, since float addition is not associative).
 template <typename T, typename A>
-CNNOPS_POOL_INLINE A sum_contiguous(const T* __restrict p, int64_t n) {
+CNNOPS_ALWAYS_INLINE A sum_contiguous(const T* __restrict p, int64_t n) {
   constexpr int kLanes = 64;
   A part[kLanes] = {};
   int64_t i = 0;
@@ -47,18 +47,18 @@ struct AvgParams {
 
 // The divisor of output (od, oh, ow), or 0 when its window holds no input element (torch
 // writes 0 there).
-CNNOPS_POOL_INLINE int64_t avg_divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w,
+CNNOPS_ALWAYS_INLINE int64_t avg_divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w,
                                        const AvgParams& p) {
   if (d.end <= d.start || h.end <= h.start || w.end <= w.start) return 0;
   return avg_pool_divisor(d, h, w, p.count_include_pad, p.divisor_override);
 }
 
-CNNOPS_POOL_INLINE AvgWindow avg_window(const PoolGeometry& g, int dim, int64_t o) {
+CNNOPS_ALWAYS_INLINE AvgWindow avg_window(const PoolGeometry& g, int dim, int64_t o) {
   return avg_pool_window(o, g.in[dim], g.kernel[dim], g.stride[dim], g.pad[dim]);
 }
 
 // Outputs along W whose tap kw (at iw = ow*SW + kw - PW) lies inside the row: [lo, hi).
-CNNOPS_POOL_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw) {
+CNNOPS_ALWAYS_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw) {
   const int64_t off = kw - g.pad[2], s = g.stride[2];
   return {max64(ceil_div(-off, s), 0), min64(floor_div(g.in[2] - 1 - off, s) + 1, g.out[2])};
 }
@@ -66,7 +66,7 @@ CNNOPS_POOL_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw
 // sum[o] += every tap k of one input row, row.taps(k)[o] (0 outside the input), for the
 // `count` (a multiple of kRowBlock) outputs of a row; each block's sums stay in registers.
 template <typename A>
-CNNOPS_POOL_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, int64_t count,
+CNNOPS_ALWAYS_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, int64_t count,
                                      A* __restrict sum) {
   for (int64_t o0 = 0; o0 < count; o0 += kRowBlock) {
     A acc[kRowBlock];
@@ -101,7 +101,7 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, Avg
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2];
-  const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
+  const int64_t padded_ow = ceil_div(OW, kRowBlock) * kRowBlock;
   PhasedRow<A>& row = *s.row;
   std::vector<A>& sum = s.values;
   for (int64_t r = begin; r < end; ++r) {
@@ -150,7 +150,7 @@ CNNOPS_POOL_SIMD void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const 
 constexpr int64_t kChannelBlock = 64;
 
 template <int64_t kWidth, typename T, typename A>
-CNNOPS_POOL_INLINE void add_channels(const T* __restrict src, int64_t width, A* __restrict acc) {
+CNNOPS_ALWAYS_INLINE void add_channels(const T* __restrict src, int64_t width, A* __restrict acc) {
   const int64_t w = kWidth > 0 ? kWidth : width;  // a constant width unrolls into registers
   for (int64_t c = 0; c < w; ++c) acc[c] += A(src[c]);
 }
@@ -403,7 +403,7 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
       at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(saturating_mul(window, g.out[2])), [&](int64_t b, int64_t e) {
         if (phased) {
           const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], W = g.in[2];
-          const int64_t padded_ow = pool_blocks(g.out[2], kRowBlock) * kRowBlock;
+          const int64_t padded_ow = ceil_div(g.out[2], kRowBlock) * kRowBlock;
           AvgScratch<scalar_t> s(padded_ow, 0);
           s.row.emplace(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
           avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e);
@@ -441,7 +441,7 @@ void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_outp
 
 void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
                                       at::Tensor& output, bool channels_last) {
-  const int64_t window = pool_blocks(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
+  const int64_t window = ceil_div(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
   CNNOPS_DISPATCH_POOL_TYPES(input.scalar_type(), "adaptive_avg_pool_forward_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();

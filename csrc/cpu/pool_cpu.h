@@ -40,7 +40,6 @@
 #else
 #define CNNOPS_POOL_SIMD
 #endif
-#define CNNOPS_POOL_INLINE inline __attribute__((always_inline))
 
 namespace cnnops {
 namespace cpu {
@@ -48,8 +47,6 @@ namespace cpu {
 // float for float, bfloat16 and half; double for double (sums and comparisons run in it).
 template <typename T>
 using pool_acc_t = at::opmath_type<T>;
-
-inline int64_t pool_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
 // Grain for at::parallel_for: enough tasks of ~`work` element-reads each to amortize a task.
 inline int64_t pool_grain(int64_t work_per_task) {
@@ -83,10 +80,10 @@ struct PositionCursor {
 struct ChannelBlocks {
   int64_t size, count;
   ChannelBlocks(int64_t batch, int64_t channels) {
-    const int64_t wanted = pool_blocks(2 * at::get_num_threads(), std::max<int64_t>(batch, 1));
-    size = std::max<int64_t>(16, pool_blocks(pool_blocks(channels, wanted), 16) * 16);
+    const int64_t wanted = ceil_div(2 * at::get_num_threads(), std::max<int64_t>(batch, 1));
+    size = std::max<int64_t>(16, ceil_div(ceil_div(channels, wanted), 16) * 16);
     size = std::min(size, std::max<int64_t>(channels, 1));
-    count = pool_blocks(channels, size);
+    count = ceil_div(channels, size);
   }
 };
 
@@ -139,7 +136,7 @@ inline bool use_phased_rows(int64_t out_w, int64_t in_w, int64_t kernel, int64_t
   constexpr int64_t kLimit = int64_t(1) << 24;
   if (out_w > kLimit || in_w > kLimit || kernel > kLimit || stride > kLimit || pad > kLimit || dilation > kLimit)
     return false;
-  return pool_blocks(out_w, kRowBlock) * kRowBlock * stride <= 4 * (in_w + 2 * pad) + 64 * kRowBlock &&
+  return ceil_div(out_w, kRowBlock) * kRowBlock * stride <= 4 * (in_w + 2 * pad) + 64 * kRowBlock &&
          (kernel - 1) * dilation <= 2 * in_w + 64 * kRowBlock;
 }
 
@@ -151,7 +148,7 @@ struct PhasedRow {
   std::vector<int64_t> tap_offset;   // per tap k: where taps(k * dilation) starts in data
   PhasedRow(int64_t stride_, int64_t pad_, int64_t width_, int64_t padded_width, int64_t kernel,
             int64_t dilation, A fill)
-      : stride(stride_), pad(pad_), width(width_), phase_len(pool_blocks(padded_width, stride_)),
+      : stride(stride_), pad(pad_), width(width_), phase_len(ceil_div(padded_width, stride_)),
         data(stride_ * phase_len, fill) {
     for (int64_t p = 0; p < stride; ++p) {  // phase p, slot j: input column j*S + p - pad
       first.push_back(max64(ceil_div(pad - p, stride), 0));

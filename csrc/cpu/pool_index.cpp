@@ -14,7 +14,7 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-CNNOPS_POOL_INLINE bool index_ok(int64_t i, int64_t size) {
+CNNOPS_ALWAYS_INLINE bool index_ok(int64_t i, int64_t size) {
   return static_cast<uint64_t>(i) < static_cast<uint64_t>(size);  // 0 <= i < size
 }
 

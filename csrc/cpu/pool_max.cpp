@@ -28,7 +28,7 @@ namespace {
 
 // One tap of the running max: take v if it is larger or NaN.
 template <typename A>
-CNNOPS_POOL_INLINE bool max_takes(A v, A best) {
+CNNOPS_ALWAYS_INLINE bool max_takes(A v, A best) {
   return (v > best) | (v != v);
 }
 
@@ -168,7 +168,7 @@ MaxRowFn<A, I> pick_max_row() {
 // NHWC: one tap (in-plane index `tap`) of every channel of one output position. The window's
 // first tap initializes (best, where): that is what the -inf start and one update give.
 template <bool kFirst, typename T, typename A, typename I>
-CNNOPS_POOL_INLINE void max_update_channels(const T* __restrict src, int64_t channels, I tap,
+CNNOPS_ALWAYS_INLINE void max_update_channels(const T* __restrict src, int64_t channels, I tap,
                                             A* __restrict best, I* __restrict where) {
   for (int64_t c = 0; c < channels; ++c) {
     const A v = A(src[c]);
@@ -184,7 +184,7 @@ CNNOPS_POOL_INLINE void max_update_channels(const T* __restrict src, int64_t cha
 }
 
 template <typename T, typename A, typename I>
-CNNOPS_POOL_INLINE void store_max(int64_t count, const A* best, const I* where, T* y,
+CNNOPS_ALWAYS_INLINE void store_max(int64_t count, const A* best, const I* where, T* y,
                                   int64_t* indices) {
   for (int64_t i = 0; i < count; ++i) y[i] = T(best[i]);
   for (int64_t i = 0; i < count; ++i) indices[i] = int64_t(where[i]);
@@ -205,7 +205,7 @@ MaxScratch<A, I> max_scratch_none(const PoolGeometry&) { return {}; }
 template <typename A, typename I>
 MaxScratch<A, I> max_scratch_rows(const PoolGeometry& g) {
   const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2], W = g.in[2];
-  const int64_t padded_ow = pool_blocks(g.out[2], kRowBlock) * kRowBlock;
+  const int64_t padded_ow = ceil_div(g.out[2], kRowBlock) * kRowBlock;
   MaxScratch<A, I> s;
   s.row.emplace(SW, PW, W, std::max(padded_ow * SW + (KW - 1) * DW, W + PW), KW, DW,
                 -std::numeric_limits<A>::infinity());
@@ -235,7 +235,7 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2];
-  const int64_t padded_ow = pool_blocks(OW, kRowBlock) * kRowBlock;
+  const int64_t padded_ow = ceil_div(OW, kRowBlock) * kRowBlock;
   PhasedRow<A>& row = *s.row;
   std::vector<A>& best = s.best;
   std::vector<I>& where = s.where;
@@ -475,7 +475,7 @@ void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& i
     return;
   }
   // a window holds about in/out elements per dim
-  const int64_t window = pool_blocks(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
+  const int64_t window = ceil_div(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
   if (channels_last)
     run_max_kernel<AdaptiveMaxNhwc>(g, input, output, indices, g.batch * g.out_plane(), window * g.channels);
   else

@@ -27,16 +27,6 @@ namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Every offset a kernel forms is below the numel of the tensor it indexes; the margin covers
-// thread indices that run past the end of the last block or grid-stride step.
-bool fits_int32(std::initializer_list<int64_t> numels) {
-  for (int64_t n : numels)
-    if (n > std::numeric_limits<int32_t>::max() - (int64_t{1} << 25)) return false;
-  return true;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -67,14 +57,16 @@ void launch_conv_gemm(const ConvGeometry& g, const scalar_t* a, const scalar_t* 
   const int64_t grid_y = ceil_div(args.m, bm), grid_z = g.groups * chunks;
   const int64_t grid_x = ceil_div(args.n, bn);
   TORCH_CHECK_NOT_IMPLEMENTED(grid_y <= kMaxGridYZ && grid_z <= kMaxGridYZ,
-                              "cnnops conv (CUDA): too many channels per group (", args.m,
+                              kind == ConvGemm::Forward ? "conv_forward()" : "conv_backward()",
+                              " (CUDA): too many channels per group (", args.m,
                               ") or groups (", g.groups, ")");
   TORCH_CHECK_NOT_IMPLEMENTED(grid_x <= std::numeric_limits<int32_t>::max(),
-                              "cnnops conv (CUDA): GEMM too wide (", args.n, " columns)");
+                              kind == ConvGemm::Forward ? "conv_forward()" : "conv_backward()",
+                              " (CUDA): GEMM too wide (", args.n, " columns)");
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(grid_z));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto index_tag) {
+  with_index_type(int32_ok, [&](auto index_tag) {
     using index_t = decltype(index_tag);
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (mma) {
@@ -85,9 +77,7 @@ void launch_conv_gemm(const ConvGeometry& g, const scalar_t* a, const scalar_t* 
     }
     conv_gemm_fma_kernel<kind, scalar_t, out_t, index_t><<<grid, kFmaThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (int32_ok) launch(int32_t{});
-  else launch(int64_t{});
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -95,12 +85,11 @@ void launch_sum_chunks(const acc_t* partial, scalar_t* out, int64_t count, int64
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, threads), 65536));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (fits_int32({count * chunks})) {
-    sum_chunks_kernel<scalar_t, acc_t, int32_t><<<blocks, threads, 0, stream>>>(
-        partial, out, static_cast<int32_t>(count), static_cast<int32_t>(chunks));
-  } else {
-    sum_chunks_kernel<scalar_t, acc_t, int64_t><<<blocks, threads, 0, stream>>>(partial, out, count, chunks);
-  }
+  with_index_type(fits_int32({count * chunks}), [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    sum_chunks_kernel<scalar_t, acc_t, index_t><<<blocks, threads, 0, stream>>>(
+        partial, out, static_cast<index_t>(count), static_cast<index_t>(chunks));
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -131,9 +120,9 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
                              const std::optional<at::Tensor>& bias_, c10::IntArrayRef stride,
                              c10::IntArrayRef padding, c10::IntArrayRef dilation,
                              int64_t groups, c10::string_view activation_name) {
-  const ConvGeometry g = make_conv_geometry(input_, weight_, bias_, stride, padding, dilation, groups);
+  const ConvGeometry g = make_conv_geometry("conv_forward()", input_, weight_, bias_, stride, padding, dilation, groups);
   const Activation activation = parse_activation(activation_name);
-  TORCH_CHECK(input_.is_cuda(), "conv_forward_cuda: input must be a CUDA tensor");
+  TORCH_CHECK(input_.is_cuda(), "conv_forward(): input must be a CUDA tensor");
   const int64_t dims = weight_.dim() - 2;
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
@@ -152,15 +141,11 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
                       static_cast<unsigned>(g.out_channels),
                       static_cast<unsigned>(std::min<int64_t>(g.batch, kMaxGridYZ)));
       const auto stream = at::cuda::getCurrentCUDAStream();
-      if (int32_ok) {
-        depthwise_forward_kernel<scalar_t, int32_t><<<grid, kDepthwiseThreads, 0, stream>>>(
+      with_index_type(int32_ok, [&](auto index_tag) {
+        depthwise_forward_kernel<scalar_t, decltype(index_tag)><<<grid, kDepthwiseThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias_ptr,
             output.mutable_data_ptr<scalar_t>(), g, activation);
-      } else {
-        depthwise_forward_kernel<scalar_t, int64_t><<<grid, kDepthwiseThreads, 0, stream>>>(
-            input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias_ptr,
-            output.mutable_data_ptr<scalar_t>(), g, activation);
-      }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -176,10 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
-  const ConvGeometry g = make_conv_geometry(input_, weight_, c10::nullopt, stride, padding, dilation, groups);
+  const ConvGeometry g = make_conv_geometry("conv_backward()", input_, weight_, c10::nullopt, stride, padding, dilation, groups);
   const int64_t dims = weight_.dim() - 2;
   check_grad_output(grad_output_, input_, g, dims);
-  TORCH_CHECK(input_.is_cuda(), "conv_backward_cuda: input must be a CUDA tensor");
+  TORCH_CHECK(input_.is_cuda(), "conv_backward(): input must be a CUDA tensor");
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
@@ -210,11 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
                         static_cast<unsigned>(g.in_channels),
                         static_cast<unsigned>(std::min<int64_t>(g.batch, kMaxGridYZ)));
         scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
-        if (int32_ok) {
-          depthwise_grad_input_kernel<scalar_t, int32_t><<<grid, kDepthwiseThreads, 0, stream>>>(dy, w, dx, g);
-        } else {
-          depthwise_grad_input_kernel<scalar_t, int64_t><<<grid, kDepthwiseThreads, 0, stream>>>(dy, w, dx, g);
-        }
+        with_index_type(int32_ok, [&](auto index_tag) {
+          depthwise_grad_input_kernel<scalar_t, decltype(index_tag)><<<grid, kDepthwiseThreads, 0, stream>>>(
+              dy, w, dx, g);
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         launch_conv_gemm<ConvGemm::GradInput>(g, w, dy, static_cast<const scalar_t*>(nullptr),
@@ -233,12 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
         const bool int32_ok = fits_int32({input.numel(), grad_output.numel(), partial.numel()});
         const dim3 grid(static_cast<unsigned>(g.out_channels * kvol), static_cast<unsigned>(chunks));
         acc_t* part = partial.mutable_data_ptr<acc_t>();
-        if (int32_ok) {
-          depthwise_grad_weight_kernel<scalar_t, int32_t><<<grid, kReduceThreads, 0, stream>>>(
-              dy, x, part, g, static_cast<int32_t>(chunks));
-        } else {
-          depthwise_grad_weight_kernel<scalar_t, int64_t><<<grid, kReduceThreads, 0, stream>>>(dy, x, part, g, chunks);
-        }
+        with_index_type(int32_ok, [&](auto index_tag) {
+          using index_t = decltype(index_tag);
+          depthwise_grad_weight_kernel<scalar_t, index_t><<<grid, kReduceThreads, 0, stream>>>(
+              dy, x, part, g, static_cast<index_t>(chunks));
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_sum_chunks(part, grad_weight.mutable_data_ptr<scalar_t>(), weight.numel(), chunks);
       } else {
@@ -271,14 +254,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
       const bool int32_ok = fits_int32({grad_output.numel(), partial.numel()});
       const dim3 grid(static_cast<unsigned>(g.out_channels), static_cast<unsigned>(chunks));
       acc_t* part = partial.mutable_data_ptr<acc_t>();
-      if (int32_ok) {
-        bias_grad_partial_kernel<scalar_t, int32_t><<<grid, kReduceThreads, 0, stream>>>(
-            dy, part, static_cast<int32_t>(g.out_channels), static_cast<int32_t>(g.out_plane()),
-            static_cast<int32_t>(total), static_cast<int32_t>(chunk_len));
-      } else {
-        bias_grad_partial_kernel<scalar_t, int64_t><<<grid, kReduceThreads, 0, stream>>>(
-            dy, part, g.out_channels, g.out_plane(), total, chunk_len);
-      }
+      with_index_type(int32_ok, [&](auto index_tag) {
+        using index_t = decltype(index_tag);
+        bias_grad_partial_kernel<scalar_t, index_t><<<grid, kReduceThreads, 0, stream>>>(
+            dy, part, static_cast<index_t>(g.out_channels), static_cast<index_t>(g.out_plane()),
+            static_cast<index_t>(total), static_cast<index_t>(chunk_len));
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_sum_chunks(part, grad_bias.mutable_data_ptr<scalar_t>(), g.out_channels, chunks);
     }

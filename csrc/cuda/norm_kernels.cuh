@@ -161,6 +161,19 @@ __global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_co
   }
 }
 
+// Merged Welford partials of each channel: mean and m2 (the ranks merge these with Chan's
+// formula; an empty batch gives zeros).
+template <typename acc_t>
+__global__ void welford_mean_m2_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi,
+                                       int64_t outputs, acc_t* mean, acc_t* m2) {
+  for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < outputs;
+       o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Welford<acc_t> w = merge_partials<Welford<acc_t>>(partial, partial_count, pi, o);
+    mean[o] = w.mean;
+    m2[o] = w.m2;
+  }
+}
+
 // Batch norm eval: the running statistics are the statistics.
 template <typename acc_t, typename param_t>
 __global__ void running_stats_kernel(const param_t* running_mean, const param_t* running_var,
@@ -185,41 +198,42 @@ __global__ void sums_finalize_kernel(const acc_t* partial, int64_t partial_count
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stage 3: coefficients of grad_input, dx = invstd * (dy * w - A - xhat * B), xhat = (x - mean) * invstd,
-// and the weight / bias gradients.
+// Stage 3: the coefficients of grad_input, coef_g and coef_xmu per statistic (norm_math.h's
+// norm_input_grad_coef, the CPU kernels' convention), and the weight / bias gradients.
 // ---------------------------------------------------------------------------------------------
 
-// Batch norm, per channel, with sum_a = sum(dy), sum_b = sum(dy * (x - mean)) over M elements:
-// dbias = sum_a, dweight = sum_b * invstd = sum(dy * xhat); training: A = w * dbias / M,
-// B = w * dweight / M (slides: dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))).
+// Batch norm, per channel, with sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)) over count
+// elements: dbias = sum_dy, dweight = invstd * sum_dy_xmu = sum(dy * xhat); training: the
+// coefficients of g = w * dy, whose sums are w times these.
 template <typename acc_t, typename param_t>
-__global__ void batch_norm_coeffs_kernel(const acc_t* sum_a, const acc_t* sum_b, const acc_t* invstd,
-                                         const param_t* weight, int64_t channels, acc_t inv_m,
-                                         param_t* grad_weight, param_t* grad_bias, acc_t* coef_a,
-                                         acc_t* coef_b) {
+__global__ void batch_norm_coeffs_kernel(const acc_t* sum_dy, const acc_t* sum_dy_xmu, const acc_t* invstd,
+                                         const param_t* weight, int64_t channels, acc_t count,
+                                         param_t* grad_weight, param_t* grad_bias, acc_t* coef_g,
+                                         acc_t* coef_xmu) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t dbias = sum_a[c];
-    const acc_t dweight = norm_weight_grad(invstd[c], sum_b[c]);
-    if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(dweight);
-    if (grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(dbias);
-    if (coef_a != nullptr) {
+    if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(norm_weight_grad(invstd[c], sum_dy_xmu[c]));
+    if (grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(sum_dy[c]);
+    if (coef_g != nullptr) {
       const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
-      coef_a[c] = w * dbias * inv_m;
-      coef_b[c] = w * dweight * inv_m;
+      InputGradCoef<acc_t> coef{acc_t(0), acc_t(0)};
+      if (count > 0) coef = norm_input_grad_coef(invstd[c], w * sum_dy[c], w * sum_dy_xmu[c], count);
+      coef_g[c] = coef.coef_g;
+      coef_xmu[c] = coef.coef_xmu;
     }
   }
 }
 
-// Layer norm, per row, with sum_a = sum(dy * w), sum_b = sum(dy * w * (x - mean)) over K:
-// A = sum_a / K, B = sum_b * invstd / K.
+// Layer norm, per row, with sum_g = sum(dy * w), sum_g_xmu = sum(dy * w * (x - mean)) over the
+// count values of a row.
 template <typename acc_t>
-__global__ void layer_norm_coeffs_kernel(const acc_t* sum_a, const acc_t* sum_b, const acc_t* invstd,
-                                         int64_t rows, acc_t inv_k, acc_t* coef_a, acc_t* coef_b) {
+__global__ void layer_norm_coeffs_kernel(const acc_t* sum_g, const acc_t* sum_g_xmu, const acc_t* invstd,
+                                         int64_t rows, acc_t count, acc_t* coef_g, acc_t* coef_xmu) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    coef_a[r] = sum_a[r] * inv_k;
-    coef_b[r] = sum_b[r] * invstd[r] * inv_k;
+    const InputGradCoef<acc_t> coef = norm_input_grad_coef(invstd[r], sum_g[r], sum_g_xmu[r], count);
+    coef_g[r] = coef.coef_g;
+    coef_xmu[r] = coef.coef_xmu;
   }
 }
 
@@ -235,12 +249,12 @@ __global__ void cast_pair_kernel(const acc_t* sum_a, const acc_t* sum_b, int64_t
 }
 
 // Group norm, per (n, g), from per-(n, c) sums sum_a = sum_l dy, sum_b = sum_l dy * (x - mean)
-// over the D = C / G channels of the group and M = D * spatial elements:
-// A = sum_c w[c] * sum_a[n, c] / M, B = invstd * sum_c w[c] * sum_b[n, c] / M.
+// over the D = C / G channels of the group, count = D * spatial elements:
+// sum_g = sum_c w[c] * sum_a[n, c], sum_g_xmu = sum_c w[c] * sum_b[n, c].
 template <typename acc_t, typename param_t>
 __global__ void group_norm_coeffs_kernel(const acc_t* sum_a, const acc_t* sum_b, const acc_t* invstd,
                                          const param_t* weight, int64_t batch, int64_t channels,
-                                         int64_t groups, acc_t inv_m, acc_t* coef_a, acc_t* coef_b) {
+                                         int64_t groups, acc_t count, acc_t* coef_g, acc_t* coef_xmu) {
   const int64_t d_count = channels / groups;
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < batch * groups;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -252,8 +266,9 @@ __global__ void group_norm_coeffs_kernel(const acc_t* sum_a, const acc_t* sum_b,
       a += w * sum_a[n * channels + c];
       b += w * sum_b[n * channels + c];
     }
-    coef_a[o] = a * inv_m;
-    coef_b[o] = b * invstd[o] * inv_m;
+    const InputGradCoef<acc_t> coef = norm_input_grad_coef(invstd[o], a, b, count);
+    coef_g[o] = coef.coef_g;
+    coef_xmu[o] = coef.coef_xmu;
   }
 }
 
@@ -297,22 +312,22 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
   }
 }
 
-// dx = invstd * (dy * w - A - (x - mean) * invstd * B); A = B = null for batch norm eval,
-// dx = dy * w * invstd (x is not read there, as in torch).
+// dx = invstd * (dy * w + coef_g) + coef_xmu * (x - mean); coefficients null for batch norm
+// eval: dx = dy * w * invstd (x is not read there, as in torch).
 template <bool channels_last, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
                                   const acc_t* __restrict__ invstd, const param_t* __restrict__ weight,
-                                  const acc_t* __restrict__ coef_a, const acc_t* __restrict__ coef_b,
+                                  const acc_t* __restrict__ coef_g, const acc_t* __restrict__ coef_xmu,
                                   NormIndex<index_t> ix, index_t numel) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     index_t c, s;
     ix.template locate<channels_last>(i, c, s);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
-    const acc_t v = coef_a != nullptr
+    const acc_t v = coef_g != nullptr
                         ? norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
-                                          w, coef_a[s], coef_b[s])
+                                          w, coef_g[s], coef_xmu[s])
                         : norm_grad_input_eval(static_cast<acc_t>(dy[i]), invstd[s], w);
     dx[i] = static_cast<scalar_t>(v);
   }

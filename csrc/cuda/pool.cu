@@ -30,14 +30,6 @@ namespace {
 // the last step of the walk far below the int32 limit (see fits_int32).
 constexpr int64_t kMaxBlocks = 65536;
 
-// Every offset a kernel forms is below the numel of the tensor it indexes; the margin covers
-// the grid-stride walk running up to one step (2^24) past the end.
-bool fits_int32(std::initializer_list<int64_t> numels) {
-  for (int64_t n : numels)
-    if (n > std::numeric_limits<int32_t>::max() - (int64_t{1} << 25)) return false;
-  return true;
-}
-
 dim3 grid_for(int64_t total) {
   return dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kPoolThreads), kMaxBlocks)));
 }
@@ -46,13 +38,10 @@ dim3 grid_for(int64_t total) {
 // that fits: int32 offsets when every tensor allows it, the NDHWC kernels for channels_last.
 template <typename F>
 void with_variant(bool int32_ok, bool channels_last, const F& launch) {
-  if (int32_ok) {
-    if (channels_last) launch(int32_t{}, std::true_type{});
-    else launch(int32_t{}, std::false_type{});
-  } else {
-    if (channels_last) launch(int64_t{}, std::true_type{});
-    else launch(int64_t{}, std::false_type{});
-  }
+  with_index_type(int32_ok, [&](auto index_tag) {
+    if (channels_last) launch(index_tag, std::true_type{});
+    else launch(index_tag, std::false_type{});
+  });
 }
 
 void check_cuda(const char* op, const at::Tensor& input) {
@@ -108,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
                                                          c10::IntArrayRef stride,
                                                          c10::IntArrayRef padding,
                                                          c10::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool_forward";
+  const char* op = "max_pool_forward()";
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
@@ -139,7 +128,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   const at::Tensor& indices_, c10::IntArrayRef kernel_size,
                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
                                   c10::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool_backward";
+  const char* op = "max_pool_backward()";
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_indices(op, indices_, grad_output_.sizes(), input_);
@@ -174,7 +163,7 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
 at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kernel_size,
                                  c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
                                  bool count_include_pad, int64_t divisor_override) {
-  const char* op = "avg_pool_forward";
+  const char* op = "avg_pool_forward()";
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
@@ -206,7 +195,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
                                   c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                   c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                   int64_t divisor_override) {
-  const char* op = "avg_pool_backward";
+  const char* op = "avg_pool_backward()";
   const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
                                             ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
@@ -239,7 +228,7 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
 // ---------------------------------------------------------------------------------------------
 
 at::Tensor adaptive_avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef output_size) {
-  const char* op = "adaptive_avg_pool_forward";
+  const char* op = "adaptive_avg_pool_forward()";
   const PoolGeometry g = make_adaptive_pool_geometry(op, input_, output_size);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
@@ -283,7 +272,7 @@ at::Tensor adaptive_avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArra
 }
 
 at::Tensor adaptive_avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_) {
-  const char* op = "adaptive_avg_pool_backward";
+  const char* op = "adaptive_avg_pool_backward()";
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output_, input_);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
@@ -310,7 +299,7 @@ at::Tensor adaptive_avg_pool_backward_cuda(const at::Tensor& grad_output_, const
 
 std::tuple<at::Tensor, at::Tensor> adaptive_max_pool_forward_cuda(const at::Tensor& input_,
                                                                   c10::IntArrayRef output_size) {
-  const char* op = "adaptive_max_pool_forward";
+  const char* op = "adaptive_max_pool_forward()";
   const PoolGeometry g = make_adaptive_pool_geometry(op, input_, output_size);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
@@ -339,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool_forward_cuda(const at::Tens
 
 at::Tensor adaptive_max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
                                            const at::Tensor& indices_) {
-  const char* op = "adaptive_max_pool_backward";
+  const char* op = "adaptive_max_pool_backward()";
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output_, input_);
   check_pool_indices(op, indices_, grad_output_.sizes(), input_);
   check_cuda(op, input_);
@@ -372,12 +361,12 @@ at::Tensor adaptive_max_pool_backward_cuda(const at::Tensor& grad_output_, const
 
 at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& indices_,
                                    c10::IntArrayRef output_size) {
-  const char* op = "max_unpool_forward";
+  const char* op = "max_unpool_forward()";
   check_max_unpool(op, input_, indices_, output_size);
   check_cuda(op, input_);
   // Duplicate indices make the result depend on which thread writes last (torch raises the
   // same alert for its own kernel).
-  at::globalContext().alertNotDeterministic("cnnops max_unpool_forward (CUDA)");
+  at::globalContext().alertNotDeterministic("max_unpool_forward() (CUDA)");
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(format);
@@ -414,7 +403,7 @@ at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& i
 
 at::Tensor max_unpool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
                                     const at::Tensor& indices_) {
-  const char* op = "max_unpool_backward";
+  const char* op = "max_unpool_backward()";
   check_max_unpool_backward(op, grad_output_, input_, indices_);
   const c10::IntArrayRef output_size = grad_output_.sizes().slice(2);
   check_cuda(op, input_);

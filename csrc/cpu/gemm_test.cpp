@@ -1,0 +1,134 @@
+// cnnops._C.gemm_spec() and cnnops._C.gemm(): the CPU GEMM (gemm.h) called directly, so
+// tests/test_gemm.py can sweep M, N and K around the micro-kernel's MR, NR and KC for each ISA
+// instead of reaching it only through whole convolutions. Not an op: no schema, no autograd.
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/gemm.h"
+
+namespace cnnops::cpu {
+namespace {
+
+namespace py = pybind11;
+
+// The spec of the micro-kernel this process runs (CNNOPS_CPU_ISA caps it).
+py::dict spec_dict() {
+  const GemmSpec& spec = gemm_spec();
+  py::dict d;
+  d["name"] = spec.name;
+  d["mr"] = spec.mr;
+  d["kc"] = spec.kc;
+  d["nr_float32"] = spec.nr<float>();
+  d["nr_float64"] = spec.nr<double>();
+  return d;
+}
+
+// C = activation(init + A * B) on rows [row_begin, row_end) through one of the GEMM's entry
+// points ("packed": gemm() with pack_a and pack_b_strided; "a_transposed": pack_a from a
+// column-major A; "shifted_b": gemm_shifted_b; "shifted_a": gemm_shifted_a, whole rows, init 0,
+// no activation; "panel_offset": gemm() writing each NR-column panel at its own offset).
+template <typename T>
+void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias, bool accumulate,
+         int64_t row_begin, int64_t row_end, Activation act, const std::string& variant) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1), nr = gemm_nr<T>(), mr = gemm_mr<T>();
+  const T* bp = b.const_data_ptr<T>();
+  auto pack_b = [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst) {
+    pack_b_strided<T>(bp, n, 1, k0, kc, n0, nc, dst);
+    zero_panel_tail<T>(kc, nc, dst);
+  };
+  const auto workspace = scratch<T>(gemm_workspace_size<T>(n));
+  T* cp = c.mutable_data_ptr<T>();
+  if (variant == "packed" || variant == "panel_offset") {
+    const PackedA<T> pa = pack_a<T>(m, k, a.const_data_ptr<T>(), k, 1);
+    if (variant == "packed") {
+      gemm<T>(pa, n, pack_b, cp, n, bias, accumulate, workspace.get(), row_begin, row_end, act);
+      return;
+    }
+    // Panel p lands 3 columns further right than the last: a wider C with gaps between panels.
+    const int64_t panels = ceil_div(n, nr), step = nr + 3;
+    std::vector<int64_t> offsets(panels);
+    at::Tensor wide = at::full({m, panels * step}, 7, c.options());
+    for (int64_t p = 0; p < panels; ++p) {
+      offsets[p] = p * step;
+      const int64_t w = std::min(nr, n - p * nr);
+      wide.narrow(1, p * step, w).copy_(c.narrow(1, p * nr, w));
+    }
+    gemm<T>(pa, n, pack_b, wide.mutable_data_ptr<T>(), panels * step, bias, accumulate, workspace.get(),
+            row_begin, row_end, act, offsets.data());
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t w = std::min(nr, n - p * nr);
+      c.narrow(1, p * nr, w).copy_(wide.narrow(1, p * step, w));
+    }
+  } else if (variant == "a_transposed") {
+    const at::Tensor at_ = a.t().contiguous();  // A[i, kk] = at_[kk * m + i]
+    const PackedA<T> pa = pack_a<T>(m, k, at_.const_data_ptr<T>(), 1, m);
+    gemm<T>(pa, n, pack_b, cp, n, bias, accumulate, workspace.get(), row_begin, row_end, act);
+  } else if (variant == "shifted_b") {
+    // B[kk, j] = padded[row_offset[kk] + j]; reads reach NR columns past each row's last panel.
+    at::Tensor padded = at::zeros({k * n + nr}, b.options());
+    padded.narrow(0, 0, k * n).copy_(b.reshape(-1));
+    std::vector<int64_t> row_offset(k);
+    for (int64_t kk = 0; kk < k; ++kk) row_offset[kk] = kk * n;
+    const PackedA<T> pa = pack_a<T>(m, k, a.const_data_ptr<T>(), k, 1);
+    gemm_shifted_b<T>(pa, n, padded.const_data_ptr<T>(), row_offset.data(), cp, n, bias, accumulate, row_begin,
+                      row_end, act);
+  } else if (variant == "shifted_a") {
+    TORCH_CHECK(bias == nullptr && !accumulate && row_begin == 0 && row_end == -1 && act == Activation::None,
+                "gemm(): variant 'shifted_a' computes whole rows from 0, without activation");
+    // A[i, kk] = padded[column_offset[kk] + i * k]; reads reach row M rounded up to MR.
+    at::Tensor padded = at::zeros({(ceil_div(m, mr) * mr + 1) * k}, a.options());
+    padded.narrow(0, 0, m * k).copy_(a.reshape(-1));
+    std::vector<int64_t> column_offset(k);
+    for (int64_t kk = 0; kk < k; ++kk) column_offset[kk] = kk;
+    gemm_shifted_a<T>(m, k, padded.const_data_ptr<T>(), k, column_offset.data(), n, pack_b, cp, n,
+                      workspace.get());
+  } else {
+    TORCH_CHECK(false, "gemm(): unknown variant '", variant, "'");
+  }
+}
+
+// Returns a copy of c updated in rows [row_begin, row_end) (row_end -1: all rows).
+at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& c_,
+                      const std::optional<at::Tensor>& row_bias, bool accumulate, int64_t row_begin,
+                      int64_t row_end, const std::string& activation, const std::string& variant) {
+  TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && c_.dim() == 2, "gemm(): a, b and c must be 2-d");
+  TORCH_CHECK(a_.device().is_cpu() && b_.device().is_cpu() && c_.device().is_cpu(), "gemm(): CPU tensors only");
+  const auto dtype = a_.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "gemm(): float32 or float64, got ", dtype);
+  TORCH_CHECK(b_.scalar_type() == dtype && c_.scalar_type() == dtype, "gemm(): a, b and c must share a dtype");
+  const int64_t m = a_.size(0), k = a_.size(1), n = b_.size(1);
+  TORCH_CHECK(b_.size(0) == k && c_.size(0) == m && c_.size(1) == n, "gemm(): expected b of ", k, " rows and c of ",
+              m, " x ", n);
+  const int64_t end = row_end < 0 ? m : row_end;
+  TORCH_CHECK(row_begin >= 0 && row_begin % gemm_mr<float>() == 0 && row_begin <= end && end <= m,
+              "gemm(): row_begin must be a multiple of mr and 0 <= row_begin <= row_end <= M");
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  at::Tensor c = c_.clone(at::MemoryFormat::Contiguous);
+  at::Tensor bias;
+  if (row_bias.has_value() && row_bias->defined()) {
+    bias = row_bias->contiguous();
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == m && bias.scalar_type() == dtype,
+                "gemm(): row_bias must have M values of a's dtype");
+  }
+  const Activation act = parse_activation(activation);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gemm", [&] {
+    run<scalar_t>(a, b, c, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, accumulate, row_begin,
+                  row_end, act, variant);
+  });
+  return c;
+}
+
+}  // namespace
+
+void add_gemm_test_functions(PyObject* module) {
+  py::module_ m = py::reinterpret_borrow<py::module_>(module);
+  m.def("gemm_spec", &spec_dict, "The spec (name, mr, kc, nr per dtype) of the CPU GEMM micro-kernel in use.");
+  m.def("gemm", &gemm_entry, "The CPU GEMM called directly (tests/test_gemm.py).", py::arg("a"), py::arg("b"),
+        py::arg("c"), py::arg("row_bias"), py::arg("accumulate"), py::arg("row_begin"), py::arg("row_end"),
+        py::arg("activation"), py::arg("variant"));
+}
+
+}  // namespace cnnops::cpu

@@ -1,0 +1,114 @@
+"""The CPU GEMM (csrc/cpu/gemm.h) against torch.matmul, called directly through cnnops._C.gemm,
+for every micro-kernel (AVX-512, AVX2, portable: CNNOPS_CPU_ISA caps the choice, made once per
+process, so each runs in a subprocess). M, N and K sweep the remainders around the spec's MR, NR
+and KC (cnnops._C.gemm_spec()), with and without accumulation, row bias, ReLU and a row range,
+through every entry point (packed A and B, transposed A, B or A read in place, panel offsets)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = r"""
+import itertools, sys, torch
+import cnnops
+from cnnops import _C
+
+spec = _C.gemm_spec()
+print(spec["name"], spec["mr"], spec["nr_float32"], spec["nr_float64"], spec["kc"])
+mr, kc = spec["mr"], spec["kc"]
+torch.manual_seed(0)
+checked = 0
+for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
+    nr = spec["nr_float32" if dtype == torch.float32 else "nr_float64"]
+    ms = sorted({1, mr - 1, mr, mr + 1, 2 * mr + 1} - {0})
+    ns = sorted({1, nr - 1, nr, nr + 1, 2 * nr + 3})
+    ks = [0, 1, kc - 1, kc, kc + 1, 2 * kc + 3]
+    for m, n, k in itertools.product(ms, ns, ks):
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
+        c0 = torch.randn(m, n, dtype=dtype)
+        bias = torch.randn(m, dtype=dtype)
+        product = (a.double() @ b.double())
+        ranges = [(0, -1), (0, m - 1)] + ([(mr, m)] if m > mr else [])
+        options = [  # variant, accumulate, bias, activation, (row_begin, row_end)
+            ("shifted_a", False, False, "none", (0, -1)),
+        ]
+        for variant in ("packed", "a_transposed", "shifted_b", "panel_offset"):
+            for (acc, with_bias, act), rows in itertools.product(
+                    [(False, False, "none"), (True, False, "relu"), (False, True, "none"), (False, True, "relu"),
+                     (True, False, "none")], ranges):
+                options.append((variant, acc, with_bias, act, rows))
+        for variant, acc, with_bias, act, (rb, re) in options:
+            got = _C.gemm(a, b, c0, bias if with_bias else None, acc, rb, re, act, variant)
+            zeros = torch.zeros(m, 1, dtype=torch.float64)
+            init = c0.double() if acc else (bias.double()[:, None] if with_bias else zeros)
+            want = init + product
+            if act == "relu":
+                want = torch.relu(want)
+            end = m if re < 0 else re
+            expected = c0.clone()
+            expected[rb:end] = want[rb:end].to(dtype)
+            scale = max(1.0, k ** 0.5)
+            try:
+                torch.testing.assert_close(got[rb:end], expected[rb:end], rtol=tol, atol=tol * scale)
+                torch.testing.assert_close(got[:rb], c0[:rb], rtol=0, atol=0)  # rows outside untouched
+                torch.testing.assert_close(got[end:], c0[end:], rtol=0, atol=0)
+            except AssertionError as e:
+                sys.exit(f"{dtype} M={m} N={n} K={k} {variant} accumulate={acc} bias={with_bias} {act} "
+                         f"rows=[{rb}, {re}): {e}")
+            checked += 1
+print(checked)
+"""
+
+
+def cpu_has(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_gemm_matches_torch(isa):
+    if isa == "avx512" and not cpu_has("avx512f"):
+        pytest.skip("CPU has no AVX-512")
+    if isa == "avx2" and not cpu_has("avx2"):
+        pytest.skip("CPU has no AVX2")
+    env = dict(os.environ, CNNOPS_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", CHECK], check=False, env=env, capture_output=True, text=True,
+                            timeout=600,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")
+    name, mr, nr_f, nr_d, kc = lines[0].split()
+    assert name == isa  # the requested micro-kernel really ran
+    assert int(nr_f) * 4 == int(nr_d) * 8 == 128  # two 64-byte vectors per B panel row
+    assert 1 <= int(mr) <= 12 and int(kc) >= 1
+    assert int(lines[1]) > 1000  # the sweep ran
+
+
+def test_gemm_spec_is_the_running_one():
+    import torch
+
+    import cnnops  # noqa: F401
+    from cnnops import _C
+
+    assert _C.gemm_spec()["name"] == torch.ops.cnnops.cpu_gemm_isa()
+
+
+def test_gemm_rejects_bad_arguments():
+    import torch
+
+    from cnnops import _C
+
+    a, b, c = torch.randn(4, 3), torch.randn(3, 5), torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="b of 3 rows"):
+        _C.gemm(a, torch.randn(2, 5), c, None, False, 0, -1, "none", "packed")
+    with pytest.raises(RuntimeError, match="multiple of mr"):
+        _C.gemm(a, b, c, None, False, 1, -1, "none", "packed")
+    with pytest.raises(RuntimeError, match="unknown variant"):
+        _C.gemm(a, b, c, None, False, 0, -1, "none", "bogus")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _C.gemm(a.half(), b.half(), c.half(), None, False, 0, -1, "none", "packed")
