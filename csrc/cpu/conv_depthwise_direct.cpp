@@ -25,6 +25,7 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
 
+
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -51,15 +52,23 @@ struct Simd {
     return v;
   }
   static DW_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-  static DW_INLINE void store_first(T* p, vec v, int64_t n) {  // lanes [0, n)
-    T t[lanes];
-    store(t, v);
-    std::memcpy(p, t, n * sizeof(T));
+  // Lanes [0, n) only (n < lanes), a lane at a time: no library call.
+  static DW_INLINE void store_first(T* p, vec v, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) p[i] = v[i];
   }
-  static DW_INLINE vec load_first(const T* p, int64_t n) {  // lanes [0, n), zeros after
-    T t[lanes] = {};
-    std::memcpy(t, p, n * sizeof(T));
-    return load(t);
+  static DW_INLINE vec load_first(const T* p, int64_t n) {  // zeros after lane n
+    vec v{};
+    for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+    return v;
+  }
+  // dst[0, n) = src[0, n) in whole vectors, the last one overlapping the one before
+  static DW_INLINE void copy_row(T* dst, const T* src, int64_t n) {
+    if (n < lanes) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+      return;
+    }
+    for (int64_t i = 0; i + lanes <= n; i += lanes) store(dst + i, load(src + i));
+    if (n % lanes) store(dst + n - lanes, load(src + n - lanes));
   }
   static DW_INLINE vec splat(T s) { return vec{} + s; }
   static DW_INLINE vec relu(vec v) { return v < vec{} ? vec{} : v; }  // NaN passes, as relu()
@@ -112,7 +121,7 @@ DW_INLINE void build_plane(const PlaneJob<T>& j, const T* src, T* buf, T* tmp) {
       const int64_t ih = r - j.pad_h;
       if (ih < 0 || ih >= j.src_h) continue;
       T* dst = S == 1 ? buf + r * width : tmp;
-      std::memcpy(dst + j.pad_w, src + ih * j.src_w, n * sizeof(T));
+      Simd<T, BYTES>::copy_row(dst + j.pad_w, src + ih * j.src_w, n);
       if (S == 2) Simd<T, BYTES>::deinterleave(tmp, j.seg, buf + r * width, buf + r * width + j.seg);
     }
     return;
@@ -142,7 +151,9 @@ DW_INLINE void forward_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_
   using vec = typename V::vec;
   constexpr int L = V::lanes;
   const int64_t width = S * seg;
-  for (int64_t ow0 = 0; ow0 < out_w; ow0 += L) {
+  for (int64_t ow = 0; ow < out_w; ow += L) {
+    // the last vector of a row at least one vector wide ends at out_w, overlapping the one before
+    const int64_t ow0 = ow + L > out_w && out_w >= L ? out_w - L : ow;
     vec acc[R];
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) acc[i] = V::splat(b);
@@ -290,22 +301,25 @@ DW_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh
   }
 }
 
-// P interior pixels from column iw0 = ow*S - pad_w: pixel i reads column c through tap c - i*S.
-template <typename T, int K, int S, int BYTES, int P>
-DW_INLINE void nhwc_forward_pixels(const T* const (&rows)[K], const bool (&ok)[K], int64_t iw0, int64_t C,
-                                   const typename Simd<T, BYTES>::vec (&wv)[K * K],
-                                   typename Simd<T, BYTES>::vec bv, bool relu, T* out) {
+// P pixels from column iw0 = ow*S - pad_w, channels [c0, c0 + lanes): pixel i reads column c
+// through tap c - i*S. With CHECK, columns outside the input are skipped (border pixels).
+template <typename T, int K, int S, int BYTES, int P, bool CHECK>
+DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K], const bool (&ok)[K],
+                                   int64_t iw0, int64_t c0, const typename Simd<T, BYTES>::vec (&wv)[K * K],
+                                   typename Simd<T, BYTES>::vec bv, T* out) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
+  const int64_t C = j.channels;
   vec acc[P];
 #pragma GCC unroll 8
   for (int i = 0; i < P; ++i) acc[i] = bv;
 #pragma GCC unroll 8
   for (int kh = 0; kh < K; ++kh) {
     if (!ok[kh]) continue;
-    const T* xr = rows[kh] + iw0 * C;
+    const T* xr = rows[kh] + iw0 * C + c0;
 #pragma GCC unroll 16
     for (int c = 0; c < (P - 1) * S + K; ++c) {
+      if (CHECK && (iw0 + c < 0 || iw0 + c >= j.in_w)) continue;
       const vec v = V::load(xr + c * C);
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i) {
@@ -315,35 +329,18 @@ DW_INLINE void nhwc_forward_pixels(const T* const (&rows)[K], const bool (&ok)[K
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < P; ++i) V::store(out + i * C, relu ? V::relu(acc[i]) : acc[i]);
+  for (int i = 0; i < P; ++i) V::store(out + i * C + c0, j.relu ? V::relu(acc[i]) : acc[i]);
 }
 
-// One pixel near the left or right border: taps outside the input are skipped.
-template <typename T, int K, int BYTES>
-DW_INLINE void nhwc_forward_pixel(const T* const (&rows)[K], const bool (&ok)[K], int64_t iw0, int64_t in_w,
-                                  int64_t C, const typename Simd<T, BYTES>::vec (&wv)[K * K],
-                                  typename Simd<T, BYTES>::vec bv, bool relu, T* out) {
-  using V = Simd<T, BYTES>;
-  typename V::vec acc = bv;
-#pragma GCC unroll 8
-  for (int kh = 0; kh < K; ++kh) {
-    if (!ok[kh]) continue;
-#pragma GCC unroll 8
-    for (int kw = 0; kw < K; ++kw) {
-      const int64_t iw = iw0 + kw;
-      if (iw >= 0 && iw < in_w) acc += wv[kh * K + kw] * V::load(rows[kh] + iw * C);
-    }
-  }
-  V::store(out, relu ? V::relu(acc) : acc);
-}
-
-// Output rows [begin, end) of the flat (sample, oh) range. Channel blocks are whole vectors; the
-// last one ends at C and may overlap the one before (the same values written twice).
+// Output rows [begin, end) of the flat (sample, oh) range, in column tiles: per tile and channel
+// block the taps are loaded into registers once, then the tile's pixels run P at a time (the
+// ones near the borders with column checks). Channel blocks are whole vectors; the last one
+// ends at C and may overlap the one before (the same values written twice).
 template <typename T, int K, int S, int BYTES>
 DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
-  constexpr int L = V::lanes, P = 4;
+  constexpr int L = V::lanes, P = 4, TILE = 8 * P;
   const int64_t C = j.channels, blocks = (C + L - 1) / L;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.out_h, oh = task % j.out_h;
@@ -351,22 +348,25 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
     bool ok[K];
     input_rows<T, K, S>(j, j.x, n, oh, rows, ok);
     T* y_row = j.y + task * j.out_w * C;
-    for (int64_t cb = 0; cb < blocks; ++cb) {
-      const int64_t c0 = std::min(cb * L, C - L);
-      const T* block_rows[K];
-#pragma GCC unroll 8
-      for (int kh = 0; kh < K; ++kh) block_rows[kh] = rows[kh] + c0;
-      vec wv[K * K];
+    for (int64_t t0 = 0; t0 < j.out_w; t0 += TILE) {
+      const int64_t t1 = std::min(j.out_w, t0 + TILE);
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t c0 = std::min(cb * L, C - L);
+        vec wv[K * K];
 #pragma GCC unroll 32
-      for (int t = 0; t < K * K; ++t) wv[t] = V::load(j.taps + t * C + c0);
-      const vec bv = V::load(j.bias + c0);
-      int64_t ow = 0;
-      for (; ow < j.ow_lo; ++ow)
-        nhwc_forward_pixel<T, K, BYTES>(block_rows, ok, ow * S - j.pad_w, j.in_w, C, wv, bv, j.relu, y_row + ow * C + c0);
-      for (; ow + P <= j.ow_hi; ow += P)
-        nhwc_forward_pixels<T, K, S, BYTES, P>(block_rows, ok, ow * S - j.pad_w, C, wv, bv, j.relu, y_row + ow * C + c0);
-      for (; ow < j.out_w; ++ow)
-        nhwc_forward_pixel<T, K, BYTES>(block_rows, ok, ow * S - j.pad_w, j.in_w, C, wv, bv, j.relu, y_row + ow * C + c0);
+        for (int t = 0; t < K * K; ++t) wv[t] = V::load(j.taps + t * C + c0);
+        const vec bv = V::load(j.bias + c0);
+        int64_t ow = t0;
+        for (; ow + P <= t1; ow += P) {
+          T* out = y_row + ow * C;
+          if (ow >= j.ow_lo && ow + P <= j.ow_hi)
+            nhwc_forward_pixels<T, K, S, BYTES, P, false>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, out);
+          else
+            nhwc_forward_pixels<T, K, S, BYTES, P, true>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, out);
+        }
+        for (; ow < t1; ++ow)
+          nhwc_forward_pixels<T, K, S, BYTES, 1, true>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, y_row + ow * C);
+      }
     }
   }
 }
@@ -556,7 +556,8 @@ std::vector<T> rotated(const T* w, int64_t channels, int64_t taps) {
 // Runs an NCHW plane kernel over [0, count) with a zeroed buffer per task.
 template <typename T, typename Fn>
 void run_planes(const PlaneJob<T>& j, int stride, int64_t count, Fn&& fn) {
-  const int64_t buf_size = j.rows * stride * j.seg, tmp_size = stride * j.seg;
+  const int64_t slack = 64 / sizeof(T);  // one vector past the end, for safety margin
+  const int64_t buf_size = j.rows * stride * j.seg + slack, tmp_size = stride * j.seg + slack;
   parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(buf_size, T(0)), tmp(tmp_size, T(0));
     fn(begin, end, buf.data(), tmp.data());
