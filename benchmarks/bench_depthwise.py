@@ -12,7 +12,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
+from torch.utils import benchmark
 
 import cnnops
 import cnnops.functional
@@ -53,13 +53,13 @@ def main():
             w = torch.randn(c, 1, k, k)
             b = torch.randn(c)
             p = k // 2
-            fns = {"torch": lambda x, w, b: F.conv2d(x, w, b, s, p, 1, c),
-                   "cnnops": lambda x, w, b: cnnops.functional.conv2d(x, w, b, s, p, 1, c)}
+            fns = {"torch": lambda x, w, b, s=s, p=p, c=c: F.conv2d(x, w, b, s, p, 1, c),
+                   "cnnops": lambda x, w, b, s=s, p=p, c=c: cnnops.functional.conv2d(x, w, b, s, p, 1, c)}
             for mode in ("fwd", "fwd+bwd"):
                 times = {}
                 for name, f in fns.items():
                     if mode == "fwd":
-                        def fn(f=f):
+                        def fn(f=f, x=x, w=w, b=b):
                             with torch.no_grad():
                                 f(x, w, b)
                     else:
