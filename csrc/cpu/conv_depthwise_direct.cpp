@@ -275,7 +275,8 @@ struct NhwcJob {
   int64_t in_h, in_w, out_h, out_w, pad_h, pad_w;
   int64_t ow_lo, ow_hi;  // output columns whose taps all lie inside the input
   const T* x;            // dY for grad input
-  const T* taps;         // [K*K][C]: the weight with channels fastest
+  const T* taps;         // [K*K][taps_stride]: the weight with channels fastest
+  int64_t taps_stride;
   const T* bias;         // [C]
   T* y;
   bool relu;
@@ -340,7 +341,9 @@ template <typename T, int K, int S, int BYTES>
 DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
-  constexpr int L = V::lanes, P = 4, TILE = 8 * P;
+  // 3x3: one pixel group per tile, so memory is read in order (9 tap loads per 36 FMAs); 5x5
+  // amortizes its 25 tap loads over a longer tile
+  constexpr int L = V::lanes, P = 4, TILE = K == 3 ? P : 8 * P;
   const int64_t C = j.channels, blocks = (C + L - 1) / L;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.out_h, oh = task % j.out_h;
@@ -354,7 +357,7 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
         const int64_t c0 = std::min(cb * L, C - L);
         vec wv[K * K];
 #pragma GCC unroll 32
-        for (int t = 0; t < K * K; ++t) wv[t] = V::load(j.taps + t * C + c0);
+        for (int t = 0; t < K * K; ++t) wv[t] = V::load(j.taps + t * j.taps_stride + c0);
         const vec bv = V::load(j.bias + c0);
         int64_t ow = t0;
         for (; ow + P <= t1; ow += P) {
@@ -371,19 +374,25 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
   }
 }
 
-// Rows [r0, r1) of the flat (sample, oh) range into partial[tap][C]: acc[tap] += dy * x at the tap.
+// Rows [r0, r1) of the flat (sample, oh) range added into partial[tap][C] (zeroed by the
+// caller): acc[tap] += dy * x at the tap. Rows go a few at a time, all channel blocks of them
+// before the next ones, so what they read stays in cache; each lane's sum runs in row order.
 template <typename T, int K, int S, int BYTES>
 DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
-  constexpr int L = V::lanes, P = 4;
+  constexpr int L = V::lanes, P = 4, ROWS = 4;
   const int64_t C = j.channels, blocks = (C + L - 1) / L;
+  for (int64_t s0 = r0; s0 < r1; s0 += ROWS)
   for (int64_t cb = 0; cb < blocks; ++cb) {
     const int64_t c0 = std::min(cb * L, C - L);
+    // The last block may overlap the one before: its first cb*L - c0 lanes are that block's
+    // channels, already summed; they start from zero here and are not stored.
+    const typename V::mask overlap = V::first_lanes(cb * L - c0);
     vec acc[K * K];
 #pragma GCC unroll 32
-    for (int t = 0; t < K * K; ++t) acc[t] = vec{};
-    for (int64_t row = r0; row < r1; ++row) {
+    for (int t = 0; t < K * K; ++t) acc[t] = overlap ? vec{} : V::load(partial + t * C + c0);
+    for (int64_t row = s0; row < std::min(r1, s0 + ROWS); ++row) {
       const int64_t n = row / j.out_h, oh = row % j.out_h;
       const T* rows[K];
       bool ok[K];
@@ -428,7 +437,7 @@ DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* 
       for (; ow < j.out_w; ++ow) border_pixel(ow);
     }
 #pragma GCC unroll 32
-    for (int t = 0; t < K * K; ++t) V::store(partial + t * C + c0, acc[t]);
+    for (int t = 0; t < K * K; ++t) V::store(partial + t * C + c0, overlap ? V::load(partial + t * C + c0) : acc[t]);
   }
 }
 
@@ -487,6 +496,31 @@ DW_INLINE void nhwc_gather_body(const GatherJob<T>& j, int64_t begin, int64_t en
   }
 }
 
+// NCHW forward on narrow outputs (rows shorter than two vectors would waste lanes): one vector's
+// worth of channels at a time, transposed into a channels-last block, run by the NHWC loop and
+// transposed back. Tasks are (sample, channel block); the last block may overlap the one before.
+template <typename T, int K, int S, int BYTES>
+DW_INLINE void nchw_blocked_body(const NhwcJob<T>& proto, const T* x, T* y, int64_t begin, int64_t end, T* x_block,
+                                 T* y_block) {
+  constexpr int L = Simd<T, BYTES>::lanes;
+  const int64_t C = proto.taps_stride, blocks = (C + L - 1) / L;
+  const int64_t in_plane = proto.in_h * proto.in_w, out_plane = proto.out_h * proto.out_w;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / blocks, c0 = std::min(task % blocks * L, C - L);
+    const T* src = x + (n * C + c0) * in_plane;
+    for (int64_t p = 0; p < in_plane; ++p)
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) x_block[p * L + l] = src[l * in_plane + p];
+    NhwcJob<T> j = proto;
+    j.channels = L, j.x = x_block, j.y = y_block, j.taps = proto.taps + c0, j.bias = proto.bias + c0;
+    nhwc_forward_body<T, K, S, BYTES>(j, 0, j.out_h);
+    T* dst = y + (n * C + c0) * out_plane;
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l)
+      for (int64_t p = 0; p < out_plane; ++p) dst[l * out_plane + p] = y_block[p * L + l];
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Per-ISA instantiations (simd.h) and their choice.
 // ------------------------------------------------------------------------------------------
@@ -507,6 +541,10 @@ DW_INLINE void nhwc_gather_body(const GatherJob<T>& j, int64_t begin, int64_t en
   template <typename T, int K, int S>                                                                     \
   TARGET void nhwc_weight_##ISA(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {                \
     nhwc_weight_body<T, K, S, BYTES>(j, r0, r1, partial);                                                 \
+  }                                                                                                       \
+  template <typename T, int K, int S>                                                                     \
+  TARGET void nchw_blocked_##ISA(const NhwcJob<T>& j, const T* x, T* y, int64_t b, int64_t e, T* xb, T* yb) { \
+    nchw_blocked_body<T, K, S, BYTES>(j, x, y, b, e, xb, yb);                                             \
   }                                                                                                       \
   template <typename T>                                                                                   \
   TARGET void nhwc_gather_##ISA(const GatherJob<T>& j, int64_t b, int64_t e) {                            \
@@ -571,6 +609,7 @@ NhwcJob<T> nhwc_job(const ConvGeometry& g, int64_t in_h, int64_t in_w, int64_t o
   j.batch = g.batch;
   j.channels = g.in_channels;
   j.in_h = in_h, j.in_w = in_w, j.out_h = out_h, j.out_w = out_w, j.pad_h = pad_h, j.pad_w = pad_w;
+  j.taps_stride = g.in_channels;
   set_interior_columns(j, g.kernel[2], stride);
   return j;
 }
@@ -593,12 +632,23 @@ void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, con
   const int64_t lanes = vector_bytes(cpu_isa()) / sizeof(T);
   with_kernel_and_stride(g, [&](auto k_constant, auto s_constant) {
     constexpr int K = decltype(k_constant)::value, S = decltype(s_constant)::value;
-    if (nhwc) {
+    // NCHW rows shorter than two vectors run through channels-last blocks
+    const bool blocked = !nhwc && g.out[2] < 2 * lanes && g.in_channels >= lanes;
+    if (nhwc || blocked) {
       const std::vector<T> taps = taps_by_channel(w, g.in_channels, K * K, false);
       const std::vector<T> zeros(bias ? 0 : g.in_channels, T(0));
       NhwcJob<T> j = nhwc_job<T>(g, g.in[1], g.in[2], g.out[1], g.out[2], g.pad[1], g.pad[2], S);
       j.x = x, j.taps = taps.data(), j.bias = bias ? bias : zeros.data(), j.y = y;
       j.relu = activation == Activation::Relu;
+      if (blocked) {
+        const auto kernel = CNNOPS_DW_PICK(nchw_blocked, T, K, S);
+        const int64_t blocks = (g.in_channels + lanes - 1) / lanes;
+        parallel_for(0, g.batch * blocks, 1, [&](int64_t b, int64_t e) {
+          std::vector<T> x_block(g.in_plane() * lanes), y_block(g.out_plane() * lanes);
+          kernel(j, x, y, b, e, x_block.data(), y_block.data());
+        });
+        return;
+      }
       const auto kernel = CNNOPS_DW_PICK(nhwc_forward, T, K, S);
       parallel_for(0, g.batch * g.out[1], 1, [&](int64_t b, int64_t e) { kernel(j, b, e); });
       return;
