@@ -204,7 +204,6 @@ DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0,
                             typename Simd<T, BYTES>::vec (&acc)[K * K]) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
-  constexpr int L = V::lanes;
   const int64_t width = S * seg, n = out_w - ow0;
   vec d[R];
 #pragma GCC unroll 8
@@ -212,7 +211,6 @@ DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0,
     d[i] = TAIL ? V::load_first(dy + (oh0 + i) * out_w + ow0, n) : V::load(dy + (oh0 + i) * out_w + ow0);
   // x past the last output may be inf or NaN: masked, not multiplied by zero
   const typename V::mask valid = TAIL ? V::first_lanes(n) : typename V::mask{};
-  (void)L;
 #pragma GCC unroll 16
   for (int r = 0; r < (R - 1) * S + K; ++r) {
     const T* row = buf + (oh0 * S + r) * width + ow0;
@@ -594,8 +592,7 @@ std::vector<T> rotated(const T* w, int64_t channels, int64_t taps) {
 // Runs an NCHW plane kernel over [0, count) with a zeroed buffer per task.
 template <typename T, typename Fn>
 void run_planes(const PlaneJob<T>& j, int stride, int64_t count, Fn&& fn) {
-  const int64_t slack = 64 / sizeof(T);  // one vector past the end, for safety margin
-  const int64_t buf_size = j.rows * stride * j.seg + slack, tmp_size = stride * j.seg + slack;
+  const int64_t buf_size = j.rows * stride * j.seg, tmp_size = stride * j.seg;
   parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(buf_size, T(0)), tmp(tmp_size, T(0));
     fn(begin, end, buf.data(), tmp.data());
