@@ -468,11 +468,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       }
       dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));
     }
+    if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
+    bool db_done = false;  // the depthwise kernels may sum db in their pass over dY
     if (output_mask[1]) {
       dw = at::zeros(w.sizes(), w.options());
       if (dw.numel() > 0 && dy.numel() > 0) {
         if (g.is_depthwise())
-          conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nhwc);
+          db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                                   output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (nhwc)
           conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
         else
@@ -481,8 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       dw = dw.to(weight.scalar_type());
     }
     if (output_mask[2]) {
-      db = at::zeros({g.out_channels}, dy.options());
-      if (dy.numel() > 0) {
+      if (dy.numel() > 0 && !db_done) {
         if (nhwc)
           conv_backward_bias_nhwc(g, dy_ptr, db.data_ptr<scalar_t>());
         else

@@ -119,8 +119,10 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
                             Activation activation, bool nhwc);
 template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc);
+// Returns whether it also wrote db (when db is not null): the direct kernels sum it in the same
+// pass over dY.
 template <typename T>
-void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, bool nhwc);
+bool conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -251,16 +251,20 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
 }
 
 template <typename T>
-void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, bool nhwc) {
-  if (depthwise_direct_supported(g, nhwc, sizeof(T))) return depthwise_direct_backward_weight(g, dy, x, dw, nhwc);
+bool conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc) {
+  if (depthwise_direct_supported(g, nhwc, sizeof(T))) {
+    depthwise_direct_backward_weight(g, dy, x, dw, db, nhwc);
+    return db != nullptr;
+  }
   TORCH_INTERNAL_ASSERT(!nhwc, "depthwise convolution: no channels-last kernel for this geometry");
   generic_backward_weight(g, dy, x, dw);
+  return false;
 }
 
 #define CNNOPS_INSTANTIATE_DEPTHWISE(T)                                                                         \
   template void conv_depthwise_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation, bool); \
   template void conv_depthwise_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);             \
-  template void conv_depthwise_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, bool);
+  template bool conv_depthwise_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*, bool);
 CNNOPS_INSTANTIATE_DEPTHWISE(float)
 CNNOPS_INSTANTIATE_DEPTHWISE(double)
 

@@ -201,7 +201,7 @@ DW_INLINE void nchw_forward_body(const PlaneJob<T>& j, int64_t begin, int64_t en
 // lanes of one ow vector; in the last, partial vector (TAIL) the lanes past out_w add zero.
 template <typename T, int K, int S, int BYTES, int R, bool TAIL>
 DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0, int64_t out_w, const T* dy,
-                            typename Simd<T, BYTES>::vec (&acc)[K * K]) {
+                            typename Simd<T, BYTES>::vec (&acc)[K * K], typename Simd<T, BYTES>::vec& bias_acc) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   const int64_t width = S * seg, n = out_w - ow0;
@@ -209,6 +209,8 @@ DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0,
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
     d[i] = TAIL ? V::load_first(dy + (oh0 + i) * out_w + ow0, n) : V::load(dy + (oh0 + i) * out_w + ow0);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) bias_acc += d[i];  // db = sum of dy, from the same loads
   // x past the last output may be inf or NaN: masked, not multiplied by zero
   const typename V::mask valid = TAIL ? V::first_lanes(n) : typename V::mask{};
 #pragma GCC unroll 16
@@ -229,17 +231,19 @@ DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0,
 
 template <typename T, int K, int S, int BYTES, int R>
 DW_INLINE void weight_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* dy,
-                           typename Simd<T, BYTES>::vec (&acc)[K * K]) {
+                           typename Simd<T, BYTES>::vec (&acc)[K * K], typename Simd<T, BYTES>::vec& bias_acc) {
   constexpr int L = Simd<T, BYTES>::lanes;
   int64_t ow0 = 0;
-  for (; ow0 + L <= out_w; ow0 += L) weight_block<T, K, S, BYTES, R, false>(buf, seg, oh0, ow0, out_w, dy, acc);
-  if (ow0 < out_w) weight_block<T, K, S, BYTES, R, true>(buf, seg, oh0, ow0, out_w, dy, acc);
+  for (; ow0 + L <= out_w; ow0 += L)
+    weight_block<T, K, S, BYTES, R, false>(buf, seg, oh0, ow0, out_w, dy, acc, bias_acc);
+  if (ow0 < out_w) weight_block<T, K, S, BYTES, R, true>(buf, seg, oh0, ow0, out_w, dy, acc, bias_acc);
 }
 
-// Channels [begin, end): dw[c, tap] = sum over samples and positions of dy * x at the tap,
-// summed lane-wise in a fixed order (samples, row blocks, ow vectors), then across the lanes.
+// Channels [begin, end): dw[c, tap] = sum over samples and positions of dy * x at the tap (and
+// db[c] = sum of dy when db is not null), summed lane-wise in a fixed order (samples, row blocks,
+// ow vectors), then across the lanes.
 template <typename T, int K, int S, int BYTES>
-DW_INLINE void nchw_weight_body(const PlaneJob<T>& j, int64_t begin, int64_t end, T* buf, T* tmp, T* dw) {
+DW_INLINE void nchw_weight_body(const PlaneJob<T>& j, int64_t begin, int64_t end, T* buf, T* tmp, T* dw, T* db) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   const int64_t src_plane = j.src_h * j.src_w, out_plane = j.out_h * j.out_w;
@@ -247,13 +251,19 @@ DW_INLINE void nchw_weight_body(const PlaneJob<T>& j, int64_t begin, int64_t end
     vec acc[K * K];
 #pragma GCC unroll 32
     for (int t = 0; t < K * K; ++t) acc[t] = vec{};
+    vec bias_acc{};
     for (int64_t n = 0; n < j.batch; ++n) {
       const int64_t plane = n * j.channels + c;
       build_plane<T, S, BYTES>(j, j.src + plane * src_plane, buf, tmp);
       const T* dy = j.dy + plane * out_plane;
       int64_t oh = 0;
-      for (; oh + 4 <= j.out_h; oh += 4) weight_rows<T, K, S, BYTES, 4>(buf, j.seg, oh, j.out_w, dy, acc);
-      for (; oh < j.out_h; ++oh) weight_rows<T, K, S, BYTES, 1>(buf, j.seg, oh, j.out_w, dy, acc);
+      for (; oh + 4 <= j.out_h; oh += 4) weight_rows<T, K, S, BYTES, 4>(buf, j.seg, oh, j.out_w, dy, acc, bias_acc);
+      for (; oh < j.out_h; ++oh) weight_rows<T, K, S, BYTES, 1>(buf, j.seg, oh, j.out_w, dy, acc, bias_acc);
+    }
+    if (db) {
+      T sum = 0;
+      for (int i = 0; i < V::lanes; ++i) sum += bias_acc[i];
+      db[c] = sum;
     }
     for (int t = 0; t < K * K; ++t) {
       T sum = 0;
@@ -373,7 +383,7 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
 }
 
 // Rows [r0, r1) of the flat (sample, oh) range added into partial[tap][C] (zeroed by the
-// caller): acc[tap] += dy * x at the tap. Rows go a few at a time, all channel blocks of them
+// caller): acc[tap] += dy * x at the tap, and row K*K += dy (the bias gradient). Rows go a few at a time, all channel blocks of them
 // before the next ones, so what they read stays in cache; each lane's sum runs in row order.
 template <typename T, int K, int S, int BYTES>
 DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {
@@ -390,6 +400,7 @@ DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* 
     vec acc[K * K];
 #pragma GCC unroll 32
     for (int t = 0; t < K * K; ++t) acc[t] = overlap ? vec{} : V::load(partial + t * C + c0);
+    vec bias_acc = overlap ? vec{} : V::load(partial + K * K * C + c0);
     for (int64_t row = s0; row < std::min(r1, s0 + ROWS); ++row) {
       const int64_t n = row / j.out_h, oh = row % j.out_h;
       const T* rows[K];
@@ -401,6 +412,7 @@ DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* 
       int64_t ow = 0;
       auto border_pixel = [&](int64_t ow) __attribute__((always_inline)) {
         const vec d = V::load(dy_row + ow * C);
+        bias_acc += d;
         const int64_t iw0 = ow * S - j.pad_w;
 #pragma GCC unroll 8
         for (int kh = 0; kh < K; ++kh) {
@@ -417,6 +429,8 @@ DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* 
         vec d[P];
 #pragma GCC unroll 8
         for (int i = 0; i < P; ++i) d[i] = V::load(dy_row + (ow + i) * C);
+#pragma GCC unroll 8
+        for (int i = 0; i < P; ++i) bias_acc += d[i];
 #pragma GCC unroll 8
         for (int kh = 0; kh < K; ++kh) {
           if (!ok[kh]) continue;
@@ -436,6 +450,7 @@ DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* 
     }
 #pragma GCC unroll 32
     for (int t = 0; t < K * K; ++t) V::store(partial + t * C + c0, overlap ? V::load(partial + t * C + c0) : acc[t]);
+    V::store(partial + K * K * C + c0, overlap ? V::load(partial + K * K * C + c0) : bias_acc);
   }
 }
 
@@ -529,8 +544,8 @@ DW_INLINE void nchw_blocked_body(const NhwcJob<T>& proto, const T* x, T* y, int6
     nchw_forward_body<T, K, S, BYTES>(j, b, e, buf, tmp);                                                 \
   }                                                                                                       \
   template <typename T, int K, int S>                                                                     \
-  TARGET void nchw_weight_##ISA(const PlaneJob<T>& j, int64_t b, int64_t e, T* buf, T* tmp, T* dw) {      \
-    nchw_weight_body<T, K, S, BYTES>(j, b, e, buf, tmp, dw);                                              \
+  TARGET void nchw_weight_##ISA(const PlaneJob<T>& j, int64_t b, int64_t e, T* buf, T* tmp, T* dw, T* db) { \
+    nchw_weight_body<T, K, S, BYTES>(j, b, e, buf, tmp, dw, db);                                          \
   }                                                                                                       \
   template <typename T, int K, int S>                                                                     \
   TARGET void nhwc_forward_##ISA(const NhwcJob<T>& j, int64_t b, int64_t e) {                             \
@@ -701,7 +716,7 @@ void depthwise_direct_backward_input(const ConvGeometry& g, const T* dy, const T
 }
 
 template <typename T>
-void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, bool nhwc) {
+void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc) {
   const int64_t lanes = vector_bytes(cpu_isa()) / sizeof(T);
   with_kernel_and_stride(g, [&](auto k_constant, auto s_constant) {
     constexpr int K = decltype(k_constant)::value, S = decltype(s_constant)::value;
@@ -709,18 +724,22 @@ void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const 
     if (nhwc) {
       // Row chunks fixed by the sizes, each summed into its own partial, added in order.
       const int64_t rows = g.batch * g.out[1], chunks = std::min<int64_t>(rows, 16);
-      std::vector<T> partial(chunks * K * K * C);
+      const int64_t size = (K * K + 1) * C;  // the taps' rows, then the bias row
+      std::vector<T> partial(chunks * size);
       NhwcJob<T> j = nhwc_job<T>(g, g.in[1], g.in[2], g.out[1], g.out[2], g.pad[1], g.pad[2], S);
       j.x = x, j.dy = dy;
       const auto kernel = CNNOPS_DW_PICK(nhwc_weight, T, K, S);
       parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) kernel(j, rows * p / chunks, rows * (p + 1) / chunks, partial.data() + p * K * K * C);
+        for (int64_t p = begin; p < end; ++p) kernel(j, rows * p / chunks, rows * (p + 1) / chunks, partial.data() + p * size);
       });
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t t = 0; t < K * K; ++t) {
+        for (int64_t t = 0; t <= K * K; ++t) {
           T sum = partial[t * C + c];
-          for (int64_t p = 1; p < chunks; ++p) sum += partial[(p * K * K + t) * C + c];
-          dw[c * K * K + t] = sum;
+          for (int64_t p = 1; p < chunks; ++p) sum += partial[p * size + t * C + c];
+          if (t < K * K)
+            dw[c * K * K + t] = sum;
+          else if (db)
+            db[c] = sum;
         }
       return;
     }
@@ -732,7 +751,7 @@ void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const 
     j.seg = round_up(round_up(g.out[2], lanes) + (K - 1) / S, lanes);
     j.src = x, j.dy = dy;
     const auto kernel = CNNOPS_DW_PICK(nchw_weight, T, K, S);
-    run_planes(j, S, C, [&](int64_t b, int64_t e, T* buf, T* tmp) { kernel(j, b, e, buf, tmp, dw); });
+    run_planes(j, S, C, [&](int64_t b, int64_t e, T* buf, T* tmp) { kernel(j, b, e, buf, tmp, dw, db); });
   });
 }
 
@@ -740,7 +759,7 @@ void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const 
   template void depthwise_direct_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation, \
                                             bool);                                                              \
   template void depthwise_direct_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);          \
-  template void depthwise_direct_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, bool);
+  template void depthwise_direct_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*, bool);
 CNNOPS_INSTANTIATE_DW_DIRECT(float)
 CNNOPS_INSTANTIATE_DW_DIRECT(double)
 

@@ -19,8 +19,9 @@ void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, con
                               Activation activation, bool nhwc);
 template <typename T>
 void depthwise_direct_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc);
+// db, when not null, gets the bias gradient from the same pass over dY.
 template <typename T>
-void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, bool nhwc);
+void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc);
 
 }  // namespace cpu
 }  // namespace cnnops
