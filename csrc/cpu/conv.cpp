@@ -9,7 +9,8 @@
 // Columns of the forward GEMM run over (sample, position) so small images still fill it. Stride-1
 // convolutions take the shifted-window path (conv_shifted.h), and their grad input is a forward
 // convolution with the rotated kernel. Channels-last inputs run conv_nhwc.cpp's kernels and
-// depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp.
+// depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp (SIMD kernels for
+// 3x3 and 5x5 in conv_depthwise_direct.cpp, NCHW and NHWC).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -5,13 +5,16 @@
 //    zero-padded buffer whose rows are split into `stride` column phases (phase q holds padded
 //    columns q, q + s, q + 2s, ...), so tap kw of an output vector is one unit-stride load:
 //    phase kw % s, offset kw / s. Several output rows share each loaded input vector.
+//    Outputs narrower than two vectors instead transpose a vector's worth of channels into a
+//    small channels-last block and run the NHWC loop on it.
 //  - NHWC vectorizes over channels: a channel block's taps stay in registers while the loop walks
 //    the output row, several pixels sharing each loaded input vector.
 //  - Grad input (dl/dx_i = sum_j dl/dy_j (star) w_ij): the forward loop with the kernel rotated
 //    180 degrees over dY, which NCHW places on a zero-interleaved grid for stride 2 (no scatter);
 //    NHWC stride 2 gathers each dX pixel's taps instead.
 //  - Grad weight: per-lane partial sums in registers, reduced in an order fixed by the sizes
-//    alone, so the result does not depend on the thread count.
+//    alone, so the result does not depend on the thread count; grad bias is summed from the
+//    same dY loads.
 // The loops are written once with GCC vector extensions; per-ISA functions instantiate them at 64
 // (AVX-512), 32 (AVX2) and 16 (portable) bytes per vector (simd.h).
 #include "cpu/conv_depthwise_direct.h"
