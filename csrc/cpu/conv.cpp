@@ -9,7 +9,8 @@
 // Columns of the forward GEMM run over (sample, position) so small images still fill it. Stride-1
 // convolutions take the shifted-window path (conv_shifted.h), and their grad input is a forward
 // convolution with the rotated kernel. Channels-last inputs run conv_nhwc.cpp's kernels and
-// depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp.
+// depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp (SIMD kernels for
+// 3x3 and 5x5 in conv_depthwise_direct.cpp, NCHW and NHWC).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -213,12 +214,13 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
-  if (nhwc && use_shifted_grid(g))
+  // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
+  if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>)))
+    conv_depthwise_forward(g, x, w, bias, y, activation, nhwc);
+  else if (nhwc && use_shifted_grid(g))
     conv_forward_nhwc_shifted(g, x, w, bias, y, activation);
   else if (nhwc)
     conv_forward_nhwc(g, x, w, bias, y, activation);
-  else if (g.is_depthwise())
-    conv_depthwise_forward(g, x, w, bias, y, activation);
   else if (use_shifted_grid(g))
     conv_forward_shifted(g, x, w, bias, y, activation);
   else
@@ -231,9 +233,6 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
 // padding beyond the dilated kernel).
 template <typename T>
 bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc) {
-  // A depthwise multiplier > 1 would make the transposed problem a GEMM with one row per group;
-  // the direct depthwise kernel serves it better.
-  if (g.is_depthwise() && g.out_channels != g.in_channels) return false;
   ConvGeometry t = g;  // the transposed problem: dY in, dX out
   std::swap(t.in_channels, t.out_channels);
   for (int i = 0; i < 3; ++i) {
@@ -391,10 +390,12 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
   return (is_reduced(t) ? t.to(at::kFloat) : t).contiguous(format);
 }
 
-// Channels-last inputs run the NHWC kernels (depthwise ones are converted: no NHWC kernel yet).
+// Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
+// one, else they are converted).
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
   const auto channels_last = channels_last_format(input.dim());
-  if (input.dim() >= 4 && !g.is_depthwise() && input.suggest_memory_format() == channels_last) return channels_last;
+  const bool nhwc_kernel = !g.is_depthwise() || depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
+  if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
 
@@ -451,13 +452,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     if (output_mask[0]) {
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
       const bool work = dx.numel() > 0 && dy.numel() > 0;
-      // The stride-1 path writes every value of dX; the others need it zeroed first.
-      const bool as_forward = work && conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      if (!as_forward) dx.zero_();
-      if (work) {
-        if (!as_forward && g.is_depthwise()) {
-          conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
-        } else if (!as_forward) {
+      // The depthwise and stride-1 paths write every value of dX; the others need it zeroed first.
+      const bool depthwise = work && g.is_depthwise();
+      if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      const bool as_forward = work && !depthwise &&
+                              conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      if (!as_forward && !depthwise) dx.zero_();
+      if (work && !depthwise) {
+        if (!as_forward) {
           // Strided: col2im, which runs on NCHW only.
           const auto dy_nchw = dy.contiguous();
           auto dx_nchw = at::zeros(x.sizes(), x.options());
@@ -467,21 +469,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       }
       dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));
     }
+    if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
+    bool db_done = false;  // the depthwise kernels may sum db in their pass over dY
     if (output_mask[1]) {
       dw = at::zeros(w.sizes(), w.options());
       if (dw.numel() > 0 && dy.numel() > 0) {
-        if (nhwc)
+        if (g.is_depthwise())
+          db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                                   output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
+        else if (nhwc)
           conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
-        else if (g.is_depthwise())
-          conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
         else
           conv_backward_weight_gemm(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
       }
       dw = dw.to(weight.scalar_type());
     }
     if (output_mask[2]) {
-      db = at::zeros({g.out_channels}, dy.options());
-      if (dy.numel() > 0) {
+      if (dy.numel() > 0 && !db_done) {
         if (nhwc)
           conv_backward_bias_nhwc(g, dy_ptr, db.data_ptr<scalar_t>());
         else

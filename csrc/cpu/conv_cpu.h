@@ -110,13 +110,19 @@ template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
+// 3x3 and 5x5 stride 1 and 2 run the SIMD kernels of conv_depthwise_direct.cpp, in NCHW or, when
+// depthwise_nhwc_supported, NHWC (nhwc: x, y, dy, dx channels-last); the rest run plain NCHW loops.
+// Each writes every value of its output.
+bool depthwise_nhwc_supported(const ConvGeometry& g, bool is_double);
 template <typename T>
 void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                            Activation activation);
+                            Activation activation, bool nhwc);
 template <typename T>
-void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx);
+void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc);
+// Returns whether it also wrote db (when db is not null): the direct kernels sum it in the same
+// pass over dY.
 template <typename T>
-void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw);
+bool conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc);
 
 }  // namespace cpu
 }  // namespace cnnops

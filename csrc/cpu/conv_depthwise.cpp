@@ -2,7 +2,9 @@
 // ci = co / multiplier, so direct loops over the kernel taps beat a GEMM whose reduction would
 // be just the K_d*K_h*K_w taps. Each kernel first copies the plane it reads into a zero-padded
 // buffer, so the loops over output positions need no bounds tests and the innermost loop over
-// ow (unit stride when stride_w is 1) vectorizes.
+// ow (unit stride when stride_w is 1) vectorizes. MobileNet's and EfficientNet's geometries run
+// the SIMD kernels of conv_depthwise_direct.cpp instead; these loops serve the rest (other kernel
+// sizes, dilations, multipliers > 1, 1-d and 3-d).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_depthwise_direct.h"
 
 namespace cnnops {
 namespace cpu {
@@ -114,11 +117,9 @@ void dispatch_kernel_width(const ConvGeometry& g, Body&& body) {
   body(std::integral_constant<int, 0>());
 }
 
-}  // namespace
-
 // y[co] = act(b[co] + sum over taps of w[co, tap] * x[co / multiplier] at the tap's shift)
 template <typename T>
-void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+void generic_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                             Activation activation) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
   const int64_t last_kernel_row = taps - g.kernel[2];  // first tap of the last (kd, kh) row
@@ -154,10 +155,9 @@ void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const
 }
 
 // dx[ci] = sum over ci's output channels co and taps of w[co, tap] * dy[co], added back where the
-// forward read it (the backprop of each read). Used for strides > 1 and multipliers > 1: otherwise
-// conv.cpp runs grad input as a depthwise forward convolution with the rotated kernel.
+// forward read it (the backprop of each read), into a zeroed dx.
 template <typename T>
-void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+void generic_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
   const int64_t ow_end = g.out[2], sw = g.stride[2], dw = g.dilation[2];
   parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
@@ -183,7 +183,7 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
 
 // dw[co, tap] = sum over n and output positions of dy[n, co] * x[n, ci] at the tap's shift.
 template <typename T>
-void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+void generic_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
   const int64_t ow_end = g.out[2];
   dispatch_kernel_width(g, [&](auto kw_constant) {
@@ -212,10 +212,59 @@ void conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T*
   });
 }
 
-#define CNNOPS_INSTANTIATE_DEPTHWISE(T)                                                          \
-  template void conv_depthwise_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
-  template void conv_depthwise_backward_input<T>(const ConvGeometry&, const T*, const T*, T*);    \
-  template void conv_depthwise_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*);
+}  // namespace
+
+bool depthwise_nhwc_supported(const ConvGeometry& g, bool is_double) {
+  return depthwise_direct_supported(g, true, is_double ? sizeof(double) : sizeof(float));
+}
+
+template <typename T>
+void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                            Activation activation, bool nhwc) {
+  if (depthwise_direct_supported(g, nhwc, sizeof(T))) return depthwise_direct_forward(g, x, w, bias, y, activation, nhwc);
+  TORCH_INTERNAL_ASSERT(!nhwc, "depthwise convolution: no channels-last kernel for this geometry");
+  generic_forward(g, x, w, bias, y, activation);
+}
+
+template <typename T>
+void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc) {
+  if (depthwise_direct_supported(g, nhwc, sizeof(T))) return depthwise_direct_backward_input(g, dy, w, dx, nhwc);
+  TORCH_INTERNAL_ASSERT(!nhwc, "depthwise convolution: no channels-last kernel for this geometry");
+  // For stride 1 and one output per input channel, dX = dY correlated with the rotated kernel,
+  // zero padded by d(k-1) - p (slides: dl/dx_i = sum_j dl/dy_j (star) w_ij): a depthwise forward.
+  ConvGeometry t = g;
+  bool as_forward = g.out_channels == g.in_channels;
+  for (int i = 0; i < 3; ++i) {
+    t.in[i] = g.out[i], t.out[i] = g.in[i];
+    t.pad[i] = g.dilation[i] * (g.kernel[i] - 1) - g.pad[i];
+    as_forward = as_forward && g.stride[i] == 1 && t.pad[i] >= 0;
+  }
+  if (as_forward) {
+    const int64_t taps = g.kernel_volume();
+    std::vector<T> rotated(g.out_channels * taps);
+    for (int64_t c = 0; c < g.out_channels; ++c)
+      for (int64_t r = 0; r < taps; ++r) rotated[c * taps + taps - 1 - r] = w[c * taps + r];
+    return generic_forward(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx, Activation::None);
+  }
+  std::fill(dx, dx + g.batch * g.in_channels * g.in_plane(), T(0));
+  generic_backward_input(g, dy, w, dx);
+}
+
+template <typename T>
+bool conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc) {
+  if (depthwise_direct_supported(g, nhwc, sizeof(T))) {
+    depthwise_direct_backward_weight(g, dy, x, dw, db, nhwc);
+    return db != nullptr;
+  }
+  TORCH_INTERNAL_ASSERT(!nhwc, "depthwise convolution: no channels-last kernel for this geometry");
+  generic_backward_weight(g, dy, x, dw);
+  return false;
+}
+
+#define CNNOPS_INSTANTIATE_DEPTHWISE(T)                                                                         \
+  template void conv_depthwise_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation, bool); \
+  template void conv_depthwise_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);             \
+  template bool conv_depthwise_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*, bool);
 CNNOPS_INSTANTIATE_DEPTHWISE(float)
 CNNOPS_INSTANTIATE_DEPTHWISE(double)
 
