@@ -73,8 +73,8 @@ def main():
                 ratios[mode].append(ratio)
                 name = f"{c}ch {size}x{size} {k}x{k} s{s}"
                 lay = "channels_last" if layout == torch.channels_last else "NCHW"
-                print(f"{name:28} {lay:14} {mode:8} {times['torch'] * 1e3:9.3f} {times['cnnops'] * 1e3:9.3f} {ratio:6.2f}",
-                      flush=True)
+                t_torch, t_cnnops = times['torch'] * 1e3, times['cnnops'] * 1e3
+                print(f"{name:28} {lay:14} {mode:8} {t_torch:9.3f} {t_cnnops:9.3f} {ratio:6.2f}", flush=True)
     for mode, r in ratios.items():
         print(f"{mode}: median ratio {statistics.median(r):.2f}, min {min(r):.2f}")
 
