@@ -3,7 +3,7 @@ as drop-in replacements for torch.nn modules and torch.nn.functional functions."
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
-from . import autograd, functional, nn  # noqa: F401
+from . import autograd, backends, functional, nn  # noqa: F401
 from .conversion import ConvertReport, convert
 from .counting import Complexity, complexity
 from .fuse import FuseReport, fuse_conv_bn
@@ -16,5 +16,5 @@ def has_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("cnnops::conv_forward", "CUDA")
 
 
-__all__ = ["autograd", "functional", "nn", "convert", "ConvertReport", "complexity", "Complexity",
+__all__ = ["autograd", "backends", "functional", "nn", "convert", "ConvertReport", "complexity", "Complexity",
            "fuse_conv_bn", "FuseReport", "has_cuda", "__version__"]

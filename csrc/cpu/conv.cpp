@@ -32,6 +32,7 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
+#include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
 
 namespace cnnops {
@@ -213,6 +214,9 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
+  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
+    if (use_winograd(g)) return conv_forward_winograd(g, x, winograd_weights(g, w), bias, y, nhwc, activation);
+  }
   if (nhwc && use_shifted_grid(g))
     conv_forward_nhwc_shifted(g, x, w, bias, y, activation);
   else if (nhwc)

@@ -1,0 +1,426 @@
+// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (Lavin & Gray 2016, "Fast
+// Algorithms for Convolutional Neural Networks"): each 4x4 output tile is
+//   Y = A^T [ (G g G^T) (.) (B^T d B) ] A
+// over a 6x6 input tile d, so the 36 products per tile and channel pair replace 144 multiply-adds.
+// Summed over input channels, each of the 36 transform positions xi is a GEMM:
+//   M[xi] (C_out x tiles) = U[xi] (C_out x C_in) * V[xi] (C_in x tiles)
+// Steps, for a block of whole tile rows at a time (so V and M stay in cache):
+//   input transform  V = B^T d B per tile and channel, vectorized over the tiles of a tile row
+//   36 GEMMs         the project's GEMM, B read in place (gemm_shifted_b)
+//   output transform A^T M A, + bias, activation, written straight into y
+// The transforms change rounding (not bitwise equal to the direct path), hence the switch
+// cnnops.backends.cpu.allow_winograd.
+#include "cpu/conv_winograd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "cpu/conv_cpu.h"
+#include "cpu/simd.h"
+
+// The vector helpers are always inlined into the per-ISA functions: their ABI never shows.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace cnnops {
+namespace cpu {
+
+namespace {
+
+std::atomic<bool> allowed{true};
+std::atomic<int64_t> calls{0};
+
+constexpr int64_t kTile = 4;        // output tile side (m in F(m, r))
+constexpr int64_t kAlpha = 6;       // input tile side m + r - 1
+constexpr int64_t kPositions = 36;  // kAlpha^2 transform positions
+constexpr int64_t kTargetTiles = 96;  // tiles per block: V and M of a block stay in L2 for ~64 channels
+
+// ---- vectors of L floats (GCC vector extensions), compiled once per ISA below -----------------
+
+template <int L>
+struct Lanes {
+  typedef float V __attribute__((vector_size(L * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(L * sizeof(float))));
+};
+
+#define CNNOPS_INLINE inline __attribute__((always_inline))
+
+template <int L>
+CNNOPS_INLINE typename Lanes<L>::V load(const float* p) {
+  typename Lanes<L>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int L>
+CNNOPS_INLINE void store(float* p, typename Lanes<L>::V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Constant shuffle masks built from an index function, so the compiler sees immediates.
+template <typename I, typename F, int... Is>
+constexpr I make_mask(std::integer_sequence<int, Is...>) {
+  return I{F::at(Is)...};
+}
+template <int L, typename F>
+constexpr typename Lanes<L>::I mask() {
+  return make_mask<typename Lanes<L>::I, F>(std::make_integer_sequence<int, L>());
+}
+template <int L>
+struct Even {
+  static constexpr int at(int i) { return 2 * i; }
+};
+template <int L>
+struct Odd {
+  static constexpr int at(int i) { return 2 * i + 1; }
+};
+template <int L, int K>  // lanes 1..L-1 of a, then lane K of b
+struct ShiftIn {
+  static constexpr int at(int i) { return i < L - 1 ? i + 1 : L + K; }
+};
+template <int L, int Half>  // a0 b0 a1 b1 ... from half Half of a and b
+struct ZipLanes {
+  static constexpr int at(int i) { return (i % 2 ? L : 0) + Half * L / 2 + i / 2; }
+};
+template <int L, int Half>  // pairs of lanes: a01 b01 a23 b23 ... from half Half of a and b
+struct ZipPairs {
+  static constexpr int at(int i) { return ((i / 2) % 2 ? L : 0) + Half * L / 2 + (i / 4) * 2 + i % 2; }
+};
+
+template <int L, typename F>
+CNNOPS_INLINE typename Lanes<L>::V shuffle(typename Lanes<L>::V a, typename Lanes<L>::V b) {
+  constexpr typename Lanes<L>::I m = mask<L, F>();
+  return __builtin_shuffle(a, b, m);
+}
+
+// B^T of F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2, inf (Lavin & Gray 2016, section 4.2):
+//   [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+template <typename V>
+CNNOPS_INLINE void bt6(const V* d, V* o) {
+  const V a = d[3] + d[4] - 4.0f * (d[1] + d[2]);
+  const V b = d[4] - d[3] + 4.0f * (d[1] - d[2]);
+  const V c = d[4] - d[2], e = 2.0f * (d[3] - d[1]);
+  o[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+  o[1] = a;
+  o[2] = b;
+  o[3] = c + e;
+  o[4] = c - e;
+  o[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+}
+
+// A^T of F(4x4, 3x3): [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+template <typename V>
+CNNOPS_INLINE void at6(const V* m, V* o) {
+  const V s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+  o[0] = m[0] + s12 + s34;
+  o[1] = d12 + 2.0f * d34;
+  o[2] = s12 + 4.0f * s34;
+  o[3] = d12 + 8.0f * d34 + m[5];
+}
+
+// G of F(4x4, 3x3): [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+template <typename V>
+CNNOPS_INLINE void g3(const V* g, V* o) {
+  const V s = g[0] + g[2];
+  o[0] = g[0] * 0.25f;
+  o[1] = (s + g[1]) * (-1.0f / 6);
+  o[2] = (s - g[1]) * (-1.0f / 6);
+  const V t = g[0] * (1.0f / 24) + g[2] * (1.0f / 6);
+  o[3] = t + g[1] * (1.0f / 12);
+  o[4] = t - g[1] * (1.0f / 12);
+  o[5] = g[2];
+}
+
+// The input transform of one tile row: tiles tx in [0, tw), tile tx's 6x6 window at
+// rows[r * ld + 4 * tx + j] (a zero-padded copy of the plane). Writes V[xi][tx] at
+// v[xi * xi_stride + tx]; whole vectors, so up to L - 1 values past tw are written too.
+template <int L>
+CNNOPS_INLINE void input_row_body(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xi_stride) {
+  using V = typename Lanes<L>::V;
+  for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
+    V e[kAlpha][kAlpha];  // e[r][k]: row r of d B
+    for (int r = 0; r < kAlpha; ++r) {
+      const float* p = rows + r * ld + 4 * tx0;
+      const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L), v3 = load<L>(p + 3 * L);
+      const V v4 = load<L>(p + 4 * L);
+      // Lanes are tiles: d[j] holds column 4 * tx + j of each tile (a stride-4 deinterleave).
+      const V e01 = shuffle<L, Even<L>>(v0, v1), o01 = shuffle<L, Odd<L>>(v0, v1);
+      const V e23 = shuffle<L, Even<L>>(v2, v3), o23 = shuffle<L, Odd<L>>(v2, v3);
+      V d[kAlpha];
+      d[0] = shuffle<L, Even<L>>(e01, e23);
+      d[2] = shuffle<L, Odd<L>>(e01, e23);
+      d[1] = shuffle<L, Even<L>>(o01, o23);
+      d[3] = shuffle<L, Odd<L>>(o01, o23);
+      d[4] = shuffle<L, ShiftIn<L, 0>>(d[0], v4);
+      d[5] = shuffle<L, ShiftIn<L, 1>>(d[1], v4);
+      bt6(d, e[r]);
+    }
+    for (int k = 0; k < kAlpha; ++k) {
+      V col[kAlpha], out[kAlpha];
+      for (int r = 0; r < kAlpha; ++r) col[r] = e[r][k];
+      bt6(col, out);
+      for (int i = 0; i < kAlpha; ++i) store<L>(v + (i * kAlpha + k) * xi_stride + tx0, out[i]);
+    }
+  }
+}
+
+// The output transform of one tile row: M[xi][tx] at m[xi * xi_stride + tx]; writes
+// activation(A^T M A + bias) to the output rows [0, rows) (at most 4) of y_row, columns < wo,
+// with strides (sh, sw).
+template <int L>
+CNNOPS_INLINE void output_row_body(const float* m, int64_t xi_stride, int64_t tw, float bias, Activation act,
+                                   float* y_row, int64_t sh, int64_t sw, int64_t rows, int64_t wo) {
+  using V = typename Lanes<L>::V;
+  const V zero = V{} * 0.0f;
+  for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
+    V s[kAlpha][kTile];  // s[i][j]: row i of M A
+    for (int i = 0; i < kAlpha; ++i) {
+      V mi[kAlpha];
+      for (int k = 0; k < kAlpha; ++k) mi[k] = load<L>(m + (i * kAlpha + k) * xi_stride + tx0);
+      at6(mi, s[i]);
+    }
+    V out[kTile][kTile];  // out[a][j]: output row a, column j of each tile
+    for (int j = 0; j < kTile; ++j) {
+      V col[kAlpha], o[kTile];
+      for (int i = 0; i < kAlpha; ++i) col[i] = s[i][j];
+      at6(col, o);
+      for (int a = 0; a < kTile; ++a) {
+        V value = o[a] + bias;
+        if (act == Activation::Relu) value = value < zero ? zero : value;  // NaN passes, as torch.relu
+        out[a][j] = value;
+      }
+    }
+    const int64_t cols = std::min<int64_t>(4 * L, wo - 4 * tx0);
+    for (int64_t a = 0; a < rows; ++a) {
+      // Interleave the 4 columns back: tile-major output columns 4 * tx + j.
+      const V ab0 = shuffle<L, ZipLanes<L, 0>>(out[a][0], out[a][1]);
+      const V ab1 = shuffle<L, ZipLanes<L, 1>>(out[a][0], out[a][1]);
+      const V cd0 = shuffle<L, ZipLanes<L, 0>>(out[a][2], out[a][3]);
+      const V cd1 = shuffle<L, ZipLanes<L, 1>>(out[a][2], out[a][3]);
+      V row[4];
+      row[0] = shuffle<L, ZipPairs<L, 0>>(ab0, cd0);
+      row[1] = shuffle<L, ZipPairs<L, 1>>(ab0, cd0);
+      row[2] = shuffle<L, ZipPairs<L, 0>>(ab1, cd1);
+      row[3] = shuffle<L, ZipPairs<L, 1>>(ab1, cd1);
+      float* dst = y_row + a * sh + 4 * tx0 * sw;
+      if (sw == 1 && cols == 4 * L) {
+        for (int q = 0; q < 4; ++q) store<L>(dst + q * L, row[q]);
+      } else {
+        float tmp[4 * L];
+        for (int q = 0; q < 4; ++q) store<L>(tmp + q * L, row[q]);
+        for (int64_t j = 0; j < cols; ++j) dst[j * sw] = tmp[j];
+      }
+    }
+  }
+}
+
+// U[xi][p] = (G g_p G^T)[xi] for the flat (output channel, input channel) pairs p in [p0, p1),
+// g_p at w + 9 p; u has row stride u_stride.
+template <int L>
+CNNOPS_INLINE void weight_body(const float* w, int64_t p0, int64_t p1, float* u, int64_t u_stride) {
+  using V = typename Lanes<L>::V;
+  for (int64_t p = p0; p < p1; p += L) {
+    float tmp[9][L];
+    const int64_t n = std::min<int64_t>(L, p1 - p);
+    for (int64_t l = 0; l < L; ++l)
+      for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? w[(p + l) * 9 + k] : 0.0f;
+    V gc[3][kAlpha];  // G g: rows of g (kernel rows a) transformed along the columns b
+    for (int a = 0; a < 3; ++a) {
+      const V row[3] = {load<L>(tmp[a * 3]), load<L>(tmp[a * 3 + 1]), load<L>(tmp[a * 3 + 2])};
+      g3(row, gc[a]);
+    }
+    for (int j = 0; j < kAlpha; ++j) {
+      const V col[3] = {gc[0][j], gc[1][j], gc[2][j]};
+      V o[kAlpha];
+      g3(col, o);
+      for (int i = 0; i < kAlpha; ++i) {
+        if (n == L) {
+          store<L>(u + (i * kAlpha + j) * u_stride + p, o[i]);
+        } else {
+          float out[L];
+          store<L>(out, o[i]);
+          std::memcpy(u + (i * kAlpha + j) * u_stride + p, out, n * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+struct Kernels {
+  void (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
+  void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t,
+                     int64_t);
+  void (*weights)(const float*, int64_t, int64_t, float*, int64_t);
+  int64_t lanes;
+};
+
+#define CNNOPS_WINOGRAD_KERNELS(NAME, ATTRIBUTE, L)                                                          \
+  ATTRIBUTE void NAME##_input(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {             \
+    input_row_body<L>(rows, ld, tw, v, xs);                                                                \
+  }                                                                                                        \
+  ATTRIBUTE void NAME##_output(const float* m, int64_t xs, int64_t tw, float bias, Activation act, float* y, \
+                               int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                         \
+    output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                         \
+  }                                                                                                        \
+  ATTRIBUTE void NAME##_weights(const float* w, int64_t p0, int64_t p1, float* u, int64_t us) {              \
+    weight_body<L>(w, p0, p1, u, us);                                                                      \
+  }                                                                                                        \
+  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, L};
+
+#if CNNOPS_X86
+CNNOPS_WINOGRAD_KERNELS(avx512, CNNOPS_TARGET_AVX512, 16)
+CNNOPS_WINOGRAD_KERNELS(avx2, CNNOPS_TARGET_AVX2, 8)
+#endif
+CNNOPS_WINOGRAD_KERNELS(portable, , 4)
+
+const Kernels& kernels() {
+  static const Kernels& chosen = [&]() -> const Kernels& {
+    switch (cpu_isa()) {
+#if CNNOPS_X86
+      case Isa::Avx512:
+        return avx512_kernels;
+      case Isa::Avx2:
+        return avx2_kernels;
+#endif
+      default:
+        return portable_kernels;
+    }
+  }();
+  return chosen;
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+}  // namespace
+
+void set_winograd_allowed(bool value) { allowed.store(value, std::memory_order_relaxed); }
+bool winograd_allowed() { return allowed.load(std::memory_order_relaxed); }
+int64_t winograd_call_count() { return calls.load(std::memory_order_relaxed); }
+
+bool use_winograd(const ConvGeometry& g) {
+  if (!winograd_allowed()) return false;
+  if (g.kernel[0] != 1 || g.kernel[1] != 3 || g.kernel[2] != 3 || g.in[0] != 1 || g.pad[0] != 0) return false;
+  for (int i = 0; i < 3; ++i)
+    if (g.stride[i] != 1 || g.dilation[i] != 1) return false;
+  if (g.is_depthwise() || g.batch == 0) return false;
+  // Where it pays (measured, benchmarks/bench_winograd.py): the GEMMs must dominate the transforms.
+  const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
+  if (cin < 16 || cout < 16) return false;
+  return g.out[1] >= 4 && g.out[2] >= 4;
+}
+
+WinogradWeights winograd_weights(const ConvGeometry& g, const float* w) {
+  const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
+  const int64_t pairs = g.out_channels * cin;  // flat (output channel, input channel of its group)
+  std::vector<float> u(kPositions * pairs);
+  const Kernels& k = kernels();
+  parallel_for(0, num_blocks(pairs, 256), 1, [&](int64_t begin, int64_t end) {
+    k.weights(w, begin * 256, std::min(pairs, end * 256), u.data(), pairs);
+  });
+  WinogradWeights out;
+  out.u.resize(kPositions * g.groups);
+  parallel_for(0, kPositions * g.groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t xi = task / g.groups, grp = task % g.groups;
+      out.u[task] = pack_a(cout, cin, u.data() + xi * pairs + grp * cout * cin, cin, int64_t(1));
+    }
+  });
+  return out;
+}
+
+void conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
+                           const float* bias, float* y, bool nhwc, Activation activation) {
+  calls.fetch_add(1, std::memory_order_relaxed);
+  const Kernels& kern = kernels();
+  const int64_t lanes = kern.lanes;
+  const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
+  // Element strides (n, c, h, w) of x and y.
+  const int64_t xs_n = c_in * h * w, xs_c = nhwc ? 1 : h * w, xs_h = nhwc ? w * c_in : w, xs_w = nhwc ? c_in : 1;
+  const int64_t ys_n = c_out * ho * wo, ys_c = nhwc ? 1 : ho * wo, ys_h = nhwc ? wo * c_out : wo;
+  const int64_t ys_w = nhwc ? c_out : 1;
+  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * th;
+  // Padded plane copy: rows of the 4 * th + 2 input rows the tiles read, wide enough for whole
+  // vectors of tiles (5 vectors of L floats per chunk of L tiles).
+  const int64_t plane_h = kTile * th + 2, plane_w = kTile * round_up(tw, lanes) + lanes;
+  // Blocks of whole tile rows; one block with parallel steps inside when blocks are too few.
+  int64_t rows_per_block = std::max<int64_t>(1, kTargetTiles / tw);
+  int64_t blocks = num_blocks(tile_rows, rows_per_block);
+  const int64_t threads = SerialRegion::active() ? 1 : at::get_num_threads();
+  if (blocks < 2 * threads && tile_rows * tw <= 4 * kTargetTiles * threads) blocks = 1;
+  rows_per_block = num_blocks(tile_rows, blocks);
+  blocks = num_blocks(tile_rows, rows_per_block);
+  const int64_t nr = gemm_nr<float>();
+  const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);  // V and M row stride
+  std::vector<int64_t> row_offset(cin_g);
+  for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
+
+  auto run_block = [&](int64_t block, float* v, float* m) {
+    const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
+    const int64_t tiles = (r1 - r0) * tw;
+    // Input transform: one padded plane per (sample, channel), its tile rows in order (a row's
+    // vectors spill into the next row's slots, which that row then overwrites).
+    parallel_for(0, c_in, 1, [&](int64_t c_begin, int64_t c_end) {
+      std::vector<float> plane(plane_h * plane_w, 0.0f);
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        for (int64_t r = r0; r < r1;) {
+          const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
+          const float* x_nc = x + n * xs_n + c * xs_c;
+          const int64_t hp0 = std::max(kTile * ty0, ph), hp1 = std::min(kTile * ty1 + 2, ph + h);
+          for (int64_t hp = hp0; hp < hp1; ++hp) {
+            const float* src = x_nc + (hp - ph) * xs_h;
+            float* dst = plane.data() + hp * plane_w + pw;
+            if (xs_w == 1) {
+              std::memcpy(dst, src, w * sizeof(float));
+            } else {
+              for (int64_t j = 0; j < w; ++j) dst[j] = src[j * xs_w];
+            }
+          }
+          for (int64_t ty = ty0; ty < ty1; ++ty)
+            kern.input_row(plane.data() + kTile * ty * plane_w, plane_w, tw, v + c * ld + (n * th + ty - r0) * tw,
+                           c_in * ld);
+          r += ty1 - ty0;
+        }
+      }
+    });
+    // The 36 GEMMs per group: M[xi] = U[xi] * V[xi].
+    parallel_for(0, kPositions * groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t xi = task / groups, grp = task % groups;
+        gemm_shifted_b<float>(weights.u[task], tiles, v + (xi * c_in + grp * cin_g) * ld, row_offset.data(),
+                              m + (xi * c_out + grp * cout_g) * ld, ld, nullptr, false);
+      }
+    });
+    // Output transform, bias and activation into y.
+    parallel_for(0, c_out, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t co = c_begin; co < c_end; ++co) {
+        const float b = bias ? bias[co] : 0.0f;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / th, ty = r % th;
+          kern.output_row(m + co * ld + (r - r0) * tw, c_out * ld, tw, b, activation,
+                          y + n * ys_n + co * ys_c + kTile * ty * ys_h, ys_h, ys_w,
+                          std::min(kTile, ho - kTile * ty), wo);
+        }
+      }
+    });
+  };
+  // Zero-initialized once: the GEMM reads whole NR-column panels, the output transform whole vectors.
+  auto buffers = [&] {
+    return std::make_pair(std::vector<float>(kPositions * c_in * ld, 0.0f),
+                          std::vector<float>(kPositions * c_out * ld, 0.0f));
+  };
+  if (blocks == 1) {
+    auto [v, m] = buffers();
+    run_block(0, v.data(), m.data());
+    return;
+  }
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    auto [v, m] = buffers();
+    for (int64_t block = begin; block < end; ++block) run_block(block, v.data(), m.data());
+  });
+}
+
+}  // namespace cpu
+}  // namespace cnnops

@@ -1,0 +1,36 @@
+#pragma once
+// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (conv_winograd.cpp).
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "common/activation.h"
+#include "common/conv_shape.h"
+#include "cpu/gemm.h"
+
+namespace cnnops {
+namespace cpu {
+
+// cnnops.backends.cpu.allow_winograd: read by every call, so a change takes effect on the next one.
+void set_winograd_allowed(bool allowed);
+bool winograd_allowed();
+// Convolutions that took the Winograd path since the process started (tests check the switch).
+int64_t winograd_call_count();
+
+// Whether conv_forward_any runs this geometry through Winograd: the switch is on, the layer is a
+// 2d 3x3 stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where it pays.
+bool use_winograd(const ConvGeometry& g);
+
+// The transformed weights U = G g G^T, one packed GEMM operand per (transform position, group):
+// u[xi * groups + group]. Computed per call; a cache keyed by the weight's version can hold it.
+struct WinogradWeights {
+  std::vector<PackedA<float>> u;
+};
+WinogradWeights winograd_weights(const ConvGeometry& g, const float* w);
+
+// y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc.
+void conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
+                           const float* bias, float* y, bool nhwc, Activation activation);
+
+}  // namespace cpu
+}  // namespace cnnops
