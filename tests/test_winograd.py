@@ -98,12 +98,24 @@ def test_fused_relu(layout):
     assert (got >= 0).all()
 
 
-def test_nan_propagates():
-    x, w, b = conv_tensors(2, 1, 16, 16, (8, 8), 3, 1, True, torch.float32)
-    x[0, 3, 4, 4] = float("nan")
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_values_give_torch_results(where, value):
+    """Winograd's transforms would spread an inf or NaN to outputs whose window does not hold it
+    (0 * inf); such calls run the direct path, so NaN and inf land where torch puts them."""
+    x, w, b = conv_tensors(2, 1, 16, 16, (12, 12), 3, 1, True, torch.float32)
+    if where == "input":
+        x[0, 3, 5, 6] = value
+    else:
+        w[2, 3, 1, 1] = value
+    before = calls()
     got = CF.conv2d(x, w, b, padding=1)
-    ref = F.conv2d(x, w, b, padding=1)
+    assert calls() == before
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
     assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert_close_to_torch(got[finite], ref[finite].float(), torch.float32, 16 * 9)
 
 
 def test_switch_changes_the_path():

@@ -1,5 +1,5 @@
 // Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (Lavin & Gray 2016, "Fast
-// Algorithms for Convolutional Neural Networks"): each 4x4 output tile is
+// Algorithms for Convolutional Neural Networks"; points below): each 4x4 output tile is
 //   Y = A^T [ (G g G^T) (.) (B^T d B) ] A
 // over a 6x6 input tile d, so the 36 products per tile and channel pair replace 144 multiply-adds.
 // Summed over input channels, each of the 36 transform positions xi is a GEMM:
@@ -94,56 +94,58 @@ CNNOPS_INLINE typename Lanes<L>::V shuffle(typename Lanes<L>::V a, typename Lane
   return __builtin_shuffle(a, b, m);
 }
 
-// B^T of F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2, inf (Lavin & Gray 2016, section 4.2):
-//   [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+// F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -1/2, inf (Lavin & Gray 2016, section 4; the
+// point -1/2 in place of -2 after Barabasz et al. 2020, "Error analysis and improving the accuracy
+// of Winograd convolution": about half the float32 error, which keeps it inside the float32 test
+// tolerance). Rows of B^T are scaled by powers of 2 (exact), G's rows by the inverses.
+// B^T = [2 3 -4 -3 2 0; 0 -2 -5 -1 2 0; 0 2 1 -5 2 0; 0 -1 -2 1 2 0; 0 2 -1 -2 1 0; 0 2 3 -4 -3 2]
 template <typename V>
 CNNOPS_INLINE void bt6(const V* d, V* o) {
-  const V a = d[3] + d[4] - 4.0f * (d[1] + d[2]);
-  const V b = d[4] - d[3] + 4.0f * (d[1] - d[2]);
-  const V c = d[4] - d[2], e = 2.0f * (d[3] - d[1]);
-  o[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
-  o[1] = a;
-  o[2] = b;
-  o[3] = c + e;
-  o[4] = c - e;
-  o[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+  o[0] = 2.0f * (d[0] + d[4] - 2.0f * d[2]) + 3.0f * (d[1] - d[3]);
+  o[1] = 2.0f * (d[4] - d[1]) - 5.0f * d[2] - d[3];
+  o[2] = 2.0f * (d[1] + d[4]) + d[2] - 5.0f * d[3];
+  o[3] = 2.0f * (d[4] - d[2]) + d[3] - d[1];
+  o[4] = 2.0f * (d[1] - d[3]) + d[4] - d[2];
+  o[5] = 2.0f * (d[1] + d[5] - 2.0f * d[3]) + 3.0f * (d[2] - d[4]);
 }
 
-// A^T of F(4x4, 3x3): [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+// A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 0; 0 1 1 4 1/4 0; 0 1 -1 8 -1/8 1]
 template <typename V>
 CNNOPS_INLINE void at6(const V* m, V* o) {
-  const V s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
-  o[0] = m[0] + s12 + s34;
-  o[1] = d12 + 2.0f * d34;
-  o[2] = s12 + 4.0f * s34;
-  o[3] = d12 + 8.0f * d34 + m[5];
+  const V s12 = m[1] + m[2], d12 = m[1] - m[2];
+  o[0] = m[0] + s12 + m[3] + m[4];
+  o[1] = d12 + 2.0f * m[3] - 0.5f * m[4];
+  o[2] = s12 + 4.0f * m[3] + 0.25f * m[4];
+  o[3] = d12 + 8.0f * m[3] - 0.125f * m[4] + m[5];
 }
 
-// G of F(4x4, 3x3): [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+// G = [1/2 0 0; -1/6 -1/6 -1/6; 1/6 -1/6 1/6; 1/30 1/15 2/15; -16/15 8/15 -4/15; 0 0 1/2]
 template <typename V>
 CNNOPS_INLINE void g3(const V* g, V* o) {
   const V s = g[0] + g[2];
-  o[0] = g[0] * 0.25f;
+  o[0] = g[0] * 0.5f;
   o[1] = (s + g[1]) * (-1.0f / 6);
-  o[2] = (s - g[1]) * (-1.0f / 6);
-  const V t = g[0] * (1.0f / 24) + g[2] * (1.0f / 6);
-  o[3] = t + g[1] * (1.0f / 12);
-  o[4] = t - g[1] * (1.0f / 12);
-  o[5] = g[2];
+  o[2] = (s - g[1]) * (1.0f / 6);
+  o[3] = g[0] * (1.0f / 30) + g[1] * (1.0f / 15) + g[2] * (2.0f / 15);
+  o[4] = g[0] * (-16.0f / 15) + g[1] * (8.0f / 15) + g[2] * (-4.0f / 15);
+  o[5] = g[2] * 0.5f;
 }
 
 // The input transform of one tile row: tiles tx in [0, tw), tile tx's 6x6 window at
 // rows[r * ld + 4 * tx + j] (a zero-padded copy of the plane). Writes V[xi][tx] at
 // v[xi * xi_stride + tx]; whole vectors, so up to L - 1 values past tw are written too.
+// Returns false when the window holds an infinity or NaN.
 template <int L>
-CNNOPS_INLINE void input_row_body(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xi_stride) {
+CNNOPS_INLINE bool input_row_body(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xi_stride) {
   using V = typename Lanes<L>::V;
+  V nonfinite = V{};  // x * 0 is NaN for inf and NaN, else 0
   for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
     V e[kAlpha][kAlpha];  // e[r][k]: row r of d B
     for (int r = 0; r < kAlpha; ++r) {
       const float* p = rows + r * ld + 4 * tx0;
       const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L), v3 = load<L>(p + 3 * L);
       const V v4 = load<L>(p + 4 * L);
+      nonfinite += (v0 + v1 + v2 + v3 + v4) * 0.0f;
       // Lanes are tiles: d[j] holds column 4 * tx + j of each tile (a stride-4 deinterleave).
       const V e01 = shuffle<L, Even<L>>(v0, v1), o01 = shuffle<L, Odd<L>>(v0, v1);
       const V e23 = shuffle<L, Even<L>>(v2, v3), o23 = shuffle<L, Odd<L>>(v2, v3);
@@ -163,6 +165,9 @@ CNNOPS_INLINE void input_row_body(const float* rows, int64_t ld, int64_t tw, flo
       for (int i = 0; i < kAlpha; ++i) store<L>(v + (i * kAlpha + k) * xi_stride + tx0, out[i]);
     }
   }
+  bool finite = true;
+  for (int l = 0; l < L; ++l) finite = finite && nonfinite[l] == 0.0f;
+  return finite;
 }
 
 // The output transform of one tile row: M[xi][tx] at m[xi * xi_stride + tx]; writes
@@ -216,10 +221,11 @@ CNNOPS_INLINE void output_row_body(const float* m, int64_t xi_stride, int64_t tw
 }
 
 // U[xi][p] = (G g_p G^T)[xi] for the flat (output channel, input channel) pairs p in [p0, p1),
-// g_p at w + 9 p; u has row stride u_stride.
+// g_p at w + 9 p; u has row stride u_stride. Returns false when a weight is inf or NaN.
 template <int L>
-CNNOPS_INLINE void weight_body(const float* w, int64_t p0, int64_t p1, float* u, int64_t u_stride) {
+CNNOPS_INLINE bool weight_body(const float* w, int64_t p0, int64_t p1, float* u, int64_t u_stride) {
   using V = typename Lanes<L>::V;
+  V nonfinite = V{};
   for (int64_t p = p0; p < p1; p += L) {
     float tmp[9][L];
     const int64_t n = std::min<int64_t>(L, p1 - p);
@@ -229,6 +235,7 @@ CNNOPS_INLINE void weight_body(const float* w, int64_t p0, int64_t p1, float* u,
     for (int a = 0; a < 3; ++a) {
       const V row[3] = {load<L>(tmp[a * 3]), load<L>(tmp[a * 3 + 1]), load<L>(tmp[a * 3 + 2])};
       g3(row, gc[a]);
+      nonfinite += (row[0] + row[1] + row[2]) * 0.0f;
     }
     for (int j = 0; j < kAlpha; ++j) {
       const V col[3] = {gc[0][j], gc[1][j], gc[2][j]};
@@ -245,26 +252,29 @@ CNNOPS_INLINE void weight_body(const float* w, int64_t p0, int64_t p1, float* u,
       }
     }
   }
+  bool finite = true;
+  for (int l = 0; l < L; ++l) finite = finite && nonfinite[l] == 0.0f;
+  return finite;
 }
 
 struct Kernels {
-  void (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
+  bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t,
                      int64_t);
-  void (*weights)(const float*, int64_t, int64_t, float*, int64_t);
+  bool (*weights)(const float*, int64_t, int64_t, float*, int64_t);
   int64_t lanes;
 };
 
 #define CNNOPS_WINOGRAD_KERNELS(NAME, ATTRIBUTE, L)                                                          \
-  ATTRIBUTE void NAME##_input(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {             \
-    input_row_body<L>(rows, ld, tw, v, xs);                                                                \
+  ATTRIBUTE bool NAME##_input(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {             \
+    return input_row_body<L>(rows, ld, tw, v, xs);                                                         \
   }                                                                                                        \
   ATTRIBUTE void NAME##_output(const float* m, int64_t xs, int64_t tw, float bias, Activation act, float* y, \
                                int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                         \
     output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                         \
   }                                                                                                        \
-  ATTRIBUTE void NAME##_weights(const float* w, int64_t p0, int64_t p1, float* u, int64_t us) {              \
-    weight_body<L>(w, p0, p1, u, us);                                                                      \
+  ATTRIBUTE bool NAME##_weights(const float* w, int64_t p0, int64_t p1, float* u, int64_t us) {              \
+    return weight_body<L>(w, p0, p1, u, us);                                                               \
   }                                                                                                        \
   const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, L};
 
@@ -315,10 +325,13 @@ WinogradWeights winograd_weights(const ConvGeometry& g, const float* w) {
   const int64_t pairs = g.out_channels * cin;  // flat (output channel, input channel of its group)
   std::vector<float> u(kPositions * pairs);
   const Kernels& k = kernels();
+  std::atomic<bool> finite{true};
   parallel_for(0, num_blocks(pairs, 256), 1, [&](int64_t begin, int64_t end) {
-    k.weights(w, begin * 256, std::min(pairs, end * 256), u.data(), pairs);
+    if (!k.weights(w, begin * 256, std::min(pairs, end * 256), u.data(), pairs)) finite = false;
   });
   WinogradWeights out;
+  out.finite = finite;
+  if (!out.finite) return out;
   out.u.resize(kPositions * g.groups);
   parallel_for(0, kPositions * g.groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -329,9 +342,10 @@ WinogradWeights winograd_weights(const ConvGeometry& g, const float* w) {
   return out;
 }
 
-void conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
                            const float* bias, float* y, bool nhwc, Activation activation) {
-  calls.fetch_add(1, std::memory_order_relaxed);
+  if (!weights.finite) return false;
+  std::atomic<bool> finite{true};
   const Kernels& kern = kernels();
   const int64_t lanes = kern.lanes;
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
@@ -360,6 +374,7 @@ void conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   auto run_block = [&](int64_t block, float* v, float* m) {
     const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
     const int64_t tiles = (r1 - r0) * tw;
+    if (!finite) return;
     // Input transform: one padded plane per (sample, channel), its tile rows in order (a row's
     // vectors spill into the next row's slots, which that row then overwrites).
     parallel_for(0, c_in, 1, [&](int64_t c_begin, int64_t c_end) {
@@ -379,12 +394,14 @@ void conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
             }
           }
           for (int64_t ty = ty0; ty < ty1; ++ty)
-            kern.input_row(plane.data() + kTile * ty * plane_w, plane_w, tw, v + c * ld + (n * th + ty - r0) * tw,
-                           c_in * ld);
+            if (!kern.input_row(plane.data() + kTile * ty * plane_w, plane_w, tw, v + c * ld + (n * th + ty - r0) * tw,
+                                c_in * ld))
+              finite = false;
           r += ty1 - ty0;
         }
       }
     });
+    if (!finite) return;
     // The 36 GEMMs per group: M[xi] = U[xi] * V[xi].
     parallel_for(0, kPositions * groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
@@ -414,12 +431,14 @@ void conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   if (blocks == 1) {
     auto [v, m] = buffers();
     run_block(0, v.data(), m.data());
-    return;
+  } else {
+    parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      auto [v, m] = buffers();
+      for (int64_t block = begin; block < end; ++block) run_block(block, v.data(), m.data());
+    });
   }
-  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    auto [v, m] = buffers();
-    for (int64_t block = begin; block < end; ++block) run_block(block, v.data(), m.data());
-  });
+  if (finite) calls.fetch_add(1, std::memory_order_relaxed);
+  return finite;
 }
 
 }  // namespace cpu

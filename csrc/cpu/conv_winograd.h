@@ -25,11 +25,14 @@ bool use_winograd(const ConvGeometry& g);
 // u[xi * groups + group]. Computed per call; a cache keyed by the weight's version can hold it.
 struct WinogradWeights {
   std::vector<PackedA<float>> u;
+  bool finite = true;  // false (and u empty) when a weight is inf or NaN
 };
 WinogradWeights winograd_weights(const ConvGeometry& g, const float* w);
 
-// y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc.
-void conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
+// y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc. Returns false, y
+// unfinished, when x or w holds an inf or NaN: Winograd's transforms would spread it to outputs
+// whose window does not hold it (0 * inf), so the caller runs the direct path instead.
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
                            const float* bias, float* y, bool nhwc, Activation activation);
 
 }  // namespace cpu
