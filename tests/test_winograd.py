@@ -23,12 +23,19 @@ def calls():
 
 @pytest.fixture(autouse=True)
 def _winograd_on():
-    with cnnops.backends.cpu.flags(allow_winograd=True):
-        yield
+    """Switch on, and the size rules (where Winograd pays) replaced by "always", so small layers
+    exercise every tile edge."""
+    _C._set_cpu_winograd_min_tiles(0)
+    try:
+        with cnnops.backends.cpu.flags(allow_winograd=True):
+            yield
+    finally:
+        _C._set_cpu_winograd_min_tiles(-1)
 
 
-# Output sizes 4..13 (every remainder mod 4, odd and even), with padding 0 and 1.
-SIZES = [(4, 4), (5, 7), (6, 9), (7, 13), (8, 5), (9, 11), (10, 10), (11, 6), (12, 12), (13, 8)]
+# Output sizes 1..13 (every remainder mod 4, odd and even), with padding 0 and 1.
+SIZES = [(1, 1), (2, 3), (3, 1), (1, 13), (4, 4), (5, 7), (6, 9), (7, 13), (8, 5), (9, 11), (10, 10), (11, 6),
+         (12, 12), (13, 8)]
 
 
 @pytest.mark.parametrize("padding", [0, 1])
@@ -41,6 +48,30 @@ def test_tile_edges_forward_and_gradients(out_size, padding):
     before = calls()
     check_conv_against_torch(2, x, wt, b, {"padding": padding}, torch.float32)
     assert calls() - before == 2
+
+
+@pytest.mark.parametrize("cin,cout", [(1, 1), (3, 5), (7, 9)])
+def test_few_channels(cin, cout):
+    x, w, b = conv_tensors(2, 2, cin, cout, (6, 11), 3, 1, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32)
+    assert calls() - before == 2
+
+
+def test_default_size_rules():
+    """Without the test override, Winograd is taken where it pays: a ResNet 64-channel 56x56
+    layer (196 tiles), not a 512-channel 7x7 layer at batch 1 (4 tiles, 37 MB of transformed
+    weights) nor a layer with few channels."""
+    _C._set_cpu_winograd_min_tiles(-1)
+    cases = [((1, 64, 56, 56), (64, 64, 3, 3), 2), ((1, 512, 7, 7), (512, 512, 3, 3), 0),
+             ((1, 8, 56, 56), (8, 8, 3, 3), 0)]
+    for x_shape, w_shape, expected in cases:
+        x = torch.randn(x_shape, requires_grad=True)
+        w = torch.randn(w_shape)
+        before = calls()
+        y = CF.conv2d(x, w, None, padding=1)
+        y.backward(torch.ones_like(y))
+        assert calls() - before == expected, (x_shape, w_shape)
 
 
 @pytest.mark.parametrize("batch", [0, 1, 3])
@@ -206,9 +237,10 @@ import itertools, sys, torch, torch.nn.functional as F
 import cnnops, cnnops.functional as CF
 from cnnops import _C
 print(torch.ops.cnnops.cpu_gemm_isa())
+_C._set_cpu_winograd_min_tiles(0)
 torch.manual_seed(0)
 for (h, w), p, cl, (g, ci, co) in itertools.product(
-        [(4, 4), (7, 13), (11, 6), (5, 40)], [0, 1], [False, True], [(1, 16, 24), (2, 32, 32)]):
+        [(3, 3), (4, 4), (7, 13), (11, 6), (5, 40)], [0, 1], [False, True], [(1, 16, 24), (2, 32, 32), (1, 3, 5)]):
     x = torch.randn(2, ci, h + 2 - 2 * p, w + 2 - 2 * p)
     if cl:
         x = x.to(memory_format=torch.channels_last)

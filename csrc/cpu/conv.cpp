@@ -215,7 +215,7 @@ template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
-    if (use_winograd(g) && conv_forward_winograd(g, x, winograd_weights(g, w), bias, y, nhwc, activation)) return;
+    if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
   if (nhwc && use_shifted_grid(g))
     conv_forward_nhwc_shifted(g, x, w, bias, y, activation);

@@ -31,6 +31,7 @@ namespace {
 
 std::atomic<bool> allowed{true};
 std::atomic<int64_t> calls{0};
+std::atomic<int64_t> forced_min_tiles{-1};
 
 constexpr int64_t kTile = 4;        // output tile side (m in F(m, r))
 constexpr int64_t kAlpha = 6;       // input tile side m + r - 1
@@ -86,6 +87,15 @@ struct ZipLanes {
 template <int L, int Half>  // pairs of lanes: a01 b01 a23 b23 ... from half Half of a and b
 struct ZipPairs {
   static constexpr int at(int i) { return ((i / 2) % 2 ? L : 0) + Half * L / 2 + (i / 4) * 2 + i % 2; }
+};
+
+template <int L, int S>  // the butterfly step of a transpose: a's lanes c with bit S set from b[c - S]
+struct BlockLo {
+  static constexpr int at(int c) { return (c & S) ? L + c - S : c; }
+};
+template <int L, int S>  // ... and b's lanes c without bit S from a[c + S]
+struct BlockHi {
+  static constexpr int at(int c) { return (c & S) ? L + c : c + S; }
 };
 
 template <int L, typename F>
@@ -220,34 +230,82 @@ CNNOPS_INLINE void output_row_body(const float* m, int64_t xi_stride, int64_t tw
   }
 }
 
-// U[xi][p] = (G g_p G^T)[xi] for the flat (output channel, input channel) pairs p in [p0, p1),
-// g_p at w + 9 p; u has row stride u_stride. Returns false when a weight is inf or NaN.
+// Transposes the L x L matrix whose rows are r[0..L-1]: log2(L) butterfly steps, each swapping the
+// off-diagonal S x S blocks.
+template <int L, int S = 1>
+CNNOPS_INLINE void transpose(typename Lanes<L>::V* r) {
+  if constexpr (S < L) {
+    for (int i = 0; i < L; i += 2 * S)
+      for (int j = i; j < i + S; ++j) {
+        const typename Lanes<L>::V a = r[j], b = r[j + S];
+        r[j] = shuffle<L, BlockLo<L, S>>(a, b);
+        r[j + S] = shuffle<L, BlockHi<L, S>>(a, b);
+      }
+    transpose<L, 2 * S>(r);
+  }
+}
+
+// Where element (i, k) of an A operand packed for the GEMM lies (gemm.h, PackedA: per kKc block of
+// columns, panels of mr rows, each kc x mr).
+struct PackedLayout {
+  int64_t mr, padded_m, k;
+  int64_t at(int64_t i, int64_t kk) const {
+    const int64_t k0 = kk - kk % kKc, kc = std::min(kKc, k - k0), m0 = i - i % mr;
+    return k0 * padded_m + m0 * kc + (kk - k0) * mr + (i - m0);
+  }
+};
+
+// U[xi] = G g G^T for output channels [co0, co1) of one group (w_g: its weights, [cout_g][cin][3][3]),
+// written straight into the packed GEMM operands dst[xi] (vectors over output channels). Returns
+// false when a weight is inf or NaN.
 template <int L>
-CNNOPS_INLINE bool weight_body(const float* w, int64_t p0, int64_t p1, float* u, int64_t u_stride) {
+CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64_t co1, float* const* dst,
+                               PackedLayout layout) {
   using V = typename Lanes<L>::V;
   V nonfinite = V{};
-  for (int64_t p = p0; p < p1; p += L) {
-    float tmp[9][L];
-    const int64_t n = std::min<int64_t>(L, p1 - p);
-    for (int64_t l = 0; l < L; ++l)
-      for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? w[(p + l) * 9 + k] : 0.0f;
-    V gc[3][kAlpha];  // G g: rows of g (kernel rows a) transformed along the columns b
-    for (int a = 0; a < 3; ++a) {
-      const V row[3] = {load<L>(tmp[a * 3]), load<L>(tmp[a * 3 + 1]), load<L>(tmp[a * 3 + 2])};
-      g3(row, gc[a]);
-      nonfinite += (row[0] + row[1] + row[2]) * 0.0f;
-    }
-    for (int j = 0; j < kAlpha; ++j) {
-      const V col[3] = {gc[0][j], gc[1][j], gc[2][j]};
-      V o[kAlpha];
-      g3(col, o);
-      for (int i = 0; i < kAlpha; ++i) {
-        if (n == L) {
-          store<L>(u + (i * kAlpha + j) * u_stride + p, o[i]);
-        } else {
+  for (int64_t co = co0; co < co1; co += L) {
+    const int64_t n = std::min<int64_t>(L, co1 - co);
+    const bool panels = n == L && L % layout.mr == 0 && co % layout.mr == 0;  // whole panels: vector stores
+    float block[9 * L][L];  // block[ci' * 9 + k][l]: L input channels from ci0, L output channels
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const int64_t ci0 = ci - ci % L;
+      if (ci == ci0 && n == L && ci0 + L <= cin) {
+        // The L x 9L weights of L output and L input channels, transposed L x L at a time.
+        for (int b = 0; b < 9; ++b) {
+          V r[L];
+          for (int l = 0; l < L; ++l) r[l] = load<L>(w_g + ((co + l) * cin + ci0) * 9 + b * L);
+          transpose<L>(r);
+          for (int q = 0; q < L; ++q) store<L>(block[b * L + q], r[q]);
+        }
+      }
+      float tmp[9][L];
+      if (n == L && ci0 + L <= cin) {
+        std::memcpy(tmp, block[(ci - ci0) * 9], sizeof(tmp));
+      } else {
+        for (int64_t l = 0; l < L; ++l)
+          for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? w_g[((co + l) * cin + ci) * 9 + k] : 0.0f;
+      }
+      V gc[3][kAlpha];  // g G^T: each kernel row a transformed along its columns
+      for (int a = 0; a < 3; ++a) {
+        const V row[3] = {load<L>(tmp[a * 3]), load<L>(tmp[a * 3 + 1]), load<L>(tmp[a * 3 + 2])};
+        g3(row, gc[a]);
+        nonfinite += (row[0] + row[1] + row[2]) * 0.0f;
+      }
+      int64_t offset[L / 8 + 1];  // where each 8-row panel's slice of column ci lies (same for every xi)
+      for (int64_t l = 0; l < L; l += 8) offset[l / 8] = layout.at(co + l, ci);
+      for (int j = 0; j < kAlpha; ++j) {
+        const V col[3] = {gc[0][j], gc[1][j], gc[2][j]};
+        V o[kAlpha];
+        g3(col, o);
+        for (int i = 0; i < kAlpha; ++i) {
           float out[L];
           store<L>(out, o[i]);
-          std::memcpy(u + (i * kAlpha + j) * u_stride + p, out, n * sizeof(float));
+          float* d = dst[i * kAlpha + j];
+          if (panels && layout.mr == 8) {
+            for (int64_t l = 0; l < L; l += 8) std::memcpy(d + offset[l / 8], out + l, 8 * sizeof(float));
+          } else {
+            for (int64_t l = 0; l < n; ++l) d[layout.at(co + l, ci)] = out[l];
+          }
         }
       }
     }
@@ -261,7 +319,7 @@ struct Kernels {
   bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t,
                      int64_t);
-  bool (*weights)(const float*, int64_t, int64_t, float*, int64_t);
+  bool (*weights)(const float*, int64_t, int64_t, int64_t, float* const*, PackedLayout);
   int64_t lanes;
 };
 
@@ -273,8 +331,9 @@ struct Kernels {
                                int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                         \
     output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                         \
   }                                                                                                        \
-  ATTRIBUTE bool NAME##_weights(const float* w, int64_t p0, int64_t p1, float* u, int64_t us) {              \
-    return weight_body<L>(w, p0, p1, u, us);                                                               \
+  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t co0, int64_t co1, float* const* dst,     \
+                                PackedLayout layout) {                                                     \
+    return weight_body<L>(w, cin, co0, co1, dst, layout);                                                  \
   }                                                                                                        \
   const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, L};
 
@@ -302,11 +361,29 @@ const Kernels& kernels() {
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// fn(i) for i in [0, n) on the pool's threads, each taking the next index when done: under load,
+// a thread that starts late or is preempted leaves its share to the others. Each index's work is
+// independent of the others, so the result does not depend on which thread runs it.
+template <typename Fn>
+void parallel_dynamic(int64_t n, const Fn& fn) {
+  const bool inline_only = SerialRegion::active() || at::in_parallel_region();
+  const int64_t workers = inline_only ? 1 : std::min<int64_t>(n, at::get_num_threads());
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) fn(i);
+  });
+}
+
 }  // namespace
 
 void set_winograd_allowed(bool value) { allowed.store(value, std::memory_order_relaxed); }
 bool winograd_allowed() { return allowed.load(std::memory_order_relaxed); }
 int64_t winograd_call_count() { return calls.load(std::memory_order_relaxed); }
+void set_winograd_min_tiles(int64_t tiles) { forced_min_tiles.store(tiles, std::memory_order_relaxed); }
 
 bool use_winograd(const ConvGeometry& g) {
   if (!winograd_allowed()) return false;
@@ -314,32 +391,41 @@ bool use_winograd(const ConvGeometry& g) {
   for (int i = 0; i < 3; ++i)
     if (g.stride[i] != 1 || g.dilation[i] != 1) return false;
   if (g.is_depthwise() || g.batch == 0) return false;
-  // Where it pays (measured, benchmarks/bench_winograd.py): the GEMMs must dominate the transforms.
+  const int64_t forced = forced_min_tiles.load(std::memory_order_relaxed);
+  if (forced >= 0) return g.batch * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile) >= forced;
+  // Where it pays (measured on 1 and 2 AVX-512 cores, benchmarks/bench_winograd.py): the GEMMs must
+  // outweigh the transforms, whose cost per tile grows with C_in + C_out while the GEMMs' grows
+  // with C_in * C_out; and the per-call weight transform (36 C_in C_out values written, memory
+  // bound once past the caches) must be spread over enough tiles, each using every value once.
   const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
-  if (cin < 16 || cout < 16) return false;
-  return g.out[1] >= 4 && g.out[2] >= 4;
+  if (cin < 16 || cout < 16 || g.out[1] < 4 || g.out[2] < 4) return false;
+  const double tiles = double(g.batch) * double(num_blocks(g.out[1], kTile)) * double(num_blocks(g.out[2], kTile));
+  const double weight_bytes = double(kPositions) * double(g.out_channels) * double(cin) * sizeof(float);
+  return tiles >= (weight_bytes > 16e6 ? 128 : 64);
 }
 
-WinogradWeights winograd_weights(const ConvGeometry& g, const float* w) {
+void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& out) {
   const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
-  const int64_t pairs = g.out_channels * cin;  // flat (output channel, input channel of its group)
-  std::vector<float> u(kPositions * pairs);
-  const Kernels& k = kernels();
-  std::atomic<bool> finite{true};
-  parallel_for(0, num_blocks(pairs, 256), 1, [&](int64_t begin, int64_t end) {
-    if (!k.weights(w, begin * 256, std::min(pairs, end * 256), u.data(), pairs)) finite = false;
-  });
-  WinogradWeights out;
-  out.finite = finite;
-  if (!out.finite) return out;
+  const Kernels& kern = kernels();
+  const int64_t mr = gemm_mr<float>();
+  const PackedLayout layout{mr, round_up(cout, mr), cin};
   out.u.resize(kPositions * g.groups);
-  parallel_for(0, kPositions * g.groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t xi = task / g.groups, grp = task % g.groups;
-      out.u[task] = pack_a(cout, cin, u.data() + xi * pairs + grp * cout * cin, cin, int64_t(1));
-    }
+  for (auto& a : out.u) {  // reuses the storage of an earlier call where it is large enough
+    a.m = cout;
+    a.k = cin;
+    a.mr = mr;
+    a.data.resize(layout.padded_m * cin);
+    if (cout % mr != 0) std::fill(a.data.begin(), a.data.end(), 0.0f);  // the padding rows
+  }
+  const int64_t chunk = 2 * kern.lanes, chunks = num_blocks(cout, chunk);
+  std::atomic<bool> finite{true};
+  parallel_dynamic(g.groups * chunks, [&](int64_t task) {
+    const int64_t grp = task / chunks, co0 = (task % chunks) * chunk;
+    float* dst[kPositions];
+    for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[xi * g.groups + grp].data.data();
+    if (!kern.weights(w + grp * cout * cin * 9, cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
   });
-  return out;
+  out.finite = finite;
 }
 
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
@@ -367,7 +453,10 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   rows_per_block = num_blocks(tile_rows, blocks);
   blocks = num_blocks(tile_rows, rows_per_block);
   const int64_t nr = gemm_nr<float>();
-  const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);  // V and M row stride
+  // V[xi][c][tile] and M[xi][c][tile]: row stride ld; one cache line more per xi, so the 36 rows
+  // a transform touches do not all map to the same cache set.
+  const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
+  const int64_t v_xi = c_in * ld + 16, m_xi = c_out * ld + 16;
   std::vector<int64_t> row_offset(cin_g);
   for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
 
@@ -375,70 +464,76 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
     const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
     const int64_t tiles = (r1 - r0) * tw;
     if (!finite) return;
-    // Input transform: one padded plane per (sample, channel), its tile rows in order (a row's
-    // vectors spill into the next row's slots, which that row then overwrites).
-    parallel_for(0, c_in, 1, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<float> plane(plane_h * plane_w, 0.0f);
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        for (int64_t r = r0; r < r1;) {
-          const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
-          const float* x_nc = x + n * xs_n + c * xs_c;
-          const int64_t hp0 = std::max(kTile * ty0, ph), hp1 = std::min(kTile * ty1 + 2, ph + h);
-          for (int64_t hp = hp0; hp < hp1; ++hp) {
-            const float* src = x_nc + (hp - ph) * xs_h;
-            float* dst = plane.data() + hp * plane_w + pw;
-            if (xs_w == 1) {
-              std::memcpy(dst, src, w * sizeof(float));
-            } else {
-              for (int64_t j = 0; j < w; ++j) dst[j] = src[j * xs_w];
-            }
+    // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
+    // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
+    parallel_dynamic(c_in, [&](int64_t c) {
+      thread_local std::vector<float> plane_buffer;
+      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), plane_h * plane_w));
+      float* plane = plane_buffer.data();
+      for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
+        const float* x_nc = x + n * xs_n + c * xs_c;
+        for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
+          float* dst = plane + hp * plane_w;
+          if (hp < ph || hp >= ph + h) {
+            std::fill(dst, dst + plane_w, 0.0f);
+            continue;
           }
-          for (int64_t ty = ty0; ty < ty1; ++ty)
-            if (!kern.input_row(plane.data() + kTile * ty * plane_w, plane_w, tw, v + c * ld + (n * th + ty - r0) * tw,
-                                c_in * ld))
-              finite = false;
-          r += ty1 - ty0;
+          const float* src = x_nc + (hp - ph) * xs_h;
+          std::fill(dst, dst + pw, 0.0f);
+          if (xs_w == 1) {
+            std::memcpy(dst + pw, src, w * sizeof(float));
+          } else {
+            for (int64_t j = 0; j < w; ++j) dst[pw + j] = src[j * xs_w];
+          }
+          std::fill(dst + pw + w, dst + plane_w, 0.0f);
         }
+        for (int64_t ty = ty0; ty < ty1; ++ty)
+          if (!kern.input_row(plane + kTile * ty * plane_w, plane_w, tw, v + c * ld + (n * th + ty - r0) * tw, v_xi))
+            finite = false;
+        r += ty1 - ty0;
       }
     });
     if (!finite) return;
     // The 36 GEMMs per group: M[xi] = U[xi] * V[xi].
-    parallel_for(0, kPositions * groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t xi = task / groups, grp = task % groups;
-        gemm_shifted_b<float>(weights.u[task], tiles, v + (xi * c_in + grp * cin_g) * ld, row_offset.data(),
-                              m + (xi * c_out + grp * cout_g) * ld, ld, nullptr, false);
-      }
+    parallel_dynamic(kPositions * groups, [&](int64_t task) {
+      const int64_t xi = task / groups, grp = task % groups;
+      gemm_shifted_b<float>(weights.u[task], tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
+                            m + xi * m_xi + grp * cout_g * ld, ld, nullptr, false);
     });
     // Output transform, bias and activation into y.
-    parallel_for(0, c_out, 1, [&](int64_t c_begin, int64_t c_end) {
-      for (int64_t co = c_begin; co < c_end; ++co) {
-        const float b = bias ? bias[co] : 0.0f;
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t n = r / th, ty = r % th;
-          kern.output_row(m + co * ld + (r - r0) * tw, c_out * ld, tw, b, activation,
-                          y + n * ys_n + co * ys_c + kTile * ty * ys_h, ys_h, ys_w,
-                          std::min(kTile, ho - kTile * ty), wo);
-        }
+    parallel_dynamic(c_out, [&](int64_t co) {
+      const float b = bias ? bias[co] : 0.0f;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / th, ty = r % th;
+        kern.output_row(m + co * ld + (r - r0) * tw, m_xi, tw, b, activation,
+                        y + n * ys_n + co * ys_c + kTile * ty * ys_h, ys_h, ys_w, std::min(kTile, ho - kTile * ty),
+                        wo);
       }
     });
   };
-  // Zero-initialized once: the GEMM reads whole NR-column panels, the output transform whole vectors.
-  auto buffers = [&] {
-    return std::make_pair(std::vector<float>(kPositions * c_in * ld, 0.0f),
-                          std::vector<float>(kPositions * c_out * ld, 0.0f));
+  // Per-thread buffers kept between calls (no page faults, no zeroing): nothing read from them is
+  // used before this call writes it, except GEMM columns and vector lanes past the block's
+  // tiles, whose results are dropped.
+  auto run_blocks = [&](int64_t block) {
+    thread_local std::vector<float> v_buffer, m_buffer;
+    v_buffer.resize(std::max<size_t>(v_buffer.size(), kPositions * v_xi));
+    m_buffer.resize(std::max<size_t>(m_buffer.size(), kPositions * m_xi));
+    run_block(block, v_buffer.data(), m_buffer.data());
   };
-  if (blocks == 1) {
-    auto [v, m] = buffers();
-    run_block(0, v.data(), m.data());
-  } else {
-    parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      auto [v, m] = buffers();
-      for (int64_t block = begin; block < end; ++block) run_block(block, v.data(), m.data());
-    });
-  }
+  if (blocks == 1)
+    run_blocks(0);
+  else
+    parallel_dynamic(blocks, run_blocks);
   if (finite) calls.fetch_add(1, std::memory_order_relaxed);
   return finite;
+}
+
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
+                           bool nhwc, Activation activation) {
+  thread_local WinogradWeights weights;  // storage reused by the next call on this thread
+  winograd_weights(g, w, weights);
+  return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);
 }
 
 }  // namespace cpu

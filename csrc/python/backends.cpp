@@ -27,10 +27,20 @@ PyObject* cpu_winograd_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::winograd_call_count());
 }
 
+// _set_cpu_winograd_min_tiles(int): tests and benchmarks; see cpu/conv_winograd.h
+PyObject* set_cpu_winograd_min_tiles(PyObject* /*module*/, PyObject* value) {
+  const long long tiles = PyLong_AsLongLong(value);
+  if (tiles == -1 && PyErr_Occurred()) return nullptr;
+  cnnops::cpu::set_winograd_min_tiles(tiles < 0 ? -1 : tiles);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
     {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
     {"_cpu_winograd_calls", cpu_winograd_calls, METH_NOARGS, "number of convolutions run with Winograd"},
+    {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
+     "tests: n >= 0 takes Winograd for every eligible layer of at least n tiles; -1: the size rules"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
