@@ -149,6 +149,20 @@ def test_nonfinite_values_give_torch_results(where, value):
     assert_close_to_torch(got[finite], ref[finite].float(), torch.float32, 16 * 9)
 
 
+def test_result_does_not_depend_on_the_thread_count():
+    """Work is split by sizes and threads differently, never the arithmetic of one output."""
+    x, w, b = conv_tensors(2, 6, 32, 32, (21, 18), 3, 1, True, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(CF.conv2d(x, w, b, padding=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 def test_switch_changes_the_path():
     """Off: the direct path (no Winograd call), which is bitwise what it was before Winograd
     existed; on: a different rounding, both within tolerance of torch's float64 result."""

@@ -7,7 +7,8 @@
 //   grad weight  dW_g  = sum_n dY_ng * im2col(X_ng)^T    (dl/dw_ij = dl/dy_j (conv) x_i)
 //   grad bias    db    = sum over n and positions of dY
 // Columns of the forward GEMM run over (sample, position) so small images still fill it. Stride-1
-// convolutions take the shifted-window path (conv_shifted.h), and their grad input is a forward
+// convolutions take the shifted-window path (conv_shifted.h), float32 3x3 ones Winograd where it pays
+// (conv_winograd.cpp, cnnops.backends.cpu.allow_winograd), and their grad input is a forward
 // convolution with the rotated kernel. Channels-last inputs run conv_nhwc.cpp's kernels and
 // depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp.
 #include <ATen/Dispatch.h>
