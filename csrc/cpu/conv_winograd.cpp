@@ -13,9 +13,6 @@
 #include "cpu/conv_winograd.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <cstring>
@@ -39,7 +36,6 @@ std::atomic<int64_t> forced_min_tiles{-1};
 constexpr int64_t kTile = 4;        // output tile side (m in F(m, r))
 constexpr int64_t kAlpha = 6;       // input tile side m + r - 1
 constexpr int64_t kPositions = 36;  // kAlpha^2 transform positions
-constexpr bool kNhwcThroughNchw = true;  // channels-last via transposed copies (see conv_forward_winograd)
 constexpr int64_t kTargetTiles = 96;  // tiles per block: V and M of a block stay in L2 for ~64 channels
 
 // ---- vectors of L floats (GCC vector extensions), compiled once per ISA below -----------------
@@ -539,18 +535,7 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w
                            bool nhwc, Activation activation) {
   thread_local WinogradWeights weights;  // storage reused by the next call on this thread
   winograd_weights(g, w, weights);
-  if (!nhwc || !kNhwcThroughNchw) return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);
-  // Channels-last: the planes are transposed to NCHW and back, two passes over x and y that cost
-  // less than reading and writing them one channel at a time.
-  const int64_t n = g.batch, h = g.in[1], wi = g.in[2], ho = g.out[1], wo = g.out[2];
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor x_nchw =
-      at::from_blob(const_cast<float*>(x), {n, h, wi, g.in_channels}, options).permute({0, 3, 1, 2}).contiguous();
-  at::Tensor y_nchw = at::empty({n, g.out_channels, ho, wo}, options);
-  const bool done = conv_forward_winograd(g, x_nchw.data_ptr<float>(), weights, bias, y_nchw.data_ptr<float>(), false,
-                                          activation);
-  if (done) at::from_blob(y, {n, ho, wo, g.out_channels}, options).copy_(y_nchw.permute({0, 2, 3, 1}));
-  return done;
+  return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);
 }
 
 }  // namespace cpu
