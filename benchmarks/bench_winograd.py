@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import cnnops
 import cnnops.functional as CF
 from benchmarks import common
+from cnnops import _C
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, H = W), 3x3, padding 1
 
@@ -45,7 +46,10 @@ def main():
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="nchw")
     parser.add_argument("--shapes", default=None, help="comma-separated channel counts to run")
+    parser.add_argument("--force", action="store_true", help="Winograd on every shape, past the size rules")
     args = parser.parse_args()
+    if args.force:
+        _C._set_cpu_winograd_min_tiles(0)
     torch.set_num_threads(args.threads)
     layouts = {"nchw": [False], "nhwc": [True], "both": [False, True]}[args.layout]
     shapes = [s for s in SHAPES if args.shapes is None or str(s[0]) in args.shapes.split(",")]
