@@ -101,6 +101,16 @@ def test_layouts(layout):
     assert calls() - before == 2
 
 
+@pytest.mark.parametrize("cin,cout", [(16, 16), (24, 40), (40, 8)])
+def test_channels_last_wide(cin, cout):
+    """Channels-last rows wider than a vector, channel counts with and without a partial group of
+    16 (the channels-last copies transpose 16 x 16 blocks, the rest one by one)."""
+    x, w, b = conv_tensors(2, 2, cin, cout, (7, 37), 3, 1, True, torch.float32, layout="channels_last")
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grad_layout="channels_last")
+    assert calls() - before == 2
+
+
 def test_many_tile_rows_and_blocks():
     """Enough tiles to split the work into several blocks of tile rows, each spanning samples."""
     x, w, b = conv_tensors(2, 5, 16, 16, (30, 29), 3, 1, True, torch.float32)

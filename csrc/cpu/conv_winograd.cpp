@@ -320,6 +320,7 @@ struct Kernels {
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t,
                      int64_t);
   bool (*weights)(const float*, int64_t, int64_t, int64_t, float* const*, PackedLayout);
+  void (*transpose)(const float*, int64_t, float*, int64_t);
   int64_t lanes;
 };
 
@@ -335,7 +336,14 @@ struct Kernels {
                                 PackedLayout layout) {                                                     \
     return weight_body<L>(w, cin, co0, co1, dst, layout);                                                  \
   }                                                                                                        \
-  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, L};
+  /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */          \
+  ATTRIBUTE void NAME##_transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {    \
+    typename Lanes<L>::V r[L];                                                                             \
+    for (int i = 0; i < L; ++i) r[i] = load<L>(src + i * src_stride);                                      \
+    transpose<L>(r);                                                                                       \
+    for (int q = 0; q < L; ++q) store<L>(dst + q * dst_stride, r[q]);                                      \
+  }                                                                                                        \
+  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, L};
 
 #if CNNOPS_X86
 CNNOPS_WINOGRAD_KERNELS(avx512, CNNOPS_TARGET_AVX512, 16)
@@ -459,6 +467,8 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   // a transform touches do not all map to the same cache set.
   const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
   const int64_t v_xi = c_in * ld + 16, m_xi = c_out * ld + 16;
+  const int64_t channel_group = nhwc ? lanes : 1;  // channels per transform task
+  const int64_t out_w = kTile * round_up(tw, lanes);  // a row of the channels-last output planes
   std::vector<int64_t> row_offset(cin_g);
   for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
 
@@ -468,31 +478,39 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
     if (!finite) return;
     // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
     // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
-    parallel_dynamic(c_in, [&](int64_t c) {
+    // Channels-last input is copied L channels at a time, transposed L x L.
+    const int64_t plane_size = plane_h * plane_w;
+    parallel_dynamic(num_blocks(c_in, channel_group), [&](int64_t task) {
+      const int64_t c0 = task * channel_group, cn = std::min(channel_group, c_in - c0);
       thread_local std::vector<float> plane_buffer;
-      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), plane_h * plane_w));
-      float* plane = plane_buffer.data();
+      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), channel_group * plane_size));
+      float* planes = plane_buffer.data();
       for (int64_t r = r0; r < r1;) {
         const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
-        const float* x_nc = x + n * xs_n + c * xs_c;
         for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
-          float* dst = plane + hp * plane_w;
-          if (hp < ph || hp >= ph + h) {
-            std::fill(dst, dst + plane_w, 0.0f);
-            continue;
+          const bool inside = hp >= ph && hp < ph + h;
+          for (int64_t q = 0; q < cn; ++q) {
+            float* dst = planes + q * plane_size + hp * plane_w;
+            std::fill(dst, dst + (inside ? pw : plane_w), 0.0f);
+            if (inside) std::fill(dst + pw + w, dst + plane_w, 0.0f);
           }
-          const float* src = x_nc + (hp - ph) * xs_h;
-          std::fill(dst, dst + pw, 0.0f);
-          if (xs_w == 1) {
-            std::memcpy(dst + pw, src, w * sizeof(float));
-          } else {
-            for (int64_t j = 0; j < w; ++j) dst[pw + j] = src[j * xs_w];
-          }
-          std::fill(dst + pw + w, dst + plane_w, 0.0f);
+          if (!inside) continue;
+          const float* src = x + n * xs_n + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
+          float* dst = planes + hp * plane_w + pw;
+          int64_t j = 0;
+          if (cn == lanes)
+            for (; j + lanes <= w; j += lanes) kern.transpose(src + j * xs_w, xs_w, dst + j, plane_size);
+          for (int64_t q = 0; q < cn; ++q)
+            if (xs_w == 1)
+              std::memcpy(dst + q * plane_size + j, src + q * xs_c + j, (w - j) * sizeof(float));
+            else
+              for (int64_t jj = j; jj < w; ++jj) dst[q * plane_size + jj] = src[q * xs_c + jj * xs_w];
         }
-        for (int64_t ty = ty0; ty < ty1; ++ty)
-          if (!kern.input_row(plane + kTile * ty * plane_w, plane_w, tw, v + c * ld + (n * th + ty - r0) * tw, v_xi))
-            finite = false;
+        for (int64_t q = 0; q < cn; ++q)
+          for (int64_t ty = ty0; ty < ty1; ++ty)
+            if (!kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
+                                v + (c0 + q) * ld + (n * th + ty - r0) * tw, v_xi))
+              finite = false;
         r += ty1 - ty0;
       }
     });
@@ -503,14 +521,34 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
       gemm_shifted_b<float>(weights.u[task], tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
                             m + xi * m_xi + grp * cout_g * ld, ld, nullptr, false);
     });
-    // Output transform, bias and activation into y.
-    parallel_dynamic(c_out, [&](int64_t co) {
-      const float b = bias ? bias[co] : 0.0f;
+    // Output transform, bias and activation into y; channels-last output L channels at a time,
+    // through planes of 4 rows transposed L x L.
+    parallel_dynamic(num_blocks(c_out, channel_group), [&](int64_t task) {
+      const int64_t co0 = task * channel_group, cn = std::min(channel_group, c_out - co0);
+      const bool grouped = nhwc && cn == lanes;
+      thread_local std::vector<float> rows_buffer;
+      if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / th, ty = r % th;
-        kern.output_row(m + co * ld + (r - r0) * tw, m_xi, tw, b, activation,
-                        y + n * ys_n + co * ys_c + kTile * ty * ys_h, ys_h, ys_w, std::min(kTile, ho - kTile * ty),
-                        wo);
+        const int64_t n = r / th, ty = r % th, rows = std::min(kTile, ho - kTile * ty);
+        float* y_row = y + n * ys_n + kTile * ty * ys_h;
+        for (int64_t q = 0; q < cn; ++q) {
+          const float b = bias ? bias[co0 + q] : 0.0f;
+          if (grouped)
+            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
+                            rows_buffer.data() + q * kTile * out_w, out_w, 1, rows, wo);
+          else
+            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c,
+                            ys_h, ys_w, rows, wo);
+        }
+        if (!grouped) continue;
+        for (int64_t a = 0; a < rows; ++a) {
+          const float* src = rows_buffer.data() + a * out_w;
+          float* dst = y_row + a * ys_h + co0;
+          int64_t j = 0;
+          for (; j + lanes <= wo; j += lanes) kern.transpose(src + j, kTile * out_w, dst + j * ys_w, ys_w);
+          for (int64_t q = 0; q < cn; ++q)
+            for (int64_t jj = j; jj < wo; ++jj) dst[jj * ys_w + q] = src[q * kTile * out_w + jj];
+        }
       }
     });
   };
