@@ -467,7 +467,9 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   // a transform touches do not all map to the same cache set.
   const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
   const int64_t v_xi = c_in * ld + 16, m_xi = c_out * ld + 16;
-  const int64_t channel_group = nhwc ? lanes : 1;  // channels per transform task
+  // Channels per transform task: L for channels-last rows of at least L pixels (moved by L x L
+  // transposes), else 1 (element by element).
+  const int64_t in_group = nhwc && w >= lanes ? lanes : 1, out_group = nhwc && wo >= lanes ? lanes : 1;
   const int64_t out_w = kTile * round_up(tw, lanes);  // a row of the channels-last output planes
   std::vector<int64_t> row_offset(cin_g);
   for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
@@ -480,10 +482,10 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
     // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
     // Channels-last input is copied L channels at a time, transposed L x L.
     const int64_t plane_size = plane_h * plane_w;
-    parallel_dynamic(num_blocks(c_in, channel_group), [&](int64_t task) {
-      const int64_t c0 = task * channel_group, cn = std::min(channel_group, c_in - c0);
+    parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
+      const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
       thread_local std::vector<float> plane_buffer;
-      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), channel_group * plane_size));
+      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
       float* planes = plane_buffer.data();
       for (int64_t r = r0; r < r1;) {
         const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
@@ -523,9 +525,9 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
     });
     // Output transform, bias and activation into y; channels-last output L channels at a time,
     // through planes of 4 rows transposed L x L.
-    parallel_dynamic(num_blocks(c_out, channel_group), [&](int64_t task) {
-      const int64_t co0 = task * channel_group, cn = std::min(channel_group, c_out - co0);
-      const bool grouped = nhwc && cn == lanes;
+    parallel_dynamic(num_blocks(c_out, out_group), [&](int64_t task) {
+      const int64_t co0 = task * out_group, cn = std::min(out_group, c_out - co0);
+      const bool grouped = cn == lanes;
       thread_local std::vector<float> rows_buffer;
       if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
       for (int64_t r = r0; r < r1; ++r) {
