@@ -3,7 +3,7 @@ as drop-in replacements for torch.nn modules and torch.nn.functional functions."
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels; raises ImportError if not built)
-from . import ao, autograd, flops, functional, nn  # noqa: F401
+from . import ao, autograd, backends, flops, functional, nn  # noqa: F401
 from . import onnx  # noqa: F401  (ONNX export: cnnops/onnx.py)
 from .conversion import ConvertReport, convert, revert
 from .counting import Complexity, complexity
@@ -17,5 +17,5 @@ def has_cuda():
     return torch._C._dispatch_has_kernel_for_dispatch_key("cnnops::conv_forward", "CUDA")
 
 
-__all__ = ["autograd", "functional", "nn", "convert", "revert", "ConvertReport", "complexity", "Complexity",
+__all__ = ["autograd", "backends", "functional", "nn", "convert", "revert", "ConvertReport", "complexity", "Complexity",
            "fuse_conv_bn", "FuseReport", "has_cuda", "__version__"]

@@ -6,8 +6,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace cnnops::python {
 PyMethodDef* fast_call_methods();  // csrc/python/fast_call.cpp
+PyMethodDef* backend_methods();    // csrc/python/backends.cpp
 }
 namespace cnnops::cpu {
 void add_gemm_test_functions(PyObject* module);  // csrc/cpu/gemm_test.cpp
@@ -15,10 +18,17 @@ void add_gemm_test_functions(PyObject* module);  // csrc/cpu/gemm_test.cpp
 
 extern "C" {
 // `import cnnops._C` loads this library (the ops register through TORCH_LIBRARY) and gives
-// Python its fast call path (op, call) and the CPU GEMM's test entry points (gemm_spec, gemm).
+// Python its fast call path (op, call), the CPU backend switches (csrc/python/backends.cpp) and
+// the CPU GEMM's test entry points (gemm_spec, gemm).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          cnnops::python::fast_call_methods()};
+  static std::vector<PyMethodDef> methods = [] {
+    std::vector<PyMethodDef> all;
+    for (PyMethodDef* table : {cnnops::python::fast_call_methods(), cnnops::python::backend_methods()})
+      for (; table->ml_name != nullptr; ++table) all.push_back(*table);
+    all.push_back({nullptr, nullptr, 0, nullptr});
+    return all;
+  }();
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods.data()};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr) cnnops::cpu::add_gemm_test_functions(module);
   return module;

@@ -7,7 +7,8 @@
 //   grad weight  dW_g  = sum_n dY_ng * im2col(X_ng)^T    (dl/dw_ij = dl/dy_j (conv) x_i)
 //   grad bias    db    = sum over n and positions of dY
 // Columns of the forward GEMM run over (sample, position) so small images still fill it. Stride-1
-// convolutions take the shifted-window path (conv_shifted.h), and their grad input is a forward
+// convolutions take the shifted-window path (conv_shifted.h), float32 3x3 ones Winograd where it pays
+// (conv_winograd.cpp, cnnops.backends.cpu.allow_winograd), and their grad input is a forward
 // convolution with the rotated kernel. Channels-last inputs run conv_nhwc.cpp's kernels and
 // depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp (SIMD kernels for
 // 3x3 and 5x5 in conv_depthwise_direct.cpp, NCHW and NHWC).
@@ -33,6 +34,7 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
+#include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
 
 namespace cnnops {
@@ -214,6 +216,9 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
+  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
+    if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
+  }
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
   if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>)))
     conv_depthwise_forward(g, x, w, bias, y, activation, nhwc);

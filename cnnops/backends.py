@@ -1,0 +1,51 @@
+"""Algorithm switches of the cnnops kernels, in the style of ``torch.backends.cudnn``.
+
+``cnnops.backends.cpu.allow_winograd`` (default ``True``): float32 3x3 stride-1 convolutions on
+the CPU may run the Winograd algorithm F(4x4, 3x3) (Lavin & Gray 2016) instead of the direct
+one. It trades rounding for speed: Winograd does about 2-4x fewer multiplications on the layers
+where it is chosen, but its transforms round differently, so results are not bitwise equal to the
+direct path (the error stays within the float32 test tolerances; ``benchmarks/winograd_error.py``
+measures it against a float64 reference). float64 always runs the direct path; bfloat16 and
+float16 inputs compute in float32 and may take Winograd too. It covers the forward pass and the
+stride-1 input gradient (computed as a forward convolution), not the weight gradient.
+
+The kernels read the flag at run time, on every call: setting it takes effect on the next call,
+in eager mode and in graphs compiled with ``torch.compile`` alike (no recompilation; the
+compiled graph calls the same op). Set it outside compiled regions.
+"""
+import contextlib
+
+from . import _C
+
+__all__ = ["cpu"]
+
+
+class _CpuBackend:
+    """``cnnops.backends.cpu``: switches of the CPU kernels."""
+
+    @property
+    def allow_winograd(self) -> bool:
+        """Whether float32 3x3 stride-1 convolutions may use Winograd F(4x4, 3x3) (faster, rounds
+        differently from the direct path; float64 never does). Read by every call."""
+        return _C._get_cpu_allow_winograd()
+
+    @allow_winograd.setter
+    def allow_winograd(self, value: bool) -> None:
+        _C._set_cpu_allow_winograd(value)
+
+    @contextlib.contextmanager
+    def flags(self, allow_winograd=None):
+        """Sets the given switches for the duration of a ``with`` block, then restores them."""
+        previous = self.allow_winograd
+        try:
+            if allow_winograd is not None:
+                self.allow_winograd = allow_winograd
+            yield
+        finally:
+            self.allow_winograd = previous
+
+    def __repr__(self):
+        return f"cnnops.backends.cpu(allow_winograd={self.allow_winograd})"
+
+
+cpu = _CpuBackend()

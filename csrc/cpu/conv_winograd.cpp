@@ -1,0 +1,582 @@
+// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (Lavin & Gray 2016, "Fast
+// Algorithms for Convolutional Neural Networks"; points below): each 4x4 output tile is
+//   Y = A^T [ (G g G^T) (.) (B^T d B) ] A
+// over a 6x6 input tile d, so the 36 products per tile and channel pair replace 144 multiply-adds.
+// Summed over input channels, each of the 36 transform positions xi is a GEMM:
+//   M[xi] (C_out x tiles) = U[xi] (C_out x C_in) * V[xi] (C_in x tiles)
+// Steps, for a block of whole tile rows at a time (so V and M stay in cache):
+//   input transform  V = B^T d B per tile and channel, vectorized over the tiles of a tile row
+//   36 GEMMs         the project's GEMM, B read in place (gemm_shifted_b)
+//   output transform A^T M A, + bias, activation, written straight into y
+// The transforms change rounding (not bitwise equal to the direct path), hence the switch
+// cnnops.backends.cpu.allow_winograd.
+#include "cpu/conv_winograd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "cpu/conv_cpu.h"
+#include "cpu/simd.h"
+
+// The vector helpers are always inlined into the per-ISA functions: their ABI never shows.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace cnnops {
+namespace cpu {
+
+namespace {
+
+std::atomic<bool> allowed{true};
+std::atomic<int64_t> calls{0};
+std::atomic<int64_t> forced_min_tiles{-1};
+
+constexpr int64_t kTile = 4;        // output tile side (m in F(m, r))
+constexpr int64_t kAlpha = 6;       // input tile side m + r - 1
+constexpr int64_t kPositions = 36;  // kAlpha^2 transform positions
+constexpr int64_t kTargetTiles = 96;  // tiles per block: V and M of a block stay in L2 for ~64 channels
+
+// ---- vectors of L floats (GCC vector extensions), compiled once per ISA below -----------------
+
+template <int L>
+struct Lanes {
+  typedef float V __attribute__((vector_size(L * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(L * sizeof(float))));
+};
+
+#define CNNOPS_INLINE inline __attribute__((always_inline))
+
+template <int L>
+CNNOPS_INLINE typename Lanes<L>::V load(const float* p) {
+  typename Lanes<L>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int L>
+CNNOPS_INLINE void store(float* p, typename Lanes<L>::V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Constant shuffle masks built from an index function, so the compiler sees immediates.
+template <typename I, typename F, int... Is>
+constexpr I make_mask(std::integer_sequence<int, Is...>) {
+  return I{F::at(Is)...};
+}
+template <int L, typename F>
+constexpr typename Lanes<L>::I mask() {
+  return make_mask<typename Lanes<L>::I, F>(std::make_integer_sequence<int, L>());
+}
+template <int L>
+struct Even {
+  static constexpr int at(int i) { return 2 * i; }
+};
+template <int L>
+struct Odd {
+  static constexpr int at(int i) { return 2 * i + 1; }
+};
+template <int L, int K>  // lanes 1..L-1 of a, then lane K of b
+struct ShiftIn {
+  static constexpr int at(int i) { return i < L - 1 ? i + 1 : L + K; }
+};
+template <int L, int Half>  // a0 b0 a1 b1 ... from half Half of a and b
+struct ZipLanes {
+  static constexpr int at(int i) { return (i % 2 ? L : 0) + Half * L / 2 + i / 2; }
+};
+template <int L, int Half>  // pairs of lanes: a01 b01 a23 b23 ... from half Half of a and b
+struct ZipPairs {
+  static constexpr int at(int i) { return ((i / 2) % 2 ? L : 0) + Half * L / 2 + (i / 4) * 2 + i % 2; }
+};
+
+template <int L, int S>  // the butterfly step of a transpose: a's lanes c with bit S set from b[c - S]
+struct BlockLo {
+  static constexpr int at(int c) { return (c & S) ? L + c - S : c; }
+};
+template <int L, int S>  // ... and b's lanes c without bit S from a[c + S]
+struct BlockHi {
+  static constexpr int at(int c) { return (c & S) ? L + c : c + S; }
+};
+
+template <int L, typename F>
+CNNOPS_INLINE typename Lanes<L>::V shuffle(typename Lanes<L>::V a, typename Lanes<L>::V b) {
+  constexpr typename Lanes<L>::I m = mask<L, F>();
+  return __builtin_shuffle(a, b, m);
+}
+
+// F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -1/2, inf (Lavin & Gray 2016, section 4; the
+// point -1/2 in place of -2 after Barabasz et al. 2020, "Error analysis and improving the accuracy
+// of Winograd convolution": about half the float32 error, which keeps it inside the float32 test
+// tolerance). Rows of B^T are scaled by powers of 2 (exact), G's rows by the inverses.
+// B^T = [2 3 -4 -3 2 0; 0 -2 -5 -1 2 0; 0 2 1 -5 2 0; 0 -1 -2 1 2 0; 0 2 -1 -2 1 0; 0 2 3 -4 -3 2]
+template <typename V>
+CNNOPS_INLINE void bt6(const V* d, V* o) {
+  o[0] = 2.0f * (d[0] + d[4] - 2.0f * d[2]) + 3.0f * (d[1] - d[3]);
+  o[1] = 2.0f * (d[4] - d[1]) - 5.0f * d[2] - d[3];
+  o[2] = 2.0f * (d[1] + d[4]) + d[2] - 5.0f * d[3];
+  o[3] = 2.0f * (d[4] - d[2]) + d[3] - d[1];
+  o[4] = 2.0f * (d[1] - d[3]) + d[4] - d[2];
+  o[5] = 2.0f * (d[1] + d[5] - 2.0f * d[3]) + 3.0f * (d[2] - d[4]);
+}
+
+// A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 0; 0 1 1 4 1/4 0; 0 1 -1 8 -1/8 1]
+template <typename V>
+CNNOPS_INLINE void at6(const V* m, V* o) {
+  const V s12 = m[1] + m[2], d12 = m[1] - m[2];
+  o[0] = m[0] + s12 + m[3] + m[4];
+  o[1] = d12 + 2.0f * m[3] - 0.5f * m[4];
+  o[2] = s12 + 4.0f * m[3] + 0.25f * m[4];
+  o[3] = d12 + 8.0f * m[3] - 0.125f * m[4] + m[5];
+}
+
+// G = [1/2 0 0; -1/6 -1/6 -1/6; 1/6 -1/6 1/6; 1/30 1/15 2/15; -16/15 8/15 -4/15; 0 0 1/2]
+template <typename V>
+CNNOPS_INLINE void g3(const V* g, V* o) {
+  const V s = g[0] + g[2];
+  o[0] = g[0] * 0.5f;
+  o[1] = (s + g[1]) * (-1.0f / 6);
+  o[2] = (s - g[1]) * (1.0f / 6);
+  o[3] = g[0] * (1.0f / 30) + g[1] * (1.0f / 15) + g[2] * (2.0f / 15);
+  o[4] = g[0] * (-16.0f / 15) + g[1] * (8.0f / 15) + g[2] * (-4.0f / 15);
+  o[5] = g[2] * 0.5f;
+}
+
+// The input transform of one tile row: tiles tx in [0, tw), tile tx's 6x6 window at
+// rows[r * ld + 4 * tx + j] (a zero-padded copy of the plane). Writes V[xi][tx] at
+// v[xi * xi_stride + tx]; whole vectors, so up to L - 1 values past tw are written too.
+// Returns false when the window holds an infinity or NaN.
+template <int L>
+CNNOPS_INLINE bool input_row_body(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xi_stride) {
+  using V = typename Lanes<L>::V;
+  V nonfinite = V{};  // x * 0 is NaN for inf and NaN, else 0
+  for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
+    V e[kAlpha][kAlpha];  // e[r][k]: row r of d B
+    for (int r = 0; r < kAlpha; ++r) {
+      const float* p = rows + r * ld + 4 * tx0;
+      const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L), v3 = load<L>(p + 3 * L);
+      const V v4 = load<L>(p + 4 * L);
+      nonfinite += (v0 + v1 + v2 + v3 + v4) * 0.0f;
+      // Lanes are tiles: d[j] holds column 4 * tx + j of each tile (a stride-4 deinterleave).
+      const V e01 = shuffle<L, Even<L>>(v0, v1), o01 = shuffle<L, Odd<L>>(v0, v1);
+      const V e23 = shuffle<L, Even<L>>(v2, v3), o23 = shuffle<L, Odd<L>>(v2, v3);
+      V d[kAlpha];
+      d[0] = shuffle<L, Even<L>>(e01, e23);
+      d[2] = shuffle<L, Odd<L>>(e01, e23);
+      d[1] = shuffle<L, Even<L>>(o01, o23);
+      d[3] = shuffle<L, Odd<L>>(o01, o23);
+      d[4] = shuffle<L, ShiftIn<L, 0>>(d[0], v4);
+      d[5] = shuffle<L, ShiftIn<L, 1>>(d[1], v4);
+      bt6(d, e[r]);
+    }
+    for (int k = 0; k < kAlpha; ++k) {
+      V col[kAlpha], out[kAlpha];
+      for (int r = 0; r < kAlpha; ++r) col[r] = e[r][k];
+      bt6(col, out);
+      for (int i = 0; i < kAlpha; ++i) store<L>(v + (i * kAlpha + k) * xi_stride + tx0, out[i]);
+    }
+  }
+  bool finite = true;
+  for (int l = 0; l < L; ++l) finite = finite && nonfinite[l] == 0.0f;
+  return finite;
+}
+
+// The output transform of one tile row: M[xi][tx] at m[xi * xi_stride + tx]; writes
+// activation(A^T M A + bias) to the output rows [0, rows) (at most 4) of y_row, columns < wo,
+// with strides (sh, sw).
+template <int L>
+CNNOPS_INLINE void output_row_body(const float* m, int64_t xi_stride, int64_t tw, float bias, Activation act,
+                                   float* y_row, int64_t sh, int64_t sw, int64_t rows, int64_t wo) {
+  using V = typename Lanes<L>::V;
+  const V zero = V{} * 0.0f;
+  for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
+    V s[kAlpha][kTile];  // s[i][j]: row i of M A
+    for (int i = 0; i < kAlpha; ++i) {
+      V mi[kAlpha];
+      for (int k = 0; k < kAlpha; ++k) mi[k] = load<L>(m + (i * kAlpha + k) * xi_stride + tx0);
+      at6(mi, s[i]);
+    }
+    V out[kTile][kTile];  // out[a][j]: output row a, column j of each tile
+    for (int j = 0; j < kTile; ++j) {
+      V col[kAlpha], o[kTile];
+      for (int i = 0; i < kAlpha; ++i) col[i] = s[i][j];
+      at6(col, o);
+      for (int a = 0; a < kTile; ++a) {
+        V value = o[a] + bias;
+        if (act == Activation::Relu) value = value < zero ? zero : value;  // NaN passes, as torch.relu
+        out[a][j] = value;
+      }
+    }
+    const int64_t cols = std::min<int64_t>(4 * L, wo - 4 * tx0);
+    for (int64_t a = 0; a < rows; ++a) {
+      // Interleave the 4 columns back: tile-major output columns 4 * tx + j.
+      const V ab0 = shuffle<L, ZipLanes<L, 0>>(out[a][0], out[a][1]);
+      const V ab1 = shuffle<L, ZipLanes<L, 1>>(out[a][0], out[a][1]);
+      const V cd0 = shuffle<L, ZipLanes<L, 0>>(out[a][2], out[a][3]);
+      const V cd1 = shuffle<L, ZipLanes<L, 1>>(out[a][2], out[a][3]);
+      V row[4];
+      row[0] = shuffle<L, ZipPairs<L, 0>>(ab0, cd0);
+      row[1] = shuffle<L, ZipPairs<L, 1>>(ab0, cd0);
+      row[2] = shuffle<L, ZipPairs<L, 0>>(ab1, cd1);
+      row[3] = shuffle<L, ZipPairs<L, 1>>(ab1, cd1);
+      float* dst = y_row + a * sh + 4 * tx0 * sw;
+      if (sw == 1 && cols == 4 * L) {
+        for (int q = 0; q < 4; ++q) store<L>(dst + q * L, row[q]);
+      } else {
+        float tmp[4 * L];
+        for (int q = 0; q < 4; ++q) store<L>(tmp + q * L, row[q]);
+        for (int64_t j = 0; j < cols; ++j) dst[j * sw] = tmp[j];
+      }
+    }
+  }
+}
+
+// Transposes the L x L matrix whose rows are r[0..L-1]: log2(L) butterfly steps, each swapping the
+// off-diagonal S x S blocks.
+template <int L, int S = 1>
+CNNOPS_INLINE void transpose(typename Lanes<L>::V* r) {
+  if constexpr (S < L) {
+    for (int i = 0; i < L; i += 2 * S)
+      for (int j = i; j < i + S; ++j) {
+        const typename Lanes<L>::V a = r[j], b = r[j + S];
+        r[j] = shuffle<L, BlockLo<L, S>>(a, b);
+        r[j + S] = shuffle<L, BlockHi<L, S>>(a, b);
+      }
+    transpose<L, 2 * S>(r);
+  }
+}
+
+// Where element (i, k) of an A operand packed for the GEMM lies (gemm.h, PackedA: per kKc block of
+// columns, panels of mr rows, each kc x mr).
+struct PackedLayout {
+  int64_t mr, padded_m, k;
+  int64_t at(int64_t i, int64_t kk) const {
+    const int64_t k0 = kk - kk % kKc, kc = std::min(kKc, k - k0), m0 = i - i % mr;
+    return k0 * padded_m + m0 * kc + (kk - k0) * mr + (i - m0);
+  }
+};
+
+// U[xi] = G g G^T for output channels [co0, co1) of one group (w_g: its weights, [cout_g][cin][3][3]),
+// written straight into the packed GEMM operands dst[xi] (vectors over output channels). Returns
+// false when a weight is inf or NaN.
+template <int L>
+CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64_t co1, float* const* dst,
+                               PackedLayout layout) {
+  using V = typename Lanes<L>::V;
+  V nonfinite = V{};
+  for (int64_t co = co0; co < co1; co += L) {
+    const int64_t n = std::min<int64_t>(L, co1 - co);
+    const bool panels = n == L && L % layout.mr == 0 && co % layout.mr == 0;  // whole panels: vector stores
+    float block[9 * L][L];  // block[ci' * 9 + k][l]: L input channels from ci0, L output channels
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const int64_t ci0 = ci - ci % L;
+      if (ci == ci0 && n == L && ci0 + L <= cin) {
+        // The L x 9L weights of L output and L input channels, transposed L x L at a time.
+        for (int b = 0; b < 9; ++b) {
+          V r[L];
+          for (int l = 0; l < L; ++l) r[l] = load<L>(w_g + ((co + l) * cin + ci0) * 9 + b * L);
+          transpose<L>(r);
+          for (int q = 0; q < L; ++q) store<L>(block[b * L + q], r[q]);
+        }
+      }
+      float tmp[9][L];
+      if (n == L && ci0 + L <= cin) {
+        std::memcpy(tmp, block[(ci - ci0) * 9], sizeof(tmp));
+      } else {
+        for (int64_t l = 0; l < L; ++l)
+          for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? w_g[((co + l) * cin + ci) * 9 + k] : 0.0f;
+      }
+      V gc[3][kAlpha];  // g G^T: each kernel row a transformed along its columns
+      for (int a = 0; a < 3; ++a) {
+        const V row[3] = {load<L>(tmp[a * 3]), load<L>(tmp[a * 3 + 1]), load<L>(tmp[a * 3 + 2])};
+        g3(row, gc[a]);
+        nonfinite += (row[0] + row[1] + row[2]) * 0.0f;
+      }
+      int64_t offset[L / 8 + 1];  // where each 8-row panel's slice of column ci lies (same for every xi)
+      for (int64_t l = 0; l < L; l += 8) offset[l / 8] = layout.at(co + l, ci);
+      for (int j = 0; j < kAlpha; ++j) {
+        const V col[3] = {gc[0][j], gc[1][j], gc[2][j]};
+        V o[kAlpha];
+        g3(col, o);
+        for (int i = 0; i < kAlpha; ++i) {
+          float out[L];
+          store<L>(out, o[i]);
+          float* d = dst[i * kAlpha + j];
+          if (panels && layout.mr == 8) {
+            for (int64_t l = 0; l < L; l += 8) std::memcpy(d + offset[l / 8], out + l, 8 * sizeof(float));
+          } else {
+            for (int64_t l = 0; l < n; ++l) d[layout.at(co + l, ci)] = out[l];
+          }
+        }
+      }
+    }
+  }
+  bool finite = true;
+  for (int l = 0; l < L; ++l) finite = finite && nonfinite[l] == 0.0f;
+  return finite;
+}
+
+struct Kernels {
+  bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
+  void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t,
+                     int64_t);
+  bool (*weights)(const float*, int64_t, int64_t, int64_t, float* const*, PackedLayout);
+  void (*transpose)(const float*, int64_t, float*, int64_t);
+  int64_t lanes;
+};
+
+#define CNNOPS_WINOGRAD_KERNELS(NAME, ATTRIBUTE, L)                                                          \
+  ATTRIBUTE bool NAME##_input(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {             \
+    return input_row_body<L>(rows, ld, tw, v, xs);                                                         \
+  }                                                                                                        \
+  ATTRIBUTE void NAME##_output(const float* m, int64_t xs, int64_t tw, float bias, Activation act, float* y, \
+                               int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                         \
+    output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                         \
+  }                                                                                                        \
+  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t co0, int64_t co1, float* const* dst,     \
+                                PackedLayout layout) {                                                     \
+    return weight_body<L>(w, cin, co0, co1, dst, layout);                                                  \
+  }                                                                                                        \
+  /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */          \
+  ATTRIBUTE void NAME##_transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {    \
+    typename Lanes<L>::V r[L];                                                                             \
+    for (int i = 0; i < L; ++i) r[i] = load<L>(src + i * src_stride);                                      \
+    transpose<L>(r);                                                                                       \
+    for (int q = 0; q < L; ++q) store<L>(dst + q * dst_stride, r[q]);                                      \
+  }                                                                                                        \
+  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, L};
+
+#if CNNOPS_X86
+CNNOPS_WINOGRAD_KERNELS(avx512, CNNOPS_TARGET_AVX512, 16)
+CNNOPS_WINOGRAD_KERNELS(avx2, CNNOPS_TARGET_AVX2, 8)
+#endif
+CNNOPS_WINOGRAD_KERNELS(portable, , 4)
+
+const Kernels& kernels() {
+  static const Kernels& chosen = [&]() -> const Kernels& {
+    switch (cpu_isa()) {
+#if CNNOPS_X86
+      case Isa::Avx512:
+        return avx512_kernels;
+      case Isa::Avx2:
+        return avx2_kernels;
+#endif
+      default:
+        return portable_kernels;
+    }
+  }();
+  return chosen;
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// fn(i) for i in [0, n) on the pool's threads, each taking the next index when done: under load,
+// a thread that starts late or is preempted leaves its share to the others. Each index's work is
+// independent of the others, so the result does not depend on which thread runs it.
+template <typename Fn>
+void parallel_dynamic(int64_t n, const Fn& fn) {
+  const bool inline_only = SerialRegion::active() || at::in_parallel_region();
+  const int64_t workers = inline_only ? 1 : std::min<int64_t>(n, at::get_num_threads());
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) fn(i);
+  });
+}
+
+}  // namespace
+
+void set_winograd_allowed(bool value) { allowed.store(value, std::memory_order_relaxed); }
+bool winograd_allowed() { return allowed.load(std::memory_order_relaxed); }
+int64_t winograd_call_count() { return calls.load(std::memory_order_relaxed); }
+void set_winograd_min_tiles(int64_t tiles) { forced_min_tiles.store(tiles, std::memory_order_relaxed); }
+
+bool use_winograd(const ConvGeometry& g) {
+  if (!winograd_allowed()) return false;
+  if (g.kernel[0] != 1 || g.kernel[1] != 3 || g.kernel[2] != 3 || g.in[0] != 1 || g.pad[0] != 0) return false;
+  for (int i = 0; i < 3; ++i)
+    if (g.stride[i] != 1 || g.dilation[i] != 1) return false;
+  if (g.is_depthwise() || g.batch == 0) return false;
+  const int64_t forced = forced_min_tiles.load(std::memory_order_relaxed);
+  if (forced >= 0) return g.batch * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile) >= forced;
+  // Where it pays (measured on 1 and 2 AVX-512 cores, benchmarks/bench_winograd.py): the GEMMs must
+  // outweigh the transforms, whose cost per tile grows with C_in + C_out while the GEMMs' grows
+  // with C_in * C_out; and the per-call weight transform (36 C_in C_out values written, memory
+  // bound once past the caches) must be spread over enough tiles, each using every value once.
+  const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
+  if (cin < 16 || cout < 16 || g.out[1] < 4 || g.out[2] < 4) return false;
+  const double tiles = double(g.batch) * double(num_blocks(g.out[1], kTile)) * double(num_blocks(g.out[2], kTile));
+  const double weight_bytes = double(kPositions) * double(g.out_channels) * double(cin) * sizeof(float);
+  return tiles >= (weight_bytes > 16e6 ? 128 : 64);
+}
+
+void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& out) {
+  const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
+  const Kernels& kern = kernels();
+  const int64_t mr = gemm_mr<float>();
+  const PackedLayout layout{mr, round_up(cout, mr), cin};
+  out.u.resize(kPositions * g.groups);
+  for (auto& a : out.u) {  // reuses the storage of an earlier call where it is large enough
+    a.m = cout;
+    a.k = cin;
+    a.mr = mr;
+    a.data.resize(layout.padded_m * cin);
+    if (cout % mr != 0) std::fill(a.data.begin(), a.data.end(), 0.0f);  // the padding rows
+  }
+  const int64_t chunk = 2 * kern.lanes, chunks = num_blocks(cout, chunk);
+  std::atomic<bool> finite{true};
+  parallel_dynamic(g.groups * chunks, [&](int64_t task) {
+    const int64_t grp = task / chunks, co0 = (task % chunks) * chunk;
+    float* dst[kPositions];
+    for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[xi * g.groups + grp].data.data();
+    if (!kern.weights(w + grp * cout * cin * 9, cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
+  });
+  out.finite = finite;
+}
+
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
+                           const float* bias, float* y, bool nhwc, Activation activation) {
+  if (!weights.finite) return false;
+  std::atomic<bool> finite{true};
+  const Kernels& kern = kernels();
+  const int64_t lanes = kern.lanes;
+  const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
+  // Element strides (n, c, h, w) of x and y.
+  const int64_t xs_n = c_in * h * w, xs_c = nhwc ? 1 : h * w, xs_h = nhwc ? w * c_in : w, xs_w = nhwc ? c_in : 1;
+  const int64_t ys_n = c_out * ho * wo, ys_c = nhwc ? 1 : ho * wo, ys_h = nhwc ? wo * c_out : wo;
+  const int64_t ys_w = nhwc ? c_out : 1;
+  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * th;
+  // Padded plane copy: rows of the 4 * th + 2 input rows the tiles read, wide enough for whole
+  // vectors of tiles (5 vectors of L floats per chunk of L tiles).
+  const int64_t plane_h = kTile * th + 2, plane_w = kTile * round_up(tw, lanes) + lanes;
+  // Blocks of whole tile rows, one thread each (a single parallel region: cheap on a busy machine).
+  // Fewer blocks than threads: one per thread while each still fills a GEMM panel of columns, else
+  // a single block with parallel steps inside.
+  int64_t rows_per_block = std::max<int64_t>(1, kTargetTiles / tw);
+  int64_t blocks = num_blocks(tile_rows, rows_per_block);
+  const int64_t threads = SerialRegion::active() ? 1 : at::get_num_threads();
+  if (blocks < threads) blocks = tile_rows * tw / threads >= gemm_nr<float>() ? std::min(threads, tile_rows) : 1;
+  rows_per_block = num_blocks(tile_rows, blocks);
+  blocks = num_blocks(tile_rows, rows_per_block);
+  const int64_t nr = gemm_nr<float>();
+  // V[xi][c][tile] and M[xi][c][tile]: row stride ld; one cache line more per xi, so the 36 rows
+  // a transform touches do not all map to the same cache set.
+  const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
+  const int64_t v_xi = c_in * ld + 16, m_xi = c_out * ld + 16;
+  // Channels per transform task: L for channels-last rows of at least L pixels (moved by L x L
+  // transposes), else 1 (element by element).
+  const int64_t in_group = nhwc && w >= lanes ? lanes : 1, out_group = nhwc && wo >= lanes ? lanes : 1;
+  const int64_t out_w = kTile * round_up(tw, lanes);  // a row of the channels-last output planes
+  std::vector<int64_t> row_offset(cin_g);
+  for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
+
+  auto run_block = [&](int64_t block, float* v, float* m) {
+    const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
+    const int64_t tiles = (r1 - r0) * tw;
+    if (!finite) return;
+    // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
+    // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
+    // Channels-last input is copied L channels at a time, transposed L x L.
+    const int64_t plane_size = plane_h * plane_w;
+    parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
+      const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
+      thread_local std::vector<float> plane_buffer;
+      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
+      float* planes = plane_buffer.data();
+      for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
+        for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
+          const bool inside = hp >= ph && hp < ph + h;
+          for (int64_t q = 0; q < cn; ++q) {
+            float* dst = planes + q * plane_size + hp * plane_w;
+            std::fill(dst, dst + (inside ? pw : plane_w), 0.0f);
+            if (inside) std::fill(dst + pw + w, dst + plane_w, 0.0f);
+          }
+          if (!inside) continue;
+          const float* src = x + n * xs_n + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
+          float* dst = planes + hp * plane_w + pw;
+          int64_t j = 0;
+          if (cn == lanes)
+            for (; j + lanes <= w; j += lanes) kern.transpose(src + j * xs_w, xs_w, dst + j, plane_size);
+          for (int64_t q = 0; q < cn; ++q)
+            if (xs_w == 1)
+              std::memcpy(dst + q * plane_size + j, src + q * xs_c + j, (w - j) * sizeof(float));
+            else
+              for (int64_t jj = j; jj < w; ++jj) dst[q * plane_size + jj] = src[q * xs_c + jj * xs_w];
+        }
+        for (int64_t q = 0; q < cn; ++q)
+          for (int64_t ty = ty0; ty < ty1; ++ty)
+            if (!kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
+                                v + (c0 + q) * ld + (n * th + ty - r0) * tw, v_xi))
+              finite = false;
+        r += ty1 - ty0;
+      }
+    });
+    if (!finite) return;
+    // The 36 GEMMs per group: M[xi] = U[xi] * V[xi].
+    parallel_dynamic(kPositions * groups, [&](int64_t task) {
+      const int64_t xi = task / groups, grp = task % groups;
+      gemm_shifted_b<float>(weights.u[task], tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
+                            m + xi * m_xi + grp * cout_g * ld, ld, nullptr, false);
+    });
+    // Output transform, bias and activation into y; channels-last output L channels at a time,
+    // through planes of 4 rows transposed L x L.
+    parallel_dynamic(num_blocks(c_out, out_group), [&](int64_t task) {
+      const int64_t co0 = task * out_group, cn = std::min(out_group, c_out - co0);
+      const bool grouped = cn == lanes;
+      thread_local std::vector<float> rows_buffer;
+      if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / th, ty = r % th, rows = std::min(kTile, ho - kTile * ty);
+        float* y_row = y + n * ys_n + kTile * ty * ys_h;
+        for (int64_t q = 0; q < cn; ++q) {
+          const float b = bias ? bias[co0 + q] : 0.0f;
+          if (grouped)
+            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
+                            rows_buffer.data() + q * kTile * out_w, out_w, 1, rows, wo);
+          else
+            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c,
+                            ys_h, ys_w, rows, wo);
+        }
+        if (!grouped) continue;
+        for (int64_t a = 0; a < rows; ++a) {
+          const float* src = rows_buffer.data() + a * out_w;
+          float* dst = y_row + a * ys_h + co0;
+          int64_t j = 0;
+          for (; j + lanes <= wo; j += lanes) kern.transpose(src + j, kTile * out_w, dst + j * ys_w, ys_w);
+          for (int64_t q = 0; q < cn; ++q)
+            for (int64_t jj = j; jj < wo; ++jj) dst[jj * ys_w + q] = src[q * kTile * out_w + jj];
+        }
+      }
+    });
+  };
+  // Per-thread buffers kept between calls (no page faults, no zeroing): nothing read from them is
+  // used before this call writes it, except GEMM columns and vector lanes past the block's
+  // tiles, whose results are dropped.
+  auto run_blocks = [&](int64_t block) {
+    thread_local std::vector<float> v_buffer, m_buffer;
+    v_buffer.resize(std::max<size_t>(v_buffer.size(), kPositions * v_xi));
+    m_buffer.resize(std::max<size_t>(m_buffer.size(), kPositions * m_xi));
+    run_block(block, v_buffer.data(), m_buffer.data());
+  };
+  if (blocks == 1)
+    run_blocks(0);
+  else
+    parallel_dynamic(blocks, run_blocks);
+  if (finite) calls.fetch_add(1, std::memory_order_relaxed);
+  return finite;
+}
+
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
+                           bool nhwc, Activation activation) {
+  thread_local WinogradWeights weights;  // storage reused by the next call on this thread
+  winograd_weights(g, w, weights);
+  return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);
+}
+
+}  // namespace cpu
+}  // namespace cnnops

@@ -1,0 +1,46 @@
+#pragma once
+// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (conv_winograd.cpp).
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "common/activation.h"
+#include "common/conv_shape.h"
+#include "cpu/gemm.h"
+
+namespace cnnops {
+namespace cpu {
+
+// cnnops.backends.cpu.allow_winograd: read by every call, so a change takes effect on the next one.
+void set_winograd_allowed(bool allowed);
+bool winograd_allowed();
+// Convolutions that took the Winograd path since the process started (tests check the switch).
+int64_t winograd_call_count();
+// Tests and benchmarks: tiles >= 0 replaces the size rules of use_winograd by "at least this many
+// tiles" (0: every eligible geometry, however small); -1 restores them.
+void set_winograd_min_tiles(int64_t tiles);
+
+// Whether conv_forward_any runs this geometry through Winograd: the switch is on, the layer is a
+// 2d 3x3 stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where it pays.
+bool use_winograd(const ConvGeometry& g);
+
+// The transformed weights U = G g G^T, one packed GEMM operand per (transform position, group):
+// u[xi * groups + group]. Computed per call (into storage reused between calls); a cache keyed by
+// the weight's version can hold it instead.
+struct WinogradWeights {
+  std::vector<PackedA<float>> u;
+  bool finite = true;  // false when a weight is inf or NaN
+};
+void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& out);
+
+// y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc. Returns false, y
+// unfinished, when x or w holds an inf or NaN: Winograd's transforms would spread it to outputs
+// whose window does not hold it (0 * inf), so the caller runs the direct path instead.
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
+                           const float* bias, float* y, bool nhwc, Activation activation);
+// The same with the weights transformed by this call (per-thread storage kept for the next one).
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
+                           bool nhwc, Activation activation);
+
+}  // namespace cpu
+}  // namespace cnnops

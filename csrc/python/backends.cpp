@@ -1,0 +1,50 @@
+// cnnops._C functions behind cnnops.backends (cnnops/backends.py): algorithm switches that the
+// kernels read on every call.
+#include <Python.h>
+
+#include "cpu/conv_winograd.h"
+
+namespace cnnops::python {
+namespace {
+
+// _set_cpu_allow_winograd(bool)
+PyObject* set_cpu_allow_winograd(PyObject* /*module*/, PyObject* value) {
+  if (!PyBool_Check(value)) {
+    PyErr_Format(PyExc_TypeError, "allow_winograd: expected a bool, got %s", Py_TYPE(value)->tp_name);
+    return nullptr;
+  }
+  cnnops::cpu::set_winograd_allowed(value == Py_True);
+  Py_RETURN_NONE;
+}
+
+// _get_cpu_allow_winograd() -> bool
+PyObject* get_cpu_allow_winograd(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(cnnops::cpu::winograd_allowed());
+}
+
+// _cpu_winograd_calls() -> int: convolutions that took the Winograd path (tests of the switch)
+PyObject* cpu_winograd_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::winograd_call_count());
+}
+
+// _set_cpu_winograd_min_tiles(int): tests and benchmarks; see cpu/conv_winograd.h
+PyObject* set_cpu_winograd_min_tiles(PyObject* /*module*/, PyObject* value) {
+  const long long tiles = PyLong_AsLongLong(value);
+  if (tiles == -1 && PyErr_Occurred()) return nullptr;
+  cnnops::cpu::set_winograd_min_tiles(tiles < 0 ? -1 : tiles);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
+    {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
+    {"_cpu_winograd_calls", cpu_winograd_calls, METH_NOARGS, "number of convolutions run with Winograd"},
+    {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
+     "tests: n >= 0 takes Winograd for every eligible layer of at least n tiles; -1: the size rules"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PyMethodDef* backend_methods() { return methods; }
+
+}  // namespace cnnops::python

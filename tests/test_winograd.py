@@ -1,0 +1,309 @@
+"""Winograd F(4x4, 3x3) convolution (csrc/cpu/conv_winograd.cpp) against torch: tile edges, padding,
+batch sizes, groups, bias, fused ReLU, layouts, forward and every gradient (grad_input is a
+stride-1 forward convolution, so it runs Winograd too), each ISA, and the switch
+cnnops.backends.cpu.allow_winograd. Expected values come from torch (float64 reference); a
+counter in the extension tells which path ran."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_to_torch, check_conv_against_torch, conv_tensors
+
+import cnnops
+import cnnops.functional as CF
+from cnnops import _C
+
+
+def calls():
+    return _C._cpu_winograd_calls()
+
+
+@pytest.fixture(autouse=True)
+def _winograd_on():
+    """Switch on, and the size rules (where Winograd pays) replaced by "always", so small layers
+    exercise every tile edge."""
+    _C._set_cpu_winograd_min_tiles(0)
+    try:
+        with cnnops.backends.cpu.flags(allow_winograd=True):
+            yield
+    finally:
+        _C._set_cpu_winograd_min_tiles(-1)
+
+
+# Output sizes 1..13 (every remainder mod 4, odd and even), with padding 0 and 1.
+SIZES = [(1, 1), (2, 3), (3, 1), (1, 13), (4, 4), (5, 7), (6, 9), (7, 13), (8, 5), (9, 11), (10, 10), (11, 6),
+         (12, 12), (13, 8)]
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("out_size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tile_edges_forward_and_gradients(out_size, padding):
+    """Output sizes that are not multiples of the 4x4 tile; forward, grad_input, grad_weight and
+    grad_bias. Forward and grad_input take Winograd (two calls)."""
+    h, w = (s + 2 - 2 * padding for s in out_size)
+    x, wt, b = conv_tensors(2, 2, 16, 24, (h, w), 3, 1, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, wt, b, {"padding": padding}, torch.float32)
+    assert calls() - before == 2
+
+
+@pytest.mark.parametrize("cin,cout", [(1, 1), (3, 5), (7, 9)])
+def test_few_channels(cin, cout):
+    x, w, b = conv_tensors(2, 2, cin, cout, (6, 11), 3, 1, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32)
+    assert calls() - before == 2
+
+
+def test_default_size_rules():
+    """Without the test override, Winograd is taken where it pays: a ResNet 64-channel 56x56
+    layer (196 tiles), not a 512-channel 7x7 layer at batch 1 (4 tiles, 37 MB of transformed
+    weights) nor a layer with few channels."""
+    _C._set_cpu_winograd_min_tiles(-1)
+    cases = [((1, 64, 56, 56), (64, 64, 3, 3), 2), ((1, 512, 7, 7), (512, 512, 3, 3), 0),
+             ((1, 8, 56, 56), (8, 8, 3, 3), 0)]
+    for x_shape, w_shape, expected in cases:
+        x = torch.randn(x_shape, requires_grad=True)
+        w = torch.randn(w_shape)
+        before = calls()
+        y = CF.conv2d(x, w, None, padding=1)
+        y.backward(torch.ones_like(y))
+        assert calls() - before == expected, (x_shape, w_shape)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_batch_sizes_and_bias(batch, bias):
+    x, w, b = conv_tensors(2, batch, 16, 16, (9, 10), 3, 1, bias, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32)
+    assert calls() - before == (2 if batch else 0)
+
+
+@pytest.mark.parametrize("groups,cin,cout", [(2, 32, 48), (3, 48, 48), (2, 32, 32)])
+def test_groups(groups, cin, cout):
+    x, w, b = conv_tensors(2, 2, cin, cout, (11, 7), 3, groups, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1, "groups": groups}, torch.float32)
+    assert calls() - before == 2
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_layouts(layout):
+    """channels_last runs the NHWC flavour of the kernel; other strided inputs are made dense."""
+    x, w, b = conv_tensors(2, 2, 16, 32, (10, 13), 3, 1, True, torch.float32, layout=layout)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32,
+                             grad_layout="channels_last" if layout == "channels_last" else "contiguous")
+    assert calls() - before == 2
+
+
+@pytest.mark.parametrize("cin,cout", [(16, 16), (24, 40), (40, 8)])
+def test_channels_last_wide(cin, cout):
+    """Channels-last rows wider than a vector, channel counts with and without a partial group of
+    16 (the channels-last copies transpose 16 x 16 blocks, the rest one by one)."""
+    x, w, b = conv_tensors(2, 2, cin, cout, (7, 37), 3, 1, True, torch.float32, layout="channels_last")
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grad_layout="channels_last")
+    assert calls() - before == 2
+
+
+def test_many_tile_rows_and_blocks():
+    """Enough tiles to split the work into several blocks of tile rows, each spanning samples."""
+    x, w, b = conv_tensors(2, 5, 16, 16, (30, 29), 3, 1, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grads=("input",))
+    assert calls() - before == 2
+
+
+def test_wide_rows():
+    """Tile rows longer than one vector of tiles (chunks of 16 tiles on AVX-512)."""
+    x, w, b = conv_tensors(2, 1, 16, 16, (5, 150), 3, 1, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grads=("input",))
+    assert calls() - before == 2
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_relu(layout):
+    """activation='relu' is applied in the output transform, after the bias."""
+    x, w, b = conv_tensors(2, 2, 16, 24, (9, 7), 3, 1, True, torch.float32, layout=layout)
+    before = calls()
+    got = torch.ops.cnnops.conv_forward(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu")
+    assert calls() - before == 1
+    ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1)).float()
+    assert_close_to_torch(got, ref, torch.float32, 16 * 9)
+    assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_values_give_torch_results(where, value):
+    """Winograd's transforms would spread an inf or NaN to outputs whose window does not hold it
+    (0 * inf); such calls run the direct path, so NaN and inf land where torch puts them."""
+    x, w, b = conv_tensors(2, 1, 16, 16, (12, 12), 3, 1, True, torch.float32)
+    if where == "input":
+        x[0, 3, 5, 6] = value
+    else:
+        w[2, 3, 1, 1] = value
+    before = calls()
+    got = CF.conv2d(x, w, b, padding=1)
+    assert calls() == before
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert_close_to_torch(got[finite], ref[finite].float(), torch.float32, 16 * 9)
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    """Work is split by sizes and threads differently, never the arithmetic of one output."""
+    x, w, b = conv_tensors(2, 6, 32, 32, (21, 18), 3, 1, True, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(CF.conv2d(x, w, b, padding=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_switch_changes_the_path():
+    """Off: the direct path (no Winograd call), which is bitwise what it was before Winograd
+    existed; on: a different rounding, both within tolerance of torch's float64 result."""
+    x, w, b = conv_tensors(2, 2, 32, 32, (14, 14), 3, 1, True, torch.float32)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1).float()
+    with cnnops.backends.cpu.flags(allow_winograd=False):
+        assert cnnops.backends.cpu.allow_winograd is False
+        before = calls()
+        direct = CF.conv2d(x, w, b, padding=1)
+        assert calls() == before
+    assert cnnops.backends.cpu.allow_winograd is True
+    before = calls()
+    wino = CF.conv2d(x, w, b, padding=1)
+    assert calls() == before + 1
+    assert not torch.equal(direct, wino)
+    for got in (direct, wino):
+        assert_close_to_torch(got, ref, torch.float32, 32 * 9)
+
+
+def test_switch_read_at_run_time_under_compile():
+    """The flag is read by the kernel on every call: a compiled function follows it without
+    recompiling."""
+    x, w, b = conv_tensors(2, 2, 16, 16, (12, 12), 3, 1, True, torch.float32)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w, b: CF.conv2d(x, w, b, padding=1), backend="eager", fullgraph=True)
+    before = calls()
+    on = f(x, w, b)
+    assert calls() == before + 1
+    cnnops.backends.cpu.allow_winograd = False
+    before = calls()
+    off = f(x, w, b)
+    assert calls() == before
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1).float()
+    for got in (on, off):
+        assert_close_to_torch(got, ref, torch.float32, 16 * 9)
+
+
+def test_switch_rejects_non_bool():
+    with pytest.raises(TypeError, match="bool"):
+        cnnops.backends.cpu.allow_winograd = 1
+    assert cnnops.backends.cpu.allow_winograd is True
+
+
+@pytest.mark.parametrize("case", ["float64", "stride2", "dilation2", "depthwise", "5x5", "conv3d", "1x1"])
+def test_other_convolutions_keep_the_direct_path(case):
+    dims, groups, kernel, kwargs, dtype = 2, 1, 3, {"padding": 1}, torch.float32
+    if case == "float64":
+        dtype = torch.float64
+    elif case == "stride2":
+        kwargs = {"padding": 1, "stride": 2}
+    elif case == "dilation2":
+        kwargs = {"padding": 2, "dilation": 2}
+    elif case == "depthwise":
+        groups = 16
+    elif case == "5x5":
+        kernel, kwargs = 5, {"padding": 2}
+    elif case == "conv3d":
+        dims = 3
+    elif case == "1x1":
+        kernel, kwargs = 1, {}
+    spatial = (6, 9, 9) if dims == 3 else (12, 12)
+    x, w, b = conv_tensors(dims, 2, 16, 16, spatial, kernel, groups, True, dtype)
+    before = calls()
+    check_conv_against_torch(dims, x, w, b, dict(kwargs, groups=groups), dtype)
+    assert calls() == before
+
+
+def test_reduced_precision_computes_through_winograd():
+    """bfloat16 runs the float32 kernels, so Winograd, within bfloat16's tolerance."""
+    x, w, b = conv_tensors(2, 2, 16, 16, (9, 9), 3, 1, True, torch.bfloat16)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.bfloat16, grads=("input",))
+    assert calls() - before == 2
+
+
+def test_large_channels_and_values():
+    """A ResNet-like layer: the error stays within the float32 tolerance at 256 channels."""
+    x, w, b = conv_tensors(2, 2, 256, 128, (14, 14), 3, 1, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grads=("input",))
+    assert calls() - before == 2
+
+
+ISA_CHECK = r"""
+import itertools, sys, torch, torch.nn.functional as F
+import cnnops, cnnops.functional as CF
+from cnnops import _C
+print(torch.ops.cnnops.cpu_gemm_isa())
+_C._set_cpu_winograd_min_tiles(0)
+torch.manual_seed(0)
+for (h, w), p, cl, (g, ci, co) in itertools.product(
+        [(3, 3), (4, 4), (7, 13), (11, 6), (5, 40)], [0, 1], [False, True], [(1, 16, 24), (2, 32, 32), (1, 3, 5)]):
+    x = torch.randn(2, ci, h + 2 - 2 * p, w + 2 - 2 * p)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    wt = torch.randn(co, ci // g, 3, 3, requires_grad=True)
+    b = torch.randn(co, requires_grad=True)
+    before = _C._cpu_winograd_calls()
+    ours = CF.conv2d(x, wt, b, padding=p, groups=g)
+    go = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, (x, wt, b), go)
+    if _C._cpu_winograd_calls() - before != 2:
+        sys.exit(f"Winograd not taken for {(h, w, p, cl, g)}")
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
+    ref = F.conv2d(xd, wd, bd, padding=p, groups=g)
+    exp = torch.autograd.grad(ref, (xd, wd, bd), go.double())
+    for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + got, (ref,) + exp):
+        err = ((a.double() - e).abs().max() / e.abs().max().clamp_min(1)).item()
+        if not err < 1e-5:
+            sys.exit(f"{(h, w, p, cl, g)} {name}: relative error {err}")
+"""
+
+
+def cpu_has(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_each_isa_matches_torch(isa):
+    """The transforms are compiled per ISA (16, 8 and 4 tiles per vector): each one against torch."""
+    if isa == "avx512" and not cpu_has("avx512f"):
+        pytest.skip("CPU has no AVX-512")
+    if isa == "avx2" and not cpu_has("avx2"):
+        pytest.skip("CPU has no AVX2")
+    env = dict(os.environ, CNNOPS_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK], check=False, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa
