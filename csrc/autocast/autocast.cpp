@@ -19,8 +19,8 @@ using c10::IntArrayRef;
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 
-CNNOPS_OP_CALL(conv_forward, Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, IntArrayRef,
-                                    IntArrayRef, int64_t, c10::string_view))
+CNNOPS_OP_CALL(conv_forward, Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef,
+                                    IntArrayRef, IntArrayRef, int64_t, c10::string_view))
 CNNOPS_OP_CALL(max_pool_forward, Tensor2(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool))
 CNNOPS_OP_CALL(avg_pool_forward, Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool, int64_t))
 CNNOPS_OP_CALL(adaptive_avg_pool_forward, Tensor(const Tensor&, IntArrayRef))
@@ -72,8 +72,8 @@ Cast<kCpu> cpu_pool_cast(const Tensor& input, size_t spatial_dims) {
 Tensor2 max_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
                              IntArrayRef dilation, bool ceil_mode) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key(kCpu));
-  return call::max_pool_forward(cpu_pool_cast(input, kernel_size.size())(input), kernel_size, stride, padding,
-                                dilation, ceil_mode);
+  return call::max_pool_forward(cpu_pool_cast(input, kernel_size.size())(input), kernel_size, stride, padding, dilation,
+                                ceil_mode);
 }
 
 Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,

@@ -94,7 +94,8 @@ Tensor conv_forward_autograd(const Tensor& input, const Tensor& weight, const st
     Tensor t;
     if (tx.defined()) t = args.forward(tx, primal(weight));
     if (tw.defined()) t = add_defined(t, args.forward(primal(input), tw));
-    if (tb.defined()) t = t.defined() ? t.add(bias_view(tb, output.dim())) : bias_view(tb, output.dim()).expand_as(output).clone();
+    if (tb.defined())
+      t = t.defined() ? t.add(bias_view(tb, output.dim())) : bias_view(tb, output.dim()).expand_as(output).clone();
     if (relu) t = at::threshold_backward(t, primal(output), 0);
     set_tangent(output, t);
   }
@@ -116,7 +117,8 @@ struct ConvBackwardBackward : Node {
       Tensor d_dy;
       if (ggx.defined()) d_dy = args.forward(ggx, w);
       if (ggw.defined()) d_dy = add_defined(d_dy, args.forward(x, ggw));
-      if (ggb.defined()) d_dy = d_dy.defined() ? d_dy.add(bias_view(ggb, dy.dim())) : bias_view(ggb, dy.dim()).expand_as(dy).clone();
+      if (ggb.defined())
+        d_dy = d_dy.defined() ? d_dy.add(bias_view(ggb, dy.dim())) : bias_view(ggb, dy.dim()).expand_as(dy).clone();
       result[0] = d_dy;
     }
     if (task_should_compute_output(1) && ggw.defined())
@@ -159,8 +161,10 @@ Tensor3 conv_backward_autograd(const Tensor& grad_output, const Tensor& input, c
     const Tensor dy_p = primal(grad_output), x_p = primal(input), w_p = primal(weight);
     Tensor t_dx, t_dw, t_db;
     if (t_dy.defined()) std::tie(t_dx, t_dw, t_db) = args.backward(t_dy, x_p, w_p, output_mask);
-    if (tw.defined() && output_mask[0]) t_dx = add_defined(t_dx, std::get<0>(args.backward(dy_p, x_p, tw, {true, false, false})));
-    if (tx.defined() && output_mask[1]) t_dw = add_defined(t_dw, std::get<1>(args.backward(dy_p, tx, w_p, {false, true, false})));
+    if (tw.defined() && output_mask[0])
+      t_dx = add_defined(t_dx, std::get<0>(args.backward(dy_p, x_p, tw, {true, false, false})));
+    if (tx.defined() && output_mask[1])
+      t_dw = add_defined(t_dw, std::get<1>(args.backward(dy_p, tx, w_p, {false, true, false})));
     if (output_mask[0] && t_dx.defined()) set_tangent(dx, t_dx);
     if (output_mask[1] && t_dw.defined()) set_tangent(dw, t_dw);
     if (output_mask[2] && t_db.defined()) set_tangent(db, t_db);

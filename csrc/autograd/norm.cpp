@@ -23,18 +23,18 @@ using Mask = std::array<bool, 3>;
 
 CNNOPS_OP_CALL(batch_norm_forward, TensorTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                                 const OptTensor&, bool, double, double))
-CNNOPS_OP_CALL(batch_norm_backward, TensorTriple(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                                                 const Tensor&, bool, Mask))
-CNNOPS_OP_CALL(layer_norm_forward, TensorTriple(const Tensor&, c10::IntArrayRef, const OptTensor&, const OptTensor&,
-                                                double))
+CNNOPS_OP_CALL(batch_norm_backward,
+               TensorTriple(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, bool, Mask))
+CNNOPS_OP_CALL(layer_norm_forward,
+               TensorTriple(const Tensor&, c10::IntArrayRef, const OptTensor&, const OptTensor&, double))
 CNNOPS_OP_CALL(layer_norm_backward, TensorTriple(const Tensor&, const Tensor&, c10::IntArrayRef, const Tensor&,
                                                  const Tensor&, const OptTensor&, Mask))
 CNNOPS_OP_CALL(group_norm_forward, TensorTriple(const Tensor&, const OptTensor&, const OptTensor&, int64_t, double))
 CNNOPS_OP_CALL(group_norm_backward, TensorTriple(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                  const OptTensor&, int64_t, Mask))
 CNNOPS_OP_CALL(batch_norm_stats, std::tuple<Tensor, Tensor>(const Tensor&))
-CNNOPS_OP_CALL(batch_norm_elemt, Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                                        const Tensor&))
+CNNOPS_OP_CALL(batch_norm_elemt,
+               Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&))
 CNNOPS_OP_CALL(batch_norm_backward_elemt, Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                  const OptTensor&, const Tensor&, const Tensor&, int64_t))
 
@@ -50,13 +50,15 @@ enum class Kind { Batch, Layer, Group };
 // The ops' non-tensor arguments that fix which values share a statistic.
 struct NormSpec {
   Kind kind = Kind::Batch;
-  bool training = true;  // statistics of the input (false: batch norm in eval, constants)
+  bool training = true;                   // statistics of the input (false: batch norm in eval, constants)
   std::vector<int64_t> normalized_shape;  // layer norm
-  int64_t num_groups = 1;  // group norm
+  int64_t num_groups = 1;                 // group norm
 };
 
 const char* backward_name(Kind k) {
-  return k == Kind::Batch ? "batch_norm_backward()" : k == Kind::Layer ? "layer_norm_backward()" : "group_norm_backward()";
+  return k == Kind::Batch   ? "batch_norm_backward()"
+         : k == Kind::Layer ? "layer_norm_backward()"
+                            : "group_norm_backward()";
 }
 
 // The input viewed so that each statistic covers whole dims: batch norm N x C x S (statistics
@@ -188,14 +190,13 @@ TensorTriple norm_double_backward(const NormSpec& spec, const Tensor& grad_outpu
   return {NormMath::back(d_gO, grad_output), NormMath::back(d_x, input), d_w};
 }
 
-TensorTriple call_backward(const NormSpec& spec, const Tensor& grad_output, const Tensor& input,
-                           const Tensor& weight, const Tensor& mean, const Tensor& invstd, Mask mask) {
+TensorTriple call_backward(const NormSpec& spec, const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                           const Tensor& mean, const Tensor& invstd, Mask mask) {
   switch (spec.kind) {
     case Kind::Batch:
       return call::batch_norm_backward(grad_output, input, optional(weight), mean, invstd, spec.training, mask);
     case Kind::Layer:
-      return call::layer_norm_backward(grad_output, input, spec.normalized_shape, mean, invstd, optional(weight),
-                                       mask);
+      return call::layer_norm_backward(grad_output, input, spec.normalized_shape, mean, invstd, optional(weight), mask);
     case Kind::Group:
       break;
   }
@@ -232,7 +233,7 @@ struct NormBackward : public Node {
     return out;
   }
   std::string name() const override {
-    return spec.kind == Kind::Batch ? "CnnopsBatchNormBackward"
+    return spec.kind == Kind::Batch   ? "CnnopsBatchNormBackward"
            : spec.kind == Kind::Layer ? "CnnopsLayerNormBackward"
                                       : "CnnopsGroupNormBackward";
   }
@@ -263,7 +264,8 @@ TensorTriple norm_forward_autograd(const NormSpec& spec, const Tensor& input, co
     node->mean_ = SavedVariable(mean, false);
     node->invstd_ = SavedVariable(invstd, false);
     node->has_bias = b.defined();
-    if (!w.defined() && b.defined() && b.scalar_type() != input.scalar_type()) node->unit_weight_dtype = b.scalar_type();
+    if (!w.defined() && b.defined() && b.scalar_type() != input.scalar_type())
+      node->unit_weight_dtype = b.scalar_type();
     torch::autograd::set_history(std::get<0>(result), node);
   }
   const Tensor tx = tangent(input), tw = tangent(w), tb = tangent(b);
@@ -306,9 +308,8 @@ TensorTriple layer_norm_forward_autograd(const Tensor& input, c10::IntArrayRef n
   NormSpec spec;
   spec.kind = Kind::Layer;
   spec.normalized_shape = normalized_shape.vec();
-  return norm_forward_autograd(spec, input, weight, bias, [&] {
-    return call::layer_norm_forward(input, normalized_shape, weight, bias, eps);
-  });
+  return norm_forward_autograd(spec, input, weight, bias,
+                               [&] { return call::layer_norm_forward(input, normalized_shape, weight, bias, eps); });
 }
 
 TensorTriple group_norm_forward_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
@@ -316,9 +317,8 @@ TensorTriple group_norm_forward_autograd(const Tensor& input, const OptTensor& w
   NormSpec spec;
   spec.kind = Kind::Group;
   spec.num_groups = num_groups;
-  return norm_forward_autograd(spec, input, weight, bias, [&] {
-    return call::group_norm_forward(input, weight, bias, num_groups, eps);
-  });
+  return norm_forward_autograd(spec, input, weight, bias,
+                               [&] { return call::group_norm_forward(input, weight, bias, num_groups, eps); });
 }
 
 // ============================================================================================
@@ -347,16 +347,15 @@ struct NormBackwardBackward : public Node {
                                 "forward's saved statistics; the derivative w.r.t. input already counts them)");
     const Mask need{task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
     if (!(need[0] || need[1] || need[2])) return out;
-    auto [d_gO, d_x, d_w] =
-        norm_double_backward(spec, grad_output_.unpack(), input_.unpack(), weight_.unpack(), mean_.unpack(),
-                             invstd_.unpack(), ggI, ggW, ggB, need);
+    auto [d_gO, d_x, d_w] = norm_double_backward(spec, grad_output_.unpack(), input_.unpack(), weight_.unpack(),
+                                                 mean_.unpack(), invstd_.unpack(), ggI, ggW, ggB, need);
     out[0] = std::move(d_gO);
     out[1] = std::move(d_x);
     out[2] = std::move(d_w);
     return out;
   }
   std::string name() const override {
-    return spec.kind == Kind::Batch ? "CnnopsBatchNormBackwardBackward"
+    return spec.kind == Kind::Batch   ? "CnnopsBatchNormBackwardBackward"
            : spec.kind == Kind::Layer ? "CnnopsLayerNormBackwardBackward"
                                       : "CnnopsGroupNormBackwardBackward";
   }
@@ -607,10 +606,8 @@ struct BatchNormBackwardElemtBackward : public Node {
     if (task_should_compute_output(0)) out[0] = ChannelView::back(uk, grad_output);
     if (task_should_compute_output(1)) out[1] = ChannelView::back(-(uk * s2 * sdx), input);
     if (task_should_compute_output(2)) out[2] = v.sum(uk * s2 * sdx).to(mean.scalar_type());
-    if (task_should_compute_output(3))
-      out[3] = v.sum(uw * (gO() - sd - 3 * s2 * xmu() * sdx)).to(invstd.scalar_type());
-    if (task_should_compute_output(4))
-      out[4] = v.sum(u * s * (gO() - sd - s2 * xmu() * sdx)).to(weight.scalar_type());
+    if (task_should_compute_output(3)) out[3] = v.sum(uw * (gO() - sd - 3 * s2 * xmu() * sdx)).to(invstd.scalar_type());
+    if (task_should_compute_output(4)) out[4] = v.sum(u * s * (gO() - sd - s2 * xmu() * sdx)).to(weight.scalar_type());
     if (task_should_compute_output(5)) out[5] = (-v.sum(uk) * inv_n).to(sum_dy.scalar_type());
     if (task_should_compute_output(6)) out[6] = (-v.sum(uk * xmu() * s2) * inv_n).to(sum_dy_xmu.scalar_type());
     return out;

@@ -31,14 +31,12 @@ using c10::IntArrayRef;
 using Ints = std::vector<int64_t>;
 using TensorPair = std::tuple<Tensor, Tensor>;
 
-CNNOPS_OP_CALL(max_pool_forward,
-               TensorPair(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool))
-CNNOPS_OP_CALL(max_pool_backward, Tensor(const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
-                                         IntArrayRef, IntArrayRef, IntArrayRef, bool))
-CNNOPS_OP_CALL(avg_pool_forward,
-               Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool, int64_t))
-CNNOPS_OP_CALL(avg_pool_backward, Tensor(const Tensor&, const Tensor&, IntArrayRef, IntArrayRef,
-                                         IntArrayRef, bool, bool, int64_t))
+CNNOPS_OP_CALL(max_pool_forward, TensorPair(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool))
+CNNOPS_OP_CALL(max_pool_backward, Tensor(const Tensor&, const Tensor&, const Tensor&, IntArrayRef, IntArrayRef,
+                                         IntArrayRef, IntArrayRef, bool))
+CNNOPS_OP_CALL(avg_pool_forward, Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool, int64_t))
+CNNOPS_OP_CALL(avg_pool_backward,
+               Tensor(const Tensor&, const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool, int64_t))
 CNNOPS_OP_CALL(adaptive_avg_pool_forward, Tensor(const Tensor&, IntArrayRef))
 CNNOPS_OP_CALL(adaptive_avg_pool_backward, Tensor(const Tensor&, const Tensor&))
 CNNOPS_OP_CALL(adaptive_max_pool_forward, TensorPair(const Tensor&, IntArrayRef))
@@ -62,9 +60,7 @@ struct ShapeOf {
   at::MemoryFormat format = at::MemoryFormat::Contiguous;
   ShapeOf() = default;
   explicit ShapeOf(const Tensor& t) : sizes(t.sym_sizes().vec()), format(t.suggest_memory_format()) {}
-  Tensor empty_like(const Tensor& src) const {
-    return at::empty_symint(sizes, src.options().memory_format(format));
-  }
+  Tensor empty_like(const Tensor& src) const { return at::empty_symint(sizes, src.options().memory_format(format)); }
 };
 
 // The adjoint of gather_planes: out[n, c, indices[n, c, j]] += src[n, c, j], out of size `sizes`.
@@ -151,14 +147,14 @@ struct MaxPoolBackward0 : PoolNode<2> {
   variable_list compute(variable_list&& grads) override {
     variable_list out(1);
     if (!grads[0].defined() || !task_should_compute_output(0)) return out;
-    out[0] = call::max_pool_backward(grads[0], unpack(0), unpack(1), a.kernel_size, a.stride, a.padding,
-                                     a.dilation, a.ceil_mode);
+    out[0] = call::max_pool_backward(grads[0], unpack(0), unpack(1), a.kernel_size, a.stride, a.padding, a.dilation,
+                                     a.ceil_mode);
     return out;
   }
 };
 
-TensorPair max_pool_forward(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
-                            IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+TensorPair max_pool_forward(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
+                            IntArrayRef dilation, bool ceil_mode) {
   auto node = make_node<MaxPoolBackward0>(input);
   Tensor output, indices;
   {
@@ -184,8 +180,7 @@ struct MaxPoolBackwardBackward0 : PoolNode<2> {
   variable_list compute(variable_list&& grads) override {
     variable_list out(2);
     if (!grads[0].defined()) return out;
-    if (task_should_compute_output(0))
-      out[0] = gather_planes(grads[0], grad_output.empty_like(grads[0]), unpack(1));
+    if (task_should_compute_output(0)) out[0] = gather_planes(grads[0], grad_output.empty_like(grads[0]), unpack(1));
     out[1] = zeros_if_wanted(*this, 1, unpack(0));
     return out;
   }
@@ -221,9 +216,8 @@ Tensor max_backward_autograd(const Tensor& grad_output, const Tensor& input, con
   return result;
 }
 
-Tensor max_pool_backward(const Tensor& grad_output, const Tensor& input, const Tensor& indices,
-                         IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
-                         IntArrayRef dilation, bool ceil_mode) {
+Tensor max_pool_backward(const Tensor& grad_output, const Tensor& input, const Tensor& indices, IntArrayRef kernel_size,
+                         IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
   return max_backward_autograd<MaxPoolBackwardBackward0>(
       grad_output, input, indices, [&](const Tensor& dy, const Tensor& x) {
         return call::max_pool_backward(dy, x, indices, kernel_size, stride, padding, dilation, ceil_mode);
@@ -253,8 +247,8 @@ Tensor avg_pool_forward(const Tensor& input, IntArrayRef kernel_size, IntArrayRe
   Tensor output;
   {
     BelowAutograd guard;
-    output = call::avg_pool_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                    divisor_override);
+    output =
+        call::avg_pool_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override);
   }
   if (node) {
     node->a = {kernel_size.vec(), stride.vec(), padding.vec(), ceil_mode, count_include_pad, divisor_override};
@@ -275,16 +269,15 @@ struct AvgPoolBackwardBackward0 : PoolNode<1> {
     variable_list out(2);
     if (!grads[0].defined()) return out;
     if (task_should_compute_output(0))
-      out[0] = call::avg_pool_forward(grads[0], a.kernel_size, a.stride, a.padding, a.ceil_mode,
-                                      a.count_include_pad, a.divisor_override);
+      out[0] = call::avg_pool_forward(grads[0], a.kernel_size, a.stride, a.padding, a.ceil_mode, a.count_include_pad,
+                                      a.divisor_override);
     out[1] = zeros_if_wanted(*this, 1, unpack(0));
     return out;
   }
 };
 
-Tensor avg_pool_backward(const Tensor& grad_output, const Tensor& input, IntArrayRef kernel_size,
-                         IntArrayRef stride, IntArrayRef padding, bool ceil_mode, bool count_include_pad,
-                         int64_t divisor_override) {
+Tensor avg_pool_backward(const Tensor& grad_output, const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
+                         IntArrayRef padding, bool ceil_mode, bool count_include_pad, int64_t divisor_override) {
   auto node = make_node<AvgPoolBackwardBackward0>(grad_output, input);
   Tensor result;
   {

@@ -40,8 +40,10 @@ inline int64_t checked_numel(std::initializer_list<int64_t> sizes, const char* w
   }
   for (const int64_t s : sizes) {
     if (mul_fits(n, s, &n)) continue;
-    TORCH_CHECK_NOT_IMPLEMENTED(!gap, what, ": the size ", c10::IntArrayRef(sizes), " has more than 2^63 - 1 elements, which cnnops cannot allocate");
-    TORCH_CHECK(false, what, ": integer multiplication overflow (the size ", c10::IntArrayRef(sizes), " has more than 2^63 - 1 elements)");
+    TORCH_CHECK_NOT_IMPLEMENTED(!gap, what, ": the size ", c10::IntArrayRef(sizes),
+                                " has more than 2^63 - 1 elements, which cnnops cannot allocate");
+    TORCH_CHECK(false, what, ": integer multiplication overflow (the size ", c10::IntArrayRef(sizes),
+                " has more than 2^63 - 1 elements)");
   }
   return n;
 }
@@ -62,8 +64,7 @@ inline WindowDim window_dim(int64_t in, int64_t kernel, int64_t pad, int64_t dil
 // the last window must start inside the input or its left padding (torch's rule). May be <= 0
 // (the caller rejects that) and is clamped to int64 (a larger count cannot be allocated, and
 // the caller's numel check then says so).
-inline int64_t window_count(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
-                            int64_t dilation, bool ceil_mode) {
+inline int64_t window_count(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, bool ceil_mode) {
   const WindowDim w = window_dim(in, kernel, pad, dilation);
   const __int128 span = w.padded - w.extent + (ceil_mode ? stride - 1 : 0);
   __int128 q = span / stride;

@@ -7,7 +7,7 @@
 
 namespace cnnops {
 
-// Output sizes (slides: H' = (H - K + 2P) / S + 1, with dilation the kernel spans D(K-1)+1)
+// Output sizes (formulas.md §Conv output size: O = (I + 2P - D(K-1) - 1) / S + 1)
 // come from window_count (checked_math.h), computed once by make_conv_geometry.
 
 struct ConvGeometry {
@@ -48,15 +48,14 @@ CNNOPS_HD KernelTap decompose_gemm_row(const ConvGeometry& g, int64_t r) {
 
 // Input coordinate read by output position o through kernel tap k along one dim; it may fall
 // in the zero padding (outside [0, in)).
-CNNOPS_HD int64_t conv_input_index(int64_t o, int64_t k, int64_t stride, int64_t pad,
-                                   int64_t dilation) {
+CNNOPS_HD int64_t conv_input_index(int64_t o, int64_t k, int64_t stride, int64_t pad, int64_t dilation) {
   return o * stride - pad + k * dilation;
 }
 
 // Output positions [lo, hi) along one dim whose tap k lands inside the input: the loop bounds
 // that let im2col and direct kernels run their interior without a bounds test per element.
-CNNOPS_HD void valid_output_range(int64_t in, int64_t out, int64_t k, int64_t stride,
-                                  int64_t pad, int64_t dilation, int64_t* lo, int64_t* hi) {
+CNNOPS_HD void valid_output_range(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad, int64_t dilation,
+                                  int64_t* lo, int64_t* hi) {
   const int64_t offset = k * dilation - pad;  // input index = o * stride + offset
   // ceil(-offset / stride) without -offset + stride - 1, which overflows for huge strides
   int64_t first = offset >= 0 ? 0 : (-offset) / stride + ((-offset) % stride != 0);

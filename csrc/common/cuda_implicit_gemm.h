@@ -77,9 +77,9 @@ CNNOPS_HD int64_t gemm_r(const ConvGeometry& g) {
 // Strides and per-group base offsets of A and OUT, and the per-group base offset of B.
 template <ConvGemm kind>
 CNNOPS_HD int64_t gemm_a_row_stride(const ConvGeometry& g) {
-  if (kind == ConvGemm::Forward) return g.gemm_k();             // W[co, r]
-  if (kind == ConvGemm::GradInput) return g.kernel_volume();    // W[co, c, tap] read along c
-  return g.out_plane();                                         // dY[b, co, l] read along co
+  if (kind == ConvGemm::Forward) return g.gemm_k();           // W[co, r]
+  if (kind == ConvGemm::GradInput) return g.kernel_volume();  // W[co, c, tap] read along c
+  return g.out_plane();                                       // dY[b, co, l] read along co
 }
 template <ConvGemm kind>
 CNNOPS_HD int64_t gemm_a_group_offset(const ConvGeometry& g, int64_t group) {
@@ -197,8 +197,7 @@ CNNOPS_HD index_t gemm_b_offset(const ConvGeometry& g, const ReductionIndex<inde
     }
   }
   if (!in_extent(z, dims[0]) || !in_extent(y, dims[1]) || !in_extent(x, dims[2])) return -1;
-  return r.plane + c.plane +
-         (z * static_cast<index_t>(dims[1]) + y) * static_cast<index_t>(dims[2]) + x;
+  return r.plane + c.plane + (z * static_cast<index_t>(dims[1]) + y) * static_cast<index_t>(dims[2]) + x;
 }
 
 }  // namespace cnnops

@@ -38,8 +38,10 @@ inline bool fits_int32(std::initializer_list<int64_t> numels) {
 // Calls f(int32_t{}) when int32 indices suffice (cheaper index math), else f(int64_t{}).
 template <typename F>
 void with_index_type(bool int32_ok, F&& f) {
-  if (int32_ok) f(int32_t{});
-  else f(int64_t{});
+  if (int32_ok)
+    f(int32_t{});
+  else
+    f(int64_t{});
 }
 
 }  // namespace cnnops

@@ -124,9 +124,7 @@ struct PartialIndex {
   int64_t part_stride = 0;
 
   CNNOPS_HD int64_t base(int64_t o) const { return (o / groups) * outer_stride + (o % groups) * inner_stride; }
-  CNNOPS_HD int64_t at(int64_t o, int64_t k, int64_t d) const {
-    return base(o) + k * chunk_stride + d * part_stride;
-  }
+  CNNOPS_HD int64_t at(int64_t o, int64_t k, int64_t d) const { return base(o) + k * chunk_stride + d * part_stride; }
 };
 
 // Second stage of a planes reduction: statistic o is channel o, partials o * chunks + k.
@@ -157,8 +155,8 @@ inline PartialIndex columns_partials(int64_t chunks, int64_t cols, int64_t stats
 
 // Chunking of a reduction of `length` elements into at most `max_chunks` pieces of at least
 // `min_len`, enough for ~target_blocks blocks overall. Depends only on sizes: deterministic.
-inline int64_t norm_chunk_count(int64_t blocks_per_chunk, int64_t length, int64_t min_len,
-                                int64_t target_blocks = 1024, int64_t max_chunks = 1024) {
+inline int64_t norm_chunk_count(int64_t blocks_per_chunk, int64_t length, int64_t min_len, int64_t target_blocks = 1024,
+                                int64_t max_chunks = 1024) {
   if (blocks_per_chunk < 1) blocks_per_chunk = 1;
   int64_t chunks = ceil_div(target_blocks, blocks_per_chunk);
   const int64_t by_len = length / (min_len > 0 ? min_len : 1);
@@ -166,7 +164,6 @@ inline int64_t norm_chunk_count(int64_t blocks_per_chunk, int64_t length, int64_
   if (chunks > max_chunks) chunks = max_chunks;
   return chunks < 1 ? 1 : chunks;
 }
-
 
 // Launch shape of a planes reduction ([outer][channels][inner], statistics per channel): a block
 // per (channel, chunk) of the flattened (n, l) range. Threads per block: enough to give each a
@@ -251,8 +248,7 @@ CNNOPS_HD void load_state(SumPair<acc_t>& s, const acc_t* buf, int64_t p, int64_
 
 // Second stage: the partials of statistic o merged in PartialIndex order.
 template <typename State, typename acc_t>
-CNNOPS_HD State merge_partials(const acc_t* partial, int64_t partial_count, const PartialIndex& pi,
-                               int64_t o) {
+CNNOPS_HD State merge_partials(const acc_t* partial, int64_t partial_count, const PartialIndex& pi, int64_t o) {
   State s;
   for (int64_t k = 0; k < pi.chunks; ++k)
     for (int64_t d = 0; d < pi.parts; ++d) {
@@ -324,7 +320,7 @@ struct GradSumsOp {
 // Per element.
 // ---------------------------------------------------------------------------------------------
 
-// y = (x - mean) * invstd * w + b (lecture: y = gamma * x_hat + beta); w = 1, b = 0 without
+// y = (x - mean) * invstd * w + b (formulas.md §Norm statistics); w = 1, b = 0 without
 // affine (exact). The difference x - mean comes first: x * scale + shift would lose the digits
 // of x_hat for inputs with a large mean.
 template <typename acc_t>
@@ -333,7 +329,7 @@ CNNOPS_HD acc_t norm_output(acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc
 }
 
 // dx = invstd * (g + coef_g) + coef_xmu * (x - mean), g = dy * w, with the per-statistic
-// coefficients of norm_input_grad_coef (norm_math.h: the backward of the lecture's batch norm,
+// coefficients of norm_input_grad_coef (norm_math.h; formulas.md §Norm backward,
 // written the way the CPU kernels evaluate it).
 template <typename acc_t>
 CNNOPS_HD acc_t norm_grad_input(acc_t dy, acc_t x, acc_t mean, acc_t invstd, acc_t weight, acc_t coef_g,

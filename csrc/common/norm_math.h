@@ -8,7 +8,7 @@
 
 namespace cnnops {
 
-// invstd = 1 / sqrt(var + eps) (lecture: x_hat = (x - E[x]) / sqrt(Var[x] + eps)).
+// invstd = 1 / sqrt(var + eps) (formulas.md §Norm statistics).
 CNNOPS_HD float norm_invstd(float biased_var, float eps) { return 1.0f / sqrtf(biased_var + eps); }
 CNNOPS_HD double norm_invstd(double biased_var, double eps) { return 1.0 / sqrt(biased_var + eps); }
 
@@ -26,8 +26,7 @@ CNNOPS_HD void welford_add_shared_count(acc_t& mean, acc_t& m2, acc_t x, acc_t i
 // lockstep): no division, so a tree of these merges vectorizes.
 //   mean = (mean_a + mean_b) / 2,  m2 = m2_a + m2_b + (mean_b - mean_a)^2 * n / 2
 template <typename acc_t>
-CNNOPS_HD void welford_merge_equal_count(acc_t& mean, acc_t& m2, acc_t other_mean, acc_t other_m2,
-                                         acc_t count) {
+CNNOPS_HD void welford_merge_equal_count(acc_t& mean, acc_t& m2, acc_t other_mean, acc_t other_m2, acc_t count) {
   const acc_t delta = other_mean - mean;
   mean = acc_t(0.5) * (mean + other_mean);
   m2 = m2 + other_m2 + delta * delta * (acc_t(0.5) * count);
@@ -50,7 +49,7 @@ CNNOPS_HD acc_t norm_scale(acc_t invstd, acc_t weight) {
 
 // Backward of x_hat = (x - mean) * invstd over a set of `count` values sharing mean and invstd
 // (a batch-norm channel, a group-norm group, a layer-norm row), with g = dL/dx_hat = w * dy:
-//   dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat))          (lecture / Ioffe-Szegedy)
+//   dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat))          (formulas.md §Norm backward)
 // The kernels accumulate sum_g = sum(g) and sum_g_xmu = sum(g * (x - mean)), subtracting the
 // known mean per element (not sum(g * x) - mean * sum(g), which cancels for a large mean), and
 // then write, per element,
@@ -67,8 +66,7 @@ struct InputGradCoef {
 };
 
 template <typename acc_t>
-CNNOPS_HD InputGradCoef<acc_t> norm_input_grad_coef(acc_t invstd, acc_t sum_g, acc_t sum_g_xmu,
-                                                    acc_t count) {
+CNNOPS_HD InputGradCoef<acc_t> norm_input_grad_coef(acc_t invstd, acc_t sum_g, acc_t sum_g_xmu, acc_t count) {
   // invstd * x_hat * mean(g * x_hat) = (x - mean) * invstd^3 * sum_g_xmu / count
   return {-sum_g / count, -invstd * invstd * invstd * sum_g_xmu / count};
 }

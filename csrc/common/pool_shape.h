@@ -15,7 +15,7 @@ CNNOPS_HD int64_t floor_div(int64_t a, int64_t b) {
 CNNOPS_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 CNNOPS_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Output sizes come from window_count (checked_math.h, slides: O = (I + 2P - D(K-1) - 1) / S + 1),
+// Output sizes come from window_count (checked_math.h; formulas.md §Pool output size),
 // computed once by the geometry builders in exact arithmetic.
 
 struct PoolGeometry {
@@ -37,8 +37,8 @@ struct PoolWindow {
 // Max pool: taps o*S - P + k*D for k < K; taps in the (-inf) padding are skipped. With the
 // geometry validated (pool_checks.h), o*S - P and (K-1)*D fit int64, but their sum may not: the
 // end is clamped to the input first.
-CNNOPS_HD PoolWindow max_pool_window(int64_t o, int64_t in, int64_t kernel, int64_t stride,
-                                     int64_t pad, int64_t dilation) {
+CNNOPS_HD PoolWindow max_pool_window(int64_t o, int64_t in, int64_t kernel, int64_t stride, int64_t pad,
+                                     int64_t dilation) {
   int64_t start = o * stride - pad;
   const int64_t last = (kernel - 1) * dilation;  // offset of the last tap
   const int64_t end = (start >= in || last >= in - start) ? in : start + last + 1;
@@ -55,16 +55,15 @@ CNNOPS_HD PoolWindow max_pool_window(int64_t o, int64_t in, int64_t kernel, int6
 struct AvgWindow {
   int64_t start, end, padded_count;
 };
-CNNOPS_HD AvgWindow avg_pool_window(int64_t o, int64_t in, int64_t kernel, int64_t stride,
-                                    int64_t pad) {
+CNNOPS_HD AvgWindow avg_pool_window(int64_t o, int64_t in, int64_t kernel, int64_t stride, int64_t pad) {
   const int64_t start = o * stride - pad;
   const int64_t end = min64(start + kernel, in + pad);
   return {max64(start, 0), min64(end, in), end - start};
 }
 
 // The divisor of one 3-d average-pool window, as torch defines it.
-CNNOPS_HD int64_t avg_pool_divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w,
-                                   bool count_include_pad, int64_t divisor_override) {
+CNNOPS_HD int64_t avg_pool_divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w, bool count_include_pad,
+                                   int64_t divisor_override) {
   if (divisor_override != 0) return divisor_override;
   if (count_include_pad) return d.padded_count * h.padded_count * w.padded_count;
   return (d.end - d.start) * (h.end - h.start) * (w.end - w.start);
@@ -72,9 +71,7 @@ CNNOPS_HD int64_t avg_pool_divisor(const AvgWindow& d, const AvgWindow& h, const
 
 // Adaptive pools: output o of `out` covers [floor(o*I/O), ceil((o+1)*I/O)).
 CNNOPS_HD int64_t adaptive_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
-CNNOPS_HD int64_t adaptive_end(int64_t o, int64_t in, int64_t out) {
-  return ((o + 1) * in + out - 1) / out;
-}
+CNNOPS_HD int64_t adaptive_end(int64_t o, int64_t in, int64_t out) { return ((o + 1) * in + out - 1) / out; }
 
 // Backward as a gather: the output positions [lo, hi) whose window span [o*S - P,
 // o*S - P + span) contains input coordinate i. span = D(K-1)+1 for max pool (a dilated window
@@ -82,8 +79,7 @@ CNNOPS_HD int64_t adaptive_end(int64_t o, int64_t in, int64_t out) {
 struct OutputRange {
   int64_t lo, hi;
 };
-CNNOPS_HD OutputRange pool_outputs_covering(int64_t i, int64_t out, int64_t span, int64_t stride,
-                                            int64_t pad) {
+CNNOPS_HD OutputRange pool_outputs_covering(int64_t i, int64_t out, int64_t span, int64_t stride, int64_t pad) {
   const int64_t lo = max64(ceil_div(i + pad - span + 1, stride), 0);
   const int64_t hi = min64(floor_div(i + pad, stride) + 1, out);
   return {lo, hi};

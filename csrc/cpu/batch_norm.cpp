@@ -1,5 +1,5 @@
-// Batch norm on the CPU: statistics per channel over N x spatial (lecture: "Batch Normalization
-// for ConvNets", mu, sigma: 1 x C x 1 x 1; y = gamma * (x - mu) / sigma + beta).
+// Batch norm on the CPU: statistics per channel over N x spatial (formulas.md §Norm statistics:
+// mu, sigma: 1 x C x 1 x 1; y = gamma * (x - mu) / sigma + beta).
 //
 // NCHW: every (n, c) plane is a contiguous span. Pass 1 reduces each plane (in fixed chunks)
 // with Welford in parallel; the partial results of a channel are merged with Chan's formula in
@@ -24,12 +24,10 @@ namespace {
 constexpr const char* kForward = "batch_norm_forward()";
 constexpr const char* kBackward = "batch_norm_backward()";
 
-
 // Per-channel sum(dy) and sum(dy * (x - mean[c])).
 template <typename scalar_t>
-void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelNormShape& s,
-                       bool rows_layout, const std::vector<acc_type<scalar_t>>& mean,
-                       std::vector<acc_type<scalar_t>>& sum_dy,
+void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelNormShape& s, bool rows_layout,
+                       const std::vector<acc_type<scalar_t>>& mean, std::vector<acc_type<scalar_t>>& sum_dy,
                        std::vector<acc_type<scalar_t>>& sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = s.batch, C = s.channels, S = s.spatial;
@@ -44,8 +42,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelNormS
       for (int64_t i = begin; i < end; ++i) {
         const int64_t plane = i / chunks, k = i % chunks;
         const int64_t start = k * kSpanChunk, off = plane * S + start;
-        grad_sums_span(dy + off, x + off, std::min(kSpanChunk, S - start), mean[plane % C], &pa[i],
-                       &pb[i]);
+        grad_sums_span(dy + off, x + off, std::min(kSpanChunk, S - start), mean[plane % C], &pa[i], &pb[i]);
       }
     });
     for (int64_t n = 0; n < N; ++n)
@@ -78,10 +75,9 @@ at::ScalarType param_grad_dtype(const c10::optional<at::Tensor>& weight, const a
 }  // namespace
 
 TensorTriple batch_norm_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                const c10::optional<at::Tensor>& bias,
-                                const c10::optional<at::Tensor>& running_mean,
-                                const c10::optional<at::Tensor>& running_var, bool training,
-                                double momentum, double eps) {
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var, bool training, double momentum,
+                                double eps) {
   const ChannelNormShape s = check_batch_norm_input(kForward, input);
   check_batch_norm_param(kForward, "weight", weight, input, s);
   check_batch_norm_param(kForward, "bias", bias, input, s);
@@ -121,8 +117,7 @@ TensorTriple batch_norm_forward(const at::Tensor& input, const c10::optional<at:
       }
       if (count > 0 && has_rv) {
         auto rv = load_param<acc_t>(running_var, C, 0);
-        for (int64_t c = 0; c < C; ++c)
-          rv[c] = running_stat_update(rv[c], stats[c].unbiased_variance(), momentum_a);
+        for (int64_t c = 0; c < C; ++c) rv[c] = running_stat_update(rv[c], stats[c].unbiased_variance(), momentum_a);
         at::Tensor t = *running_var;
         store_param(t, rv);
       }
@@ -131,8 +126,8 @@ TensorTriple batch_norm_forward(const at::Tensor& input, const c10::optional<at:
       const auto rv = load_param<acc_t>(running_var, C, 0);
       for (int64_t c = 0; c < C; ++c) invstd[c] = norm_invstd(rv[c], eps_a);
     }
-    normalize_channels(s, rows, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean, invstd,
-                       weight, bias);
+    normalize_channels(s, rows, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean, invstd, weight,
+                       bias);
     acc_t* mo = mean_out.mutable_data_ptr<acc_t>();
     acc_t* io = invstd_out.mutable_data_ptr<acc_t>();
     std::copy(mean.begin(), mean.end(), mo);
@@ -143,8 +138,7 @@ TensorTriple batch_norm_forward(const at::Tensor& input, const c10::optional<at:
 
 TensorTriple batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                  const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                 const at::Tensor& invstd, bool training,
-                                 std::array<bool, 3> output_mask) {
+                                 const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
   const ChannelNormShape s = check_batch_norm_input(kBackward, input);
   check_norm_grad_output(kBackward, grad_output, input);
   check_batch_norm_param(kBackward, "weight", weight, input, s);
@@ -156,10 +150,8 @@ TensorTriple batch_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor dy = dense_for_layout(grad_output, rows);
   const auto pdtype = param_grad_dtype(weight, input);
   at::Tensor dx = output_mask[0] ? at::empty_like(x) : norm_unselected(input);
-  at::Tensor dw = output_mask[1] ? at::empty({s.channels}, input.options().dtype(pdtype))
-                                 : norm_unselected(input);
-  at::Tensor db = output_mask[2] ? at::empty({s.channels}, input.options().dtype(pdtype))
-                                 : norm_unselected(input);
+  at::Tensor dw = output_mask[1] ? at::empty({s.channels}, input.options().dtype(pdtype)) : norm_unselected(input);
+  at::Tensor db = output_mask[2] ? at::empty({s.channels}, input.options().dtype(pdtype)) : norm_unselected(input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -194,12 +186,11 @@ TensorTriple batch_norm_backward(const at::Tensor& grad_output, const at::Tensor
     for_each_channel_slice(
         s, rows, 3,
         [&](int64_t off, int64_t len, int64_t c) {
-          input_grad_span(dyp + off, xp + off, dxp + off, len, w[c], is[c], mu[c], coef_g[c],
-                          coef_xmu[c]);
+          input_grad_span(dyp + off, xp + off, dxp + off, len, w[c], is[c], mu[c], coef_g[c], coef_xmu[c]);
         },
         [&](int64_t off, int64_t nrows) {
-          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, w.data(), is.data(), mu.data(),
-                          coef_g.data(), coef_xmu.data());
+          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, w.data(), is.data(), mu.data(), coef_g.data(),
+                          coef_xmu.data());
         });
   });
   return {dx, dw, db};

@@ -13,8 +13,7 @@ namespace cpu {
 
 // Per-channel Welford statistics of x (dense in its layout).
 template <typename scalar_t>
-std::vector<Welford<acc_type<scalar_t>>> channel_stats(const scalar_t* x, const ChannelNormShape& s,
-                                                       bool rows_layout) {
+std::vector<Welford<acc_type<scalar_t>>> channel_stats(const scalar_t* x, const ChannelNormShape& s, bool rows_layout) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = s.batch, C = s.channels, S = s.spatial;
   std::vector<Welford<acc_t>> stats(static_cast<size_t>(C));
@@ -73,7 +72,7 @@ void for_each_channel_slice(const ChannelNormShape& s, bool rows_layout, int64_t
   });
 }
 
-// y = (x - mean) * invstd * w + b per channel (lecture: y = gamma * (x - mu) / sigma + beta).
+// y = (x - mean) * invstd * w + b per channel (formulas.md §Norm statistics).
 template <typename scalar_t, typename acc_t>
 void normalize_channels(const ChannelNormShape& s, bool rows, const scalar_t* xp, scalar_t* yp,
                         const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,

@@ -1,7 +1,7 @@
 // Convolution on the CPU, 1d/2d/3d (all lifted to 3d), forward and backward.
 //
-// General case, per sample n and group g (slides: each output is an inner product over
-// C_in/groups x K_d x K_h x K_w):
+// General case, per sample n and group g (formulas.md §Conv as GEMM: each output is an
+// inner product over C_in/groups x K_d x K_h x K_w):
 //   forward      Y_ng  = W_g * im2col(X_ng) + b          (GEMM, im2col packed straight into B)
 //   grad input   dX_ng = col2im(W_g^T * dY_ng)           (dl/dx_i = sum_j dl/dy_j (star) w_ij)
 //   grad weight  dW_g  = sum_n dY_ng * im2col(X_ng)^T    (dl/dw_ij = dl/dy_j (conv) x_i)
@@ -233,7 +233,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
 }
 
 // For stride 1, dX = dY correlated with the kernel rotated 180 degrees and its in/out channels
-// swapped, zero padded by d(k-1) - p (slides: dl/dx_i = sum_j dl/dy_j (star) w_ij): a forward
+// swapped, zero padded by d(k-1) - p (formulas.md §Conv backward): a forward
 // convolution, with no col2im scatter. Returns false when it does not apply (stride > 1, or
 // padding beyond the dilated kernel).
 template <typename T>

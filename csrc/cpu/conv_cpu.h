@@ -64,7 +64,7 @@ void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& f
 }
 
 // The weight gradient's reduction, dW_g[M, K] = sum over every (sample, output position) r of
-// dY[r, m] * im2col[r, k] (slides: dl/dw_ij = dl/dy_j (conv) x_i). The flat range of r is cut
+// dY[r, m] * im2col[r, k] (formulas.md §Conv backward). The flat range of r is cut
 // into chunks, so small images still give each GEMM call a long reduction. Work is split two
 // ways, both fixed by the sizes alone so the result never depends on the thread count: the
 // chunks into up to 8 partial sums, added in order at the end (no atomics), and the K columns
@@ -101,8 +101,7 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                       Activation activation);
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
 template <typename T>  // stride 1, when use_shifted_grid(g)
 void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                                Activation activation);
@@ -115,8 +114,8 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
 // Each writes every value of its output.
 bool depthwise_nhwc_supported(const ConvGeometry& g, bool is_double);
 template <typename T>
-void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                            Activation activation, bool nhwc);
+void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation,
+                            bool nhwc);
 template <typename T>
 void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc);
 // Returns whether it also wrote db (when db is not null): the direct kernels sum it in the same

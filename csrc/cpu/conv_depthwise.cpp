@@ -26,20 +26,21 @@ struct PaddedPlane {
   std::vector<T> data;
 
   explicit PaddedPlane(const ConvGeometry& g)
-      : hp(g.in[1] + 2 * g.pad[1]), wp(g.in[2] + 2 * g.pad[2]),
-        data((g.in[0] + 2 * g.pad[0]) * hp * wp, T(0)) {}
+      : hp(g.in[1] + 2 * g.pad[1]), wp(g.in[2] + 2 * g.pad[2]), data((g.in[0] + 2 * g.pad[0]) * hp * wp, T(0)) {}
 
   T* row(int64_t d, int64_t h) { return data.data() + (d * hp + h) * wp; }
 
   void load(const ConvGeometry& g, const T* plane) {  // borders stay zero
     for (int64_t d = 0; d < g.in[0]; ++d)
       for (int64_t h = 0; h < g.in[1]; ++h)
-        std::memcpy(row(d + g.pad[0], h + g.pad[1]) + g.pad[2], plane + (d * g.in[1] + h) * g.in[2], g.in[2] * sizeof(T));
+        std::memcpy(row(d + g.pad[0], h + g.pad[1]) + g.pad[2], plane + (d * g.in[1] + h) * g.in[2],
+                    g.in[2] * sizeof(T));
   }
   void store(const ConvGeometry& g, T* plane) {  // the interior back out
     for (int64_t d = 0; d < g.in[0]; ++d)
       for (int64_t h = 0; h < g.in[1]; ++h)
-        std::memcpy(plane + (d * g.in[1] + h) * g.in[2], row(d + g.pad[0], h + g.pad[1]) + g.pad[2], g.in[2] * sizeof(T));
+        std::memcpy(plane + (d * g.in[1] + h) * g.in[2], row(d + g.pad[0], h + g.pad[1]) + g.pad[2],
+                    g.in[2] * sizeof(T));
   }
 };
 
@@ -94,9 +95,9 @@ void forward_plane_3x3(const ConvGeometry& g, const T* w, T bias, PaddedPlane<T>
     const T* r2 = padded.row(0, oh + 2 * dh);
     T* out = y_plane + oh * ow_end;
     for (int64_t ow = 0; ow < ow_end; ++ow) {
-      const T sum = bias + w[0] * r0[ow] + w[1] * r0[ow + dw] + w[2] * r0[ow + 2 * dw] +
-                    w[3] * r1[ow] + w[4] * r1[ow + dw] + w[5] * r1[ow + 2 * dw] +
-                    w[6] * r2[ow] + w[7] * r2[ow + dw] + w[8] * r2[ow + 2 * dw];
+      const T sum = bias + w[0] * r0[ow] + w[1] * r0[ow + dw] + w[2] * r0[ow + 2 * dw] + w[3] * r1[ow] +
+                    w[4] * r1[ow + dw] + w[5] * r1[ow + 2 * dw] + w[6] * r2[ow] + w[7] * r2[ow + dw] +
+                    w[8] * r2[ow + 2 * dw];
       out[ow] = RELU ? relu(sum) : sum;
     }
   }
@@ -119,8 +120,7 @@ void dispatch_kernel_width(const ConvGeometry& g, Body&& body) {
 
 // y[co] = act(b[co] + sum over taps of w[co, tap] * x[co / multiplier] at the tap's shift)
 template <typename T>
-void generic_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                            Activation activation) {
+void generic_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
   const int64_t last_kernel_row = taps - g.kernel[2];  // first tap of the last (kd, kh) row
   const bool relu_out = activation == Activation::Relu;
@@ -161,7 +161,7 @@ void generic_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* d
   const int64_t multiplier = g.out_channels / g.in_channels, taps = g.kernel_volume();
   const int64_t ow_end = g.out[2], sw = g.stride[2], dw = g.dilation[2];
   parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlane<T> padded(g);  // accumulates dx with its border, which is then dropped
+    PaddedPlane<T> padded(g);                            // accumulates dx with its border, which is then dropped
     for (int64_t plane = begin; plane < end; ++plane) {  // a task owns its dx plane: no races
       const int64_t ci = plane % g.in_channels, n = plane / g.in_channels;
       std::fill(padded.data.begin(), padded.data.end(), T(0));
@@ -219,9 +219,10 @@ bool depthwise_nhwc_supported(const ConvGeometry& g, bool is_double) {
 }
 
 template <typename T>
-void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                            Activation activation, bool nhwc) {
-  if (depthwise_direct_supported(g, nhwc, sizeof(T))) return depthwise_direct_forward(g, x, w, bias, y, activation, nhwc);
+void conv_depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation,
+                            bool nhwc) {
+  if (depthwise_direct_supported(g, nhwc, sizeof(T)))
+    return depthwise_direct_forward(g, x, w, bias, y, activation, nhwc);
   TORCH_INTERNAL_ASSERT(!nhwc, "depthwise convolution: no channels-last kernel for this geometry");
   generic_forward(g, x, w, bias, y, activation);
 }
@@ -231,7 +232,7 @@ void conv_depthwise_backward_input(const ConvGeometry& g, const T* dy, const T* 
   if (depthwise_direct_supported(g, nhwc, sizeof(T))) return depthwise_direct_backward_input(g, dy, w, dx, nhwc);
   TORCH_INTERNAL_ASSERT(!nhwc, "depthwise convolution: no channels-last kernel for this geometry");
   // For stride 1 and one output per input channel, dX = dY correlated with the rotated kernel,
-  // zero padded by d(k-1) - p (slides: dl/dx_i = sum_j dl/dy_j (star) w_ij): a depthwise forward.
+  // zero padded by d(k-1) - p (formulas.md §Conv backward): a depthwise forward.
   ConvGeometry t = g;
   bool as_forward = g.out_channels == g.in_channels;
   for (int i = 0; i < 3; ++i) {
@@ -261,9 +262,9 @@ bool conv_depthwise_backward_weight(const ConvGeometry& g, const T* dy, const T*
   return false;
 }
 
-#define CNNOPS_INSTANTIATE_DEPTHWISE(T)                                                                         \
+#define CNNOPS_INSTANTIATE_DEPTHWISE(T)                                                                             \
   template void conv_depthwise_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation, bool); \
-  template void conv_depthwise_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);             \
+  template void conv_depthwise_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);                \
   template bool conv_depthwise_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*, bool);
 CNNOPS_INSTANTIATE_DEPTHWISE(float)
 CNNOPS_INSTANTIATE_DEPTHWISE(double)

@@ -28,7 +28,6 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
 
-
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -148,8 +147,7 @@ DW_INLINE void build_plane(const PlaneJob<T>& j, const T* src, T* buf, T* tmp) {
 // padded[oh*S + kh, ow*S + kw]), one vector of ow at a time. Input row r of the block serves
 // output row i through kernel row r - i*S.
 template <typename T, int K, int S, int BYTES, int R>
-DW_INLINE void forward_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* w, T b, bool relu,
-                            T* out) {
+DW_INLINE void forward_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* w, T b, bool relu, T* out) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
@@ -288,7 +286,7 @@ struct NhwcJob {
   const T* x;            // dY for grad input
   const T* taps;         // [K*K][taps_stride]: the weight with channels fastest
   int64_t taps_stride;
-  const T* bias;         // [C]
+  const T* bias;  // [C]
   T* y;
   bool relu;
   const T* dy;  // grad weight
@@ -303,8 +301,7 @@ void set_interior_columns(NhwcJob<T>& j, int64_t k, int64_t s) {
 
 // The K input rows of output row (n, oh), and whether each lies inside the input.
 template <typename T, int K, int S>
-DW_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh, const T* (&rows)[K],
-                          bool (&ok)[K]) {
+DW_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh, const T* (&rows)[K], bool (&ok)[K]) {
 #pragma GCC unroll 8
   for (int kh = 0; kh < K; ++kh) {
     const int64_t ih = oh * S - j.pad_h + kh;
@@ -316,8 +313,8 @@ DW_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh
 // P pixels from column iw0 = ow*S - pad_w, channels [c0, c0 + lanes): pixel i reads column c
 // through tap c - i*S. With CHECK, columns outside the input are skipped (border pixels).
 template <typename T, int K, int S, int BYTES, int P, bool CHECK>
-DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K], const bool (&ok)[K],
-                                   int64_t iw0, int64_t c0, const typename Simd<T, BYTES>::vec (&wv)[K * K],
+DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K], const bool (&ok)[K], int64_t iw0,
+                                   int64_t c0, const typename Simd<T, BYTES>::vec (&wv)[K * K],
                                    typename Simd<T, BYTES>::vec bv, T* out) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
@@ -395,66 +392,66 @@ DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* 
   constexpr int L = V::lanes, P = 4, ROWS = 4;
   const int64_t C = j.channels, blocks = (C + L - 1) / L;
   for (int64_t s0 = r0; s0 < r1; s0 += ROWS)
-  for (int64_t cb = 0; cb < blocks; ++cb) {
-    const int64_t c0 = std::min(cb * L, C - L);
-    // The last block may overlap the one before: its first cb*L - c0 lanes are that block's
-    // channels, already summed; they start from zero here and are not stored.
-    const typename V::mask overlap = V::first_lanes(cb * L - c0);
-    vec acc[K * K];
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const int64_t c0 = std::min(cb * L, C - L);
+      // The last block may overlap the one before: its first cb*L - c0 lanes are that block's
+      // channels, already summed; they start from zero here and are not stored.
+      const typename V::mask overlap = V::first_lanes(cb * L - c0);
+      vec acc[K * K];
 #pragma GCC unroll 32
-    for (int t = 0; t < K * K; ++t) acc[t] = overlap ? vec{} : V::load(partial + t * C + c0);
-    vec bias_acc = overlap ? vec{} : V::load(partial + K * K * C + c0);
-    for (int64_t row = s0; row < std::min(r1, s0 + ROWS); ++row) {
-      const int64_t n = row / j.out_h, oh = row % j.out_h;
-      const T* rows[K];
-      bool ok[K];
-      input_rows<T, K, S>(j, j.x, n, oh, rows, ok);
+      for (int t = 0; t < K * K; ++t) acc[t] = overlap ? vec{} : V::load(partial + t * C + c0);
+      vec bias_acc = overlap ? vec{} : V::load(partial + K * K * C + c0);
+      for (int64_t row = s0; row < std::min(r1, s0 + ROWS); ++row) {
+        const int64_t n = row / j.out_h, oh = row % j.out_h;
+        const T* rows[K];
+        bool ok[K];
+        input_rows<T, K, S>(j, j.x, n, oh, rows, ok);
 #pragma GCC unroll 8
-      for (int kh = 0; kh < K; ++kh) rows[kh] += c0;
-      const T* dy_row = j.dy + row * j.out_w * C + c0;
-      int64_t ow = 0;
-      auto border_pixel = [&](int64_t ow) __attribute__((always_inline)) {
-        const vec d = V::load(dy_row + ow * C);
-        bias_acc += d;
-        const int64_t iw0 = ow * S - j.pad_w;
+        for (int kh = 0; kh < K; ++kh) rows[kh] += c0;
+        const T* dy_row = j.dy + row * j.out_w * C + c0;
+        int64_t ow = 0;
+        auto border_pixel = [&](int64_t ow) __attribute__((always_inline)) {
+          const vec d = V::load(dy_row + ow * C);
+          bias_acc += d;
+          const int64_t iw0 = ow * S - j.pad_w;
 #pragma GCC unroll 8
-        for (int kh = 0; kh < K; ++kh) {
-          if (!ok[kh]) continue;
+          for (int kh = 0; kh < K; ++kh) {
+            if (!ok[kh]) continue;
 #pragma GCC unroll 8
-          for (int kw = 0; kw < K; ++kw) {
-            const int64_t iw = iw0 + kw;
-            if (iw >= 0 && iw < j.in_w) acc[kh * K + kw] += d * V::load(rows[kh] + iw * C);
+            for (int kw = 0; kw < K; ++kw) {
+              const int64_t iw = iw0 + kw;
+              if (iw >= 0 && iw < j.in_w) acc[kh * K + kw] += d * V::load(rows[kh] + iw * C);
+            }
           }
-        }
-      };
-      for (; ow < j.ow_lo; ++ow) border_pixel(ow);
-      for (; ow + P <= j.ow_hi; ow += P) {
-        vec d[P];
+        };
+        for (; ow < j.ow_lo; ++ow) border_pixel(ow);
+        for (; ow + P <= j.ow_hi; ow += P) {
+          vec d[P];
 #pragma GCC unroll 8
-        for (int i = 0; i < P; ++i) d[i] = V::load(dy_row + (ow + i) * C);
+          for (int i = 0; i < P; ++i) d[i] = V::load(dy_row + (ow + i) * C);
 #pragma GCC unroll 8
-        for (int i = 0; i < P; ++i) bias_acc += d[i];
+          for (int i = 0; i < P; ++i) bias_acc += d[i];
 #pragma GCC unroll 8
-        for (int kh = 0; kh < K; ++kh) {
-          if (!ok[kh]) continue;
-          const T* xr = rows[kh] + (ow * S - j.pad_w) * C;
+          for (int kh = 0; kh < K; ++kh) {
+            if (!ok[kh]) continue;
+            const T* xr = rows[kh] + (ow * S - j.pad_w) * C;
 #pragma GCC unroll 16
-          for (int c = 0; c < (P - 1) * S + K; ++c) {
-            const vec v = V::load(xr + c * C);
+            for (int c = 0; c < (P - 1) * S + K; ++c) {
+              const vec v = V::load(xr + c * C);
 #pragma GCC unroll 8
-            for (int i = 0; i < P; ++i) {
-              const int kw = c - i * S;
-              if (kw >= 0 && kw < K) acc[kh * K + kw] += d[i] * v;
+              for (int i = 0; i < P; ++i) {
+                const int kw = c - i * S;
+                if (kw >= 0 && kw < K) acc[kh * K + kw] += d[i] * v;
+              }
             }
           }
         }
+        for (; ow < j.out_w; ++ow) border_pixel(ow);
       }
-      for (; ow < j.out_w; ++ow) border_pixel(ow);
-    }
 #pragma GCC unroll 32
-    for (int t = 0; t < K * K; ++t) V::store(partial + t * C + c0, overlap ? V::load(partial + t * C + c0) : acc[t]);
-    V::store(partial + K * K * C + c0, overlap ? V::load(partial + K * K * C + c0) : bias_acc);
-  }
+      for (int t = 0; t < K * K; ++t) V::store(partial + t * C + c0, overlap ? V::load(partial + t * C + c0) : acc[t]);
+      V::store(partial + K * K * C + c0, overlap ? V::load(partial + K * K * C + c0) : bias_acc);
+    }
 }
 
 // Grad input by gathering: dX[n, ih, iw] = sum over the taps (kh, kw) that some output reads it
@@ -479,9 +476,9 @@ TapList taps_reading(int64_t i, int64_t k, int64_t s, int64_t p, int64_t d, int6
 template <typename T>
 struct GatherJob {
   int64_t channels, kernel, in_h, in_w, out_h, out_w, stride, pad_h, pad_w, dilation;
-  const T* dy;  // NHWC
-  const T* taps;  // [K*K][C]
-  T* dx;        // NHWC
+  const T* dy;             // NHWC
+  const T* taps;           // [K*K][C]
+  T* dx;                   // NHWC
   const TapList* columns;  // per iw
 };
 
@@ -541,38 +538,38 @@ DW_INLINE void nchw_blocked_body(const NhwcJob<T>& proto, const T* x, T* y, int6
 // Per-ISA instantiations (simd.h) and their choice.
 // ------------------------------------------------------------------------------------------
 
-#define CNNOPS_DW_KERNELS(ISA, TARGET, BYTES)                                                               \
-  template <typename T, int K, int S>                                                                     \
-  TARGET void nchw_forward_##ISA(const PlaneJob<T>& j, int64_t b, int64_t e, T* buf, T* tmp) {            \
-    nchw_forward_body<T, K, S, BYTES>(j, b, e, buf, tmp);                                                 \
-  }                                                                                                       \
-  template <typename T, int K, int S>                                                                     \
-  TARGET void nchw_weight_##ISA(const PlaneJob<T>& j, int64_t b, int64_t e, T* buf, T* tmp, T* dw, T* db) { \
-    nchw_weight_body<T, K, S, BYTES>(j, b, e, buf, tmp, dw, db);                                          \
-  }                                                                                                       \
-  template <typename T, int K, int S>                                                                     \
-  TARGET void nhwc_forward_##ISA(const NhwcJob<T>& j, int64_t b, int64_t e) {                             \
-    nhwc_forward_body<T, K, S, BYTES>(j, b, e);                                                           \
-  }                                                                                                       \
-  template <typename T, int K, int S>                                                                     \
-  TARGET void nhwc_weight_##ISA(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {                \
-    nhwc_weight_body<T, K, S, BYTES>(j, r0, r1, partial);                                                 \
-  }                                                                                                       \
-  template <typename T, int K, int S>                                                                     \
+#define CNNOPS_DW_KERNELS(ISA, TARGET, BYTES)                                                                 \
+  template <typename T, int K, int S>                                                                         \
+  TARGET void nchw_forward_##ISA(const PlaneJob<T>& j, int64_t b, int64_t e, T* buf, T* tmp) {                \
+    nchw_forward_body<T, K, S, BYTES>(j, b, e, buf, tmp);                                                     \
+  }                                                                                                           \
+  template <typename T, int K, int S>                                                                         \
+  TARGET void nchw_weight_##ISA(const PlaneJob<T>& j, int64_t b, int64_t e, T* buf, T* tmp, T* dw, T* db) {   \
+    nchw_weight_body<T, K, S, BYTES>(j, b, e, buf, tmp, dw, db);                                              \
+  }                                                                                                           \
+  template <typename T, int K, int S>                                                                         \
+  TARGET void nhwc_forward_##ISA(const NhwcJob<T>& j, int64_t b, int64_t e) {                                 \
+    nhwc_forward_body<T, K, S, BYTES>(j, b, e);                                                               \
+  }                                                                                                           \
+  template <typename T, int K, int S>                                                                         \
+  TARGET void nhwc_weight_##ISA(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {                    \
+    nhwc_weight_body<T, K, S, BYTES>(j, r0, r1, partial);                                                     \
+  }                                                                                                           \
+  template <typename T, int K, int S>                                                                         \
   TARGET void nchw_blocked_##ISA(const NhwcJob<T>& j, const T* x, T* y, int64_t b, int64_t e, T* xb, T* yb) { \
-    nchw_blocked_body<T, K, S, BYTES>(j, x, y, b, e, xb, yb);                                             \
-  }                                                                                                       \
-  template <typename T>                                                                                   \
-  TARGET void nhwc_gather_##ISA(const GatherJob<T>& j, int64_t b, int64_t e) {                            \
-    nhwc_gather_body<T, BYTES>(j, b, e);                                                                  \
+    nchw_blocked_body<T, K, S, BYTES>(j, x, y, b, e, xb, yb);                                                 \
+  }                                                                                                           \
+  template <typename T>                                                                                       \
+  TARGET void nhwc_gather_##ISA(const GatherJob<T>& j, int64_t b, int64_t e) {                                \
+    nhwc_gather_body<T, BYTES>(j, b, e);                                                                      \
   }
 
 #if CNNOPS_X86
 CNNOPS_DW_KERNELS(avx512, CNNOPS_TARGET_AVX512, 64)
 CNNOPS_DW_KERNELS(avx2, CNNOPS_TARGET_AVX2, 32)
-#define CNNOPS_DW_PICK(KERNEL, ...)                                                                \
-  (cpu_isa() == Isa::Avx512 ? KERNEL##_avx512<__VA_ARGS__>                                         \
-   : cpu_isa() == Isa::Avx2 ? KERNEL##_avx2<__VA_ARGS__>                                           \
+#define CNNOPS_DW_PICK(KERNEL, ...)                        \
+  (cpu_isa() == Isa::Avx512 ? KERNEL##_avx512<__VA_ARGS__> \
+   : cpu_isa() == Isa::Avx2 ? KERNEL##_avx2<__VA_ARGS__>   \
                             : KERNEL##_portable<__VA_ARGS__>)
 #else
 #define CNNOPS_DW_PICK(KERNEL, ...) KERNEL##_portable<__VA_ARGS__>
@@ -633,17 +630,17 @@ NhwcJob<T> nhwc_job(const ConvGeometry& g, int64_t in_h, int64_t in_w, int64_t o
 
 bool depthwise_direct_supported(const ConvGeometry& g, bool nhwc, std::size_t element_size) {
   const int64_t k = g.kernel[2], s = g.stride[2];
-  const bool ok = g.groups == g.in_channels && g.out_channels == g.in_channels && g.in[0] == 1 &&
-                  g.kernel[0] == 1 && g.pad[0] == 0 && g.kernel[1] == k && (k == 3 || k == 5) &&
-                  g.stride[1] == s && (s == 1 || s == 2) && g.dilation[1] == 1 && g.dilation[2] == 1;
+  const bool ok = g.groups == g.in_channels && g.out_channels == g.in_channels && g.in[0] == 1 && g.kernel[0] == 1 &&
+                  g.pad[0] == 0 && g.kernel[1] == k && (k == 3 || k == 5) && g.stride[1] == s && (s == 1 || s == 2) &&
+                  g.dilation[1] == 1 && g.dilation[2] == 1;
   if (!ok) return false;
   // NHWC channel blocks are whole vectors (the last one overlapping the one before)
   return !nhwc || g.in_channels * int64_t(element_size) >= vector_bytes(cpu_isa());
 }
 
 template <typename T>
-void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                              Activation activation, bool nhwc) {
+void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation,
+                              bool nhwc) {
   const int64_t lanes = vector_bytes(cpu_isa()) / sizeof(T);
   with_kernel_and_stride(g, [&](auto k_constant, auto s_constant) {
     constexpr int K = decltype(k_constant)::value, S = decltype(s_constant)::value;
@@ -699,8 +696,8 @@ void depthwise_direct_backward_input(const ConvGeometry& g, const T* dy, const T
       const std::vector<T> taps = taps_by_channel(w, g.in_channels, K * K, false);
       std::vector<TapList> columns(g.in[2]);
       for (int64_t iw = 0; iw < g.in[2]; ++iw) columns[iw] = taps_reading(iw, K, S, g.pad[2], 1, g.out[2]);
-      const GatherJob<T> j{g.in_channels, K, g.in[1], g.in[2], g.out[1], g.out[2], S, g.pad[1], g.pad[2], 1,
-                           dy, taps.data(), dx, columns.data()};
+      const GatherJob<T> j{g.in_channels, K,        g.in[1], g.in[2], g.out[1],    g.out[2], S,
+                           g.pad[1],      g.pad[2], 1,       dy,      taps.data(), dx,       columns.data()};
       const auto kernel = CNNOPS_DW_PICK(nhwc_gather, T);
       parallel_for(0, g.batch * g.in[1], 1, [&](int64_t b, int64_t e) { kernel(j, b, e); });
       return;
@@ -733,7 +730,8 @@ void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const 
       j.x = x, j.dy = dy;
       const auto kernel = CNNOPS_DW_PICK(nhwc_weight, T, K, S);
       parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) kernel(j, rows * p / chunks, rows * (p + 1) / chunks, partial.data() + p * size);
+        for (int64_t p = begin; p < end; ++p)
+          kernel(j, rows * p / chunks, rows * (p + 1) / chunks, partial.data() + p * size);
       });
       for (int64_t c = 0; c < C; ++c)
         for (int64_t t = 0; t <= K * K; ++t) {
@@ -758,10 +756,9 @@ void depthwise_direct_backward_weight(const ConvGeometry& g, const T* dy, const 
   });
 }
 
-#define CNNOPS_INSTANTIATE_DW_DIRECT(T)                                                                          \
-  template void depthwise_direct_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation, \
-                                            bool);                                                              \
-  template void depthwise_direct_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);          \
+#define CNNOPS_INSTANTIATE_DW_DIRECT(T)                                                                               \
+  template void depthwise_direct_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation, bool); \
+  template void depthwise_direct_backward_input<T>(const ConvGeometry&, const T*, const T*, T*, bool);                \
   template void depthwise_direct_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*, bool);
 CNNOPS_INSTANTIATE_DW_DIRECT(float)
 CNNOPS_INSTANTIATE_DW_DIRECT(double)

@@ -15,8 +15,8 @@ bool depthwise_direct_supported(const ConvGeometry& g, bool nhwc, std::size_t el
 
 // Each writes every value of its output.
 template <typename T>
-void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                              Activation activation, bool nhwc);
+void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation,
+                              bool nhwc);
 template <typename T>
 void depthwise_direct_backward_input(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc);
 // db, when not null, gets the bias gradient from the same pass over dY.

@@ -23,8 +23,7 @@ namespace cpu {
 struct PaddedLayout {
   int64_t d, h, w, plane;  // padded sizes; plane = d * h * w
   explicit PaddedLayout(const ConvGeometry& g)
-      : d(g.in[0] + 2 * g.pad[0]), h(g.in[1] + 2 * g.pad[1]), w(g.in[2] + 2 * g.pad[2]),
-        plane(d * h * w) {}
+      : d(g.in[0] + 2 * g.pad[0]), h(g.in[1] + 2 * g.pad[1]), w(g.in[2] + 2 * g.pad[2]), plane(d * h * w) {}
 };
 
 // row_offset(r) for every im2col row of one group (channels counted from the group's first).
@@ -41,15 +40,14 @@ inline std::vector<int64_t> im2col_row_offsets(const ConvGeometry& g, const Padd
 }
 
 // column_offset(l) for flat output positions l = (n, od, oh, ow) in [l0, l0 + count).
-inline std::vector<int64_t> im2col_column_offsets(const ConvGeometry& g, const PaddedLayout& p,
-                                                  int64_t l0, int64_t count) {
+inline std::vector<int64_t> im2col_column_offsets(const ConvGeometry& g, const PaddedLayout& p, int64_t l0,
+                                                  int64_t count) {
   std::vector<int64_t> offsets(count);
   // (n, od, oh, ow) of l0, then stepped position by position (no divisions per column).
   int64_t ow = l0 % g.out[2], oh = l0 / g.out[2] % g.out[1];
   int64_t od = l0 / g.out[2] / g.out[1] % g.out[0], n = l0 / g.out_plane();
   for (int64_t j = 0; j < count; ++j) {
-    offsets[j] = n * g.in_channels * p.plane +
-                 (od * g.stride[0] * p.h + oh * g.stride[1]) * p.w + ow * g.stride[2];
+    offsets[j] = n * g.in_channels * p.plane + (od * g.stride[0] * p.h + oh * g.stride[1]) * p.w + ow * g.stride[2];
     if (++ow < g.out[2]) continue;
     ow = 0;
     if (++oh < g.out[1]) continue;
@@ -93,8 +91,7 @@ inline void copy_values(T* dst, const T* src, int64_t n) {
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
 // last plane for readers that run past it.
 template <typename T>
-std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes,
-                          int64_t slack = 0) {
+std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes, int64_t slack = 0) {
   std::vector<T> padded(planes * p.plane + slack, T(0));
   const int64_t width = g.in[2];
   parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
@@ -115,8 +112,7 @@ void unpad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* padded,
     for (int64_t d = 0; d < g.in[0]; ++d)
       for (int64_t h = 0; h < g.in[1]; ++h)
         std::memcpy(x + ((q * g.in[0] + d) * g.in[1] + h) * g.in[2],
-                    &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]],
-                    g.in[2] * sizeof(T));
+                    &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]], g.in[2] * sizeof(T));
 }
 
 }  // namespace cpu

@@ -38,8 +38,7 @@ inline bool use_shifted_grid(const ConvGeometry& g) {
 }
 
 template <typename T>
-void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                          Activation activation);
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -33,9 +33,9 @@ std::atomic<bool> allowed{true};
 std::atomic<int64_t> calls{0};
 std::atomic<int64_t> forced_min_tiles{-1};
 
-constexpr int64_t kTile = 4;        // output tile side (m in F(m, r))
-constexpr int64_t kAlpha = 6;       // input tile side m + r - 1
-constexpr int64_t kPositions = 36;  // kAlpha^2 transform positions
+constexpr int64_t kTile = 4;          // output tile side (m in F(m, r))
+constexpr int64_t kAlpha = 6;         // input tile side m + r - 1
+constexpr int64_t kPositions = 36;    // kAlpha^2 transform positions
 constexpr int64_t kTargetTiles = 96;  // tiles per block: V and M of a block stay in L2 for ~64 channels
 
 // ---- vectors of L floats (GCC vector extensions), compiled once per ISA below -----------------
@@ -317,8 +317,7 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64
 
 struct Kernels {
   bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
-  void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t,
-                     int64_t);
+  void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t, int64_t);
   bool (*weights)(const float*, int64_t, int64_t, int64_t, float* const*, PackedLayout);
   void (*transpose)(const float*, int64_t, float*, int64_t);
   int64_t lanes;
@@ -326,23 +325,23 @@ struct Kernels {
 
 #define CNNOPS_WINOGRAD_KERNELS(NAME, ATTRIBUTE, L)                                                          \
   ATTRIBUTE bool NAME##_input(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {             \
-    return input_row_body<L>(rows, ld, tw, v, xs);                                                         \
-  }                                                                                                        \
+    return input_row_body<L>(rows, ld, tw, v, xs);                                                           \
+  }                                                                                                          \
   ATTRIBUTE void NAME##_output(const float* m, int64_t xs, int64_t tw, float bias, Activation act, float* y, \
-                               int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                         \
-    output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                         \
-  }                                                                                                        \
-  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t co0, int64_t co1, float* const* dst,     \
-                                PackedLayout layout) {                                                     \
-    return weight_body<L>(w, cin, co0, co1, dst, layout);                                                  \
-  }                                                                                                        \
-  /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */          \
+                               int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                           \
+    output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                           \
+  }                                                                                                          \
+  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t co0, int64_t co1, float* const* dst,    \
+                                PackedLayout layout) {                                                       \
+    return weight_body<L>(w, cin, co0, co1, dst, layout);                                                    \
+  }                                                                                                          \
+  /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */             \
   ATTRIBUTE void NAME##_transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {    \
-    typename Lanes<L>::V r[L];                                                                             \
-    for (int i = 0; i < L; ++i) r[i] = load<L>(src + i * src_stride);                                      \
-    transpose<L>(r);                                                                                       \
-    for (int q = 0; q < L; ++q) store<L>(dst + q * dst_stride, r[q]);                                      \
-  }                                                                                                        \
+    typename Lanes<L>::V r[L];                                                                               \
+    for (int i = 0; i < L; ++i) r[i] = load<L>(src + i * src_stride);                                        \
+    transpose<L>(r);                                                                                         \
+    for (int q = 0; q < L; ++q) store<L>(dst + q * dst_stride, r[q]);                                        \
+  }                                                                                                          \
   const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, L};
 
 #if CNNOPS_X86
@@ -436,8 +435,8 @@ void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& ou
   out.finite = finite;
 }
 
-bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
-                           const float* bias, float* y, bool nhwc, Activation activation) {
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
+                           float* y, bool nhwc, Activation activation) {
   if (!weights.finite) return false;
   std::atomic<bool> finite{true};
   const Kernels& kern = kernels();
@@ -539,8 +538,8 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
             kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
                             rows_buffer.data() + q * kTile * out_w, out_w, 1, rows, wo);
           else
-            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c,
-                            ys_h, ys_w, rows, wo);
+            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c, ys_h,
+                            ys_w, rows, wo);
         }
         if (!grouped) continue;
         for (int64_t a = 0; a < rows; ++a) {

@@ -36,8 +36,8 @@ void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& ou
 // y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc. Returns false, y
 // unfinished, when x or w holds an inf or NaN: Winograd's transforms would spread it to outputs
 // whose window does not hold it (0 * inf), so the caller runs the direct path instead.
-bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights,
-                           const float* bias, float* y, bool nhwc, Activation activation);
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
+                           float* y, bool nhwc, Activation activation);
 // The same with the weights transformed by this call (per-thread storage kept for the next one).
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
                            bool nhwc, Activation activation);

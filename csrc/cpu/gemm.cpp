@@ -31,13 +31,10 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
 // k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
 // activation only with the last reduction block, when the sum is final.
 template <typename T, int MR, bool kOffsetA, bool kOffsetB>
-CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
-                                            const int64_t* __restrict a_offsets, int64_t lda,
-                                            const T* __restrict b,
-                                            const int64_t* __restrict b_offsets,
-                                            T* __restrict c, int64_t ldc, int64_t mr, int64_t nr,
-                                            const T* row_bias, bool accumulate,
-                                            Activation activation) {
+CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, const int64_t* __restrict a_offsets,
+                                            int64_t lda, const T* __restrict b, const int64_t* __restrict b_offsets,
+                                            T* __restrict c, int64_t ldc, int64_t mr, int64_t nr, const T* row_bias,
+                                            bool accumulate, Activation activation) {
   using V = typename Vec64<T>::type;
   constexpr int kL = Vec64<T>::kLanes;
   constexpr int kNr = gemm_nr<T>();
@@ -72,7 +69,7 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
         out0 = acc0[i] + init;
         out1 = acc1[i] + init;
       }
-      if (relu_out) {  // the fused ReLU (common/activation.h's relu), lane-wise on the registers
+      if (relu_out) {    // the fused ReLU (common/activation.h's relu), lane-wise on the registers
         const V zero{};  // written out here: a call taking vectors would warn of an ABI change
         out0 = out0 < zero ? zero : out0;
         out1 = out1 < zero ? zero : out1;
@@ -95,23 +92,23 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a,
 }
 
 template <typename T>
-using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*,
-                             T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
+using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*, T*, int64_t, int64_t,
+                             int64_t, const T*, bool, Activation);
 
 // The micro-kernel of one ISA: its spec (gemm.h) gives MR as the template argument.
-#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                     \
-  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,  \
-                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr,        \
-                      const T* bias, bool acc, Activation act) {                                  \
-    if (a_offsets)                                                                              \
-      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
-    else if (b_offsets)                                                                         \
-      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
-    else                                                                                        \
-      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act); \
+#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                      \
+  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                    \
+                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, \
+                      Activation act) {                                                                             \
+    if (a_offsets)                                                                                                  \
+      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
+    else if (b_offsets)                                                                                             \
+      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
+    else                                                                                                            \
+      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);  \
   }
-#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)              \
-  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr)  \
+#define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)             \
+  CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr) \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_d, ATTRIBUTE, double, SPEC.mr)
 
 #if CNNOPS_X86
@@ -225,10 +222,9 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 // while the A panels of the row range, a_panel(k0, kc, i0), stream past it.
 // C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
 template <typename T, typename Prepare, typename APanelFn, typename BPanelFn>
-void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc,
-                  const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end,
-                  Activation activation, Prepare&& prepare, APanelFn&& a_panel, BPanelFn&& b_panel,
-                  const int64_t* c_panel_offset = nullptr) {
+void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+                  int64_t row_begin, int64_t row_end, Activation activation, Prepare&& prepare, APanelFn&& a_panel,
+                  BPanelFn&& b_panel, const int64_t* c_panel_offset = nullptr) {
   const auto& kernel = kernel_choice<T>();
   const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc;
   if (row_end < 0) row_end = m;
@@ -252,9 +248,8 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
       T* c_panel = c + c_column(j0);
       for (int64_t i0 = row_begin; i0 < row_end; i0 += mr) {
         const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
-        kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc,
-                  std::min(mr, row_end - i0), std::min(nr, n - j0),
-                  row_bias ? row_bias + i0 : nullptr, acc, act);
+        kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc, std::min(mr, row_end - i0),
+                  std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act);
       }
     }
   }
@@ -274,9 +269,8 @@ struct BPanel {
 };
 
 template <typename T>
-void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias,
-          bool accumulate, T* workspace, int64_t row_begin, int64_t row_end, Activation activation,
-          const int64_t* c_panel_offset) {
+void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+          T* workspace, int64_t row_begin, int64_t row_end, Activation activation, const int64_t* c_panel_offset) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
@@ -287,19 +281,17 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
 }
 
 template <typename T>
-void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
-                    int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin,
-                    int64_t row_end, Activation activation) {
+void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c, int64_t ldc,
+                    const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end, Activation activation) {
   gemm_blocked<T>(
-      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
-      [](int64_t, int64_t) {},
+      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation, [](int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
 }
 
 template <typename T>
-void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset,
-                    int64_t n, PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
+void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
       m, k, gemm_spec().mr, n, c, ldc, nullptr, false, 0, -1, Activation::None,
@@ -309,8 +301,8 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
 }
 
 template <typename T>
-void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc,
-                    int64_t n0, int64_t nc, T* dst, int64_t first_col) {
+void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
+                    T* dst, int64_t first_col) {
   constexpr int64_t nr = gemm_nr<T>();
   for (int64_t j = 0; j < nc;) {  // pieces of columns that stay inside one panel
     const int64_t col = first_col + j, piece = std::min(nc - j, nr - col % nr);
@@ -336,17 +328,16 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   for (int64_t kk = 0; kk < kc; ++kk) std::fill(last_panel + kk * nr + nc % nr, last_panel + (kk + 1) * nr, T(0));
 }
 
-#define CNNOPS_INSTANTIATE_GEMM(T)                                                           \
-  template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);               \
-  template PackedA<T> pack_a_panels<T>(int64_t, int64_t, ReadPanel<T>);                       \
-  template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool,    \
-                        T*, int64_t, int64_t, Activation, const int64_t*);                   \
-  template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*,   \
-                                  int64_t, const T*, bool, int64_t, int64_t, Activation);    \
-  template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, \
-                                  PackB<T>, T*, int64_t, T*);                                \
-  template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
-                                  int64_t, T*, int64_t);                                     \
+#define CNNOPS_INSTANTIATE_GEMM(T)                                                                                     \
+  template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);                                         \
+  template PackedA<T> pack_a_panels<T>(int64_t, int64_t, ReadPanel<T>);                                                \
+  template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool, T*, int64_t, int64_t,       \
+                        Activation, const int64_t*);                                                                   \
+  template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*, int64_t, const T*, bool,   \
+                                  int64_t, int64_t, Activation);                                                       \
+  template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, PackB<T>, T*, int64_t, \
+                                  T*);                                                                                 \
+  template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)
 CNNOPS_INSTANTIATE_GEMM(double)

@@ -87,25 +87,24 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 // c_panel_offset is given: then the NR columns of panel p start at c + c_panel_offset[p], which
 // lets a convolution write a block of columns that spans samples straight into each sample.
 template <typename T>
-void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc,
-          const T* row_bias, bool accumulate, T* workspace, int64_t row_begin = 0,
-          int64_t row_end = -1, Activation activation = Activation::None,
+void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+          T* workspace, int64_t row_begin = 0, int64_t row_end = -1, Activation activation = Activation::None,
           const int64_t* c_panel_offset = nullptr);
 
 // The same product with B read in place, no packing: B[k, j] = b[row_offset[k] + j]. Every
 // row offset plus n rounded up to NR columns must stay inside b's allocation. This is how the
 // stride-1 convolution reads its shifted-window im2col rows straight from the padded input.
 template <typename T>
-void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c,
-                    int64_t ldc, const T* row_bias, bool accumulate, int64_t row_begin = 0,
-                    int64_t row_end = -1, Activation activation = Activation::None);
+void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c, int64_t ldc,
+                    const T* row_bias, bool accumulate, int64_t row_begin = 0, int64_t row_end = -1,
+                    Activation activation = Activation::None);
 
 // C[M, N] = A * B with A read in place, A[i, k] = a[column_offset[k] + i * lda], and B packed
 // as in gemm(). The channels-last stride-1 convolution reads its shifted-window im2col rows this
 // way. Reads reach a[column_offset[k] + (M rounded up to the micro-kernel's rows - 1) * lda].
 template <typename T>
-void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset,
-                    int64_t n, PackB<T> pack_b, T* c, int64_t ldc, T* workspace);
+void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace);
 
 // Rows per A panel of the micro-kernel this CPU runs: gemm_spec().mr.
 template <typename T>
@@ -127,8 +126,8 @@ int64_t gemm_workspace_size(int64_t n) {
 // Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride], rows
 // [k0, k0 + kc) and columns [n0, n0 + nc) placed at panel columns [first_col, first_col + nc).
 template <typename T>
-void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc,
-                    int64_t n0, int64_t nc, T* dst, int64_t first_col = 0);
+void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
+                    T* dst, int64_t first_col = 0);
 
 // Zeroes the padding columns [nc, NR * ceil(nc / NR)) of a packed B block of kc rows; a packer
 // calls it once it has placed all nc columns.

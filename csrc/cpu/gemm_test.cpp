@@ -31,8 +31,8 @@ py::dict spec_dict() {
 // column-major A; "shifted_b": gemm_shifted_b; "shifted_a": gemm_shifted_a, whole rows, init 0,
 // no activation; "panel_offset": gemm() writing each NR-column panel at its own offset).
 template <typename T>
-void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias, bool accumulate,
-         int64_t row_begin, int64_t row_end, Activation act, const std::string& variant) {
+void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias, bool accumulate, int64_t row_begin,
+         int64_t row_end, Activation act, const std::string& variant) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1), nr = gemm_nr<T>(), mr = gemm_mr<T>();
   const T* bp = b.const_data_ptr<T>();
   auto pack_b = [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst) {
@@ -56,8 +56,8 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
       const int64_t w = std::min(nr, n - p * nr);
       wide.narrow(1, p * step, w).copy_(c.narrow(1, p * nr, w));
     }
-    gemm<T>(pa, n, pack_b, wide.mutable_data_ptr<T>(), panels * step, bias, accumulate, workspace.get(),
-            row_begin, row_end, act, offsets.data());
+    gemm<T>(pa, n, pack_b, wide.mutable_data_ptr<T>(), panels * step, bias, accumulate, workspace.get(), row_begin,
+            row_end, act, offsets.data());
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t w = std::min(nr, n - p * nr);
       c.narrow(1, p * nr, w).copy_(wide.narrow(1, p * step, w));
@@ -73,8 +73,8 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
     std::vector<int64_t> row_offset(k);
     for (int64_t kk = 0; kk < k; ++kk) row_offset[kk] = kk * n;
     const PackedA<T> pa = pack_a<T>(m, k, a.const_data_ptr<T>(), k, 1);
-    gemm_shifted_b<T>(pa, n, padded.const_data_ptr<T>(), row_offset.data(), cp, n, bias, accumulate, row_begin,
-                      row_end, act);
+    gemm_shifted_b<T>(pa, n, padded.const_data_ptr<T>(), row_offset.data(), cp, n, bias, accumulate, row_begin, row_end,
+                      act);
   } else if (variant == "shifted_a") {
     TORCH_CHECK(bias == nullptr && !accumulate && row_begin == 0 && row_end == -1 && act == Activation::None,
                 "gemm(): variant 'shifted_a' computes whole rows from 0, without activation");
@@ -83,8 +83,7 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
     padded.narrow(0, 0, m * k).copy_(a.reshape(-1));
     std::vector<int64_t> column_offset(k);
     for (int64_t kk = 0; kk < k; ++kk) column_offset[kk] = kk;
-    gemm_shifted_a<T>(m, k, padded.const_data_ptr<T>(), k, column_offset.data(), n, pack_b, cp, n,
-                      workspace.get());
+    gemm_shifted_a<T>(m, k, padded.const_data_ptr<T>(), k, column_offset.data(), n, pack_b, cp, n, workspace.get());
   } else {
     TORCH_CHECK(false, "gemm(): unknown variant '", variant, "'");
   }
@@ -92,16 +91,16 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
 
 // Returns a copy of c updated in rows [row_begin, row_end) (row_end -1: all rows).
 at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& c_,
-                      const std::optional<at::Tensor>& row_bias, bool accumulate, int64_t row_begin,
-                      int64_t row_end, const std::string& activation, const std::string& variant) {
+                      const std::optional<at::Tensor>& row_bias, bool accumulate, int64_t row_begin, int64_t row_end,
+                      const std::string& activation, const std::string& variant) {
   TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && c_.dim() == 2, "gemm(): a, b and c must be 2-d");
   TORCH_CHECK(a_.device().is_cpu() && b_.device().is_cpu() && c_.device().is_cpu(), "gemm(): CPU tensors only");
   const auto dtype = a_.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "gemm(): float32 or float64, got ", dtype);
   TORCH_CHECK(b_.scalar_type() == dtype && c_.scalar_type() == dtype, "gemm(): a, b and c must share a dtype");
   const int64_t m = a_.size(0), k = a_.size(1), n = b_.size(1);
-  TORCH_CHECK(b_.size(0) == k && c_.size(0) == m && c_.size(1) == n, "gemm(): expected b of ", k, " rows and c of ",
-              m, " x ", n);
+  TORCH_CHECK(b_.size(0) == k && c_.size(0) == m && c_.size(1) == n, "gemm(): expected b of ", k, " rows and c of ", m,
+              " x ", n);
   const int64_t end = row_end < 0 ? m : row_end;
   TORCH_CHECK(row_begin >= 0 && row_begin % gemm_mr<float>() == 0 && row_begin <= end && end <= m,
               "gemm(): row_begin must be a multiple of mr and 0 <= row_begin <= row_end <= M");
@@ -115,8 +114,8 @@ at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tens
   }
   const Activation act = parse_activation(activation);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gemm", [&] {
-    run<scalar_t>(a, b, c, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, accumulate, row_begin,
-                  row_end, act, variant);
+    run<scalar_t>(a, b, c, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, accumulate, row_begin, row_end,
+                  act, variant);
   });
   return c;
 }

@@ -1,5 +1,5 @@
 // Group norm on the CPU: N x C x *, statistics per (n, group) over the group's C/G channels and
-// all spatial positions, affine per channel (lecture: "Group Normalization", Wu and He).
+// all spatial positions, affine per channel (formulas.md §Norm statistics; Wu and He).
 // Instance norm is this op with G = C.
 //
 // NCHW: a group is one contiguous span of (C/G) * S values; each (n, g) is reduced with Welford
@@ -26,12 +26,10 @@ namespace {
 constexpr const char* kForward = "group_norm_forward()";
 constexpr const char* kBackward = "group_norm_backward()";
 
-
 }  // namespace
 
 TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                double eps) {
+                                const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps) {
   const ChannelNormShape s = check_group_norm_input(kForward, input, num_groups);
   check_group_norm_param(kForward, "weight", weight, input, s);
   check_group_norm_param(kForward, "bias", bias, input, s);
@@ -61,8 +59,7 @@ TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at:
           const acc_t inv = norm_invstd(st.biased_variance(), eps_a);
           const int64_t c0 = (ng % G) * D;
           for (int64_t d = 0; d < D; ++d)
-            normalize_span(xg + d * S, yp + ng * D * S + d * S, S, st.mean,
-                           norm_scale(inv, w[c0 + d]), b[c0 + d]);
+            normalize_span(xg + d * S, yp + ng * D * S + d * S, S, st.mean, norm_scale(inv, w[c0 + d]), b[c0 + d]);
           mo[ng] = st.mean;
           io[ng] = inv;
         }
@@ -130,9 +127,8 @@ TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at:
   return {y, mean_out, invstd_out};
 }
 
-TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                 const at::Tensor& mean, const at::Tensor& invstd,
-                                 const c10::optional<at::Tensor>& weight, int64_t num_groups,
+TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, int64_t num_groups,
                                  std::array<bool, 3> output_mask) {
   const ChannelNormShape s = check_group_norm_input(kBackward, input, num_groups);
   check_norm_grad_output(kBackward, grad_output, input);
@@ -148,10 +144,8 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor mean_d = mean.contiguous();
   const at::Tensor invstd_d = invstd.contiguous();
   at::Tensor dx = output_mask[0] ? at::empty_like(x) : norm_unselected(input);
-  at::Tensor dw = output_mask[1] ? at::empty({s.channels}, input.options().dtype(pdtype))
-                                 : norm_unselected(input);
-  at::Tensor db = output_mask[2] ? at::empty({s.channels}, input.options().dtype(pdtype))
-                                 : norm_unselected(input);
+  at::Tensor dw = output_mask[1] ? at::empty({s.channels}, input.options().dtype(pdtype)) : norm_unselected(input);
+  at::Tensor db = output_mask[2] ? at::empty({s.channels}, input.options().dtype(pdtype)) : norm_unselected(input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -182,15 +176,13 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
           const int64_t c0 = (ng % G) * D, n = ng / G;
           for (int64_t d = 0; d < D; ++d) {
             const int64_t off = (ng * D + d) * S;
-            grad_sums_span(dyp + off, xp + off, S, mp[ng], &sum_dy[n * C + c0 + d],
-                           &sum_dy_xmu[n * C + c0 + d]);
+            grad_sums_span(dyp + off, xp + off, S, mp[ng], &sum_dy[n * C + c0 + d], &sum_dy_xmu[n * C + c0 + d]);
           }
           if (!dxp) continue;
           const auto coef = group_coef(ng);
           for (int64_t d = 0; d < D; ++d) {
             const int64_t off = (ng * D + d) * S;
-            input_grad_span(dyp + off, xp + off, dxp + off, S, w[c0 + d], ip[ng], mp[ng], coef.coef_g,
-                            coef.coef_xmu);
+            input_grad_span(dyp + off, xp + off, dxp + off, S, w[c0 + d], ip[ng], mp[ng], coef.coef_g, coef.coef_xmu);
           }
         }
       });
@@ -226,8 +218,8 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
       };
       auto input_grad_block = [&](int64_t n, int64_t blk) {
         const int64_t off = (n * S + blocks.begin(blk)) * C;
-        input_grad_rows(dyp + off, xp + off, dxp + off, blocks.size(blk), C, w.data(), &invstd_c[n * C],
-                        &mean_c[n * C], &coef_g[n * C], &coef_xmu[n * C]);
+        input_grad_rows(dyp + off, xp + off, dxp + off, blocks.size(blk), C, w.data(), &invstd_c[n * C], &mean_c[n * C],
+                        &coef_g[n * C], &coef_xmu[n * C]);
       };
       if (N >= 2 * at::get_num_threads()) {  // one image per task, second pass from cache
         at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {

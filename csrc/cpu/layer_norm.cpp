@@ -1,5 +1,5 @@
 // Layer norm on the CPU: statistics per row of K = prod(normalized_shape) values, affine per
-// column (lecture: "Layer Normalization", mu, sigma: N x 1). Each row is reduced with Welford
+// column (formulas.md §Norm statistics: mu, sigma: N x 1). Each row is reduced with Welford
 // and normalized while it is still in cache. The output is contiguous, as torch's.
 // Backward: dx per row (dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = w * dy);
 // dweight = sum over rows of dy * x_hat and dbias = sum of dy are reduced deterministically:
@@ -31,8 +31,8 @@ int64_t layer_norm_rows_per_block(int64_t rows, int64_t cols) {
 }  // namespace
 
 TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normalized_shape,
-                                const c10::optional<at::Tensor>& weight,
-                                const c10::optional<at::Tensor>& bias, double eps) {
+                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                double eps) {
   const RowNormShape s = check_layer_norm_input(kForward, input, normalized_shape);
   check_layer_norm_param(kForward, "weight", weight, input, normalized_shape);
   check_layer_norm_param(kForward, "bias", bias, input, normalized_shape);
@@ -58,17 +58,15 @@ TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normal
     const acc_t* wp = has_w ? w.data() : nullptr;
     const acc_t* bp = has_b ? b.data() : nullptr;
     at::parallel_for(0, s.rows, grain_for(2 * K), [&](int64_t begin, int64_t end) {
-      layer_norm_rows_forward(xp + begin * K, yp + begin * K, end - begin, K, eps_a, wp, bp,
-                              mo + begin, io + begin);
+      layer_norm_rows_forward(xp + begin * K, yp + begin * K, end - begin, K, eps_a, wp, bp, mo + begin, io + begin);
     });
   });
   return {y, mean_out, invstd_out};
 }
 
 TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                 c10::IntArrayRef normalized_shape, const at::Tensor& mean,
-                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                                 std::array<bool, 3> output_mask) {
+                                 c10::IntArrayRef normalized_shape, const at::Tensor& mean, const at::Tensor& invstd,
+                                 const c10::optional<at::Tensor>& weight, std::array<bool, 3> output_mask) {
   const RowNormShape s = check_layer_norm_input(kBackward, input, normalized_shape);
   check_norm_grad_output(kBackward, grad_output, input);
   check_layer_norm_param(kBackward, "weight", weight, input, normalized_shape);
@@ -83,10 +81,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
   at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options()) : norm_unselected(input);
-  at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, input.options().dtype(pdtype))
-                                 : norm_unselected(input);
-  at::Tensor db = output_mask[2] ? at::empty(normalized_shape, input.options().dtype(pdtype))
-                                 : norm_unselected(input);
+  at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
+  at::Tensor db = output_mask[2] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -116,9 +112,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t r0 = blk * per, nrows = std::min(M, (blk + 1) * per) - r0;
         if (!by_columns) {  // dx while the row is in cache, dweight/dbias into the block partial
-          layer_norm_rows_backward(dyp + r0 * K, xp + r0 * K, dxp ? dxp + r0 * K : nullptr, nrows, K,
-                                   mp + r0, ip + r0, wp, by_blocks ? &pdw[blk * K] : nullptr,
-                                   by_blocks ? &pdb[blk * K] : nullptr);
+          layer_norm_rows_backward(dyp + r0 * K, xp + r0 * K, dxp ? dxp + r0 * K : nullptr, nrows, K, mp + r0, ip + r0,
+                                   wp, by_blocks ? &pdw[blk * K] : nullptr, by_blocks ? &pdb[blk * K] : nullptr);
           continue;
         }
         // By columns: only the coefficients here; dx comes with dweight/dbias below.
@@ -139,8 +134,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
           for (int64_t r = 0; r < M; ++r) {
             const int64_t off = r * K + k0;
             if (dxp)
-              layer_norm_row_input_grad(dyp + off, xp + off, dxp + off, len, mp[r], ip[r],
-                                        wp ? wp + k0 : nullptr, coef_g[r], coef_xmu[r]);
+              layer_norm_row_input_grad(dyp + off, xp + off, dxp + off, len, mp[r], ip[r], wp ? wp + k0 : nullptr,
+                                        coef_g[r], coef_xmu[r]);
             layer_norm_row_param_grad(dyp + off, xp + off, len, mp[r], ip[r], &gw[k0], &gb[k0]);
           }
         } else {

@@ -33,8 +33,8 @@ template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
 // Fixed partition sizes (independent of the thread count, see above).
-constexpr int64_t kSpanChunk = 16384;  // values per partial Welford of a long span
-constexpr int64_t kMaxRowBlocks = 256;  // row blocks per channels-last reduction, at most
+constexpr int64_t kSpanChunk = 16384;            // values per partial Welford of a long span
+constexpr int64_t kMaxRowBlocks = 256;           // row blocks per channels-last reduction, at most
 constexpr int64_t kParallelGrainValues = 32768;  // values per parallel task, at least
 
 // Rows per block of a channels-last reduction over `rows` rows: depends on the sizes only.
@@ -73,8 +73,8 @@ Welford<acc_type<scalar_t>> welford_span(const scalar_t* x, int64_t n);
 
 // y = (x - mean) * scale + bias.
 template <typename scalar_t>
-void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, acc_type<scalar_t> mean,
-                    acc_type<scalar_t> scale, acc_type<scalar_t> bias);
+void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, acc_type<scalar_t> mean, acc_type<scalar_t> scale,
+                    acc_type<scalar_t> bias);
 
 // sum(dy) and sum(dy * (x - mean)) over [0, n).
 template <typename scalar_t>
@@ -84,70 +84,61 @@ void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<s
 // dx = invstd * (w * dy + coef_g) + coef_xmu * (x - mean) (see norm_math.h; both coefficients
 // 0: eval mode, x is not read).
 template <typename scalar_t>
-void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                     acc_type<scalar_t> w, acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
-                     acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu);
+void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_type<scalar_t> w,
+                     acc_type<scalar_t> invstd, acc_type<scalar_t> mean, acc_type<scalar_t> coef_g,
+                     acc_type<scalar_t> coef_xmu);
 
 // ---- layer-norm rows (contiguous, per-column affine) ---------------------------------------
 
 // g = w * dy: sum(g) and sum(g * (x - mean)).
 template <typename scalar_t>
-void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
-                              acc_type<scalar_t> mean, const acc_type<scalar_t>* w,
-                              acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu);
+void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+                              const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu);
 
 // dx = invstd * (w * dy + coef_g) + coef_xmu * (x - mean), w per column (null: 1).
 template <typename scalar_t>
-void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                               acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                               const acc_type<scalar_t>* w, acc_type<scalar_t> coef_g,
+void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_type<scalar_t> mean,
+                               acc_type<scalar_t> invstd, const acc_type<scalar_t>* w, acc_type<scalar_t> coef_g,
                                acc_type<scalar_t> coef_xmu);
 
 // dw[k] += dy * (x - mean) * invstd, db[k] += dy.
 template <typename scalar_t>
-void layer_norm_row_param_grad(const scalar_t* dy, const scalar_t* x, int64_t n,
-                               acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                               acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
+void layer_norm_row_param_grad(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+                               acc_type<scalar_t> invstd, acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
 
 // Rows [0, rows) of n values each: forward with Welford per row (mean/invstd written), and
 // backward (dx may be null; dw/db accumulate, both null or both given).
 template <typename scalar_t>
-void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n,
-                             acc_type<scalar_t> eps, const acc_type<scalar_t>* w,
-                             const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
+void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n, acc_type<scalar_t> eps,
+                             const acc_type<scalar_t>* w, const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
                              acc_type<scalar_t>* invstd_out);
 template <typename scalar_t>
-void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows,
-                              int64_t n, const acc_type<scalar_t>* mean,
-                              const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* w,
-                              acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
+void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t n,
+                              const acc_type<scalar_t>* mean, const acc_type<scalar_t>* invstd,
+                              const acc_type<scalar_t>* w, acc_type<scalar_t>* dw, acc_type<scalar_t>* db);
 
 // ---- channels-last rows (C channels per row, per-channel lanes) ----------------------------
 
 // Per-channel Welford over `rows` rows of C values (row r at x + r * C): mean[c], m2[c], all
 // with count = rows.
 template <typename scalar_t>
-void welford_rows(const scalar_t* x, int64_t rows, int64_t C, acc_type<scalar_t>* mean,
-                  acc_type<scalar_t>* m2);
+void welford_rows(const scalar_t* x, int64_t rows, int64_t C, acc_type<scalar_t>* mean, acc_type<scalar_t>* m2);
 
 // y = (x - mean[c]) * scale[c] + bias[c].
 template <typename scalar_t>
-void normalize_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C,
-                    const acc_type<scalar_t>* mean, const acc_type<scalar_t>* scale,
-                    const acc_type<scalar_t>* bias);
+void normalize_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_type<scalar_t>* mean,
+                    const acc_type<scalar_t>* scale, const acc_type<scalar_t>* bias);
 
 // sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean[c])) over the rows (overwritten).
 template <typename scalar_t>
-void grad_sums_rows(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C,
-                    const acc_type<scalar_t>* mean, acc_type<scalar_t>* sum_dy,
-                    acc_type<scalar_t>* sum_dy_xmu);
+void grad_sums_rows(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, const acc_type<scalar_t>* mean,
+                    acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu);
 
 // dx = invstd[c] * (w[c] * dy + coef_g[c]) + coef_xmu[c] * (x - mean[c]).
 template <typename scalar_t>
 void input_grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
-                     const acc_type<scalar_t>* w, const acc_type<scalar_t>* invstd,
-                     const acc_type<scalar_t>* mean, const acc_type<scalar_t>* coef_g,
-                     const acc_type<scalar_t>* coef_xmu);
+                     const acc_type<scalar_t>* w, const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* mean,
+                     const acc_type<scalar_t>* coef_g, const acc_type<scalar_t>* coef_xmu);
 
 // ---- host helpers --------------------------------------------------------------------------
 
@@ -173,27 +164,22 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout);
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 TensorTriple batch_norm_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                const c10::optional<at::Tensor>& bias,
-                                const c10::optional<at::Tensor>& running_mean,
-                                const c10::optional<at::Tensor>& running_var, bool training,
-                                double momentum, double eps);
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var, bool training, double momentum,
+                                double eps);
 TensorTriple batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                  const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                 const at::Tensor& invstd, bool training,
-                                 std::array<bool, 3> output_mask);
+                                 const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask);
 TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normalized_shape,
-                                const c10::optional<at::Tensor>& weight,
-                                const c10::optional<at::Tensor>& bias, double eps);
-TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                 c10::IntArrayRef normalized_shape, const at::Tensor& mean,
-                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                                 std::array<bool, 3> output_mask);
-TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                 double eps);
-TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                 const at::Tensor& mean, const at::Tensor& invstd,
-                                 const c10::optional<at::Tensor>& weight, int64_t num_groups,
+TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                 c10::IntArrayRef normalized_shape, const at::Tensor& mean, const at::Tensor& invstd,
+                                 const c10::optional<at::Tensor>& weight, std::array<bool, 3> output_mask);
+TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps);
+TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, int64_t num_groups,
                                  std::array<bool, 3> output_mask);
 
 }  // namespace cpu
@@ -208,13 +194,10 @@ using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
 TensorPair batch_norm_stats(const at::Tensor& input);
 at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
-                            const at::Tensor& invstd);
-at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
-                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                     const c10::optional<at::Tensor>& weight,
-                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     int64_t count);
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd);
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+                                     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, int64_t count);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -15,8 +15,7 @@ namespace cnnops {
 namespace cpu {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CNNOPS_NORM_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define CNNOPS_NORM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CNNOPS_NORM_CLONES
 #endif
@@ -49,8 +48,8 @@ __attribute__((always_inline)) inline acc_t lane_tree_sum(acc_t* a) {
 // Welford over x[0, n) in L lanes that share the count, merged as a tree of equal-count pairs,
 // then the tail (fewer than L values) by its own two-pass statistics and one Chan merge.
 template <int L, typename scalar_t>
-__attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(
-    const scalar_t* __restrict x, int64_t n) {
+__attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(const scalar_t* __restrict x,
+                                                                                int64_t n) {
   using acc_t = acc_type<scalar_t>;
   acc_t mean[L] = {};
   acc_t m2[L] = {};
@@ -58,13 +57,11 @@ __attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(
   for (int64_t s = 0; s < steps; ++s) {
     const acc_t inv_count = acc_t(1) / static_cast<acc_t>(s + 1);
     const scalar_t* p = x + s * L;
-    for (int l = 0; l < L; ++l)
-      welford_add_shared_count(mean[l], m2[l], static_cast<acc_t>(p[l]), inv_count);
+    for (int l = 0; l < L; ++l) welford_add_shared_count(mean[l], m2[l], static_cast<acc_t>(p[l]), inv_count);
   }
   acc_t count = static_cast<acc_t>(steps);
   for (int half = L / 2; half >= 1; half /= 2) {
-    for (int l = 0; l < half; ++l)
-      welford_merge_equal_count(mean[l], m2[l], mean[l + half], m2[l + half], count);
+    for (int l = 0; l < half; ++l) welford_merge_equal_count(mean[l], m2[l], mean[l + half], m2[l + half], count);
     count += count;
   }
   Welford<acc_t> total;
@@ -91,8 +88,7 @@ __attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(
 }
 
 template <typename scalar_t>
-CNNOPS_ALWAYS_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_t* __restrict x,
-                                                             int64_t n) {
+CNNOPS_ALWAYS_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_t* __restrict x, int64_t n) {
   using acc_t = acc_type<scalar_t>;
   // Long spans: four vectors of lanes (independent chains hide the add latency); short spans
   // (a ConvNeXt layer-norm row of 64 channels): one vector, so the merge tree stays small.
@@ -102,18 +98,16 @@ CNNOPS_ALWAYS_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* __restrict y,
-                                       int64_t n, acc_type<scalar_t> mean,
-                                       acc_type<scalar_t> scale, acc_type<scalar_t> bias) {
+CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t n,
+                                       acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> bias) {
   using acc_t = acc_type<scalar_t>;
-  for (int64_t i = 0; i < n; ++i)
-    y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * scale + bias);
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * scale + bias);
 }
 
 template <typename scalar_t>
-CNNOPS_ALWAYS_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                       int64_t n, acc_type<scalar_t> mean,
-                                       acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+CNNOPS_ALWAYS_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t n,
+                                              acc_type<scalar_t> mean, acc_type<scalar_t>* sum_dy,
+                                              acc_type<scalar_t>* sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
   constexpr int L = span_lanes<acc_t>();
   acc_t a[L] = {};
@@ -141,9 +135,9 @@ CNNOPS_ALWAYS_INLINE void grad_sums_span_impl(const scalar_t* __restrict dy, con
 
 template <typename scalar_t>
 CNNOPS_ALWAYS_INLINE void input_grad_span_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                        scalar_t* __restrict dx, int64_t n, acc_type<scalar_t> w,
-                                        acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
-                                        acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
+                                               scalar_t* __restrict dx, int64_t n, acc_type<scalar_t> w,
+                                               acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
+                                               acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
   using acc_t = acc_type<scalar_t>;
   if (coef_xmu == acc_t(0) && coef_g == acc_t(0)) {  // eval: dx = invstd * w * dy, x not read
     for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<scalar_t>(invstd * (w * static_cast<acc_t>(dy[i])));
@@ -155,33 +149,26 @@ CNNOPS_ALWAYS_INLINE void input_grad_span_impl(const scalar_t* __restrict dy, co
 }
 
 template <typename scalar_t>
-CNNOPS_ALWAYS_INLINE void layer_norm_row_impl(const scalar_t* __restrict x, scalar_t* __restrict y,
-                                       int64_t n, acc_type<scalar_t> mean,
-                                       acc_type<scalar_t> invstd, const acc_type<scalar_t>* w,
-                                       const acc_type<scalar_t>* b) {
+CNNOPS_ALWAYS_INLINE void layer_norm_row_impl(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t n,
+                                              acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                              const acc_type<scalar_t>* w, const acc_type<scalar_t>* b) {
   using acc_t = acc_type<scalar_t>;
   if (w && b) {
     for (int64_t i = 0; i < n; ++i)
       y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd * w[i] + b[i]);
   } else if (w) {
-    for (int64_t i = 0; i < n; ++i)
-      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd * w[i]);
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd * w[i]);
   } else if (b) {
-    for (int64_t i = 0; i < n; ++i)
-      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd + b[i]);
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd + b[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i)
-      y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd);
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * invstd);
   }
 }
 
 template <typename scalar_t>
-CNNOPS_ALWAYS_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict dy,
-                                                 const scalar_t* __restrict x, int64_t n,
-                                                 acc_type<scalar_t> mean,
-                                                 const acc_type<scalar_t>* w,
-                                                 acc_type<scalar_t>* sum_g,
-                                                 acc_type<scalar_t>* sum_g_xmu) {
+CNNOPS_ALWAYS_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                                        int64_t n, acc_type<scalar_t> mean, const acc_type<scalar_t>* w,
+                                                        acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu) {
   using acc_t = acc_type<scalar_t>;
   if (!w) {
     grad_sums_span_impl(dy, x, n, mean, sum_g, sum_g_xmu);
@@ -211,13 +198,10 @@ CNNOPS_ALWAYS_INLINE void layer_norm_row_grad_sums_impl(const scalar_t* __restri
 }
 
 template <typename scalar_t>
-CNNOPS_ALWAYS_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restrict dy,
-                                                  const scalar_t* __restrict x,
-                                                  scalar_t* __restrict dx, int64_t n,
-                                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                                                  const acc_type<scalar_t>* w,
-                                                  acc_type<scalar_t> coef_g,
-                                                  acc_type<scalar_t> coef_xmu) {
+CNNOPS_ALWAYS_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                                         scalar_t* __restrict dx, int64_t n, acc_type<scalar_t> mean,
+                                                         acc_type<scalar_t> invstd, const acc_type<scalar_t>* w,
+                                                         acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
   using acc_t = acc_type<scalar_t>;
   if (!w) {
     input_grad_span_impl(dy, x, dx, n, acc_t(1), invstd, mean, coef_g, coef_xmu);
@@ -229,9 +213,8 @@ CNNOPS_ALWAYS_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restr
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy,
-                                                  const scalar_t* __restrict x, int64_t n,
-                                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                                  int64_t n, acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
                                                   acc_type<scalar_t>* __restrict dw,
                                                   acc_type<scalar_t>* __restrict db) {
   using acc_t = acc_type<scalar_t>;
@@ -246,8 +229,7 @@ template <typename scalar_t>
 CNNOPS_ALWAYS_INLINE void layer_norm_row_backward_sums_impl(
     const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t n, acc_type<scalar_t> mean,
     acc_type<scalar_t> invstd, const acc_type<scalar_t>* __restrict w, acc_type<scalar_t>* sum_g,
-    acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* __restrict dw,
-    acc_type<scalar_t>* __restrict db) {
+    acc_type<scalar_t>* sum_g_xmu, acc_type<scalar_t>* __restrict dw, acc_type<scalar_t>* __restrict db) {
   using acc_t = acc_type<scalar_t>;
   constexpr int L = span_lanes<acc_t>() / 4;
   acc_t a[L] = {};
@@ -288,35 +270,29 @@ CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* x, i
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n,
-                                       acc_type<scalar_t> mean, acc_type<scalar_t>* sum_dy,
-                                       acc_type<scalar_t>* sum_dy_xmu) {
+CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+                                       acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
   grad_sums_span_impl(dy, x, n, mean, sum_dy, sum_dy_xmu);
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
-                                        int64_t n, acc_type<scalar_t> w, acc_type<scalar_t> invstd,
-                                        acc_type<scalar_t> mean, acc_type<scalar_t> coef_g,
-                                        acc_type<scalar_t> coef_xmu) {
+CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
+                                        acc_type<scalar_t> w, acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
+                                        acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
   input_grad_span_impl(dy, x, dx, n, w, invstd, mean, coef_g, coef_xmu);
 }
 
 template <typename scalar_t>
 CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
-                                                 acc_type<scalar_t> mean,
-                                                 const acc_type<scalar_t>* w,
-                                                 acc_type<scalar_t>* sum_g,
-                                                 acc_type<scalar_t>* sum_g_xmu) {
+                                                 acc_type<scalar_t> mean, const acc_type<scalar_t>* w,
+                                                 acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu) {
   layer_norm_row_grad_sums_impl(dy, x, n, mean, w, sum_g, sum_g_xmu);
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x,
-                                                  scalar_t* dx, int64_t n, acc_type<scalar_t> mean,
-                                                  acc_type<scalar_t> invstd,
-                                                  const acc_type<scalar_t>* w,
-                                                  acc_type<scalar_t> coef_g,
+CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
+                                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                                  const acc_type<scalar_t>* w, acc_type<scalar_t> coef_g,
                                                   acc_type<scalar_t> coef_xmu) {
   layer_norm_row_input_grad_impl(dy, x, dx, n, mean, invstd, w, coef_g, coef_xmu);
 }
@@ -324,11 +300,9 @@ CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* dy, const scal
 // Many short rows (a ConvNeXt layer norm over 64 channels): the row loop inside the clone, so
 // the per-row statistics and coefficients are inlined rather than called row by row.
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows,
-                                                int64_t n, acc_type<scalar_t> eps,
-                                                const acc_type<scalar_t>* w,
-                                                const acc_type<scalar_t>* b,
-                                                acc_type<scalar_t>* mean_out,
+CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n,
+                                                acc_type<scalar_t> eps, const acc_type<scalar_t>* w,
+                                                const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
                                                 acc_type<scalar_t>* invstd_out) {
   // Short rows: the statistics of a group of rows first, so their independent merge trees
   // (latency-bound for a 64-value row) overlap; the same arithmetic per row either way.
@@ -356,11 +330,9 @@ CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, 
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x,
-                                                 scalar_t* dx, int64_t rows, int64_t n,
-                                                 const acc_type<scalar_t>* mean,
-                                                 const acc_type<scalar_t>* invstd,
-                                                 const acc_type<scalar_t>* w,
+CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows,
+                                                 int64_t n, const acc_type<scalar_t>* mean,
+                                                 const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* w,
                                                  acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
   using acc_t = acc_type<scalar_t>;
   int64_t r = 0;
@@ -373,33 +345,30 @@ CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scala
       for (int64_t j = 0; j < kGroup; ++j) {
         const int64_t o = (r + j) * n;
         if (dw)
-          layer_norm_row_backward_sums_impl(dy + o, x + o, n, mean[r + j], invstd[r + j], w,
-                                            &sum_g[j], &sum_g_xmu[j], dw, db);
+          layer_norm_row_backward_sums_impl(dy + o, x + o, n, mean[r + j], invstd[r + j], w, &sum_g[j], &sum_g_xmu[j],
+                                            dw, db);
         else
-          layer_norm_row_grad_sums_impl(dy + o, x + o, n, mean[r + j], w, &sum_g[j],
-                                        &sum_g_xmu[j]);
+          layer_norm_row_grad_sums_impl(dy + o, x + o, n, mean[r + j], w, &sum_g[j], &sum_g_xmu[j]);
       }
       if (!dx) continue;
       for (int64_t j = 0; j < kGroup; ++j) {
         const int64_t o = (r + j) * n;
-        const auto coef =
-            norm_input_grad_coef(invstd[r + j], sum_g[j], sum_g_xmu[j], static_cast<acc_t>(n));
-        layer_norm_row_input_grad_impl(dy + o, x + o, dx + o, n, mean[r + j], invstd[r + j], w,
-                                       coef.coef_g, coef.coef_xmu);
+        const auto coef = norm_input_grad_coef(invstd[r + j], sum_g[j], sum_g_xmu[j], static_cast<acc_t>(n));
+        layer_norm_row_input_grad_impl(dy + o, x + o, dx + o, n, mean[r + j], invstd[r + j], w, coef.coef_g,
+                                       coef.coef_xmu);
       }
     }
   }
   for (; r < rows; ++r) {
     acc_t sum_g, sum_g_xmu;
     if (dw)
-      layer_norm_row_backward_sums_impl(dy + r * n, x + r * n, n, mean[r], invstd[r], w, &sum_g,
-                                        &sum_g_xmu, dw, db);
+      layer_norm_row_backward_sums_impl(dy + r * n, x + r * n, n, mean[r], invstd[r], w, &sum_g, &sum_g_xmu, dw, db);
     else
       layer_norm_row_grad_sums_impl(dy + r * n, x + r * n, n, mean[r], w, &sum_g, &sum_g_xmu);
     if (!dx) continue;
     const auto coef = norm_input_grad_coef(invstd[r], sum_g, sum_g_xmu, static_cast<acc_t>(n));
-    layer_norm_row_input_grad_impl(dy + r * n, x + r * n, dx + r * n, n, mean[r], invstd[r], w,
-                                   coef.coef_g, coef.coef_xmu);
+    layer_norm_row_input_grad_impl(dy + r * n, x + r * n, dx + r * n, n, mean[r], invstd[r], w, coef.coef_g,
+                                   coef.coef_xmu);
   }
 }
 
@@ -409,8 +378,7 @@ constexpr int64_t kChannelBlock = 64;
 
 template <typename scalar_t>
 CNNOPS_NORM_CLONES void welford_rows(const scalar_t* __restrict x, int64_t rows, int64_t C,
-                                     acc_type<scalar_t>* __restrict mean,
-                                     acc_type<scalar_t>* __restrict m2) {
+                                     acc_type<scalar_t>* __restrict mean, acc_type<scalar_t>* __restrict m2) {
   using acc_t = acc_type<scalar_t>;
   int64_t c0 = 0;
   for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
@@ -432,14 +400,12 @@ CNNOPS_NORM_CLONES void welford_rows(const scalar_t* __restrict x, int64_t rows,
   for (int64_t r = 0; r < rows && c0 < C; ++r) {
     const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
     const scalar_t* p = x + r * C;
-    for (int64_t c = c0; c < C; ++c)
-      welford_add_shared_count(mean[c], m2[c], static_cast<acc_t>(p[c]), inv_count);
+    for (int64_t c = c0; c < C; ++c) welford_add_shared_count(mean[c], m2[c], static_cast<acc_t>(p[c]), inv_count);
   }
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void normalize_rows(const scalar_t* __restrict x, scalar_t* __restrict y,
-                                       int64_t rows, int64_t C,
+CNNOPS_NORM_CLONES void normalize_rows(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t rows, int64_t C,
                                        const acc_type<scalar_t>* __restrict mean,
                                        const acc_type<scalar_t>* __restrict scale,
                                        const acc_type<scalar_t>* __restrict bias) {
@@ -453,9 +419,8 @@ CNNOPS_NORM_CLONES void normalize_rows(const scalar_t* __restrict x, scalar_t* _
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                       int64_t rows, int64_t C,
-                                       const acc_type<scalar_t>* __restrict mean,
+CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t rows,
+                                       int64_t C, const acc_type<scalar_t>* __restrict mean,
                                        acc_type<scalar_t>* __restrict sum_dy,
                                        acc_type<scalar_t>* __restrict sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
@@ -552,34 +517,29 @@ at::Tensor dense_for_layout(const at::Tensor& t, bool rows_layout) {
 
 // ---- instantiations ------------------------------------------------------------------------
 
-#define CNNOPS_INSTANTIATE_NORM(T)                                                              \
-  template Welford<acc_type<T>> welford_span<T>(const T*, int64_t);                             \
-  template void normalize_span<T>(const T*, T*, int64_t, acc_type<T>, acc_type<T>, acc_type<T>); \
-  template void grad_sums_span<T>(const T*, const T*, int64_t, acc_type<T>, acc_type<T>*,        \
-                                  acc_type<T>*);                                                \
-  template void input_grad_span<T>(const T*, const T*, T*, int64_t, acc_type<T>, acc_type<T>,    \
-                                   acc_type<T>, acc_type<T>, acc_type<T>);                      \
-  template void layer_norm_row_grad_sums<T>(const T*, const T*, int64_t, acc_type<T>,            \
-                                            const acc_type<T>*, acc_type<T>*, acc_type<T>*);    \
-  template void layer_norm_row_input_grad<T>(const T*, const T*, T*, int64_t, acc_type<T>,       \
-                                             acc_type<T>, const acc_type<T>*, acc_type<T>,       \
-                                             acc_type<T>);                                      \
-  template void layer_norm_row_param_grad<T>(const T*, const T*, int64_t, acc_type<T>,           \
-                                             acc_type<T>, acc_type<T>*, acc_type<T>*);           \
-  template void layer_norm_rows_forward<T>(const T*, T*, int64_t, int64_t, acc_type<T>,          \
-                                           const acc_type<T>*, const acc_type<T>*, acc_type<T>*, \
-                                           acc_type<T>*);                                       \
-  template void layer_norm_rows_backward<T>(const T*, const T*, T*, int64_t, int64_t,            \
-                                            const acc_type<T>*, const acc_type<T>*,              \
-                                            const acc_type<T>*, acc_type<T>*, acc_type<T>*);     \
-  template void welford_rows<T>(const T*, int64_t, int64_t, acc_type<T>*, acc_type<T>*);         \
-  template void normalize_rows<T>(const T*, T*, int64_t, int64_t, const acc_type<T>*,            \
-                                  const acc_type<T>*, const acc_type<T>*);                      \
-  template void grad_sums_rows<T>(const T*, const T*, int64_t, int64_t, const acc_type<T>*,      \
-                                  acc_type<T>*, acc_type<T>*);                                  \
-  template void input_grad_rows<T>(const T*, const T*, T*, int64_t, int64_t, const acc_type<T>*, \
-                                   const acc_type<T>*, const acc_type<T>*, const acc_type<T>*,   \
-                                   const acc_type<T>*);
+#define CNNOPS_INSTANTIATE_NORM(T)                                                                                   \
+  template Welford<acc_type<T>> welford_span<T>(const T*, int64_t);                                                  \
+  template void normalize_span<T>(const T*, T*, int64_t, acc_type<T>, acc_type<T>, acc_type<T>);                     \
+  template void grad_sums_span<T>(const T*, const T*, int64_t, acc_type<T>, acc_type<T>*, acc_type<T>*);             \
+  template void input_grad_span<T>(const T*, const T*, T*, int64_t, acc_type<T>, acc_type<T>, acc_type<T>,           \
+                                   acc_type<T>, acc_type<T>);                                                        \
+  template void layer_norm_row_grad_sums<T>(const T*, const T*, int64_t, acc_type<T>, const acc_type<T>*,            \
+                                            acc_type<T>*, acc_type<T>*);                                             \
+  template void layer_norm_row_input_grad<T>(const T*, const T*, T*, int64_t, acc_type<T>, acc_type<T>,              \
+                                             const acc_type<T>*, acc_type<T>, acc_type<T>);                          \
+  template void layer_norm_row_param_grad<T>(const T*, const T*, int64_t, acc_type<T>, acc_type<T>, acc_type<T>*,    \
+                                             acc_type<T>*);                                                          \
+  template void layer_norm_rows_forward<T>(const T*, T*, int64_t, int64_t, acc_type<T>, const acc_type<T>*,          \
+                                           const acc_type<T>*, acc_type<T>*, acc_type<T>*);                          \
+  template void layer_norm_rows_backward<T>(const T*, const T*, T*, int64_t, int64_t, const acc_type<T>*,            \
+                                            const acc_type<T>*, const acc_type<T>*, acc_type<T>*, acc_type<T>*);     \
+  template void welford_rows<T>(const T*, int64_t, int64_t, acc_type<T>*, acc_type<T>*);                             \
+  template void normalize_rows<T>(const T*, T*, int64_t, int64_t, const acc_type<T>*, const acc_type<T>*,            \
+                                  const acc_type<T>*);                                                               \
+  template void grad_sums_rows<T>(const T*, const T*, int64_t, int64_t, const acc_type<T>*, acc_type<T>*,            \
+                                  acc_type<T>*);                                                                     \
+  template void input_grad_rows<T>(const T*, const T*, T*, int64_t, int64_t, const acc_type<T>*, const acc_type<T>*, \
+                                   const acc_type<T>*, const acc_type<T>*, const acc_type<T>*);
 
 CNNOPS_INSTANTIATE_NORM(float)
 CNNOPS_INSTANTIATE_NORM(double)

@@ -24,8 +24,9 @@ using c10::IntArrayRef;
 
 void check_floating(const char* op, const Tensor& input) {
   const auto t = input.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
-                              op, ": cnnops pooling supports float32, float64, bfloat16 and float16 on the CPU, but got input of dtype ", t);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+      ": cnnops pooling supports float32, float64, bfloat16 and float16 on the CPU, but got input of dtype ", t);
 }
 
 Tensor empty_like_format(IntArrayRef shape, const Tensor& like, at::MemoryFormat format,
@@ -45,12 +46,12 @@ BackwardTensors backward_tensors(const Tensor& grad_output, const Tensor& input)
           empty_like_format(input.sizes(), input, format)};
 }
 
-std::tuple<Tensor, Tensor> max_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size,
-                                                IntArrayRef stride, IntArrayRef padding,
-                                                IntArrayRef dilation, bool ceil_mode) {
+std::tuple<Tensor, Tensor> max_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
+                                                IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_forward()";
   check_floating(op, input);
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
   const auto format = pool_memory_format(input);
   const auto shape = pool_output_shape(g, kernel_size.size());
   Tensor output = empty_like_format(shape, input, format);
@@ -63,8 +64,8 @@ std::tuple<Tensor, Tensor> max_pool_forward_cpu(const Tensor& input, IntArrayRef
 // Backward of max pool and adaptive max pool alike: grad_output added at the argmax indices.
 // Indices in [in_plane, skip_limit) get no gradient (max_pool_index_limit); others outside the
 // plane are an error.
-Tensor max_backward(const char* op, const PoolGeometry& g, int64_t dims, const Tensor& grad_output,
-                    const Tensor& input, const Tensor& indices, int64_t skip_limit) {
+Tensor max_backward(const char* op, const PoolGeometry& g, int64_t dims, const Tensor& grad_output, const Tensor& input,
+                    const Tensor& indices, int64_t skip_limit) {
   check_pool_grad_output(op, grad_output, input, g, dims);
   check_pool_indices(op, indices, grad_output.sizes(), input);
   BackwardTensors t = backward_tensors(grad_output, input);
@@ -72,49 +73,50 @@ Tensor max_backward(const char* op, const PoolGeometry& g, int64_t dims, const T
   int64_t bad = 0;
   const bool ok = index_scatter_add_kernel(p, t.grad_output, indices.contiguous(t.format), t.grad_input,
                                            t.channels_last, skip_limit, &bad);
-  TORCH_CHECK(ok, op, ": indices must lie in [0, ", g.in_plane(), ") (each input plane has ",
-              g.in_plane(), " elements), but found index ", bad);
+  TORCH_CHECK(ok, op, ": indices must lie in [0, ", g.in_plane(), ") (each input plane has ", g.in_plane(),
+              " elements), but found index ", bad);
   return t.grad_input;
 }
 
 Tensor max_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& indices,
-                             IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
-                             IntArrayRef dilation, bool ceil_mode) {
+                             IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                             bool ceil_mode) {
   const char* op = "max_pool_backward()";
   check_floating(op, input);
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kMax, input, kernel_size, stride, padding, dilation, ceil_mode);
   return max_backward(op, g, kernel_size.size(), grad_output, input, indices, max_pool_index_limit(g));
 }
 
-Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
-                            IntArrayRef padding, bool ceil_mode, bool count_include_pad,
-                            int64_t divisor_override) {
+Tensor avg_pool_forward_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
+                            bool ceil_mode, bool count_include_pad, int64_t divisor_override) {
   const char* op = "avg_pool_forward()";
   check_floating(op, input);
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
   const auto format = pool_memory_format(input);
   Tensor output = empty_like_format(pool_output_shape(g, kernel_size.size()), input, format);
   if (output.numel() > 0)
-    avg_pool_forward_kernel(g, input.contiguous(format), output, is_channels_last(format),
-                            count_include_pad, divisor_override);
+    avg_pool_forward_kernel(g, input.contiguous(format), output, is_channels_last(format), count_include_pad,
+                            divisor_override);
   return output;
 }
 
 Tensor avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& input, IntArrayRef kernel_size,
-                             IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
-                             bool count_include_pad, int64_t divisor_override) {
+                             IntArrayRef stride, IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                             int64_t divisor_override) {
   const char* op = "avg_pool_backward()";
   check_floating(op, input);
   const std::vector<int64_t> dilation(kernel_size.size(), 1);
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kAvg, input, kernel_size, stride, padding, dilation, ceil_mode);
   check_avg_pool3d_input_size(op, g, kernel_size.size());
   check_pool_grad_output(op, grad_output, input, g, kernel_size.size());
   BackwardTensors t = backward_tensors(grad_output, input);
   if (t.grad_input.numel() > 0)
-    avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last, count_include_pad,
-                             divisor_override);
+    avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last, count_include_pad, divisor_override);
   return t.grad_input;
 }
 
@@ -134,8 +136,7 @@ Tensor adaptive_avg_pool_backward_cpu(const Tensor& grad_output, const Tensor& i
   check_floating(op, input);
   const PoolGeometry g = make_adaptive_backward_geometry(op, grad_output, input);
   BackwardTensors t = backward_tensors(grad_output, input);
-  if (t.grad_input.numel() > 0)
-    adaptive_avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last);
+  if (t.grad_input.numel() > 0) adaptive_avg_pool_backward_kernel(g, t.grad_output, t.grad_input, t.channels_last);
   return t.grad_input;
 }
 
@@ -201,8 +202,8 @@ Tensor max_unpool_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   if (t.grad_input.numel() == 0) return t.grad_input;
   const IndexedPlanes p{g.batch, g.channels, g.in_plane(), g.out_plane()};
   int64_t bad = 0;
-  const bool ok = index_gather_kernel(p, t.grad_output, indices.contiguous(t.format), t.grad_input,
-                                      t.channels_last, &bad);
+  const bool ok =
+      index_gather_kernel(p, t.grad_output, indices.contiguous(t.format), t.grad_input, t.channels_last, &bad);
   check_max_unpool_index(op, ok, bad, output_spatial);
   return t.grad_input;
 }

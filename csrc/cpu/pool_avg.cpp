@@ -1,6 +1,6 @@
 // Average pooling and adaptive average pooling on the CPU, forward and backward, NCHW and NHWC.
 //
-// Slides: y = (1/n) * sum over the window, so the backward spreads dl/dy / n evenly over the
+// formulas.md §Avg pool: y = (1/n) * sum over the window, so the backward spreads dl/dy / n evenly over the
 // window (dl/dx_i = sum over the windows containing x_i of dl/dy / n). Sums run in float for
 // half and bfloat16 (double for double). The divisor n follows torch: the window's size in the
 // padded input with count_include_pad, the taps inside the input without it, or the override.
@@ -19,8 +19,8 @@ namespace {
 
 // The backward's counterpart: row[o*S + off] += delta[o].
 template <int kStride, typename A>
-CNNOPS_ALWAYS_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi,
-                                   int64_t off, const A* __restrict delta) {
+CNNOPS_ALWAYS_INLINE void spread_row(A* __restrict row, int64_t stride, int64_t lo, int64_t hi, int64_t off,
+                                     const A* __restrict delta) {
   const int64_t s = kStride > 0 ? kStride : stride;
   for (int64_t o = lo; o < hi; ++o) row[o * s + off] += delta[o];
 }
@@ -48,7 +48,7 @@ struct AvgParams {
 // The divisor of output (od, oh, ow), or 0 when its window holds no input element (torch
 // writes 0 there).
 CNNOPS_ALWAYS_INLINE int64_t avg_divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w,
-                                       const AvgParams& p) {
+                                         const AvgParams& p) {
   if (d.end <= d.start || h.end <= h.start || w.end <= w.start) return 0;
   return avg_pool_divisor(d, h, w, p.count_include_pad, p.divisor_override);
 }
@@ -66,8 +66,7 @@ CNNOPS_ALWAYS_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t 
 // sum[o] += every tap k of one input row, row.taps(k)[o] (0 outside the input), for the
 // `count` (a multiple of kRowBlock) outputs of a row; each block's sums stay in registers.
 template <typename A>
-CNNOPS_ALWAYS_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, int64_t count,
-                                     A* __restrict sum) {
+CNNOPS_ALWAYS_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, int64_t count, A* __restrict sum) {
   for (int64_t o0 = 0; o0 < count; o0 += kRowBlock) {
     A acc[kRowBlock];
     for (int64_t j = 0; j < kRowBlock; ++j) acc[j] = sum[o0 + j];
@@ -96,8 +95,8 @@ struct AvgScratch {
 // (id, ih, kw) order per output (as torch), the outputs along W in vectors. Each input row is
 // first loaded into a zero-padded PhasedRow (pool_cpu.h), so the tap loops need no bounds.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p,
-                                    const T* x, T* y, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* x, T* y,
+                                    int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2];
@@ -124,8 +123,8 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, Avg
 
 // The direct NCHW loop, one output at a time, for strides too large for phased rows.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y,
-                                      int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
+                                      int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -156,8 +155,8 @@ CNNOPS_ALWAYS_INLINE void add_channels(const T* __restrict src, int64_t width, A
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y,
-                                         int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
+                                         int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   PositionCursor pos(g, begin);
@@ -190,8 +189,8 @@ CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, con
 
 // Backward NCHW: planes [begin, end), each spread row by row into its own accumulator.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s,
-                                               AvgParams p, const T* dy, T* dx, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* dy, T* dx,
+                                               int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t SW = g.stride[2];
@@ -228,9 +227,8 @@ CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch
 
 // Backward NHWC: tasks [begin, end) of the flat (n, channel block) range.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s,
-                                               AvgParams p, ChannelBlocks cb, const T* dy, T* dx,
-                                               int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, ChannelBlocks cb,
+                                               const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A>& buffer = s.buffer;
@@ -262,8 +260,7 @@ CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch
 // Adaptive average, forward NCHW: rows [begin, end) of (plane, od, oh). A window spanning
 // whole rows is one contiguous run per depth slice (the global pool: the whole plane).
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y,
-                                             int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -287,8 +284,8 @@ CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, 
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScratch<T>& scratch,
-                                                  const T* x, T* y, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScratch<T>& scratch, const T* x, T* y,
+                                                  int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
@@ -315,8 +312,8 @@ CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScra
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s,
-                                                        const T* dy, T* dx, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, const T* dy, T* dx,
+                                                        int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A>& buffer = s.buffer;
@@ -328,8 +325,7 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, A
             const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
             const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
             const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
-            const A delta = A(dy[((plane * OD + od) * OH + oh) * OW + ow]) /
-                            A((d1 - d0) * (h1 - h0) * (w1 - w0));
+            const A delta = A(dy[((plane * OD + od) * OH + oh) * OW + ow]) / A((d1 - d0) * (h1 - h0) * (w1 - w0));
             for (int64_t id = d0; id < d1; ++id)
               for (int64_t ih = h0; ih < h1; ++ih) {
                 A* __restrict row = acc + (id * H + ih) * W;
@@ -341,9 +337,8 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, A
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s,
-                                                        ChannelBlocks cb, const T* dy, T* dx,
-                                                        int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, ChannelBlocks cb,
+                                                        const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
@@ -386,8 +381,8 @@ int64_t avg_window_taps(const PoolGeometry& g) {
 
 }  // namespace
 
-void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
-                             bool channels_last, bool count_include_pad, int64_t divisor_override) {
+void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output, bool channels_last,
+                             bool count_include_pad, int64_t divisor_override) {
   const AvgParams p{count_include_pad, divisor_override};
   const int64_t window = avg_window_taps(g);
   CNNOPS_DISPATCH_POOL_TYPES(input.scalar_type(), "avg_pool_forward_cpu", [&] {
@@ -395,29 +390,28 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (channels_last) {
-      at::parallel_for(0, g.batch * g.out_plane(), pool_grain(saturating_mul(window, g.channels)), [&](int64_t b, int64_t e) {
-        avg_nhwc_positions<scalar_t>(g, p, x, y, b, e);
-      });
+      at::parallel_for(0, g.batch * g.out_plane(), pool_grain(saturating_mul(window, g.channels)),
+                       [&](int64_t b, int64_t e) { avg_nhwc_positions<scalar_t>(g, p, x, y, b, e); });
     } else {
       const bool phased = use_phased_rows(g.out[2], g.in[2], g.kernel[2], g.stride[2], g.pad[2], 1);
-      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(saturating_mul(window, g.out[2])), [&](int64_t b, int64_t e) {
-        if (phased) {
-          const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], W = g.in[2];
-          const int64_t padded_ow = ceil_div(g.out[2], kRowBlock) * kRowBlock;
-          AvgScratch<scalar_t> s(padded_ow, 0);
-          s.row.emplace(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
-          avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e);
-        } else {
-          avg_nchw_direct<scalar_t>(g, p, x, y, b, e);
-        }
-      });
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(saturating_mul(window, g.out[2])),
+                       [&](int64_t b, int64_t e) {
+                         if (phased) {
+                           const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], W = g.in[2];
+                           const int64_t padded_ow = ceil_div(g.out[2], kRowBlock) * kRowBlock;
+                           AvgScratch<scalar_t> s(padded_ow, 0);
+                           s.row.emplace(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
+                           avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e);
+                         } else {
+                           avg_nchw_direct<scalar_t>(g, p, x, y, b, e);
+                         }
+                       });
     }
   });
 }
 
-void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output,
-                              at::Tensor& grad_input, bool channels_last, bool count_include_pad,
-                              int64_t divisor_override) {
+void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output, at::Tensor& grad_input,
+                              bool channels_last, bool count_include_pad, int64_t divisor_override) {
   const AvgParams p{count_include_pad, divisor_override};
   const int64_t window = avg_window_taps(g);
   CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "avg_pool_backward_cpu", [&] {
@@ -431,16 +425,17 @@ void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_outp
         avg_backward_nhwc_blocks<scalar_t>(g, s, p, cb, dy, dx, b, e);
       });
     } else {
-      at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + saturating_mul(g.out_plane(), window)), [&](int64_t b, int64_t e) {
-        AvgScratch<scalar_t> s(g.out[2], g.in_plane());
-        avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e);
-      });
+      at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + saturating_mul(g.out_plane(), window)),
+                       [&](int64_t b, int64_t e) {
+                         AvgScratch<scalar_t> s(g.out[2], g.in_plane());
+                         avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e);
+                       });
     }
   });
 }
 
-void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
-                                      at::Tensor& output, bool channels_last) {
+void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
+                                      bool channels_last) {
   const int64_t window = ceil_div(g.in_plane(), std::max<int64_t>(g.out_plane(), 1));
   CNNOPS_DISPATCH_POOL_TYPES(input.scalar_type(), "adaptive_avg_pool_forward_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -451,15 +446,14 @@ void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& i
         adaptive_avg_nhwc_positions<scalar_t>(g, s, x, y, b, e);
       });
     } else {
-      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
-        adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e);
-      });
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]),
+                       [&](int64_t b, int64_t e) { adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e); });
     }
   });
 }
 
-void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output,
-                                       at::Tensor& grad_input, bool channels_last) {
+void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output, at::Tensor& grad_input,
+                                       bool channels_last) {
   CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "adaptive_avg_pool_backward_cpu", [&] {
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();

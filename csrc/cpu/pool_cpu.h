@@ -104,8 +104,8 @@ struct BadIndex {
 // SIMD (target_clones) callers reserve rows * width in `buffer` beforehand, so nothing here can
 // throw inside them (checked_math.h).
 template <typename T, typename Body>
-void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride,
-                      std::vector<pool_acc_t<T>>& buffer, Body&& body) {
+void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride, std::vector<pool_acc_t<T>>& buffer,
+                      Body&& body) {
   using A = pool_acc_t<T>;
   if constexpr (std::is_same_v<T, A>) {
     for (int64_t r = 0; r < rows; ++r) std::fill_n(dst + r * dst_stride, width, T(0));
@@ -146,9 +146,12 @@ struct PhasedRow {
   std::vector<A> data;
   std::vector<int64_t> first, last;  // per phase: the range of j that holds input columns
   std::vector<int64_t> tap_offset;   // per tap k: where taps(k * dilation) starts in data
-  PhasedRow(int64_t stride_, int64_t pad_, int64_t width_, int64_t padded_width, int64_t kernel,
-            int64_t dilation, A fill)
-      : stride(stride_), pad(pad_), width(width_), phase_len(ceil_div(padded_width, stride_)),
+  PhasedRow(int64_t stride_, int64_t pad_, int64_t width_, int64_t padded_width, int64_t kernel, int64_t dilation,
+            A fill)
+      : stride(stride_),
+        pad(pad_),
+        width(width_),
+        phase_len(ceil_div(padded_width, stride_)),
         data(stride_ * phase_len, fill) {
     for (int64_t p = 0; p < stride; ++p) {  // phase p, slot j: input column j*S + p - pad
       first.push_back(max64(ceil_div(pad - p, stride), 0));
@@ -179,19 +182,18 @@ struct PhasedRow {
 
 // The kernels. Tensors are contiguous in the layout named by channels_last, outputs allocated
 // by the caller with the geometry's sizes. Each returns after all threads are done.
-void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
-                             at::Tensor& indices, bool channels_last);
-void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
-                             bool channels_last, bool count_include_pad, int64_t divisor_override);
-void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output,
-                              at::Tensor& grad_input, bool channels_last, bool count_include_pad,
-                              int64_t divisor_override);
-void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
-                                      at::Tensor& output, bool channels_last);
-void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output,
-                                       at::Tensor& grad_input, bool channels_last);
-void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
-                                      at::Tensor& output, at::Tensor& indices, bool channels_last);
+void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output, at::Tensor& indices,
+                             bool channels_last);
+void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output, bool channels_last,
+                             bool count_include_pad, int64_t divisor_override);
+void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output, at::Tensor& grad_input,
+                              bool channels_last, bool count_include_pad, int64_t divisor_override);
+void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
+                                      bool channels_last);
+void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_output, at::Tensor& grad_input,
+                                       bool channels_last);
+void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
+                                      at::Tensor& indices, bool channels_last);
 
 // The index scatters and gathers behind max-pool backward and max unpool. `small` is the
 // pooled side (the side indices live on), `large` the side indices point into: an index must lie
@@ -202,17 +204,14 @@ struct IndexedPlanes {
 };
 // large[plane][indices[i]] += small[plane][i]: max pool backward (plain and adaptive). Indices
 // in [large_plane, skip_limit) are skipped without a report (all-padding windows).
-bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
-                              const at::Tensor& indices, at::Tensor& large, bool channels_last,
-                              int64_t skip_limit, int64_t* bad_index);
+bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small, const at::Tensor& indices,
+                              at::Tensor& large, bool channels_last, int64_t skip_limit, int64_t* bad_index);
 // large[plane][indices[i]] = small[plane][i], zero elsewhere: max unpool forward.
-bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small,
-                          const at::Tensor& indices, at::Tensor& large, bool channels_last,
-                          int64_t* bad_index);
+bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small, const at::Tensor& indices, at::Tensor& large,
+                          bool channels_last, int64_t* bad_index);
 // small[plane][i] = large[plane][indices[i]]: max unpool backward.
-bool index_gather_kernel(const IndexedPlanes& p, const at::Tensor& large,
-                         const at::Tensor& indices, at::Tensor& small, bool channels_last,
-                         int64_t* bad_index);
+bool index_gather_kernel(const IndexedPlanes& p, const at::Tensor& large, const at::Tensor& indices, at::Tensor& small,
+                         bool channels_last, int64_t* bad_index);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -1,6 +1,6 @@
 // Max-pool backward and max unpool on the CPU: scatters and gathers through argmax indices.
 //
-// Slides: the max pool's gradient flows only to the argmax, dl/dx_i = sum of dl/dy_j over the
+// formulas.md §Max pool: the max pool's gradient flows only to the argmax, dl/dx_i = sum of dl/dy_j over the
 // outputs j whose max was x_i, so the backward adds each dl/dy_j at indices[j]. Max unpool
 // places each input at its index in a zero output, and its backward gathers from there.
 //
@@ -21,8 +21,7 @@ CNNOPS_ALWAYS_INLINE bool index_ok(int64_t i, int64_t size) {
 // Calls per_plane(plane) for NCHW, or per_block(n, c0, cw) for NHWC (images and channel
 // blocks), in parallel; each task owns what it writes.
 template <typename PerPlane, typename PerBlock>
-void for_each_owned_part(const IndexedPlanes& p, bool channels_last, PerPlane&& per_plane,
-                         PerBlock&& per_block) {
+void for_each_owned_part(const IndexedPlanes& p, bool channels_last, PerPlane&& per_plane, PerBlock&& per_block) {
   const int64_t work = p.small_plane + p.large_plane;
   if (channels_last) {
     const ChannelBlocks cb(p.batch, p.channels);
@@ -47,9 +46,8 @@ bool report(const BadIndex& bad, int64_t* bad_index) {
 
 }  // namespace
 
-bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
-                              const at::Tensor& indices, at::Tensor& large, bool channels_last,
-                              int64_t skip_limit, int64_t* bad_index) {
+bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small, const at::Tensor& indices,
+                              at::Tensor& large, bool channels_last, int64_t skip_limit, int64_t* bad_index) {
   BadIndex bad;
   const int64_t C = p.channels, S = p.small_plane, L = p.large_plane;
   // an index outside [0, L) is skipped; reported unless it lies in [L, skip_limit)
@@ -61,14 +59,18 @@ bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
     const scalar_t* src = small.const_data_ptr<scalar_t>();
     const int64_t* ind = indices.const_data_ptr<int64_t>();
     scalar_t* dst = large.mutable_data_ptr<scalar_t>();
-    for_each_owned_part(p, channels_last,
+    for_each_owned_part(
+        p, channels_last,
         [&](int64_t plane) {
           std::vector<A> buffer;
           with_accumulator(dst + plane * L, 1, L, 0, buffer, [&](A* acc, int64_t) {
             const scalar_t* s = src + plane * S;
             const int64_t* in = ind + plane * S;
             for (int64_t o = 0; o < S; ++o) {
-              if (!index_ok(in[o], L)) { skip(in[o]); continue; }
+              if (!index_ok(in[o], L)) {
+                skip(in[o]);
+                continue;
+              }
               acc[in[o]] += A(s[o]);
             }
           });
@@ -80,7 +82,10 @@ bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
               const scalar_t* s = src + (n * S + o) * C + c0;
               const int64_t* in = ind + (n * S + o) * C + c0;
               for (int64_t c = 0; c < cw; ++c) {
-                if (!index_ok(in[c], L)) { skip(in[c]); continue; }
+                if (!index_ok(in[c], L)) {
+                  skip(in[c]);
+                  continue;
+                }
                 acc[in[c] * stride + c] += A(s[c]);
               }
             }
@@ -90,23 +95,26 @@ bool index_scatter_add_kernel(const IndexedPlanes& p, const at::Tensor& small,
   return report(bad, bad_index);
 }
 
-bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small,
-                          const at::Tensor& indices, at::Tensor& large, bool channels_last,
-                          int64_t* bad_index) {
+bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small, const at::Tensor& indices, at::Tensor& large,
+                          bool channels_last, int64_t* bad_index) {
   BadIndex bad;
   const int64_t C = p.channels, S = p.small_plane, L = p.large_plane;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, small.scalar_type(), "max_unpool_forward_cpu", [&] {
     const scalar_t* src = small.const_data_ptr<scalar_t>();
     const int64_t* ind = indices.const_data_ptr<int64_t>();
     scalar_t* dst = large.mutable_data_ptr<scalar_t>();
-    for_each_owned_part(p, channels_last,
+    for_each_owned_part(
+        p, channels_last,
         [&](int64_t plane) {
           scalar_t* d = dst + plane * L;
           const scalar_t* s = src + plane * S;
           const int64_t* in = ind + plane * S;
           std::fill_n(d, L, scalar_t(0));
           for (int64_t i = 0; i < S; ++i) {
-            if (!index_ok(in[i], L)) { bad.report(in[i]); continue; }
+            if (!index_ok(in[i], L)) {
+              bad.report(in[i]);
+              continue;
+            }
             d[in[i]] = s[i];  // duplicates: the last in plane order wins, as in torch
           }
         },
@@ -117,7 +125,10 @@ bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small,
             const scalar_t* s = src + (n * S + i) * C + c0;
             const int64_t* in = ind + (n * S + i) * C + c0;
             for (int64_t c = 0; c < cw; ++c) {
-              if (!index_ok(in[c], L)) { bad.report(in[c]); continue; }
+              if (!index_ok(in[c], L)) {
+                bad.report(in[c]);
+                continue;
+              }
               d[in[c] * C + c] = s[c];
             }
           }
@@ -126,22 +137,26 @@ bool index_scatter_kernel(const IndexedPlanes& p, const at::Tensor& small,
   return report(bad, bad_index);
 }
 
-bool index_gather_kernel(const IndexedPlanes& p, const at::Tensor& large,
-                         const at::Tensor& indices, at::Tensor& small, bool channels_last,
-                         int64_t* bad_index) {
+bool index_gather_kernel(const IndexedPlanes& p, const at::Tensor& large, const at::Tensor& indices, at::Tensor& small,
+                         bool channels_last, int64_t* bad_index) {
   BadIndex bad;
   const int64_t C = p.channels, S = p.small_plane, L = p.large_plane;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, large.scalar_type(), "max_unpool_backward_cpu", [&] {
     const scalar_t* src = large.const_data_ptr<scalar_t>();
     const int64_t* ind = indices.const_data_ptr<int64_t>();
     scalar_t* dst = small.mutable_data_ptr<scalar_t>();
-    for_each_owned_part(p, channels_last,
+    for_each_owned_part(
+        p, channels_last,
         [&](int64_t plane) {
           const scalar_t* s = src + plane * L;
           const int64_t* in = ind + plane * S;
           scalar_t* d = dst + plane * S;
           for (int64_t i = 0; i < S; ++i) {
-            if (!index_ok(in[i], L)) { bad.report(in[i]); d[i] = scalar_t(0); continue; }
+            if (!index_ok(in[i], L)) {
+              bad.report(in[i]);
+              d[i] = scalar_t(0);
+              continue;
+            }
             d[i] = s[in[i]];
           }
         },
@@ -151,7 +166,11 @@ bool index_gather_kernel(const IndexedPlanes& p, const at::Tensor& large,
             const int64_t* in = ind + (n * S + i) * C + c0;
             scalar_t* d = dst + (n * S + i) * C + c0;
             for (int64_t c = 0; c < cw; ++c) {
-              if (!index_ok(in[c], L)) { bad.report(in[c]); d[c] = scalar_t(0); continue; }
+              if (!index_ok(in[c], L)) {
+                bad.report(in[c]);
+                d[c] = scalar_t(0);
+                continue;
+              }
               d[c] = s[in[c] * C + c];
             }
           }

@@ -1,6 +1,6 @@
 // Max pooling and adaptive max pooling forward on the CPU, NCHW and NHWC kernels.
 //
-// Slides: y = max over the window, and the argmax is remembered for backprop (the gradient
+// formulas.md §Max pool: y = max over the window, and the argmax is remembered for backprop (the gradient
 // flows only to the element that won). Ties keep the first tap in (d, h, w) order and a NaN
 // always wins, later NaNs over earlier ones, exactly as torch's CPU loop
 // `if (val > maxval || isnan(val))` starting from -inf and the window's first tap.
@@ -36,12 +36,12 @@ CNNOPS_ALWAYS_INLINE bool max_takes(A v, A best) {
 // row.taps(k)[o], in-plane index index0 + k*D + o*S (-inf where the window leaves the input:
 // never taken). `count`, the padded output width, is a multiple of kRowBlock.
 template <typename A, typename I>
-using MaxRowFn = void (*)(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
-                          int64_t index0, A* best, I* where);
+using MaxRowFn = void (*)(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count, int64_t index0,
+                          A* best, I* where);
 
 template <typename A, typename I>
-void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
-                     int64_t index0, A* __restrict best, I* __restrict where) {
+void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count, int64_t index0,
+                     A* __restrict best, I* __restrict where) {
   for (int64_t k = 0; k < kernel; ++k) {
     const A* __restrict taps = row.taps(k);
     const int64_t first = index0 + k * dilation;
@@ -58,12 +58,11 @@ void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, 
 // The same for float with int32 indices, 16 outputs per AVX-512 vector (the compiler does not
 // vectorize the generic loop's masked index update on its own). Each block of outputs stays in
 // registers across the taps, in tap order.
-__attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& row, int64_t kernel,
-                                                       int64_t dilation, int64_t count,
-                                                       int64_t index0, float* best, int32_t* where) {
+__attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& row, int64_t kernel, int64_t dilation,
+                                                       int64_t count, int64_t index0, float* best, int32_t* where) {
   const int32_t stride = static_cast<int32_t>(row.stride);
-  const __m512i lanes = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride));
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(stride));
   const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(dilation));
   for (int64_t o = 0; o < count; o += 16) {
     __m512 b = _mm512_loadu_ps(best + o);
@@ -85,9 +84,8 @@ __attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& r
 #if defined(__x86_64__) && defined(__GNUC__)
 // NHWC, float with int32 indices: one output position, 16 channels per AVX-512 vector kept in
 // registers across the window's taps, written straight to the output and the int64 indices.
-__attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int64_t channels,
-                                                            int64_t H, int64_t W, PoolWindow wd,
-                                                            PoolWindow wh, PoolWindow ww, float* y,
+__attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int64_t channels, int64_t H, int64_t W,
+                                                            PoolWindow wd, PoolWindow wh, PoolWindow ww, float* y,
                                                             int64_t* indices) {
   const int32_t first = static_cast<int32_t>((wd.start * H + wh.start) * W + ww.start);
   int64_t c0 = 0;
@@ -168,8 +166,8 @@ MaxRowFn<A, I> pick_max_row() {
 // NHWC: one tap (in-plane index `tap`) of every channel of one output position. The window's
 // first tap initializes (best, where): that is what the -inf start and one update give.
 template <bool kFirst, typename T, typename A, typename I>
-CNNOPS_ALWAYS_INLINE void max_update_channels(const T* __restrict src, int64_t channels, I tap,
-                                            A* __restrict best, I* __restrict where) {
+CNNOPS_ALWAYS_INLINE void max_update_channels(const T* __restrict src, int64_t channels, I tap, A* __restrict best,
+                                              I* __restrict where) {
   for (int64_t c = 0; c < channels; ++c) {
     const A v = A(src[c]);
     if (kFirst) {
@@ -184,8 +182,7 @@ CNNOPS_ALWAYS_INLINE void max_update_channels(const T* __restrict src, int64_t c
 }
 
 template <typename T, typename A, typename I>
-CNNOPS_ALWAYS_INLINE void store_max(int64_t count, const A* best, const I* where, T* y,
-                                  int64_t* indices) {
+CNNOPS_ALWAYS_INLINE void store_max(int64_t count, const A* best, const I* where, T* y, int64_t* indices) {
   for (int64_t i = 0; i < count; ++i) y[i] = T(best[i]);
   for (int64_t i = 0; i < count; ++i) indices[i] = int64_t(where[i]);
 }
@@ -200,7 +197,9 @@ struct MaxScratch {
 };
 
 template <typename A, typename I>
-MaxScratch<A, I> max_scratch_none(const PoolGeometry&) { return {}; }
+MaxScratch<A, I> max_scratch_none(const PoolGeometry&) {
+  return {};
+}
 
 template <typename A, typename I>
 MaxScratch<A, I> max_scratch_rows(const PoolGeometry& g) {
@@ -228,8 +227,8 @@ MaxScratch<A, I> max_scratch_channels(const PoolGeometry& g) {
 // input row a window reads is first loaded into a PhasedRow padded with -inf, wide enough for
 // a whole number of vectors of outputs, so the tap loops need no bounds.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
-                                         const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s, const T* x, T* y,
+                                         int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   constexpr A kLowest = -std::numeric_limits<A>::infinity();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
@@ -265,8 +264,8 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_
 
 // The direct NCHW loop, one output at a time, for strides too large for phased rows.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&,
-                                           const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&, const T* x, T* y,
+                                           int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -296,8 +295,8 @@ CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, MaxScratch<poo
 
 // Output positions [begin, end) of the flat (n, od, oh, ow) range, all channels at once.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
-                                              const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s, const T* x, T* y,
+                                              int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A>& best = s.best;
@@ -341,8 +340,8 @@ CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, MaxScratch<
 // Adaptive max, NCHW: output rows of the flat (plane, od, oh) range; window per output
 // [floor(o*I/O), ceil((o+1)*I/O)) along each dim.
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&,
-                                             const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&, const T* x, T* y,
+                                             int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -370,8 +369,8 @@ CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, MaxScratch<p
 }
 
 template <typename T, typename I>
-CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
-                                                  const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
+CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s, const T* x,
+                                                  T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A>& best = s.best;
@@ -409,8 +408,8 @@ CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, MaxScra
 // Runs rows(g, x, y, indices, begin, end) over `tasks` rows (NCHW) or positions (NHWC), with
 // the index type the plane size allows.
 template <template <typename, typename> class Kernel>
-void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
-                    at::Tensor& indices, int64_t tasks, int64_t work_per_task) {
+void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output, at::Tensor& indices,
+                    int64_t tasks, int64_t work_per_task) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "max_pool_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
@@ -428,13 +427,13 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
 }
 
 // run() allocates the kernel's scratch, then enters the kernel (which must not throw).
-#define CNNOPS_MAX_KERNEL(NAME, FN, SCRATCH)                                                \
-  template <typename T, typename I>                                                         \
-  struct NAME {                                                                             \
+#define CNNOPS_MAX_KERNEL(NAME, FN, SCRATCH)                                                       \
+  template <typename T, typename I>                                                                \
+  struct NAME {                                                                                    \
     static void run(const PoolGeometry& g, const T* x, T* y, int64_t* ind, int64_t b, int64_t e) { \
-      auto scratch = SCRATCH<pool_acc_t<T>, I>(g);                                          \
-      FN<T, I>(g, scratch, x, y, ind, b, e);                                                \
-    }                                                                                       \
+      auto scratch = SCRATCH<pool_acc_t<T>, I>(g);                                                 \
+      FN<T, I>(g, scratch, x, y, ind, b, e);                                                       \
+    }                                                                                              \
   };
 CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows, max_scratch_rows)
 CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct, max_scratch_none)
@@ -445,21 +444,23 @@ CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, adaptive_max_nhwc_positions, max_scratch_chan
 
 }  // namespace
 
-void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
-                             at::Tensor& indices, bool channels_last) {
+void max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output, at::Tensor& indices,
+                             bool channels_last) {
   // taps a window reads (kernel sizes may reach 2^63 for max_pool1d: saturate)
   int64_t window = 1;
   for (int i = 0; i < 3; ++i) window = saturating_mul(window, std::min(g.kernel[i], g.in[i]));
   if (channels_last)
     run_max_kernel<MaxNhwc>(g, input, output, indices, g.batch * g.out_plane(), saturating_mul(window, g.channels));
   else if (use_phased_rows(g.out[2], g.in[2], g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]))
-    run_max_kernel<MaxNchw>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], saturating_mul(window, g.out[2]));
+    run_max_kernel<MaxNchw>(g, input, output, indices, g.planes() * g.out[0] * g.out[1],
+                            saturating_mul(window, g.out[2]));
   else
-    run_max_kernel<MaxNchwDirect>(g, input, output, indices, g.planes() * g.out[0] * g.out[1], saturating_mul(window, g.out[2]));
+    run_max_kernel<MaxNchwDirect>(g, input, output, indices, g.planes() * g.out[0] * g.out[1],
+                                  saturating_mul(window, g.out[2]));
 }
 
-void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input,
-                                      at::Tensor& output, at::Tensor& indices, bool channels_last) {
+void adaptive_max_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& output,
+                                      at::Tensor& indices, bool channels_last) {
   // Where every size divides evenly, the adaptive windows [o*I/O, (o+1)*I/O) are a plain max
   // pool's with kernel = stride = I/O: the NCHW case takes that (vectorized) kernel.
   bool uniform = !channels_last;

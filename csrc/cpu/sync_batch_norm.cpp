@@ -36,8 +36,7 @@ TensorPair batch_norm_stats(const at::Tensor& input) {
 }
 
 at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
-                            const at::Tensor& invstd) {
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd) {
   const ChannelNormShape s = check_batch_norm_elemt(input, weight, bias, mean, invstd);
   const bool rows = use_rows_layout(input, s.spatial);
   const at::Tensor x = dense_for_layout(input, rows);
@@ -51,11 +50,9 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Ten
   return y;
 }
 
-at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
-                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                     const c10::optional<at::Tensor>& weight,
-                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     int64_t count) {
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+                                     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, int64_t count) {
   const ChannelNormShape s =
       check_batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
   const bool rows = use_rows_layout(input, s.spatial);
@@ -89,8 +86,8 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
           input_grad_span(dyp + off, xp + off, dxp + off, len, w[c], is[c], mu[c], coef_g[c], coef_xmu[c]);
         },
         [&](int64_t off, int64_t nrows) {
-          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, w.data(), is.data(), mu.data(),
-                          coef_g.data(), coef_xmu.data());
+          input_grad_rows(dyp + off, xp + off, dxp + off, nrows, C, w.data(), is.data(), mu.data(), coef_g.data(),
+                          coef_xmu.data());
         });
   });
   return dx;

@@ -46,25 +46,31 @@ bool use_tensor_cores(at::ScalarType dtype) {
 // Launches OUT = A x B for one pass over all groups (and split-K chunks); the forward pass
 // adds the bias and applies the activation in the kernels' epilogue.
 template <ConvGemm kind, typename scalar_t, typename out_t>
-void launch_conv_gemm(const ConvGeometry& g, const scalar_t* a, const scalar_t* b,
-                      const scalar_t* bias, out_t* out, int64_t chunks, int64_t r_chunk,
-                      bool int32_ok, Activation activation = Activation::None) {
-  GemmArgs<scalar_t, out_t> args{g, a, b, bias, out, gemm_m<kind>(g), gemm_n<kind>(g),
-                                 gemm_r<kind>(g), r_chunk, chunks,
-                                 g.out_channels * g.gemm_k(), activation};
+void launch_conv_gemm(const ConvGeometry& g, const scalar_t* a, const scalar_t* b, const scalar_t* bias, out_t* out,
+                      int64_t chunks, int64_t r_chunk, bool int32_ok, Activation activation = Activation::None) {
+  GemmArgs<scalar_t, out_t> args{g,
+                                 a,
+                                 b,
+                                 bias,
+                                 out,
+                                 gemm_m<kind>(g),
+                                 gemm_n<kind>(g),
+                                 gemm_r<kind>(g),
+                                 r_chunk,
+                                 chunks,
+                                 g.out_channels * g.gemm_k(),
+                                 activation};
   const bool mma = use_tensor_cores(c10::CppTypeToScalarType<scalar_t>::value);
   const int64_t bm = mma ? kMmaBM : kFmaBM, bn = mma ? kMmaBN : kFmaBN;
   const int64_t grid_y = ceil_div(args.m, bm), grid_z = g.groups * chunks;
   const int64_t grid_x = ceil_div(args.n, bn);
   TORCH_CHECK_NOT_IMPLEMENTED(grid_y <= kMaxGridYZ && grid_z <= kMaxGridYZ,
                               kind == ConvGemm::Forward ? "conv_forward()" : "conv_backward()",
-                              " (CUDA): too many channels per group (", args.m,
-                              ") or groups (", g.groups, ")");
+                              " (CUDA): too many channels per group (", args.m, ") or groups (", g.groups, ")");
   TORCH_CHECK_NOT_IMPLEMENTED(grid_x <= std::numeric_limits<int32_t>::max(),
                               kind == ConvGemm::Forward ? "conv_forward()" : "conv_backward()",
                               " (CUDA): GEMM too wide (", args.n, " columns)");
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y),
-                  static_cast<unsigned>(grid_z));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), static_cast<unsigned>(grid_z));
   const auto stream = at::cuda::getCurrentCUDAStream();
   with_index_type(int32_ok, [&](auto index_tag) {
     using index_t = decltype(index_tag);
@@ -87,16 +93,15 @@ void launch_sum_chunks(const acc_t* partial, scalar_t* out, int64_t count, int64
   const auto stream = at::cuda::getCurrentCUDAStream();
   with_index_type(fits_int32({count * chunks}), [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    sum_chunks_kernel<scalar_t, acc_t, index_t><<<blocks, threads, 0, stream>>>(
-        partial, out, static_cast<index_t>(count), static_cast<index_t>(chunks));
+    sum_chunks_kernel<scalar_t, acc_t, index_t>
+        <<<blocks, threads, 0, stream>>>(partial, out, static_cast<index_t>(count), static_cast<index_t>(chunks));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The split-K chunk count depends only on the sizes, so a given problem always sums in the
 // same order. Enough chunks to give the GPU ~1024 blocks, each chunk at least `min_len` long.
-int64_t reduction_chunks(int64_t blocks_per_chunk, int64_t length, int64_t min_len,
-                         int64_t max_chunks) {
+int64_t reduction_chunks(int64_t blocks_per_chunk, int64_t length, int64_t min_len, int64_t max_chunks) {
   int64_t chunks = ceil_div(1024, std::max<int64_t>(blocks_per_chunk, 1));
   chunks = std::min(chunks, std::max<int64_t>(length / min_len, 1));
   return std::max<int64_t>(std::min(chunks, max_chunks), 1);
@@ -109,18 +114,17 @@ bool depthwise_fits(const ConvGeometry& g, size_t acc_size) {
          mult * g.kernel_volume() * static_cast<int64_t>(acc_size) <= kDepthwiseMaxSmem;
 }
 
-at::Tensor in_conv_output_format(const at::Tensor& result, const at::Tensor& input,
-                                 const at::Tensor& weight) {
+at::Tensor in_conv_output_format(const at::Tensor& result, const at::Tensor& input, const at::Tensor& weight) {
   return result.contiguous(conv_output_memory_format(input, weight));
 }
 
 }  // namespace
 
 at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_,
-                             const std::optional<at::Tensor>& bias_, c10::IntArrayRef stride,
-                             c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                             int64_t groups, c10::string_view activation_name) {
-  const ConvGeometry g = make_conv_geometry("conv_forward()", input_, weight_, bias_, stride, padding, dilation, groups);
+                             const std::optional<at::Tensor>& bias_, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                             c10::IntArrayRef dilation, int64_t groups, c10::string_view activation_name) {
+  const ConvGeometry g =
+      make_conv_geometry("conv_forward()", input_, weight_, bias_, stride, padding, dilation, groups);
   const Activation activation = parse_activation(activation_name);
   TORCH_CHECK(input_.is_cuda(), "conv_forward(): input must be a CUDA tensor");
   const int64_t dims = weight_.dim() - 2;
@@ -149,19 +153,20 @@ at::Tensor conv_forward_cuda(const at::Tensor& input_, const at::Tensor& weight_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    launch_conv_gemm<ConvGemm::Forward>(g, weight.const_data_ptr<scalar_t>(),
-                                        input.const_data_ptr<scalar_t>(), bias_ptr,
-                                        output.mutable_data_ptr<scalar_t>(), 1,
-                                        gemm_r<ConvGemm::Forward>(g), int32_ok, activation);
+    launch_conv_gemm<ConvGemm::Forward>(g, weight.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                        bias_ptr, output.mutable_data_ptr<scalar_t>(), 1, gemm_r<ConvGemm::Forward>(g),
+                                        int32_ok, activation);
   });
   return in_conv_output_format(output, input_, weight_);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
-    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
-  const ConvGeometry g = make_conv_geometry("conv_backward()", input_, weight_, c10::nullopt, stride, padding, dilation, groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(const at::Tensor& grad_output_,
+                                                                  const at::Tensor& input_, const at::Tensor& weight_,
+                                                                  c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                                  c10::IntArrayRef dilation, int64_t groups,
+                                                                  std::array<bool, 3> output_mask) {
+  const ConvGeometry g =
+      make_conv_geometry("conv_backward()", input_, weight_, c10::nullopt, stride, padding, dilation, groups);
   const int64_t dims = weight_.dim() - 2;
   check_grad_output(grad_output_, input_, g, dims);
   TORCH_CHECK(input_.is_cuda(), "conv_backward(): input must be a CUDA tensor");
@@ -187,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const bool depthwise = depthwise_fits(g, sizeof(acc_t));
 
-    // dX = W^T * dY with col2im folded into the gather (slides: dl/dx_i = sum_j dl/dy_j (star) w_ij)
+    // dX = W^T * dY with col2im folded into the gather (formulas.md §Conv backward)
     if (output_mask[0] && grad_input.numel() > 0) {
       const bool int32_ok = fits_int32({input.numel(), weight.numel(), grad_output.numel()});
       if (depthwise) {
@@ -196,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
                         static_cast<unsigned>(std::min<int64_t>(g.batch, kMaxGridYZ)));
         scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
         with_index_type(int32_ok, [&](auto index_tag) {
-          depthwise_grad_input_kernel<scalar_t, decltype(index_tag)><<<grid, kDepthwiseThreads, 0, stream>>>(
-              dy, w, dx, g);
+          depthwise_grad_input_kernel<scalar_t, decltype(index_tag)>
+              <<<grid, kDepthwiseThreads, 0, stream>>>(dy, w, dx, g);
         });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
@@ -211,37 +216,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
     if (output_mask[1] && !no_outputs && grad_weight.numel() > 0) {
       if (depthwise) {
         const int64_t kvol = g.kernel_volume();
-        const int64_t chunks = reduction_chunks(g.out_channels * kvol, g.batch * g.out_plane(),
-                                                16 * kReduceThreads, kMaxGridYZ);
+        const int64_t chunks =
+            reduction_chunks(g.out_channels * kvol, g.batch * g.out_plane(), 16 * kReduceThreads, kMaxGridYZ);
         at::Tensor partial = at::empty({chunks, weight.numel()}, input.options().dtype(acc_dtype));
         const bool int32_ok = fits_int32({input.numel(), grad_output.numel(), partial.numel()});
         const dim3 grid(static_cast<unsigned>(g.out_channels * kvol), static_cast<unsigned>(chunks));
         acc_t* part = partial.mutable_data_ptr<acc_t>();
         with_index_type(int32_ok, [&](auto index_tag) {
           using index_t = decltype(index_tag);
-          depthwise_grad_weight_kernel<scalar_t, index_t><<<grid, kReduceThreads, 0, stream>>>(
-              dy, x, part, g, static_cast<index_t>(chunks));
+          depthwise_grad_weight_kernel<scalar_t, index_t>
+              <<<grid, kReduceThreads, 0, stream>>>(dy, x, part, g, static_cast<index_t>(chunks));
         });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_sum_chunks(part, grad_weight.mutable_data_ptr<scalar_t>(), weight.numel(), chunks);
       } else {
         const int64_t r = gemm_r<ConvGemm::GradWeight>(g);
-        const int64_t tiles = g.groups * ceil_div(gemm_m<ConvGemm::GradWeight>(g), 64) *
-                              ceil_div(gemm_n<ConvGemm::GradWeight>(g), 64);
+        const int64_t tiles =
+            g.groups * ceil_div(gemm_m<ConvGemm::GradWeight>(g), 64) * ceil_div(gemm_n<ConvGemm::GradWeight>(g), 64);
         // Workspace at most ~256 MiB or 16 copies of the weight, whichever is larger.
-        const int64_t max_chunks = std::min<int64_t>(
-            kMaxGridYZ / g.groups,
-            std::max<int64_t>(16, (int64_t{256} << 20) / (weight.numel() * int64_t(sizeof(acc_t)))));
+        const int64_t max_chunks =
+            std::min<int64_t>(kMaxGridYZ / g.groups,
+                              std::max<int64_t>(16, (int64_t{256} << 20) / (weight.numel() * int64_t(sizeof(acc_t)))));
         int64_t chunks = reduction_chunks(tiles, r, 8 * kMmaBK, max_chunks);
         const int64_t r_chunk = ceil_div(ceil_div(r, chunks), kMmaBK) * kMmaBK;  // whole K-slices
         chunks = ceil_div(r, r_chunk);
         at::Tensor partial = at::empty({chunks, weight.numel()}, input.options().dtype(acc_dtype));
         const bool int32_ok = fits_int32({input.numel(), grad_output.numel(), partial.numel()});
         launch_conv_gemm<ConvGemm::GradWeight>(g, dy, x, static_cast<const scalar_t*>(nullptr),
-                                               partial.mutable_data_ptr<acc_t>(), chunks, r_chunk,
-                                               int32_ok);
-        launch_sum_chunks(partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-                          weight.numel(), chunks);
+                                               partial.mutable_data_ptr<acc_t>(), chunks, r_chunk, int32_ok);
+        launch_sum_chunks(partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<scalar_t>(), weight.numel(),
+                          chunks);
       }
     }
 

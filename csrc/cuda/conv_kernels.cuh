@@ -21,9 +21,9 @@ struct GemmArgs {
   const scalar_t* b;
   const scalar_t* bias;  // forward only, may be null
   out_t* out;
-  int64_t m, n, r;       // GEMM sizes of one group
-  int64_t r_chunk;       // reduction length of one split-K chunk
-  int64_t chunks;        // blockIdx.z = group * chunks + chunk
+  int64_t m, n, r;  // GEMM sizes of one group
+  int64_t r_chunk;  // reduction length of one split-K chunk
+  int64_t chunks;   // blockIdx.z = group * chunks + chunk
   int64_t out_chunk_stride;
   Activation activation;  // forward only: applied to each output as it is stored
 };
@@ -50,9 +50,7 @@ struct GemmBlock {
     a_row_stride = static_cast<index_t>(gemm_a_row_stride<kind>(p.g));
     out_row_stride = static_cast<index_t>(gemm_out_row_stride<kind>(p.g));
   }
-  __device__ int64_t tiles(int bk) const {
-    return r_end > r_begin ? (r_end - r_begin + bk - 1) / bk : 0;
-  }
+  __device__ int64_t tiles(int bk) const { return r_end > r_begin ? (r_end - r_begin + bk - 1) / bk : 0; }
   // Decomposes reduction index r (once per K-slice, shared by the whole block).
   __device__ ReductionIndex<index_t> reduction(int64_t r) const {
     if (r < r_end) return reduction_index<kind, index_t>(p.g, r);
@@ -64,8 +62,7 @@ struct GemmBlock {
     if (m >= p.m || e.a_offset < 0) return scalar_t(0);
     return a[static_cast<index_t>(m) * a_row_stride + e.a_offset];
   }
-  __device__ scalar_t load_b(bool column_ok, const ReductionIndex<index_t>& e,
-                             const ColumnIndex<index_t>& c) const {
+  __device__ scalar_t load_b(bool column_ok, const ReductionIndex<index_t>& e, const ColumnIndex<index_t>& c) const {
     if (!column_ok || e.a_offset < 0) return scalar_t(0);
     const index_t offset = gemm_b_offset<kind, index_t>(p.g, e, c);
     return offset >= 0 ? b[offset] : scalar_t(0);
@@ -85,8 +82,7 @@ struct GemmBlock {
 // block's A tile (rows a_m + i*A_STEP, reduction a_k: a warp reads along k, contiguous in W and
 // dY) and B_LOADS of its B tile (reduction b_k + i*B_STEP, one column b_n per thread, decomposed
 // once) in registers, fetching the next K-slice while the current one is multiplied.
-template <ConvGemm kind, typename scalar_t, typename out_t, typename index_t, int BM, int BN,
-          int BK, int THREADS>
+template <ConvGemm kind, typename scalar_t, typename out_t, typename index_t, int BM, int BN, int BK, int THREADS>
 struct TileStager {
   static constexpr int A_LOADS = BM * BK / THREADS, B_LOADS = BK * BN / THREADS;
   static constexpr int A_STEP = THREADS / BK, B_STEP = THREADS / BN;
@@ -95,9 +91,12 @@ struct TileStager {
   bool column_ok;
   ColumnIndex<index_t> column;
 
-  __device__ __forceinline__ TileStager(const GemmArgs<scalar_t, out_t>& args, int tid, int64_t block_m0,
-                                        int64_t n0)
-      : a_k(tid % BK), a_m(tid / BK), b_n(tid % BN), b_k(tid / BN), m0(block_m0),
+  __device__ __forceinline__ TileStager(const GemmArgs<scalar_t, out_t>& args, int tid, int64_t block_m0, int64_t n0)
+      : a_k(tid % BK),
+        a_m(tid / BK),
+        b_n(tid % BN),
+        b_k(tid / BN),
+        m0(block_m0),
         column_ok(n0 + b_n < args.n),
         column(column_index<kind, index_t>(args.g, column_ok ? n0 + b_n : 0)) {}
 
@@ -127,7 +126,7 @@ __global__ void __launch_bounds__(kFmaThreads)
     conv_gemm_fma_kernel(const __grid_constant__ GemmArgs<scalar_t, out_t> args) {
   using acc_t = at::acc_type<scalar_t, true>;
   constexpr int BM = kFmaBM, BN = kFmaBN, BK = kFmaBK, THREADS = kFmaThreads;
-  constexpr int TM = 4, TN = 4;                    // micro-tile: rows ty + 16i, cols tx + 16j
+  constexpr int TM = 4, TN = 4;  // micro-tile: rows ty + 16i, cols tx + 16j
   // A is stored k-major so a thread's rows are one broadcast read per k; +2 pads the stores.
   __shared__ acc_t As[BK][BM + 2];
   __shared__ acc_t Bs[BK][BN];
@@ -154,11 +153,9 @@ __global__ void __launch_bounds__(kFmaThreads)
   for (int64_t t = 0; t < tiles; ++t) {
     const int next = (t + 1) & 1;
 #pragma unroll
-    for (int i = 0; i < stage.A_LOADS; ++i)
-      As[stage.a_k][stage.a_m + i * stage.A_STEP] = static_cast<acc_t>(a_reg[i]);
+    for (int i = 0; i < stage.A_LOADS; ++i) As[stage.a_k][stage.a_m + i * stage.A_STEP] = static_cast<acc_t>(a_reg[i]);
 #pragma unroll
-    for (int i = 0; i < stage.B_LOADS; ++i)
-      Bs[stage.b_k + i * stage.B_STEP][stage.b_n] = static_cast<acc_t>(b_reg[i]);
+    for (int i = 0; i < stage.B_LOADS; ++i) Bs[stage.b_k + i * stage.B_STEP][stage.b_n] = static_cast<acc_t>(b_reg[i]);
     if (tid < BK) slice[next][tid] = blk.reduction(blk.r_begin + (t + 1) * BK + tid);
     __syncthreads();
     if (t + 1 < tiles) stage.fetch(blk, slice[next], a_reg, b_reg);
@@ -196,8 +193,8 @@ __global__ void __launch_bounds__(kFmaThreads)
 
 // out[i] = sum_c partial[c][i], summed in chunk order.
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void sum_chunks_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ out,
-                                  index_t count, index_t chunks) {
+__global__ void sum_chunks_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ out, index_t count,
+                                  index_t chunks) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     acc_t sum = acc_t(0);
@@ -224,8 +221,8 @@ __device__ acc_t block_sum(acc_t value, acc_t* buffer) {
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kReduceThreads)
     bias_grad_partial_kernel(const scalar_t* __restrict__ grad_output,
-                             at::acc_type<scalar_t, true>* __restrict__ partial, index_t channels,
-                             index_t plane, index_t total, index_t chunk_len) {
+                             at::acc_type<scalar_t, true>* __restrict__ partial, index_t channels, index_t plane,
+                             index_t total, index_t chunk_len) {
   using acc_t = at::acc_type<scalar_t, true>;
   __shared__ acc_t buffer[kReduceThreads];
   const index_t co = blockIdx.x;
@@ -259,8 +256,7 @@ constexpr int kDepthwiseMaxSmem = 16 * 1024;  // bytes of weight taps staged in 
 // y[b, co, o] = act(bias[co] + sum_k x[b, co / mult, o*stride - pad + k*dilation] * w[co, k])
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kDepthwiseThreads)
-    depthwise_forward_kernel(const scalar_t* __restrict__ input,
-                             const scalar_t* __restrict__ weight,
+    depthwise_forward_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
                              const scalar_t* __restrict__ bias, scalar_t* __restrict__ output,
                              const __grid_constant__ ConvGeometry g, Activation activation) {
   using acc_t = at::acc_type<scalar_t, true>;
@@ -268,8 +264,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   const index_t kd_n = g.kernel[0], kh_n = g.kernel[1], kw_n = g.kernel[2];
   const index_t kvol = kd_n * kh_n * kw_n;
   const index_t co = blockIdx.y;
-  for (index_t t = threadIdx.x; t < kvol; t += blockDim.x)
-    taps[t] = static_cast<acc_t>(weight[co * kvol + t]);
+  for (index_t t = threadIdx.x; t < kvol; t += blockDim.x) taps[t] = static_cast<acc_t>(weight[co * kvol + t]);
   __syncthreads();
 
   const index_t out_plane = g.out_plane(), in_plane = g.in_plane();
@@ -312,8 +307,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
 // over the taps where i + pad - k*dilation is a multiple of stride inside the output (col2im as a gather).
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kDepthwiseThreads)
-    depthwise_grad_input_kernel(const scalar_t* __restrict__ grad_output,
-                                const scalar_t* __restrict__ weight,
+    depthwise_grad_input_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ weight,
                                 scalar_t* __restrict__ grad_input, const __grid_constant__ ConvGeometry g) {
   using acc_t = at::acc_type<scalar_t, true>;
   __shared__ acc_t taps[kDepthwiseMaxSmem / sizeof(acc_t)];
@@ -359,8 +353,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
         }
       }
     }
-    grad_input[(b * static_cast<index_t>(g.in_channels) + c) * in_plane + l] =
-        static_cast<scalar_t>(sum);
+    grad_input[(b * static_cast<index_t>(g.in_channels) + c) * in_plane + l] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -368,8 +361,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
 // iterating only the output box where tap k stays inside the input (valid_output_range).
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kReduceThreads)
-    depthwise_grad_weight_kernel(const scalar_t* __restrict__ grad_output,
-                                 const scalar_t* __restrict__ input,
+    depthwise_grad_weight_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                                  at::acc_type<scalar_t, true>* __restrict__ partial,
                                  const __grid_constant__ ConvGeometry g, index_t chunks) {
   using acc_t = at::acc_type<scalar_t, true>;
@@ -403,8 +395,8 @@ __global__ void __launch_bounds__(kReduceThreads)
     const index_t b = j / box_plane, r = j - b * box_plane;
     const index_t od = lo_d + r / (bh * bw), oh = lo_h + (r / bw) % bh, ow = lo_w + r % bw;
     const scalar_t dy = grad_output[(b * Cout + co) * out_plane + (od * OH + oh) * OW + ow];
-    const scalar_t x = input[(b * Cin + c) * in_plane +
-                             ((od * sd + off_d) * H + oh * sh + off_h) * W + ow * sw + off_w];
+    const scalar_t x =
+        input[(b * Cin + c) * in_plane + ((od * sd + off_d) * H + oh * sh + off_h) * W + ow * sw + off_w];
     sum += static_cast<acc_t>(dy) * static_cast<acc_t>(x);
   }
   sum = block_sum(sum, buffer);

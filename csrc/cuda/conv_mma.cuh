@@ -84,11 +84,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   for (int64_t t = 0; t < tiles; ++t) {
     const int next = (t + 1) & 1;
 #pragma unroll
-    for (int i = 0; i < stage.A_LOADS; ++i)
-      As[stage.a_m + i * stage.A_STEP][stage.a_k] = static_cast<smem_t>(a_reg[i]);
+    for (int i = 0; i < stage.A_LOADS; ++i) As[stage.a_m + i * stage.A_STEP][stage.a_k] = static_cast<smem_t>(a_reg[i]);
 #pragma unroll
-    for (int i = 0; i < stage.B_LOADS; ++i)
-      Bs[stage.b_k + i * stage.B_STEP][stage.b_n] = static_cast<smem_t>(b_reg[i]);
+    for (int i = 0; i < stage.B_LOADS; ++i) Bs[stage.b_k + i * stage.B_STEP][stage.b_n] = static_cast<smem_t>(b_reg[i]);
     if (tid < BK) slice[next][tid] = blk.reduction(blk.r_begin + (t + 1) * BK + tid);
     __syncthreads();
     if (t + 1 < tiles) stage.fetch(blk, slice[next], a_reg, b_reg);
@@ -123,8 +121,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   for (int i = 0; i < FM; ++i)
 #pragma unroll
     for (int j = 0; j < FN; ++j)
-      wmma::store_matrix_sync(&Cs[warp_m + 16 * i][warp_n + 16 * j], acc[i][j], LDC,
-                              wmma::mem_row_major);
+      wmma::store_matrix_sync(&Cs[warp_m + 16 * i][warp_n + 16 * j], acc[i][j], LDC, wmma::mem_row_major);
   __syncthreads();
   if (!stage.column_ok) return;  // each thread writes its staged column
 #pragma unroll 4

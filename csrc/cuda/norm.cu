@@ -28,10 +28,12 @@ using namespace norm;
 // Batch norm
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
-    const at::Tensor& input_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
-    const c10::optional<at::Tensor>& running_mean_, const c10::optional<at::Tensor>& running_var_,
-    bool training, double momentum, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(const at::Tensor& input_,
+                                                                       const c10::optional<at::Tensor>& weight_,
+                                                                       const c10::optional<at::Tensor>& bias_,
+                                                                       const c10::optional<at::Tensor>& running_mean_,
+                                                                       const c10::optional<at::Tensor>& running_var_,
+                                                                       bool training, double momentum, double eps) {
   const char* op = "batch_norm_forward()";
   const ChannelNormShape s = check_batch_norm_input(op, input_);
   TORCH_CHECK(input_.is_cuda(), op, ": expected a CUDA input");
@@ -43,8 +45,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   const bool has_rv = running_var_.has_value() && running_var_->defined();
   TORCH_CHECK(has_rm == has_rv, op, ": running_mean and running_var must be given together");
   TORCH_CHECK(training || has_rm, op, ": running_mean and running_var must be given when training=False");
-  const bool mixed = params_are_mixed(op, input_, {{"weight", &weight_}, {"bias", &bias_},
-                                                   {"running_mean", &running_mean_}, {"running_var", &running_var_}});
+  const bool mixed = params_are_mixed(
+      op, input_,
+      {{"weight", &weight_}, {"bias", &bias_}, {"running_mean", &running_mean_}, {"running_var", &running_var_}});
   c10::cuda::OptionalCUDAGuard guard(input_.device());
 
   const at::MemoryFormat format = kernel_memory_format(input_);
@@ -64,30 +67,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
       if (training) {
-        // Statistics per channel over N x spatial (lecture, batch norm for ConvNets: mu, sigma are 1 x C x 1 x 1).
+        // Statistics per channel over N x spatial (formulas.md §Norm statistics: mu, sigma are 1 x C x 1 x 1).
         const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
         Partials p;
         PartialIndex pi;
         if (channels_last || s.spatial == 1) {  // [N * spatial][C]: channels contiguous
-          p = reduce_columns<acc_t>(welford, 3, 1, s.batch * s.spatial, s.channels,
-                                                       acc_options, x.numel(), op);
+          p = reduce_columns<acc_t>(welford, 3, 1, s.batch * s.spatial, s.channels, acc_options, x.numel(), op);
           pi = columns_partials(p.chunks, s.channels, s.channels, 1);
         } else {
-          p = reduce_planes<acc_t>(welford, 3, s.batch, s.channels, s.spatial,
-                                                      acc_options, x.numel(), op);
+          p = reduce_planes<acc_t>(welford, 3, s.batch, s.channels, s.spatial, acc_options, x.numel(), op);
           pi = planes_partials(p.chunks);
         }
         finalize_stats<acc_t, param_t>(p, pi, s.channels, mean, invstd, mutable_ptr_or_null<param_t>(running_mean),
                                        mutable_ptr_or_null<param_t>(running_var), momentum, eps);
       } else {
-        running_stats_kernel<acc_t, param_t><<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0,
-                                               at::cuda::getCurrentCUDAStream()>>>(
-            running_mean.const_data_ptr<param_t>(), running_var.const_data_ptr<param_t>(), s.channels,
-            mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps));
+        running_stats_kernel<acc_t, param_t>
+            <<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                running_mean.const_data_ptr<param_t>(), running_var.const_data_ptr<param_t>(), s.channels,
+                mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      launch_normalize<scalar_t, param_t, acc_t>(channels_last, x, output, mean, invstd, weight, bias,
-                                                 s.channels, s.spatial, 0, 1);
+      launch_normalize<scalar_t, param_t, acc_t>(channels_last, x, output, mean, invstd, weight, bias, s.channels,
+                                                 s.spatial, 0, 1);
     });
   });
   if (training && has_rm) {
@@ -135,14 +136,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
         at::Tensor coef_g, coef_xmu;
         if (need_sums) {
           // sum(dy) and sum(dy * (x - mean)) per channel.
-          const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                          mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                                          nullptr, 0, 1, false};
+          const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(),
+                                                          x.const_data_ptr<scalar_t>(),
+                                                          mean.const_data_ptr<acc_t>(),
+                                                          invstd.const_data_ptr<acc_t>(),
+                                                          nullptr,
+                                                          0,
+                                                          1,
+                                                          false};
           Partials p;
           PartialIndex pi;
           if (channels_last || s.spatial == 1) {
-            p = reduce_columns<acc_t>(sums, 2, 1, s.batch * s.spatial, s.channels, acc_options,
-                                                      x.numel(), op);
+            p = reduce_columns<acc_t>(sums, 2, 1, s.batch * s.spatial, s.channels, acc_options, x.numel(), op);
             pi = columns_partials(p.chunks, s.channels, s.channels, 1);
           } else {
             p = reduce_planes<acc_t>(sums, 2, s.batch, s.channels, s.spatial, acc_options, x.numel(), op);
@@ -154,23 +159,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
             coef_xmu = at::empty({s.channels}, acc_options);
           }
           const int64_t m = s.batch * s.spatial;
-          batch_norm_coeffs_kernel<acc_t, param_t><<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0,
-                                                     at::cuda::getCurrentCUDAStream()>>>(
-              sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-              ptr_or_null<param_t>(weight), s.channels, static_cast<acc_t>(m),
-              mutable_ptr_or_null<param_t>(grad_weight), mutable_ptr_or_null<param_t>(grad_bias),
-              mutable_ptr_or_null<acc_t>(coef_g), mutable_ptr_or_null<acc_t>(coef_xmu));
+          batch_norm_coeffs_kernel<acc_t, param_t>
+              <<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                  ptr_or_null<param_t>(weight), s.channels, static_cast<acc_t>(m),
+                  mutable_ptr_or_null<param_t>(grad_weight), mutable_ptr_or_null<param_t>(grad_bias),
+                  mutable_ptr_or_null<acc_t>(coef_g), mutable_ptr_or_null<acc_t>(coef_xmu));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (output_mask[0]) {
-          launch_grad_input<scalar_t, param_t, acc_t>(channels_last, dy, x, grad_input, mean, invstd, weight,
-                                                      coef_g, coef_xmu, s.channels, s.spatial, 0, 1);
+          launch_grad_input<scalar_t, param_t, acc_t>(channels_last, dy, x, grad_input, mean, invstd, weight, coef_g,
+                                                      coef_xmu, s.channels, s.spatial, 0, 1);
         }
       });
     });
   }
-  return {output_mask[0] ? grad_input : norm_unselected(input_),
-          output_mask[1] ? grad_weight : norm_unselected(input_),
+  return {output_mask[0] ? grad_input : norm_unselected(input_), output_mask[1] ? grad_weight : norm_unselected(input_),
           output_mask[2] ? grad_bias : norm_unselected(input_)};
 }
 
@@ -178,9 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
 // Layer norm
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
-    const at::Tensor& input_, c10::IntArrayRef normalized_shape, const c10::optional<at::Tensor>& weight_,
-    const c10::optional<at::Tensor>& bias_, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(const at::Tensor& input_,
+                                                                       c10::IntArrayRef normalized_shape,
+                                                                       const c10::optional<at::Tensor>& weight_,
+                                                                       const c10::optional<at::Tensor>& bias_,
+                                                                       double eps) {
   const char* op = "layer_norm_forward()";
   const RowNormShape s = check_layer_norm_input(op, input_, normalized_shape);
   TORCH_CHECK(input_.is_cuda(), op, ": expected a CUDA input");
@@ -201,13 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
-      // Statistics per row (lecture, layer norm: mu, sigma are N x 1, one per sample).
+      // Statistics per row (formulas.md §Norm statistics: mu, sigma are N x 1).
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
-      const Partials p = reduce_planes<acc_t>(welford, 3, 1, s.rows, s.cols, acc_options,
-                                                                 x.numel(), op);
+      const Partials p = reduce_planes<acc_t>(welford, 3, 1, s.rows, s.cols, acc_options, x.numel(), op);
       finalize_stats<acc_t, param_t>(p, planes_partials(p.chunks), s.rows, mean, invstd, nullptr, nullptr, 0.0, eps);
-      launch_normalize<scalar_t, param_t, acc_t>(true, x, output, mean, invstd, weight, bias, s.cols, 1, 1,
-                                                 s.cols);
+      launch_normalize<scalar_t, param_t, acc_t>(true, x, output, mean, invstd, weight, bias, s.cols, 1, 1, s.cols);
     });
   });
   return {output, mean, invstd};
@@ -250,37 +254,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
       using param_t = typename decltype(tag)::type;
       if (output_mask[0] && x.numel() > 0) {
         // Per row: sum(dy * w) and sum(dy * w * (x - mean)).
-        const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                                        ptr_or_null<param_t>(weight), 0, 1, false};
+        const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(),
+                                                        x.const_data_ptr<scalar_t>(),
+                                                        mean.const_data_ptr<acc_t>(),
+                                                        invstd.const_data_ptr<acc_t>(),
+                                                        ptr_or_null<param_t>(weight),
+                                                        0,
+                                                        1,
+                                                        false};
         const Partials p = reduce_planes<acc_t>(sums, 2, 1, s.rows, s.cols, acc_options, x.numel(), op);
         auto [sum_a, sum_b] = finalize_sums<acc_t>(p, planes_partials(p.chunks), s.rows, acc_options);
         at::Tensor coef_g = at::empty({s.rows}, acc_options), coef_xmu = at::empty({s.rows}, acc_options);
-        layer_norm_coeffs_kernel<acc_t><<<grid_for(s.rows, kSmallThreads), kSmallThreads, 0,
-                                          at::cuda::getCurrentCUDAStream()>>>(
-            sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), s.rows,
-            static_cast<acc_t>(s.cols), coef_g.mutable_data_ptr<acc_t>(), coef_xmu.mutable_data_ptr<acc_t>());
+        layer_norm_coeffs_kernel<acc_t>
+            <<<grid_for(s.rows, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), s.rows,
+                static_cast<acc_t>(s.cols), coef_g.mutable_data_ptr<acc_t>(), coef_xmu.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_grad_input<scalar_t, param_t, acc_t>(true, dy, x, grad_input, mean, invstd, weight, coef_g, coef_xmu,
                                                     s.cols, 1, 1, s.cols);
       }
       if (param_grads && s.rows > 0) {
         // Per column, over rows, in two stages: dbias = sum(dy), dweight = sum(dy * xhat).
-        const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                                        nullptr, 0, 1, true};
+        const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(),
+                                                        x.const_data_ptr<scalar_t>(),
+                                                        mean.const_data_ptr<acc_t>(),
+                                                        invstd.const_data_ptr<acc_t>(),
+                                                        nullptr,
+                                                        0,
+                                                        1,
+                                                        true};
         const Partials p = reduce_columns<acc_t>(sums, 2, 1, s.rows, s.cols, acc_options, x.numel(), op);
-        auto [sum_a, sum_b] = finalize_sums<acc_t>(p, columns_partials(p.chunks, s.cols, s.cols, 1), s.cols, acc_options);
-        cast_pair_kernel<acc_t, param_t><<<grid_for(s.cols, kSmallThreads), kSmallThreads, 0,
-                                           at::cuda::getCurrentCUDAStream()>>>(
-            sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), s.cols,
-            mutable_ptr_or_null<param_t>(grad_weight), mutable_ptr_or_null<param_t>(grad_bias));
+        auto [sum_a, sum_b] =
+            finalize_sums<acc_t>(p, columns_partials(p.chunks, s.cols, s.cols, 1), s.cols, acc_options);
+        cast_pair_kernel<acc_t, param_t>
+            <<<grid_for(s.cols, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), s.cols,
+                mutable_ptr_or_null<param_t>(grad_weight), mutable_ptr_or_null<param_t>(grad_bias));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
-  return {output_mask[0] ? grad_input : norm_unselected(input_),
-          output_mask[1] ? grad_weight : norm_unselected(input_),
+  return {output_mask[0] ? grad_input : norm_unselected(input_), output_mask[1] ? grad_weight : norm_unselected(input_),
           output_mask[2] ? grad_bias : norm_unselected(input_)};
 }
 
@@ -288,9 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
 // Group norm (and instance norm, num_groups = C)
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
-    const at::Tensor& input_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
-    int64_t num_groups, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(const at::Tensor& input_,
+                                                                       const c10::optional<at::Tensor>& weight_,
+                                                                       const c10::optional<at::Tensor>& bias_,
+                                                                       int64_t num_groups, double eps) {
   const char* op = "group_norm_forward()";
   const ChannelNormShape s = check_group_norm_input(op, input_, num_groups);
   TORCH_CHECK(input_.is_cuda(), op, ": expected a CUDA input");
@@ -313,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     with_param_type<scalar_t>(mixed, [&](auto tag) {
       using param_t = typename decltype(tag)::type;
-      // Statistics per (n, group) over (C / G) x spatial values (lecture: group norm, Wu and He;
+      // Statistics per (n, group) over (C / G) x spatial values (formulas.md §Norm statistics;
       // instance norm, mu, sigma N x C x 1 x 1, is G = C).
       const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
       Partials p;
@@ -321,13 +336,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
       if (channels_last && x.numel() > 0) {
         // Per (n, c) over spatial, threads along channels; the second stage merges the group's
         // channels (and chunks) of each (n, g).
-        p = reduce_columns<acc_t>(welford, 3, s.batch, s.spatial, s.channels, acc_options,
-                                                     x.numel(), op);
+        p = reduce_columns<acc_t>(welford, 3, s.batch, s.spatial, s.channels, acc_options, x.numel(), op);
         pi = columns_partials(p.chunks, s.channels, groups, per_group);
       } else {
         // NCHW: each (n, g) is one contiguous run of (C / G) * spatial values.
-        p = reduce_planes<acc_t>(welford, 3, 1, s.batch * groups, per_group * s.spatial,
-                                                    acc_options, x.numel(), op);
+        p = reduce_planes<acc_t>(welford, 3, 1, s.batch * groups, per_group * s.spatial, acc_options, x.numel(), op);
         pi = planes_partials(p.chunks);
       }
       finalize_stats<acc_t, param_t>(p, pi, s.batch * groups, mean, invstd, nullptr, nullptr, 0.0, eps);
@@ -374,9 +387,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
       with_param_type<scalar_t>(mixed, [&](auto tag) {
         using param_t = typename decltype(tag)::type;
         // Per (n, c): sum_l dy and sum_l dy * (x - mean[n, g(c)]).
-        const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                                        nullptr, groups, per_group, false};
+        const GradSumsOp<scalar_t, param_t, acc_t> sums{dy.const_data_ptr<scalar_t>(),
+                                                        x.const_data_ptr<scalar_t>(),
+                                                        mean.const_data_ptr<acc_t>(),
+                                                        invstd.const_data_ptr<acc_t>(),
+                                                        nullptr,
+                                                        groups,
+                                                        per_group,
+                                                        false};
         Partials p;
         PartialIndex pi;
         if (channels_last) {
@@ -384,8 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
           pi = columns_partials(p.chunks, s.channels, s.channels, 1);
         } else {
           // Planes (n, c) of the [1][N * C][spatial] view; statistic of plane p is p / (C / G).
-          p = reduce_planes<acc_t>(sums, 2, 1, s.batch * s.channels, s.spatial, acc_options,
-                                                   x.numel(), op);
+          p = reduce_planes<acc_t>(sums, 2, 1, s.batch * s.channels, s.spatial, acc_options, x.numel(), op);
           pi = planes_partials(p.chunks);
         }
         auto [sum_a, sum_b] = finalize_sums<acc_t>(p, pi, s.batch * s.channels, acc_options);
@@ -393,26 +410,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
         if (output_mask[0]) {
           at::Tensor coef_g = at::empty({s.batch * groups}, acc_options);
           at::Tensor coef_xmu = at::empty({s.batch * groups}, acc_options);
-          group_norm_coeffs_kernel<acc_t, param_t><<<grid_for(s.batch * groups, kSmallThreads), kSmallThreads, 0, stream>>>(
-              sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-              ptr_or_null<param_t>(weight), s.batch, s.channels, groups,
-              static_cast<acc_t>(per_group * s.spatial), coef_g.mutable_data_ptr<acc_t>(),
-              coef_xmu.mutable_data_ptr<acc_t>());
+          group_norm_coeffs_kernel<acc_t, param_t>
+              <<<grid_for(s.batch * groups, kSmallThreads), kSmallThreads, 0, stream>>>(
+                  sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                  ptr_or_null<param_t>(weight), s.batch, s.channels, groups, static_cast<acc_t>(per_group * s.spatial),
+                  coef_g.mutable_data_ptr<acc_t>(), coef_xmu.mutable_data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           launch_grad_input<scalar_t, param_t, acc_t>(channels_last, dy, x, grad_input, mean, invstd, weight, coef_g,
                                                       coef_xmu, s.channels, s.spatial, groups, per_group);
         }
         if (output_mask[1] || output_mask[2]) {
-          group_norm_param_grads_kernel<acc_t, param_t><<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, stream>>>(
-              sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), s.batch,
-              s.channels, groups, mutable_ptr_or_null<param_t>(grad_weight), mutable_ptr_or_null<param_t>(grad_bias));
+          group_norm_param_grads_kernel<acc_t, param_t>
+              <<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, stream>>>(
+                  sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), s.batch,
+                  s.channels, groups, mutable_ptr_or_null<param_t>(grad_weight),
+                  mutable_ptr_or_null<param_t>(grad_bias));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
     });
   }
-  return {output_mask[0] ? grad_input : norm_unselected(input_),
-          output_mask[1] ? grad_weight : norm_unselected(input_),
+  return {output_mask[0] ? grad_input : norm_unselected(input_), output_mask[1] ? grad_weight : norm_unselected(input_),
           output_mask[2] ? grad_bias : norm_unselected(input_)};
 }
 

@@ -79,9 +79,8 @@ struct SharedStates {
 // the flattened (n, l) range [chunk * chunk_len, +chunk_len) of its channel, each thread a
 // strided share. Writes partial[channel * gridDim.y + chunk].
 template <typename Op, typename acc_t, typename index_t>
-__global__ void reduce_planes_kernel(Op op, acc_t* partial, index_t outer,
-                                     index_t channels, index_t inner, index_t chunk_len,
-                                     int64_t partial_count) {
+__global__ void reduce_planes_kernel(Op op, acc_t* partial, index_t outer, index_t channels, index_t inner,
+                                     index_t chunk_len, int64_t partial_count) {
   using State = typename Op::State;
   __shared__ SharedStates<State, 32> shared;
   const index_t c = static_cast<index_t>(blockIdx.x);
@@ -105,9 +104,8 @@ __global__ void reduce_planes_kernel(Op op, acc_t* partial, index_t outer,
 // ty, ty + 8, ... of the chunk, then the 8 row-partials of each column merge in a fixed tree.
 // Writes partial[(b * gridDim.y + chunk) * cols + col].
 template <typename Op, typename acc_t, typename index_t>
-__global__ void reduce_columns_kernel(Op op, acc_t* partial, index_t batch,
-                                      index_t rows, index_t cols, index_t chunk_len,
-                                      int64_t partial_count) {
+__global__ void reduce_columns_kernel(Op op, acc_t* partial, index_t batch, index_t rows, index_t cols,
+                                      index_t chunk_len, int64_t partial_count) {
   using State = typename Op::State;
   __shared__ SharedStates<State, kColumnThreadsX * kColumnThreadsY> shared;
   State* smem = shared.get();
@@ -118,8 +116,7 @@ __global__ void reduce_columns_kernel(Op op, acc_t* partial, index_t batch,
   for (index_t b = blockIdx.z; b < batch; b += gridDim.z) {
     State s;
     if (col < cols) {
-      for (index_t r = begin + ty; r < end; r += kColumnThreadsY)
-        op.column(s, (b * rows + r) * cols + col, b, r, col);
+      for (index_t r = begin + ty; r < end; r += kColumnThreadsY) op.column(s, (b * rows + r) * cols + col, b, r, col);
     }
     smem[ty * kColumnThreadsX + tx] = s;
     __syncthreads();
@@ -142,10 +139,9 @@ __global__ void reduce_columns_kernel(Op op, acc_t* partial, index_t batch,
 // running_mean and running_var are given together.
 // count == 0 (an empty batch) leaves the running stats alone, as torch does.
 template <typename acc_t, typename param_t>
-__global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi,
-                                        int64_t outputs, acc_t* mean, acc_t* invstd,
-                                        param_t* running_mean, param_t* running_var, acc_t momentum,
-                                        acc_t eps) {
+__global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi, int64_t outputs,
+                                        acc_t* mean, acc_t* invstd, param_t* running_mean, param_t* running_var,
+                                        acc_t momentum, acc_t eps) {
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < outputs;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Welford<acc_t> w = merge_partials<Welford<acc_t>>(partial, partial_count, pi, o);
@@ -153,8 +149,8 @@ __global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_co
     mean[o] = w.mean;
     invstd[o] = norm_invstd(w.biased_variance(), eps);
     if (running_mean != nullptr && w.count > 0) {
-      running_mean[o] = static_cast<param_t>(
-          running_stat_update(static_cast<acc_t>(running_mean[o]), w.mean, momentum));
+      running_mean[o] =
+          static_cast<param_t>(running_stat_update(static_cast<acc_t>(running_mean[o]), w.mean, momentum));
       running_var[o] = static_cast<param_t>(
           running_stat_update(static_cast<acc_t>(running_var[o]), w.unbiased_variance(), momentum));
     }
@@ -164,8 +160,8 @@ __global__ void welford_finalize_kernel(const acc_t* partial, int64_t partial_co
 // Merged Welford partials of each channel: mean and m2 (the ranks merge these with Chan's
 // formula; an empty batch gives zeros).
 template <typename acc_t>
-__global__ void welford_mean_m2_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi,
-                                       int64_t outputs, acc_t* mean, acc_t* m2) {
+__global__ void welford_mean_m2_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi, int64_t outputs,
+                                       acc_t* mean, acc_t* m2) {
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < outputs;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Welford<acc_t> w = merge_partials<Welford<acc_t>>(partial, partial_count, pi, o);
@@ -176,8 +172,8 @@ __global__ void welford_mean_m2_kernel(const acc_t* partial, int64_t partial_cou
 
 // Batch norm eval: the running statistics are the statistics.
 template <typename acc_t, typename param_t>
-__global__ void running_stats_kernel(const param_t* running_mean, const param_t* running_var,
-                                     int64_t channels, acc_t* mean, acc_t* invstd, acc_t eps) {
+__global__ void running_stats_kernel(const param_t* running_mean, const param_t* running_var, int64_t channels,
+                                     acc_t* mean, acc_t* invstd, acc_t eps) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     mean[c] = static_cast<acc_t>(running_mean[c]);
@@ -187,8 +183,8 @@ __global__ void running_stats_kernel(const param_t* running_mean, const param_t*
 
 // Gradient sums: sum_a[o], sum_b[o].
 template <typename acc_t>
-__global__ void sums_finalize_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi,
-                                     int64_t outputs, acc_t* sum_a, acc_t* sum_b) {
+__global__ void sums_finalize_kernel(const acc_t* partial, int64_t partial_count, PartialIndex pi, int64_t outputs,
+                                     acc_t* sum_a, acc_t* sum_b) {
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < outputs;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const SumPair<acc_t> s = merge_partials<SumPair<acc_t>>(partial, partial_count, pi, o);
@@ -207,9 +203,8 @@ __global__ void sums_finalize_kernel(const acc_t* partial, int64_t partial_count
 // coefficients of g = w * dy, whose sums are w times these.
 template <typename acc_t, typename param_t>
 __global__ void batch_norm_coeffs_kernel(const acc_t* sum_dy, const acc_t* sum_dy_xmu, const acc_t* invstd,
-                                         const param_t* weight, int64_t channels, acc_t count,
-                                         param_t* grad_weight, param_t* grad_bias, acc_t* coef_g,
-                                         acc_t* coef_xmu) {
+                                         const param_t* weight, int64_t channels, acc_t count, param_t* grad_weight,
+                                         param_t* grad_bias, acc_t* coef_g, acc_t* coef_xmu) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(norm_weight_grad(invstd[c], sum_dy_xmu[c]));
@@ -227,8 +222,8 @@ __global__ void batch_norm_coeffs_kernel(const acc_t* sum_dy, const acc_t* sum_d
 // Layer norm, per row, with sum_g = sum(dy * w), sum_g_xmu = sum(dy * w * (x - mean)) over the
 // count values of a row.
 template <typename acc_t>
-__global__ void layer_norm_coeffs_kernel(const acc_t* sum_g, const acc_t* sum_g_xmu, const acc_t* invstd,
-                                         int64_t rows, acc_t count, acc_t* coef_g, acc_t* coef_xmu) {
+__global__ void layer_norm_coeffs_kernel(const acc_t* sum_g, const acc_t* sum_g_xmu, const acc_t* invstd, int64_t rows,
+                                         acc_t count, acc_t* coef_g, acc_t* coef_xmu) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const InputGradCoef<acc_t> coef = norm_input_grad_coef(invstd[r], sum_g[r], sum_g_xmu[r], count);
@@ -239,8 +234,8 @@ __global__ void layer_norm_coeffs_kernel(const acc_t* sum_g, const acc_t* sum_g_
 
 // Layer norm weight / bias: column sums already merged (sum_a = dbias, sum_b = dweight).
 template <typename acc_t, typename param_t>
-__global__ void cast_pair_kernel(const acc_t* sum_a, const acc_t* sum_b, int64_t count,
-                                 param_t* grad_weight, param_t* grad_bias) {
+__global__ void cast_pair_kernel(const acc_t* sum_a, const acc_t* sum_b, int64_t count, param_t* grad_weight,
+                                 param_t* grad_bias) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (grad_weight != nullptr) grad_weight[i] = static_cast<param_t>(sum_b[i]);
@@ -253,8 +248,8 @@ __global__ void cast_pair_kernel(const acc_t* sum_a, const acc_t* sum_b, int64_t
 // sum_g = sum_c w[c] * sum_a[n, c], sum_g_xmu = sum_c w[c] * sum_b[n, c].
 template <typename acc_t, typename param_t>
 __global__ void group_norm_coeffs_kernel(const acc_t* sum_a, const acc_t* sum_b, const acc_t* invstd,
-                                         const param_t* weight, int64_t batch, int64_t channels,
-                                         int64_t groups, acc_t count, acc_t* coef_g, acc_t* coef_xmu) {
+                                         const param_t* weight, int64_t batch, int64_t channels, int64_t groups,
+                                         acc_t count, acc_t* coef_g, acc_t* coef_xmu) {
   const int64_t d_count = channels / groups;
   for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < batch * groups;
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -276,8 +271,8 @@ __global__ void group_norm_coeffs_kernel(const acc_t* sum_a, const acc_t* sum_b,
 // dweight = sum_n sum_b[n, c] * invstd[n, g(c)], n in order.
 template <typename acc_t, typename param_t>
 __global__ void group_norm_param_grads_kernel(const acc_t* sum_a, const acc_t* sum_b, const acc_t* invstd,
-                                              int64_t batch, int64_t channels, int64_t groups,
-                                              param_t* grad_weight, param_t* grad_bias) {
+                                              int64_t batch, int64_t channels, int64_t groups, param_t* grad_weight,
+                                              param_t* grad_bias) {
   const int64_t d_count = channels / groups;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -295,7 +290,7 @@ __global__ void group_norm_param_grads_kernel(const acc_t* sum_a, const acc_t* s
 // Stage 4: elementwise.
 // ---------------------------------------------------------------------------------------------
 
-// y = (x - mean) * invstd * w + b (lecture: y = gamma * (x - mu) / sigma + beta).
+// y = (x - mean) * invstd * w + b (formulas.md §Norm statistics).
 template <bool channels_last, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
@@ -325,10 +320,9 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
     index_t c, s;
     ix.template locate<channels_last>(i, c, s);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
-    const acc_t v = coef_g != nullptr
-                        ? norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s], invstd[s],
-                                          w, coef_g[s], coef_xmu[s])
-                        : norm_grad_input_eval(static_cast<acc_t>(dy[i]), invstd[s], w);
+    const acc_t v = coef_g != nullptr ? norm_grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), mean[s],
+                                                        invstd[s], w, coef_g[s], coef_xmu[s])
+                                      : norm_grad_input_eval(static_cast<acc_t>(dy[i]), invstd[s], w);
     dx[i] = static_cast<scalar_t>(v);
   }
 }

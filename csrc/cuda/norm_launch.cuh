@@ -38,15 +38,17 @@ void with_param_type(bool float_params, F&& f) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     f(TypeTag<scalar_t>{});
   } else {
-    if (float_params) f(TypeTag<acc_t>{});
-    else f(TypeTag<scalar_t>{});
+    if (float_params)
+      f(TypeTag<acc_t>{});
+    else
+      f(TypeTag<scalar_t>{});
   }
 }
 
 // All given parameters share one dtype (each was checked to be the input's or float); returns
 // whether that dtype differs from the input's.
 inline bool params_are_mixed(const char* op, const at::Tensor& input,
-                      std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>> params) {
+                             std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>> params) {
   const char* first_name = nullptr;
   at::ScalarType first = input.scalar_type();
   for (const auto& [name, p] : params) {
@@ -55,8 +57,8 @@ inline bool params_are_mixed(const char* op, const at::Tensor& input,
       first_name = name;
       first = (*p)->scalar_type();
     }
-    TORCH_CHECK((*p)->scalar_type() == first, op, ": expected ", name, " to have the dtype of ",
-                first_name, " (", first, "), but got ", (*p)->scalar_type());
+    TORCH_CHECK((*p)->scalar_type() == first, op, ": expected ", name, " to have the dtype of ", first_name, " (",
+                first, "), but got ", (*p)->scalar_type());
   }
   return first != input.scalar_type();
 }
@@ -98,8 +100,8 @@ struct Partials {
 template <typename acc_t, typename Op>
 Partials reduce_planes(const Op& op, int fields, int64_t outer, int64_t channels, int64_t inner,
                        const at::TensorOptions& acc_options, int64_t numel, const char* op_name) {
-  TORCH_CHECK_NOT_IMPLEMENTED(channels <= kMaxGridX, op_name, " (CUDA): too many statistics (",
-                              channels, ") for one grid");
+  TORCH_CHECK_NOT_IMPLEMENTED(channels <= kMaxGridX, op_name, " (CUDA): too many statistics (", channels,
+                              ") for one grid");
   const PlanesConfig cfg = planes_config(outer, channels, inner);
   Partials p;
   p.chunks = cfg.chunks;
@@ -112,9 +114,9 @@ Partials reduce_planes(const Op& op, int fields, int64_t outer, int64_t channels
   acc_t* out = p.buffer.mutable_data_ptr<acc_t>();
   with_index_type(fits_int32({numel}), [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    reduce_planes_kernel<Op, acc_t, index_t><<<grid, threads, 0, stream>>>(
-        op, out, static_cast<index_t>(outer), static_cast<index_t>(channels), static_cast<index_t>(inner),
-        static_cast<index_t>(chunk_len), p.count);
+    reduce_planes_kernel<Op, acc_t, index_t>
+        <<<grid, threads, 0, stream>>>(op, out, static_cast<index_t>(outer), static_cast<index_t>(channels),
+                                       static_cast<index_t>(inner), static_cast<index_t>(chunk_len), p.count);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return p;
@@ -125,8 +127,8 @@ template <typename acc_t, typename Op>
 Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, int64_t cols,
                         const at::TensorOptions& acc_options, int64_t numel, const char* op_name) {
   const ColumnsConfig cfg = columns_config(batch, rows, cols);
-  TORCH_CHECK_NOT_IMPLEMENTED(cfg.col_blocks <= kMaxGridX, op_name, " (CUDA): too many channels (",
-                              cols, ") for one grid");
+  TORCH_CHECK_NOT_IMPLEMENTED(cfg.col_blocks <= kMaxGridX, op_name, " (CUDA): too many channels (", cols,
+                              ") for one grid");
   Partials p;
   p.chunks = cfg.chunks;
   p.count = batch * p.chunks * cols;
@@ -139,18 +141,17 @@ Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, i
   acc_t* out = p.buffer.mutable_data_ptr<acc_t>();
   with_index_type(fits_int32({numel}), [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    reduce_columns_kernel<Op, acc_t, index_t><<<grid, block, 0, stream>>>(
-        op, out, static_cast<index_t>(batch), static_cast<index_t>(rows), static_cast<index_t>(cols),
-        static_cast<index_t>(chunk_len), p.count);
+    reduce_columns_kernel<Op, acc_t, index_t>
+        <<<grid, block, 0, stream>>>(op, out, static_cast<index_t>(batch), static_cast<index_t>(rows),
+                                     static_cast<index_t>(cols), static_cast<index_t>(chunk_len), p.count);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return p;
 }
 
 template <typename acc_t, typename param_t>
-void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, at::Tensor& mean,
-                    at::Tensor& invstd, param_t* running_mean, param_t* running_var, double momentum,
-                    double eps) {
+void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, at::Tensor& mean, at::Tensor& invstd,
+                    param_t* running_mean, param_t* running_var, double momentum, double eps) {
   welford_finalize_kernel<acc_t, param_t>
       <<<grid_for(outputs, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           p.buffer.const_data_ptr<acc_t>(), p.count, pi, outputs, mean.mutable_data_ptr<acc_t>(),
@@ -164,8 +165,7 @@ template <typename acc_t>
 std::pair<at::Tensor, at::Tensor> finalize_sums(const Partials& p, const PartialIndex& pi, int64_t outputs,
                                                 const at::TensorOptions& acc_options) {
   at::Tensor sum_a = at::empty({outputs}, acc_options), sum_b = at::empty({outputs}, acc_options);
-  sums_finalize_kernel<acc_t><<<grid_for(outputs, kSmallThreads), kSmallThreads, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
+  sums_finalize_kernel<acc_t><<<grid_for(outputs, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       p.buffer.const_data_ptr<acc_t>(), p.count, pi, outputs, sum_a.mutable_data_ptr<acc_t>(),
       sum_b.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -178,8 +178,8 @@ std::pair<at::Tensor, at::Tensor> finalize_sums(const Partials& p, const Partial
 
 template <typename scalar_t, typename param_t, typename acc_t>
 void launch_normalize(bool channels_last, const at::Tensor& x, at::Tensor& y, const at::Tensor& mean,
-                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                      int64_t channels, int64_t inner, int64_t stats_per_sample, int64_t channels_per_stat) {
+                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias, int64_t channels,
+                      int64_t inner, int64_t stats_per_sample, int64_t channels_per_stat) {
   const int64_t numel = x.numel();
   if (numel == 0) return;
   const unsigned blocks = grid_for(numel, kElementwiseThreads);
@@ -190,10 +190,10 @@ void launch_normalize(bool channels_last, const at::Tensor& x, at::Tensor& y, co
                                 static_cast<index_t>(stats_per_sample), static_cast<index_t>(channels_per_stat));
     auto kernel = channels_last ? normalize_kernel<true, scalar_t, param_t, acc_t, index_t>
                                 : normalize_kernel<false, scalar_t, param_t, acc_t, index_t>;
-    kernel<<<blocks, kElementwiseThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-        invstd.const_data_ptr<acc_t>(), ptr_or_null<param_t>(weight), ptr_or_null<param_t>(bias), ix,
-        static_cast<index_t>(numel));
+    kernel<<<blocks, kElementwiseThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                                       mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                                       ptr_or_null<param_t>(weight), ptr_or_null<param_t>(bias), ix,
+                                                       static_cast<index_t>(numel));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

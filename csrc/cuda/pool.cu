@@ -39,8 +39,10 @@ dim3 grid_for(int64_t total) {
 template <typename F>
 void with_variant(bool int32_ok, bool channels_last, const F& launch) {
   with_index_type(int32_ok, [&](auto index_tag) {
-    if (channels_last) launch(index_tag, std::true_type{});
-    else launch(index_tag, std::false_type{});
+    if (channels_last)
+      launch(index_tag, std::true_type{});
+    else
+      launch(index_tag, std::false_type{});
   });
 }
 
@@ -92,13 +94,12 @@ int64_t adaptive_avg_chunks(const PoolGeometry& g, int64_t outputs) {
 // Max pool
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input_,
-                                                         c10::IntArrayRef kernel_size,
-                                                         c10::IntArrayRef stride,
-                                                         c10::IntArrayRef padding,
+std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kernel_size,
+                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                          c10::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_forward()";
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
@@ -114,22 +115,21 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward_cuda(const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool_forward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
       using index_t = decltype(index_tag);
-      max_pool_forward_kernel<scalar_t, index_t, decltype(layout)::value>
-          <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-              indices.mutable_data_ptr<int64_t>(), g, static_cast<index_t>(total));
+      max_pool_forward_kernel<scalar_t, index_t, decltype(layout)::value><<<grid_for(total), kPoolThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(), g,
+          static_cast<index_t>(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return std::make_tuple(output, indices);
 }
 
-at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
-                                  const at::Tensor& indices_, c10::IntArrayRef kernel_size,
-                                  c10::IntArrayRef stride, c10::IntArrayRef padding,
+at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& indices_,
+                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                   c10::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool_backward()";
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kMax, input_, kernel_size, stride, padding, dilation, ceil_mode);
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_indices(op, indices_, grad_output_.sizes(), input_);
   check_cuda(op, input_);
@@ -160,19 +160,19 @@ at::Tensor max_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
 // Average pool
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kernel_size,
-                                 c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
-                                 bool count_include_pad, int64_t divisor_override) {
+at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                                 int64_t divisor_override) {
   const char* op = "avg_pool_forward()";
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
-                                            ones(kernel_size.size()), ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding, ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_cuda(op, input_);
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(format);
-  at::Tensor output = at::empty(pool_output_shape(g, static_cast<int64_t>(kernel_size.size())),
-                                input.options().memory_format(format));
+  at::Tensor output =
+      at::empty(pool_output_shape(g, static_cast<int64_t>(kernel_size.size())), input.options().memory_format(format));
   const int64_t total = output.numel();
   if (total == 0) return output;
 
@@ -181,10 +181,9 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "avg_pool_forward_cuda", [&] {
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
       using index_t = decltype(index_tag);
-      avg_pool_forward_kernel<scalar_t, index_t, decltype(layout)::value>
-          <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
-              count_include_pad, divisor_override, static_cast<index_t>(total));
+      avg_pool_forward_kernel<scalar_t, index_t, decltype(layout)::value><<<grid_for(total), kPoolThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, count_include_pad, divisor_override,
+          static_cast<index_t>(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -192,12 +191,11 @@ at::Tensor avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArrayRef kern
 }
 
 at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
-                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                                  c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
-                                  int64_t divisor_override) {
+                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                  bool ceil_mode, bool count_include_pad, int64_t divisor_override) {
   const char* op = "avg_pool_backward()";
-  const PoolGeometry g = make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding,
-                                            ones(kernel_size.size()), ceil_mode);
+  const PoolGeometry g =
+      make_pool_geometry(op, PoolKind::kAvg, input_, kernel_size, stride, padding, ones(kernel_size.size()), ceil_mode);
   check_avg_pool3d_input_size(op, g, static_cast<int64_t>(kernel_size.size()));
   check_pool_grad_output(op, grad_output_, input_, g, static_cast<int64_t>(kernel_size.size()));
   check_cuda(op, input_);
@@ -214,9 +212,9 @@ at::Tensor avg_pool_backward_cuda(const at::Tensor& grad_output_, const at::Tens
     with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
       using index_t = decltype(index_tag);
       avg_pool_backward_kernel<scalar_t, index_t, decltype(layout)::value>
-          <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
-              count_include_pad, divisor_override, static_cast<index_t>(total));
+          <<<grid_for(total), kPoolThreads, 0, stream>>>(grad_output.const_data_ptr<scalar_t>(),
+                                                         grad_input.mutable_data_ptr<scalar_t>(), g, count_include_pad,
+                                                         divisor_override, static_cast<index_t>(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -234,8 +232,8 @@ at::Tensor adaptive_avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArra
   c10::cuda::OptionalCUDAGuard guard(input_.device());
   const at::MemoryFormat format = pool_memory_format(input_);
   const at::Tensor input = input_.contiguous(format);
-  at::Tensor output = at::empty(pool_output_shape(g, static_cast<int64_t>(output_size.size())),
-                                input.options().memory_format(format));
+  at::Tensor output =
+      at::empty(pool_output_shape(g, static_cast<int64_t>(output_size.size())), input.options().memory_format(format));
   const int64_t total = output.numel();
   if (total == 0) return output;
 
@@ -250,21 +248,19 @@ at::Tensor adaptive_avg_pool_forward_cuda(const at::Tensor& input_, c10::IntArra
       if (chunks == 1) {
         adaptive_avg_pool_forward_kernel<scalar_t, index_t, channels_last>
             <<<grid_for(total), kPoolThreads, 0, stream>>>(
-                input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
-                static_cast<index_t>(total));
+                input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, static_cast<index_t>(total));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
       at::Tensor partial = at::empty({total * chunks}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       adaptive_avg_pool_partial_kernel<scalar_t, index_t, channels_last>
           <<<grid_for(total * chunks), kPoolThreads, 0, stream>>>(
-              input.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), g,
-              static_cast<index_t>(chunks), static_cast<index_t>(total * chunks));
+              input.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), g, static_cast<index_t>(chunks),
+              static_cast<index_t>(total * chunks));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      adaptive_avg_pool_finish_kernel<scalar_t, index_t, channels_last>
-          <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              partial.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), g,
-              static_cast<index_t>(chunks), static_cast<index_t>(total));
+      adaptive_avg_pool_finish_kernel<scalar_t, index_t, channels_last><<<grid_for(total), kPoolThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), g, static_cast<index_t>(chunks),
+          static_cast<index_t>(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -284,16 +280,17 @@ at::Tensor adaptive_avg_pool_backward_cuda(const at::Tensor& grad_output_, const
 
   const bool int32_ok = fits_int32({total, grad_output.numel()});
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "adaptive_avg_pool_backward_cuda", [&] {
-    with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
-      using index_t = decltype(index_tag);
-      adaptive_avg_pool_backward_kernel<scalar_t, index_t, decltype(layout)::value>
-          <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
-              static_cast<index_t>(total));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_output.scalar_type(), "adaptive_avg_pool_backward_cuda", [&] {
+        with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
+          using index_t = decltype(index_tag);
+          adaptive_avg_pool_backward_kernel<scalar_t, index_t, decltype(layout)::value>
+              <<<grid_for(total), kPoolThreads, 0, stream>>>(grad_output.const_data_ptr<scalar_t>(),
+                                                             grad_input.mutable_data_ptr<scalar_t>(), g,
+                                                             static_cast<index_t>(total));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return grad_input;
 }
 
@@ -342,16 +339,17 @@ at::Tensor adaptive_max_pool_backward_cuda(const at::Tensor& grad_output_, const
 
   const bool int32_ok = fits_int32({total, grad_output.numel()});
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "adaptive_max_pool_backward_cuda", [&] {
-    with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
-      using index_t = decltype(index_tag);
-      adaptive_max_pool_backward_kernel<scalar_t, index_t, decltype(layout)::value>
-          <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
-              grad_input.mutable_data_ptr<scalar_t>(), g, static_cast<index_t>(total));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
+                                  "adaptive_max_pool_backward_cuda", [&] {
+                                    with_variant(int32_ok, is_channels_last(format), [&](auto index_tag, auto layout) {
+                                      using index_t = decltype(index_tag);
+                                      adaptive_max_pool_backward_kernel<scalar_t, index_t, decltype(layout)::value>
+                                          <<<grid_for(total), kPoolThreads, 0, stream>>>(
+                                              grad_output.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
+                                              grad_input.mutable_data_ptr<scalar_t>(), g, static_cast<index_t>(total));
+                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                    });
+                                  });
   return grad_input;
 }
 
@@ -359,8 +357,7 @@ at::Tensor adaptive_max_pool_backward_cuda(const at::Tensor& grad_output_, const
 // Max unpool
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& indices_,
-                                   c10::IntArrayRef output_size) {
+at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& indices_, c10::IntArrayRef output_size) {
   const char* op = "max_unpool_forward()";
   check_max_unpool(op, input_, indices_, output_size);
   check_cuda(op, input_);
@@ -392,8 +389,8 @@ at::Tensor max_unpool_forward_cuda(const at::Tensor& input_, const at::Tensor& i
                                    static_cast<index_t>(out_plane)};
       max_unpool_forward_kernel<scalar_t, index_t, decltype(layout)::value>
           <<<grid_for(total), kPoolThreads, 0, stream>>>(
-              input.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
-              output.mutable_data_ptr<scalar_t>(), s, static_cast<index_t>(total), flag_ptr(flag));
+              input.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(), output.mutable_data_ptr<scalar_t>(),
+              s, static_cast<index_t>(total), flag_ptr(flag));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

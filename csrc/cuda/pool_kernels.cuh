@@ -36,8 +36,7 @@ constexpr int kPoolThreads = 256;
 // first + step never overflows an index_t that holds total (see fits_int32 in pool.cu).
 template <typename index_t>
 __device__ __forceinline__ index_t first_element() {
-  return static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +
-         static_cast<index_t>(threadIdx.x);
+  return static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + static_cast<index_t>(threadIdx.x);
 }
 template <typename index_t>
 __device__ __forceinline__ index_t element_step() {
@@ -53,8 +52,7 @@ struct Element {
 // Position i in memory order -> (n, c, d, h, w), for a tensor of `channels` channels and
 // spatial sizes `size` (D, H, W).
 template <bool channels_last, typename index_t>
-__device__ __forceinline__ Element<index_t> element_at(index_t i, index_t channels,
-                                                       const index_t (&size)[3]) {
+__device__ __forceinline__ Element<index_t> element_at(index_t i, index_t channels, const index_t (&size)[3]) {
   Element<index_t> e;
   if (channels_last) {
     e.c = i % channels;
@@ -77,8 +75,7 @@ __device__ __forceinline__ Element<index_t> element_at(index_t i, index_t channe
 
 // Position i in memory order -> its (n, c) only (max unpool needs no more).
 template <bool channels_last, typename index_t>
-__device__ __forceinline__ Element<index_t> plane_of_element(index_t i, index_t channels,
-                                                             index_t plane_size) {
+__device__ __forceinline__ Element<index_t> plane_of_element(index_t i, index_t channels, index_t plane_size) {
   Element<index_t> e{};
   if (channels_last) {
     e.c = i % channels;
@@ -100,8 +97,7 @@ struct Plane {
 };
 
 template <bool channels_last, typename index_t>
-__device__ __forceinline__ Plane<index_t> plane_at(const Element<index_t>& e, index_t channels,
-                                                   index_t plane_size) {
+__device__ __forceinline__ Plane<index_t> plane_at(const Element<index_t>& e, index_t channels, index_t plane_size) {
   if (channels_last) return {e.n * plane_size * channels + e.c, channels};
   return {(e.n * channels + e.c) * plane_size, index_t(1)};
 }
@@ -167,7 +163,7 @@ struct RunningMax {
 // Max pool
 // ---------------------------------------------------------------------------------------------
 
-// y = max over the window (slides: Pooling Summary, O = (I + 2P - D(K-1) - 1) / S + 1), with
+// y = max over the window (formulas.md §Max pool, §Pool output size), with
 // the argmax as a flat index into the input plane.
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
@@ -195,26 +191,25 @@ __global__ void __launch_bounds__(kPoolThreads)
   }
 }
 
-// dl/dx = sum of dl/dy over the outputs whose argmax is x (slides: Backpropagation, max
-// pooling), as a gather: every output window that spans x is checked, in a fixed order.
+// dl/dx = sum of dl/dy over the outputs whose argmax is x (formulas.md §Max pool),
+// as a gather: every output window that spans x is checked, in a fixed order.
 // Indices that match no input element (out of range, garbage) are simply never matched.
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    max_pool_backward_kernel(const scalar_t* __restrict__ grad_output,
-                             const int64_t* __restrict__ indices, scalar_t* __restrict__ grad_input,
-                             const PoolGeometry g, index_t total) {
+    max_pool_backward_kernel(const scalar_t* __restrict__ grad_output, const int64_t* __restrict__ indices,
+                             scalar_t* __restrict__ grad_input, const PoolGeometry g, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
     const Element<index_t> e = element_at<channels_last>(i, s.channels, s.in);
     const Plane<index_t> out = plane_at<channels_last>(e, s.channels, s.out_plane);
     const int64_t own = static_cast<int64_t>(s.in_flat(e.d, e.h, e.w));
-    const Range<index_t> rd = range_of<index_t>(pool_outputs_covering(
-        e.d, g.out[0], g.dilation[0] * (g.kernel[0] - 1) + 1, g.stride[0], g.pad[0]));
-    const Range<index_t> rh = range_of<index_t>(pool_outputs_covering(
-        e.h, g.out[1], g.dilation[1] * (g.kernel[1] - 1) + 1, g.stride[1], g.pad[1]));
-    const Range<index_t> rw = range_of<index_t>(pool_outputs_covering(
-        e.w, g.out[2], g.dilation[2] * (g.kernel[2] - 1) + 1, g.stride[2], g.pad[2]));
+    const Range<index_t> rd = range_of<index_t>(
+        pool_outputs_covering(e.d, g.out[0], g.dilation[0] * (g.kernel[0] - 1) + 1, g.stride[0], g.pad[0]));
+    const Range<index_t> rh = range_of<index_t>(
+        pool_outputs_covering(e.h, g.out[1], g.dilation[1] * (g.kernel[1] - 1) + 1, g.stride[1], g.pad[1]));
+    const Range<index_t> rw = range_of<index_t>(
+        pool_outputs_covering(e.w, g.out[2], g.dilation[2] * (g.kernel[2] - 1) + 1, g.stride[2], g.pad[2]));
     acc_t grad = acc_t(0);
     for (index_t od = rd.begin; od < rd.end; ++od)
       for (index_t oh = rh.begin; oh < rh.end; ++oh)
@@ -234,9 +229,8 @@ __global__ void __launch_bounds__(kPoolThreads)
 // divisor_override rules).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    avg_pool_forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
-                            const PoolGeometry g, bool count_include_pad, int64_t divisor_override,
-                            index_t total) {
+    avg_pool_forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, const PoolGeometry g,
+                            bool count_include_pad, int64_t divisor_override, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
@@ -259,21 +253,23 @@ __global__ void __launch_bounds__(kPoolThreads)
   }
 }
 
-// dl/dx = sum over the windows containing x of dl/dy / divisor (slides: Backpropagation, mean
-// pooling, "upsample / m^2"), as a gather over the covering outputs.
+// dl/dx = sum over the windows containing x of dl/dy / divisor (formulas.md
+// §Avg pool), as a gather over the covering outputs.
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    avg_pool_backward_kernel(const scalar_t* __restrict__ grad_output,
-                             scalar_t* __restrict__ grad_input, const PoolGeometry g,
-                             bool count_include_pad, int64_t divisor_override, index_t total) {
+    avg_pool_backward_kernel(const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_input,
+                             const PoolGeometry g, bool count_include_pad, int64_t divisor_override, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
     const Element<index_t> e = element_at<channels_last>(i, s.channels, s.in);
     const Plane<index_t> out = plane_at<channels_last>(e, s.channels, s.out_plane);
-    const Range<index_t> rd = range_of<index_t>(pool_outputs_covering(e.d, g.out[0], g.kernel[0], g.stride[0], g.pad[0]));
-    const Range<index_t> rh = range_of<index_t>(pool_outputs_covering(e.h, g.out[1], g.kernel[1], g.stride[1], g.pad[1]));
-    const Range<index_t> rw = range_of<index_t>(pool_outputs_covering(e.w, g.out[2], g.kernel[2], g.stride[2], g.pad[2]));
+    const Range<index_t> rd =
+        range_of<index_t>(pool_outputs_covering(e.d, g.out[0], g.kernel[0], g.stride[0], g.pad[0]));
+    const Range<index_t> rh =
+        range_of<index_t>(pool_outputs_covering(e.h, g.out[1], g.kernel[1], g.stride[1], g.pad[1]));
+    const Range<index_t> rw =
+        range_of<index_t>(pool_outputs_covering(e.w, g.out[2], g.kernel[2], g.stride[2], g.pad[2]));
     acc_t grad = acc_t(0);
     for (index_t od = rd.begin; od < rd.end; ++od) {
       const AvgWindow wd = avg_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0]);
@@ -303,9 +299,8 @@ __device__ __forceinline__ Range<index_t> adaptive_range(index_t o, int64_t in, 
 // y = mean of the window. Divided one dim at a time, as torch's kernel does (same rounding).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    adaptive_avg_pool_forward_kernel(const scalar_t* __restrict__ input,
-                                     scalar_t* __restrict__ output, const PoolGeometry g,
-                                     index_t total) {
+    adaptive_avg_pool_forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
+                                     const PoolGeometry g, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
@@ -319,8 +314,7 @@ __global__ void __launch_bounds__(kPoolThreads)
       for (index_t h = rh.begin; h < rh.end; ++h)
         for (index_t w = rw.begin; w < rw.end; ++w) sum += static_cast<acc_t>(input[in.at(s.in_flat(d, h, w))]);
     output[i] = static_cast<scalar_t>(sum / static_cast<acc_t>(rd.end - rd.begin) /
-                                      static_cast<acc_t>(rh.end - rh.begin) /
-                                      static_cast<acc_t>(rw.end - rw.begin));
+                                      static_cast<acc_t>(rh.end - rh.begin) / static_cast<acc_t>(rw.end - rw.begin));
   }
 }
 
@@ -341,8 +335,8 @@ __device__ __forceinline__ index_t partial_slot(index_t o, index_t j, index_t ch
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
     adaptive_avg_pool_partial_kernel(const scalar_t* __restrict__ input,
-                                     at::acc_type<scalar_t, true>* __restrict__ partial,
-                                     const PoolGeometry g, index_t chunks, index_t total) {
+                                     at::acc_type<scalar_t, true>* __restrict__ partial, const PoolGeometry g,
+                                     index_t chunks, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
@@ -375,8 +369,8 @@ __global__ void __launch_bounds__(kPoolThreads)
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
     adaptive_avg_pool_finish_kernel(const at::acc_type<scalar_t, true>* __restrict__ partial,
-                                    scalar_t* __restrict__ output, const PoolGeometry g,
-                                    index_t chunks, index_t total) {
+                                    scalar_t* __restrict__ output, const PoolGeometry g, index_t chunks,
+                                    index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t o = first_element<index_t>(); o < total; o += element_step<index_t>()) {
@@ -387,17 +381,15 @@ __global__ void __launch_bounds__(kPoolThreads)
     acc_t sum = acc_t(0);
     for (index_t j = 0; j < chunks; ++j) sum += partial[partial_slot<channels_last>(o, j, s.channels, chunks)];
     output[o] = static_cast<scalar_t>(sum / static_cast<acc_t>(rd.end - rd.begin) /
-                                      static_cast<acc_t>(rh.end - rh.begin) /
-                                      static_cast<acc_t>(rw.end - rw.begin));
+                                      static_cast<acc_t>(rh.end - rh.begin) / static_cast<acc_t>(rw.end - rw.begin));
   }
 }
 
 // dl/dx = sum over the adaptive windows containing x of dl/dy / window size (a gather).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    adaptive_avg_pool_backward_kernel(const scalar_t* __restrict__ grad_output,
-                                      scalar_t* __restrict__ grad_input, const PoolGeometry g,
-                                      index_t total) {
+    adaptive_avg_pool_backward_kernel(const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_input,
+                                      const PoolGeometry g, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
@@ -427,9 +419,8 @@ __global__ void __launch_bounds__(kPoolThreads)
 // y = max of the adaptive window, with its flat argmax (same NaN and tie rules as max pool).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    adaptive_max_pool_forward_kernel(const scalar_t* __restrict__ input,
-                                     scalar_t* __restrict__ output, int64_t* __restrict__ indices,
-                                     const PoolGeometry g, index_t total) {
+    adaptive_max_pool_forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
+                                     int64_t* __restrict__ indices, const PoolGeometry g, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
@@ -453,10 +444,8 @@ __global__ void __launch_bounds__(kPoolThreads)
 // Gather over the adaptive windows containing x whose argmax is x.
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    adaptive_max_pool_backward_kernel(const scalar_t* __restrict__ grad_output,
-                                      const int64_t* __restrict__ indices,
-                                      scalar_t* __restrict__ grad_input, const PoolGeometry g,
-                                      index_t total) {
+    adaptive_max_pool_backward_kernel(const scalar_t* __restrict__ grad_output, const int64_t* __restrict__ indices,
+                                      scalar_t* __restrict__ grad_input, const PoolGeometry g, index_t total) {
   using acc_t = at::acc_type<scalar_t, true>;
   const PoolSizes<index_t> s(g);
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
@@ -490,8 +479,7 @@ struct UnpoolSizes {
 
 // Records an index outside [0, out_plane): the smallest offending position wins, so the error
 // the host reports does not depend on thread timing.
-__device__ __forceinline__ void record_invalid_index(unsigned long long* first_invalid,
-                                                     int64_t position) {
+__device__ __forceinline__ void record_invalid_index(unsigned long long* first_invalid, int64_t position) {
   atomicMin(first_invalid, static_cast<unsigned long long>(position));
 }
 
@@ -499,9 +487,8 @@ __device__ __forceinline__ void record_invalid_index(unsigned long long* first_i
 // written, only recorded. Duplicate indices race (the last writer is unspecified, as in torch).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    max_unpool_forward_kernel(const scalar_t* __restrict__ input,
-                              const int64_t* __restrict__ indices, scalar_t* __restrict__ output,
-                              const UnpoolSizes<index_t> s, index_t total,
+    max_unpool_forward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ indices,
+                              scalar_t* __restrict__ output, const UnpoolSizes<index_t> s, index_t total,
                               unsigned long long* __restrict__ first_invalid) {
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
     const int64_t target = indices[i];
@@ -519,10 +506,9 @@ __global__ void __launch_bounds__(kPoolThreads)
 // give 0 and are recorded).
 template <typename scalar_t, typename index_t, bool channels_last>
 __global__ void __launch_bounds__(kPoolThreads)
-    max_unpool_backward_kernel(const scalar_t* __restrict__ grad_output,
-                               const int64_t* __restrict__ indices,
-                               scalar_t* __restrict__ grad_input, const UnpoolSizes<index_t> s,
-                               index_t total, unsigned long long* __restrict__ first_invalid) {
+    max_unpool_backward_kernel(const scalar_t* __restrict__ grad_output, const int64_t* __restrict__ indices,
+                               scalar_t* __restrict__ grad_input, const UnpoolSizes<index_t> s, index_t total,
+                               unsigned long long* __restrict__ first_invalid) {
   for (index_t i = first_element<index_t>(); i < total; i += element_step<index_t>()) {
     const int64_t target = indices[i];
     if (target < 0 || target >= static_cast<int64_t>(s.out_plane)) {

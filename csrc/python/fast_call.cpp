@@ -57,7 +57,8 @@ int64_t to_int(PyObject* obj, const char* what) {
 
 template <typename T, typename Convert>
 std::vector<T> to_list(PyObject* obj, const char* what, Convert&& convert) {
-  TORCH_CHECK_TYPE(PyTuple_Check(obj) || PyList_Check(obj), what, ": expected a tuple or list, got ", Py_TYPE(obj)->tp_name);
+  TORCH_CHECK_TYPE(PyTuple_Check(obj) || PyList_Check(obj), what, ": expected a tuple or list, got ",
+                   Py_TYPE(obj)->tp_name);
   const Py_ssize_t size = PySequence_Fast_GET_SIZE(obj);
   PyObject** items = PySequence_Fast_ITEMS(obj);
   std::vector<T> values;
@@ -148,11 +149,10 @@ PyObject* call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-PyMethodDef methods[] = {
-    {"op", op, METH_O, "op(name) -> handle of cnnops::<name> for call()"},
-    {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call)), METH_FASTCALL,
-     "call(handle, *args): the op with every schema argument given positionally"},
-    {nullptr, nullptr, 0, nullptr}};
+PyMethodDef methods[] = {{"op", op, METH_O, "op(name) -> handle of cnnops::<name> for call()"},
+                         {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call)), METH_FASTCALL,
+                          "call(handle, *args): the op with every schema argument given positionally"},
+                         {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
