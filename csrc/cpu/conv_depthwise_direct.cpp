@@ -383,8 +383,9 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
 }
 
 // Rows [r0, r1) of the flat (sample, oh) range added into partial[tap][C] (zeroed by the
-// caller): acc[tap] += dy * x at the tap, and row K*K += dy (the bias gradient). Rows go a few at a time, all channel blocks of them
-// before the next ones, so what they read stays in cache; each lane's sum runs in row order.
+// caller): acc[tap] += dy * x at the tap, and row K*K += dy (the bias gradient). Rows go a few
+// at a time, all channel blocks of them before the next ones, so what they read stays in cache;
+// each lane's sum runs in row order.
 template <typename T, int K, int S, int BYTES>
 DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {
   using V = Simd<T, BYTES>;
