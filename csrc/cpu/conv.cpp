@@ -32,7 +32,9 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
+#include "cpu/conv_small.h"
 #include "cpu/gemm.h"
+#include "cpu/weight_cache.h"
 
 namespace cnnops {
 namespace cpu {
@@ -99,9 +101,9 @@ template <typename T>
 void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                        Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
-  std::vector<PackedA<T>> weights;  // packed once, shared by every task
-  for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
+  const int64_t m = g.out_channels_per_group(), l = g.out_plane();
+  const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
+  const std::vector<PackedA<T>>& weights = *packed;
   const int64_t total = g.batch * l, blocks = num_blocks(total, kColumnBlock);
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
   // Few column blocks (small images) but many output channels: split the rows too.
@@ -213,6 +215,7 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
+  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
   if (nhwc && use_shifted_grid(g))
     conv_forward_nhwc_shifted(g, x, w, bias, y, activation);
   else if (nhwc)
@@ -418,6 +421,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const auto layout = kernel_memory_format(input, g);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
   const auto x = compute_copy(input, layout), w = compute_copy(weight);
+  const WeightCacheScope weight_cache(weight, w.data_ptr());  // under no_grad: kernels may keep w packed
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? compute_copy(*bias) : at::Tensor();
   auto y = at::empty(conv_output_shape(g, weight.dim() - 2), x.options().memory_format(layout));
