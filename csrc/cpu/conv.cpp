@@ -93,6 +93,74 @@ void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* 
   pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
 }
 
+// conv_forward_gemm when its output channels are split between tasks (few column blocks: small
+// maps, batch 1). Every row task would pack the same im2col panels, so the im2col blocks are
+// written once, in parallel, row-major (K x block, zero past the block's columns), and each
+// task's GEMM reads them in place (gemm_shifted_b with rows `block` apart).
+template <typename T>
+void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights,
+                             const T* bias, T* y, Activation activation, int64_t blocks, int64_t block,
+                             const RowSplit& rows) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
+  const int64_t cg = g.in_channels_per_group();
+  const bool pointwise = g.is_pointwise();
+  const PaddedLayout layout(g);
+  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
+  const std::vector<int64_t> im2col_rows = im2col_row_offsets(g, layout);
+  // cols[(grp * blocks + b) * k * block + r * block + j]: im2col row r, column c0 + j of block b;
+  // NR values of slack for the reads of the last rows' padded panels.
+  const int64_t block_size = k * block;
+  const auto cols = scratch<T>(g.groups * blocks * block_size + nr);
+  std::fill(cols.get() + g.groups * blocks * block_size, cols.get() + g.groups * blocks * block_size + nr, T(0));
+  const int64_t row_chunks = num_blocks(k, 64);
+  parallel_for(0, g.groups * blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % row_chunks, gb = task / row_chunks, grp = gb / blocks, c0 = gb % blocks * block;
+      const int64_t nc = std::min(block, total - c0), r0 = chunk * 64, r1 = std::min(k, r0 + 64);
+      T* dst = cols.get() + gb * block_size;
+      if (pointwise) {  // im2col(X) is X
+        for (int64_t r = r0; r < r1; ++r)
+          for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+            copy_values(dst + r * block + offset, x + (n * g.in_channels + grp * cg + r) * l + l0, len);
+          });
+      } else {
+        const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, c0, nc);
+        const T* x_g = padded.data() + grp * cg * layout.plane;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* src = x_g + im2col_rows[r];
+          for (int64_t j = 0; j < nc; ++j) dst[r * block + j] = src[column_offset[j]];
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) std::fill(dst + r * block + nc, dst + (r + 1) * block, T(0));
+    }
+  });
+  std::vector<int64_t> row_offset(k);
+  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
+  parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
+    const auto tile = scratch<T>(m * block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row_block = task % rows.count, gb = task / rows.count;
+      const int64_t grp = gb / blocks, c0 = gb % blocks * block, nc = std::min(block, total - c0);
+      const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
+      auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
+      const T* row_bias = bias ? bias + grp * m : nullptr;
+      const T* b = cols.get() + gb * block_size;
+      const int64_t n_first = c0 / l, l_first = c0 % l;
+      if (l_first + nc <= l) {  // inside one sample: write the output directly
+        gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), y_ng(n_first) + l_first, l, row_bias, false,
+                          row_begin, row_end, activation);
+        continue;
+      }
+      gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), tile.get(), nc, row_bias, false, row_begin, row_end,
+                        activation);
+      for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        for (int64_t i = row_begin; i < row_end; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
+      });
+    }
+  });
+}
+
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
 // layers) still give full-width GEMM calls. A block that spans samples is written to each
 // sample's rows in place when every GEMM panel lies inside one sample (8x8), else computed into
@@ -108,6 +176,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
   // Few column blocks (small images) but many output channels: split the rows too.
   const RowSplit rows(m, weights[0].mr, g.groups * blocks);
+  if (rows.count > 1) return conv_forward_gemm_split(g, x, weights, bias, y, activation, blocks, block, rows);
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);

@@ -17,7 +17,7 @@ namespace cpu {
 namespace {
 
 constexpr size_t kMaxEntries = 256;
-constexpr int64_t kMaxBytes = int64_t(512) << 20;
+constexpr int64_t kMaxBytes = int64_t(256) << 20;
 
 struct Identity {  // everything an entry must match besides the tag
   c10::TensorImpl* tensor = nullptr;
