@@ -209,21 +209,24 @@ def test_cache_storage_swapped(fresh_cache):
 
 
 def test_cache_freed_weight_reallocated_at_same_address(fresh_cache):
+    # A weight freed after a cached call, and a new one allocated at its address (the allocator
+    # hands freed blocks back): the new weight must not get the old packing.
     x, _, b, kwargs = conv_case("nchw_gemm")
     shape = (12, 8, 3, 3)
-    w = torch.randn(shape, dtype=torch.float64)
-    run(x, w, b, kwargs)
-    address = w.data_ptr()
-    del w
-    gc.collect()
-    kept = []  # held, so each new tensor gets a block not handed out already
-    for attempt in range(200):  # the allocator hands freed blocks back: find one at the old address
-        kept.append(torch.full(shape, float(attempt + 1), dtype=torch.float64))
-        if kept[-1].data_ptr() == address:
-            break
-    w2 = kept[-1]
-    assert w2.data_ptr() == address, "the allocator did not reuse the address: the test would prove nothing"
-    torch.testing.assert_close(run(x, w2, b, kwargs), expect(x, w2, b, kwargs))
+    for scenario in range(50):
+        w = torch.randn(shape, dtype=torch.float64)
+        run(x, w, b, kwargs)
+        address = w.data_ptr()
+        del w
+        gc.collect()
+        kept = []  # held, so each new tensor gets a block not handed out already
+        for attempt in range(40):
+            kept.append(torch.full(shape, float(scenario * 40 + attempt + 1), dtype=torch.float64))
+            if kept[-1].data_ptr() == address:
+                w2 = kept[-1]
+                torch.testing.assert_close(run(x, w2, b, kwargs), expect(x, w2, b, kwargs))
+                return
+    pytest.skip("the allocator never reused a freed weight's address")
 
 
 def test_cache_grad_mode_and_inference_mode(fresh_cache):
