@@ -473,9 +473,13 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones are converted: no NHWC kernel yet).
+// So do 1-3 input channels per group (the RGB stem): the NHWC im2col copies runs of that
+// many values per tap, where converting the small input to NCHW and back costs far less.
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
   const auto channels_last = channels_last_format(input.dim());
-  if (input.dim() >= 4 && !g.is_depthwise() && input.suggest_memory_format() == channels_last) return channels_last;
+  if (input.dim() >= 4 && !g.is_depthwise() && g.in_channels_per_group() >= 4 &&
+      input.suggest_memory_format() == channels_last)
+    return channels_last;
   return at::MemoryFormat::Contiguous;
 }
 
