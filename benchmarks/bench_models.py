@@ -15,7 +15,7 @@ Cases, float32 at 224x224, each in NCHW and channels_last (model and input, as m
 
 Every variant is first checked against torch: eval logits (max abs diff / max |torch logits|
 above EVAL_TOLERANCE: MISMATCH), and for train8 the loss and every parameter gradient of the
-first step from the same parameters and RNG state (max over parameters of max abs diff / max
+first step from the same parameters, dropout off (max over parameters of max abs diff / max
 |torch grad| above TRAIN_TOLERANCE). Then the variants of a case are timed in alternating turns
 (torch.utils.benchmark Timer.timeit, each turn a block of calls lasting at least BLOCK_S), so
 load from other processes hits them alike; median and minimum per call are reported. Only the
@@ -134,35 +134,60 @@ def check_eval(fns):
     return out
 
 
-def check_train(steps):
-    """The first step's loss and parameter gradients against torch's, from identical parameters
-    and RNG state (dropout and stochastic depth draw the same masks); no optimizer step."""
-    results = []
-    for step in steps:
-        torch.manual_seed(3)
-        loss = step.loss_and_grads().item()
-        grads = [p.grad.detach().double().clone() if p.grad is not None else None for p in step.model.parameters()]
-        results.append((loss, grads))
-    ref_loss, ref_grads = results[0]
+def first_step(step):
+    """(loss, [parameter gradients in float64]) of one step with dropout and stochastic depth
+    off (their masks would depend on the dtype's sampling); no optimizer step."""
+    from torchvision.ops import StochasticDepth
+
+    random_layers = [m for m in step.model.modules()
+                     if isinstance(m, (nn.modules.dropout._DropoutNd, StochasticDepth)) and m.training]
+    for m in random_layers:
+        m.eval()
+    loss = step.loss_and_grads().item()
+    grads = [p.grad.detach().double().clone() if p.grad is not None else None for p in step.model.parameters()]
+    step.opt.zero_grad(set_to_none=True)
+    for m in random_layers:
+        m.train()
+    return loss, grads
+
+
+def train_error(result, reference):
+    """(max abs diff, max rel diff) of a first step's loss and gradients against a reference's."""
+    (loss, grads), (ref_loss, ref_grads) = result, reference
     # A gradient that is zero in exact arithmetic (the bias of a batch norm whose output feeds
     # another train-mode batch norm through a conv: its mean is subtracted again) is rounding
     # noise on both sides, so each parameter's scale is at least 1% of the largest gradient.
     floor = 1e-2 * max((r.abs().max().item() for r in ref_grads if r is not None and r.numel()), default=0.0)
-    out = []
-    for loss, grads in results:
-        rel = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
-        abs_max = abs(loss - ref_loss)
-        for g, r in zip(grads, ref_grads, strict=True):
-            if (g is None) != (r is None):
-                rel = abs_max = float("inf")
-            elif r is not None and r.numel():
-                d = (g - r).abs().max().item()
-                abs_max = max(abs_max, d)
-                rel = max(rel, d / max(r.abs().max().item(), floor, 1e-30))
-        out.append((abs_max, rel, "ok" if rel <= TRAIN_TOLERANCE else "MISMATCH"))
-    for step in steps:
-        step.opt.zero_grad(set_to_none=True)
-    return out
+    rel = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+    abs_max = abs(loss - ref_loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if (g is None) != (r is None):
+            return float("inf"), float("inf")
+        if r is not None and r.numel():
+            d = (g - r).abs().max().item()
+            abs_max = max(abs_max, d)
+            rel = max(rel, d / max(r.abs().max().item(), floor, 1e-30))
+    return abs_max, rel
+
+
+def check_train(steps):
+    """The first step's loss and parameter gradients against torch's, from identical parameters.
+    Train-mode batch norms over few values (7x7 maps at batch 8) amplify float32 rounding, so a
+    variant off by more than TRAIN_TOLERANCE is then compared with a float64 torch step: it is a
+    MISMATCH only if its error against float64 is over twice torch's own float32 error."""
+    results = [first_step(step) for step in steps]
+    out = [train_error(r, results[0]) for r in results]
+    checks = ["ok" if rel <= TRAIN_TOLERANCE else "?" for _, rel in out]
+    if "?" in checks:
+        ref = steps[0]
+        exact = TrainStep(copy.deepcopy(ref.model).double(), ref.x.double(), ref.target)
+        reference = first_step(exact)
+        torch_error = train_error(results[0], reference)[1]
+        for i, r in enumerate(results):
+            if checks[i] == "?":
+                error = train_error(r, reference)[1]
+                checks[i] = "ok (float64)" if error <= max(2 * torch_error, TRAIN_TOLERANCE) else "MISMATCH"
+    return [(a, rel, check) for (a, rel), check in zip(out, checks, strict=True)]
 
 
 def alternating_times(fns, min_run_time, min_rounds):
@@ -280,7 +305,8 @@ def header_lines(env, args):
              "and minimum of the blocks. torch/variant > 1: cnnops faster."),
              (f"- check: eval logits within {EVAL_TOLERANCE} x max |torch logits|, train loss and every parameter "
              f"gradient of the first step within {TRAIN_TOLERANCE} x max |torch grad| of that parameter, at least "
-             "1% of the largest (max rel diff)."), ""]
+             "1% of the largest (max rel diff); past it, 'ok (float64)' when cnnops' error against a float64 torch "
+             "step is at most twice torch's own float32 error."), ""]
     return head
 
 
