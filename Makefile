@@ -50,13 +50,16 @@ demo: install
 
 # Each family against torch in the same run; tables in benchmarks/results/{cpu,pool_cpu,norm_cpu}.md;
 # then ResNet-18 inference torch vs cnnops unfused vs cnnops fused (benchmarks/results/fuse_cpu.md);
-# then the per-call cost of tiny calls (benchmarks/results/percall_cpu.md).
+# then the per-call cost of tiny calls (benchmarks/results/percall_cpu.md); then whole torchvision
+# models, eval and a training step, torch vs cnnops (benchmarks/results/models_cpu.md, ~15 minutes
+# on 2 cores; `python -m benchmarks.bench_models --models resnet18 --quick` for a short run).
 bench: install
 	$(PYTHON) -m benchmarks.bench_conv
 	$(PYTHON) -m benchmarks.bench_pool
 	$(PYTHON) -m benchmarks.bench_norm
 	$(PYTHON) -m benchmarks.bench_fuse
 	$(PYTHON) -m benchmarks.bench_percall
+	$(PYTHON) -m benchmarks.bench_models
 
 # On a fresh GPU machine (torch preinstalled, no network): local-arch build, CUDA tests, GPU
 # benchmark; logs and results go to $(OUT).

@@ -6,7 +6,9 @@ the same run on the same tensors (same dtype and memory layout).
 
 The suite: the 3x3 and 1x1 convolutions of ResNet-50 at batch 8, depthwise 3x3, the strided
 7x7 stem, one conv1d and one conv3d case, each forward and forward+backward; plus channels_last
-variants of the 2d cases (all of them on CUDA, two on the CPU).
+variants of the 2d cases (all of them on CUDA, two on the CPU). Then depthwise 5x5 and stride-2
+layers, squeeze-excitation 1x1 convolutions on 1x1 maps, batch-1 layers ("b1 ..."), and on the
+CPU channels_last (NDHWC for conv3d) variants of six more cases.
 
 Forward is timed under torch.no_grad(). Forward+backward is one forward and
 torch.autograd.grad for input, weight and bias (no input gradient for the stem, whose input is
@@ -82,7 +84,35 @@ def suite(device):
     else:  # the CPU suite must stay short: one 3x3 and one 1x1
         cl = [c for c in cases if c.name in ("r50 3x3 64", "r50 1x1 64->256")]
     cases += [dataclasses.replace(c, channels_last=True) for c in cl]
+    # Issue 12's rows: MobileNet/EfficientNet depthwise layers (5x5, stride 2), the
+    # squeeze-excitation 1x1 convolutions on 1x1 maps, batch 1, and more channels_last layers.
+    more = [
+        Case("dw 5x5 120", 2, 8, 120, 120, (28, 28), 5, padding=2, groups=120, bias=True),
+        Case("dw 5x5 s2 144", 2, 8, 144, 144, (56, 56), 5, stride=2, padding=2, groups=144, bias=True),
+        Case("dw 3x3 s2 96", 2, 8, 96, 96, (112, 112), 3, stride=2, padding=1, groups=96, bias=True),
+        Case("se 1x1 576->144", 2, 8, 576, 144, (1, 1), 1, bias=True),
+        Case("se 1x1 144->576", 2, 8, 144, 576, (1, 1), 1, bias=True),
+    ]
+    batch1 = [
+        Case("b1 r50 3x3 64", 2, 1, 64, 64, (56, 56), 3, padding=1),
+        Case("b1 r50 3x3 512", 2, 1, 512, 512, (7, 7), 3, padding=1),
+        Case("b1 r50 1x1 1024->256", 2, 1, 1024, 256, (14, 14), 1),
+        Case("b1 r50 1x1 512->2048", 2, 1, 512, 2048, (7, 7), 1),
+        Case("b1 se 1x1 576->144", 2, 1, 576, 144, (1, 1), 1, bias=True),
+        Case("b1 dw 3x3 256", 2, 1, 256, 256, (28, 28), 3, padding=1, groups=256, bias=True),
+        Case("b1 stem 7x7 s2", 2, 1, 3, 64, (224, 224), 7, stride=2, padding=3, input_grad=False),
+    ]
+    cases += more + batch1
+    if device.type != "cuda":  # the CUDA suite already has every 2d case in channels_last
+        named = {c.name: c for c in cases}
+        cases += [dataclasses.replace(named[n], channels_last=True) for n in
+                  ("r50 3x3 512", "r50 1x1 1024->256", "dw 3x3 64", "stem 7x7 s2", "conv3d 3x3x3",
+                   "b1 r50 3x3 512")]
     return cases
+
+
+def memory_format(case):
+    return torch.channels_last_3d if case.dims == 3 else torch.channels_last
 
 
 def make_inputs(case, dtype, device, seed=0):
@@ -98,8 +128,8 @@ def make_inputs(case, dtype, device, seed=0):
     w = randn(case.cout, case.cin // case.groups, *([case.kernel] * case.dims), scale=fan_in ** -0.5)
     b = randn(case.cout) if case.bias else None
     if case.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        w = w.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=memory_format(case))
+        w = w.contiguous(memory_format=memory_format(case))
     x.requires_grad_(case.input_grad)
     w.requires_grad_(True)
     if b is not None:
@@ -145,7 +175,7 @@ def run_case(case, dtype, device, min_run_time):
     with torch.no_grad():
         y = conv_t(x, w, b, **case.kwargs)
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last) if case.channels_last else grad_out
+    grad_out = grad_out.contiguous(memory_format=memory_format(case)) if case.channels_last else grad_out
     fwd_t, fb_t = runners(conv_t, case, x, w, b, grad_out)
     fwd_c, fb_c = runners(conv_c, case, x, w, b, grad_out)
     fwd_flops = case.forward_flops()

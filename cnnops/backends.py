@@ -9,11 +9,21 @@ measures it against a float64 reference). float64 always runs the direct path; b
 float16 inputs compute in float32 and may take Winograd too. It covers the forward pass and the
 stride-1 input gradient (computed as a forward convolution), not the weight gradient.
 
-The kernels read the flag at run time, on every call: setting it takes effect on the next call,
+``cnnops.backends.cpu.cache_packed_weights`` (default ``False``; ``CNNOPS_WEIGHT_CACHE=1`` sets
+it at start): under ``torch.no_grad()`` the CPU convolutions keep each weight's packed GEMM
+panels between calls and reuse them while the weight is the same tensor with the same version
+counter. Every in-place op, optimizer step and ``load_state_dict`` bumps that counter; a write
+through ``param.data``, a numpy array or a DLPack alias does not, and the cache would then serve
+the old weight: turn it on only for inference code that never writes weights that way (or call
+``torch.ops.cnnops.cpu_weight_cache_clear()`` after such a write).
+
+The kernels read the flags at run time, on every call: setting it takes effect on the next call,
 in eager mode and in graphs compiled with ``torch.compile`` alike (no recompilation; the
 compiled graph calls the same op). Set it outside compiled regions.
 """
 import contextlib
+
+import torch
 
 from . import _C
 
@@ -33,19 +43,36 @@ class _CpuBackend:
     def allow_winograd(self, value: bool) -> None:
         _C._set_cpu_allow_winograd(value)
 
+    @property
+    def cache_packed_weights(self) -> bool:
+        """Whether convolutions under no_grad reuse a weight's packed panels while its version
+        counter is unchanged (off by default: writes through ``.data`` are not seen)."""
+        previous = torch.ops.cnnops.cpu_weight_cache_enable(False)
+        torch.ops.cnnops.cpu_weight_cache_enable(previous)
+        return previous
+
+    @cache_packed_weights.setter
+    def cache_packed_weights(self, value: bool) -> None:
+        torch.ops.cnnops.cpu_weight_cache_enable(bool(value))
+        if not value:
+            torch.ops.cnnops.cpu_weight_cache_clear()
+
     @contextlib.contextmanager
-    def flags(self, allow_winograd=None):
+    def flags(self, allow_winograd=None, cache_packed_weights=None):
         """Sets the given switches for the duration of a ``with`` block, then restores them."""
-        previous = self.allow_winograd
+        previous = self.allow_winograd, self.cache_packed_weights
         try:
             if allow_winograd is not None:
                 self.allow_winograd = allow_winograd
+            if cache_packed_weights is not None:
+                self.cache_packed_weights = cache_packed_weights
             yield
         finally:
-            self.allow_winograd = previous
+            self.allow_winograd, self.cache_packed_weights = previous
 
     def __repr__(self):
-        return f"cnnops.backends.cpu(allow_winograd={self.allow_winograd})"
+        return (f"cnnops.backends.cpu(allow_winograd={self.allow_winograd}, "
+                f"cache_packed_weights={self.cache_packed_weights})")
 
 
 cpu = _CpuBackend()

@@ -118,4 +118,11 @@ TORCH_LIBRARY(cnnops, m) {
   // Which CPU GEMM micro-kernel this process runs: "avx512", "avx2" or "portable" (benchmarks,
   // tests; CNNOPS_CPU_ISA caps it). cnnops._C.gemm_spec() gives its whole spec.
   m.def("cpu_gemm_isa() -> str");
+
+  // The packed-weight cache of the CPU convolutions (csrc/cpu/weight_cache.h), off by default:
+  // clear it, switch it on or off (returns the previous setting; cnnops.backends.cpu), and
+  // [entries, bytes, hits, misses] for tests and benchmarks.
+  m.def("cpu_weight_cache_clear() -> ()");
+  m.def("cpu_weight_cache_enable(bool enabled) -> bool");
+  m.def("cpu_weight_cache_info() -> int[]");
 }

@@ -435,6 +435,9 @@ RAW_OPS = {
     "batch_norm_stats": lambda: [any_tensor()],
     "batch_norm_elemt": lambda: [any_tensor(), opt_tensor(), opt_tensor(), any_tensor(), any_tensor()],
     "cpu_gemm_isa": lambda: [],
+    "cpu_weight_cache_clear": lambda: [],
+    "cpu_weight_cache_enable": lambda: [st.booleans()],
+    "cpu_weight_cache_info": lambda: [],
     "batch_norm_backward_elemt": lambda: [any_tensor(), any_tensor(), any_tensor(), any_tensor(), opt_tensor(),
                                           any_tensor(), any_tensor(), ints],
 }

@@ -34,8 +34,10 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
+#include "cpu/conv_small.h"
 #include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
+#include "cpu/weight_cache.h"
 
 namespace cnnops {
 namespace cpu {
@@ -94,6 +96,74 @@ void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* 
   pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
 }
 
+// conv_forward_gemm when its output channels are split between tasks (few column blocks: small
+// maps, batch 1). Every row task would pack the same im2col panels, so the im2col blocks are
+// written once, in parallel, row-major (K x block, zero past the block's columns), and each
+// task's GEMM reads them in place (gemm_shifted_b with rows `block` apart).
+template <typename T>
+void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights,
+                             const T* bias, T* y, Activation activation, int64_t blocks, int64_t block,
+                             const RowSplit& rows) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
+  const int64_t cg = g.in_channels_per_group();
+  const bool pointwise = g.is_pointwise();
+  const PaddedLayout layout(g);
+  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
+  const std::vector<int64_t> im2col_rows = im2col_row_offsets(g, layout);
+  // cols[(grp * blocks + b) * k * block + r * block + j]: im2col row r, column c0 + j of block b;
+  // NR values of slack for the reads of the last rows' padded panels.
+  const int64_t block_size = k * block;
+  const auto cols = scratch<T>(g.groups * blocks * block_size + nr);
+  std::fill(cols.get() + g.groups * blocks * block_size, cols.get() + g.groups * blocks * block_size + nr, T(0));
+  const int64_t row_chunks = num_blocks(k, 64);
+  parallel_for(0, g.groups * blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % row_chunks, gb = task / row_chunks, grp = gb / blocks, c0 = gb % blocks * block;
+      const int64_t nc = std::min(block, total - c0), r0 = chunk * 64, r1 = std::min(k, r0 + 64);
+      T* dst = cols.get() + gb * block_size;
+      if (pointwise) {  // im2col(X) is X
+        for (int64_t r = r0; r < r1; ++r)
+          for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+            copy_values(dst + r * block + offset, x + (n * g.in_channels + grp * cg + r) * l + l0, len);
+          });
+      } else {
+        const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, c0, nc);
+        const T* x_g = padded.data() + grp * cg * layout.plane;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* src = x_g + im2col_rows[r];
+          for (int64_t j = 0; j < nc; ++j) dst[r * block + j] = src[column_offset[j]];
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) std::fill(dst + r * block + nc, dst + (r + 1) * block, T(0));
+    }
+  });
+  std::vector<int64_t> row_offset(k);
+  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
+  parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
+    const auto tile = scratch<T>(m * block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row_block = task % rows.count, gb = task / rows.count;
+      const int64_t grp = gb / blocks, c0 = gb % blocks * block, nc = std::min(block, total - c0);
+      const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
+      auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
+      const T* row_bias = bias ? bias + grp * m : nullptr;
+      const T* b = cols.get() + gb * block_size;
+      const int64_t n_first = c0 / l, l_first = c0 % l;
+      if (l_first + nc <= l) {  // inside one sample: write the output directly
+        gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), y_ng(n_first) + l_first, l, row_bias, false,
+                          row_begin, row_end, activation);
+        continue;
+      }
+      gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), tile.get(), nc, row_bias, false, row_begin, row_end,
+                        activation);
+      for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        for (int64_t i = row_begin; i < row_end; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
+      });
+    }
+  });
+}
+
 // Columns run over the flat (sample, output position) index, so small images (7x7 in deep
 // layers) still give full-width GEMM calls. A block that spans samples is written to each
 // sample's rows in place when every GEMM panel lies inside one sample (8x8), else computed into
@@ -102,13 +172,14 @@ template <typename T>
 void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                        Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
-  std::vector<PackedA<T>> weights;  // packed once, shared by every task
-  for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
+  const int64_t m = g.out_channels_per_group(), l = g.out_plane();
+  const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
+  const std::vector<PackedA<T>>& weights = *packed;
   const int64_t total = g.batch * l, blocks = num_blocks(total, kColumnBlock);
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
   // Few column blocks (small images) but many output channels: split the rows too.
   const RowSplit rows(m, weights[0].mr, g.groups * blocks);
+  if (rows.count > 1) return conv_forward_gemm_split(g, x, weights, bias, y, activation, blocks, block, rows);
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
@@ -216,6 +287,7 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
+  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
@@ -250,12 +322,21 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();
   std::vector<T> rotated(g.out_channels * cin_g * taps);  // [C_in][C_out / groups][taps]
-  for (int64_t grp = 0; grp < g.groups; ++grp)
-    for (int64_t m = 0; m < cout_g; ++m)
-      for (int64_t c = 0; c < cin_g; ++c)
-        for (int64_t r = 0; r < taps; ++r)
-          rotated[((grp * cin_g + c) * cout_g + m) * taps + (taps - 1 - r)] =
-              w[((grp * cout_g + m) * cin_g + c) * taps + r];
+  // A transpose of (m, c) with the taps reversed, in 16 x 16 tiles: row by row it would write
+  // (or read) one value per cache line, milliseconds for a 2048 x 512 weight.
+  constexpr int64_t tile = 16;
+  const int64_t c_tiles = num_blocks(cin_g, tile), m_tiles = num_blocks(cout_g, tile);
+  parallel_for(0, g.groups * c_tiles * m_tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t grp = t / (c_tiles * m_tiles), c0 = t / m_tiles % c_tiles * tile, m0 = t % m_tiles * tile;
+      for (int64_t c = c0; c < std::min(cin_g, c0 + tile); ++c)
+        for (int64_t m = m0; m < std::min(cout_g, m0 + tile); ++m) {
+          const T* src = w + ((grp * cout_g + m) * cin_g + c) * taps;
+          T* dst = rotated.data() + ((grp * cin_g + c) * cout_g + m) * taps + taps - 1;
+          for (int64_t r = 0; r < taps; ++r) dst[-r] = src[r];
+        }
+    }
+  });
   conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx, nhwc, Activation::None);
   return true;
 }
@@ -396,10 +477,13 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
-// one, else they are converted).
+// one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
+// im2col copies runs of that many values per tap, where converting the small input to NCHW and
+// back costs far less.
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
   const auto channels_last = channels_last_format(input.dim());
-  const bool nhwc_kernel = !g.is_depthwise() || depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
+  const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
+                                            : g.in_channels_per_group() >= 4;
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
@@ -424,6 +508,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const auto layout = kernel_memory_format(input, g);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
   const auto x = compute_copy(input, layout), w = compute_copy(weight);
+  const WeightCacheScope weight_cache(weight, w.data_ptr());  // under no_grad: kernels may keep w packed
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? compute_copy(*bias) : at::Tensor();
   auto y = at::empty(conv_output_shape(g, weight.dim() - 2), x.options().memory_format(layout));

@@ -11,11 +11,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_shifted.h"
 #include "cpu/gemm.h"
+#include "cpu/weight_cache.h"
 
 namespace cnnops {
 namespace cpu {
@@ -75,48 +77,62 @@ void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int6
 }
 
 // B_g = W_g as [(tap, c), co] for every group g: the weight reordered to the channels-last
-// im2col's column order, once per call.
+// im2col's column order, row by row in parallel, with NR values of slack at the end for the
+// in-place B reads of gemm_shifted_b. Kept between calls by the weight cache (weight_cache.h).
 template <typename T>
-std::vector<T> weight_as_tap_channel_rows(const ConvGeometry& g, const T* w) {
+std::shared_ptr<const std::vector<T>> weight_as_tap_channel_rows(const ConvGeometry& g, const T* w) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();
-  std::vector<T> w_t(g.groups * k * m);
-  for (int64_t grp = 0; grp < g.groups; ++grp)
-    for (int64_t co = 0; co < m; ++co)
-      for (int64_t c = 0; c < cg; ++c)
-        for (int64_t tap = 0; tap < taps; ++tap)
-          w_t[(grp * k + tap * cg + c) * m + co] = w[((grp * m + co) * cg + c) * taps + tap];
-  return w_t;
+  const WeightTag tag{2, g.groups, m, k, taps, int64_t(sizeof(T))};
+  return cached_weight<std::vector<T>>(w, tag, g.groups * k * m * int64_t(sizeof(T)), [&] {
+    auto w_t = std::make_shared<std::vector<T>>(g.groups * k * m + gemm_nr<T>(), T(0));
+    T* out = w_t->data();
+    parallel_for(0, g.groups * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(m, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {  // row = (grp, tap, c)
+        const int64_t grp = row / k, tap = row % k / cg, c = row % cg;
+        const T* src = w + (grp * m * cg + c) * taps + tap;
+        for (int64_t co = 0; co < m; ++co) out[row * m + co] = src[co * cg * taps];
+      }
+    });
+    return w_t;
+  });
 }
 
 }  // namespace
 
+// Y rows = im2col rows (A, packed per block of rows) times W_t (B, read in place). When the
+// batch's positions make few row blocks (batch 1, 7x7 maps), the output channels (B's columns)
+// are split too, so every thread has work.
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                        Activation activation) {
+  constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), rows = g.batch * g.out_plane();
-  const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
+  const auto w_t = weight_as_tap_channel_rows(g, w);
   const int64_t blocks = num_blocks(rows, kColumnBlock);
   const int64_t block = num_blocks(rows, blocks);  // even blocks
+  const int64_t wanted = num_blocks(2 * at::get_num_threads(), g.groups * blocks);
+  const int64_t col_splits = std::min(wanted, num_blocks(m, nr));
+  const int64_t col_size = num_blocks(num_blocks(m, nr), col_splits) * nr;
+  const int64_t col_blocks = num_blocks(m, col_size);
+  std::vector<int64_t> row_offset(k);  // B's row kk starts kk * M values into the group's W_t
+  for (int64_t kk = 0; kk < k; ++kk) row_offset[kk] = kk * m;
   const std::vector<T> zeros(kKc, T(0));  // what rows in the padding read
-  parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    const auto workspace = scratch<T>(gemm_workspace_size<T>(m));
+  parallel_for(0, g.groups * blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t grp = task / blocks, r0 = (task % blocks) * block, rc = std::min(block, rows - r0);
+      const int64_t j0 = (task % col_blocks) * col_size, nj = std::min(col_size, m - j0);
+      const int64_t grp = task / col_blocks / blocks, r0 = (task / col_blocks % blocks) * block;
+      const int64_t rc = std::min(block, rows - r0);
       const PackedA<T> a = pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
         read_im2col_panel_nhwc(g, x, grp, r0 + i0, rows, k0, kc, dst, mr, zeros.data());
       });
-      const T* b = w_t.data() + grp * k * m;
-      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-        pack_b_strided(b, m, int64_t(1), k0, kc, j0, jc, dst);
-        zero_panel_tail(kc, jc, dst);
-      };
-      T* c = y + r0 * g.out_channels + grp * m;  // rows of C_out values, this group's columns
+      T* c = y + r0 * g.out_channels + grp * m + j0;  // rows of C_out values, this task's columns
       if (bias) {  // the bias runs along columns here: start C from it and accumulate
-        for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m, m, c + i * g.out_channels);
+        for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * g.out_channels);
       }
       // The activation goes on as the last reduction block is written.
-      gemm<T>(a, m, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.get(), 0, -1, activation);
+      gemm_shifted_b<T>(a, nj, w_t->data() + grp * k * m + j0, row_offset.data(), c, g.out_channels, nullptr,
+                        bias != nullptr, 0, -1, activation);
     }
   });
 }
@@ -147,7 +163,7 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
     const int64_t shift = (kd * g.dilation[0] * hp + kh * g.dilation[1]) * wp + kw * g.dilation[2];
     for (int64_t c = 0; c < cg; ++c) column_offset[tap * cg + c] = shift * c_in + c;
   }
-  const std::vector<T> w_t = weight_as_tap_channel_rows(g, w);
+  const auto w_t = weight_as_tap_channel_rows(g, w);
   constexpr int64_t block = kColumnBlock;  // grid rows per GEMM call
   const int64_t blocks = (grid.columns + block - 1) / block;
   parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -156,7 +172,7 @@ void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, co
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r0 = (task % blocks) * block, rc = std::min(block, grid.columns - r0);
       const int64_t grp = task / blocks % g.groups, n = task / blocks / g.groups;
-      const T* b = w_t.data() + grp * k * m;
+      const T* b = w_t->data() + grp * k * m;
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
         pack_b_strided(b, m, int64_t(1), k0, kc, j0, jc, dst);
         zero_panel_tail(kc, jc, dst);

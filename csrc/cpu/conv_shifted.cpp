@@ -9,6 +9,7 @@
 
 #include "cpu/conv_cpu.h"
 #include "cpu/gemm.h"
+#include "cpu/weight_cache.h"
 
 namespace cnnops {
 namespace cpu {
@@ -17,26 +18,39 @@ template <typename T>
 void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
                           Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
-  constexpr int64_t block = kColumnBlock;  // grid columns per GEMM call (a multiple of nr)
   const ShiftedGrid grid(g);
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
+  const int64_t m = g.out_channels_per_group();
   const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;
   // The slack keeps the last panel's reads past the grid in bounds.
   const std::vector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
 
-  std::vector<PackedA<T>> weights;
-  for (int64_t grp = 0; grp < g.groups; ++grp) weights.push_back(pack_a(m, k, w + grp * m * k, k, int64_t(1)));
-  const int64_t blocks = (grid.columns + block - 1) / block;
-  parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
+  const std::vector<PackedA<T>>& weights = *packed;
+  // Blocks of at most kColumnBlock grid columns (a multiple of NR). With few tasks (batch 1), their count
+  // is made a multiple of the thread count, and the output channels (A's rows) are split when
+  // the tasks are still fewer than two per thread: no thread idles while another finishes.
+  // Neither split changes any sum (each output's reduction runs whole, in one order).
+  const int64_t threads = at::get_num_threads(), samples = g.batch * g.groups;
+  int64_t blocks = num_blocks(grid.columns, kColumnBlock);
+  if (samples * blocks < 8 * threads)
+    while ((samples * blocks) % threads != 0 && blocks < num_blocks(grid.columns, nr)) ++blocks;
+  const int64_t block = num_blocks(num_blocks(grid.columns, blocks), nr) * nr;
+  blocks = num_blocks(grid.columns, block);
+  const int64_t mr = weights[0].mr, panels = num_blocks(m, mr);
+  const int64_t row_count0 = std::min(panels, num_blocks(2 * threads, samples * blocks));
+  const int64_t row_size = num_blocks(panels, row_count0) * mr, row_count = num_blocks(m, row_size);
+  parallel_for(0, samples * blocks * row_count, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);  // C for one block of grid columns, before dropping waste
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n0 = (task % blocks) * block, nc = std::min(block, grid.columns - n0);
-      const int64_t grp = (task / blocks) % g.groups, n = task / blocks / g.groups;
+      const int64_t row_begin = (task % row_count) * row_size, row_end = std::min(m, row_begin + row_size);
+      const int64_t column_task = task / row_count;
+      const int64_t n0 = (column_task % blocks) * block, nc = std::min(block, grid.columns - n0);
+      const int64_t grp = (column_task / blocks) % g.groups, n = column_task / blocks / g.groups;
       const T* x_ng = padded.data() + (n * g.in_channels + grp * g.in_channels_per_group()) * pp;
       // B is read in place: grid column j of im2col row r is x_ng[row_offset[r] + j]. The GEMM
       // adds the bias and applies the activation as it writes the tile.
       gemm_shifted_b<T>(weights[grp], nc, x_ng + n0, grid.row_offset.data(), tile.get(), nc,
-                        bias ? bias + grp * m : nullptr, false, 0, -1, activation);
+                        bias ? bias + grp * m : nullptr, false, row_begin, row_end, activation);
       // Keep the real outputs: grid column l' = (od*Hp + oh)*Wp + ow with oh < H_out, ow < W_out.
       T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
       for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
@@ -45,7 +59,7 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
         const int64_t first = std::max(row_start, n0), last = std::min(row_start + g.out[2], n0 + nc);
         if (first >= last) continue;
         T* dst = y_ng + (od * g.out[1] + oh) * g.out[2] + (first - row_start);
-        for (int64_t i = 0; i < m; ++i)
+        for (int64_t i = row_begin; i < row_end; ++i)
           std::memcpy(dst + i * g.out_plane(), tile.get() + i * nc + (first - n0), (last - first) * sizeof(T));
       }
     }
