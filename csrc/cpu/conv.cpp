@@ -80,8 +80,8 @@ inline __attribute__((always_inline)) void pack_column_groups_body(const T* x_g,
 #if defined(__x86_64__)
 template <int64_t L, typename T>
 __attribute__((target("avx2"))) void pack_column_groups_avx2(const T* x_g, const int64_t* row_offset,
-                                                             const int64_t* column_offset, int64_t panels,
-                                                             int64_t kc, T* dst) {
+                                                             const int64_t* column_offset, int64_t panels, int64_t kc,
+                                                             T* dst) {
   pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
 }
 #endif
@@ -101,9 +101,8 @@ void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* 
 // written once, in parallel, row-major (K x block, zero past the block's columns), and each
 // task's GEMM reads them in place (gemm_shifted_b with rows `block` apart).
 template <typename T>
-void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights,
-                             const T* bias, T* y, Activation activation, int64_t blocks, int64_t block,
-                             const RowSplit& rows) {
+void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights, const T* bias,
+                             T* y, Activation activation, int64_t blocks, int64_t block, const RowSplit& rows) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
   const int64_t cg = g.in_channels_per_group();
@@ -158,7 +157,8 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vecto
       gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), tile.get(), nc, row_bias, false, row_begin, row_end,
                         activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        for (int64_t i = row_begin; i < row_end; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
+        for (int64_t i = row_begin; i < row_end; ++i)
+          copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
       });
     }
   });
@@ -169,8 +169,7 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vecto
 // sample's rows in place when every GEMM panel lies inside one sample (8x8), else computed into
 // a tile and then copied.
 template <typename T>
-void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                       Activation activation) {
+void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
   const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
@@ -194,20 +193,25 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       const int64_t channel0 = grp * g.in_channels_per_group();
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
-      const std::vector<int64_t> column_offset = pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc);
+      const std::vector<int64_t> column_offset =
+          pointwise ? std::vector<int64_t>() : im2col_column_offsets(g, layout, c0, nc);
       const int64_t group = consecutive_column_groups(column_offset, nr);
       auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
         if (pointwise) {  // 1x1 stride 1: im2col(X) is X itself
           for_each_sample_segment(c0 + j0, jc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-            pack_b_strided(x + (n * g.in_channels + channel0) * l + l0, l, int64_t(1), k0, kc, int64_t(0), len, dst, offset);
+            pack_b_strided(x + (n * g.in_channels + channel0) * l + l0, l, int64_t(1), k0, kc, int64_t(0), len, dst,
+                           offset);
           });
         } else {
           const T* x_g = padded.data() + channel0 * layout.plane;
           const int64_t* cols0 = column_offset.data() + j0;
           switch (jc % nr == 0 ? group : 0) {  // small images: whole output rows moved as vectors
-            case 4: return pack_column_groups<4>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
-            case 8: return pack_column_groups<8>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
-            case 16: return pack_column_groups<16>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 4:
+              return pack_column_groups<4>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 8:
+              return pack_column_groups<8>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
+            case 16:
+              return pack_column_groups<16>(x_g, &row_offset[k0], cols0, jc / nr, kc, dst);
           }
           for (int64_t p = 0; p * nr < jc; ++p)
             for (int64_t kk = 0; kk < kc; ++kk) {
@@ -230,14 +234,14 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
         std::vector<int64_t> panel_offset(num_blocks(nc, nr));
         for (int64_t p = 0; p < num_blocks(nc, nr); ++p)
           panel_offset[p] = y_ng((c0 + p * nr) / l) - y_ng(0) + (c0 + p * nr) % l;
-        gemm<T>(weights[grp], nc, pack, y_ng(0), l, row_bias, false, workspace.get(), row_begin, row_end,
-                activation, panel_offset.data());
+        gemm<T>(weights[grp], nc, pack, y_ng(0), l, row_bias, false, workspace.get(), row_begin, row_end, activation,
+                panel_offset.data());
         continue;
       }
-      gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), row_begin, row_end,
-              activation);
+      gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), row_begin, row_end, activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        for (int64_t i = row_begin; i < row_end; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
+        for (int64_t i = row_begin; i < row_end; ++i)
+          copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
       });
     }
   });
@@ -358,8 +362,8 @@ inline void store_transposed_4x4(__m128 r0, __m128 r1, __m128 r2, __m128 r3, flo
 // an im2col block. Where four positions are adjacent in memory (stride 1, inside one output
 // row), SSE transposes 4 x 4 tiles of them; elsewhere it is an element-by-element gather.
 template <typename T, int64_t NR>
-void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t cols,
-                                  const int64_t* columns, int64_t kc, T* out) {
+void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t cols, const int64_t* columns, int64_t kc,
+                                  T* out) {
   auto gather_row = [&](int64_t i) {
     const T* src = x_g + columns[i];
     for (int64_t q = 0; q < cols; ++q) out[i * NR + q] = src[rows[q]];
@@ -375,8 +379,7 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
       const float* base = x_g + columns[i];
       for (int64_t q = 0; q < NR; q += 4) {
         store_transposed_4x4(_mm_loadu_ps(base + rows[q]), _mm_loadu_ps(base + rows[q + 1]),
-                             _mm_loadu_ps(base + rows[q + 2]), _mm_loadu_ps(base + rows[q + 3]),
-                             out + i * NR + q, NR);
+                             _mm_loadu_ps(base + rows[q + 2]), _mm_loadu_ps(base + rows[q + 3]), out + i * NR + q, NR);
       }
     }
   }
@@ -410,24 +413,27 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
   const PaddedLayout layout(g);
   const std::vector<T> padded = pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
-  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
-    // A = dY over the chunk (M x rc), packed from each sample's planes; B = im2col over the
-    // chunk, transposed (rc x K).
-    const PackedA<T> a = pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-      for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        pack_transposed_rows(dy + (n * g.out_channels + grp * m + i0) * l + l0, l, rows, len, dst + offset * mr, mr);
+  reduce_weight_gradient<T>(
+      g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
+        // A = dY over the chunk (M x rc), packed from each sample's planes; B = im2col over the
+        // chunk, transposed (rc x K).
+        const PackedA<T> a =
+            pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+              for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+                pack_transposed_rows(dy + (n * g.out_channels + grp * m + i0) * l + l0, l, rows, len, dst + offset * mr,
+                                     mr);
+              });
+            });
+        const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
+        const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
+        auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
+          for (int64_t p = 0; p * nr < jc; ++p)
+            pack_transposed_im2col_panel<T, nr>(x_g, row_offset.data() + j0 + jj + p * nr, std::min(nr, jc - p * nr),
+                                                column_offset.data() + k0, kc, dst + p * kc * nr);
+          zero_panel_tail(kc, jc, dst);
+        };
+        gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
       });
-    });
-    const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
-    const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
-    auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-      for (int64_t p = 0; p * nr < jc; ++p)
-        pack_transposed_im2col_panel<T, nr>(x_g, row_offset.data() + j0 + jj + p * nr, std::min(nr, jc - p * nr),
-                                            column_offset.data() + k0, kc, dst + p * kc * nr);
-      zero_panel_tail(kc, jc, dst);
-    };
-    gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
-  });
 }
 
 template <typename T>
@@ -469,9 +475,7 @@ void conv_backward_bias_nhwc(const ConvGeometry& g, const T* dy, T* db) {
 }
 
 // Reduced-precision tensors run through the float kernels: float accumulation, as torch does.
-bool is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
+bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
 at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   return (is_reduced(t) ? t.to(at::kFloat) : t).contiguous(format);
 }
@@ -492,14 +496,13 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
 
 void check_cpu_dtype(const char* op, const at::Tensor& input) {
   const auto t = input.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
-                              op, ": dtype ", t, " is not supported on the CPU (float32, float64, bfloat16, float16)");
+  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+                              ": dtype ", t, " is not supported on the CPU (float32, float64, bfloat16, float16)");
 }
 
-at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
-                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                            c10::string_view activation_name) {
+at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                            int64_t groups, c10::string_view activation_name) {
   const ConvGeometry g = make_conv_geometry("conv_forward()", input, weight, bias, stride, padding, dilation, groups);
   const SerialRegion small(is_small_conv(g));
   const Activation activation = parse_activation(activation_name);
@@ -522,11 +525,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   return y.to(input.scalar_type()).contiguous(conv_output_memory_format(input, weight));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
-  const ConvGeometry g = make_conv_geometry("conv_backward()", input, weight, std::nullopt, stride, padding, dilation, groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                                 const at::Tensor& weight, c10::IntArrayRef stride,
+                                                                 c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                                                 int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvGeometry g =
+      make_conv_geometry("conv_backward()", input, weight, std::nullopt, stride, padding, dilation, groups);
   check_grad_output(grad_output, input, g, weight.dim() - 2);
   const SerialRegion small(is_small_conv(g));
   TORCH_CHECK(input.device().is_cpu(), "conv_backward(): input must be a CPU tensor, got ", input.device());
@@ -545,15 +549,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
       // The depthwise and stride-1 paths write every value of dX; the others need it zeroed first.
       const bool depthwise = work && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      const bool as_forward = work && !depthwise &&
-                              conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      const bool as_forward =
+          work && !depthwise &&
+          conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       if (!as_forward && !depthwise) dx.zero_();
       if (work && !depthwise) {
         if (!as_forward) {
           // Strided: col2im, which runs on NCHW only.
           const auto dy_nchw = dy.contiguous();
           auto dx_nchw = at::zeros(x.sizes(), x.options());
-          conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), dx_nchw.data_ptr<scalar_t>());
+          conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                   dx_nchw.data_ptr<scalar_t>());
           dx.copy_(dx_nchw);
         }
       }

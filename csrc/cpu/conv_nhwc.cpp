@@ -41,9 +41,8 @@ int64_t tap_source(const ConvGeometry& g, int64_t r, int64_t tap) {
 // row reads a contiguous run of channels, so the panel is filled in order, mr values per column,
 // from mr row pointers (rows in the padding read from `zeros`).
 template <typename T>
-void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r0,
-                            int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr,
-                            const T* zeros) {
+void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r0, int64_t rows, int64_t k0,
+                            int64_t kc, T* dst, int64_t mr, const T* zeros) {
   const int64_t cg = g.in_channels_per_group();
   const T* src[kGemmMaxMr];
   TORCH_INTERNAL_ASSERT(mr <= kGemmMaxMr);
@@ -62,8 +61,7 @@ void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, in
 // Reads row r of the channels-last im2col matrix of one group: columns [k0, k0 + kc) to
 // dst[j], zero where a tap lands in the padding.
 template <typename T>
-void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r, int64_t k0,
-                          int64_t kc, T* dst) {
+void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r, int64_t k0, int64_t kc, T* dst) {
   const int64_t cg = g.in_channels_per_group();
   for (int64_t j = 0; j < kc;) {
     const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
@@ -87,13 +85,14 @@ std::shared_ptr<const std::vector<T>> weight_as_tap_channel_rows(const ConvGeome
   return cached_weight<std::vector<T>>(w, tag, g.groups * k * m * int64_t(sizeof(T)), [&] {
     auto w_t = std::make_shared<std::vector<T>>(g.groups * k * m + gemm_nr<T>(), T(0));
     T* out = w_t->data();
-    parallel_for(0, g.groups * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(m, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {  // row = (grp, tap, c)
-        const int64_t grp = row / k, tap = row % k / cg, c = row % cg;
-        const T* src = w + (grp * m * cg + c) * taps + tap;
-        for (int64_t co = 0; co < m; ++co) out[row * m + co] = src[co * cg * taps];
-      }
-    });
+    parallel_for(0, g.groups * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(m, 1)),
+                 [&](int64_t begin, int64_t end) {
+                   for (int64_t row = begin; row < end; ++row) {  // row = (grp, tap, c)
+                     const int64_t grp = row / k, tap = row % k / cg, c = row % cg;
+                     const T* src = w + (grp * m * cg + c) * taps + tap;
+                     for (int64_t co = 0; co < m; ++co) out[row * m + co] = src[co * cg * taps];
+                   }
+                 });
     return w_t;
   });
 }
@@ -104,8 +103,7 @@ std::shared_ptr<const std::vector<T>> weight_as_tap_channel_rows(const ConvGeome
 // batch's positions make few row blocks (batch 1, 7x7 maps), the output channels (B's columns)
 // are split too, so every thread has work.
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                       Activation activation) {
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), rows = g.batch * g.out_plane();
   const auto w_t = weight_as_tap_channel_rows(g, w);
@@ -123,9 +121,10 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
       const int64_t j0 = (task % col_blocks) * col_size, nj = std::min(col_size, m - j0);
       const int64_t grp = task / col_blocks / blocks, r0 = (task / col_blocks % blocks) * block;
       const int64_t rc = std::min(block, rows - r0);
-      const PackedA<T> a = pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-        read_im2col_panel_nhwc(g, x, grp, r0 + i0, rows, k0, kc, dst, mr, zeros.data());
-      });
+      const PackedA<T> a =
+          pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+            read_im2col_panel_nhwc(g, x, grp, r0 + i0, rows, k0, kc, dst, mr, zeros.data());
+          });
       T* c = y + r0 * g.out_channels + grp * m + j0;  // rows of C_out values, this task's columns
       if (bias) {  // the bias runs along columns here: start C from it and accumulate
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * g.out_channels);
@@ -200,25 +199,26 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();
   std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
-  reduce_weight_gradient<T>(g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
-    // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
-    const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
-    auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-      for (int64_t i = 0; i < kc; ++i)
-        for (int64_t p = 0; p * nr < jc; ++p)
-          read_im2col_row_nhwc(g, x, grp, r0 + k0 + i, j0 + jj + p * nr, std::min(nr, jc - p * nr),
-                               dst + (p * kc + i) * nr);
-      zero_panel_tail(kc, jc, dst);
-    };
-    gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);
-  });
+  reduce_weight_gradient<T>(
+      g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
+        // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
+        const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
+        auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
+          for (int64_t i = 0; i < kc; ++i)
+            for (int64_t p = 0; p * nr < jc; ++p)
+              read_im2col_row_nhwc(g, x, grp, r0 + k0 + i, j0 + jj + p * nr, std::min(nr, jc - p * nr),
+                                   dst + (p * kc + i) * nr);
+          zero_panel_tail(kc, jc, dst);
+        };
+        gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);
+      });
   for (int64_t co = 0; co < g.out_channels; ++co)
     for (int64_t c = 0; c < cg; ++c)
       for (int64_t tap = 0; tap < taps; ++tap) dw[(co * cg + c) * taps + tap] = dw_t[co * k + tap * cg + c];
 }
 
-#define CNNOPS_INSTANTIATE_NHWC(T)                                                           \
-  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
+#define CNNOPS_INSTANTIATE_NHWC(T)                                                                               \
+  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation);         \
   template void conv_forward_nhwc_shifted<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
   template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_NHWC(float)

@@ -15,8 +15,7 @@ namespace cnnops {
 namespace cpu {
 
 template <typename T>
-void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                          Activation activation) {
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const ShiftedGrid grid(g);
   const int64_t m = g.out_channels_per_group();
@@ -68,8 +67,8 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
 
 template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, const float*, float*,
                                           Activation);
-template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, const double*,
-                                           double*, Activation);
+template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, const double*, double*,
+                                           Activation);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -56,10 +56,10 @@ template <typename T>
 using DotBlock = void (*)(int64_t, const T* const*, const T* const*, T*);
 
 // Register budget: BM * BN accumulators plus BM + BN operands (32 zmm; 16 ymm or xmm).
-#define CNNOPS_DEFINE_DOT_BLOCK(NAME, ATTRIBUTE, BYTES, BM, BN)                                       \
-  template <typename T>                                                                              \
-  ATTRIBUTE void NAME(int64_t k, const T* const* w, const T* const* x, T* out) {                     \
-    dot_block_body<T, BYTES, BM, BN>(k, w, x, out);                                                  \
+#define CNNOPS_DEFINE_DOT_BLOCK(NAME, ATTRIBUTE, BYTES, BM, BN)                  \
+  template <typename T>                                                          \
+  ATTRIBUTE void NAME(int64_t k, const T* const* w, const T* const* x, T* out) { \
+    dot_block_body<T, BYTES, BM, BN>(k, w, x, out);                              \
   }
 #if CNNOPS_X86
 CNNOPS_DEFINE_DOT_BLOCK(dot_block_avx512, CNNOPS_TARGET_AVX512, 64, 4, 4)
@@ -121,8 +121,7 @@ void conv_forward_window_dot(const ConvGeometry& g, const T* x, const T* w, cons
         w_rows[a] = w + (grp * m + co0 + std::min<int64_t>(a, rows - 1)) * k;
       for (int64_t n0 = 0; n0 < g.batch; n0 += bn) {
         const int64_t samples = std::min<int64_t>(bn, g.batch - n0);
-        for (int b = 0; b < bn; ++b)
-          x_rows[b] = x + ((n0 + std::min<int64_t>(b, samples - 1)) * g.groups + grp) * k;
+        for (int b = 0; b < bn; ++b) x_rows[b] = x + ((n0 + std::min<int64_t>(b, samples - 1)) * g.groups + grp) * k;
         choice.fn(k, w_rows, x_rows, out);
         for (int64_t a = 0; a < rows; ++a) {
           const int64_t co = grp * m + co0 + a;
@@ -135,10 +134,10 @@ void conv_forward_window_dot(const ConvGeometry& g, const T* x, const T* w, cons
   });
 }
 
-template void conv_forward_window_dot<float>(const ConvGeometry&, const float*, const float*, const float*,
-                                             float*, Activation);
-template void conv_forward_window_dot<double>(const ConvGeometry&, const double*, const double*,
-                                              const double*, double*, Activation);
+template void conv_forward_window_dot<float>(const ConvGeometry&, const float*, const float*, const float*, float*,
+                                             Activation);
+template void conv_forward_window_dot<double>(const ConvGeometry&, const double*, const double*, const double*, double*,
+                                              Activation);
 
 }  // namespace cpu
 }  // namespace cnnops

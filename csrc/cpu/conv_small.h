@@ -11,8 +11,7 @@ namespace cpu {
 bool use_window_dot(const ConvGeometry& g, bool nhwc);
 
 template <typename T>
-void conv_forward_window_dot(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                             Activation activation);
+void conv_forward_window_dot(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
 
 }  // namespace cpu
 }  // namespace cnnops

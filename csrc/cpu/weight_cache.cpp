@@ -41,9 +41,7 @@ struct Entry {
 
   // Both weak references still lock to the objects recorded: no other tensor or storage can
   // have taken their addresses while these references existed.
-  bool alive() const {
-    return tensor.lock().get() == id.tensor && storage.lock().get() == id.storage;
-  }
+  bool alive() const { return tensor.lock().get() == id.tensor && storage.lock().get() == id.storage; }
 };
 
 struct Scope {
@@ -181,9 +179,9 @@ std::shared_ptr<const std::vector<PackedA<T>>> packed_group_weights(const ConvGe
 }
 
 template std::shared_ptr<const std::vector<PackedA<float>>> packed_group_weights<float>(const ConvGeometry&,
-                                                                                          const float*);
+                                                                                        const float*);
 template std::shared_ptr<const std::vector<PackedA<double>>> packed_group_weights<double>(const ConvGeometry&,
-                                                                                            const double*);
+                                                                                          const double*);
 
 }  // namespace cpu
 }  // namespace cnnops
