@@ -1,5 +1,6 @@
-// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (Lavin & Gray 2016, "Fast
-// Algorithms for Convolutional Neural Networks"; points below): each 4x4 output tile is
+// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (formulas.md §Winograd;
+// Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"; points below): each
+// 4x4 output tile is
 //   Y = A^T [ (G g G^T) (.) (B^T d B) ] A
 // over a 6x6 input tile d, so the 36 products per tile and channel pair replace 144 multiply-adds.
 // Summed over input channels, each of the 36 transform positions xi is a GEMM:
