@@ -47,7 +47,10 @@ def test_tile_edges_forward_and_gradients(out_size, padding):
     x, wt, b = conv_tensors(2, 2, 16, 24, (h, w), 3, 1, True, torch.float32)
     before = calls()
     check_conv_against_torch(2, x, wt, b, {"padding": padding}, torch.float32)
-    assert calls() - before == 2
+    # A 1x1 output without padding is one whole-window dot product per output channel
+    # (conv_small.h), which conv_forward_any tries first; its grad_input still takes Winograd.
+    whole_window = out_size == (1, 1) and padding == 0
+    assert calls() - before == (1 if whole_window else 2)
 
 
 @pytest.mark.parametrize("cin,cout", [(1, 1), (3, 5), (7, 9)])
