@@ -26,7 +26,10 @@ it stays a fixed, small fraction of the typical magnitude of the values being co
 """
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,6 +92,23 @@ CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16] + (
     [torch.float16] if _torch_cpu_supports(torch.float16) else []
 )
 CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def run_with_cpu_isa(isa, code, timeout=600):
+    """Runs `code` in a fresh Python whose cnnops kernels are capped at `isa` (CNNOPS_CPU_ISA:
+    avx512, avx2 or portable), from the repository root; skips when this CPU lacks the ISA."""
+    flag = {"avx512": "avx512f", "avx2": "avx2"}.get(isa)
+    if flag is not None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                has = flag in f.read().split()
+        except OSError:
+            has = False
+        if not has:
+            pytest.skip(f"CPU has no {flag}")
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, CNNOPS_CPU_ISA=isa),
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def dtype_id(dtype):

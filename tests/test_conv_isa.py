@@ -1,10 +1,8 @@
 """Every GEMM micro-kernel (AVX-512, AVX2, portable) against torch, not only the one this CPU
 picks: CNNOPS_CPU_ISA caps the choice, in a subprocess since the choice is made once."""
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_with_cpu_isa
 
 CHECK = r"""
 import itertools, sys, torch, torch.nn.functional as F
@@ -44,21 +42,8 @@ for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
 """
 
 
-def cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_micro_kernel_matches_torch(isa):
-    if isa == "avx512" and not cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    if isa == "avx2" and not cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    env = dict(os.environ, CNNOPS_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    result = run_with_cpu_isa(isa, CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa  # the requested micro-kernel really ran

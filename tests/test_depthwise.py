@@ -15,9 +15,6 @@ test_conv_isa.py. Expected values all come from torch.
 """
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,6 +25,7 @@ from conftest import (
     conv_tensors,
     dtype_id,
     make_tensor,
+    run_with_cpu_isa,
 )
 from test_conv_activation import check_relu_conv
 
@@ -273,23 +271,9 @@ for dtype, (k, s), (p, (h, w_), c, relu), cl in itertools.product(
 """
 
 
-def cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_every_isa_matches_torch(isa):
-    if isa == "avx512" and not cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    if isa == "avx2" and not cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    env = dict(os.environ, CNNOPS_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
+    result = run_with_cpu_isa(isa, ISA_CHECK, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa  # the requested kernels really ran
 

@@ -3,11 +3,9 @@ for every micro-kernel (AVX-512, AVX2, portable: CNNOPS_CPU_ISA caps the choice,
 process, so each runs in a subprocess). M, N and K sweep the remainders around the spec's MR, NR
 and KC (cnnops._C.gemm_spec()), with and without accumulation, row bias, ReLU and a row range,
 through every entry point (packed A and B, transposed A, B or A read in place, panel offsets)."""
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_with_cpu_isa
 
 CHECK = r"""
 import itertools, sys, torch
@@ -62,24 +60,9 @@ print(checked)
 """
 
 
-def cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_gemm_matches_torch(isa):
-    if isa == "avx512" and not cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    if isa == "avx2" and not cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    env = dict(os.environ, CNNOPS_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", CHECK], check=False, env=env, capture_output=True, text=True,
-                            timeout=600,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = run_with_cpu_isa(isa, CHECK, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
     name, mr, nr_f, nr_d, kc = lines[0].split()

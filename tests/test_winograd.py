@@ -3,14 +3,11 @@ batch sizes, groups, bias, fused ReLU, layouts, forward and every gradient (grad
 stride-1 forward convolution, so it runs Winograd too), each ISA, and the switch
 cnnops.backends.cpu.allow_winograd. Expected values come from torch (float64 reference); a
 counter in the extension tells which path ran."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_torch, check_conv_against_torch, conv_tensors
+from conftest import assert_close_to_torch, check_conv_against_torch, conv_tensors, run_with_cpu_isa
 
 import cnnops
 import cnnops.functional as CF
@@ -290,23 +287,9 @@ for (h, w), p, cl, (g, ci, co) in itertools.product(
 """
 
 
-def cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_each_isa_matches_torch(isa):
     """The transforms are compiled per ISA (16, 8 and 4 tiles per vector): each one against torch."""
-    if isa == "avx512" and not cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    if isa == "avx2" and not cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    env = dict(os.environ, CNNOPS_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", ISA_CHECK], check=False, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_with_cpu_isa(isa, ISA_CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa
