@@ -1,6 +1,6 @@
 """Depthwise convolution on the CPU: torch vs cnnops in one run, torch.set_num_threads(2).
 
-MobileNetV3 / EfficientNet depthwise layers at batch 8, NCHW and channels_last, forward and
+MobileNetV3 / EfficientNet / ConvNeXt depthwise layers at batch 8, NCHW and channels_last, forward and
 forward + backward (grad input, weight and bias). Prints torch time / cnnops time per row
 (above 1: cnnops faster) and the median.
 
@@ -28,6 +28,11 @@ SHAPES = [
     (576, 7, 5, 1),
     (240, 28, 5, 2),
     (672, 14, 5, 2),
+    # ConvNeXt-T's 7x7 depthwise layers
+    (96, 56, 7, 1),
+    (192, 28, 7, 1),
+    (384, 14, 7, 1),
+    (768, 7, 7, 1),
 ]
 
 

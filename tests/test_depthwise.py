@@ -1,9 +1,10 @@
 """Depthwise convolution on the CPU (groups == C_in) against torch: forward, grad_input,
 grad_weight and grad_bias.
 
-3x3 and 5x5 at stride 1 and 2 run the direct SIMD kernels of csrc/cpu/conv_depthwise_direct.cpp,
-NCHW (vectorized along output rows) and channels_last (vectorized over channels, when there are at
-least one vector's worth of channels; fewer are converted to NCHW). Other geometries (dilation,
+3x3 and 5x5 at stride 1 and 2, and 7x7 at stride 1 (ConvNeXt), run the direct SIMD kernels of
+csrc/cpu/conv_depthwise_direct.cpp, NCHW (vectorized along output rows) and channels_last
+(vectorized over channels, when there are at least one vector's worth of channels; fewer are
+converted to NCHW). Other geometries (dilation,
 channel multiplier > 1, other kernel sizes, unequal strides) run the generic loops of
 conv_depthwise.cpp. The grid covers both, with sizes around the kernels' edges: planes below the
 kernel with padding, rows shorter than a vector, rows of one vector plus a few (the overlapping
@@ -33,7 +34,7 @@ import cnnops
 import cnnops.functional
 
 DTYPES = [torch.float32, torch.float64]
-KERNEL_STRIDE = [(3, 1), (3, 2), (5, 1), (5, 2)]
+KERNEL_STRIDE = [(3, 1), (3, 2), (5, 1), (5, 2), (7, 1)]
 # (H, W): 1x1 and 2x3 (below the kernel, needs padding), 7x7, 13x17, 20x37 (rows of more than two
 # float32 AVX-512 vectors and more than one NHWC column tile, at stride 1)
 SIZES = [(1, 1), (2, 3), (7, 7), (13, 17), (20, 37)]
@@ -63,6 +64,15 @@ def test_direct_kernels(dtype, k, stride, padding, size, layout):
         pytest.skip("input smaller than the kernel")
     # 24 channels: one and a half float32 AVX-512 vectors (three float64 ones)
     check(2, 24, size, k, stride, padding, dtype, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", [(7, 7), (14, 14), (9, 30), (3, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_convnext_7x7(dtype, size, layout):
+    """ConvNeXt's depthwise 7x7 with padding 3: NCHW rows of half a vector or more, narrower ones
+    through channels-last blocks; channels-last pixel groups of 8, then 4, then single pixels."""
+    check(2, 40, size, 7, 1, 3, dtype, layout)
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed"])
@@ -122,7 +132,7 @@ def test_unequal_padding(k, stride, padding, layout):
         {"k": 3, "stride": 1, "padding": 1, "multiplier": 2},          # multiplier 2: generic loops
         {"k": 5, "stride": 2, "padding": 2, "multiplier": 2},
         {"k": 3, "stride": (1, 2), "padding": 1},                   # unequal strides
-        {"k": 7, "stride": 1, "padding": 3},                        # other kernel sizes
+        {"k": 7, "stride": 2, "padding": 3},                        # other kernel sizes and strides
         {"k": 4, "stride": 2, "padding": 1},
         {"k": 3, "stride": 3, "padding": 1},
     ],
@@ -248,7 +258,9 @@ tol = {torch.float32: 2e-5, torch.float64: 1e-12}
 cases = [(0, (13, 17), 24, False), (1, (9, 37), 16, True), (2, (1, 2), 8, False), (5, (7, 7), 3, True),
          (1, (6, 20), 40, False)]
 for dtype, (k, s), (p, (h, w_), c, relu), cl in itertools.product(
-        (torch.float32, torch.float64), ((3, 1), (3, 2), (5, 1), (5, 2)), cases, (False, True)):
+        (torch.float32, torch.float64), ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1)), cases, (False, True)):
+    if min(h, w_) + 2 * p < k:
+        continue  # smaller than the kernel
     x = torch.randn(2, c, h, w_, dtype=dtype)
     if cl:
         x = x.to(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@
 // (conv_winograd.cpp, cnnops.backends.cpu.allow_winograd), and their grad input is a forward
 // convolution with the rotated kernel. Channels-last inputs run conv_nhwc.cpp's kernels and
 // depthwise convolution (groups == C_in) has direct ones in conv_depthwise.cpp (SIMD kernels for
-// 3x3 and 5x5 in conv_depthwise_direct.cpp, NCHW and NHWC).
+// 3x3, 5x5 and 7x7 in conv_depthwise_direct.cpp, NCHW and NHWC).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -109,7 +109,7 @@ template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
-// 3x3 and 5x5 stride 1 and 2 run the SIMD kernels of conv_depthwise_direct.cpp, in NCHW or, when
+// 3x3 and 5x5 at stride 1 and 2 and 7x7 at stride 1 run the SIMD kernels of conv_depthwise_direct.cpp, in NCHW or, when
 // depthwise_nhwc_supported, NHWC (nhwc: x, y, dy, dx channels-last); the rest run plain NCHW loops.
 // Each writes every value of its output.
 bool depthwise_nhwc_supported(const ConvGeometry& g, bool is_double);

@@ -2,7 +2,7 @@
 // ci = co / multiplier, so direct loops over the kernel taps beat a GEMM whose reduction would
 // be just the K_d*K_h*K_w taps. Each kernel first copies the plane it reads into a zero-padded
 // buffer, so the loops over output positions need no bounds tests and the innermost loop over
-// ow (unit stride when stride_w is 1) vectorizes. MobileNet's and EfficientNet's geometries run
+// ow (unit stride when stride_w is 1) vectorizes. MobileNet's, EfficientNet's and ConvNeXt's geometries run
 // the SIMD kernels of conv_depthwise_direct.cpp instead; these loops serve the rest (other kernel
 // sizes, dilations, multipliers > 1, 1-d and 3-d).
 #include <ATen/Parallel.h>

@@ -1,5 +1,5 @@
-// Direct depthwise convolution for MobileNet's and EfficientNet's layers: 3x3 and 5x5, stride 1
-// and 2, NCHW and NHWC, forward and both gradients. Kernel size and stride are template
+// Direct depthwise convolution for MobileNet's, EfficientNet's and ConvNeXt's layers: 3x3 and 5x5
+// at stride 1 and 2, 7x7 at stride 1; NCHW and NHWC, forward and both gradients. Kernel size and stride are template
 // arguments, so every tap loop unrolls and the taps index registers.
 //  - NCHW vectorizes along the output row. Each (sample, channel) plane is first copied into a
 //    zero-padded buffer whose rows are split into `stride` column phases (phase q holds padded
@@ -310,6 +310,13 @@ DW_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh
   }
 }
 
+// 3x3 and 5x5 hold all K*K taps of a channel block in registers for a whole column tile; 7x7's 49
+// would spill, so it loads a kernel row's K taps per input row of each pixel group instead.
+template <int K>
+constexpr bool taps_held() {
+  return K * K <= 25;
+}
+
 // P pixels from column iw0 = ow*S - pad_w, channels [c0, c0 + lanes): pixel i reads column c
 // through tap c - i*S. With CHECK, columns outside the input are skipped (border pixels).
 template <typename T, int K, int S, int BYTES, int P, bool CHECK>
@@ -325,6 +332,10 @@ DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K
 #pragma GCC unroll 8
   for (int kh = 0; kh < K; ++kh) {
     if (!ok[kh]) continue;
+    vec w_row[K];
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw)
+      w_row[kw] = taps_held<K>() ? wv[kh * K + kw] : V::load(j.taps + (kh * K + kw) * j.taps_stride + c0);
     const T* xr = rows[kh] + iw0 * C + c0;
 #pragma GCC unroll 16
     for (int c = 0; c < (P - 1) * S + K; ++c) {
@@ -333,7 +344,7 @@ DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i) {
         const int kw = c - i * S;
-        if (kw >= 0 && kw < K) acc[i] += wv[kh * K + kw] * v;
+        if (kw >= 0 && kw < K) acc[i] += w_row[kw] * v;
       }
     }
   }
@@ -350,8 +361,8 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   // 3x3: one pixel group per tile, so memory is read in order (9 tap loads per 36 FMAs); 5x5
-  // amortizes its 25 tap loads over a longer tile
-  constexpr int L = V::lanes, P = 4, TILE = K == 3 ? P : 8 * P;
+  // amortizes its 25 tap loads over a longer tile; 7x7 (taps not held) takes 8 pixels a group
+  constexpr int L = V::lanes, P = taps_held<K>() ? 4 : 8, TILE = K == 3 ? P : 8 * P;
   const int64_t C = j.channels, blocks = (C + L - 1) / L;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.out_h, oh = task % j.out_h;
@@ -364,8 +375,10 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
       for (int64_t cb = 0; cb < blocks; ++cb) {
         const int64_t c0 = std::min(cb * L, C - L);
         vec wv[K * K];
+        if constexpr (taps_held<K>()) {
 #pragma GCC unroll 32
-        for (int t = 0; t < K * K; ++t) wv[t] = V::load(j.taps + t * j.taps_stride + c0);
+          for (int t = 0; t < K * K; ++t) wv[t] = V::load(j.taps + t * j.taps_stride + c0);
+        }
         const vec bv = V::load(j.bias + c0);
         int64_t ow = t0;
         for (; ow + P <= t1; ow += P) {
@@ -374,6 +387,10 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
             nhwc_forward_pixels<T, K, S, BYTES, P, false>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, out);
           else
             nhwc_forward_pixels<T, K, S, BYTES, P, true>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, out);
+        }
+        if constexpr (P > 4) {  // a narrow row's remainder: one pixel at a time would reload every tap per pixel
+          for (; ow + 4 <= t1; ow += 4)
+            nhwc_forward_pixels<T, K, S, BYTES, 4, true>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, y_row + ow * C);
         }
         for (; ow < t1; ++ow)
           nhwc_forward_pixels<T, K, S, BYTES, 1, true>(j, rows, ok, ow * S - j.pad_w, c0, wv, bv, y_row + ow * C);
@@ -585,6 +602,7 @@ void with_kernel_and_stride(const ConvGeometry& g, Fn&& fn) {
   if (k == 3 && s == 2) return fn(std::integral_constant<int, 3>(), std::integral_constant<int, 2>());
   if (k == 5 && s == 1) return fn(std::integral_constant<int, 5>(), std::integral_constant<int, 1>());
   if (k == 5 && s == 2) return fn(std::integral_constant<int, 5>(), std::integral_constant<int, 2>());
+  if (k == 7 && s == 1) return fn(std::integral_constant<int, 7>(), std::integral_constant<int, 1>());
   TORCH_INTERNAL_ASSERT(false, "depthwise direct kernel: unsupported geometry");
 }
 
@@ -631,9 +649,10 @@ NhwcJob<T> nhwc_job(const ConvGeometry& g, int64_t in_h, int64_t in_w, int64_t o
 
 bool depthwise_direct_supported(const ConvGeometry& g, bool nhwc, std::size_t element_size) {
   const int64_t k = g.kernel[2], s = g.stride[2];
+  const bool served = ((k == 3 || k == 5) && (s == 1 || s == 2)) || (k == 7 && s == 1);
   const bool ok = g.groups == g.in_channels && g.out_channels == g.in_channels && g.in[0] == 1 && g.kernel[0] == 1 &&
-                  g.pad[0] == 0 && g.kernel[1] == k && (k == 3 || k == 5) && g.stride[1] == s && (s == 1 || s == 2) &&
-                  g.dilation[1] == 1 && g.dilation[2] == 1;
+                  g.pad[0] == 0 && g.kernel[1] == k && g.stride[1] == s && served && g.dilation[1] == 1 &&
+                  g.dilation[2] == 1;
   if (!ok) return false;
   // NHWC channel blocks are whole vectors (the last one overlapping the one before)
   return !nhwc || g.in_channels * int64_t(element_size) >= vector_bytes(cpu_isa());
@@ -645,8 +664,10 @@ void depthwise_direct_forward(const ConvGeometry& g, const T* x, const T* w, con
   const int64_t lanes = vector_bytes(cpu_isa()) / sizeof(T);
   with_kernel_and_stride(g, [&](auto k_constant, auto s_constant) {
     constexpr int K = decltype(k_constant)::value, S = decltype(s_constant)::value;
-    // NCHW rows shorter than two vectors run through channels-last blocks
-    const bool blocked = !nhwc && g.out[2] < 2 * lanes && g.in_channels >= lanes;
+    // NCHW rows shorter than two vectors run through channels-last blocks (7x7: shorter than half a
+    // vector, where its 49 taps per output outweigh the transposes less than the idle lanes)
+    const int64_t narrow = K == 7 ? lanes / 2 : 2 * lanes;
+    const bool blocked = !nhwc && g.out[2] < narrow && g.in_channels >= lanes;
     if (nhwc || blocked) {
       const std::vector<T> taps = taps_by_channel(w, g.in_channels, K * K, false);
       const std::vector<T> zeros(bias ? 0 : g.in_channels, T(0));

@@ -1,6 +1,6 @@
 #pragma once
-// Direct SIMD depthwise kernels (conv_depthwise_direct.cpp): 2-d, 3x3 and 5x5, stride 1 and 2,
-// dilation 1, one output channel per input channel, float and double, NCHW and NHWC.
+// Direct SIMD depthwise kernels (conv_depthwise_direct.cpp): 2-d, 3x3 and 5x5 at stride 1 and 2,
+// 7x7 at stride 1, dilation 1, one output channel per input channel, float and double, NCHW and NHWC.
 #include <cstddef>
 
 #include "common/activation.h"
