@@ -35,6 +35,7 @@
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
 #include "cpu/conv_small.h"
+#include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
 #include "cpu/weight_cache.h"
@@ -292,6 +293,11 @@ template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
   if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
+  if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
+    SpaceToDepth<T> s;
+    if (space_to_depth(g, x, w, nhwc, s))
+      return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
+  }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
@@ -483,11 +489,12 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
 // one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
 // im2col copies runs of that many values per tap, where converting the small input to NCHW and
-// back costs far less.
-at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
+// back costs far less; except the stem's forward through space to depth, whose NHWC input phases
+// have 4 * C channels and whose output would cost a conversion back.
+at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
   const auto channels_last = channels_last_format(input.dim());
   const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-                                            : g.in_channels_per_group() >= 4;
+                                            : g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g));
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
@@ -508,7 +515,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, c
   const Activation activation = parse_activation(activation_name);
   TORCH_CHECK(input.device().is_cpu(), "conv_forward(): input must be a CPU tensor, got ", input.device());
   check_cpu_dtype("conv_forward()", input);
-  const auto layout = kernel_memory_format(input, g);
+  const auto layout = kernel_memory_format(input, g, /*forward=*/true);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
   const auto x = compute_copy(input, layout), w = compute_copy(weight);
   const WeightCacheScope weight_cache(weight, w.data_ptr());  // under no_grad: kernels may keep w packed
