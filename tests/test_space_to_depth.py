@@ -51,6 +51,16 @@ def test_geometries(cin, k, stride, padding, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_groups(layout):
+    """Two groups of 2 input channels: X' keeps each group's phases together."""
+    for dtype in DTYPES:
+        x, w, b = conv_tensors(2, 2, 4, 6, (17, 16), 7, 2, True, dtype, layout)
+        before = calls()
+        check_conv_against_torch(2, x, w, b, {"stride": 2, "padding": 3, "groups": 2}, dtype, grad_layout=layout)
+        assert calls() - before == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_zero_and_one(layout):
     for n in (0, 1):
         check(n, 3, 8, (19, 20), 7, 2, 3, torch.float32, layout)
@@ -68,11 +78,12 @@ def test_fused_relu(layout):
 
 
 def test_not_taken_outside_its_geometries():
-    """Five input channels, a kernel of at most twice the stride, dilation, groups: the direct path."""
+    """Five input channels a group, a kernel of at most twice the stride, dilation, unequal strides:
+    the direct path."""
     cases = [((2, 5, 17, 17), (4, 5, 7, 7), {"stride": 2, "padding": 3}),
              ((2, 3, 17, 17), (4, 3, 4, 4), {"stride": 2, "padding": 1}),
              ((2, 3, 17, 17), (4, 3, 7, 7), {"stride": 2, "padding": 3, "dilation": 2}),
-             ((2, 4, 17, 17), (4, 2, 7, 7), {"stride": 2, "padding": 3, "groups": 2}),
+             ((2, 10, 17, 17), (4, 5, 7, 7), {"stride": 2, "padding": 3, "groups": 2}),
              ((2, 3, 17, 17), (4, 3, 7, 7), {"stride": (2, 1), "padding": 3})]
     for xs, ws, kwargs in cases:
         x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)

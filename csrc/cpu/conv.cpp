@@ -490,11 +490,15 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
 // im2col copies runs of that many values per tap, where converting the small input to NCHW and
 // back costs far less; except the stem's forward through space to depth, whose NHWC input phases
-// have 4 * C channels and whose output would cost a conversion back.
+// have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
+// fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
+// wastes most of each panel: 3-10x slower than converting to NCHW and back.
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
   const auto channels_last = channels_last_format(input.dim());
-  const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-                                            : g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g));
+  const bool narrow_groups = g.groups > 1 && g.out_channels_per_group() < gemm_nr<float>();
+  const bool nhwc_kernel =
+      g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
+                       : !narrow_groups && (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }

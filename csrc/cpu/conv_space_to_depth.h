@@ -16,13 +16,14 @@
 namespace cnnops {
 namespace cpu {
 
-// 2-d, groups 1, dilation 1, equal strides s >= 2, a kernel wider than 2s, at most 4 input channels.
+// 2-d, dilation 1, equal strides s >= 2, not depthwise, at most 4 input channels a group, a kernel
+// wider than 2s.
 bool use_space_to_depth(const ConvGeometry& g);
 
 template <typename T>
 struct SpaceToDepth {
   ConvGeometry g;       // the stride-1 problem: same batch, C_out and output size
-  std::vector<T> x, w;  // X' (in x's layout) and W' ([C_out][C*s*s][K'][K'])
+  std::vector<T> x, w;  // X' (in x's layout) and W' ([C_out][C/groups*s*s][K'][K'])
 };
 
 // False (and nothing built) when x holds an inf or NaN: a zero tap of W' times inf is NaN where
