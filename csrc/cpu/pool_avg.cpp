@@ -78,8 +78,7 @@ CNNOPS_ALWAYS_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, 
   }
 }
 
-// The buffers of the kernels below, allocated by their callers: the kernels are target_clones
-// functions, which cannot pass an exception (std::bad_alloc) on (csrc/common/checked_math.h).
+// The buffers of the kernels below, allocated by their callers (pool_cpu.h).
 template <typename T>
 struct AvgScratch {
   using A = pool_acc_t<T>;
@@ -95,8 +94,8 @@ struct AvgScratch {
 // (id, ih, kw) order per output (as torch), the outputs along W in vectors. Each input row is
 // first loaded into a zero-padded PhasedRow (pool_cpu.h), so the tap loops need no bounds.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* x, T* y,
-                                    int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* x, T* y,
+                                        int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2];
@@ -123,8 +122,8 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, Avg
 
 // The direct NCHW loop, one output at a time, for strides too large for phased rows.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
-                                      int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
+                                          int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -155,8 +154,8 @@ CNNOPS_ALWAYS_INLINE void add_channels(const T* __restrict src, int64_t width, A
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
-                                         int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
+                                             int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   PositionCursor pos(g, begin);
@@ -189,15 +188,15 @@ CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, con
 
 // Backward NCHW: planes [begin, end), each spread row by row into its own accumulator.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* dy, T* dx,
-                                               int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* dy,
+                                                   T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t SW = g.stride[2];
   std::vector<A>& buffer = s.buffer;
   std::vector<A>& delta = s.values;  // OW
   for (int64_t plane = begin; plane < end; ++plane) {
-    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
+    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) CNNOPS_SIMD_BODY {
       for (int64_t od = 0; od < OD; ++od)
         for (int64_t oh = 0; oh < OH; ++oh) {
           const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
@@ -227,8 +226,8 @@ CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch
 
 // Backward NHWC: tasks [begin, end) of the flat (n, channel block) range.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, ChannelBlocks cb,
-                                               const T* dy, T* dx, int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p,
+                                                   ChannelBlocks cb, const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A>& buffer = s.buffer;
@@ -236,31 +235,32 @@ CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
-    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      PositionCursor pos(g, 0);
-      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
-        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
-        const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
-        const int64_t divisor = avg_divisor(wd, wh, ww, p);
-        if (divisor == 0) continue;
-        const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
-        A* __restrict d = delta.data();
-        for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / A(divisor);
-        for (int64_t id = wd.start; id < wd.end; ++id)
-          for (int64_t ih = wh.start; ih < wh.end; ++ih)
-            for (int64_t iw = ww.start; iw < ww.end; ++iw) {
-              A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
-              for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
-            }
-      }
-    });
+    with_accumulator(
+        dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) CNNOPS_SIMD_BODY {
+          PositionCursor pos(g, 0);
+          for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+            const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
+            const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
+            const int64_t divisor = avg_divisor(wd, wh, ww, p);
+            if (divisor == 0) continue;
+            const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
+            A* __restrict d = delta.data();
+            for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / A(divisor);
+            for (int64_t id = wd.start; id < wd.end; ++id)
+              for (int64_t ih = wh.start; ih < wh.end; ++ih)
+                for (int64_t iw = ww.start; iw < ww.end; ++iw) {
+                  A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
+                  for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
+                }
+          }
+        });
   }
 }
 
 // Adaptive average, forward NCHW: rows [begin, end) of (plane, od, oh). A window spanning
 // whole rows is one contiguous run per depth slice (the global pool: the whole plane).
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y, int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -284,8 +284,8 @@ CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, 
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScratch<T>& scratch, const T* x, T* y,
-                                                  int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScratch<T>& scratch, const T* x, T* y,
+                                                      int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
@@ -312,13 +312,13 @@ CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScra
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, const T* dy, T* dx,
-                                                        int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, const T* dy, T* dx,
+                                                            int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A>& buffer = s.buffer;
   for (int64_t plane = begin; plane < end; ++plane) {
-    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
+    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) CNNOPS_SIMD_BODY {
       for (int64_t od = 0; od < OD; ++od)
         for (int64_t oh = 0; oh < OH; ++oh)
           for (int64_t ow = 0; ow < OW; ++ow) {
@@ -337,8 +337,8 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, A
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, ChannelBlocks cb,
-                                                        const T* dy, T* dx, int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, ChannelBlocks cb,
+                                                            const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
@@ -347,25 +347,26 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, A
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
-    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      PositionCursor pos(g, 0);
-      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
-        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
-        const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
-        const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
-        const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
-        const A count = A((d1 - d0) * (h1 - h0) * (w1 - w0));
-        const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
-        A* __restrict d = delta.data();
-        for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / count;
-        for (int64_t id = d0; id < d1; ++id)
-          for (int64_t ih = h0; ih < h1; ++ih)
-            for (int64_t iw = w0; iw < w1; ++iw) {
-              A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
-              for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
-            }
-      }
-    });
+    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer,
+                     [&](A* acc, int64_t stride) CNNOPS_SIMD_BODY {
+                       PositionCursor pos(g, 0);
+                       for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+                         const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
+                         const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
+                         const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
+                         const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
+                         const A count = A((d1 - d0) * (h1 - h0) * (w1 - w0));
+                         const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
+                         A* __restrict d = delta.data();
+                         for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / count;
+                         for (int64_t id = d0; id < d1; ++id)
+                           for (int64_t ih = h0; ih < h1; ++ih)
+                             for (int64_t iw = w0; iw < w1; ++iw) {
+                               A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
+                               for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
+                             }
+                       }
+                     });
   }
 }
 
@@ -391,7 +392,7 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       at::parallel_for(0, g.batch * g.out_plane(), pool_grain(saturating_mul(window, g.channels)),
-                       [&](int64_t b, int64_t e) { avg_nhwc_positions<scalar_t>(g, p, x, y, b, e); });
+                       [&](int64_t b, int64_t e) { CNNOPS_SIMD_CALL(avg_nhwc_positions<scalar_t>(g, p, x, y, b, e)); });
     } else {
       const bool phased = use_phased_rows(g.out[2], g.in[2], g.kernel[2], g.stride[2], g.pad[2], 1);
       at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(saturating_mul(window, g.out[2])),
@@ -401,9 +402,9 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
                            const int64_t padded_ow = ceil_div(g.out[2], kRowBlock) * kRowBlock;
                            AvgScratch<scalar_t> s(padded_ow, 0);
                            s.row.emplace(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
-                           avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e);
+                           CNNOPS_SIMD_CALL(avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e));
                          } else {
-                           avg_nchw_direct<scalar_t>(g, p, x, y, b, e);
+                           CNNOPS_SIMD_CALL(avg_nchw_direct<scalar_t>(g, p, x, y, b, e));
                          }
                        });
     }
@@ -415,20 +416,19 @@ void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_outp
   const AvgParams p{count_include_pad, divisor_override};
   const int64_t window = avg_window_taps(g);
   CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "avg_pool_backward_cpu", [&] {
-    using A = pool_acc_t<scalar_t>;
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       const ChannelBlocks cb(g.batch, g.channels);
       at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(cb.size, g.in_plane() * cb.size);
-        avg_backward_nhwc_blocks<scalar_t>(g, s, p, cb, dy, dx, b, e);
+        CNNOPS_SIMD_CALL(avg_backward_nhwc_blocks<scalar_t>(g, s, p, cb, dy, dx, b, e));
       });
     } else {
       at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + saturating_mul(g.out_plane(), window)),
                        [&](int64_t b, int64_t e) {
                          AvgScratch<scalar_t> s(g.out[2], g.in_plane());
-                         avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e);
+                         CNNOPS_SIMD_CALL(avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e));
                        });
     }
   });
@@ -443,11 +443,12 @@ void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& i
     if (channels_last) {
       at::parallel_for(0, g.batch * g.out_plane(), pool_grain(window * g.channels), [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(g.channels, 0);
-        adaptive_avg_nhwc_positions<scalar_t>(g, s, x, y, b, e);
+        CNNOPS_SIMD_CALL(adaptive_avg_nhwc_positions<scalar_t>(g, s, x, y, b, e));
       });
     } else {
-      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]),
-                       [&](int64_t b, int64_t e) { adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e); });
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
+        CNNOPS_SIMD_CALL(adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e));
+      });
     }
   });
 }
@@ -461,12 +462,12 @@ void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& 
       const ChannelBlocks cb(g.batch, g.channels);
       at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(cb.size, g.in_plane() * cb.size);
-        adaptive_avg_backward_nhwc_blocks<scalar_t>(g, s, cb, dy, dx, b, e);
+        CNNOPS_SIMD_CALL(adaptive_avg_backward_nhwc_blocks<scalar_t>(g, s, cb, dy, dx, b, e));
       });
     } else {
       at::parallel_for(0, g.planes(), pool_grain(2 * g.in_plane()), [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(0, g.in_plane());
-        adaptive_avg_backward_nchw_planes<scalar_t>(g, s, dy, dx, b, e);
+        CNNOPS_SIMD_CALL(adaptive_avg_backward_nchw_planes<scalar_t>(g, s, dy, dx, b, e));
       });
     }
   });
