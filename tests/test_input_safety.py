@@ -2,9 +2,10 @@
 read out of bounds, each checked against torch's outcome:
 1. a kernel with a zero-size dim; 2. padding near 2^63; 3. dilation * (kernel - 1) past int64;
 4. a huge pooling stride or kernel (an allocation sized from overflowed numbers, thrown inside a
-target_clones function); 5. exceptions that cannot leave target_clones functions (the kernels
-get their buffers from their callers: the class-4 calls run in a subprocess here, so an abort
-fails the test); 6. max-pool backward on windows lying wholly in the padding.
+SIMD kernel); 5. exceptions thrown inside SIMD kernels, which aborted while they were
+target_clones functions (the kernels get their buffers from their callers: the class-4 calls run
+in a subprocess here, so an abort fails the test); 6. max-pool backward on windows lying wholly
+in the padding.
 Also: overflowing sizes that raw ops accepted, and norm_math.h's single-element layer norm."""
 import subprocess
 import sys

@@ -24,6 +24,7 @@ from conftest import (
     dtype_id,
     make_tensor,
     prod,
+    run_with_cpu_isa,
     tolerance,
 )
 
@@ -1001,3 +1002,53 @@ def test_no_borrowed_kernels():
         assert any(n.startswith(f"cnnops::{op}_backward") for n in names), sorted(names)
     bad = sorted(n for n in names if is_borrowed_norm(n))
     assert not bad, f"cnnops called borrowed kernels: {bad}"
+
+
+# --------------------------------------------------------------------------------------------
+# every ISA's kernels: CNNOPS_CPU_ISA caps the choice (simd.h), in a subprocess since the choice
+# is made once
+# --------------------------------------------------------------------------------------------
+
+ISA_CHECK = r"""
+import sys
+sys.path.insert(0, "tests")
+import torch
+import test_norm as t
+
+print(torch.ops.cnnops.cpu_gemm_isa())
+torch.manual_seed(0)
+checked = 0
+# The grids, channels_last too, plus cases long enough for every lane loop: 70 channels (a
+# 64-channel block and a tail), spans of several vectors, ConvNeXt-style rows of 64 and 96.
+extra = {
+    "batch_norm": {"wide": dict(shape=(3, 70, 9, 11), running=True, kw=dict(training=True))},
+    "instance_norm": {"wide": dict(shape=(2, 70, 17, 19), running=True)},
+    "layer_norm": {"rows64": dict(shape=(2, 9, 11, 64), normalized_shape=(64,)),
+                   "rows96": dict(shape=(37, 96), normalized_shape=(96,))},
+    "group_norm": {"wide": dict(shape=(2, 70, 9, 11), kw=dict(num_groups=5))},
+}
+for kind, grid in t.GRIDS.items():
+    for name, cfg in {**grid, **extra[kind]}.items():
+        for dtype in t.DTYPES:
+            if cfg.get("mean") and dtype == torch.bfloat16:
+                continue
+            # channels_last on test_layouts' cases and the extra ones
+            rows = len(cfg["shape"]) in t.CHANNELS_LAST and ((kind, name) in t.LAYOUT_CASES or name in extra[kind])
+            layouts = ["contiguous"] + (["channels_last"] if rows else [])
+            for layout in layouts:
+                x, w, b, rm, rv, kw = t.build(kind, cfg, dtype, layout)
+                t.check_norm_against_torch(kind, x, w, b, rm, rv, kw, dtype, mean=cfg.get("mean", 0.0),
+                                           msg=f"{name} layout={layout}")
+                checked += 1
+print(checked)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_each_isa_matches_torch(isa):
+    """The normalization loops are compiled per ISA (simd.h): each version against torch."""
+    result = run_with_cpu_isa(isa, ISA_CHECK, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, checked = result.stdout.split()
+    assert name == isa  # the requested ISA really ran
+    assert int(checked) > 300

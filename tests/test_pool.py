@@ -25,6 +25,7 @@ from conftest import (
     is_unambiguously_channels_last,
     make_tensor,
     prod,
+    run_with_cpu_isa,
 )
 
 DIMS = [1, 2, 3]
@@ -895,3 +896,51 @@ def test_signature_matches_torch(name):
     except (ValueError, TypeError):
         return
     assert _params(getattr(CF, name)) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# every ISA's kernels: CNNOPS_CPU_ISA caps the choice (simd.h), in a subprocess since the choice
+# is made once
+# --------------------------------------------------------------------------------------------
+
+ISA_CHECK = r"""
+import sys
+sys.path.insert(0, "tests")
+import torch
+import test_pool as t
+
+print(torch.ops.cnnops.cpu_gemm_isa())
+torch.manual_seed(0)
+checked = 0
+# 2d grids in both layouts; 20 and 70 channels leave vector tails after 16 and 64 channels; the
+# last cases read windows too sparse for phased rows (the direct loops).
+extra_max = {"sparse": dict(kernel_size=(2, 3, 1), stride=(1, 100, 1), spatial=(3, 130, 1))}
+extra_avg = {"sparse": dict(kernel_size=(2, 3, 1), stride=(1, 100, 1), padding=(0, 1, 0), spatial=(3, 130, 1))}
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for layout in ("contiguous", "channels_last"):
+        for c in (20, 70):
+            for op, grid in (("max_pool", {**t.MAX_GRID, **extra_max}), ("avg_pool", {**t.AVG_GRID, **extra_avg})):
+                for name in grid:
+                    x, kw = t.grid_input_args(name, grid, 2, dtype, layout=layout, c=c)
+                    if op == "max_pool":
+                        kw.setdefault("return_indices", True)
+                    t.check_pool(op, 2, x, kw, dtype, reduction=t.window_volume(kw, 2), msg=f"{name} c={c}")
+                    checked += 1
+            for op in ("adaptive_avg_pool", "adaptive_max_pool"):
+                for name in t.ADAPTIVE_GRID:
+                    x, size = t.adaptive_args(name, 2, dtype, layout=layout, c=c)
+                    kw = dict(output_size=size, **({"return_indices": True} if op == "adaptive_max_pool" else {}))
+                    t.check_pool(op, 2, x, kw, dtype, reduction=t.adaptive_reduction(x, size, 2), msg=f"{name} c={c}")
+                    checked += 1
+print(checked)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_each_isa_matches_torch(isa):
+    """The pooling loops are compiled per ISA (simd.h): each version against torch."""
+    result = run_with_cpu_isa(isa, ISA_CHECK, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, checked = result.stdout.split()
+    assert name == isa  # the requested ISA really ran
+    assert int(checked) > 300

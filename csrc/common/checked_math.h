@@ -4,11 +4,8 @@
 // geometry builders (conv_checks.h, pool_checks.h) call these before any allocation or kernel,
 // so kernels may then do plain int64 arithmetic on the geometry.
 //
-// Exceptions and SIMD kernels: a function built with GCC's target_clones (CNNOPS_POOL_SIMD,
-// csrc/cpu/pool_cpu.h) cannot pass an exception to its caller: the throw ends in
-// std::terminate even when the caller catches it (GCC 12). So everything that may throw
-// (argument checks, these size checks, allocations) happens before such a function is
-// entered, and the functions themselves only run loops over buffers they are handed.
+// Everything that may throw (argument checks, these size checks, allocations) happens before
+// a kernel's loops start; the loops only run over buffers they are handed.
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 

@@ -20,7 +20,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -38,6 +37,7 @@
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 #include "cpu/weight_cache.h"
 
 namespace cnnops {
@@ -59,11 +59,11 @@ struct RowSplit {
 
 // Packs `panels` full B panels of kc im2col rows whose columns come in groups of L consecutive
 // values (consecutive_column_groups), group q starting at column offset column_offset[q * L].
-// With L known at compile time each group is one vector move, not a loop.
+// With L known at compile time each group is one vector move, not a loop, compiled per ISA
+// (simd.h): wider moves halve the loads and stores, which bound this copy.
 template <int64_t L, typename T>
-inline __attribute__((always_inline)) void pack_column_groups_body(const T* x_g, const int64_t* row_offset,
-                                                                   const int64_t* column_offset, int64_t panels,
-                                                                   int64_t kc, T* dst) {
+CNNOPS_ALWAYS_INLINE void pack_column_groups_body(const T* x_g, const int64_t* row_offset, const int64_t* column_offset,
+                                                  int64_t panels, int64_t kc, T* dst) {
   constexpr int64_t nr = gemm_nr<T>(), per_panel = nr / L;
   typedef T Group __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), __may_alias__));
   for (int64_t p = 0; p < panels; ++p, column_offset += nr)
@@ -75,26 +75,10 @@ inline __attribute__((always_inline)) void pack_column_groups_body(const T* x_g,
     }
 }
 
-// The same compiled for AVX2 too, used where the GEMM runs an AVX2 or AVX-512 micro-kernel
-// (gemm_isa(), which CNNOPS_CPU_ISA caps): 32-byte moves halve the loads and stores, which
-// bound this copy.
-#if defined(__x86_64__)
-template <int64_t L, typename T>
-__attribute__((target("avx2"))) void pack_column_groups_avx2(const T* x_g, const int64_t* row_offset,
-                                                             const int64_t* column_offset, int64_t panels, int64_t kc,
-                                                             T* dst) {
-  pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
-}
-#endif
-
 template <int64_t L, typename T>
 void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* column_offset, int64_t panels,
                         int64_t kc, T* dst) {
-#if defined(__x86_64__)
-  static const bool avx2 = std::strcmp(gemm_isa(), "portable") != 0;
-  if (avx2) return pack_column_groups_avx2<L>(x_g, row_offset, column_offset, panels, kc, dst);
-#endif
-  pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst);
+  CNNOPS_SIMD_CALL(pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst));
 }
 
 // conv_forward_gemm when its output channels are split between tasks (few column blocks: small

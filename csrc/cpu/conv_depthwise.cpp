@@ -8,41 +8,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_depthwise_direct.h"
+#include "cpu/conv_im2col.h"
 
 namespace cnnops {
 namespace cpu {
 namespace {
-
-// A zero-padded (D+2p, H+2p, W+2p) copy of one channel plane.
-template <typename T>
-struct PaddedPlane {
-  int64_t hp, wp;
-  std::vector<T> data;
-
-  explicit PaddedPlane(const ConvGeometry& g)
-      : hp(g.in[1] + 2 * g.pad[1]), wp(g.in[2] + 2 * g.pad[2]), data((g.in[0] + 2 * g.pad[0]) * hp * wp, T(0)) {}
-
-  T* row(int64_t d, int64_t h) { return data.data() + (d * hp + h) * wp; }
-
-  void load(const ConvGeometry& g, const T* plane) {  // borders stay zero
-    for (int64_t d = 0; d < g.in[0]; ++d)
-      for (int64_t h = 0; h < g.in[1]; ++h)
-        std::memcpy(row(d + g.pad[0], h + g.pad[1]) + g.pad[2], plane + (d * g.in[1] + h) * g.in[2],
-                    g.in[2] * sizeof(T));
-  }
-  void store(const ConvGeometry& g, T* plane) {  // the interior back out
-    for (int64_t d = 0; d < g.in[0]; ++d)
-      for (int64_t h = 0; h < g.in[1]; ++h)
-        std::memcpy(plane + (d * g.in[1] + h) * g.in[2], row(d + g.pad[0], h + g.pad[1]) + g.pad[2],
-                    g.in[2] * sizeof(T));
-  }
-};
 
 // Calls fn(first tap of the kernel row, output row offset, padded input row) for every output
 // row and kernel row (kd, kh): output (od, oh) reads padded row (od*s + kd*d, oh*s + kh*d),

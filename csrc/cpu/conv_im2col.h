@@ -1,5 +1,6 @@
 #pragma once
-// im2col as two offset tables, for the CPU convolution kernels.
+// im2col as two offset tables, for the CPU convolution kernels, and the zero-padded plane copies
+// they read (also the direct depthwise loops' buffer, PaddedPlane).
 //
 // On a zero-padded copy of the input, (D+2p) x (H+2p) x (W+2p) per (sample, channel) plane, the
 // im2col entry of row r = (c, kd, kh, kw) and column l = (n, od, oh, ow) is
@@ -88,19 +89,22 @@ inline void copy_values(T* dst, const T* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// Plane x (D x H x W) into the interior of one padded plane; its border is left as it is.
+template <typename T>
+void pad_plane(const ConvGeometry& g, const PaddedLayout& p, const T* x, T* padded) {
+  for (int64_t d = 0; d < g.in[0]; ++d)
+    for (int64_t h = 0; h < g.in[1]; ++h)
+      copy_values(padded + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2], x + (d * g.in[1] + h) * g.in[2],
+                  g.in[2]);
+}
+
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
 // last plane for readers that run past it.
 template <typename T>
 std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes, int64_t slack = 0) {
   std::vector<T> padded(planes * p.plane + slack, T(0));
-  const int64_t width = g.in[2];
   parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q)
-      for (int64_t d = 0; d < g.in[0]; ++d)
-        for (int64_t h = 0; h < g.in[1]; ++h) {
-          T* dst = &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]];
-          copy_values(dst, x + ((q * g.in[0] + d) * g.in[1] + h) * width, width);
-        }
+    for (int64_t q = begin; q < end; ++q) pad_plane(g, p, x + q * g.in_plane(), padded.data() + q * p.plane);
   });
   return padded;
 }
@@ -114,6 +118,20 @@ void unpad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* padded,
         std::memcpy(x + ((q * g.in[0] + d) * g.in[1] + h) * g.in[2],
                     &padded[q * p.plane + ((d + g.pad[0]) * p.h + h + g.pad[1]) * p.w + g.pad[2]], g.in[2] * sizeof(T));
 }
+
+// One reusable zero-padded plane (a task's buffer in the direct depthwise loops): load() fills
+// the interior, leaving the zero border; store() copies the interior back out.
+template <typename T>
+struct PaddedPlane {
+  PaddedLayout layout;
+  std::vector<T> data;
+
+  explicit PaddedPlane(const ConvGeometry& g) : layout(g), data(layout.plane, T(0)) {}
+
+  T* row(int64_t d, int64_t h) { return data.data() + (d * layout.h + h) * layout.w; }
+  void load(const ConvGeometry& g, const T* plane) { pad_plane(g, layout, plane, data.data()); }
+  void store(const ConvGeometry& g, T* plane) { unpad_planes(g, layout, data.data(), 1, plane); }
+};
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -10,8 +10,8 @@
 //  * rows: channels-last data, rows of C contiguous channels (one row per (n, spatial
 //    position)). Each channel is a SIMD lane; all lanes share the row count.
 //
-// The loops are compiled for AVX-512, AVX2 and baseline x86-64 (GCC target_clones) and the
-// widest one the CPU has is picked at load time. Every reduction runs over a fixed partition of
+// The loops are compiled for AVX-512, AVX2 and baseline x86-64 (simd_dispatch, simd.h) and
+// cpu_isa() picks one (CNNOPS_CPU_ISA caps it). Every reduction runs over a fixed partition of
 // the data (plane, fixed-size chunk or row block, never "one piece per thread") merged in a
 // fixed order, so the results are bitwise the same for any thread count.
 #include <ATen/OpMathType.h>

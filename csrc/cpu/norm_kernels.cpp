@@ -1,8 +1,10 @@
 // The inner loops of the CPU normalization kernels (see norm_cpu.h). They are written as plain
-// loops over fixed-size lane arrays or over channels, which GCC vectorizes; target_clones
-// compiles each for AVX-512, AVX2 and the baseline, and picks one at load time.
+// loops over fixed-size lane arrays or over channels, which GCC vectorizes: CNNOPS_ALWAYS_INLINE
+// bodies, which the exported functions at the end run through simd_dispatch (simd.h), compiled
+// for AVX-512, AVX2 and the baseline and picked by cpu_isa().
 #include "common/macros.h"
 #include "cpu/norm_cpu.h"
+#include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -13,14 +15,6 @@
 
 namespace cnnops {
 namespace cpu {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CNNOPS_NORM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CNNOPS_NORM_CLONES
-#endif
-// The loop bodies are CNNOPS_ALWAYS_INLINE (common/macros.h): inlined into each compiled clone,
-// so into its instruction set.
 
 namespace {
 
@@ -35,7 +29,7 @@ constexpr int span_lanes() {
 // vectors, so this vectorizes, whereas a left-to-right sum is a chain of L dependent scalar adds
 // (the order is fixed either way, so the result is deterministic). Overwrites a.
 template <int L, typename acc_t>
-__attribute__((always_inline)) inline acc_t lane_tree_sum(acc_t* a) {
+CNNOPS_ALWAYS_INLINE acc_t lane_tree_sum(acc_t* a) {
 #pragma GCC unroll 8
   for (int half = L / 2; half >= 1; half /= 2)
 #pragma GCC unroll 64
@@ -48,8 +42,7 @@ __attribute__((always_inline)) inline acc_t lane_tree_sum(acc_t* a) {
 // Welford over x[0, n) in L lanes that share the count, merged as a tree of equal-count pairs,
 // then the tail (fewer than L values) by its own two-pass statistics and one Chan merge.
 template <int L, typename scalar_t>
-__attribute__((always_inline)) inline Welford<acc_type<scalar_t>> welford_lanes(const scalar_t* __restrict x,
-                                                                                int64_t n) {
+CNNOPS_ALWAYS_INLINE Welford<acc_type<scalar_t>> welford_lanes(const scalar_t* __restrict x, int64_t n) {
   using acc_t = acc_type<scalar_t>;
   acc_t mean[L] = {};
   acc_t m2[L] = {};
@@ -98,8 +91,9 @@ CNNOPS_ALWAYS_INLINE Welford<acc_type<scalar_t>> welford_span_impl(const scalar_
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void normalize_span(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t n,
-                                       acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> bias) {
+CNNOPS_ALWAYS_INLINE void normalize_span_impl(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t n,
+                                              acc_type<scalar_t> mean, acc_type<scalar_t> scale,
+                                              acc_type<scalar_t> bias) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * scale + bias);
 }
@@ -213,10 +207,10 @@ CNNOPS_ALWAYS_INLINE void layer_norm_row_input_grad_impl(const scalar_t* __restr
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_param_grad(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                                  int64_t n, acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                                                  acc_type<scalar_t>* __restrict dw,
-                                                  acc_type<scalar_t>* __restrict db) {
+CNNOPS_ALWAYS_INLINE void layer_norm_row_param_grad_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                                         int64_t n, acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
+                                                         acc_type<scalar_t>* __restrict dw,
+                                                         acc_type<scalar_t>* __restrict db) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t g = static_cast<acc_t>(dy[i]);
@@ -262,48 +256,13 @@ CNNOPS_ALWAYS_INLINE void layer_norm_row_backward_sums_impl(
   *sum_g_xmu = sb;
 }
 
-// ---- the span and layer-norm row loops, one compiled clone set each ----------------------
-
+// Many short rows (a ConvNeXt layer norm over 64 channels): the row loop inside the compiled
+// function, so the per-row statistics and coefficients are inlined rather than called row by row.
 template <typename scalar_t>
-CNNOPS_NORM_CLONES Welford<acc_type<scalar_t>> welford_span(const scalar_t* x, int64_t n) {
-  return welford_span_impl(x, n);
-}
-
-template <typename scalar_t>
-CNNOPS_NORM_CLONES void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
-                                       acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
-  grad_sums_span_impl(dy, x, n, mean, sum_dy, sum_dy_xmu);
-}
-
-template <typename scalar_t>
-CNNOPS_NORM_CLONES void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                                        acc_type<scalar_t> w, acc_type<scalar_t> invstd, acc_type<scalar_t> mean,
-                                        acc_type<scalar_t> coef_g, acc_type<scalar_t> coef_xmu) {
-  input_grad_span_impl(dy, x, dx, n, w, invstd, mean, coef_g, coef_xmu);
-}
-
-template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
-                                                 acc_type<scalar_t> mean, const acc_type<scalar_t>* w,
-                                                 acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu) {
-  layer_norm_row_grad_sums_impl(dy, x, n, mean, w, sum_g, sum_g_xmu);
-}
-
-template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                                                  acc_type<scalar_t> mean, acc_type<scalar_t> invstd,
-                                                  const acc_type<scalar_t>* w, acc_type<scalar_t> coef_g,
-                                                  acc_type<scalar_t> coef_xmu) {
-  layer_norm_row_input_grad_impl(dy, x, dx, n, mean, invstd, w, coef_g, coef_xmu);
-}
-
-// Many short rows (a ConvNeXt layer norm over 64 channels): the row loop inside the clone, so
-// the per-row statistics and coefficients are inlined rather than called row by row.
-template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n,
-                                                acc_type<scalar_t> eps, const acc_type<scalar_t>* w,
-                                                const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
-                                                acc_type<scalar_t>* invstd_out) {
+CNNOPS_ALWAYS_INLINE void layer_norm_rows_forward_impl(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n,
+                                                       acc_type<scalar_t> eps, const acc_type<scalar_t>* w,
+                                                       const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
+                                                       acc_type<scalar_t>* invstd_out) {
   // Short rows: the statistics of a group of rows first, so their independent merge trees
   // (latency-bound for a 64-value row) overlap; the same arithmetic per row either way.
   constexpr int64_t kGroup = 4;
@@ -330,10 +289,10 @@ CNNOPS_NORM_CLONES void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, 
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows,
-                                                 int64_t n, const acc_type<scalar_t>* mean,
-                                                 const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* w,
-                                                 acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
+CNNOPS_ALWAYS_INLINE void layer_norm_rows_backward_impl(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+                                                        int64_t rows, int64_t n, const acc_type<scalar_t>* mean,
+                                                        const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* w,
+                                                        acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
   using acc_t = acc_type<scalar_t>;
   int64_t r = 0;
   if (n < 4 * span_lanes<acc_t>()) {
@@ -377,8 +336,8 @@ CNNOPS_NORM_CLONES void layer_norm_rows_backward(const scalar_t* dy, const scala
 constexpr int64_t kChannelBlock = 64;
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void welford_rows(const scalar_t* __restrict x, int64_t rows, int64_t C,
-                                     acc_type<scalar_t>* __restrict mean, acc_type<scalar_t>* __restrict m2) {
+CNNOPS_ALWAYS_INLINE void welford_rows_impl(const scalar_t* __restrict x, int64_t rows, int64_t C,
+                                            acc_type<scalar_t>* __restrict mean, acc_type<scalar_t>* __restrict m2) {
   using acc_t = acc_type<scalar_t>;
   int64_t c0 = 0;
   for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
@@ -405,10 +364,10 @@ CNNOPS_NORM_CLONES void welford_rows(const scalar_t* __restrict x, int64_t rows,
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void normalize_rows(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t rows, int64_t C,
-                                       const acc_type<scalar_t>* __restrict mean,
-                                       const acc_type<scalar_t>* __restrict scale,
-                                       const acc_type<scalar_t>* __restrict bias) {
+CNNOPS_ALWAYS_INLINE void normalize_rows_impl(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t rows,
+                                              int64_t C, const acc_type<scalar_t>* __restrict mean,
+                                              const acc_type<scalar_t>* __restrict scale,
+                                              const acc_type<scalar_t>* __restrict bias) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* p = x + r * C;
@@ -419,10 +378,10 @@ CNNOPS_NORM_CLONES void normalize_rows(const scalar_t* __restrict x, scalar_t* _
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t rows,
-                                       int64_t C, const acc_type<scalar_t>* __restrict mean,
-                                       acc_type<scalar_t>* __restrict sum_dy,
-                                       acc_type<scalar_t>* __restrict sum_dy_xmu) {
+CNNOPS_ALWAYS_INLINE void grad_sums_rows_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t rows,
+                                              int64_t C, const acc_type<scalar_t>* __restrict mean,
+                                              acc_type<scalar_t>* __restrict sum_dy,
+                                              acc_type<scalar_t>* __restrict sum_dy_xmu) {
   using acc_t = acc_type<scalar_t>;
   int64_t c0 = 0;
   for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
@@ -457,13 +416,13 @@ CNNOPS_NORM_CLONES void grad_sums_rows(const scalar_t* __restrict dy, const scal
 }
 
 template <typename scalar_t>
-CNNOPS_NORM_CLONES void input_grad_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                        scalar_t* __restrict dx, int64_t rows, int64_t C,
-                                        const acc_type<scalar_t>* __restrict w,
-                                        const acc_type<scalar_t>* __restrict invstd,
-                                        const acc_type<scalar_t>* __restrict mean,
-                                        const acc_type<scalar_t>* __restrict coef_g,
-                                        const acc_type<scalar_t>* __restrict coef_xmu) {
+CNNOPS_ALWAYS_INLINE void input_grad_rows_impl(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                               scalar_t* __restrict dx, int64_t rows, int64_t C,
+                                               const acc_type<scalar_t>* __restrict w,
+                                               const acc_type<scalar_t>* __restrict invstd,
+                                               const acc_type<scalar_t>* __restrict mean,
+                                               const acc_type<scalar_t>* __restrict coef_g,
+                                               const acc_type<scalar_t>* __restrict coef_xmu) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* pd = dy + r * C;
@@ -473,6 +432,89 @@ CNNOPS_NORM_CLONES void input_grad_rows(const scalar_t* __restrict dy, const sca
       q[c] = static_cast<scalar_t>(invstd[c] * (w[c] * static_cast<acc_t>(pd[c]) + coef_g[c]) +
                                    coef_xmu[c] * (static_cast<acc_t>(px[c]) - mean[c]));
   }
+}
+
+// ---- the exported loops, each compiled per ISA (simd.h) -----------------------------------
+
+template <typename scalar_t>
+Welford<acc_type<scalar_t>> welford_span(const scalar_t* x, int64_t n) {
+  return CNNOPS_SIMD_CALL(welford_span_impl(x, n));
+}
+
+template <typename scalar_t>
+void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, acc_type<scalar_t> mean, acc_type<scalar_t> scale,
+                    acc_type<scalar_t> bias) {
+  CNNOPS_SIMD_CALL(normalize_span_impl(x, y, n, mean, scale, bias));
+}
+
+template <typename scalar_t>
+void grad_sums_span(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+                    acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+  CNNOPS_SIMD_CALL(grad_sums_span_impl(dy, x, n, mean, sum_dy, sum_dy_xmu));
+}
+
+template <typename scalar_t>
+void input_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_type<scalar_t> w,
+                     acc_type<scalar_t> invstd, acc_type<scalar_t> mean, acc_type<scalar_t> coef_g,
+                     acc_type<scalar_t> coef_xmu) {
+  CNNOPS_SIMD_CALL(input_grad_span_impl(dy, x, dx, n, w, invstd, mean, coef_g, coef_xmu));
+}
+
+template <typename scalar_t>
+void layer_norm_row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+                              const acc_type<scalar_t>* w, acc_type<scalar_t>* sum_g, acc_type<scalar_t>* sum_g_xmu) {
+  CNNOPS_SIMD_CALL(layer_norm_row_grad_sums_impl(dy, x, n, mean, w, sum_g, sum_g_xmu));
+}
+
+template <typename scalar_t>
+void layer_norm_row_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_type<scalar_t> mean,
+                               acc_type<scalar_t> invstd, const acc_type<scalar_t>* w, acc_type<scalar_t> coef_g,
+                               acc_type<scalar_t> coef_xmu) {
+  CNNOPS_SIMD_CALL(layer_norm_row_input_grad_impl(dy, x, dx, n, mean, invstd, w, coef_g, coef_xmu));
+}
+
+template <typename scalar_t>
+void layer_norm_row_param_grad(const scalar_t* dy, const scalar_t* x, int64_t n, acc_type<scalar_t> mean,
+                               acc_type<scalar_t> invstd, acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
+  CNNOPS_SIMD_CALL(layer_norm_row_param_grad_impl(dy, x, n, mean, invstd, dw, db));
+}
+
+template <typename scalar_t>
+void layer_norm_rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t n, acc_type<scalar_t> eps,
+                             const acc_type<scalar_t>* w, const acc_type<scalar_t>* b, acc_type<scalar_t>* mean_out,
+                             acc_type<scalar_t>* invstd_out) {
+  CNNOPS_SIMD_CALL(layer_norm_rows_forward_impl(x, y, rows, n, eps, w, b, mean_out, invstd_out));
+}
+
+template <typename scalar_t>
+void layer_norm_rows_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t n,
+                              const acc_type<scalar_t>* mean, const acc_type<scalar_t>* invstd,
+                              const acc_type<scalar_t>* w, acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
+  CNNOPS_SIMD_CALL(layer_norm_rows_backward_impl(dy, x, dx, rows, n, mean, invstd, w, dw, db));
+}
+
+template <typename scalar_t>
+void welford_rows(const scalar_t* x, int64_t rows, int64_t C, acc_type<scalar_t>* mean, acc_type<scalar_t>* m2) {
+  CNNOPS_SIMD_CALL(welford_rows_impl(x, rows, C, mean, m2));
+}
+
+template <typename scalar_t>
+void normalize_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_type<scalar_t>* mean,
+                    const acc_type<scalar_t>* scale, const acc_type<scalar_t>* bias) {
+  CNNOPS_SIMD_CALL(normalize_rows_impl(x, y, rows, C, mean, scale, bias));
+}
+
+template <typename scalar_t>
+void grad_sums_rows(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, const acc_type<scalar_t>* mean,
+                    acc_type<scalar_t>* sum_dy, acc_type<scalar_t>* sum_dy_xmu) {
+  CNNOPS_SIMD_CALL(grad_sums_rows_impl(dy, x, rows, C, mean, sum_dy, sum_dy_xmu));
+}
+
+template <typename scalar_t>
+void input_grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
+                     const acc_type<scalar_t>* w, const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* mean,
+                     const acc_type<scalar_t>* coef_g, const acc_type<scalar_t>* coef_xmu) {
+  CNNOPS_SIMD_CALL(input_grad_rows_impl(dy, x, dx, rows, C, w, invstd, mean, coef_g, coef_xmu));
 }
 
 // ---- host helpers --------------------------------------------------------------------------

@@ -57,6 +57,28 @@ CNNOPS_ALWAYS_INLINE AvgWindow avg_window(const PoolGeometry& g, int dim, int64_
   return avg_pool_window(o, g.in[dim], g.kernel[dim], g.stride[dim], g.pad[dim]);
 }
 
+// The windows of output o along dim i and their divisors, for the NHWC kernels that serve both
+// pools (the NCHW ones differ: fixed windows all have one size, which their row loops use).
+// Adaptive windows [floor(o*I/O), ceil((o+1)*I/O)) are never empty and divide by their size.
+struct FixedWindows {
+  const PoolGeometry& g;
+  AvgParams p;
+  CNNOPS_ALWAYS_INLINE AvgWindow operator()(int i, int64_t o) const { return avg_window(g, i, o); }
+  CNNOPS_ALWAYS_INLINE int64_t divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w) const {
+    return avg_divisor(d, h, w, p);
+  }
+};
+struct AdaptiveWindows {
+  const PoolGeometry& g;
+  CNNOPS_ALWAYS_INLINE AvgWindow operator()(int i, int64_t o) const {
+    const int64_t start = adaptive_start(o, g.in[i], g.out[i]), end = adaptive_end(o, g.in[i], g.out[i]);
+    return {start, end, end - start};
+  }
+  CNNOPS_ALWAYS_INLINE int64_t divisor(const AvgWindow& d, const AvgWindow& h, const AvgWindow& w) const {
+    return (d.end - d.start) * (h.end - h.start) * (w.end - w.start);
+  }
+};
+
 // Outputs along W whose tap kw (at iw = ow*SW + kw - PW) lies inside the row: [lo, hi).
 CNNOPS_ALWAYS_INLINE OutputRange avg_tap_outputs(const PoolGeometry& g, int64_t kw) {
   const int64_t off = kw - g.pad[2], s = g.stride[2];
@@ -78,8 +100,7 @@ CNNOPS_ALWAYS_INLINE void sum_taps_row(const PhasedRow<A>& row, int64_t kernel, 
   }
 }
 
-// The buffers of the kernels below, allocated by their callers: the kernels are target_clones
-// functions, which cannot pass an exception (std::bad_alloc) on (csrc/common/checked_math.h).
+// The buffers of the kernels below, allocated by their callers (pool_cpu.h).
 template <typename T>
 struct AvgScratch {
   using A = pool_acc_t<T>;
@@ -95,8 +116,8 @@ struct AvgScratch {
 // (id, ih, kw) order per output (as torch), the outputs along W in vectors. Each input row is
 // first loaded into a zero-padded PhasedRow (pool_cpu.h), so the tap loops need no bounds.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* x, T* y,
-                                    int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* x, T* y,
+                                        int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t KW = g.kernel[2];
@@ -123,8 +144,8 @@ CNNOPS_POOL_SIMD void avg_nchw_rows(const PoolGeometry& g, AvgScratch<T>& s, Avg
 
 // The direct NCHW loop, one output at a time, for strides too large for phased rows.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
-                                      int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_nchw_direct(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
+                                          int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -154,16 +175,16 @@ CNNOPS_ALWAYS_INLINE void add_channels(const T* __restrict src, int64_t width, A
   for (int64_t c = 0; c < w; ++c) acc[c] += A(src[c]);
 }
 
-template <typename T>
-CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, const T* x, T* y, int64_t begin,
-                                         int64_t end) {
+template <typename T, typename Windows>
+CNNOPS_ALWAYS_INLINE void avg_nhwc_positions(Windows window, const PoolGeometry& g, const T* x, T* y, int64_t begin,
+                                             int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
-    const AvgWindow wd = avg_window(g, 0, pos.od), wh = avg_window(g, 1, pos.oh), ww = avg_window(g, 2, pos.ow);
+    const AvgWindow wd = window(0, pos.od), wh = window(1, pos.oh), ww = window(2, pos.ow);
     const T* xn = x + pos.n * g.in_plane() * C;
-    const int64_t divisor = avg_divisor(wd, wh, ww, p);
+    const int64_t divisor = window.divisor(wd, wh, ww);
     T* __restrict yq = y + q * C;
     if (divisor == 0) {
       std::fill_n(yq, C, T(0));
@@ -189,15 +210,15 @@ CNNOPS_POOL_SIMD void avg_nhwc_positions(const PoolGeometry& g, AvgParams p, con
 
 // Backward NCHW: planes [begin, end), each spread row by row into its own accumulator.
 template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* dy, T* dx,
-                                               int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, const T* dy,
+                                                   T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   const int64_t SW = g.stride[2];
   std::vector<A>& buffer = s.buffer;
   std::vector<A>& delta = s.values;  // OW
   for (int64_t plane = begin; plane < end; ++plane) {
-    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
+    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) CNNOPS_SIMD_BODY {
       for (int64_t od = 0; od < OD; ++od)
         for (int64_t oh = 0; oh < OH; ++oh) {
           const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh);
@@ -226,9 +247,9 @@ CNNOPS_POOL_SIMD void avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch
 }
 
 // Backward NHWC: tasks [begin, end) of the flat (n, channel block) range.
-template <typename T>
-CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, AvgParams p, ChannelBlocks cb,
-                                               const T* dy, T* dx, int64_t begin, int64_t end) {
+template <typename T, typename Windows>
+CNNOPS_ALWAYS_INLINE void avg_backward_nhwc_blocks(Windows window, const PoolGeometry& g, AvgScratch<T>& s,
+                                                   ChannelBlocks cb, const T* dy, T* dx, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A>& buffer = s.buffer;
@@ -236,31 +257,31 @@ CNNOPS_POOL_SIMD void avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
     const int64_t cw = std::min(cb.size, C - c0);
-    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      PositionCursor pos(g, 0);
-      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
-        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
-        const AvgWindow wd = avg_window(g, 0, od), wh = avg_window(g, 1, oh), ww = avg_window(g, 2, ow);
-        const int64_t divisor = avg_divisor(wd, wh, ww, p);
-        if (divisor == 0) continue;
-        const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
-        A* __restrict d = delta.data();
-        for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / A(divisor);
-        for (int64_t id = wd.start; id < wd.end; ++id)
-          for (int64_t ih = wh.start; ih < wh.end; ++ih)
-            for (int64_t iw = ww.start; iw < ww.end; ++iw) {
-              A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
-              for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
-            }
-      }
-    });
+    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer,
+                     [&](A* acc, int64_t stride) CNNOPS_SIMD_BODY {
+                       PositionCursor pos(g, 0);
+                       for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
+                         const AvgWindow wd = window(0, pos.od), wh = window(1, pos.oh), ww = window(2, pos.ow);
+                         const int64_t divisor = window.divisor(wd, wh, ww);
+                         if (divisor == 0) continue;
+                         const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
+                         A* __restrict d = delta.data();
+                         for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / A(divisor);
+                         for (int64_t id = wd.start; id < wd.end; ++id)
+                           for (int64_t ih = wh.start; ih < wh.end; ++ih)
+                             for (int64_t iw = ww.start; iw < ww.end; ++iw) {
+                               A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
+                               for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
+                             }
+                       }
+                     });
   }
 }
 
 // Adaptive average, forward NCHW: rows [begin, end) of (plane, od, oh). A window spanning
 // whole rows is one contiguous run per depth slice (the global pool: the whole plane).
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y, int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, T* y, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
@@ -284,41 +305,13 @@ CNNOPS_POOL_SIMD void adaptive_avg_nchw_rows(const PoolGeometry& g, const T* x, 
 }
 
 template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_nhwc_positions(const PoolGeometry& g, AvgScratch<T>& scratch, const T* x, T* y,
-                                                  int64_t begin, int64_t end) {
-  using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
-  std::vector<A>& sum = scratch.values;  // C
-  PositionCursor pos(g, begin);
-  for (int64_t q = begin; q < end; ++q, pos.next()) {
-    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
-    const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
-    const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
-    const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
-    const T* xn = x + n * g.in_plane() * C;
-    std::fill(sum.begin(), sum.end(), A(0));
-    A* __restrict s = sum.data();
-    for (int64_t id = d0; id < d1; ++id)
-      for (int64_t ih = h0; ih < h1; ++ih)
-        for (int64_t iw = w0; iw < w1; ++iw) {
-          const T* __restrict src = xn + ((id * H + ih) * W + iw) * C;
-          for (int64_t c = 0; c < C; ++c) s[c] += A(src[c]);
-        }
-    const A count = A((d1 - d0) * (h1 - h0) * (w1 - w0));
-    T* __restrict yq = y + q * C;
-    for (int64_t c = 0; c < C; ++c) yq[c] = T(s[c] / count);
-  }
-}
-
-template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, const T* dy, T* dx,
-                                                        int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, AvgScratch<T>& s, const T* dy, T* dx,
+                                                            int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
   std::vector<A>& buffer = s.buffer;
   for (int64_t plane = begin; plane < end; ++plane) {
-    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) {
+    with_accumulator(dx + plane * g.in_plane(), 1, g.in_plane(), 0, buffer, [&](A* acc, int64_t) CNNOPS_SIMD_BODY {
       for (int64_t od = 0; od < OD; ++od)
         for (int64_t oh = 0; oh < OH; ++oh)
           for (int64_t ow = 0; ow < OW; ++ow) {
@@ -332,39 +325,6 @@ CNNOPS_POOL_SIMD void adaptive_avg_backward_nchw_planes(const PoolGeometry& g, A
                 for (int64_t iw = w0; iw < w1; ++iw) row[iw] += delta;
               }
           }
-    });
-  }
-}
-
-template <typename T>
-CNNOPS_POOL_SIMD void adaptive_avg_backward_nhwc_blocks(const PoolGeometry& g, AvgScratch<T>& s, ChannelBlocks cb,
-                                                        const T* dy, T* dx, int64_t begin, int64_t end) {
-  using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OD = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t D = g.in[0], H = g.in[1], W = g.in[2];
-  std::vector<A>& buffer = s.buffer;
-  std::vector<A>& delta = s.values;  // cb.size
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / cb.count, c0 = (task % cb.count) * cb.size;
-    const int64_t cw = std::min(cb.size, C - c0);
-    with_accumulator(dx + n * g.in_plane() * C + c0, g.in_plane(), cw, C, buffer, [&](A* acc, int64_t stride) {
-      PositionCursor pos(g, 0);
-      for (int64_t o = 0; o < g.out_plane(); ++o, pos.next()) {
-        const int64_t ow = pos.ow, oh = pos.oh, od = pos.od;
-        const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
-        const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
-        const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
-        const A count = A((d1 - d0) * (h1 - h0) * (w1 - w0));
-        const T* __restrict dyo = dy + (n * g.out_plane() + o) * C + c0;
-        A* __restrict d = delta.data();
-        for (int64_t c = 0; c < cw; ++c) d[c] = A(dyo[c]) / count;
-        for (int64_t id = d0; id < d1; ++id)
-          for (int64_t ih = h0; ih < h1; ++ih)
-            for (int64_t iw = w0; iw < w1; ++iw) {
-              A* __restrict a = acc + ((id * H + ih) * W + iw) * stride;
-              for (int64_t c = 0; c < cw; ++c) a[c] += d[c];
-            }
-      }
     });
   }
 }
@@ -391,7 +351,9 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       at::parallel_for(0, g.batch * g.out_plane(), pool_grain(saturating_mul(window, g.channels)),
-                       [&](int64_t b, int64_t e) { avg_nhwc_positions<scalar_t>(g, p, x, y, b, e); });
+                       [&](int64_t b, int64_t e) {
+                         CNNOPS_SIMD_CALL(avg_nhwc_positions<scalar_t>(FixedWindows{g, p}, g, x, y, b, e));
+                       });
     } else {
       const bool phased = use_phased_rows(g.out[2], g.in[2], g.kernel[2], g.stride[2], g.pad[2], 1);
       at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(saturating_mul(window, g.out[2])),
@@ -401,9 +363,9 @@ void avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& input, at:
                            const int64_t padded_ow = ceil_div(g.out[2], kRowBlock) * kRowBlock;
                            AvgScratch<scalar_t> s(padded_ow, 0);
                            s.row.emplace(SW, PW, W, std::max(padded_ow * SW + KW - 1, W + PW), KW, 1, A(0));
-                           avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e);
+                           CNNOPS_SIMD_CALL(avg_nchw_rows<scalar_t>(g, s, p, x, y, b, e));
                          } else {
-                           avg_nchw_direct<scalar_t>(g, p, x, y, b, e);
+                           CNNOPS_SIMD_CALL(avg_nchw_direct<scalar_t>(g, p, x, y, b, e));
                          }
                        });
     }
@@ -415,20 +377,19 @@ void avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& grad_outp
   const AvgParams p{count_include_pad, divisor_override};
   const int64_t window = avg_window_taps(g);
   CNNOPS_DISPATCH_POOL_TYPES(grad_output.scalar_type(), "avg_pool_backward_cpu", [&] {
-    using A = pool_acc_t<scalar_t>;
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       const ChannelBlocks cb(g.batch, g.channels);
       at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(cb.size, g.in_plane() * cb.size);
-        avg_backward_nhwc_blocks<scalar_t>(g, s, p, cb, dy, dx, b, e);
+        CNNOPS_SIMD_CALL(avg_backward_nhwc_blocks<scalar_t>(FixedWindows{g, p}, g, s, cb, dy, dx, b, e));
       });
     } else {
       at::parallel_for(0, g.planes(), pool_grain(g.in_plane() + saturating_mul(g.out_plane(), window)),
                        [&](int64_t b, int64_t e) {
                          AvgScratch<scalar_t> s(g.out[2], g.in_plane());
-                         avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e);
+                         CNNOPS_SIMD_CALL(avg_backward_nchw_planes<scalar_t>(g, s, p, dy, dx, b, e));
                        });
     }
   });
@@ -442,12 +403,12 @@ void adaptive_avg_pool_forward_kernel(const PoolGeometry& g, const at::Tensor& i
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       at::parallel_for(0, g.batch * g.out_plane(), pool_grain(window * g.channels), [&](int64_t b, int64_t e) {
-        AvgScratch<scalar_t> s(g.channels, 0);
-        adaptive_avg_nhwc_positions<scalar_t>(g, s, x, y, b, e);
+        CNNOPS_SIMD_CALL(avg_nhwc_positions<scalar_t>(AdaptiveWindows{g}, g, x, y, b, e));
       });
     } else {
-      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]),
-                       [&](int64_t b, int64_t e) { adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e); });
+      at::parallel_for(0, g.planes() * g.out[0] * g.out[1], pool_grain(window * g.out[2]), [&](int64_t b, int64_t e) {
+        CNNOPS_SIMD_CALL(adaptive_avg_nchw_rows<scalar_t>(g, x, y, b, e));
+      });
     }
   });
 }
@@ -461,12 +422,12 @@ void adaptive_avg_pool_backward_kernel(const PoolGeometry& g, const at::Tensor& 
       const ChannelBlocks cb(g.batch, g.channels);
       at::parallel_for(0, g.batch * cb.count, 1, [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(cb.size, g.in_plane() * cb.size);
-        adaptive_avg_backward_nhwc_blocks<scalar_t>(g, s, cb, dy, dx, b, e);
+        CNNOPS_SIMD_CALL(avg_backward_nhwc_blocks<scalar_t>(AdaptiveWindows{g}, g, s, cb, dy, dx, b, e));
       });
     } else {
       at::parallel_for(0, g.planes(), pool_grain(2 * g.in_plane()), [&](int64_t b, int64_t e) {
         AvgScratch<scalar_t> s(0, g.in_plane());
-        adaptive_avg_backward_nchw_planes<scalar_t>(g, s, dy, dx, b, e);
+        CNNOPS_SIMD_CALL(adaptive_avg_backward_nchw_planes<scalar_t>(g, s, dy, dx, b, e));
       });
     }
   });

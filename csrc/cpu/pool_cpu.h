@@ -23,23 +23,14 @@
 
 #include "common/pool_shape.h"
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the dynamic loader picks the
-// widest the CPU has (GCC function multi-versioning). The loops themselves are plain C++ that
-// the compiler vectorizes, so other architectures simply get the default version. Only the
-// running max with its index update is not vectorized well that way: pool_max.cpp has AVX-512
-// intrinsics for it (float, int32 indices), chosen at run time, beside the portable loops.
-// (GCC vector extensions are no way out: under target_clones they are lowered for the
-// baseline ISA before cloning, and come out scalar.)
-//
-// Rule: a CNNOPS_POOL_SIMD function must not throw, nor call anything that may (TORCH_CHECK,
-// allocation): GCC 12 cannot unwind out of a target_clones function, so the throw would end
-// in std::terminate. Callers validate the geometry (csrc/common/checked_math.h) and allocate
-// the kernels' scratch (MaxScratch, AvgScratch) before entering them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CNNOPS_POOL_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CNNOPS_POOL_SIMD
-#endif
+#include "cpu/simd.h"
+
+// SIMD (simd.h): the kernels are plain C++ loops, CNNOPS_ALWAYS_INLINE templates that
+// simd_dispatch compiles for AVX-512, AVX2 and the baseline and picks by cpu_isa(); the
+// compiler vectorizes them. Only the running max with its index update is not vectorized well
+// that way: pool_max.cpp has AVX-512 intrinsics for it (float, int32 indices), which its
+// AVX-512 instances call. Callers allocate the kernels' scratch (MaxScratch, AvgScratch) before
+// entering them, so the loops themselves never allocate.
 
 namespace cnnops {
 namespace cpu {
@@ -101,11 +92,10 @@ struct BadIndex {
 // Runs body(acc, stride) over a zeroed accumulator for `rows` rows of `width` values that live
 // at dst + r * dst_stride: dst itself when T is its own accumulation type, else a float
 // buffer that is rounded into dst at the end (half and bfloat16 gradients accumulate in float).
-// SIMD (target_clones) callers reserve rows * width in `buffer` beforehand, so nothing here can
-// throw inside them (checked_math.h).
+// Callers reserve rows * width in `buffer` beforehand, so the kernels' loops do not allocate.
 template <typename T, typename Body>
-void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride, std::vector<pool_acc_t<T>>& buffer,
-                      Body&& body) {
+CNNOPS_ALWAYS_INLINE void with_accumulator(T* dst, int64_t rows, int64_t width, int64_t dst_stride,
+                                           std::vector<pool_acc_t<T>>& buffer, Body&& body) {
   using A = pool_acc_t<T>;
   if constexpr (std::is_same_v<T, A>) {
     for (int64_t r = 0; r < rows; ++r) std::fill_n(dst + r * dst_stride, width, T(0));
@@ -163,7 +153,7 @@ struct PhasedRow {
     }
   }
   template <typename T>
-  void load(const T* row) {  // input column iw goes to padded column iw + pad
+  CNNOPS_ALWAYS_INLINE void load(const T* row) {  // input column iw goes to padded column iw + pad
     for (int64_t p = 0; p < stride; ++p) {
       A* __restrict phase = data.data() + p * phase_len;
       const T* __restrict src = row + p - pad;

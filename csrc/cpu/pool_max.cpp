@@ -11,16 +11,16 @@
 
 #include <optional>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <cmath>
 #include <limits>
 
 #include "common/checked_math.h"
 #include "common/pool_checks.h"
 #include "cpu/pool_cpu.h"
+
+#if CNNOPS_X86
+#include <immintrin.h>
+#endif
 
 namespace cnnops {
 namespace cpu {
@@ -36,12 +36,8 @@ CNNOPS_ALWAYS_INLINE bool max_takes(A v, A best) {
 // row.taps(k)[o], in-plane index index0 + k*D + o*S (-inf where the window leaves the input:
 // never taken). `count`, the padded output width, is a multiple of kRowBlock.
 template <typename A, typename I>
-using MaxRowFn = void (*)(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count, int64_t index0,
-                          A* best, I* where);
-
-template <typename A, typename I>
-void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count, int64_t index0,
-                     A* __restrict best, I* __restrict where) {
+CNNOPS_ALWAYS_INLINE void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
+                                          int64_t index0, A* __restrict best, I* __restrict where) {
   for (int64_t k = 0; k < kernel; ++k) {
     const A* __restrict taps = row.taps(k);
     const int64_t first = index0 + k * dilation;
@@ -54,12 +50,14 @@ void max_row_generic(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if CNNOPS_X86
 // The same for float with int32 indices, 16 outputs per AVX-512 vector (the compiler does not
 // vectorize the generic loop's masked index update on its own). Each block of outputs stays in
-// registers across the taps, in tap order.
-__attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& row, int64_t kernel, int64_t dilation,
-                                                       int64_t count, int64_t index0, float* best, int32_t* where) {
+// registers across the taps, in tap order. Out of line: inlined into the row loop, it raises the
+// register pressure there.
+CNNOPS_TARGET_AVX512 __attribute__((noinline)) void max_row_avx512(const PhasedRow<float>& row, int64_t kernel,
+                                                                   int64_t dilation, int64_t count, int64_t index0,
+                                                                   float* best, int32_t* where) {
   const int32_t stride = static_cast<int32_t>(row.stride);
   const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(stride));
@@ -79,14 +77,11 @@ __attribute__((target("avx512f"))) void max_row_avx512(const PhasedRow<float>& r
     _mm512_storeu_si512(where + o, w);
   }
 }
-#endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
 // NHWC, float with int32 indices: one output position, 16 channels per AVX-512 vector kept in
 // registers across the window's taps, written straight to the output and the int64 indices.
-__attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int64_t channels, int64_t H, int64_t W,
-                                                            PoolWindow wd, PoolWindow wh, PoolWindow ww, float* y,
-                                                            int64_t* indices) {
+CNNOPS_TARGET_AVX512 void max_position_avx512(const float* xn, int64_t channels, int64_t H, int64_t W, PoolWindow wd,
+                                              PoolWindow wh, PoolWindow ww, float* y, int64_t* indices) {
   const int32_t first = static_cast<int32_t>((wd.start * H + wh.start) * W + ww.start);
   int64_t c0 = 0;
   // 64 channels at a time: four independent (best, where) vector pairs share each tap's address.
@@ -140,27 +135,17 @@ __attribute__((target("avx512f"))) void max_position_avx512(const float* xn, int
 }
 #endif
 
-// Whether the NHWC kernels of (T, I) take max_position_avx512.
-template <typename T, typename I>
-bool use_max_position_avx512() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-    return avx512;
-  }
-#endif
-  return false;
-}
+// Whether the AVX-512 kernels above serve (T, I) in the kIsa instance of a kernel.
+template <Isa kIsa, typename T, typename I>
+constexpr bool kMaxAvx512 = CNNOPS_X86 && kIsa == Isa::Avx512 && std::is_same_v<T, float> && std::is_same_v<I, int32_t>;
 
-template <typename A, typename I>
-MaxRowFn<A, I> pick_max_row() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<A, float> && std::is_same_v<I, int32_t>) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return max_row_avx512;
-  }
+template <Isa kIsa, typename A, typename I>
+CNNOPS_ALWAYS_INLINE void max_row(const PhasedRow<A>& row, int64_t kernel, int64_t dilation, int64_t count,
+                                  int64_t index0, A* best, I* where) {
+#if CNNOPS_X86
+  if constexpr (kMaxAvx512<kIsa, A, I>) return max_row_avx512(row, kernel, dilation, count, index0, best, where);
 #endif
-  return max_row_generic<A, I>;
+  max_row_generic(row, kernel, dilation, count, index0, best, where);
 }
 
 // NHWC: one tap (in-plane index `tap`) of every channel of one output position. The window's
@@ -187,8 +172,23 @@ CNNOPS_ALWAYS_INLINE void store_max(int64_t count, const A* best, const I* where
   for (int64_t i = 0; i < count; ++i) indices[i] = int64_t(where[i]);
 }
 
-// The buffers of the kernels below, allocated by their callers: the kernels are target_clones
-// functions, which cannot pass an exception (std::bad_alloc) on (csrc/common/checked_math.h).
+// The windows of output o along dim i, for the kernels that serve both pools. Adaptive windows
+// [floor(o*I/O), ceil((o+1)*I/O)) are never empty and have unit steps: once inlined, the loops
+// compile as for a constant step of 1.
+struct FixedWindows {
+  const PoolGeometry& g;
+  CNNOPS_ALWAYS_INLINE PoolWindow operator()(int i, int64_t o) const {
+    return max_pool_window(o, g.in[i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i]);
+  }
+};
+struct AdaptiveWindows {
+  const PoolGeometry& g;
+  CNNOPS_ALWAYS_INLINE PoolWindow operator()(int i, int64_t o) const {
+    return {adaptive_start(o, g.in[i], g.out[i]), adaptive_end(o, g.in[i], g.out[i]), 1};
+  }
+};
+
+// The buffers of the kernels below, allocated by their callers (pool_cpu.h).
 template <typename A, typename I>
 struct MaxScratch {
   std::optional<PhasedRow<A>> row;  // NCHW rows: one input row, -inf padded
@@ -225,22 +225,23 @@ MaxScratch<A, I> max_scratch_channels(const PoolGeometry& g) {
 // Output rows [begin, end) of the flat (plane, od, oh) range. Per row, every tap of every window
 // is visited in (id, ih, kw) order, with the outputs along W as the vectorized inner loop. Each
 // input row a window reads is first loaded into a PhasedRow padded with -inf, wide enough for
-// a whole number of vectors of outputs, so the tap loops need no bounds.
-template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s, const T* x, T* y,
-                                         int64_t* indices, int64_t begin, int64_t end) {
+// a whole number of vectors of outputs, so the tap loops need no bounds. Fixed windows only (the
+// FixedWindows argument is CNNOPS_MAX_KERNEL's signature): it calls max_pool_window itself, which
+// measured faster than the policy in this loop (~10% on adaptive max 7, NCHW float32).
+template <Isa kIsa, typename T, typename I>
+CNNOPS_ALWAYS_INLINE void max_pool_nchw_rows(FixedWindows, const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s,
+                                             const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   constexpr A kLowest = -std::numeric_limits<A>::infinity();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t H = g.in[1], W = g.in[2];
-  const int64_t KW = g.kernel[2], SW = g.stride[2], PW = g.pad[2], DW = g.dilation[2];
+  const int64_t KW = g.kernel[2], PW = g.pad[2], DW = g.dilation[2];
   const int64_t padded_ow = ceil_div(OW, kRowBlock) * kRowBlock;
   PhasedRow<A>& row = *s.row;
   std::vector<A>& best = s.best;
   std::vector<I>& where = s.where;
-  const MaxRowFn<A, I> update_row = pick_max_row<A, I>();
   std::vector<I>& first_column = s.first_column;  // of each output's window along W
-  for (int64_t ow = 0; ow < OW; ++ow) first_column[ow] = I(max_pool_window(ow, W, KW, SW, PW, DW).start);
+  for (int64_t ow = 0; ow < OW; ++ow) first_column[ow] = I(max_pool_window(ow, W, KW, g.stride[2], PW, DW).start);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
     const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
@@ -256,106 +257,30 @@ CNNOPS_POOL_SIMD void max_pool_nchw_rows(const PoolGeometry& g, MaxScratch<pool_
       for (int64_t ih = wh.start; ih < wh.end; ih += wh.step) {
         const int64_t base = (id * H + ih) * W;
         row.load(xp + base);
-        update_row(row, KW, DW, padded_ow, base - PW, best.data(), where.data());
+        max_row<kIsa>(row, KW, DW, padded_ow, base - PW, best.data(), where.data());
       }
     store_max(OW, best.data(), where.data(), y + r * OW, indices + r * OW);
   }
 }
 
-// The direct NCHW loop, one output at a time, for strides too large for phased rows.
-template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nchw_direct(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&, const T* x, T* y,
-                                           int64_t* indices, int64_t begin, int64_t end) {
+// NCHW one output at a time: adaptive windows of uneven sizes, and fixed ones with strides too
+// large for phased rows. Output rows [begin, end) of the flat (plane, od, oh) range.
+template <Isa kIsa, typename T, typename I, typename Windows>
+CNNOPS_ALWAYS_INLINE void max_pool_nchw_direct(Windows window, const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&,
+                                               const T* x, T* y, int64_t* indices, int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], H = g.in[1], W = g.in[2];
   for (int64_t r = begin; r < end; ++r) {
     const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
-    const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
-    const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
+    const PoolWindow wd = window(0, od), wh = window(1, oh);
     const T* xp = x + plane * g.in_plane();
     for (int64_t ow = 0; ow < OW; ++ow) {
-      const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
+      const PoolWindow ww = window(2, ow);
       A best = -std::numeric_limits<A>::infinity();
       int64_t where = (wd.start * H + wh.start) * W + ww.start;
       for (int64_t id = wd.start; id < wd.end; id += wd.step)
         for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
           for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
-            const int64_t tap = (id * H + ih) * W + iw;
-            const A v = A(xp[tap]);
-            if (max_takes(v, best)) {
-              best = v;
-              where = tap;
-            }
-          }
-      y[r * OW + ow] = T(best);
-      indices[r * OW + ow] = where;
-    }
-  }
-}
-
-// Output positions [begin, end) of the flat (n, od, oh, ow) range, all channels at once.
-template <typename T, typename I>
-CNNOPS_POOL_SIMD void max_pool_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s, const T* x, T* y,
-                                              int64_t* indices, int64_t begin, int64_t end) {
-  using A = pool_acc_t<T>;
-  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
-  std::vector<A>& best = s.best;
-  std::vector<I>& where = s.where;
-  const bool fast = use_max_position_avx512<T, I>();
-  PositionCursor pos(g, begin);
-  for (int64_t q = begin; q < end; ++q, pos.next()) {
-    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
-    const PoolWindow wd = max_pool_window(od, g.in[0], g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]);
-    const PoolWindow wh = max_pool_window(oh, H, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]);
-    const PoolWindow ww = max_pool_window(ow, W, g.kernel[2], g.stride[2], g.pad[2], g.dilation[2]);
-    const T* xn = x + n * g.in_plane() * C;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
-      if (fast) {
-        max_position_avx512(xn, C, H, W, wd, wh, ww, y + q * C, indices + q * C);
-        continue;
-      }
-    }
-#endif
-    const int64_t first = (wd.start * H + wh.start) * W + ww.start;
-    if (wd.start >= wd.end || wh.start >= wh.end || ww.start >= ww.end) {
-      // A dilated window with no tap inside the input: -inf at the window's first position,
-      // as the NCHW kernels and torch give.
-      std::fill(best.begin(), best.end(), -std::numeric_limits<A>::infinity());
-      std::fill(where.begin(), where.end(), I(first));
-    }
-    for (int64_t id = wd.start; id < wd.end; id += wd.step)
-      for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
-        for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
-          const int64_t tap = (id * H + ih) * W + iw;
-          if (tap == first)
-            max_update_channels<true>(xn + tap * C, C, I(tap), best.data(), where.data());
-          else
-            max_update_channels<false>(xn + tap * C, C, I(tap), best.data(), where.data());
-        }
-    store_max(C, best.data(), where.data(), y + q * C, indices + q * C);
-  }
-}
-
-// Adaptive max, NCHW: output rows of the flat (plane, od, oh) range; window per output
-// [floor(o*I/O), ceil((o+1)*I/O)) along each dim.
-template <typename T, typename I>
-CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>&, const T* x, T* y,
-                                             int64_t* indices, int64_t begin, int64_t end) {
-  using A = pool_acc_t<T>;
-  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t oh = r % OH, od = (r / OH) % OD, plane = r / (OH * OD);
-    const int64_t d0 = adaptive_start(od, D, OD), d1 = adaptive_end(od, D, OD);
-    const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
-    const T* xp = x + plane * g.in_plane();
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
-      A best = -std::numeric_limits<A>::infinity();
-      int64_t where = (d0 * H + h0) * W + w0;
-      for (int64_t id = d0; id < d1; ++id)
-        for (int64_t ih = h0; ih < h1; ++ih)
-          for (int64_t iw = w0; iw < w1; ++iw) {
             const int64_t tap = (id * H + ih) * W + iw;
             const A v = A(xp[tap]);
             const bool take = max_takes(v, best);  // branch-free: selects, not jumps
@@ -368,33 +293,35 @@ CNNOPS_POOL_SIMD void adaptive_max_nchw_rows(const PoolGeometry& g, MaxScratch<p
   }
 }
 
-template <typename T, typename I>
-CNNOPS_POOL_SIMD void adaptive_max_nhwc_positions(const PoolGeometry& g, MaxScratch<pool_acc_t<T>, I>& s, const T* x,
-                                                  T* y, int64_t* indices, int64_t begin, int64_t end) {
+// NHWC: output positions [begin, end) of the flat (n, od, oh, ow) range, all channels at once.
+template <Isa kIsa, typename T, typename I, typename Windows>
+CNNOPS_ALWAYS_INLINE void max_pool_nhwc_positions(Windows window, const PoolGeometry& g,
+                                                  MaxScratch<pool_acc_t<T>, I>& s, const T* x, T* y, int64_t* indices,
+                                                  int64_t begin, int64_t end) {
   using A = pool_acc_t<T>;
-  const int64_t C = g.channels, OH = g.out[1], OW = g.out[2], D = g.in[0], H = g.in[1], W = g.in[2];
+  const int64_t C = g.channels, H = g.in[1], W = g.in[2];
   std::vector<A>& best = s.best;
   std::vector<I>& where = s.where;
-  const bool fast = use_max_position_avx512<T, I>();
   PositionCursor pos(g, begin);
   for (int64_t q = begin; q < end; ++q, pos.next()) {
-    const int64_t ow = pos.ow, oh = pos.oh, od = pos.od, n = pos.n;
-    const int64_t d0 = adaptive_start(od, D, g.out[0]), d1 = adaptive_end(od, D, g.out[0]);
-    const int64_t h0 = adaptive_start(oh, H, OH), h1 = adaptive_end(oh, H, OH);
-    const int64_t w0 = adaptive_start(ow, W, OW), w1 = adaptive_end(ow, W, OW);
-    const T* xn = x + n * g.in_plane() * C;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
-      if (fast) {
-        max_position_avx512(xn, C, H, W, {d0, d1, 1}, {h0, h1, 1}, {w0, w1, 1}, y + q * C, indices + q * C);
-        continue;
-      }
+    const PoolWindow wd = window(0, pos.od), wh = window(1, pos.oh), ww = window(2, pos.ow);
+    const T* xn = x + pos.n * g.in_plane() * C;
+#if CNNOPS_X86
+    if constexpr (kMaxAvx512<kIsa, T, I>) {
+      max_position_avx512(xn, C, H, W, wd, wh, ww, y + q * C, indices + q * C);
+      continue;
     }
 #endif
-    const int64_t first = (d0 * H + h0) * W + w0;
-    for (int64_t id = d0; id < d1; ++id)
-      for (int64_t ih = h0; ih < h1; ++ih)
-        for (int64_t iw = w0; iw < w1; ++iw) {
+    const int64_t first = (wd.start * H + wh.start) * W + ww.start;
+    if (wd.start >= wd.end || wh.start >= wh.end || ww.start >= ww.end) {
+      // A dilated window with no tap inside the input: -inf at the window's first position,
+      // as the NCHW kernels and torch give.
+      std::fill(best.begin(), best.end(), -std::numeric_limits<A>::infinity());
+      std::fill(where.begin(), where.end(), I(first));
+    }
+    for (int64_t id = wd.start; id < wd.end; id += wd.step)
+      for (int64_t ih = wh.start; ih < wh.end; ih += wh.step)
+        for (int64_t iw = ww.start; iw < ww.end; iw += ww.step) {
           const int64_t tap = (id * H + ih) * W + iw;
           if (tap == first)
             max_update_channels<true>(xn + tap * C, C, I(tap), best.data(), where.data());
@@ -426,20 +353,20 @@ void run_max_kernel(const PoolGeometry& g, const at::Tensor& input, at::Tensor& 
   });
 }
 
-// run() allocates the kernel's scratch, then enters the kernel (which must not throw).
-#define CNNOPS_MAX_KERNEL(NAME, FN, SCRATCH)                                                       \
-  template <typename T, typename I>                                                                \
-  struct NAME {                                                                                    \
-    static void run(const PoolGeometry& g, const T* x, T* y, int64_t* ind, int64_t b, int64_t e) { \
-      auto scratch = SCRATCH<pool_acc_t<T>, I>(g);                                                 \
-      FN<T, I>(g, scratch, x, y, ind, b, e);                                                       \
-    }                                                                                              \
+// run() allocates the kernel's scratch, then runs the kernel compiled for cpu_isa() (simd.h).
+#define CNNOPS_MAX_KERNEL(NAME, FN, WINDOWS, SCRATCH)                                                            \
+  template <typename T, typename I>                                                                              \
+  struct NAME {                                                                                                  \
+    static void run(const PoolGeometry& g, const T* x, T* y, int64_t* ind, int64_t b, int64_t e) {               \
+      auto scratch = SCRATCH<pool_acc_t<T>, I>(g);                                                               \
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY { FN<isa, T, I>(WINDOWS{g}, g, scratch, x, y, ind, b, e); }); \
+    }                                                                                                            \
   };
-CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows, max_scratch_rows)
-CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct, max_scratch_none)
-CNNOPS_MAX_KERNEL(MaxNhwc, max_pool_nhwc_positions, max_scratch_channels)
-CNNOPS_MAX_KERNEL(AdaptiveMaxNchw, adaptive_max_nchw_rows, max_scratch_none)
-CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, adaptive_max_nhwc_positions, max_scratch_channels)
+CNNOPS_MAX_KERNEL(MaxNchw, max_pool_nchw_rows, FixedWindows, max_scratch_rows)
+CNNOPS_MAX_KERNEL(MaxNchwDirect, max_pool_nchw_direct, FixedWindows, max_scratch_none)
+CNNOPS_MAX_KERNEL(MaxNhwc, max_pool_nhwc_positions, FixedWindows, max_scratch_channels)
+CNNOPS_MAX_KERNEL(AdaptiveMaxNchw, max_pool_nchw_direct, AdaptiveWindows, max_scratch_none)
+CNNOPS_MAX_KERNEL(AdaptiveMaxNhwc, max_pool_nhwc_positions, AdaptiveWindows, max_scratch_channels)
 #undef CNNOPS_MAX_KERNEL
 
 }  // namespace
