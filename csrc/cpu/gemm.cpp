@@ -100,7 +100,9 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
   ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                    \
                       const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, \
                       Activation act) {                                                                             \
-    if (a_offsets)                                                                                                  \
+    if (a_offsets && b_offsets)                                                                                     \
+      micro_kernel_body<T, MR, true, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);    \
+    else if (a_offsets)                                                                                             \
       micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
     else if (b_offsets)                                                                                             \
       micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
@@ -301,6 +303,26 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
 }
 
 template <typename T>
+void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n, const T* b,
+                     const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+                     Activation activation) {
+  const int64_t mr = gemm_spec().mr, full = m / mr * mr;
+  // The last panel, when M is not a multiple of MR, is packed (zero rows past M): reading it in
+  // place would run past A's last row.
+  std::vector<T> edge(m > full ? mr * std::min(k, gemm_spec().kc) : 0);
+  gemm_blocked<T>(
+      m, k, mr, n, c, ldc, row_bias, accumulate, 0, -1, activation, [](int64_t, int64_t) {},
+      [&](int64_t k0, int64_t kc, int64_t i0) {
+        if (i0 < full) return APanel<T>{a + i0 * lda, column_offset + k0, lda};
+        std::fill(edge.begin(), edge.end(), T(0));
+        for (int64_t kk = 0; kk < kc; ++kk)
+          for (int64_t i = i0; i < m; ++i) edge[kk * mr + i - i0] = a[column_offset[k0 + kk] + i * lda];
+        return APanel<T>{edge.data(), nullptr, 0};
+      },
+      [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
+}
+
+template <typename T>
 void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
                     T* dst, int64_t first_col) {
   constexpr int64_t nr = gemm_nr<T>();
@@ -337,6 +359,8 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
                                   int64_t, int64_t, Activation);                                                       \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, PackB<T>, T*, int64_t, \
                                   T*);                                                                                 \
+  template void gemm_shifted_ab<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, const T*,             \
+                                   const int64_t*, T*, int64_t, const T*, bool, Activation);                           \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)

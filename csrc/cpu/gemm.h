@@ -106,6 +106,15 @@ template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
                     PackB<T> pack_b, T* c, int64_t ldc, T* workspace);
 
+// C[M, N] (row stride ldc) = activation(init + A * B) with both operands read in place, no
+// packing: A as in gemm_shifted_a (a transposed or rotated weight read where it lies), B as in
+// gemm_shifted_b; init as in gemm(). For products with few columns (small maps, batch 1), where
+// packing A would cost as much as the product. A's reads stay inside rows [0, M).
+template <typename T>
+void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n, const T* b,
+                     const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+                     Activation activation = Activation::None);
+
 // Rows per A panel of the micro-kernel this CPU runs: gemm_spec().mr.
 template <typename T>
 int64_t gemm_mr();
