@@ -473,44 +473,28 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
   for (; i < kc; ++i) gather_row(i);
 }
 
-// dst[kk * mr + i] = src[i * ld + kk] for rows i < rows and columns kk < cols: an A panel of
-// dW's GEMM read straight from dY's channel planes (rows). SSE transposes 4 x 4 float tiles.
-template <typename T>
-void pack_transposed_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst, int64_t mr) {
-  int64_t kk = 0;
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; rows % 4 == 0 && kk + 4 <= cols; kk += 4)
-      for (int64_t i = 0; i < rows; i += 4) {
-        const float* tile = src + i * ld + kk;
-        store_transposed_4x4(_mm_loadu_ps(tile), _mm_loadu_ps(tile + ld), _mm_loadu_ps(tile + 2 * ld),
-                             _mm_loadu_ps(tile + 3 * ld), dst + kk * mr + i, mr);
-      }
-  }
-#endif
-  for (; kk < cols; ++kk)
-    for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = src[i * ld + kk];
-}
-
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
+    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw)) return;
+  }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
   const PaddedLayout layout(g);
-  const std::vector<T> padded = pad_planes(g, layout, x, g.batch * g.in_channels);
+  // Without padding the padded copy would equal x: im2col reads x itself.
+  const bool padding = g.pad[0] != 0 || g.pad[1] != 0 || g.pad[2] != 0;
+  const std::vector<T> padded = padding ? pad_planes(g, layout, x, g.batch * g.in_channels) : std::vector<T>();
+  const T* x_base = padding ? padded.data() : x;
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   reduce_weight_gradient<T>(
       g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
-        // A = dY over the chunk (M x rc), packed from each sample's planes; B = im2col over the
-        // chunk, transposed (rc x K).
-        const PackedA<T> a =
-            pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-              for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-                pack_transposed_rows(dy + (n * g.out_channels + grp * m + i0) * l + l0, l, rows, len, dst + offset * mr,
-                                     mr);
-              });
-            });
-        const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
+        // A = dY over the chunk (M x rc), read in place from each sample's planes: A[i, r] at
+        // dy[a_offset[r] + i * l]. B = im2col over the chunk, transposed (rc x K), packed.
+        std::vector<int64_t> a_offset(rc);
+        for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+          for (int64_t q = 0; q < len; ++q) a_offset[offset + q] = (n * g.out_channels + grp * m) * l + l0 + q;
+        });
+        const T* x_g = x_base + grp * g.in_channels_per_group() * layout.plane;
         const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
         auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
           for (int64_t p = 0; p * nr < jc; ++p)
@@ -518,7 +502,7 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
                                                 column_offset.data() + k0, kc, dst + p * kc * nr);
           zero_panel_tail(kc, jc, dst);
         };
-        gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
+        gemm_shifted_a<T>(m, rc, dy, l, a_offset.data(), jw, pack, dw_slice, g.gemm_k(), workspace, true);
       });
 }
 
