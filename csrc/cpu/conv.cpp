@@ -616,18 +616,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
     if (output_mask[0]) {
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
       const bool work = dx.numel() > 0 && dy.numel() > 0;
-      // The depthwise and stride-1 paths write every value of dX; the others need it zeroed first.
+      // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
       const bool depthwise = work && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool as_forward =
           work && !depthwise &&
           conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      if (!as_forward && !depthwise) dx.zero_();
-      if (work && !depthwise) {
-        if (!as_forward) {
-          // Strided: col2im, which runs on NCHW only.
+      if (!as_forward && !depthwise) {
+        if (!work) {
+          dx.zero_();
+        } else if (!nhwc) {  // strided: col2im, which writes every value of dX
+          conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+        } else {  // col2im runs on NCHW only
           const auto dy_nchw = dy.contiguous();
-          auto dx_nchw = at::zeros(x.sizes(), x.options());
+          auto dx_nchw = at::empty(x.sizes(), x.options());
           conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                    dx_nchw.data_ptr<scalar_t>());
           dx.copy_(dx_nchw);
