@@ -1,7 +1,7 @@
 """Error of the Winograd path and of the direct path against a float64 reference, on the 3x3
 stride-1 layers of benchmarks/bench_conv.py (batch 8, float32, N(0, 1) input, weights scaled by
-1/sqrt(fan_in) as a trained layer's are). Forward output and grad_input (the stride-1 input
-gradient is a forward convolution, so it runs Winograd too).
+1/sqrt(fan_in) as a trained layer's are). Forward output, grad_input (the stride-1 input
+gradient is a forward convolution, so it runs Winograd too) and grad_weight (its own transforms).
 
     python3 -m benchmarks.winograd_error [--batch 8]
 
@@ -37,15 +37,16 @@ def main():
         x = torch.randn(args.batch, c, hw, hw, generator=gen)
         w = torch.randn(c, c, 3, 3, generator=gen) * (9 * c) ** -0.5
         go = torch.randn(args.batch, c, hw, hw, generator=gen)
-        xd, wd = x.double().requires_grad_(), w.double()
+        xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
         ref = F.conv2d(xd, wd, None, padding=1)
-        (ref_dx,) = torch.autograd.grad(ref, xd, go.double())
+        ref_dx, ref_dw = torch.autograd.grad(ref, (xd, wd), go.double())
         for path, allowed in (("direct", False), ("winograd", True)):
             with cnnops.backends.cpu.flags(allow_winograd=allowed):
-                xf = x.clone().requires_grad_()
-                y = CF.conv2d(xf, w, None, padding=1)
-                (dx,) = torch.autograd.grad(y, xf, go)
-            for name, got, r in (("forward", y.detach(), ref.detach()), ("grad_input", dx, ref_dx)):
+                xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+                y = CF.conv2d(xf, wf, None, padding=1)
+                dx, dw = torch.autograd.grad(y, (xf, wf), go)
+            for name, got, r in (("forward", y.detach(), ref.detach()), ("grad_input", dx, ref_dx),
+                                 ("grad_weight", dw, ref_dw)):
                 a, rel = errors(got, r)
                 print(f"| {c}ch {hw}x{hw} | {name} | {path} | {a:.2e} | {rel:.2e} |", flush=True)
 

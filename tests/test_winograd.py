@@ -1,6 +1,6 @@
 """Winograd F(4x4, 3x3) convolution (csrc/cpu/conv_winograd.cpp) against torch: tile edges, padding,
 batch sizes, groups, bias, fused ReLU, layouts, forward and every gradient (grad_input is a
-stride-1 forward convolution, so it runs Winograd too), each ISA, and the switch
+stride-1 forward convolution, so it runs Winograd too; grad_weight has its own transforms), each ISA, and the switch
 cnnops.backends.cpu.allow_winograd. Expected values come from torch (float64 reference); a
 counter in the extension tells which path ran."""
 
@@ -273,12 +273,14 @@ for (h, w), p, cl, (g, ci, co) in itertools.product(
     x.requires_grad_()
     wt = torch.randn(co, ci // g, 3, 3, requires_grad=True)
     b = torch.randn(co, requires_grad=True)
-    before = _C._cpu_winograd_calls()
+    before, before_w = _C._cpu_winograd_calls(), _C._cpu_winograd_weight_calls()
     ours = CF.conv2d(x, wt, b, padding=p, groups=g)
     go = torch.randn_like(ours)
     got = torch.autograd.grad(ours, (x, wt, b), go)
     if _C._cpu_winograd_calls() - before != 2:
         sys.exit(f"Winograd not taken for {(h, w, p, cl, g)}")
+    if not cl and _C._cpu_winograd_weight_calls() - before_w != 1:  # grad_weight: NCHW kernels only
+        sys.exit(f"Winograd grad_weight not taken for {(h, w, p, cl, g)}")
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
     ref = F.conv2d(xd, wd, bd, padding=p, groups=g)
     exp = torch.autograd.grad(ref, (xd, wd, bd), go.double())
@@ -291,7 +293,128 @@ for (h, w), p, cl, (g, ci, co) in itertools.product(
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_each_isa_matches_torch(isa):
-    """The transforms are compiled per ISA (16, 8 and 4 tiles per vector): each one against torch."""
+    """The transforms (the weight gradient's too) are compiled per ISA (16, 8 and 4 tiles per vector):
+    each one against torch."""
     result = run_with_cpu_isa(isa, ISA_CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight gradient: G^T [sum over tiles of (A dY A^T) .* (B^T d B)] G
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_calls():
+    return _C._cpu_winograd_weight_calls()
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("out_size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_weight_gradient_tile_edges(out_size, padding):
+    """Output sizes that are not multiples of the 4x4 tile (the output gradient's tiles are
+    zero past the edges), padding 0, 1 and 2."""
+    h, w = (s + 2 - 2 * padding for s in out_size)
+    if min(h, w) < 1:
+        pytest.skip("no input of that size gives this output with padding 2")
+    x, wt, b = conv_tensors(2, 2, 16, 24, (h, w), 3, 1, True, torch.float32)
+    before = weight_calls()
+    check_conv_against_torch(2, x, wt, b, {"padding": padding}, torch.float32, grads=("weight", "bias"))
+    assert weight_calls() - before == 1
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("cin,cout,groups", [(16, 16, 1), (3, 5, 1), (32, 48, 2), (48, 48, 3), (13, 29, 1)])
+def test_weight_gradient_batches_channels_groups(batch, cin, cout, groups):
+    x, w, b = conv_tensors(2, batch, cin, cout, (9, 10), 3, groups, False, torch.float32)
+    before = weight_calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1, "groups": groups}, torch.float32)
+    assert weight_calls() - before == (1 if batch else 0)
+
+
+def check_weight_gradient(n, cin, cout, size, padding=1):
+    """grad_weight alone (conv_backward with only the weight in the mask) against torch's float64
+    one, with the tolerance of a sum over n * H_out * W_out terms."""
+    x, w, _ = conv_tensors(2, n, cin, cout, size, 3, 1, False, torch.float32)
+    out = [s + 2 * padding - 2 for s in size]
+    go = torch.randn(n, cout, *out, generator=torch.Generator().manual_seed(5))
+    args = ([1, 1], [padding] * 2, [1, 1], 1, [False, True, False])
+    before = weight_calls()
+    got = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
+    assert weight_calls() - before == 1
+    ref = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, *args[:3], False, [0, 0], 1,
+                                              args[4])[1]
+    assert_close_to_torch(got, ref.float(), torch.float32, n * out[0] * out[1])
+
+
+def test_weight_gradient_several_blocks():
+    """128 + 128 channels at 56x56: the tiles run in blocks of tile rows (about 8 MB of
+    transforms each) that span samples, added into dU in order."""
+    check_weight_gradient(3, 128, 128, (56, 56))
+
+
+@pytest.mark.parametrize("n,cin,cout,size", [(1, 16, 16, (5, 150)), (2, 256, 128, (14, 14)), (8, 512, 512, (7, 7)),
+                                             (2, 64, 64, (56, 56))])
+def test_weight_gradient_wide_rows_and_large_layers(n, cin, cout, size):
+    check_weight_gradient(n, cin, cout, size)
+
+
+@pytest.mark.parametrize("where", ["input", "grad_output"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weight_gradient_nonfinite_takes_the_direct_path(where, value):
+    x, w, _ = conv_tensors(2, 2, 16, 16, (12, 12), 3, 1, False, torch.float32)
+    go = torch.randn(2, 16, 12, 12)
+    (x if where == "input" else go)[1, 3, 5, 6] = value
+    before = weight_calls()
+    _, got, _ = torch.ops.cnnops.conv_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [False, True, False])
+    assert weight_calls() == before
+    ref = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
+                                              False, [0, 0], 1, [False, True, False])[1]
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert_close_to_torch(got[finite], ref[finite].float(), torch.float32, 2 * 12 * 12)
+
+
+def test_weight_gradient_switch_float64_and_channels_last_keep_the_direct_path():
+    x, w, _ = conv_tensors(2, 2, 16, 16, (12, 12), 3, 1, False, torch.float32)
+    go = torch.randn(2, 16, 12, 12)
+    args = ([1, 1], [1, 1], [1, 1], 1, [False, True, False])
+    before = weight_calls()
+    with cnnops.backends.cpu.flags(allow_winograd=False):
+        direct = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
+    torch.ops.cnnops.conv_backward(go.double(), x.double(), w.double(), *args)
+    cl = torch.channels_last
+    torch.ops.cnnops.conv_backward(go.contiguous(memory_format=cl), x.contiguous(memory_format=cl), w, *args)
+    assert weight_calls() == before
+    wino = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
+    assert weight_calls() == before + 1
+    ref = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, *args[:3], False, [0, 0],
+                                              1, args[4])[1].float()
+    assert not torch.equal(direct, wino)
+    for got in (direct, wino):
+        assert_close_to_torch(got, ref, torch.float32, 2 * 12 * 12)
+
+
+def test_weight_gradient_does_not_depend_on_the_thread_count():
+    x, w, _ = conv_tensors(2, 3, 128, 64, (40, 44), 3, 1, False, torch.float32)
+    go = torch.randn(3, 64, 40, 44)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.cnnops.conv_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [False, True, False])[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_weight_gradient_default_size_rules():
+    """Without the override, the weight gradient takes Winograd where the forward does."""
+    _C._set_cpu_winograd_min_tiles(-1)
+    for x_shape, w_shape, expected in [((1, 64, 56, 56), (64, 64, 3, 3), 1), ((1, 512, 7, 7), (512, 512, 3, 3), 0)]:
+        x, w = torch.randn(x_shape), torch.randn(w_shape, requires_grad=True)
+        before = weight_calls()
+        CF.conv2d(x, w, None, padding=1).sum().backward()
+        assert weight_calls() - before == expected, x_shape

@@ -298,6 +298,88 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     conv_forward_gemm(g, x, w, bias, y, activation);
 }
 
+// The transposed problem t of conv_backward_input_as_forward with few columns (small maps, batch
+// 1), NCHW: the rotated weight is read in place as the GEMM's A,
+//   A_g[c, (m, r)] = W[g*M + m, c, taps - 1 - r]          (formulas.md §Conv backward)
+// so the call neither rotates nor packs the whole weight, which the product reads only a few
+// times. im2col(dY) blocks are written once and read in place; the rows (dX's channels) are split
+// between tasks as in conv_forward_gemm_split. No sum depends on the split.
+template <typename T>
+void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T* dx) {
+  const int64_t m = t.out_channels_per_group(), k = t.gemm_k(), l = t.out_plane(), total = t.batch * l;
+  const int64_t cg = t.in_channels_per_group(), taps = t.kernel_volume();
+  const int64_t blocks = num_blocks(total, kColumnBlock);
+  const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();
+  const RowSplit rows(m, gemm_mr<T>(), t.groups * blocks);
+  const bool pointwise = t.is_pointwise();
+  const PaddedLayout layout(t);
+  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(t, layout, dy, t.batch * t.in_channels);
+  const std::vector<int64_t> im2col_rows = im2col_row_offsets(t, layout);
+  // cols[(grp * blocks + b) * k * block + r * block + j]: im2col row r, column c0 + j of block b;
+  // NR values of slack for the reads of the last rows' padded panels.
+  const int64_t block_size = k * block, nr = gemm_nr<T>();
+  const auto cols = scratch<T>(t.groups * blocks * block_size + nr);
+  std::fill(cols.get() + t.groups * blocks * block_size, cols.get() + t.groups * blocks * block_size + nr, T(0));
+  const int64_t row_chunks = num_blocks(k, 64);
+  parallel_for(0, t.groups * blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % row_chunks, gb = task / row_chunks, grp = gb / blocks, c0 = gb % blocks * block;
+      const int64_t nc = std::min(block, total - c0), r0 = chunk * 64, r1 = std::min(k, r0 + 64);
+      T* dst = cols.get() + gb * block_size;
+      if (pointwise) {
+        for (int64_t r = r0; r < r1; ++r)
+          for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+            copy_values(dst + r * block + offset, dy + (n * t.in_channels + grp * cg + r) * l + l0, len);
+          });
+      } else {
+        const std::vector<int64_t> column_offset = im2col_column_offsets(t, layout, c0, nc);
+        const T* x_g = padded.data() + grp * cg * layout.plane;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* src = x_g + im2col_rows[r];
+          for (int64_t j = 0; j < nc; ++j) dst[r * block + j] = src[column_offset[j]];
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) std::fill(dst + r * block + nc, dst + (r + 1) * block, T(0));
+    }
+  });
+  std::vector<int64_t> row_offset(k), a_offset(k);
+  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
+  // Column (j, r) of A (j: dY's channel in the group, r: tap) at W[j, 0, taps - 1 - r]; row c adds c * taps.
+  for (int64_t j = 0; j < cg; ++j)
+    for (int64_t r = 0; r < taps; ++r) a_offset[j * taps + r] = j * m * taps + taps - 1 - r;
+  parallel_for(0, t.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
+    const auto tile = scratch<T>(m * block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row_block = task % rows.count, gb = task / rows.count;
+      const int64_t grp = gb / blocks, c0 = gb % blocks * block, nc = std::min(block, total - c0);
+      const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
+      auto dx_ng = [&](int64_t n) { return dx + (n * t.out_channels + grp * m) * l; };
+      const T* a = w + (grp * cg * m + row_begin) * taps;  // W's group grp, input channel row_begin
+      const T* b = cols.get() + gb * block_size;
+      const int64_t n_first = c0 / l, l_first = c0 % l;
+      if (l_first + nc <= l) {  // inside one sample: write dX directly
+        gemm_shifted_ab<T>(row_end - row_begin, k, a, taps, a_offset.data(), nc, b, row_offset.data(),
+                           dx_ng(n_first) + row_begin * l + l_first, l, nullptr, false);
+        continue;
+      }
+      gemm_shifted_ab<T>(row_end - row_begin, k, a, taps, a_offset.data(), nc, b, row_offset.data(),
+                         tile.get() + row_begin * nc, nc, nullptr, false);
+      for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+        for (int64_t i = row_begin; i < row_end; ++i)
+          copy_values(dx_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
+      });
+    }
+  });
+}
+
+// Whether conv_backward_input_small serves the transposed problem t: NCHW, not depthwise nor
+// Winograd, and at most two column blocks, where rotating and packing the whole weight costs
+// more than the product saves by reading it packed.
+bool use_backward_input_small(const ConvGeometry& t, bool nhwc, bool is_float) {
+  if (nhwc || t.is_depthwise() || (is_float && use_winograd(t))) return false;
+  return double(t.batch) * double(t.out_plane()) <= double(2 * kColumnBlock);
+}
+
 // For stride 1, dX = dY correlated with the kernel rotated 180 degrees and its in/out channels
 // swapped, zero padded by d(k-1) - p (formulas.md §Conv backward): a forward
 // convolution, with no col2im scatter. Returns false when it does not apply (stride > 1, or
@@ -312,6 +394,10 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
     t.out[i] = g.in[i];
     t.pad[i] = g.dilation[i] * (g.kernel[i] - 1) - g.pad[i];
     if (t.pad[i] < 0) return false;
+  }
+  if (use_backward_input_small(t, nhwc, std::is_same_v<T, float>)) {
+    conv_backward_input_small(t, dy, w, dx);
+    return true;
   }
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();
@@ -377,44 +463,28 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
   for (; i < kc; ++i) gather_row(i);
 }
 
-// dst[kk * mr + i] = src[i * ld + kk] for rows i < rows and columns kk < cols: an A panel of
-// dW's GEMM read straight from dY's channel planes (rows). SSE transposes 4 x 4 float tiles.
-template <typename T>
-void pack_transposed_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst, int64_t mr) {
-  int64_t kk = 0;
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; rows % 4 == 0 && kk + 4 <= cols; kk += 4)
-      for (int64_t i = 0; i < rows; i += 4) {
-        const float* tile = src + i * ld + kk;
-        store_transposed_4x4(_mm_loadu_ps(tile), _mm_loadu_ps(tile + ld), _mm_loadu_ps(tile + 2 * ld),
-                             _mm_loadu_ps(tile + 3 * ld), dst + kk * mr + i, mr);
-      }
-  }
-#endif
-  for (; kk < cols; ++kk)
-    for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = src[i * ld + kk];
-}
-
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
+    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw)) return;
+  }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
   const PaddedLayout layout(g);
-  const std::vector<T> padded = pad_planes(g, layout, x, g.batch * g.in_channels);
+  // Without padding the padded copy would equal x: im2col reads x itself.
+  const bool padding = g.pad[0] != 0 || g.pad[1] != 0 || g.pad[2] != 0;
+  const std::vector<T> padded = padding ? pad_planes(g, layout, x, g.batch * g.in_channels) : std::vector<T>();
+  const T* x_base = padding ? padded.data() : x;
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   reduce_weight_gradient<T>(
       g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
-        // A = dY over the chunk (M x rc), packed from each sample's planes; B = im2col over the
-        // chunk, transposed (rc x K).
-        const PackedA<T> a =
-            pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-              for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-                pack_transposed_rows(dy + (n * g.out_channels + grp * m + i0) * l + l0, l, rows, len, dst + offset * mr,
-                                     mr);
-              });
-            });
-        const T* x_g = padded.data() + grp * g.in_channels_per_group() * layout.plane;
+        // A = dY over the chunk (M x rc), read in place from each sample's planes: A[i, r] at
+        // dy[a_offset[r] + i * l]. B = im2col over the chunk, transposed (rc x K), packed.
+        std::vector<int64_t> a_offset(rc);
+        for_each_sample_segment(r0, rc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
+          for (int64_t q = 0; q < len; ++q) a_offset[offset + q] = (n * g.out_channels + grp * m) * l + l0 + q;
+        });
+        const T* x_g = x_base + grp * g.in_channels_per_group() * layout.plane;
         const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
         auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
           for (int64_t p = 0; p * nr < jc; ++p)
@@ -422,7 +492,7 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
                                                 column_offset.data() + k0, kc, dst + p * kc * nr);
           zero_panel_tail(kc, jc, dst);
         };
-        gemm<T>(a, jw, pack, dw_slice, g.gemm_k(), nullptr, true, workspace);
+        gemm_shifted_a<T>(m, rc, dy, l, a_offset.data(), jw, pack, dw_slice, g.gemm_k(), workspace, true);
       });
 }
 
@@ -541,18 +611,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
     if (output_mask[0]) {
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
       const bool work = dx.numel() > 0 && dy.numel() > 0;
-      // The depthwise and stride-1 paths write every value of dX; the others need it zeroed first.
+      // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
       const bool depthwise = work && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool as_forward =
           work && !depthwise &&
           conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      if (!as_forward && !depthwise) dx.zero_();
-      if (work && !depthwise) {
-        if (!as_forward) {
-          // Strided: col2im, which runs on NCHW only.
+      if (!as_forward && !depthwise) {
+        if (!work) {
+          dx.zero_();
+        } else if (!nhwc) {  // strided: col2im, which writes every value of dX
+          conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+        } else {  // col2im runs on NCHW only
           const auto dy_nchw = dy.contiguous();
-          auto dx_nchw = at::zeros(x.sizes(), x.options());
+          auto dx_nchw = at::empty(x.sizes(), x.options());
           conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                    dx_nchw.data_ptr<scalar_t>());
           dx.copy_(dx_nchw);

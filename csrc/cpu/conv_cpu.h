@@ -69,7 +69,8 @@ void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& f
 // ways, both fixed by the sizes alone so the result never depends on the thread count: the
 // chunks into up to 8 partial sums, added in order at the end (no atomics), and the K columns
 // into slices. chunk_gemm(r0, rc, group, j0, jw, dw_slice, workspace) must add the
-// chunk's contribution to columns [j0, j0 + jw) of dW_g, at dw_slice (row stride K).
+// chunk's contribution to columns [j0, j0 + jw) of dW_g, at dw_slice (row stride K). dw must be
+// zero on entry: a single partial sum (small maps) accumulates straight into it.
 template <typename T, typename ChunkGemm>
 void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
@@ -77,6 +78,20 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
   const int64_t partials = std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8));
   const int64_t slice = 8 * gemm_nr<T>(), slices = num_blocks(k, slice);
   const int64_t size = g.groups * m * k;
+  if (partials == 1) {
+    parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t j0 = task * slice, jw = std::min(slice, k - j0);
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
+          for (int64_t grp = 0; grp < g.groups; ++grp)
+            chunk_gemm(r0, rc, grp, j0, jw, dw + grp * m * k + j0, workspace.get());
+        }
+      }
+    });
+    return;
+  }
   std::vector<T> partial(partials * size, T(0));
   parallel_for(0, partials * slices, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));

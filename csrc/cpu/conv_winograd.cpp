@@ -9,6 +9,8 @@
 //   input transform  V = B^T d B per tile and channel, vectorized over the tiles of a tile row
 //   36 GEMMs         the project's GEMM, B read in place (gemm_shifted_b)
 //   output transform A^T M A, + bias, activation, written straight into y
+// The weight gradient runs the same steps backwards: dU[xi] = Z[xi] * V[xi]^T summed over tiles,
+// with Z = A dY A^T per output-gradient tile, then dW = G^T dU G.
 // The transforms change rounding (not bitwise equal to the direct path), hence the switch
 // cnnops.backends.cpu.allow_winograd.
 #include "cpu/conv_winograd.h"
@@ -32,6 +34,7 @@ namespace {
 
 std::atomic<bool> allowed{true};
 std::atomic<int64_t> calls{0};
+std::atomic<int64_t> weight_calls{0};
 std::atomic<int64_t> forced_min_tiles{-1};
 
 constexpr int64_t kTile = 4;          // output tile side (m in F(m, r))
@@ -231,6 +234,53 @@ CNNOPS_INLINE void output_row_body(const float* m, int64_t xi_stride, int64_t tw
   }
 }
 
+// A = (A^T)^T on a vector of 4: o = A d, the transform of the output gradient (formulas.md
+// §Winograd: Y = A^T M A gives dM = A dY A^T).
+template <typename V>
+CNNOPS_INLINE void a6(const V* d, V* o) {
+  o[0] = d[0];
+  o[1] = d[0] + d[1] + d[2] + d[3];
+  o[2] = d[0] - d[1] + d[2] - d[3];
+  o[3] = d[0] + 2.0f * d[1] + 4.0f * d[2] + 8.0f * d[3];
+  o[4] = d[0] - 0.5f * d[1] + 0.25f * d[2] - 0.125f * d[3];
+  o[5] = d[3];
+}
+
+// The gradient transform of one tile row: Z = A dY A^T per 4x4 tile of dY, tiles tx in [0, tw),
+// tile tx's rows at rows[a * ld + 4 * tx + b] (a copy zero past the output's edges). Writes
+// Z[xi][tx] to z[xi * xi_stride + tx], whole vectors as input_row_body. Returns false when the
+// tile row holds an infinity or NaN.
+template <int L>
+CNNOPS_INLINE bool grad_row_body(const float* rows, int64_t ld, int64_t tw, float* z, int64_t xi_stride) {
+  using V = typename Lanes<L>::V;
+  V nonfinite = V{};
+  for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
+    V e[kTile][kAlpha];  // e[a][j]: row a of dY A^T
+    for (int a = 0; a < kTile; ++a) {
+      const float* p = rows + a * ld + 4 * tx0;
+      const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L), v3 = load<L>(p + 3 * L);
+      nonfinite += (v0 + v1 + v2 + v3) * 0.0f;
+      const V e01 = shuffle<L, Even<L>>(v0, v1), o01 = shuffle<L, Odd<L>>(v0, v1);
+      const V e23 = shuffle<L, Even<L>>(v2, v3), o23 = shuffle<L, Odd<L>>(v2, v3);
+      V d[kTile];  // d[b]: column 4 * tx + b of each tile
+      d[0] = shuffle<L, Even<L>>(e01, e23);
+      d[2] = shuffle<L, Odd<L>>(e01, e23);
+      d[1] = shuffle<L, Even<L>>(o01, o23);
+      d[3] = shuffle<L, Odd<L>>(o01, o23);
+      a6(d, e[a]);
+    }
+    for (int j = 0; j < kAlpha; ++j) {
+      V col[kTile], out[kAlpha];
+      for (int a = 0; a < kTile; ++a) col[a] = e[a][j];
+      a6(col, out);
+      for (int i = 0; i < kAlpha; ++i) store<L>(z + (i * kAlpha + j) * xi_stride + tx0, out[i]);
+    }
+  }
+  bool finite = true;
+  for (int l = 0; l < L; ++l) finite = finite && nonfinite[l] == 0.0f;
+  return finite;
+}
+
 // Transposes the L x L matrix whose rows are r[0..L-1]: log2(L) butterfly steps, each swapping the
 // off-diagonal S x S blocks.
 template <int L, int S = 1>
@@ -321,6 +371,7 @@ struct Kernels {
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t, int64_t);
   bool (*weights)(const float*, int64_t, int64_t, int64_t, float* const*, PackedLayout);
   void (*transpose)(const float*, int64_t, float*, int64_t);
+  bool (*grad_row)(const float*, int64_t, int64_t, float*, int64_t);
   int64_t lanes;
 };
 
@@ -343,7 +394,10 @@ struct Kernels {
     transpose<L>(r);                                                                                         \
     for (int q = 0; q < L; ++q) store<L>(dst + q * dst_stride, r[q]);                                        \
   }                                                                                                          \
-  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, L};
+  ATTRIBUTE bool NAME##_grad(const float* rows, int64_t ld, int64_t tw, float* z, int64_t xs) {              \
+    return grad_row_body<L>(rows, ld, tw, z, xs);                                                            \
+  }                                                                                                          \
+  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, NAME##_grad, L};
 
 #if CNNOPS_X86
 CNNOPS_WINOGRAD_KERNELS(avx512, CNNOPS_TARGET_AVX512, 16)
@@ -391,6 +445,7 @@ void parallel_dynamic(int64_t n, const Fn& fn) {
 void set_winograd_allowed(bool value) { allowed.store(value, std::memory_order_relaxed); }
 bool winograd_allowed() { return allowed.load(std::memory_order_relaxed); }
 int64_t winograd_call_count() { return calls.load(std::memory_order_relaxed); }
+int64_t winograd_weight_call_count() { return weight_calls.load(std::memory_order_relaxed); }
 void set_winograd_min_tiles(int64_t tiles) { forced_min_tiles.store(tiles, std::memory_order_relaxed); }
 
 bool use_winograd(const ConvGeometry& g) {
@@ -579,6 +634,125 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w
   thread_local WinogradWeights weights;  // storage reused by the next call on this thread
   winograd_weights(g, w, weights);
   return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);
+}
+
+// dW = G^T dU G with dU[xi] = sum over tiles of Z[xi] (C_out x tiles) * V[xi]^T (tiles x C_in),
+// the gradient of U = G g G^T through M = U V and Y = A^T M A (formulas.md §Winograd). Blocks of
+// whole tile rows, their size fixed by the layer's sizes, add into dU in order, so no sum depends
+// on the thread count.
+bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw) {
+  const Kernels& kern = kernels();
+  const int64_t lanes = kern.lanes, nr = gemm_nr<float>();
+  const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
+  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * th;
+  // V and Z of a block: about 8 MB, and at least one tile row.
+  const int64_t row_bytes = kPositions * (c_in + c_out) * round_up(tw, lanes) * int64_t(sizeof(float));
+  const int64_t rows_per_block = std::clamp<int64_t>((int64_t(8) << 20) / row_bytes, 1, tile_rows);
+  const int64_t blocks = num_blocks(tile_rows, rows_per_block);
+  const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
+  const int64_t v_xi = c_in * ld + 16, z_xi = c_out * ld + 16;  // + a cache line: see the forward
+  const int64_t plane_w = kTile * round_up(tw, lanes) + lanes;
+  // Every value the GEMMs read is written first (vector lanes past a block's tiles are not read).
+  const auto v = scratch<float>(kPositions * v_xi), z = scratch<float>(kPositions * z_xi);
+  const auto du = scratch<float>(kPositions * c_out * cin_g);  // [xi][group][cout_g][cin_g]
+  std::vector<int64_t> a_offset(rows_per_block * tw);
+  for (int64_t k = 0; k < rows_per_block * tw; ++k) a_offset[k] = k;
+  std::atomic<bool> finite{true};
+  for (int64_t block = 0; block < blocks && finite; ++block) {
+    const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
+    const int64_t tiles = (r1 - r0) * tw;
+    // Input transform, V = B^T d B, and gradient transform, Z = A dY A^T, per channel plane:
+    // tasks [0, c_in) input channels, [c_in, c_in + c_out) output channels.
+    parallel_for(0, c_in + c_out, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> plane((kTile + 2) * plane_w);
+      for (int64_t task = begin; task < end && finite; ++task) {
+        const bool input = task < c_in;
+        const int64_t c = input ? task : task - c_in;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / th, ty = r % th;
+          // The rows this tile row reads, zero outside the (padded) input or the output.
+          const int64_t rows = input ? kTile + 2 : kTile;
+          for (int64_t q = 0; q < rows; ++q) {
+            float* dst = plane.data() + q * plane_w;
+            std::fill(dst, dst + plane_w, 0.0f);
+            if (input) {
+              const int64_t hi = kTile * ty + q - ph;
+              if (hi >= 0 && hi < h) std::memcpy(dst + pw, x + ((n * c_in + c) * h + hi) * w, w * sizeof(float));
+            } else {
+              const int64_t oh = kTile * ty + q;
+              if (oh < ho) std::memcpy(dst, dy + ((n * c_out + c) * ho + oh) * wo, wo * sizeof(float));
+            }
+          }
+          const bool ok = input ? kern.input_row(plane.data(), plane_w, tw, v.get() + c * ld + (r - r0) * tw, v_xi)
+                                : kern.grad_row(plane.data(), plane_w, tw, z.get() + c * ld + (r - r0) * tw, z_xi);
+          if (!ok) finite = false;
+        }
+      }
+    });
+    if (!finite) break;
+    // dU[xi][group] (+)= Z[xi] * V[xi]^T: Z read in place, V's rows transposed into B panels.
+    parallel_for(0, kPositions * groups, 1, [&](int64_t begin, int64_t end) {
+      const auto workspace = scratch<float>(gemm_workspace_size<float>(cin_g));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t xi = task / groups, grp = task % groups;
+        const float* v_g = v.get() + xi * v_xi + grp * cin_g * ld;
+        auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, float* dst) {
+          for (int64_t p = 0; p * nr < jc; ++p) {  // panel p: B[k0 + kk, j0 + p * NR + q] = V[q'][k0 + kk]
+            const int64_t cols = std::min(nr, jc - p * nr);
+            const float* src = v_g + (j0 + p * nr) * ld + k0;
+            float* panel = dst + p * kc * nr;
+            int64_t kk = 0;
+            if (cols % lanes == 0)
+              for (; kk + lanes <= kc; kk += lanes)
+                for (int64_t q0 = 0; q0 < cols; q0 += lanes)
+                  kern.transpose(src + q0 * ld + kk, ld, panel + kk * nr + q0, nr);
+            for (; kk < kc; ++kk)
+              for (int64_t q = 0; q < cols; ++q) panel[kk * nr + q] = src[q * ld + kk];
+          }
+          zero_panel_tail(kc, jc, dst);
+        };
+        gemm_shifted_a<float>(cout_g, tiles, z.get() + xi * z_xi + grp * cout_g * ld, ld, a_offset.data(), cin_g, pack,
+                              du.get() + (xi * groups + grp) * cout_g * cin_g, cin_g, workspace.get(), block > 0);
+      }
+    });
+  }
+  if (!finite) return false;
+  // dW[co, ci] = G^T dU[., co, ci] G, vectorized over ci; rows of G^T (G in g3):
+  // [1/2 -1/6 1/6 1/30 -16/15 0; 0 -1/6 -1/6 1/15 8/15 0; 0 -1/6 1/6 2/15 -4/15 1/2].
+  parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t co = begin; co < end; ++co) {
+      const int64_t grp = co / cout_g, cl = co % cout_g;
+      for (int64_t ci0 = 0; ci0 < cin_g; ci0 += kChunk) {
+        const int64_t cn = std::min(kChunk, cin_g - ci0);
+        auto u = [&](int64_t xi) { return du.get() + ((xi * groups + grp) * cout_g + cl) * cin_g + ci0; };
+        float t[3][kAlpha][kChunk];  // t[a][j] = sum_i G[i][a] dU[i][j]
+        for (int j = 0; j < kAlpha; ++j) {
+          const float *u0 = u(j), *u1 = u(6 + j), *u2 = u(12 + j), *u3 = u(18 + j), *u4 = u(24 + j), *u5 = u(30 + j);
+          for (int64_t c = 0; c < cn; ++c) {
+            const float s = (u2[c] - u1[c]) * (1.0f / 6), d = (u1[c] + u2[c]) * (-1.0f / 6);
+            t[0][j][c] = u0[c] * 0.5f + s + u3[c] * (1.0f / 30) + u4[c] * (-16.0f / 15);
+            t[1][j][c] = d + u3[c] * (1.0f / 15) + u4[c] * (8.0f / 15);
+            t[2][j][c] = s + u3[c] * (2.0f / 15) + u4[c] * (-4.0f / 15) + u5[c] * 0.5f;
+          }
+        }
+        float* out = dw + (co * cin_g + ci0) * 9;
+        for (int a = 0; a < 3; ++a) {
+          const float *u0 = t[a][0], *u1 = t[a][1], *u2 = t[a][2], *u3 = t[a][3], *u4 = t[a][4], *u5 = t[a][5];
+          for (int64_t c = 0; c < cn; ++c) {
+            const float s = (u2[c] - u1[c]) * (1.0f / 6), d = (u1[c] + u2[c]) * (-1.0f / 6);
+            out[c * 9 + a * 3 + 0] = u0[c] * 0.5f + s + u3[c] * (1.0f / 30) + u4[c] * (-16.0f / 15);
+            out[c * 9 + a * 3 + 1] = d + u3[c] * (1.0f / 15) + u4[c] * (8.0f / 15);
+            out[c * 9 + a * 3 + 2] = s + u3[c] * (2.0f / 15) + u4[c] * (-4.0f / 15) + u5[c] * 0.5f;
+          }
+        }
+      }
+    }
+  });
+  weight_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 }  // namespace cpu

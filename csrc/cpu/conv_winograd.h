@@ -16,6 +16,8 @@ void set_winograd_allowed(bool allowed);
 bool winograd_allowed();
 // Convolutions that took the Winograd path since the process started (tests check the switch).
 int64_t winograd_call_count();
+// Weight gradients that took the Winograd path (conv_backward_weight_winograd).
+int64_t winograd_weight_call_count();
 // Tests and benchmarks: tiles >= 0 replaces the size rules of use_winograd by "at least this many
 // tiles" (0: every eligible geometry, however small); -1 restores them.
 void set_winograd_min_tiles(int64_t tiles);
@@ -41,6 +43,11 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
 // The same with the weights transformed by this call (per-thread storage kept for the next one).
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
                            bool nhwc, Activation activation);
+
+// dW of a float32 NCHW convolution that use_winograd accepts: G^T [sum over tiles of
+// (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd). Returns false, dw unwritten, when x or dy
+// holds an inf or NaN (the caller runs the direct path).
+bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw);
 
 }  // namespace cpu
 }  // namespace cnnops

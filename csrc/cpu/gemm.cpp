@@ -100,7 +100,9 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
   ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                    \
                       const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, \
                       Activation act) {                                                                             \
-    if (a_offsets)                                                                                                  \
+    if (a_offsets && b_offsets)                                                                                     \
+      micro_kernel_body<T, MR, true, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);    \
+    else if (a_offsets)                                                                                             \
       micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
     else if (b_offsets)                                                                                             \
       micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
@@ -289,15 +291,46 @@ void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* r
       [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
 }
 
+// A panel read in place, A[i, k] = a[column_offset[k] + i * lda], except the last one when M is
+// not a multiple of MR: that one is packed (zero rows past M) into `edge`, so no read passes
+// A's last row.
+template <typename T>
+APanel<T> in_place_a_panel(int64_t m, const T* a, int64_t lda, const int64_t* column_offset, int64_t k0, int64_t kc,
+                           int64_t i0, int64_t mr, std::vector<T>& edge) {
+  if (i0 + mr <= m) return APanel<T>{a + i0 * lda, column_offset + k0, lda};
+  edge.assign(mr * kc, T(0));
+  for (int64_t kk = 0; kk < kc; ++kk)
+    for (int64_t i = i0; i < m; ++i) edge[kk * mr + i - i0] = a[column_offset[k0 + kk] + i * lda];
+  return APanel<T>{edge.data(), nullptr, 0};
+}
+
 template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
-                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate) {
   constexpr int64_t nr = gemm_nr<T>();
+  const int64_t mr = gemm_spec().mr;
+  std::vector<T> edge;
   gemm_blocked<T>(
-      m, k, gemm_spec().mr, n, c, ldc, nullptr, false, 0, -1, Activation::None,
+      m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, Activation::None,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
-      [&](int64_t k0, int64_t, int64_t i0) { return APanel<T>{a + i0 * lda, column_offset + k0, lda}; },
+      [&](int64_t k0, int64_t kc, int64_t i0) {
+        return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
+      },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
+}
+
+template <typename T>
+void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n, const T* b,
+                     const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+                     Activation activation) {
+  const int64_t mr = gemm_spec().mr;
+  std::vector<T> edge;
+  gemm_blocked<T>(
+      m, k, mr, n, c, ldc, row_bias, accumulate, 0, -1, activation, [](int64_t, int64_t) {},
+      [&](int64_t k0, int64_t kc, int64_t i0) {
+        return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
+      },
+      [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
 }
 
 template <typename T>
@@ -336,7 +369,9 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*, int64_t, const T*, bool,   \
                                   int64_t, int64_t, Activation);                                                       \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, PackB<T>, T*, int64_t, \
-                                  T*);                                                                                 \
+                                  T*, bool);                                                                           \
+  template void gemm_shifted_ab<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, const T*,             \
+                                   const int64_t*, T*, int64_t, const T*, bool, Activation);                           \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)

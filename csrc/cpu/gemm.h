@@ -101,10 +101,20 @@ void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* r
 
 // C[M, N] = A * B with A read in place, A[i, k] = a[column_offset[k] + i * lda], and B packed
 // as in gemm(). The channels-last stride-1 convolution reads its shifted-window im2col rows this
-// way. Reads reach a[column_offset[k] + (M rounded up to the micro-kernel's rows - 1) * lda].
+// way, and the weight gradient its dY rows. Reads stay inside A's rows [0, M) (the last, partial
+// panel is packed). C = A * B, or C + A * B when accumulate.
 template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
-                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace);
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate = false);
+
+// C[M, N] (row stride ldc) = activation(init + A * B) with both operands read in place, no
+// packing: A as in gemm_shifted_a (a transposed or rotated weight read where it lies), B as in
+// gemm_shifted_b; init as in gemm(). For products with few columns (small maps, batch 1), where
+// packing A would cost as much as the product.
+template <typename T>
+void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n, const T* b,
+                     const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
+                     Activation activation = Activation::None);
 
 // Rows per A panel of the micro-kernel this CPU runs: gemm_spec().mr.
 template <typename T>

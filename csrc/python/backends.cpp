@@ -33,6 +33,11 @@ PyObject* cpu_space_to_depth_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::space_to_depth_call_count());
 }
 
+// _cpu_winograd_weight_calls() -> int: weight gradients that took the Winograd path
+PyObject* cpu_winograd_weight_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::winograd_weight_call_count());
+}
+
 // _set_cpu_winograd_min_tiles(int): tests and benchmarks; see cpu/conv_winograd.h
 PyObject* set_cpu_winograd_min_tiles(PyObject* /*module*/, PyObject* value) {
   const long long tiles = PyLong_AsLongLong(value);
@@ -47,6 +52,8 @@ PyMethodDef methods[] = {
     {"_cpu_winograd_calls", cpu_winograd_calls, METH_NOARGS, "number of convolutions run with Winograd"},
     {"_cpu_space_to_depth_calls", cpu_space_to_depth_calls, METH_NOARGS,
      "number of convolutions run through space to depth"},
+    {"_cpu_winograd_weight_calls", cpu_winograd_weight_calls, METH_NOARGS,
+     "number of weight gradients run with Winograd"},
     {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
      "tests: n >= 0 takes Winograd for every eligible layer of at least n tiles; -1: the size rules"},
     {nullptr, nullptr, 0, nullptr}};
