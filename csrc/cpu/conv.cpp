@@ -298,8 +298,6 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
   if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>)))
     conv_depthwise_forward(g, x, w, bias, y, activation, nhwc);
-  else if (nhwc && use_shifted_grid(g))
-    conv_forward_nhwc_shifted(g, x, w, bias, y, activation);
   else if (nhwc)
     conv_forward_nhwc(g, x, w, bias, y, activation);
   else if (use_shifted_grid(g))

@@ -102,9 +102,6 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
-template <typename T>  // stride 1, when use_shifted_grid(g)
-void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                               Activation activation);
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 

@@ -291,10 +291,10 @@ void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* r
 
 template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
-                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace) {
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   gemm_blocked<T>(
-      m, k, gemm_spec().mr, n, c, ldc, nullptr, false, 0, -1, Activation::None,
+      m, k, gemm_spec().mr, n, c, ldc, nullptr, accumulate, 0, -1, activation,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
       [&](int64_t k0, int64_t, int64_t i0) { return APanel<T>{a + i0 * lda, column_offset + k0, lda}; },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
@@ -336,7 +336,7 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*, int64_t, const T*, bool,   \
                                   int64_t, int64_t, Activation);                                                       \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, PackB<T>, T*, int64_t, \
-                                  T*);                                                                                 \
+                                  T*, bool, Activation);                                                               \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)

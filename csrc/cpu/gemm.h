@@ -102,9 +102,11 @@ void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* r
 // C[M, N] = A * B with A read in place, A[i, k] = a[column_offset[k] + i * lda], and B packed
 // as in gemm(). The channels-last stride-1 convolution reads its shifted-window im2col rows this
 // way. Reads reach a[column_offset[k] + (M rounded up to the micro-kernel's rows - 1) * lda].
+// accumulate adds to C; the activation goes on as the last reduction block is written.
 template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
-                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace);
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate = false,
+                    Activation activation = Activation::None);
 
 // Rows per A panel of the micro-kernel this CPU runs: gemm_spec().mr.
 template <typename T>
