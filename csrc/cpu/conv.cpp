@@ -552,8 +552,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
           conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       if (!as_forward && !depthwise) dx.zero_();
       if (work && !depthwise) {
-        if (!as_forward) {
-          // Strided: col2im, which runs on NCHW only.
+        if (!as_forward && nhwc) {
+          conv_backward_input_nhwc(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+        } else if (!as_forward) {
+          // Strided, NCHW: col2im.
           const auto dy_nchw = dy.contiguous();
           auto dx_nchw = at::zeros(x.sizes(), x.options());
           conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),

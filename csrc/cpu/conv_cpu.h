@@ -104,6 +104,8 @@ template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
+template <typename T>  // strided convolutions; writes every value of dX
+void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T* dx);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
 // 3x3 and 5x5 stride 1 and 2 run the SIMD kernels of conv_depthwise_direct.cpp, in NCHW or, when

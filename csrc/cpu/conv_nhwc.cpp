@@ -184,6 +184,36 @@ std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, cons
   });
 }
 
+// W_g itself, rows co and columns (tap, c), in the same panel layout: the B operand of the strided
+// grad input's GEMM (columns of dX's im2col), made on every call.
+template <typename T>
+std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry& g, const T* w) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group(), panels = num_blocks(k, nr), kc_max = gemm_spec().kc;
+  auto out = std::make_unique<WeightPanels<T>>();
+  out->k = m;
+  out->padded_m = panels * nr;
+  out->data.assign(checked_numel({g.groups, m, panels * nr}, "conv (channels-last weight)", true), T(0));
+  T* data = out->data.data();
+  const int64_t m_blocks = num_blocks(m, kc_max);
+  parallel_for(0, g.groups * panels * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / m_blocks / panels, p = task / m_blocks % panels, m0 = task % m_blocks * kc_max;
+      const int64_t mc = std::min(kc_max, m - m0);
+      T* dst = data + (grp * m + m0) * panels * nr + p * mc * nr;
+      for (int64_t i = 0; i < mc; ++i) {
+        const T* src = w + (grp * m + m0 + i) * cg * taps;  // [c][tap]
+        for (int64_t j = 0; j < std::min(nr, k - p * nr); ++j) {
+          const int64_t col = p * nr + j;  // (tap, c)
+          dst[i * nr + j] = src[col % cg * taps + col / cg];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // The GEMM packer for columns [j0, j0 + jc) of W_g^T: a copy of whole panels.
 template <typename T>
 void copy_weight_panels(const WeightPanels<T>& panels, int64_t grp, int64_t k0, int64_t kc, int64_t j0, int64_t jc,
@@ -264,9 +294,9 @@ void conv_forward_nhwc_grid(const ConvGeometry& g, const PhaseGrid<T>& grid, con
       const Activation act = direct ? activation : Activation::None;
       if (accumulate)
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * ldc);
-      // Without slack (the input read in place), the last rows that do not fill a micro-kernel
-      // panel are read from a zero-padded copy of them.
-      const int64_t in_place = grid.slack || r0 + rc < grid.rows ? rc : rc / mr * mr;
+      // Without slack (the input read in place), the rows of a last micro-kernel panel that would
+      // read past the input's end come from a zero-padded copy of them.
+      const int64_t in_place = grid.slack || grid.rows - r0 - rc >= mr ? rc : rc / mr * mr;
       if (in_place > 0)
         gemm_shifted_a<T>(in_place, k, grid.data + r0 * c_in + grp * cg, c_in, grid.column_offset.data(), nj, pack, c,
                           ldc, workspace.get(), accumulate, act);
@@ -377,9 +407,76 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
       for (int64_t tap = 0; tap < taps; ++tap) dw[(co * cg + c) * taps + tap] = dw_t[co * k + tap * cg + c];
 }
 
+// dX for strided convolutions (stride 1 runs as a forward convolution instead), per sample n and
+// group: col = dY_n * W_g, rows the output positions and columns (tap, c), then col2im: each row
+// adds its taps' runs of channels into a zero-padded NHWC copy of dX_n (formulas.md §Conv backward).
+// A task owns one (sample, group) slice of dX and adds in a fixed order: no races, no atomics.
+template <typename T>
+void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group(), l = g.out_plane(), mr = gemm_mr<T>();
+  const int64_t dp = g.in[0] + 2 * g.pad[0], hp = g.in[1] + 2 * g.pad[1], wp = g.in[2] + 2 * g.pad[2];
+  const auto panels = weight_panels_by_rows(g, w);
+  std::vector<int64_t> tap_offset(taps), dy_column(m);
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const int64_t kd = tap / g.kernel[2] / g.kernel[1], kh = tap / g.kernel[2] % g.kernel[1], kw = tap % g.kernel[2];
+    tap_offset[tap] = ((kd * g.dilation[0] * hp + kh * g.dilation[1]) * wp + kw * g.dilation[2]) * cg;
+  }
+  for (int64_t co = 0; co < m; ++co) dy_column[co] = co;
+  const int64_t padded_size = checked_numel({dp, hp, wp, cg}, "conv (channels-last grad input)", true);
+  const int64_t block = std::min(kColumnBlock, l);
+  parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(k));
+    const auto col = scratch<T>(block * k);
+    std::vector<T> dx_padded(padded_size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.groups, grp = task % g.groups;
+      std::fill(dx_padded.begin(), dx_padded.end(), T(0));
+      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
+        copy_weight_panels(*panels, grp, k0, kc, int64_t(0), jc, dst);
+      };
+      for (int64_t r0 = 0; r0 < l; r0 += block) {
+        const int64_t rc = std::min(block, l - r0);
+        const T* a = dy + (n * l + r0) * g.out_channels + grp * m;
+        // Rows of a last micro-kernel panel that would read past dY's end come from a zero-padded copy.
+        const int64_t in_place = (g.batch - n) * l - r0 - rc >= mr ? rc : rc / mr * mr;
+        if (in_place > 0)
+          gemm_shifted_a<T>(in_place, m, a, g.out_channels, dy_column.data(), k, pack, col.get(), k, workspace.get());
+        if (in_place < rc) {
+          std::vector<T> rest(mr * g.out_channels, T(0));
+          std::copy_n(a - grp * m + in_place * g.out_channels, (rc - in_place) * g.out_channels, rest.data());
+          gemm_shifted_a<T>(rc - in_place, m, rest.data() + grp * m, g.out_channels, dy_column.data(), k, pack,
+                            col.get() + in_place * k, k, workspace.get());
+        }
+        for (int64_t i = 0; i < rc; ++i) {
+          const int64_t r = r0 + i, ow = r % g.out[2], oh = r / g.out[2] % g.out[1], od = r / g.out[2] / g.out[1];
+          T* origin = dx_padded.data() + ((od * g.stride[0] * hp + oh * g.stride[1]) * wp + ow * g.stride[2]) * cg;
+          const T* src = col.get() + i * k;
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            T* dst = origin + tap_offset[tap];
+            const T* run = src + tap * cg;
+            for (int64_t c = 0; c < cg; ++c) dst[c] += run[c];
+          }
+        }
+      }
+      for (int64_t d = 0; d < g.in[0]; ++d)  // the interior back into dX_n's channels of this group
+        for (int64_t h = 0; h < g.in[1]; ++h) {
+          const T* src = dx_padded.data() + (((d + g.pad[0]) * hp + h + g.pad[1]) * wp + g.pad[2]) * cg;
+          T* dst = dx + (((n * g.in[0] + d) * g.in[1] + h) * g.in[2]) * g.in_channels + grp * cg;
+          if (g.groups == 1) {
+            std::memcpy(dst, src, g.in[2] * cg * sizeof(T));
+            continue;
+          }
+          for (int64_t x = 0; x < g.in[2]; ++x) std::memcpy(dst + x * g.in_channels, src + x * cg, cg * sizeof(T));
+        }
+    }
+  });
+}
+
 #define CNNOPS_INSTANTIATE_NHWC(T)                                                                       \
   template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
-  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
+  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);               \
+  template void conv_backward_input_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_NHWC(float)
 CNNOPS_INSTANTIATE_NHWC(double)
 
