@@ -383,7 +383,13 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
   reduce_weight_gradient<T>(
       g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
         // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
-        const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
+        // Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
+        const T* dy_chunk = dy + r0 * g.out_channels + grp * m;
+        const PackedA<T> a =
+            pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+              for (int64_t kk = 0; kk < kc; ++kk)
+                std::copy_n(dy_chunk + (k0 + kk) * g.out_channels + i0, rows, dst + kk * mr);
+            });
         std::vector<int64_t> base(rc);
         for (int64_t i = 0; i < rc; ++i) base[i] = grid.row_of(g, r0 + i) * g.in_channels + grp * cg;
         auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
