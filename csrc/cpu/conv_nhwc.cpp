@@ -22,16 +22,16 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// The input as the channels-last GEMMs read it ("phase grid"): zero padded, then split by the
-// stride into s_d * s_h * s_w phase images, phase (a_d, a_h, a_w) holding the padded pixels whose
-// coordinates are a_i mod s_i, each G_d x G_h x G_w pixels per sample (G_i = ceil(padded_i / s_i)).
-// Output (n, od, oh, ow) reads tap (kd, kh, kw) at padded (od*s + kd*dil, ...), which is pixel
-// (od + kd*dil / s, ...) of phase (kd*dil mod s, ...). So with grid row r' = ((n*G_d + od)*G_h + oh)*G_w + ow,
+// formulas.md §Conv as GEMM, "phase grid": the input as the channels-last GEMMs read it, zero
+// padded and split by the stride into phase images (phase a_i of dim i holds the padded coordinates
+// a_i mod s_i), G_d x G_h x G_w pixels per sample, G_i = ceil(padded_i / s_i). Output (n, od, oh, ow)
+// reads tap (kd, kh, kw) at padded (od*s + kd*dil, ...): pixel (od + kd*dil / s, ...) of phase
+// (kd*dil mod s, ...). With grid row r' = ((n*G_d + od)*G_h + oh)*G_w + ow,
 //   im2col[r', (tap, c)] = grid[r' * C_in + column_offset(tap, c)],
-// every column of im2col is the buffer at a fixed offset, rows C_in apart: the GEMM reads A in
-// place. Grid rows with od >= D_out, oh >= H_out or ow >= W_out are computed and dropped
-// (stride 1: the shifted-window grid of conv_shifted.h, with the channel innermost and the samples
-// back to back). Only the phases some tap reads are stored, phase-major: [phase][n][G_d][G_h][G_w][C_in].
+// so every column is the buffer at a fixed offset, rows C_in apart, and the GEMM reads A in place.
+// Rows with od >= D_out, oh >= H_out or ow >= W_out are computed and dropped (stride 1: the
+// shifted-window grid of conv_shifted.h, channel innermost, samples back to back). Only the phases
+// some tap reads are stored, phase-major: [phase][n][G_d][G_h][G_w][C_in].
 template <typename T>
 struct PhaseGrid {
   int64_t size[3];                     // G_d, G_h, G_w
