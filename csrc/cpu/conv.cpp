@@ -288,8 +288,6 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
   if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>)))
     conv_depthwise_forward(g, x, w, bias, y, activation, nhwc);
-  else if (nhwc && use_shifted_grid(g))
-    conv_forward_nhwc_shifted(g, x, w, bias, y, activation);
   else if (nhwc)
     conv_forward_nhwc(g, x, w, bias, y, activation);
   else if (use_shifted_grid(g))
@@ -620,14 +618,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       if (!as_forward && !depthwise) {
         if (!work) {
           dx.zero_();
-        } else if (!nhwc) {  // strided: col2im, which writes every value of dX
+        } else if (!nhwc) {  // strided: col2im
           conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
-        } else {  // col2im runs on NCHW only
-          const auto dy_nchw = dy.contiguous();
-          auto dx_nchw = at::empty(x.sizes(), x.options());
-          conv_backward_input_gemm(g, dy_nchw.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                   dx_nchw.data_ptr<scalar_t>());
-          dx.copy_(dx_nchw);
+        } else {  // strided, channels-last: NHWC col2im
+          conv_backward_input_nhwc(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
         }
       }
       dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));

@@ -117,11 +117,10 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
-template <typename T>  // stride 1, when use_shifted_grid(g)
-void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                               Activation activation);
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
+template <typename T>  // strided convolutions; writes every value of dX
+void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T* dx);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
 // 3x3 and 5x5 at stride 1 and 2 and 7x7 at stride 1 run the SIMD kernels of conv_depthwise_direct.cpp, in NCHW or, when

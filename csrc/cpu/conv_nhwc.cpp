@@ -4,18 +4,17 @@
 //   grad weight  dW[co, (tap,c)] = sum over r of dY[r, co] * im2col[r, (tap, c)]
 // with r the flat (sample, output position) index. The im2col columns are ordered (tap, c),
 // channel fastest, so each tap contributes a contiguous run of the input's channels and every
-// row of the output is written in place, with no layout conversion. Stride-1 convolutions read
-// A in place on the shifted-window grid instead of packing it (conv_forward_nhwc_shifted).
+// row of the output is written in place, with no layout conversion. Every kernel reads the input
+// from a zero-padded copy split by the stride (PhaseGrid), where the forward GEMM reads A in place.
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
-#include "cpu/conv_shifted.h"
 #include "cpu/gemm.h"
 #include "cpu/weight_cache.h"
 
@@ -23,191 +22,388 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// Where channels-last im2col row r (output position (n, od, oh, ow)) reads tap (kd, kh, kw):
-// the offset of channel 0 of that input pixel, or -1 in the padding.
-int64_t tap_source(const ConvGeometry& g, int64_t r, int64_t tap) {
-  const int64_t ow = r % g.out[2], oh = r / g.out[2] % g.out[1];
-  const int64_t od = r / g.out[2] / g.out[1] % g.out[0], n = r / g.out_plane();
-  const int64_t kw = tap % g.kernel[2], kh = tap / g.kernel[2] % g.kernel[1], kd = tap / g.kernel[2] / g.kernel[1];
-  const int64_t id = conv_input_index(od, kd, g.stride[0], g.pad[0], g.dilation[0]);
-  const int64_t ih = conv_input_index(oh, kh, g.stride[1], g.pad[1], g.dilation[1]);
-  const int64_t iw = conv_input_index(ow, kw, g.stride[2], g.pad[2], g.dilation[2]);
-  if (id < 0 || id >= g.in[0] || ih < 0 || ih >= g.in[1] || iw < 0 || iw >= g.in[2]) return -1;
-  return (((n * g.in[0] + id) * g.in[1] + ih) * g.in[2] + iw) * g.in_channels;
+// formulas.md §Conv as GEMM, "phase grid": the input as the channels-last GEMMs read it, zero
+// padded and split by the stride into phase images (phase a_i of dim i holds the padded coordinates
+// a_i mod s_i), G_d x G_h x G_w pixels per sample, G_i = ceil(padded_i / s_i). Output (n, od, oh, ow)
+// reads tap (kd, kh, kw) at padded (od*s + kd*dil, ...): pixel (od + kd*dil / s, ...) of phase
+// (kd*dil mod s, ...). With grid row r' = ((n*G_d + od)*G_h + oh)*G_w + ow,
+//   im2col[r', (tap, c)] = grid[r' * C_in + column_offset(tap, c)],
+// so every column is the buffer at a fixed offset, rows C_in apart, and the GEMM reads A in place.
+// Rows with od >= D_out, oh >= H_out or ow >= W_out are computed and dropped (stride 1: the
+// shifted-window grid of conv_shifted.h, channel innermost, samples back to back). Only the phases
+// some tap reads are stored, phase-major: [phase][n][G_d][G_h][G_w][C_in].
+template <typename T>
+struct PhaseGrid {
+  int64_t size[3];                     // G_d, G_h, G_w
+  int64_t plane;                       // G_d * G_h * G_w: grid rows per sample
+  int64_t rows;                        // grid rows up to the last real output position
+  std::vector<int64_t> column_offset;  // per im2col column (tap, c) of group 0
+  std::unique_ptr<T[]> copy;           // the padded copy; none for 1x1 stride 1 without padding
+  const T* data;                       // the copy, or the input itself
+  bool slack;                          // whether reads may run past the last grid row (the copy has slack)
+
+  int64_t row_of(const ConvGeometry& g, int64_t r) const {  // grid row of flat output position r
+    const int64_t ow = r % g.out[2], oh = r / g.out[2] % g.out[1];
+    const int64_t od = r / g.out[2] / g.out[1] % g.out[0], n = r / g.out_plane();
+    return ((n * size[0] + od) * size[1] + oh) * size[2] + ow;
+  }
+};
+
+// Fraction of grid rows that are real outputs.
+double phase_grid_efficiency(const ConvGeometry& g) {
+  double rows = 1;
+  for (int i = 0; i < 3; ++i) rows *= double(ceil_div(g.in[i] + 2 * g.pad[i], g.stride[i]));
+  return double(g.out_plane()) / rows;
 }
 
-// Rows [r0, r0 + rows) x columns [k0, k0 + kc) of one group's channels-last im2col matrix,
-// columns ordered (tap, c), written as a GEMM A panel dst[kk * mr + i]. Within one tap every
-// row reads a contiguous run of channels, so the panel is filled in order, mr values per column,
-// from mr row pointers (rows in the padding read from `zeros`).
 template <typename T>
-void read_im2col_panel_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r0, int64_t rows, int64_t k0,
-                            int64_t kc, T* dst, int64_t mr, const T* zeros) {
-  const int64_t cg = g.in_channels_per_group();
-  const T* src[kGemmMaxMr];
-  TORCH_INTERNAL_ASSERT(mr <= kGemmMaxMr);
-  for (int64_t j = 0; j < kc;) {
-    const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
-    for (int64_t i = 0; i < mr; ++i) {
-      const int64_t offset = i < rows ? tap_source(g, r0 + i, tap) : -1;
-      src[i] = offset < 0 ? zeros : x + offset + group * cg + c;
+PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
+  PhaseGrid<T> grid;
+  int64_t padded[3];
+  std::vector<int64_t> phase_index[3];  // per dim: phase a -> its index among the used ones, or -1
+  int64_t used[3];
+  for (int i = 0; i < 3; ++i) {
+    padded[i] = g.in[i] + 2 * g.pad[i];
+    grid.size[i] = ceil_div(padded[i], g.stride[i]);
+    phase_index[i].assign(g.stride[i], -1);
+    for (int64_t k = 0; k < g.kernel[i]; ++k) phase_index[i][k * g.dilation[i] % g.stride[i]] = 0;
+    used[i] = 0;
+    for (auto& index : phase_index[i])
+      if (index == 0) index = used[i]++;
+  }
+  grid.plane = grid.size[0] * grid.size[1] * grid.size[2];
+  grid.rows = ((g.batch - 1) * grid.size[0] + g.out[0] - 1) * grid.size[1] * grid.size[2] +
+              (g.out[1] - 1) * grid.size[2] + g.out[2];
+  const int64_t c_in = g.in_channels, cg = g.in_channels_per_group(), phases = used[0] * used[1] * used[2];
+  const int64_t phase_size = checked_numel({g.batch, grid.plane, c_in}, "conv (channels-last grid)", true);
+  const int64_t taps = g.kernel_volume();
+  grid.column_offset.resize(g.gemm_k());
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const int64_t k[3] = {tap / g.kernel[2] / g.kernel[1], tap / g.kernel[2] % g.kernel[1], tap % g.kernel[2]};
+    int64_t phase = 0, pixel = 0;
+    for (int i = 0; i < 3; ++i) {
+      const int64_t offset = k[i] * g.dilation[i];
+      phase = phase * used[i] + phase_index[i][offset % g.stride[i]];
+      pixel = pixel * grid.size[i] + offset / g.stride[i];
     }
-    for (int64_t q = 0; q < run; ++q)
-      for (int64_t i = 0; i < mr; ++i) dst[(j + q) * mr + i] = src[i][q];
-    j += run;
+    for (int64_t c = 0; c < cg; ++c) grid.column_offset[tap * cg + c] = phase * phase_size + pixel * c_in + c;
   }
+  if (g.is_pointwise()) {  // the grid is the input itself
+    grid.data = x;
+    grid.slack = false;
+    return grid;
+  }
+  const int64_t size = checked_numel({phases, phase_size}, "conv (channels-last grid)", true);
+  const int64_t slack = (grid.plane + 2 * kGemmMaxMr) * c_in;  // for reads past the last row of the last phase
+  grid.copy = scratch<T>(size + slack);
+  grid.data = grid.copy.get();
+  grid.slack = true;
+  std::fill(grid.copy.get() + size, grid.copy.get() + size + slack, T(0));
+  // Fill: one task per (phase, sample, grid row of depth and height), copying the input pixels
+  // that land there (pixels of a phase row are s_w apart in the input, or a run when s_w = 1).
+  const int64_t row_tasks = phases * g.batch * grid.size[0] * grid.size[1];
+  T* out = grid.copy.get();
+  parallel_for(0, row_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qh = task % grid.size[1], qd = task / grid.size[1] % grid.size[0];
+      const int64_t n = task / grid.size[1] / grid.size[0] % g.batch,
+                    phase = task / grid.size[1] / grid.size[0] / g.batch;
+      int64_t a[3], rest = phase;
+      for (int i = 2; i >= 0; --i) {
+        const int64_t index = rest % used[i];
+        rest /= used[i];
+        a[i] = std::find(phase_index[i].begin(), phase_index[i].end(), index) - phase_index[i].begin();
+      }
+      const int64_t d = qd * g.stride[0] + a[0] - g.pad[0], h = qh * g.stride[1] + a[1] - g.pad[1];
+      T* dst = out + phase * phase_size + ((n * grid.size[0] + qd) * grid.size[1] + qh) * grid.size[2] * c_in;
+      if (d < 0 || d >= g.in[0] || h < 0 || h >= g.in[1]) {  // a row of padding
+        std::fill(dst, dst + grid.size[2] * c_in, T(0));
+        continue;
+      }
+      const T* src = x + ((n * g.in[0] + d) * g.in[1] + h) * g.in[2] * c_in;
+      // Grid column qw holds input w = qw * s_w + a_w - pad_w: columns [first, last) are inside.
+      const int64_t first = std::min(grid.size[2], std::max<int64_t>(0, ceil_div(g.pad[2] - a[2], g.stride[2])));
+      const int64_t last = std::clamp<int64_t>(ceil_div(g.in[2] + g.pad[2] - a[2], g.stride[2]), first, grid.size[2]);
+      std::fill(dst, dst + first * c_in, T(0));
+      if (g.stride[2] == 1) {  // one run
+        std::memcpy(dst + first * c_in, src + (first + a[2] - g.pad[2]) * c_in, (last - first) * c_in * sizeof(T));
+      } else {
+        for (int64_t qw = first; qw < last; ++qw)
+          std::memcpy(dst + qw * c_in, src + (qw * g.stride[2] + a[2] - g.pad[2]) * c_in, c_in * sizeof(T));
+      }
+      std::fill(dst + last * c_in, dst + grid.size[2] * c_in, T(0));
+    }
+  });
+  return grid;
 }
 
-// Reads row r of the channels-last im2col matrix of one group: columns [k0, k0 + kc) to
-// dst[j], zero where a tap lands in the padding.
+// W_g^T, rows (tap, c) and columns co, as the B operand of the channels-last GEMMs, packed like
+// gemm()'s B: per group, kc-row blocks (kc = the micro-kernel's reduction block), each ceil(M / NR)
+// panels of kc x NR values, zero past M. One memcpy then serves a packer. Kept between calls by
+// the weight cache (weight_cache.h).
 template <typename T>
-void read_im2col_row_nhwc(const ConvGeometry& g, const T* x, int64_t group, int64_t r, int64_t k0, int64_t kc, T* dst) {
-  const int64_t cg = g.in_channels_per_group();
-  for (int64_t j = 0; j < kc;) {
-    const int64_t tap = (k0 + j) / cg, c = (k0 + j) % cg, run = std::min(cg - c, kc - j);
-    const int64_t offset = tap_source(g, r, tap);
-    if (offset < 0)
-      std::fill(dst + j, dst + j + run, T(0));
-    else
-      std::copy_n(x + offset + group * cg + c, run, dst + j);
-    j += run;
+struct WeightPanels {
+  int64_t k = 0, padded_m = 0;
+  std::vector<T> data;
+  // Panels [j0 / NR, ...) of reduction block k0 (kc rows) of group grp.
+  const T* block(int64_t grp, int64_t k0, int64_t kc, int64_t j0) const {
+    return data.data() + (grp * k + k0) * padded_m + (j0 / gemm_nr<T>()) * kc * gemm_nr<T>();
   }
-}
+};
 
-// B_g = W_g as [(tap, c), co] for every group g: the weight reordered to the channels-last
-// im2col's column order, row by row in parallel, with NR values of slack at the end for the
-// in-place B reads of gemm_shifted_b. Kept between calls by the weight cache (weight_cache.h).
 template <typename T>
-std::shared_ptr<const std::vector<T>> weight_as_tap_channel_rows(const ConvGeometry& g, const T* w) {
+std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, const T* w) {
+  constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
-  const int64_t cg = g.in_channels_per_group();
-  const WeightTag tag{2, g.groups, m, k, taps, int64_t(sizeof(T))};
-  return cached_weight<std::vector<T>>(w, tag, g.groups * k * m * int64_t(sizeof(T)), [&] {
-    auto w_t = std::make_shared<std::vector<T>>(g.groups * k * m + gemm_nr<T>(), T(0));
-    T* out = w_t->data();
-    parallel_for(0, g.groups * k, std::max<int64_t>(1, 4096 / std::max<int64_t>(m, 1)),
-                 [&](int64_t begin, int64_t end) {
-                   for (int64_t row = begin; row < end; ++row) {  // row = (grp, tap, c)
-                     const int64_t grp = row / k, tap = row % k / cg, c = row % cg;
-                     const T* src = w + (grp * m * cg + c) * taps + tap;
-                     for (int64_t co = 0; co < m; ++co) out[row * m + co] = src[co * cg * taps];
-                   }
-                 });
-    return w_t;
+  const int64_t cg = g.in_channels_per_group(), panels = num_blocks(m, nr), kc_max = gemm_spec().kc;
+  const WeightTag tag{2, g.groups, m, k, kc_max, int64_t(sizeof(T))};
+  return cached_weight<WeightPanels<T>>(w, tag, g.groups * k * panels * nr * int64_t(sizeof(T)), [&] {
+    auto out = std::make_shared<WeightPanels<T>>();
+    out->k = k;
+    out->padded_m = panels * nr;
+    out->data.assign(checked_numel({g.groups, k, panels * nr}, "conv (channels-last weight)", true), T(0));
+    T* data = out->data.data();
+    // Block by block, so the kc x NR panel being written stays in L1 while the weight rows are read.
+    const int64_t k_blocks = num_blocks(k, kc_max);
+    parallel_for(0, g.groups * panels * k_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t grp = task / k_blocks / panels, p = task / k_blocks % panels, k0 = task % k_blocks * kc_max;
+        const int64_t kc = std::min(kc_max, k - k0);
+        T* dst = data + (grp * k + k0) * panels * nr + p * kc * nr;
+        for (int64_t j = 0; j < std::min(nr, m - p * nr); ++j) {
+          const T* src = w + (grp * m + p * nr + j) * cg * taps;  // [c][tap]
+          int64_t tap = k0 / cg, c = k0 % cg;                     // column (tap, c) = k0 + kk, stepped
+          for (int64_t kk = 0; kk < kc; ++kk) {
+            dst[kk * nr + j] = src[c * taps + tap];
+            if (++c == cg) c = 0, ++tap;
+          }
+        }
+      }
+    });
+    return out;
   });
 }
 
-}  // namespace
-
-// Y rows = im2col rows (A, packed per block of rows) times W_t (B, read in place). When the
-// batch's positions make few row blocks (batch 1, 7x7 maps), the output channels (B's columns)
-// are split too, so every thread has work.
+// W_g itself, rows co and columns (tap, c), in the same panel layout: the B operand of the strided
+// grad input's GEMM (columns of dX's im2col), made on every call.
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
+std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry& g, const T* w) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group(), panels = num_blocks(k, nr), kc_max = gemm_spec().kc;
+  auto out = std::make_unique<WeightPanels<T>>();
+  out->k = m;
+  out->padded_m = panels * nr;
+  out->data.assign(checked_numel({g.groups, m, panels * nr}, "conv (channels-last weight)", true), T(0));
+  T* data = out->data.data();
+  const int64_t m_blocks = num_blocks(m, kc_max);
+  parallel_for(0, g.groups * panels * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / m_blocks / panels, p = task / m_blocks % panels, m0 = task % m_blocks * kc_max;
+      const int64_t mc = std::min(kc_max, m - m0);
+      T* dst = data + (grp * m + m0) * panels * nr + p * mc * nr;
+      for (int64_t i = 0; i < mc; ++i) {
+        const T* src = w + (grp * m + m0 + i) * cg * taps;  // [c][tap]
+        for (int64_t j = 0; j < std::min(nr, k - p * nr); ++j) {
+          const int64_t col = p * nr + j;  // (tap, c)
+          dst[i * nr + j] = src[col % cg * taps + col / cg];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The GEMM packer for columns [j0, j0 + jc) of W_g^T: a copy of whole panels.
+template <typename T>
+void copy_weight_panels(const WeightPanels<T>& panels, int64_t grp, int64_t k0, int64_t kc, int64_t j0, int64_t jc,
+                        T* dst) {
+  constexpr int64_t nr = gemm_nr<T>();
+  std::memcpy(dst, panels.block(grp, k0, kc, j0), num_blocks(jc, nr) * kc * nr * sizeof(T));
+}
+
+// Rows [i0, i0 + rows) x columns [k0, k0 + kc) of one group's channels-last im2col matrix, as a
+// GEMM A panel dst[kk * mr + i]: row i reads grid[base[i] + column_offset[k]]. Within one tap
+// the columns are a run of channels, copied from mr row pointers (the rest of the panel is zero).
+template <typename T>
+void read_im2col_panel_nhwc(const ConvGeometry& g, const T* grid, const int64_t* column_offset, const int64_t* base,
+                            int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+  const int64_t cg = g.in_channels_per_group();
+  for (int64_t j = 0; j < kc;) {
+    const int64_t run = std::min(cg - (k0 + j) % cg, kc - j);
+    const T* src = grid + column_offset[k0 + j];
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = src + base[i];
+      for (int64_t q = 0; q < run; ++q) dst[(j + q) * mr + i] = row[q];
+    }
+    j += run;
+  }
+}
+
+// y row = bias + C row, then the activation: the output step of the grid kernel.
+template <typename T>
+void write_output_row(T* out, const T* src, const T* bias, int64_t n, Activation activation) {
+  if (bias) {
+    for (int64_t co = 0; co < n; ++co) out[co] = src[co] + bias[co];
+  } else {
+    std::memcpy(out, src, n * sizeof(T));
+  }
+  if (activation == Activation::Relu)
+    for (int64_t co = 0; co < n; ++co) out[co] = relu(out[co]);
+}
+
+// Splits the columns (output channels) into whole NR panels when the row tasks are too few to
+// give every thread two.
+struct ColumnSplit {
+  int64_t size, count;
+  ColumnSplit(int64_t m, int64_t nr, int64_t tasks) {
+    const int64_t wanted = num_blocks(2 * at::get_num_threads(), tasks);
+    const int64_t splits = std::min(wanted, num_blocks(m, nr));
+    size = num_blocks(num_blocks(m, nr), splits) * nr;
+    count = num_blocks(m, size);
+  }
+};
+
+// Y rows = im2col rows read in place on the phase grid (A) times W_g^T (B, copied from the panels).
+template <typename T>
+void conv_forward_nhwc_grid(const ConvGeometry& g, const PhaseGrid<T>& grid, const WeightPanels<T>& panels,
+                            const T* bias, T* y, Activation activation) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), c_in = g.in_channels;
+  const int64_t cg = g.in_channels_per_group(), mr = gemm_mr<T>();
+  const int64_t blocks = num_blocks(grid.rows, kColumnBlock), block = num_blocks(grid.rows, blocks);
+  const ColumnSplit cols(m, nr, g.groups * blocks);
+  bool direct = true;  // grid rows are output positions (1x1 without padding, no waste)
+  for (int i = 0; i < 3; ++i) direct = direct && grid.size[i] == g.out[i];
+  parallel_for(0, g.groups * blocks * cols.count, 1, [&](int64_t begin, int64_t end) {
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(cols.size));
+    // C for one block of grid rows, before dropping waste; none when every grid row is an output.
+    const auto tile = scratch<T>(direct ? 0 : block * cols.size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
+      const int64_t r0 = (task / cols.count % blocks) * block, grp = task / cols.count / blocks;
+      const int64_t rc = std::min(block, grid.rows - r0);
+      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
+        copy_weight_panels(panels, grp, k0, kc, j0, jc, dst);
+      };
+      // Direct: C is Y's rows, started from the bias (which runs along columns here), and the GEMM
+      // applies the activation as it writes the last reduction block.
+      T* c = direct ? y + r0 * g.out_channels + grp * m + j0 : tile.get();
+      const int64_t ldc = direct ? g.out_channels : nj;
+      const bool accumulate = direct && bias;
+      const Activation act = direct ? activation : Activation::None;
+      if (accumulate)
+        for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * ldc);
+      // Without slack (the input read in place), the rows of a last micro-kernel panel that would
+      // read past the input's end come from a zero-padded copy of them.
+      const int64_t in_place = grid.slack || grid.rows - r0 - rc >= mr ? rc : rc / mr * mr;
+      if (in_place > 0)
+        gemm_shifted_a<T>(in_place, k, grid.data + r0 * c_in + grp * cg, c_in, grid.column_offset.data(), nj, pack, c,
+                          ldc, workspace.get(), accumulate, act);
+      if (in_place < rc) {
+        std::vector<T> rest(mr * c_in, T(0));
+        std::copy_n(grid.data + (r0 + in_place) * c_in, (rc - in_place) * c_in, rest.data());
+        gemm_shifted_a<T>(rc - in_place, k, rest.data() + grp * cg, c_in, grid.column_offset.data(), nj, pack,
+                          c + in_place * ldc, ldc, workspace.get(), accumulate, act);
+      }
+      if (direct) continue;
+      for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs: grid row -> (n, od, oh, ow)
+        const int64_t r = r0 + i, ow = r % grid.size[2], oh = r / grid.size[2] % grid.size[1];
+        const int64_t od = r / grid.size[2] / grid.size[1] % grid.size[0], n = r / grid.plane;
+        if (ow >= g.out[2] || oh >= g.out[1] || od >= g.out[0]) continue;
+        T* out = y + (((n * g.out[0] + od) * g.out[1] + oh) * g.out[2] + ow) * g.out_channels + grp * m + j0;
+        write_output_row(out, tile.get() + i * nj, bias ? bias + grp * m + j0 : nullptr, nj, activation);
+      }
+    }
+  });
+}
+
+// Y rows = im2col rows (A, packed per block of output positions from the phase grid) times
+// W_g^T: for grids that would waste many rows (small maps, 7x7).
+template <typename T>
+void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, const WeightPanels<T>& panels,
+                              const T* bias, T* y, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), rows = g.batch * g.out_plane();
-  const auto w_t = weight_as_tap_channel_rows(g, w);
-  const int64_t blocks = num_blocks(rows, kColumnBlock);
-  const int64_t block = num_blocks(rows, blocks);  // even blocks
-  const int64_t wanted = num_blocks(2 * at::get_num_threads(), g.groups * blocks);
-  const int64_t col_splits = std::min(wanted, num_blocks(m, nr));
-  const int64_t col_size = num_blocks(num_blocks(m, nr), col_splits) * nr;
-  const int64_t col_blocks = num_blocks(m, col_size);
-  std::vector<int64_t> row_offset(k);  // B's row kk starts kk * M values into the group's W_t
-  for (int64_t kk = 0; kk < k; ++kk) row_offset[kk] = kk * m;
-  const std::vector<T> zeros(kKc, T(0));  // what rows in the padding read
-  parallel_for(0, g.groups * blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t cg = g.in_channels_per_group();
+  const int64_t blocks = num_blocks(rows, kColumnBlock), block = num_blocks(rows, blocks);  // even blocks
+  const ColumnSplit cols(m, nr, g.groups * blocks);
+  parallel_for(0, g.groups * blocks * cols.count, 1, [&](int64_t begin, int64_t end) {
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(cols.size));
+    std::vector<int64_t> base(block);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = (task % col_blocks) * col_size, nj = std::min(col_size, m - j0);
-      const int64_t grp = task / col_blocks / blocks, r0 = (task / col_blocks % blocks) * block;
+      const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
+      const int64_t grp = task / cols.count / blocks, r0 = (task / cols.count % blocks) * block;
       const int64_t rc = std::min(block, rows - r0);
+      for (int64_t i = 0; i < rc; ++i) base[i] = grid.row_of(g, r0 + i) * g.in_channels + grp * cg;
       const PackedA<T> a =
-          pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-            read_im2col_panel_nhwc(g, x, grp, r0 + i0, rows, k0, kc, dst, mr, zeros.data());
+          pack_a_panels<T>(rc, k, [&](int64_t i0, int64_t n, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+            read_im2col_panel_nhwc(g, grid.data, grid.column_offset.data(), base.data() + i0, n, k0, kc, dst, mr);
           });
       T* c = y + r0 * g.out_channels + grp * m + j0;  // rows of C_out values, this task's columns
       if (bias) {  // the bias runs along columns here: start C from it and accumulate
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * g.out_channels);
       }
-      // The activation goes on as the last reduction block is written.
-      gemm_shifted_b<T>(a, nj, w_t->data() + grp * k * m + j0, row_offset.data(), c, g.out_channels, nullptr,
-                        bias != nullptr, 0, -1, activation);
-    }
-  });
-}
-
-// Stride-1 channels-last forward on the shifted-window grid (conv_shifted.h, with the channel
-// innermost): on a zero-padded NHWC copy, grid row r' = (od*Hp + oh)*Wp + ow reads tap t at
-// padded pixel r' + shift(t), so A[r', (t, c)] = x_padded[(r' + shift(t)) * C_in + c]: every
-// column of A is the padded input at a fixed offset, rows C_in apart, read in place.
-template <typename T>
-void conv_forward_nhwc_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                               Activation activation) {
-  const ShiftedGrid grid(g);
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
-  const int64_t cg = g.in_channels_per_group(), c_in = g.in_channels, pp = grid.padded.plane;
-  const int64_t hp = grid.padded.h, wp = grid.padded.w;
-  // Padded NHWC input; the slack covers the rows past the grid that the last A panel reads.
-  std::vector<T> padded(g.batch * pp * c_in + (gemm_mr<T>() + 1) * c_in, T(0));
-  parallel_for(0, g.batch * g.in[0] * g.in[1], 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // (n, d, h): one input row of W pixels
-      const int64_t h = row % g.in[1], d = row / g.in[1] % g.in[0], n = row / g.in[1] / g.in[0];
-      std::memcpy(&padded[((n * grid.padded.d + d + g.pad[0]) * hp + h + g.pad[1]) * wp * c_in + g.pad[2] * c_in],
-                  x + row * g.in[2] * c_in, g.in[2] * c_in * sizeof(T));
-    }
-  });
-  std::vector<int64_t> column_offset(k);  // A's column (t, c) of group 0: shift(t) * C_in + c
-  for (int64_t tap = 0; tap < taps; ++tap) {
-    const int64_t kw = tap % g.kernel[2], kh = tap / g.kernel[2] % g.kernel[1], kd = tap / g.kernel[2] / g.kernel[1];
-    const int64_t shift = (kd * g.dilation[0] * hp + kh * g.dilation[1]) * wp + kw * g.dilation[2];
-    for (int64_t c = 0; c < cg; ++c) column_offset[tap * cg + c] = shift * c_in + c;
-  }
-  const auto w_t = weight_as_tap_channel_rows(g, w);
-  constexpr int64_t block = kColumnBlock;  // grid rows per GEMM call
-  const int64_t blocks = (grid.columns + block - 1) / block;
-  parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    const auto workspace = scratch<T>(gemm_workspace_size<T>(m));
-    const auto tile = scratch<T>(block * m);  // C for one block of grid rows, before dropping waste
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r0 = (task % blocks) * block, rc = std::min(block, grid.columns - r0);
-      const int64_t grp = task / blocks % g.groups, n = task / blocks / g.groups;
-      const T* b = w_t->data() + grp * k * m;
-      auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, T* dst) {
-        pack_b_strided(b, m, int64_t(1), k0, kc, j0, jc, dst);
-        zero_panel_tail(kc, jc, dst);
+      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
+        copy_weight_panels(panels, grp, k0, kc, j0, jc, dst);
       };
-      const T* a = padded.data() + (n * pp + r0) * c_in + grp * cg;
-      gemm_shifted_a<T>(rc, k, a, c_in, column_offset.data(), m, pack, tile.get(), m, workspace.get());
-      for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs, adding the bias, then the activation
-        const int64_t r = r0 + i, ow = r % wp, oh = r / wp % hp, od = r / wp / hp;
-        if (ow >= g.out[2] || oh >= g.out[1]) continue;
-        T* out = y + (((n * g.out[0] + od) * g.out[1] + oh) * g.out[2] + ow) * g.out_channels + grp * m;
-        const T* src = tile.get() + i * m;
-        if (activation == Activation::Relu) {
-          for (int64_t co = 0; co < m; ++co) out[co] = relu(src[co] + (bias ? bias[grp * m + co] : T(0)));
-        } else {
-          for (int64_t co = 0; co < m; ++co) out[co] = src[co] + (bias ? bias[grp * m + co] : T(0));
-        }
-      }
+      // The activation goes on as the last reduction block is written.
+      gemm<T>(a, nj, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.get(), 0, -1, activation);
     }
   });
 }
 
+}  // namespace
+
+// Grids where at least this share of the rows are outputs read A in place; the rest pack it.
+// (stride 1: 14x14 maps keep 88% of the grid and 56x56 97%; 7x7 maps 64%.)
+constexpr double kMinGridEfficiency = 0.85;
+
+template <typename T>
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
+  const PhaseGrid<T> grid = make_phase_grid(g, x);
+  const auto panels = weight_panels(g, w);
+  if (phase_grid_efficiency(g) >= kMinGridEfficiency)
+    conv_forward_nhwc_grid(g, grid, *panels, bias, y, activation);
+  else
+    conv_forward_nhwc_packed(g, grid, *panels, bias, y, activation);
+}
+
+// dW_t[co, (tap, c)] = sum over positions r of dY[r, co] * im2col[r, (tap, c)]: A = dY^T over a
+// chunk of positions, B = the chunk's im2col rows, copied from the phase grid a panel row (NR
+// columns, one run of channels inside a tap) at a time.
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();
+  const PhaseGrid<T> grid = make_phase_grid(g, x);
+  const int64_t* column_offset = grid.column_offset.data();
   std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
   reduce_weight_gradient<T>(
       g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
         // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
-        const PackedA<T> a = pack_a(m, rc, dy + r0 * g.out_channels + grp * m, int64_t(1), g.out_channels);
+        // Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
+        const T* dy_chunk = dy + r0 * g.out_channels + grp * m;
+        const PackedA<T> a =
+            pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+              for (int64_t kk = 0; kk < kc; ++kk)
+                std::copy_n(dy_chunk + (k0 + kk) * g.out_channels + i0, rows, dst + kk * mr);
+            });
+        std::vector<int64_t> base(rc);
+        for (int64_t i = 0; i < rc; ++i) base[i] = grid.row_of(g, r0 + i) * g.in_channels + grp * cg;
         auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-          for (int64_t i = 0; i < kc; ++i)
-            for (int64_t p = 0; p * nr < jc; ++p)
-              read_im2col_row_nhwc(g, x, grp, r0 + k0 + i, j0 + jj + p * nr, std::min(nr, jc - p * nr),
-                                   dst + (p * kc + i) * nr);
+          for (int64_t p = 0; p * nr < jc; ++p) {
+            const int64_t col = j0 + jj + p * nr, width = std::min(nr, jc - p * nr);
+            const T* src = grid.data + column_offset[col];
+            T* out = dst + p * kc * nr;
+            if (column_offset[col + width - 1] == column_offset[col] + width - 1) {  // one run of channels
+              for (int64_t i = 0; i < kc; ++i) std::memcpy(out + i * nr, src + base[k0 + i], width * sizeof(T));
+            } else {
+              for (int64_t i = 0; i < kc; ++i)
+                for (int64_t q = 0; q < width; ++q) out[i * nr + q] = grid.data[base[k0 + i] + column_offset[col + q]];
+            }
+          }
           zero_panel_tail(kc, jc, dst);
         };
         gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);
@@ -217,10 +413,76 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
       for (int64_t tap = 0; tap < taps; ++tap) dw[(co * cg + c) * taps + tap] = dw_t[co * k + tap * cg + c];
 }
 
-#define CNNOPS_INSTANTIATE_NHWC(T)                                                                               \
-  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation);         \
-  template void conv_forward_nhwc_shifted<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
-  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
+// dX for strided convolutions (stride 1 runs as a forward convolution instead), per sample n and
+// group: col = dY_n * W_g, rows the output positions and columns (tap, c), then col2im: each row
+// adds its taps' runs of channels into a zero-padded NHWC copy of dX_n (formulas.md §Conv backward).
+// A task owns one (sample, group) slice of dX and adds in a fixed order: no races, no atomics.
+template <typename T>
+void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t cg = g.in_channels_per_group(), l = g.out_plane(), mr = gemm_mr<T>();
+  const int64_t dp = g.in[0] + 2 * g.pad[0], hp = g.in[1] + 2 * g.pad[1], wp = g.in[2] + 2 * g.pad[2];
+  const auto panels = weight_panels_by_rows(g, w);
+  std::vector<int64_t> tap_offset(taps), dy_column(m);
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const int64_t kd = tap / g.kernel[2] / g.kernel[1], kh = tap / g.kernel[2] % g.kernel[1], kw = tap % g.kernel[2];
+    tap_offset[tap] = ((kd * g.dilation[0] * hp + kh * g.dilation[1]) * wp + kw * g.dilation[2]) * cg;
+  }
+  for (int64_t co = 0; co < m; ++co) dy_column[co] = co;
+  const int64_t padded_size = checked_numel({dp, hp, wp, cg}, "conv (channels-last grad input)", true);
+  const int64_t block = std::min(kColumnBlock, l);
+  parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(k));
+    const auto col = scratch<T>(block * k);
+    std::vector<T> dx_padded(padded_size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.groups, grp = task % g.groups;
+      std::fill(dx_padded.begin(), dx_padded.end(), T(0));
+      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
+        copy_weight_panels(*panels, grp, k0, kc, int64_t(0), jc, dst);
+      };
+      for (int64_t r0 = 0; r0 < l; r0 += block) {
+        const int64_t rc = std::min(block, l - r0);
+        const T* a = dy + (n * l + r0) * g.out_channels + grp * m;
+        // Rows of a last micro-kernel panel that would read past dY's end come from a zero-padded copy.
+        const int64_t in_place = (g.batch - n) * l - r0 - rc >= mr ? rc : rc / mr * mr;
+        if (in_place > 0)
+          gemm_shifted_a<T>(in_place, m, a, g.out_channels, dy_column.data(), k, pack, col.get(), k, workspace.get());
+        if (in_place < rc) {
+          std::vector<T> rest(mr * g.out_channels, T(0));
+          std::copy_n(a - grp * m + in_place * g.out_channels, (rc - in_place) * g.out_channels, rest.data());
+          gemm_shifted_a<T>(rc - in_place, m, rest.data() + grp * m, g.out_channels, dy_column.data(), k, pack,
+                            col.get() + in_place * k, k, workspace.get());
+        }
+        for (int64_t i = 0; i < rc; ++i) {
+          const int64_t r = r0 + i, ow = r % g.out[2], oh = r / g.out[2] % g.out[1], od = r / g.out[2] / g.out[1];
+          T* origin = dx_padded.data() + ((od * g.stride[0] * hp + oh * g.stride[1]) * wp + ow * g.stride[2]) * cg;
+          const T* src = col.get() + i * k;
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            T* dst = origin + tap_offset[tap];
+            const T* run = src + tap * cg;
+            for (int64_t c = 0; c < cg; ++c) dst[c] += run[c];
+          }
+        }
+      }
+      for (int64_t d = 0; d < g.in[0]; ++d)  // the interior back into dX_n's channels of this group
+        for (int64_t h = 0; h < g.in[1]; ++h) {
+          const T* src = dx_padded.data() + (((d + g.pad[0]) * hp + h + g.pad[1]) * wp + g.pad[2]) * cg;
+          T* dst = dx + (((n * g.in[0] + d) * g.in[1] + h) * g.in[2]) * g.in_channels + grp * cg;
+          if (g.groups == 1) {
+            std::memcpy(dst, src, g.in[2] * cg * sizeof(T));
+            continue;
+          }
+          for (int64_t x = 0; x < g.in[2]; ++x) std::memcpy(dst + x * g.in_channels, src + x * cg, cg * sizeof(T));
+        }
+    }
+  });
+}
+
+#define CNNOPS_INSTANTIATE_NHWC(T)                                                                       \
+  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
+  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);               \
+  template void conv_backward_input_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_NHWC(float)
 CNNOPS_INSTANTIATE_NHWC(double)
 

@@ -306,12 +306,12 @@ APanel<T> in_place_a_panel(int64_t m, const T* a, int64_t lda, const int64_t* co
 
 template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
-                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate) {
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
   gemm_blocked<T>(
-      m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, Activation::None,
+      m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, activation,
       [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
@@ -369,7 +369,7 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template void gemm_shifted_b<T>(const PackedA<T>&, int64_t, const T*, const int64_t*, T*, int64_t, const T*, bool,   \
                                   int64_t, int64_t, Activation);                                                       \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, PackB<T>, T*, int64_t, \
-                                  T*, bool);                                                                           \
+                                  T*, bool, Activation);                                                               \
   template void gemm_shifted_ab<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, const T*,             \
                                    const int64_t*, T*, int64_t, const T*, bool, Activation);                           \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \

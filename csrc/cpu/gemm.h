@@ -102,10 +102,12 @@ void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* r
 // C[M, N] = A * B with A read in place, A[i, k] = a[column_offset[k] + i * lda], and B packed
 // as in gemm(). The channels-last stride-1 convolution reads its shifted-window im2col rows this
 // way, and the weight gradient its dY rows. Reads stay inside A's rows [0, M) (the last, partial
-// panel is packed). C = A * B, or C + A * B when accumulate.
+// panel is packed). C = A * B, or C + A * B when accumulate; the activation goes on as the last
+// reduction block is written.
 template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
-                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate = false);
+                    PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate = false,
+                    Activation activation = Activation::None);
 
 // C[M, N] (row stride ldc) = activation(init + A * B) with both operands read in place, no
 // packing: A as in gemm_shifted_a (a transposed or rotated weight read where it lies), B as in

@@ -1,0 +1,222 @@
+"""Channels-last convolution kernels (csrc/cpu/conv_nhwc.cpp) against torch.nn.functional.
+
+The NHWC kernels serve channels_last inputs with at least 4 input channels per group (not
+depthwise). Every one reads the input from a zero-padded copy split by the stride (the phase
+grid): the forward reads its GEMM operand in place on that grid where few grid rows are waste
+("grid"), packs it otherwise ("packed"), reads a 1x1 stride-1 unpadded input itself ("in place",
+whose last rows that do not fill a micro-kernel panel go through a padded copy), and writes Y
+directly when the grid has no waste rows ("direct"); strided convolutions get their input
+gradient from an NHWC col2im. path() mirrors that choice so the cases below provably reach each
+kernel. Expected values come from torch (float64 reference).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional
+from conftest import (
+    CHANNELS_LAST,
+    check_conv_against_torch,
+    conv_tensors,
+    dtype_id,
+    make_tensor,
+    run_conv,
+    run_with_cpu_isa,
+)
+
+MIN_GRID_EFFICIENCY = 0.85  # kMinGridEfficiency in conv_nhwc.cpp
+GEMM_KC = cnnops._C.gemm_spec()["kc"]
+
+
+def lift(v, dims, fill):
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+    return (fill,) * (3 - dims) + v
+
+
+def path(dims, n, cin, cout, spatial, kernel, stride=1, padding=0, dilation=1, groups=1):
+    """(forward path, grad-input path) of the NHWC kernels for this geometry."""
+    size, k = lift(spatial, dims, 1), lift(kernel, dims, 1)
+    s, p, d = lift(stride, dims, 1), lift(padding, dims, 0), lift(dilation, dims, 1)
+    out = [(size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)]
+    grid = [-(-(size[i] + 2 * p[i]) // s[i]) for i in range(3)]
+    pointwise = all(v == 1 for v in k + s) and all(v == 0 for v in p)
+    if pointwise:
+        fwd = "in_place"
+    elif grid == out:
+        fwd = "direct"
+    elif math.prod(out) / math.prod(grid) >= MIN_GRID_EFFICIENCY:
+        fwd = "grid"
+    else:
+        fwd = "packed"
+    if cin // groups * math.prod(k) > GEMM_KC:
+        fwd += "_long_k"
+    strided = any(v != 1 for v in s) or any(d[i] * (k[i] - 1) - p[i] < 0 for i in range(3))
+    return fwd, ("col2im" if strided else "as_forward")
+
+
+# name -> (dims, n, cin, cout, spatial, kernel, kwargs); cin / groups >= 4 so the NHWC kernels run.
+CASES = {
+    "grid_s2": (2, 2, 8, 12, (29, 31), 3, dict(stride=2, padding=1)),
+    "grid_s2_long_k": (2, 2, 40, 24, (29, 27), 3, dict(stride=2, padding=1)),  # K = 360: two blocks
+    "grid_s3_k2": (2, 3, 6, 10, (31, 29), 2, dict(stride=3)),  # two of three phases used per dim
+    "grid_s2_dil2": (2, 2, 5, 7, (60, 62), 3, dict(stride=2, dilation=2, padding=2)),  # one phase
+    "grid_stride_tuple": (2, 2, 8, 9, (27, 33), 3, dict(stride=(2, 1), padding=1)),
+    "grid_s1": (2, 1, 8, 40, (30, 28), 3, dict(padding=1)),  # 40 channels: 2 panels
+    "grid_groups": (2, 2, 16, 12, (31, 29), 3, dict(stride=2, padding=1, groups=2)),
+    "grid_3d": (3, 2, 4, 6, (3, 30, 28), (1, 3, 3), dict(stride=(1, 2, 2), padding=(0, 1, 1))),
+    "packed_3d": (3, 2, 4, 6, (8, 12, 14), 3, dict(stride=(1, 2, 2), padding=1)),
+    "packed_s1_dilation": (2, 1, 8, 12, (30, 28), 3, dict(padding=1, dilation=(1, 2))),
+    "packed_s2_small": (2, 3, 8, 37, (9, 7), 3, dict(stride=2, padding=1)),
+    "packed_7x7": (2, 3, 16, 20, (7, 7), 3, dict(padding=1)),
+    "packed_long_k": (2, 2, 32, 40, (6, 5), 3, dict(padding=1)),  # K = 288
+    "packed_pad_gt_kernel": (2, 2, 4, 5, (5, 6), 3, dict(padding=3, stride=2)),
+    "packed_3d_dil": (3, 1, 4, 5, (5, 6, 7), 2, dict(dilation=2, padding=1)),
+    "packed_batch1_split": (2, 1, 8, 96, (4, 4), 3, dict(padding=1)),  # few rows: channels split
+    "in_place_tail": (2, 2, 6, 10, (5, 7), 1, dict()),  # 70 rows: a tail of 70 % MR
+    "in_place_blocks": (2, 3, 12, 33, (13, 11), 1, dict()),  # 429 rows in two blocks
+    "in_place_groups": (2, 2, 8, 6, (5, 3), 1, dict(groups=2)),
+    "in_place_long_k": (2, 2, 300, 9, (3, 5), 1, dict()),
+    "direct_1x1_s2": (2, 2, 8, 16, (10, 12), 1, dict(stride=2)),
+    "direct_1x1_s2_odd": (2, 2, 8, 6, (11, 9), 1, dict(stride=2)),
+    "direct_1x1_s3": (2, 1, 4, 5, (9, 7), 1, dict(stride=3)),
+    "batch1": (2, 1, 8, 12, (29, 31), 3, dict(stride=2, padding=1)),
+    "batch0": (2, 0, 8, 12, (9, 9), 3, dict(stride=2, padding=1)),
+}
+
+
+def case_tensors(name, dtype, bias=True):
+    dims, n, cin, cout, spatial, kernel, kwargs = CASES[name]
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, kwargs.get("groups", 1), bias, dtype,
+                           layout="channels_last")
+    return dims, x, w, b, kwargs
+
+
+@pytest.fixture(autouse=True)
+def _direct_path():
+    """Winograd would take the stride-1 3x3 cases: these tests are about the direct kernels."""
+    with cnnops.backends.cpu.flags(allow_winograd=False):
+        yield
+
+
+def test_cases_reach_every_path():
+    fwd, bwd = set(), set()
+    for dims, n, cin, cout, spatial, kernel, kwargs in CASES.values():
+        f, b = path(dims, n, cin, cout, spatial, kernel, **kwargs)
+        fwd.add(f)
+        bwd.add(b)
+    assert {"grid", "grid_long_k", "packed", "packed_long_k", "in_place", "in_place_long_k", "direct"} <= fwd
+    assert {"col2im", "as_forward"} <= bwd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch(name, dtype):
+    dims, x, w, b, kwargs = case_tensors(name, dtype)
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, check_channels_last=x.shape[0] > 0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["grid_s2", "packed_7x7", "in_place_tail", "direct_1x1_s2"])
+def test_no_bias(name):
+    dims, x, w, b, kwargs = case_tensors(name, torch.float32, bias=False)
+    check_conv_against_torch(dims, x, w, None, kwargs, torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("name", ["grid_s2", "packed_7x7", "in_place_tail", "direct_1x1_s2", "grid_3d"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_relu(name, bias):
+    dims, x, w, b, kwargs = case_tensors(name, torch.float64, bias=bias)
+    kw = dict(stride=1, padding=0, dilation=1, groups=1)
+    kw.update(kwargs)
+    got = cnnops.functional._conv(x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], dims,
+                                  _activation="relu")
+    expected = torch.relu(getattr(F, f"conv{dims}d")(x, w, b, **kwargs))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert got.is_contiguous(memory_format=CHANNELS_LAST[dims + 2])
+
+
+@pytest.mark.parametrize("name", ["grid_s2", "packed_s2_small", "grid_groups", "direct_1x1_s2_odd", "in_place_tail"])
+def test_grad_output_not_channels_last(name):
+    """grad_output in another layout than the input: the kernels get it converted to NHWC."""
+    dims, x, w, b, kwargs = case_tensors(name, torch.float32)
+    check_conv_against_torch(dims, x, w, b, kwargs, torch.float32, grad_layout="contiguous", msg=name)
+
+
+GRADCHECK = {
+    "s2_groups": (2, 1, 8, 4, (5, 6), 3, dict(stride=2, padding=1, groups=2)),
+    "s3_k2_dil": (2, 2, 4, 3, (7, 6), 2, dict(stride=3, dilation=2, padding=1)),
+    "1x1_s2": (2, 2, 4, 3, (5, 4), 1, dict(stride=2)),
+    "1x1": (2, 1, 5, 3, (3, 3), 1, dict()),
+    "3d_s2": (3, 1, 4, 2, (3, 4, 5), 2, dict(stride=2, padding=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK))
+def test_gradcheck(name):
+    dims, n, cin, cout, spatial, kernel, kwargs = GRADCHECK[name]
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, kwargs.get("groups", 1), True, torch.float64,
+                           layout="channels_last")
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    conv = getattr(cnnops.functional, f"conv{dims}d")
+    assert torch.autograd.gradcheck(lambda x, w, b: conv(x, w, b, **kwargs), leaves, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["grid_s2_long_k", "packed_batch1_split", "in_place_blocks", "grid_groups"])
+def test_thread_count_independent(name):
+    """Forward and gradients are bitwise the same with 1 and 2 threads."""
+    dims, x, w, b, kwargs = case_tensors(name, torch.float32)
+    with torch.no_grad():
+        go = make_tensor(F.conv2d(x, w, b, **kwargs).shape if dims == 2 else F.conv3d(x, w, b, **kwargs).shape,
+                         torch.float32, "channels_last")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(run_conv(getattr(cnnops.functional, f"conv{dims}d"), x, w, b, go, kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2), "forward depends on the thread count"
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
+
+
+ISA_CHECK = r"""
+import sys, torch, torch.nn.functional as F
+import cnnops
+print(torch.ops.cnnops.cpu_gemm_isa())
+torch.manual_seed(0)
+cases = [  # (dims, N, C_in, C_out, size, kernel, stride, padding, dilation, groups)
+    (2, 2, 8, 12, (13, 11), 3, 2, 1, 1, 1),   # grid, strided grad input
+    (2, 3, 8, 37, (5, 7), 3, 1, 1, 1, 1),     # packed
+    (2, 2, 6, 10, (5, 7), 1, 1, 0, 1, 1),     # 1x1 in place, a tail of rows
+    (2, 1, 4, 5, (9, 7), 1, 3, 0, 1, 1),      # 1x1 stride 3, direct
+    (2, 2, 16, 12, (9, 9), 3, 2, 1, 1, 2),    # groups
+    (2, 1, 40, 9, (7, 6), 3, 2, 1, 1, 1),     # K = 360, two reduction blocks
+]
+for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+    for (dims, n, ci, co, size, k, s, p, d, g) in cases:
+        x = torch.randn(n, ci, *size, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(co, ci // g, k, k, dtype=dtype, requires_grad=True)
+        b = torch.randn(co, dtype=dtype, requires_grad=True)
+        ref, ours = F.conv2d(x, w, b, s, p, d, g), cnnops.functional.conv2d(x, w, b, s, p, d, g)
+        go = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad(ref, (x, w, b), go)
+        grads_ours = torch.autograd.grad(ours, (x, w, b), go)
+        for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
+            err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
+            if not err < tol:
+                sys.exit(f"{dtype} {(dims, n, ci, co, size, k, s, p, d, g)} {name}: relative error {err}")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_every_micro_kernel(isa):
+    """The row tails depend on the micro-kernel's rows (MR): run the NHWC kernels with each."""
+    result = run_with_cpu_isa(isa, ISA_CHECK, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa
