@@ -1,7 +1,8 @@
 """Channels-last convolution kernels (csrc/cpu/conv_nhwc.cpp) against torch.nn.functional.
 
-The NHWC kernels serve channels_last inputs (depthwise ones only where a direct depthwise
-kernel exists), the RGB stem included. Every one reads the input from a zero-padded copy split by the stride (the phase
+The NHWC kernels serve channels_last inputs with at least 4 input channels per group (not
+depthwise); the stem-like cases below (fewer channels) check the converting paths beside them.
+Every one reads the input from a zero-padded copy split by the stride (the phase
 grid): the forward reads its GEMM operand in place on that grid where few grid rows are waste
 ("grid"), packs it otherwise ("packed"), reads a 1x1 stride-1 unpadded input itself ("in place",
 whose last rows that do not fill a micro-kernel panel go through a padded copy), and writes Y
@@ -83,7 +84,7 @@ CASES = {
     "direct_1x1_s2": (2, 2, 8, 16, (10, 12), 1, dict(stride=2)),
     "direct_1x1_s2_odd": (2, 2, 8, 6, (11, 9), 1, dict(stride=2)),
     "direct_1x1_s3": (2, 1, 4, 5, (9, 7), 1, dict(stride=3)),
-    "stem_7x7_s2": (2, 2, 3, 8, (30, 28), 7, dict(stride=2, padding=3)),  # runs of 3 channels
+    "stem_7x7_s2": (2, 2, 3, 8, (30, 28), 7, dict(stride=2, padding=3)),  # 3 channels
     "cin2": (2, 2, 2, 5, (9, 8), 3, dict(padding=1)),
     # 2 channels per group, stride 2 over 3 dims: a B panel of grad_weight spans taps in several
     # phases, whose first and last offsets can be 31 apart without the panel being one run.

@@ -479,10 +479,13 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
-// one, else they are converted). The RGB stem too: its GEMM reads the runs of 3 channels in place.
+// one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
+// im2col copies runs of that many values per tap, where converting the small input to NCHW and
+// back costs far less.
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g) {
   const auto channels_last = channels_last_format(input.dim());
-  const bool nhwc_kernel = !g.is_depthwise() || depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
+  const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
+                                            : g.in_channels_per_group() >= 4;
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
