@@ -1,7 +1,8 @@
 """Channels-last convolution kernels (csrc/cpu/conv_nhwc.cpp) against torch.nn.functional.
 
 The NHWC kernels serve channels_last inputs with at least 4 input channels per group (not
-depthwise). Every one reads the input from a zero-padded copy split by the stride (the phase
+depthwise); the stem-like cases below (fewer channels) check the converting paths beside them.
+Every one reads the input from a zero-padded copy split by the stride (the phase
 grid): the forward reads its GEMM operand in place on that grid where few grid rows are waste
 ("grid"), packs it otherwise ("packed"), reads a 1x1 stride-1 unpadded input itself ("in place",
 whose last rows that do not fill a micro-kernel panel go through a padded copy), and writes Y
@@ -58,7 +59,7 @@ def path(dims, n, cin, cout, spatial, kernel, stride=1, padding=0, dilation=1, g
     return fwd, ("col2im" if strided else "as_forward")
 
 
-# name -> (dims, n, cin, cout, spatial, kernel, kwargs); cin / groups >= 4 so the NHWC kernels run.
+# name -> (dims, n, cin, cout, spatial, kernel, kwargs).
 CASES = {
     "grid_s2": (2, 2, 8, 12, (29, 31), 3, dict(stride=2, padding=1)),
     "grid_s2_long_k": (2, 2, 40, 24, (29, 27), 3, dict(stride=2, padding=1)),  # K = 360: two blocks
@@ -83,6 +84,12 @@ CASES = {
     "direct_1x1_s2": (2, 2, 8, 16, (10, 12), 1, dict(stride=2)),
     "direct_1x1_s2_odd": (2, 2, 8, 6, (11, 9), 1, dict(stride=2)),
     "direct_1x1_s3": (2, 1, 4, 5, (9, 7), 1, dict(stride=3)),
+    "stem_7x7_s2": (2, 2, 3, 8, (30, 28), 7, dict(stride=2, padding=3)),  # 3 channels
+    "cin2": (2, 2, 2, 5, (9, 8), 3, dict(padding=1)),
+    # 2 channels per group, stride 2 over 3 dims: a B panel of grad_weight spans taps in several
+    # phases, whose first and last offsets can be 31 apart without the panel being one run.
+    "cg2_3d_s2_groups": (3, 2, 4, 6, (5, 4, 6), 3, dict(stride=2, padding=1, groups=2)),
+    "cin2_groups2_1x1_s2": (2, 2, 4, 6, (7, 9), 1, dict(stride=2, groups=2)),
     "batch1": (2, 1, 8, 12, (29, 31), 3, dict(stride=2, padding=1)),
     "batch0": (2, 0, 8, 12, (9, 9), 3, dict(stride=2, padding=1)),
 }
@@ -116,7 +123,7 @@ def test_cases_reach_every_path():
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_torch(name, dtype):
     dims, x, w, b, kwargs = case_tensors(name, dtype)
-    check_conv_against_torch(dims, x, w, b, kwargs, dtype, check_channels_last=x.shape[0] > 0, msg=name)
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
 
 
 @pytest.mark.parametrize("name", ["grid_s2", "packed_7x7", "in_place_tail", "direct_1x1_s2"])
@@ -197,6 +204,7 @@ cases = [  # (dims, N, C_in, C_out, size, kernel, stride, padding, dilation, gro
     (2, 1, 4, 5, (9, 7), 1, 3, 0, 1, 1),      # 1x1 stride 3, direct
     (2, 2, 16, 12, (9, 9), 3, 2, 1, 1, 2),    # groups
     (2, 1, 40, 9, (7, 6), 3, 2, 1, 1, 1),     # K = 360, two reduction blocks
+    (2, 2, 3, 8, (16, 14), 7, 2, 3, 1, 1),    # the RGB stem
 ]
 for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
     for (dims, n, ci, co, size, k, s, p, d, g) in cases:

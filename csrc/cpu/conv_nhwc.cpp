@@ -379,6 +379,10 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
   const int64_t cg = g.in_channels_per_group();
   const PhaseGrid<T> grid = make_phase_grid(g, x);
   const int64_t* column_offset = grid.column_offset.data();
+  // Whether each NR-column panel of B (they start at multiples of NR) reads one run of values.
+  std::vector<char> one_run(num_blocks(k, nr), 1);
+  for (int64_t col = 1; col < k; ++col)
+    if (col % nr != 0 && column_offset[col] != column_offset[col - 1] + 1) one_run[col / nr] = 0;
   std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
   reduce_weight_gradient<T>(
       g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
@@ -397,7 +401,7 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
             const int64_t col = j0 + jj + p * nr, width = std::min(nr, jc - p * nr);
             const T* src = grid.data + column_offset[col];
             T* out = dst + p * kc * nr;
-            if (column_offset[col + width - 1] == column_offset[col] + width - 1) {  // one run of channels
+            if (col % nr == 0 && one_run[col / nr]) {
               for (int64_t i = 0; i < kc; ++i) std::memcpy(out + i * nr, src + base[k0 + i], width * sizeof(T));
             } else {
               for (int64_t i = 0; i < kc; ++i)
