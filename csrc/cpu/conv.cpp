@@ -315,8 +315,8 @@ void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T
   const std::vector<int64_t> im2col_rows = im2col_row_offsets(t, layout);
   // cols[(grp * blocks + b) * k * block + r * block + j]: im2col row r, column c0 + j of block b;
   // NR values of slack for the reads of the last rows' padded panels.
-  const int64_t block_size = k * block, nr = gemm_nr<T>();
-  const auto cols = scratch<T>(t.groups * blocks * block_size + nr);
+  const int64_t block_size = checked_numel({k, block}, "conv_backward() grad_input", true), nr = gemm_nr<T>();
+  const auto cols = scratch<T>(checked_numel({t.groups, blocks, block_size}, "conv_backward() grad_input", true) + nr);
   std::fill(cols.get() + t.groups * blocks * block_size, cols.get() + t.groups * blocks * block_size + nr, T(0));
   const int64_t row_chunks = num_blocks(k, 64);
   parallel_for(0, t.groups * blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {

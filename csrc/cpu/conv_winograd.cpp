@@ -21,6 +21,7 @@
 #include <cstring>
 #include <utility>
 
+#include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
 
@@ -647,16 +648,28 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
   const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * th;
-  // V and Z of a block: about 8 MB, and at least one tile row.
-  const int64_t row_bytes = kPositions * (c_in + c_out) * round_up(tw, lanes) * int64_t(sizeof(float));
-  const int64_t rows_per_block = std::clamp<int64_t>((int64_t(8) << 20) / row_bytes, 1, tile_rows);
+  // V and Z of a block: at least 8 MB, and twice dU, which every block after the first reads and
+  // writes again; at least one tile row.
+  const double row_bytes = double(kPositions) * double(c_in + c_out) * double(tw) * sizeof(float);
+  const double du_bytes = double(kPositions) * double(c_out) * double(cin_g) * sizeof(float);
+  const double target = std::max(double(int64_t(8) << 20), 2 * du_bytes);
+  const int64_t rows_per_block = std::clamp<int64_t>(int64_t(std::min(target / row_bytes, 1e15)), 1, tile_rows);
   const int64_t blocks = num_blocks(tile_rows, rows_per_block);
   const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
-  const int64_t v_xi = c_in * ld + 16, z_xi = c_out * ld + 16;  // + a cache line: see the forward
+  const int64_t v_xi = checked_numel({c_in, ld}, "conv_backward() Winograd grad_weight", true) + 16;
+  const int64_t z_xi = checked_numel({c_out, ld}, "conv_backward() Winograd grad_weight", true) + 16;  // see forward
   const int64_t plane_w = kTile * round_up(tw, lanes) + lanes;
-  // Every value the GEMMs read is written first (vector lanes past a block's tiles are not read).
-  const auto v = scratch<float>(kPositions * v_xi), z = scratch<float>(kPositions * z_xi);
-  const auto du = scratch<float>(kPositions * c_out * cin_g);  // [xi][group][cout_g][cin_g]
+  const char* what = "conv_backward() Winograd grad_weight";
+  const int64_t v_size = checked_numel({kPositions, v_xi}, what, true),
+                z_size = checked_numel({kPositions, z_xi}, what, true);
+  const int64_t du_size = checked_numel({kPositions, c_out, cin_g}, what, true);  // [xi][grp][cout_g][cin_g]
+  // Buffers kept between calls on this thread, as the forward's: fresh ones would page-fault on
+  // every call. Every value the GEMMs read is written first (lanes past a block's tiles are not read).
+  thread_local std::vector<float> v_buffer, z_buffer, du_buffer;
+  v_buffer.resize(std::max<size_t>(v_buffer.size(), v_size));
+  z_buffer.resize(std::max<size_t>(z_buffer.size(), z_size));
+  du_buffer.resize(std::max<size_t>(du_buffer.size(), du_size));
+  float *v = v_buffer.data(), *z = z_buffer.data(), *du = du_buffer.data();
   std::vector<int64_t> a_offset(rows_per_block * tw);
   for (int64_t k = 0; k < rows_per_block * tw; ++k) a_offset[k] = k;
   std::atomic<bool> finite{true};
@@ -685,8 +698,8 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
               if (oh < ho) std::memcpy(dst, dy + ((n * c_out + c) * ho + oh) * wo, wo * sizeof(float));
             }
           }
-          const bool ok = input ? kern.input_row(plane.data(), plane_w, tw, v.get() + c * ld + (r - r0) * tw, v_xi)
-                                : kern.grad_row(plane.data(), plane_w, tw, z.get() + c * ld + (r - r0) * tw, z_xi);
+          const bool ok = input ? kern.input_row(plane.data(), plane_w, tw, v + c * ld + (r - r0) * tw, v_xi)
+                                : kern.grad_row(plane.data(), plane_w, tw, z + c * ld + (r - r0) * tw, z_xi);
           if (!ok) finite = false;
         }
       }
@@ -697,7 +710,7 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
       const auto workspace = scratch<float>(gemm_workspace_size<float>(cin_g));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t xi = task / groups, grp = task % groups;
-        const float* v_g = v.get() + xi * v_xi + grp * cin_g * ld;
+        const float* v_g = v + xi * v_xi + grp * cin_g * ld;
         auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, float* dst) {
           for (int64_t p = 0; p * nr < jc; ++p) {  // panel p: B[k0 + kk, j0 + p * NR + q] = V[q'][k0 + kk]
             const int64_t cols = std::min(nr, jc - p * nr);
@@ -713,8 +726,8 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
           }
           zero_panel_tail(kc, jc, dst);
         };
-        gemm_shifted_a<float>(cout_g, tiles, z.get() + xi * z_xi + grp * cout_g * ld, ld, a_offset.data(), cin_g, pack,
-                              du.get() + (xi * groups + grp) * cout_g * cin_g, cin_g, workspace.get(), block > 0);
+        gemm_shifted_a<float>(cout_g, tiles, z + xi * z_xi + grp * cout_g * ld, ld, a_offset.data(), cin_g, pack,
+                              du + (xi * groups + grp) * cout_g * cin_g, cin_g, workspace.get(), block > 0);
       }
     });
   }
@@ -727,7 +740,7 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
       const int64_t grp = co / cout_g, cl = co % cout_g;
       for (int64_t ci0 = 0; ci0 < cin_g; ci0 += kChunk) {
         const int64_t cn = std::min(kChunk, cin_g - ci0);
-        auto u = [&](int64_t xi) { return du.get() + ((xi * groups + grp) * cout_g + cl) * cin_g + ci0; };
+        auto u = [&](int64_t xi) { return du + ((xi * groups + grp) * cout_g + cl) * cin_g + ci0; };
         float t[3][kAlpha][kChunk];  // t[a][j] = sum_i G[i][a] dU[i][j]
         for (int j = 0; j < kAlpha; ++j) {
           const float *u0 = u(j), *u1 = u(6 + j), *u2 = u(12 + j), *u3 = u(18 + j), *u4 = u(24 + j), *u5 = u(30 + j);
