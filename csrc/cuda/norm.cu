@@ -69,16 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(const at:
       if (training) {
         // Statistics per channel over N x spatial (formulas.md §Norm statistics: mu, sigma are 1 x C x 1 x 1).
         const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
-        Partials p;
-        PartialIndex pi;
-        if (channels_last || s.spatial == 1) {  // [N * spatial][C]: channels contiguous
-          p = reduce_columns<acc_t>(welford, 3, 1, s.batch * s.spatial, s.channels, acc_options, x.numel(), op);
-          pi = columns_partials(p.chunks, s.channels, s.channels, 1);
-        } else {
-          p = reduce_planes<acc_t>(welford, 3, s.batch, s.channels, s.spatial, acc_options, x.numel(), op);
-          pi = planes_partials(p.chunks);
-        }
-        finalize_stats<acc_t, param_t>(p, pi, s.channels, mean, invstd, mutable_ptr_or_null<param_t>(running_mean),
+        const ChannelPartials r = reduce_per_channel<acc_t>(welford, 3, channels_last, s.batch, s.channels, s.spatial,
+                                                            acc_options, x.numel(), op);
+        finalize_stats<acc_t, param_t>(r.p, r.pi, s.channels, mean, invstd, mutable_ptr_or_null<param_t>(running_mean),
                                        mutable_ptr_or_null<param_t>(running_var), momentum, eps);
       } else {
         running_stats_kernel<acc_t, param_t>
@@ -144,28 +137,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
                                                           0,
                                                           1,
                                                           false};
-          Partials p;
-          PartialIndex pi;
-          if (channels_last || s.spatial == 1) {
-            p = reduce_columns<acc_t>(sums, 2, 1, s.batch * s.spatial, s.channels, acc_options, x.numel(), op);
-            pi = columns_partials(p.chunks, s.channels, s.channels, 1);
-          } else {
-            p = reduce_planes<acc_t>(sums, 2, s.batch, s.channels, s.spatial, acc_options, x.numel(), op);
-            pi = planes_partials(p.chunks);
-          }
-          auto [sum_a, sum_b] = finalize_sums<acc_t>(p, pi, s.channels, acc_options);
+          const ChannelPartials r = reduce_per_channel<acc_t>(sums, 2, channels_last, s.batch, s.channels, s.spatial,
+                                                              acc_options, x.numel(), op);
+          auto [sum_a, sum_b] = finalize_sums<acc_t>(r.p, r.pi, s.channels, acc_options);
           if (output_mask[0] && training) {
             coef_g = at::empty({s.channels}, acc_options);
             coef_xmu = at::empty({s.channels}, acc_options);
           }
-          const int64_t m = s.batch * s.spatial;
-          batch_norm_coeffs_kernel<acc_t, param_t>
-              <<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                  sum_a.const_data_ptr<acc_t>(), sum_b.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                  ptr_or_null<param_t>(weight), s.channels, static_cast<acc_t>(m),
-                  mutable_ptr_or_null<param_t>(grad_weight), mutable_ptr_or_null<param_t>(grad_bias),
-                  mutable_ptr_or_null<acc_t>(coef_g), mutable_ptr_or_null<acc_t>(coef_xmu));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_batch_norm_coeffs<acc_t, param_t>(
+              sum_a, sum_b, invstd, weight, s.channels, s.batch * s.spatial, mutable_ptr_or_null<param_t>(grad_weight),
+              mutable_ptr_or_null<param_t>(grad_bias), mutable_ptr_or_null<acc_t>(coef_g),
+              mutable_ptr_or_null<acc_t>(coef_xmu));
         }
         if (output_mask[0]) {
           launch_grad_input<scalar_t, param_t, acc_t>(channels_last, dy, x, grad_input, mean, invstd, weight, coef_g,

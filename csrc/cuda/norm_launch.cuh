@@ -149,6 +149,24 @@ Partials reduce_columns(const Op& op, int fields, int64_t batch, int64_t rows, i
   return p;
 }
 
+// Batch norm's per-channel reduction over N x spatial: columns where the channels are contiguous
+// (channels_last, or no spatial extent), planes otherwise.
+struct ChannelPartials {
+  Partials p;
+  PartialIndex pi;
+};
+template <typename acc_t, typename Op>
+ChannelPartials reduce_per_channel(const Op& op, int fields, bool channels_last, int64_t batch, int64_t channels,
+                                   int64_t spatial, const at::TensorOptions& acc_options, int64_t numel,
+                                   const char* op_name) {
+  if (channels_last || spatial == 1) {
+    Partials p = reduce_columns<acc_t>(op, fields, 1, batch * spatial, channels, acc_options, numel, op_name);
+    return {p, columns_partials(p.chunks, channels, channels, 1)};
+  }
+  Partials p = reduce_planes<acc_t>(op, fields, batch, channels, spatial, acc_options, numel, op_name);
+  return {p, planes_partials(p.chunks)};
+}
+
 template <typename acc_t, typename param_t>
 void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, at::Tensor& mean, at::Tensor& invstd,
                     param_t* running_mean, param_t* running_var, double momentum, double eps) {
@@ -157,6 +175,16 @@ void finalize_stats(const Partials& p, const PartialIndex& pi, int64_t outputs, 
           p.buffer.const_data_ptr<acc_t>(), p.count, pi, outputs, mean.mutable_data_ptr<acc_t>(),
           invstd.mutable_data_ptr<acc_t>(), running_mean, running_var, static_cast<acc_t>(momentum),
           static_cast<acc_t>(eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Merged per-channel mean and M2 (SyncBatchNorm's per-rank statistics).
+template <typename acc_t>
+void finalize_mean_m2(const Partials& p, const PartialIndex& pi, int64_t outputs, at::Tensor& mean, at::Tensor& m2) {
+  welford_mean_m2_kernel<acc_t>
+      <<<grid_for(outputs, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          p.buffer.const_data_ptr<acc_t>(), p.count, pi, outputs, mean.mutable_data_ptr<acc_t>(),
+          m2.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -170,6 +198,19 @@ std::pair<at::Tensor, at::Tensor> finalize_sums(const Partials& p, const Partial
       sum_b.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sum_a, sum_b};
+}
+
+// Batch norm backward's per-channel results from the sums over `count` values: grad_weight,
+// grad_bias and the grad_input coefficients, each written where its pointer is not null.
+template <typename acc_t, typename param_t>
+void launch_batch_norm_coeffs(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                              const at::Tensor& weight, int64_t channels, int64_t count, param_t* grad_weight,
+                              param_t* grad_bias, acc_t* coef_g, acc_t* coef_xmu) {
+  batch_norm_coeffs_kernel<acc_t, param_t>
+      <<<grid_for(channels, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+          ptr_or_null<param_t>(weight), channels, static_cast<acc_t>(count), grad_weight, grad_bias, coef_g, coef_xmu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------

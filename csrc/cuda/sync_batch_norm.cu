@@ -38,20 +38,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
     using acc_t = at::acc_type<scalar_t, true>;
     // The reduction of batch_norm_forward's training path.
     const WelfordOp<scalar_t, acc_t> welford{x.const_data_ptr<scalar_t>()};
-    Partials p;
-    PartialIndex pi;
-    if (channels_last || s.spatial == 1) {
-      p = reduce_columns<acc_t>(welford, 3, 1, s.batch * s.spatial, s.channels, acc_options, x.numel(), op);
-      pi = columns_partials(p.chunks, s.channels, s.channels, 1);
-    } else {
-      p = reduce_planes<acc_t>(welford, 3, s.batch, s.channels, s.spatial, acc_options, x.numel(), op);
-      pi = planes_partials(p.chunks);
-    }
-    welford_mean_m2_kernel<acc_t>
-        <<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            p.buffer.const_data_ptr<acc_t>(), p.count, pi, s.channels, mean.mutable_data_ptr<acc_t>(),
-            m2.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const ChannelPartials r = reduce_per_channel<acc_t>(welford, 3, channels_last, s.batch, s.channels, s.spatial,
+                                                        acc_options, x.numel(), op);
+    finalize_mean_m2<acc_t>(r.p, r.pi, s.channels, mean, m2);
   });
   return {mean, m2};
 }
@@ -108,12 +97,8 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output_, const 
       using param_t = typename decltype(tag)::type;
       // batch_norm_backward's training coefficients, from the all-ranks sums and count.
       at::Tensor coef_g = at::empty({s.channels}, acc_options), coef_xmu = at::empty({s.channels}, acc_options);
-      batch_norm_coeffs_kernel<acc_t, param_t>
-          <<<grid_for(s.channels, kSmallThreads), kSmallThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-              ptr_or_null<param_t>(weight), s.channels, static_cast<acc_t>(count), nullptr, nullptr,
-              coef_g.mutable_data_ptr<acc_t>(), coef_xmu.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_batch_norm_coeffs<acc_t, param_t>(sum_dy, sum_dy_xmu, invstd, weight, s.channels, count, nullptr, nullptr,
+                                               coef_g.mutable_data_ptr<acc_t>(), coef_xmu.mutable_data_ptr<acc_t>());
       launch_grad_input<scalar_t, param_t, acc_t>(channels_last, dy, x, grad_input, mean, invstd, weight, coef_g,
                                                   coef_xmu, s.channels, s.spatial, 0, 1);
     });
