@@ -353,7 +353,7 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64
           float out[L];
           store<L>(out, o[i]);
           float* d = dst[i * kAlpha + j];
-          if (panels && layout.mr == 8) {
+          if (L % 8 == 0 && panels && layout.mr == 8) {  // whole 8-row panels (not the 4-lane portable body)
             for (int64_t l = 0; l < L; l += 8) std::memcpy(d + offset[l / 8], out + l, 8 * sizeof(float));
           } else {
             for (int64_t l = 0; l < n; ++l) d[layout.at(co + l, ci)] = out[l];
