@@ -81,25 +81,21 @@ void pack_column_groups(const T* x_g, const int64_t* row_offset, const int64_t* 
   CNNOPS_SIMD_CALL(pack_column_groups_body<L>(x_g, row_offset, column_offset, panels, kc, dst));
 }
 
-// conv_forward_gemm when its output channels are split between tasks (few column blocks: small
-// maps, batch 1). Every row task would pack the same im2col panels, so the im2col blocks are
-// written once, in parallel, row-major (K x block, zero past the block's columns), and each
-// task's GEMM reads them in place (gemm_shifted_b with rows `block` apart).
+// The im2col matrix of each group in blocks of `block` columns, written once, in parallel:
+// cols[(grp * blocks + b) * K * block + r * block + j] is row r, column b * block + j (zero past
+// the last column), with NR values of slack for the reads of the last rows' padded panels.
 template <typename T>
-void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights, const T* bias,
-                             T* y, Activation activation, int64_t blocks, int64_t block, const RowSplit& rows) {
+std::unique_ptr<T[]> im2col_blocks(const ConvGeometry& g, const T* x, int64_t blocks, int64_t block) {
   constexpr int64_t nr = gemm_nr<T>();
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
-  const int64_t cg = g.in_channels_per_group();
+  const int64_t k = g.gemm_k(), l = g.out_plane(), total = g.batch * l, cg = g.in_channels_per_group();
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> im2col_rows = im2col_row_offsets(g, layout);
-  // cols[(grp * blocks + b) * k * block + r * block + j]: im2col row r, column c0 + j of block b;
-  // NR values of slack for the reads of the last rows' padded panels.
-  const int64_t block_size = k * block;
-  const auto cols = scratch<T>(g.groups * blocks * block_size + nr);
-  std::fill(cols.get() + g.groups * blocks * block_size, cols.get() + g.groups * blocks * block_size + nr, T(0));
+  const int64_t block_size = checked_numel({k, block}, "conv (im2col blocks)", true);
+  const int64_t size = checked_numel({g.groups, blocks, block_size}, "conv (im2col blocks)", true);
+  auto cols = scratch<T>(size + nr);
+  std::fill(cols.get() + size, cols.get() + size + nr, T(0));
   const int64_t row_chunks = num_blocks(k, 64);
   parallel_for(0, g.groups * blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -122,6 +118,19 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vecto
       for (int64_t r = r0; r < r1; ++r) std::fill(dst + r * block + nc, dst + (r + 1) * block, T(0));
     }
   });
+  return cols;
+}
+
+// conv_forward_gemm when its output channels are split between tasks (few column blocks: small
+// maps, batch 1). Every row task would pack the same im2col panels, so the im2col blocks are
+// written once, in parallel, row-major (K x block, zero past the block's columns), and each
+// task's GEMM reads them in place (gemm_shifted_b with rows `block` apart).
+template <typename T>
+void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights, const T* bias,
+                             T* y, Activation activation, int64_t blocks, int64_t block, const RowSplit& rows) {
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
+  const int64_t block_size = k * block;
+  const auto cols = im2col_blocks(g, x, blocks, block);
   std::vector<int64_t> row_offset(k);
   for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
   parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
@@ -309,37 +318,8 @@ void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T
   const int64_t blocks = num_blocks(total, kColumnBlock);
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();
   const RowSplit rows(m, gemm_mr<T>(), t.groups * blocks);
-  const bool pointwise = t.is_pointwise();
-  const PaddedLayout layout(t);
-  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(t, layout, dy, t.batch * t.in_channels);
-  const std::vector<int64_t> im2col_rows = im2col_row_offsets(t, layout);
-  // cols[(grp * blocks + b) * k * block + r * block + j]: im2col row r, column c0 + j of block b;
-  // NR values of slack for the reads of the last rows' padded panels.
-  const int64_t block_size = checked_numel({k, block}, "conv_backward() grad_input", true), nr = gemm_nr<T>();
-  const auto cols = scratch<T>(checked_numel({t.groups, blocks, block_size}, "conv_backward() grad_input", true) + nr);
-  std::fill(cols.get() + t.groups * blocks * block_size, cols.get() + t.groups * blocks * block_size + nr, T(0));
-  const int64_t row_chunks = num_blocks(k, 64);
-  parallel_for(0, t.groups * blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % row_chunks, gb = task / row_chunks, grp = gb / blocks, c0 = gb % blocks * block;
-      const int64_t nc = std::min(block, total - c0), r0 = chunk * 64, r1 = std::min(k, r0 + 64);
-      T* dst = cols.get() + gb * block_size;
-      if (pointwise) {
-        for (int64_t r = r0; r < r1; ++r)
-          for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-            copy_values(dst + r * block + offset, dy + (n * t.in_channels + grp * cg + r) * l + l0, len);
-          });
-      } else {
-        const std::vector<int64_t> column_offset = im2col_column_offsets(t, layout, c0, nc);
-        const T* x_g = padded.data() + grp * cg * layout.plane;
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* src = x_g + im2col_rows[r];
-          for (int64_t j = 0; j < nc; ++j) dst[r * block + j] = src[column_offset[j]];
-        }
-      }
-      for (int64_t r = r0; r < r1; ++r) std::fill(dst + r * block + nc, dst + (r + 1) * block, T(0));
-    }
-  });
+  const int64_t block_size = k * block;
+  const auto cols = im2col_blocks(t, dy, blocks, block);  // im2col(dY)
   std::vector<int64_t> row_offset(k), a_offset(k);
   for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
   // Column (j, r) of A (j: dY's channel in the group, r: tap) at W[j, 0, taps - 1 - r]; row c adds c * taps.
