@@ -527,10 +527,9 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // wastes most of each panel: 3-10x slower than converting to NCHW and back.
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
   const auto channels_last = channels_last_format(input.dim());
-  const bool narrow_groups = g.groups > 1 && g.out_channels_per_group() < gemm_nr<float>();
-  const bool nhwc_kernel =
-      g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-                       : !narrow_groups && (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
+  const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
+                                            : !has_narrow_groups(g) && (g.in_channels_per_group() >= 4 ||
+                                                                        (forward && use_space_to_depth(g)));
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
