@@ -235,6 +235,24 @@ def test_max_pool_ties_first_index(dims):
     assert torch.equal(fn(CF, "max_pool", dims)(x, **kw)[1], fn(F, "max_pool", dims)(x, **kw)[1])
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+def test_max_pool_bfloat16_stride2_every_width(padding):
+    """bfloat16 NCHW rows with stride 2 are widened two values per 32-bit word (pool_cpu.h's
+    load_even_columns), the last column alone: every width, so every row ends on either parity,
+    the tensor's very last value included (ASan would see a read past it)."""
+    torch.manual_seed(0)
+    for width in range(1, 40):
+        x = torch.randn(2, 3, 3, width).to(torch.bfloat16)
+        for kernel in (1, 2, 3):
+            if 2 * padding > kernel or kernel > width + 2 * padding:
+                continue
+            kw = dict(kernel_size=(1, kernel), stride=2, padding=(0, padding), return_indices=True)
+            out, idx = CF.max_pool2d(x, **kw)
+            ref, ref_idx = F.max_pool2d(x.float(), **kw)
+            assert torch.equal(out.float(), ref), (width, kernel)
+            assert torch.equal(idx, ref_idx), (width, kernel)
+
+
 # --------------------------------------------------------------------------------------------
 # average pool
 # --------------------------------------------------------------------------------------------
