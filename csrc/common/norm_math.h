@@ -32,6 +32,18 @@ CNNOPS_HD void welford_merge_equal_count(acc_t& mean, acc_t& m2, acc_t other_mea
   m2 = m2 + other_m2 + delta * delta * (acc_t(0.5) * count);
 }
 
+// Chan's merge of a partial of count n_b into one of count n_a, for lanes that share both counts
+// (a block of channels over the same rows): the caller computes the weights once, so the lane
+// loop has no division. With n = n_a + n_b and delta = mean_b - mean_a:
+//   mean += delta * (n_b / n),  m2 += m2_b + delta^2 * (n_a * n_b / n)
+template <typename acc_t>
+CNNOPS_HD void welford_merge_shared_counts(acc_t& mean, acc_t& m2, acc_t other_mean, acc_t other_m2, acc_t b_share,
+                                           acc_t cross_weight) {
+  const acc_t delta = other_mean - mean;
+  mean += delta * b_share;
+  m2 += other_m2 + delta * delta * cross_weight;
+}
+
 // Running statistics (torch's momentum convention): running = (1 - m) * running + m * batch,
 // where the variance fed in is the unbiased one, m2 / (count - 1).
 template <typename acc_t>

@@ -335,32 +335,46 @@ CNNOPS_ALWAYS_INLINE void layer_norm_rows_backward_impl(const scalar_t* dy, cons
 // registers across the rows (a row of C channels is C / kChannelBlock blocks side by side).
 constexpr int64_t kChannelBlock = 64;
 
+// Rows go in runs of kWelfordRunRows, each run's statistics merged into the total with Chan's
+// formula: one long Welford in float drifts, every mean update rounding at the mean's magnitude
+// (on (8, 4, 14, 14) data of mean 1e4, 2.3x torch's error against float64; runs: about torch's).
+constexpr int64_t kWelfordRunRows = 64;
+
+// Per-channel mean and M2 of `width` channels (kWidth when it is not 0: then the lanes stay in
+// registers) over `rows` rows of C values.
+template <int64_t kWidth, typename scalar_t>
+CNNOPS_ALWAYS_INLINE void welford_rows_block(const scalar_t* __restrict x, int64_t rows, int64_t C, int64_t width,
+                                             acc_type<scalar_t>* __restrict mean, acc_type<scalar_t>* __restrict m2) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  acc_t total_mean[kChannelBlock] = {}, total_m2[kChannelBlock] = {};
+  for (int64_t r0 = 0; r0 < rows; r0 += kWelfordRunRows) {
+    const int64_t run = std::min(kWelfordRunRows, rows - r0);
+    acc_t run_mean[kChannelBlock] = {}, run_m2[kChannelBlock] = {};
+    for (int64_t r = 0; r < run; ++r) {
+      const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
+      const scalar_t* p = x + (r0 + r) * C;
+      for (int64_t l = 0; l < w; ++l)
+        welford_add_shared_count(run_mean[l], run_m2[l], static_cast<acc_t>(p[l]), inv_count);
+    }
+    const acc_t b_share = static_cast<acc_t>(run) / static_cast<acc_t>(r0 + run);
+    const acc_t cross_weight = static_cast<acc_t>(r0) * b_share;  // n_a * n_b / n
+    for (int64_t l = 0; l < w; ++l)
+      welford_merge_shared_counts(total_mean[l], total_m2[l], run_mean[l], run_m2[l], b_share, cross_weight);
+  }
+  for (int64_t l = 0; l < w; ++l) {
+    mean[l] = total_mean[l];
+    m2[l] = total_m2[l];
+  }
+}
+
 template <typename scalar_t>
 CNNOPS_ALWAYS_INLINE void welford_rows_impl(const scalar_t* __restrict x, int64_t rows, int64_t C,
                                             acc_type<scalar_t>* __restrict mean, acc_type<scalar_t>* __restrict m2) {
-  using acc_t = acc_type<scalar_t>;
   int64_t c0 = 0;
-  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-    acc_t mb[kChannelBlock] = {};
-    acc_t qb[kChannelBlock] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
-      const scalar_t* p = x + r * C + c0;
-      for (int64_t l = 0; l < kChannelBlock; ++l)
-        welford_add_shared_count(mb[l], qb[l], static_cast<acc_t>(p[l]), inv_count);
-    }
-    for (int64_t l = 0; l < kChannelBlock; ++l) {
-      mean[c0 + l] = mb[l];
-      m2[c0 + l] = qb[l];
-    }
-  }
-  // The remaining channels (C not a multiple of the block): lanes kept in memory.
-  for (int64_t c = c0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
-  for (int64_t r = 0; r < rows && c0 < C; ++r) {
-    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(r + 1);
-    const scalar_t* p = x + r * C;
-    for (int64_t c = c0; c < C; ++c) welford_add_shared_count(mean[c], m2[c], static_cast<acc_t>(p[c]), inv_count);
-  }
+  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock)
+    welford_rows_block<kChannelBlock>(x + c0, rows, C, kChannelBlock, mean + c0, m2 + c0);
+  if (c0 < C) welford_rows_block<0>(x + c0, rows, C, C - c0, mean + c0, m2 + c0);  // the remaining channels
 }
 
 template <typename scalar_t>
