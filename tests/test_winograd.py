@@ -258,6 +258,29 @@ def test_large_channels_and_values():
     assert calls() - before == 2
 
 
+
+@pytest.mark.parametrize("channels,size", [(128, 28), (256, 14)])
+def test_trained_scale_layers_stay_inside_the_float32_tolerance(channels, size):
+    """What benchmarks/results/winograd_cpu.md and docs/formulas.md claim: on ResNet-sized layers
+    with weights of a trained layer's scale (N(0, 1/fan_in)), forward and grad_input through
+    Winograd stay inside the float32 tolerance table against a float64 reference. (With N(0, 1)
+    weights at 128 channels, outputs ~sqrt(fan_in), a few outputs per million exceed it: the
+    Winograd-domain sums over C_in round at the transformed values' larger magnitude.)"""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, size, size, generator=gen).requires_grad_()
+    w = (torch.randn(channels, channels, 3, 3, generator=gen) * (9 * channels) ** -0.5).requires_grad_()
+    before = calls()
+    y = CF.conv2d(x, w, padding=1)
+    go = torch.randn(y.shape, generator=gen)
+    (dx,) = torch.autograd.grad(y, x, go)
+    assert calls() - before == 2  # forward and grad_input both ran Winograd
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double()
+    ref = F.conv2d(xd, wd, padding=1)
+    (ref_dx,) = torch.autograd.grad(ref, xd, go.double())
+    assert_close_to_torch(y, ref, torch.float32, reduction=9 * channels, msg="forward")
+    assert_close_to_torch(dx, ref_dx, torch.float32, reduction=9 * channels, msg="grad_input")
+
+
 ISA_CHECK = r"""
 import itertools, sys, torch, torch.nn.functional as F
 import cnnops, cnnops.functional as CF
