@@ -37,6 +37,7 @@
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
+#include "cpu/layout.h"
 #include "cpu/simd.h"
 #include "cpu/weight_cache.h"
 
@@ -515,7 +516,7 @@ void conv_backward_bias_nhwc(const ConvGeometry& g, const T* dy, T* db) {
 // Reduced-precision tensors run through the float kernels: float accumulation, as torch does.
 bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
 at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
-  return (is_reduced(t) ? t.to(at::kFloat) : t).contiguous(format);
+  return contiguous_as(is_reduced(t) ? t.to(at::kFloat) : t, format);
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
@@ -524,12 +525,16 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // back costs far less; except the stem's forward through space to depth, whose NHWC input phases
 // have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
-// wastes most of each panel: 3-10x slower than converting to NCHW and back.
+// wastes most of each panel: 3-10x slower than converting to NCHW and back. Nor for 3-d
+// convolutions (channels_last_3d), whose NCHW shifted-window path runs 2-3x faster than the NHWC
+// kernels (32 channels 16x28x28, 3x3x3, 1 thread: forward 11 vs 30 ms, backward 26 vs 48 ms),
+// where the conversions cost about 1 ms each (layout.cpp).
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
   const auto channels_last = channels_last_format(input.dim());
-  const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-                                            : !has_narrow_groups(g) && (g.in_channels_per_group() >= 4 ||
-                                                                        (forward && use_space_to_depth(g)));
+  const bool nhwc_kernel = g.is_depthwise()
+                               ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
+                               : !has_narrow_groups(g) && input.dim() == 4 &&
+                                     (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
@@ -564,7 +569,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, c
                        activation);
     });
   }
-  return y.to(input.scalar_type()).contiguous(conv_output_memory_format(input, weight));
+  return contiguous_as(y.to(input.scalar_type()), conv_output_memory_format(input, weight));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -603,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
           conv_backward_input_nhwc(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
         }
       }
-      dx = dx.to(input.scalar_type()).contiguous(conv_output_memory_format(input, input));
+      dx = contiguous_as(dx.to(input.scalar_type()), conv_output_memory_format(input, input));
     }
     if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
     bool db_done = false;  // the depthwise kernels may sum db in their pass over dY
