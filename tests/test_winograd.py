@@ -302,7 +302,7 @@ for (h, w), p, cl, (g, ci, co) in itertools.product(
     got = torch.autograd.grad(ours, (x, wt, b), go)
     if _C._cpu_winograd_calls() - before != 2:
         sys.exit(f"Winograd not taken for {(h, w, p, cl, g)}")
-    if not cl and _C._cpu_winograd_weight_calls() - before_w != 1:  # grad_weight: NCHW kernels only
+    if _C._cpu_winograd_weight_calls() - before_w != 1:
         sys.exit(f"Winograd grad_weight not taken for {(h, w, p, cl, g)}")
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
     ref = F.conv2d(xd, wd, bd, padding=p, groups=g)
@@ -332,35 +332,41 @@ def weight_calls():
     return _C._cpu_winograd_weight_calls()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("padding", [0, 1, 2])
 @pytest.mark.parametrize("out_size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_weight_gradient_tile_edges(out_size, padding):
+def test_weight_gradient_tile_edges(out_size, padding, layout):
     """Output sizes that are not multiples of the 4x4 tile (the output gradient's tiles are
-    zero past the edges), padding 0, 1 and 2."""
+    zero past the edges), padding 0, 1 and 2; channels-last rows (moved 16 channels at a time,
+    transposed, and element by element past the last whole vector of pixels) too."""
     h, w = (s + 2 - 2 * padding for s in out_size)
     if min(h, w) < 1:
         pytest.skip("no input of that size gives this output with padding 2")
-    x, wt, b = conv_tensors(2, 2, 16, 24, (h, w), 3, 1, True, torch.float32)
+    x, wt, b = conv_tensors(2, 2, 16, 24, (h, w), 3, 1, True, torch.float32, layout=layout)
     before = weight_calls()
     check_conv_against_torch(2, x, wt, b, {"padding": padding}, torch.float32, grads=("weight", "bias"))
     assert weight_calls() - before == 1
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("batch", [0, 1, 3])
 @pytest.mark.parametrize("cin,cout,groups", [(16, 16, 1), (3, 5, 1), (32, 48, 2), (48, 48, 3), (13, 29, 1)])
-def test_weight_gradient_batches_channels_groups(batch, cin, cout, groups):
-    x, w, b = conv_tensors(2, batch, cin, cout, (9, 10), 3, groups, False, torch.float32)
+def test_weight_gradient_batches_channels_groups(batch, cin, cout, groups, layout):
+    x, w, b = conv_tensors(2, batch, cin, cout, (9, 10), 3, groups, False, torch.float32, layout=layout)
     before = weight_calls()
     check_conv_against_torch(2, x, w, b, {"padding": 1, "groups": groups}, torch.float32)
     assert weight_calls() - before == (1 if batch else 0)
 
 
-def check_weight_gradient(n, cin, cout, size, padding=1):
+def check_weight_gradient(n, cin, cout, size, padding=1, layout="contiguous"):
     """grad_weight alone (conv_backward with only the weight in the mask) against torch's float64
     one, with the tolerance of a sum over n * H_out * W_out terms."""
-    x, w, _ = conv_tensors(2, n, cin, cout, size, 3, 1, False, torch.float32)
+    x, w, _ = conv_tensors(2, n, cin, cout, size, 3, 1, False, torch.float32, layout=layout,
+                           weight_layout="contiguous")
     out = [s + 2 * padding - 2 for s in size]
     go = torch.randn(n, cout, *out, generator=torch.Generator().manual_seed(5))
+    if layout == "channels_last":
+        go = go.contiguous(memory_format=torch.channels_last)
     args = ([1, 1], [padding] * 2, [1, 1], 1, [False, True, False])
     before = weight_calls()
     got = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
@@ -370,23 +376,29 @@ def check_weight_gradient(n, cin, cout, size, padding=1):
     assert_close_to_torch(got, ref.float(), torch.float32, n * out[0] * out[1])
 
 
-def test_weight_gradient_several_blocks():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_gradient_several_blocks(layout):
     """128 + 128 channels at 56x56: the tiles run in blocks of tile rows (about 8 MB of
     transforms each) that span samples, added into dU in order."""
-    check_weight_gradient(3, 128, 128, (56, 56))
+    check_weight_gradient(3, 128, 128, (56, 56), layout=layout)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("n,cin,cout,size", [(1, 16, 16, (5, 150)), (2, 256, 128, (14, 14)), (8, 512, 512, (7, 7)),
-                                             (2, 64, 64, (56, 56))])
-def test_weight_gradient_wide_rows_and_large_layers(n, cin, cout, size):
-    check_weight_gradient(n, cin, cout, size)
+                                             (2, 64, 64, (56, 56)), (2, 24, 40, (17, 19))])
+def test_weight_gradient_wide_rows_and_large_layers(n, cin, cout, size, layout):
+    check_weight_gradient(n, cin, cout, size, layout=layout)
 
 
 @pytest.mark.parametrize("where", ["input", "grad_output"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_weight_gradient_nonfinite_takes_the_direct_path(where, value):
-    x, w, _ = conv_tensors(2, 2, 16, 16, (12, 12), 3, 1, False, torch.float32)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_gradient_nonfinite_takes_the_direct_path(where, value, layout):
+    x, w, _ = conv_tensors(2, 2, 16, 16, (12, 12), 3, 1, False, torch.float32, layout=layout,
+                           weight_layout="contiguous")
     go = torch.randn(2, 16, 12, 12)
+    if layout == "channels_last":
+        go = go.contiguous(memory_format=torch.channels_last)
     (x if where == "input" else go)[1, 3, 5, 6] = value
     before = weight_calls()
     _, got, _ = torch.ops.cnnops.conv_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [False, True, False])
@@ -399,7 +411,7 @@ def test_weight_gradient_nonfinite_takes_the_direct_path(where, value):
     assert_close_to_torch(got[finite], ref[finite].float(), torch.float32, 2 * 12 * 12)
 
 
-def test_weight_gradient_switch_float64_and_channels_last_keep_the_direct_path():
+def test_weight_gradient_switch_and_float64_keep_the_direct_path():
     x, w, _ = conv_tensors(2, 2, 16, 16, (12, 12), 3, 1, False, torch.float32)
     go = torch.randn(2, 16, 12, 12)
     args = ([1, 1], [1, 1], [1, 1], 1, [False, True, False])
@@ -407,8 +419,6 @@ def test_weight_gradient_switch_float64_and_channels_last_keep_the_direct_path()
     with cnnops.backends.cpu.flags(allow_winograd=False):
         direct = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
     torch.ops.cnnops.conv_backward(go.double(), x.double(), w.double(), *args)
-    cl = torch.channels_last
-    torch.ops.cnnops.conv_backward(go.contiguous(memory_format=cl), x.contiguous(memory_format=cl), w, *args)
     assert weight_calls() == before
     wino = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
     assert weight_calls() == before + 1
@@ -417,11 +427,19 @@ def test_weight_gradient_switch_float64_and_channels_last_keep_the_direct_path()
     assert not torch.equal(direct, wino)
     for got in (direct, wino):
         assert_close_to_torch(got, ref, torch.float32, 2 * 12 * 12)
+    cl = torch.channels_last  # channels-last runs the same sums: bitwise the NCHW result
+    wino_cl = torch.ops.cnnops.conv_backward(go.contiguous(memory_format=cl), x.contiguous(memory_format=cl), w, *args)
+    assert weight_calls() == before + 2
+    assert torch.equal(wino_cl[1], wino)
 
 
-def test_weight_gradient_does_not_depend_on_the_thread_count():
-    x, w, _ = conv_tensors(2, 3, 128, 64, (40, 44), 3, 1, False, torch.float32)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_gradient_does_not_depend_on_the_thread_count(layout):
+    x, w, _ = conv_tensors(2, 3, 128, 64, (40, 44), 3, 1, False, torch.float32, layout=layout,
+                           weight_layout="contiguous")
     go = torch.randn(3, 64, 40, 44)
+    if layout == "channels_last":
+        go = go.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
         outs = []

@@ -445,7 +445,7 @@ void pack_transposed_im2col_panel(const T* x_g, const int64_t* rows, int64_t col
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw)) return;
+    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/false)) return;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();

@@ -11,10 +11,12 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
 #include "cpu/weight_cache.h"
 
@@ -374,6 +376,9 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* b
 // columns, one run of channels inside a tap) at a time.
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
+    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true)) return;
+  }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();

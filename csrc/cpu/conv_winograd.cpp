@@ -643,7 +643,7 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w
 // the gradient of U = G g G^T through M = U V and Y = A^T M A (formulas.md §Winograd). Blocks of
 // whole tile rows, their size fixed by the layer's sizes, add into dU in order, so no sum depends
 // on the thread count.
-bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw) {
+bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc) {
   const Kernels& kern = kernels();
   const int64_t lanes = kern.lanes, nr = gemm_nr<float>();
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
@@ -660,7 +660,9 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
   const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
   const int64_t v_xi = checked_numel({c_in, ld}, "conv_backward() Winograd grad_weight", true) + 16;
   const int64_t z_xi = checked_numel({c_out, ld}, "conv_backward() Winograd grad_weight", true) + 16;  // see forward
-  const int64_t plane_w = kTile * round_up(tw, lanes) + lanes;
+  const int64_t plane_w = kTile * round_up(tw, lanes) + lanes, plane_size = (kTile + 2) * plane_w;
+  const int64_t step = nhwc ? lanes : 1;  // channels per transform task
+  const int64_t in_tasks = num_blocks(c_in, step), out_tasks = num_blocks(c_out, step);
   const char* what = "conv_backward() Winograd grad_weight";
   const int64_t v_size = checked_numel({kPositions, v_xi}, what, true),
                 z_size = checked_numel({kPositions, z_xi}, what, true);
@@ -679,30 +681,44 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
     const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
     const int64_t tiles = (r1 - r0) * tw;
     // Input transform, V = B^T d B, and gradient transform, Z = A dY A^T, per channel plane:
-    // tasks [0, c_in) input channels, [c_in, c_in + c_out) output channels.
-    parallel_for(0, c_in + c_out, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> plane((kTile + 2) * plane_w);
+    // tasks [0, in_tasks) take `step` input channels each, the rest `step` output channels.
+    // Channels-last rows are moved L channels at a time, transposed L x L, as in the forward.
+    parallel_for(0, in_tasks + out_tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> planes(step * plane_size);
       for (int64_t task = begin; task < end && finite; ++task) {
-        const bool input = task < c_in;
-        const int64_t c = input ? task : task - c_in;
+        const bool input = task < in_tasks;
+        const int64_t channels = input ? c_in : c_out;
+        const int64_t c0 = (input ? task : task - in_tasks) * step, cn = std::min(step, channels - c0);
+        const float* t = input ? x : dy;
+        const int64_t t_h = input ? h : ho, t_w = input ? w : wo;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t n = r / th, ty = r % th;
           // The rows this tile row reads, zero outside the (padded) input or the output.
           const int64_t rows = input ? kTile + 2 : kTile;
           for (int64_t q = 0; q < rows; ++q) {
-            float* dst = plane.data() + q * plane_w;
-            std::fill(dst, dst + plane_w, 0.0f);
-            if (input) {
-              const int64_t hi = kTile * ty + q - ph;
-              if (hi >= 0 && hi < h) std::memcpy(dst + pw, x + ((n * c_in + c) * h + hi) * w, w * sizeof(float));
-            } else {
-              const int64_t oh = kTile * ty + q;
-              if (oh < ho) std::memcpy(dst, dy + ((n * c_out + c) * ho + oh) * wo, wo * sizeof(float));
+            float* dst = planes.data() + q * plane_w;
+            for (int64_t k = 0; k < cn; ++k) std::fill(dst + k * plane_size, dst + k * plane_size + plane_w, 0.0f);
+            const int64_t row = input ? kTile * ty + q - ph : kTile * ty + q;
+            if (row < 0 || row >= t_h) continue;
+            if (input) dst += pw;
+            if (!nhwc) {
+              std::memcpy(dst, t + ((n * channels + c0) * t_h + row) * t_w, t_w * sizeof(float));
+              continue;
             }
+            const float* src = t + (n * t_h + row) * t_w * channels + c0;  // column 0, channel c0
+            int64_t j = 0;
+            if (cn == lanes)
+              for (; j + lanes <= t_w; j += lanes) kern.transpose(src + j * channels, channels, dst + j, plane_size);
+            for (int64_t k = 0; k < cn; ++k)
+              for (int64_t jj = j; jj < t_w; ++jj) dst[k * plane_size + jj] = src[jj * channels + k];
           }
-          const bool ok = input ? kern.input_row(plane.data(), plane_w, tw, v + c * ld + (r - r0) * tw, v_xi)
-                                : kern.grad_row(plane.data(), plane_w, tw, z + c * ld + (r - r0) * tw, z_xi);
-          if (!ok) finite = false;
+          for (int64_t k = 0; k < cn; ++k) {
+            const float* plane = planes.data() + k * plane_size;
+            const int64_t c = c0 + k;
+            const bool ok = input ? kern.input_row(plane, plane_w, tw, v + c * ld + (r - r0) * tw, v_xi)
+                                  : kern.grad_row(plane, plane_w, tw, z + c * ld + (r - r0) * tw, z_xi);
+            if (!ok) finite = false;
+          }
         }
       }
     });

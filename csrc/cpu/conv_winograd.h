@@ -44,10 +44,10 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
                            bool nhwc, Activation activation);
 
-// dW of a float32 NCHW convolution that use_winograd accepts: G^T [sum over tiles of
-// (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd). Returns false, dw unwritten, when x or dy
-// holds an inf or NaN (the caller runs the direct path).
-bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw);
+// dW (contiguous) of a float32 convolution that use_winograd accepts, dy and x NCHW, or NHWC when
+// nhwc: G^T [sum over tiles of (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd). Returns false,
+// dw unwritten, when x or dy holds an inf or NaN (the caller runs the direct path).
+bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc);
 
 }  // namespace cpu
 }  // namespace cnnops
