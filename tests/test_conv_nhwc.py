@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnops
+from cnnops import _C
 import cnnops.functional
 from conftest import (
     CHANNELS_LAST,
@@ -104,9 +105,14 @@ def case_tensors(name, dtype, bias=True):
 
 @pytest.fixture(autouse=True)
 def _direct_path():
-    """Winograd would take the stride-1 3x3 cases: these tests are about the direct kernels."""
-    with cnnops.backends.cpu.flags(allow_winograd=False):
-        yield
+    """Winograd would take the stride-1 3x3 cases, and conv.cpp's speed rules would convert the
+    small and 3-d ones to NCHW: these tests are about the NHWC kernels."""
+    _C._set_cpu_nhwc_kernels_forced(True)
+    try:
+        with cnnops.backends.cpu.flags(allow_winograd=False):
+            yield
+    finally:
+        _C._set_cpu_nhwc_kernels_forced(False)
 
 
 def test_cases_reach_every_path():
@@ -123,7 +129,21 @@ def test_cases_reach_every_path():
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_torch(name, dtype):
     dims, x, w, b, kwargs = case_tensors(name, dtype)
+    before = _C._cpu_nhwc_kernel_calls()
     check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    if x.numel() > 0:  # (an empty input has no memory format to suggest)
+        assert _C._cpu_nhwc_kernel_calls() > before  # the NHWC kernels ran, not a conversion to NCHW
+
+
+def test_speed_rules_convert_small_and_3d_inputs():
+    """Without the override, small maps and 3-d layers run the NCHW kernels on converted tensors
+    (conv.cpp's kernel_memory_format), with torch's results and memory format."""
+    _C._set_cpu_nhwc_kernels_forced(False)
+    for name in ("packed_7x7", "in_place_tail", "grid_3d", "packed_3d"):
+        dims, x, w, b, kwargs = case_tensors(name, torch.float32)
+        before = _C._cpu_nhwc_kernel_calls()
+        check_conv_against_torch(dims, x, w, b, kwargs, torch.float32, msg=name)
+        assert _C._cpu_nhwc_kernel_calls() == before, name
 
 
 @pytest.mark.parametrize("name", ["grid_s2", "packed_7x7", "in_place_tail", "direct_1x1_s2"])

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -528,18 +529,38 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // wastes most of each panel: 3-10x slower than converting to NCHW and back. Nor for 3-d
 // convolutions (channels_last_3d), whose NCHW shifted-window path runs 2-3x faster than the NHWC
 // kernels (32 channels 16x28x28, 3x3x3, 1 thread: forward 11 vs 30 ms, backward 26 vs 48 ms),
-// where the conversions cost about 1 ms each (layout.cpp).
+// where the conversions cost about 1 ms each (layout.cpp). Nor for small inputs (at most 64
+// positions a sample, or 256 in all: ResNet's last stage, batch 1 at 14x14), where the NCHW
+// small-map paths run 1.1-5x faster than the NHWC kernels and converting costs little (512ch 7x7,
+// batch 1, 1 thread: grad input 13.0 -> 2.4 ms, grad weight 3.7 -> 2.3 ms). The forward goes by the
+// input's size (a stride-2 layer's larger input costs more to convert than the NCHW kernel saves),
+// the backward by the output's (the NHWC strided grad input is the slower one: 14.8 vs 8.7 ms on
+// 256->512 14x14 stride 2, batch 8).
+std::atomic<bool> nhwc_forced{false};
+std::atomic<int64_t> nhwc_calls{0};
+
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
-  const auto channels_last = channels_last_format(input.dim());
-  const bool nhwc_kernel = g.is_depthwise()
-                               ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-                               : !has_narrow_groups(g) && input.dim() == 4 &&
-                                     (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
-  if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
-  return at::MemoryFormat::Contiguous;
+  if (input.dim() < 4 || input.suggest_memory_format() != channels_last_format(input.dim()))
+    return at::MemoryFormat::Contiguous;
+  const int64_t plane = forward ? g.in_plane() : g.out_plane();
+  const bool small_maps = plane <= 64 || g.batch * plane <= 256;
+  bool nhwc_kernel;
+  if (g.is_depthwise())  // NHWC kernels for some geometries only
+    nhwc_kernel = depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
+  else if (nhwc_forced.load(std::memory_order_relaxed))
+    nhwc_kernel = true;
+  else
+    nhwc_kernel = !has_narrow_groups(g) && input.dim() == 4 && !small_maps &&
+                  (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
+  if (!nhwc_kernel) return at::MemoryFormat::Contiguous;
+  nhwc_calls.fetch_add(1, std::memory_order_relaxed);
+  return channels_last_format(input.dim());
 }
 
 }  // namespace
+
+void set_nhwc_kernels_forced(bool on) { nhwc_forced.store(on, std::memory_order_relaxed); }
+int64_t nhwc_kernel_call_count() { return nhwc_calls.load(std::memory_order_relaxed); }
 
 void check_cpu_dtype(const char* op, const at::Tensor& input) {
   const auto t = input.scalar_type();

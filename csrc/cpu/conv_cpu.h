@@ -113,6 +113,11 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
   });
 }
 
+// Tests: on, channels-last inputs run the NHWC kernels wherever they serve the geometry, also
+// where conv.cpp's speed rules (small maps, 3-d) would convert to NCHW; and how many calls did.
+void set_nhwc_kernels_forced(bool on);
+int64_t nhwc_kernel_call_count();
+
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).
 template <typename T>

@@ -2,6 +2,7 @@
 // kernels read on every call.
 #include <Python.h>
 
+#include "cpu/conv_cpu.h"
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
 
@@ -46,6 +47,21 @@ PyObject* set_cpu_winograd_min_tiles(PyObject* /*module*/, PyObject* value) {
   Py_RETURN_NONE;
 }
 
+// _set_cpu_nhwc_kernels_forced(bool): tests; see cpu/conv_cpu.h
+PyObject* set_cpu_nhwc_kernels_forced(PyObject* /*module*/, PyObject* value) {
+  if (!PyBool_Check(value)) {
+    PyErr_Format(PyExc_TypeError, "expected a bool, got %s", Py_TYPE(value)->tp_name);
+    return nullptr;
+  }
+  cnnops::cpu::set_nhwc_kernels_forced(value == Py_True);
+  Py_RETURN_NONE;
+}
+
+// _cpu_nhwc_kernel_calls() -> int: convolution calls that ran the channels-last kernels (tests)
+PyObject* cpu_nhwc_kernel_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_kernel_call_count());
+}
+
 PyMethodDef methods[] = {
     {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
     {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
@@ -56,6 +72,10 @@ PyMethodDef methods[] = {
      "number of weight gradients run with Winograd"},
     {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
      "tests: n >= 0 takes Winograd for every eligible layer of at least n tiles; -1: the size rules"},
+    {"_set_cpu_nhwc_kernels_forced", set_cpu_nhwc_kernels_forced, METH_O,
+     "tests: True runs the channels-last kernels wherever they serve, past the speed rules"},
+    {"_cpu_nhwc_kernel_calls", cpu_nhwc_kernel_calls, METH_NOARGS,
+     "number of convolution calls that ran the channels-last kernels"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
