@@ -31,6 +31,7 @@
 #include "common/activation.h"
 #include "common/conv_checks.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_grouped.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
 #include "cpu/conv_small.h"
@@ -285,7 +286,8 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
-  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
+  if (use_grouped_direct(g)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);  // narrow groups
+  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);   // 1x1 maps
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
     if (space_to_depth(g, x, w, nhwc, s))
@@ -524,12 +526,15 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // back costs far less; except the stem's forward through space to depth, whose NHWC input phases
 // have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
-// wastes most of each panel: 3-10x slower than converting to NCHW and back.
+// wastes most of each panel: 3-10x slower than converting to NCHW and back; except those the
+// direct grouped kernels serve, which read and write either layout.
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
   const auto channels_last = channels_last_format(input.dim());
-  const bool nhwc_kernel = g.is_depthwise() ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-                                            : !has_narrow_groups(g) && (g.in_channels_per_group() >= 4 ||
-                                                                        (forward && use_space_to_depth(g)));
+  const bool nhwc_kernel =
+      g.is_depthwise()
+          ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
+          : use_grouped_direct(g) ||
+                (!has_narrow_groups(g) && (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g))));
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
@@ -589,12 +594,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
       const bool work = dx.numel() > 0 && dy.numel() > 0;
       // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
+      const bool grouped = work && use_grouped_direct(g);
+      if (grouped) conv_grouped_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool depthwise = work && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool as_forward =
-          work && !depthwise &&
+          work && !depthwise && !grouped &&
           conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      if (!as_forward && !depthwise) {
+      if (!as_forward && !depthwise && !grouped) {
         if (!work) {
           dx.zero_();
         } else if (!nhwc) {  // strided: col2im
@@ -613,6 +620,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         if (g.is_depthwise())
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
+        else if (use_grouped_direct(g))
+          conv_grouped_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nhwc);
         else if (nhwc)
           conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
         else
