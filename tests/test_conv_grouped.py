@@ -121,6 +121,16 @@ def test_direct_batch_zero_and_one(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n,size", [(3, (20, 20)), (5, (20, 21)), (7, (5, 5)), (17, (3, 4))], ids=str)
+def test_direct_batch_passes(n, size, layout):
+    """Small maps put several samples side by side in one grad-weight pass; batches that do not
+    fill the last pass."""
+    for dtype in DTYPES:
+        for stride in (1, 2):
+            check_direct(n, 8, 8, 2, size, 3, {"stride": stride, "padding": 1}, dtype, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_direct_fused_relu(dtype, layout):
     for stride in (1, 2):
@@ -143,8 +153,10 @@ def test_direct_relu_passes_nan():
 def test_direct_infinite_input_beyond_last_output():
     """x values no output reads (past the last strided output, or on the dropped grid columns)
     must not reach the weight gradient even when they are inf (0 * inf would be NaN)."""
-    for layout, (k, stride) in itertools.product(LAYOUTS, [(3, 2), (1, 2), (3, 3)]):
-        x = make_tensor((2, 16, 10, 20), torch.float64, layout)
+    # (3, 42, 42) at stride 2: two samples a grad-weight pass, the last pass with one
+    for layout, (k, stride, shape) in itertools.product(
+            LAYOUTS, [(3, 2, (2, 10, 20)), (1, 2, (2, 10, 20)), (3, 3, (2, 10, 20)), (3, 2, (3, 42, 42))]):
+        x = make_tensor((shape[0], 16) + shape[1:], torch.float64, layout)
         x[:, :, :, -1] = float("inf")  # 10 x 20, no padding: no output reads the last row or column
         x[:, :, -1, :] = float("inf")
         w = make_tensor((16, 8, k, k), torch.float64)

@@ -40,6 +40,7 @@ std::atomic<int64_t> calls{0};
 // Measured (benchmarks/bench_conv.py): up to 16 channels a group the GEMM's panels stay mostly
 // idle; at 32 its packing amortizes and it catches up.
 constexpr int64_t kGroupedMaxChannels = 16;
+constexpr int64_t kWeightPoints = 1024;
 
 template <Isa kIsa>
 constexpr int isa_bytes() {
@@ -71,11 +72,6 @@ struct Simd {
   static GC_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
   static GC_INLINE vec splat(T s) { return vec{} + s; }
   static GC_INLINE vec relu(vec v) { return v < vec{} ? vec{} : v; }  // NaN passes, as torch.relu
-  static GC_INLINE T sum(vec v) {                                     // lanes in order
-    T s = v[0];
-    for (int i = 1; i < lanes; ++i) s += v[i];
-    return s;
-  }
 };
 
 // Element (n, c, h, w) of an activation at n * sample + c * channel + h * row + w * col.
@@ -86,28 +82,34 @@ Layout activation_layout(int64_t channels, int64_t h, int64_t w, bool nhwc) {
   return nhwc ? Layout{h * w * channels, 1, w * channels, channels} : Layout{channels * h * w, h * w, w, 1};
 }
 
-// The forward's phase planes of one input channel and the flat output grid on them.
+// The phase planes of one input channel and the flat output grid on them. Each phase holds
+// `samples` planes back to back, so one grid runs over several samples (small maps).
 struct PhaseGrid {
-  int64_t hq, wq, plane, channel;       // a plane is hq x wq; a channel is S_h * S_w planes
-  int64_t points, padded;               // grid points up to the last output, rounded to 2 vectors
+  int64_t hq, wq, plane, samples;       // a plane is hq x wq, one sample's
+  int64_t phase, channel;               // a phase is `samples` planes; a channel S_h * S_w phases
+  int64_t sample_points;                // one plane's grid points up to its last output
+  int64_t points, padded;               // the whole grid's, and rounded up to 2 vectors
   std::vector<int64_t> tap_offset;      // per tap (kh, kw), within a channel's planes
   std::vector<int64_t> col_lo, col_hi;  // per column phase qw: plane columns that hold input
   std::vector<int64_t> row_lo, row_hi;  // per row phase qh: plane rows that hold input
 };
 
-PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes) {
+PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) {
   PhaseGrid p;
   const int64_t sh = g.stride[1], sw = g.stride[2];
   p.hq = g.out[1] + (g.kernel[1] - 1) * g.dilation[1] / sh;
   p.wq = g.out[2] + (g.kernel[2] - 1) * g.dilation[2] / sw;
   p.plane = checked_numel({p.hq, p.wq}, "grouped conv (phase plane)", true);
-  p.channel = checked_numel({sh, sw, p.plane}, "grouped conv (phase planes)", true);
-  p.points = (g.out[1] - 1) * p.wq + g.out[2];
+  p.samples = samples;
+  p.phase = checked_numel({samples, p.plane}, "grouped conv (phase planes)", true);
+  p.channel = checked_numel({sh, sw, p.phase}, "grouped conv (phase planes)", true);
+  p.sample_points = (g.out[1] - 1) * p.wq + g.out[2];
+  p.points = (samples - 1) * p.plane + p.sample_points;
   p.padded = round_up(p.points, 2 * lanes);
   for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
     for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
       const int64_t dh = kh * g.dilation[1], dw = kw * g.dilation[2];
-      p.tap_offset.push_back(((dh % sh) * sw + dw % sw) * p.plane + dh / sh * p.wq + dw / sw);
+      p.tap_offset.push_back(((dh % sh) * sw + dw % sw) * p.phase + dh / sh * p.wq + dw / sw);
     }
   // Plane index j of phase q holds padded coordinate j*S + q, input j*S + q - pad when in [0, in).
   auto range = [](int64_t in, int64_t pad, int64_t s, int64_t q, int64_t n, std::vector<int64_t>& lo,
@@ -124,7 +126,7 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes) {
 
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
-template <typename T>
+template <typename T, int BYTES>
 GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx, int64_t n,
                            int64_t c0, int64_t count, T* buf) {
   const int64_t sh = g.stride[1], sw = g.stride[2];
@@ -133,7 +135,7 @@ GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x
       for (int64_t i = p.row_lo[qh]; i < p.row_hi[qh]; ++i) {
         const T* row = x + n * lx.sample + c0 * lx.channel + (i * sh + qh - g.pad[1]) * lx.row;
         for (int64_t qw = 0; qw < sw; ++qw) {
-          T* dst = buf + (qh * sw + qw) * p.plane + i * p.wq;
+          T* dst = buf + (qh * sw + qw) * p.phase + i * p.wq;
           const int64_t shift = qw - g.pad[2];
           for (int64_t j = p.col_lo[qw]; j < p.col_hi[qw]; ++j) {
             const T* pixel = row + (j * sw + shift) * lx.col;
@@ -149,13 +151,20 @@ GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x
       for (int64_t i = p.row_lo[qh]; i < p.row_hi[qh]; ++i) {
         const T* row = src + (i * sh + qh - g.pad[1]) * lx.row;
         for (int64_t qw = 0; qw < sw; ++qw) {
-          T* dst = buf + c * p.channel + (qh * sw + qw) * p.plane + i * p.wq;
+          T* dst = buf + c * p.channel + (qh * sw + qw) * p.phase + i * p.wq;
           const T* from = row + qw - g.pad[2];
           const int64_t lo = p.col_lo[qw], hi = p.col_hi[qw];
           if (sw == 1) {  // a row copy the compiler vectorizes
             for (int64_t j = lo; j < hi; ++j) dst[j] = from[j];
-          } else if (sw == 2) {
-            for (int64_t j = lo; j < hi; ++j) dst[j] = from[2 * j];
+          } else if (sw == 2) {  // even lanes of two vectors; the last read stays below from[2 * hi - 2]
+            using V = Simd<T, BYTES>;
+            constexpr int L = V::lanes;
+            typename V::mask even;
+            for (int l = 0; l < L; ++l) even[l] = 2 * l;
+            int64_t j = lo;
+            for (; j + L < hi; j += L)
+              V::store(dst + j, __builtin_shuffle(V::load(from + 2 * j), V::load(from + 2 * j + L), even));
+            for (; j < hi; ++j) dst[j] = from[2 * j];
           } else {
             for (int64_t j = lo; j < hi; ++j) dst[j] = from[j * sw];
           }
@@ -259,8 +268,9 @@ GC_INLINE void correlate(const T* src, const int64_t* offset, int64_t entries, c
   if (channels - m >= 1) block(std::integral_constant<int, 1>());
 }
 
-// sum[m * sum_stride + e] += sum over p < padded of dyg[m * dy_stride + p] * (mask[p] ? src[offset[e] + p] : 0)
-// for m < MB, e < EB.
+// acc[m][e] += dyg[m * dy_stride + p] * (mask[p] ? src[offset[e] + p] : 0) lane-wise over p < padded, for
+// m < MB, e < EB; acc[m][e] is the vector at sum + (m * sum_stride + e) * lanes. Kept as vectors across the
+// batch and summed across lanes once at the end: small maps give each call only a few vectors.
 template <typename T, int BYTES, int MB, int EB>
 GC_INLINE void weight_block(const T* src, const int64_t* offset, const T* dyg, int64_t dy_stride,
                             const typename Simd<T, BYTES>::int_type* mask, int64_t padded, T* sum, int64_t sum_stride) {
@@ -271,7 +281,7 @@ GC_INLINE void weight_block(const T* src, const int64_t* offset, const T* dyg, i
 #pragma GCC unroll 16
   for (int e = 0; e < EB; ++e)
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) acc[e][m] = vec{};
+    for (int m = 0; m < MB; ++m) acc[e][m] = V::load(sum + (m * sum_stride + e) * L);
   for (int64_t p0 = 0; p0 < padded; p0 += L) {
     const typename V::mask valid = V::load_mask(mask + p0);
     vec d[MB];
@@ -285,8 +295,10 @@ GC_INLINE void weight_block(const T* src, const int64_t* offset, const T* dyg, i
       for (int m = 0; m < MB; ++m) acc[e][m] += d[m] * v;
     }
   }
+#pragma GCC unroll 16
   for (int e = 0; e < EB; ++e)
-    for (int m = 0; m < MB; ++m) sum[m * sum_stride + e] += V::sum(acc[e][m]);
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) V::store(sum + (m * sum_stride + e) * L, acc[e][m]);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -312,7 +324,7 @@ GC_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_t grp, T* b
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
-  fill_phases(g, p, j.x, j.lx, n, grp * cg, cg, buf);
+  fill_phases<T, BYTES>(g, p, j.x, j.lx, n, grp * cg, cg, buf);
   correlate<T, BYTES>(buf, j.offset, j.entries, j.wt + grp * j.entries * m_count, m_count,
                       j.bias ? j.bias + grp * m_count : nullptr, j.relu, p.padded, tile);
   scatter_planes(tile, p.padded, p.wq, m_count, g.out[1], g.out[2],
@@ -434,7 +446,8 @@ struct WeightJob {
 
 template <typename T, int BYTES>
 GC_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T* buf, T* dyg,
-                           const typename Simd<T, BYTES>::int_type* mask, T* sum, int64_t* offset) {
+                           const typename Simd<T, BYTES>::int_type* mask_full,
+                           const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset) {
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
@@ -443,21 +456,30 @@ GC_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T*
   const int64_t entries = count * taps;
   for (int64_t c = 0; c < count; ++c)
     for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
-  std::fill(sum, sum + m_count * entries, T(0));
-  for (int64_t n = 0; n < g.batch; ++n) {
-    fill_phases(g, p, j.x, j.lx, n, grp * cg + c0, count, buf);
-    gather_planes(j.dy + n * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1], g.out[2], dyg,
-                  p.padded, p.wq);
+  constexpr int L = Simd<T, BYTES>::lanes;
+  std::fill(sum, sum + m_count * entries * L, T(0));
+  for (int64_t n0 = 0; n0 < g.batch; n0 += p.samples) {  // p.samples samples a pass, in order
+    const int64_t active = std::min(p.samples, g.batch - n0);
+    for (int64_t s = 0; s < active; ++s) {
+      fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, grp * cg + c0, count, buf + s * p.plane);
+      gather_planes(j.dy + (n0 + s) * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1], g.out[2],
+                    dyg + s * p.plane, p.padded, p.wq);
+    }
+    const auto* mask = active == p.samples ? mask_full : mask_last;
+    const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
+    if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
+      for (int64_t m = 0; m < m_count; ++m)
+        std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
     int64_t m = 0;
     auto rows = [&](auto size) CNNOPS_SIMD_BODY {
       constexpr int MB = decltype(size)::value;
       int64_t e = 0;
       for (; e + 4 <= entries; e += 4)
-        weight_block<T, BYTES, MB, 4>(buf, offset + e, dyg + m * p.padded, p.padded, mask, p.padded,
-                                      sum + m * entries + e, entries);
+        weight_block<T, BYTES, MB, 4>(buf, offset + e, dyg + m * p.padded, p.padded, mask, limit,
+                                      sum + (m * entries + e) * L, entries);
       for (; e < entries; ++e)
-        weight_block<T, BYTES, MB, 1>(buf, offset + e, dyg + m * p.padded, p.padded, mask, p.padded,
-                                      sum + m * entries + e, entries);
+        weight_block<T, BYTES, MB, 1>(buf, offset + e, dyg + m * p.padded, p.padded, mask, limit,
+                                      sum + (m * entries + e) * L, entries);
       m += MB;
     };
     while (m_count - m >= 4) rows(std::integral_constant<int, 4>());
@@ -466,7 +488,12 @@ GC_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T*
   }
   const int64_t kv = taps * cg;
   for (int64_t mm = 0; mm < m_count; ++mm)
-    for (int64_t e = 0; e < entries; ++e) j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = sum[mm * entries + e];
+    for (int64_t e = 0; e < entries; ++e) {
+      const T* lanes = sum + (mm * entries + e) * L;
+      T total = lanes[0];
+      for (int i = 1; i < L; ++i) total += lanes[i];
+      j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = total;
+    }
 }
 
 }  // namespace
@@ -559,13 +586,24 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
   calls.fetch_add(1, std::memory_order_relaxed);
   using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   const int64_t lanes = lanes_for(sizeof(T));
-  const PhaseGrid p = phase_grid(g, lanes);
+  // Small maps: samples side by side on one grid, about kWeightPoints grid points a pass.
+  const int64_t plane = (g.out[1] + (g.kernel[1] - 1) * g.dilation[1] / g.stride[1]) *
+                        (g.out[2] + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2]);
+  const PhaseGrid p =
+      phase_grid(g, lanes, std::clamp<int64_t>(kWeightPoints / std::max<int64_t>(plane, 1), 1, g.batch));
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group(), taps = g.kernel_volume();
   // Fixed by the sizes alone: enough (group, chunk) tasks for 16 threads where channels allow.
   const int64_t chunks = std::min(cg, std::max<int64_t>(1, num_blocks(16, g.groups)));
   const int64_t most = num_blocks(cg, chunks);  // channels in the largest chunk
-  std::vector<Int> mask(p.padded, 0);           // real output positions of the grid
-  for (int64_t q = 0; q < p.points; ++q) mask[q] = q % p.wq < g.out[2] ? Int(-1) : Int(0);
+  // Real output positions of the grid: of every sample, and of the last pass's samples.
+  const int64_t last = g.batch - (g.batch - 1) / p.samples * p.samples;
+  std::vector<Int> mask_full(p.padded, 0), mask_last(p.padded, 0);
+  for (int64_t q = 0; q < p.points; ++q) {
+    const int64_t r = q % p.plane;
+    const bool real = r < p.sample_points && r % p.wq < g.out[2];
+    mask_full[q] = real ? Int(-1) : Int(0);
+    mask_last[q] = real && q / p.plane < last ? Int(-1) : Int(0);
+  }
   const int64_t buf_size = checked_numel({most, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
   const int64_t dyg_size = checked_numel({m_count, p.padded}, "grouped conv (grad output grid)", true);
   const WeightJob<T> j{&g,
@@ -577,13 +615,13 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
                        dw,
                        chunks};
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(buf_size, T(0)), dyg(dyg_size, T(0)), sum(m_count * most * taps);
+    std::vector<T> buf(buf_size, T(0)), dyg(dyg_size, T(0)), sum(m_count * most * taps * lanes);
     std::vector<int64_t> offset(most * taps);
     simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
       constexpr int B = isa_bytes<decltype(isa)::value>();
       for (int64_t task = begin; task < end; ++task)
-        weight_task<T, B>(j, task / chunks, task % chunks, buf.data(), dyg.data(), mask.data(), sum.data(),
-                          offset.data());
+        weight_task<T, B>(j, task / chunks, task % chunks, buf.data(), dyg.data(), mask_full.data(), mask_last.data(),
+                          sum.data(), offset.data());
     });
   });
 }
