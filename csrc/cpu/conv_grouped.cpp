@@ -124,6 +124,22 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) 
   return p;
 }
 
+// fn(std::integral_constant<int64_t, count>) for the common channel counts (NHWC pixel loops then
+// unroll), else fn(std::integral_constant<int64_t, 0>).
+template <typename Fn>
+GC_INLINE void with_count(int64_t count, Fn&& fn) {
+  switch (count) {
+    case 4:
+      return fn(std::integral_constant<int64_t, 4>());
+    case 8:
+      return fn(std::integral_constant<int64_t, 8>());
+    case 16:
+      return fn(std::integral_constant<int64_t, 16>());
+    default:
+      return fn(std::integral_constant<int64_t, 0>());
+  }
+}
+
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
 template <typename T, int BYTES>
@@ -137,10 +153,14 @@ GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x
         for (int64_t qw = 0; qw < sw; ++qw) {
           T* dst = buf + (qh * sw + qw) * p.phase + i * p.wq;
           const int64_t shift = qw - g.pad[2];
-          for (int64_t j = p.col_lo[qw]; j < p.col_hi[qw]; ++j) {
-            const T* pixel = row + (j * sw + shift) * lx.col;
-            for (int64_t c = 0; c < count; ++c) dst[c * p.channel + j] = pixel[c];
-          }
+          with_count(count, [&](auto n_channels) CNNOPS_SIMD_BODY {
+            const int64_t channels = n_channels.value ? n_channels.value : count;
+            for (int64_t j = p.col_lo[qw]; j < p.col_hi[qw]; ++j) {
+              const T* pixel = row + (j * sw + shift) * lx.col;
+#pragma GCC unroll 16
+              for (int64_t c = 0; c < channels; ++c) dst[c * p.channel + j] = pixel[c];
+            }
+          });
         }
       }
     return;
@@ -187,12 +207,16 @@ GC_INLINE void gather_planes(const T* src, const Layout& l, int64_t count, int64
       }
     return;
   }
-  for (int64_t h = 0; h < rows; ++h)
-    for (int64_t w = 0; w < cols; ++w) {
-      const T* from = src + h * l.row + w * l.col;
-      T* to = dst + h * dst_row + w;
-      for (int64_t m = 0; m < count; ++m) to[m * dst_stride] = from[m * l.channel];
-    }
+  with_count(count, [&](auto n_channels) CNNOPS_SIMD_BODY {
+    const int64_t channels = n_channels.value ? n_channels.value : count;
+    for (int64_t h = 0; h < rows; ++h)
+      for (int64_t w = 0; w < cols; ++w) {
+        const T* from = src + h * l.row + w * l.col;
+        T* to = dst + h * dst_row + w;
+#pragma GCC unroll 16
+        for (int64_t m = 0; m < channels; ++m) to[m * dst_stride] = from[m];
+      }
+  });
 }
 
 // The reverse, onto every row_step-th row and col_step-th column:
@@ -213,12 +237,16 @@ GC_INLINE void scatter_planes(const T* src, int64_t src_stride, int64_t src_row,
       }
     return;
   }
-  for (int64_t h = 0; h < rows; ++h)
-    for (int64_t w = 0; w < cols; ++w) {
-      const T* from = src + h * src_row + w;
-      T* to = dst + h * row_step * l.row + w * col_step * l.col;
-      for (int64_t m = 0; m < count; ++m) to[m * l.channel] = from[m * src_stride];
-    }
+  with_count(count, [&](auto n_channels) CNNOPS_SIMD_BODY {
+    const int64_t channels = n_channels.value ? n_channels.value : count;
+    for (int64_t h = 0; h < rows; ++h)
+      for (int64_t w = 0; w < cols; ++w) {
+        const T* from = src + h * src_row + w;
+        T* to = dst + h * row_step * l.row + w * col_step * l.col;
+#pragma GCC unroll 16
+        for (int64_t m = 0; m < channels; ++m) to[m] = from[m * src_stride];
+      }
+  });
 }
 
 // out[m * out_stride + p] = act(bias[m] + sum over entries e of wt[e * w_stride + m] * src[offset[e] + p])
