@@ -1,18 +1,19 @@
 // Direct grouped convolution for narrow groups (conv_grouped.h), per (sample, group):
 //  - Forward, y[n, co, o] = b[co] + sum over c, t of w[co, c, t] * x[n, c, o*S - P + t*D]
-//    (formulas.md §Conv as GEMM). The group's input channels are copied, zero padded, into phase
+//    (formulas.md §Conv / grouped). The group's input channels are copied, zero padded, into phase
 //    planes (phase (qh, qw) holds padded rows qh, qh + S_h, ... and columns qw, qw + S_w, ...), so
 //    tap (kh, kw) of output (oh, ow) is plane (kh*D_h mod S_h, kw*D_w mod S_w) at
 //    (oh + kh*D_h div S_h, ow + kw*D_w div S_w). On the flat grid p = oh * W_q + ow every tap is a
 //    fixed offset: a vector of consecutive p loads each tap once and feeds every output channel
 //    of the group (a broadcast weight each). Grid columns ow >= O_w are computed and dropped.
-//  - Grad input (formulas.md §Conv backward): dX phase (a, b), the positions (a + S_h*i, b + S_w*j),
+//  - Grad input (formulas.md §Conv / grouped): dX phase (a, b), the positions (a + S_h*i, b + S_w*j),
 //    takes the taps with S_h | a + P_h - kh*D_h, which read dY at i + (a + P_h - kh*D_h) / S_h:
-//    the same loop over a zero-padded dY, with each phase's taps. No scatter, no zeros interleaved.
+//    the same loop over a zero-padded dY, with each phase's taps. No col2im additions, no zeros interleaved.
 //  - Grad weight, dW[co, c, t] = sum over n, p of dY[n, co, p] * x_phase[n, c, p + offset(t)], with
 //    dY laid on the forward grid (zero on the dropped columns, where x is masked: no inf * 0).
-//    A task owns a (group, channel chunk) slice of dW and runs the batch in order: the sums do not
-//    depend on the thread count, and need no partials or atomics.
+//    A task owns a (group, channel chunk) slice of dW and runs the batch in order (several samples
+//    side by side on one grid for small maps): the sums do not depend on the thread count, and need
+//    no partials or atomics.
 // Loops are written once with GCC vector extensions and instantiated per ISA through simd_dispatch.
 #include "cpu/conv_grouped.h"
 
