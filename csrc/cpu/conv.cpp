@@ -281,18 +281,24 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
   });
 }
 
+// Narrow groups run the direct kernels of conv_grouped.cpp, unless Winograd takes the layer (only
+// when tests force it: by its size rules it needs 64 channels a group).
+bool use_grouped(const ConvGeometry& g, bool is_float) {
+  return use_grouped_direct(g) && !(is_float && use_winograd(g));
+}
+
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 // Each applies the activation in its own output step, where the bias is added.
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
-  if (use_grouped_direct(g)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);  // narrow groups
-  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);   // 1x1 maps
+  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
     if (space_to_depth(g, x, w, nhwc, s))
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
   }
+  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
@@ -533,7 +539,7 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
   const bool nhwc_kernel =
       g.is_depthwise()
           ? depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble)
-          : use_grouped_direct(g) ||
+          : use_grouped(g, input.scalar_type() != at::kDouble) ||
                 (!has_narrow_groups(g) && (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g))));
   if (input.dim() >= 4 && nhwc_kernel && input.suggest_memory_format() == channels_last) return channels_last;
   return at::MemoryFormat::Contiguous;
@@ -594,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
       const bool work = dx.numel() > 0 && dy.numel() > 0;
       // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
-      const bool grouped = work && use_grouped_direct(g);
+      const bool grouped = work && use_grouped(g, std::is_same_v<scalar_t, float>);
       if (grouped) conv_grouped_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool depthwise = work && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
@@ -620,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         if (g.is_depthwise())
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
-        else if (use_grouped_direct(g))
+        else if (use_grouped(g, std::is_same_v<scalar_t, float>))
           conv_grouped_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nhwc);
         else if (nhwc)
           conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
