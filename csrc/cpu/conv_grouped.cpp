@@ -621,8 +621,9 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
   const PhaseGrid p =
       phase_grid(g, lanes, std::clamp<int64_t>(kWeightPoints / std::max<int64_t>(plane, 1), 1, g.batch));
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group(), taps = g.kernel_volume();
-  // Fixed by the sizes alone: enough (group, chunk) tasks for 16 threads where channels allow.
-  const int64_t chunks = std::min(cg, std::max<int64_t>(1, num_blocks(16, g.groups)));
+  // Fixed by the sizes alone: a few (group, chunk) tasks where groups are few. Each chunk reads the
+  // group's dY and its pixels of x again (NHWC: 4x slower at 3 chunks), so no more.
+  const int64_t chunks = std::min(cg, num_blocks(4, g.groups));
   const int64_t most = num_blocks(cg, chunks);  // channels in the largest chunk
   // Real output positions of the grid: of every sample, and of the last pass's samples.
   const int64_t last = g.batch - (g.batch - 1) / p.samples * p.samples;
