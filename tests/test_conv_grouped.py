@@ -268,3 +268,13 @@ def test_direct_every_isa_matches_torch(isa):
     result = run_with_cpu_isa(isa, ISA_CHECK, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa  # the requested kernels really ran
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_direct_reduced_precision(dtype):
+    """bfloat16 and float16 run the float kernels (float accumulation, as torch)."""
+    for layout, stride in itertools.product(LAYOUTS, (1, 2)):
+        x, w, b = conv_tensors(2, 2, 16, 16, (9, 10), 3, 2, True, dtype, layout)
+        before = direct_calls()
+        check_conv_against_torch(2, x, w, b, {"stride": stride, "padding": 1, "groups": 2}, dtype, grad_layout=layout)
+        assert direct_calls() - before == 3
