@@ -7,8 +7,8 @@ the same run on the same tensors (same dtype and memory layout).
 The suite: the 3x3 and 1x1 convolutions of ResNet-50 at batch 8, depthwise 3x3, the strided
 7x7 stem, one conv1d and one conv3d case, each forward and forward+backward; plus channels_last
 variants of the 2d cases (all of them on CUDA, two on the CPU). Then depthwise 5x5 and stride-2
-layers, squeeze-excitation 1x1 convolutions on 1x1 maps, batch-1 layers ("b1 ..."), and on the
-CPU channels_last (NDHWC for conv3d) variants of six more cases.
+layers, squeeze-excitation 1x1 convolutions on 1x1 maps, batch-1 layers ("b1 ..."), RegNet's
+grouped layers ("regnet ..."), and on the CPU channels_last (NDHWC for conv3d) variants of six more cases.
 
 Forward is timed under torch.no_grad(). Forward+backward is one forward and
 torch.autograd.grad for input, weight and bias (no input gradient for the stem, whose input is
@@ -102,12 +102,19 @@ def suite(device):
         Case("b1 dw 3x3 256", 2, 1, 256, 256, (28, 28), 3, padding=1, groups=256, bias=True),
         Case("b1 stem 7x7 s2", 2, 1, 3, 64, (224, 224), 7, stride=2, padding=3, input_grad=False),
     ]
-    cases += more + batch1
+    # RegNetY-400MF's grouped 3x3 layers (8 channels a group: the direct narrow-group kernels on the CPU)
+    regnet = [
+        Case("regnet g6 48", 2, 8, 48, 48, (56, 56), 3, padding=1, groups=6),
+        Case("regnet g13 s2 104", 2, 8, 104, 104, (56, 56), 3, stride=2, padding=1, groups=13),
+        Case("regnet g26 208", 2, 8, 208, 208, (14, 14), 3, padding=1, groups=26),
+        Case("regnet g55 s2 440", 2, 8, 440, 440, (14, 14), 3, stride=2, padding=1, groups=55),
+    ]
+    cases += more + batch1 + regnet
     if device.type != "cuda":  # the CUDA suite already has every 2d case in channels_last
         named = {c.name: c for c in cases}
         cases += [dataclasses.replace(named[n], channels_last=True) for n in
                   ("r50 3x3 512", "r50 1x1 1024->256", "dw 3x3 64", "stem 7x7 s2", "conv3d 3x3x3",
-                   "b1 r50 3x3 512")]
+                   "b1 r50 3x3 512", "regnet g6 48", "regnet g13 s2 104")]
     return cases
 
 

@@ -32,6 +32,7 @@
 #include "common/activation.h"
 #include "common/conv_checks.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_grouped.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
 #include "cpu/conv_small.h"
@@ -282,6 +283,12 @@ void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T*
   });
 }
 
+// Narrow groups run the direct kernels of conv_grouped.cpp, unless Winograd takes the layer (only
+// when tests force it: by its size rules it needs 64 channels a group).
+bool use_grouped(const ConvGeometry& g, bool is_float) {
+  return use_grouped_direct(g) && !(is_float && use_winograd(g));
+}
+
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 // Each applies the activation in its own output step, where the bias is added.
 template <typename T>
@@ -293,6 +300,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     if (space_to_depth(g, x, w, nhwc, s))
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
   }
+  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
@@ -526,7 +534,8 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // back costs far less; except the stem's forward through space to depth, whose NHWC input phases
 // have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
-// wastes most of each panel: 3-10x slower than converting to NCHW and back. Nor for 3-d
+// wastes most of each panel: 3-10x slower than converting to NCHW and back; except those the
+// direct grouped kernels serve, which read and write either layout. Nor for 3-d
 // convolutions (channels_last_3d), whose NCHW shifted-window path runs 2-3x faster than the NHWC
 // kernels (32 channels 16x28x28, 3x3x3, 1 thread: forward 11 vs 30 ms, backward 26 vs 48 ms),
 // where the conversions cost about 1 ms each (layout.cpp). Nor for small inputs (at most 64
@@ -547,7 +556,7 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
   bool nhwc_kernel;
   if (g.is_depthwise())  // NHWC kernels for some geometries only
     nhwc_kernel = depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
-  else if (nhwc_forced.load(std::memory_order_relaxed))
+  else if (use_grouped(g, input.scalar_type() != at::kDouble) || nhwc_forced.load(std::memory_order_relaxed))
     nhwc_kernel = true;
   else
     nhwc_kernel = !has_narrow_groups(g) && input.dim() == 4 && !small_maps &&
@@ -615,12 +624,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
       const bool work = dx.numel() > 0 && dy.numel() > 0;
       // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
+      const bool grouped = work && use_grouped(g, std::is_same_v<scalar_t, float>);
+      if (grouped) conv_grouped_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool depthwise = work && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
       const bool as_forward =
-          work && !depthwise &&
+          work && !depthwise && !grouped &&
           conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      if (!as_forward && !depthwise) {
+      if (!as_forward && !depthwise && !grouped) {
         if (!work) {
           dx.zero_();
         } else if (!nhwc) {  // strided: col2im
@@ -639,6 +650,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         if (g.is_depthwise())
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
+        else if (use_grouped(g, std::is_same_v<scalar_t, float>))
+          conv_grouped_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nhwc);
         else if (nhwc)
           conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
         else

@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_grouped.h"
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
 
@@ -32,6 +33,11 @@ PyObject* cpu_winograd_calls(PyObject* /*module*/, PyObject* /*unused*/) {
 // _cpu_space_to_depth_calls() -> int: convolutions run through space to depth (tests)
 PyObject* cpu_space_to_depth_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::space_to_depth_call_count());
+}
+
+// _cpu_grouped_direct_calls() -> int: kernel calls of the direct narrow-group path (tests)
+PyObject* cpu_grouped_direct_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::grouped_direct_call_count());
 }
 
 // _cpu_winograd_weight_calls() -> int: weight gradients that took the Winograd path
@@ -68,6 +74,8 @@ PyMethodDef methods[] = {
     {"_cpu_winograd_calls", cpu_winograd_calls, METH_NOARGS, "number of convolutions run with Winograd"},
     {"_cpu_space_to_depth_calls", cpu_space_to_depth_calls, METH_NOARGS,
      "number of convolutions run through space to depth"},
+    {"_cpu_grouped_direct_calls", cpu_grouped_direct_calls, METH_NOARGS,
+     "number of kernel calls of the direct narrow-group convolution"},
     {"_cpu_winograd_weight_calls", cpu_winograd_weight_calls, METH_NOARGS,
      "number of weight gradients run with Winograd"},
     {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
