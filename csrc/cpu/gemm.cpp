@@ -288,17 +288,18 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 }
 
 // The blocked loops shared by every operand source, BLIS's order: for each block of spec.nc
-// columns and each spec.kc reduction block, prepare(k0, kc, n0, nc) makes that part of B ready
-// (packs it, or nothing) while it fits L2; then, for each block of spec.mc rows (kept in L2),
+// columns (kPacksB; all N when B is read in place) and each spec.kc reduction block,
+// prepare(k0, kc, n0, nc) makes that part of B ready (packs it, or nothing) while it fits L2; then, for each block of spec.mc rows (kept in L2),
 // every NR-column B panel, b_panel(k0, kc, j0), stays in L1 while the block's A panels,
 // a_panel(k0, kc, i0), stream past it. Each C value sums its k blocks in order whatever the blocks.
 // C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
-template <typename T, typename Prepare, typename APanelFn, typename BPanelFn>
+template <typename T, bool kPacksB, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc, const T* row_bias, bool accumulate,
                   int64_t row_begin, int64_t row_end, Activation activation, Prepare&& prepare, APanelFn&& a_panel,
                   BPanelFn&& b_panel, const int64_t* c_panel_offset = nullptr) {
   const auto& kernel = kernel_choice<T>();
-  const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc, mc = kernel.spec->mc, nc_block = kernel.spec->nc;
+  const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc, mc = kernel.spec->mc;
+  const int64_t nc_block = kPacksB ? kernel.spec->nc : std::max<int64_t>(n, 1);  // B read in place: one block
   if (row_end < 0) row_end = m;
   TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= m, "gemm: row range must start on a panel");
   auto c_column = [&](int64_t j) { return c_panel_offset ? c_panel_offset[j / nr] + j % nr : j; };
@@ -350,7 +351,7 @@ template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias, bool accumulate,
           T* workspace, int64_t row_begin, int64_t row_end, Activation activation, const int64_t* c_panel_offset) {
   constexpr int64_t nr = gemm_nr<T>();
-  gemm_blocked<T>(
+  gemm_blocked<T, true>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
       [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
@@ -361,7 +362,7 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
 template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c, int64_t ldc,
                     const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end, Activation activation) {
-  gemm_blocked<T>(
+  gemm_blocked<T, false>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
       [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
@@ -387,7 +388,7 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
-  gemm_blocked<T>(
+  gemm_blocked<T, true>(
       m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, activation,
       [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
       [&](int64_t k0, int64_t kc, int64_t i0) {
@@ -402,7 +403,7 @@ void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_
                      Activation activation) {
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
-  gemm_blocked<T>(
+  gemm_blocked<T, false>(
       m, k, mr, n, c, ldc, row_bias, accumulate, 0, -1, activation, [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
