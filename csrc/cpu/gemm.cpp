@@ -27,24 +27,34 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
 };
 
 // Adds the valid mr x nr corner of a spilled accumulator tile (row stride NR) to C: the edge
-// tiles only, kept out of line so the full-tile path never spills its registers.
+// tiles only. Each ISA's micro-kernel calls its own out-of-line copy (CNNOPS_DEFINE_MICRO_KERNEL_FOR),
+// so the full-tile path never spills its registers and these loops still get the ISA's vectors.
 template <typename T>
-__attribute__((noinline)) void store_edge_tile(const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr,
+CNNOPS_ALWAYS_INLINE void store_edge_tile_body(const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr,
                                                const T* row_bias, bool accumulate, Activation activation) {
   constexpr int64_t kNr = gemm_nr<T>();
   for (int64_t i = 0; i < mr; ++i) {
     T* row = c + i * ldc;
-    const T init = row_bias ? row_bias[i] : T(0);
-    for (int64_t j = 0; j < nr; ++j)
-      row[j] = apply_activation((accumulate ? row[j] : init) + tile[i * kNr + j], activation);
+    const T* acc = tile + i * kNr;
+    if (accumulate) {
+      for (int64_t j = 0; j < nr; ++j) row[j] += acc[j];
+    } else {
+      const T init = row_bias ? row_bias[i] : T(0);
+      for (int64_t j = 0; j < nr; ++j) row[j] = init + acc[j];
+    }
+    if (activation == Activation::Relu)
+      for (int64_t j = 0; j < nr; ++j) row[j] = relu(row[j]);
   }
 }
+
+template <typename T>
+using EdgeStore = void (*)(const T*, T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
 
 // C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]), NR = gemm_nr<T>(). a is a packed panel
 // (a[k*MR + i]) or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row
 // k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
 // activation only with the last reduction block, when the sum is final.
-template <typename T, int MR, bool kOffsetA, bool kOffsetB>
+template <typename T, int MR, bool kOffsetA, bool kOffsetB, EdgeStore<T> kEdge>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, const int64_t* __restrict a_offsets,
                                             int64_t lda, const T* __restrict b, const int64_t* __restrict b_offsets,
                                             T* __restrict c, int64_t ldc, int64_t mr, int64_t nr, const T* row_bias,
@@ -106,7 +116,7 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
     *reinterpret_cast<V*>(tile + i * kNr) = acc0[i];
     *reinterpret_cast<V*>(tile + i * kNr + kL) = acc1[i];
   }
-  store_edge_tile(tile, c, ldc, mr, nr, row_bias, accumulate, activation);
+  kEdge(tile, c, ldc, mr, nr, row_bias, accumulate, activation);
 }
 
 template <typename T>
@@ -114,18 +124,26 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
                              int64_t, const T*, bool, Activation);
 
 // The micro-kernel of one ISA: its spec (gemm.h) gives MR as the template argument.
-#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                      \
-  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                    \
-                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, \
-                      Activation act) {                                                                             \
-    if (a_offsets && b_offsets)                                                                                     \
-      micro_kernel_body<T, MR, true, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);    \
-    else if (a_offsets)                                                                                             \
-      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
-    else if (b_offsets)                                                                                             \
-      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
-    else                                                                                                            \
-      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);  \
+#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                       \
+  ATTRIBUTE __attribute__((noinline)) void NAME##_edge(const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr,     \
+                                                       const T* bias, bool acc, Activation act) {                    \
+    store_edge_tile_body<T>(tile, c, ldc, mr, nr, bias, acc, act);                                                   \
+  }                                                                                                                  \
+  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                     \
+                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc,  \
+                      Activation act) {                                                                              \
+    if (a_offsets && b_offsets)                                                                                      \
+      micro_kernel_body<T, MR, true, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,   \
+                                                        acc, act);                                                   \
+    else if (a_offsets)                                                                                              \
+      micro_kernel_body<T, MR, true, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
+                                                         acc, act);                                                  \
+    else if (b_offsets)                                                                                              \
+      micro_kernel_body<T, MR, false, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
+                                                         acc, act);                                                  \
+    else                                                                                                             \
+      micro_kernel_body<T, MR, false, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, \
+                                                          acc, act);                                                 \
   }
 #define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)             \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr) \
@@ -289,9 +307,10 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 
 // The blocked loops shared by every operand source, BLIS's order: for each block of spec.nc
 // columns (kPacksB; all N when B is read in place) and each spec.kc reduction block,
-// prepare(k0, kc, n0, nc) makes that part of B ready (packs it, or nothing) while it fits L2; then, for each block of spec.mc rows (kept in L2),
-// every NR-column B panel, b_panel(k0, kc, j0), stays in L1 while the block's A panels,
-// a_panel(k0, kc, i0), stream past it. Each C value sums its k blocks in order whatever the blocks.
+// prepare(k0, kc, n0, nc) makes that part of B ready (packs it, or nothing) while it fits L2;
+// then, for each block of spec.mc rows (kept in L2), every NR-column B panel,
+// b_panel(k0, kc, j0), stays in L1 while the block's A panels, a_panel(k0, kc, i0), stream past it.
+// Each C value sums its k blocks in order whatever the blocks.
 // C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
 template <typename T, bool kPacksB, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc, const T* row_bias, bool accumulate,
