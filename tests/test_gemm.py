@@ -1,7 +1,8 @@
 """The CPU GEMM (csrc/cpu/gemm.h) against torch.matmul, called directly through cnnops._C.gemm,
 for every micro-kernel (AVX-512, AVX2, portable: CNNOPS_CPU_ISA caps the choice, made once per
 process, so each runs in a subprocess). M, N and K sweep the remainders around the spec's MR, NR
-and KC (cnnops._C.gemm_spec()), with and without accumulation, row bias, ReLU and a row range,
+and KC (cnnops._C.gemm_spec()), M and the row range around its L2 block of MC rows and N around
+its L2 block of NC columns, with and without accumulation, row bias, ReLU and a row range,
 through every entry point (packed A and B, transposed A, B or A read in place, panel offsets)."""
 
 import pytest
@@ -13,8 +14,8 @@ import cnnops
 from cnnops import _C
 
 spec = _C.gemm_spec()
-print(spec["name"], spec["mr"], spec["nr_float32"], spec["nr_float64"], spec["kc"])
-mr, kc = spec["mr"], spec["kc"]
+print(spec["name"], spec["mr"], spec["nr_float32"], spec["nr_float64"], spec["kc"], spec["mc"], spec["nc"])
+mr, kc, mc, nc = spec["mr"], spec["kc"], spec["mc"], spec["nc"]
 torch.manual_seed(0)
 checked = 0
 for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
@@ -22,13 +23,17 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
     ms = sorted({1, mr - 1, mr, mr + 1, 2 * mr + 1} - {0})
     ns = sorted({1, nr - 1, nr, nr + 1, 2 * nr + 3})
     ks = [0, 1, kc - 1, kc, kc + 1, 2 * kc + 3]
-    for m, n, k in itertools.product(ms, ns, ks):
+    # Around the L2 blocks of A rows and B columns: fewer other sizes, the products are large.
+    sizes = [(m, n, k) for m, n, k in itertools.product(ms, ns, ks)]
+    sizes += [(m, n, k) for m in (mc - 1, mc + mr + 1, 2 * mc + 1) for n, k in ((nr + 1, kc + 1), (2 * nr, 3))]
+    sizes += [(m, n, k) for n in (nc - 1, nc + nr + 1, 2 * nc + 3) for m, k in ((mr + 1, kc + 1), (2 * mr, 3))]
+    for m, n, k in sizes:
         a = torch.randn(m, k, dtype=dtype)
         b = torch.randn(k, n, dtype=dtype)
         c0 = torch.randn(m, n, dtype=dtype)
         bias = torch.randn(m, dtype=dtype)
         product = (a.double() @ b.double())
-        ranges = [(0, -1), (0, m - 1)] + ([(mr, m)] if m > mr else [])
+        ranges = [(0, -1), (0, m - 1)] + ([(mr, m)] if m > mr else []) + ([(mr, mc + mr)] if m > mc + mr else [])
         options = [  # variant, accumulate, bias, activation, (row_begin, row_end)
             ("shifted_a", False, False, "none", (0, -1)),
         ]
@@ -65,10 +70,10 @@ def test_gemm_matches_torch(isa):
     result = run_with_cpu_isa(isa, CHECK, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
-    name, mr, nr_f, nr_d, kc = lines[0].split()
+    name, mr, nr_f, nr_d, kc, mc, nc = lines[0].split()
     assert name == isa  # the requested micro-kernel really ran
     assert int(nr_f) * 4 == int(nr_d) * 8 == 128  # two 64-byte vectors per B panel row
-    assert 1 <= int(mr) <= 12 and int(kc) >= 1
+    assert 1 <= int(mr) <= 14 and int(kc) >= 1 and int(mc) % int(mr) == 0 and int(nc) % int(nr_f) == 0
     assert int(lines[1]) > 1000  # the sweep ran
 
 
@@ -79,6 +84,20 @@ def test_gemm_spec_is_the_running_one():
     from cnnops import _C
 
     assert _C.gemm_spec()["name"] == torch.ops.cnnops.cpu_gemm_isa()
+
+
+def test_gemm_inplace_writes_c():
+    import torch
+
+    from cnnops import _C
+
+    a, b = torch.randn(9, 40, dtype=torch.float64), torch.randn(40, 33, dtype=torch.float64)
+    c = torch.zeros(9, 33, dtype=torch.float64)
+    out = _C.gemm(a, b, c, None, False, 0, -1, "none", "packed", True)
+    assert out.data_ptr() == c.data_ptr()
+    torch.testing.assert_close(c, a @ b)
+    with pytest.raises(RuntimeError, match="contiguous c"):
+        _C.gemm(a, b, torch.zeros(33, 9, dtype=torch.float64).t(), None, False, 0, -1, "none", "packed", True)
 
 
 def test_gemm_rejects_bad_arguments():

@@ -285,8 +285,8 @@ void conv_forward_nhwc_grid(const ConvGeometry& g, const PhaseGrid<T>& grid, con
       const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
       const int64_t r0 = (task / cols.count % blocks) * block, grp = task / cols.count / blocks;
       const int64_t rc = std::min(block, grid.rows - r0);
-      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
-        copy_weight_panels(panels, grp, k0, kc, j0, jc, dst);
+      auto pack = [&](int64_t k0, int64_t kc, int64_t n0, int64_t jc, T* dst) {
+        copy_weight_panels(panels, grp, k0, kc, j0 + n0, jc, dst);
       };
       // Direct: C is Y's rows, started from the bias (which runs along columns here), and the GEMM
       // applies the activation as it writes the last reduction block.
@@ -346,8 +346,8 @@ void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, c
       if (bias) {  // the bias runs along columns here: start C from it and accumulate
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * g.out_channels);
       }
-      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
-        copy_weight_panels(panels, grp, k0, kc, j0, jc, dst);
+      auto pack = [&](int64_t k0, int64_t kc, int64_t n0, int64_t jc, T* dst) {
+        copy_weight_panels(panels, grp, k0, kc, j0 + n0, jc, dst);
       };
       // The activation goes on as the last reduction block is written.
       gemm<T>(a, nj, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.get(), 0, -1, activation);
@@ -447,8 +447,8 @@ void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T*
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, grp = task % g.groups;
       std::fill(dx_padded.begin(), dx_padded.end(), T(0));
-      auto pack = [&](int64_t k0, int64_t kc, int64_t, int64_t jc, T* dst) {
-        copy_weight_panels(*panels, grp, k0, kc, int64_t(0), jc, dst);
+      auto pack = [&](int64_t k0, int64_t kc, int64_t n0, int64_t jc, T* dst) {
+        copy_weight_panels(*panels, grp, k0, kc, n0, jc, dst);
       };
       for (int64_t r0 = 0; r0 < l; r0 += block) {
         const int64_t rc = std::min(block, l - r0);

@@ -26,11 +26,35 @@ struct Vec64 {  // 64 bytes of T, unaligned loads and stores allowed
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
+// Adds the valid mr x nr corner of a spilled accumulator tile (row stride NR) to C: the edge
+// tiles only. Each ISA's micro-kernel calls its own out-of-line copy (CNNOPS_DEFINE_MICRO_KERNEL_FOR),
+// so the full-tile path never spills its registers and these loops still get the ISA's vectors.
+template <typename T>
+CNNOPS_ALWAYS_INLINE void store_edge_tile_body(const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr,
+                                               const T* row_bias, bool accumulate, Activation activation) {
+  constexpr int64_t kNr = gemm_nr<T>();
+  for (int64_t i = 0; i < mr; ++i) {
+    T* row = c + i * ldc;
+    const T* acc = tile + i * kNr;
+    if (accumulate) {
+      for (int64_t j = 0; j < nr; ++j) row[j] += acc[j];
+    } else {
+      const T init = row_bias ? row_bias[i] : T(0);
+      for (int64_t j = 0; j < nr; ++j) row[j] = init + acc[j];
+    }
+    if (activation == Activation::Relu)
+      for (int64_t j = 0; j < nr; ++j) row[j] = relu(row[j]);
+  }
+}
+
+template <typename T>
+using EdgeStore = void (*)(const T*, T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
+
 // C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]), NR = gemm_nr<T>(). a is a packed panel
 // (a[k*MR + i]) or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row
 // k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
 // activation only with the last reduction block, when the sum is final.
-template <typename T, int MR, bool kOffsetA, bool kOffsetB>
+template <typename T, int MR, bool kOffsetA, bool kOffsetB, EdgeStore<T> kEdge>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, const int64_t* __restrict a_offsets,
                                             int64_t lda, const T* __restrict b, const int64_t* __restrict b_offsets,
                                             T* __restrict c, int64_t ldc, int64_t mr, int64_t nr, const T* row_bias,
@@ -39,6 +63,13 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
   constexpr int kL = Vec64<T>::kLanes;
   constexpr int kNr = gemm_nr<T>();
   static_assert(kNr == 2 * kL, "the micro-kernel holds a row of B in two 64-byte vectors");
+  // C's lines (128 bytes a row, 3 lines when unaligned) are fetched for writing while the k loop
+  // runs, instead of missing one by one in the stores at its end.
+  for (int64_t i = 0; i < mr; ++i) {
+    __builtin_prefetch(c + i * ldc, 1);
+    __builtin_prefetch(c + i * ldc + kL, 1);
+    __builtin_prefetch(c + i * ldc + kNr - 1, 1);
+  }
   V acc0[MR], acc1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
@@ -55,8 +86,8 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
       acc1[i] += ai * b1;
     }
   }
-  const bool relu_out = activation == Activation::Relu;
-  if (mr == MR && nr == kNr) {
+  if (mr == MR && nr == kNr) [[likely]] {
+    const bool relu_out = activation == Activation::Relu;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       V* row = reinterpret_cast<V*>(c + i * ldc);
@@ -79,16 +110,13 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
     }
     return;
   }
-  T tile[MR][kNr];  // edge tile: spill, then copy the valid part
+  alignas(64) T tile[MR * kNr];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    std::memcpy(&tile[i][0], &acc0[i], sizeof(V));
-    std::memcpy(&tile[i][kL], &acc1[i], sizeof(V));
+    *reinterpret_cast<V*>(tile + i * kNr) = acc0[i];
+    *reinterpret_cast<V*>(tile + i * kNr + kL) = acc1[i];
   }
-  for (int64_t i = 0; i < mr; ++i) {
-    T* row = c + i * ldc;
-    const T init = row_bias ? row_bias[i] : T(0);
-    for (int64_t j = 0; j < nr; ++j) row[j] = apply_activation((accumulate ? row[j] : init) + tile[i][j], activation);
-  }
+  kEdge(tile, c, ldc, mr, nr, row_bias, accumulate, activation);
 }
 
 template <typename T>
@@ -96,18 +124,26 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
                              int64_t, const T*, bool, Activation);
 
 // The micro-kernel of one ISA: its spec (gemm.h) gives MR as the template argument.
-#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                      \
-  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                    \
-                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, \
-                      Activation act) {                                                                             \
-    if (a_offsets && b_offsets)                                                                                     \
-      micro_kernel_body<T, MR, true, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);    \
-    else if (a_offsets)                                                                                             \
-      micro_kernel_body<T, MR, true, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
-    else if (b_offsets)                                                                                             \
-      micro_kernel_body<T, MR, false, true>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);   \
-    else                                                                                                            \
-      micro_kernel_body<T, MR, false, false>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, acc, act);  \
+#define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                       \
+  ATTRIBUTE __attribute__((noinline)) void NAME##_edge(const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr,     \
+                                                       const T* bias, bool acc, Activation act) {                    \
+    store_edge_tile_body<T>(tile, c, ldc, mr, nr, bias, acc, act);                                                   \
+  }                                                                                                                  \
+  ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                     \
+                      const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc,  \
+                      Activation act) {                                                                              \
+    if (a_offsets && b_offsets)                                                                                      \
+      micro_kernel_body<T, MR, true, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,   \
+                                                        acc, act);                                                   \
+    else if (a_offsets)                                                                                              \
+      micro_kernel_body<T, MR, true, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
+                                                         acc, act);                                                  \
+    else if (b_offsets)                                                                                              \
+      micro_kernel_body<T, MR, false, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
+                                                         acc, act);                                                  \
+    else                                                                                                             \
+      micro_kernel_body<T, MR, false, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, \
+                                                          acc, act);                                                 \
   }
 #define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)             \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr) \
@@ -127,8 +163,15 @@ struct KernelChoice {
 
 template <typename T>
 KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, const GemmSpec& spec) {
-  static_assert(kGemmAvx512.kc <= kKc && kGemmAvx2.kc <= kKc && kGemmPortable.kc <= kKc,
+  // weight_cache.cpp and conv_winograd.cpp pack A in kKc blocks, the driver walks spec.kc ones.
+  static_assert(kGemmAvx512.kc == kKc && kGemmAvx2.kc == kKc && kGemmPortable.kc == kKc,
                 "gemm_workspace_size and the packers size blocks by kKc");
+  static_assert(kGemmAvx512.nc % gemm_nr<float>() == 0 && kGemmAvx2.nc % gemm_nr<float>() == 0 &&
+                    kGemmPortable.nc % gemm_nr<float>() == 0,
+                "an L2 block of B is whole panels of either dtype");
+  static_assert(kGemmAvx512.mc % kGemmAvx512.mr == 0 && kGemmAvx2.mc % kGemmAvx2.mr == 0 &&
+                    kGemmPortable.mc % kGemmPortable.mr == 0,
+                "an L2 block of A is whole panels");
   if constexpr (sizeof(T) == sizeof(float)) {
     return {f, &spec};
   } else {
@@ -202,7 +245,11 @@ PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel) {
   packed.mr = gemm_spec().mr;
   const int64_t mr = packed.mr, block = gemm_spec().kc;
   const int64_t padded_m = ceil_div(m, mr) * mr;
-  packed.data.assign(padded_m * k, T(0));
+  if (m % mr == 0) {
+    packed.data.resize(padded_m * k);  // left uninitialized: the panels cover every value
+  } else {
+    packed.data.assign(padded_m * k, T(0));
+  }
   for (int64_t k0 = 0; k0 < k; k0 += block) {
     const int64_t kc = std::min(block, k - k0);
     for (int64_t i0 = 0; i0 < m; i0 += mr)
@@ -211,24 +258,67 @@ PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel) {
   return packed;
 }
 
+// dst[kk * 8 + i] = src[i * lda + kk] for 8 rows and kk < kc: 8 x 8 blocks transposed in registers
+// by swapping the off-diagonal h x h blocks of every 2h x 2h block, h = 4, 2, 1.
+template <typename T>
+CNNOPS_ALWAYS_INLINE void pack_rows8_body(const T* src, int64_t lda, int64_t kc, T* dst) {
+  typedef T V8 __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T)), __may_alias__));
+  int64_t kk = 0;
+  for (; kk + 8 <= kc; kk += 8) {
+    V8 r[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const V8*>(src + i * lda + kk);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const V8 x = r[i], y = r[i + 4];
+      r[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11);
+      r[i + 4] = __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+#pragma GCC unroll 4
+    for (int i : {0, 1, 4, 5}) {
+      const V8 x = r[i], y = r[i + 2];
+      r[i] = __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13);
+      r[i + 2] = __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+#pragma GCC unroll 4
+    for (int i : {0, 2, 4, 6}) {
+      const V8 x = r[i], y = r[i + 1];
+      r[i] = __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14);
+      r[i + 1] = __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) *reinterpret_cast<V8*>(dst + (kk + j) * 8) = r[j];
+  }
+  for (; kk < kc; ++kk)
+    for (int i = 0; i < 8; ++i) dst[kk * 8 + i] = src[i * lda + kk];
+}
+
 template <typename T>
 PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride) {
   return pack_a_panels<T>(m, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+    if (col_stride == 1 && mr == 8 && rows == 8) {  // row-major A (weights), full panel
+      CNNOPS_SIMD_CALL(pack_rows8_body<T>(a + i0 * row_stride + k0, row_stride, kc, dst));
+      return;
+    }
     for (int64_t kk = 0; kk < kc; ++kk)
       for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = a[(i0 + i) * row_stride + (k0 + kk) * col_stride];
   });
 }
 
-// The blocked loops shared by every operand source: for each spec.kc block, prepare(k0, kc) makes B
-// ready (packs it, or nothing), then every NR-column B panel, b_panel(k0, kc, j0), stays in L1
-// while the A panels of the row range, a_panel(k0, kc, i0), stream past it.
+// The blocked loops shared by every operand source, BLIS's order: for each block of spec.nc
+// columns (kPacksB; all N when B is read in place) and each spec.kc reduction block,
+// prepare(k0, kc, n0, nc) makes that part of B ready (packs it, or nothing) while it fits L2;
+// then, for each block of spec.mc rows (kept in L2), every NR-column B panel,
+// b_panel(k0, kc, j0), stays in L1 while the block's A panels, a_panel(k0, kc, i0), stream past it.
+// Each C value sums its k blocks in order whatever the blocks.
 // C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
-template <typename T, typename Prepare, typename APanelFn, typename BPanelFn>
+template <typename T, bool kPacksB, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc, const T* row_bias, bool accumulate,
                   int64_t row_begin, int64_t row_end, Activation activation, Prepare&& prepare, APanelFn&& a_panel,
                   BPanelFn&& b_panel, const int64_t* c_panel_offset = nullptr) {
   const auto& kernel = kernel_choice<T>();
-  const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc;
+  const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc, mc = kernel.spec->mc;
+  const int64_t nc_block = kPacksB ? kernel.spec->nc : std::max<int64_t>(n, 1);  // B read in place: one block
   if (row_end < 0) row_end = m;
   TORCH_INTERNAL_ASSERT(row_begin % mr == 0 && row_end <= m, "gemm: row range must start on a panel");
   auto c_column = [&](int64_t j) { return c_panel_offset ? c_panel_offset[j / nr] + j % nr : j; };
@@ -240,18 +330,24 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
       }
     return;
   }
-  for (int64_t k0 = 0; k0 < k; k0 += block) {
-    const int64_t kc = std::min(block, k - k0);
-    const bool acc = accumulate || k0 > 0;
-    const Activation act = k0 + kc == k ? activation : Activation::None;  // only on final sums
-    prepare(k0, kc);
-    for (int64_t j0 = 0; j0 < n; j0 += nr) {
-      const auto [b, b_offsets] = b_panel(k0, kc, j0);
-      T* c_panel = c + c_column(j0);
-      for (int64_t i0 = row_begin; i0 < row_end; i0 += mr) {
-        const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
-        kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc, std::min(mr, row_end - i0),
-                  std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act);
+  for (int64_t n0 = 0; n0 < n; n0 += nc_block) {  // an L2 block of B columns
+    const int64_t nc = std::min(nc_block, n - n0);
+    for (int64_t k0 = 0; k0 < k; k0 += block) {
+      const int64_t kc = std::min(block, k - k0);
+      const bool acc = accumulate || k0 > 0;
+      const Activation act = k0 + kc == k ? activation : Activation::None;  // only on final sums
+      prepare(k0, kc, n0, nc);
+      for (int64_t ib = row_begin; ib < row_end; ib += mc) {  // an L2 block of A rows
+        const int64_t ie = std::min(row_end, ib + mc);
+        for (int64_t j0 = n0; j0 < n0 + nc; j0 += nr) {
+          const auto [b, b_offsets] = b_panel(k0, kc, j0);
+          T* c_panel = c + c_column(j0);
+          for (int64_t i0 = ib; i0 < ie; i0 += mr) {
+            const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
+            kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc, std::min(mr, ie - i0),
+                      std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act);
+          }
+        }
       }
     }
   }
@@ -274,9 +370,9 @@ template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias, bool accumulate,
           T* workspace, int64_t row_begin, int64_t row_end, Activation activation, const int64_t* c_panel_offset) {
   constexpr int64_t nr = gemm_nr<T>();
-  gemm_blocked<T>(
+  gemm_blocked<T, true>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
-      [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
+      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; },
       c_panel_offset);
@@ -285,8 +381,9 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
 template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c, int64_t ldc,
                     const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end, Activation activation) {
-  gemm_blocked<T>(
-      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation, [](int64_t, int64_t) {},
+  gemm_blocked<T, false>(
+      a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
+      [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
       [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
 }
@@ -310,9 +407,9 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
-  gemm_blocked<T>(
+  gemm_blocked<T, true>(
       m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, activation,
-      [&](int64_t k0, int64_t kc) { pack_b(k0, kc, 0, n, workspace); },
+      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
       },
@@ -325,8 +422,8 @@ void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_
                      Activation activation) {
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
-  gemm_blocked<T>(
-      m, k, mr, n, c, ldc, row_bias, accumulate, 0, -1, activation, [](int64_t, int64_t) {},
+  gemm_blocked<T, false>(
+      m, k, mr, n, c, ldc, row_bias, accumulate, 0, -1, activation, [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
       },
@@ -337,17 +434,29 @@ template <typename T>
 void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
                     T* dst, int64_t first_col) {
   constexpr int64_t nr = gemm_nr<T>();
+  if (col_stride == 1) {  // row by row: each row of B read as one sequential run, not one panel at a time
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const T* src = b + (k0 + kk) * row_stride + n0;
+      for (int64_t j = 0; j < nc;) {  // pieces of the row that stay inside one panel
+        const int64_t col = first_col + j, piece = std::min(nc - j, nr - col % nr);
+        T* out = dst + ((col / nr) * kc + kk) * nr + col % nr;
+        if (piece == nr) {
+          std::memcpy(out, src + j, nr * sizeof(T));  // a fixed size: inlined as vector moves
+        } else {
+          std::memcpy(out, src + j, piece * sizeof(T));
+        }
+        j += piece;
+      }
+    }
+    return;
+  }
   for (int64_t j = 0; j < nc;) {  // pieces of columns that stay inside one panel
     const int64_t col = first_col + j, piece = std::min(nc - j, nr - col % nr);
     T* panel = dst + (col / nr) * kc * nr + col % nr;
     for (int64_t kk = 0; kk < kc; ++kk) {
       const T* src = b + (k0 + kk) * row_stride + (n0 + j) * col_stride;
       T* out = panel + kk * nr;
-      if (col_stride == 1) {
-        std::memcpy(out, src, piece * sizeof(T));
-      } else {
-        for (int64_t jj = 0; jj < piece; ++jj) out[jj] = src[jj * col_stride];
-      }
+      for (int64_t jj = 0; jj < piece; ++jj) out[jj] = src[jj * col_stride];
     }
     j += piece;
   }

@@ -3,14 +3,16 @@
 //
 // Blocking follows BLIS: the reduction dim is cut into blocks of kKc, A is packed once into
 // row panels of MR rows (MR depends on the SIMD width picked at run time), and B is packed
-// block by block into column panels of NR columns by a caller-supplied packer, which lets
-// convolution write im2col columns straight into the panel instead of materialising im2col.
-// A register-tiled MR x NR micro-kernel does the arithmetic.
+// block by block (spec.nc columns by kKc rows, sized for L2) into column panels of NR columns by
+// a caller-supplied packer, which lets convolution write im2col columns straight into the panel
+// instead of materialising im2col. A register-tiled MR x NR micro-kernel does the arithmetic,
+// over spec.mc rows of A at a time (an L2-sized block).
 #include <c10/util/FunctionRef.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/activation.h"
@@ -35,30 +37,52 @@ struct GemmSpec {
   const char* name;  // what cpu_gemm_isa() reports
   int mr;            // rows of A per packed panel and per micro-kernel call (float and double)
   int64_t kc;        // reduction block
+  int64_t mc;        // rows of A per L2 block (a multiple of mr): an mc x kc block of A stays in L2
+  int64_t nc;        // columns of B per L2 block (a multiple of NR): a kc x nc block of B stays in L2
   template <typename T>
   constexpr int64_t nr() const {  // columns per B panel: two 64-byte vectors on every ISA
     return gemm_nr<T>();
   }
 };
-constexpr GemmSpec kGemmAvx512{"avx512", 8, kKc};
-constexpr GemmSpec kGemmAvx2{"avx2", 3, kKc};
-constexpr GemmSpec kGemmPortable{"portable", 2, kKc};
+constexpr GemmSpec kGemmAvx512{"avx512", 8, kKc, 384, 512};
+constexpr GemmSpec kGemmAvx2{"avx2", 3, kKc, 384, 512};
+constexpr GemmSpec kGemmPortable{"portable", 2, kKc, 384, 512};
 constexpr int kGemmMaxMr = std::max({kGemmAvx512.mr, kGemmAvx2.mr, kGemmPortable.mr});  // fixed-size row arrays
 
 // The spec of the micro-kernel this CPU runs (cpu_isa(), which CNNOPS_CPU_ISA caps).
 const GemmSpec& gemm_spec();
 
 // Fills dst with B[k0 : k0+kc, n0 : n0+nc] as ceil(nc / NR) panels, each kc rows of NR values,
-// zero padded past nc (zero_panel_tail).
+// zero padded past nc (zero_panel_tail). The GEMM asks for one L2 block of columns at a time
+// (spec.nc; n0 a multiple of NR), so a packer must honour n0.
 template <typename T>
 using PackB = c10::function_ref<void(int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst)>;
+
+// An allocator whose resize() leaves new values uninitialized, for buffers that are written whole
+// before they are read (assign() and the value constructors still fill).
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
 
 // A (M x K) packed once and reused for many B blocks: per kKc block, ceil(M / mr) panels of
 // kc x mr values, zero padded past M.
 template <typename T>
 struct PackedA {
   int64_t m = 0, k = 0, mr = 0;
-  std::vector<T> data;
+  std::vector<T, DefaultInitAllocator<T>> data;
   const T* panel(int64_t k0, int64_t kc, int64_t m0) const {
     const int64_t padded_m = ceil_div(m, mr) * mr;
     return data.data() + k0 * padded_m + m0 * kc;

@@ -21,6 +21,8 @@ py::dict spec_dict() {
   d["name"] = spec.name;
   d["mr"] = spec.mr;
   d["kc"] = spec.kc;
+  d["mc"] = spec.mc;
+  d["nc"] = spec.nc;
   d["nr_float32"] = spec.nr<float>();
   d["nr_float64"] = spec.nr<double>();
   return d;
@@ -89,10 +91,11 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
   }
 }
 
-// Returns a copy of c updated in rows [row_begin, row_end) (row_end -1: all rows).
+// Returns a copy of c updated in rows [row_begin, row_end) (row_end -1: all rows), or c itself
+// when inplace (a contiguous c; for benchmarks/bench_gemm.py, which must not time a copy of C).
 at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& c_,
                       const std::optional<at::Tensor>& row_bias, bool accumulate, int64_t row_begin, int64_t row_end,
-                      const std::string& activation, const std::string& variant) {
+                      const std::string& activation, const std::string& variant, bool inplace) {
   TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && c_.dim() == 2, "gemm(): a, b and c must be 2-d");
   TORCH_CHECK(a_.device().is_cpu() && b_.device().is_cpu() && c_.device().is_cpu(), "gemm(): CPU tensors only");
   const auto dtype = a_.scalar_type();
@@ -105,7 +108,8 @@ at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tens
   TORCH_CHECK(row_begin >= 0 && row_begin % gemm_mr<float>() == 0 && row_begin <= end && end <= m,
               "gemm(): row_begin must be a multiple of mr and 0 <= row_begin <= row_end <= M");
   const at::Tensor a = a_.contiguous(), b = b_.contiguous();
-  at::Tensor c = c_.clone(at::MemoryFormat::Contiguous);
+  TORCH_CHECK(!inplace || c_.is_contiguous(), "gemm(): inplace needs a contiguous c");
+  at::Tensor c = inplace ? c_ : c_.clone(at::MemoryFormat::Contiguous);
   at::Tensor bias;
   if (row_bias.has_value() && row_bias->defined()) {
     bias = row_bias->contiguous();
@@ -124,10 +128,10 @@ at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tens
 
 void add_gemm_test_functions(PyObject* module) {
   py::module_ m = py::reinterpret_borrow<py::module_>(module);
-  m.def("gemm_spec", &spec_dict, "The spec (name, mr, kc, nr per dtype) of the CPU GEMM micro-kernel in use.");
+  m.def("gemm_spec", &spec_dict, "The spec (name, mr, kc, mc, nc, nr per dtype) of the CPU GEMM micro-kernel in use.");
   m.def("gemm", &gemm_entry, "The CPU GEMM called directly (tests/test_gemm.py).", py::arg("a"), py::arg("b"),
         py::arg("c"), py::arg("row_bias"), py::arg("accumulate"), py::arg("row_begin"), py::arg("row_end"),
-        py::arg("activation"), py::arg("variant"));
+        py::arg("activation"), py::arg("variant"), py::arg("inplace") = false);
 }
 
 }  // namespace cnnops::cpu
