@@ -192,43 +192,20 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) 
   return p;
 }
 
-// fn(std::integral_constant<int64_t, count>) for the common channel counts (NHWC pixel loops then
-// unroll), else fn(std::integral_constant<int64_t, 0>).
-template <typename Fn>
-GC_INLINE void with_count(int64_t count, Fn&& fn) {
-  switch (count) {
-    case 4:
-      return fn(std::integral_constant<int64_t, 4>());
-    case 8:
-      return fn(std::integral_constant<int64_t, 8>());
-    case 16:
-      return fn(std::integral_constant<int64_t, 16>());
-    default:
-      return fn(std::integral_constant<int64_t, 0>());
-  }
-}
-
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
 template <typename T, int BYTES>
 GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx, int64_t n,
                            int64_t c0, int64_t count, T* buf) {
   const int64_t sh = g.stride[1], sw = g.stride[2];
-  if (lx.col != 1) {  // NHWC: each pixel's channels are adjacent, read together
+  if (lx.col != 1) {  // NHWC: each pixel's channels are adjacent, moved by vector transposes
     for (int64_t qh = 0; qh < sh; ++qh)
       for (int64_t i = p.row_lo[qh]; i < p.row_hi[qh]; ++i) {
         const T* row = x + n * lx.sample + c0 * lx.channel + (i * sh + qh - g.pad[1]) * lx.row;
         for (int64_t qw = 0; qw < sw; ++qw) {
-          T* dst = buf + (qh * sw + qw) * p.phase + i * p.wq;
-          const int64_t shift = qw - g.pad[2];
-          with_count(count, [&](auto n_channels) CNNOPS_SIMD_BODY {
-            const int64_t channels = n_channels.value ? n_channels.value : count;
-            for (int64_t j = p.col_lo[qw]; j < p.col_hi[qw]; ++j) {
-              const T* pixel = row + (j * sw + shift) * lx.col;
-#pragma GCC unroll 16
-              for (int64_t c = 0; c < channels; ++c) dst[c * p.channel + j] = pixel[c];
-            }
-          });
+          const int64_t lo = p.col_lo[qw], hi = p.col_hi[qw];
+          transpose_matrix<T, BYTES>(row + (lo * sw + qw - g.pad[2]) * lx.col, sw * lx.col, hi - lo, count,
+                                     buf + (qh * sw + qw) * p.phase + i * p.wq + lo, p.channel);
         }
       }
     return;
@@ -263,7 +240,7 @@ GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x
 
 // dst[m * dst_stride + h * dst_row + w] = src[m * channel + h * row + w * col] for m < count,
 // h < rows, w < cols: dY into a buffer (NCHW rows copied whole, NHWC pixels read together).
-template <typename T>
+template <typename T, int BYTES>
 GC_INLINE void gather_planes(const T* src, const Layout& l, int64_t count, int64_t rows, int64_t cols, T* dst,
                              int64_t dst_stride, int64_t dst_row) {
   if (l.col == 1) {
@@ -275,16 +252,8 @@ GC_INLINE void gather_planes(const T* src, const Layout& l, int64_t count, int64
       }
     return;
   }
-  with_count(count, [&](auto n_channels) CNNOPS_SIMD_BODY {
-    const int64_t channels = n_channels.value ? n_channels.value : count;
-    for (int64_t h = 0; h < rows; ++h)
-      for (int64_t w = 0; w < cols; ++w) {
-        const T* from = src + h * l.row + w * l.col;
-        T* to = dst + h * dst_row + w;
-#pragma GCC unroll 16
-        for (int64_t m = 0; m < channels; ++m) to[m * dst_stride] = from[m];
-      }
-  });
+  for (int64_t h = 0; h < rows; ++h)
+    transpose_matrix<T, BYTES>(src + h * l.row, l.col, cols, count, dst + h * dst_row, dst_stride);
 }
 
 // The reverse for NCHW, onto every row_step-th row and col_step-th column:
@@ -525,8 +494,8 @@ GC_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t grp, T* buf, 
   const InputPlan& plan = *j.plan;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
   const int64_t entries = int64_t(plan.offset.size()), sh = g.stride[1], sw = g.stride[2];
-  gather_planes(j.dy + n * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1], g.out[2],
-                buf + plan.top * plan.wd + plan.left, plan.plane, plan.wd);
+  gather_planes<T, BYTES>(j.dy + n * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1], g.out[2],
+                          buf + plan.top * plan.wd + plan.left, plan.plane, plan.wd);
   T* dx = j.dx + n * j.ldx.sample + grp * cg * j.ldx.channel;
   for (const InputPhase& ph : plan.phases) {
     if (ph.entries > 0) {
@@ -602,8 +571,8 @@ GC_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T*
     const int64_t active = std::min(p.samples, g.batch - n0);
     for (int64_t s = 0; s < active; ++s) {
       fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, grp * cg + c0, count, buf + s * p.plane);
-      gather_planes(j.dy + (n0 + s) * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1], g.out[2],
-                    dyg + s * p.plane, p.padded, p.wq);
+      gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1],
+                              g.out[2], dyg + s * p.plane, p.padded, p.wq);
     }
     const auto* mask = active == p.samples ? mask_full : mask_last;
     const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
