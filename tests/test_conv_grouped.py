@@ -104,6 +104,18 @@ def test_wider_groups_keep_the_gemm(layout):
         check_direct(2, cin_g, cout_g, 2, (9, 9), 3, {"stride": 2, "padding": 1}, torch.float32, layout, expect=0)
 
 
+@pytest.mark.parametrize("cin_g,cout_g,groups", [(8, 8, 13), (5, 3, 3), (3, 3, 11), (9, 7, 7), (2, 1, 2)], ids=str)
+def test_direct_channels_last_transposes(cin_g, cout_g, groups):
+    """Channels-last tensors reach the kernels through blocked transposes of whole pixels (vector-wide
+    square blocks, the last one overlapping, scalar where a side is narrower than a vector): channel
+    counts and pixel counts around every ISA's vector widths (2 to 16), past a 256-pixel task block."""
+    for dtype in DTYPES:
+        for size in [(1, 1), (3, 5), (4, 4), (2, 9), (16, 17), (17, 31)]:
+            for stride in (1, 2):
+                check_direct(2, cin_g, cout_g, groups, size, 3, {"stride": stride, "padding": 1}, dtype,
+                             "channels_last")
+
+
 @pytest.mark.parametrize("layout", ["sliced", "transposed"])
 def test_direct_non_contiguous(layout):
     for dtype in DTYPES:
@@ -235,7 +247,8 @@ tol = {torch.float32: 2e-5, torch.float64: 1e-12}
 # (C_in/g, C_out/g, groups, (H, W), k, stride, padding, dilation, relu)
 cases = [(8, 8, 3, (13, 17), 3, 1, 1, 1, False), (8, 8, 2, (14, 14), 3, 2, 1, 1, True),
          (3, 13, 2, (7, 7), 3, 2, 0, 1, False), (16, 5, 2, (5, 21), 3, 1, 2, 2, True),
-         (4, 4, 4, (1, 2), 1, 2, 0, 1, False), (2, 16, 3, (9, 6), 5, 2, 2, 1, False)]
+         (4, 4, 4, (1, 2), 1, 2, 0, 1, False), (2, 16, 3, (9, 6), 5, 2, 2, 1, False),
+         (8, 8, 13, (17, 31), 3, 2, 1, 1, False), (3, 5, 3, (4, 5), 3, 1, 1, 1, False)]
 before = _C._cpu_grouped_direct_calls()
 for dtype, (ci, co, g, (h, w_), k, s, p, d, relu), cl in itertools.product(
         (torch.float32, torch.float64), cases, (False, True)):
