@@ -108,7 +108,7 @@ def test_wider_groups_keep_the_gemm(layout):
 def test_direct_channels_last_transposes(cin_g, cout_g, groups):
     """Channels-last tensors reach the kernels through blocked transposes of whole pixels (vector-wide
     square blocks, the last one overlapping, scalar where a side is narrower than a vector): channel
-    counts and pixel counts around every ISA's vector widths (2 to 16), past a 256-pixel task block."""
+    counts and pixel counts around every ISA's vector widths (2 to 16) and well past them."""
     for dtype in DTYPES:
         for size in [(1, 1), (3, 5), (4, 4), (2, 9), (16, 17), (17, 31)]:
             for stride in (1, 2):
