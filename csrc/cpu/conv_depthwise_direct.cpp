@@ -27,6 +27,7 @@
 
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
+#include "cpu/simd_vec.h"
 
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -34,62 +35,6 @@
 namespace cnnops {
 namespace cpu {
 namespace {
-
-#define DW_INLINE inline __attribute__((always_inline))
-
-int vector_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-template <typename T, int BYTES>
-struct Simd {
-  typedef T vec __attribute__((vector_size(BYTES)));
-  using int_type = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef int_type mask __attribute__((vector_size(BYTES)));
-  static constexpr int lanes = BYTES / sizeof(T);
-
-  static DW_INLINE vec load(const T* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(vec));
-    return v;
-  }
-  static DW_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-  // Lanes [0, n) only (n < lanes), a lane at a time: no library call.
-  static DW_INLINE void store_first(T* p, vec v, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) p[i] = v[i];
-  }
-  static DW_INLINE vec load_first(const T* p, int64_t n) {  // zeros after lane n
-    vec v{};
-    for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-    return v;
-  }
-  // dst[0, n) = src[0, n) in whole vectors, the last one overlapping the one before
-  static DW_INLINE void copy_row(T* dst, const T* src, int64_t n) {
-    if (n < lanes) {
-      for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-      return;
-    }
-    for (int64_t i = 0; i + lanes <= n; i += lanes) store(dst + i, load(src + i));
-    if (n % lanes) store(dst + n - lanes, load(src + n - lanes));
-  }
-  static DW_INLINE vec splat(T s) { return vec{} + s; }
-  static DW_INLINE vec relu(vec v) { return v < vec{} ? vec{} : v; }  // NaN passes, as relu()
-  static DW_INLINE mask first_lanes(int64_t n) {
-    mask m;
-    for (int i = 0; i < lanes; ++i) m[i] = i < n ? -1 : 0;
-    return m;
-  }
-  // even[j] = src[2j], odd[j] = src[2j + 1] for j < n (n a multiple of lanes)
-  static DW_INLINE void deinterleave(const T* src, int64_t n, T* even, T* odd) {
-    mask ev, od;
-    for (int i = 0; i < lanes; ++i) ev[i] = 2 * i, od[i] = 2 * i + 1;
-    for (int64_t j = 0; j < n; j += lanes) {
-      const vec a = load(src + 2 * j), b = load(src + 2 * j + lanes);
-      store(even + j, __builtin_shuffle(a, b, ev));
-      store(odd + j, __builtin_shuffle(a, b, od));
-    }
-  }
-};
 
 // ------------------------------------------------------------------------------------------
 // NCHW: one (sample, channel) plane at a time, through the phase-split padded buffer.
@@ -114,7 +59,7 @@ struct PlaneJob {
 // Fills the buffer from one source plane. Every plane writes the same positions, so the zeros
 // around them, set once per buffer, stay zero.
 template <typename T, int S, int BYTES>
-DW_INLINE void build_plane(const PlaneJob<T>& j, const T* src, T* buf, T* tmp) {
+CNNOPS_ALWAYS_INLINE void build_plane(const PlaneJob<T>& j, const T* src, T* buf, T* tmp) {
   const int64_t width = S * j.seg;  // padded columns per buffer row
   if (j.spacing == 1 && j.pad_w >= 0) {
     const int64_t n = std::min(j.src_w, width - j.pad_w);
@@ -147,7 +92,8 @@ DW_INLINE void build_plane(const PlaneJob<T>& j, const T* src, T* buf, T* tmp) {
 // padded[oh*S + kh, ow*S + kw]), one vector of ow at a time. Input row r of the block serves
 // output row i through kernel row r - i*S.
 template <typename T, int K, int S, int BYTES, int R>
-DW_INLINE void forward_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* w, T b, bool relu, T* out) {
+CNNOPS_ALWAYS_INLINE void forward_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* w, T b,
+                                       bool relu, T* out) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
@@ -184,7 +130,7 @@ DW_INLINE void forward_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_
 }
 
 template <typename T, int K, int S, int BYTES>
-DW_INLINE void nchw_forward_body(const PlaneJob<T>& j, int64_t begin, int64_t end, T* buf, T* tmp) {
+CNNOPS_ALWAYS_INLINE void nchw_forward_body(const PlaneJob<T>& j, int64_t begin, int64_t end, T* buf, T* tmp) {
   const int64_t src_plane = j.src_h * j.src_w, out_plane = j.out_h * j.out_w;
   for (int64_t plane = begin; plane < end; ++plane) {
     const int64_t c = plane % j.channels;
@@ -201,8 +147,9 @@ DW_INLINE void nchw_forward_body(const PlaneJob<T>& j, int64_t begin, int64_t en
 // acc[kh*K + kw] += dy[oh, ow] * padded[oh*S + kh, ow*S + kw] over rows [oh0, oh0 + R) and the
 // lanes of one ow vector; in the last, partial vector (TAIL) the lanes past out_w add zero.
 template <typename T, int K, int S, int BYTES, int R, bool TAIL>
-DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0, int64_t out_w, const T* dy,
-                            typename Simd<T, BYTES>::vec (&acc)[K * K], typename Simd<T, BYTES>::vec& bias_acc) {
+CNNOPS_ALWAYS_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0, int64_t out_w, const T* dy,
+                                       typename Simd<T, BYTES>::vec (&acc)[K * K],
+                                       typename Simd<T, BYTES>::vec& bias_acc) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   const int64_t width = S * seg, n = out_w - ow0;
@@ -231,8 +178,9 @@ DW_INLINE void weight_block(const T* buf, int64_t seg, int64_t oh0, int64_t ow0,
 }
 
 template <typename T, int K, int S, int BYTES, int R>
-DW_INLINE void weight_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* dy,
-                           typename Simd<T, BYTES>::vec (&acc)[K * K], typename Simd<T, BYTES>::vec& bias_acc) {
+CNNOPS_ALWAYS_INLINE void weight_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w, const T* dy,
+                                      typename Simd<T, BYTES>::vec (&acc)[K * K],
+                                      typename Simd<T, BYTES>::vec& bias_acc) {
   constexpr int L = Simd<T, BYTES>::lanes;
   int64_t ow0 = 0;
   for (; ow0 + L <= out_w; ow0 += L)
@@ -244,7 +192,8 @@ DW_INLINE void weight_rows(const T* buf, int64_t seg, int64_t oh0, int64_t out_w
 // db[c] = sum of dy when db is not null), summed lane-wise in a fixed order (samples, row blocks,
 // ow vectors), then across the lanes.
 template <typename T, int K, int S, int BYTES>
-DW_INLINE void nchw_weight_body(const PlaneJob<T>& j, int64_t begin, int64_t end, T* buf, T* tmp, T* dw, T* db) {
+CNNOPS_ALWAYS_INLINE void nchw_weight_body(const PlaneJob<T>& j, int64_t begin, int64_t end, T* buf, T* tmp, T* dw,
+                                           T* db) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   const int64_t src_plane = j.src_h * j.src_w, out_plane = j.out_h * j.out_w;
@@ -301,7 +250,8 @@ void set_interior_columns(NhwcJob<T>& j, int64_t k, int64_t s) {
 
 // The K input rows of output row (n, oh), and whether each lies inside the input.
 template <typename T, int K, int S>
-DW_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh, const T* (&rows)[K], bool (&ok)[K]) {
+CNNOPS_ALWAYS_INLINE void input_rows(const NhwcJob<T>& j, const T* x, int64_t n, int64_t oh, const T* (&rows)[K],
+                                     bool (&ok)[K]) {
 #pragma GCC unroll 8
   for (int kh = 0; kh < K; ++kh) {
     const int64_t ih = oh * S - j.pad_h + kh;
@@ -320,9 +270,9 @@ constexpr bool taps_held() {
 // P pixels from column iw0 = ow*S - pad_w, channels [c0, c0 + lanes): pixel i reads column c
 // through tap c - i*S. With CHECK, columns outside the input are skipped (border pixels).
 template <typename T, int K, int S, int BYTES, int P, bool CHECK>
-DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K], const bool (&ok)[K], int64_t iw0,
-                                   int64_t c0, const typename Simd<T, BYTES>::vec (&wv)[K * K],
-                                   typename Simd<T, BYTES>::vec bv, T* out) {
+CNNOPS_ALWAYS_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K], const bool (&ok)[K],
+                                              int64_t iw0, int64_t c0, const typename Simd<T, BYTES>::vec (&wv)[K * K],
+                                              typename Simd<T, BYTES>::vec bv, T* out) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   const int64_t C = j.channels;
@@ -357,7 +307,7 @@ DW_INLINE void nhwc_forward_pixels(const NhwcJob<T>& j, const T* const (&rows)[K
 // ones near the borders with column checks). Channel blocks are whole vectors; the last one
 // ends at C and may overlap the one before (the same values written twice).
 template <typename T, int K, int S, int BYTES>
-DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   // 3x3: one pixel group per tile, so memory is read in order (9 tap loads per 36 FMAs); 5x5
@@ -404,7 +354,7 @@ DW_INLINE void nhwc_forward_body(const NhwcJob<T>& j, int64_t begin, int64_t end
 // at a time, all channel blocks of them before the next ones, so what they read stays in cache;
 // each lane's sum runs in row order.
 template <typename T, int K, int S, int BYTES>
-DW_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {
+CNNOPS_ALWAYS_INLINE void nhwc_weight_body(const NhwcJob<T>& j, int64_t r0, int64_t r1, T* partial) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes, P = 4, ROWS = 4;
@@ -501,7 +451,7 @@ struct GatherJob {
 };
 
 template <typename T, int BYTES>
-DW_INLINE void nhwc_gather_body(const GatherJob<T>& j, int64_t begin, int64_t end) {
+CNNOPS_ALWAYS_INLINE void nhwc_gather_body(const GatherJob<T>& j, int64_t begin, int64_t end) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
@@ -531,8 +481,8 @@ DW_INLINE void nhwc_gather_body(const GatherJob<T>& j, int64_t begin, int64_t en
 // worth of channels at a time, transposed into a channels-last block, run by the NHWC loop and
 // transposed back. Tasks are (sample, channel block); the last block may overlap the one before.
 template <typename T, int K, int S, int BYTES>
-DW_INLINE void nchw_blocked_body(const NhwcJob<T>& proto, const T* x, T* y, int64_t begin, int64_t end, T* x_block,
-                                 T* y_block) {
+CNNOPS_ALWAYS_INLINE void nchw_blocked_body(const NhwcJob<T>& proto, const T* x, T* y, int64_t begin, int64_t end,
+                                            T* x_block, T* y_block) {
   constexpr int L = Simd<T, BYTES>::lanes;
   const int64_t C = proto.taps_stride, blocks = (C + L - 1) / L;
   const int64_t in_plane = proto.in_h * proto.in_w, out_plane = proto.out_h * proto.out_w;

@@ -31,6 +31,7 @@
 #include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
+#include "cpu/simd_vec.h"
 
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -39,8 +40,6 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-#define GC_INLINE inline __attribute__((always_inline))
-
 std::atomic<int64_t> calls{0};
 
 // Measured (fwd+bwd, batch 8, one thread): at 16 channels a group 1.5-5x faster than the GEMM
@@ -48,37 +47,8 @@ std::atomic<int64_t> calls{0};
 constexpr int64_t kGroupedMaxChannels = 16;
 constexpr int64_t kWeightPoints = 1024;
 
-template <Isa kIsa>
-constexpr int isa_bytes() {
-  return kIsa == Isa::Avx512 ? 64 : kIsa == Isa::Avx2 ? 32 : 16;
-}
-int64_t lanes_for(std::size_t element_size) {
-  const Isa isa = cpu_isa();
-  return (isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16) / int64_t(element_size);
-}
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t lanes_for(std::size_t element_size) { return vector_bytes(cpu_isa()) / int64_t(element_size); }
 int64_t floor_mod(int64_t a, int64_t m) { return ((a % m) + m) % m; }
-
-template <typename T, int BYTES>
-struct Simd {
-  typedef T vec __attribute__((vector_size(BYTES)));
-  using int_type = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef int_type mask __attribute__((vector_size(BYTES)));
-  static constexpr int lanes = BYTES / sizeof(T);
-  static GC_INLINE vec load(const T* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(vec));
-    return v;
-  }
-  static GC_INLINE mask load_mask(const int_type* p) {
-    mask v;
-    std::memcpy(&v, p, sizeof(mask));
-    return v;
-  }
-  static GC_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-  static GC_INLINE vec splat(T s) { return vec{} + s; }
-  static GC_INLINE vec relu(vec v) { return v < vec{} ? vec{} : v; }  // NaN passes, as torch.relu
-};
 
 // Constant shuffle masks from an index function, so the compiler sees immediates.
 template <typename M, typename F, int... Is>
@@ -97,7 +67,7 @@ struct BlockHi {
 // Transposes the L x L block whose rows are r[0..L-1]: log2(L) steps, each swapping the
 // off-diagonal S x S blocks.
 template <typename V, int S = 1>
-GC_INLINE void transpose_block(typename V::vec* r) {
+CNNOPS_ALWAYS_INLINE void transpose_block(typename V::vec* r) {
   constexpr int L = V::lanes;
   if constexpr (S < L) {
     constexpr auto lo = make_mask<typename V::mask, BlockLo<L, S>>(std::make_integer_sequence<int, L>());
@@ -119,7 +89,8 @@ GC_INLINE void transpose_block(typename V::vec* r) {
 // alone is a few floats hundreds apart). The last block of each dimension overlaps the one before
 // (rewriting the same values) rather than falling back to single elements.
 template <typename T, int BYTES>
-GC_INLINE void transpose_matrix(const T* src, int64_t src_ld, int64_t rows, int64_t cols, T* dst, int64_t dst_ld) {
+CNNOPS_ALWAYS_INLINE void transpose_matrix(const T* src, int64_t src_ld, int64_t rows, int64_t cols, T* dst,
+                                           int64_t dst_ld) {
   using V = Simd<T, BYTES>;
   constexpr int L = V::lanes;
   if (rows < L || cols < L) {  // narrower vectors (14 x 14 maps at 16 lanes), else element by element
@@ -195,8 +166,8 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) 
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
 template <typename T, int BYTES>
-GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx, int64_t n,
-                           int64_t c0, int64_t count, T* buf) {
+CNNOPS_ALWAYS_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx,
+                                      int64_t n, int64_t c0, int64_t count, T* buf) {
   const int64_t sh = g.stride[1], sw = g.stride[2];
   if (lx.col != 1) {  // NHWC: each pixel's channels are adjacent, moved by vector transposes
     for (int64_t qh = 0; qh < sh; ++qh)
@@ -241,8 +212,8 @@ GC_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x
 // dst[m * dst_stride + h * dst_row + w] = src[m * channel + h * row + w * col] for m < count,
 // h < rows, w < cols: dY into a buffer (NCHW rows copied whole, NHWC pixels read together).
 template <typename T, int BYTES>
-GC_INLINE void gather_planes(const T* src, const Layout& l, int64_t count, int64_t rows, int64_t cols, T* dst,
-                             int64_t dst_stride, int64_t dst_row) {
+CNNOPS_ALWAYS_INLINE void gather_planes(const T* src, const Layout& l, int64_t count, int64_t rows, int64_t cols,
+                                        T* dst, int64_t dst_stride, int64_t dst_row) {
   if (l.col == 1) {
     for (int64_t m = 0; m < count; ++m)
       for (int64_t h = 0; h < rows; ++h) {
@@ -259,8 +230,8 @@ GC_INLINE void gather_planes(const T* src, const Layout& l, int64_t count, int64
 // The reverse for NCHW, onto every row_step-th row and col_step-th column:
 // dst[m * channel + h * row_step * row + w * col_step] = src[m * src_stride + h * src_row + w].
 template <typename T>
-GC_INLINE void scatter_planes(const T* src, int64_t src_stride, int64_t src_row, int64_t count, int64_t rows,
-                              int64_t cols, T* dst, const Layout& l, int64_t row_step, int64_t col_step) {
+CNNOPS_ALWAYS_INLINE void scatter_planes(const T* src, int64_t src_stride, int64_t src_row, int64_t count, int64_t rows,
+                                         int64_t cols, T* dst, const Layout& l, int64_t row_step, int64_t col_step) {
   for (int64_t m = 0; m < count; ++m)
     for (int64_t h = 0; h < rows; ++h) {
       const T* from = src + m * src_stride + h * src_row;
@@ -276,8 +247,9 @@ GC_INLINE void scatter_planes(const T* src, int64_t src_stride, int64_t src_row,
 // out[m * out_stride + p] = act(bias[m] + sum over entries e of wt[e * w_stride + m] * src[offset[e] + p])
 // for m < MB and p < padded (a multiple of 2 vectors).
 template <typename T, int BYTES, int MB>
-GC_INLINE void correlate_block(const T* src, const int64_t* offset, int64_t entries, const T* wt, int64_t w_stride,
-                               const T* bias, bool relu, int64_t padded, T* out, int64_t out_stride) {
+CNNOPS_ALWAYS_INLINE void correlate_block(const T* src, const int64_t* offset, int64_t entries, const T* wt,
+                                          int64_t w_stride, const T* bias, bool relu, int64_t padded, T* out,
+                                          int64_t out_stride) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
@@ -305,8 +277,8 @@ GC_INLINE void correlate_block(const T* src, const int64_t* offset, int64_t entr
 
 // correlate_block over `channels` outputs, in blocks of 8, 4, 2, 1.
 template <typename T, int BYTES>
-GC_INLINE void correlate(const T* src, const int64_t* offset, int64_t entries, const T* wt, int64_t channels,
-                         const T* bias, bool relu, int64_t padded, T* out) {
+CNNOPS_ALWAYS_INLINE void correlate(const T* src, const int64_t* offset, int64_t entries, const T* wt, int64_t channels,
+                                    const T* bias, bool relu, int64_t padded, T* out) {
   int64_t m = 0;
   auto block = [&](auto size) CNNOPS_SIMD_BODY {
     constexpr int MB = decltype(size)::value;
@@ -324,8 +296,9 @@ GC_INLINE void correlate(const T* src, const int64_t* offset, int64_t entries, c
 // m < MB, e < EB; acc[m][e] is the vector at sum + (m * sum_stride + e) * lanes. Kept as vectors across the
 // batch and summed across lanes once at the end: small maps give each call only a few vectors.
 template <typename T, int BYTES, int MB, int EB>
-GC_INLINE void weight_block(const T* src, const int64_t* offset, const T* dyg, int64_t dy_stride,
-                            const typename Simd<T, BYTES>::int_type* mask, int64_t padded, T* sum, int64_t sum_stride) {
+CNNOPS_ALWAYS_INLINE void weight_block(const T* src, const int64_t* offset, const T* dyg, int64_t dy_stride,
+                                       const typename Simd<T, BYTES>::int_type* mask, int64_t padded, T* sum,
+                                       int64_t sum_stride) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
@@ -372,7 +345,7 @@ struct ForwardJob {
 };
 
 template <typename T, int BYTES>
-GC_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_t grp, T* buf, T* tile) {
+CNNOPS_ALWAYS_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_t grp, T* buf, T* tile) {
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
@@ -386,7 +359,7 @@ GC_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_t grp, T* b
 // forward_task for groups [g0, g1) of channels-last sample n: their channels of each pixel row are
 // transposed at once into buf's phase planes, and each grid row of their tiles into pixels.
 template <typename T, int BYTES>
-GC_INLINE void forward_groups(const ForwardJob<T>& j, int64_t n, int64_t g0, int64_t g1, T* buf, T* tile) {
+CNNOPS_ALWAYS_INLINE void forward_groups(const ForwardJob<T>& j, int64_t n, int64_t g0, int64_t g1, T* buf, T* tile) {
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group(), c = g.in_channels;
@@ -489,7 +462,7 @@ struct InputJob {
 };
 
 template <typename T, int BYTES>
-GC_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t grp, T* buf, T* tile) {
+CNNOPS_ALWAYS_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t grp, T* buf, T* tile) {
   const ConvGeometry& g = *j.g;
   const InputPlan& plan = *j.plan;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
@@ -511,7 +484,7 @@ GC_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t grp, T* buf, 
 // input_task for groups [g0, g1) of channels-last sample n, as forward_groups: their channels of each
 // dY pixel row transposed at once into buf, and each row of one dX phase of their tiles into pixels.
 template <typename T, int BYTES>
-GC_INLINE void input_groups(const InputJob<T>& j, int64_t n, int64_t g0, int64_t g1, T* buf, T* tile) {
+CNNOPS_ALWAYS_INLINE void input_groups(const InputJob<T>& j, int64_t n, int64_t g0, int64_t g1, T* buf, T* tile) {
   const ConvGeometry& g = *j.g;
   const InputPlan& plan = *j.plan;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
@@ -554,9 +527,9 @@ struct WeightJob {
 };
 
 template <typename T, int BYTES>
-GC_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T* buf, T* dyg,
-                           const typename Simd<T, BYTES>::int_type* mask_full,
-                           const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset) {
+CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T* buf, T* dyg,
+                                      const typename Simd<T, BYTES>::int_type* mask_full,
+                                      const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset) {
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
@@ -605,6 +578,22 @@ GC_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T*
     }
 }
 
+// Runs body(isa, n, g0, g1, buf, tile) for every sample n and block [g0, g1) of `block` groups, in
+// parallel (fixed tasks), each worker with its own zeroed buf and its tile, compiled for cpu_isa().
+template <typename T, typename Body>
+void for_each_group_block(const ConvGeometry& g, int64_t block, int64_t buf_size, int64_t tile_size, const Body& body) {
+  const int64_t blocks = num_blocks(g.groups, block);
+  parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(buf_size, T(0)), tile(tile_size);
+    simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g0 = task % blocks * block;
+        body(isa, task / blocks, g0, std::min(g.groups, g0 + block), buf.data(), tile.data());
+      }
+    });
+  });
+}
+
 }  // namespace
 
 int64_t grouped_direct_call_count() { return calls.load(std::memory_order_relaxed); }
@@ -649,29 +638,19 @@ void conv_grouped_forward(const ConvGeometry& g, const T* x, const T* w, const T
                   offset.data(),
                   entries};
   if (nhwc) {  // tasks (sample, block of groups a vector of channels wide): see forward_groups
-    const int64_t block = std::clamp<int64_t>(lanes / cg, 1, g.groups), blocks = num_blocks(g.groups, block);
+    const int64_t block = std::clamp<int64_t>(lanes / cg, 1, g.groups);
     const int64_t block_buf = checked_numel({block * cg, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
     const int64_t block_tile = checked_numel({block * m_count, p.padded}, "grouped conv (output tile)", true);
-    parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf(block_buf, T(0)), tile(block_tile);
-      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
-        constexpr int B = isa_bytes<decltype(isa)::value>();
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t g0 = task % blocks * block;
-          forward_groups<T, B>(j, task / blocks, g0, std::min(g.groups, g0 + block), buf.data(), tile.data());
-        }
-      });
-    });
+    for_each_group_block<T>(g, block, block_buf, block_tile,
+                            [&](auto isa, int64_t n, int64_t g0, int64_t g1, T* buf, T* tile) CNNOPS_SIMD_BODY {
+                              forward_groups<T, vector_bytes(decltype(isa)::value)>(j, n, g0, g1, buf, tile);
+                            });
     return;
   }
-  parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(buf_size, T(0)), tile(tile_size);
-    simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
-      constexpr int B = isa_bytes<decltype(isa)::value>();
-      for (int64_t task = begin; task < end; ++task)
-        forward_task<T, B>(j, task / g.groups, task % g.groups, buf.data(), tile.data());
-    });
-  });
+  for_each_group_block<T>(g, 1, buf_size, tile_size,
+                          [&](auto isa, int64_t n, int64_t grp, int64_t, T* buf, T* tile) CNNOPS_SIMD_BODY {
+                            forward_task<T, vector_bytes(decltype(isa)::value)>(j, n, grp, buf, tile);
+                          });
 }
 
 template <typename T>
@@ -697,30 +676,20 @@ void conv_grouped_backward_input(const ConvGeometry& g, const T* dy, const T* w,
                       wt.data(),
                       dx};
   if (nhwc) {  // as the forward's
-    const int64_t block = std::clamp<int64_t>(lanes / m_count, 1, g.groups), blocks = num_blocks(g.groups, block);
+    const int64_t block = std::clamp<int64_t>(lanes / m_count, 1, g.groups);
     const int64_t block_buf =
         checked_numel({block * m_count, plan.plane}, "grouped conv (padded grad output)", true) + 2 * lanes;
     const int64_t block_tile = checked_numel({block * cg, plan.max_padded}, "grouped conv (grad input tile)", true);
-    parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf(block_buf, T(0)), tile(block_tile);
-      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
-        constexpr int B = isa_bytes<decltype(isa)::value>();
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t g0 = task % blocks * block;
-          input_groups<T, B>(j, task / blocks, g0, std::min(g.groups, g0 + block), buf.data(), tile.data());
-        }
-      });
-    });
+    for_each_group_block<T>(g, block, block_buf, block_tile,
+                            [&](auto isa, int64_t n, int64_t g0, int64_t g1, T* buf, T* tile) CNNOPS_SIMD_BODY {
+                              input_groups<T, vector_bytes(decltype(isa)::value)>(j, n, g0, g1, buf, tile);
+                            });
     return;
   }
-  parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(buf_size, T(0)), tile(tile_size);
-    simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
-      constexpr int B = isa_bytes<decltype(isa)::value>();
-      for (int64_t task = begin; task < end; ++task)
-        input_task<T, B>(j, task / g.groups, task % g.groups, buf.data(), tile.data());
-    });
-  });
+  for_each_group_block<T>(g, 1, buf_size, tile_size,
+                          [&](auto isa, int64_t n, int64_t grp, int64_t, T* buf, T* tile) CNNOPS_SIMD_BODY {
+                            input_task<T, vector_bytes(decltype(isa)::value)>(j, n, grp, buf, tile);
+                          });
 }
 
 template <typename T>
@@ -761,7 +730,7 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
     std::vector<T> buf(buf_size, T(0)), dyg(dyg_size, T(0)), sum(m_count * most * taps * lanes);
     std::vector<int64_t> offset(most * taps);
     simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
-      constexpr int B = isa_bytes<decltype(isa)::value>();
+      constexpr int B = vector_bytes(decltype(isa)::value);
       for (int64_t task = begin; task < end; ++task)
         weight_task<T, B>(j, task / chunks, task % chunks, buf.data(), dyg.data(), mask_full.data(), mask_last.data(),
                           sum.data(), offset.data());
