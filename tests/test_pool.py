@@ -253,6 +253,53 @@ def test_max_pool_bfloat16_stride2_every_width(padding):
             assert torch.equal(idx, ref_idx), (width, kernel)
 
 
+def sixteen_bit_patterns(dtype):
+    """Every 16-bit pattern of dtype once (finite values, subnormals, +-0, +-inf, NaNs), as
+    (2, 4, 64, 128), in a shuffled order so windows mix signs and magnitudes."""
+    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    bits = bits[torch.randperm(bits.numel(), generator=torch.Generator().manual_seed(3))]
+    return bits.view(dtype).reshape(2, 4, 64, 128)
+
+
+MAX_POOL_16BIT_ISA_CHECK = """
+import torch, torch.nn.functional as F, cnnops.functional as CF
+from test_pool import check_max_pool_16bit
+for dtype in (torch.bfloat16, torch.half):
+    for channels_last in (False, True):
+        check_max_pool_16bit(dtype, channels_last)
+print("ok")
+"""
+
+
+def check_max_pool_16bit(dtype, channels_last):
+    x = sixteen_bit_patterns(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for kw in (dict(kernel_size=1), dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1)):
+        out, idx = CF.max_pool2d(x, return_indices=True, **kw)
+        ref, ref_idx = F.max_pool2d(x.float(), return_indices=True, **kw)
+        nan = ref.isnan()
+        assert torch.equal(out.isnan(), nan), kw
+        # bit for bit: torch's rounding of a value that is already a dtype value is exact
+        assert torch.equal(out.view(torch.int16)[~nan], ref.to(dtype).view(torch.int16)[~nan]), kw
+        assert torch.equal(idx, ref_idx), kw
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half], ids=dtype_id)
+def test_max_pool_16bit_outputs_every_bit_pattern(dtype, channels_last):
+    """A 16-bit maximum is stored back without c10's rounding (pool_max.cpp store_max: bfloat16's
+    upper half, half by the AVX-512 conversion). Every pattern of the dtype, subnormals and
+    infinities included, comes out as torch's float result rounded to the dtype, bit for bit."""
+    check_max_pool_16bit(dtype, channels_last)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_max_pool_16bit_outputs_every_bit_pattern_per_isa(isa):
+    result = run_with_cpu_isa(isa, "import sys; sys.path.insert(0, 'tests')\n" + MAX_POOL_16BIT_ISA_CHECK, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------
 # average pool
 # --------------------------------------------------------------------------------------------

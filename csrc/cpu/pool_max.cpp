@@ -166,9 +166,33 @@ CNNOPS_ALWAYS_INLINE void max_update_channels(const T* __restrict src, int64_t c
   }
 }
 
-template <typename T, typename A, typename I>
+#if CNNOPS_X86
+// y = half(best) by the hardware conversion (exact here, see store_max), 16 values a step.
+CNNOPS_TARGET_AVX512 void narrow_to_half_avx512(const float* best, int64_t count, c10::Half* y) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const int64_t width = std::min<int64_t>(16, count - i);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
+    const __m256i h = _mm512_maskz_cvtps_ph(lanes, _mm512_maskz_loadu_ps(lanes, best + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_mask_storeu_epi16(y + i, lanes, h);
+  }
+}
+#endif
+
+// A maximum is one of its window's values (or -inf), so it converts back to T exactly, which
+// c10's rounding does one value at a time (a NaN test and a rounding add for bfloat16, a dozen
+// operations for half). For bfloat16 the float's upper half is that value (a shift that
+// vectorizes; a NaN keeps its input's bits), for half the AVX-512 conversion instruction is.
+template <Isa kIsa, typename T, typename A, typename I>
 CNNOPS_ALWAYS_INLINE void store_max(int64_t count, const A* best, const I* where, T* y, int64_t* indices) {
-  for (int64_t i = 0; i < count; ++i) y[i] = T(best[i]);
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    for (int64_t i = 0; i < count; ++i) y[i].x = uint16_t(std::bit_cast<uint32_t>(best[i]) >> 16);
+#if CNNOPS_X86
+  } else if constexpr (kIsa == Isa::Avx512 && std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    narrow_to_half_avx512(best, count, y);
+#endif
+  } else {
+    for (int64_t i = 0; i < count; ++i) y[i] = T(best[i]);
+  }
   for (int64_t i = 0; i < count; ++i) indices[i] = int64_t(where[i]);
 }
 
@@ -259,7 +283,7 @@ CNNOPS_ALWAYS_INLINE void max_pool_nchw_rows(FixedWindows, const PoolGeometry& g
         row.load(xp + base);
         max_row<kIsa>(row, KW, DW, padded_ow, base - PW, best.data(), where.data());
       }
-    store_max(OW, best.data(), where.data(), y + r * OW, indices + r * OW);
+    store_max<kIsa>(OW, best.data(), where.data(), y + r * OW, indices + r * OW);
   }
 }
 
@@ -328,7 +352,7 @@ CNNOPS_ALWAYS_INLINE void max_pool_nhwc_positions(Windows window, const PoolGeom
           else
             max_update_channels<false>(xn + tap * C, C, I(tap), best.data(), where.data());
         }
-    store_max(C, best.data(), where.data(), y + q * C, indices + q * C);
+    store_max<kIsa>(C, best.data(), where.data(), y + q * C, indices + q * C);
   }
 }
 
