@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_conv_against_torch, conv_tensors, dtype_id
+from conftest import assert_close_to_torch, check_conv_against_torch, conv_tensors, dtype_id
 
 import cnnops
 import cnnops.functional
@@ -321,3 +321,27 @@ def test_cache_off_by_default_sees_writes_through_data():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["7x7_odd", "1x1_odd", "4x4_groups_odd"])
+def test_batch1_split_weight_in_place_or_cached_packed(name, fresh_cache):
+    """The split forward reads the weight in place, or packed when the weight cache holds it
+    (conv.cpp conv_forward_gemm_split): both against torch, and both the same bits."""
+    n, cin, cout, spatial, kernel, stride, padding, groups = SPLIT[name]
+    x, w, b = conv_tensors(2, n, cin, cout, spatial, kernel, groups, True, torch.float32)
+    kwargs = {"stride": stride, "padding": padding, "groups": groups}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # two tasks: the output channels are split
+        torch.ops.cnnops.cpu_weight_cache_enable(False)
+        in_place = run(x, w, b, kwargs)
+        torch.ops.cnnops.cpu_weight_cache_enable(True)
+        run(x, w, b, kwargs)  # packs and stores
+        hits = cache_info()[2]
+        packed = run(x, w, b, kwargs)
+        assert cache_info()[2] == hits + 1, "the second call was not served packed"
+    finally:
+        torch.set_num_threads(threads)
+    reference = F.conv2d(x.double(), w.double(), b.double(), **kwargs)
+    assert_close_to_torch(in_place, reference, torch.float32, reduction=cin // groups * kernel * kernel)
+    assert torch.equal(in_place, packed)

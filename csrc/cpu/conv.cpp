@@ -127,15 +127,18 @@ std::unique_ptr<T[]> im2col_blocks(const ConvGeometry& g, const T* x, int64_t bl
 // conv_forward_gemm when its output channels are split between tasks (few column blocks: small
 // maps, batch 1). Every row task would pack the same im2col panels, so the im2col blocks are
 // written once, in parallel, row-major (K x block, zero past the block's columns), and each
-// task's GEMM reads them in place (gemm_shifted_b with rows `block` apart).
+// task's GEMM reads them in place (rows `block` apart). The weight is read in place too, unless
+// the weight cache holds it packed: the product reads each weight value only a few times, and
+// packing it (a 512 x 4608 weight: 9 MB read and written) cost about as much as the product.
 template <typename T>
-void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vector<PackedA<T>>& weights, const T* bias,
-                             T* y, Activation activation, int64_t blocks, int64_t block, const RowSplit& rows) {
+void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, const std::vector<PackedA<T>>* packed,
+                             const T* bias, T* y, Activation activation, int64_t blocks, int64_t block,
+                             const RowSplit& rows) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
   const int64_t block_size = k * block;
   const auto cols = im2col_blocks(g, x, blocks, block);
-  std::vector<int64_t> row_offset(k);
-  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
+  std::vector<int64_t> row_offset(k), a_offset(k);
+  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block, a_offset[r] = r;
   parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
@@ -145,14 +148,23 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const std::vecto
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
       const T* row_bias = bias ? bias + grp * m : nullptr;
       const T* b = cols.get() + gb * block_size;
+      // rows [row_begin, row_end) of C = W_g * B, C's row i at c + i * ldc
+      auto product = [&](T* c, int64_t ldc) {
+        if (packed) {
+          gemm_shifted_b<T>((*packed)[grp], nc, b, row_offset.data(), c, ldc, row_bias, false, row_begin, row_end,
+                            activation);
+        } else {
+          gemm_shifted_ab<T>(row_end - row_begin, k, w + (grp * m + row_begin) * k, k, a_offset.data(), nc, b,
+                             row_offset.data(), c + row_begin * ldc, ldc, row_bias ? row_bias + row_begin : nullptr,
+                             false, activation);
+        }
+      };
       const int64_t n_first = c0 / l, l_first = c0 % l;
       if (l_first + nc <= l) {  // inside one sample: write the output directly
-        gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), y_ng(n_first) + l_first, l, row_bias, false,
-                          row_begin, row_end, activation);
+        product(y_ng(n_first) + l_first, l);
         continue;
       }
-      gemm_shifted_b<T>(weights[grp], nc, b, row_offset.data(), tile.get(), nc, row_bias, false, row_begin, row_end,
-                        activation);
+      product(tile.get(), nc);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
         for (int64_t i = row_begin; i < row_end; ++i)
           copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
@@ -169,13 +181,15 @@ template <typename T>
 void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
-  const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
-  const std::vector<PackedA<T>>& weights = *packed;
   const int64_t total = g.batch * l, blocks = num_blocks(total, kColumnBlock);
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
   // Few column blocks (small images) but many output channels: split the rows too.
-  const RowSplit rows(m, weights[0].mr, g.groups * blocks);
-  if (rows.count > 1) return conv_forward_gemm_split(g, x, weights, bias, y, activation, blocks, block, rows);
+  const RowSplit rows(m, gemm_mr<T>(), g.groups * blocks);
+  if (rows.count > 1 && !weight_cache_serves(w))
+    return conv_forward_gemm_split<T>(g, x, w, nullptr, bias, y, activation, blocks, block, rows);
+  const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
+  const std::vector<PackedA<T>>& weights = *packed;
+  if (rows.count > 1) return conv_forward_gemm_split(g, x, w, &weights, bias, y, activation, blocks, block, rows);
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);

@@ -109,6 +109,10 @@ WeightCacheScope::~WeightCacheScope() {
   current_scope = nullptr;
 }
 
+bool weight_cache_serves(const void* kernel_weight) {
+  return current_scope != nullptr && current_scope->kernel_weight == kernel_weight;
+}
+
 std::shared_ptr<const void> cached_weight_impl(const void* kernel_weight, const WeightTag& tag, int64_t bytes,
                                                WeightMaker make) {
   const Scope* scope = current_scope;

@@ -41,6 +41,10 @@ class WeightCacheScope {
   bool active_ = false;
 };
 
+// Whether cached_weight() calls for kernel_weight may be served from the cache now (a scope for it
+// is active): a kernel that could read the weight in place instead of packing it asks first.
+bool weight_cache_serves(const void* kernel_weight);
+
 using WeightMaker = c10::function_ref<std::shared_ptr<const void>()>;
 std::shared_ptr<const void> cached_weight_impl(const void* kernel_weight, const WeightTag& tag, int64_t bytes,
                                                WeightMaker make);
