@@ -294,12 +294,19 @@ CNNOPS_ALWAYS_INLINE void pack_rows8_body(const T* src, int64_t lda, int64_t kc,
 }
 
 template <typename T>
+void pack_a_rows(const T* a, int64_t lda, int64_t rows, int64_t kc, T* dst, int64_t mr) {
+  if (mr == 8 && rows == 8) {  // full panel: 8 x 8 register transposes
+    CNNOPS_SIMD_CALL(pack_rows8_body<T>(a, lda, kc, dst));
+    return;
+  }
+  for (int64_t kk = 0; kk < kc; ++kk)
+    for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = a[i * lda + kk];
+}
+
+template <typename T>
 PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride) {
   return pack_a_panels<T>(m, k, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-    if (col_stride == 1 && mr == 8 && rows == 8) {  // row-major A (weights), full panel
-      CNNOPS_SIMD_CALL(pack_rows8_body<T>(a + i0 * row_stride + k0, row_stride, kc, dst));
-      return;
-    }
+    if (col_stride == 1) return pack_a_rows(a + i0 * row_stride + k0, row_stride, rows, kc, dst, mr);  // weights
     for (int64_t kk = 0; kk < kc; ++kk)
       for (int64_t i = 0; i < rows; ++i) dst[kk * mr + i] = a[(i0 + i) * row_stride + (k0 + kk) * col_stride];
   });
@@ -472,6 +479,7 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
 
 #define CNNOPS_INSTANTIATE_GEMM(T)                                                                                     \
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);                                         \
+  template void pack_a_rows<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t);                                      \
   template PackedA<T> pack_a_panels<T>(int64_t, int64_t, ReadPanel<T>);                                                \
   template void gemm<T>(const PackedA<T>&, int64_t, PackB<T>, T*, int64_t, const T*, bool, T*, int64_t, int64_t,       \
                         Activation, const int64_t*);                                                                   \

@@ -98,6 +98,11 @@ using ReadPanel = c10::function_ref<void(int64_t i0, int64_t rows, int64_t k0, i
 template <typename T>
 PackedA<T> pack_a_panels(int64_t m, int64_t k, ReadPanel<T> read_panel);
 
+// One panel of a row-major A: dst[kk * mr + i] = a[i * lda + kk] for i < rows (<= mr), kk < kc.
+// Rows past `rows` are left as they are (zero them first where a panel is partial).
+template <typename T>
+void pack_a_rows(const T* a, int64_t lda, int64_t rows, int64_t kc, T* dst, int64_t mr);
+
 // A[i, j] = a[i * row_stride + j * col_stride]: a transposed view costs nothing.
 template <typename T>
 PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t col_stride);

@@ -162,7 +162,10 @@ std::shared_ptr<const std::vector<PackedA<T>>> packed_group_weights(const ConvGe
       a.m = m;
       a.k = k;
       a.mr = mr;
-      a.data.assign(panels * mr * k, T(0));
+      if (m % mr == 0)
+        a.data.resize(panels * mr * k);  // every value written below
+      else
+        a.data.assign(panels * mr * k, T(0));
     }
     // One task per (group, reduction block, panel): panel[kk * mr + i] = W_g[i0 + i, k0 + kk],
     // read along W's rows. A large weight (512 x 4608) takes milliseconds on one thread.
@@ -174,8 +177,7 @@ std::shared_ptr<const std::vector<PackedA<T>>> packed_group_weights(const ConvGe
         PackedA<T>& a = (*packed)[grp];
         T* dst = a.data.data() + (a.panel(k0, kc, i0) - a.data.data());
         const T* src = w + (grp * m + i0) * k + k0;
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t kk = 0; kk < kc; ++kk) dst[kk * mr + i] = src[i * k + kk];
+        pack_a_rows(src, k, rows, kc, dst, mr);
       }
     });
     return packed;
