@@ -188,9 +188,12 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, cons
                              const RowSplit& rows) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
   const int64_t block_size = k * block;
-  const auto cols = im2col_blocks(g, x, blocks, block);
+  // A 1x1 stride-1 layer's im2col is X itself: at batch 1 every block lies in the one sample, whose
+  // rows the GEMM then reads in place.
+  const bool x_in_place = g.is_pointwise() && g.batch == 1;
+  const auto cols = x_in_place ? nullptr : im2col_blocks(g, x, blocks, block);
   std::vector<int64_t> row_offset(k), a_offset(k);
-  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block, a_offset[r] = r;
+  for (int64_t r = 0; r < k; ++r) row_offset[r] = r * (x_in_place ? l : block), a_offset[r] = r;
   parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
@@ -199,7 +202,7 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, cons
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
       const T* row_bias = bias ? bias + grp * m : nullptr;
-      const T* b = cols.get() + gb * block_size;
+      const T* b = x_in_place ? x + grp * g.in_channels_per_group() * l + c0 : cols.get() + gb * block_size;
       // rows [row_begin, row_end) of C = W_g * B, C's row i at c + i * ldc
       auto product = [&](T* c, int64_t ldc) {
         if (packed) {

@@ -385,14 +385,28 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
       c_panel_offset);
 }
 
+// A B panel read in place, row k at b + row_offset[k], except a last, partial one (N not a
+// multiple of NR): that one is copied (zero columns past N) into `edge`, so no read passes a
+// row's last column.
+template <typename T>
+BPanel<T> in_place_b_panel(int64_t n, const T* b, const int64_t* row_offset, int64_t k0, int64_t kc, int64_t j0,
+                           std::vector<T>& edge) {
+  constexpr int64_t nr = gemm_nr<T>();
+  if (j0 + nr <= n) return BPanel<T>{b + j0, row_offset + k0};
+  edge.assign(kc * nr, T(0));
+  for (int64_t kk = 0; kk < kc; ++kk) std::copy_n(b + row_offset[k0 + kk] + j0, n - j0, edge.data() + kk * nr);
+  return BPanel<T>{edge.data(), nullptr};
+}
+
 template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c, int64_t ldc,
                     const T* row_bias, bool accumulate, int64_t row_begin, int64_t row_end, Activation activation) {
+  std::vector<T> edge_b;
   gemm_blocked<T, false>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
       [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
-      [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
+      [&](int64_t k0, int64_t kc, int64_t j0) { return in_place_b_panel(n, b, row_offset, k0, kc, j0, edge_b); });
 }
 
 // A panel read in place, A[i, k] = a[column_offset[k] + i * lda], except the last one when M is
@@ -428,13 +442,13 @@ void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_
                      const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
                      Activation activation) {
   const int64_t mr = gemm_spec().mr;
-  std::vector<T> edge;
+  std::vector<T> edge, edge_b;
   gemm_blocked<T, false>(
       m, k, mr, n, c, ldc, row_bias, accumulate, 0, -1, activation, [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
       },
-      [&](int64_t k0, int64_t, int64_t j0) { return BPanel<T>{b + j0, row_offset + k0}; });
+      [&](int64_t k0, int64_t kc, int64_t j0) { return in_place_b_panel(n, b, row_offset, k0, kc, j0, edge_b); });
 }
 
 template <typename T>

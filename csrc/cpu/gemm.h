@@ -120,8 +120,8 @@ void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, co
           T* workspace, int64_t row_begin = 0, int64_t row_end = -1, Activation activation = Activation::None,
           const int64_t* c_panel_offset = nullptr);
 
-// The same product with B read in place, no packing: B[k, j] = b[row_offset[k] + j]. Every
-// row offset plus n rounded up to NR columns must stay inside b's allocation. This is how the
+// The same product with B read in place, no packing: B[k, j] = b[row_offset[k] + j]. Reads stay
+// inside columns [0, n) of each row (a last, partial NR panel is copied). This is how the
 // stride-1 convolution reads its shifted-window im2col rows straight from the padded input.
 template <typename T>
 void gemm_shifted_b(const PackedA<T>& a, int64_t n, const T* b, const int64_t* row_offset, T* c, int64_t ldc,
