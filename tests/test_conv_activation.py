@@ -1,10 +1,11 @@
 """Fused convolution + ReLU on the CPU: conv_forward(..., activation="relu") and the
 cnnops.nn.ConvReLU{1,2,3}d modules against torch.relu(torch.nn.functional.conv{1,2,3}d(...)).
 
-Forward and every gradient on a grid built to reach each CPU forward path (conv.cpp's
-conv_forward_any: im2col GEMM, pointwise GEMM, shifted-window GEMM, depthwise 3x3 and row
-kernels, channels-last GEMM and channels-last shifted; each with reductions longer than one
-GEMM block, where the ReLU must only act on the final sums), float64 gradcheck, opcheck, the
+Forward and every gradient on a grid built to reach each CPU forward kernel (conv.cpp's
+conv_forward_any: im2col GEMM, its batch-1 channel split, shifted-window GEMM, depthwise, narrow
+groups, space to depth, channels-last GEMM; the GEMMs also with reductions longer than one GEMM
+block, where the ReLU must only act on the final sums), which the kernels' own route counters
+confirm, float64 gradcheck, opcheck, the
 bad-activation error, and the modules' state_dict compatibility with torch.nn.ConvNd.
 
 Expected values all come from torch. One care with gradients: where an output is within
@@ -13,6 +14,7 @@ is zeroed in a thin band around 0 of the torch output (|y| <= band); everywhere 
 gradients must match torch's, and the forward must be exactly 0 where torch's is below -band.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -96,40 +98,37 @@ def check_relu_conv(dims, x, w, b, kwargs, dtype, fn=None, tf32=False, msg=""):
 
 
 # --------------------------------------------------------------------------------------------
-# Which CPU forward path a convolution takes: a mirror of conv_forward_any (csrc/cpu/conv.cpp)
-# and use_shifted_grid (csrc/cpu/conv_shifted.h), so the grid can prove it reaches every path.
+# Which CPU forward kernels a convolution ran: conv_forward_any's route counters
+# (_C._cpu_conv_forward_routes), so the grid can prove it reaches every route.
 # --------------------------------------------------------------------------------------------
 
 GEMM_KC = cnnops._C.gemm_spec()["kc"]  # reductions longer than the GEMM's block take several blocks
 
 
-def cpu_path(x, w, stride, padding, dilation, groups):
-    dims = w.dim() - 2
-    lift = lambda v, fill: (fill,) * (3 - dims) + tuple(v)  # noqa: E731
-    size = lift(x.shape[-dims:], 1)
-    kernel, stride, pad, dil = lift(w.shape[2:], 1), lift(stride, 1), lift(padding, 0), lift(dilation, 1)
-    out = [(size[i] + 2 * pad[i] - dil[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(3)]
-    cin = x.shape[-dims - 1]
-    depthwise = groups > 1 and groups == cin
-    pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and all(p == 0 for p in pad)
-    padded = [size[i] + 2 * pad[i] for i in range(3)]
-    columns = ((out[0] - 1) * padded[1] + out[1] - 1) * padded[2] + out[2]
-    shifted = all(s == 1 for s in stride) and not pointwise and out[0] * out[1] * out[2] / columns >= 0.85
-    nhwc = x.dim() >= 4 and not depthwise and x.is_contiguous(memory_format=CHANNELS_LAST[x.dim()]) \
-        and not x.is_contiguous()
+def cpu_routes(dims, x, w, b, kwargs):
+    """The routes a fused forward of (x, w, b) ran, each with "_long_k" when its reduction spans
+    several GEMM blocks (where the ReLU must wait for the last one)."""
+    before = cnnops._C._cpu_conv_forward_routes()
+    with torch.no_grad():
+        relu_conv(dims, x, w, b, **kwargs)
+    after = cnnops._C._cpu_conv_forward_routes()
     long_k = "_long_k" if w.shape[1] * math.prod(w.shape[2:]) > GEMM_KC else ""
-    if nhwc:
-        return ("nhwc_shifted" if shifted else "nhwc") + long_k
-    if depthwise:
-        two_d_3x3 = kernel == (1, 3, 3) and size[0] == 1 and stride[1] == 1 and stride[2] == 1
-        return "depthwise_3x3" if two_d_3x3 else "depthwise_rows"
-    if shifted:
-        return "shifted" + long_k
-    return ("gemm_pointwise" if pointwise else "gemm") + long_k
+    return {route + long_k for route in after if after[route] > before[route]}
 
 
-EVERY_PATH = {"gemm", "gemm_long_k", "gemm_pointwise", "shifted", "shifted_long_k", "depthwise_3x3",
-              "depthwise_rows", "nhwc", "nhwc_long_k", "nhwc_shifted", "nhwc_shifted_long_k"}
+@contextlib.contextmanager
+def nhwc_kernels_forced(on):
+    """Channels-last inputs run the NHWC kernels past conv.cpp's speed rules, which would convert
+    the grid's small maps to NCHW."""
+    cnnops._C._set_cpu_nhwc_kernels_forced(on)
+    try:
+        yield
+    finally:
+        cnnops._C._set_cpu_nhwc_kernels_forced(False)
+
+
+EVERY_PATH = {"gemm", "gemm_long_k", "gemm_split", "gemm_split_long_k", "shifted", "shifted_long_k", "depthwise",
+              "grouped", "space_to_depth", "nhwc", "nhwc_long_k"}
 
 # name -> config, tuples written for 3 dims and cut to the first `dims`. `cl` asks for a
 # channels_last input (2d/3d only). Comments name the 2d path.
@@ -163,7 +162,8 @@ GRID = {
     "cl_shifted": dict(cl=True, padding=1, spatial=(12, 12, 12), kernel=(1, 3, 3), n=1),
     "cl_shifted_long_k": dict(cl=True, cin=32, cout=12, padding=1, spatial=(12, 12, 12), kernel=(1, 3, 3), n=1),
     "cl_groups": dict(cl=True, groups=2, cin=4, cout=6, stride=2),
-    "cl_depthwise": dict(cl=True, groups=4, cin=4, cout=8, padding=1),             # converted to NCHW
+    "cl_depthwise": dict(cl=True, groups=4, cin=4, cout=8, padding=1),
+    "stem_space_to_depth": dict(cin=3, cout=8, kernel=7, stride=2, padding=3, spatial=(16, 16, 16)),
 }
 
 
@@ -189,19 +189,21 @@ def grid_params():
     return [(d, n) for d in DIMS for n in GRID if not (GRID[n].get("cl") and d == 1)]
 
 
-def resolved(kwargs, dims):
-    def ints(v):
-        return (v,) * dims if isinstance(v, int) else tuple(v)
-    return ints(kwargs["stride"]), ints(kwargs["padding"]), ints(kwargs["dilation"]), kwargs["groups"]
-
-
 def test_grid_reaches_every_cpu_path():
+    """test_grid runs the channels-last cases with the NHWC kernels forced; two threads, as the
+    batch-1 channel split depends on the thread count."""
     paths = set()
-    for dims, name in grid_params():
-        x, w, _, kwargs = grid_case(dims, name)
-        if isinstance(kwargs["padding"], str) or x.dim() == dims + 1:
-            continue
-        paths.add(cpu_path(x, w, *resolved(kwargs, dims)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for dims, name in grid_params():
+            x, w, b, kwargs = grid_case(dims, name)
+            if GRID[name].get("cl"):
+                x = x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
+            with nhwc_kernels_forced(bool(GRID[name].get("cl"))):
+                paths |= cpu_routes(dims, x, w, b, kwargs)
+    finally:
+        torch.set_num_threads(threads)
     assert EVERY_PATH <= paths, f"paths not reached: {sorted(EVERY_PATH - paths)}"
 
 
@@ -212,7 +214,8 @@ def test_grid(dims, name, dtype):
     cast = [None if t is None else t.to(dtype) for t in (x, w, b)]
     if x.dim() in CHANNELS_LAST and GRID[name].get("cl"):
         cast[0] = cast[0].contiguous(memory_format=CHANNELS_LAST[x.dim()])
-    out = check_relu_conv(dims, *cast, kwargs, dtype, msg=name)
+    with nhwc_kernels_forced(bool(GRID[name].get("cl"))):
+        out = check_relu_conv(dims, *cast, kwargs, dtype, msg=name)
     if GRID[name].get("n") == 0:
         assert out.shape[0] == 0
 

@@ -176,6 +176,26 @@ std::unique_ptr<T[]> im2col_blocks(const ConvGeometry& g, const T* x, int64_t bl
   return cols;
 }
 
+// The forward kernels conv_forward_any picks from, counted per call so the tests can show which
+// ones a grid of cases reaches (conv_forward_route_counts).
+enum class ForwardRoute {
+  WindowDot,
+  SpaceToDepth,
+  Grouped,
+  Winograd,
+  Depthwise,
+  Nhwc,
+  Shifted,
+  Gemm,
+  GemmSplit,
+  kCount
+};
+constexpr const char* kForwardRouteNames[] = {"window_dot", "space_to_depth", "grouped", "winograd",  "depthwise",
+                                              "nhwc",       "shifted",        "gemm",    "gemm_split"};
+static_assert(std::size(kForwardRouteNames) == size_t(ForwardRoute::kCount));
+std::atomic<int64_t> forward_route_calls[size_t(ForwardRoute::kCount)];
+void count_route(ForwardRoute route) { forward_route_calls[size_t(route)].fetch_add(1, std::memory_order_relaxed); }
+
 // conv_forward_gemm when its output channels are split between tasks (few column blocks: small
 // maps, batch 1). Every row task would pack the same im2col panels, so the im2col blocks are
 // written once, in parallel, row-major (K x block, zero past the block's columns), and each
@@ -240,6 +260,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
   // Few column blocks (small images) but many output channels: split the rows too.
   const RowSplit rows(m, gemm_mr<T>(), g.groups * blocks);
+  count_route(rows.count > 1 ? ForwardRoute::GemmSplit : ForwardRoute::Gemm);
   if (rows.count > 1 && !weight_cache_serves(w))
     return conv_forward_gemm_split<T>(g, x, w, nullptr, bias, y, activation, blocks, block, rows);
   const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
@@ -370,25 +391,38 @@ bool use_grouped(const ConvGeometry& g, bool is_float) {
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
-  if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
+  if (use_window_dot(g, nhwc)) {  // 1x1 maps
+    count_route(ForwardRoute::WindowDot);
+    return conv_forward_window_dot(g, x, w, bias, y, activation);
+  }
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
-    if (space_to_depth(g, x, w, nhwc, s))
+    if (space_to_depth(g, x, w, nhwc, s)) {
+      count_route(ForwardRoute::SpaceToDepth);
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
+    }
   }
-  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
+  if (use_grouped(g, std::is_same_v<T, float>)) {
+    count_route(ForwardRoute::Grouped);
+    return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
+  }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
-    if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
+    if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation))
+      return count_route(ForwardRoute::Winograd);
   }
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
-  if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>)))
+  if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>))) {
+    count_route(ForwardRoute::Depthwise);
     conv_depthwise_forward(g, x, w, bias, y, activation, nhwc);
-  else if (nhwc)
+  } else if (nhwc) {
+    count_route(ForwardRoute::Nhwc);
     conv_forward_nhwc(g, x, w, bias, y, activation);
-  else if (use_shifted_grid(g))
+  } else if (use_shifted_grid(g)) {
+    count_route(ForwardRoute::Shifted);
     conv_forward_shifted(g, x, w, bias, y, activation);
-  else
-    conv_forward_gemm(g, x, w, bias, y, activation);
+  } else {
+    conv_forward_gemm(g, x, w, bias, y, activation);  // counts Gemm or GemmSplit
+  }
 }
 
 // The transposed problem t of conv_backward_input_as_forward with few columns (small maps, batch
@@ -646,6 +680,13 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
 
 void set_nhwc_kernels_forced(bool on) { nhwc_forced.store(on, std::memory_order_relaxed); }
 int64_t nhwc_kernel_call_count() { return nhwc_calls.load(std::memory_order_relaxed); }
+
+std::vector<std::pair<std::string, int64_t>> conv_forward_route_counts() {
+  std::vector<std::pair<std::string, int64_t>> counts;
+  for (size_t r = 0; r < size_t(ForwardRoute::kCount); ++r)
+    counts.emplace_back(kForwardRouteNames[r], forward_route_calls[r].load(std::memory_order_relaxed));
+  return counts;
+}
 
 void check_cpu_dtype(const char* op, const at::Tensor& input) {
   const auto t = input.scalar_type();

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "common/activation.h"
@@ -117,6 +119,9 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 // where conv.cpp's speed rules (small maps, 3-d) would convert to NCHW; and how many calls did.
 void set_nhwc_kernels_forced(bool on);
 int64_t nhwc_kernel_call_count();
+// Tests: calls of each forward kernel conv_forward_any picks (also for grad input's transposed
+// problem), by route name.
+std::vector<std::pair<std::string, int64_t>> conv_forward_route_counts();
 
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).

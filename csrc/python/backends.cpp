@@ -68,6 +68,22 @@ PyObject* cpu_nhwc_kernel_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::nhwc_kernel_call_count());
 }
 
+// _cpu_conv_forward_routes() -> dict[str, int]: calls of each CPU forward kernel (tests)
+PyObject* cpu_conv_forward_routes(PyObject* /*module*/, PyObject* /*unused*/) {
+  PyObject* out = PyDict_New();
+  if (out == nullptr) return nullptr;
+  for (const auto& [name, count] : cnnops::cpu::conv_forward_route_counts()) {
+    PyObject* value = PyLong_FromLongLong(count);
+    if (value == nullptr || PyDict_SetItemString(out, name.c_str(), value) < 0) {
+      Py_XDECREF(value);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(value);
+  }
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
     {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
@@ -84,6 +100,8 @@ PyMethodDef methods[] = {
      "tests: True runs the channels-last kernels wherever they serve, past the speed rules"},
     {"_cpu_nhwc_kernel_calls", cpu_nhwc_kernel_calls, METH_NOARGS,
      "number of convolution calls that ran the channels-last kernels"},
+    {"_cpu_conv_forward_routes", cpu_conv_forward_routes, METH_NOARGS,
+     "calls of each CPU convolution forward kernel, by route name"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
