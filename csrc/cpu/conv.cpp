@@ -295,12 +295,14 @@ template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
   if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
+  // First layers (<= 4 input channels a group, the stem included) run the direct kernels, whose phase
+  // planes are a space to depth without its zero taps.
+  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
     if (space_to_depth(g, x, w, nhwc, s))
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
   }
-  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
