@@ -53,8 +53,9 @@ constexpr int64_t kWeightPoints = 1024;
 // channels, groups = 1 included. Measured against space to depth and im2col + GEMM (the stem, the
 // 3x3 stride-2 layers of MobileNetV3 and EfficientNet).
 constexpr int64_t kNarrowInputChannels = 4;
-constexpr int64_t kForwardPoints = 1024;  // grid points a first-layer forward task: its tile stays in L2
-constexpr int64_t kSweepPoints = 2048;    // grid points a grad-weight sweep: its dY rows and planes stay in L1
+constexpr int64_t kForwardPoints = 256;   // grid points a first-layer forward task: its tile stays in L2
+constexpr int64_t kSweepPoints = 512;     // grid points a grad-weight sweep: its dY rows and planes stay in L1
+constexpr int64_t kWeightPart = 4096;     // grid points a first-layer grad-weight task (a multiple of every L)
 
 // Groups the (sample, group) tasks serve; the others (few input channels, many outputs or one group)
 // run the first-layer tasks, which split the output rows (forward) and channels (grad weight).
@@ -343,18 +344,19 @@ CNNOPS_ALWAYS_INLINE void weight_block(const T* src, const int64_t* offset, cons
 }
 
 // weight_block over dY rows [0, count) (blocks of 4, 2, 1) and entries [0, entries) (blocks of 4, 1) on
-// grid points [0, limit), in sweeps of kSweepPoints: acc (m, e) at sum + (m * entries + e) * lanes. Each
-// lane still adds its points in order, so the sums do not depend on the sweeps.
+// grid points [0, limit): acc (m, e) at sum + (m * entries + e) * lanes. A block of rows runs the points in
+// sweeps of kSweepPoints, which keep its sums and the planes' rows in L1; each lane still adds its points
+// in order, so the sums do not depend on the sweeps.
 template <typename T, int BYTES>
 CNNOPS_ALWAYS_INLINE void weight_sweep(const T* src, const int64_t* offset, int64_t entries, const T* dyg,
                                        int64_t dy_stride, int64_t count, const typename Simd<T, BYTES>::int_type* mask,
                                        int64_t limit, T* sum) {
   constexpr int L = Simd<T, BYTES>::lanes;
-  for (int64_t p0 = 0; p0 < limit; p0 += kSweepPoints) {
-    const int64_t len = std::min(kSweepPoints, limit - p0);
-    int64_t m = 0;
-    auto rows = [&](auto size) CNNOPS_SIMD_BODY {
-      constexpr int MB = decltype(size)::value;
+  int64_t m = 0;
+  auto rows = [&](auto size) CNNOPS_SIMD_BODY {
+    constexpr int MB = decltype(size)::value;
+    for (int64_t p0 = 0; p0 < limit; p0 += kSweepPoints) {
+      const int64_t len = std::min(kSweepPoints, limit - p0);
       const T* d = dyg + m * dy_stride + p0;
       int64_t e = 0;
       for (; e + 4 <= entries; e += 4)
@@ -363,12 +365,12 @@ CNNOPS_ALWAYS_INLINE void weight_sweep(const T* src, const int64_t* offset, int6
       for (; e < entries; ++e)
         weight_block<T, BYTES, MB, 1>(src + p0, offset + e, d, dy_stride, mask + p0, len, sum + (m * entries + e) * L,
                                       entries);
-      m += MB;
-    };
-    while (count - m >= 4) rows(std::integral_constant<int, 4>());
-    if (count - m >= 2) rows(std::integral_constant<int, 2>());
-    if (count - m >= 1) rows(std::integral_constant<int, 1>());
-  }
+    }
+    m += MB;
+  };
+  while (count - m >= 4) rows(std::integral_constant<int, 4>());
+  if (count - m >= 2) rows(std::integral_constant<int, 2>());
+  if (count - m >= 1) rows(std::integral_constant<int, 1>());
 }
 
 // The phase planes of every sample and input channel, filled once, in parallel, for the first-layer
@@ -652,38 +654,53 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
     }
 }
 
-// A first layer's dW rows [m0, m1) of group grp (every input channel and tap) from the shared phase
-// planes: the batch in order, as weight_task.
+// dY of every sample laid on the grid of PhaseGrid p, once, in parallel, for the first-layer grad-weight
+// tasks: row (q * C_out + m) of pass q, p.padded values, zero off the outputs (dropped columns, the last
+// pass's unused samples). Blocks of 16 channels: whole cache lines of a channels-last pixel.
+template <typename T>
+std::unique_ptr<T[]> fill_all_grad_output(const ConvGeometry& g, const PhaseGrid& p, const T* dy, const Layout& l) {
+  constexpr int64_t kBlock = 16;
+  const int64_t passes = num_blocks(g.batch, p.samples), blocks = num_blocks(g.out_channels, kBlock);
+  const int64_t size = checked_numel({passes, g.out_channels, p.padded}, "grouped conv (grad output grid)", true);
+  auto buf = scratch<T>(size);
+  parallel_for(0, passes * blocks, 1, [&](int64_t begin, int64_t end) {
+    simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+      constexpr int B = vector_bytes(decltype(isa)::value);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t q = task / blocks, m0 = task % blocks * kBlock, count = std::min(kBlock, g.out_channels - m0);
+        T* dst = buf.get() + (q * g.out_channels + m0) * p.padded;
+        std::fill(dst, dst + count * p.padded, T(0));
+        for (int64_t s = 0; s < std::min(p.samples, g.batch - q * p.samples); ++s)
+          gather_planes<T, B>(dy + (q * p.samples + s) * l.sample + m0 * l.channel, l, count, g.out[1], g.out[2],
+                              dst + s * p.plane, p.padded, p.wq);
+      }
+    });
+  });
+  return buf;
+}
+
+// A first layer's dW of group grp over grid points [a, b) of pass q (every output channel, input channel
+// and tap), summed across lanes into part: dW is then the sum of the parts in a fixed order.
 template <typename T, int BYTES>
-CNNOPS_ALWAYS_INLINE void weight_channels(const WeightJob<T>& j, const T* planes, const int64_t* offset, int64_t grp,
-                                          int64_t m0, int64_t m1, T* dyg,
-                                          const typename Simd<T, BYTES>::int_type* mask_full,
-                                          const typename Simd<T, BYTES>::int_type* mask_last, T* sum) {
+CNNOPS_ALWAYS_INLINE void weight_part(const WeightJob<T>& j, const T* planes, const T* dyg, const int64_t* offset,
+                                      int64_t grp, int64_t q, int64_t a, int64_t b,
+                                      const typename Simd<T, BYTES>::int_type* mask, T* sum, T* part) {
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
-  const int64_t entries = cg * int64_t(p.tap_offset.size()), count = m1 - m0;
+  const int64_t entries = cg * int64_t(p.tap_offset.size());
   constexpr int L = Simd<T, BYTES>::lanes;
-  std::fill(sum, sum + count * entries * L, T(0));
-  for (int64_t n0 = 0; n0 < g.batch; n0 += p.samples) {
-    const int64_t active = std::min(p.samples, g.batch - n0);
-    for (int64_t s = 0; s < active; ++s)
-      gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + (grp * m_count + m0) * j.ldy.channel, j.ldy, count,
-                              g.out[1], g.out[2], dyg + s * p.plane, p.padded, p.wq);
-    if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
-      for (int64_t m = 0; m < count; ++m)
-        std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
-    const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
-    weight_sweep<T, BYTES>(planes + (n0 / p.samples * g.in_channels + grp * cg) * p.channel, offset, entries, dyg,
-                           p.padded, count, active == p.samples ? mask_full : mask_last, limit, sum);
+  std::fill(sum, sum + m_count * entries * L, T(0));
+  if (a < b)
+    weight_sweep<T, BYTES>(planes + (q * g.in_channels + grp * cg) * p.channel + a, offset, entries,
+                           dyg + (q * g.out_channels + grp * m_count) * p.padded + a, p.padded, m_count, mask + a,
+                           b - a, sum);
+  for (int64_t i = 0; i < m_count * entries; ++i) {
+    const T* lanes = sum + i * L;
+    T total = lanes[0];
+    for (int k = 1; k < L; ++k) total += lanes[k];
+    part[i] = total;
   }
-  for (int64_t m = 0; m < count; ++m)
-    for (int64_t e = 0; e < entries; ++e) {
-      const T* lanes = sum + (m * entries + e) * L;
-      T total = lanes[0];
-      for (int i = 1; i < L; ++i) total += lanes[i];
-      j.dw[(grp * m_count + m0 + m) * entries + e] = total;
-    }
 }
 
 // Runs body(isa, n, g0, g1, buf, tile) for every sample n and block [g0, g1) of `block` groups, in
@@ -849,24 +866,38 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
                        dy,
                        dw,
                        chunks};
-  if (!narrow_groups(g)) {  // first layers: tasks (group, block of about 8 / groups of its dW rows), fixed by the sizes
+  if (!narrow_groups(g)) {  // first layers: tasks (group, pass, kWeightPart points), partial sums in a fixed order
     const auto planes = fill_all_phases(g, p, x, j.lx, lanes);
-    const int64_t block = std::min(m_count, round_up(num_blocks(m_count, num_blocks(8, g.groups)), 4));
-    const int64_t blocks = num_blocks(m_count, block), entries = cg * taps;
+    const auto dyg = fill_all_grad_output(g, p, dy, j.ldy);
+    const int64_t passes = num_blocks(g.batch, p.samples), parts = num_blocks(p.padded, kWeightPart);
+    const int64_t entries = cg * taps, tasks = g.groups * passes * parts;
     std::vector<int64_t> offset(entries);
     for (int64_t c = 0; c < cg; ++c)
       for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
-    const int64_t block_dyg = checked_numel({block, p.padded}, "grouped conv (grad output grid)", true);
-    parallel_for(0, g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> dyg(block_dyg, T(0)), sum(block * entries * lanes);
+    std::vector<T> partial(checked_numel({tasks, m_count, entries}, "grouped conv (grad weight parts)", true));
+    parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> sum(m_count * entries * lanes);
       simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
         constexpr int B = vector_bytes(decltype(isa)::value);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t m0 = task % blocks * block;
-          weight_channels<T, B>(j, planes.get(), offset.data(), task / blocks, m0, std::min(m_count, m0 + block),
-                                dyg.data(), mask_full.data(), mask_last.data(), sum.data());
+          const int64_t k = task % parts, q = task / parts % passes, grp = task / parts / passes;
+          const int64_t active = std::min(p.samples, g.batch - q * p.samples);
+          const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, B / int(sizeof(T)));
+          weight_part<T, B>(j, planes.get(), dyg.get(), offset.data(), grp, q, std::min(limit, k * kWeightPart),
+                            std::min(limit, (k + 1) * kWeightPart), active == p.samples ? mask_full.data() : mask_last.data(),
+                            sum.data(), partial.data() + task * m_count * entries);
         }
       });
+    });
+    const int64_t per_group = passes * parts, kv = m_count * entries;
+    parallel_for(0, g.groups * kv, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t grp = i / kv, r = i % kv;
+        const T* part = partial.data() + grp * per_group * kv + r;
+        T total = part[0];
+        for (int64_t t = 1; t < per_group; ++t) total += part[t * kv];
+        dw[i] = total;
+      }
     });
     return;
   }
