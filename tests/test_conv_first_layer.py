@@ -135,7 +135,8 @@ def test_infinite_input_beyond_last_output():
     """x values no output reads must not reach the weight gradient even when they are inf (no 0 * inf),
     nor any output (space to depth's zero taps would read them)."""
     for layout, (cout, k, stride, shape) in itertools.product(
-            LAYOUTS, [(16, 3, 2, (2, 10, 20)), (64, 7, 2, (3, 24, 24)), (8, 1, 2, (1, 10, 20)), (5, 3, 3, (2, 11, 20))]):
+            LAYOUTS,
+            [(16, 3, 2, (2, 10, 20)), (64, 7, 2, (3, 24, 24)), (8, 1, 2, (1, 10, 20)), (5, 3, 3, (2, 11, 20))]):
         x = torch.randn((shape[0], 3) + shape[1:], dtype=torch.float64)
         x[:, :, :, -1] = float("inf")
         x[:, :, -1, :] = float("inf")

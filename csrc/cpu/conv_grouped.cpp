@@ -53,9 +53,9 @@ constexpr int64_t kWeightPoints = 1024;
 // channels, groups = 1 included. Measured against space to depth and im2col + GEMM (the stem, the
 // 3x3 stride-2 layers of MobileNetV3 and EfficientNet).
 constexpr int64_t kNarrowInputChannels = 4;
-constexpr int64_t kForwardPoints = 256;   // grid points a first-layer forward task: its tile stays in L2
-constexpr int64_t kSweepPoints = 512;     // grid points a grad-weight sweep: its dY rows and planes stay in L1
-constexpr int64_t kWeightPart = 4096;     // grid points a first-layer grad-weight task (a multiple of every L)
+constexpr int64_t kForwardPoints = 256;  // grid points a first-layer forward task: its tile stays in L2
+constexpr int64_t kSweepPoints = 512;    // grid points a grad-weight sweep: its dY rows and planes stay in L1
+constexpr int64_t kWeightPart = 4096;    // grid points a first-layer grad-weight task (a multiple of every L)
 
 // Groups the (sample, group) tasks serve; the others (few input channels, many outputs or one group)
 // run the first-layer tasks, which split the output rows (forward) and channels (grad weight).
@@ -884,8 +884,9 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
           const int64_t active = std::min(p.samples, g.batch - q * p.samples);
           const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, B / int(sizeof(T)));
           weight_part<T, B>(j, planes.get(), dyg.get(), offset.data(), grp, q, std::min(limit, k * kWeightPart),
-                            std::min(limit, (k + 1) * kWeightPart), active == p.samples ? mask_full.data() : mask_last.data(),
-                            sum.data(), partial.data() + task * m_count * entries);
+                            std::min(limit, (k + 1) * kWeightPart),
+                            active == p.samples ? mask_full.data() : mask_last.data(), sum.data(),
+                            partial.data() + task * m_count * entries);
         }
       });
     });
