@@ -262,49 +262,63 @@ CNNOPS_ALWAYS_INLINE void scatter_planes(const T* src, int64_t src_stride, int64
 }
 
 // out[m * out_stride + p] = act(bias[m] + sum over entries e of wt[e * w_stride + m] * src[offset[e] + p])
-// for m < MB and p < padded (a multiple of 2 vectors).
-template <typename T, int BYTES, int MB>
+// for m < MB and p in [begin, end), VB vectors of p a step (end - begin a multiple of VB vectors).
+template <typename T, int BYTES, int MB, int VB>
 CNNOPS_ALWAYS_INLINE void correlate_block(const T* src, const int64_t* offset, int64_t entries, const T* wt,
-                                          int64_t w_stride, const T* bias, bool relu, int64_t padded, T* out,
-                                          int64_t out_stride) {
+                                          int64_t w_stride, const T* bias, bool relu, int64_t begin, int64_t end,
+                                          T* out, int64_t out_stride) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
-  for (int64_t p0 = 0; p0 < padded; p0 += 2 * L) {
-    vec a0[MB], a1[MB];
+  for (int64_t p0 = begin; p0 < end; p0 += VB * L) {
+    vec a[VB][MB];
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = V::splat(bias ? bias[m] : T(0));
+    for (int k = 0; k < VB; ++k)
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) a[k][m] = V::splat(bias ? bias[m] : T(0));
     for (int64_t e = 0; e < entries; ++e) {
       const T* s = src + offset[e] + p0;
-      const vec v0 = V::load(s), v1 = V::load(s + L);
+      vec v[VB];
+#pragma GCC unroll 16
+      for (int k = 0; k < VB; ++k) v[k] = V::load(s + k * L);
       const T* wr = wt + e * w_stride;
 #pragma GCC unroll 16
-      for (int m = 0; m < MB; ++m) {
-        a0[m] += wr[m] * v0;
-        a1[m] += wr[m] * v1;
-      }
+      for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+        for (int k = 0; k < VB; ++k) a[k][m] += wr[m] * v[k];
     }
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) {
-      V::store(out + m * out_stride + p0, relu ? V::relu(a0[m]) : a0[m]);
-      V::store(out + m * out_stride + p0 + L, relu ? V::relu(a1[m]) : a1[m]);
-    }
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+      for (int k = 0; k < VB; ++k) V::store(out + m * out_stride + p0 + k * L, relu ? V::relu(a[k][m]) : a[k][m]);
   }
 }
 
-// correlate_block over `channels` outputs, in blocks of 8, 4, 2, 1.
+// correlate_block over `channels` outputs, in blocks of 8, 4, 3, 2, 1, and p < padded (a multiple of 2
+// vectors). Narrow blocks take 4 vectors of p a step: more multiply-adds per load (grad input's 3 channels).
 template <typename T, int BYTES>
 CNNOPS_ALWAYS_INLINE void correlate(const T* src, const int64_t* offset, int64_t entries, const T* wt, int64_t channels,
                                     const T* bias, bool relu, int64_t padded, T* out) {
+  constexpr int L = Simd<T, BYTES>::lanes;
   int64_t m = 0;
   auto block = [&](auto size) CNNOPS_SIMD_BODY {
     constexpr int MB = decltype(size)::value;
-    correlate_block<T, BYTES, MB>(src, offset, entries, wt + m, channels, bias ? bias + m : nullptr, relu, padded,
-                                  out + m * padded, padded);
+    const T* b = bias ? bias + m : nullptr;
+    if constexpr (MB >= 8 || (MB > 2 && BYTES < 64)) {  // (16 registers below AVX-512)
+      correlate_block<T, BYTES, MB, 2>(src, offset, entries, wt + m, channels, b, relu, 0, padded, out + m * padded,
+                                       padded);
+    } else {
+      const int64_t wide = padded / (4 * L) * (4 * L);
+      correlate_block<T, BYTES, MB, 4>(src, offset, entries, wt + m, channels, b, relu, 0, wide, out + m * padded,
+                                       padded);
+      correlate_block<T, BYTES, MB, 2>(src, offset, entries, wt + m, channels, b, relu, wide, padded, out + m * padded,
+                                       padded);
+    }
     m += MB;
   };
   while (channels - m >= 8) block(std::integral_constant<int, 8>());
   if (channels - m >= 4) block(std::integral_constant<int, 4>());
+  if (channels - m == 3) block(std::integral_constant<int, 3>());
   if (channels - m >= 2) block(std::integral_constant<int, 2>());
   if (channels - m >= 1) block(std::integral_constant<int, 1>());
 }
