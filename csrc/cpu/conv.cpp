@@ -531,10 +531,11 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
-// one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
-// im2col copies runs of that many values per tap, where converting the small input to NCHW and
-// back costs far less; except the stem's forward through space to depth, whose NHWC input phases
-// have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
+// one, else they are converted). Not for 1-3 input channels per group: the NHWC im2col copies runs
+// of that many values per tap, where converting the small input to NCHW and back costs far less;
+// except the forward through space to depth, whose NHWC input phases have 4 * C channels and whose
+// output would cost a conversion back, and the first layers the direct kernels take (the RGB stem,
+// use_grouped), which read and write either layout. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
 // wastes most of each panel: 3-10x slower than converting to NCHW and back; except those the
 // direct grouped kernels serve, which read and write either layout. Nor for 3-d
