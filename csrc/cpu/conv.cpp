@@ -295,14 +295,12 @@ template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation) {
   if (use_window_dot(g, nhwc)) return conv_forward_window_dot(g, x, w, bias, y, activation);  // 1x1 maps
-  // First layers (<= 4 input channels a group, the stem included) run the direct kernels, whose phase
-  // planes are a space to depth without its zero taps.
-  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
     if (space_to_depth(g, x, w, nhwc, s))
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
   }
+  if (use_grouped(g, std::is_same_v<T, float>)) return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation)) return;
   }
@@ -531,11 +529,10 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
-// one, else they are converted). Not for 1-3 input channels per group: the NHWC im2col copies runs
-// of that many values per tap, where converting the small input to NCHW and back costs far less;
-// except the forward through space to depth, whose NHWC input phases have 4 * C channels and whose
-// output would cost a conversion back, and the first layers the direct kernels take (the RGB stem,
-// use_grouped), which read and write either layout. Nor for grouped layers with
+// one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
+// im2col copies runs of that many values per tap, where converting the small input to NCHW and
+// back costs far less; except the stem's forward through space to depth, whose NHWC input phases
+// have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
 // wastes most of each panel: 3-10x slower than converting to NCHW and back; except those the
 // direct grouped kernels serve, which read and write either layout. Nor for 3-d

@@ -19,7 +19,7 @@ namespace cnnops {
 namespace cpu {
 
 // 2-d, dilation 1, equal strides s >= 2, not depthwise, at most 4 input channels a group, a kernel
-// wider than 2s.
+// wider than 2s; not what the direct kernels take (use_grouped_direct: kernels up to 7).
 bool use_space_to_depth(const ConvGeometry& g);
 
 template <typename T>
