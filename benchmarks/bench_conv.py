@@ -8,7 +8,9 @@ The suite: the 3x3 and 1x1 convolutions of ResNet-50 at batch 8, depthwise 3x3, 
 7x7 stem, one conv1d and one conv3d case, each forward and forward+backward; plus channels_last
 variants of the 2d cases (all of them on CUDA, two on the CPU). Then depthwise 5x5 and stride-2
 layers, squeeze-excitation 1x1 convolutions on 1x1 maps, batch-1 layers ("b1 ..."), RegNet's
-grouped layers ("regnet ..."), and on the CPU channels_last (NDHWC for conv3d) variants of six more cases.
+grouped layers ("regnet ..."), first layers ("first 3x3 s2 3->16", "3->32": MobileNetV3's and
+EfficientNet's, no input gradient, batch 8 and 1), and on the CPU channels_last (NDHWC for conv3d)
+variants of the first layers and of nine more cases.
 
 Forward is timed under torch.no_grad(). Forward+backward is one forward and
 torch.autograd.grad for input, weight and bias (no input gradient for the stem, whose input is
@@ -109,12 +111,19 @@ def suite(device):
         Case("regnet g26 208", 2, 8, 208, 208, (14, 14), 3, padding=1, groups=26),
         Case("regnet g55 s2 440", 2, 8, 440, 440, (14, 14), 3, stride=2, padding=1, groups=55),
     ]
-    cases += more + batch1 + regnet
+    # First layers of MobileNetV3 (3->16) and EfficientNet-B0 (3->32): 3x3 stride 2 on the image
+    first = []
+    for cout in (16, 32):
+        for n in (8, 1):
+            first.append(Case(f"{'b1 ' if n == 1 else ''}first 3x3 s2 3->{cout}", 2, n, 3, cout, (224, 224), 3,
+                              stride=2, padding=1, input_grad=False))
+    cases += more + batch1 + regnet + first
     if device.type != "cuda":  # the CUDA suite already has every 2d case in channels_last
         named = {c.name: c for c in cases}
         cases += [dataclasses.replace(named[n], channels_last=True) for n in
                   ("r50 3x3 512", "r50 1x1 1024->256", "dw 3x3 64", "stem 7x7 s2", "conv3d 3x3x3",
-                   "b1 r50 3x3 512", "regnet g6 48", "regnet g13 s2 104")]
+                   "b1 r50 3x3 512", "regnet g6 48", "regnet g13 s2 104", "b1 stem 7x7 s2")]
+        cases += [dataclasses.replace(c, channels_last=True) for c in first]
     return cases
 
 

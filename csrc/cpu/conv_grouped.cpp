@@ -18,6 +18,9 @@
 //    wide). Each pixel row's slice of the block goes into the planes by L x L transposes, and each
 //    grid row of the tiles back into pixels: one group's slice alone (8 floats of a pixel hundreds
 //    apart) read element by element was 1.5x the NCHW time (RegNet 104 channels at 56x56).
+//  - First layers (few input channels a group, more than 16 outputs or one group: the RGB stem): the
+//    phase planes of every sample are filled once (fill_all_phases), then forward tasks split each
+//    sample's output rows and grad-weight tasks the output channels, so batch 1 keeps every thread busy.
 // Loops are written once with GCC vector extensions and instantiated per ISA through simd_dispatch.
 #include "cpu/conv_grouped.h"
 
@@ -46,6 +49,20 @@ std::atomic<int64_t> calls{0};
 // routes; from 24 to 32 mixed (the shifted grid wins at 28x28 stride 1), so those keep the GEMM.
 constexpr int64_t kGroupedMaxChannels = 16;
 constexpr int64_t kWeightPoints = 1024;
+// First layers (the RGB image in): up to this many input channels a group, any number of output
+// channels, groups = 1 included. Measured against space to depth and im2col + GEMM (the stem, the
+// 3x3 stride-2 layers of MobileNetV3 and EfficientNet).
+constexpr int64_t kNarrowInputChannels = 4;
+constexpr int64_t kForwardPoints = 256;  // grid points a first-layer forward task: its tile stays in L2
+constexpr int64_t kSweepPoints = 512;    // grid points a grad-weight sweep: its dY rows and planes stay in L1
+constexpr int64_t kWeightPart = 4096;    // grid points a first-layer grad-weight task (a multiple of every L)
+
+// Groups the (sample, group) tasks serve; the others (few input channels, many outputs or one group)
+// run the first-layer tasks, which split the output rows (forward) and channels (grad weight).
+bool narrow_groups(const ConvGeometry& g) {
+  return g.groups >= 2 && g.in_channels_per_group() <= kGroupedMaxChannels &&
+         g.out_channels_per_group() <= kGroupedMaxChannels;
+}
 
 int64_t lanes_for(std::size_t element_size) { return vector_bytes(cpu_isa()) / int64_t(element_size); }
 int64_t floor_mod(int64_t a, int64_t m) { return ((a % m) + m) % m; }
@@ -245,49 +262,63 @@ CNNOPS_ALWAYS_INLINE void scatter_planes(const T* src, int64_t src_stride, int64
 }
 
 // out[m * out_stride + p] = act(bias[m] + sum over entries e of wt[e * w_stride + m] * src[offset[e] + p])
-// for m < MB and p < padded (a multiple of 2 vectors).
-template <typename T, int BYTES, int MB>
+// for m < MB and p in [begin, end), VB vectors of p a step (end - begin a multiple of VB vectors).
+template <typename T, int BYTES, int MB, int VB>
 CNNOPS_ALWAYS_INLINE void correlate_block(const T* src, const int64_t* offset, int64_t entries, const T* wt,
-                                          int64_t w_stride, const T* bias, bool relu, int64_t padded, T* out,
-                                          int64_t out_stride) {
+                                          int64_t w_stride, const T* bias, bool relu, int64_t begin, int64_t end,
+                                          T* out, int64_t out_stride) {
   using V = Simd<T, BYTES>;
   using vec = typename V::vec;
   constexpr int L = V::lanes;
-  for (int64_t p0 = 0; p0 < padded; p0 += 2 * L) {
-    vec a0[MB], a1[MB];
+  for (int64_t p0 = begin; p0 < end; p0 += VB * L) {
+    vec a[VB][MB];
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = V::splat(bias ? bias[m] : T(0));
+    for (int k = 0; k < VB; ++k)
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) a[k][m] = V::splat(bias ? bias[m] : T(0));
     for (int64_t e = 0; e < entries; ++e) {
       const T* s = src + offset[e] + p0;
-      const vec v0 = V::load(s), v1 = V::load(s + L);
+      vec v[VB];
+#pragma GCC unroll 16
+      for (int k = 0; k < VB; ++k) v[k] = V::load(s + k * L);
       const T* wr = wt + e * w_stride;
 #pragma GCC unroll 16
-      for (int m = 0; m < MB; ++m) {
-        a0[m] += wr[m] * v0;
-        a1[m] += wr[m] * v1;
-      }
+      for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+        for (int k = 0; k < VB; ++k) a[k][m] += wr[m] * v[k];
     }
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) {
-      V::store(out + m * out_stride + p0, relu ? V::relu(a0[m]) : a0[m]);
-      V::store(out + m * out_stride + p0 + L, relu ? V::relu(a1[m]) : a1[m]);
-    }
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+      for (int k = 0; k < VB; ++k) V::store(out + m * out_stride + p0 + k * L, relu ? V::relu(a[k][m]) : a[k][m]);
   }
 }
 
-// correlate_block over `channels` outputs, in blocks of 8, 4, 2, 1.
+// correlate_block over `channels` outputs, in blocks of 8, 4, 3, 2, 1, and p < padded (a multiple of 2
+// vectors). Narrow blocks take 4 vectors of p a step: more multiply-adds per load (grad input's 3 channels).
 template <typename T, int BYTES>
 CNNOPS_ALWAYS_INLINE void correlate(const T* src, const int64_t* offset, int64_t entries, const T* wt, int64_t channels,
                                     const T* bias, bool relu, int64_t padded, T* out) {
+  constexpr int L = Simd<T, BYTES>::lanes;
   int64_t m = 0;
   auto block = [&](auto size) CNNOPS_SIMD_BODY {
     constexpr int MB = decltype(size)::value;
-    correlate_block<T, BYTES, MB>(src, offset, entries, wt + m, channels, bias ? bias + m : nullptr, relu, padded,
-                                  out + m * padded, padded);
+    const T* b = bias ? bias + m : nullptr;
+    if constexpr (MB >= 8 || (MB > 2 && BYTES < 64)) {  // (16 registers below AVX-512)
+      correlate_block<T, BYTES, MB, 2>(src, offset, entries, wt + m, channels, b, relu, 0, padded, out + m * padded,
+                                       padded);
+    } else {
+      const int64_t wide = padded / (4 * L) * (4 * L);
+      correlate_block<T, BYTES, MB, 4>(src, offset, entries, wt + m, channels, b, relu, 0, wide, out + m * padded,
+                                       padded);
+      correlate_block<T, BYTES, MB, 2>(src, offset, entries, wt + m, channels, b, relu, wide, padded, out + m * padded,
+                                       padded);
+    }
     m += MB;
   };
   while (channels - m >= 8) block(std::integral_constant<int, 8>());
   if (channels - m >= 4) block(std::integral_constant<int, 4>());
+  if (channels - m == 3) block(std::integral_constant<int, 3>());
   if (channels - m >= 2) block(std::integral_constant<int, 2>());
   if (channels - m >= 1) block(std::integral_constant<int, 1>());
 }
@@ -324,6 +355,61 @@ CNNOPS_ALWAYS_INLINE void weight_block(const T* src, const int64_t* offset, cons
   for (int e = 0; e < EB; ++e)
 #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) V::store(sum + (m * sum_stride + e) * L, acc[e][m]);
+}
+
+// weight_block over dY rows [0, count) (blocks of 4, 2, 1) and entries [0, entries) (blocks of 4, 1) on
+// grid points [0, limit): acc (m, e) at sum + (m * entries + e) * lanes. A block of rows runs the points in
+// sweeps of kSweepPoints, which keep its sums and the planes' rows in L1; each lane still adds its points
+// in order, so the sums do not depend on the sweeps.
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void weight_sweep(const T* src, const int64_t* offset, int64_t entries, const T* dyg,
+                                       int64_t dy_stride, int64_t count, const typename Simd<T, BYTES>::int_type* mask,
+                                       int64_t limit, T* sum) {
+  constexpr int L = Simd<T, BYTES>::lanes;
+  int64_t m = 0;
+  auto rows = [&](auto size) CNNOPS_SIMD_BODY {
+    constexpr int MB = decltype(size)::value;
+    for (int64_t p0 = 0; p0 < limit; p0 += kSweepPoints) {
+      const int64_t len = std::min(kSweepPoints, limit - p0);
+      const T* d = dyg + m * dy_stride + p0;
+      int64_t e = 0;
+      for (; e + 4 <= entries; e += 4)
+        weight_block<T, BYTES, MB, 4>(src + p0, offset + e, d, dy_stride, mask + p0, len, sum + (m * entries + e) * L,
+                                      entries);
+      for (; e < entries; ++e)
+        weight_block<T, BYTES, MB, 1>(src + p0, offset + e, d, dy_stride, mask + p0, len, sum + (m * entries + e) * L,
+                                      entries);
+    }
+    m += MB;
+  };
+  while (count - m >= 4) rows(std::integral_constant<int, 4>());
+  if (count - m >= 2) rows(std::integral_constant<int, 2>());
+  if (count - m >= 1) rows(std::integral_constant<int, 1>());
+}
+
+// The phase planes of every sample and input channel, filled once, in parallel, for the first-layer
+// tasks (several read each): pass q (samples q * p.samples on, side by side as PhaseGrid lays them),
+// channel c at (q * C_in + c) * p.channel; two vectors of zeros after the last.
+template <typename T>
+std::unique_ptr<T[]> fill_all_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx,
+                                     int64_t lanes) {
+  const int64_t passes = num_blocks(g.batch, p.samples);
+  const int64_t size = checked_numel({passes, g.in_channels, p.channel}, "grouped conv (phase planes)", true);
+  auto buf = scratch<T>(size + 2 * lanes);
+  std::fill(buf.get() + size, buf.get() + size + 2 * lanes, T(0));
+  parallel_for(0, passes * g.in_channels, 1, [&](int64_t begin, int64_t end) {
+    simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+      constexpr int B = vector_bytes(decltype(isa)::value);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t q = task / g.in_channels, c = task % g.in_channels;
+        T* dst = buf.get() + task * p.channel;
+        std::fill(dst, dst + p.channel, T(0));  // the padding, and the last pass's unused samples
+        for (int64_t s = 0; s < std::min(p.samples, g.batch - q * p.samples); ++s)
+          fill_phases<T, B>(g, p, x, lx, q * p.samples + s, c, 1, dst + s * p.plane);
+      }
+    });
+  });
+  return buf;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -381,6 +467,24 @@ CNNOPS_ALWAYS_INLINE void forward_groups(const ForwardJob<T>& j, int64_t n, int6
   T* y = j.y + n * j.ly.sample + g0 * m_count;
   for (int64_t oh = 0; oh < g.out[1]; ++oh)
     transpose_matrix<T, BYTES>(tile + oh * p.wq, p.padded, cout, g.out[2], y + oh * j.ly.row, g.out_channels);
+}
+
+// A first layer's output rows [oh0, oh1) of sample n, every channel of group grp, from the shared
+// phase planes (fill_all_phases): tasks split the rows, so batch 1 keeps every thread busy.
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void forward_rows(const ForwardJob<T>& j, const T* planes, int64_t n, int64_t grp, int64_t oh0,
+                                       int64_t oh1, T* tile) {
+  const ConvGeometry& g = *j.g;
+  const PhaseGrid& p = *j.grid;
+  const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group(), first = oh0 * p.wq;
+  const int64_t padded = round_up(std::min(oh1 * p.wq, p.sample_points) - first, 2 * Simd<T, BYTES>::lanes);
+  correlate<T, BYTES>(planes + (n * g.in_channels + grp * cg) * p.channel + first, j.offset, j.entries,
+                      j.wt + grp * j.entries * m_count, m_count, j.bias ? j.bias + grp * m_count : nullptr, j.relu,
+                      padded, tile);
+  T* y = j.y + n * j.ly.sample + grp * m_count * j.ly.channel + oh0 * j.ly.row;
+  if (j.ly.col == 1) return scatter_planes(tile, padded, p.wq, m_count, oh1 - oh0, g.out[2], y, j.ly, 1, 1);
+  for (int64_t oh = 0; oh < oh1 - oh0; ++oh)
+    transpose_matrix<T, BYTES>(tile + oh * p.wq, padded, m_count, g.out[2], y + oh * j.ly.row, g.out_channels);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -552,21 +656,7 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
     if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
       for (int64_t m = 0; m < m_count; ++m)
         std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
-    int64_t m = 0;
-    auto rows = [&](auto size) CNNOPS_SIMD_BODY {
-      constexpr int MB = decltype(size)::value;
-      int64_t e = 0;
-      for (; e + 4 <= entries; e += 4)
-        weight_block<T, BYTES, MB, 4>(buf, offset + e, dyg + m * p.padded, p.padded, mask, limit,
-                                      sum + (m * entries + e) * L, entries);
-      for (; e < entries; ++e)
-        weight_block<T, BYTES, MB, 1>(buf, offset + e, dyg + m * p.padded, p.padded, mask, limit,
-                                      sum + (m * entries + e) * L, entries);
-      m += MB;
-    };
-    while (m_count - m >= 4) rows(std::integral_constant<int, 4>());
-    if (m_count - m >= 2) rows(std::integral_constant<int, 2>());
-    if (m_count - m >= 1) rows(std::integral_constant<int, 1>());
+    weight_sweep<T, BYTES>(buf, offset, entries, dyg, p.padded, m_count, mask, limit, sum);
   }
   const int64_t kv = taps * cg;
   for (int64_t mm = 0; mm < m_count; ++mm)
@@ -576,6 +666,55 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
       for (int i = 1; i < L; ++i) total += lanes[i];
       j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = total;
     }
+}
+
+// dY of every sample laid on the grid of PhaseGrid p, once, in parallel, for the first-layer grad-weight
+// tasks: row (q * C_out + m) of pass q, p.padded values, zero off the outputs (dropped columns, the last
+// pass's unused samples). Blocks of 16 channels: whole cache lines of a channels-last pixel.
+template <typename T>
+std::unique_ptr<T[]> fill_all_grad_output(const ConvGeometry& g, const PhaseGrid& p, const T* dy, const Layout& l) {
+  constexpr int64_t kBlock = 16;
+  const int64_t passes = num_blocks(g.batch, p.samples), blocks = num_blocks(g.out_channels, kBlock);
+  const int64_t size = checked_numel({passes, g.out_channels, p.padded}, "grouped conv (grad output grid)", true);
+  auto buf = scratch<T>(size);
+  parallel_for(0, passes * blocks, 1, [&](int64_t begin, int64_t end) {
+    simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+      constexpr int B = vector_bytes(decltype(isa)::value);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t q = task / blocks, m0 = task % blocks * kBlock, count = std::min(kBlock, g.out_channels - m0);
+        T* dst = buf.get() + (q * g.out_channels + m0) * p.padded;
+        std::fill(dst, dst + count * p.padded, T(0));
+        for (int64_t s = 0; s < std::min(p.samples, g.batch - q * p.samples); ++s)
+          gather_planes<T, B>(dy + (q * p.samples + s) * l.sample + m0 * l.channel, l, count, g.out[1], g.out[2],
+                              dst + s * p.plane, p.padded, p.wq);
+      }
+    });
+  });
+  return buf;
+}
+
+// A first layer's dW of group grp over grid points [a, b) of pass q (every output channel, input channel
+// and tap), summed across lanes into part: dW is then the sum of the parts in a fixed order.
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void weight_part(const WeightJob<T>& j, const T* planes, const T* dyg, const int64_t* offset,
+                                      int64_t grp, int64_t q, int64_t a, int64_t b,
+                                      const typename Simd<T, BYTES>::int_type* mask, T* sum, T* part) {
+  const ConvGeometry& g = *j.g;
+  const PhaseGrid& p = *j.grid;
+  const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const int64_t entries = cg * int64_t(p.tap_offset.size());
+  constexpr int L = Simd<T, BYTES>::lanes;
+  std::fill(sum, sum + m_count * entries * L, T(0));
+  if (a < b)
+    weight_sweep<T, BYTES>(planes + (q * g.in_channels + grp * cg) * p.channel + a, offset, entries,
+                           dyg + (q * g.out_channels + grp * m_count) * p.padded + a, p.padded, m_count, mask + a,
+                           b - a, sum);
+  for (int64_t i = 0; i < m_count * entries; ++i) {
+    const T* lanes = sum + i * L;
+    T total = lanes[0];
+    for (int k = 1; k < L; ++k) total += lanes[k];
+    part[i] = total;
+  }
 }
 
 // Runs body(isa, n, g0, g1, buf, tile) for every sample n and block [g0, g1) of `block` groups, in
@@ -599,9 +738,9 @@ void for_each_group_block(const ConvGeometry& g, int64_t block, int64_t buf_size
 int64_t grouped_direct_call_count() { return calls.load(std::memory_order_relaxed); }
 
 bool use_grouped_direct(const ConvGeometry& g) {
-  if (g.groups < 2 || g.is_depthwise()) return false;
+  if (g.is_depthwise()) return false;
   if (g.in[0] != 1 || g.kernel[0] != 1 || g.stride[0] != 1 || g.pad[0] != 0 || g.dilation[0] != 1) return false;
-  if (g.in_channels_per_group() > kGroupedMaxChannels || g.out_channels_per_group() > kGroupedMaxChannels) return false;
+  if (!narrow_groups(g) && g.in_channels_per_group() > kNarrowInputChannels) return false;
   for (int i = 1; i < 3; ++i)  // bounds that keep the phase planes near the input's size
     if (g.kernel[i] > 7 || g.stride[i] > 4 || g.dilation[i] > 4 || g.pad[i] > g.dilation[i] * (g.kernel[i] - 1))
       return false;
@@ -637,6 +776,23 @@ void conv_grouped_forward(const ConvGeometry& g, const T* x, const T* w, const T
                   activation == Activation::Relu,
                   offset.data(),
                   entries};
+  if (!narrow_groups(g)) {  // first layers: tasks (sample, group, block of output rows)
+    const auto planes = fill_all_phases(g, p, x, j.lx, lanes);
+    const int64_t rows = std::clamp<int64_t>(kForwardPoints / p.wq, 1, g.out[1]), blocks = num_blocks(g.out[1], rows);
+    const int64_t rows_tile =
+        checked_numel({m_count, round_up(rows * p.wq, 2 * lanes)}, "grouped conv (output tile)", true);
+    parallel_for(0, g.batch * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+      const auto tile = scratch<T>(rows_tile);
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task % blocks, ng = task / blocks;
+          forward_rows<T, vector_bytes(decltype(isa)::value)>(j, planes.get(), ng / g.groups, ng % g.groups, b * rows,
+                                                              std::min(g.out[1], (b + 1) * rows), tile.get());
+        }
+      });
+    });
+    return;
+  }
   if (nhwc) {  // tasks (sample, block of groups a vector of channels wide): see forward_groups
     const int64_t block = std::clamp<int64_t>(lanes / cg, 1, g.groups);
     const int64_t block_buf = checked_numel({block * cg, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
@@ -716,8 +872,6 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
     mask_full[q] = real ? Int(-1) : Int(0);
     mask_last[q] = real && q / p.plane < last ? Int(-1) : Int(0);
   }
-  const int64_t buf_size = checked_numel({most, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
-  const int64_t dyg_size = checked_numel({m_count, p.padded}, "grouped conv (grad output grid)", true);
   const WeightJob<T> j{&g,
                        &p,
                        activation_layout(g.in_channels, g.in[1], g.in[2], nhwc),
@@ -726,6 +880,44 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
                        dy,
                        dw,
                        chunks};
+  if (!narrow_groups(g)) {  // first layers: tasks (group, pass, kWeightPart points), partial sums in a fixed order
+    const auto planes = fill_all_phases(g, p, x, j.lx, lanes);
+    const auto dyg = fill_all_grad_output(g, p, dy, j.ldy);
+    const int64_t passes = num_blocks(g.batch, p.samples), parts = num_blocks(p.padded, kWeightPart);
+    const int64_t entries = cg * taps, tasks = g.groups * passes * parts;
+    std::vector<int64_t> offset(entries);
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
+    std::vector<T> partial(checked_numel({tasks, m_count, entries}, "grouped conv (grad weight parts)", true));
+    parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> sum(m_count * entries * lanes);
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+        constexpr int B = vector_bytes(decltype(isa)::value);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t k = task % parts, q = task / parts % passes, grp = task / parts / passes;
+          const int64_t active = std::min(p.samples, g.batch - q * p.samples);
+          const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, B / int(sizeof(T)));
+          weight_part<T, B>(j, planes.get(), dyg.get(), offset.data(), grp, q, std::min(limit, k * kWeightPart),
+                            std::min(limit, (k + 1) * kWeightPart),
+                            active == p.samples ? mask_full.data() : mask_last.data(), sum.data(),
+                            partial.data() + task * m_count * entries);
+        }
+      });
+    });
+    const int64_t per_group = passes * parts, kv = m_count * entries;
+    parallel_for(0, g.groups * kv, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t grp = i / kv, r = i % kv;
+        const T* part = partial.data() + grp * per_group * kv + r;
+        T total = part[0];
+        for (int64_t t = 1; t < per_group; ++t) total += part[t * kv];
+        dw[i] = total;
+      }
+    });
+    return;
+  }
+  const int64_t buf_size = checked_numel({most, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
+  const int64_t dyg_size = checked_numel({m_count, p.padded}, "grouped conv (grad output grid)", true);
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(buf_size, T(0)), dyg(dyg_size, T(0)), sum(m_count * most * taps * lanes);
     std::vector<int64_t> offset(most * taps);

@@ -1,7 +1,8 @@
 #pragma once
 // Direct kernels for grouped 2-d convolution with few channels per group (RegNet's 8, ResNeXt's
-// 4 to 16): no im2col and no GEMM, whose M = C_out / groups rows would leave most of each
-// micro-kernel call idle (conv_grouped.cpp). NCHW and NHWC, float and double.
+// 4 to 16), and for first layers (3 input channels): no im2col and no GEMM, whose M = C_out / groups
+// rows would leave most of each micro-kernel call idle, or whose K = 27 would make packing most of
+// the time (conv_grouped.cpp). NCHW and NHWC, float and double.
 #include <cstdint>
 
 #include "common/activation.h"
@@ -11,7 +12,8 @@ namespace cnnops {
 namespace cpu {
 
 // Grouped (not depthwise) 2-d convolutions with at most kGroupedMaxChannels input and output
-// channels a group and small kernels, strides and dilations.
+// channels a group, or at most kNarrowInputChannels input channels a group and any number of groups
+// and outputs (first layers: the image's 3 channels in), with small kernels, strides and dilations.
 bool use_grouped_direct(const ConvGeometry& g);
 int64_t grouped_direct_call_count();  // calls of the three kernels below (tests)
 

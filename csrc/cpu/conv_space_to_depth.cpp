@@ -7,6 +7,7 @@
 
 #include "common/macros.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_grouped.h"
 
 namespace cnnops {
 namespace cpu {
@@ -22,6 +23,7 @@ bool use_space_to_depth(const ConvGeometry& g) {
   const bool strided_2d = g.in[0] == 1 && g.kernel[0] == 1 && g.stride[0] == 1 && g.pad[0] == 0 && s >= 2 &&
                           g.stride[2] == s && g.dilation[0] == 1 && g.dilation[1] == 1 && g.dilation[2] == 1;
   if (!strided_2d || g.is_depthwise()) return false;
+  if (use_grouped_direct(g)) return false;  // its phase planes are this without the zero taps (the stem)
   // im2col copies each of few input values about (K/s)^2 times. (Narrow groups, where packing is
   // also most of the time, measured slower: X' is one more pass over a large input.)
   return g.in_channels_per_group() <= 4 && g.kernel[1] > 2 * s && g.kernel[2] > 2 * s;
