@@ -163,7 +163,7 @@ GRID = {
     "cl_shifted_long_k": dict(cl=True, cin=32, cout=12, padding=1, spatial=(12, 12, 12), kernel=(1, 3, 3), n=1),
     "cl_groups": dict(cl=True, groups=2, cin=4, cout=6, stride=2),
     "cl_depthwise": dict(cl=True, groups=4, cin=4, cout=8, padding=1),
-    "stem_space_to_depth": dict(cin=3, cout=8, kernel=7, stride=2, padding=3, spatial=(16, 16, 16)),
+    "stem_space_to_depth": dict(cin=3, cout=8, kernel=9, stride=2, padding=4, spatial=(16, 16, 16)),
 }
 
 
