@@ -64,6 +64,12 @@ def path(dims, n, cin, cout, spatial, kernel, stride=1, padding=0, dilation=1, g
 CASES = {
     "grid_s2": (2, 2, 8, 12, (29, 31), 3, dict(stride=2, padding=1)),
     "grid_s2_long_k": (2, 2, 40, 24, (29, 27), 3, dict(stride=2, padding=1)),  # K = 360: two blocks
+    # Output channels a multiple of NR (the weight panels leave no padding to zero), K over two blocks.
+    "grid_s2_full_panels": (2, 2, 40, 64, (29, 27), 3, dict(stride=2, padding=1)),
+    "grid_groups_full_panels": (2, 1, 32, 64, (29, 31), 3, dict(stride=2, padding=1, groups=2)),
+    # Three blocks of output rows on one thread, four on two (conv_nhwc.cpp's row_blocks).
+    "grid_three_blocks": (2, 4, 8, 12, (29, 29), 3, dict(stride=2, padding=1)),
+    "packed_three_blocks": (2, 20, 8, 12, (13, 11), 3, dict(stride=2, padding=1)),
     "grid_s3_k2": (2, 3, 6, 10, (31, 29), 2, dict(stride=3)),  # two of three phases used per dim
     "grid_s2_dil2": (2, 2, 5, 7, (60, 62), 3, dict(stride=2, dilation=2, padding=2)),  # one phase
     "grid_stride_tuple": (2, 2, 8, 9, (27, 33), 3, dict(stride=(2, 1), padding=1)),
@@ -191,7 +197,8 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(lambda x, w, b: conv(x, w, b, **kwargs), leaves, eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["grid_s2_long_k", "packed_batch1_split", "in_place_blocks", "grid_groups"])
+@pytest.mark.parametrize("name", ["grid_s2_long_k", "packed_batch1_split", "in_place_blocks", "grid_groups",
+                                  "grid_three_blocks", "packed_three_blocks"])
 def test_thread_count_independent(name):
     """Forward and gradients are bitwise the same with 1 and 2 threads."""
     dims, x, w, b, kwargs = case_tensors(name, torch.float32)
@@ -224,6 +231,7 @@ cases = [  # (dims, N, C_in, C_out, size, kernel, stride, padding, dilation, gro
     (2, 1, 4, 5, (9, 7), 1, 3, 0, 1, 1),      # 1x1 stride 3, direct
     (2, 2, 16, 12, (9, 9), 3, 2, 1, 1, 2),    # groups
     (2, 1, 40, 9, (7, 6), 3, 2, 1, 1, 1),     # K = 360, two reduction blocks
+    (2, 2, 40, 64, (13, 11), 3, 2, 1, 1, 1),  # whole weight panels, two reduction blocks
     (2, 2, 3, 8, (16, 14), 7, 2, 3, 1, 1),    # the RGB stem
 ]
 for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):

@@ -3,7 +3,8 @@ for every micro-kernel (AVX-512, AVX2, portable: CNNOPS_CPU_ISA caps the choice,
 process, so each runs in a subprocess). M, N and K sweep the remainders around the spec's MR, NR
 and KC (cnnops._C.gemm_spec()), M and the row range around its L2 block of MC rows and N around
 its L2 block of NC columns, with and without accumulation, row bias, ReLU and a row range,
-through every entry point (packed A and B, transposed A, B or A read in place, panel offsets)."""
+through every entry point (packed A and B, transposed A, B or A read in place, panel offsets, B packed
+beforehand)."""
 
 import pytest
 from conftest import run_with_cpu_isa
@@ -27,6 +28,8 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
     sizes = [(m, n, k) for m, n, k in itertools.product(ms, ns, ks)]
     sizes += [(m, n, k) for m in (mc - 1, mc + mr + 1, 2 * mc + 1) for n, k in ((nr + 1, kc + 1), (2 * nr, 3))]
     sizes += [(m, n, k) for n in (nc - 1, nc + nr + 1, 2 * nc + 3) for m, k in ((mr + 1, kc + 1), (2 * mr, 3))]
+    # Around 12 rows: AVX-512's wide micro-kernel, which gemm_shifted_a_packed_b runs.
+    sizes += [(m, n, k) for m in (11, 13, 25) for n, k in ((nr + 1, kc + 1), (2 * nr, 3), (nr - 1, 2 * kc + 3))]
     for m, n, k in sizes:
         a = torch.randn(m, k, dtype=dtype)
         b = torch.randn(k, n, dtype=dtype)
@@ -37,6 +40,8 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
         options = [  # variant, accumulate, bias, activation, (row_begin, row_end)
             ("shifted_a", False, False, "none", (0, -1)),
         ]
+        for variant, acc, act in itertools.product(("packed_b", "shifted_a_packed_b"), (False, True), ("none", "relu")):
+            options.append((variant, acc, False, act, (0, -1)))
         for variant in ("packed", "a_transposed", "shifted_b", "panel_offset"):
             for (acc, with_bias, act), rows in itertools.product(
                     [(False, False, "none"), (True, False, "relu"), (False, True, "none"), (False, True, "relu"),

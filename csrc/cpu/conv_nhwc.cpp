@@ -141,12 +141,12 @@ PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
 
 // W_g^T, rows (tap, c) and columns co, as the B operand of the channels-last GEMMs, packed like
 // gemm()'s B: per group, kc-row blocks (kc = the micro-kernel's reduction block), each ceil(M / NR)
-// panels of kc x NR values, zero past M. One memcpy then serves a packer. Kept between calls by
+// panels of kc x NR values, zero past M, which the GEMMs read in place. Kept between calls by
 // the weight cache (weight_cache.h).
 template <typename T>
 struct WeightPanels {
   int64_t k = 0, padded_m = 0;
-  std::vector<T> data;
+  std::vector<T, DefaultInitAllocator<T>> data;
   // Panels [j0 / NR, ...) of reduction block k0 (kc rows) of group grp.
   const T* block(int64_t grp, int64_t k0, int64_t kc, int64_t j0) const {
     return data.data() + (grp * k + k0) * padded_m + (j0 / gemm_nr<T>()) * kc * gemm_nr<T>();
@@ -163,23 +163,28 @@ std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, cons
     auto out = std::make_shared<WeightPanels<T>>();
     out->k = k;
     out->padded_m = panels * nr;
-    out->data.assign(checked_numel({g.groups, k, panels * nr}, "conv (channels-last weight)", true), T(0));
+    const int64_t size = checked_numel({g.groups, k, panels * nr}, "conv (channels-last weight)", true);
+    if (m % nr == 0) {
+      out->data.resize(size);  // left uninitialized: the loop below writes every value
+    } else {
+      out->data.assign(size, T(0));
+    }
     T* data = out->data.data();
-    // Block by block, so the kc x NR panel being written stays in L1 while the weight rows are read.
-    const int64_t k_blocks = num_blocks(k, kc_max);
-    parallel_for(0, g.groups * panels * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Per NR output channels and a tile of channels: the tile's taps of those rows (NR runs of
+    // tile * taps values, in L1 after the first pass) go out as whole panel rows (tap, c).
+    constexpr int64_t tile = 16;
+    const int64_t tiles = num_blocks(cg, tile);
+    parallel_for(0, g.groups * panels * tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t grp = task / k_blocks / panels, p = task / k_blocks % panels, k0 = task % k_blocks * kc_max;
-        const int64_t kc = std::min(kc_max, k - k0);
-        T* dst = data + (grp * k + k0) * panels * nr + p * kc * nr;
-        for (int64_t j = 0; j < std::min(nr, m - p * nr); ++j) {
-          const T* src = w + (grp * m + p * nr + j) * cg * taps;  // [c][tap]
-          int64_t tap = k0 / cg, c = k0 % cg;                     // column (tap, c) = k0 + kk, stepped
-          for (int64_t kk = 0; kk < kc; ++kk) {
-            dst[kk * nr + j] = src[c * taps + tap];
-            if (++c == cg) c = 0, ++tap;
+        const int64_t grp = task / tiles / panels, p = task / tiles % panels, c0 = task % tiles * tile;
+        const int64_t rows = std::min(nr, m - p * nr);
+        const T* src = w + (grp * m + p * nr) * cg * taps;  // row j at src + j * cg * taps, [c][tap]
+        for (int64_t c = c0; c < std::min(cg, c0 + tile); ++c)
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            const int64_t col = tap * cg + c, k0 = col / kc_max * kc_max, kc = std::min(kc_max, k - k0);
+            T* dst = data + (grp * k + k0) * panels * nr + p * kc * nr + (col - k0) * nr;
+            for (int64_t j = 0; j < rows; ++j) dst[j] = src[j * cg * taps + c * taps + tap];
           }
-        }
       }
     });
     return out;
@@ -216,14 +221,6 @@ std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry&
   return out;
 }
 
-// The GEMM packer for columns [j0, j0 + jc) of W_g^T: a copy of whole panels.
-template <typename T>
-void copy_weight_panels(const WeightPanels<T>& panels, int64_t grp, int64_t k0, int64_t kc, int64_t j0, int64_t jc,
-                        T* dst) {
-  constexpr int64_t nr = gemm_nr<T>();
-  std::memcpy(dst, panels.block(grp, k0, kc, j0), num_blocks(jc, nr) * kc * nr * sizeof(T));
-}
-
 // Rows [i0, i0 + rows) x columns [k0, k0 + kc) of one group's channels-last im2col matrix, as a
 // GEMM A panel dst[kk * mr + i]: row i reads grid[base[i] + column_offset[k]]. Within one tap
 // the columns are a run of channels, copied from mr row pointers (the rest of the panel is zero).
@@ -254,6 +251,15 @@ void write_output_row(T* out, const T* src, const T* bias, int64_t n, Activation
     for (int64_t co = 0; co < n; ++co) out[co] = relu(out[co]);
 }
 
+// Blocks of at most kColumnBlock output rows; where there are several but few, a multiple of the
+// thread count, so that no thread runs one block more than the others (5 blocks on 2 threads run
+// in 3 rounds, 6 smaller ones in 3 shorter ones). Each row sums the same terms in the same order
+// whatever the blocks.
+int64_t row_blocks(int64_t rows) {
+  const int64_t blocks = num_blocks(rows, kColumnBlock), threads = at::get_num_threads();
+  return blocks > 1 && blocks < 4 * threads ? num_blocks(blocks, threads) * threads : blocks;
+}
+
 // Splits the columns (output channels) into whole NR panels when the row tasks are too few to
 // give every thread two.
 struct ColumnSplit {
@@ -266,28 +272,26 @@ struct ColumnSplit {
   }
 };
 
-// Y rows = im2col rows read in place on the phase grid (A) times W_g^T (B, copied from the panels).
+// Y rows = im2col rows read in place on the phase grid (A) times W_g^T (B, the panels read in place).
 template <typename T>
 void conv_forward_nhwc_grid(const ConvGeometry& g, const PhaseGrid<T>& grid, const WeightPanels<T>& panels,
                             const T* bias, T* y, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), c_in = g.in_channels;
   const int64_t cg = g.in_channels_per_group(), mr = gemm_mr<T>();
-  const int64_t blocks = num_blocks(grid.rows, kColumnBlock), block = num_blocks(grid.rows, blocks);
+  const int64_t blocks = row_blocks(grid.rows), block = num_blocks(grid.rows, blocks);
   const ColumnSplit cols(m, nr, g.groups * blocks);
   bool direct = true;  // grid rows are output positions (1x1 without padding, no waste)
   for (int i = 0; i < 3; ++i) direct = direct && grid.size[i] == g.out[i];
   parallel_for(0, g.groups * blocks * cols.count, 1, [&](int64_t begin, int64_t end) {
-    const auto workspace = scratch<T>(gemm_workspace_size<T>(cols.size));
     // C for one block of grid rows, before dropping waste; none when every grid row is an output.
     const auto tile = scratch<T>(direct ? 0 : block * cols.size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
       const int64_t r0 = (task / cols.count % blocks) * block, grp = task / cols.count / blocks;
       const int64_t rc = std::min(block, grid.rows - r0);
-      auto pack = [&](int64_t k0, int64_t kc, int64_t n0, int64_t jc, T* dst) {
-        copy_weight_panels(panels, grp, k0, kc, j0 + n0, jc, dst);
-      };
+      // B: the weight panels read where they lie (the GEMM's reduction blocks are theirs).
+      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
       // Direct: C is Y's rows, started from the bias (which runs along columns here), and the GEMM
       // applies the activation as it writes the last reduction block.
       T* c = direct ? y + r0 * g.out_channels + grp * m + j0 : tile.get();
@@ -300,13 +304,13 @@ void conv_forward_nhwc_grid(const ConvGeometry& g, const PhaseGrid<T>& grid, con
       // read past the input's end come from a zero-padded copy of them.
       const int64_t in_place = grid.slack || grid.rows - r0 - rc >= mr ? rc : rc / mr * mr;
       if (in_place > 0)
-        gemm_shifted_a<T>(in_place, k, grid.data + r0 * c_in + grp * cg, c_in, grid.column_offset.data(), nj, pack, c,
-                          ldc, workspace.get(), accumulate, act);
+        gemm_shifted_a_packed_b<T>(in_place, k, grid.data + r0 * c_in + grp * cg, c_in, grid.column_offset.data(), nj,
+                                   panel, c, ldc, accumulate, act);
       if (in_place < rc) {
         std::vector<T> rest(mr * c_in, T(0));
         std::copy_n(grid.data + (r0 + in_place) * c_in, (rc - in_place) * c_in, rest.data());
-        gemm_shifted_a<T>(rc - in_place, k, rest.data() + grp * cg, c_in, grid.column_offset.data(), nj, pack,
-                          c + in_place * ldc, ldc, workspace.get(), accumulate, act);
+        gemm_shifted_a_packed_b<T>(rc - in_place, k, rest.data() + grp * cg, c_in, grid.column_offset.data(), nj, panel,
+                                   c + in_place * ldc, ldc, accumulate, act);
       }
       if (direct) continue;
       for (int64_t i = 0; i < rc; ++i) {  // keep the real outputs: grid row -> (n, od, oh, ow)
@@ -328,10 +332,9 @@ void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, c
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), rows = g.batch * g.out_plane();
   const int64_t cg = g.in_channels_per_group();
-  const int64_t blocks = num_blocks(rows, kColumnBlock), block = num_blocks(rows, blocks);  // even blocks
+  const int64_t blocks = row_blocks(rows), block = num_blocks(rows, blocks);  // even blocks
   const ColumnSplit cols(m, nr, g.groups * blocks);
   parallel_for(0, g.groups * blocks * cols.count, 1, [&](int64_t begin, int64_t end) {
-    const auto workspace = scratch<T>(gemm_workspace_size<T>(cols.size));
     std::vector<int64_t> base(block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
@@ -346,11 +349,9 @@ void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, c
       if (bias) {  // the bias runs along columns here: start C from it and accumulate
         for (int64_t i = 0; i < rc; ++i) std::copy_n(bias + grp * m + j0, nj, c + i * g.out_channels);
       }
-      auto pack = [&](int64_t k0, int64_t kc, int64_t n0, int64_t jc, T* dst) {
-        copy_weight_panels(panels, grp, k0, kc, j0 + n0, jc, dst);
-      };
+      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
       // The activation goes on as the last reduction block is written.
-      gemm<T>(a, nj, pack, c, g.out_channels, nullptr, bias != nullptr, workspace.get(), 0, -1, activation);
+      gemm_packed_b<T>(a, nj, panel, c, g.out_channels, bias != nullptr, activation);
     }
   });
 }
@@ -441,27 +442,24 @@ void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T*
   const int64_t padded_size = checked_numel({dp, hp, wp, cg}, "conv (channels-last grad input)", true);
   const int64_t block = std::min(kColumnBlock, l);
   parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
-    const auto workspace = scratch<T>(gemm_workspace_size<T>(k));
     const auto col = scratch<T>(block * k);
     std::vector<T> dx_padded(padded_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, grp = task % g.groups;
       std::fill(dx_padded.begin(), dx_padded.end(), T(0));
-      auto pack = [&](int64_t k0, int64_t kc, int64_t n0, int64_t jc, T* dst) {
-        copy_weight_panels(*panels, grp, k0, kc, n0, jc, dst);
-      };
+      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels->block(grp, k0, kc, n0); };
       for (int64_t r0 = 0; r0 < l; r0 += block) {
         const int64_t rc = std::min(block, l - r0);
         const T* a = dy + (n * l + r0) * g.out_channels + grp * m;
         // Rows of a last micro-kernel panel that would read past dY's end come from a zero-padded copy.
         const int64_t in_place = (g.batch - n) * l - r0 - rc >= mr ? rc : rc / mr * mr;
         if (in_place > 0)
-          gemm_shifted_a<T>(in_place, m, a, g.out_channels, dy_column.data(), k, pack, col.get(), k, workspace.get());
+          gemm_shifted_a_packed_b<T>(in_place, m, a, g.out_channels, dy_column.data(), k, panel, col.get(), k);
         if (in_place < rc) {
           std::vector<T> rest(mr * g.out_channels, T(0));
           std::copy_n(a - grp * m + in_place * g.out_channels, (rc - in_place) * g.out_channels, rest.data());
-          gemm_shifted_a<T>(rc - in_place, m, rest.data() + grp * m, g.out_channels, dy_column.data(), k, pack,
-                            col.get() + in_place * k, k, workspace.get());
+          gemm_shifted_a_packed_b<T>(rc - in_place, m, rest.data() + grp * m, g.out_channels, dy_column.data(), k,
+                                     panel, col.get() + in_place * k, k);
         }
         for (int64_t i = 0; i < rc; ++i) {
           const int64_t r = r0 + i, ow = r % g.out[2], oh = r / g.out[2] % g.out[1], od = r / g.out[2] / g.out[1];

@@ -151,6 +151,7 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
 
 #if CNNOPS_X86
 CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx512, CNNOPS_TARGET_AVX512, kGemmAvx512)
+CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx512_wide, CNNOPS_TARGET_AVX512, kGemmAvx512Wide)
 CNNOPS_DEFINE_MICRO_KERNEL(kernel_avx2, CNNOPS_TARGET_AVX2, kGemmAvx2)
 #endif
 CNNOPS_DEFINE_MICRO_KERNEL(kernel_portable, , kGemmPortable)
@@ -192,6 +193,19 @@ const KernelChoice<T>& kernel_choice() {
       default:
         return make_choice<T>(kernel_portable_f, kernel_portable_d, kGemmPortable);
     }
+  }();
+  return choice;
+}
+
+// The micro-kernel of the GEMMs that read B's panels in place (gemm.h): AVX-512's wide one, else
+// kernel_choice's.
+template <typename T>
+const KernelChoice<T>& wide_kernel_choice() {
+  static const KernelChoice<T> choice = [] {
+#if CNNOPS_X86
+    if (cpu_isa() == Isa::Avx512) return make_choice<T>(kernel_avx512_wide_f, kernel_avx512_wide_d, kGemmAvx512Wide);
+#endif
+    return kernel_choice<T>();
   }();
   return choice;
 }
@@ -322,8 +336,8 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
 template <typename T, bool kPacksB, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc, const T* row_bias, bool accumulate,
                   int64_t row_begin, int64_t row_end, Activation activation, Prepare&& prepare, APanelFn&& a_panel,
-                  BPanelFn&& b_panel, const int64_t* c_panel_offset = nullptr) {
-  const auto& kernel = kernel_choice<T>();
+                  BPanelFn&& b_panel, const int64_t* c_panel_offset = nullptr, bool wide = false) {
+  const auto& kernel = wide ? wide_kernel_choice<T>() : kernel_choice<T>();
   const int64_t nr = gemm_nr<T>(), block = kernel.spec->kc, mc = kernel.spec->mc;
   const int64_t nc_block = kPacksB ? kernel.spec->nc : std::max<int64_t>(n, 1);  // B read in place: one block
   if (row_end < 0) row_end = m;
@@ -438,6 +452,29 @@ void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t
 }
 
 template <typename T>
+void gemm_shifted_a_packed_b(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
+                             PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate, Activation activation) {
+  const int64_t mr = wide_kernel_choice<T>().spec->mr;  // A is read in place: any MR serves
+  std::vector<T> edge;
+  gemm_blocked<T, true>(
+      m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, activation, [](int64_t, int64_t, int64_t, int64_t) {},
+      [&](int64_t k0, int64_t kc, int64_t i0) {
+        return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
+      },
+      [&](int64_t k0, int64_t kc, int64_t j0) { return BPanel<T>{b_panel(k0, kc, j0), nullptr}; }, nullptr,
+      /*wide=*/true);
+}
+
+template <typename T>
+void gemm_packed_b(const PackedA<T>& a, int64_t n, PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate,
+                   Activation activation) {
+  gemm_blocked<T, true>(
+      a.m, a.k, a.mr, n, c, ldc, nullptr, accumulate, 0, -1, activation, [](int64_t, int64_t, int64_t, int64_t) {},
+      [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
+      [&](int64_t k0, int64_t kc, int64_t j0) { return BPanel<T>{b_panel(k0, kc, j0), nullptr}; });
+}
+
+template <typename T>
 void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n, const T* b,
                      const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
                      Activation activation) {
@@ -501,6 +538,9 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
                                   int64_t, int64_t, Activation);                                                       \
   template void gemm_shifted_a<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, PackB<T>, T*, int64_t, \
                                   T*, bool, Activation);                                                               \
+  template void gemm_shifted_a_packed_b<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t,               \
+                                           PackedBPanel<T>, T*, int64_t, bool, Activation);                            \
+  template void gemm_packed_b<T>(const PackedA<T>&, int64_t, PackedBPanel<T>, T*, int64_t, bool, Activation);          \
   template void gemm_shifted_ab<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, const T*,             \
                                    const int64_t*, T*, int64_t, const T*, bool, Activation);                           \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \

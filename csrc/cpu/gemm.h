@@ -45,6 +45,9 @@ struct GemmSpec {
   }
 };
 constexpr GemmSpec kGemmAvx512{"avx512", 8, kKc, 384, 512};
+// gemm_shifted_a_packed_b's micro-kernel on AVX-512: its rows are output positions, not channels,
+// so 12 rows (24 accumulators) waste nothing and load A and B less per FMA than 8.
+constexpr GemmSpec kGemmAvx512Wide{"avx512", 12, kKc, 384, 512};
 constexpr GemmSpec kGemmAvx2{"avx2", 3, kKc, 384, 512};
 constexpr GemmSpec kGemmPortable{"portable", 2, kKc, 384, 512};
 constexpr int kGemmMaxMr = std::max({kGemmAvx512.mr, kGemmAvx2.mr, kGemmPortable.mr});  // fixed-size row arrays
@@ -137,6 +140,24 @@ template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
                     PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate = false,
                     Activation activation = Activation::None);
+
+// B already packed as gemm()'s packers write it, read where it lies: the panels of reduction block
+// k0 (kc rows, blocks of gemm_spec().kc) that hold columns [j0, j0 + NR) start at
+// panel(k0, kc, j0), zero past N. For weights packed once per call (or cached), where copying them
+// into the workspace for every block of rows would cost a pass over K x N values each time.
+template <typename T>
+using PackedBPanel = c10::function_ref<const T*(int64_t k0, int64_t kc, int64_t j0)>;
+
+// gemm_shifted_a with B's panels read in place (PackedBPanel): no workspace.
+template <typename T>
+void gemm_shifted_a_packed_b(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
+                             PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate = false,
+                             Activation activation = Activation::None);
+
+// gemm() with B's panels read in place (PackedBPanel): no workspace.
+template <typename T>
+void gemm_packed_b(const PackedA<T>& a, int64_t n, PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate,
+                   Activation activation = Activation::None);
 
 // C[M, N] (row stride ldc) = activation(init + A * B) with both operands read in place, no
 // packing: A as in gemm_shifted_a (a transposed or rotated weight read where it lies), B as in

@@ -31,7 +31,9 @@ py::dict spec_dict() {
 // C = activation(init + A * B) on rows [row_begin, row_end) through one of the GEMM's entry
 // points ("packed": gemm() with pack_a and pack_b_strided; "a_transposed": pack_a from a
 // column-major A; "shifted_b": gemm_shifted_b; "shifted_a": gemm_shifted_a, whole rows, init 0,
-// no activation; "panel_offset": gemm() writing each NR-column panel at its own offset).
+// no activation; "panel_offset": gemm() writing each NR-column panel at its own offset;
+// "packed_b" and "shifted_a_packed_b": gemm_packed_b and gemm_shifted_a_packed_b reading B packed
+// beforehand, whole rows, no bias).
 template <typename T>
 void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias, bool accumulate, int64_t row_begin,
          int64_t row_end, Activation act, const std::string& variant) {
@@ -86,6 +88,28 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
     std::vector<int64_t> column_offset(k);
     for (int64_t kk = 0; kk < k; ++kk) column_offset[kk] = kk;
     gemm_shifted_a<T>(m, k, padded.const_data_ptr<T>(), k, column_offset.data(), n, pack_b, cp, n, workspace.get());
+  } else if (variant == "packed_b" || variant == "shifted_a_packed_b") {
+    TORCH_CHECK(bias == nullptr && row_begin == 0 && row_end == -1, "gemm(): variant '", variant,
+                "' computes whole rows, without bias");
+    // B packed whole beforehand, reduction block by block: block k0 at k0 * padded_n.
+    const int64_t padded_n = ceil_div(n, nr) * nr, block = gemm_spec().kc;
+    std::vector<T> packed_b(std::max<int64_t>(k, 1) * padded_n);
+    for (int64_t k0 = 0; k0 < k; k0 += block)
+      pack_b(k0, std::min(block, k - k0), 0, n, packed_b.data() + k0 * padded_n);
+    auto panel = [&](int64_t k0, int64_t kc, int64_t j0) {
+      return packed_b.data() + k0 * padded_n + j0 / nr * kc * nr;
+    };
+    if (variant == "packed_b") {
+      const PackedA<T> pa = pack_a<T>(m, k, a.const_data_ptr<T>(), k, 1);
+      gemm_packed_b<T>(pa, n, panel, cp, n, accumulate, act);
+      return;
+    }
+    at::Tensor padded = at::zeros({(ceil_div(m, mr) * mr + 1) * k}, a.options());
+    padded.narrow(0, 0, m * k).copy_(a.reshape(-1));
+    std::vector<int64_t> column_offset(k);
+    for (int64_t kk = 0; kk < k; ++kk) column_offset[kk] = kk;
+    gemm_shifted_a_packed_b<T>(m, k, padded.const_data_ptr<T>(), k, column_offset.data(), n, panel, cp, n, accumulate,
+                               act);
   } else {
     TORCH_CHECK(false, "gemm(): unknown variant '", variant, "'");
   }
