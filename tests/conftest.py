@@ -94,6 +94,29 @@ CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16] + (
 CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
+def check_conv_relu_against_torch(x, w, b, stride, padding, dilation, groups, relu, tol, msg):
+    """For the per-ISA subprocess checks (run_with_cpu_isa): cnnops' 2-d conv (with the fused ReLU
+    when relu) against torch's, the output and the x, w, b gradients, each error relative to the
+    reference's largest value (at least 1). Exits the process naming msg when one reaches tol."""
+    import torch.nn.functional as F
+
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    ours = cnnops.functional._conv(x, w, b, stride, padding, dilation, groups, 2,
+                                   _activation="relu" if relu else "none")
+    if relu:
+        ref = torch.relu(ref)
+    go = torch.randn_like(ref)
+    if relu:  # outputs within rounding of 0 may take either side of the ReLU
+        go = torch.where(ref.detach().abs() < 1e-3, 0, go)
+    grads_ref = torch.autograd.grad(ref, (x, w, b), go)
+    grads_ours = torch.autograd.grad(ours, (x, w, b), go)
+    for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
+        err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
+        if not err < tol:
+            sys.exit(f"{msg} {name}: relative error {err}")
+
+
 def run_with_cpu_isa(isa, code, timeout=600):
     """Runs `code` in a fresh Python whose cnnops kernels are capped at `isa` (CNNOPS_CPU_ISA:
     avx512, avx2 or portable), from the repository root; skips when this CPU lacks the ISA."""

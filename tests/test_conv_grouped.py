@@ -238,8 +238,9 @@ def test_direct_conv1d_and_unbatched():
 
 
 ISA_CHECK = r"""
-import itertools, sys, torch, torch.nn.functional as F
-import cnnops, cnnops.functional
+import itertools, sys, torch
+sys.path.insert(0, "tests")
+from conftest import check_conv_relu_against_torch
 from cnnops import _C
 print(torch.ops.cnnops.cpu_gemm_isa())
 torch.manual_seed(0)
@@ -255,22 +256,10 @@ for dtype, (ci, co, g, (h, w_), k, s, p, d, relu), cl in itertools.product(
     x = torch.randn(2, ci * g, h, w_, dtype=dtype)
     if cl:
         x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    w = torch.randn(co * g, ci, k, k, dtype=dtype, requires_grad=True)
-    b = torch.randn(co * g, dtype=dtype, requires_grad=True)
-    ref = F.conv2d(x, w, b, s, p, d, g)
-    ours = cnnops.functional._conv(x, w, b, s, p, d, g, 2, _activation="relu" if relu else "none")
-    if relu:
-        ref = torch.relu(ref)
-    go = torch.randn_like(ref)
-    if relu:  # outputs within rounding of 0 may take either side of the ReLU
-        go = torch.where(ref.detach().abs() < 1e-3, 0, go)
-    grads_ref = torch.autograd.grad(ref, (x, w, b), go)
-    grads_ours = torch.autograd.grad(ours, (x, w, b), go)
-    for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
-        err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
-        if not err < tol[dtype]:
-            sys.exit(f"{dtype} ci={ci} co={co} g={g} {h}x{w_} k={k} s={s} p={p} d={d} cl={cl} {name}: error {err}")
+    w = torch.randn(co * g, ci, k, k, dtype=dtype)
+    b = torch.randn(co * g, dtype=dtype)
+    check_conv_relu_against_torch(x, w, b, s, p, d, g, relu, tol[dtype],
+                                  f"{dtype} ci={ci} co={co} g={g} {h}x{w_} k={k} s={s} p={p} d={d} cl={cl}")
 if _C._cpu_grouped_direct_calls() - before != 3 * 2 * 2 * len(cases):
     sys.exit("the direct kernels did not run")
 """

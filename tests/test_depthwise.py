@@ -248,8 +248,9 @@ def test_unbatched_and_bfloat16():
 # --------------------------------------------------------------------------------------------
 
 ISA_CHECK = r"""
-import itertools, sys, torch, torch.nn.functional as F
-import cnnops, cnnops.functional
+import itertools, sys, torch
+sys.path.insert(0, "tests")
+from conftest import check_conv_relu_against_torch
 print(torch.ops.cnnops.cpu_gemm_isa())
 torch.manual_seed(0)
 tol = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -264,22 +265,10 @@ for dtype, (k, s), (p, (h, w_), c, relu), cl in itertools.product(
     x = torch.randn(2, c, h, w_, dtype=dtype)
     if cl:
         x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    w = torch.randn(c, 1, k, k, dtype=dtype, requires_grad=True)
-    b = torch.randn(c, dtype=dtype, requires_grad=True)
-    ref = F.conv2d(x, w, b, s, p, 1, c)
-    ours = cnnops.functional._conv(x, w, b, s, p, 1, c, 2, _activation="relu" if relu else "none")
-    if relu:
-        ref = torch.relu(ref)
-    go = torch.randn_like(ref)
-    if relu:  # outputs within rounding of 0 may take either side of the ReLU
-        go = torch.where(ref.detach().abs() < 1e-3, 0, go)
-    grads_ref = torch.autograd.grad(ref, (x, w, b), go)
-    grads_ours = torch.autograd.grad(ours, (x, w, b), go)
-    for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
-        err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
-        if not err < tol[dtype]:
-            sys.exit(f"{dtype} k={k} s={s} p={p} {h}x{w_} c={c} cl={cl} relu={relu} {name}: relative error {err}")
+    w = torch.randn(c, 1, k, k, dtype=dtype)
+    b = torch.randn(c, dtype=dtype)
+    check_conv_relu_against_torch(x, w, b, s, p, 1, c, relu, tol[dtype],
+                                  f"{dtype} k={k} s={s} p={p} {h}x{w_} c={c} cl={cl} relu={relu}")
 """
 
 

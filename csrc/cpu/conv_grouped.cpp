@@ -180,6 +180,22 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) 
   return p;
 }
 
+// offset[c * taps + t] = where tap t of channel c's phase planes starts, for `channels` channels:
+// the (channel, tap) entries that the correlate and weight loops walk.
+void fill_entry_offsets(const PhaseGrid& p, int64_t channels, int64_t* offset) {
+  const int64_t taps = int64_t(p.tap_offset.size());
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
+}
+
+// A vector accumulator's L lanes summed in lane order (the same bits on every run).
+template <typename T, int L>
+CNNOPS_ALWAYS_INLINE T lane_sum(const T* lanes) {
+  T total = lanes[0];
+  for (int i = 1; i < L; ++i) total += lanes[i];
+  return total;
+}
+
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
 template <typename T, int BYTES>
@@ -640,8 +656,7 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
   const int64_t taps = int64_t(p.tap_offset.size());
   const int64_t c0 = cg * chunk / j.chunks, count = cg * (chunk + 1) / j.chunks - c0;
   const int64_t entries = count * taps;
-  for (int64_t c = 0; c < count; ++c)
-    for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
+  fill_entry_offsets(p, count, offset);
   constexpr int L = Simd<T, BYTES>::lanes;
   std::fill(sum, sum + m_count * entries * L, T(0));
   for (int64_t n0 = 0; n0 < g.batch; n0 += p.samples) {  // p.samples samples a pass, in order
@@ -660,12 +675,8 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
   }
   const int64_t kv = taps * cg;
   for (int64_t mm = 0; mm < m_count; ++mm)
-    for (int64_t e = 0; e < entries; ++e) {
-      const T* lanes = sum + (mm * entries + e) * L;
-      T total = lanes[0];
-      for (int i = 1; i < L; ++i) total += lanes[i];
-      j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = total;
-    }
+    for (int64_t e = 0; e < entries; ++e)
+      j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = lane_sum<T, L>(sum + (mm * entries + e) * L);
 }
 
 // dY of every sample laid on the grid of PhaseGrid p, once, in parallel, for the first-layer grad-weight
@@ -709,12 +720,7 @@ CNNOPS_ALWAYS_INLINE void weight_part(const WeightJob<T>& j, const T* planes, co
     weight_sweep<T, BYTES>(planes + (q * g.in_channels + grp * cg) * p.channel + a, offset, entries,
                            dyg + (q * g.out_channels + grp * m_count) * p.padded + a, p.padded, m_count, mask + a,
                            b - a, sum);
-  for (int64_t i = 0; i < m_count * entries; ++i) {
-    const T* lanes = sum + i * L;
-    T total = lanes[0];
-    for (int k = 1; k < L; ++k) total += lanes[k];
-    part[i] = total;
-  }
+  for (int64_t i = 0; i < m_count * entries; ++i) part[i] = lane_sum<T, L>(sum + i * L);
 }
 
 // Runs body(isa, n, g0, g1, buf, tile) for every sample n and block [g0, g1) of `block` groups, in
@@ -756,8 +762,7 @@ void conv_grouped_forward(const ConvGeometry& g, const T* x, const T* w, const T
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
   const int64_t taps = g.kernel_volume(), entries = cg * taps;
   std::vector<int64_t> offset(entries);
-  for (int64_t c = 0; c < cg; ++c)
-    for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
+  fill_entry_offsets(p, cg, offset.data());
   std::vector<T> wt(g.groups * entries * m_count);  // [group][(c, tap)][m]: a row of weights per load
   for (int64_t grp = 0; grp < g.groups; ++grp)
     for (int64_t m = 0; m < m_count; ++m)
@@ -886,8 +891,7 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
     const int64_t passes = num_blocks(g.batch, p.samples), parts = num_blocks(p.padded, kWeightPart);
     const int64_t entries = cg * taps, tasks = g.groups * passes * parts;
     std::vector<int64_t> offset(entries);
-    for (int64_t c = 0; c < cg; ++c)
-      for (int64_t t = 0; t < taps; ++t) offset[c * taps + t] = c * p.channel + p.tap_offset[t];
+    fill_entry_offsets(p, cg, offset.data());
     std::vector<T> partial(checked_numel({tasks, m_count, entries}, "grouped conv (grad weight parts)", true));
     parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> sum(m_count * entries * lanes);

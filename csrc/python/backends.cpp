@@ -10,14 +10,19 @@
 namespace cnnops::python {
 namespace {
 
-// _set_cpu_allow_winograd(bool)
-PyObject* set_cpu_allow_winograd(PyObject* /*module*/, PyObject* value) {
+// Calls set(value) for a Python bool, else raises TypeError naming `what`.
+PyObject* set_bool(PyObject* value, const char* what, void (*set)(bool)) {
   if (!PyBool_Check(value)) {
-    PyErr_Format(PyExc_TypeError, "allow_winograd: expected a bool, got %s", Py_TYPE(value)->tp_name);
+    PyErr_Format(PyExc_TypeError, "%sexpected a bool, got %s", what, Py_TYPE(value)->tp_name);
     return nullptr;
   }
-  cnnops::cpu::set_winograd_allowed(value == Py_True);
+  set(value == Py_True);
   Py_RETURN_NONE;
+}
+
+// _set_cpu_allow_winograd(bool)
+PyObject* set_cpu_allow_winograd(PyObject* /*module*/, PyObject* value) {
+  return set_bool(value, "allow_winograd: ", cnnops::cpu::set_winograd_allowed);
 }
 
 // _get_cpu_allow_winograd() -> bool
@@ -55,12 +60,7 @@ PyObject* set_cpu_winograd_min_tiles(PyObject* /*module*/, PyObject* value) {
 
 // _set_cpu_nhwc_kernels_forced(bool): tests; see cpu/conv_cpu.h
 PyObject* set_cpu_nhwc_kernels_forced(PyObject* /*module*/, PyObject* value) {
-  if (!PyBool_Check(value)) {
-    PyErr_Format(PyExc_TypeError, "expected a bool, got %s", Py_TYPE(value)->tp_name);
-    return nullptr;
-  }
-  cnnops::cpu::set_nhwc_kernels_forced(value == Py_True);
-  Py_RETURN_NONE;
+  return set_bool(value, "", cnnops::cpu::set_nhwc_kernels_forced);
 }
 
 // _cpu_nhwc_kernel_calls() -> int: convolution calls that ran the channels-last kernels (tests)
