@@ -220,6 +220,37 @@ def test_grid(dims, name, dtype):
         assert out.shape[0] == 0
 
 
+# Channels-last weights (conv.cpp's WeightOrder): the GEMM kernels read them where they lie, in
+# (tap, channel) order; the other kernels get them converted. The counters prove which.
+IN_PLACE_WEIGHT_ROUTES = {"gemm", "gemm_split", "shifted", "nhwc"}
+
+
+def cl_weight_params():
+    return [(d, n) for d, n in grid_params() if d >= 2]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dims,name", cl_weight_params(), ids=[f"{d}d-{n}" for d, n in cl_weight_params()])
+def test_grid_channels_last_weight(dims, name, dtype):
+    x, w, b, kwargs = grid_case(dims, name)
+    cast = [None if t is None else t.to(dtype) for t in (x, w, b)]
+    cast[1] = cast[1].contiguous(memory_format=CHANNELS_LAST[w.dim()])
+    if GRID[name].get("cl"):
+        cast[0] = cast[0].contiguous(memory_format=CHANNELS_LAST[x.dim()])
+    with nhwc_kernels_forced(bool(GRID[name].get("cl"))):
+        before = cnnops._C._cpu_conv_weight_conversions()
+        routes = cpu_routes(dims, *cast, kwargs)
+        converted = cnnops._C._cpu_conv_weight_conversions() - before
+        check_relu_conv(dims, *cast, kwargs, dtype, msg=f"{name} channels_last weight")
+    routes = {r.removesuffix("_long_k") for r in routes}
+    if cast[1].is_contiguous():  # one tap or one channel a group: both orders are the same
+        assert converted == 0, f"{name}: a weight contiguous in both layouts was converted"
+    elif routes <= IN_PLACE_WEIGHT_ROUTES:
+        assert converted == 0, f"{name}: routes {routes} converted the channels-last weight"
+    else:
+        assert converted == 1, f"{name}: routes {routes} read a channels-last weight unconverted"
+
+
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_other_micro_kernels(isa, tmp_path):
     """The ReLU in the AVX2 and portable GEMM micro-kernels (CNNOPS_CPU_ISA picks them, once per

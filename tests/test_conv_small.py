@@ -323,12 +323,15 @@ def test_cache_off_by_default_sees_writes_through_data():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", ["7x7_odd", "1x1_odd", "4x4_groups_odd"])
-def test_batch1_split_weight_in_place_or_cached_packed(name, fresh_cache):
+def test_batch1_split_weight_in_place_or_cached_packed(name, weight_layout, fresh_cache):
     """The split forward reads the weight in place, or packed when the weight cache holds it
-    (conv.cpp conv_forward_gemm_split): both against torch, and both the same bits."""
+    (conv.cpp conv_forward_gemm_split): both against torch, and both the same bits. A
+    channels-last weight is read where it lies in either case (WeightOrder::TapChannel)."""
     n, cin, cout, spatial, kernel, stride, padding, groups = SPLIT[name]
-    x, w, b = conv_tensors(2, n, cin, cout, spatial, kernel, groups, True, torch.float32)
+    x, w, b = conv_tensors(2, n, cin, cout, spatial, kernel, groups, True, torch.float32, weight_layout=weight_layout)
+    conversions = cnnops._C._cpu_conv_weight_conversions()
     kwargs = {"stride": stride, "padding": padding, "groups": groups}
     threads = torch.get_num_threads()
     try:
@@ -342,6 +345,7 @@ def test_batch1_split_weight_in_place_or_cached_packed(name, fresh_cache):
         assert cache_info()[2] == hits + 1, "the second call was not served packed"
     finally:
         torch.set_num_threads(threads)
+    assert cnnops._C._cpu_conv_weight_conversions() == conversions, "the weight was converted"
     reference = F.conv2d(x.double(), w.double(), b.double(), **kwargs)
     assert_close_to_torch(in_place, reference, torch.float32, reduction=cin // groups * kernel * kernel)
     assert torch.equal(in_place, packed)

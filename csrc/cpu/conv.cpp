@@ -134,13 +134,14 @@ std::vector<int32_t> gather_indices(const std::vector<int64_t>& column_offset) {
 // cols[(grp * blocks + b) * K * block + r * block + j] is row r, column b * block + j (zero past
 // the last column), with NR values of slack for the reads of the last rows' padded panels.
 template <typename T>
-std::unique_ptr<T[]> im2col_blocks(const ConvGeometry& g, const T* x, int64_t blocks, int64_t block) {
+std::unique_ptr<T[]> im2col_blocks(const ConvGeometry& g, const T* x, WeightOrder order, int64_t blocks,
+                                   int64_t block) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t k = g.gemm_k(), l = g.out_plane(), total = g.batch * l, cg = g.in_channels_per_group();
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
-  const std::vector<int64_t> im2col_rows = im2col_row_offsets(g, layout);
+  const std::vector<int64_t> im2col_rows = im2col_row_offsets(g, layout, order);
   const int64_t block_size = checked_numel({k, block}, "conv (im2col blocks)", true);
   const int64_t size = checked_numel({g.groups, blocks, block_size}, "conv (im2col blocks)", true);
   auto cols = scratch<T>(size + nr);
@@ -203,15 +204,15 @@ void count_route(ForwardRoute route) { forward_route_calls[size_t(route)].fetch_
 // the weight cache holds it packed: the product reads each weight value only a few times, and
 // packing it (a 512 x 4608 weight: 9 MB read and written) cost about as much as the product.
 template <typename T>
-void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, const std::vector<PackedA<T>>* packed,
-                             const T* bias, T* y, Activation activation, int64_t blocks, int64_t block,
-                             const RowSplit& rows) {
+void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, WeightOrder order,
+                             const std::vector<PackedA<T>>* packed, const T* bias, T* y, Activation activation,
+                             int64_t blocks, int64_t block, const RowSplit& rows) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
   const int64_t block_size = k * block;
   // A 1x1 stride-1 layer's im2col is X itself: at batch 1 every block lies in the one sample, whose
   // rows the GEMM then reads in place.
   const bool x_in_place = g.is_pointwise() && g.batch == 1;
-  const auto cols = x_in_place ? nullptr : im2col_blocks(g, x, blocks, block);
+  const auto cols = x_in_place ? nullptr : im2col_blocks(g, x, order, blocks, block);
   std::vector<int64_t> row_offset(k), a_offset(k);
   for (int64_t r = 0; r < k; ++r) row_offset[r] = r * (x_in_place ? l : block), a_offset[r] = r;
   parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
@@ -253,7 +254,8 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, cons
 // sample's rows in place when every GEMM panel lies inside one sample (8x8), else computed into
 // a tile and then copied.
 template <typename T>
-void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
+void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
+                       Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
   const int64_t total = g.batch * l, blocks = num_blocks(total, kColumnBlock);
@@ -262,14 +264,15 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, const T* b
   const RowSplit rows(m, gemm_mr<T>(), g.groups * blocks);
   count_route(rows.count > 1 ? ForwardRoute::GemmSplit : ForwardRoute::Gemm);
   if (rows.count > 1 && !weight_cache_serves(w))
-    return conv_forward_gemm_split<T>(g, x, w, nullptr, bias, y, activation, blocks, block, rows);
+    return conv_forward_gemm_split<T>(g, x, w, order, nullptr, bias, y, activation, blocks, block, rows);
   const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
   const std::vector<PackedA<T>>& weights = *packed;
-  if (rows.count > 1) return conv_forward_gemm_split(g, x, w, &weights, bias, y, activation, blocks, block, rows);
+  if (rows.count > 1)
+    return conv_forward_gemm_split(g, x, w, order, &weights, bias, y, activation, blocks, block, rows);
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
-  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
+  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout, order);
   parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(block));
     const auto tile = scratch<T>(m * block);
@@ -386,42 +389,66 @@ bool use_grouped(const ConvGeometry& g, bool is_float) {
   return use_grouped_direct(g) && !(is_float && use_winograd(g));
 }
 
+std::atomic<int64_t> weight_conversions{0};
+
+// A TapChannel weight rewritten in ChannelTap order (OIHW), for the kernels that read only that.
+template <typename T>
+std::vector<T> channel_tap_weight(const ConvGeometry& g, const T* w) {
+  weight_conversions.fetch_add(1, std::memory_order_relaxed);
+  const int64_t k = g.gemm_k(), taps = g.kernel_volume(), cg = g.in_channels_per_group();
+  std::vector<T> out(g.out_channels * k);
+  parallel_for(0, g.out_channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t tap = 0; tap < taps; ++tap)
+        for (int64_t c = 0; c < cg; ++c) out[o * k + c * taps + tap] = w[o * k + tap * cg + c];
+  });
+  return out;
+}
+
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
-// Each applies the activation in its own output step, where the bias is added.
+// Each applies the activation in its own output step, where the bias is added. The GEMM kernels
+// read the weight in either order; the others get it in ChannelTap order.
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
-                      Activation activation) {
+                      Activation activation, WeightOrder order = WeightOrder::ChannelTap) {
+  std::vector<T> converted;
+  auto channel_tap = [&]() -> const T* {
+    if (order == WeightOrder::ChannelTap) return w;
+    converted = channel_tap_weight(g, w);
+    order = WeightOrder::ChannelTap;
+    return w = converted.data();
+  };
   if (use_window_dot(g, nhwc)) {  // 1x1 maps
     count_route(ForwardRoute::WindowDot);
-    return conv_forward_window_dot(g, x, w, bias, y, activation);
+    return conv_forward_window_dot(g, x, channel_tap(), bias, y, activation);
   }
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
-    if (space_to_depth(g, x, w, nhwc, s)) {
+    if (space_to_depth(g, x, channel_tap(), nhwc, s)) {
       count_route(ForwardRoute::SpaceToDepth);
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
     }
   }
   if (use_grouped(g, std::is_same_v<T, float>)) {
     count_route(ForwardRoute::Grouped);
-    return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
+    return conv_grouped_forward(g, x, channel_tap(), bias, y, activation, nhwc);
   }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
-    if (use_winograd(g) && conv_forward_winograd(g, x, w, bias, y, nhwc, activation))
+    if (use_winograd(g) && conv_forward_winograd(g, x, channel_tap(), bias, y, nhwc, activation))
       return count_route(ForwardRoute::Winograd);
   }
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
   if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>))) {
     count_route(ForwardRoute::Depthwise);
-    conv_depthwise_forward(g, x, w, bias, y, activation, nhwc);
+    conv_depthwise_forward(g, x, channel_tap(), bias, y, activation, nhwc);
   } else if (nhwc) {
     count_route(ForwardRoute::Nhwc);
-    conv_forward_nhwc(g, x, w, bias, y, activation);
+    conv_forward_nhwc(g, x, w, order, bias, y, activation);
   } else if (use_shifted_grid(g)) {
     count_route(ForwardRoute::Shifted);
-    conv_forward_shifted(g, x, w, bias, y, activation);
+    conv_forward_shifted(g, x, w, order, bias, y, activation);
   } else {
-    conv_forward_gemm(g, x, w, bias, y, activation);  // counts Gemm or GemmSplit
+    conv_forward_gemm(g, x, w, order, bias, y, activation);  // counts Gemm or GemmSplit
   }
 }
 
@@ -439,7 +466,7 @@ void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();
   const RowSplit rows(m, gemm_mr<T>(), t.groups * blocks);
   const int64_t block_size = k * block;
-  const auto cols = im2col_blocks(t, dy, blocks, block);  // im2col(dY)
+  const auto cols = im2col_blocks(t, dy, WeightOrder::ChannelTap, blocks, block);  // im2col(dY)
   std::vector<int64_t> row_offset(k), a_offset(k);
   for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
   // Column (j, r) of A (j: dY's channel in the group, r: tap) at W[j, 0, taps - 1 - r]; row c adds c * taps.
@@ -638,6 +665,16 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
   return contiguous_as(is_reduced(t) ? t.to(at::kFloat) : t, format);
 }
 
+// The weight as the forward kernels read it: float32 or float64, dense, in either WeightOrder
+// (a channels-last weight is not converted).
+std::pair<at::Tensor, WeightOrder> kernel_weight(const at::Tensor& weight) {
+  const at::Tensor w = is_reduced(weight) ? weight.to(at::kFloat) : weight;
+  const bool tap_channel =
+      (w.dim() == 4 || w.dim() == 5) && !w.is_contiguous() && w.is_contiguous(channels_last_format(w.dim()));
+  if (tap_channel) return {w, WeightOrder::TapChannel};
+  return {contiguous_as(w, at::MemoryFormat::Contiguous), WeightOrder::ChannelTap};
+}
+
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
 // one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
 // im2col copies runs of that many values per tap, where converting the small input to NCHW and
@@ -688,6 +725,8 @@ std::vector<std::pair<std::string, int64_t>> conv_forward_route_counts() {
   return counts;
 }
 
+int64_t conv_weight_conversion_count() { return weight_conversions.load(std::memory_order_relaxed); }
+
 void check_cpu_dtype(const char* op, const at::Tensor& input) {
   const auto t = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
@@ -704,7 +743,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, c
   check_cpu_dtype("conv_forward()", input);
   const auto layout = kernel_memory_format(input, g, /*forward=*/true);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
-  const auto x = compute_copy(input, layout), w = compute_copy(weight);
+  const auto x = compute_copy(input, layout);
+  const auto [w, order] = kernel_weight(weight);
   const WeightCacheScope weight_cache(weight, w.data_ptr());  // under no_grad: kernels may keep w packed
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? compute_copy(*bias) : at::Tensor();
@@ -713,7 +753,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, c
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward_cpu", [&] {
       const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
       conv_forward_any(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>(), nhwc,
-                       activation);
+                       activation, order);
     });
   }
   return contiguous_as(y.to(input.scalar_type()), conv_output_memory_format(input, weight));

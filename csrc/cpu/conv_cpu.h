@@ -18,6 +18,18 @@ constexpr int64_t kColumnBlock = 384;  // output positions per GEMM call: a kKc 
 
 inline int64_t num_blocks(int64_t n, int64_t block) { return ceil_div(n, block); }  // common/macros.h
 
+// How a weight row (one output channel) orders its K = C_in/groups x taps values: torch's
+// contiguous OIHW as (channel, tap), or a channels-last weight (OHWI) as (tap, channel). The GEMM
+// routes read either where it lies (the im2col rows take the weight's order: a product does not
+// care in which order it sums K); converting a 512x512x3x3 channels-last weight costs about 1 ms,
+// as much as that layer's product at 7x7, batch 1.
+enum class WeightOrder { ChannelTap, TapChannel };
+
+// Where W[o, c, tap] lies in row o.
+inline int64_t weight_column(const ConvGeometry& g, WeightOrder order, int64_t c, int64_t tap) {
+  return order == WeightOrder::TapChannel ? tap * g.in_channels_per_group() + c : c * g.kernel_volume() + tap;
+}
+
 // Convolutions below this many multiply-adds run on the calling thread: for them a parallel
 // region's fork and join (microseconds, far more on a busy machine) costs more than the work.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 16;
@@ -122,11 +134,14 @@ int64_t nhwc_kernel_call_count();
 // Tests: calls of each forward kernel conv_forward_any picks (also for grad input's transposed
 // problem), by route name.
 std::vector<std::pair<std::string, int64_t>> conv_forward_route_counts();
+// Tests: channels-last (TapChannel) weights a forward kernel needed converted to ChannelTap.
+int64_t conv_weight_conversion_count();
 
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
+                       Activation activation);
 template <typename T>
 void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
 template <typename T>  // strided convolutions; writes every value of dX

@@ -27,16 +27,19 @@ struct PaddedLayout {
       : d(g.in[0] + 2 * g.pad[0]), h(g.in[1] + 2 * g.pad[1]), w(g.in[2] + 2 * g.pad[2]), plane(d * h * w) {}
 };
 
-// row_offset(r) for every im2col row of one group (channels counted from the group's first).
-inline std::vector<int64_t> im2col_row_offsets(const ConvGeometry& g, const PaddedLayout& p) {
-  // Rows run over (channel, kd, kh, kw), kw fastest (decompose_gemm_row), stepped without divisions.
-  std::vector<int64_t> offsets;
-  offsets.reserve(g.gemm_k());
-  for (int64_t c = 0; c < g.in_channels_per_group(); ++c)
+// row_offset(r) for every im2col row of one group (channels counted from the group's first), the
+// rows in the weight's order: r = weight_column(c, tap), taps over (kd, kh, kw), kw fastest.
+inline std::vector<int64_t> im2col_row_offsets(const ConvGeometry& g, const PaddedLayout& p,
+                                               WeightOrder order = WeightOrder::ChannelTap) {
+  std::vector<int64_t> offsets(g.gemm_k());
+  for (int64_t c = 0; c < g.in_channels_per_group(); ++c) {
+    int64_t tap = 0;
     for (int64_t kd = 0; kd < g.kernel[0]; ++kd)
       for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
         for (int64_t kw = 0; kw < g.kernel[2]; ++kw)
-          offsets.push_back(c * p.plane + (kd * g.dilation[0] * p.h + kh * g.dilation[1]) * p.w + kw * g.dilation[2]);
+          offsets[weight_column(g, order, c, tap++)] =
+              c * p.plane + (kd * g.dilation[0] * p.h + kh * g.dilation[1]) * p.w + kw * g.dilation[2];
+  }
   return offsets;
 }
 

@@ -139,7 +139,7 @@ PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
   return grid;
 }
 
-// W_g^T, rows (tap, c) and columns co, as the B operand of the channels-last GEMMs, packed like
+// W_g^T (from either WeightOrder), rows (tap, c) and columns co, as the B operand of the channels-last GEMMs, packed like
 // gemm()'s B: per group, kc-row blocks (kc = the micro-kernel's reduction block), each ceil(M / NR)
 // panels of kc x NR values, zero past M, which the GEMMs read in place. Kept between calls by
 // the weight cache (weight_cache.h).
@@ -154,11 +154,11 @@ struct WeightPanels {
 };
 
 template <typename T>
-std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, const T* w) {
+std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, const T* w, WeightOrder order) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group(), panels = num_blocks(m, nr), kc_max = gemm_spec().kc;
-  const WeightTag tag{2, g.groups, m, k, kc_max, int64_t(sizeof(T))};
+  const WeightTag tag{order == WeightOrder::TapChannel ? 3 : 2, g.groups, m, k, kc_max, int64_t(sizeof(T))};
   return cached_weight<WeightPanels<T>>(w, tag, g.groups * k * panels * nr * int64_t(sizeof(T)), [&] {
     auto out = std::make_shared<WeightPanels<T>>();
     out->k = k;
@@ -178,12 +178,13 @@ std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, cons
       for (int64_t task = begin; task < end; ++task) {
         const int64_t grp = task / tiles / panels, p = task / tiles % panels, c0 = task % tiles * tile;
         const int64_t rows = std::min(nr, m - p * nr);
-        const T* src = w + (grp * m + p * nr) * cg * taps;  // row j at src + j * cg * taps, [c][tap]
+        const T* src = w + (grp * m + p * nr) * k;  // row j at src + j * k
         for (int64_t c = c0; c < std::min(cg, c0 + tile); ++c)
           for (int64_t tap = 0; tap < taps; ++tap) {
             const int64_t col = tap * cg + c, k0 = col / kc_max * kc_max, kc = std::min(kc_max, k - k0);
+            const int64_t column = weight_column(g, order, c, tap);
             T* dst = data + (grp * k + k0) * panels * nr + p * kc * nr + (col - k0) * nr;
-            for (int64_t j = 0; j < rows; ++j) dst[j] = src[j * cg * taps + c * taps + tap];
+            for (int64_t j = 0; j < rows; ++j) dst[j] = src[j * k + column];
           }
       }
     });
@@ -363,9 +364,10 @@ void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, c
 constexpr double kMinGridEfficiency = 0.85;
 
 template <typename T>
-void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
+void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
+                       Activation activation) {
   const PhaseGrid<T> grid = make_phase_grid(g, x);
-  const auto panels = weight_panels(g, w);
+  const auto panels = weight_panels(g, w, order);
   if (phase_grid_efficiency(g) >= kMinGridEfficiency)
     conv_forward_nhwc_grid(g, grid, *panels, bias, y, activation);
   else
@@ -486,9 +488,9 @@ void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T*
   });
 }
 
-#define CNNOPS_INSTANTIATE_NHWC(T)                                                                       \
-  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
-  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);               \
+#define CNNOPS_INSTANTIATE_NHWC(T)                                                                                    \
+  template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, WeightOrder, const T*, T*, Activation); \
+  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);                            \
   template void conv_backward_input_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
 CNNOPS_INSTANTIATE_NHWC(float)
 CNNOPS_INSTANTIATE_NHWC(double)

@@ -15,9 +15,10 @@ namespace cnnops {
 namespace cpu {
 
 template <typename T>
-void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation) {
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
+                          Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
-  const ShiftedGrid grid(g);
+  const ShiftedGrid grid(g, order);
   const int64_t m = g.out_channels_per_group();
   const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;
   // The slack keeps the last panel's reads past the grid in bounds.
@@ -65,10 +66,10 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T
   });
 }
 
-template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, const float*, float*,
-                                          Activation);
-template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, const double*, double*,
-                                           Activation);
+template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, WeightOrder, const float*,
+                                          float*, Activation);
+template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, WeightOrder,
+                                           const double*, double*, Activation);
 
 }  // namespace cpu
 }  // namespace cnnops

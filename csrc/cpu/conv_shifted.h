@@ -21,10 +21,10 @@ struct ShiftedGrid {
   int64_t columns;                  // grid columns up to the last real output position
   std::vector<int64_t> row_offset;  // per im2col row of one group: the shift of that row
 
-  explicit ShiftedGrid(const ConvGeometry& g)
+  explicit ShiftedGrid(const ConvGeometry& g, WeightOrder order = WeightOrder::ChannelTap)
       : padded(g),
         columns(((g.out[0] - 1) * padded.h + g.out[1] - 1) * padded.w + g.out[2]),
-        row_offset(im2col_row_offsets(g, padded)) {}
+        row_offset(im2col_row_offsets(g, padded, order)) {}
 
   // Fraction of computed columns that are real outputs.
   double efficiency(const ConvGeometry& g) const { return double(g.out_plane()) / double(columns); }
@@ -44,7 +44,8 @@ inline bool use_shifted_grid(const ConvGeometry& g) {
 }
 
 template <typename T>
-void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation);
+void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
+                          Activation activation);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -84,6 +84,11 @@ PyObject* cpu_conv_forward_routes(PyObject* /*module*/, PyObject* /*unused*/) {
   return out;
 }
 
+// _cpu_conv_weight_conversions() -> int: channels-last weights converted for a forward kernel (tests)
+PyObject* cpu_conv_weight_conversions(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::conv_weight_conversion_count());
+}
+
 PyMethodDef methods[] = {
     {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
     {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
@@ -102,6 +107,8 @@ PyMethodDef methods[] = {
      "number of convolution calls that ran the channels-last kernels"},
     {"_cpu_conv_forward_routes", cpu_conv_forward_routes, METH_NOARGS,
      "calls of each CPU convolution forward kernel, by route name"},
+    {"_cpu_conv_weight_conversions", cpu_conv_weight_conversions, METH_NOARGS,
+     "number of channels-last weights a CPU convolution forward converted to OIHW"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
