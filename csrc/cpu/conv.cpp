@@ -58,6 +58,27 @@ struct RowSplit {
     size = num_blocks(panels, count) * mr;
     count = num_blocks(m, size);
   }
+  // Task `task` of count x column_tasks, row blocks outermost: parallel_for's contiguous ranges then
+  // give each thread whole row blocks (its share of the weight), the same work however uneven the
+  // column blocks are (392 columns in blocks of 224 and 168 took 4:3 column-major).
+  int64_t row_block(int64_t task, int64_t column_tasks) const { return task / column_tasks; }
+  int64_t column_task(int64_t task, int64_t column_tasks) const { return task % column_tasks; }
+};
+
+// Column blocks of whole NR panels for tasks that are not row-split: as even as the panels allow
+// and, when they are few, a multiple of the thread count, so that parallel_for's contiguous ranges
+// give every thread the same work (1568 columns in 5 blocks of up to 320 took 3:2 at 2 threads).
+struct ColumnBlocks {
+  int64_t count, panels, nr, total;
+  ColumnBlocks(int64_t total_, int64_t nr_, int64_t groups) : panels(num_blocks(total_, nr_)), nr(nr_), total(total_) {
+    count = num_blocks(total, kColumnBlock);
+    const int64_t threads = at::get_num_threads();
+    if (groups * count < 8 * threads)
+      while ((groups * count) % threads != 0 && count < panels) ++count;
+  }
+  int64_t begin(int64_t b) const { return std::min(total, b * panels / count * nr); }
+  int64_t size(int64_t b) const { return begin(b + 1) - begin(b); }
+  int64_t max_size() const { return num_blocks(panels, count) * nr; }
 };
 
 // Packs `panels` full B panels of kc im2col rows whose columns come in groups of L consecutive
@@ -218,7 +239,8 @@ void conv_forward_gemm_split(const ConvGeometry& g, const T* x, const T* w, Weig
   parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row_block = task % rows.count, gb = task / rows.count;
+      const int64_t row_block = rows.row_block(task, g.groups * blocks);
+      const int64_t gb = rows.column_task(task, g.groups * blocks);
       const int64_t grp = gb / blocks, c0 = gb % blocks * block, nc = std::min(block, total - c0);
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
@@ -260,7 +282,8 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, WeightOrde
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
   const int64_t total = g.batch * l, blocks = num_blocks(total, kColumnBlock);
   const int64_t block = num_blocks(num_blocks(total, blocks), gemm_nr<T>()) * gemm_nr<T>();  // even blocks
-  // Few column blocks (small images) but many output channels: split the rows too.
+  // Few column blocks (small images) but many output channels: split the rows too. Otherwise the
+  // column blocks are balanced (ColumnBlocks) instead.
   const RowSplit rows(m, gemm_mr<T>(), g.groups * blocks);
   count_route(rows.count > 1 ? ForwardRoute::GemmSplit : ForwardRoute::Gemm);
   if (rows.count > 1 && !weight_cache_serves(w))
@@ -273,14 +296,13 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, WeightOrde
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
   const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout, order);
-  parallel_for(0, g.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
-    const auto workspace = scratch<T>(gemm_workspace_size<T>(block));
-    const auto tile = scratch<T>(m * block);
+  const ColumnBlocks columns(total, nr, g.groups);
+  parallel_for(0, g.groups * columns.count, 1, [&](int64_t begin, int64_t end) {
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(columns.max_size()));
+    const auto tile = scratch<T>(m * columns.max_size());
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row_block = task % rows.count, column_task = task / rows.count;
-      const int64_t grp = column_task / blocks, c0 = (column_task % blocks) * block;
-      const int64_t nc = std::min(block, total - c0);
-      const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
+      const int64_t grp = task / columns.count, c0 = columns.begin(task % columns.count);
+      const int64_t nc = columns.size(task % columns.count);
       const int64_t channel0 = grp * g.in_channels_per_group();
       auto y_ng = [&](int64_t n) { return y + (n * g.out_channels + grp * m) * l; };
       const std::vector<int64_t> column_offset =
@@ -323,22 +345,21 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, WeightOrde
       const T* row_bias = bias ? bias + grp * m : nullptr;
       const int64_t n_first = c0 / l, l_first = c0 % l;
       if (l_first + nc <= l) {  // inside one sample: write the output directly
-        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.get(), row_begin,
-                row_end, activation);
+        gemm<T>(weights[grp], nc, pack, y_ng(n_first) + l_first, l, row_bias, false, workspace.get(), 0, -1,
+                activation);
         continue;
       }
       if (l % nr == 0) {  // every panel inside one sample (8x8 images): each written in place
         std::vector<int64_t> panel_offset(num_blocks(nc, nr));
         for (int64_t p = 0; p < num_blocks(nc, nr); ++p)
           panel_offset[p] = y_ng((c0 + p * nr) / l) - y_ng(0) + (c0 + p * nr) % l;
-        gemm<T>(weights[grp], nc, pack, y_ng(0), l, row_bias, false, workspace.get(), row_begin, row_end, activation,
+        gemm<T>(weights[grp], nc, pack, y_ng(0), l, row_bias, false, workspace.get(), 0, -1, activation,
                 panel_offset.data());
         continue;
       }
-      gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), row_begin, row_end, activation);
+      gemm<T>(weights[grp], nc, pack, tile.get(), nc, row_bias, false, workspace.get(), 0, -1, activation);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
-        for (int64_t i = row_begin; i < row_end; ++i)
-          copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
+        for (int64_t i = 0; i < m; ++i) copy_values(y_ng(n) + i * l + l0, tile.get() + i * nc + offset, len);
       });
     }
   });
@@ -475,7 +496,8 @@ void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T
   parallel_for(0, t.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row_block = task % rows.count, gb = task / rows.count;
+      const int64_t row_block = rows.row_block(task, t.groups * blocks);
+      const int64_t gb = rows.column_task(task, t.groups * blocks);
       const int64_t grp = gb / blocks, c0 = gb % blocks * block, nc = std::min(block, total - c0);
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       auto dx_ng = [&](int64_t n) { return dx + (n * t.out_channels + grp * m) * l; };
