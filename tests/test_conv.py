@@ -385,12 +385,18 @@ RAW = {
     "3d_depthwise": (3, 1, 3, 6, (4, 5, 4), 3, 3, True, [1, 2, 1], [1, 1, 0], [1, 1, 1], "contiguous"),
     "2d_channels_last": (2, 2, 4, 6, (7, 5), 3, 1, True, [1, 1], [1, 1], [1, 1], "channels_last"),
     "2d_batch0": (2, 0, 3, 4, (6, 5), 3, 1, True, [1, 1], [1, 1], [1, 1], "contiguous"),
+    # channels-last weights (OHWI): read in (tap, channel) order, grad_weight in their layout
+    "2d_channels_last_weight": (2, 2, 4, 6, (7, 5), 3, 1, True, [2, 1], [1, 1], [1, 1], "contiguous"),
+    "2d_channels_last_both_strided": (2, 2, 4, 6, (9, 8), 3, 1, True, [2, 2], [1, 1], [1, 1], "channels_last"),
+    "3d_channels_last_both": (3, 1, 4, 6, (4, 5, 4), 3, 2, True, [1, 1, 1], [1, 1, 1], [1, 1, 1], "channels_last"),
 }
+CHANNELS_LAST_WEIGHT = {"2d_channels_last_weight", "2d_channels_last_both_strided", "3d_channels_last_both"}
 
 
 def raw_args(name, dtype=torch.float64):
     dims, n, cin, cout, spatial, kernel, groups, bias, stride, padding, dilation, layout = RAW[name]
-    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype, layout=layout)
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype, layout=layout,
+                           weight_layout="channels_last" if name in CHANNELS_LAST_WEIGHT else None)
     return x, w, b, stride, padding, dilation, groups
 
 
@@ -409,6 +415,8 @@ def test_raw_ops_match_torch(name):
     gi, gw, gb = torch.ops.cnnops.conv_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
     assert_close_to_torch(gi, ref[0], torch.float64, 100, msg="grad_input")
     assert_close_to_torch(gw, ref[1], torch.float64, 100, msg="grad_weight")
+    if name in CHANNELS_LAST_WEIGHT:  # the weight's layout, whichever kernel wrote dW
+        assert gw.is_contiguous(memory_format=CHANNELS_LAST[w.dim()]) and not gw.is_contiguous()
     expected_gb = go.sum(dim=[d for d in range(go.dim()) if d != 1])
     assert_close_to_torch(gb, expected_gb, torch.float64, 100, msg="grad_bias")
     for mask in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):
@@ -428,7 +436,8 @@ def test_opcheck_conv_forward(name):
 
 @pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True],
                                   [False, False, True], [True, True, False]], ids=str)
-@pytest.mark.parametrize("name", ["2d_bias", "1d_bias", "3d_depthwise", "2d_channels_last", "2d_batch0"])
+@pytest.mark.parametrize("name", ["2d_bias", "1d_bias", "3d_depthwise", "2d_channels_last", "2d_batch0",
+                                  "2d_channels_last_weight", "2d_channels_last_both_strided"])
 def test_opcheck_conv_backward(name, mask):
     x, w, b, stride, padding, dilation, groups = raw_args(name, torch.float32)
     out = torch.ops.cnnops.conv_forward(x, w, b, stride, padding, dilation, groups)
@@ -437,7 +446,7 @@ def test_opcheck_conv_backward(name, mask):
                           (go, x, w, stride, padding, dilation, groups, mask))
 
 
-@pytest.mark.parametrize("name", ["2d_bias", "3d_depthwise", "2d_channels_last"])
+@pytest.mark.parametrize("name", ["2d_bias", "3d_depthwise", "2d_channels_last", *sorted(CHANNELS_LAST_WEIGHT)])
 def test_fake_matches_real_metadata(name):
     """The fake (meta) kernels give the real kernels' shape, dtype and strides."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -151,6 +151,14 @@ inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const
   return at::MemoryFormat::Contiguous;
 }
 
+// Whether a weight is laid out channels-last only (OHWI: not also contiguous): the CPU kernels then
+// read it in (tap, channel) order, and conv_backward's grad_weight takes this layout too, as the
+// parameter it is added to has. Shared by the CPU and CUDA ops and mirrored by cnnops/_ops.py.
+inline bool weight_is_channels_last(const at::Tensor& weight) {
+  return (weight.dim() == 4 || weight.dim() == 5) && !weight.is_contiguous() &&
+         weight.is_contiguous(channels_last_format(weight.dim()));
+}
+
 // grad_output must have exactly the forward output's shape.
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g,
                               int64_t dims) {

@@ -369,13 +369,13 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, WeightOrde
 // at a time. col2im adds each im2col entry back where the forward read it, through the offset
 // tables, into a padded dX whose border is dropped at the end.
 template <typename T>
-void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+void conv_backward_input_gemm(const ConvGeometry& g, const T* dy, const T* w, WeightOrder order, T* dx) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
   const int64_t cg = g.in_channels_per_group();
   std::vector<PackedA<T>> weights_t;  // W_g^T: K x M
   for (int64_t grp = 0; grp < g.groups; ++grp) weights_t.push_back(pack_a(k, m, w + grp * m * k, int64_t(1), k));
   const PaddedLayout layout(g);
-  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
+  const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout, order);
   // A task owns one (sample, group) slice of dX, so the col2im additions never race.
   parallel_for(0, g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(kColumnBlock));
@@ -412,19 +412,34 @@ bool use_grouped(const ConvGeometry& g, bool is_float) {
 
 std::atomic<int64_t> weight_conversions{0};
 
-// A TapChannel weight rewritten in ChannelTap order (OIHW), for the kernels that read only that.
+// A weight as the kernels read it: where it lies, in its WeightOrder, or (for the kernels that read
+// only ChannelTap) rewritten in that order on the first channel_tap() call.
 template <typename T>
-std::vector<T> channel_tap_weight(const ConvGeometry& g, const T* w) {
-  weight_conversions.fetch_add(1, std::memory_order_relaxed);
-  const int64_t k = g.gemm_k(), taps = g.kernel_volume(), cg = g.in_channels_per_group();
-  std::vector<T> out(g.out_channels * k);
-  parallel_for(0, g.out_channels, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o)
-      for (int64_t tap = 0; tap < taps; ++tap)
-        for (int64_t c = 0; c < cg; ++c) out[o * k + c * taps + tap] = w[o * k + tap * cg + c];
-  });
-  return out;
-}
+class KernelWeight {
+ public:
+  KernelWeight(const ConvGeometry& g, const T* w, WeightOrder order) : g_(g), w_(w), order_(order) {}
+  const T* data() const { return w_; }
+  WeightOrder order() const { return order_; }
+  const T* channel_tap() {
+    if (order_ == WeightOrder::ChannelTap) return w_;
+    weight_conversions.fetch_add(1, std::memory_order_relaxed);
+    const int64_t k = g_.gemm_k(), taps = g_.kernel_volume(), cg = g_.in_channels_per_group();
+    converted_.resize(g_.out_channels * k);
+    parallel_for(0, g_.out_channels, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o)
+        for (int64_t tap = 0; tap < taps; ++tap)
+          for (int64_t c = 0; c < cg; ++c) converted_[o * k + c * taps + tap] = w_[o * k + tap * cg + c];
+    });
+    order_ = WeightOrder::ChannelTap;
+    return w_ = converted_.data();
+  }
+
+ private:
+  const ConvGeometry& g_;
+  const T* w_;
+  WeightOrder order_;
+  std::vector<T> converted_;
+};
 
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 // Each applies the activation in its own output step, where the bias is added. The GEMM kernels
@@ -432,44 +447,38 @@ std::vector<T> channel_tap_weight(const ConvGeometry& g, const T* w) {
 template <typename T>
 void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, bool nhwc,
                       Activation activation, WeightOrder order = WeightOrder::ChannelTap) {
-  std::vector<T> converted;
-  auto channel_tap = [&]() -> const T* {
-    if (order == WeightOrder::ChannelTap) return w;
-    converted = channel_tap_weight(g, w);
-    order = WeightOrder::ChannelTap;
-    return w = converted.data();
-  };
+  KernelWeight<T> weight(g, w, order);
   if (use_window_dot(g, nhwc)) {  // 1x1 maps
     count_route(ForwardRoute::WindowDot);
-    return conv_forward_window_dot(g, x, channel_tap(), bias, y, activation);
+    return conv_forward_window_dot(g, x, weight.channel_tap(), bias, y, activation);
   }
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
-    if (space_to_depth(g, x, channel_tap(), nhwc, s)) {
+    if (space_to_depth(g, x, weight.channel_tap(), nhwc, s)) {
       count_route(ForwardRoute::SpaceToDepth);
       return conv_forward_any(s.g, s.x.data(), s.w.data(), bias, y, nhwc, activation);
     }
   }
   if (use_grouped(g, std::is_same_v<T, float>)) {
     count_route(ForwardRoute::Grouped);
-    return conv_grouped_forward(g, x, channel_tap(), bias, y, activation, nhwc);
+    return conv_grouped_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
   }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
-    if (use_winograd(g) && conv_forward_winograd(g, x, channel_tap(), bias, y, nhwc, activation))
+    if (use_winograd(g) && conv_forward_winograd(g, x, weight.channel_tap(), bias, y, nhwc, activation))
       return count_route(ForwardRoute::Winograd);
   }
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
   if (g.is_depthwise() && (!nhwc || depthwise_nhwc_supported(g, std::is_same_v<T, double>))) {
     count_route(ForwardRoute::Depthwise);
-    conv_depthwise_forward(g, x, channel_tap(), bias, y, activation, nhwc);
+    conv_depthwise_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
   } else if (nhwc) {
     count_route(ForwardRoute::Nhwc);
-    conv_forward_nhwc(g, x, w, order, bias, y, activation);
+    conv_forward_nhwc(g, x, weight.data(), weight.order(), bias, y, activation);
   } else if (use_shifted_grid(g)) {
     count_route(ForwardRoute::Shifted);
-    conv_forward_shifted(g, x, w, order, bias, y, activation);
+    conv_forward_shifted(g, x, weight.data(), weight.order(), bias, y, activation);
   } else {
-    conv_forward_gemm(g, x, w, order, bias, y, activation);  // counts Gemm or GemmSplit
+    conv_forward_gemm(g, x, weight.data(), weight.order(), bias, y, activation);  // counts Gemm or GemmSplit
   }
 }
 
@@ -480,7 +489,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
 // times. im2col(dY) blocks are written once and read in place; the rows (dX's channels) are split
 // between tasks as in conv_forward_gemm_split. No sum depends on the split.
 template <typename T>
-void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T* dx) {
+void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, WeightOrder order, T* dx) {
   const int64_t m = t.out_channels_per_group(), k = t.gemm_k(), l = t.out_plane(), total = t.batch * l;
   const int64_t cg = t.in_channels_per_group(), taps = t.kernel_volume();
   const int64_t blocks = num_blocks(total, kColumnBlock);
@@ -490,9 +499,12 @@ void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T
   const auto cols = im2col_blocks(t, dy, WeightOrder::ChannelTap, blocks, block);  // im2col(dY)
   std::vector<int64_t> row_offset(k), a_offset(k);
   for (int64_t r = 0; r < k; ++r) row_offset[r] = r * block;
-  // Column (j, r) of A (j: dY's channel in the group, r: tap) at W[j, 0, taps - 1 - r]; row c adds c * taps.
+  // W[o, c, tap] at o * m * taps + c * c_step + tap * tap_step (m: W's input channels a group).
+  const bool tap_channel = order == WeightOrder::TapChannel;
+  const int64_t c_step = tap_channel ? 1 : taps, tap_step = tap_channel ? m : 1;
+  // Column (j, r) of A (j: dY's channel in the group, r: tap) at W[j, 0, taps - 1 - r]; row c adds c * c_step.
   for (int64_t j = 0; j < cg; ++j)
-    for (int64_t r = 0; r < taps; ++r) a_offset[j * taps + r] = j * m * taps + taps - 1 - r;
+    for (int64_t r = 0; r < taps; ++r) a_offset[j * taps + r] = j * m * taps + (taps - 1 - r) * tap_step;
   parallel_for(0, t.groups * blocks * rows.count, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(m * block);
     for (int64_t task = begin; task < end; ++task) {
@@ -501,15 +513,15 @@ void conv_backward_input_small(const ConvGeometry& t, const T* dy, const T* w, T
       const int64_t grp = gb / blocks, c0 = gb % blocks * block, nc = std::min(block, total - c0);
       const int64_t row_begin = row_block * rows.size, row_end = std::min(m, row_begin + rows.size);
       auto dx_ng = [&](int64_t n) { return dx + (n * t.out_channels + grp * m) * l; };
-      const T* a = w + (grp * cg * m + row_begin) * taps;  // W's group grp, input channel row_begin
+      const T* a = w + grp * cg * m * taps + row_begin * c_step;  // W's group grp, input channel row_begin
       const T* b = cols.get() + gb * block_size;
       const int64_t n_first = c0 / l, l_first = c0 % l;
       if (l_first + nc <= l) {  // inside one sample: write dX directly
-        gemm_shifted_ab<T>(row_end - row_begin, k, a, taps, a_offset.data(), nc, b, row_offset.data(),
+        gemm_shifted_ab<T>(row_end - row_begin, k, a, c_step, a_offset.data(), nc, b, row_offset.data(),
                            dx_ng(n_first) + row_begin * l + l_first, l, nullptr, false);
         continue;
       }
-      gemm_shifted_ab<T>(row_end - row_begin, k, a, taps, a_offset.data(), nc, b, row_offset.data(),
+      gemm_shifted_ab<T>(row_end - row_begin, k, a, c_step, a_offset.data(), nc, b, row_offset.data(),
                          tile.get() + row_begin * nc, nc, nullptr, false);
       for_each_sample_segment(c0, nc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
         for (int64_t i = row_begin; i < row_end; ++i)
@@ -532,7 +544,8 @@ bool use_backward_input_small(const ConvGeometry& t, bool nhwc, bool is_float) {
 // convolution, with no col2im scatter. Returns false when it does not apply (stride > 1, or
 // padding beyond the dilated kernel).
 template <typename T>
-bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, T* dx, bool nhwc) {
+bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T* w, WeightOrder order, T* dx,
+                                    bool nhwc) {
   ConvGeometry t = g;  // the transposed problem: dY in, dX out
   std::swap(t.in_channels, t.out_channels);
   for (int i = 0; i < 3; ++i) {
@@ -543,7 +556,7 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
     if (t.pad[i] < 0) return false;
   }
   if (use_backward_input_small(t, nhwc, std::is_same_v<T, float>)) {
-    conv_backward_input_small(t, dy, w, dx);
+    conv_backward_input_small(t, dy, w, order, dx);
     return true;
   }
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
@@ -558,9 +571,10 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
       const int64_t grp = t / (c_tiles * m_tiles), c0 = t / m_tiles % c_tiles * tile, m0 = t % m_tiles * tile;
       for (int64_t c = c0; c < std::min(cin_g, c0 + tile); ++c)
         for (int64_t m = m0; m < std::min(cout_g, m0 + tile); ++m) {
-          const T* src = w + ((grp * cout_g + m) * cin_g + c) * taps;
+          const T* src = w + (grp * cout_g + m) * cin_g * taps + weight_column(g, order, c, 0);
+          const int64_t tap_step = weight_column(g, order, 0, 1) - weight_column(g, order, 0, 0);
           T* dst = rotated.data() + ((grp * cin_g + c) * cout_g + m) * taps + taps - 1;
-          for (int64_t r = 0; r < taps; ++r) dst[-r] = src[r];
+          for (int64_t r = 0; r < taps; ++r) dst[-r] = src[r * tap_step];
         }
     }
   });
@@ -691,10 +705,19 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 // (a channels-last weight is not converted).
 std::pair<at::Tensor, WeightOrder> kernel_weight(const at::Tensor& weight) {
   const at::Tensor w = is_reduced(weight) ? weight.to(at::kFloat) : weight;
-  const bool tap_channel =
-      (w.dim() == 4 || w.dim() == 5) && !w.is_contiguous() && w.is_contiguous(channels_last_format(w.dim()));
-  if (tap_channel) return {w, WeightOrder::TapChannel};
+  if (weight_is_channels_last(w)) return {w, WeightOrder::TapChannel};  // (to() kept the strides)
   return {contiguous_as(w, at::MemoryFormat::Contiguous), WeightOrder::ChannelTap};
+}
+
+// A flat buffer holding a weight-shaped tensor in TapChannel order, as that tensor (channels-last
+// strides): [O, C, taps...] viewed from [O, taps..., C].
+at::Tensor tap_channel_view(const at::Tensor& flat, c10::IntArrayRef sizes) {
+  std::vector<int64_t> stored{sizes[0]};
+  for (size_t i = 2; i < sizes.size(); ++i) stored.push_back(sizes[i]);
+  stored.push_back(sizes[1]);
+  std::vector<int64_t> to_weight{0, int64_t(sizes.size()) - 1};
+  for (size_t i = 1; i + 1 < sizes.size(); ++i) to_weight.push_back(int64_t(i));
+  return flat.view(stored).permute(to_weight);
 }
 
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
@@ -793,30 +816,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
   check_cpu_dtype("conv_backward()", input);
   const auto layout = kernel_memory_format(input, g);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
-  const auto dy = compute_copy(grad_output, layout), x = compute_copy(input, layout), w = compute_copy(weight);
+  const auto dy = compute_copy(grad_output, layout), x = compute_copy(input, layout);
+  const auto [w, order] = kernel_weight(weight);
   // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
   auto empty = [&] { return at::empty({0}, input.options()); };
   at::Tensor dx = empty(), dw = empty(), db = empty();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
     const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
+    KernelWeight<scalar_t> kw(g, w.data_ptr<scalar_t>(), order);
     if (output_mask[0]) {
       dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
+      scalar_t* dx_ptr = dx.data_ptr<scalar_t>();
       const bool work = dx.numel() > 0 && dy.numel() > 0;
       // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
       const bool grouped = work && use_grouped(g, std::is_same_v<scalar_t, float>);
-      if (grouped) conv_grouped_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      if (grouped) conv_grouped_backward_input(g, dy_ptr, kw.channel_tap(), dx_ptr, nhwc);
       const bool depthwise = work && g.is_depthwise();
-      if (depthwise) conv_depthwise_backward_input(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
-      const bool as_forward =
-          work && !depthwise && !grouped &&
-          conv_backward_input_as_forward(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), nhwc);
+      if (depthwise) conv_depthwise_backward_input(g, dy_ptr, kw.channel_tap(), dx_ptr, nhwc);
+      const bool as_forward = work && !depthwise && !grouped &&
+                              conv_backward_input_as_forward(g, dy_ptr, kw.data(), kw.order(), dx_ptr, nhwc);
       if (!as_forward && !depthwise && !grouped) {
         if (!work) {
           dx.zero_();
         } else if (!nhwc) {  // strided: col2im
-          conv_backward_input_gemm(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+          conv_backward_input_gemm(g, dy_ptr, kw.data(), kw.order(), dx_ptr);
         } else {  // strided, channels-last: NHWC col2im
-          conv_backward_input_nhwc(g, dy_ptr, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+          conv_backward_input_nhwc(g, dy_ptr, kw.data(), kw.order(), dx_ptr);
         }
       }
       dx = contiguous_as(dx.to(input.scalar_type()), conv_output_memory_format(input, input));
@@ -824,18 +849,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
     if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
     bool db_done = false;  // the depthwise kernels may sum db in their pass over dY
     if (output_mask[1]) {
-      dw = at::zeros(w.sizes(), w.options());
-      if (dw.numel() > 0 && dy.numel() > 0) {
+      // dW gets the weight's layout (as _ops.py's fake states, and as the parameter it is added to
+      // has): the NHWC kernel writes TapChannel order directly for a channels-last weight, the
+      // other kernels ChannelTap, converted when the weight is channels-last.
+      at::Tensor dw_flat = at::zeros({w.numel()}, w.options());
+      WeightOrder dw_order = WeightOrder::ChannelTap;
+      if (dw_flat.numel() > 0 && dy.numel() > 0) {
+        scalar_t* dw_ptr = dw_flat.data_ptr<scalar_t>();
+        const scalar_t* x_ptr = x.data_ptr<scalar_t>();
         if (g.is_depthwise())
-          db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+          db_done = conv_depthwise_backward_weight(g, dy_ptr, x_ptr, dw_ptr,
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))
-          conv_grouped_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nhwc);
+          conv_grouped_backward_weight(g, dy_ptr, x_ptr, dw_ptr, nhwc);
         else if (nhwc)
-          conv_backward_weight_nhwc(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+          dw_order = conv_backward_weight_nhwc(g, dy_ptr, x_ptr, dw_ptr, order);
         else
-          conv_backward_weight_gemm(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+          conv_backward_weight_gemm(g, dy_ptr, x_ptr, dw_ptr);
       }
+      dw = dw_order == WeightOrder::TapChannel ? tap_channel_view(dw_flat, w.sizes()) : dw_flat.view(w.sizes());
+      if (order != dw_order) dw = contiguous_as(dw, channels_last_format(dw.dim()));
       dw = dw.to(weight.scalar_type());
     }
     if (output_mask[2]) {

@@ -142,10 +142,12 @@ int64_t conv_weight_conversion_count();
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
                        Activation activation);
+// dW in `preferred` order where its GEMM can write that order directly, else ChannelTap; returns
+// the order written.
 template <typename T>
-void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw);
+WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred);
 template <typename T>  // strided convolutions; writes every value of dX
-void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T* dx);
+void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, WeightOrder order, T* dx);
 
 // Depthwise convolution (groups == C_in, C_out = C_in * multiplier): direct loops, no GEMM.
 // 3x3 and 5x5 at stride 1 and 2 and 7x7 at stride 1 run the SIMD kernels of conv_depthwise_direct.cpp, in NCHW or, when

@@ -195,9 +195,9 @@ std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, cons
 // W_g itself, rows co and columns (tap, c), in the same panel layout: the B operand of the strided
 // grad input's GEMM (columns of dX's im2col), made on every call.
 template <typename T>
-std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry& g, const T* w) {
+std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry& g, const T* w, WeightOrder order) {
   constexpr int64_t nr = gemm_nr<T>();
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
   const int64_t cg = g.in_channels_per_group(), panels = num_blocks(k, nr), kc_max = gemm_spec().kc;
   auto out = std::make_unique<WeightPanels<T>>();
   out->k = m;
@@ -211,10 +211,10 @@ std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry&
       const int64_t mc = std::min(kc_max, m - m0);
       T* dst = data + (grp * m + m0) * panels * nr + p * mc * nr;
       for (int64_t i = 0; i < mc; ++i) {
-        const T* src = w + (grp * m + m0 + i) * cg * taps;  // [c][tap]
+        const T* src = w + (grp * m + m0 + i) * k;
         for (int64_t j = 0; j < std::min(nr, k - p * nr); ++j) {
           const int64_t col = p * nr + j;  // (tap, c)
-          dst[i * nr + j] = src[col % cg * taps + col / cg];
+          dst[i * nr + j] = src[weight_column(g, order, col % cg, col / cg)];
         }
       }
     }
@@ -378,9 +378,9 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrde
 // chunk of positions, B = the chunk's im2col rows, copied from the phase grid a panel row (NR
 // columns, one run of channels inside a tap) at a time.
 template <typename T>
-void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred) {
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true)) return;
+    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true)) return WeightOrder::ChannelTap;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
@@ -391,9 +391,12 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
   std::vector<char> one_run(num_blocks(k, nr), 1);
   for (int64_t col = 1; col < k; ++col)
     if (col % nr != 0 && column_offset[col] != column_offset[col - 1] + 1) one_run[col / nr] = 0;
-  std::vector<T> dw_t(g.groups * m * k);  // columns ordered (tap, c); reordered at the end
+  // Columns ordered (tap, c): straight into dw when that order is wanted, else reordered at the end.
+  const bool reorder = preferred != WeightOrder::TapChannel;
+  std::vector<T> dw_t(reorder ? g.groups * m * k : 0);
   reduce_weight_gradient<T>(
-      g, dw_t.data(), [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
+      g, reorder ? dw_t.data() : dw,
+      [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
         // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
         // Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
         const T* dy_chunk = dy + r0 * g.out_channels + grp * m;
@@ -420,9 +423,13 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
         };
         gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);
       });
-  for (int64_t co = 0; co < g.out_channels; ++co)
-    for (int64_t c = 0; c < cg; ++c)
-      for (int64_t tap = 0; tap < taps; ++tap) dw[(co * cg + c) * taps + tap] = dw_t[co * k + tap * cg + c];
+  if (!reorder) return WeightOrder::TapChannel;
+  parallel_for(0, g.out_channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t co = begin; co < end; ++co)
+      for (int64_t c = 0; c < cg; ++c)
+        for (int64_t tap = 0; tap < taps; ++tap) dw[(co * cg + c) * taps + tap] = dw_t[co * k + tap * cg + c];
+  });
+  return WeightOrder::ChannelTap;
 }
 
 // dX for strided convolutions (stride 1 runs as a forward convolution instead), per sample n and
@@ -430,11 +437,11 @@ void conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T
 // adds its taps' runs of channels into a zero-padded NHWC copy of dX_n (formulas.md §Conv backward).
 // A task owns one (sample, group) slice of dX and adds in a fixed order: no races, no atomics.
 template <typename T>
-void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, WeightOrder order, T* dx) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group(), l = g.out_plane(), mr = gemm_mr<T>();
   const int64_t dp = g.in[0] + 2 * g.pad[0], hp = g.in[1] + 2 * g.pad[1], wp = g.in[2] + 2 * g.pad[2];
-  const auto panels = weight_panels_by_rows(g, w);
+  const auto panels = weight_panels_by_rows(g, w, order);
   std::vector<int64_t> tap_offset(taps), dy_column(m);
   for (int64_t tap = 0; tap < taps; ++tap) {
     const int64_t kd = tap / g.kernel[2] / g.kernel[1], kh = tap / g.kernel[2] % g.kernel[1], kw = tap % g.kernel[2];
@@ -490,8 +497,8 @@ void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, T*
 
 #define CNNOPS_INSTANTIATE_NHWC(T)                                                                                    \
   template void conv_forward_nhwc<T>(const ConvGeometry&, const T*, const T*, WeightOrder, const T*, T*, Activation); \
-  template void conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);                            \
-  template void conv_backward_input_nhwc<T>(const ConvGeometry&, const T*, const T*, T*);
+  template WeightOrder conv_backward_weight_nhwc<T>(const ConvGeometry&, const T*, const T*, T*, WeightOrder);        \
+  template void conv_backward_input_nhwc<T>(const ConvGeometry&, const T*, const T*, WeightOrder, T*);
 CNNOPS_INSTANTIATE_NHWC(float)
 CNNOPS_INSTANTIATE_NHWC(double)
 
