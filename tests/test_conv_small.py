@@ -56,12 +56,31 @@ WINDOW = {  # dims, n, cin, cout, spatial, kernel, groups, bias
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(WINDOW))
 def test_window_covers_input(name, dtype):
+    """Forward and both gradients; the gradients through conv_small.cpp's window kernels (dX and
+    dW: two calls) wherever the forward takes the dot path."""
     dims, n, cin, cout, spatial, kernel, groups, bias = WINDOW[name]
     x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
     for t in (x, w, b):
         if t is not None:
             t.requires_grad_(True)
+    before = cnnops._C._cpu_window_backward_calls()
     check_conv_against_torch(dims, x, w, b, {"groups": groups}, dtype, msg=name)
+    window = n <= 64 and n > 0  # use_window_dot's batch limit; batch 0 computes nothing
+    assert cnnops._C._cpu_window_backward_calls() - before == (2 if window else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_window_gradients_channels_last_weight(dtype):
+    """A 3x3 kernel on a 3x3 map with a channels-last weight: the window kernels read the weight
+    converted, and grad_weight comes back in the weight's layout."""
+    x, w, b = conv_tensors(2, 3, 5, 7, 3, 3, 1, True, dtype, weight_layout="channels_last")
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    before = cnnops._C._cpu_window_backward_calls()
+    check_conv_against_torch(2, x, w, b, {}, dtype, msg="channels_last weight")
+    assert cnnops._C._cpu_window_backward_calls() - before == 2
+    grad_w = torch.autograd.grad(cnnops.functional.conv2d(x, w, b).sum(), w)[0]
+    assert grad_w.is_contiguous(memory_format=torch.channels_last) and not grad_w.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -829,13 +829,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       scalar_t* dx_ptr = dx.data_ptr<scalar_t>();
       const bool work = dx.numel() > 0 && dy.numel() > 0;
       // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
-      const bool grouped = work && use_grouped(g, std::is_same_v<scalar_t, float>);
+      const bool window = work && use_window_dot(g, nhwc);
+      if (window) conv_backward_input_window(g, dy_ptr, kw.channel_tap(), dx_ptr);
+      const bool grouped = work && !window && use_grouped(g, std::is_same_v<scalar_t, float>);
       if (grouped) conv_grouped_backward_input(g, dy_ptr, kw.channel_tap(), dx_ptr, nhwc);
-      const bool depthwise = work && g.is_depthwise();
+      const bool depthwise = work && !window && g.is_depthwise();
       if (depthwise) conv_depthwise_backward_input(g, dy_ptr, kw.channel_tap(), dx_ptr, nhwc);
-      const bool as_forward = work && !depthwise && !grouped &&
+      const bool as_forward = work && !window && !depthwise && !grouped &&
                               conv_backward_input_as_forward(g, dy_ptr, kw.data(), kw.order(), dx_ptr, nhwc);
-      if (!as_forward && !depthwise && !grouped) {
+      if (!as_forward && !depthwise && !grouped && !window) {
         if (!work) {
           dx.zero_();
         } else if (!nhwc) {  // strided: col2im
@@ -857,7 +859,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       if (dw_flat.numel() > 0 && dy.numel() > 0) {
         scalar_t* dw_ptr = dw_flat.data_ptr<scalar_t>();
         const scalar_t* x_ptr = x.data_ptr<scalar_t>();
-        if (g.is_depthwise())
+        if (use_window_dot(g, nhwc))
+          conv_backward_weight_window(g, dy_ptr, x_ptr, dw_ptr);
+        else if (g.is_depthwise())
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x_ptr, dw_ptr,
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))

@@ -9,6 +9,7 @@
 #include "cpu/conv_small.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
@@ -134,10 +135,63 @@ void conv_forward_window_dot(const ConvGeometry& g, const T* x, const T* w, cons
   });
 }
 
+// Tasks: (group, block of kWindowColumns of the K columns). Each sums over co in order, one
+// axpy of a W row per output channel, so no sum depends on the split.
+constexpr int64_t kWindowColumns = 256;
+std::atomic<int64_t> window_backward_calls{0};
+
+// out[0:width] = sum over r < rows, in order, of scale[r * scale_stride] * src[r * ld : r * ld + width]:
+// the rows of W (dX) or of X (dW) weighted by dY, vectorized along the row (compiled per ISA).
+template <typename T>
+CNNOPS_ALWAYS_INLINE void sum_scaled_rows(int64_t rows, const T* scale, int64_t scale_stride, const T* src, int64_t ld,
+                                          int64_t width, T* __restrict out) {
+  for (int64_t j = 0; j < width; ++j) out[j] = T(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T s = scale[r * scale_stride];
+    const T* __restrict row = src + r * ld;
+    for (int64_t j = 0; j < width; ++j) out[j] += s * row[j];
+  }
+}
+
+// Tasks: (sample, group, block of kWindowColumns of the K columns); no sum depends on the split.
+template <typename T>
+void conv_backward_input_window(const ConvGeometry& g, const T* dy, const T* w, T* dx) {
+  window_backward_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), col_blocks = num_blocks(k, kWindowColumns);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, kWindowColumns * m));
+  parallel_for(0, g.batch * g.groups * col_blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ng = task / col_blocks, grp = ng % g.groups, j0 = task % col_blocks * kWindowColumns;
+      const T* d = dy + ng / g.groups * g.out_channels + grp * m;
+      CNNOPS_SIMD_CALL(sum_scaled_rows(m, d, int64_t(1), w + grp * m * k + j0, k, std::min(kWindowColumns, k - j0),
+                                       dx + ng * k + j0));
+    }
+  });
+}
+
+// Tasks: output channels; each sums over the samples in order.
+template <typename T>
+void conv_backward_weight_window(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  window_backward_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, k * g.batch));
+  parallel_for(0, g.out_channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      CNNOPS_SIMD_CALL(sum_scaled_rows(g.batch, dy + o, g.out_channels, x + o / m * k, g.groups * k, k, dw + o * k));
+  });
+}
+
 template void conv_forward_window_dot<float>(const ConvGeometry&, const float*, const float*, const float*, float*,
                                              Activation);
 template void conv_forward_window_dot<double>(const ConvGeometry&, const double*, const double*, const double*, double*,
                                               Activation);
+
+int64_t window_backward_call_count() { return window_backward_calls.load(std::memory_order_relaxed); }
+
+template void conv_backward_input_window<float>(const ConvGeometry&, const float*, const float*, float*);
+template void conv_backward_input_window<double>(const ConvGeometry&, const double*, const double*, double*);
+template void conv_backward_weight_window<float>(const ConvGeometry&, const float*, const float*, float*);
+template void conv_backward_weight_window<double>(const ConvGeometry&, const double*, const double*, double*);
 
 }  // namespace cpu
 }  // namespace cnnops

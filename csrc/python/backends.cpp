@@ -4,6 +4,7 @@
 
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_grouped.h"
+#include "cpu/conv_small.h"
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
 
@@ -89,6 +90,11 @@ PyObject* cpu_conv_weight_conversions(PyObject* /*module*/, PyObject* /*unused*/
   return PyLong_FromLongLong(cnnops::cpu::conv_weight_conversion_count());
 }
 
+// _cpu_window_backward_calls() -> int: gradients computed by conv_small.cpp's window kernels (tests)
+PyObject* cpu_window_backward_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::window_backward_call_count());
+}
+
 PyMethodDef methods[] = {
     {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
     {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
@@ -107,6 +113,8 @@ PyMethodDef methods[] = {
      "number of convolution calls that ran the channels-last kernels"},
     {"_cpu_conv_forward_routes", cpu_conv_forward_routes, METH_NOARGS,
      "calls of each CPU convolution forward kernel, by route name"},
+    {"_cpu_window_backward_calls", cpu_window_backward_calls, METH_NOARGS,
+     "number of convolution gradients computed by the whole-window kernels"},
     {"_cpu_conv_weight_conversions", cpu_conv_weight_conversions, METH_NOARGS,
      "number of channels-last weights a CPU convolution forward converted to OIHW"},
     {nullptr, nullptr, 0, nullptr}};
