@@ -44,16 +44,6 @@ def _conv_memory_format(input, weight):
     return torch.contiguous_format
 
 
-def _weight_memory_format(weight):
-    """The layout of conv_backward's grad_weight: the weight's own, channels-last when the weight is
-    in that layout only (csrc/common/conv_checks.h weight_is_channels_last), else contiguous."""
-    if weight.dim() in (4, 5):
-        channels_last = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
-        if not weight.is_contiguous() and weight.is_contiguous(memory_format=channels_last):
-            return channels_last
-    return torch.contiguous_format
-
-
 CONV_ACTIVATIONS = ("none", "relu")  # conv_forward's activation argument (csrc/common/activation.h)
 
 
@@ -83,7 +73,7 @@ def _conv_backward_fake(grad_output, input, weight, stride, padding, dilation, g
 
     grad_input = (input.new_empty(input.shape).contiguous(memory_format=_conv_memory_format(input, input))
                   if output_mask[0] else empty())
-    grad_weight = (weight.new_empty(weight.shape).contiguous(memory_format=_weight_memory_format(weight))
+    grad_weight = (weight.new_empty(weight.shape).contiguous(memory_format=_conv_memory_format(input, weight))
                    if output_mask[1] else empty())
     grad_bias = input.new_empty([weight.size(0)]) if output_mask[2] else empty()
     return grad_input, grad_weight, grad_bias

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 import cnnops
 import cnnops.functional
@@ -389,8 +390,10 @@ RAW = {
     "2d_channels_last_weight": (2, 2, 4, 6, (7, 5), 3, 1, True, [2, 1], [1, 1], [1, 1], "contiguous"),
     "2d_channels_last_both_strided": (2, 2, 4, 6, (9, 8), 3, 1, True, [2, 2], [1, 1], [1, 1], "channels_last"),
     "3d_channels_last_both": (3, 1, 4, 6, (4, 5, 4), 3, 2, True, [1, 1, 1], [1, 1, 1], [1, 1, 1], "channels_last"),
+    "2d_pointwise_channels_last_both": (2, 2, 4, 6, (5, 5), 1, 1, True, [1, 1], [0, 0], [1, 1], "channels_last"),
 }
-CHANNELS_LAST_WEIGHT = {"2d_channels_last_weight", "2d_channels_last_both_strided", "3d_channels_last_both"}
+CHANNELS_LAST_WEIGHT = {"2d_channels_last_weight", "2d_channels_last_both_strided", "3d_channels_last_both",
+                        "2d_pointwise_channels_last_both"}
 
 
 def raw_args(name, dtype=torch.float64):
@@ -415,8 +418,10 @@ def test_raw_ops_match_torch(name):
     gi, gw, gb = torch.ops.cnnops.conv_backward(go, x, w, stride, padding, dilation, groups, [True, True, True])
     assert_close_to_torch(gi, ref[0], torch.float64, 100, msg="grad_input")
     assert_close_to_torch(gw, ref[1], torch.float64, 100, msg="grad_weight")
-    if name in CHANNELS_LAST_WEIGHT:  # the weight's layout, whichever kernel wrote dW
-        assert gw.is_contiguous(memory_format=CHANNELS_LAST[w.dim()]) and not gw.is_contiguous()
+    if w.dim() in CHANNELS_LAST:  # the output's layout (channels-last when x or w is), whichever kernel wrote dW
+        cl = CHANNELS_LAST[w.dim()]
+        assert gw.is_contiguous(memory_format=cl if cl in (suggest_memory_format(x), suggest_memory_format(w))
+                                else torch.contiguous_format)
     expected_gb = go.sum(dim=[d for d in range(go.dim()) if d != 1])
     assert_close_to_torch(gb, expected_gb, torch.float64, 100, msg="grad_bias")
     for mask in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):

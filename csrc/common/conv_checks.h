@@ -141,7 +141,7 @@ inline at::MemoryFormat channels_last_format(int64_t dim) {
 }
 
 // Output layout, as torch's: channels_last when the input or the weight suggests it (4-d and
-// 5-d only). grad_input passes the input twice. Shared by the CPU and CUDA ops and mirrored by
+// 5-d only). grad_input passes the input twice; grad_weight takes the output's. Shared by the CPU and CUDA ops and mirrored by
 // the fake kernels in cnnops/_ops.py.
 inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
   if (input.dim() < 4) return at::MemoryFormat::Contiguous;
@@ -152,8 +152,7 @@ inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const
 }
 
 // Whether a weight is laid out channels-last only (OHWI: not also contiguous): the CPU kernels then
-// read it in (tap, channel) order, and conv_backward's grad_weight takes this layout too, as the
-// parameter it is added to has. Shared by the CPU and CUDA ops and mirrored by cnnops/_ops.py.
+// read it in (tap, channel) order.
 inline bool weight_is_channels_last(const at::Tensor& weight) {
   return (weight.dim() == 4 || weight.dim() == 5) && !weight.is_contiguous() &&
          weight.is_contiguous(channels_last_format(weight.dim()));

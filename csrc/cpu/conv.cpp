@@ -851,9 +851,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
     if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
     bool db_done = false;  // the depthwise kernels may sum db in their pass over dY
     if (output_mask[1]) {
-      // dW gets the weight's layout (as _ops.py's fake states, and as the parameter it is added to
-      // has): the NHWC kernel writes TapChannel order directly for a channels-last weight, the
-      // other kernels ChannelTap, converted when the weight is channels-last.
+      // dW in torch's layout, the output's (conv_output_memory_format, as the fake states):
+      // channels-last when the input or the weight is. The NHWC kernel writes it in (tap, channel)
+      // order directly, the other kernels in ChannelTap order, then converted.
+      const bool dw_channels_last = conv_output_memory_format(input, weight) != at::MemoryFormat::Contiguous;
       at::Tensor dw_flat = at::zeros({w.numel()}, w.options());
       WeightOrder dw_order = WeightOrder::ChannelTap;
       if (dw_flat.numel() > 0 && dy.numel() > 0) {
@@ -867,12 +868,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))
           conv_grouped_backward_weight(g, dy_ptr, x_ptr, dw_ptr, nhwc);
         else if (nhwc)
-          dw_order = conv_backward_weight_nhwc(g, dy_ptr, x_ptr, dw_ptr, order);
+          dw_order = conv_backward_weight_nhwc(g, dy_ptr, x_ptr, dw_ptr,
+                                               dw_channels_last ? WeightOrder::TapChannel : WeightOrder::ChannelTap);
         else
           conv_backward_weight_gemm(g, dy_ptr, x_ptr, dw_ptr);
       }
-      dw = dw_order == WeightOrder::TapChannel ? tap_channel_view(dw_flat, w.sizes()) : dw_flat.view(w.sizes());
-      if (order != dw_order) dw = contiguous_as(dw, channels_last_format(dw.dim()));
+      // One tap or one channel a group: both orders are the same memory, which .contiguous(format)
+      // (the fake's) leaves with contiguous strides.
+      const bool one_order = g.kernel_volume() == 1 || g.in_channels_per_group() == 1;
+      if (!dw_channels_last || one_order)
+        dw = dw_flat.view(w.sizes());
+      else if (dw_order == WeightOrder::TapChannel)
+        dw = tap_channel_view(dw_flat, w.sizes());
+      else
+        dw = contiguous_as(dw_flat.view(w.sizes()), channels_last_format(w.dim()));
       dw = dw.to(weight.scalar_type());
     }
     if (output_mask[2]) {

@@ -270,8 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(const at::Tens
   });
 
   if (output_mask[0]) grad_input = in_conv_output_format(grad_input, input_, input_);
-  if (output_mask[1] && weight_is_channels_last(weight_))
-    grad_weight = grad_weight.contiguous(channels_last_format(weight_.dim()));  // as the CPU op's
+  if (output_mask[1]) grad_weight = grad_weight.contiguous(conv_output_memory_format(input_, weight_));  // as torch's
   // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
   return std::make_tuple(or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias));
