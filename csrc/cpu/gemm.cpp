@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -243,6 +244,25 @@ const char* isa_name(Isa isa) {
 const GemmSpec& gemm_spec() { return *kernel_choice<float>().spec; }
 
 const char* gemm_isa() { return gemm_spec().name; }
+
+double gemm_micro_kernel_seconds(bool wide, int64_t kc, int64_t reps, int64_t* mr) {
+  const auto& kernel = wide ? wide_kernel_choice<float>() : kernel_choice<float>();
+  constexpr int64_t nr = gemm_nr<float>();
+  *mr = kernel.spec->mr;
+  std::vector<float> a(*mr * kc + 16), b(kc * nr + 16), c(*mr * nr + 16);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = float(i % 7) * 1e-3f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = float(i % 5) * 1e-3f;
+  auto align = [](float* p) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  };
+  float *ap = align(a.data()), *bp = align(b.data()), *cp = align(c.data());
+  timespec t0, t1;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+  for (int64_t r = 0; r < reps; ++r)
+    kernel.fn(kc, ap, nullptr, 0, bp, nullptr, cp, nr, *mr, nr, nullptr, true, Activation::None);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+  return double(t1.tv_sec - t0.tv_sec) + 1e-9 * double(t1.tv_nsec - t0.tv_nsec);
+}
 
 template <typename T>
 int64_t gemm_mr() {
