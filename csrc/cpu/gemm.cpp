@@ -51,6 +51,13 @@ CNNOPS_ALWAYS_INLINE void store_edge_tile_body(const T* tile, T* c, int64_t ldc,
 template <typename T>
 using EdgeStore = void (*)(const T*, T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
 
+// Rows [first, first + rows) of the B panel NR columns to the right of the one a kOffsetB call
+// reads, to prefetch into L2 while it computes: B read in place streams from memory, and the
+// driver spreads each next panel's rows over the calls that share the current one.
+struct NextPanel {
+  int64_t first = 0, rows = 0;
+};
+
 // C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]), NR = gemm_nr<T>(). a is a packed panel
 // (a[k*MR + i]) or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row
 // k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
@@ -59,7 +66,7 @@ template <typename T, int MR, bool kOffsetA, bool kOffsetB, EdgeStore<T> kEdge>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, const int64_t* __restrict a_offsets,
                                             int64_t lda, const T* __restrict b, const int64_t* __restrict b_offsets,
                                             T* __restrict c, int64_t ldc, int64_t mr, int64_t nr, const T* row_bias,
-                                            bool accumulate, Activation activation) {
+                                            bool accumulate, Activation activation, NextPanel next) {
   using V = typename Vec64<T>::type;
   constexpr int kL = Vec64<T>::kLanes;
   constexpr int kNr = gemm_nr<T>();
@@ -78,6 +85,15 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
     const T* b_row = kOffsetB ? b + b_offsets[k] : b + k * kNr;
     const T* a_k = kOffsetA ? a + a_offsets[k] : a + k * MR;
     const int64_t a_step = kOffsetA ? lda : 1;
+    if constexpr (!kOffsetA) __builtin_prefetch(a_k + 16 * MR);
+    if constexpr (kOffsetB) {
+      if (k < next.rows) {  // the row's NR values span 2 lines, 3 when unaligned
+        const T* row = b + b_offsets[next.first + k] + kNr;
+        __builtin_prefetch(row, 0, 2);
+        __builtin_prefetch(row + kL, 0, 2);
+        __builtin_prefetch(row + kNr - 1, 0, 2);
+      }
+    }
     const V b0 = *reinterpret_cast<const V*>(b_row);
     const V b1 = *reinterpret_cast<const V*>(b_row + kL);
 #pragma GCC unroll 16
@@ -122,7 +138,7 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
 
 template <typename T>
 using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*, T*, int64_t, int64_t,
-                             int64_t, const T*, bool, Activation);
+                             int64_t, const T*, bool, Activation, NextPanel);
 
 // The micro-kernel of one ISA: its spec (gemm.h) gives MR as the template argument.
 #define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                       \
@@ -132,19 +148,19 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
   }                                                                                                                  \
   ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                     \
                       const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc,  \
-                      Activation act) {                                                                              \
+                      Activation act, NextPanel next) {                                                              \
     if (a_offsets && b_offsets)                                                                                      \
       micro_kernel_body<T, MR, true, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,   \
-                                                        acc, act);                                                   \
+                                                        acc, act, next);                                             \
     else if (a_offsets)                                                                                              \
       micro_kernel_body<T, MR, true, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
-                                                         acc, act);                                                  \
+                                                         acc, act, next);                                            \
     else if (b_offsets)                                                                                              \
       micro_kernel_body<T, MR, false, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
-                                                         acc, act);                                                  \
+                                                         acc, act, next);                                            \
     else                                                                                                             \
       micro_kernel_body<T, MR, false, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, \
-                                                          acc, act);                                                 \
+                                                          acc, act, next);                                           \
   }
 #define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)             \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr) \
@@ -259,7 +275,7 @@ double gemm_micro_kernel_seconds(bool wide, int64_t kc, int64_t reps, int64_t* m
   timespec t0, t1;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
   for (int64_t r = 0; r < reps; ++r)
-    kernel.fn(kc, ap, nullptr, 0, bp, nullptr, cp, nr, *mr, nr, nullptr, true, Activation::None);
+    kernel.fn(kc, ap, nullptr, 0, bp, nullptr, cp, nr, *mr, nr, nullptr, true, Activation::None, NextPanel{});
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
   return double(t1.tv_sec - t0.tv_sec) + 1e-9 * double(t1.tv_nsec - t0.tv_nsec);
 }
@@ -383,10 +399,14 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
         for (int64_t j0 = n0; j0 < n0 + nc; j0 += nr) {
           const auto [b, b_offsets] = b_panel(k0, kc, j0);
           T* c_panel = c + c_column(j0);
+          // B in place: the calls on this panel prefetch the next one's rows, an even share each.
+          const int64_t share = !kPacksB && j0 + nr < n ? ceil_div(kc, ceil_div(ie - ib, mr)) : 0;
           for (int64_t i0 = ib; i0 < ie; i0 += mr) {
             const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
+            const int64_t first = std::min(kc, (i0 - ib) / mr * share);
             kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc, std::min(mr, ie - i0),
-                      std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act);
+                      std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act,
+                      NextPanel{first, std::min(kc, first + share) - first});
           }
         }
       }

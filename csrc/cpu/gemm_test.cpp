@@ -78,14 +78,11 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
     const PackedA<T> pa = pack_a<T>(m, k, at_.const_data_ptr<T>(), 1, m);
     gemm<T>(pa, n, pack_b, cp, n, bias, accumulate, workspace.get(), row_begin, row_end, act);
   } else if (variant == "shifted_b") {
-    // B[kk, j] = padded[row_offset[kk] + j]; reads reach NR columns past each row's last panel.
-    at::Tensor padded = at::zeros({k * n + nr}, b.options());
-    padded.narrow(0, 0, k * n).copy_(b.reshape(-1));
+    // B[kk, j] = b[row_offset[kk] + j], read where it lies: no read may pass a row's last column.
     std::vector<int64_t> row_offset(k);
     for (int64_t kk = 0; kk < k; ++kk) row_offset[kk] = kk * n;
     const PackedA<T> pa = pack_a<T>(m, k, a.const_data_ptr<T>(), k, 1);
-    gemm_shifted_b<T>(pa, n, padded.const_data_ptr<T>(), row_offset.data(), cp, n, bias, accumulate, row_begin, row_end,
-                      act);
+    gemm_shifted_b<T>(pa, n, bp, row_offset.data(), cp, n, bias, accumulate, row_begin, row_end, act);
   } else if (variant == "shifted_a") {
     TORCH_CHECK(bias == nullptr && !accumulate && row_begin == 0 && row_end == -1 && act == Activation::None,
                 "gemm(): variant 'shifted_a' computes whole rows from 0, without activation");
