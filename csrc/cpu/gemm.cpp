@@ -430,12 +430,15 @@ struct BPanel {
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias, bool accumulate,
           T* workspace, int64_t row_begin, int64_t row_end, Activation activation, const int64_t* c_panel_offset) {
+  // Each L2 block of B columns is packed at the start of the workspace: the same kc x nc values
+  // stay in L2 block after block, where blocks packed side by side sent N x kc values to memory.
   constexpr int64_t nr = gemm_nr<T>();
+  const int64_t block_cols = gemm_spec().nc;
   gemm_blocked<T, true>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
-      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
+      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
-      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; },
+      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 % block_cols) / nr * kc * nr, nullptr}; },
       c_panel_offset);
 }
 
@@ -480,15 +483,18 @@ template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
                     PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
+  const int64_t block_cols = gemm_spec().nc;  // a block of B at the workspace's start, as in gemm()
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
   gemm_blocked<T, true>(
       m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, activation,
-      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
+      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
       },
-      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
+      [&](int64_t, int64_t kc, int64_t j0) {
+        return BPanel<T>{workspace + (j0 % block_cols) / nr * kc * nr, nullptr};
+      });
 }
 
 template <typename T>

@@ -179,10 +179,11 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::make_unique_for_overwrite<T[]>(n);
 }
 
+// Values of gemm()'s workspace: one kKc x spec.nc block of packed B (less for a narrower B).
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {
   const int64_t nr = gemm_nr<T>();
-  return kKc * (ceil_div(n, nr) * nr);
+  return kKc * std::min(ceil_div(n, nr) * nr, gemm_spec().nc);
 }
 
 // Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride], rows
