@@ -85,7 +85,6 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
     const T* b_row = kOffsetB ? b + b_offsets[k] : b + k * kNr;
     const T* a_k = kOffsetA ? a + a_offsets[k] : a + k * MR;
     const int64_t a_step = kOffsetA ? lda : 1;
-    if constexpr (!kOffsetA) __builtin_prefetch(a_k + 16 * MR);
     if constexpr (kOffsetB) {
       if (k < next.rows) {  // the row's NR values span 2 lines, 3 when unaligned
         const T* row = b + b_offsets[next.first + k] + kNr;
