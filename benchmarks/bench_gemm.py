@@ -101,6 +101,28 @@ def summary_lines(rows):
     return lines
 
 
+def micro_kernel_line(seconds=3.0):
+    """The float32 micro-kernel alone with its panels in L1 (cnnops._C.gemm_micro_kernel) beside
+    the FMA throughput on registers, best of alternating trials for `seconds` (AVX-512 only)."""
+    import time
+
+    from cnnops import _C
+
+    if _C.gemm_spec()["name"] != "avx512":
+        return None
+    best = {}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, fn in (("peak", lambda: _C.fma_peak_gflops(200000, 1)),
+                         ("8x32", lambda: _C.gemm_micro_kernel(False, 256, 1000, 1)["gflops"]),
+                         ("wide", lambda: _C.gemm_micro_kernel(True, 256, 700, 1)["gflops"])):
+            best[name] = max(best.get(name, 0.0), fn())
+    wide_mr = _C.gemm_micro_kernel(True, 8, 1, 1)["mr"]
+    return (f"micro-kernel alone, panels in L1, kc 256 (best of {seconds:g} s): "
+            f"{_C.gemm_spec()['mr']}x32 {best['8x32']:.0f} GF/s, {wide_mr}x32 (gemm_shifted_a_packed_b) "
+            f"{best['wide']:.0f} GF/s; FMA peak on registers {best['peak']:.0f} GF/s.")
+
+
 def main(argv=None):
     parser = common.make_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(threads=1)
@@ -118,7 +140,9 @@ def main(argv=None):
                "on one thread; torch.mm(out=c) on the threads above.",
                "- Median time of torch.utils.benchmark blocked_autorange, torch and cnnops alternating in 2 "
                f"turns, min_run_time {min_run_time} s in all. torch/cnnops > 1: cnnops faster. GF/s = 2MNK / time.",
-               "- check: max |cnnops - torch| / max |torch| within the dtype's tolerance.", ""]
+               "- check: max |cnnops - torch| / max |torch| within the dtype's tolerance."]
+    micro = micro_kernel_line()
+    header += ([f"- {micro}"] if micro else []) + [""]
     common.run_suite("gemm", "gemm_" + common.device_slug(device), args.out, header, COLUMNS, summary_lines,
                      lambda case, dtype: run_case(case, dtype, min_run_time), cases, dtypes, device, env)
 

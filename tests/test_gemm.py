@@ -119,3 +119,18 @@ def test_gemm_rejects_bad_arguments():
         _C.gemm(a, b, c, None, False, 0, -1, "none", "bogus")
     with pytest.raises(RuntimeError, match="float32 or float64"):
         _C.gemm(a.half(), b.half(), c.half(), None, False, 0, -1, "none", "packed")
+
+
+def test_gemm_micro_kernel_hook():
+    # The benchmark hook runs the micro-kernel gemm() uses (and gemm_shifted_a_packed_b's wide one);
+    # its timing is reported, never asserted.
+    from cnnops import _C
+
+    spec = _C.gemm_spec()
+    plain = _C.gemm_micro_kernel(False, 17, 3, 2)
+    wide = _C.gemm_micro_kernel(True, 17, 3, 2)
+    assert plain["mr"] == spec["mr"] and plain["nr"] == spec["nr_float32"]
+    assert wide["mr"] >= plain["mr"]
+    assert plain["seconds"] > 0 and wide["seconds"] > 0
+    with pytest.raises(RuntimeError, match="must be positive"):
+        _C.gemm_micro_kernel(False, 0, 1)

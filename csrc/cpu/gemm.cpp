@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -50,6 +51,13 @@ CNNOPS_ALWAYS_INLINE void store_edge_tile_body(const T* tile, T* c, int64_t ldc,
 template <typename T>
 using EdgeStore = void (*)(const T*, T*, int64_t, int64_t, int64_t, const T*, bool, Activation);
 
+// Rows [first, first + rows) of the B panel NR columns to the right of the one a kOffsetB call
+// reads, to prefetch into L2 while it computes: B read in place streams from memory, and the
+// driver spreads each next panel's rows over the calls that share the current one.
+struct NextPanel {
+  int64_t first = 0, rows = 0;
+};
+
 // C[0:mr, 0:nr] = activation(init + sum_k a[k, 0:MR] (outer) b[k, 0:NR]), NR = gemm_nr<T>(). a is a packed panel
 // (a[k*MR + i]) or, kOffsetA, read in place as a[a_offsets[k] + i*lda]; b is a packed panel (row
 // k at b + k*NR) or, kOffsetB, rows read in place at b + b_offsets[k]. The driver passes the
@@ -58,7 +66,7 @@ template <typename T, int MR, bool kOffsetA, bool kOffsetB, EdgeStore<T> kEdge>
 CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, const int64_t* __restrict a_offsets,
                                             int64_t lda, const T* __restrict b, const int64_t* __restrict b_offsets,
                                             T* __restrict c, int64_t ldc, int64_t mr, int64_t nr, const T* row_bias,
-                                            bool accumulate, Activation activation) {
+                                            bool accumulate, Activation activation, NextPanel next) {
   using V = typename Vec64<T>::type;
   constexpr int kL = Vec64<T>::kLanes;
   constexpr int kNr = gemm_nr<T>();
@@ -77,6 +85,14 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
     const T* b_row = kOffsetB ? b + b_offsets[k] : b + k * kNr;
     const T* a_k = kOffsetA ? a + a_offsets[k] : a + k * MR;
     const int64_t a_step = kOffsetA ? lda : 1;
+    if constexpr (kOffsetB) {
+      if (k < next.rows) {  // the row's NR values span 2 lines, 3 when unaligned
+        const T* row = b + b_offsets[next.first + k] + kNr;
+        __builtin_prefetch(row, 0, 2);
+        __builtin_prefetch(row + kL, 0, 2);
+        __builtin_prefetch(row + kNr - 1, 0, 2);
+      }
+    }
     const V b0 = *reinterpret_cast<const V*>(b_row);
     const V b1 = *reinterpret_cast<const V*>(b_row + kL);
 #pragma GCC unroll 16
@@ -121,7 +137,7 @@ CNNOPS_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* __restrict a, c
 
 template <typename T>
 using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, const int64_t*, T*, int64_t, int64_t,
-                             int64_t, const T*, bool, Activation);
+                             int64_t, const T*, bool, Activation, NextPanel);
 
 // The micro-kernel of one ISA: its spec (gemm.h) gives MR as the template argument.
 #define CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME, ATTRIBUTE, T, MR)                                                       \
@@ -131,19 +147,19 @@ using MicroKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T
   }                                                                                                                  \
   ATTRIBUTE void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b,                     \
                       const int64_t* b_offsets, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc,  \
-                      Activation act) {                                                                              \
+                      Activation act, NextPanel next) {                                                              \
     if (a_offsets && b_offsets)                                                                                      \
       micro_kernel_body<T, MR, true, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,   \
-                                                        acc, act);                                                   \
+                                                        acc, act, next);                                             \
     else if (a_offsets)                                                                                              \
       micro_kernel_body<T, MR, true, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
-                                                         acc, act);                                                  \
+                                                         acc, act, next);                                            \
     else if (b_offsets)                                                                                              \
       micro_kernel_body<T, MR, false, true, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias,  \
-                                                         acc, act);                                                  \
+                                                         acc, act, next);                                            \
     else                                                                                                             \
       micro_kernel_body<T, MR, false, false, NAME##_edge>(kc, a, a_offsets, lda, b, b_offsets, c, ldc, mr, nr, bias, \
-                                                          acc, act);                                                 \
+                                                          acc, act, next);                                           \
   }
 #define CNNOPS_DEFINE_MICRO_KERNEL(NAME, ATTRIBUTE, SPEC)             \
   CNNOPS_DEFINE_MICRO_KERNEL_FOR(NAME##_f, ATTRIBUTE, float, SPEC.mr) \
@@ -243,6 +259,25 @@ const char* isa_name(Isa isa) {
 const GemmSpec& gemm_spec() { return *kernel_choice<float>().spec; }
 
 const char* gemm_isa() { return gemm_spec().name; }
+
+double gemm_micro_kernel_seconds(bool wide, int64_t kc, int64_t reps, int64_t* mr) {
+  const auto& kernel = wide ? wide_kernel_choice<float>() : kernel_choice<float>();
+  constexpr int64_t nr = gemm_nr<float>();
+  *mr = kernel.spec->mr;
+  std::vector<float> a(*mr * kc + 16), b(kc * nr + 16), c(*mr * nr + 16);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = float(i % 7) * 1e-3f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = float(i % 5) * 1e-3f;
+  auto align = [](float* p) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  };
+  float *ap = align(a.data()), *bp = align(b.data()), *cp = align(c.data());
+  timespec t0, t1;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+  for (int64_t r = 0; r < reps; ++r)
+    kernel.fn(kc, ap, nullptr, 0, bp, nullptr, cp, nr, *mr, nr, nullptr, true, Activation::None, NextPanel{});
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+  return double(t1.tv_sec - t0.tv_sec) + 1e-9 * double(t1.tv_nsec - t0.tv_nsec);
+}
 
 template <typename T>
 int64_t gemm_mr() {
@@ -363,10 +398,14 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
         for (int64_t j0 = n0; j0 < n0 + nc; j0 += nr) {
           const auto [b, b_offsets] = b_panel(k0, kc, j0);
           T* c_panel = c + c_column(j0);
+          // B in place: the calls on this panel prefetch the next one's rows, an even share each.
+          const int64_t share = !kPacksB && j0 + nr < n ? ceil_div(kc, ceil_div(ie - ib, mr)) : 0;
           for (int64_t i0 = ib; i0 < ie; i0 += mr) {
             const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
+            const int64_t first = std::min(kc, (i0 - ib) / mr * share);
             kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc, std::min(mr, ie - i0),
-                      std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act);
+                      std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act,
+                      NextPanel{first, std::min(kc, first + share) - first});
           }
         }
       }
@@ -390,12 +429,15 @@ struct BPanel {
 template <typename T>
 void gemm(const PackedA<T>& a, int64_t n, PackB<T> pack_b, T* c, int64_t ldc, const T* row_bias, bool accumulate,
           T* workspace, int64_t row_begin, int64_t row_end, Activation activation, const int64_t* c_panel_offset) {
+  // Each L2 block of B columns is packed at the start of the workspace: the same kc x nc values
+  // stay in L2 block after block, where blocks packed side by side sent N x kc values to memory.
   constexpr int64_t nr = gemm_nr<T>();
+  const int64_t block_cols = gemm_spec().nc;
   gemm_blocked<T, true>(
       a.m, a.k, a.mr, n, c, ldc, row_bias, accumulate, row_begin, row_end, activation,
-      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
+      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) { return APanel<T>{a.panel(k0, kc, i0), nullptr, 0}; },
-      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; },
+      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 % block_cols) / nr * kc * nr, nullptr}; },
       c_panel_offset);
 }
 
@@ -440,15 +482,18 @@ template <typename T>
 void gemm_shifted_a(int64_t m, int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
                     PackB<T> pack_b, T* c, int64_t ldc, T* workspace, bool accumulate, Activation activation) {
   constexpr int64_t nr = gemm_nr<T>();
+  const int64_t block_cols = gemm_spec().nc;  // a block of B at the workspace's start, as in gemm()
   const int64_t mr = gemm_spec().mr;
   std::vector<T> edge;
   gemm_blocked<T, true>(
       m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, activation,
-      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace + (n0 / nr) * kc * nr); },
+      [&](int64_t k0, int64_t kc, int64_t n0, int64_t nc) { pack_b(k0, kc, n0, nc, workspace); },
       [&](int64_t k0, int64_t kc, int64_t i0) {
         return in_place_a_panel(m, a, lda, column_offset, k0, kc, i0, mr, edge);
       },
-      [&](int64_t, int64_t kc, int64_t j0) { return BPanel<T>{workspace + (j0 / nr) * kc * nr, nullptr}; });
+      [&](int64_t, int64_t kc, int64_t j0) {
+        return BPanel<T>{workspace + (j0 % block_cols) / nr * kc * nr, nullptr};
+      });
 }
 
 template <typename T>

@@ -179,10 +179,11 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::make_unique_for_overwrite<T[]>(n);
 }
 
+// Values of gemm()'s workspace: one kKc x spec.nc block of packed B (less for a narrower B).
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {
   const int64_t nr = gemm_nr<T>();
-  return kKc * (ceil_div(n, nr) * nr);
+  return kKc * std::min(ceil_div(n, nr) * nr, gemm_spec().nc);
 }
 
 // Packer for a plain strided B: B[k, n] = b[k * row_stride + n * col_stride], rows
@@ -198,6 +199,12 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst);
 
 // Which micro-kernel the CPU runs ("avx512", "avx2" or "portable"), for benchmarks and tests.
 const char* gemm_isa();
+
+// Benchmark hook (cnnops._C.gemm_micro_kernel): thread CPU seconds of `reps` calls of the float32
+// micro-kernel of gemm() (wide: gemm_shifted_a_packed_b's) on one A panel (mr x kc) and one B panel
+// (kc x NR) that stay in L1, accumulating into one mr x NR tile: the kernel without packing or
+// blocking. Sets *mr to the kernel's rows.
+double gemm_micro_kernel_seconds(bool wide, int64_t kc, int64_t reps, int64_t* mr);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -4,10 +4,17 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+#include <ctime>
 #include <string>
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
+
+#if CNNOPS_X86
+#include <immintrin.h>
+#endif
 
 namespace cnnops::cpu {
 namespace {
@@ -71,14 +78,11 @@ void run(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const T* bias,
     const PackedA<T> pa = pack_a<T>(m, k, at_.const_data_ptr<T>(), 1, m);
     gemm<T>(pa, n, pack_b, cp, n, bias, accumulate, workspace.get(), row_begin, row_end, act);
   } else if (variant == "shifted_b") {
-    // B[kk, j] = padded[row_offset[kk] + j]; reads reach NR columns past each row's last panel.
-    at::Tensor padded = at::zeros({k * n + nr}, b.options());
-    padded.narrow(0, 0, k * n).copy_(b.reshape(-1));
+    // B[kk, j] = b[row_offset[kk] + j], read where it lies: no read may pass a row's last column.
     std::vector<int64_t> row_offset(k);
     for (int64_t kk = 0; kk < k; ++kk) row_offset[kk] = kk * n;
     const PackedA<T> pa = pack_a<T>(m, k, a.const_data_ptr<T>(), k, 1);
-    gemm_shifted_b<T>(pa, n, padded.const_data_ptr<T>(), row_offset.data(), cp, n, bias, accumulate, row_begin, row_end,
-                      act);
+    gemm_shifted_b<T>(pa, n, bp, row_offset.data(), cp, n, bias, accumulate, row_begin, row_end, act);
   } else if (variant == "shifted_a") {
     TORCH_CHECK(bias == nullptr && !accumulate && row_begin == 0 && row_end == -1 && act == Activation::None,
                 "gemm(): variant 'shifted_a' computes whole rows from 0, without activation");
@@ -148,6 +152,57 @@ at::Tensor gemm_entry(const at::Tensor& a_, const at::Tensor& b_, const at::Tens
   return c;
 }
 
+// The micro-kernel in L1 (gemm_micro_kernel_seconds): min over `trials` timings of `reps` calls.
+py::dict micro_kernel(bool wide, int64_t kc, int64_t reps, int64_t trials) {
+  TORCH_CHECK(kc >= 1 && reps >= 1 && trials >= 1, "gemm_micro_kernel(): kc, reps and trials must be positive");
+  int64_t mr = 0;
+  double best = 0;
+  for (int64_t t = 0; t < trials; ++t) {
+    const double s = gemm_micro_kernel_seconds(wide, kc, reps, &mr);
+    best = t == 0 ? s : std::min(best, s);
+  }
+  py::dict d;
+  d["mr"] = mr;
+  d["nr"] = gemm_nr<float>();
+  d["seconds"] = best;
+  d["gflops"] = 2.0 * double(mr * gemm_nr<float>() * kc * reps) / best / 1e9;
+  return d;
+}
+
+#if CNNOPS_X86
+// What the micro-kernel is measured against: 24 independent AVX-512 FMA chains on registers, no
+// loads (two FMA ports of 4 cycles' latency need 8 in flight). Float32 GFLOP/s, min of `trials`.
+CNNOPS_TARGET_AVX512 __attribute__((noinline)) double fma_peak_avx512(int64_t reps, int64_t trials) {
+  double best = 0;
+  for (int64_t t = 0; t < trials; ++t) {
+    __m512 acc[24];
+    const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-3f);
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(float(i));
+    timespec t0, t1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+    for (int64_t r = 0; r < reps; ++r) {
+#pragma GCC unroll 24
+      for (int i = 0; i < 24; ++i) acc[i] = _mm512_fmadd_ps(x, acc[i], y);
+    }
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+    __m512 sum = acc[0];
+    for (int i = 1; i < 24; ++i) sum = _mm512_add_ps(sum, acc[i]);
+    volatile float keep = _mm512_reduce_add_ps(sum);  // the chains must not be optimised away
+    (void)keep;
+    const double s = double(t1.tv_sec - t0.tv_sec) + 1e-9 * double(t1.tv_nsec - t0.tv_nsec);
+    best = std::max(best, 2.0 * 16 * 24 * double(reps) / s / 1e9);
+  }
+  return best;
+}
+#endif
+
+double fma_peak(int64_t reps, int64_t trials) {
+#if CNNOPS_X86
+  if (cpu_isa() == Isa::Avx512) return fma_peak_avx512(reps, trials);
+#endif
+  TORCH_CHECK(false, "fma_peak(): AVX-512 only");
+}
+
 }  // namespace
 
 void add_gemm_test_functions(PyObject* module) {
@@ -156,6 +211,12 @@ void add_gemm_test_functions(PyObject* module) {
   m.def("gemm", &gemm_entry, "The CPU GEMM called directly (tests/test_gemm.py).", py::arg("a"), py::arg("b"),
         py::arg("c"), py::arg("row_bias"), py::arg("accumulate"), py::arg("row_begin"), py::arg("row_end"),
         py::arg("activation"), py::arg("variant"), py::arg("inplace") = false);
+  m.def("gemm_micro_kernel", &micro_kernel,
+        "The float32 micro-kernel alone with its panels in L1 (gemm(), or wide: gemm_shifted_a_packed_b's): "
+        "mr, nr, seconds (min of trials) and GFLOP/s.",
+        py::arg("wide"), py::arg("kc"), py::arg("reps"), py::arg("trials") = 5);
+  m.def("fma_peak_gflops", &fma_peak, "Float32 AVX-512 FMA throughput on registers (GFLOP/s, best of trials).",
+        py::arg("reps"), py::arg("trials") = 5);
 }
 
 }  // namespace cnnops::cpu
