@@ -2,9 +2,9 @@
 groups = 1 included (ResNet's 7x7 stride-2 stem, MobileNetV3's and EfficientNet's 3x3 stride-2
 layers). Up to 4 input channels a group they run the direct kernels of csrc/cpu/conv_grouped.cpp
 (forward over output-row tasks, grad weight over output-channel tasks, on phase planes filled once),
-except channels-last inputs with groups = 1, whose forward and grad weight run
-csrc/cpu/conv_first_layer.cpp (the NHWC input read in place). Call counters and the forward route
-counter show which ran. Forward and every gradient against torch, every expected value from torch.
+except with groups = 1, whose forward and grad weight run csrc/cpu/conv_first_layer.cpp (either layout;
+the grad input stays on the grouped kernels). Call counters and the forward route counter show which
+ran. Forward and every gradient against torch, every expected value from torch.
 """
 
 import itertools
@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import check_conv_against_torch, conv_tensors, dtype_id, run_with_cpu_isa
 from test_conv_activation import check_relu_conv
-from torch._prims_common import suggest_memory_format
 
 import cnnops.functional
 from cnnops import _C
@@ -44,11 +43,11 @@ def takes_direct(cin, k, stride, padding, groups=1, dilation=1):
 
 
 def check_kernels(before, x, groups, grads):
-    """The direct kernels that ran since `before` (counters()) for one layer of `grads`: channels-last
-    inputs (as torch suggests the format) with groups = 1 run the first-layer kernels for the forward
-    and the weight gradient; the grad input, and every other layout, the grouped ones."""
+    """The direct kernels that ran since `before` (counters()) for one layer of `grads`: with groups = 1
+    the first-layer kernels for the forward and the weight gradient, the grouped ones for the grad input;
+    with groups > 1 the grouped ones for all three."""
     grouped, first, grouped_route, first_route = (a - b for a, b in zip(counters(), before))
-    if groups == 1 and suggest_memory_format(x) == torch.channels_last:
+    if groups == 1:
         assert (first, first_route, grouped, grouped_route) == (1 + ("weight" in grads), 1, "input" in grads, 0)
     else:
         assert (first, first_route, grouped, grouped_route) == (0, 0, 1 + ("input" in grads) + ("weight" in grads), 1)
@@ -277,7 +276,7 @@ for dtype, (ci, co, (h, w_), k, s, p, relu), cl in itertools.product(
                                   f"{dtype} ci={ci} co={co} {h}x{w_} k={k} s={s} p={p} cl={cl}")
 if _C._cpu_grouped_direct_calls() + _C._cpu_first_layer_calls() - before != 3 * 2 * 2 * len(cases):
     sys.exit("the direct kernels did not run")
-if _C._cpu_first_layer_calls() - first_before != 2 * 2 * len(cases):  # channels-last: forward, grad weight
+if _C._cpu_first_layer_calls() - first_before != 2 * 2 * 2 * len(cases):  # forward and grad weight
     sys.exit("the first-layer kernels did not run")
 """
 

@@ -405,9 +405,9 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     }
   }
   if (use_grouped(g, std::is_same_v<T, float>)) {
-    if (nhwc && use_first_layer_nhwc(g)) {  // groups = 1, channels-last: no phase planes, no transposes
+    if (use_first_layer(g)) {  // groups = 1: no phase planes
       count_route(ForwardRoute::FirstLayer);
-      return conv_first_layer_forward(g, x, w, bias, y, activation);
+      return conv_first_layer_forward(g, x, w, bias, y, activation, nhwc);
     }
     count_route(ForwardRoute::Grouped);
     return conv_grouped_forward(g, x, w, bias, y, activation, nhwc);
@@ -773,9 +773,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         if (g.is_depthwise())
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
-        else if (use_grouped(g, std::is_same_v<scalar_t, float>) && nhwc && use_first_layer_nhwc(g))
+        else if (use_grouped(g, std::is_same_v<scalar_t, float>) && use_first_layer(g))
           db_done = conv_first_layer_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
-                                                     output_mask[2] ? db.data_ptr<scalar_t>() : nullptr);
+                                                     output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))
           conv_grouped_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nhwc);
         else if (nhwc)

@@ -31,6 +31,7 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_grouped.h"
 #include "cpu/simd.h"
+#include "cpu/simd_transpose.h"
 #include "cpu/simd_vec.h"
 
 namespace cnnops {
@@ -53,11 +54,13 @@ struct Plan {
   int64_t pixel_step;             // from one output's entries to the next's: C phased, else S_w * C (<= 8)
   int64_t cop;                    // C_out rounded up to a vector
   bool phased;
+  bool nhwc;                      // x (and y, dY) channels-last; else NCHW, read by element and transposed
   std::vector<int64_t> offset;    // per entry e = (kh * KW + kw) * C + c
 };
 
-Plan make_plan(const ConvGeometry& g, int64_t lanes, int64_t points, bool phased) {
+Plan make_plan(const ConvGeometry& g, int64_t lanes, int64_t points, bool phased, bool nhwc) {
   Plan p;
+  p.nhwc = nhwc;
   const int64_t C = g.in_channels, sw = g.stride[2];
   const int64_t wp = (g.out[2] - 1) * sw + (g.kernel[2] - 1) * g.dilation[2] + 1;
   p.channels = C;
@@ -88,6 +91,20 @@ void fill_rows(const ConvGeometry& g, const Plan& p, const T* x, int64_t n, int6
     const int64_t ih = oh0 * g.stride[1] - g.pad[1] + r;
     if (ih < 0 || ih >= g.in[1]) {
       std::fill(dst, dst + p.row, T(0));
+      continue;
+    }
+    if (!p.nhwc) {  // NCHW: the C planes' rows interleaved
+      const int64_t plane = g.in[1] * W;
+      const T* src = x + n * C * plane + ih * W;
+      std::fill(dst, dst + p.row, T(0));
+      for (int64_t q = 0; q < (p.phased ? sw : 1); ++q) {
+        const int64_t step = p.phased ? sw : 1;
+        T* d = dst + q * p.phase;
+        const int64_t first = std::max<int64_t>(0, ceil_div(pad - q, step));          // iw = j * step + q - pad >= 0
+        const int64_t last = std::min<int64_t>(p.phase / C, ceil_div(W + pad - q, step));  // ... < W
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t jj = first; jj < last; ++jj) d[jj * C + c] = src[c * plane + jj * step + q - pad];
+      }
       continue;
     }
     const T* src = x + (n * g.in[1] + ih) * W * C;
@@ -228,19 +245,23 @@ CNNOPS_ALWAYS_INLINE void with_step(int64_t step, const Body& body) {
   }
 }
 
+// Output rows [oh0, oh1) of sample n. NCHW: each row into tile ([W_out][C_out] pixels), then
+// transposed into the channel planes.
 template <typename T, int BYTES>
-CNNOPS_ALWAYS_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_t oh0, int64_t oh1, T* buf) {
+CNNOPS_ALWAYS_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_t oh0, int64_t oh1, T* buf, T* tile) {
   const ConvGeometry& g = *j.g;
   const Plan& p = *j.plan;
+  const int64_t c_out = g.out_channels, ow_n = g.out[2], plane = g.out[1] * ow_n;
   fill_rows(g, p, j.x, n, oh0, oh1, buf);
   with_step(p.pixel_step, [&](auto step) CNNOPS_SIMD_BODY {
     constexpr int STEP = decltype(step)::value;
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       const T* xrow = buf + (oh - oh0) * g.stride[1] * p.row;
-      T* yrow = j.y + (n * g.out[1] + oh) * g.out[2] * g.out_channels;
+      T* yrow = p.nhwc ? j.y + (n * g.out[1] + oh) * ow_n * c_out : tile;
       for_each_channel_block<BYTES>(p.cop / Simd<T, BYTES>::lanes, [&](auto size, int64_t v0) CNNOPS_SIMD_BODY {
         forward_row_block<T, BYTES, STEP, decltype(size)::value>(j, xrow, yrow, v0);
       });
+      if (!p.nhwc) transpose_matrix<T, BYTES>(tile, c_out, ow_n, c_out, j.y + n * c_out * plane + oh * ow_n, plane);
     }
   });
 }
@@ -347,7 +368,11 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t n, int64_t 
     const T* xrow = buf + (oh - oh0) * g.stride[1] * p.row;
     const T* dy = j.dy + (n * g.out[1] + oh) * ow_n * c_out;
     int64_t dy_pixel = c_out;
-    if (c_out != p.cop) {  // whole vectors of every pixel: the row again with zeros past C_out
+    if (!p.nhwc) {  // NCHW: the row's pixels from the channel planes (dy_row's lanes past C_out stay zero)
+      const int64_t plane = g.out[1] * ow_n;
+      transpose_matrix<T, BYTES>(j.dy + n * c_out * plane + oh * ow_n, plane, c_out, ow_n, dy_row, p.cop);
+      dy = dy_row, dy_pixel = p.cop;
+    } else if (c_out != p.cop) {  // whole vectors of every pixel: the row again with zeros past C_out
       for (int64_t ow = 0; ow < ow_n; ++ow) {
         std::memcpy(dy_row + ow * p.cop, dy + ow * c_out, c_out * sizeof(T));
         std::fill(dy_row + ow * p.cop + c_out, dy_row + (ow + 1) * p.cop, T(0));
@@ -370,14 +395,14 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t n, int64_t 
 
 int64_t first_layer_call_count() { return calls.load(std::memory_order_relaxed); }
 
-bool use_first_layer_nhwc(const ConvGeometry& g) { return g.groups == 1 && use_grouped_direct(g); }
+bool use_first_layer(const ConvGeometry& g) { return g.groups == 1 && use_grouped_direct(g); }
 
 template <typename T>
-void conv_first_layer_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                              Activation activation) {
+void conv_first_layer_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y, Activation activation,
+                              bool nhwc) {
   calls.fetch_add(1, std::memory_order_relaxed);
   const int64_t lanes = vector_bytes(cpu_isa()) / int64_t(sizeof(T));
-  const Plan p = make_plan(g, lanes, kForwardPoints, /*phased=*/true);
+  const Plan p = make_plan(g, lanes, kForwardPoints, /*phased=*/true, nhwc);
   const int64_t entries = int64_t(p.offset.size()), taps = g.kernel_volume(), C = g.in_channels;
   std::vector<T> wt(checked_numel({entries, p.cop}, "first-layer conv (packed weight)", true), T(0));
   for (int64_t co = 0; co < g.out_channels; ++co)  // w'[(tap, c)][co] = w[co][c][tap]
@@ -387,23 +412,25 @@ void conv_first_layer_forward(const ConvGeometry& g, const T* x, const T* w, con
   if (bias) std::copy(bias, bias + g.out_channels, b.begin());
   const ForwardJob<T> j{&g, &p, x, wt.data(), b.data(), y, activation == Activation::Relu};
   const int64_t buf_size = checked_numel({p.buf_rows, p.row}, "first-layer conv (input rows)", true);
+  const int64_t tile_size = nhwc ? 0 : checked_numel({g.out[2], p.cop}, "first-layer conv (output row)", true);
   parallel_for(0, g.batch * p.blocks, 1, [&](int64_t begin, int64_t end) {
     const auto buf = scratch<T>(buf_size);
+    const auto tile = scratch<T>(tile_size);
     simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / p.blocks, oh0 = task % p.blocks * p.rows_per_task;
         forward_task<T, vector_bytes(decltype(isa)::value)>(j, n, oh0, std::min(g.out[1], oh0 + p.rows_per_task),
-                                                            buf.get());
+                                                            buf.get(), tile.get());
       }
     });
   });
 }
 
 template <typename T>
-bool conv_first_layer_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db) {
+bool conv_first_layer_backward_weight(const ConvGeometry& g, const T* dy, const T* x, T* dw, T* db, bool nhwc) {
   calls.fetch_add(1, std::memory_order_relaxed);
   const int64_t bytes = vector_bytes(cpu_isa()), lanes = bytes / int64_t(sizeof(T));
-  const Plan p = make_plan(g, lanes, kWeightPoints, /*phased=*/false);
+  const Plan p = make_plan(g, lanes, kWeightPoints, /*phased=*/false, nhwc);
   const int64_t entries = int64_t(p.offset.size());
   std::vector<EntryBlock> blocks_by_v[5];
   for (int v = 1; v <= 4; ++v) blocks_by_v[v] = entry_blocks(p.offset, accumulators(int(bytes)) / v);
@@ -416,6 +443,7 @@ bool conv_first_layer_backward_weight(const ConvGeometry& g, const T* dy, const 
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const auto buf = scratch<T>(buf_size);
     const auto dy_row = scratch<T>(row_size);
+    std::fill(dy_row.get(), dy_row.get() + row_size, T(0));  // (lanes past C_out: NCHW rows leave them)
     simd_dispatch([&](auto tag) CNNOPS_SIMD_BODY {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / p.blocks, oh0 = task % p.blocks * p.rows_per_task;
@@ -446,8 +474,9 @@ bool conv_first_layer_backward_weight(const ConvGeometry& g, const T* dy, const 
 }
 
 #define CNNOPS_INSTANTIATE_FIRST_LAYER(T)                                                                    \
-  template void conv_first_layer_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation); \
-  template bool conv_first_layer_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*);
+  template void conv_first_layer_forward<T>(const ConvGeometry&, const T*, const T*, const T*, T*, Activation,  \
+                                            bool);                                                           \
+  template bool conv_first_layer_backward_weight<T>(const ConvGeometry&, const T*, const T*, T*, T*, bool);
 CNNOPS_INSTANTIATE_FIRST_LAYER(float)
 CNNOPS_INSTANTIATE_FIRST_LAYER(double)
 
