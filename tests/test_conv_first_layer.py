@@ -134,6 +134,15 @@ def test_gradient_subsets(grads, cin):
         check(1, cin, 64, (70, 61), 7, 2, 3, torch.float64, "channels_last", bias=bias, grads=grads)
 
 
+@pytest.mark.parametrize("cin", [1, 2, 3, 4])
+def test_nchw_rows(cin):
+    """NCHW input rows wider than a vector (the first-layer kernels interleave them by shuffles), with a
+    remainder, at each padding the row copy shifts by."""
+    for dtype in DTYPES:
+        for k, stride, padding in [(3, 1, 1), (3, 2, 0), (7, 2, 3), (5, 2, 2), (3, 3, 1)]:
+            check(2, cin, 20, (9, 37), k, stride, padding, dtype, "contiguous")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_zero_one_three(layout):
     for dtype, n in itertools.product(DTYPES, (0, 1, 3)):
@@ -262,7 +271,8 @@ torch.manual_seed(0)
 tol = {torch.float32: 2e-5, torch.float64: 1e-12}
 # (C_in, C_out, (H, W), k, stride, padding, relu)
 cases = [(3, 64, (29, 31), 7, 2, 3, False), (3, 16, (30, 27), 3, 2, 1, True), (3, 37, (9, 10), 5, 1, 2, False),
-         (1, 3, (13, 6), 3, 4, 0, True), (4, 80, (12, 12), 3, 2, 1, False)]
+         (1, 3, (13, 6), 3, 4, 0, True), (4, 80, (12, 12), 3, 2, 1, False), (2, 24, (11, 40), 3, 2, 1, False),
+         (4, 16, (9, 35), 3, 1, 1, True)]
 before = _C._cpu_grouped_direct_calls() + _C._cpu_first_layer_calls()
 first_before = _C._cpu_first_layer_calls()
 for dtype, (ci, co, (h, w_), k, s, p, relu), cl in itertools.product(
