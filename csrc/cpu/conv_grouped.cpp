@@ -18,9 +18,10 @@
 //    wide). Each pixel row's slice of the block goes into the planes by L x L transposes, and each
 //    grid row of the tiles back into pixels: one group's slice alone (8 floats of a pixel hundreds
 //    apart) read element by element was 1.5x the NCHW time (RegNet 104 channels at 56x56).
-//  - First layers (few input channels a group, more than 16 outputs or one group: the RGB stem): the
-//    phase planes of every sample are filled once (fill_all_phases), then forward tasks split each
-//    sample's output rows and grad-weight tasks the output channels, so batch 1 keeps every thread busy.
+//  - First layers with groups >= 2 (few input channels a group, more than 16 outputs): the phase
+//    planes of every sample are filled once (fill_all_phases), then forward tasks split each sample's
+//    output rows and grad-weight tasks the output channels, so batch 1 keeps every thread busy. With
+//    groups = 1 (the RGB stem) conv.cpp runs conv_first_layer.cpp's forward and grad weight instead.
 // Loops are written once with GCC vector extensions and instantiated per ISA through simd_dispatch.
 #include "cpu/conv_grouped.h"
 
