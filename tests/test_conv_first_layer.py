@@ -1,9 +1,10 @@
 """First layers: few input channels a group (the RGB image: 3) and any number of output channels,
 groups = 1 included (ResNet's 7x7 stride-2 stem, MobileNetV3's and EfficientNet's 3x3 stride-2
 layers). Up to 4 input channels a group they run the direct kernels of csrc/cpu/conv_grouped.cpp
-(forward over output-row tasks, grad weight over output-channel tasks, on phase planes filled once;
-a call counter shows they ran). Forward and every gradient against torch, every expected value
-from torch.
+(forward over output-row tasks, grad weight over output-channel tasks, on phase planes filled once),
+except with groups = 1, whose forward and grad weight run csrc/cpu/conv_first_layer.cpp (either layout;
+the grad input stays on the grouped kernels). Call counters and the forward route counter show which
+ran. Forward and every gradient against torch, every expected value from torch.
 """
 
 import itertools
@@ -22,30 +23,50 @@ LAYOUTS = ["contiguous", "channels_last"]
 NARROW_MAX = 4  # conv_grouped.cpp kNarrowInputChannels
 
 
+def counters():
+    """Calls of the grouped and of the first-layer kernels, and forward routes of each."""
+    routes = _C._cpu_conv_forward_routes()
+    return (_C._cpu_grouped_direct_calls(), _C._cpu_first_layer_calls(), routes["grouped"],
+            routes["first_layer"])
+
+
 def direct_calls():
-    return _C._cpu_grouped_direct_calls()
+    """Kernel calls of either direct path (grouped or first-layer)."""
+    grouped, first, _, _ = counters()
+    return grouped + first
 
 
-def takes_direct(cin, k, stride, padding, groups=1):
-    """conv_grouped.cpp use_grouped_direct for 2-d square kernels, dilation 1 (not depthwise)."""
-    return cin // groups <= NARROW_MAX and k <= 7 and stride <= 4 and padding <= k - 1 and not (
+def takes_direct(cin, k, stride, padding, groups=1, dilation=1):
+    """conv_grouped.cpp use_grouped_direct for 2-d square kernels (not depthwise)."""
+    return cin // groups <= NARROW_MAX and k <= 7 and stride <= 4 and padding <= dilation * (k - 1) and not (
         groups > 1 and groups == cin)
 
 
-def check(n, cin, cout, size, k, stride, padding, dtype, layout, groups=1, bias=True, grads=None):
+def check_kernels(before, x, groups, grads):
+    """The direct kernels that ran since `before` (counters()) for one layer of `grads`: with groups = 1
+    the first-layer kernels for the forward and the weight gradient, the grouped ones for the grad input;
+    with groups > 1 the grouped ones for all three."""
+    grouped, first, grouped_route, first_route = (a - b for a, b in zip(counters(), before))
+    if groups == 1:
+        assert (first, first_route, grouped, grouped_route) == (1 + ("weight" in grads), 1, "input" in grads, 0)
+    else:
+        assert (first, first_route, grouped, grouped_route) == (0, 0, 1 + ("input" in grads) + ("weight" in grads), 1)
+
+
+def check(n, cin, cout, size, k, stride, padding, dtype, layout, groups=1, bias=True, grads=None, dilation=1):
     """check_conv_against_torch on one layer; asserts the direct kernels ran where they should
-    (forward, grad input, grad weight: 3 calls) and did not elsewhere."""
+    (forward, grad input, grad weight: 3 calls; check_kernels says which) and did not elsewhere."""
     x, w, b = conv_tensors(2, n, cin, cout, size, k, groups, bias, dtype, layout)
-    kwargs = {"stride": stride, "padding": padding, "groups": groups}
+    kwargs = {"stride": stride, "padding": padding, "groups": groups, "dilation": dilation}
     grads = grads or ("input", "weight", "bias")
-    before = direct_calls()
+    before, calls = counters(), direct_calls()
     check_conv_against_torch(2, x, w, b, kwargs, dtype, grads=grads,
                              grad_layout=layout if layout in LAYOUTS else "contiguous")
-    taken = direct_calls() - before
+    taken = direct_calls() - calls
     if n == 0:
         assert taken == 0
-    elif takes_direct(cin, k, stride, padding, groups):
-        assert taken == 1 + ("input" in grads) + ("weight" in grads), (cin, cout, k, stride, padding, groups)
+    elif takes_direct(cin, k, stride, padding, groups, dilation):
+        check_kernels(before, x, groups, grads)
     else:
         assert taken == 0, (cin, cout, k, stride, padding, groups)
 
@@ -89,6 +110,37 @@ def test_random_geometries():
         check_conv_against_torch(2, x, wt, b, kwargs, dtype,
                                  grad_layout=layout if layout in LAYOUTS else "contiguous")
         assert direct_calls() - before == 3, (x.shape, wt.shape, kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dilation", [2, 3])
+def test_dilation(dilation, layout):
+    """Dilated taps (the grouped kernels' phase planes, the first-layer kernels' entry offsets)."""
+    for dtype in DTYPES:
+        for k, stride, padding, cout in [(3, 1, 2, 16), (3, 2, 0, 37), (5, 2, 4, 8), (7, 1, 3, 64), (2, 3, 1, 20)]:
+            check(2, 3, cout, (29, 26), k, stride, padding, dtype, layout, dilation=dilation)
+
+
+@pytest.mark.parametrize("cin", [1, 2, 4])
+@pytest.mark.parametrize("grads", [("weight",), ("bias",), ("input",), ("input", "weight"), ("weight", "bias"),
+                                   ("input", "weight", "bias")], ids="-".join)
+def test_gradient_subsets(grads, cin):
+    """Each subset of gradients (the first-layer grad weight sums the grad bias in its pass over dY
+    when both are asked for), channels-last, with and without a bias."""
+    for bias in (True, False):
+        if "bias" in grads and not bias:
+            continue
+        check(2, cin, 24, (33, 35), 3, 2, 1, torch.float32, "channels_last", bias=bias, grads=grads)
+        check(1, cin, 64, (70, 61), 7, 2, 3, torch.float64, "channels_last", bias=bias, grads=grads)
+
+
+@pytest.mark.parametrize("cin", [1, 2, 3, 4])
+def test_nchw_rows(cin):
+    """NCHW input rows wider than a vector (the first-layer kernels interleave them by shuffles), with a
+    remainder, at each padding the row copy shifts by."""
+    for dtype in DTYPES:
+        for k, stride, padding in [(3, 1, 1), (3, 2, 0), (7, 2, 3), (5, 2, 2), (3, 3, 1)]:
+            check(2, cin, 20, (9, 37), k, stride, padding, dtype, "contiguous")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -161,8 +213,10 @@ def test_thread_count(layout):
     """No result depends on the thread count (the grad-weight batch sums run in a fixed order)."""
     threads = torch.get_num_threads()
     try:
-        for cout, k, padding, n in [(64, 7, 3, 3), (16, 3, 1, 5), (37, 5, 2, 1)]:
-            x, w, b = conv_tensors(2, n, 3, cout, (40, 38), k, 1, True, torch.float32, layout)
+        # (the last two: several row tasks a sample, each with its own partial dW and dB)
+        for cout, k, padding, n, size in [(64, 7, 3, 3, (40, 38)), (16, 3, 1, 5, (40, 38)), (37, 5, 2, 1, (40, 38)),
+                                          (16, 3, 1, 1, (150, 140)), (64, 7, 3, 2, (133, 120))]:
+            x, w, b = conv_tensors(2, n, 3, cout, size, k, 1, True, torch.float32, layout)
             kwargs = {"stride": 2, "padding": padding}
             results = []
             for t in (1, 2, 3):
@@ -217,8 +271,10 @@ torch.manual_seed(0)
 tol = {torch.float32: 2e-5, torch.float64: 1e-12}
 # (C_in, C_out, (H, W), k, stride, padding, relu)
 cases = [(3, 64, (29, 31), 7, 2, 3, False), (3, 16, (30, 27), 3, 2, 1, True), (3, 37, (9, 10), 5, 1, 2, False),
-         (1, 3, (13, 6), 3, 4, 0, True), (4, 80, (12, 12), 3, 2, 1, False)]
-before = _C._cpu_grouped_direct_calls()
+         (1, 3, (13, 6), 3, 4, 0, True), (4, 80, (12, 12), 3, 2, 1, False), (2, 24, (11, 40), 3, 2, 1, False),
+         (4, 16, (9, 35), 3, 1, 1, True)]
+before = _C._cpu_grouped_direct_calls() + _C._cpu_first_layer_calls()
+first_before = _C._cpu_first_layer_calls()
 for dtype, (ci, co, (h, w_), k, s, p, relu), cl in itertools.product(
         (torch.float32, torch.float64), cases, (False, True)):
     x = torch.randn(2, ci, h, w_, dtype=dtype)
@@ -228,8 +284,10 @@ for dtype, (ci, co, (h, w_), k, s, p, relu), cl in itertools.product(
     b = torch.randn(co, dtype=dtype)
     check_conv_relu_against_torch(x, w, b, s, p, 1, 1, relu, tol[dtype],
                                   f"{dtype} ci={ci} co={co} {h}x{w_} k={k} s={s} p={p} cl={cl}")
-if _C._cpu_grouped_direct_calls() - before != 3 * 2 * 2 * len(cases):
+if _C._cpu_grouped_direct_calls() + _C._cpu_first_layer_calls() - before != 3 * 2 * 2 * len(cases):
     sys.exit("the direct kernels did not run")
+if _C._cpu_first_layer_calls() - first_before != 2 * 2 * 2 * len(cases):  # forward and grad weight
+    sys.exit("the first-layer kernels did not run")
 """
 
 

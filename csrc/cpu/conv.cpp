@@ -32,6 +32,7 @@
 #include "common/activation.h"
 #include "common/conv_checks.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_first_layer.h"
 #include "cpu/conv_grouped.h"
 #include "cpu/conv_im2col.h"
 #include "cpu/conv_shifted.h"
@@ -204,6 +205,7 @@ enum class ForwardRoute {
   WindowDot,
   SpaceToDepth,
   Grouped,
+  FirstLayer,
   Winograd,
   Depthwise,
   Nhwc,
@@ -212,8 +214,8 @@ enum class ForwardRoute {
   GemmSplit,
   kCount
 };
-constexpr const char* kForwardRouteNames[] = {"window_dot", "space_to_depth", "grouped", "winograd",  "depthwise",
-                                              "nhwc",       "shifted",        "gemm",    "gemm_split"};
+constexpr const char* kForwardRouteNames[] = {"window_dot", "space_to_depth", "grouped", "first_layer", "winograd",
+                                              "depthwise",  "nhwc",           "shifted", "gemm",        "gemm_split"};
 static_assert(std::size(kForwardRouteNames) == size_t(ForwardRoute::kCount));
 std::atomic<int64_t> forward_route_calls[size_t(ForwardRoute::kCount)];
 void count_route(ForwardRoute route) { forward_route_calls[size_t(route)].fetch_add(1, std::memory_order_relaxed); }
@@ -472,6 +474,10 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     }
   }
   if (use_grouped(g, std::is_same_v<T, float>)) {
+    if (use_first_layer(g)) {  // groups = 1: no phase planes
+      count_route(ForwardRoute::FirstLayer);
+      return conv_first_layer_forward(g, x, w, bias, y, activation, nhwc);
+    }
     count_route(ForwardRoute::Grouped);
     return conv_grouped_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
   }
@@ -861,7 +867,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       dx = contiguous_as(dx.to(input.scalar_type()), conv_output_memory_format(input, input));
     }
     if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
-    bool db_done = false;  // the depthwise kernels may sum db in their pass over dY
+    bool db_done = false;  // the depthwise and first-layer kernels may sum db in their pass over dY
     if (output_mask[1]) {
       // dW in torch's layout, the output's (conv_output_memory_format, as the fake states):
       // channels-last when the input or the weight is. The NHWC kernel writes it in (tap, channel)
@@ -877,6 +883,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         else if (g.is_depthwise())
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x_ptr, dw_ptr,
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
+        else if (use_grouped(g, std::is_same_v<scalar_t, float>) && use_first_layer(g))
+          db_done = conv_first_layer_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                                     output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))
           conv_grouped_backward_weight(g, dy_ptr, x_ptr, dw_ptr, nhwc);
         else if (nhwc)

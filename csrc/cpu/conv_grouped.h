@@ -2,7 +2,8 @@
 // Direct kernels for grouped 2-d convolution with few channels per group (RegNet's 8, ResNeXt's
 // 4 to 16), and for first layers (3 input channels): no im2col and no GEMM, whose M = C_out / groups
 // rows would leave most of each micro-kernel call idle, or whose K = 27 would make packing most of
-// the time (conv_grouped.cpp). NCHW and NHWC, float and double.
+// the time (conv_grouped.cpp). NCHW and NHWC, float and double. (conv.cpp runs groups = 1 first layers'
+// forward and grad weight through conv_first_layer.h; their grad input stays here.)
 #include <cstdint>
 
 #include "common/activation.h"

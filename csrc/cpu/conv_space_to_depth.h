@@ -1,7 +1,7 @@
 #pragma once
 // Strided convolutions with few input channels and kernels wider than the direct kernels take
-// (AlexNet's 11x11 stride 4; the 7x7 stride-2 stem runs conv_grouped.cpp's first-layer tasks, whose
-// phase planes are this without the zero taps: forward 1.15-1.4x faster) as stride-1 ones.
+// (AlexNet's 11x11 stride 4; the 7x7 stride-2 stem runs the direct first-layer kernels, which read
+// the input with no zero taps: forward 1.15-1.4x faster) as stride-1 ones.
 //
 // With stride s, tap kh = s*a + p reads padded row s*(oh + a) + p: phase p of the input at row
 // oh + a. So y = conv_s(x, w) = conv_1(X', W') with X'[(c, p, q), i, j] = x_pad[c, s*i + p, s*j + q]

@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_first_layer.h"
 #include "cpu/conv_grouped.h"
 #include "cpu/conv_small.h"
 #include "cpu/conv_space_to_depth.h"
@@ -44,6 +45,11 @@ PyObject* cpu_space_to_depth_calls(PyObject* /*module*/, PyObject* /*unused*/) {
 // _cpu_grouped_direct_calls() -> int: kernel calls of the direct narrow-group path (tests)
 PyObject* cpu_grouped_direct_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::grouped_direct_call_count());
+}
+
+// _cpu_first_layer_calls() -> int: kernel calls of the channels-last first-layer path (tests)
+PyObject* cpu_first_layer_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::first_layer_call_count());
 }
 
 // _cpu_winograd_weight_calls() -> int: weight gradients that took the Winograd path
@@ -103,6 +109,8 @@ PyMethodDef methods[] = {
      "number of convolutions run through space to depth"},
     {"_cpu_grouped_direct_calls", cpu_grouped_direct_calls, METH_NOARGS,
      "number of kernel calls of the direct narrow-group convolution"},
+    {"_cpu_first_layer_calls", cpu_first_layer_calls, METH_NOARGS,
+     "number of kernel calls of the channels-last first-layer convolution"},
     {"_cpu_winograd_weight_calls", cpu_winograd_weight_calls, METH_NOARGS,
      "number of weight gradients run with Winograd"},
     {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
