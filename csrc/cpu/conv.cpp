@@ -476,7 +476,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
   if (use_grouped(g, std::is_same_v<T, float>)) {
     if (use_first_layer(g)) {  // groups = 1: no phase planes
       count_route(ForwardRoute::FirstLayer);
-      return conv_first_layer_forward(g, x, w, bias, y, activation, nhwc);
+      return conv_first_layer_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
     }
     count_route(ForwardRoute::Grouped);
     return conv_grouped_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
@@ -884,7 +884,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
           db_done = conv_depthwise_backward_weight(g, dy_ptr, x_ptr, dw_ptr,
                                                    output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (use_grouped(g, std::is_same_v<scalar_t, float>) && use_first_layer(g))
-          db_done = conv_first_layer_backward_weight(g, dy_ptr, x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+          db_done = conv_first_layer_backward_weight(g, dy_ptr, x_ptr, dw_ptr,
                                                      output_mask[2] ? db.data_ptr<scalar_t>() : nullptr, nhwc);
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))
           conv_grouped_backward_weight(g, dy_ptr, x_ptr, dw_ptr, nhwc);
