@@ -562,6 +562,29 @@ def test_small_images_thread_count_independent(name):
         assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
 
 
+@pytest.mark.parametrize("kernel,stride,cout", [(1, 1, 160), (1, 1, 48), (3, 2, 40)], ids=str)
+def test_column_blocks_thread_count_independent(kernel, stride, cout):
+    """The GEMM forward balances its column blocks by the thread count (conv.cpp ColumnBlocks) and
+    the row-split tasks give threads whole row blocks: no sum may change. 8 x 14 x 14 positions
+    (stride 1) give several column blocks; 1, 2 and 3 threads must give the same bits."""
+    x, w, b = conv_tensors(2, 8, 24, cout, (14 * stride, 14 * stride), kernel, 1, True, torch.float32)
+    go = make_tensor((8, cout, 14, 14), torch.float32)
+    kwargs = {"stride": stride, "padding": kernel // 2}
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append(run_conv(cnnops.functional.conv2d, x, w, b, go, kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    for o, g in runs[1:]:
+        assert torch.equal(o, runs[0][0]), "forward depends on the thread count"
+        for k in g:
+            assert torch.equal(g[k], runs[0][1][k]), f"grad_{k} depends on the thread count"
+    check_conv_against_torch(2, x, w, b, kwargs, torch.float32)
+
+
 BORROWED_PREFIXES = ("conv", "thnn_conv", "slow_conv", "mkldnn", "onednn", "cudnn", "miopen", "mm", "bmm",
                      "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "linear",
                      "einsum", "tensordot", "unfold", "im2col", "col2im")
