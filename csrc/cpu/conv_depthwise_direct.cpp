@@ -27,6 +27,7 @@
 
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
+#include "cpu/simd_transpose.h"
 #include "cpu/simd_vec.h"
 
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
@@ -477,53 +478,22 @@ CNNOPS_ALWAYS_INLINE void nhwc_gather_body(const GatherJob<T>& j, int64_t begin,
   }
 }
 
-// dst[l * dst_lane + p * dst_pos] = src[l * src_lane + p * src_pos] for lanes l of one vector and
-// positions p < count: L planes to a channels-last block or back. Whole L x L tiles go through
-// registers (Simd::transpose), the last count % L positions one value at a time.
-template <typename T, int BYTES>
-CNNOPS_ALWAYS_INLINE void transpose_planes(const T* src, int64_t src_lane, int64_t src_pos, T* dst, int64_t dst_lane,
-                                           int64_t dst_pos, int64_t count) {
-  using V = Simd<T, BYTES>;
-  constexpr int L = V::lanes;
-  // One operand of each tile is contiguous along the lanes or along the positions.
-  const bool src_rows_are_lanes = src_pos == 1;  // src rows: a lane's run of positions
-  int64_t p = 0;
-  for (; p + L <= count; p += L) {
-    typename V::vec r[L];
-#pragma GCC unroll 16
-    for (int i = 0; i < L; ++i)
-      r[i] = src_rows_are_lanes ? V::load(src + i * src_lane + p) : V::load(src + (p + i) * src_pos);
-    V::transpose(r);
-#pragma GCC unroll 16
-    for (int i = 0; i < L; ++i) {
-      if (src_rows_are_lanes)
-        V::store(dst + (p + i) * dst_pos, r[i]);
-      else
-        V::store(dst + i * dst_lane + p, r[i]);
-    }
-  }
-  for (; p < count; ++p)
-#pragma GCC unroll 16
-    for (int l = 0; l < L; ++l) dst[l * dst_lane + p * dst_pos] = src[l * src_lane + p * src_pos];
-}
-
 // NCHW forward on narrow outputs (rows shorter than two vectors would waste lanes): one vector's
 // worth of channels at a time, transposed into a channels-last block, run by the NHWC loop and
 // transposed back. Tasks are (sample, channel block); the last block may overlap the one before.
 template <typename T, int K, int S, int BYTES>
 CNNOPS_ALWAYS_INLINE void nchw_blocked_body(const NhwcJob<T>& proto, const T* x, T* y, int64_t begin, int64_t end,
                                             T* x_block, T* y_block) {
-  using V = Simd<T, BYTES>;
-  constexpr int L = V::lanes;
+  constexpr int L = Simd<T, BYTES>::lanes;
   const int64_t C = proto.taps_stride, blocks = (C + L - 1) / L;
   const int64_t in_plane = proto.in_h * proto.in_w, out_plane = proto.out_h * proto.out_w;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / blocks, c0 = std::min(task % blocks * L, C - L);
-    transpose_planes<T, BYTES>(x + (n * C + c0) * in_plane, in_plane, 1, x_block, 1, L, in_plane);
+    transpose_matrix<T, BYTES>(x + (n * C + c0) * in_plane, in_plane, L, in_plane, x_block, L);
     NhwcJob<T> j = proto;
     j.channels = L, j.x = x_block, j.y = y_block, j.taps = proto.taps + c0, j.bias = proto.bias + c0;
     nhwc_forward_body<T, K, S, BYTES>(j, 0, j.out_h);
-    transpose_planes<T, BYTES>(y_block, 1, L, y + (n * C + c0) * out_plane, out_plane, 1, out_plane);
+    transpose_matrix<T, BYTES>(y_block, L, out_plane, L, y + (n * C + c0) * out_plane, out_plane);
   }
 }
 

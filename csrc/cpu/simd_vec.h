@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 
 #include "common/macros.h"
 #include "cpu/simd.h"
@@ -60,26 +59,6 @@ struct Simd {
     mask m;
     for (int i = 0; i < lanes; ++i) m[i] = i < n ? -1 : 0;
     return m;
-  }
-  // Transposes the lanes x lanes matrix whose rows are r[0, lanes): log2(lanes) butterfly steps,
-  // step S swapping the off-diagonal S x S blocks of each 2S x 2S block.
-  template <int S = 1>
-  static CNNOPS_ALWAYS_INLINE void transpose(vec* r) {
-    if constexpr (S < lanes) {
-      constexpr mask lo = block_mask<S, false>(std::make_integer_sequence<int, lanes>());
-      constexpr mask hi = block_mask<S, true>(std::make_integer_sequence<int, lanes>());
-      for (int i = 0; i < lanes; i += 2 * S)
-        for (int j = i; j < i + S; ++j) {
-          const vec a = r[j], b = r[j + S];
-          r[j] = __builtin_shuffle(a, b, lo);      // a's lanes c with bit S set from b[c - S]
-          r[j + S] = __builtin_shuffle(a, b, hi);  // b's lanes c without bit S from a[c + S]
-        }
-      transpose<2 * S>(r);
-    }
-  }
-  template <int S, bool kHi, int... Is>
-  static constexpr mask block_mask(std::integer_sequence<int, Is...>) {
-    return mask{(kHi ? ((Is & S) ? lanes + Is : Is + S) : ((Is & S) ? lanes + Is - S : Is))...};
   }
   // even[j] = src[2j], odd[j] = src[2j + 1] for j < n (n a multiple of lanes)
   static CNNOPS_ALWAYS_INLINE void deinterleave(const T* src, int64_t n, T* even, T* odd) {
