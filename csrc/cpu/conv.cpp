@@ -869,8 +869,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
     if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
     bool db_done = false;  // the depthwise and first-layer kernels may sum db in their pass over dY
     if (output_mask[1]) {
-      // dW in torch's layout, the output's (conv_output_memory_format, as the fake states):
-      // channels-last when the input or the weight is. The NHWC kernel writes it in (tap, channel)
+      // dW in the forward output's layout (conv_output_memory_format, as the fake states; torch's
+      // float32 CPU convolution gives the same): channels-last when the input or the weight is. The NHWC kernel writes it in (tap, channel)
       // order directly, the other kernels in ChannelTap order, then converted.
       const bool dw_channels_last = conv_output_memory_format(input, weight) != at::MemoryFormat::Contiguous;
       at::Tensor dw_flat = at::zeros({w.numel()}, w.options());
