@@ -53,7 +53,12 @@ struct Simd {
     for (int64_t i = 0; i + lanes <= n; i += lanes) store(dst + i, load(src + i));
     if (n % lanes) store(dst + n - lanes, load(src + n - lanes));
   }
-  static CNNOPS_ALWAYS_INLINE vec splat(T s) { return vec{} + s; }
+  // Every lane s. (vec{} + s would add 0 first: an extra instruction, and -0.0 would become +0.0.)
+  static CNNOPS_ALWAYS_INLINE vec splat(T s) {
+    vec v;
+    for (int i = 0; i < lanes; ++i) v[i] = s;
+    return v;
+  }
   static CNNOPS_ALWAYS_INLINE vec relu(vec v) { return v < vec{} ? vec{} : v; }  // NaN passes, as relu()
   static CNNOPS_ALWAYS_INLINE mask first_lanes(int64_t n) {
     mask m;
