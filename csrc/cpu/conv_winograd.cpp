@@ -24,6 +24,7 @@
 #include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/simd.h"
+#include "cpu/simd_transpose.h"
 
 // The vector helpers are always inlined into the per-ISA functions: their ABI never shows.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -64,11 +65,8 @@ CNNOPS_INLINE void store(float* p, typename Lanes<L>::V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Constant shuffle masks built from an index function, so the compiler sees immediates.
-template <typename I, typename F, int... Is>
-constexpr I make_mask(std::integer_sequence<int, Is...>) {
-  return I{F::at(Is)...};
-}
+// Constant shuffle masks built from an index function (simd_transpose.h's make_mask), so the
+// compiler sees immediates.
 template <int L, typename F>
 constexpr typename Lanes<L>::I mask() {
   return make_mask<typename Lanes<L>::I, F>(std::make_integer_sequence<int, L>());
@@ -92,15 +90,6 @@ struct ZipLanes {
 template <int L, int Half>  // pairs of lanes: a01 b01 a23 b23 ... from half Half of a and b
 struct ZipPairs {
   static constexpr int at(int i) { return ((i / 2) % 2 ? L : 0) + Half * L / 2 + (i / 4) * 2 + i % 2; }
-};
-
-template <int L, int S>  // the butterfly step of a transpose: a's lanes c with bit S set from b[c - S]
-struct BlockLo {
-  static constexpr int at(int c) { return (c & S) ? L + c - S : c; }
-};
-template <int L, int S>  // ... and b's lanes c without bit S from a[c + S]
-struct BlockHi {
-  static constexpr int at(int c) { return (c & S) ? L + c : c + S; }
 };
 
 template <int L, typename F>
@@ -284,19 +273,11 @@ CNNOPS_INLINE bool grad_row_body(const float* rows, int64_t ld, int64_t tw, floa
   return finite;
 }
 
-// Transposes the L x L matrix whose rows are r[0..L-1]: log2(L) butterfly steps, each swapping the
-// off-diagonal S x S blocks.
-template <int L, int S = 1>
+// Transposes the L x L matrix whose rows are r[0..L-1] (simd_transpose.h's butterfly: Lanes<L>::V
+// is Simd<float, 4L>'s vector).
+template <int L>
 CNNOPS_INLINE void transpose(typename Lanes<L>::V* r) {
-  if constexpr (S < L) {
-    for (int i = 0; i < L; i += 2 * S)
-      for (int j = i; j < i + S; ++j) {
-        const typename Lanes<L>::V a = r[j], b = r[j + S];
-        r[j] = shuffle<L, BlockLo<L, S>>(a, b);
-        r[j + S] = shuffle<L, BlockHi<L, S>>(a, b);
-      }
-    transpose<L, 2 * S>(r);
-  }
+  transpose_block<Simd<float, L* int(sizeof(float))>>(r);
 }
 
 // Where element (i, k) of an A operand packed for the GEMM lies (gemm.h, PackedA: per kKc block of
@@ -423,8 +404,6 @@ const Kernels& kernels() {
   }();
   return chosen;
 }
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // fn(i) for i in [0, n) on the pool's threads, each taking the next index when done: under load,
 // a thread that starts late or is preempted leaves its share to the others. Each index's work is
