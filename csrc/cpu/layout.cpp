@@ -1,6 +1,6 @@
 // NCHW <-> NHWC: per sample, the C x S plane matrix and the S x C row matrix are transposes of
-// each other (S = D*H*W). Tiles of kTile x kTile are copied with reads down kTile source rows and
-// contiguous writes; both sides' lines stay in L1 for the whole tile.
+// each other (S = D*H*W). Bands of kTile source rows are transposed in L x L register blocks
+// (simd_transpose.h): each block reads L source rows and writes L whole vectors of the destination.
 #include "cpu/layout.h"
 
 #include <ATen/Dispatch.h>
@@ -11,26 +11,27 @@
 
 #include "common/macros.h"
 #include "common/conv_checks.h"
+#include "cpu/simd.h"
+#include "cpu/simd_transpose.h"
+
+// Vector values only cross always-inlined calls, so no function has a vector in its ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace cnnops {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 16;
+constexpr int64_t kTile = 16;  // source rows a task unit: a float vector of AVX-512 down each column
 
-// dst[j * rows + i] = src[i * cols + j] for one sample's rows x cols matrix, tile rows
-// [tile_begin, tile_end) of kTile source rows each.
+// dst[j * rows + i] = src[i * cols + j] for one sample's rows x cols matrix, source rows
+// [band_begin * kTile, band_end * kTile).
 template <typename T>
-void transpose_tiles(const T* __restrict src, T* __restrict dst, int64_t rows, int64_t cols, int64_t tile_begin,
-                     int64_t tile_end) {
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const int64_t i0 = t * kTile, i1 = std::min(rows, i0 + kTile);
-    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-      const int64_t j1 = std::min(cols, j0 + kTile);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
-    }
-  }
+void transpose_bands(const T* __restrict src, T* __restrict dst, int64_t rows, int64_t cols, int64_t band_begin,
+                     int64_t band_end) {
+  const int64_t i0 = band_begin * kTile, i1 = std::min(rows, band_end * kTile);
+  simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+    transpose_matrix<T, vector_bytes(decltype(isa)::value)>(src + i0 * cols, cols, i1 - i0, cols, dst + i0, rows);
+  });
 }
 
 }  // namespace
@@ -55,7 +56,7 @@ at::Tensor contiguous_as(const at::Tensor& t, at::MemoryFormat format) {
       while (begin < end) {  // a range may span samples: one call per sample's part
         const int64_t sample = begin / tiles, first = begin % tiles;
         const int64_t last = std::min(tiles, first + (end - begin));
-        transpose_tiles(src + sample * c * s, dst + sample * c * s, rows, cols, first, last);
+        transpose_bands(src + sample * c * s, dst + sample * c * s, rows, cols, first, last);
         begin += last - first;
       }
     });

@@ -1,0 +1,60 @@
+"""NCHW <-> NHWC conversion (csrc/cpu/layout.cpp's contiguous_as), which channels-last inputs the
+NCHW kernels serve go through: small maps (at most 64 positions a sample, or 256 in all) and 3-d
+layers (conv.cpp's kernel_memory_format). A 1x1 convolution with the identity weight is exact
+(each output sums x * 1 and zeros), so its output and input gradient must equal x and the
+upstream gradient bit for bit: any misplaced value of either conversion shows. Shapes go around
+the transpose's vector blocks (16 floats or 8 doubles on AVX-512, less on AVX2 and portable),
+both in channels and in positions, with every ISA's kernel."""
+
+import pytest
+import torch
+
+import cnnops.functional
+from cnnops import _C
+from conftest import run_with_cpu_isa
+
+# (channels, spatial): channel and position counts below, at and around the vector widths.
+CASES = [(c, s) for c in (1, 3, 8, 15, 16, 17, 33) for s in ((1, 1), (3, 5), (4, 4), (1, 17), (5, 7), (8, 8))]
+CASES_3D = [(c, s) for c in (3, 16, 17) for s in ((2, 3, 3), (4, 4, 4), (3, 5, 7))]
+
+
+def identity_conv_roundtrip(channels, spatial, batch, dtype):
+    dims = len(spatial)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(batch, channels, *spatial, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.eye(channels, dtype=dtype).reshape(channels, channels, *([1] * dims))
+    conv = cnnops.functional.conv2d if dims == 2 else cnnops.functional.conv3d
+    before = _C._cpu_nhwc_kernel_calls()
+    y = conv(x, w)
+    if channels > 4:  # (1-4 channels: the first-layer kernel reads channels-last itself)
+        assert _C._cpu_nhwc_kernel_calls() == before  # converted to NCHW, not the NHWC kernels
+    assert y.is_contiguous(memory_format=fmt)
+    assert torch.equal(y, x)
+    go = torch.randn_like(y).contiguous(memory_format=fmt)
+    (dx,) = torch.autograd.grad(y, (x,), go)
+    assert torch.equal(dx, go)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels,spatial", CASES + CASES_3D, ids=str)
+def test_identity_conv_converts_exactly(channels, spatial, batch, dtype):
+    identity_conv_roundtrip(channels, spatial, batch, dtype)
+
+
+ISA_CHECK = r"""
+import torch
+import cnnops
+from test_layout import CASES, CASES_3D, identity_conv_roundtrip
+print(torch.ops.cnnops.cpu_gemm_isa())
+for dtype in (torch.float32, torch.float64):
+    for channels, spatial in CASES + CASES_3D:
+        identity_conv_roundtrip(channels, spatial, 2, dtype)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_every_isa(isa):
+    result = run_with_cpu_isa(isa, "import sys; sys.path.insert(0, 'tests')\n" + ISA_CHECK, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa
