@@ -18,7 +18,12 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
+#include "cpu/simd_transpose.h"
 #include "cpu/weight_cache.h"
+
+// Vector values only cross always-inlined calls, so no function has a vector in its ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace cnnops {
 namespace cpu {
@@ -170,6 +175,23 @@ std::shared_ptr<const WeightPanels<T>> weight_panels(const ConvGeometry& g, cons
       out->data.assign(size, T(0));
     }
     T* data = out->data.data();
+    if (order == WeightOrder::TapChannel || taps == 1) {
+      // W_g's rows hold K in (tap, c) order already: each panel of a reduction block is the
+      // transpose of NR rows' kc-value runs, moved in vector blocks.
+      const int64_t k_blocks = num_blocks(k, kc_max);
+      parallel_for(0, g.groups * panels * k_blocks, 1, [&](int64_t begin, int64_t end) {
+        simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t grp = task / k_blocks / panels, p = task / k_blocks % panels;
+            const int64_t k0 = task % k_blocks * kc_max, kc = std::min(kc_max, k - k0);
+            transpose_matrix<T, vector_bytes(decltype(isa)::value)>(
+                w + (grp * m + p * nr) * k + k0, k, std::min(nr, m - p * nr), kc,
+                data + (grp * k + k0) * panels * nr + p * kc * nr, nr);
+          }
+        });
+      });
+      return out;
+    }
     // Per NR output channels and a tile of channels: the tile's taps of those rows (NR runs of
     // tile * taps values, in L1 after the first pass) go out as whole panel rows (tap, c).
     constexpr int64_t tile = 16;
@@ -210,9 +232,15 @@ std::unique_ptr<const WeightPanels<T>> weight_panels_by_rows(const ConvGeometry&
       const int64_t grp = task / m_blocks / panels, p = task / m_blocks % panels, m0 = task % m_blocks * kc_max;
       const int64_t mc = std::min(kc_max, m - m0);
       T* dst = data + (grp * m + m0) * panels * nr + p * mc * nr;
+      const int64_t width = std::min(nr, k - p * nr);
+      const bool runs = order == WeightOrder::TapChannel || g.kernel_volume() == 1;  // columns in (tap, c) order
       for (int64_t i = 0; i < mc; ++i) {
         const T* src = w + (grp * m + m0 + i) * k;
-        for (int64_t j = 0; j < std::min(nr, k - p * nr); ++j) {
+        if (runs) {
+          std::copy_n(src + p * nr, width, dst + i * nr);
+          continue;
+        }
+        for (int64_t j = 0; j < width; ++j) {
           const int64_t col = p * nr + j;  // (tap, c)
           dst[i * nr + j] = src[weight_column(g, order, col % cg, col / cg)];
         }
