@@ -22,9 +22,6 @@
 #include "cpu/simd_transpose.h"
 #include "cpu/weight_cache.h"
 
-// Vector values only cross always-inlined calls, so no function has a vector in its ABI.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace cnnops {
 namespace cpu {
 namespace {

@@ -14,9 +14,6 @@
 #include "cpu/simd.h"
 #include "cpu/simd_transpose.h"
 
-// Vector values only cross always-inlined calls, so no function has a vector in its ABI.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace cnnops {
 namespace cpu {
 namespace {
