@@ -7,10 +7,11 @@ the same run on the same tensors (same dtype and memory layout).
 The suite: the 3x3 and 1x1 convolutions of ResNet-50 at batch 8, depthwise 3x3, the strided
 7x7 stem, one conv1d and one conv3d case, each forward and forward+backward; plus channels_last
 variants of the 2d cases (all of them on CUDA, two on the CPU). Then depthwise 5x5 and stride-2
-layers, squeeze-excitation 1x1 convolutions on 1x1 maps, batch-1 layers ("b1 ..."), RegNet's
-grouped layers ("regnet ..."), first layers ("first 3x3 s2 3->16", "3->32": MobileNetV3's and
-EfficientNet's, no input gradient, batch 8 and 1), and on the CPU channels_last (NDHWC for conv3d)
-variants of the first layers and of nine more cases.
+layers, squeeze-excitation 1x1 convolutions on 1x1 maps, ResNet-50's downsampling layers (3x3 and
+1x1 stride 2), batch-1 layers ("b1 ..."), RegNet's grouped layers ("regnet ..."), first layers
+("first 3x3 s2 3->16", "3->32": MobileNetV3's and EfficientNet's, no input gradient, batch 8 and 1),
+and on the CPU channels_last (NDHWC for conv3d) variants of the first layers and of eleven more
+cases.
 
 Forward is timed under torch.no_grad(). Forward+backward is one forward and
 torch.autograd.grad for input, weight and bias (no input gradient for the stem, whose input is
@@ -94,6 +95,9 @@ def suite(device):
         Case("dw 3x3 s2 96", 2, 8, 96, 96, (112, 112), 3, stride=2, padding=1, groups=96, bias=True),
         Case("se 1x1 576->144", 2, 8, 576, 144, (1, 1), 1, bias=True),
         Case("se 1x1 144->576", 2, 8, 144, 576, (1, 1), 1, bias=True),
+        # ResNet-50's downsampling layers: the bottleneck's strided 3x3 and the strided 1x1 shortcut
+        Case("r50 3x3 s2 128", 2, 8, 128, 128, (56, 56), 3, stride=2, padding=1),
+        Case("r50 1x1 s2 512->1024", 2, 8, 512, 1024, (28, 28), 1, stride=2),
     ]
     batch1 = [
         Case("b1 r50 3x3 64", 2, 1, 64, 64, (56, 56), 3, padding=1),
@@ -122,7 +126,8 @@ def suite(device):
         named = {c.name: c for c in cases}
         cases += [dataclasses.replace(named[n], channels_last=True) for n in
                   ("r50 3x3 512", "r50 1x1 1024->256", "dw 3x3 64", "stem 7x7 s2", "conv3d 3x3x3",
-                   "b1 r50 3x3 512", "regnet g6 48", "regnet g13 s2 104", "b1 stem 7x7 s2")]
+                   "b1 r50 3x3 512", "regnet g6 48", "regnet g13 s2 104", "b1 stem 7x7 s2", "r50 3x3 s2 128",
+                   "r50 1x1 s2 512->1024")]
         cases += [dataclasses.replace(c, channels_last=True) for c in first]
     return cases
 
