@@ -31,6 +31,8 @@ from conftest import (
 )
 
 MIN_GRID_EFFICIENCY = 0.85  # kMinGridEfficiency in conv_nhwc.cpp
+MIN_GRID_EFFICIENCY_NARROW = 0.7  # kMinGridEfficiencyNarrow: at most NARROW_OUTPUTS output channels a group
+NARROW_OUTPUTS = 128
 GEMM_KC = cnnops._C.gemm_spec()["kc"]
 
 
@@ -50,7 +52,8 @@ def path(dims, n, cin, cout, spatial, kernel, stride=1, padding=0, dilation=1, g
         fwd = "in_place"
     elif grid == out:
         fwd = "direct"
-    elif math.prod(out) / math.prod(grid) >= MIN_GRID_EFFICIENCY:
+    elif math.prod(out) / math.prod(grid) >= (MIN_GRID_EFFICIENCY_NARROW if cout // groups <= NARROW_OUTPUTS
+                                              else MIN_GRID_EFFICIENCY):
         fwd = "grid"
     else:
         fwd = "packed"
@@ -69,7 +72,7 @@ CASES = {
     "grid_groups_full_panels": (2, 1, 32, 64, (29, 31), 3, dict(stride=2, padding=1, groups=2)),
     # Three blocks of output rows on one thread, four on two (conv_nhwc.cpp's row_blocks).
     "grid_three_blocks": (2, 4, 8, 12, (29, 29), 3, dict(stride=2, padding=1)),
-    "packed_three_blocks": (2, 20, 8, 12, (13, 11), 3, dict(stride=2, padding=1)),
+    "packed_three_blocks": (2, 34, 8, 12, (9, 9), 3, dict(stride=2, padding=1)),  # 69% of the grid
     "grid_s3_k2": (2, 3, 6, 10, (31, 29), 2, dict(stride=3)),  # two of three phases used per dim
     "grid_s2_dil2": (2, 2, 5, 7, (60, 62), 3, dict(stride=2, dilation=2, padding=2)),  # one phase
     "grid_stride_tuple": (2, 2, 8, 9, (27, 33), 3, dict(stride=(2, 1), padding=1)),
@@ -77,7 +80,10 @@ CASES = {
     "grid_groups": (2, 2, 16, 12, (31, 29), 3, dict(stride=2, padding=1, groups=2)),
     "grid_3d": (3, 2, 4, 6, (3, 30, 28), (1, 3, 3), dict(stride=(1, 2, 2), padding=(0, 1, 1))),
     "packed_3d": (3, 2, 4, 6, (8, 12, 14), 3, dict(stride=(1, 2, 2), padding=1)),
-    "packed_s1_dilation": (2, 1, 8, 12, (30, 28), 3, dict(padding=1, dilation=(1, 2))),
+    "packed_s1_dilation": (2, 1, 8, 12, (30, 28), 3, dict(padding=1, dilation=(1, 4))),
+    # 14x14 keeps 77% of the grid: the grid for at most 128 output channels, packed above
+    "grid_narrow_14x14": (2, 2, 16, 32, (14, 14), 3, dict(padding=1)),
+    "packed_wide_14x14": (2, 1, 8, 136, (14, 14), 3, dict(padding=1)),
     "packed_s2_small": (2, 3, 8, 37, (9, 7), 3, dict(stride=2, padding=1)),
     "packed_7x7": (2, 3, 16, 20, (7, 7), 3, dict(padding=1)),
     "packed_long_k": (2, 2, 32, 40, (6, 5), 3, dict(padding=1)),  # K = 288
@@ -135,7 +141,16 @@ def test_cases_reach_every_path():
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_torch(name, dtype):
     dims, x, w, b, kwargs = case_tensors(name, dtype)
-    before = _C._cpu_nhwc_kernel_calls()
+    before, packed_before = _C._cpu_nhwc_kernel_calls(), _C._cpu_nhwc_packed_forward_calls()
+    routes_before = _C._cpu_conv_forward_routes()
+    with torch.no_grad():  # the forward alone: which of the grid and packed kernels ran
+        getattr(cnnops.functional, f"conv{dims}d")(x, w, b, **kwargs)
+    routes = {k for k, v in _C._cpu_conv_forward_routes().items() if v > routes_before[k]}
+    if "nhwc" in routes:
+        packed = _C._cpu_nhwc_packed_forward_calls() - packed_before
+        assert packed == path(*CASES[name][:6], **kwargs)[0].startswith("packed"), (name, packed)
+    else:  # up to 4 input channels (a group): the direct first-layer and narrow-group kernels
+        assert x.numel() == 0 or routes <= {"first_layer", "grouped", "space_to_depth"}, (name, routes)
     check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
     if x.numel() > 0:  # (an empty input has no memory format to suggest)
         assert _C._cpu_nhwc_kernel_calls() > before  # the NHWC kernels ran, not a conversion to NCHW

@@ -131,6 +131,8 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
 // where conv.cpp's speed rules (small maps, 3-d) would convert to NCHW; and how many calls did.
 void set_nhwc_kernels_forced(bool on);
 int64_t nhwc_kernel_call_count();
+// Tests: NHWC forward calls that packed their im2col rows instead of reading the phase grid.
+int64_t nhwc_packed_forward_count();
 // Tests: calls of each forward kernel conv_forward_any picks (also for grad input's transposed
 // problem), by route name.
 std::vector<std::pair<std::string, int64_t>> conv_forward_route_counts();

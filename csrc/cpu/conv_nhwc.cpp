@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -385,19 +386,39 @@ void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, c
 }  // namespace
 
 // Grids where at least this share of the rows are outputs read A in place; the rest pack it.
-// (stride 1: 14x14 maps keep 88% of the grid and 56x56 97%; 7x7 maps 64%.)
+// (stride 1: 14x14 maps keep 77% of the grid, 28x28 87%, 56x56 97%; 7x7 maps 60%.) Packing an
+// im2col row costs about as much as its product with a few B panels, so layers with at most
+// kNarrowOutputs output channels a group take the grid from a lower share (DenseNet's 128->32 3x3
+// at 14x14, batch 8, 1 thread: torch/cnnops 0.37 packed, 0.65 on the grid; 256->256: level).
 constexpr double kMinGridEfficiency = 0.85;
+constexpr double kMinGridEfficiencyNarrow = 0.7;
+constexpr int64_t kNarrowOutputs = 128;
+
+namespace {
+
+std::atomic<int64_t> packed_forward_calls{0};
+
+bool use_phase_grid(const ConvGeometry& g) {
+  const bool narrow = g.out_channels_per_group() <= kNarrowOutputs;
+  return phase_grid_efficiency(g) >= (narrow ? kMinGridEfficiencyNarrow : kMinGridEfficiency);
+}
+
+}  // namespace
 
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
                        Activation activation) {
   const PhaseGrid<T> grid = make_phase_grid(g, x);
   const auto panels = weight_panels(g, w, order);
-  if (phase_grid_efficiency(g) >= kMinGridEfficiency)
+  if (use_phase_grid(g)) {
     conv_forward_nhwc_grid(g, grid, *panels, bias, y, activation);
-  else
+  } else {
+    packed_forward_calls.fetch_add(1, std::memory_order_relaxed);
     conv_forward_nhwc_packed(g, grid, *panels, bias, y, activation);
+  }
 }
+
+int64_t nhwc_packed_forward_count() { return packed_forward_calls.load(std::memory_order_relaxed); }
 
 // dW_t[co, (tap, c)] = sum over positions r of dY[r, co] * im2col[r, (tap, c)]: A = dY^T over a
 // chunk of positions, B = the chunk's im2col rows, copied from the phase grid a panel row (NR

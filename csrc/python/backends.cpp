@@ -75,6 +75,11 @@ PyObject* cpu_nhwc_kernel_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::nhwc_kernel_call_count());
 }
 
+// _cpu_nhwc_packed_forward_calls() -> int: NHWC forward calls that packed im2col rows (tests)
+PyObject* cpu_nhwc_packed_forward_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_packed_forward_count());
+}
+
 // _cpu_conv_forward_routes() -> dict[str, int]: calls of each CPU forward kernel (tests)
 PyObject* cpu_conv_forward_routes(PyObject* /*module*/, PyObject* /*unused*/) {
   PyObject* out = PyDict_New();
@@ -119,6 +124,8 @@ PyMethodDef methods[] = {
      "tests: True runs the channels-last kernels wherever they serve, past the speed rules"},
     {"_cpu_nhwc_kernel_calls", cpu_nhwc_kernel_calls, METH_NOARGS,
      "number of convolution calls that ran the channels-last kernels"},
+    {"_cpu_nhwc_packed_forward_calls", cpu_nhwc_packed_forward_calls, METH_NOARGS,
+     "number of channels-last forward calls that packed their im2col rows (not the phase grid)"},
     {"_cpu_conv_forward_routes", cpu_conv_forward_routes, METH_NOARGS,
      "calls of each CPU convolution forward kernel, by route name"},
     {"_cpu_window_backward_calls", cpu_window_backward_calls, METH_NOARGS,
