@@ -63,12 +63,12 @@ def test_default_size_rules():
     layer (196 tiles), not a 512-channel 7x7 layer at batch 1 (4 tiles, 37 MB of transformed
     weights) nor a layer with few channels, nor a grouped layer of fewer than 64 channels a group
     (ResNeXt's 32 groups of 4 to 32), while 64 a group still pays; nor a layer with fewer than 64
-    output channels on maps the 4x4 tiles do not divide (DenseNet's 128->32 at 14x14: its forward
-    runs direct, its grad input, 32->128, still Winograd), while the same layer at 28x28 still pays."""
+    channels on either side on maps the 4x4 tiles do not divide (DenseNet's 128->32 at 14x14, forward
+    and grad input, 32->128), while the same layer at 28x28 still pays."""
     _C._set_cpu_winograd_min_tiles(-1)
     cases = [((1, 64, 56, 56), (64, 64, 3, 3), 1, 2), ((1, 512, 7, 7), (512, 512, 3, 3), 1, 0),
              ((1, 8, 56, 56), (8, 8, 3, 3), 1, 0), ((1, 128, 56, 56), (128, 32, 3, 3), 4, 0),
-             ((1, 128, 56, 56), (128, 64, 3, 3), 2, 2), ((8, 128, 14, 14), (32, 128, 3, 3), 1, 1),
+             ((1, 128, 56, 56), (128, 64, 3, 3), 2, 2), ((8, 128, 14, 14), (32, 128, 3, 3), 1, 0),
              ((2, 128, 28, 28), (32, 128, 3, 3), 1, 2), ((8, 128, 14, 14), (64, 128, 3, 3), 1, 2)]
     for x_shape, w_shape, groups, expected in cases:
         x = torch.randn(x_shape, requires_grad=True)

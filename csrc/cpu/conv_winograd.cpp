@@ -447,11 +447,12 @@ bool use_winograd(const ConvGeometry& g) {
   const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
   const int64_t min_channels = g.groups > 1 ? 64 : 16;
   if (cin < min_channels || cout < min_channels || g.out[1] < 4 || g.out[2] < 4) return false;
-  // Narrow outputs on maps the tiles do not divide: the input transform of C_in channels outweighs
-  // GEMMs only C_out wide, and a quarter of the tiles is waste (DenseNet's 128->32 at 14x14, batch 8,
-  // 1 thread, torch/cnnops: Winograd 0.60 NCHW and 0.46 channels-last, the direct paths 0.74 and 0.65).
+  // Few channels on either side, on maps the tiles do not divide: the transforms (C_in + C_out values
+  // a tile) outweigh GEMMs of C_in x C_out, and a quarter of the tiles is waste (DenseNet's 128->32 at
+  // 14x14, batch 8, 1 thread, torch/cnnops: forward 0.60 NCHW and 0.46 channels-last, the direct
+  // paths 0.74 and 0.65; its channels-last grad input, 32->128: 0.55, direct 0.66).
   const int64_t covered = num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile) * kTile * kTile;
-  if (cout < 64 && double(g.out[1] * g.out[2]) < 0.85 * double(covered)) return false;
+  if (std::min(cin, cout) < 64 && double(g.out[1] * g.out[2]) < 0.85 * double(covered)) return false;
   const double tiles = double(g.batch) * double(num_blocks(g.out[1], kTile)) * double(num_blocks(g.out[2], kTile));
   const double weight_bytes = double(kPositions) * double(g.out_channels) * double(cin) * sizeof(float);
   return tiles >= (weight_bytes > 16e6 ? 128 : 64);
