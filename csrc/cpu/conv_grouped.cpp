@@ -38,6 +38,10 @@
 #include "cpu/simd_transpose.h"
 #include "cpu/simd_vec.h"
 
+#if CNNOPS_X86
+#include <immintrin.h>
+#endif
+
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -135,6 +139,66 @@ CNNOPS_ALWAYS_INLINE T lane_sum(const T* lanes) {
   return total;
 }
 
+#if CNNOPS_X86
+// Float rows narrower than a few vectors (7 and 28 values at RegNet's stride-2 layers): masked loads
+// and stores, where the loops of single values (and their mispredicted exits) were a third of the
+// NCHW grad-weight time at 14x14 stride 2. Masked-off lanes are not read, so no read passes a row.
+CNNOPS_TARGET_AVX512 inline __mmask16 first_lanes_avx512(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+
+// dst[h * dst_row + w] = src[h * src_row + w * step] for h < rows, w < cols, step 1 or 2.
+CNNOPS_TARGET_AVX512 void copy_rows_avx512(const float* src, int64_t src_row, int64_t step, int64_t rows, int64_t cols,
+                                           float* dst, int64_t dst_row) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t h = 0; h < rows; ++h) {
+    const float* from = src + h * src_row;
+    float* to = dst + h * dst_row;
+    for (int64_t w = 0; w < cols; w += 16) {
+      const __mmask16 out = first_lanes_avx512(cols - w);
+      if (step == 1) {
+        _mm512_mask_storeu_ps(to + w, out, _mm512_maskz_loadu_ps(out, from + w));
+      } else {  // values 2w .. 2(w + n - 1): 2n - 1 of them
+        const int64_t span = 2 * std::min<int64_t>(16, cols - w) - 1;
+        const __m512 a = _mm512_maskz_loadu_ps(first_lanes_avx512(span), from + 2 * w);
+        const __m512 b = _mm512_maskz_loadu_ps(first_lanes_avx512(std::max<int64_t>(0, span - 16)), from + 2 * w + 16);
+        _mm512_mask_storeu_ps(to + w, out, _mm512_permutex2var_ps(a, even, b));
+      }
+    }
+  }
+}
+#endif
+
+// dst[h * dst_row + w] = src[h * src_row + w * step] for h < rows, w < cols: the AVX-512 loop above for
+// float, else plain loops (step 2: the even lanes of two vectors, the last read below src[2 * cols - 2]).
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void copy_rows(const T* src, int64_t src_row, int64_t step, int64_t rows, int64_t cols, T* dst,
+                                    int64_t dst_row) {
+#if CNNOPS_X86
+  if constexpr (BYTES == 64 && std::is_same_v<T, float>) {
+    if (step <= 2) return copy_rows_avx512(src, src_row, step, rows, cols, dst, dst_row);
+  }
+#endif
+  using V = Simd<T, BYTES>;
+  constexpr int L = V::lanes;
+  for (int64_t h = 0; h < rows; ++h) {
+    const T* from = src + h * src_row;
+    T* to = dst + h * dst_row;
+    if (step == 1) {  // a row copy the compiler vectorizes
+      for (int64_t w = 0; w < cols; ++w) to[w] = from[w];
+    } else if (step == 2) {
+      typename V::mask even;
+      for (int l = 0; l < L; ++l) even[l] = 2 * l;
+      int64_t w = 0;
+      for (; w + L < cols; w += L)
+        V::store(to + w, __builtin_shuffle(V::load(from + 2 * w), V::load(from + 2 * w + L), even));
+      for (; w < cols; ++w) to[w] = from[2 * w];
+    } else {
+      for (int64_t w = 0; w < cols; ++w) to[w] = from[w * step];
+    }
+  }
+}
+
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
 template <typename T, int BYTES>
@@ -153,31 +217,18 @@ CNNOPS_ALWAYS_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p,
       }
     return;
   }
+  // NCHW: per channel and phase, the plane rows that hold input, each from every S_w-th value of a row
   for (int64_t c = 0; c < count; ++c) {
     const T* src = x + n * lx.sample + (c0 + c) * lx.channel;
-    for (int64_t qh = 0; qh < sh; ++qh)
-      for (int64_t i = p.row_lo[qh]; i < p.row_hi[qh]; ++i) {
-        const T* row = src + (i * sh + qh - g.pad[1]) * lx.row;
-        for (int64_t qw = 0; qw < sw; ++qw) {
-          T* dst = buf + c * p.channel + (qh * sw + qw) * p.phase + i * p.wq;
-          const T* from = row + qw - g.pad[2];
-          const int64_t lo = p.col_lo[qw], hi = p.col_hi[qw];
-          if (sw == 1) {  // a row copy the compiler vectorizes
-            for (int64_t j = lo; j < hi; ++j) dst[j] = from[j];
-          } else if (sw == 2) {  // even lanes of two vectors; the last read stays below from[2 * hi - 2]
-            using V = Simd<T, BYTES>;
-            constexpr int L = V::lanes;
-            typename V::mask even;
-            for (int l = 0; l < L; ++l) even[l] = 2 * l;
-            int64_t j = lo;
-            for (; j + L < hi; j += L)
-              V::store(dst + j, __builtin_shuffle(V::load(from + 2 * j), V::load(from + 2 * j + L), even));
-            for (; j < hi; ++j) dst[j] = from[2 * j];
-          } else {
-            for (int64_t j = lo; j < hi; ++j) dst[j] = from[j * sw];
-          }
-        }
+    for (int64_t qh = 0; qh < sh; ++qh) {
+      const int64_t i0 = p.row_lo[qh], rows = p.row_hi[qh] - i0;
+      for (int64_t qw = 0; qw < sw; ++qw) {
+        const int64_t lo = p.col_lo[qw], hi = p.col_hi[qw];
+        if (rows > 0 && hi > lo)
+          copy_rows<T, BYTES>(src + (i0 * sh + qh - g.pad[1]) * lx.row + lo * sw + qw - g.pad[2], sh * lx.row, sw, rows,
+                              hi - lo, buf + c * p.channel + (qh * sw + qw) * p.phase + i0 * p.wq + lo, p.wq);
       }
+    }
   }
 }
 
@@ -188,11 +239,7 @@ CNNOPS_ALWAYS_INLINE void gather_planes(const T* src, const Layout& l, int64_t c
                                         T* dst, int64_t dst_stride, int64_t dst_row) {
   if (l.col == 1) {
     for (int64_t m = 0; m < count; ++m)
-      for (int64_t h = 0; h < rows; ++h) {
-        const T* from = src + m * l.channel + h * l.row;
-        T* to = dst + m * dst_stride + h * dst_row;
-        for (int64_t w = 0; w < cols; ++w) to[w] = from[w];
-      }
+      copy_rows<T, BYTES>(src + m * l.channel, l.row, 1, rows, cols, dst + m * dst_stride, dst_row);
     return;
   }
   for (int64_t h = 0; h < rows; ++h)
@@ -201,19 +248,20 @@ CNNOPS_ALWAYS_INLINE void gather_planes(const T* src, const Layout& l, int64_t c
 
 // The reverse for NCHW, onto every row_step-th row and col_step-th column:
 // dst[m * channel + h * row_step * row + w * col_step] = src[m * src_stride + h * src_row + w].
-template <typename T>
+template <typename T, int BYTES>
 CNNOPS_ALWAYS_INLINE void scatter_planes(const T* src, int64_t src_stride, int64_t src_row, int64_t count, int64_t rows,
                                          int64_t cols, T* dst, const Layout& l, int64_t row_step, int64_t col_step) {
-  for (int64_t m = 0; m < count; ++m)
+  for (int64_t m = 0; m < count; ++m) {
+    if (col_step == 1) {
+      copy_rows<T, BYTES>(src + m * src_stride, src_row, 1, rows, cols, dst + m * l.channel, row_step * l.row);
+      continue;
+    }
     for (int64_t h = 0; h < rows; ++h) {
       const T* from = src + m * src_stride + h * src_row;
       T* to = dst + m * l.channel + h * row_step * l.row;
-      if (col_step == 1) {
-        for (int64_t w = 0; w < cols; ++w) to[w] = from[w];
-      } else {
-        for (int64_t w = 0; w < cols; ++w) to[w * col_step] = from[w];
-      }
+      for (int64_t w = 0; w < cols; ++w) to[w * col_step] = from[w];
     }
+  }
 }
 
 // out[m * out_stride + p] = act(bias[m] + sum over entries e of wt[e * w_stride + m] * src[offset[e] + p])
@@ -393,8 +441,8 @@ CNNOPS_ALWAYS_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_
   fill_phases<T, BYTES>(g, p, j.x, j.lx, n, grp * cg, cg, buf);
   correlate<T, BYTES>(buf, j.offset, j.entries, j.wt + grp * j.entries * m_count, m_count,
                       j.bias ? j.bias + grp * m_count : nullptr, j.relu, p.padded, tile);
-  scatter_planes(tile, p.padded, p.wq, m_count, g.out[1], g.out[2],
-                 j.y + n * j.ly.sample + grp * m_count * j.ly.channel, j.ly, 1, 1);
+  scatter_planes<T, BYTES>(tile, p.padded, p.wq, m_count, g.out[1], g.out[2],
+                           j.y + n * j.ly.sample + grp * m_count * j.ly.channel, j.ly, 1, 1);
 }
 
 // forward_task for groups [g0, g1) of channels-last sample n: their channels of each pixel row are
@@ -437,7 +485,7 @@ CNNOPS_ALWAYS_INLINE void forward_rows(const ForwardJob<T>& j, const T* planes, 
                       j.wt + grp * j.entries * m_count, m_count, j.bias ? j.bias + grp * m_count : nullptr, j.relu,
                       padded, tile);
   T* y = j.y + n * j.ly.sample + grp * m_count * j.ly.channel + oh0 * j.ly.row;
-  if (j.ly.col == 1) return scatter_planes(tile, padded, p.wq, m_count, oh1 - oh0, g.out[2], y, j.ly, 1, 1);
+  if (j.ly.col == 1) return scatter_planes<T, BYTES>(tile, padded, p.wq, m_count, oh1 - oh0, g.out[2], y, j.ly, 1, 1);
   for (int64_t oh = 0; oh < oh1 - oh0; ++oh)
     transpose_matrix<T, BYTES>(tile + oh * p.wq, padded, m_count, g.out[2], y + oh * j.ly.row, g.out_channels);
 }
@@ -536,7 +584,8 @@ CNNOPS_ALWAYS_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t gr
     } else {  // no tap reaches these dX positions
       for (int64_t c = 0; c < cg; ++c) std::fill(tile + c * ph.padded, tile + (c + 1) * ph.padded, T(0));
     }
-    scatter_planes(tile, ph.padded, plan.wd, cg, ph.ni, ph.nj, dx + ph.a * j.ldx.row + ph.b * j.ldx.col, j.ldx, sh, sw);
+    scatter_planes<T, BYTES>(tile, ph.padded, plan.wd, cg, ph.ni, ph.nj, dx + ph.a * j.ldx.row + ph.b * j.ldx.col,
+                             j.ldx, sh, sw);
   }
 }
 
