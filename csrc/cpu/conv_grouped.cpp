@@ -167,6 +167,22 @@ CNNOPS_TARGET_AVX512 void copy_rows_avx512(const float* src, int64_t src_row, in
     }
   }
 }
+
+// dst[h * dst_row + 2 * w] = src[h * src_row + w] for h < rows, w < cols (a stride-2 grad input phase into
+// dX): 8 values a masked store of the even lanes, leaving the odd ones (the other phase's) alone.
+CNNOPS_TARGET_AVX512 void spread_rows_avx512(const float* src, int64_t src_row, int64_t rows, int64_t cols, float* dst,
+                                             int64_t dst_row) {
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  for (int64_t h = 0; h < rows; ++h) {
+    const float* from = src + h * src_row;
+    float* to = dst + h * dst_row;
+    for (int64_t w = 0; w < cols; w += 8) {
+      const int64_t n = std::min<int64_t>(8, cols - w);
+      const __m512 v = _mm512_maskz_loadu_ps(first_lanes_avx512(n), from + w);
+      _mm512_mask_storeu_ps(to + 2 * w, first_lanes_avx512(2 * n) & __mmask16(0x5555), _mm512_permutexvar_ps(twice, v));
+    }
+  }
+}
 #endif
 
 // dst[h * dst_row + w] = src[h * src_row + w * step] for h < rows, w < cols: the AVX-512 loop above for
@@ -256,6 +272,14 @@ CNNOPS_ALWAYS_INLINE void scatter_planes(const T* src, int64_t src_stride, int64
       copy_rows<T, BYTES>(src + m * src_stride, src_row, 1, rows, cols, dst + m * l.channel, row_step * l.row);
       continue;
     }
+#if CNNOPS_X86
+    if constexpr (BYTES == 64 && std::is_same_v<T, float>) {
+      if (col_step == 2) {
+        spread_rows_avx512(src + m * src_stride, src_row, rows, cols, dst + m * l.channel, row_step * l.row);
+        continue;
+      }
+    }
+#endif
     for (int64_t h = 0; h < rows; ++h) {
       const T* from = src + m * src_stride + h * src_row;
       T* to = dst + m * l.channel + h * row_step * l.row;
