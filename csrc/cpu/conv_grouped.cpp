@@ -85,7 +85,7 @@ Layout activation_layout(int64_t channels, int64_t h, int64_t w, bool nhwc) {
 // `samples` planes back to back, so one grid runs over several samples (small maps).
 struct PhaseGrid {
   int64_t hq, wq, plane, samples;       // a plane is hq x wq, one sample's
-  int64_t phase, channel;               // a phase is `samples` planes; a channel S_h * S_w phases
+  int64_t phase, channel;               // a phase is `samples` planes; a channel S_h * S_w phases and a gap
   int64_t sample_points;                // one plane's grid points up to its last output
   int64_t points, padded;               // the whole grid's, and rounded up to 2 vectors
   std::vector<int64_t> tap_offset;      // per tap (kh, kw), within a channel's planes
@@ -101,7 +101,10 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) 
   p.plane = checked_numel({p.hq, p.wq}, "grouped conv (phase plane)", true);
   p.samples = samples;
   p.phase = checked_numel({samples, p.plane}, "grouped conv (phase planes)", true);
-  p.channel = checked_numel({sh, sw, p.phase}, "grouped conv (phase planes)", true);
+  // Channels an odd number of cache lines apart: at a multiple of 4 KB (8 samples of 8 x 8 planes) the
+  // transposes' stores and the sweeps' loads of 16 channels all fell in one L1 set.
+  const int64_t lines = num_blocks(checked_numel({sh, sw, p.phase}, "grouped conv (phase planes)", true), 16);
+  p.channel = checked_numel({lines + 1 - lines % 2, 16}, "grouped conv (phase planes)", true);
   p.sample_points = (g.out[1] - 1) * p.wq + g.out[2];
   p.points = (samples - 1) * p.plane + p.sample_points;
   p.padded = round_up(p.points, 2 * lanes);
@@ -691,6 +694,40 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
       j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = lane_sum<T, L>(sum + (mm * entries + e) * L);
 }
 
+// weight_task for the groups [g0, g1) of channels-last tensors, whole (chunks == 1): their channels of each
+// pixel are transposed at once, a vector of channels wide (as forward_groups), where one group's few
+// values of each pixel, hundreds apart, read alone missed the cache (and half of each line read twice).
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64_t g1, T* buf, T* dyg,
+                                        const typename Simd<T, BYTES>::int_type* mask_full,
+                                        const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset) {
+  const ConvGeometry& g = *j.g;
+  const PhaseGrid& p = *j.grid;
+  const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const int64_t taps = int64_t(p.tap_offset.size()), entries = cg * taps, kv = m_count * entries;
+  const int64_t cin = (g1 - g0) * cg, cout = (g1 - g0) * m_count;
+  fill_entry_offsets(p, cg, offset);
+  constexpr int L = Simd<T, BYTES>::lanes;
+  std::fill(sum, sum + (g1 - g0) * kv * L, T(0));
+  for (int64_t n0 = 0; n0 < g.batch; n0 += p.samples) {  // p.samples samples a pass, in order
+    const int64_t active = std::min(p.samples, g.batch - n0);
+    for (int64_t s = 0; s < active; ++s) {
+      fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, g0 * cg, cin, buf + s * p.plane);
+      gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + g0 * m_count * j.ldy.channel, j.ldy, cout, g.out[1],
+                              g.out[2], dyg + s * p.plane, p.padded, p.wq);
+    }
+    const auto* mask = active == p.samples ? mask_full : mask_last;
+    const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
+    if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
+      for (int64_t m = 0; m < cout; ++m)
+        std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
+    for (int64_t grp = g0; grp < g1; ++grp)
+      weight_sweep<T, BYTES>(buf + (grp - g0) * cg * p.channel, offset, entries, dyg + (grp - g0) * m_count * p.padded,
+                             p.padded, m_count, mask, limit, sum + (grp - g0) * kv * L);
+  }
+  for (int64_t i = 0; i < (g1 - g0) * kv; ++i) j.dw[g0 * kv + i] = lane_sum<T, L>(sum + i * L);
+}
+
 // dY of every sample laid on the grid of PhaseGrid p, once, in parallel, for the first-layer grad-weight
 // tasks: row (q * C_out + m) of pass q, p.padded values, zero off the outputs (dropped columns, the last
 // pass's unused samples). Blocks of 16 channels: whole cache lines of a channels-last pixel.
@@ -929,6 +966,23 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
         for (int64_t t = 1; t < per_group; ++t) total += part[t * kv];
         dw[i] = total;
       }
+    });
+    return;
+  }
+  if (nhwc && chunks == 1) {  // tasks: blocks of groups a vector of channels wide (weight_groups)
+    const int64_t block = std::clamp<int64_t>(lanes / cg, 1, g.groups), blocks = num_blocks(g.groups, block);
+    const int64_t block_buf = checked_numel({block * cg, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
+    const int64_t block_dyg = checked_numel({block * m_count, p.padded}, "grouped conv (grad output grid)", true);
+    const int64_t block_sum = checked_numel({block, m_count, cg, taps, lanes}, "grouped conv (grad weight sums)", true);
+    parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(block_buf, T(0)), dyg(block_dyg, T(0)), sum(block_sum);
+      std::vector<int64_t> offset(cg * taps);
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+        constexpr int B = vector_bytes(decltype(isa)::value);
+        for (int64_t b = begin; b < end; ++b)
+          weight_groups<T, B>(j, b * block, std::min(g.groups, (b + 1) * block), buf.data(), dyg.data(),
+                              mask_full.data(), mask_last.data(), sum.data(), offset.data());
+      });
     });
     return;
   }
