@@ -280,3 +280,12 @@ def test_direct_reduced_precision(dtype):
         before = direct_calls()
         check_conv_against_torch(2, x, w, b, {"stride": stride, "padding": 1, "groups": 2}, dtype, grad_layout=layout)
         assert direct_calls() - before == 3
+
+
+@pytest.mark.parametrize("width", [15, 16, 17, 31, 32, 33, 34, 35])
+def test_direct_row_widths(width):
+    """Rows of the phase planes, dY and dX phases around one and two vectors (the AVX-512 masked row
+    copies and the stride-2 spreads into dX), odd and even widths, padding 0 and 1, batch 1 and 2."""
+    for layout, stride, padding in itertools.product(LAYOUTS, (1, 2), (0, 1)):
+        check_direct(1, 8, 8, 2, (5, width), 3, {"stride": stride, "padding": padding}, torch.float32, layout)
+    check_direct(2, 4, 4, 3, (4, width), 3, {"stride": 2, "padding": 1}, torch.float64, "contiguous")
