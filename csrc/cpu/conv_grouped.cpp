@@ -697,10 +697,12 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
 // weight_task for the groups [g0, g1) of channels-last tensors, whole (chunks == 1): their channels of each
 // pixel are transposed at once, a vector of channels wide (as forward_groups), where one group's few
 // values of each pixel, hundreds apart, read alone missed the cache (and half of each line read twice).
+// Runs the passes [q0, q1) and writes the block's sums to out (dW's layout from group g0 on).
 template <typename T, int BYTES>
-CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64_t g1, T* buf, T* dyg,
-                                        const typename Simd<T, BYTES>::int_type* mask_full,
-                                        const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset) {
+CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64_t g1, int64_t q0, int64_t q1, T* buf,
+                                        T* dyg, const typename Simd<T, BYTES>::int_type* mask_full,
+                                        const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset,
+                                        T* out) {
   const ConvGeometry& g = *j.g;
   const PhaseGrid& p = *j.grid;
   const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
@@ -709,7 +711,7 @@ CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64
   fill_entry_offsets(p, cg, offset);
   constexpr int L = Simd<T, BYTES>::lanes;
   std::fill(sum, sum + (g1 - g0) * kv * L, T(0));
-  for (int64_t n0 = 0; n0 < g.batch; n0 += p.samples) {  // p.samples samples a pass, in order
+  for (int64_t n0 = q0 * p.samples; n0 < std::min(g.batch, q1 * p.samples); n0 += p.samples) {
     const int64_t active = std::min(p.samples, g.batch - n0);
     for (int64_t s = 0; s < active; ++s) {
       fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, g0 * cg, cin, buf + s * p.plane);
@@ -725,7 +727,7 @@ CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64
       weight_sweep<T, BYTES>(buf + (grp - g0) * cg * p.channel, offset, entries, dyg + (grp - g0) * m_count * p.padded,
                              p.padded, m_count, mask, limit, sum + (grp - g0) * kv * L);
   }
-  for (int64_t i = 0; i < (g1 - g0) * kv; ++i) j.dw[g0 * kv + i] = lane_sum<T, L>(sum + i * L);
+  for (int64_t i = 0; i < (g1 - g0) * kv; ++i) out[i] = lane_sum<T, L>(sum + i * L);
 }
 
 // dY of every sample laid on the grid of PhaseGrid p, once, in parallel, for the first-layer grad-weight
@@ -974,16 +976,32 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
     const int64_t block_buf = checked_numel({block * cg, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
     const int64_t block_dyg = checked_numel({block * m_count, p.padded}, "grouped conv (grad output grid)", true);
     const int64_t block_sum = checked_numel({block, m_count, cg, taps, lanes}, "grouped conv (grad weight sums)", true);
-    parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // Few blocks: the passes split into fixed parts too (sizes alone fix them), summed in order below.
+    const int64_t passes = num_blocks(g.batch, p.samples), parts = std::min(passes, num_blocks(8, blocks));
+    const int64_t numel = g.out_channels * cg * taps;
+    std::vector<T> partial(parts > 1 ? checked_numel({parts, numel}, "grouped conv (grad weight parts)", true) : 0);
+    parallel_for(0, blocks * parts, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> buf(block_buf, T(0)), dyg(block_dyg, T(0)), sum(block_sum);
       std::vector<int64_t> offset(cg * taps);
       simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
         constexpr int B = vector_bytes(decltype(isa)::value);
-        for (int64_t b = begin; b < end; ++b)
-          weight_groups<T, B>(j, b * block, std::min(g.groups, (b + 1) * block), buf.data(), dyg.data(),
-                              mask_full.data(), mask_last.data(), sum.data(), offset.data());
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / parts, k = t % parts, g0 = b * block;
+          T* out = (parts > 1 ? partial.data() + k * numel : dw) + g0 * m_count * cg * taps;
+          weight_groups<T, B>(j, g0, std::min(g.groups, g0 + block), passes * k / parts, passes * (k + 1) / parts,
+                              buf.data(), dyg.data(), mask_full.data(), mask_last.data(), sum.data(), offset.data(),
+                              out);
+        }
       });
     });
+    if (parts > 1)
+      parallel_for(0, numel, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T total = partial[i];
+          for (int64_t k = 1; k < parts; ++k) total += partial[k * numel + i];
+          dw[i] = total;
+        }
+      });
     return;
   }
   const int64_t buf_size = checked_numel({most, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
