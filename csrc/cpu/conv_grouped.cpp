@@ -59,9 +59,11 @@ constexpr int64_t kWeightPoints = 1024;
 // channels, groups = 1 included. Measured against space to depth and im2col + GEMM (the stem, the
 // 3x3 stride-2 layers of MobileNetV3 and EfficientNet).
 constexpr int64_t kNarrowInputChannels = 4;
-constexpr int64_t kForwardPoints = 256;  // grid points a first-layer forward task: its tile stays in L2
-constexpr int64_t kSweepPoints = 512;    // grid points a grad-weight sweep: its dY rows and planes stay in L1
-constexpr int64_t kWeightPart = 4096;    // grid points a first-layer grad-weight task (a multiple of every L)
+constexpr int64_t kForwardPoints = 256;   // grid points a first-layer forward task: its tile stays in L2
+constexpr int64_t kSweepPoints = 512;     // grid points a grad-weight sweep: its dY rows and planes stay in L1
+constexpr int64_t kInputBandRows = 8;     // dX phase rows a channels-last grad-input band (input_sample)
+constexpr int64_t kInputSampleBatch = 4;  // from this batch on, channels-last grad input tasks are samples
+constexpr int64_t kWeightPart = 4096;     // grid points a first-layer grad-weight task (a multiple of every L)
 
 // Groups the (sample, group) tasks serve; the others (few input channels, many outputs or one group)
 // run the first-layer tasks, which split the output rows (forward) and channels (grad weight).
@@ -616,6 +618,56 @@ CNNOPS_ALWAYS_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t gr
   }
 }
 
+// Channels-last grad input of sample n at stride >= 2, every group: dY transposed once into buf, then for
+// each dX row phase a, bands of kInputBandRows rows: every column phase b's tile of every channel, and
+// each dX row written whole (its phases' pixels interleaved) from those tiles. A block of groups wrote
+// a line or two of every other pixel, hundreds of bytes apart, each a cache miss (half the time at
+// 104 channels 56x56 stride 2).
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void input_sample(const InputJob<T>& j, int64_t n, int64_t tile_ld, T* buf, T* tile) {
+  const ConvGeometry& g = *j.g;
+  const InputPlan& plan = *j.plan;
+  const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const int64_t entries = int64_t(plan.offset.size()), sh = g.stride[1], sw = g.stride[2];
+  constexpr int L = Simd<T, BYTES>::lanes;
+  const T* dy = j.dy + n * j.ldy.sample;
+  for (int64_t h = 0; h < g.out[1]; ++h)
+    transpose_matrix<T, BYTES>(dy + h * j.ldy.row, g.out_channels, g.out[2], g.out_channels,
+                               buf + (plan.top + h) * plan.wd + plan.left, plan.plane);
+  T* dx = j.dx + n * j.ldx.sample;
+  const int64_t count = int64_t(plan.phases.size());
+  for (int64_t first = 0; first < count;) {  // the phases (a, b) of one a are adjacent in plan.phases
+    int64_t last = first;
+    while (last < count && plan.phases[last].a == plan.phases[first].a) ++last;
+    const int64_t a = plan.phases[first].a, ni = plan.phases[first].ni;
+    for (int64_t i0 = 0; i0 < ni; i0 += kInputBandRows) {
+      const int64_t rows = std::min(kInputBandRows, ni - i0);
+      for (int64_t k = first; k < last; ++k) {
+        const InputPhase& ph = plan.phases[k];
+        const int64_t padded = round_up((rows - 1) * plan.wd + ph.nj, 2 * L);
+        T* t = tile + (k - first) * g.in_channels * tile_ld;
+        if (ph.entries == 0) {  // no tap reaches these dX positions
+          std::fill(t, t + g.in_channels * padded, T(0));
+          continue;
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp)
+          correlate<T, BYTES>(buf + grp * m_count * plan.plane + i0 * plan.wd, plan.offset.data() + ph.first,
+                              ph.entries, j.wt + (grp * entries + ph.first) * cg, cg, nullptr, false, padded,
+                              t + grp * cg * padded);
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = first; k < last; ++k) {
+          const InputPhase& ph = plan.phases[k];
+          const int64_t padded = round_up((rows - 1) * plan.wd + ph.nj, 2 * L);
+          transpose_matrix<T, BYTES>(tile + (k - first) * g.in_channels * tile_ld + i * plan.wd, padded, g.in_channels,
+                                     ph.nj, dx + (a + sh * (i0 + i)) * j.ldx.row + ph.b * j.ldx.col,
+                                     sw * g.in_channels);
+        }
+    }
+    first = last;
+  }
+}
+
 // input_task for groups [g0, g1) of channels-last sample n, as forward_groups: their channels of each
 // dY pixel row transposed at once into buf, and each row of one dX phase of their tiles into pixels.
 template <typename T, int BYTES>
@@ -887,6 +939,23 @@ void conv_grouped_backward_input(const ConvGeometry& g, const T* dy, const T* w,
                       dy,
                       wt.data(),
                       dx};
+  if (nhwc && g.stride[1] * g.stride[2] > 1 && g.batch >= kInputSampleBatch) {  // tasks: samples (input_sample)
+    const int64_t band_buf =
+        checked_numel({g.out_channels, plan.plane}, "grouped conv (padded grad output)", true) + 2 * lanes;
+    int64_t tile_ld = 0;  // the largest band's padded grid
+    for (const InputPhase& ph : plan.phases)
+      tile_ld = std::max(tile_ld, round_up((std::min(kInputBandRows, ph.ni) - 1) * plan.wd + ph.nj, 2 * lanes));
+    const int64_t band_tile =
+        checked_numel({g.stride[2], g.in_channels, tile_ld}, "grouped conv (grad input tile)", true);
+    parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(band_buf, T(0)), tile(band_tile);
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+        for (int64_t n = begin; n < end; ++n)
+          input_sample<T, vector_bytes(decltype(isa)::value)>(j, n, tile_ld, buf.data(), tile.data());
+      });
+    });
+    return;
+  }
   if (nhwc) {  // as the forward's
     const int64_t block = std::clamp<int64_t>(lanes / m_count, 1, g.groups);
     const int64_t block_buf =
