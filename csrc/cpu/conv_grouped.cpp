@@ -13,11 +13,15 @@
 //    dY laid on the forward grid (zero on the dropped columns, where x is masked: no inf * 0).
 //    A task owns a (group, channel chunk) slice of dW and runs the batch in order (several samples
 //    side by side on one grid for small maps): the sums do not depend on the thread count, and need
-//    no partials or atomics.
+//    no atomics. Channels-last: a task owns a block of groups (as below) and a fixed part of the
+//    batch passes where blocks are few; the parts' sums are added in order.
 //  - Channels-last forward and grad input: tasks (sample, block of groups about a vector of channels
 //    wide). Each pixel row's slice of the block goes into the planes by L x L transposes, and each
 //    grid row of the tiles back into pixels: one group's slice alone (8 floats of a pixel hundreds
-//    apart) read element by element was 1.5x the NCHW time (RegNet 104 channels at 56x56).
+//    apart) read element by element was 1.5x the NCHW time (RegNet 104 channels at 56x56). Strided
+//    grad input from batch 4 on takes a sample a task instead, writing whole dX rows (input_sample).
+//  - NCHW rows (plane fills, dY gathers, output and dX scatters) move with AVX-512 masked loads and
+//    stores in float (copy_rows, spread_rows_avx512): rows of 7 to 28 values at RegNet's stride 2.
 //  - First layers with groups >= 2 (few input channels a group, more than 16 outputs): the phase
 //    planes of every sample are filled once (fill_all_phases), then forward tasks split each sample's
 //    output rows and grad-weight tasks the output channels, so batch 1 keeps every thread busy. With
