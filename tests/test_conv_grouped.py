@@ -253,7 +253,7 @@ cases = [(8, 8, 3, (13, 17), 3, 1, 1, 1, False), (8, 8, 2, (14, 14), 3, 2, 1, 1,
 before = _C._cpu_grouped_direct_calls()
 for dtype, (ci, co, g, (h, w_), k, s, p, d, relu), cl in itertools.product(
         (torch.float32, torch.float64), cases, (False, True)):
-    x = torch.randn(2, ci * g, h, w_, dtype=dtype)
+    x = torch.randn(4 if cl else 2, ci * g, h, w_, dtype=dtype)  # batch 4: per-sample channels-last grad input
     if cl:
         x = x.to(memory_format=torch.channels_last)
     w = torch.randn(co * g, ci, k, k, dtype=dtype)
@@ -280,3 +280,26 @@ def test_direct_reduced_precision(dtype):
         before = direct_calls()
         check_conv_against_torch(2, x, w, b, {"stride": stride, "padding": 1, "groups": 2}, dtype, grad_layout=layout)
         assert direct_calls() - before == 3
+
+
+@pytest.mark.parametrize("width", [15, 16, 17, 31, 32, 33, 34, 35])
+def test_direct_row_widths(width):
+    """Rows of the phase planes, dY and dX phases around one and two vectors (the AVX-512 masked row
+    copies and the stride-2 spreads into dX), odd and even widths, padding 0 and 1, batch 1 and 2."""
+    for layout, stride, padding in itertools.product(LAYOUTS, (1, 2), (0, 1)):
+        check_direct(1, 8, 8, 2, (5, width), 3, {"stride": stride, "padding": padding}, torch.float32, layout)
+    check_direct(2, 4, 4, 3, (4, width), 3, {"stride": 2, "padding": 1}, torch.float64, "contiguous")
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 2, 1, 1), (1, 2, 0, 1), (2, 2, 0, 1), (4, 3, 1, 1),
+                                                       (3, 2, 2, 2), (5, 2, 2, 1), (3, 3, 0, 1)], ids=str)
+def test_direct_channels_last_grad_input_samples(k, stride, padding, dilation):
+    """Channels-last grad input at stride >= 2 from batch 4 on runs a task per sample over every group,
+    in bands of 8 dX phase rows: phases no tap reaches, rows across band edges (H up to 35), channel
+    counts around the vector width."""
+    for (cin_g, cout_g, groups), size in itertools.product([(8, 8, 13), (3, 5, 3), (16, 4, 2)],
+                                                           [(35, 17), (16, 9), (5, 3)]):
+        check_direct(4, cin_g, cout_g, groups, size, k, {"stride": stride, "padding": padding, "dilation": dilation},
+                     torch.float32, "channels_last")
+    check_direct(5, 8, 8, 3, (18, 11), k, {"stride": stride, "padding": padding, "dilation": dilation},
+                 torch.float64, "channels_last")

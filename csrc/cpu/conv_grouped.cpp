@@ -13,11 +13,15 @@
 //    dY laid on the forward grid (zero on the dropped columns, where x is masked: no inf * 0).
 //    A task owns a (group, channel chunk) slice of dW and runs the batch in order (several samples
 //    side by side on one grid for small maps): the sums do not depend on the thread count, and need
-//    no partials or atomics.
+//    no atomics. Channels-last: a task owns a block of groups (as below) and a fixed part of the
+//    batch passes where blocks are few; the parts' sums are added in order.
 //  - Channels-last forward and grad input: tasks (sample, block of groups about a vector of channels
 //    wide). Each pixel row's slice of the block goes into the planes by L x L transposes, and each
 //    grid row of the tiles back into pixels: one group's slice alone (8 floats of a pixel hundreds
-//    apart) read element by element was 1.5x the NCHW time (RegNet 104 channels at 56x56).
+//    apart) read element by element was 1.5x the NCHW time (RegNet 104 channels at 56x56). Strided
+//    grad input from batch 4 on takes a sample a task instead, writing whole dX rows (input_sample).
+//  - NCHW rows (plane fills, dY gathers, output and dX scatters) move with AVX-512 masked loads and
+//    stores in float (copy_rows, spread_rows_avx512): rows of 7 to 28 values at RegNet's stride 2.
 //  - First layers with groups >= 2 (few input channels a group, more than 16 outputs): the phase
 //    planes of every sample are filled once (fill_all_phases), then forward tasks split each sample's
 //    output rows and grad-weight tasks the output channels, so batch 1 keeps every thread busy. With
@@ -38,6 +42,10 @@
 #include "cpu/simd_transpose.h"
 #include "cpu/simd_vec.h"
 
+#if CNNOPS_X86
+#include <immintrin.h>
+#endif
+
 // Vector values only cross always-inlined calls, so no function has a vector in its ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -55,9 +63,11 @@ constexpr int64_t kWeightPoints = 1024;
 // channels, groups = 1 included. Measured against space to depth and im2col + GEMM (the stem, the
 // 3x3 stride-2 layers of MobileNetV3 and EfficientNet).
 constexpr int64_t kNarrowInputChannels = 4;
-constexpr int64_t kForwardPoints = 256;  // grid points a first-layer forward task: its tile stays in L2
-constexpr int64_t kSweepPoints = 512;    // grid points a grad-weight sweep: its dY rows and planes stay in L1
-constexpr int64_t kWeightPart = 4096;    // grid points a first-layer grad-weight task (a multiple of every L)
+constexpr int64_t kForwardPoints = 256;   // grid points a first-layer forward task: its tile stays in L2
+constexpr int64_t kSweepPoints = 512;     // grid points a grad-weight sweep: its dY rows and planes stay in L1
+constexpr int64_t kInputBandRows = 8;     // dX phase rows a channels-last grad-input band (input_sample)
+constexpr int64_t kInputSampleBatch = 4;  // from this batch on, channels-last grad input tasks are samples
+constexpr int64_t kWeightPart = 4096;     // grid points a first-layer grad-weight task (a multiple of every L)
 
 // Groups the (sample, group) tasks serve; the others (few input channels, many outputs or one group)
 // run the first-layer tasks, which split the output rows (forward) and channels (grad weight).
@@ -81,7 +91,7 @@ Layout activation_layout(int64_t channels, int64_t h, int64_t w, bool nhwc) {
 // `samples` planes back to back, so one grid runs over several samples (small maps).
 struct PhaseGrid {
   int64_t hq, wq, plane, samples;       // a plane is hq x wq, one sample's
-  int64_t phase, channel;               // a phase is `samples` planes; a channel S_h * S_w phases
+  int64_t phase, channel;               // a phase is `samples` planes; a channel S_h * S_w phases and a gap
   int64_t sample_points;                // one plane's grid points up to its last output
   int64_t points, padded;               // the whole grid's, and rounded up to 2 vectors
   std::vector<int64_t> tap_offset;      // per tap (kh, kw), within a channel's planes
@@ -97,7 +107,10 @@ PhaseGrid phase_grid(const ConvGeometry& g, int64_t lanes, int64_t samples = 1) 
   p.plane = checked_numel({p.hq, p.wq}, "grouped conv (phase plane)", true);
   p.samples = samples;
   p.phase = checked_numel({samples, p.plane}, "grouped conv (phase planes)", true);
-  p.channel = checked_numel({sh, sw, p.phase}, "grouped conv (phase planes)", true);
+  // Channels an odd number of cache lines apart: at a multiple of 4 KB (8 samples of 8 x 8 planes) the
+  // transposes' stores and the sweeps' loads of 16 channels all fell in one L1 set.
+  const int64_t lines = num_blocks(checked_numel({sh, sw, p.phase}, "grouped conv (phase planes)", true), 16);
+  p.channel = checked_numel({lines + 1 - lines % 2, 16}, "grouped conv (phase planes)", true);
   p.sample_points = (g.out[1] - 1) * p.wq + g.out[2];
   p.points = (samples - 1) * p.plane + p.sample_points;
   p.padded = round_up(p.points, 2 * lanes);
@@ -135,6 +148,82 @@ CNNOPS_ALWAYS_INLINE T lane_sum(const T* lanes) {
   return total;
 }
 
+#if CNNOPS_X86
+// Float rows narrower than a few vectors (7 and 28 values at RegNet's stride-2 layers): masked loads
+// and stores, where the loops of single values (and their mispredicted exits) were a third of the
+// NCHW grad-weight time at 14x14 stride 2. Masked-off lanes are not read, so no read passes a row.
+CNNOPS_TARGET_AVX512 inline __mmask16 first_lanes_avx512(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+
+// dst[h * dst_row + w] = src[h * src_row + w * step] for h < rows, w < cols, step 1 or 2.
+CNNOPS_TARGET_AVX512 void copy_rows_avx512(const float* src, int64_t src_row, int64_t step, int64_t rows, int64_t cols,
+                                           float* dst, int64_t dst_row) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t h = 0; h < rows; ++h) {
+    const float* from = src + h * src_row;
+    float* to = dst + h * dst_row;
+    for (int64_t w = 0; w < cols; w += 16) {
+      const __mmask16 out = first_lanes_avx512(cols - w);
+      if (step == 1) {
+        _mm512_mask_storeu_ps(to + w, out, _mm512_maskz_loadu_ps(out, from + w));
+      } else {  // values 2w .. 2(w + n - 1): 2n - 1 of them
+        const int64_t span = 2 * std::min<int64_t>(16, cols - w) - 1;
+        const __m512 a = _mm512_maskz_loadu_ps(first_lanes_avx512(span), from + 2 * w);
+        const __m512 b = _mm512_maskz_loadu_ps(first_lanes_avx512(std::max<int64_t>(0, span - 16)), from + 2 * w + 16);
+        _mm512_mask_storeu_ps(to + w, out, _mm512_permutex2var_ps(a, even, b));
+      }
+    }
+  }
+}
+
+// dst[h * dst_row + 2 * w] = src[h * src_row + w] for h < rows, w < cols (a stride-2 grad input phase into
+// dX): 8 values a masked store of the even lanes, leaving the odd ones (the other phase's) alone.
+CNNOPS_TARGET_AVX512 void spread_rows_avx512(const float* src, int64_t src_row, int64_t rows, int64_t cols, float* dst,
+                                             int64_t dst_row) {
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  for (int64_t h = 0; h < rows; ++h) {
+    const float* from = src + h * src_row;
+    float* to = dst + h * dst_row;
+    for (int64_t w = 0; w < cols; w += 8) {
+      const int64_t n = std::min<int64_t>(8, cols - w);
+      const __m512 v = _mm512_maskz_loadu_ps(first_lanes_avx512(n), from + w);
+      _mm512_mask_storeu_ps(to + 2 * w, first_lanes_avx512(2 * n) & __mmask16(0x5555), _mm512_permutexvar_ps(twice, v));
+    }
+  }
+}
+#endif
+
+// dst[h * dst_row + w] = src[h * src_row + w * step] for h < rows, w < cols: the AVX-512 loop above for
+// float, else plain loops (step 2: the even lanes of two vectors, the last read below src[2 * cols - 2]).
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void copy_rows(const T* src, int64_t src_row, int64_t step, int64_t rows, int64_t cols, T* dst,
+                                    int64_t dst_row) {
+#if CNNOPS_X86
+  if constexpr (BYTES == 64 && std::is_same_v<T, float>) {
+    if (step <= 2) return copy_rows_avx512(src, src_row, step, rows, cols, dst, dst_row);
+  }
+#endif
+  using V = Simd<T, BYTES>;
+  constexpr int L = V::lanes;
+  for (int64_t h = 0; h < rows; ++h) {
+    const T* from = src + h * src_row;
+    T* to = dst + h * dst_row;
+    if (step == 1) {  // a row copy the compiler vectorizes
+      for (int64_t w = 0; w < cols; ++w) to[w] = from[w];
+    } else if (step == 2) {
+      typename V::mask even;
+      for (int l = 0; l < L; ++l) even[l] = 2 * l;
+      int64_t w = 0;
+      for (; w + L < cols; w += L)
+        V::store(to + w, __builtin_shuffle(V::load(from + 2 * w), V::load(from + 2 * w + L), even));
+      for (; w < cols; ++w) to[w] = from[2 * w];
+    } else {
+      for (int64_t w = 0; w < cols; ++w) to[w] = from[w * step];
+    }
+  }
+}
+
 // Copies input channels [c0, c0 + count) of sample n into buf's phase planes. Every call writes
 // the same positions, so the zeros around them, set once per buffer, stay zero.
 template <typename T, int BYTES>
@@ -153,31 +242,18 @@ CNNOPS_ALWAYS_INLINE void fill_phases(const ConvGeometry& g, const PhaseGrid& p,
       }
     return;
   }
+  // NCHW: per channel and phase, the plane rows that hold input, each from every S_w-th value of a row
   for (int64_t c = 0; c < count; ++c) {
     const T* src = x + n * lx.sample + (c0 + c) * lx.channel;
-    for (int64_t qh = 0; qh < sh; ++qh)
-      for (int64_t i = p.row_lo[qh]; i < p.row_hi[qh]; ++i) {
-        const T* row = src + (i * sh + qh - g.pad[1]) * lx.row;
-        for (int64_t qw = 0; qw < sw; ++qw) {
-          T* dst = buf + c * p.channel + (qh * sw + qw) * p.phase + i * p.wq;
-          const T* from = row + qw - g.pad[2];
-          const int64_t lo = p.col_lo[qw], hi = p.col_hi[qw];
-          if (sw == 1) {  // a row copy the compiler vectorizes
-            for (int64_t j = lo; j < hi; ++j) dst[j] = from[j];
-          } else if (sw == 2) {  // even lanes of two vectors; the last read stays below from[2 * hi - 2]
-            using V = Simd<T, BYTES>;
-            constexpr int L = V::lanes;
-            typename V::mask even;
-            for (int l = 0; l < L; ++l) even[l] = 2 * l;
-            int64_t j = lo;
-            for (; j + L < hi; j += L)
-              V::store(dst + j, __builtin_shuffle(V::load(from + 2 * j), V::load(from + 2 * j + L), even));
-            for (; j < hi; ++j) dst[j] = from[2 * j];
-          } else {
-            for (int64_t j = lo; j < hi; ++j) dst[j] = from[j * sw];
-          }
-        }
+    for (int64_t qh = 0; qh < sh; ++qh) {
+      const int64_t i0 = p.row_lo[qh], rows = p.row_hi[qh] - i0;
+      for (int64_t qw = 0; qw < sw; ++qw) {
+        const int64_t lo = p.col_lo[qw], hi = p.col_hi[qw];
+        if (rows > 0 && hi > lo)
+          copy_rows<T, BYTES>(src + (i0 * sh + qh - g.pad[1]) * lx.row + lo * sw + qw - g.pad[2], sh * lx.row, sw, rows,
+                              hi - lo, buf + c * p.channel + (qh * sw + qw) * p.phase + i0 * p.wq + lo, p.wq);
       }
+    }
   }
 }
 
@@ -188,11 +264,7 @@ CNNOPS_ALWAYS_INLINE void gather_planes(const T* src, const Layout& l, int64_t c
                                         T* dst, int64_t dst_stride, int64_t dst_row) {
   if (l.col == 1) {
     for (int64_t m = 0; m < count; ++m)
-      for (int64_t h = 0; h < rows; ++h) {
-        const T* from = src + m * l.channel + h * l.row;
-        T* to = dst + m * dst_stride + h * dst_row;
-        for (int64_t w = 0; w < cols; ++w) to[w] = from[w];
-      }
+      copy_rows<T, BYTES>(src + m * l.channel, l.row, 1, rows, cols, dst + m * dst_stride, dst_row);
     return;
   }
   for (int64_t h = 0; h < rows; ++h)
@@ -201,19 +273,28 @@ CNNOPS_ALWAYS_INLINE void gather_planes(const T* src, const Layout& l, int64_t c
 
 // The reverse for NCHW, onto every row_step-th row and col_step-th column:
 // dst[m * channel + h * row_step * row + w * col_step] = src[m * src_stride + h * src_row + w].
-template <typename T>
+template <typename T, int BYTES>
 CNNOPS_ALWAYS_INLINE void scatter_planes(const T* src, int64_t src_stride, int64_t src_row, int64_t count, int64_t rows,
                                          int64_t cols, T* dst, const Layout& l, int64_t row_step, int64_t col_step) {
-  for (int64_t m = 0; m < count; ++m)
+  for (int64_t m = 0; m < count; ++m) {
+    if (col_step == 1) {
+      copy_rows<T, BYTES>(src + m * src_stride, src_row, 1, rows, cols, dst + m * l.channel, row_step * l.row);
+      continue;
+    }
+#if CNNOPS_X86
+    if constexpr (BYTES == 64 && std::is_same_v<T, float>) {
+      if (col_step == 2) {
+        spread_rows_avx512(src + m * src_stride, src_row, rows, cols, dst + m * l.channel, row_step * l.row);
+        continue;
+      }
+    }
+#endif
     for (int64_t h = 0; h < rows; ++h) {
       const T* from = src + m * src_stride + h * src_row;
       T* to = dst + m * l.channel + h * row_step * l.row;
-      if (col_step == 1) {
-        for (int64_t w = 0; w < cols; ++w) to[w] = from[w];
-      } else {
-        for (int64_t w = 0; w < cols; ++w) to[w * col_step] = from[w];
-      }
+      for (int64_t w = 0; w < cols; ++w) to[w * col_step] = from[w];
     }
+  }
 }
 
 // out[m * out_stride + p] = act(bias[m] + sum over entries e of wt[e * w_stride + m] * src[offset[e] + p])
@@ -393,8 +474,8 @@ CNNOPS_ALWAYS_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_
   fill_phases<T, BYTES>(g, p, j.x, j.lx, n, grp * cg, cg, buf);
   correlate<T, BYTES>(buf, j.offset, j.entries, j.wt + grp * j.entries * m_count, m_count,
                       j.bias ? j.bias + grp * m_count : nullptr, j.relu, p.padded, tile);
-  scatter_planes(tile, p.padded, p.wq, m_count, g.out[1], g.out[2],
-                 j.y + n * j.ly.sample + grp * m_count * j.ly.channel, j.ly, 1, 1);
+  scatter_planes<T, BYTES>(tile, p.padded, p.wq, m_count, g.out[1], g.out[2],
+                           j.y + n * j.ly.sample + grp * m_count * j.ly.channel, j.ly, 1, 1);
 }
 
 // forward_task for groups [g0, g1) of channels-last sample n: their channels of each pixel row are
@@ -437,7 +518,7 @@ CNNOPS_ALWAYS_INLINE void forward_rows(const ForwardJob<T>& j, const T* planes, 
                       j.wt + grp * j.entries * m_count, m_count, j.bias ? j.bias + grp * m_count : nullptr, j.relu,
                       padded, tile);
   T* y = j.y + n * j.ly.sample + grp * m_count * j.ly.channel + oh0 * j.ly.row;
-  if (j.ly.col == 1) return scatter_planes(tile, padded, p.wq, m_count, oh1 - oh0, g.out[2], y, j.ly, 1, 1);
+  if (j.ly.col == 1) return scatter_planes<T, BYTES>(tile, padded, p.wq, m_count, oh1 - oh0, g.out[2], y, j.ly, 1, 1);
   for (int64_t oh = 0; oh < oh1 - oh0; ++oh)
     transpose_matrix<T, BYTES>(tile + oh * p.wq, padded, m_count, g.out[2], y + oh * j.ly.row, g.out_channels);
 }
@@ -536,7 +617,58 @@ CNNOPS_ALWAYS_INLINE void input_task(const InputJob<T>& j, int64_t n, int64_t gr
     } else {  // no tap reaches these dX positions
       for (int64_t c = 0; c < cg; ++c) std::fill(tile + c * ph.padded, tile + (c + 1) * ph.padded, T(0));
     }
-    scatter_planes(tile, ph.padded, plan.wd, cg, ph.ni, ph.nj, dx + ph.a * j.ldx.row + ph.b * j.ldx.col, j.ldx, sh, sw);
+    scatter_planes<T, BYTES>(tile, ph.padded, plan.wd, cg, ph.ni, ph.nj, dx + ph.a * j.ldx.row + ph.b * j.ldx.col,
+                             j.ldx, sh, sw);
+  }
+}
+
+// Channels-last grad input of sample n at stride >= 2, every group: dY transposed once into buf, then for
+// each dX row phase a, bands of kInputBandRows rows: every column phase b's tile of every channel, and
+// each dX row written whole (its phases' pixels interleaved) from those tiles. A block of groups wrote
+// a line or two of every other pixel, hundreds of bytes apart, each a cache miss (half the time at
+// 104 channels 56x56 stride 2).
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void input_sample(const InputJob<T>& j, int64_t n, int64_t tile_ld, T* buf, T* tile) {
+  const ConvGeometry& g = *j.g;
+  const InputPlan& plan = *j.plan;
+  const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const int64_t entries = int64_t(plan.offset.size()), sh = g.stride[1], sw = g.stride[2];
+  constexpr int L = Simd<T, BYTES>::lanes;
+  const T* dy = j.dy + n * j.ldy.sample;
+  for (int64_t h = 0; h < g.out[1]; ++h)
+    transpose_matrix<T, BYTES>(dy + h * j.ldy.row, g.out_channels, g.out[2], g.out_channels,
+                               buf + (plan.top + h) * plan.wd + plan.left, plan.plane);
+  T* dx = j.dx + n * j.ldx.sample;
+  const int64_t count = int64_t(plan.phases.size());
+  for (int64_t first = 0; first < count;) {  // the phases (a, b) of one a are adjacent in plan.phases
+    int64_t last = first;
+    while (last < count && plan.phases[last].a == plan.phases[first].a) ++last;
+    const int64_t a = plan.phases[first].a, ni = plan.phases[first].ni;
+    for (int64_t i0 = 0; i0 < ni; i0 += kInputBandRows) {
+      const int64_t rows = std::min(kInputBandRows, ni - i0);
+      for (int64_t k = first; k < last; ++k) {
+        const InputPhase& ph = plan.phases[k];
+        const int64_t padded = round_up((rows - 1) * plan.wd + ph.nj, 2 * L);
+        T* t = tile + (k - first) * g.in_channels * tile_ld;
+        if (ph.entries == 0) {  // no tap reaches these dX positions
+          std::fill(t, t + g.in_channels * padded, T(0));
+          continue;
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp)
+          correlate<T, BYTES>(buf + grp * m_count * plan.plane + i0 * plan.wd, plan.offset.data() + ph.first,
+                              ph.entries, j.wt + (grp * entries + ph.first) * cg, cg, nullptr, false, padded,
+                              t + grp * cg * padded);
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = first; k < last; ++k) {
+          const InputPhase& ph = plan.phases[k];
+          const int64_t padded = round_up((rows - 1) * plan.wd + ph.nj, 2 * L);
+          transpose_matrix<T, BYTES>(tile + (k - first) * g.in_channels * tile_ld + i * plan.wd, padded, g.in_channels,
+                                     ph.nj, dx + (a + sh * (i0 + i)) * j.ldx.row + ph.b * j.ldx.col,
+                                     sw * g.in_channels);
+        }
+    }
+    first = last;
   }
 }
 
@@ -616,6 +748,42 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
   for (int64_t mm = 0; mm < m_count; ++mm)
     for (int64_t e = 0; e < entries; ++e)
       j.dw[(grp * m_count + mm) * kv + c0 * taps + e] = lane_sum<T, L>(sum + (mm * entries + e) * L);
+}
+
+// weight_task for the groups [g0, g1) of channels-last tensors, whole (chunks == 1): their channels of each
+// pixel are transposed at once, a vector of channels wide (as forward_groups), where one group's few
+// values of each pixel, hundreds apart, read alone missed the cache (and half of each line read twice).
+// Runs the passes [q0, q1) and writes the block's sums to out (dW's layout from group g0 on).
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64_t g1, int64_t q0, int64_t q1, T* buf,
+                                        T* dyg, const typename Simd<T, BYTES>::int_type* mask_full,
+                                        const typename Simd<T, BYTES>::int_type* mask_last, T* sum, int64_t* offset,
+                                        T* out) {
+  const ConvGeometry& g = *j.g;
+  const PhaseGrid& p = *j.grid;
+  const int64_t m_count = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const int64_t taps = int64_t(p.tap_offset.size()), entries = cg * taps, kv = m_count * entries;
+  const int64_t cin = (g1 - g0) * cg, cout = (g1 - g0) * m_count;
+  fill_entry_offsets(p, cg, offset);
+  constexpr int L = Simd<T, BYTES>::lanes;
+  std::fill(sum, sum + (g1 - g0) * kv * L, T(0));
+  for (int64_t n0 = q0 * p.samples; n0 < std::min(g.batch, q1 * p.samples); n0 += p.samples) {
+    const int64_t active = std::min(p.samples, g.batch - n0);
+    for (int64_t s = 0; s < active; ++s) {
+      fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, g0 * cg, cin, buf + s * p.plane);
+      gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + g0 * m_count * j.ldy.channel, j.ldy, cout, g.out[1],
+                              g.out[2], dyg + s * p.plane, p.padded, p.wq);
+    }
+    const auto* mask = active == p.samples ? mask_full : mask_last;
+    const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
+    if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
+      for (int64_t m = 0; m < cout; ++m)
+        std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
+    for (int64_t grp = g0; grp < g1; ++grp)
+      weight_sweep<T, BYTES>(buf + (grp - g0) * cg * p.channel, offset, entries, dyg + (grp - g0) * m_count * p.padded,
+                             p.padded, m_count, mask, limit, sum + (grp - g0) * kv * L);
+  }
+  for (int64_t i = 0; i < (g1 - g0) * kv; ++i) out[i] = lane_sum<T, L>(sum + i * L);
 }
 
 // dY of every sample laid on the grid of PhaseGrid p, once, in parallel, for the first-layer grad-weight
@@ -775,6 +943,23 @@ void conv_grouped_backward_input(const ConvGeometry& g, const T* dy, const T* w,
                       dy,
                       wt.data(),
                       dx};
+  if (nhwc && g.stride[1] * g.stride[2] > 1 && g.batch >= kInputSampleBatch) {  // tasks: samples (input_sample)
+    const int64_t band_buf =
+        checked_numel({g.out_channels, plan.plane}, "grouped conv (padded grad output)", true) + 2 * lanes;
+    int64_t tile_ld = 0;  // the largest band's padded grid
+    for (const InputPhase& ph : plan.phases)
+      tile_ld = std::max(tile_ld, round_up((std::min(kInputBandRows, ph.ni) - 1) * plan.wd + ph.nj, 2 * lanes));
+    const int64_t band_tile =
+        checked_numel({g.stride[2], g.in_channels, tile_ld}, "grouped conv (grad input tile)", true);
+    parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(band_buf, T(0)), tile(band_tile);
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+        for (int64_t n = begin; n < end; ++n)
+          input_sample<T, vector_bytes(decltype(isa)::value)>(j, n, tile_ld, buf.data(), tile.data());
+      });
+    });
+    return;
+  }
   if (nhwc) {  // as the forward's
     const int64_t block = std::clamp<int64_t>(lanes / m_count, 1, g.groups);
     const int64_t block_buf =
@@ -857,6 +1042,39 @@ void conv_grouped_backward_weight(const ConvGeometry& g, const T* dy, const T* x
         dw[i] = total;
       }
     });
+    return;
+  }
+  if (nhwc && chunks == 1) {  // tasks: blocks of groups a vector of channels wide (weight_groups)
+    const int64_t block = std::clamp<int64_t>(lanes / cg, 1, g.groups), blocks = num_blocks(g.groups, block);
+    const int64_t block_buf = checked_numel({block * cg, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
+    const int64_t block_dyg = checked_numel({block * m_count, p.padded}, "grouped conv (grad output grid)", true);
+    const int64_t block_sum = checked_numel({block, m_count, cg, taps, lanes}, "grouped conv (grad weight sums)", true);
+    // Few blocks: the passes split into fixed parts too (sizes alone fix them), summed in order below.
+    const int64_t passes = num_blocks(g.batch, p.samples), parts = std::min(passes, num_blocks(8, blocks));
+    const int64_t numel = g.out_channels * cg * taps;
+    std::vector<T> partial(parts > 1 ? checked_numel({parts, numel}, "grouped conv (grad weight parts)", true) : 0);
+    parallel_for(0, blocks * parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(block_buf, T(0)), dyg(block_dyg, T(0)), sum(block_sum);
+      std::vector<int64_t> offset(cg * taps);
+      simd_dispatch([&](auto isa) CNNOPS_SIMD_BODY {
+        constexpr int B = vector_bytes(decltype(isa)::value);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / parts, k = t % parts, g0 = b * block;
+          T* out = (parts > 1 ? partial.data() + k * numel : dw) + g0 * m_count * cg * taps;
+          weight_groups<T, B>(j, g0, std::min(g.groups, g0 + block), passes * k / parts, passes * (k + 1) / parts,
+                              buf.data(), dyg.data(), mask_full.data(), mask_last.data(), sum.data(), offset.data(),
+                              out);
+        }
+      });
+    });
+    if (parts > 1)
+      parallel_for(0, numel, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T total = partial[i];
+          for (int64_t k = 1; k < parts; ++k) total += partial[k * numel + i];
+          dw[i] = total;
+        }
+      });
     return;
   }
   const int64_t buf_size = checked_numel({most, p.channel}, "grouped conv (phase planes)", true) + 2 * lanes;
