@@ -585,6 +585,73 @@ def test_column_blocks_thread_count_independent(kernel, stride, cout):
     check_conv_against_torch(2, x, w, b, kwargs, torch.float32)
 
 
+# The weight gradient as im2col(X) * dY^T (conv.cpp conv_backward_weight_rows): stride 1, several
+# taps, input channels a group a multiple of 8, and output channels a group filling more than half
+# of one B panel: 17-32 in float32, 9-16 in float64 (the cout below is float32's; float64 takes
+# half). dims, n, cin, cout, spatial, kernel, groups, bias, kwargs.
+WEIGHT_ROWS = {
+    "conv3d_32": (3, 2, 16, 32, (4, 6, 7), 3, 1, True, dict(padding=1)),
+    "conv1d_k9": (1, 3, 8, 24, 50, 9, 1, True, dict(padding=4)),
+    "conv1d_partials": (1, 2, 8, 18, 4100, 3, 1, False, dict(padding=1)),  # 8200 positions: 4 partial sums
+    "conv2d_dilation2": (2, 2, 16, 18, (9, 11), 3, 1, True, dict(padding=2, dilation=2)),
+    "conv3d_groups2": (3, 2, 32, 48, (4, 5, 6), 3, 2, True, dict(padding=1, groups=2)),
+    "conv2d_no_padding_rect": (2, 3, 8, 20, (6, 7), (2, 3), 1, False, {}),
+    "conv3d_batch1_k2": (3, 1, 8, 32, (3, 5, 6), 2, 1, True, {}),
+    "conv2d_k_past_slices": (2, 2, 48, 24, (5, 6), 3, 1, True, dict(padding=1)),  # K = 432: 4 row slices
+    "batch0": (2, 0, 8, 24, (5, 5), 3, 1, True, dict(padding=1)),
+}
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", WEIGHT_ROWS)
+def test_weight_gradient_rows(name, dtype, weight_layout):
+    """Forward and every gradient; the weight gradient must come from the transposed product (its
+    counter: once per backward with work), also for a channels-last weight (dW in its layout)."""
+    dims, n, cin, cout, spatial, kernel, groups, bias, kwargs = WEIGHT_ROWS[name]
+    if weight_layout == "channels_last" and dims == 1:
+        pytest.skip("a 1-d weight has no channels-last layout")
+    if dtype == torch.float64:
+        cout //= 2
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(True)
+    before = cnnops._C._cpu_conv_weight_rows_calls()
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    assert cnnops._C._cpu_conv_weight_rows_calls() - before == (1 if n > 0 else 0)
+
+
+@pytest.mark.parametrize("cout,stride,kernel", [(16, 1, 3), (40, 1, 3), (24, 2, 3), (24, 1, 1)], ids=str)
+def test_weight_gradient_rows_not_taken(cout, stride, kernel):
+    """Half a panel or two panels of output channels, stride 2 and 1x1 layers keep the untransposed
+    product (float32); the results match torch either way."""
+    x, w, b = conv_tensors(3, 2, 16, cout, (5, 6, 7), kernel, 1, True, torch.float32)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    before = cnnops._C._cpu_conv_weight_rows_calls()
+    check_conv_against_torch(3, x, w, b, dict(stride=stride, padding=kernel // 2), torch.float32)
+    assert cnnops._C._cpu_conv_weight_rows_calls() == before
+
+
+def test_weight_gradient_rows_thread_count_independent():
+    """Partial sums and row slices are fixed by the sizes: 1, 2 and 3 threads give the same bits."""
+    x, w, b = conv_tensors(1, 2, 16, 32, 4100, 5, 1, True, torch.float32)
+    go = make_tensor((2, 32, 4100), torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append(run_conv(cnnops.functional.conv1d, x, w, b, go, dict(padding=2)))
+    finally:
+        torch.set_num_threads(threads)
+    for _, g in runs[1:]:
+        assert torch.equal(g["weight"], runs[0][1]["weight"]), "grad_weight depends on the thread count"
+
+
 BORROWED_PREFIXES = ("conv", "thnn_conv", "slow_conv", "mkldnn", "onednn", "cudnn", "miopen", "mm", "bmm",
                      "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "linear",
                      "einsum", "tensordot", "unfold", "im2col", "col2im")
