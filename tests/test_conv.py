@@ -652,6 +652,54 @@ def test_weight_gradient_rows_thread_count_independent():
         assert torch.equal(g["weight"], runs[0][1]["weight"]), "grad_weight depends on the thread count"
 
 
+# The stride-1 shifted-window forward with the product transposed (conv_shifted.cpp
+# conv_forward_shifted_rows): 17-32 output channels a group, either dtype; grad input takes it too
+# where the input channels a group are in that range. dims, n, cin, cout, spatial, kernel, groups,
+# bias, kwargs.
+SHIFTED_ROWS = {
+    "conv1d_k9": (1, 3, 24, 32, 300, 9, 1, True, dict(padding=4)),
+    "conv1d_odd_rows": (1, 2, 5, 17, 77, 3, 1, False, dict(padding=1)),  # partial 12-row panels
+    "conv1d_dilation3": (1, 2, 20, 20, 90, 3, 1, True, dict(padding=3, dilation=3)),
+    "conv2d_20x20": (2, 2, 8, 24, (20, 20), 3, 1, True, dict(padding=1)),
+    "conv3d_32": (3, 1, 16, 32, (4, 30, 30), 3, 1, True, dict(padding=1)),
+    "conv3d_groups2": (3, 1, 16, 48, (4, 30, 30), 3, 2, True, dict(padding=1, groups=2)),
+    "conv1d_long_blocks": (1, 1, 8, 20, 1000, 5, 1, True, dict(padding=2)),  # several column blocks a sample
+    "batch0": (1, 0, 8, 24, 40, 3, 1, True, dict(padding=1)),
+}
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", SHIFTED_ROWS)
+def test_shifted_rows(name, dtype, weight_layout):
+    """Forward and every gradient, with the transposed shifted-window product counted, also for a
+    channels-last weight (read in (tap, channel) order)."""
+    dims, n, cin, cout, spatial, kernel, groups, bias, kwargs = SHIFTED_ROWS[name]
+    if weight_layout == "channels_last" and dims == 1:
+        pytest.skip("a 1-d weight has no channels-last layout")
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(True)
+    before = cnnops._C._cpu_shifted_rows_calls()
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    calls = cnnops._C._cpu_shifted_rows_calls() - before
+    assert calls >= 1 if n > 0 else calls == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_shifted_rows_relu(dtype):
+    """The fused ReLU goes on after the bias, in the transposing copy."""
+    x, w, b = conv_tensors(1, 2, 16, 24, 200, 5, 1, True, dtype)
+    before = cnnops._C._cpu_shifted_rows_calls()
+    got = torch.ops.cnnops.conv_forward(x, w, b, [1], [2], [1], 1, "relu")
+    assert cnnops._C._cpu_shifted_rows_calls() - before == 1
+    ref = F.relu(F.conv1d(x.double(), w.double(), b.double(), padding=2))
+    assert_close_to_torch(got, ref.to(dtype), dtype, 16 * 5)
+
+
 BORROWED_PREFIXES = ("conv", "thnn_conv", "slow_conv", "mkldnn", "onednn", "cudnn", "miopen", "mm", "bmm",
                      "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "linear",
                      "einsum", "tensordot", "unfold", "im2col", "col2im")
