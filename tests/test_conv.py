@@ -25,6 +25,7 @@ from conftest import (
     dtype_id,
     make_tensor,
     run_conv,
+    run_with_cpu_isa,
 )
 
 DIMS = [1, 2, 3]
@@ -653,12 +654,13 @@ def test_weight_gradient_rows_thread_count_independent():
 
 
 # The stride-1 shifted-window forward with the product transposed (conv_shifted.cpp
-# conv_forward_shifted_rows): 17-32 output channels a group, either dtype; grad input takes it too
-# where the input channels a group are in that range. dims, n, cin, cout, spatial, kernel, groups,
-# bias, kwargs.
+# conv_forward_shifted_rows): one B panel, more than half used, of output channels a group: 17-32
+# in float32, 9-16 in float64 (the cout below is float32's; float64 takes half); grad input takes it
+# too where the input channels a group are in that range. dims, n, cin, cout, spatial, kernel,
+# groups, bias, kwargs.
 SHIFTED_ROWS = {
     "conv1d_k9": (1, 3, 24, 32, 300, 9, 1, True, dict(padding=4)),
-    "conv1d_odd_rows": (1, 2, 5, 17, 77, 3, 1, False, dict(padding=1)),  # partial 12-row panels
+    "conv1d_odd_rows": (1, 2, 5, 18, 77, 3, 1, False, dict(padding=1)),  # partial 12-row panels
     "conv1d_dilation3": (1, 2, 20, 20, 90, 3, 1, True, dict(padding=3, dilation=3)),
     "conv2d_20x20": (2, 2, 8, 24, (20, 20), 3, 1, True, dict(padding=1)),
     "conv3d_32": (3, 1, 16, 32, (4, 30, 30), 3, 1, True, dict(padding=1)),
@@ -677,6 +679,8 @@ def test_shifted_rows(name, dtype, weight_layout):
     dims, n, cin, cout, spatial, kernel, groups, bias, kwargs = SHIFTED_ROWS[name]
     if weight_layout == "channels_last" and dims == 1:
         pytest.skip("a 1-d weight has no channels-last layout")
+    if dtype == torch.float64:
+        cout //= 2
     x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
     if weight_layout == "channels_last":
         w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
@@ -692,12 +696,52 @@ def test_shifted_rows(name, dtype, weight_layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_shifted_rows_relu(dtype):
     """The fused ReLU goes on after the bias, in the transposing copy."""
-    x, w, b = conv_tensors(1, 2, 16, 24, 200, 5, 1, True, dtype)
+    x, w, b = conv_tensors(1, 2, 16, 24 if dtype == torch.float32 else 12, 200, 5, 1, True, dtype)
     before = cnnops._C._cpu_shifted_rows_calls()
     got = torch.ops.cnnops.conv_forward(x, w, b, [1], [2], [1], 1, "relu")
     assert cnnops._C._cpu_shifted_rows_calls() - before == 1
     ref = F.relu(F.conv1d(x.double(), w.double(), b.double(), padding=2))
     assert_close_to_torch(got, ref.to(dtype), dtype, 16 * 5)
+
+
+TRANSPOSED_PRODUCTS_CHECK = r"""
+import sys, torch, torch.nn.functional as F
+import cnnops
+from cnnops import _C
+print(torch.ops.cnnops.cpu_gemm_isa())
+torch.manual_seed(0)
+# (dims, N, C_in, C_out, size, kernel, padding): 24 input channels are whole panels of every MR (8, 3, 2)
+cases = [(1, 2, 24, 24, (300,), 9, 4), (3, 1, 24, 20, (4, 30, 30), 3, 1), (2, 2, 24, 32, (20, 20), (2, 3), 0)]
+for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+    for dims, n, ci, co, size, k, p in cases:
+        if dtype == torch.float64:
+            co //= 2  # one float64 B panel is 16 wide
+        x = torch.randn(n, ci, *size, dtype=dtype, requires_grad=True)
+        w = torch.randn(co, ci, *((k,) * dims if isinstance(k, int) else k), dtype=dtype, requires_grad=True)
+        b = torch.randn(co, dtype=dtype, requires_grad=True)
+        ref_fn, ours_fn = getattr(F, f"conv{dims}d"), getattr(cnnops.functional, f"conv{dims}d")
+        before = (_C._cpu_shifted_rows_calls(), _C._cpu_conv_weight_rows_calls())
+        ref, ours = ref_fn(x, w, b, 1, p), ours_fn(x, w, b, 1, p)
+        go = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad(ref, (x, w, b), go)
+        grads_ours = torch.autograd.grad(ours, (x, w, b), go)
+        if _C._cpu_conv_weight_rows_calls() == before[1]:
+            sys.exit(f"{dtype} case {dims}d: the weight gradient did not take the transposed product")
+        if dims != 2 and _C._cpu_shifted_rows_calls() == before[0]:
+            sys.exit(f"{dtype} case {dims}d: the forward did not take the transposed product")
+        for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
+            err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
+            if not err < tol:
+                sys.exit(f"{dtype} case {dims}d {name}: relative error {err}")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_transposed_products_every_micro_kernel(isa):
+    """The transposed forward and weight-gradient products with each micro-kernel's panel height."""
+    result = run_with_cpu_isa(isa, TRANSPOSED_PRODUCTS_CHECK, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa
 
 
 BORROWED_PREFIXES = ("conv", "thnn_conv", "slow_conv", "mkldnn", "onednn", "cudnn", "miopen", "mm", "bmm",
