@@ -494,8 +494,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     conv_forward_nhwc(g, x, weight.data(), weight.order(), bias, y, activation);
   } else if (use_shifted_grid(g)) {
     count_route(ForwardRoute::Shifted);
-    if (use_shifted_rows<T>(g))
-      return conv_forward_shifted_rows(g, x, weight.data(), weight.order(), bias, y, activation);
+    if (use_shifted_rows(g)) return conv_forward_shifted_rows(g, x, weight.data(), weight.order(), bias, y, activation);
     conv_forward_shifted(g, x, weight.data(), weight.order(), bias, y, activation);
   } else {
     conv_forward_gemm(g, x, weight.data(), weight.order(), bias, y, activation);  // counts Gemm or GemmSplit

@@ -47,10 +47,10 @@ inline bool use_shifted_grid(const ConvGeometry& g) {
 // product transposed (conv_shifted.cpp). Measured (1 thread): conv1d 64->32 k9 4096, batch 8:
 // 12.4 -> 9.9 ms; conv3d 32->32 16x28x28 k3: 10.6 -> 10.5 ms. Not with two panels (conv1d 64->64:
 // no gain forward, slower grad input) nor half a panel (16 channels).
-template <typename T>
-bool use_shifted_rows(const ConvGeometry& g) {
+// float64 takes the same channel range (two of its panels; not measured).
+inline bool use_shifted_rows(const ConvGeometry& g) {
   const int64_t m = g.out_channels_per_group();
-  return 2 * m > gemm_nr<T>() && m <= gemm_nr<T>();
+  return 2 * m > gemm_nr<float>() && m <= gemm_nr<float>();
 }
 int64_t shifted_rows_call_count();  // tests
 
