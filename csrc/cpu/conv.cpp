@@ -659,11 +659,12 @@ bool use_backward_weight_rows(const ConvGeometry& g, int64_t mr, int64_t nr) {
 }
 
 // The weight gradient transposed, for few output channels a group (one B panel: 17-32 in float32,
-// as in conv1d/conv3d layers of 32 channels): dW_g^T[K, M] = im2col(X_g)[K, R] * dY_g^T[R, M], R the (sample, position) range. The
-// untransposed product packs im2col (K x R values) for only M / MR A panels; here the packed
-// operand is dY^T (M x R), used by all K / MR panels, and im2col is read where it lies, rows in
-// (tap, channel) order so a panel's rows are one plane apart. R is cut into chunks summed into up
-// to 8 partials (reduce_weight_gradient's partition), the rows into slices; both fixed by the sizes.
+// as in conv1d/conv3d layers of 32 channels): dW_g^T[K, M] = im2col(X_g)[K, R] * dY_g^T[R, M], R
+// the (sample, position) range. The untransposed product packs im2col (K x R values) for only
+// M / MR A panels; here the packed operand is dY^T (M x R), used by all K / MR panels, and im2col
+// is read where it lies, rows in (tap, channel) order so a panel's rows are one plane apart. R is
+// cut into chunks summed into up to 8 partials (reduce_weight_gradient's partition), the rows into
+// slices; both fixed by the sizes.
 template <typename T>
 void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_base, const PaddedLayout& layout, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();

@@ -43,8 +43,8 @@ inline bool use_shifted_grid(const ConvGeometry& g) {
   return !g.is_pointwise() && ShiftedGrid(g).efficiency(g) >= (has_narrow_groups(g) ? 0.5 : 0.85);
 }
 
-// One B panel of output channels a group (17-32 in float32), more than half used: conv_forward_shifted with the
-// product transposed (conv_shifted.cpp). Measured (1 thread): conv1d 64->32 k9 4096, batch 8:
+// One B panel of output channels a group (17-32 in float32), more than half used:
+// conv_forward_shifted with the product transposed (conv_shifted.cpp). Measured (1 thread): conv1d 64->32 k9 4096, batch 8:
 // 12.4 -> 9.9 ms; conv3d 32->32 16x28x28 k3: 10.6 -> 10.5 ms. Not with two panels (conv1d 64->64:
 // no gain forward, slower grad input) nor half a panel (16 channels).
 // float64 takes the same channel range (two of its panels; not measured).
