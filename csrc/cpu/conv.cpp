@@ -699,7 +699,7 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
       }
     }
   });
-  std::vector<T> partial(partials > 1 ? partials * size : 0);
+  const auto partial = scratch<T>(partials > 1 ? partials * size : 0);  // each value written by one task
   parallel_for(0, g.groups * partials * slices, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(slice * m);  // rows [i0, i0 + rows) of dW_g^T
     for (int64_t task = begin; task < end; ++task) {
@@ -717,7 +717,7 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
             chunk > chunks * p / partials);
       }
       // Row i of dW_g^T is (tap, channel) = (i / cg, i % cg): dW[grp * m + j][channel * taps + tap].
-      T* out = (partials > 1 ? partial.data() + p * size : dw) + grp * m * k;
+      T* out = (partials > 1 ? partial.get() + p * size : dw) + grp * m * k;
       for (int64_t i = i0; i < i0 + rows; ++i)
         for (int64_t j = 0; j < m; ++j) out[j * k + (i % cg) * taps + i / cg] = tile[(i - i0) * m + j];
     }
