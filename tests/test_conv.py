@@ -25,6 +25,7 @@ from conftest import (
     dtype_id,
     make_tensor,
     run_conv,
+    run_with_cpu_isa,
 )
 
 DIMS = [1, 2, 3]
@@ -583,6 +584,159 @@ def test_column_blocks_thread_count_independent(kernel, stride, cout):
         for k in g:
             assert torch.equal(g[k], runs[0][1][k]), f"grad_{k} depends on the thread count"
     check_conv_against_torch(2, x, w, b, kwargs, torch.float32)
+
+
+# The weight gradient as im2col(X) * dY^T (conv.cpp conv_backward_weight_rows): stride 1, several
+# taps, input channels a group a multiple of 8, and output channels a group filling more than half
+# of one B panel: 17-32 in float32, 9-16 in float64 (the cout below is float32's; float64 takes
+# half). dims, n, cin, cout, spatial, kernel, groups, bias, kwargs.
+WEIGHT_ROWS = {
+    "conv3d_32": (3, 2, 16, 32, (4, 6, 7), 3, 1, True, dict(padding=1)),
+    "conv1d_k9": (1, 3, 8, 24, 50, 9, 1, True, dict(padding=4)),
+    "conv1d_partials": (1, 2, 8, 18, 4100, 3, 1, False, dict(padding=1)),  # 8200 positions: 4 partial sums
+    "conv2d_dilation2": (2, 2, 16, 18, (9, 11), 3, 1, True, dict(padding=2, dilation=2)),
+    "conv3d_groups2": (3, 2, 32, 48, (4, 5, 6), 3, 2, True, dict(padding=1, groups=2)),
+    "conv2d_no_padding_rect": (2, 3, 8, 20, (6, 7), (2, 3), 1, False, {}),
+    "conv3d_batch1_k2": (3, 1, 8, 32, (3, 5, 6), 2, 1, True, {}),
+    "conv2d_k_past_slices": (2, 2, 48, 24, (5, 6), 3, 1, True, dict(padding=1)),  # K = 432: 4 row slices
+    "batch0": (2, 0, 8, 24, (5, 5), 3, 1, True, dict(padding=1)),
+}
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", WEIGHT_ROWS)
+def test_weight_gradient_rows(name, dtype, weight_layout):
+    """Forward and every gradient; the weight gradient must come from the transposed product (its
+    counter: once per backward with work), also for a channels-last weight (dW in its layout)."""
+    dims, n, cin, cout, spatial, kernel, groups, bias, kwargs = WEIGHT_ROWS[name]
+    if weight_layout == "channels_last" and dims == 1:
+        pytest.skip("a 1-d weight has no channels-last layout")
+    if dtype == torch.float64:
+        cout //= 2
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(True)
+    before = cnnops._C._cpu_conv_weight_rows_calls()
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    assert cnnops._C._cpu_conv_weight_rows_calls() - before == (1 if n > 0 else 0)
+
+
+@pytest.mark.parametrize("cout,stride,kernel", [(16, 1, 3), (40, 1, 3), (24, 2, 3), (24, 1, 1)], ids=str)
+def test_weight_gradient_rows_not_taken(cout, stride, kernel):
+    """Half a panel or two panels of output channels, stride 2 and 1x1 layers keep the untransposed
+    product (float32); the results match torch either way."""
+    x, w, b = conv_tensors(3, 2, 16, cout, (5, 6, 7), kernel, 1, True, torch.float32)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    before = cnnops._C._cpu_conv_weight_rows_calls()
+    check_conv_against_torch(3, x, w, b, dict(stride=stride, padding=kernel // 2), torch.float32)
+    assert cnnops._C._cpu_conv_weight_rows_calls() == before
+
+
+def test_weight_gradient_rows_thread_count_independent():
+    """Partial sums and row slices are fixed by the sizes: 1, 2 and 3 threads give the same bits."""
+    x, w, b = conv_tensors(1, 2, 16, 32, 4100, 5, 1, True, torch.float32)
+    go = make_tensor((2, 32, 4100), torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append(run_conv(cnnops.functional.conv1d, x, w, b, go, dict(padding=2)))
+    finally:
+        torch.set_num_threads(threads)
+    for _, g in runs[1:]:
+        assert torch.equal(g["weight"], runs[0][1]["weight"]), "grad_weight depends on the thread count"
+
+
+# The stride-1 shifted-window forward with the product transposed (conv_shifted.cpp
+# conv_forward_shifted_rows): 17-32 output channels a group (one float32 B panel, more than half
+# used), either dtype; grad input takes it too where the input channels a group are in that range.
+# dims, n, cin, cout, spatial, kernel, groups, bias, kwargs.
+SHIFTED_ROWS = {
+    "conv1d_k9": (1, 3, 24, 32, 300, 9, 1, True, dict(padding=4)),
+    "conv1d_odd_rows": (1, 2, 5, 18, 77, 3, 1, False, dict(padding=1)),  # partial 12-row panels
+    "conv1d_dilation3": (1, 2, 20, 20, 90, 3, 1, True, dict(padding=3, dilation=3)),
+    "conv2d_20x20": (2, 2, 8, 24, (20, 20), 3, 1, True, dict(padding=1)),
+    "conv3d_32": (3, 1, 16, 32, (4, 30, 30), 3, 1, True, dict(padding=1)),
+    "conv3d_groups2": (3, 1, 16, 48, (4, 30, 30), 3, 2, True, dict(padding=1, groups=2)),
+    "conv1d_long_blocks": (1, 1, 8, 20, 1000, 5, 1, True, dict(padding=2)),  # several column blocks a sample
+    "batch0": (1, 0, 8, 24, 40, 3, 1, True, dict(padding=1)),
+}
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", SHIFTED_ROWS)
+def test_shifted_rows(name, dtype, weight_layout):
+    """Forward and every gradient, with the transposed shifted-window product counted, also for a
+    channels-last weight (read in (tap, channel) order)."""
+    dims, n, cin, cout, spatial, kernel, groups, bias, kwargs = SHIFTED_ROWS[name]
+    if weight_layout == "channels_last" and dims == 1:
+        pytest.skip("a 1-d weight has no channels-last layout")
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(True)
+    before = cnnops._C._cpu_shifted_rows_calls()
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    calls = cnnops._C._cpu_shifted_rows_calls() - before
+    assert calls >= 1 if n > 0 else calls == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_shifted_rows_relu(dtype):
+    """The fused ReLU goes on after the bias, in the transposing copy."""
+    x, w, b = conv_tensors(1, 2, 16, 24, 200, 5, 1, True, dtype)
+    before = cnnops._C._cpu_shifted_rows_calls()
+    got = torch.ops.cnnops.conv_forward(x, w, b, [1], [2], [1], 1, "relu")
+    assert cnnops._C._cpu_shifted_rows_calls() - before == 1
+    ref = F.relu(F.conv1d(x.double(), w.double(), b.double(), padding=2))
+    assert_close_to_torch(got, ref.to(dtype), dtype, 16 * 5)
+
+
+TRANSPOSED_PRODUCTS_CHECK = r"""
+import sys, torch, torch.nn.functional as F
+import cnnops
+from cnnops import _C
+print(torch.ops.cnnops.cpu_gemm_isa())
+torch.manual_seed(0)
+# (dims, N, C_in, C_out, size, kernel, padding): 24 input channels are whole panels of every MR (8, 3, 2)
+cases = [(1, 2, 24, 24, (300,), 9, 4), (3, 1, 24, 20, (4, 30, 30), 3, 1), (2, 2, 24, 32, (20, 20), (2, 3), 0)]
+for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+    for dims, n, ci, co, size, k, p in cases:
+        x = torch.randn(n, ci, *size, dtype=dtype, requires_grad=True)
+        w = torch.randn(co, ci, *((k,) * dims if isinstance(k, int) else k), dtype=dtype, requires_grad=True)
+        b = torch.randn(co, dtype=dtype, requires_grad=True)
+        ref_fn, ours_fn = getattr(F, f"conv{dims}d"), getattr(cnnops.functional, f"conv{dims}d")
+        before = (_C._cpu_shifted_rows_calls(), _C._cpu_conv_weight_rows_calls())
+        ref, ours = ref_fn(x, w, b, 1, p), ours_fn(x, w, b, 1, p)
+        go = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad(ref, (x, w, b), go)
+        grads_ours = torch.autograd.grad(ours, (x, w, b), go)
+        if dtype == torch.float32 and _C._cpu_conv_weight_rows_calls() == before[1]:  # float64: 9-16 channels
+            sys.exit(f"{dtype} case {dims}d: the weight gradient did not take the transposed product")
+        if dims != 2 and _C._cpu_shifted_rows_calls() == before[0]:
+            sys.exit(f"{dtype} case {dims}d: the forward did not take the transposed product")
+        for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + grads_ours, (ref,) + grads_ref):
+            err = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
+            if not err < tol:
+                sys.exit(f"{dtype} case {dims}d {name}: relative error {err}")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_transposed_products_every_micro_kernel(isa):
+    """The transposed forward and weight-gradient products with each micro-kernel's panel height."""
+    result = run_with_cpu_isa(isa, TRANSPOSED_PRODUCTS_CHECK, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa
 
 
 BORROWED_PREFIXES = ("conv", "thnn_conv", "slow_conv", "mkldnn", "onednn", "cudnn", "miopen", "mm", "bmm",

@@ -138,6 +138,9 @@ int64_t nhwc_packed_forward_count();
 std::vector<std::pair<std::string, int64_t>> conv_forward_route_counts();
 // Tests: channels-last (TapChannel) weights a forward kernel needed converted to ChannelTap.
 int64_t conv_weight_conversion_count();
+// Tests: weight gradients computed by conv.cpp's transposed product for few output channels
+// (conv_backward_weight_rows).
+int64_t conv_weight_rows_call_count();
 
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).

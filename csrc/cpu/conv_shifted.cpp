@@ -5,14 +5,18 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
+#include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/gemm.h"
 #include "cpu/weight_cache.h"
 
 namespace cnnops {
 namespace cpu {
+
+std::atomic<int64_t> shifted_rows_calls{0};
 
 template <typename T>
 void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
@@ -66,10 +70,76 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightO
   });
 }
 
+// The product transposed, for few output channels (one or two B panels): C[j, o] = sum_r
+// shifted(pad(X_ng))[r, j] W_g[o, r], rows the grid columns (read in place: consecutive values of
+// each shifted row, so A's panels need no packing) and B = W_g^T packed once. The B panels stay in L1
+// while the input streams past once, where the untransposed product's M / MR A panels and its B
+// panel of grid columns did not both fit L1. The bias and activation go on in the transposing copy.
+template <typename T>
+void conv_forward_shifted_rows(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
+                               Activation activation) {
+  constexpr int64_t nr = gemm_nr<T>();
+  shifted_rows_calls.fetch_add(1, std::memory_order_relaxed);
+  const ShiftedGrid grid(g, order);
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), padded_m = num_blocks(m, nr) * nr;
+  const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;
+  const std::vector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
+  // W_g^T in gemm's panels: reduction block k0 (kKc rows) at k0 * padded_m, its panel of columns j0
+  // kc * NR further on, row kk holding W[grp * m + j0 + q][k0 + kk], zero past M.
+  const int64_t group_size = checked_numel({k, padded_m}, "conv_forward (shifted rows)", true);
+  std::vector<T> wt(checked_numel({g.groups, group_size}, "conv_forward (shifted rows)", true));
+  parallel_for(0, g.groups * num_blocks(k, kKc), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / num_blocks(k, kKc), k0 = task % num_blocks(k, kKc) * kKc, kc = std::min(kKc, k - k0);
+      T* block = wt.data() + grp * group_size + k0 * padded_m;
+      for (int64_t j = 0; j < padded_m; ++j) {
+        const T* src = w + (grp * m + j) * k + k0;
+        T* dst = block + j / nr * kc * nr + j % nr;
+        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * nr] = j < m ? src[kk] : T(0);
+      }
+    }
+  });
+  const int64_t samples = g.batch * g.groups, blocks = num_blocks(grid.columns, kColumnBlock);
+  parallel_for(0, samples * blocks, 1, [&](int64_t begin, int64_t end) {
+    const auto tile = scratch<T>(kColumnBlock * m);  // C: grid column j's M outputs at tile + j * M
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task % blocks * kColumnBlock, nc = std::min(kColumnBlock, grid.columns - n0);
+      const int64_t grp = task / blocks % g.groups, n = task / blocks / g.groups;
+      const T* x_ng = padded.data() + (n * g.in_channels + grp * g.in_channels_per_group()) * pp;
+      const T* wt_g = wt.data() + grp * group_size;
+      gemm_shifted_a_packed_b<T>(
+          nc, k, x_ng + n0, 1, grid.row_offset.data(), m,
+          [&](int64_t k0, int64_t kc, int64_t j0) { return wt_g + k0 * padded_m + j0 * kc; }, tile.get(), m);
+      // Keep the real outputs (as conv_forward_shifted), channel by channel: y = activation(C + b).
+      T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
+      const T* bias_g = bias ? bias + grp * m : nullptr;
+      for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
+        const int64_t oh = row_start / wp % hp, od = row_start / wp / hp;
+        if (oh >= g.out[1]) continue;
+        const int64_t first = std::max(row_start, n0), last = std::min(row_start + g.out[2], n0 + nc);
+        if (first >= last) continue;
+        T* dst = y_ng + (od * g.out[1] + oh) * g.out[2] + (first - row_start);
+        for (int64_t o = 0; o < m; ++o) {
+          const T init = bias_g ? bias_g[o] : T(0);
+          const T* src = tile.get() + (first - n0) * m + o;
+          T* out = dst + o * g.out_plane();
+          for (int64_t j = 0; j < last - first; ++j) out[j] = apply_activation(init + src[j * m], activation);
+        }
+      }
+    }
+  });
+}
+
+int64_t shifted_rows_call_count() { return shifted_rows_calls.load(std::memory_order_relaxed); }
+
 template void conv_forward_shifted<float>(const ConvGeometry&, const float*, const float*, WeightOrder, const float*,
                                           float*, Activation);
 template void conv_forward_shifted<double>(const ConvGeometry&, const double*, const double*, WeightOrder,
                                            const double*, double*, Activation);
+template void conv_forward_shifted_rows<float>(const ConvGeometry&, const float*, const float*, WeightOrder,
+                                               const float*, float*, Activation);
+template void conv_forward_shifted_rows<double>(const ConvGeometry&, const double*, const double*, WeightOrder,
+                                                const double*, double*, Activation);
 
 }  // namespace cpu
 }  // namespace cnnops

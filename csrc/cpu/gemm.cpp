@@ -534,6 +534,26 @@ void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_
 }
 
 template <typename T>
+void gemm_offset_a_packed_b(int64_t m, int64_t k, const T* a, const int64_t* row_offset, const int64_t* column_offset,
+                            int64_t n, PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate) {
+  const int64_t mr = gemm_spec().mr;
+  std::vector<T> edge;
+  gemm_blocked<T, true>(
+      m, k, mr, n, c, ldc, nullptr, accumulate, 0, -1, Activation::None, [](int64_t, int64_t, int64_t, int64_t) {},
+      [&](int64_t k0, int64_t kc, int64_t i0) {
+        const int64_t rows = std::min(mr, m - i0), step = rows > 1 ? row_offset[i0 + 1] - row_offset[i0] : 0;
+        bool even = rows == mr;
+        for (int64_t i = 2; i < rows && even; ++i) even = row_offset[i0 + i] - row_offset[i0] == i * step;
+        if (even) return APanel<T>{a + row_offset[i0], column_offset + k0, step};
+        edge.assign(mr * kc, T(0));
+        for (int64_t kk = 0; kk < kc; ++kk)
+          for (int64_t i = 0; i < rows; ++i) edge[kk * mr + i] = a[row_offset[i0 + i] + column_offset[k0 + kk]];
+        return APanel<T>{edge.data(), nullptr, 0};
+      },
+      [&](int64_t k0, int64_t kc, int64_t j0) { return BPanel<T>{b_panel(k0, kc, j0), nullptr}; });
+}
+
+template <typename T>
 void pack_b_strided(const T* b, int64_t row_stride, int64_t col_stride, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
                     T* dst, int64_t first_col) {
   constexpr int64_t nr = gemm_nr<T>();
@@ -588,6 +608,8 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template void gemm_packed_b<T>(const PackedA<T>&, int64_t, PackedBPanel<T>, T*, int64_t, bool, Activation);          \
   template void gemm_shifted_ab<T>(int64_t, int64_t, const T*, int64_t, const int64_t*, int64_t, const T*,             \
                                    const int64_t*, T*, int64_t, const T*, bool, Activation);                           \
+  template void gemm_offset_a_packed_b<T>(int64_t, int64_t, const T*, const int64_t*, const int64_t*, int64_t,         \
+                                          PackedBPanel<T>, T*, int64_t, bool);                                         \
   template void pack_b_strided<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t);        \
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)

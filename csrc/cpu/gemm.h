@@ -168,6 +168,15 @@ void gemm_shifted_ab(int64_t m, int64_t k, const T* a, int64_t lda, const int64_
                      const int64_t* row_offset, T* c, int64_t ldc, const T* row_bias, bool accumulate,
                      Activation activation = Activation::None);
 
+// C[M, N] (row stride ldc) = A * B, or C + A * B when accumulate, with A an im2col-shaped matrix
+// read where it lies, A[i, k] = a[row_offset[i] + column_offset[k]], and B's panels read in place
+// (PackedBPanel). A panel whose MR rows are evenly spaced is read in place, any other (the last,
+// partial one) is packed. For the weight gradient with few output channels: there B (dY^T) is the
+// small operand, packed once, and A (the input) would be used by only one or two B panels.
+template <typename T>
+void gemm_offset_a_packed_b(int64_t m, int64_t k, const T* a, const int64_t* row_offset, const int64_t* column_offset,
+                            int64_t n, PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate);
+
 // Rows per A panel of the micro-kernel this CPU runs: gemm_spec().mr.
 template <typename T>
 int64_t gemm_mr();

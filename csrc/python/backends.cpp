@@ -5,6 +5,7 @@
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_first_layer.h"
 #include "cpu/conv_grouped.h"
+#include "cpu/conv_shifted.h"
 #include "cpu/conv_small.h"
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
@@ -106,6 +107,16 @@ PyObject* cpu_window_backward_calls(PyObject* /*module*/, PyObject* /*unused*/) 
   return PyLong_FromLongLong(cnnops::cpu::window_backward_call_count());
 }
 
+// _cpu_conv_weight_rows_calls() -> int: weight gradients computed as the transposed product (tests)
+PyObject* cpu_conv_weight_rows_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::conv_weight_rows_call_count());
+}
+
+// _cpu_shifted_rows_calls() -> int: forward convolutions run as conv_forward_shifted_rows (tests)
+PyObject* cpu_shifted_rows_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::shifted_rows_call_count());
+}
+
 PyMethodDef methods[] = {
     {"_set_cpu_allow_winograd", set_cpu_allow_winograd, METH_O, "cnnops.backends.cpu.allow_winograd setter"},
     {"_get_cpu_allow_winograd", get_cpu_allow_winograd, METH_NOARGS, "cnnops.backends.cpu.allow_winograd getter"},
@@ -132,6 +143,10 @@ PyMethodDef methods[] = {
      "number of convolution gradients computed by the whole-window kernels"},
     {"_cpu_conv_weight_conversions", cpu_conv_weight_conversions, METH_NOARGS,
      "number of channels-last weights a CPU convolution forward converted to OIHW"},
+    {"_cpu_conv_weight_rows_calls", cpu_conv_weight_rows_calls, METH_NOARGS,
+     "number of CPU weight gradients computed as im2col(X) * dY^T (few output channels)"},
+    {"_cpu_shifted_rows_calls", cpu_shifted_rows_calls, METH_NOARGS,
+     "number of CPU stride-1 forward convolutions run with the product transposed (few output channels)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
