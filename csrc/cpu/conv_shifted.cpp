@@ -18,6 +18,23 @@ namespace cpu {
 
 std::atomic<int64_t> shifted_rows_calls{0};
 
+namespace {
+
+// The real outputs among grid columns [n0, n0 + nc): column l' = (od*Hp + oh)*Wp + ow is output
+// (od, oh, ow) when oh < H_out and ow < W_out. Calls run(output offset in the plane, column - n0,
+// length) for each run of them along a row.
+template <typename F>
+void for_each_output_run(const ConvGeometry& g, int64_t hp, int64_t wp, int64_t n0, int64_t nc, F&& run) {
+  for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
+    const int64_t oh = row_start / wp % hp, od = row_start / wp / hp;
+    if (oh >= g.out[1]) continue;
+    const int64_t first = std::max(row_start, n0), last = std::min(row_start + g.out[2], n0 + nc);
+    if (first < last) run((od * g.out[1] + oh) * g.out[2] + (first - row_start), first - n0, last - first);
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
                           Activation activation) {
@@ -55,17 +72,12 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightO
       // adds the bias and applies the activation as it writes the tile.
       gemm_shifted_b<T>(weights[grp], nc, x_ng + n0, grid.row_offset.data(), tile.get(), nc,
                         bias ? bias + grp * m : nullptr, false, row_begin, row_end, activation);
-      // Keep the real outputs: grid column l' = (od*Hp + oh)*Wp + ow with oh < H_out, ow < W_out.
+      // Keep the real outputs.
       T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
-      for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
-        const int64_t oh = row_start / wp % hp, od = row_start / wp / hp;
-        if (oh >= g.out[1]) continue;
-        const int64_t first = std::max(row_start, n0), last = std::min(row_start + g.out[2], n0 + nc);
-        if (first >= last) continue;
-        T* dst = y_ng + (od * g.out[1] + oh) * g.out[2] + (first - row_start);
+      for_each_output_run(g, hp, wp, n0, nc, [&](int64_t out, int64_t column, int64_t len) {
         for (int64_t i = row_begin; i < row_end; ++i)
-          std::memcpy(dst + i * g.out_plane(), tile.get() + i * nc + (first - n0), (last - first) * sizeof(T));
-      }
+          std::memcpy(y_ng + out + i * g.out_plane(), tile.get() + i * nc + column, len * sizeof(T));
+      });
     }
   });
 }
@@ -113,19 +125,14 @@ void conv_forward_shifted_rows(const ConvGeometry& g, const T* x, const T* w, We
       // Keep the real outputs (as conv_forward_shifted), channel by channel: y = activation(C + b).
       T* y_ng = y + (n * g.out_channels + grp * m) * g.out_plane();
       const T* bias_g = bias ? bias + grp * m : nullptr;
-      for (int64_t row_start = n0 - n0 % wp; row_start < n0 + nc; row_start += wp) {
-        const int64_t oh = row_start / wp % hp, od = row_start / wp / hp;
-        if (oh >= g.out[1]) continue;
-        const int64_t first = std::max(row_start, n0), last = std::min(row_start + g.out[2], n0 + nc);
-        if (first >= last) continue;
-        T* dst = y_ng + (od * g.out[1] + oh) * g.out[2] + (first - row_start);
+      for_each_output_run(g, hp, wp, n0, nc, [&](int64_t out, int64_t column, int64_t len) {
         for (int64_t o = 0; o < m; ++o) {
           const T init = bias_g ? bias_g[o] : T(0);
-          const T* src = tile.get() + (first - n0) * m + o;
-          T* out = dst + o * g.out_plane();
-          for (int64_t j = 0; j < last - first; ++j) out[j] = apply_activation(init + src[j * m], activation);
+          const T* src = tile.get() + column * m + o;
+          T* dst = y_ng + out + o * g.out_plane();
+          for (int64_t j = 0; j < len; ++j) dst[j] = apply_activation(init + src[j * m], activation);
         }
-      }
+      });
     }
   });
 }
