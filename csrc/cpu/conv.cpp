@@ -663,16 +663,16 @@ bool use_backward_weight_rows(const ConvGeometry& g, int64_t mr, int64_t nr) {
 // the (sample, position) range. The untransposed product packs im2col (K x R values) for only
 // M / MR A panels; here the packed operand is dY^T (M x R), used by all K / MR panels, and im2col
 // is read where it lies, rows in (tap, channel) order so a panel's rows are one plane apart. R is
-// cut into chunks summed into up to 8 partials (reduce_weight_gradient's partition), the rows into
+// cut into chunks summed into up to 8 partials (WeightGradientChunks, as reduce_weight_gradient), the rows into
 // slices; both fixed by the sizes.
 template <typename T>
 void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_base, const PaddedLayout& layout, T* dw) {
   constexpr int64_t nr = gemm_nr<T>();
   weight_rows_calls.fetch_add(1, std::memory_order_relaxed);
-  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane(), total = g.batch * l;
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), l = g.out_plane();
   const int64_t cg = g.in_channels_per_group(), taps = g.kernel_volume();
-  const int64_t chunks = num_blocks(total, kColumnBlock);
-  const int64_t partials = std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8));
+  const WeightGradientChunks split(g);
+  const int64_t total = split.total, chunks = split.chunks, partials = split.partials;
   const int64_t slice = 16 * gemm_mr<T>(), slices = num_blocks(k, slice), padded_m = num_blocks(m, nr) * nr;
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout, WeightOrder::TapChannel);
   const int64_t size = checked_numel({g.groups, m, k}, "conv_backward (weight)", true);
@@ -706,15 +706,14 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
       const int64_t i0 = task % slices * slice, rows = std::min(slice, k - i0), p = task / slices % partials;
       const int64_t grp = task / slices / partials;
       const T* x_g = x_base + grp * cg * layout.plane;
-      const int64_t chunk_end = chunks * (p + 1) / partials;
-      for (int64_t chunk = chunks * p / partials; chunk < chunk_end; ++chunk) {
+      for (int64_t chunk = split.first(p); chunk < split.first(p + 1); ++chunk) {
         const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
         const T* b_chunk = b.get() + (grp * chunks + chunk) * chunk_size;
         const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
         gemm_offset_a_packed_b<T>(
             rows, rc, x_g, row_offset.data() + i0, column_offset.data(), m,
             [&](int64_t k0, int64_t kc, int64_t j0) { return b_chunk + k0 * padded_m + j0 * kc; }, tile.get(), m,
-            chunk > chunks * p / partials);
+            chunk > split.first(p));
       }
       // Row i of dW_g^T is (tap, channel) = (i / cg, i % cg): dW[grp * m + j][channel * taps + tap].
       T* out = (partials > 1 ? partial.get() + p * size : dw) + grp * m * k;
@@ -722,14 +721,7 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
         for (int64_t j = 0; j < m; ++j) out[j * k + (i % cg) * taps + i / cg] = tile[(i - i0) * m + j];
     }
   });
-  if (partials == 1) return;
-  parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      T sum = partial[e];
-      for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + e];
-      dw[e] = sum;
-    }
-  });
+  if (partials > 1) sum_partials(partial.get(), partials, size, dw);
 }
 
 template <typename T>
@@ -964,8 +956,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
     bool db_done = false;  // the depthwise and first-layer kernels may sum db in their pass over dY
     if (output_mask[1]) {
       // dW in the forward output's layout (conv_output_memory_format, as the fake states; torch's
-      // float32 CPU convolution gives the same): channels-last when the input or the weight is. The NHWC kernel writes it in (tap, channel)
-      // order directly, the other kernels in ChannelTap order, then converted.
+      // float32 CPU convolution gives the same): channels-last when the input or the weight is. The
+      // NHWC kernel writes it in (tap, channel) order directly, the other kernels in ChannelTap
+      // order, then converted.
       const bool dw_channels_last = conv_output_memory_format(input, weight) != at::MemoryFormat::Contiguous;
       at::Tensor dw_flat = at::zeros({w.numel()}, w.options());
       WeightOrder dw_order = WeightOrder::ChannelTap;

@@ -77,6 +77,30 @@ void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& f
   }
 }
 
+// How the weight gradient's reduction splits the flat (sample, output position) range: chunks of
+// kColumnBlock, whose sums go to up to 8 partial sums (chunks [first(p), first(p + 1)) to partial p),
+// added in order at the end. Fixed by the sizes alone, so the result never depends on the thread count.
+struct WeightGradientChunks {
+  int64_t total, chunks, partials;
+  explicit WeightGradientChunks(const ConvGeometry& g)
+      : total(g.batch * g.out_plane()),
+        chunks(num_blocks(total, kColumnBlock)),
+        partials(std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8))) {}
+  int64_t first(int64_t p) const { return chunks * p / partials; }
+};
+
+// dst[i] = sum over p < partials of partial[p * size + i], added in p order.
+template <typename T>
+void sum_partials(const T* partial, int64_t partials, int64_t size, T* dst) {
+  parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T sum = partial[i];
+      for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + i];
+      dst[i] = sum;
+    }
+  });
+}
+
 // The weight gradient's reduction, dW_g[M, K] = sum over every (sample, output position) r of
 // dY[r, m] * im2col[r, k] (formulas.md §Conv backward). The flat range of r is cut
 // into chunks, so small images still give each GEMM call a long reduction. Work is split two
@@ -88,8 +112,8 @@ void for_each_sample_segment(int64_t begin, int64_t count, int64_t plane, Fn&& f
 template <typename T, typename ChunkGemm>
 void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm) {
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k();
-  const int64_t total = g.batch * g.out_plane(), chunks = num_blocks(total, kColumnBlock);
-  const int64_t partials = std::clamp<int64_t>(total / 2048, 1, std::min<int64_t>(chunks, 8));
+  const WeightGradientChunks split(g);
+  const int64_t total = split.total, chunks = split.chunks, partials = split.partials;
   const int64_t slice = 8 * gemm_nr<T>(), slices = num_blocks(k, slice);
   const int64_t size = g.groups * m * k;
   if (partials == 1) {
@@ -111,20 +135,14 @@ void reduce_weight_gradient(const ConvGeometry& g, T* dw, ChunkGemm&& chunk_gemm
     const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / slices, j0 = (task % slices) * slice, jw = std::min(slice, k - j0);
-      for (int64_t chunk = chunks * p / partials; chunk < chunks * (p + 1) / partials; ++chunk) {
+      for (int64_t chunk = split.first(p); chunk < split.first(p + 1); ++chunk) {
         const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
         for (int64_t grp = 0; grp < g.groups; ++grp)
           chunk_gemm(r0, rc, grp, j0, jw, partial.data() + p * size + grp * m * k + j0, workspace.get());
       }
     }
   });
-  parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T sum = partial[i];
-      for (int64_t p = 1; p < partials; ++p) sum += partial[p * size + i];
-      dw[i] = sum;
-    }
-  });
+  sum_partials(partial.data(), partials, size, dw);
 }
 
 // Tests: on, channels-last inputs run the NHWC kernels wherever they serve the geometry, also

@@ -81,19 +81,14 @@ Plan make_plan(const ConvGeometry& g, int64_t lanes, int64_t points, bool phased
   return p;
 }
 
-// Calls body(integral_constant C) for the runtime c in [1, 4].
-template <typename Body>
-CNNOPS_ALWAYS_INLINE void with_channels(int64_t c, const Body& body) {
-  switch (c) {
-    case 1:
-      return body(std::integral_constant<int, 1>());
-    case 2:
-      return body(std::integral_constant<int, 2>());
-    case 3:
-      return body(std::integral_constant<int, 3>());
-    default:
-      return body(std::integral_constant<int, 4>());
-  }
+// Calls body(integral_constant V) for the runtime v, one of Values (the last also serves any other v):
+// the channel count C in [1, 4] and the pixel step C * stride become template arguments.
+template <int... Values, typename Body>
+CNNOPS_ALWAYS_INLINE void with_constant(int64_t v, const Body& body) {
+  constexpr int kValues[] = {Values...};
+  constexpr int kLast = kValues[sizeof...(Values) - 1];
+  const bool done = ((v == Values && Values != kLast && (body(std::integral_constant<int, Values>()), true)) || ...);
+  if (!done) body(std::integral_constant<int, kLast>());
 }
 
 // dst[j * C + c] = src[c * plane + j] for j < count: C channel rows to pixels, a vector of each channel
@@ -151,7 +146,7 @@ CNNOPS_ALWAYS_INLINE void fill_rows(const ConvGeometry& g, const Plan& p, const 
       std::fill(dst, dst + p.row, T(0));
       if (!p.phased) {  // stride 1 or 2: the row as it lies
         const int64_t count = std::clamp<int64_t>(p.row / C - pad, 0, W);
-        with_channels(C, [&](auto channels) CNNOPS_SIMD_BODY {
+        with_constant<1, 2, 3, 4>(C, [&](auto channels) CNNOPS_SIMD_BODY {
           interleave<T, BYTES, decltype(channels)::value>(src, plane, count, dst + pad * C);
         });
         continue;
@@ -285,25 +280,6 @@ CNNOPS_ALWAYS_INLINE void for_each_channel_block(int64_t vectors, const Body& bo
   if (vectors - v0 == 1) body(std::integral_constant<int, 1>(), v0);
 }
 
-// Calls body(integral_constant STEP) for the runtime step: C in [1, 4] times a stride of 1 or 2.
-template <typename Body>
-CNNOPS_ALWAYS_INLINE void with_step(int64_t step, const Body& body) {
-  switch (step) {
-    case 1:
-      return body(std::integral_constant<int, 1>());
-    case 2:
-      return body(std::integral_constant<int, 2>());
-    case 3:
-      return body(std::integral_constant<int, 3>());
-    case 4:
-      return body(std::integral_constant<int, 4>());
-    case 6:
-      return body(std::integral_constant<int, 6>());
-    default:
-      return body(std::integral_constant<int, 8>());
-  }
-}
-
 // Output rows [oh0, oh1) of sample n. NCHW: each row into tile ([W_out][C_out] pixels), then
 // transposed into the channel planes.
 template <typename T, int BYTES>
@@ -312,7 +288,7 @@ CNNOPS_ALWAYS_INLINE void forward_task(const ForwardJob<T>& j, int64_t n, int64_
   const Plan& p = *j.plan;
   const int64_t c_out = g.out_channels, ow_n = g.out[2], plane = g.out[1] * ow_n;
   fill_rows<T, BYTES>(g, p, j.x, n, oh0, oh1, buf);
-  with_step(p.pixel_step, [&](auto step) CNNOPS_SIMD_BODY {
+  with_constant<1, 2, 3, 4, 6, 8>(p.pixel_step, [&](auto step) CNNOPS_SIMD_BODY {
     constexpr int STEP = decltype(step)::value;
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       const T* xrow = buf + (oh - oh0) * g.stride[1] * p.row;

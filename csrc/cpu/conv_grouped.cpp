@@ -717,6 +717,25 @@ struct WeightJob {
   int64_t chunks;  // input-channel chunks a group
 };
 
+// One pass of the weight gradient's batch loop: samples [n0, n0 + active) of input channels
+// [x_channel, x_channel + cin) into buf's phase planes and of dY channels [dy_channel, dy_channel + cout)
+// into dyg's, zeros past the active samples. Returns active.
+template <typename T, int BYTES>
+CNNOPS_ALWAYS_INLINE int64_t load_weight_pass(const WeightJob<T>& j, int64_t n0, int64_t x_channel, int64_t cin,
+                                              int64_t dy_channel, int64_t cout, T* buf, T* dyg) {
+  const ConvGeometry& g = *j.g;
+  const PhaseGrid& p = *j.grid;
+  const int64_t active = std::min(p.samples, g.batch - n0);
+  for (int64_t s = 0; s < active; ++s) {
+    fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, x_channel, cin, buf + s * p.plane);
+    gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + dy_channel * j.ldy.channel, j.ldy, cout, g.out[1],
+                            g.out[2], dyg + s * p.plane, p.padded, p.wq);
+  }
+  if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
+    for (int64_t m = 0; m < cout; ++m) std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
+  return active;
+}
+
 template <typename T, int BYTES>
 CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_t chunk, T* buf, T* dyg,
                                       const typename Simd<T, BYTES>::int_type* mask_full,
@@ -731,17 +750,9 @@ CNNOPS_ALWAYS_INLINE void weight_task(const WeightJob<T>& j, int64_t grp, int64_
   constexpr int L = Simd<T, BYTES>::lanes;
   std::fill(sum, sum + m_count * entries * L, T(0));
   for (int64_t n0 = 0; n0 < g.batch; n0 += p.samples) {  // p.samples samples a pass, in order
-    const int64_t active = std::min(p.samples, g.batch - n0);
-    for (int64_t s = 0; s < active; ++s) {
-      fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, grp * cg + c0, count, buf + s * p.plane);
-      gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + grp * m_count * j.ldy.channel, j.ldy, m_count, g.out[1],
-                              g.out[2], dyg + s * p.plane, p.padded, p.wq);
-    }
+    const int64_t active = load_weight_pass<T, BYTES>(j, n0, grp * cg + c0, count, grp * m_count, m_count, buf, dyg);
     const auto* mask = active == p.samples ? mask_full : mask_last;
     const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
-    if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
-      for (int64_t m = 0; m < m_count; ++m)
-        std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
     weight_sweep<T, BYTES>(buf, offset, entries, dyg, p.padded, m_count, mask, limit, sum);
   }
   const int64_t kv = taps * cg;
@@ -768,17 +779,9 @@ CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64
   constexpr int L = Simd<T, BYTES>::lanes;
   std::fill(sum, sum + (g1 - g0) * kv * L, T(0));
   for (int64_t n0 = q0 * p.samples; n0 < std::min(g.batch, q1 * p.samples); n0 += p.samples) {
-    const int64_t active = std::min(p.samples, g.batch - n0);
-    for (int64_t s = 0; s < active; ++s) {
-      fill_phases<T, BYTES>(g, p, j.x, j.lx, n0 + s, g0 * cg, cin, buf + s * p.plane);
-      gather_planes<T, BYTES>(j.dy + (n0 + s) * j.ldy.sample + g0 * m_count * j.ldy.channel, j.ldy, cout, g.out[1],
-                              g.out[2], dyg + s * p.plane, p.padded, p.wq);
-    }
+    const int64_t active = load_weight_pass<T, BYTES>(j, n0, g0 * cg, cin, g0 * m_count, cout, buf, dyg);
     const auto* mask = active == p.samples ? mask_full : mask_last;
     const int64_t limit = round_up((active - 1) * p.plane + p.sample_points, L);
-    if (active < p.samples)  // stale samples' dY (x there is masked): zeros, not 0 * inf
-      for (int64_t m = 0; m < cout; ++m)
-        std::fill(dyg + m * p.padded + active * p.plane, dyg + (m + 1) * p.padded, T(0));
     for (int64_t grp = g0; grp < g1; ++grp)
       weight_sweep<T, BYTES>(buf + (grp - g0) * cg * p.channel, offset, entries, dyg + (grp - g0) * m_count * p.padded,
                              p.padded, m_count, mask, limit, sum + (grp - g0) * kv * L);
