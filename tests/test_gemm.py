@@ -30,6 +30,8 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
     sizes += [(m, n, k) for n in (nc - 1, nc + nr + 1, 2 * nc + 3) for m, k in ((mr + 1, kc + 1), (2 * mr, 3))]
     # Around 12 rows: AVX-512's wide micro-kernel, which gemm_shifted_a_packed_b runs.
     sizes += [(m, n, k) for m in (11, 13, 25) for n, k in ((nr + 1, kc + 1), (2 * nr, 3), (nr - 1, 2 * kc + 3))]
+    # A short reduction over at least 4 B panels: the wide kernel's loops turn round (A panel outer).
+    sizes += [(m, n, k) for m in (13, 2 * mc + 5) for n in (4 * nr - 1, 4 * nr, 5 * nr + 3) for k in (1, 128, 129)]
     for m, n, k in sizes:
         a = torch.randn(m, k, dtype=dtype)
         b = torch.randn(k, n, dtype=dtype)

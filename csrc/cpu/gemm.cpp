@@ -361,12 +361,22 @@ PackedA<T> pack_a(int64_t m, int64_t k, const T* a, int64_t row_stride, int64_t 
   });
 }
 
+// A short reduction (one block of at most kShortReduction rows, as in 1x1 layers of 64-128 input
+// channels) leaves each micro-kernel call little work against the C tile it writes. With A read in
+// place and at least kShortReductionPanels B panels, the loops then turn round: one A panel stays
+// in L1 while the B panels pass, so C's rows are written whole, left to right. Channels-last 1x1,
+// batch 8, 1 thread: forward 64->256 at 56x56 4.48 -> 4.01 ms, 128->512 at 28x28 4.01 -> 3.68 ms;
+// grad input 256->64 4.51 -> 4.16 ms. Level with 2 panels or a 256-row reduction; slower for NCHW
+// (packed A: 128->512 forward 4.19 -> 4.35 ms) and for several reduction blocks (3x3 64->64).
+constexpr int64_t kShortReduction = 128;
+constexpr int64_t kShortReductionPanels = 4;
+
 // The blocked loops shared by every operand source, BLIS's order: for each block of spec.nc
 // columns (kPacksB; all N when B is read in place) and each spec.kc reduction block,
 // prepare(k0, kc, n0, nc) makes that part of B ready (packs it, or nothing) while it fits L2;
 // then, for each block of spec.mc rows (kept in L2), every NR-column B panel,
-// b_panel(k0, kc, j0), stays in L1 while the block's A panels, a_panel(k0, kc, i0), stream past it.
-// Each C value sums its k blocks in order whatever the blocks.
+// b_panel(k0, kc, j0), stays in L1 while the block's A panels, a_panel(k0, kc, i0), stream past it
+// (or the other way round, for a short reduction: kShortReduction). Each C value sums its k blocks in order whatever the blocks.
 // C's panel starting at column j0 is at c + c_panel_offset[j0 / NR], or c + j0 without offsets.
 template <typename T, bool kPacksB, typename Prepare, typename APanelFn, typename BPanelFn>
 void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc, const T* row_bias, bool accumulate,
@@ -388,6 +398,7 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
   }
   for (int64_t n0 = 0; n0 < n; n0 += nc_block) {  // an L2 block of B columns
     const int64_t nc = std::min(nc_block, n - n0);
+    const bool a_outer = wide && k <= kShortReduction && nc >= kShortReductionPanels * nr;
     for (int64_t k0 = 0; k0 < k; k0 += block) {
       const int64_t kc = std::min(block, k - k0);
       const bool acc = accumulate || k0 > 0;
@@ -395,17 +406,24 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
       prepare(k0, kc, n0, nc);
       for (int64_t ib = row_begin; ib < row_end; ib += mc) {  // an L2 block of A rows
         const int64_t ie = std::min(row_end, ib + mc);
+        auto micro_kernel = [&](int64_t i0, int64_t j0, const auto& a, const auto& b, NextPanel next) {
+          kernel.fn(kc, a.data, a.offsets, a.lda, b.data, b.offsets, c + c_column(j0) + i0 * ldc, ldc,
+                    std::min(mr, ie - i0), std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act, next);
+        };
+        if (a_outer) {
+          for (int64_t i0 = ib; i0 < ie; i0 += mr) {
+            const auto a = a_panel(k0, kc, i0);
+            for (int64_t j0 = n0; j0 < n0 + nc; j0 += nr) micro_kernel(i0, j0, a, b_panel(k0, kc, j0), NextPanel{});
+          }
+          continue;
+        }
         for (int64_t j0 = n0; j0 < n0 + nc; j0 += nr) {
-          const auto [b, b_offsets] = b_panel(k0, kc, j0);
-          T* c_panel = c + c_column(j0);
+          const auto b = b_panel(k0, kc, j0);
           // B in place: the calls on this panel prefetch the next one's rows, an even share each.
           const int64_t share = !kPacksB && j0 + nr < n ? ceil_div(kc, ceil_div(ie - ib, mr)) : 0;
           for (int64_t i0 = ib; i0 < ie; i0 += mr) {
-            const auto [a, a_offsets, lda] = a_panel(k0, kc, i0);
             const int64_t first = std::min(kc, (i0 - ib) / mr * share);
-            kernel.fn(kc, a, a_offsets, lda, b, b_offsets, c_panel + i0 * ldc, ldc, std::min(mr, ie - i0),
-                      std::min(nr, n - j0), row_bias ? row_bias + i0 : nullptr, acc, act,
-                      NextPanel{first, std::min(kc, first + share) - first});
+            micro_kernel(i0, j0, a_panel(k0, kc, i0), b, NextPanel{first, std::min(kc, first + share) - first});
           }
         }
       }
