@@ -386,12 +386,16 @@ Panel from_row(Panel panel, int64_t s0, int64_t width) {
   return panel;
 }
 
-// B read in place has its rows a plane apart, most of them not on a line boundary, so a panel row of
-// NR values spans 3 lines: a panel of kKc rows (48 KB) would not share L1 with its A panel. Such
-// products take each reduction block in sub-blocks of kInPlaceBRows rows. NCHW, 1 thread:
-// 256->256 3x3 at 14x14, batch 8, 6.2-6.5 -> 5.8 ms; 1x1 256->64 at 56x56, batch 8, 4.7 -> 4.4 ms;
-// 1x1 1024->256 at 14x14, batch 1, 0.64-0.69 -> 0.60 ms; 1x1 512->128 at 28x28 4.1 -> 4.2 ms.
-constexpr int64_t kInPlaceBRows = 128;
+// The MR-row kernel takes each reduction block in sub-blocks of kSubBlockRows rows. B read in place
+// has its rows a plane apart, most of them off a line boundary, so a panel row of NR values spans
+// 3 lines: a panel of kKc rows (48 KB) would not share L1 with its A panel. NCHW, 1 thread, B in
+// place: 3x3 256->256 at 14x14, batch 8, 6.2-6.5 -> 5.8 ms; 1x1 256->64 at 56x56 4.7 -> 4.4 ms;
+// 1x1 1024->256 at 14x14, batch 1, 0.64-0.69 -> 0.60 ms. Packed B sums in the same sub-blocks, so
+// a C value is bitwise the same whichever product serves its column block (ColumnBlocks move with
+// the thread count); there (min of 3, a busy machine) 1x1 1024->256 -10%, 512->128 -13%, 3x3
+// 512->512 at 7x7 +5%. The wide kernel (A in place, channels-last) keeps whole blocks: sub-blocks
+// made it slower there (1x1 1024->256 at 14x14, 4.0 -> 4.2-4.35 ms).
+constexpr int64_t kSubBlockRows = 128;
 
 // A short reduction (one block of at most kShortReduction rows, as in 1x1 layers of 64-128 input
 // channels) leaves each micro-kernel call little work against the C tile it writes. With A read in
@@ -434,7 +438,7 @@ void gemm_blocked(int64_t m, int64_t k, int64_t mr, int64_t n, T* c, int64_t ldc
     for (int64_t k0 = 0; k0 < k; k0 += block) {
       const int64_t kc = std::min(block, k - k0);
       prepare(k0, kc, n0, nc);
-      const int64_t step = kPacksB ? kc : kInPlaceBRows;
+      const int64_t step = wide ? kc : kSubBlockRows;
       for (int64_t s0 = 0; s0 < kc; s0 += step) {  // rows [s0, s0 + ks) of the block's panels
         const int64_t ks = std::min(step, kc - s0);
         const bool acc = accumulate || k0 + s0 > 0;
