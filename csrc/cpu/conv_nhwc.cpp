@@ -465,7 +465,8 @@ void conv_backward_weight_nhwc_rows(const ConvGeometry& g, const PhaseGrid<T>& g
   const int64_t panels = num_blocks(k, mr), threads = SerialRegion::active() ? 1 : at::get_num_threads();
   const int64_t slices = std::clamp<int64_t>(num_blocks(2 * threads, g.groups * partials), 1, panels);
   const int64_t slice = num_blocks(panels, slices) * mr, tasks = g.groups * partials * num_blocks(k, slice);
-  const auto partial = scratch<T>(partials > 1 ? partials * size : 0);  // each value written by one task
+  // Each value written by one task.
+  const auto partial = scratch<T>(partials > 1 ? checked_numel({partials, size}, "conv_backward (weight)", true) : 0);
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const auto tile = scratch<T>(slice * m);  // rows [i0, i0 + rows) of dW_g^T
     const auto b = scratch<T>(kColumnBlock * padded_m);
@@ -581,12 +582,12 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   // chunk order, whatever the split.
   T* target = reorder ? dw_t.data() : dw;
   const WeightGradientChunks split(g);
-  const int64_t partials = split.partials, size = g.groups * m * k;
+  const int64_t partials = split.partials, size = checked_numel({g.groups, m, k}, "conv_backward (weight)", true);
   const int64_t slice = 8 * nr, slices = num_blocks(k, slice);
   const int64_t threads = SerialRegion::active() ? 1 : at::get_num_threads();
   const int64_t per_task = num_blocks(slices, std::clamp<int64_t>(num_blocks(2 * threads, partials), 1, slices));
   const int64_t slice_tasks = num_blocks(slices, per_task);
-  std::vector<T> partial(partials > 1 ? partials * size : 0, T(0));
+  std::vector<T> partial(partials > 1 ? checked_numel({partials, size}, "conv_backward (weight)", true) : 0, T(0));
   parallel_for(0, partials * slice_tasks, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
     std::vector<int64_t> base(std::min(kColumnBlock, split.total));
