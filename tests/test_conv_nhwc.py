@@ -278,8 +278,8 @@ def test_every_micro_kernel(isa):
 # from the phase grid, dY packed) for few output channels a group, "rows": more than half of one B
 # panel (17-32 float32, 9-16 float64 channels) and input channels a group a multiple of MR; both
 # operands in place for 1x1 stride-1 unpadded layers, "pointwise": min(C_in, C_out) a group at
-# most 64 or both at most 128; the packed product otherwise. Each case names the product it must
-# take per dtype (counted by the kernels, not recomputed here).
+# most 64 or both at most 128, rows of X and dY at most 1 KB apart; the packed product otherwise.
+# Each case names the product it must take per dtype (counted by the kernels, not recomputed here).
 # name -> (dims, n, cin, cout, spatial, kernel, kwargs, float32 product, float64 product).
 WEIGHT_CASES = {
     "rows_32": (2, 2, 16, 32, (9, 11), 3, dict(padding=1), "rows", "packed"),
@@ -301,7 +301,8 @@ WEIGHT_CASES = {
     "pointwise_groups": (2, 2, 64, 48, (5, 3), 1, dict(groups=2), "pointwise", "pointwise"),
     "pointwise_partials": (2, 2, 16, 24, (48, 48), 1, dict(), "pointwise", "pointwise"),
     "pointwise_3d": (3, 2, 8, 12, (3, 5, 4), 1, dict(), "pointwise", "pointwise"),
-    "pointwise_wide": (2, 1, 64, 136, (5, 4), 1, dict(), "pointwise", "pointwise"),  # min <= 64
+    "pointwise_wide": (2, 1, 64, 136, (5, 4), 1, dict(), "pointwise", "packed"),  # float64 rows 1088 bytes apart
+    "1x1_far_rows": (2, 1, 16, 272, (5, 4), 1, dict(), "packed", "packed"),  # dY rows over 1 KB apart
     "pointwise_128": (2, 1, 128, 128, (5, 4), 1, dict(), "pointwise", "pointwise"),
     "1x1_large_packed": (2, 1, 136, 72, (5, 4), 1, dict(), "packed", "packed"),
     "1x1_s2_packed": (2, 2, 8, 16, (10, 12), 1, dict(stride=2), "packed", "packed"),

@@ -513,12 +513,15 @@ std::atomic<int64_t> nhwc_weight_pointwise_calls{0};
 
 // Whether conv_backward_weight_nhwc_pointwise serves g: packing costs about R * (M + K) values
 // against R * M * K multiply-adds, the in-place product about 15% of its time (A and B read from
-// L2), so it pays where M or K is small. Measured (batch 8, 1 thread, torch/cnnops packed -> in
-// place): 64->256 56x56 0.76 -> 0.89, 96->128 0.70 -> 0.82, 256->64 0.74 -> 0.89, 128->128 28x28
-// 0.74 -> 0.78; level at 256->128 and 512->128, slower at 128->512 28x28 (0.78 -> 0.73).
-bool use_nhwc_weight_pointwise(const ConvGeometry& g) {
+// L2), so it pays where M or K is small; and rows of dY and X at most 1 KB apart (further, the
+// kc rows a panel reads share few L1 sets). Measured (batch 8, 1 thread, torch/cnnops packed -> in
+// place): 64->256 56x56 0.76 -> 0.89, 96->128 0.70 -> 0.82, 256->64 0.74 -> 0.89, 96->24 0.95,
+// 128->128 28x28 0.74 -> 0.78; level at 256->128 and 512->128, slower at 128->512 28x28
+// (0.78 -> 0.73) and 64->2048 14x14 (0.84 -> 0.69).
+bool use_nhwc_weight_pointwise(const ConvGeometry& g, int64_t value_bytes) {
   const int64_t m = g.out_channels_per_group(), cg = g.in_channels_per_group();
-  return g.is_pointwise() && (std::min(m, cg) <= 64 || std::max(m, cg) <= 128);
+  const bool near_rows = std::max(g.in_channels, g.out_channels) * value_bytes <= 1024;
+  return g.is_pointwise() && near_rows && (std::min(m, cg) <= 64 || std::max(m, cg) <= 128);
 }
 
 // dW_g[co, c] = sum over positions r of dY[r, co] * X[r, c] for 1x1 stride-1 layers without
@@ -563,7 +566,7 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
     conv_backward_weight_nhwc_rows(g, grid, dy, dw, preferred);
     return preferred;
   }
-  if (use_nhwc_weight_pointwise(g)) {
+  if (use_nhwc_weight_pointwise(g, sizeof(T))) {
     conv_backward_weight_nhwc_pointwise(g, dy, x, dw);
     return preferred;
   }
