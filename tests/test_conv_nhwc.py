@@ -302,7 +302,8 @@ WEIGHT_CASES = {
     "pointwise_partials": (2, 2, 16, 24, (48, 48), 1, dict(), "pointwise", "pointwise"),
     "pointwise_3d": (3, 2, 8, 12, (3, 5, 4), 1, dict(), "pointwise", "pointwise"),
     "pointwise_wide": (2, 1, 64, 136, (5, 4), 1, dict(), "pointwise", "packed"),  # float64 rows 1088 bytes apart
-    "1x1_far_rows": (2, 1, 16, 272, (5, 4), 1, dict(), "packed", "packed"),  # dY rows over 1 KB apart
+    # dY rows over 1 KB apart; one partial sum and one slice: the output channels split among threads.
+    "1x1_far_rows": (2, 1, 16, 272, (5, 4), 1, dict(), "packed", "packed"),
     "pointwise_128": (2, 1, 128, 128, (5, 4), 1, dict(), "pointwise", "pointwise"),
     "1x1_large_packed": (2, 1, 136, 72, (5, 4), 1, dict(), "packed", "packed"),
     "1x1_s2_packed": (2, 2, 8, 16, (10, 12), 1, dict(stride=2), "packed", "packed"),
@@ -349,7 +350,7 @@ def test_weight_gradient_rows_before_winograd():
 
 
 @pytest.mark.parametrize("name", ["rows_partials", "rows_long_k", "pointwise_partials", "pointwise_edges",
-                                  "packed_8_threads"])
+                                  "packed_8_threads", "1x1_far_rows"])
 def test_weight_gradient_thread_count_independent(name):
     """The partial sums are fixed by the sizes and every dW value is summed by one task in chunk
     order, however the rows or columns are split among tasks: 1, 2 and 3 threads give the same bits."""

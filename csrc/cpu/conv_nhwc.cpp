@@ -581,30 +581,34 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   // The chunks and partial sums of reduce_weight_gradient (so the sums are the same), with the K
   // columns split in slices of 8 panels, several a task: all of them at one thread, so each chunk's
   // A is packed once for every slice (ResNet's 128->128 3x3 stride 2 at 56x56 packed it 5 times,
-  // 7% of the time); else enough tasks for two a thread. Each value is summed by one task, in
-  // chunk order, whatever the split.
+  // 7% of the time); else enough tasks for two a thread, splitting the rows (output channels) too
+  // where slices and partial sums are fewer (64->2048 1x1 at 14x14 ran on one thread). Each value
+  // is summed by one task, in chunk order, whatever the split.
   T* target = reorder ? dw_t.data() : dw;
   const WeightGradientChunks split(g);
   const int64_t partials = split.partials, size = checked_numel({g.groups, m, k}, "conv_backward (weight)", true);
   const int64_t slice = 8 * nr, slices = num_blocks(k, slice);
   const int64_t threads = SerialRegion::active() ? 1 : at::get_num_threads();
   const int64_t per_task = num_blocks(slices, std::clamp<int64_t>(num_blocks(2 * threads, partials), 1, slices));
-  const int64_t slice_tasks = num_blocks(slices, per_task);
+  const int64_t slice_tasks = num_blocks(slices, per_task), mr = gemm_mr<T>();
+  const int64_t row_parts = std::clamp<int64_t>(num_blocks(2 * threads, partials * slice_tasks), 1, num_blocks(m, mr));
+  const int64_t part = num_blocks(num_blocks(m, mr), row_parts) * mr, parts = num_blocks(m, part);
   std::vector<T> partial(partials > 1 ? checked_numel({partials, size}, "conv_backward (weight)", true) : 0, T(0));
-  parallel_for(0, partials * slice_tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, partials * slice_tasks * parts, 1, [&](int64_t begin, int64_t end) {
     const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
     std::vector<int64_t> base(std::min(kColumnBlock, split.total));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / slice_tasks, s0 = task % slice_tasks * per_task, s1 = std::min(slices, s0 + per_task);
+      const int64_t p = task / parts / slice_tasks, s0 = task / parts % slice_tasks * per_task;
+      const int64_t s1 = std::min(slices, s0 + per_task), row0 = task % parts * part, mp = std::min(part, m - row0);
       T* out = partials > 1 ? partial.data() + p * size : target;
       for (int64_t chunk = split.first(p); chunk < split.first(p + 1); ++chunk) {
         const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, split.total - r0);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
-          // Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
-          const T* dy_chunk = dy + r0 * g.out_channels + grp * m;
+          // A = rows [row0, row0 + mp) of dY^T over the chunk: in NHWC a position's C_out values are
+          // contiguous. Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
+          const T* dy_chunk = dy + r0 * g.out_channels + grp * m + row0;
           const PackedA<T> a =
-              pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+              pack_a_panels<T>(mp, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
                 // A fixed-size copy for whole panels: vector moves, where a run-time length calls memmove.
                 if (rows == kGemmAvx512.mr) {
                   for (int64_t kk = 0; kk < kc; ++kk)
@@ -636,7 +640,7 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
               }
               zero_panel_tail(kc, jc, dst);
             };
-            gemm<T>(a, jw, pack, out + grp * m * k + j0, k, nullptr, true, workspace.get());
+            gemm<T>(a, jw, pack, out + (grp * m + row0) * k + j0, k, nullptr, true, workspace.get());
           }
         }
       }
