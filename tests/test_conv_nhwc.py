@@ -271,3 +271,150 @@ def test_every_micro_kernel(isa):
     result = run_with_cpu_isa(isa, ISA_CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa
+
+
+# --- weight gradient (h14dw) ---
+# conv_nhwc.cpp's weight gradient runs one of three products: transposed (im2col^T read in place
+# from the phase grid, dY packed) for few output channels a group, "rows": more than half of one B
+# panel (17-32 float32, 9-16 float64 channels) and input channels a group a multiple of MR; both
+# operands in place for 1x1 stride-1 unpadded layers, "pointwise": min(C_in, C_out) a group at
+# most 64 or both at most 128, rows of X and dY at most 1 KB apart; the packed product otherwise.
+# Each case names the product it must take per dtype (counted by the kernels, not recomputed here).
+# name -> (dims, n, cin, cout, spatial, kernel, kwargs, float32 product, float64 product).
+WEIGHT_CASES = {
+    "rows_32": (2, 2, 16, 32, (9, 11), 3, dict(padding=1), "rows", "packed"),
+    "rows_17": (2, 1, 8, 17, (7, 6), 3, dict(), "rows", "packed"),
+    "rows_f64_12": (2, 2, 8, 12, (7, 9), 3, dict(padding=1), "packed", "rows"),
+    "half_panel_16": (2, 2, 16, 16, (7, 9), 3, dict(padding=1), "packed", "rows"),
+    "rows_s2_dil2": (2, 2, 16, 24, (13, 12), 3, dict(stride=2, dilation=2, padding=2), "rows", "packed"),
+    "rows_groups": (2, 2, 32, 64, (9, 8), 3, dict(padding=1, groups=2), "rows", "packed"),
+    "rows_3d": (3, 1, 8, 20, (4, 5, 6), 3, dict(padding=1), "rows", "packed"),
+    "rows_long_k": (2, 2, 48, 32, (6, 7), 3, dict(padding=1), "rows", "packed"),  # K = 432 rows of dW^T
+    "rows_partials": (2, 2, 8, 32, (48, 48), 3, dict(padding=1), "rows", "packed"),  # 12 chunks, 2 partials
+    "rows_k2_pad0": (2, 3, 8, 30, (10, 9), 2, dict(), "rows", "packed"),
+    "rows_batch1": (2, 1, 16, 32, (5, 5), 3, dict(padding=1), "rows", "packed"),
+    "cin12_not_rows": (2, 2, 12, 32, (7, 6), 3, dict(padding=1), "packed", "packed"),  # 12 % MR != 0
+    "cout33_not_rows": (2, 2, 8, 33, (7, 6), 3, dict(padding=1), "packed", "packed"),
+    "cout64_not_rows": (2, 2, 8, 64, (7, 6), 3, dict(padding=1), "packed", "packed"),
+    "pointwise": (2, 2, 6, 10, (5, 7), 1, dict(), "pointwise", "pointwise"),
+    "pointwise_edges": (2, 3, 40, 13, (13, 11), 1, dict(), "pointwise", "pointwise"),  # partial A and B panels
+    "pointwise_groups": (2, 2, 64, 48, (5, 3), 1, dict(groups=2), "pointwise", "pointwise"),
+    "pointwise_partials": (2, 2, 16, 24, (48, 48), 1, dict(), "pointwise", "pointwise"),
+    "pointwise_3d": (3, 2, 8, 12, (3, 5, 4), 1, dict(), "pointwise", "pointwise"),
+    "pointwise_wide": (2, 1, 64, 136, (5, 4), 1, dict(), "pointwise", "packed"),  # float64 rows 1088 bytes apart
+    # dY rows over 1 KB apart; one partial sum and one slice: the output channels split among threads.
+    "1x1_far_rows": (2, 1, 16, 272, (5, 4), 1, dict(), "packed", "packed"),
+    "pointwise_128": (2, 1, 128, 128, (5, 4), 1, dict(), "pointwise", "pointwise"),
+    "1x1_large_packed": (2, 1, 136, 72, (5, 4), 1, dict(), "packed", "packed"),
+    "1x1_s2_packed": (2, 2, 8, 16, (10, 12), 1, dict(stride=2), "packed", "packed"),
+    "1x1_pad_packed": (2, 2, 8, 16, (6, 5), 1, dict(padding=1), "packed", "packed"),
+    "batch0": (2, 0, 16, 32, (5, 5), 3, dict(padding=1), None, None),
+}
+
+
+def weight_counts():
+    return _C._cpu_nhwc_weight_rows_calls(), _C._cpu_nhwc_weight_pointwise_calls()
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", list(WEIGHT_CASES))
+def test_weight_gradient_products(name, dtype, weight_layout):
+    """Forward and every gradient against torch; the weight gradient took the named product, once."""
+    dims, n, cin, cout, spatial, kernel, kwargs, f32, f64 = WEIGHT_CASES[name]
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, kwargs.get("groups", 1), True, dtype,
+                           layout="channels_last", weight_layout=weight_layout)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
+    before = weight_counts()
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    rows, pointwise = (now - then for now, then in zip(weight_counts(), before))
+    expected = f32 if dtype == torch.float32 else f64
+    assert (rows, pointwise) == (int(expected == "rows"), int(expected == "pointwise")), (rows, pointwise)
+
+
+def test_weight_gradient_rows_before_winograd():
+    """A float32 3x3 stride-1 layer that Winograd would take (DenseNet's 128->32 shape, scaled down)
+    gets its weight gradient from the transposed product; the forward keeps Winograd."""
+    x, w, b = conv_tensors(2, 2, 16, 32, (16, 16), 3, 1, True, torch.float32, layout="channels_last")
+    before = (weight_counts(), _C._cpu_winograd_weight_calls(), _C._cpu_winograd_calls())
+    _C._set_cpu_winograd_min_tiles(1)
+    try:
+        with cnnops.backends.cpu.flags(allow_winograd=True):
+            check_conv_against_torch(2, x, w, b, dict(padding=1), torch.float32)
+    finally:
+        _C._set_cpu_winograd_min_tiles(-1)
+    assert weight_counts()[0] == before[0][0] + 1
+    assert _C._cpu_winograd_weight_calls() == before[1]
+    assert _C._cpu_winograd_calls() > before[2]
+
+
+@pytest.mark.parametrize("name", ["rows_partials", "rows_long_k", "pointwise_partials", "pointwise_edges",
+                                  "packed_8_threads", "1x1_far_rows"])
+def test_weight_gradient_thread_count_independent(name):
+    """The partial sums are fixed by the sizes and every dW value is summed by one task in chunk
+    order, however the rows or columns are split among tasks: 1, 2 and 3 threads give the same bits."""
+    cases = dict(WEIGHT_CASES)
+    # Packed, two partial sums and two K slices (K = 360), split by the thread count.
+    cases["packed_8_threads"] = (2, 8, 40, 64, (48, 48), 3, dict(stride=2, padding=1), "packed", "packed")
+    dims, n, cin, cout, spatial, kernel, kwargs, _, _ = cases[name]
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, kwargs.get("groups", 1), True, torch.float32,
+                           layout="channels_last")
+    conv = getattr(cnnops.functional, f"conv{dims}d")
+    with torch.no_grad():
+        go = make_tensor(conv(x, w, b, **kwargs).shape, torch.float32, "channels_last")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append(run_conv(conv, x, w, b, go, kwargs, grads=("weight",))[1]["weight"])
+    finally:
+        torch.set_num_threads(threads)
+    for got in runs[1:]:
+        assert torch.equal(got, runs[0]), "grad_weight depends on the thread count"
+
+
+WEIGHT_ISA_CHECK = r"""
+import sys, torch, torch.nn.functional as F
+import cnnops
+from cnnops import _C
+print(torch.ops.cnnops.cpu_gemm_isa())
+_C._set_cpu_nhwc_kernels_forced(True)
+# 24 input channels: whole A panels for every MR (8, 3, 2).
+cases = [  # n, ci, co, size, k, s, p, d, g, the product (float32)
+    (2, 24, 32, (9, 8), 3, 1, 1, 1, 1, "rows"),
+    (2, 24, 20, (11, 7), 3, 2, 1, 1, 1, "rows"),
+    (1, 48, 64, (6, 6), 3, 1, 1, 1, 2, "rows"),
+    (2, 24, 13, (7, 9), 1, 1, 0, 1, 1, "pointwise"),
+    (2, 40, 70, (5, 7), 1, 1, 0, 1, 1, "pointwise"),
+    (2, 24, 40, (7, 9), 3, 1, 1, 1, 1, "packed"),
+]
+with cnnops.backends.cpu.flags(allow_winograd=False):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        for (n, ci, co, size, k, s, p, d, g, product) in cases:
+            x = torch.randn(n, ci, *size, dtype=dtype).to(memory_format=torch.channels_last)
+            w = torch.randn(co, ci // g, k, k, dtype=dtype)
+            y = F.conv2d(x, w, None, s, p, d, g)
+            go = torch.randn_like(y)
+            before = (_C._cpu_nhwc_weight_rows_calls(), _C._cpu_nhwc_weight_pointwise_calls())
+            dw = torch.ops.cnnops.conv_backward(go, x, w, [s, s], [p, p], [d, d], g, [False, True, False])[1]
+            after = (_C._cpu_nhwc_weight_rows_calls(), _C._cpu_nhwc_weight_pointwise_calls())
+            e = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, [s, s], [p, p], [d, d],
+                                                    False, [0, 0], g, [False, True, False])[1]
+            err = ((dw.double() - e).abs().max() / e.abs().max().clamp_min(1)).item()
+            case = (dtype, n, ci, co, size, k, s, p, d, g)
+            if not err < tol:
+                sys.exit(f"{case}: relative error {err}")
+            wanted = (before[0] + (product == "rows"), before[1] + (product == "pointwise"))
+            if dtype == torch.float32 and after != wanted:
+                sys.exit(f"{case}: expected the {product} product, counters {before} -> {after}")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_weight_gradient_every_micro_kernel(isa):
+    """Panel edges depend on MR: the three products with each micro-kernel."""
+    result = run_with_cpu_isa(isa, WEIGHT_ISA_CHECK, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert result.stdout.split()[0] == isa

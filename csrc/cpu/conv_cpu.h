@@ -159,6 +159,12 @@ int64_t conv_weight_conversion_count();
 // Tests: weight gradients computed by conv.cpp's transposed product for few output channels
 // (conv_backward_weight_rows).
 int64_t conv_weight_rows_call_count();
+// Tests: channels-last weight gradients computed by conv_nhwc.cpp's transposed product for few
+// output channels (conv_backward_weight_nhwc_rows).
+int64_t nhwc_weight_rows_count();
+// Tests: channels-last 1x1 weight gradients computed with both operands in place
+// (conv_backward_weight_nhwc_pointwise).
+int64_t nhwc_weight_pointwise_count();
 
 // Channels-last (NHWC / NDHWC) convolution: x, y, dy in that layout, weights as torch's.
 // The forward kernels apply `activation` in their output step (csrc/common/activation.h).

@@ -420,18 +420,156 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrde
 
 int64_t nhwc_packed_forward_count() { return packed_forward_calls.load(std::memory_order_relaxed); }
 
-// dW_t[co, (tap, c)] = sum over positions r of dY[r, co] * im2col[r, (tap, c)]: A = dY^T over a
-// chunk of positions, B = the chunk's im2col rows, copied from the phase grid a panel row (NR
-// columns, one run of channels inside a tap) at a time.
+namespace {
+
+std::atomic<int64_t> nhwc_weight_rows_calls{0};
+
+// Whether conv_backward_weight_nhwc_rows serves g: one B panel of output channels a group (more
+// than half of it used) and whole A panels of input channels a tap. It runs before Winograd:
+// DenseNet's 128->32 3x3 (batch 8, 1 thread, torch/cnnops) at 14x14 0.57 -> 0.80, at 28x28 0.62
+// (Winograd) -> 0.73, at 56x56 level with Winograd (0.75) and closer to float64.
+bool use_nhwc_weight_rows(const ConvGeometry& g, int64_t mr, int64_t nr) {
+  const int64_t m = g.out_channels_per_group();
+  return g.kernel_volume() > 1 && 2 * m > nr && m <= nr && g.in_channels_per_group() % mr == 0;
+}
+
+// The weight gradient transposed, for few output channels a group (DenseNet's 128->32 3x3):
+// dW_g^T[(tap, c), co] = sum over positions r of im2col[r, (tap, c)] * dY[r, co]. The untransposed
+// product packs im2col (R x K values) for only M / MR A panels; here the packed operand is dY
+// (R x M, one B panel), used by all K / MR panels, and im2col^T is read in place from the phase
+// grid: its rows (tap, c) for one tap are channels, adjacent in a grid row, and its columns are
+// the positions' grid rows. Positions are summed chunk by chunk into the partial sums of
+// WeightGradientChunks; the rows of dW^T split among tasks in any way (each value is summed by one
+// task, in chunk order), so the split may follow the thread count.
+template <typename T>
+void conv_backward_weight_nhwc_rows(const ConvGeometry& g, const PhaseGrid<T>& grid, const T* dy, T* dw,
+                                    WeightOrder order) {
+  constexpr int64_t nr = gemm_nr<T>();
+  nhwc_weight_rows_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), cg = g.in_channels_per_group();
+  const int64_t taps = g.kernel_volume(), mr = gemm_mr<T>(), kc_max = gemm_spec().kc;
+  const WeightGradientChunks split(g);
+  const int64_t total = split.total, partials = split.partials, padded_m = num_blocks(m, nr) * nr;
+  const int64_t size = checked_numel({g.groups, m, k}, "conv_backward (weight)", true);
+  // Grid row offset of every position r (grid.row_of(g, r) * C_in), counted without divisions.
+  std::vector<int64_t> base(total);
+  int64_t r = 0;
+  for (int64_t n = 0; n < g.batch; ++n)
+    for (int64_t od = 0; od < g.out[0]; ++od)
+      for (int64_t oh = 0; oh < g.out[1]; ++oh) {
+        const int64_t row = ((n * grid.size[0] + od) * grid.size[1] + oh) * grid.size[2];
+        for (int64_t ow = 0; ow < g.out[2]; ++ow) base[r++] = (row + ow) * g.in_channels;
+      }
+  // Rows of dW^T a task: all of them at one thread, so a chunk's grid rows stay in L2 while every
+  // tap reads them; else enough tasks for two a thread.
+  const int64_t panels = num_blocks(k, mr), threads = SerialRegion::active() ? 1 : at::get_num_threads();
+  const int64_t slices = std::clamp<int64_t>(num_blocks(2 * threads, g.groups * partials), 1, panels);
+  const int64_t slice = num_blocks(panels, slices) * mr, tasks = g.groups * partials * num_blocks(k, slice);
+  // Each value written by one task.
+  const auto partial = scratch<T>(partials > 1 ? checked_numel({partials, size}, "conv_backward (weight)", true) : 0);
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const auto tile = scratch<T>(slice * m);  // rows [i0, i0 + rows) of dW_g^T
+    const auto b = scratch<T>(kColumnBlock * padded_m);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = task % num_blocks(k, slice) * slice, rows = std::min(slice, k - i0);
+      const int64_t p = task / num_blocks(k, slice) % partials, grp = task / num_blocks(k, slice) / partials;
+      for (int64_t chunk = split.first(p); chunk < split.first(p + 1); ++chunk) {
+        const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
+        // B[r, j] = dY[r0 + r, j] as gemm's panels: reduction block k0 (kc rows) at b + k0 * padded_m,
+        // its panel of columns j0 kc * NR further on, zero past M.
+        for (int64_t k0 = 0; k0 < rc; k0 += kc_max) {
+          const int64_t kc = std::min(kc_max, rc - k0);
+          T* block = b.get() + k0 * padded_m;
+          for (int64_t kk = 0; kk < kc; ++kk) {
+            const T* src = dy + (r0 + k0 + kk) * g.out_channels + grp * m;
+            for (int64_t j0 = 0; j0 < m; j0 += nr) {
+              T* dst = block + (j0 / nr * kc + kk) * nr;
+              if (j0 + nr <= m) {
+                std::memcpy(dst, src + j0, nr * sizeof(T));  // fixed size: two vector moves
+              } else {
+                std::copy_n(src + j0, m - j0, dst);
+                std::fill(dst + m - j0, dst + nr, T(0));
+              }
+            }
+          }
+        }
+        gemm_offset_a_packed_b<T>(
+            rows, rc, grid.data + grp * cg, grid.column_offset.data() + i0, base.data() + r0, m,
+            [&](int64_t k0, int64_t kc, int64_t j0) { return b.get() + k0 * padded_m + j0 * kc; }, tile.get(), m,
+            chunk > split.first(p));
+      }
+      // Row i of dW_g^T is (tap, c) = (i / cg, i % cg).
+      T* out = (partials > 1 ? partial.get() + p * size : dw) + grp * m * k;
+      for (int64_t i = i0; i < i0 + rows; ++i) {
+        const int64_t column = order == WeightOrder::TapChannel ? i : (i % cg) * taps + i / cg;
+        for (int64_t j = 0; j < m; ++j) out[j * k + column] = tile[(i - i0) * m + j];
+      }
+    }
+  });
+  if (partials > 1) sum_partials(partial.get(), partials, size, dw);
+}
+
+std::atomic<int64_t> nhwc_weight_pointwise_calls{0};
+
+// Whether conv_backward_weight_nhwc_pointwise serves g: packing costs about R * (M + K) values
+// against R * M * K multiply-adds, the in-place product about 15% of its time (A and B read from
+// L2), so it pays where M or K is small; and rows of dY and X at most 1 KB apart (further, the
+// kc rows a panel reads share few L1 sets). Measured (batch 8, 1 thread, torch/cnnops packed -> in
+// place): 64->256 56x56 0.76 -> 0.89, 96->128 0.70 -> 0.82, 256->64 0.74 -> 0.89, 96->24 0.95,
+// 128->128 28x28 0.74 -> 0.78; level at 256->128 and 512->128, slower at 128->512 28x28
+// (0.78 -> 0.73) and 64->2048 14x14 (0.84 -> 0.69).
+bool use_nhwc_weight_pointwise(const ConvGeometry& g, int64_t value_bytes) {
+  const int64_t m = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const bool near_rows = std::max(g.in_channels, g.out_channels) * value_bytes <= 1024;
+  return g.is_pointwise() && near_rows && (std::min(m, cg) <= 64 || std::max(m, cg) <= 128);
+}
+
+// dW_g[co, c] = sum over positions r of dY[r, co] * X[r, c] for 1x1 stride-1 layers without
+// padding, where im2col is the input itself: both operands read in place, no packing. A = dY_g^T
+// (A[co, r] = dy[r * C_out + co]: a panel's MR channels adjacent), B = X_g (rows of C_in values).
+template <typename T>
+void conv_backward_weight_nhwc_pointwise(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+  nhwc_weight_pointwise_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t m = g.out_channels_per_group(), cg = g.in_channels_per_group();
+  const int64_t block = std::min(kColumnBlock, g.batch * g.out_plane());
+  std::vector<int64_t> a_offset(block), b_offset(block);
+  for (int64_t r = 0; r < block; ++r) {
+    a_offset[r] = r * g.out_channels;
+    b_offset[r] = r * g.in_channels;
+  }
+  reduce_weight_gradient<T>(g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T*) {
+    gemm_shifted_ab<T>(m, rc, dy + r0 * g.out_channels + grp * m, 1, a_offset.data(), jw,
+                       x + r0 * g.in_channels + grp * cg + j0, b_offset.data(), dw_slice, cg, nullptr, true);
+  });
+}
+
+}  // namespace
+
+int64_t nhwc_weight_rows_count() { return nhwc_weight_rows_calls.load(std::memory_order_relaxed); }
+int64_t nhwc_weight_pointwise_count() { return nhwc_weight_pointwise_calls.load(std::memory_order_relaxed); }
+
+// dW_t[co, (tap, c)] = sum over positions r of dY[r, co] * im2col[r, (tap, c)]: transposed for few
+// output channels, both operands in place for small 1x1 layers, else A = dY^T over a chunk of
+// positions, B = the chunk's im2col rows copied from the phase grid.
 template <typename T>
 WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred) {
+  const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>());
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true)) return WeightOrder::ChannelTap;
+    if (!rows && use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true))
+      return WeightOrder::ChannelTap;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group();
   const PhaseGrid<T> grid = make_phase_grid(g, x);
+  if (rows) {
+    conv_backward_weight_nhwc_rows(g, grid, dy, dw, preferred);
+    return preferred;
+  }
+  if (use_nhwc_weight_pointwise(g, sizeof(T))) {
+    conv_backward_weight_nhwc_pointwise(g, dy, x, dw);
+    return preferred;
+  }
   const int64_t* column_offset = grid.column_offset.data();
   // Whether each NR-column panel of B (they start at multiples of NR) reads one run of values.
   std::vector<char> one_run(num_blocks(k, nr), 1);
@@ -440,35 +578,75 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   // Columns ordered (tap, c): straight into dw when that order is wanted, else reordered at the end.
   const bool reorder = preferred != WeightOrder::TapChannel;
   std::vector<T> dw_t(reorder ? g.groups * m * k : 0);
-  reduce_weight_gradient<T>(
-      g, reorder ? dw_t.data() : dw,
-      [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
-        // A = dY^T over the chunk (M x rc): in NHWC a position's C_out values are contiguous.
-        // Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
-        const T* dy_chunk = dy + r0 * g.out_channels + grp * m;
-        const PackedA<T> a =
-            pack_a_panels<T>(m, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
-              for (int64_t kk = 0; kk < kc; ++kk)
-                std::copy_n(dy_chunk + (k0 + kk) * g.out_channels + i0, rows, dst + kk * mr);
-            });
-        std::vector<int64_t> base(rc);
-        for (int64_t i = 0; i < rc; ++i) base[i] = grid.row_of(g, r0 + i) * g.in_channels + grp * cg;
-        auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
-          for (int64_t p = 0; p * nr < jc; ++p) {
-            const int64_t col = j0 + jj + p * nr, width = std::min(nr, jc - p * nr);
-            const T* src = grid.data + column_offset[col];
-            T* out = dst + p * kc * nr;
-            if (col % nr == 0 && one_run[col / nr]) {
-              for (int64_t i = 0; i < kc; ++i) std::memcpy(out + i * nr, src + base[k0 + i], width * sizeof(T));
-            } else {
-              for (int64_t i = 0; i < kc; ++i)
-                for (int64_t q = 0; q < width; ++q) out[i * nr + q] = grid.data[base[k0 + i] + column_offset[col + q]];
-            }
+  // The chunks and partial sums of reduce_weight_gradient (so the sums are the same), with the K
+  // columns split in slices of 8 panels, several a task: all of them at one thread, so each chunk's
+  // A is packed once for every slice (ResNet's 128->128 3x3 stride 2 at 56x56 packed it 5 times,
+  // 7% of the time); else enough tasks for two a thread, splitting the rows (output channels) too
+  // where slices and partial sums are fewer (64->2048 1x1 at 14x14 ran on one thread). Each value
+  // is summed by one task, in chunk order, whatever the split.
+  T* target = reorder ? dw_t.data() : dw;
+  const WeightGradientChunks split(g);
+  const int64_t partials = split.partials, size = checked_numel({g.groups, m, k}, "conv_backward (weight)", true);
+  const int64_t slice = 8 * nr, slices = num_blocks(k, slice);
+  const int64_t threads = SerialRegion::active() ? 1 : at::get_num_threads();
+  const int64_t per_task = num_blocks(slices, std::clamp<int64_t>(num_blocks(2 * threads, partials), 1, slices));
+  const int64_t slice_tasks = num_blocks(slices, per_task), mr = gemm_mr<T>();
+  const int64_t row_parts = std::clamp<int64_t>(num_blocks(2 * threads, partials * slice_tasks), 1, num_blocks(m, mr));
+  const int64_t part = num_blocks(num_blocks(m, mr), row_parts) * mr, parts = num_blocks(m, part);
+  std::vector<T> partial(partials > 1 ? checked_numel({partials, size}, "conv_backward (weight)", true) : 0, T(0));
+  parallel_for(0, partials * slice_tasks * parts, 1, [&](int64_t begin, int64_t end) {
+    const auto workspace = scratch<T>(gemm_workspace_size<T>(slice));
+    std::vector<int64_t> base(std::min(kColumnBlock, split.total));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / parts / slice_tasks, s0 = task / parts % slice_tasks * per_task;
+      const int64_t s1 = std::min(slices, s0 + per_task), row0 = task % parts * part, mp = std::min(part, m - row0);
+      T* out = partials > 1 ? partial.data() + p * size : target;
+      for (int64_t chunk = split.first(p); chunk < split.first(p + 1); ++chunk) {
+        const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, split.total - r0);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          // A = rows [row0, row0 + mp) of dY^T over the chunk: in NHWC a position's C_out values are
+          // contiguous. Panel column kk is position r0 + kk's run of `rows` channels: one copy each.
+          const T* dy_chunk = dy + r0 * g.out_channels + grp * m + row0;
+          const PackedA<T> a =
+              pack_a_panels<T>(mp, rc, [&](int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* dst, int64_t mr) {
+                // A fixed-size copy for whole panels: vector moves, where a run-time length calls memmove.
+                if (rows == kGemmAvx512.mr) {
+                  for (int64_t kk = 0; kk < kc; ++kk)
+                    std::memcpy(dst + kk * mr, dy_chunk + (k0 + kk) * g.out_channels + i0, kGemmAvx512.mr * sizeof(T));
+                  return;
+                }
+                for (int64_t kk = 0; kk < kc; ++kk)
+                  std::copy_n(dy_chunk + (k0 + kk) * g.out_channels + i0, rows, dst + kk * mr);
+              });
+          for (int64_t i = 0; i < rc; ++i) base[i] = grid.row_of(g, r0 + i) * g.in_channels + grp * cg;
+          for (int64_t sl = s0; sl < s1; ++sl) {
+            const int64_t j0 = sl * slice, jw = std::min(slice, k - j0);
+            // B = the chunk's im2col rows, columns [j0, j0 + jw), copied from the phase grid a panel
+            // row (NR columns, one run of channels inside a tap) at a time.
+            auto pack = [&](int64_t k0, int64_t kc, int64_t jj, int64_t jc, T* dst) {
+              for (int64_t q0 = 0; q0 < jc; q0 += nr) {
+                const int64_t col = j0 + jj + q0, width = std::min(nr, jc - q0);
+                const T* src = grid.data + column_offset[col];
+                T* panel = dst + q0 * kc;
+                if (col % nr == 0 && one_run[col / nr] && width == nr) {  // fixed size: vector moves
+                  for (int64_t i = 0; i < kc; ++i) std::memcpy(panel + i * nr, src + base[k0 + i], nr * sizeof(T));
+                } else if (col % nr == 0 && one_run[col / nr]) {
+                  for (int64_t i = 0; i < kc; ++i) std::memcpy(panel + i * nr, src + base[k0 + i], width * sizeof(T));
+                } else {
+                  for (int64_t i = 0; i < kc; ++i)
+                    for (int64_t q = 0; q < width; ++q)
+                      panel[i * nr + q] = grid.data[base[k0 + i] + column_offset[col + q]];
+                }
+              }
+              zero_panel_tail(kc, jc, dst);
+            };
+            gemm<T>(a, jw, pack, out + (grp * m + row0) * k + j0, k, nullptr, true, workspace.get());
           }
-          zero_panel_tail(kc, jc, dst);
-        };
-        gemm<T>(a, jw, pack, dw_slice, k, nullptr, true, workspace);
-      });
+        }
+      }
+    }
+  });
+  if (partials > 1) sum_partials(partial.data(), partials, size, target);
   if (!reorder) return WeightOrder::TapChannel;
   parallel_for(0, g.out_channels, 16, [&](int64_t begin, int64_t end) {
     for (int64_t co = begin; co < end; ++co)

@@ -112,6 +112,16 @@ PyObject* cpu_conv_weight_rows_calls(PyObject* /*module*/, PyObject* /*unused*/)
   return PyLong_FromLongLong(cnnops::cpu::conv_weight_rows_call_count());
 }
 
+// _cpu_nhwc_weight_rows_calls() -> int: channels-last weight gradients computed as the transposed product (tests)
+PyObject* cpu_nhwc_weight_rows_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_weight_rows_count());
+}
+
+// _cpu_nhwc_weight_pointwise_calls() -> int: channels-last 1x1 weight gradients read in place (tests)
+PyObject* cpu_nhwc_weight_pointwise_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_weight_pointwise_count());
+}
+
 // _cpu_shifted_rows_calls() -> int: forward convolutions run as conv_forward_shifted_rows (tests)
 PyObject* cpu_shifted_rows_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::shifted_rows_call_count());
@@ -145,6 +155,10 @@ PyMethodDef methods[] = {
      "number of channels-last weights a CPU convolution forward converted to OIHW"},
     {"_cpu_conv_weight_rows_calls", cpu_conv_weight_rows_calls, METH_NOARGS,
      "number of CPU weight gradients computed as im2col(X) * dY^T (few output channels)"},
+    {"_cpu_nhwc_weight_rows_calls", cpu_nhwc_weight_rows_calls, METH_NOARGS,
+     "number of CPU channels-last weight gradients computed as im2col^T * dY (few output channels)"},
+    {"_cpu_nhwc_weight_pointwise_calls", cpu_nhwc_weight_pointwise_calls, METH_NOARGS,
+     "number of CPU channels-last 1x1 weight gradients computed with dY and X read in place"},
     {"_cpu_shifted_rows_calls", cpu_shifted_rows_calls, METH_NOARGS,
      "number of CPU stride-1 forward convolutions run with the product transposed (few output channels)"},
     {nullptr, nullptr, 0, nullptr}};
