@@ -120,11 +120,13 @@ def _direct_path():
     """Winograd would take the stride-1 3x3 cases, and conv.cpp's speed rules would convert the
     small and 3-d ones to NCHW: these tests are about the NHWC kernels."""
     _C._set_cpu_nhwc_kernels_forced(True)
+    _C._set_cpu_nhwc_row_segments(False)  # the grid, packed and col2im kernels; the segments: h14dx's section
     try:
         with cnnops.backends.cpu.flags(allow_winograd=False):
             yield
     finally:
         _C._set_cpu_nhwc_kernels_forced(False)
+        _C._set_cpu_nhwc_row_segments(True)
 
 
 def test_cases_reach_every_path():
@@ -308,7 +310,21 @@ NO_SEGMENT_CASES = {
     "short_rows": (2, 2, 8, 32, (5, 5), 3, dict(padding=1)),  # width 5
     "pointwise": (2, 2, 8, 16, (9, 9), 1, dict()),
     "s2_short_phase": (2, 2, 8, 16, (9, 11), 3, dict(stride=2, padding=1)),  # widths 6, phase rows 5 and 6
+    "s2_1x1": (2, 2, 8, 16, (16, 20), 1, dict(stride=2)),  # grad input: col2im (no overlapping taps)
 }
+FORWARD_SEGMENTS = {"s2_short_phase", "s2_1x1"}  # of NO_SEGMENT_CASES: only the grad input is excluded
+
+
+def kernel_volume(name):
+    dims, _, _, _, _, kernel, _ = SEGMENT_CASES[name]
+    return math.prod(lift(kernel, dims, 1))
+
+
+@pytest.fixture()
+def segments(_direct_path):
+    """The row-segment kernels on (the module's autouse fixture turns them off)."""
+    _C._set_cpu_nhwc_row_segments(True)
+    yield
 
 
 def segment_tensors(cases, name, dtype, bias=True, weight_layout="contiguous"):
@@ -330,6 +346,7 @@ def output_width(dims, spatial, kernel, kwargs):
     return (size[2] + 2 * p[2] - d[2] * (k[2] - 1) - 1) // s[2] + 1
 
 
+@pytest.mark.usefixtures("segments")
 @pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("name", list(SEGMENT_CASES))
@@ -341,20 +358,24 @@ def test_row_segments_match_torch(name, dtype, weight_layout):
     if SEGMENTS and x.numel() > 0:
         assert _C._cpu_nhwc_row_segment_calls() == fwd + 1, name
     check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
-    if SEGMENTS and x.numel() > 0 and strided(kwargs):
+    if SEGMENTS and x.numel() > 0 and strided(kwargs) and kernel_volume(name) > 1:
         assert _C._cpu_nhwc_phase_grad_input_calls() > gin, name
 
 
+@pytest.mark.usefixtures("segments")
 @pytest.mark.parametrize("name", list(NO_SEGMENT_CASES))
 def test_row_segments_excluded(name):
     dims, x, w, b, kwargs = segment_tensors(NO_SEGMENT_CASES, name, torch.float32)
     fwd, gin = _C._cpu_nhwc_row_segment_calls(), _C._cpu_nhwc_phase_grad_input_calls()
     check_conv_against_torch(dims, x, w, b, kwargs, torch.float32, msg=name)
-    if name != "s2_short_phase":
+    if name in FORWARD_SEGMENTS:
+        assert _C._cpu_nhwc_row_segment_calls() == fwd + int(SEGMENTS), name
+    else:
         assert _C._cpu_nhwc_row_segment_calls() == fwd, name
     assert _C._cpu_nhwc_phase_grad_input_calls() == gin, name
 
 
+@pytest.mark.usefixtures("segments")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("name", ["seg_7x7_narrow", "seg_14x14_cout17", "seg_long_k", "seg_s2", "seg_3d"])
 def test_row_segments_fused_relu(name, bias):
@@ -369,6 +390,7 @@ def test_row_segments_fused_relu(name, bias):
     assert _C._cpu_nhwc_row_segment_calls() == before + int(SEGMENTS)
 
 
+@pytest.mark.usefixtures("segments")
 @pytest.mark.parametrize("name", ["seg_s2", "seg_k2_s3", "seg_groups", "seg_3d_s2"])
 def test_row_segments_gradcheck(name):
     dims, n, cin, cout, spatial, kernel, kwargs = SEGMENT_CASES[name]
@@ -379,6 +401,7 @@ def test_row_segments_gradcheck(name):
     assert torch.autograd.gradcheck(lambda x, w, b: conv(x, w, b, **kwargs), leaves, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.usefixtures("segments")
 @pytest.mark.parametrize("name", ["seg_14x14_cout17", "seg_s2", "seg_groups", "seg_28_cout33", "seg_k2_s3"])
 def test_row_segments_thread_count_independent(name):
     """The row-segment forward and phase grad input are bitwise the same with 1 and 2 threads."""
@@ -409,3 +432,35 @@ def test_row_segment_cases_cover_the_segment_sizes():
     assert {6, 7, 8, 10, 11, 12} <= sizes
     dims, _, _, _, spatial, kernel, kwargs = NO_SEGMENT_CASES["short_rows"]
     assert output_width(dims, spatial, kernel, kwargs) < SEGMENT_MIN_ROWS
+
+
+@pytest.mark.usefixtures("segments")
+def test_row_segment_speed_rules():
+    """Without the override: a small-map forward the segments serve stays channels-last (its backward
+    still converts), a large weight on few rows converts, and narrow float32 layers up to 32x32 take
+    the segments before Winograd, which keeps 56x56 (conv.cpp)."""
+    _C._set_cpu_nhwc_kernels_forced(False)
+    cases = [  # (x shape, weight shape, forward on the segments, Winograd, channels-last kernels)
+        ((2, 16, 7, 7), (20, 16, 3, 3), True, False, True),  # 98 rows, a small weight
+        ((1, 512, 7, 7), (512, 512, 3, 3), False, False, False),  # 49 rows, 9.4 MB of weight: NCHW
+        ((2, 64, 28, 28), (16, 64, 3, 3), True, False, True),  # narrow, 98 Winograd tiles
+        ((2, 64, 56, 56), (16, 64, 3, 3), False, True, True),
+    ]
+    with cnnops.backends.cpu.flags(allow_winograd=True):
+        for xs, ws, on_segments, winograd, channels_last in cases:
+            x = make_tensor(xs, torch.float32, "channels_last")
+            w = make_tensor(ws, torch.float32)
+            seg, wino, nhwc = _C._cpu_nhwc_row_segment_calls(), _C._cpu_winograd_calls(), _C._cpu_nhwc_kernel_calls()
+            with torch.no_grad():
+                got = cnnops.functional.conv2d(x, w, None, padding=1)
+            expected = F.conv2d(x.double(), w.double(), None, padding=1)
+            torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-4)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert SEGMENTS <= ((_C._cpu_nhwc_row_segment_calls() > seg) == on_segments), xs
+            assert SEGMENTS <= ((_C._cpu_nhwc_kernel_calls() > nhwc) == channels_last), xs
+            assert SEGMENTS <= ((_C._cpu_winograd_calls() > wino) == winograd), xs
+        x = make_tensor((2, 16, 7, 7), torch.float32, "channels_last")
+        w = make_tensor((20, 16, 3, 3), torch.float32)
+        nhwc = _C._cpu_nhwc_kernel_calls()
+        check_conv_against_torch(2, x, w, None, dict(padding=1), torch.float32)
+        assert _C._cpu_nhwc_kernel_calls() == nhwc + int(SEGMENTS)  # the forward only

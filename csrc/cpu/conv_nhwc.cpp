@@ -453,18 +453,23 @@ std::atomic<int64_t> packed_forward_calls{0};
 std::atomic<int64_t> row_segment_forward_calls{0};
 std::atomic<int64_t> phase_backward_input_calls{0};
 
-// Whether the row-segment kernel runs a channels-last forward whose output rows split into
-// segments of mr rows (h14dx: measured below).
-bool use_row_segments(const ConvGeometry& g, int64_t mr) {
-  (void)g;
-  (void)mr;
-  return true;
+std::atomic<bool> row_segments_enabled{true};
+
+// The row-segment kernels run wherever they serve (AVX-512, rows of at least 6 outputs, a grid with
+// slack): in every case measured they beat the grid and packed kernels, which compute waste rows
+// and copy them out (batch 8, 1 thread, torch/cnnops, forward: DenseNet's 128->32 3x3 at 14x14
+// 0.68 -> 0.86, ResNet-50's 3x3 64/128/256 without Winograd 0.80/0.75/0.72 -> 0.86/0.84/0.83,
+// 3x3 stride 2 128ch 56x56 0.63 -> 0.77, 1x1 stride 2 512->1024 level).
+bool use_row_segments(const ConvGeometry& g) {
+  return row_segments_enabled.load(std::memory_order_relaxed) && !g.is_pointwise() && row_segment_mr(g.out[2]) > 0;
 }
 
-// Whether a strided channels-last grad input runs by input phases (conv_backward_input_nhwc_phases).
+// The strided grad input by input phases, where taps overlap (kernel volume > 1): ResNet-50's 3x3
+// stride 2, batch 8, 1 thread, torch/cnnops: 64ch 56x56 0.70 -> 0.81, 128ch 0.72 -> 0.87, 256ch
+// 28x28 0.86 -> 0.95. A 1x1 stride-2 layer (one phase of four has its tap) keeps col2im: 0.91 vs 0.88.
 bool use_phase_backward_input(const ConvGeometry& g) {
-  (void)g;
-  return gemm_row_segments_max_mr() > 0;
+  return row_segments_enabled.load(std::memory_order_relaxed) && g.kernel_volume() > 1 &&
+         gemm_row_segments_max_mr() > 0;
 }
 
 bool use_phase_grid(const ConvGeometry& g) {
@@ -479,10 +484,9 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrde
                        Activation activation) {
   const PhaseGrid<T> grid = make_phase_grid(g, x);
   const auto panels = weight_panels(g, w, order);
-  const int64_t segment_mr = grid.slack ? row_segment_mr(g.out[2]) : 0;  // slack: segments read past rows
-  if (segment_mr > 0 && use_row_segments(g, segment_mr)) {
+  if (grid.slack && use_row_segments(g)) {  // slack: a row's last segment reads past it
     row_segment_forward_calls.fetch_add(1, std::memory_order_relaxed);
-    conv_forward_nhwc_rows(g, grid, *panels, bias, y, activation, segment_mr);
+    conv_forward_nhwc_rows(g, grid, *panels, bias, y, activation, row_segment_mr(g.out[2]));
   } else if (use_phase_grid(g)) {
     conv_forward_nhwc_grid(g, grid, *panels, bias, y, activation);
   } else {
@@ -492,6 +496,10 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrde
 }
 
 int64_t nhwc_packed_forward_count() { return packed_forward_calls.load(std::memory_order_relaxed); }
+
+void set_nhwc_row_segments_enabled(bool on) { row_segments_enabled.store(on, std::memory_order_relaxed); }
+
+bool nhwc_row_segments_serve(const ConvGeometry& g) { return use_row_segments(g); }
 
 int64_t nhwc_row_segment_forward_count() { return row_segment_forward_calls.load(std::memory_order_relaxed); }
 
@@ -573,7 +581,7 @@ std::vector<InputPhase> input_phases(const ConvGeometry& g) {
     ph.residue[2] = index % g.stride[2];
     for (int i = 0; i < 3; ++i) {
       ph.first[i] = ceil_div(std::max<int64_t>(0, g.pad[i] - ph.residue[i]), g.stride[i]);  // x_i >= 0
-      const int64_t last = g.in[i] - 1 + g.pad[i] - ph.residue[i];                           // x_i < in_i
+      const int64_t last = g.in[i] - 1 + g.pad[i] - ph.residue[i];                          // x_i < in_i
       ph.count[i] = last < 0 ? 0 : std::max<int64_t>(0, last / g.stride[i] - ph.first[i] + 1);
     }
     for (int64_t tap = 0; tap < g.kernel_volume(); ++tap) {
@@ -662,8 +670,7 @@ void conv_backward_input_nhwc_phases(const ConvGeometry& g, const std::vector<In
         const int64_t kk = t * m + co, k0 = kk / kc_max * kc_max, kc = std::min(kc_max, k - k0);
         T* row = b[index].data.data() + (grp * k + k0) * panels_per_group * nr + (kk - k0) * nr;
         const T* src = w + (grp * m + co) * k_all;
-        for (int64_t c = 0; c < cg; ++c)
-          row[c / nr * kc * nr + c % nr] = src[weight_column(g, order, c, ph.taps[t])];
+        for (int64_t c = 0; c < cg; ++c) row[c / nr * kc * nr + c % nr] = src[weight_column(g, order, c, ph.taps[t])];
       }
     }
   });
@@ -695,8 +702,10 @@ void conv_backward_input_nhwc_phases(const ConvGeometry& g, const std::vector<In
         for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
           const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
           const int64_t n = q / ph.count[1] / ph.count[0];
-          T* row = dx + (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) *
-                            g.in_channels + grp * cg + j0;
+          T* row =
+              dx +
+              (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) * g.in_channels +
+              grp * cg + j0;
           for (int64_t i = 0; i < width; ++i) std::fill(row + i * ldc, row + i * ldc + nj, T(0));
         }
         continue;

@@ -604,13 +604,12 @@ using SegmentKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const
 constexpr int64_t kSegmentMinMr = 6, kSegmentMaxMr = 12;
 
 #if CNNOPS_X86
-#define CNNOPS_DEFINE_SEGMENT_KERNEL(NAME, T, MR)                                                                    \
-  CNNOPS_TARGET_AVX512 __attribute__((noinline)) void NAME##_edge(const T* tile, T* c, int64_t ldc, int64_t mr,     \
-                                                                  int64_t nr, const T* bias, bool acc,             \
-                                                                  Activation act) {                                \
-    store_edge_tile_body<T>(tile, c, ldc, mr, nr, bias, acc, act);                                                  \
-  }                                                                                                                 \
-  CNNOPS_TARGET_AVX512 void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b, T* c,   \
+#define CNNOPS_DEFINE_SEGMENT_KERNEL(NAME, T, MR)                                                                  \
+  CNNOPS_TARGET_AVX512 __attribute__((noinline)) void NAME##_edge(                                                 \
+      const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, Activation act) {         \
+    store_edge_tile_body<T>(tile, c, ldc, mr, nr, bias, acc, act);                                                 \
+  }                                                                                                                \
+  CNNOPS_TARGET_AVX512 void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b, T* c,  \
                                  int64_t ldc, int64_t mr, int64_t nr, bool acc, Activation act) {                  \
     micro_kernel_body<T, MR, true, false, NAME##_edge>(kc, a, a_offsets, lda, b, nullptr, c, ldc, mr, nr, nullptr, \
                                                        acc, act, NextPanel{});                                     \
@@ -629,13 +628,13 @@ CNNOPS_DEFINE_SEGMENT_KERNELS(12)
 template <typename T>
 SegmentKernel<T> segment_kernel(int64_t mr) {
   if constexpr (sizeof(T) == sizeof(float)) {
-    static constexpr SegmentKernel<T> kernels[] = {segment_kernel_6_f,  segment_kernel_7_f,  segment_kernel_8_f,
-                                                   segment_kernel_9_f,  segment_kernel_10_f, segment_kernel_11_f,
+    static constexpr SegmentKernel<T> kernels[] = {segment_kernel_6_f, segment_kernel_7_f,  segment_kernel_8_f,
+                                                   segment_kernel_9_f, segment_kernel_10_f, segment_kernel_11_f,
                                                    segment_kernel_12_f};
     return kernels[mr - kSegmentMinMr];
   } else {
-    static constexpr SegmentKernel<T> kernels[] = {segment_kernel_6_d,  segment_kernel_7_d,  segment_kernel_8_d,
-                                                   segment_kernel_9_d,  segment_kernel_10_d, segment_kernel_11_d,
+    static constexpr SegmentKernel<T> kernels[] = {segment_kernel_6_d, segment_kernel_7_d,  segment_kernel_8_d,
+                                                   segment_kernel_9_d, segment_kernel_10_d, segment_kernel_11_d,
                                                    segment_kernel_12_d};
     return kernels[mr - kSegmentMinMr];
   }
@@ -706,8 +705,8 @@ void gemm_row_segments(int64_t mr, int64_t segments, const int64_t* a_row, const
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)
 CNNOPS_INSTANTIATE_GEMM(double)
-#define CNNOPS_INSTANTIATE_ROW_SEGMENTS(T)                                                                          \
-  template void gemm_row_segments<T>(int64_t, int64_t, const int64_t*, const int64_t*, const int64_t*, int64_t,   \
+#define CNNOPS_INSTANTIATE_ROW_SEGMENTS(T)                                                                           \
+  template void gemm_row_segments<T>(int64_t, int64_t, const int64_t*, const int64_t*, const int64_t*, int64_t,      \
                                      const T*, int64_t, const int64_t*, int64_t, PackedBPanel<T>, T*, int64_t, bool, \
                                      Activation);
 CNNOPS_INSTANTIATE_ROW_SEGMENTS(float)
