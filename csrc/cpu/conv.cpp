@@ -486,7 +486,8 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     // Narrow layers (fewer than 64 channels on a side) on maps up to 32x32 run faster on the NHWC
     // row segments (DenseNet's 128->32 3x3 at 28x28, batch 8, 1 thread: forward 0.66 -> 0.80, its
     // grad input 0.77 -> 0.87); at 56x56 Winograd stays ahead (0.85 vs 0.80).
-    const bool narrow_segments = nhwc && std::min(g.in_channels_per_group(), g.out_channels_per_group()) < 64 &&
+    const bool narrow_segments = nhwc && !winograd_size_rules_replaced() &&
+                                 std::min(g.in_channels_per_group(), g.out_channels_per_group()) < 64 &&
                                  g.out_plane() <= 1024 && nhwc_row_segments_serve(g);
     if (use_winograd(g) && !narrow_segments &&
         conv_forward_winograd(g, x, weight.channel_tap(), bias, y, nhwc, activation))
