@@ -295,6 +295,7 @@ SEGMENT_CASES = {
     "seg_s2": (2, 2, 12, 40, (15, 29), 3, dict(stride=2, padding=1)),  # width 15: 8 + 7
     "seg_s3_dil": (2, 1, 8, 24, (20, 40), 3, dict(stride=3, dilation=2, padding=2)),
     "seg_groups": (2, 2, 16, 48, (9, 9), 3, dict(padding=1, groups=2)),
+    "seg_s2_groups": (2, 2, 48, 40, (13, 26), 3, dict(stride=2, padding=1, groups=2)),  # 24 channels a group
     "seg_long_k": (2, 1, 64, 24, (6, 9), 3, dict(padding=1)),  # K = 576: three reduction blocks
     "seg_batch1": (2, 1, 8, 32, (6, 6), 3, dict(padding=1)),
     "seg_batch0": (2, 0, 8, 32, (6, 6), 3, dict(padding=1)),
@@ -402,7 +403,8 @@ def test_row_segments_gradcheck(name):
 
 
 @pytest.mark.usefixtures("segments")
-@pytest.mark.parametrize("name", ["seg_14x14_cout17", "seg_s2", "seg_groups", "seg_28_cout33", "seg_k2_s3"])
+@pytest.mark.parametrize("name", ["seg_14x14_cout17", "seg_s2", "seg_groups", "seg_28_cout33", "seg_k2_s3",
+                                  "seg_s2_groups"])
 def test_row_segments_thread_count_independent(name):
     """The row-segment forward and phase grad input are bitwise the same with 1 and 2 threads."""
     dims, x, w, b, kwargs = segment_tensors(SEGMENT_CASES, name, torch.float32)

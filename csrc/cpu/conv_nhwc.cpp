@@ -6,6 +6,9 @@
 // channel fastest, so each tap contributes a contiguous run of the input's channels and every
 // row of the output is written in place, with no layout conversion. Every kernel reads the input
 // from a zero-padded copy split by the stride (PhaseGrid), where the forward GEMM reads A in place.
+// With AVX-512 the forward computes only real output rows (conv_forward_nhwc_rows) and a strided
+// grad input runs by input stride phases (conv_backward_input_nhwc_phases), both on
+// gemm_row_segments (gemm_segments.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
