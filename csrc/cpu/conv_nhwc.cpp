@@ -599,12 +599,13 @@ std::vector<InputPhase> input_phases(const ConvGeometry& g) {
   return phases;
 }
 
-// Rows per segment of every phase that has taps, or 0 where a phase's rows are too short for the
-// segment kernels (then the col2im path runs).
-int64_t phase_segment_mr_ok(const ConvGeometry& g, const std::vector<InputPhase>& phases) {
+// Whether every phase that has taps and positions has rows long enough for the segment kernels
+// (else the col2im path runs).
+bool phases_fit_segments(const std::vector<InputPhase>& phases) {
   for (const auto& ph : phases)
-    if (!ph.taps.empty() && ph.count[0] * ph.count[1] * ph.count[2] > 0 && row_segment_mr(ph.count[2]) == 0) return 0;
-  return 1;
+    if (!ph.taps.empty() && ph.count[0] * ph.count[1] * ph.count[2] > 0 && row_segment_mr(ph.count[2]) == 0)
+      return false;
+  return true;
 }
 
 // dX of a strided channels-last convolution by input phases: dX at the positions of one phase
@@ -614,7 +615,6 @@ int64_t phase_segment_mr_ok(const ConvGeometry& g, const std::vector<InputPhase>
 // (formulas.md §Conv backward, grouped by residue). Each row of a phase (positions along w, s_w C_in
 // apart in dX) runs through gemm_row_segments with the padded dY read in place: no im2col buffer,
 // no col2im scatter, no zeroed dX copy, and every dX value is one task's full sum (deterministic).
-// ResNet-50's 3x3 stride 2 128ch 56x56, batch 8, 1 thread: see use in conv_backward_input_nhwc.
 template <typename T>
 void conv_backward_input_nhwc_phases(const ConvGeometry& g, const std::vector<InputPhase>& phases, const T* dy,
                                      const T* w, WeightOrder order, T* dx) {
@@ -748,7 +748,7 @@ template <typename T>
 void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, WeightOrder order, T* dx) {
   if (use_phase_backward_input(g)) {
     const auto phases = input_phases(g);
-    if (phase_segment_mr_ok(g, phases)) {
+    if (phases_fit_segments(phases)) {
       phase_backward_input_calls.fetch_add(1, std::memory_order_relaxed);
       return conv_backward_input_nhwc_phases(g, phases, dy, w, order, dx);
     }
