@@ -120,11 +120,13 @@ def _direct_path():
     """Winograd would take the stride-1 3x3 cases, and conv.cpp's speed rules would convert the
     small and 3-d ones to NCHW: these tests are about the NHWC kernels."""
     _C._set_cpu_nhwc_kernels_forced(True)
+    _C._set_cpu_nhwc_row_segments(False)  # the grid, packed and col2im kernels; the segments: h14dx's section
     try:
         with cnnops.backends.cpu.flags(allow_winograd=False):
             yield
     finally:
         _C._set_cpu_nhwc_kernels_forced(False)
+        _C._set_cpu_nhwc_row_segments(True)
 
 
 def test_cases_reach_every_path():
@@ -336,14 +338,10 @@ def test_weight_gradient_products(name, dtype, weight_layout):
 def test_weight_gradient_rows_before_winograd():
     """A float32 3x3 stride-1 layer that Winograd would take (DenseNet's 128->32 shape, scaled down)
     gets its weight gradient from the transposed product; the forward keeps Winograd."""
-    x, w, b = conv_tensors(2, 2, 16, 32, (16, 16), 3, 1, True, torch.float32, layout="channels_last")
+    x, w, b = conv_tensors(2, 2, 16, 32, (28, 28), 3, 1, True, torch.float32, layout="channels_last")
     before = (weight_counts(), _C._cpu_winograd_weight_calls(), _C._cpu_winograd_calls())
-    _C._set_cpu_winograd_min_tiles(1)
-    try:
-        with cnnops.backends.cpu.flags(allow_winograd=True):
-            check_conv_against_torch(2, x, w, b, dict(padding=1), torch.float32)
-    finally:
-        _C._set_cpu_winograd_min_tiles(-1)
+    with cnnops.backends.cpu.flags(allow_winograd=True):  # Winograd's own size rules (28x28: whole tiles)
+        check_conv_against_torch(2, x, w, b, dict(padding=1), torch.float32)
     assert weight_counts()[0] == before[0][0] + 1
     assert _C._cpu_winograd_weight_calls() == before[1]
     assert _C._cpu_winograd_calls() > before[2]
@@ -418,3 +416,196 @@ def test_weight_gradient_every_micro_kernel(isa):
     result = run_with_cpu_isa(isa, WEIGHT_ISA_CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     assert result.stdout.split()[0] == isa
+
+
+# --- forward and grad input (h14dx) ---
+# The row-segment kernels (AVX-512): the forward computes only real output positions, each output
+# row cut into equal segments of 6-12 rows run by a micro-kernel of exactly that many rows
+# (conv_forward_nhwc_rows), and a strided grad input runs by input stride phases, each a stride-1
+# correlation of dY with the phase's taps (conv_backward_input_nhwc_phases), with no col2im.
+SEGMENTS = torch.ops.cnnops.cpu_gemm_isa() == "avx512"
+SEGMENT_MIN_ROWS = 6  # gemm_row_segments_min_mr(): shorter output rows take the grid or packed kernels
+
+# name -> (dims, n, cin, cout, spatial, kernel, kwargs); output widths 6-60 give segments of 6-12 rows.
+# (1-d inputs have no channels-last layout: they never reach the NHWC kernels.)
+SEGMENT_CASES = {
+    "seg_7x7_narrow": (2, 3, 16, 32, (7, 7), 3, dict(padding=1)),  # one 7-row segment per output row
+    "seg_14x14_cout17": (2, 2, 12, 17, (14, 14), 3, dict(padding=1)),  # 7 + 7, a partial B panel
+    "seg_28_cout33": (2, 1, 8, 33, (9, 28), 3, dict(padding=1)),  # 10 + 10 + 8, two B panels
+    "seg_60_cout64": (2, 1, 8, 64, (3, 60), 3, dict(padding=1)),  # 5 x 12
+    "seg_width6_pad0": (2, 2, 5, 24, (8, 8), 3, dict()),  # width 6, C_in not a multiple of 8
+    "seg_width11": (2, 1, 9, 20, (5, 13), 3, dict()),
+    "seg_s2": (2, 2, 12, 40, (15, 29), 3, dict(stride=2, padding=1)),  # width 15: 8 + 7
+    "seg_s3_dil": (2, 1, 8, 24, (20, 40), 3, dict(stride=3, dilation=2, padding=2)),
+    "seg_groups": (2, 2, 16, 48, (9, 9), 3, dict(padding=1, groups=2)),
+    "seg_s2_groups": (2, 2, 48, 40, (13, 26), 3, dict(stride=2, padding=1, groups=2)),  # 24 channels a group
+    "seg_long_k": (2, 1, 64, 24, (6, 9), 3, dict(padding=1)),  # K = 576: three reduction blocks
+    "seg_batch1": (2, 1, 8, 32, (6, 6), 3, dict(padding=1)),
+    "seg_batch0": (2, 0, 8, 32, (6, 6), 3, dict(padding=1)),
+    "seg_3d": (3, 2, 4, 12, (3, 6, 9), 3, dict(padding=(0, 1, 1))),
+    "seg_1x1_s2": (2, 2, 8, 16, (16, 20), 1, dict(stride=2)),  # grad input: 3 of 4 phases have no tap
+    "seg_k2_s3": (2, 1, 6, 10, (21, 26), 2, dict(stride=3)),  # phases without taps, others with 1-4
+    "seg_stride_tuple": (2, 2, 8, 9, (13, 29), 3, dict(stride=(1, 2), padding=1)),
+    "seg_3d_s2": (3, 1, 4, 8, (5, 6, 14), 3, dict(stride=2, padding=1)),
+}
+# Excluded: output rows shorter than SEGMENT_MIN_ROWS (forward), a phase's rows too (grad input),
+# and the 1x1 stride-1 unpadded input read in place (no slack to read past its rows).
+NO_SEGMENT_CASES = {
+    "short_rows": (2, 2, 8, 32, (5, 5), 3, dict(padding=1)),  # width 5
+    "pointwise": (2, 2, 8, 16, (9, 9), 1, dict()),
+    "s2_short_phase": (2, 2, 8, 16, (9, 11), 3, dict(stride=2, padding=1)),  # widths 6, phase rows 5 and 6
+    "s2_1x1": (2, 2, 8, 16, (16, 20), 1, dict(stride=2)),  # grad input: col2im (no overlapping taps)
+}
+FORWARD_SEGMENTS = {"s2_short_phase", "s2_1x1"}  # of NO_SEGMENT_CASES: only the grad input is excluded
+
+
+def kernel_volume(name):
+    dims, _, _, _, _, kernel, _ = SEGMENT_CASES[name]
+    return math.prod(lift(kernel, dims, 1))
+
+
+@pytest.fixture()
+def segments(_direct_path):
+    """The row-segment kernels on (the module's autouse fixture turns them off)."""
+    _C._set_cpu_nhwc_row_segments(True)
+    yield
+
+
+def segment_tensors(cases, name, dtype, bias=True, weight_layout="contiguous"):
+    dims, n, cin, cout, spatial, kernel, kwargs = cases[name]
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, kwargs.get("groups", 1), bias, dtype,
+                           layout="channels_last", weight_layout=weight_layout)
+    return dims, x, w, b, kwargs
+
+
+def strided(kwargs):
+    s = kwargs.get("stride", 1)
+    return any(v != 1 for v in (s if isinstance(s, tuple) else (s,)))
+
+
+def output_width(dims, spatial, kernel, kwargs):
+    size, k = lift(spatial, dims, 1), lift(kernel, dims, 1)
+    s, p = lift(kwargs.get("stride", 1), dims, 1), lift(kwargs.get("padding", 0), dims, 0)
+    d = lift(kwargs.get("dilation", 1), dims, 1)
+    return (size[2] + 2 * p[2] - d[2] * (k[2] - 1) - 1) // s[2] + 1
+
+
+@pytest.mark.usefixtures("segments")
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", list(SEGMENT_CASES))
+def test_row_segments_match_torch(name, dtype, weight_layout):
+    dims, x, w, b, kwargs = segment_tensors(SEGMENT_CASES, name, dtype, weight_layout=weight_layout)
+    fwd, gin = _C._cpu_nhwc_row_segment_calls(), _C._cpu_nhwc_phase_grad_input_calls()
+    with torch.no_grad():
+        getattr(cnnops.functional, f"conv{dims}d")(x, w, b, **kwargs)
+    if SEGMENTS and x.numel() > 0:
+        assert _C._cpu_nhwc_row_segment_calls() == fwd + 1, name
+    check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
+    if SEGMENTS and x.numel() > 0 and strided(kwargs) and kernel_volume(name) > 1:
+        assert _C._cpu_nhwc_phase_grad_input_calls() > gin, name
+
+
+@pytest.mark.usefixtures("segments")
+@pytest.mark.parametrize("name", list(NO_SEGMENT_CASES))
+def test_row_segments_excluded(name):
+    dims, x, w, b, kwargs = segment_tensors(NO_SEGMENT_CASES, name, torch.float32)
+    fwd, gin = _C._cpu_nhwc_row_segment_calls(), _C._cpu_nhwc_phase_grad_input_calls()
+    check_conv_against_torch(dims, x, w, b, kwargs, torch.float32, msg=name)
+    if name in FORWARD_SEGMENTS:
+        assert _C._cpu_nhwc_row_segment_calls() == fwd + int(SEGMENTS), name
+    else:
+        assert _C._cpu_nhwc_row_segment_calls() == fwd, name
+    assert _C._cpu_nhwc_phase_grad_input_calls() == gin, name
+
+
+@pytest.mark.usefixtures("segments")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", ["seg_7x7_narrow", "seg_14x14_cout17", "seg_long_k", "seg_s2", "seg_3d"])
+def test_row_segments_fused_relu(name, bias):
+    dims, x, w, b, kwargs = segment_tensors(SEGMENT_CASES, name, torch.float64, bias=bias)
+    kw = dict(stride=1, padding=0, dilation=1, groups=1)
+    kw.update(kwargs)
+    before = _C._cpu_nhwc_row_segment_calls()
+    got = cnnops.functional._conv(x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], dims,
+                                  _activation="relu")
+    expected = torch.relu(getattr(F, f"conv{dims}d")(x, w, b, **kwargs))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert _C._cpu_nhwc_row_segment_calls() == before + int(SEGMENTS)
+
+
+@pytest.mark.usefixtures("segments")
+@pytest.mark.parametrize("name", ["seg_s2", "seg_k2_s3", "seg_groups", "seg_3d_s2"])
+def test_row_segments_gradcheck(name):
+    dims, n, cin, cout, spatial, kernel, kwargs = SEGMENT_CASES[name]
+    x, w, b = conv_tensors(dims, 1, cin, cout, spatial, kernel, kwargs.get("groups", 1), True, torch.float64,
+                           layout="channels_last")
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    conv = getattr(cnnops.functional, f"conv{dims}d")
+    assert torch.autograd.gradcheck(lambda x, w, b: conv(x, w, b, **kwargs), leaves, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.usefixtures("segments")
+@pytest.mark.parametrize("name", ["seg_14x14_cout17", "seg_s2", "seg_groups", "seg_28_cout33", "seg_k2_s3",
+                                  "seg_s2_groups"])
+def test_row_segments_thread_count_independent(name):
+    """The row-segment forward and phase grad input are bitwise the same with 1 and 2 threads."""
+    dims, x, w, b, kwargs = segment_tensors(SEGMENT_CASES, name, torch.float32)
+    with torch.no_grad():
+        go = make_tensor(getattr(F, f"conv{dims}d")(x, w, b, **kwargs).shape, torch.float32, "channels_last")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(run_conv(getattr(cnnops.functional, f"conv{dims}d"), x, w, b, go, kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2), "forward depends on the thread count"
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
+
+
+def test_row_segment_cases_cover_the_segment_sizes():
+    """The cases reach segments of 6 to 12 rows and the excluded ones stay below the minimum."""
+    sizes = set()
+    for dims, _, _, _, spatial, kernel, kwargs in SEGMENT_CASES.values():
+        width = output_width(dims, spatial, kernel, kwargs)
+        parts = -(-width // 12)
+        sizes.add(-(-width // parts))
+    assert {6, 7, 8, 10, 11, 12} <= sizes
+    dims, _, _, _, spatial, kernel, kwargs = NO_SEGMENT_CASES["short_rows"]
+    assert output_width(dims, spatial, kernel, kwargs) < SEGMENT_MIN_ROWS
+
+
+@pytest.mark.usefixtures("segments")
+def test_row_segment_speed_rules():
+    """Without the override: a small-map forward the segments serve stays channels-last (its backward
+    still converts), a large weight on few rows converts, and narrow float32 layers up to 32x32 take
+    the segments before Winograd, which keeps 56x56 (conv.cpp)."""
+    _C._set_cpu_nhwc_kernels_forced(False)
+    cases = [  # (x shape, weight shape, forward on the segments, Winograd, channels-last kernels)
+        ((2, 16, 7, 7), (20, 16, 3, 3), True, False, True),  # 98 rows, a small weight
+        ((1, 512, 7, 7), (512, 512, 3, 3), False, False, False),  # 49 rows, 9.4 MB of weight: NCHW
+        ((2, 64, 28, 28), (16, 64, 3, 3), True, False, True),  # narrow, 98 Winograd tiles
+        ((2, 64, 56, 56), (16, 64, 3, 3), False, True, True),
+    ]
+    with cnnops.backends.cpu.flags(allow_winograd=True):
+        for xs, ws, on_segments, winograd, channels_last in cases:
+            x = make_tensor(xs, torch.float32, "channels_last")
+            w = make_tensor(ws, torch.float32)
+            seg, wino, nhwc = _C._cpu_nhwc_row_segment_calls(), _C._cpu_winograd_calls(), _C._cpu_nhwc_kernel_calls()
+            with torch.no_grad():
+                got = cnnops.functional.conv2d(x, w, None, padding=1)
+            expected = F.conv2d(x.double(), w.double(), None, padding=1)
+            torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-4)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert SEGMENTS <= ((_C._cpu_nhwc_row_segment_calls() > seg) == on_segments), xs
+            assert SEGMENTS <= ((_C._cpu_nhwc_kernel_calls() > nhwc) == channels_last), xs
+            assert SEGMENTS <= ((_C._cpu_winograd_calls() > wino) == winograd), xs
+        x = make_tensor((2, 16, 7, 7), torch.float32, "channels_last")
+        w = make_tensor((20, 16, 3, 3), torch.float32)
+        nhwc = _C._cpu_nhwc_kernel_calls()
+        check_conv_against_torch(2, x, w, None, dict(padding=1), torch.float32)
+        assert _C._cpu_nhwc_kernel_calls() == nhwc + int(SEGMENTS)  # the forward only

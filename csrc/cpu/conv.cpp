@@ -35,6 +35,7 @@
 #include "cpu/conv_first_layer.h"
 #include "cpu/conv_grouped.h"
 #include "cpu/conv_im2col.h"
+#include "cpu/conv_nhwc.h"
 #include "cpu/conv_shifted.h"
 #include "cpu/conv_small.h"
 #include "cpu/conv_space_to_depth.h"
@@ -482,7 +483,14 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     return conv_grouped_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
   }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
-    if (use_winograd(g) && conv_forward_winograd(g, x, weight.channel_tap(), bias, y, nhwc, activation))
+    // Narrow layers (fewer than 64 channels on a side) on maps up to 32x32 run faster on the NHWC
+    // row segments (DenseNet's 128->32 3x3 at 28x28, batch 8, 1 thread: forward 0.66 -> 0.80, its
+    // grad input 0.77 -> 0.87); at 56x56 Winograd stays ahead (0.85 vs 0.80).
+    const bool narrow_segments = nhwc && !winograd_size_rules_replaced() &&
+                                 std::min(g.in_channels_per_group(), g.out_channels_per_group()) < 64 &&
+                                 g.out_plane() <= 1024 && nhwc_row_segments_serve(g);
+    if (use_winograd(g) && !narrow_segments &&
+        conv_forward_winograd(g, x, weight.channel_tap(), bias, y, nhwc, activation))
       return count_route(ForwardRoute::Winograd);
   }
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
@@ -846,7 +854,14 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
   if (input.dim() < 4 || input.suggest_memory_format() != channels_last_format(input.dim()))
     return at::MemoryFormat::Contiguous;
   const int64_t plane = forward ? g.in_plane() : g.out_plane();
-  const bool small_maps = plane <= 64 || g.batch * plane <= 256;
+  // A forward whose output rows the NHWC row-segment kernel serves stays channels-last on small maps
+  // too, unless a large weight meets few rows (the NCHW kernel reads it in place, the NHWC one packs
+  // it). Batch 8, 1 thread, torch/cnnops: DenseNet's 128->32 3x3 at 7x7 0.48 -> 0.95, 512ch 7x7
+  // 0.82 -> 0.95, 256ch 7x7 0.76 -> 0.85; batch 1: 256ch 14x14 0.71 -> 0.86, 512ch 7x7 0.96 -> 0.84 (kept).
+  const double weight_bytes = double(g.out_channels) * double(g.gemm_k()) * double(input.element_size());
+  const bool segments =
+      forward && nhwc_row_segments_serve(g) && (g.batch * g.out_plane() >= 128 || weight_bytes <= 2e6);
+  const bool small_maps = !segments && (plane <= 64 || g.batch * plane <= 256);
   bool nhwc_kernel;
   if (g.is_depthwise())  // NHWC kernels for some geometries only
     nhwc_kernel = depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);

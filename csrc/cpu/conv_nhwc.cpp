@@ -6,6 +6,9 @@
 // channel fastest, so each tap contributes a contiguous run of the input's channels and every
 // row of the output is written in place, with no layout conversion. Every kernel reads the input
 // from a zero-padded copy split by the stride (PhaseGrid), where the forward GEMM reads A in place.
+// With AVX-512 the forward computes only real output rows (conv_forward_nhwc_rows) and a strided
+// grad input runs by input stride phases (conv_backward_input_nhwc_phases), both on
+// gemm_row_segments (gemm_segments.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,7 +21,9 @@
 #include "common/checked_math.h"
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_winograd.h"
+#include "cpu/conv_nhwc.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_segments.h"
 #include "cpu/simd.h"
 #include "cpu/simd_transpose.h"
 #include "cpu/weight_cache.h"
@@ -383,6 +388,57 @@ void conv_forward_nhwc_packed(const ConvGeometry& g, const PhaseGrid<T>& grid, c
   });
 }
 
+// Rows per micro-kernel call of conv_forward_nhwc_rows for output rows of `width` positions: the
+// row split into equal segments of at most the widest segment kernel's rows (7 -> 7, 14 -> 7 + 7,
+// 28 -> 10 + 10 + 8, 56 -> 5 x 12 less 4); 0 where no segment kernel serves.
+int64_t row_segment_mr(int64_t width) {
+  const int64_t max_mr = gemm_row_segments_max_mr();
+  if (max_mr == 0 || width < gemm_row_segments_min_mr()) return 0;
+  return num_blocks(width, num_blocks(width, max_mr));
+}
+
+// Y rows = im2col rows read in place on the phase grid times W_g^T, like the grid kernel, but only
+// the real output positions: each output row (width positions, consecutive grid rows) is cut into
+// segments of `mr` rows, each a micro-kernel call that writes Y in place (gemm_row_segments). No
+// grid row is computed and dropped, and no tile is copied out. The segments of a last output row
+// read up to mr - 1 grid rows past it: the grid's slack covers them.
+template <typename T>
+void conv_forward_nhwc_rows(const ConvGeometry& g, const PhaseGrid<T>& grid, const WeightPanels<T>& panels,
+                            const T* bias, T* y, Activation activation, int64_t mr) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), c_in = g.in_channels;
+  const int64_t cg = g.in_channels_per_group(), width = g.out[2], per_row = num_blocks(width, mr);
+  const int64_t out_rows = g.batch * g.out[0] * g.out[1];  // rows of `width` output positions
+  const int64_t blocks = std::min(out_rows, row_blocks(out_rows * width)), block = num_blocks(out_rows, blocks);
+  const ColumnSplit cols(m, nr, g.groups * blocks);
+  parallel_for(0, g.groups * blocks * cols.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> a_row(block * per_row), c_row(block * per_row), seg_rows(block * per_row);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
+      const int64_t q0 = (task / cols.count % blocks) * block, grp = task / cols.count / blocks;
+      const int64_t qc = std::min(block, out_rows - q0);
+      if (qc <= 0) continue;
+      int64_t segments = 0;
+      for (int64_t q = q0; q < q0 + qc; ++q) {
+        const int64_t oh = q % g.out[1], od = q / g.out[1] % g.out[0], n = q / g.out[1] / g.out[0];
+        const int64_t base = ((n * grid.size[0] + od) * grid.size[1] + oh) * grid.size[2];
+        for (int64_t ow = 0; ow < width; ow += mr, ++segments) {
+          a_row[segments] = (base + ow) * c_in + grp * cg;
+          c_row[segments] = (q * width + ow) * g.out_channels + grp * m + j0;
+          seg_rows[segments] = std::min(mr, width - ow);
+        }
+      }
+      if (bias) {  // the bias runs along columns: start Y from it and accumulate
+        for (int64_t r = q0 * width; r < (q0 + qc) * width; ++r)
+          std::copy_n(bias + grp * m + j0, nj, y + r * g.out_channels + grp * m + j0);
+      }
+      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
+      gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), k, grid.data, c_in,
+                           grid.column_offset.data(), nj, panel, y, g.out_channels, bias != nullptr, activation);
+    }
+  });
+}
+
 }  // namespace
 
 // Grids where at least this share of the rows are outputs read A in place; the rest pack it.
@@ -397,6 +453,27 @@ constexpr int64_t kNarrowOutputs = 128;
 namespace {
 
 std::atomic<int64_t> packed_forward_calls{0};
+std::atomic<int64_t> row_segment_forward_calls{0};
+std::atomic<int64_t> phase_backward_input_calls{0};
+
+std::atomic<bool> row_segments_enabled{true};
+
+// The row-segment kernels run wherever they serve (AVX-512, rows of at least 6 outputs, a grid with
+// slack): in every case measured they beat the grid and packed kernels, which compute waste rows
+// and copy them out (batch 8, 1 thread, torch/cnnops, forward: DenseNet's 128->32 3x3 at 14x14
+// 0.68 -> 0.86, ResNet-50's 3x3 64/128/256 without Winograd 0.80/0.75/0.72 -> 0.86/0.84/0.83,
+// 3x3 stride 2 128ch 56x56 0.63 -> 0.77, 1x1 stride 2 512->1024 level).
+bool use_row_segments(const ConvGeometry& g) {
+  return row_segments_enabled.load(std::memory_order_relaxed) && !g.is_pointwise() && row_segment_mr(g.out[2]) > 0;
+}
+
+// The strided grad input by input phases, where taps overlap (kernel volume > 1): ResNet-50's 3x3
+// stride 2, batch 8, 1 thread, torch/cnnops: 64ch 56x56 0.70 -> 0.81, 128ch 0.72 -> 0.87, 256ch
+// 28x28 0.86 -> 0.95. A 1x1 stride-2 layer (one phase of four has its tap) keeps col2im: 0.91 vs 0.88.
+bool use_phase_backward_input(const ConvGeometry& g) {
+  return row_segments_enabled.load(std::memory_order_relaxed) && g.kernel_volume() > 1 &&
+         gemm_row_segments_max_mr() > 0;
+}
 
 bool use_phase_grid(const ConvGeometry& g) {
   const bool narrow = g.out_channels_per_group() <= kNarrowOutputs;
@@ -410,7 +487,10 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrde
                        Activation activation) {
   const PhaseGrid<T> grid = make_phase_grid(g, x);
   const auto panels = weight_panels(g, w, order);
-  if (use_phase_grid(g)) {
+  if (grid.slack && use_row_segments(g)) {  // slack: a row's last segment reads past it
+    row_segment_forward_calls.fetch_add(1, std::memory_order_relaxed);
+    conv_forward_nhwc_rows(g, grid, *panels, bias, y, activation, row_segment_mr(g.out[2]));
+  } else if (use_phase_grid(g)) {
     conv_forward_nhwc_grid(g, grid, *panels, bias, y, activation);
   } else {
     packed_forward_calls.fetch_add(1, std::memory_order_relaxed);
@@ -419,6 +499,14 @@ void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrde
 }
 
 int64_t nhwc_packed_forward_count() { return packed_forward_calls.load(std::memory_order_relaxed); }
+
+void set_nhwc_row_segments_enabled(bool on) { row_segments_enabled.store(on, std::memory_order_relaxed); }
+
+bool nhwc_row_segments_serve(const ConvGeometry& g) { return use_row_segments(g); }
+
+int64_t nhwc_row_segment_forward_count() { return row_segment_forward_calls.load(std::memory_order_relaxed); }
+
+int64_t nhwc_phase_backward_input_count() { return phase_backward_input_calls.load(std::memory_order_relaxed); }
 
 namespace {
 
@@ -553,7 +641,8 @@ int64_t nhwc_weight_pointwise_count() { return nhwc_weight_pointwise_calls.load(
 // positions, B = the chunk's im2col rows copied from the phase grid.
 template <typename T>
 WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred) {
-  const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>());
+  // The transposed product goes before Winograd, unless a test has replaced Winograd's size rules.
+  const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced();
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
     if (!rows && use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true))
       return WeightOrder::ChannelTap;
@@ -656,12 +745,193 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   return WeightOrder::ChannelTap;
 }
 
+namespace {
+
+// The input positions of one stride phase: along dim i, x_i = s_i u_i + residue_i - p_i for u_i in
+// [first_i, first_i + count_i), and the taps k with k_i d_i = residue_i (mod s_i), each reading dY
+// at u - e(k), e_i = (k_i d_i - residue_i) / s_i.
+struct InputPhase {
+  int64_t residue[3], first[3], count[3];
+  std::vector<int64_t> taps, shift[3];  // per tap of the phase: its index and e_i
+};
+
+std::vector<InputPhase> input_phases(const ConvGeometry& g) {
+  std::vector<InputPhase> phases(g.stride[0] * g.stride[1] * g.stride[2]);
+  for (int64_t index = 0; index < int64_t(phases.size()); ++index) {
+    InputPhase& ph = phases[index];
+    ph.residue[0] = index / g.stride[2] / g.stride[1], ph.residue[1] = index / g.stride[2] % g.stride[1];
+    ph.residue[2] = index % g.stride[2];
+    for (int i = 0; i < 3; ++i) {
+      ph.first[i] = ceil_div(std::max<int64_t>(0, g.pad[i] - ph.residue[i]), g.stride[i]);  // x_i >= 0
+      const int64_t last = g.in[i] - 1 + g.pad[i] - ph.residue[i];                          // x_i < in_i
+      ph.count[i] = last < 0 ? 0 : std::max<int64_t>(0, last / g.stride[i] - ph.first[i] + 1);
+    }
+    for (int64_t tap = 0; tap < g.kernel_volume(); ++tap) {
+      const int64_t k[3] = {tap / g.kernel[2] / g.kernel[1], tap / g.kernel[2] % g.kernel[1], tap % g.kernel[2]};
+      bool in_phase = true;
+      for (int i = 0; i < 3; ++i) in_phase = in_phase && (k[i] * g.dilation[i]) % g.stride[i] == ph.residue[i];
+      if (!in_phase) continue;
+      ph.taps.push_back(tap);
+      for (int i = 0; i < 3; ++i) ph.shift[i].push_back((k[i] * g.dilation[i] - ph.residue[i]) / g.stride[i]);
+    }
+  }
+  return phases;
+}
+
+// Whether every phase that has taps and positions has rows long enough for the segment kernels
+// (else the col2im path runs).
+bool phases_fit_segments(const std::vector<InputPhase>& phases) {
+  for (const auto& ph : phases)
+    if (!ph.taps.empty() && ph.count[0] * ph.count[1] * ph.count[2] > 0 && row_segment_mr(ph.count[2]) == 0)
+      return false;
+  return true;
+}
+
+// dX of a strided channels-last convolution by input phases: dX at the positions of one phase
+// receives only the phase's taps, from dY shifted by e (InputPhase), so each phase is a stride-1
+// correlation of dY, zero padded in front by the largest e, with those taps:
+//   dX[s u + residue - p, c] = sum over (tap, co) of dY[u - e(tap), co] * W[co, c, tap]
+// (formulas.md §Conv backward, grouped by residue). Each row of a phase (positions along w, s_w C_in
+// apart in dX) runs through gemm_row_segments with the padded dY read in place: no im2col buffer,
+// no col2im scatter, no zeroed dX copy, and every dX value is one task's full sum (deterministic).
+template <typename T>
+void conv_backward_input_nhwc_phases(const ConvGeometry& g, const std::vector<InputPhase>& phases, const T* dy,
+                                     const T* w, WeightOrder order, T* dx) {
+  constexpr int64_t nr = gemm_nr<T>();
+  const int64_t m = g.out_channels_per_group(), cg = g.in_channels_per_group(), k_all = g.gemm_k();
+  const int64_t c_out = g.out_channels, kc_max = gemm_spec().kc, max_mr = gemm_row_segments_max_mr();
+  // dY zero padded: front[i] (the largest e) before, and room for the largest u after.
+  int64_t front[3], size[3];
+  for (int i = 0; i < 3; ++i) {
+    front[i] = (g.kernel[i] - 1) * g.dilation[i] / g.stride[i];
+    size[i] = front[i] + std::max(g.out[i], (g.in[i] - 1 + g.pad[i]) / g.stride[i] + 1);
+  }
+  const int64_t padded = checked_numel({g.batch, size[0], size[1], size[2], c_out}, "conv (grad input phases)", true);
+  const int64_t slack = (max_mr + 1) * c_out;  // a last segment reads up to mr - 1 pixels past its row
+  const auto dy_padded = scratch<T>(padded + slack);
+  T* dyp = dy_padded.get();
+  std::fill(dyp + padded, dyp + padded + slack, T(0));
+  parallel_for(0, g.batch * size[0] * size[1], 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qh = task % size[1], qd = task / size[1] % size[0], n = task / size[1] / size[0];
+      T* dst = dyp + task * size[2] * c_out;
+      const int64_t d = qd - front[0], h = qh - front[1];
+      if (d < 0 || d >= g.out[0] || h < 0 || h >= g.out[1]) {
+        std::fill(dst, dst + size[2] * c_out, T(0));
+        continue;
+      }
+      std::fill(dst, dst + front[2] * c_out, T(0));
+      std::memcpy(dst + front[2] * c_out, dy + ((n * g.out[0] + d) * g.out[1] + h) * g.out[2] * c_out,
+                  g.out[2] * c_out * sizeof(T));
+      std::fill(dst + (front[2] + g.out[2]) * c_out, dst + size[2] * c_out, T(0));
+    }
+  });
+  // Per phase: B = the phase's taps of W_g, rows (tap, co), columns c, as WeightPanels; A's column
+  // offsets (tap, co) relative to a row's dY pixel.
+  const int64_t panels_per_group = num_blocks(cg, nr);
+  std::vector<WeightPanels<T>> b(phases.size());
+  std::vector<std::vector<int64_t>> column_offset(phases.size());
+  for (size_t index = 0; index < phases.size(); ++index) {
+    const InputPhase& ph = phases[index];
+    const int64_t k = int64_t(ph.taps.size()) * m;
+    b[index].k = k;
+    b[index].padded_m = panels_per_group * nr;
+    b[index].data.assign(checked_numel({g.groups, k, panels_per_group * nr}, "conv (grad input phases)", true), T(0));
+    column_offset[index].resize(k);
+    for (int64_t t = 0; t < int64_t(ph.taps.size()); ++t) {
+      const int64_t shift = (ph.shift[0][t] * size[1] + ph.shift[1][t]) * size[2] + ph.shift[2][t];
+      for (int64_t co = 0; co < m; ++co) column_offset[index][t * m + co] = co - shift * c_out;
+    }
+  }
+  parallel_for(0, int64_t(phases.size()) * g.groups * m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t index = task / m / g.groups, grp = task / m % g.groups, co = task % m;
+      const InputPhase& ph = phases[index];
+      const int64_t k = b[index].k;
+      for (int64_t t = 0; t < int64_t(ph.taps.size()); ++t) {
+        const int64_t kk = t * m + co, k0 = kk / kc_max * kc_max, kc = std::min(kc_max, k - k0);
+        T* row = b[index].data.data() + (grp * k + k0) * panels_per_group * nr + (kk - k0) * nr;
+        const T* src = w + (grp * m + co) * k_all;
+        for (int64_t c = 0; c < cg; ++c) row[c / nr * kc * nr + c % nr] = src[weight_column(g, order, c, ph.taps[t])];
+      }
+    }
+  });
+  // Tasks: blocks of phase rows (n, u_d, u_h) of one phase and group, and a share of the columns.
+  struct Task {
+    int64_t phase, q0, qc;
+  };
+  std::vector<Task> tasks;
+  for (size_t index = 0; index < phases.size(); ++index) {
+    const InputPhase& ph = phases[index];
+    const int64_t rows = g.batch * ph.count[0] * ph.count[1];
+    if (rows == 0 || ph.count[2] == 0) continue;
+    const int64_t blocks = std::min(rows, row_blocks(rows * ph.count[2])), block = num_blocks(rows, blocks);
+    for (int64_t q0 = 0; q0 < rows; q0 += block) tasks.push_back({int64_t(index), q0, std::min(block, rows - q0)});
+  }
+  const ColumnSplit cols(cg, nr, g.groups * int64_t(tasks.size()));
+  parallel_for(0, int64_t(tasks.size()) * g.groups * cols.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> a_row, c_row, seg_rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = task % cols.count * cols.size, nj = std::min(cols.size, cg - j0);
+      const int64_t grp = task / cols.count % g.groups;
+      const Task& t = tasks[task / cols.count / g.groups];
+      const InputPhase& ph = phases[t.phase];
+      const int64_t width = ph.count[2];
+      // dX pixel of phase position u: x_i = s_i u_i + residue_i - p_i
+      auto x_of = [&](int i, int64_t u) { return g.stride[i] * u + ph.residue[i] - g.pad[i]; };
+      const int64_t ldc = g.stride[2] * g.in_channels;
+      if (ph.taps.empty()) {  // no tap reaches these positions: dX is zero there
+        for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
+          const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
+          const int64_t n = q / ph.count[1] / ph.count[0];
+          T* row =
+              dx +
+              (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) * g.in_channels +
+              grp * cg + j0;
+          for (int64_t i = 0; i < width; ++i) std::fill(row + i * ldc, row + i * ldc + nj, T(0));
+        }
+        continue;
+      }
+      const int64_t mr = row_segment_mr(width), per_row = num_blocks(width, mr);
+      a_row.resize(t.qc * per_row);
+      c_row.resize(t.qc * per_row);
+      seg_rows.resize(t.qc * per_row);
+      int64_t segments = 0;
+      for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
+        const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
+        const int64_t n = q / ph.count[1] / ph.count[0];
+        const int64_t a_base = ((n * size[0] + ud + front[0]) * size[1] + uh + front[1]) * size[2] + front[2];
+        const int64_t c_base = ((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2];
+        for (int64_t i = 0; i < width; i += mr, ++segments) {
+          const int64_t uw = ph.first[2] + i;
+          a_row[segments] = (a_base + uw) * c_out + grp * m;
+          c_row[segments] = (c_base + x_of(2, uw)) * g.in_channels + grp * cg + j0;
+          seg_rows[segments] = std::min(mr, width - i);
+        }
+      }
+      const WeightPanels<T>& panels = b[t.phase];
+      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
+      gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), panels.k, dyp, c_out,
+                           column_offset[t.phase].data(), nj, panel, dx, ldc, false);
+    }
+  });
+}
+
+}  // namespace
+
 // dX for strided convolutions (stride 1 runs as a forward convolution instead), per sample n and
 // group: col = dY_n * W_g, rows the output positions and columns (tap, c), then col2im: each row
 // adds its taps' runs of channels into a zero-padded NHWC copy of dX_n (formulas.md §Conv backward).
 // A task owns one (sample, group) slice of dX and adds in a fixed order: no races, no atomics.
 template <typename T>
 void conv_backward_input_nhwc(const ConvGeometry& g, const T* dy, const T* w, WeightOrder order, T* dx) {
+  if (use_phase_backward_input(g)) {
+    const auto phases = input_phases(g);
+    if (phases_fit_segments(phases)) {
+      phase_backward_input_calls.fetch_add(1, std::memory_order_relaxed);
+      return conv_backward_input_nhwc_phases(g, phases, dy, w, order, dx);
+    }
+  }
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();
   const int64_t cg = g.in_channels_per_group(), l = g.out_plane(), mr = gemm_mr<T>();
   const int64_t dp = g.in[0] + 2 * g.pad[0], hp = g.in[1] + 2 * g.pad[1], wp = g.in[2] + 2 * g.pad[2];

@@ -430,6 +430,8 @@ int64_t winograd_call_count() { return calls.load(std::memory_order_relaxed); }
 int64_t winograd_weight_call_count() { return weight_calls.load(std::memory_order_relaxed); }
 void set_winograd_min_tiles(int64_t tiles) { forced_min_tiles.store(tiles, std::memory_order_relaxed); }
 
+bool winograd_size_rules_replaced() { return forced_min_tiles.load(std::memory_order_relaxed) >= 0; }
+
 bool use_winograd(const ConvGeometry& g) {
   if (!winograd_allowed()) return false;
   if (g.kernel[0] != 1 || g.kernel[1] != 3 || g.kernel[2] != 3 || g.in[0] != 1 || g.pad[0] != 0) return false;

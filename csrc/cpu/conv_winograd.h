@@ -21,6 +21,8 @@ int64_t winograd_weight_call_count();
 // Tests and benchmarks: tiles >= 0 replaces the size rules of use_winograd by "at least this many
 // tiles" (0: every eligible geometry, however small); -1 restores them.
 void set_winograd_min_tiles(int64_t tiles);
+// Whether set_winograd_min_tiles replaces the size rules now (other kernels' rules then defer to it).
+bool winograd_size_rules_replaced();
 
 // Whether conv_forward_any runs this geometry through Winograd: the switch is on, the layer is a
 // 2d 3x3 stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where it pays.

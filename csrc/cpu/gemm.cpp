@@ -5,6 +5,7 @@
 // CPU supports is picked at run time. Only these functions carry the target attributes, so no
 // AVX-512 code can leak into code that runs on other CPUs.
 #include "cpu/gemm.h"
+#include "cpu/gemm_segments.h"
 #include "cpu/simd.h"
 #include "common/macros.h"
 
@@ -662,6 +663,96 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   for (int64_t kk = 0; kk < kc; ++kk) std::fill(last_panel + kk * nr + nc % nr, last_panel + (kk + 1) * nr, T(0));
 }
 
+// Row segments (gemm.h): micro-kernels of 6 to 12 rows with A read in place, one per row count,
+// so a segment of a convolution's output row runs with no padding rows.
+namespace {
+
+template <typename T>
+using SegmentKernel = void (*)(int64_t, const T*, const int64_t*, int64_t, const T*, T*, int64_t, int64_t, int64_t,
+                               bool, Activation);
+constexpr int64_t kSegmentMinMr = 6, kSegmentMaxMr = 12;
+
+#if CNNOPS_X86
+#define CNNOPS_DEFINE_SEGMENT_KERNEL(NAME, T, MR)                                                                  \
+  CNNOPS_TARGET_AVX512 __attribute__((noinline)) void NAME##_edge(                                                 \
+      const T* tile, T* c, int64_t ldc, int64_t mr, int64_t nr, const T* bias, bool acc, Activation act) {         \
+    store_edge_tile_body<T>(tile, c, ldc, mr, nr, bias, acc, act);                                                 \
+  }                                                                                                                \
+  CNNOPS_TARGET_AVX512 void NAME(int64_t kc, const T* a, const int64_t* a_offsets, int64_t lda, const T* b, T* c,  \
+                                 int64_t ldc, int64_t mr, int64_t nr, bool acc, Activation act) {                  \
+    micro_kernel_body<T, MR, true, false, NAME##_edge>(kc, a, a_offsets, lda, b, nullptr, c, ldc, mr, nr, nullptr, \
+                                                       acc, act, NextPanel{});                                     \
+  }
+#define CNNOPS_DEFINE_SEGMENT_KERNELS(MR)                          \
+  CNNOPS_DEFINE_SEGMENT_KERNEL(segment_kernel_##MR##_f, float, MR) \
+  CNNOPS_DEFINE_SEGMENT_KERNEL(segment_kernel_##MR##_d, double, MR)
+CNNOPS_DEFINE_SEGMENT_KERNELS(6)
+CNNOPS_DEFINE_SEGMENT_KERNELS(7)
+CNNOPS_DEFINE_SEGMENT_KERNELS(8)
+CNNOPS_DEFINE_SEGMENT_KERNELS(9)
+CNNOPS_DEFINE_SEGMENT_KERNELS(10)
+CNNOPS_DEFINE_SEGMENT_KERNELS(11)
+CNNOPS_DEFINE_SEGMENT_KERNELS(12)
+
+template <typename T>
+SegmentKernel<T> segment_kernel(int64_t mr) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    static constexpr SegmentKernel<T> kernels[] = {segment_kernel_6_f, segment_kernel_7_f,  segment_kernel_8_f,
+                                                   segment_kernel_9_f, segment_kernel_10_f, segment_kernel_11_f,
+                                                   segment_kernel_12_f};
+    return kernels[mr - kSegmentMinMr];
+  } else {
+    static constexpr SegmentKernel<T> kernels[] = {segment_kernel_6_d, segment_kernel_7_d,  segment_kernel_8_d,
+                                                   segment_kernel_9_d, segment_kernel_10_d, segment_kernel_11_d,
+                                                   segment_kernel_12_d};
+    return kernels[mr - kSegmentMinMr];
+  }
+}
+#endif
+
+}  // namespace
+
+int64_t gemm_row_segments_min_mr() { return kSegmentMinMr; }
+
+int64_t gemm_row_segments_max_mr() {
+#if CNNOPS_X86
+  if (cpu_isa() == Isa::Avx512) return kSegmentMaxMr;
+#endif
+  return 0;
+}
+
+template <typename T>
+void gemm_row_segments(int64_t mr, int64_t segments, const int64_t* a_row, const int64_t* c_row, const int64_t* rows,
+                       int64_t k, const T* a, int64_t lda, const int64_t* column_offset, int64_t n,
+                       PackedBPanel<T> b_panel, T* c, int64_t ldc, bool accumulate, Activation activation) {
+  TORCH_INTERNAL_ASSERT(mr >= kSegmentMinMr && mr <= gemm_row_segments_max_mr(), "gemm_row_segments: mr ", mr);
+#if CNNOPS_X86
+  constexpr int64_t nr = gemm_nr<T>();
+  const SegmentKernel<T> kernel = segment_kernel<T>(mr);
+  if (k == 0) {  // empty reduction: C = init
+    for (int64_t s = 0; s < segments; ++s)
+      for (int64_t i = 0; i < rows[s]; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          T& out = c[c_row[s] + i * ldc + j];
+          out = apply_activation(accumulate ? out : T(0), activation);
+        }
+    return;
+  }
+  // BLIS's order: each kKc x NR panel of B stays in L1 while the segments' A rows stream past it.
+  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
+    const int64_t kc = std::min(kKc, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    const Activation act = k0 + kc == k ? activation : Activation::None;  // only on final sums
+    for (int64_t j0 = 0; j0 < n; j0 += nr) {
+      const T* b = b_panel(k0, kc, j0);
+      const int64_t nc = std::min(nr, n - j0);
+      for (int64_t s = 0; s < segments; ++s)
+        kernel(kc, a + a_row[s], column_offset + k0, lda, b, c + c_row[s] + j0, ldc, rows[s], nc, acc, act);
+    }
+  }
+#endif
+}
+
 #define CNNOPS_INSTANTIATE_GEMM(T)                                                                                     \
   template PackedA<T> pack_a<T>(int64_t, int64_t, const T*, int64_t, int64_t);                                         \
   template void pack_a_rows<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t);                                      \
@@ -683,6 +774,12 @@ void zero_panel_tail(int64_t kc, int64_t nc, T* dst) {
   template void zero_panel_tail<T>(int64_t, int64_t, T*);
 CNNOPS_INSTANTIATE_GEMM(float)
 CNNOPS_INSTANTIATE_GEMM(double)
+#define CNNOPS_INSTANTIATE_ROW_SEGMENTS(T)                                                                           \
+  template void gemm_row_segments<T>(int64_t, int64_t, const int64_t*, const int64_t*, const int64_t*, int64_t,      \
+                                     const T*, int64_t, const int64_t*, int64_t, PackedBPanel<T>, T*, int64_t, bool, \
+                                     Activation);
+CNNOPS_INSTANTIATE_ROW_SEGMENTS(float)
+CNNOPS_INSTANTIATE_ROW_SEGMENTS(double)
 
 }  // namespace cpu
 }  // namespace cnnops

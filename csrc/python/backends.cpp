@@ -4,6 +4,7 @@
 
 #include "cpu/conv_cpu.h"
 #include "cpu/conv_first_layer.h"
+#include "cpu/conv_nhwc.h"
 #include "cpu/conv_grouped.h"
 #include "cpu/conv_shifted.h"
 #include "cpu/conv_small.h"
@@ -81,6 +82,21 @@ PyObject* cpu_nhwc_packed_forward_calls(PyObject* /*module*/, PyObject* /*unused
   return PyLong_FromLongLong(cnnops::cpu::nhwc_packed_forward_count());
 }
 
+// _set_cpu_nhwc_row_segments(bool): tests; False runs the NHWC grid, packed and col2im paths instead
+PyObject* set_cpu_nhwc_row_segments(PyObject* /*module*/, PyObject* value) {
+  return set_bool(value, "", cnnops::cpu::set_nhwc_row_segments_enabled);
+}
+
+// _cpu_nhwc_row_segment_calls() -> int: NHWC forward calls run by the row-segment kernel (tests)
+PyObject* cpu_nhwc_row_segment_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_row_segment_forward_count());
+}
+
+// _cpu_nhwc_phase_grad_input_calls() -> int: NHWC strided grad inputs run by input phases (tests)
+PyObject* cpu_nhwc_phase_grad_input_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_phase_backward_input_count());
+}
+
 // _cpu_conv_forward_routes() -> dict[str, int]: calls of each CPU forward kernel (tests)
 PyObject* cpu_conv_forward_routes(PyObject* /*module*/, PyObject* /*unused*/) {
   PyObject* out = PyDict_New();
@@ -147,6 +163,12 @@ PyMethodDef methods[] = {
      "number of convolution calls that ran the channels-last kernels"},
     {"_cpu_nhwc_packed_forward_calls", cpu_nhwc_packed_forward_calls, METH_NOARGS,
      "number of channels-last forward calls that packed their im2col rows (not the phase grid)"},
+    {"_set_cpu_nhwc_row_segments", set_cpu_nhwc_row_segments, METH_O,
+     "tests: False runs the channels-last grid, packed and col2im kernels instead of the row segments"},
+    {"_cpu_nhwc_row_segment_calls", cpu_nhwc_row_segment_calls, METH_NOARGS,
+     "number of channels-last forward calls run by the row-segment kernel (only real output rows)"},
+    {"_cpu_nhwc_phase_grad_input_calls", cpu_nhwc_phase_grad_input_calls, METH_NOARGS,
+     "number of strided channels-last grad inputs run by input phases (no col2im)"},
     {"_cpu_conv_forward_routes", cpu_conv_forward_routes, METH_NOARGS,
      "calls of each CPU convolution forward kernel, by route name"},
     {"_cpu_window_backward_calls", cpu_window_backward_calls, METH_NOARGS,
