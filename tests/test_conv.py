@@ -19,6 +19,7 @@ from conftest import (
     CPU_DTYPES,
     assert_close_to_torch,
     assert_compiled_matches_eager,
+    assert_same_bits_across_threads,
     check_conv_against_torch,
     conv_fn,
     conv_tensors,
@@ -549,18 +550,7 @@ def test_small_images_thread_count_independent(name):
     n, cin, cout, spatial, kwargs = SMALL_IMAGES[name]
     x, w, b = conv_tensors(2, n, cin, cout, spatial, 3, 1, True, torch.float32)
     go = make_tensor((n, cout) + spatial, torch.float32)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            runs.append(run_conv(cnnops.functional.conv2d, x, w, b, go, kwargs))
-    finally:
-        torch.set_num_threads(threads)
-    (o1, g1), (o2, g2) = runs
-    assert torch.equal(o1, o2), "forward depends on the thread count"
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
+    assert_same_bits_across_threads(cnnops.functional.conv2d, x, w, b, go, kwargs)
 
 
 @pytest.mark.parametrize("kernel,stride,cout", [(1, 1, 160), (1, 1, 48), (3, 2, 40)], ids=str)
@@ -571,18 +561,7 @@ def test_column_blocks_thread_count_independent(kernel, stride, cout):
     x, w, b = conv_tensors(2, 8, 24, cout, (14 * stride, 14 * stride), kernel, 1, True, torch.float32)
     go = make_tensor((8, cout, 14, 14), torch.float32)
     kwargs = {"stride": stride, "padding": kernel // 2}
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            runs.append(run_conv(cnnops.functional.conv2d, x, w, b, go, kwargs))
-    finally:
-        torch.set_num_threads(threads)
-    for o, g in runs[1:]:
-        assert torch.equal(o, runs[0][0]), "forward depends on the thread count"
-        for k in g:
-            assert torch.equal(g[k], runs[0][1][k]), f"grad_{k} depends on the thread count"
+    assert_same_bits_across_threads(cnnops.functional.conv2d, x, w, b, go, kwargs, threads=(1, 2, 3))
     check_conv_against_torch(2, x, w, b, kwargs, torch.float32)
 
 
@@ -641,16 +620,7 @@ def test_weight_gradient_rows_thread_count_independent():
     """Partial sums and row slices are fixed by the sizes: 1, 2 and 3 threads give the same bits."""
     x, w, b = conv_tensors(1, 2, 16, 32, 4100, 5, 1, True, torch.float32)
     go = make_tensor((2, 32, 4100), torch.float32)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            runs.append(run_conv(cnnops.functional.conv1d, x, w, b, go, dict(padding=2)))
-    finally:
-        torch.set_num_threads(threads)
-    for _, g in runs[1:]:
-        assert torch.equal(g["weight"], runs[0][1]["weight"]), "grad_weight depends on the thread count"
+    assert_same_bits_across_threads(cnnops.functional.conv1d, x, w, b, go, dict(padding=2), threads=(1, 2, 3))
 
 
 # The stride-1 shifted-window forward with the product transposed (conv_shifted.cpp

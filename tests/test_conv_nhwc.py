@@ -22,11 +22,11 @@ from cnnops import _C
 import cnnops.functional
 from conftest import (
     CHANNELS_LAST,
+    assert_same_bits_across_threads,
     check_conv_against_torch,
     conv_tensors,
     dtype_id,
     make_tensor,
-    run_conv,
     run_with_cpu_isa,
 )
 
@@ -222,18 +222,7 @@ def test_thread_count_independent(name):
     with torch.no_grad():
         go = make_tensor(F.conv2d(x, w, b, **kwargs).shape if dims == 2 else F.conv3d(x, w, b, **kwargs).shape,
                          torch.float32, "channels_last")
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            runs.append(run_conv(getattr(cnnops.functional, f"conv{dims}d"), x, w, b, go, kwargs))
-    finally:
-        torch.set_num_threads(threads)
-    (o1, g1), (o2, g2) = runs
-    assert torch.equal(o1, o2), "forward depends on the thread count"
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
+    assert_same_bits_across_threads(getattr(cnnops.functional, f"conv{dims}d"), x, w, b, go, kwargs)
 
 
 ISA_CHECK = r"""
@@ -361,16 +350,7 @@ def test_weight_gradient_thread_count_independent(name):
     conv = getattr(cnnops.functional, f"conv{dims}d")
     with torch.no_grad():
         go = make_tensor(conv(x, w, b, **kwargs).shape, torch.float32, "channels_last")
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            runs.append(run_conv(conv, x, w, b, go, kwargs, grads=("weight",))[1]["weight"])
-    finally:
-        torch.set_num_threads(threads)
-    for got in runs[1:]:
-        assert torch.equal(got, runs[0]), "grad_weight depends on the thread count"
+    assert_same_bits_across_threads(conv, x, w, b, go, kwargs, threads=(1, 2, 3), grads=("weight",))
 
 
 WEIGHT_ISA_CHECK = r"""
@@ -553,18 +533,7 @@ def test_row_segments_thread_count_independent(name):
     dims, x, w, b, kwargs = segment_tensors(SEGMENT_CASES, name, torch.float32)
     with torch.no_grad():
         go = make_tensor(getattr(F, f"conv{dims}d")(x, w, b, **kwargs).shape, torch.float32, "channels_last")
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            runs.append(run_conv(getattr(cnnops.functional, f"conv{dims}d"), x, w, b, go, kwargs))
-    finally:
-        torch.set_num_threads(threads)
-    (o1, g1), (o2, g2) = runs
-    assert torch.equal(o1, o2), "forward depends on the thread count"
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), f"grad_{k} depends on the thread count"
+    assert_same_bits_across_threads(getattr(cnnops.functional, f"conv{dims}d"), x, w, b, go, kwargs)
 
 
 def test_row_segment_cases_cover_the_segment_sizes():
