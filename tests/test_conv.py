@@ -593,12 +593,7 @@ def test_weight_gradient_rows(name, dtype, weight_layout):
         pytest.skip("a 1-d weight has no channels-last layout")
     if dtype == torch.float64:
         cout //= 2
-    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
-    if weight_layout == "channels_last":
-        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
-    for t in (x, w, b):
-        if t is not None:
-            t.requires_grad_(True)
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype, weight_layout=weight_layout)
     before = cnnops._C._cpu_conv_weight_rows_calls()
     check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
     assert cnnops._C._cpu_conv_weight_rows_calls() - before == (1 if n > 0 else 0)
@@ -609,8 +604,6 @@ def test_weight_gradient_rows_not_taken(cout, stride, kernel):
     """Half a panel or two panels of output channels, stride 2 and 1x1 layers keep the untransposed
     product (float32); the results match torch either way."""
     x, w, b = conv_tensors(3, 2, 16, cout, (5, 6, 7), kernel, 1, True, torch.float32)
-    for t in (x, w, b):
-        t.requires_grad_(True)
     before = cnnops._C._cpu_conv_weight_rows_calls()
     check_conv_against_torch(3, x, w, b, dict(stride=stride, padding=kernel // 2), torch.float32)
     assert cnnops._C._cpu_conv_weight_rows_calls() == before
@@ -648,12 +641,7 @@ def test_shifted_rows(name, dtype, weight_layout):
     dims, n, cin, cout, spatial, kernel, groups, bias, kwargs = SHIFTED_ROWS[name]
     if weight_layout == "channels_last" and dims == 1:
         pytest.skip("a 1-d weight has no channels-last layout")
-    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype)
-    if weight_layout == "channels_last":
-        w = w.contiguous(memory_format=CHANNELS_LAST[dims + 2])
-    for t in (x, w, b):
-        if t is not None:
-            t.requires_grad_(True)
+    x, w, b = conv_tensors(dims, n, cin, cout, spatial, kernel, groups, bias, dtype, weight_layout=weight_layout)
     before = cnnops._C._cpu_shifted_rows_calls()
     check_conv_against_torch(dims, x, w, b, kwargs, dtype, msg=name)
     calls = cnnops._C._cpu_shifted_rows_calls() - before
