@@ -10,7 +10,9 @@ TORCH_SPEC := torch>=2.11,<2.15
 
 # Installs only what is missing: torch (a CUDA build where pip offers one, so the CUDA kernels
 # compile), the build and test tools, the demo's extras (its test runs in `make test` too),
-# torchvision for the model tests (pinned to the installed torch, so pip never swaps torch),
+# torchvision for the model tests (pinned to the installed torch's release, so pip never swaps torch;
+# without its local label: torch==2.14.1 accepts an installed 2.14.1+cu130, and a pip constraint
+# torch<=2.14.1 rejects the labelled version),
 # the ONNX exporters' and runtime's packages and the linter.
 # (find_spec: whether a module is there, without the seconds that importing it takes)
 HAVE = $(PYTHON) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))"
@@ -18,7 +20,7 @@ deps:
 	@$(HAVE) torch || $(PIP) install "$(TORCH_SPEC)"
 	@$(HAVE) numpy pytest ninja pybind11 setuptools wheel hypothesis || $(PIP) install numpy pytest ninja pybind11 "setuptools>=64" wheel hypothesis
 	@$(HAVE) sklearn tqdm matplotlib || $(PIP) install scikit-learn tqdm matplotlib
-	@$(HAVE) torchvision || $(PIP) install torchvision "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
+	@$(HAVE) torchvision || $(PIP) install torchvision "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	@$(HAVE) onnx onnxscript onnxruntime ruff || $(PIP) install onnx onnxscript onnxruntime ruff
 
 # cnnops itself, editable. pip builds an editable install in a fresh temporary folder (every
