@@ -63,6 +63,44 @@ def _git_revision():
         return None
 
 
+def _cpu_model():
+    """The CPU's name and family/model (Linux /proc/cpuinfo), or platform.processor()."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        family = f" (family {info['cpu family']}, model {info['model']})" if "cpu family" in info else ""
+        return info.get("model name", platform.processor()) + family
+    except (OSError, ValueError, KeyError):
+        return platform.processor() or None
+
+
+def _cpu_caches():
+    """Data and unified cache sizes of CPU 0 by level, from Linux sysfs ("L1d 48K, L2 1024K, L3 32768K")."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        parts = []
+        for index in sorted(i for i in os.listdir(root) if i.startswith("index")):
+            read = lambda name: open(os.path.join(root, index, name)).read().strip()  # noqa: E731
+            if read("type") in ("Data", "Unified"):
+                parts.append(f"L{read('level')}{'d' if read('type') == 'Data' else ''} {read('size')}")
+        return ", ".join(parts) or None
+    except OSError:
+        return None
+
+
+def _fma_peak_gflops():
+    """One core's float32 FMA throughput on registers (cnnops' AVX-512 FMA loop), or None."""
+    try:
+        from cnnops import _C
+
+        if cnnops_cpu_isa() != "avx512" or not hasattr(_C, "fma_peak_gflops"):
+            return None
+        return _C.fma_peak_gflops(200000, 3)
+    except Exception:
+        return None
+
+
 def environment(device):
     """Metadata stored beside the numbers: versions, machine, threads, backend settings."""
     import cnnops
@@ -76,6 +114,9 @@ def environment(device):
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": _cpu_model(),
+        "cpu_caches": _cpu_caches(),
+        "fma_peak_gflops_per_core": _fma_peak_gflops(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -102,14 +143,21 @@ def environment_lines(env):
              f"CPU capability {env['cpu_capability']}, {env['threads']} threads of "
              f"{env['cpu_count']} CPUs, cnnops CPU micro-kernel ISA: "
              f"{env['cnnops_cpu_isa'] or 'not exposed'}, load average {env['load_average_1min']:.2f} "
-             "at start (other processes on the cores skew CPU timings, torch's OpenMP the most)"]
+             "at start (other processes on the cores skew CPU timings, torch's OpenMP the most)",
+             f"CPU {env.get('cpu_model')}, caches {env.get('cpu_caches')} (a session's machine may be another CPU: "
+             "compare tables only where this line is the same)"]
     if "device_name" in env:
         lines.append(f"GPU {env['device_name']} (sm_{env['capability'].replace('.', '')}, "
                      f"{env['sm_count']} SMs), CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
                      f"cudnn.benchmark={env['cudnn_benchmark']}, "
                      f"cudnn.allow_tf32={env['cudnn_allow_tf32']} (applies to both)")
-    lines.append("Physical limit: FLOPs / the FMA peak, which is not measured portably here; "
-                 "compare GFLOP/s with the peak of the hardware above.")
+    peak = env.get("fma_peak_gflops_per_core")
+    if peak:
+        lines.append(f"Physical limit: FLOPs / the FMA peak, {peak:.0f} GFLOP/s on one core (cnnops' AVX-512 FMA "
+                     f"loop on registers), so {peak * env['threads']:.0f} at {env['threads']} threads.")
+    else:
+        lines.append("Physical limit: FLOPs / the FMA peak, which is not measured on this CPU here; "
+                     "compare GFLOP/s with the peak of the hardware above.")
     return lines
 
 
