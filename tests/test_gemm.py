@@ -6,6 +6,8 @@ its L2 block of NC columns, with and without accumulation, row bias, ReLU and a 
 through every entry point (packed A and B, transposed A, B or A read in place, panel offsets, B packed
 beforehand)."""
 
+import os
+
 import pytest
 from conftest import run_with_cpu_isa
 
@@ -82,6 +84,33 @@ def test_gemm_matches_torch(isa):
     assert int(nr_f) * 4 == int(nr_d) * 8 == 128  # two 64-byte vectors per B panel row
     assert 1 <= int(mr) <= 14 and int(kc) >= 1 and int(mc) % int(mr) == 0 and int(nc) % int(nr_f) == 0
     assert int(lines[1]) > 1000  # the sweep ran
+
+
+@pytest.mark.parametrize("l2", [1 << 20, 2 << 20])
+def test_gemm_blocks_fit_the_l2(l2, monkeypatch):
+    """B's L2 block takes a quarter of the L2 (Zen 5's 1 MB: 256 columns; Sapphire Rapids' 2 MB:
+    512), and the sweep passes with either block, whichever CPU runs it."""
+    monkeypatch.setenv("CNNOPS_CPU_L2_BYTES", str(l2))
+    result = run_with_cpu_isa("avx512", CHECK, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, mr, nr_f, nr_d, kc, mc, nc = result.stdout.split("\n")[0].split()
+    assert int(nc) == l2 // 4 // (int(kc) * 4)
+
+
+def test_gemm_l2_is_the_cpus():
+    from cnnops import _C
+
+    spec = _C.gemm_spec()
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            size = f.read().strip()
+    except OSError:
+        pytest.skip("no sysfs L2 size")
+    if "CNNOPS_CPU_L2_BYTES" in os.environ or spec["l2_bytes"] == 0:
+        pytest.skip("L2 size overridden or not reported")
+    assert spec["l2_bytes"] == int(size.rstrip("K")) * 1024
+    nr = spec["nr_float32"]
+    assert spec["nc"] % nr == 0 and spec["kc"] * spec["nc"] * 4 <= max(spec["l2_bytes"] // 4, 2 * nr * spec["kc"] * 4)
 
 
 def test_gemm_spec_is_the_running_one():

@@ -15,6 +15,8 @@
 #include <ctime>
 #include <string>
 
+#include <unistd.h>
+
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -197,18 +199,36 @@ KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, const G
   }
 }
 
+// The specs' nc suits a 2 MB L2 (Sapphire Rapids): a 512 KB block of B beside a 384 KB block of
+// A. Where the L2 is smaller, B's block shrinks to a quarter of it. Zen 5 (1 MB L2), 1 thread,
+// NCHW batch 8: nc 512 -> 256 took 3x3 256->256 at 14x14 from 6.98 to 5.34 ms, 1x1 512->128 at
+// 28x28 from 4.05 to 3.63 ms, channels-last 1x1 64->256 grad input from 4.62 to 3.86 ms.
+GemmSpec fit_to_l2(GemmSpec spec) {
+  const int64_t l2 = l2_cache_bytes(), nr = gemm_nr<float>();
+  if (l2 <= 0) return spec;
+  const int64_t fitted = l2 / 4 / (spec.kc * int64_t(sizeof(float))) / nr * nr;
+  spec.nc = std::clamp(fitted, 2 * nr, spec.nc);
+  return spec;
+}
+
 template <typename T>
 const KernelChoice<T>& kernel_choice() {
   static const KernelChoice<T> choice = [] {
     switch (cpu_isa()) {
 #if CNNOPS_X86
-      case Isa::Avx512:
-        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, kGemmAvx512);
-      case Isa::Avx2:
-        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, kGemmAvx2);
+      case Isa::Avx512: {
+        static const GemmSpec spec = fit_to_l2(kGemmAvx512);
+        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, spec);
+      }
+      case Isa::Avx2: {
+        static const GemmSpec spec = fit_to_l2(kGemmAvx2);
+        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, spec);
+      }
 #endif
-      default:
-        return make_choice<T>(kernel_portable_f, kernel_portable_d, kGemmPortable);
+      default: {
+        static const GemmSpec spec = fit_to_l2(kGemmPortable);
+        return make_choice<T>(kernel_portable_f, kernel_portable_d, spec);
+      }
     }
   }();
   return choice;
@@ -220,7 +240,8 @@ template <typename T>
 const KernelChoice<T>& wide_kernel_choice() {
   static const KernelChoice<T> choice = [] {
 #if CNNOPS_X86
-    if (cpu_isa() == Isa::Avx512) return make_choice<T>(kernel_avx512_wide_f, kernel_avx512_wide_d, kGemmAvx512Wide);
+    static const GemmSpec wide_spec = fit_to_l2(kGemmAvx512Wide);
+    if (cpu_isa() == Isa::Avx512) return make_choice<T>(kernel_avx512_wide_f, kernel_avx512_wide_d, wide_spec);
 #endif
     return kernel_choice<T>();
   }();
@@ -258,6 +279,15 @@ const char* isa_name(Isa isa) {
 }
 
 const GemmSpec& gemm_spec() { return *kernel_choice<float>().spec; }
+
+int64_t l2_cache_bytes() {
+  if (const char* forced = std::getenv("CNNOPS_CPU_L2_BYTES")) return std::max<int64_t>(std::atoll(forced), 0);
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  return std::max<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE), 0);
+#else
+  return 0;
+#endif
+}
 
 const char* gemm_isa() { return gemm_spec().name; }
 

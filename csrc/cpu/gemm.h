@@ -38,7 +38,8 @@ struct GemmSpec {
   int mr;            // rows of A per packed panel and per micro-kernel call (float and double)
   int64_t kc;        // reduction block
   int64_t mc;        // rows of A per L2 block (a multiple of mr): an mc x kc block of A stays in L2
-  int64_t nc;        // columns of B per L2 block (a multiple of NR): a kc x nc block of B stays in L2
+  int64_t nc;        // columns of B per L2 block (a multiple of NR): a kc x nc block of B stays in L2;
+                     // gemm_spec() narrows it on CPUs with a smaller L2 (gemm.cpp, fit_to_l2)
   template <typename T>
   constexpr int64_t nr() const {  // columns per B panel: two 64-byte vectors on every ISA
     return gemm_nr<T>();
@@ -52,8 +53,12 @@ constexpr GemmSpec kGemmAvx2{"avx2", 3, kKc, 384, 512};
 constexpr GemmSpec kGemmPortable{"portable", 2, kKc, 384, 512};
 constexpr int kGemmMaxMr = std::max({kGemmAvx512.mr, kGemmAvx2.mr, kGemmPortable.mr});  // fixed-size row arrays
 
-// The spec of the micro-kernel this CPU runs (cpu_isa(), which CNNOPS_CPU_ISA caps).
+// The spec of the micro-kernel this CPU runs (cpu_isa(), which CNNOPS_CPU_ISA caps), its nc fitted
+// to this CPU's L2.
 const GemmSpec& gemm_spec();
+// This CPU's L2 cache per core in bytes as the C library reports it (0 when it does not), or the
+// environment's CNNOPS_CPU_L2_BYTES (read once; tests run the GEMM with another CPU's blocks).
+int64_t l2_cache_bytes();
 
 // Fills dst with B[k0 : k0+kc, n0 : n0+nc] as ceil(nc / NR) panels, each kc rows of NR values,
 // zero padded past nc (zero_panel_tail). The GEMM asks for one L2 block of columns at a time

@@ -30,6 +30,7 @@ py::dict spec_dict() {
   d["kc"] = spec.kc;
   d["mc"] = spec.mc;
   d["nc"] = spec.nc;
+  d["l2_bytes"] = l2_cache_bytes();
   d["nr_float32"] = spec.nr<float>();
   d["nr_float64"] = spec.nr<double>();
   return d;
