@@ -200,9 +200,10 @@ KernelChoice<T> make_choice(MicroKernel<float> f, MicroKernel<double> d, const G
 }
 
 // The specs' nc suits a 2 MB L2 (Sapphire Rapids): a 512 KB block of B beside a 384 KB block of
-// A. Where the L2 is smaller, B's block shrinks to a quarter of it. Zen 5 (1 MB L2), 1 thread,
-// NCHW batch 8: nc 512 -> 256 took 3x3 256->256 at 14x14 from 6.98 to 5.34 ms, 1x1 512->128 at
-// 28x28 from 4.05 to 3.63 ms, channels-last 1x1 64->256 grad input from 4.62 to 3.86 ms.
+// A. Where the L2 is smaller, B's block shrinks to a quarter of it, so A's and B's blocks still
+// share it. On Zen 5 (1 MB L2), 1 thread, batch 8, runs alternating nc 512 and 256: 1x1 512->128
+// at 28x28 3.44-3.67 vs 3.34-3.48 ms; the other shapes measured (3x3 at 56x56, 14x14 and 7x7,
+// 1x1 1024->256, channels-last 1x1) level within the machine's noise (about 10%).
 GemmSpec fit_to_l2(GemmSpec spec) {
   const int64_t l2 = l2_cache_bytes(), nr = gemm_nr<float>();
   if (l2 <= 0) return spec;
