@@ -837,10 +837,16 @@ at::Tensor tap_channel_view(const at::Tensor& flat, c10::IntArrayRef sizes) {
 // have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
 // wastes most of each panel: 3-10x slower than converting to NCHW and back; except those the
-// direct grouped kernels serve, which read and write either layout. Nor for 3-d
-// convolutions (channels_last_3d), whose NCHW shifted-window path runs 2-3x faster than the NHWC
-// kernels (32 channels 16x28x28, 3x3x3, 1 thread: forward 11 vs 30 ms, backward 26 vs 48 ms),
-// where the conversions cost about 1 ms each (layout.cpp). Nor for small inputs (at most 64
+// direct grouped kernels serve, which read and write either layout. 3-d convolutions
+// (channels_last_3d) only ungrouped with more than 16 channels on the product's output side (the
+// forward's output channels, the backward's input channels: grad input is the product with the
+// larger share); with 16 or fewer the NCHW shifted-window path and its transposed product run
+// 1.1-1.9x faster despite the conversions (1 thread, batch 2, 16x28x28: 32->16 forward 3.7 vs
+// 6.2 ms, 16->32 grad input 3.5 vs 5.9 ms). Above that the NHWC kernels win (3x3x3, batch 2, 1 thread,
+// NCHW-converted -> NHWC: 32ch 16x28x28 forward 6.7 -> 5.8 ms, grad input 8.1 -> 5.9, grad weight
+// 6.7 -> 5.9; 16^3 3.7 -> 1.7, 4.0 -> 1.8, 3.9 -> 1.9; 48ch 16^3 7.3 -> 5.4, 7.8 -> 5.4, 8.1 -> 5.5;
+// kernel (1,3,3) 6.9 -> 2.1, 8.4 -> 2.1, 9.1 -> 2.2; stride 2 1.9 -> 1.0, 2.9 -> 0.8, 1.9 -> 1.4).
+// Nor for small inputs (at most 64
 // positions a sample, or 256 in all: ResNet's last stage, batch 1 at 14x14), where the NCHW
 // small-map paths run 1.1-5x faster than the NHWC kernels and converting costs little (512ch 7x7,
 // batch 1, 1 thread: grad input 13.0 -> 2.4 ms, grad weight 3.7 -> 2.3 ms). The forward goes by the
@@ -867,6 +873,8 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
     nhwc_kernel = depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
   else if (use_grouped(g, input.scalar_type() != at::kDouble) || nhwc_forced.load(std::memory_order_relaxed))
     nhwc_kernel = true;
+  else if (input.dim() == 5)
+    nhwc_kernel = g.groups == 1 && !small_maps && (forward ? g.out_channels : g.in_channels) > 16;
   else
     nhwc_kernel = !has_narrow_groups(g) && input.dim() == 4 && !small_maps &&
                   (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
