@@ -1,10 +1,11 @@
 """conv3d on the CPU: which kernels serve channels_last_3d inputs, checked against torch.
 
-conv.cpp's kernel_memory_format runs ungrouped channels_last_3d convolutions with more than 16
-channels on the product's output side (the forward's output channels, the backward's input
-channels) on the NHWC kernels, and converts the others to NCHW and back, as it does small maps
-(at most 64 positions a sample or 256 in all: by the input for the forward, the output for the
-backward). takes_nhwc() mirrors that rule; every case checks it through _cpu_nhwc_kernel_calls,
+conv.cpp's kernel_memory_format (nhwc_serves_3d) runs ungrouped channels_last_3d convolutions with
+more than 16 channels on the product's output side (the forward's output channels, the backward's
+input channels) on the NHWC kernels, except backwards of a large weight (over 1e6 bytes) over few
+output rows (under 768) and of widening 1x1x1 layers; it converts the others to NCHW and back, as
+it does small maps (at most 64 positions a sample or 256 in all: by the input for the forward, the
+output for the backward). takes_nhwc() mirrors that rule; every case checks it through _cpu_nhwc_kernel_calls,
 so a case meant for the NHWC kernels provably ran them and one meant for NCHW provably did not.
 Expected values come from torch (float64 reference).
 """
@@ -26,7 +27,8 @@ from conftest import (
     make_tensor,
 )
 
-NHWC_MIN_CHANNELS = 17  # conv.cpp's kernel_memory_format: more than 16 channels, 3-d
+NHWC_MIN_CHANNELS = 17  # conv.cpp's nhwc_serves_3d: more than 16 channels
+FEW_ROWS, LARGE_WEIGHT_BYTES = 768, 1e6  # its backward exception: a large weight over few output rows
 
 # n, cin, cout, spatial, kernel, kwargs
 CASES = {
@@ -48,6 +50,10 @@ CASES = {
     "narrow": (2, 8, 12, (5, 7, 9), 3, dict(padding=1)),
     "groups2": (2, 40, 48, (5, 7, 9), 3, dict(padding=1, groups=2)),
     "small_map": (2, 24, 24, (3, 4, 4), 3, dict(padding=1)),
+    "k111_widen": (2, 20, 40, (5, 7, 9), 1, dict()),  # forward NHWC, backward NCHW
+    "k111_narrow": (2, 40, 20, (5, 7, 9), 1, dict()),
+    "large_weight_few_rows": (2, 128, 96, (4, 6, 6), 3, dict(padding=1)),  # 288 rows: backward NCHW
+    "large_weight_rows": (2, 128, 96, (4, 8, 12), 3, dict(padding=1)),  # 768 rows: NHWC
 }
 
 
@@ -61,13 +67,19 @@ def output_size(spatial, kernel, kwargs):
     return [(spatial[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)]
 
 
-def takes_nhwc(name, forward):
+def takes_nhwc(name, forward, dtype):
     """Whether kernel_memory_format gives this case's forward (or backward) to the NHWC kernels."""
     n, cin, cout, spatial, kernel, kwargs = CASES[name]
-    plane = math.prod(spatial) if forward else math.prod(output_size(spatial, kernel, kwargs))
+    out_plane = math.prod(output_size(spatial, kernel, kwargs))
+    plane = math.prod(spatial) if forward else out_plane
     small = plane <= 64 or n * plane <= 256
     wide = (cout if forward else cin) >= NHWC_MIN_CHANNELS
-    return kwargs.get("groups", 1) == 1 and wide and not small
+    taps = math.prod(kernel) if isinstance(kernel, tuple) else kernel**3
+    weight_bytes = cout * cin * taps * dtype.itemsize
+    few_rows = n * out_plane < FEW_ROWS and weight_bytes > LARGE_WEIGHT_BYTES
+    widening_1x1 = taps == 1 and cout > cin and "padding" not in kwargs and "stride" not in kwargs
+    backward_exception = not forward and (few_rows or widening_1x1)
+    return kwargs.get("groups", 1) == 1 and wide and not small and not backward_exception
 
 
 def tensors(name, dtype, layout="channels_last", bias=True):
@@ -89,16 +101,23 @@ def check_routes(x, w, b, kwargs, name):
     triple = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * 3  # noqa: E731
     args = (triple(stride), triple(padding), triple(dilation), groups)
     calls, y = nhwc_calls(lambda: torch.ops.cnnops.conv_forward(x, w, b, *args))
-    assert (calls > 0) == takes_nhwc(name, forward=True), (name, "forward", calls)
+    assert (calls > 0) == takes_nhwc(name, True, x.dtype), (name, "forward", calls)
     gy = make_tensor(y.shape, x.dtype, "channels_last")
     calls, _ = nhwc_calls(lambda: torch.ops.cnnops.conv_backward(gy, x, w, *args, [True, True, True]))
-    assert (calls > 0) == takes_nhwc(name, forward=False), (name, "backward", calls)
+    assert (calls > 0) == takes_nhwc(name, False, x.dtype), (name, "backward", calls)
 
 
 def test_cases_reach_both_routes():
-    for forward in (True, False):
-        taken = {takes_nhwc(name, forward) for name in CASES if CASES[name][0] > 0}
-        assert taken == {True, False}, forward
+    for dtype in (torch.float32, torch.float64):
+        for forward in (True, False):
+            taken = {takes_nhwc(name, forward, dtype) for name in CASES if CASES[name][0] > 0}
+            assert taken == {True, False}, (dtype, forward)
+    # each backward exception is met by one case, and one case beside it takes the NHWC kernels
+    assert takes_nhwc("large_weight_few_rows", True, torch.float32)
+    assert not takes_nhwc("large_weight_few_rows", False, torch.float32)
+    assert takes_nhwc("large_weight_rows", False, torch.float32)
+    assert takes_nhwc("k111_widen", True, torch.float32) and not takes_nhwc("k111_widen", False, torch.float32)
+    assert takes_nhwc("k111_narrow", False, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
