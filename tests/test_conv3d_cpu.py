@@ -182,3 +182,33 @@ def test_gradcheck(name):
     calls, _ = nhwc_calls(lambda: torch.autograd.gradcheck(
         lambda x, w, b: cnnops.functional.conv3d(x, w, b, **kwargs), leaves, eps=1e-6, atol=1e-7, fast_mode=True))
     assert calls > 0, name
+
+
+# NCHW conv3d's weight gradient for one B panel of output channels (17-32 in float32, 9-16 in
+# float64: conv.cpp's conv_backward_weight_rows) packs dY into a buffer its thread keeps for the
+# next call: calls of growing and shrinking sizes, each against torch, each counted on that kernel.
+FLOAT64_OUTPUTS = {24: 12, 20: 10, 32: 16, 17: 9}  # the float32 cases' output channels, in one float64 panel
+WEIGHT_ROWS = [
+    (2, 32, 24, (6, 9, 11), 3, dict(padding=1)),
+    (1, 16, 20, (3, 5, 7), 3, dict(padding=1)),  # smaller: reads only the front of the kept buffer
+    (2, 48, 32, (7, 10, 12), (1, 3, 3), dict(padding=(0, 1, 1))),  # larger: the buffer grows
+    (1, 32, 17, (5, 7, 9), 3, dict(dilation=2, padding=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_nchw_weight_rows_reused_buffer(dtype):
+    for n, cin, cout, spatial, kernel, kwargs in WEIGHT_ROWS + WEIGHT_ROWS[::-1]:
+        cout = FLOAT64_OUTPUTS[cout] if dtype == torch.float64 else cout
+        x, w, b = conv_tensors(3, n, cin, cout, spatial, kernel, 1, True, dtype)
+        before = _C._cpu_conv_weight_rows_calls()
+        check_conv_against_torch(3, x, w, b, kwargs, dtype, grads=("weight",), msg=str((cin, cout, spatial)))
+        assert _C._cpu_conv_weight_rows_calls() == before + 1, (cin, cout, spatial)
+
+
+def test_nchw_weight_rows_thread_count_independent():
+    n, cin, cout, spatial, kernel, kwargs = WEIGHT_ROWS[0]
+    x, w, b = conv_tensors(3, n, cin, cout, spatial, kernel, 1, True, torch.float32)
+    with torch.no_grad():
+        go = make_tensor(F.conv3d(x, w, b, **kwargs).shape, torch.float32, "contiguous")
+    assert_same_bits_across_threads(cnnops.functional.conv3d, x, w, b, go, kwargs, threads=(1, 2, 3))
