@@ -212,3 +212,11 @@ def test_nchw_weight_rows_thread_count_independent():
     with torch.no_grad():
         go = make_tensor(F.conv3d(x, w, b, **kwargs).shape, torch.float32, "contiguous")
     assert_same_bits_across_threads(cnnops.functional.conv3d, x, w, b, go, kwargs, threads=(1, 2, 3))
+
+
+def test_nchw_weight_rows_beyond_the_kept_size():
+    """A packed dY^T over 64 MiB (540000 positions x 32 channels) is allocated for the call, not kept."""
+    x, w, b = conv_tensors(1, 1, 32, 32, (540000,), 3, 1, True, torch.float32)
+    before = _C._cpu_conv_weight_rows_calls()
+    check_conv_against_torch(1, x, w, b, dict(padding=1), torch.float32, grads=("weight",))
+    assert _C._cpu_conv_weight_rows_calls() == before + 1

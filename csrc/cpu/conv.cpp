@@ -688,13 +688,15 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
   // chunk c of group grp at b + (grp * chunks + c) * chunk_size, as gemm's panels: reduction block
   // k0 (kKc rows) at + k0 * padded_m, its panel of columns j0 kc * NR further on, zero past M.
   const int64_t chunk_size = kColumnBlock * padded_m;
-  // Kept by this thread for its next call: a fresh one (MBs, which glibc maps anew on each call when
-  // no larger block was freed before) is page-faulted in as it is packed, 3.1 of 9.5 ms on conv3d 32ch
-  // 16x28x28 batch 2 (1 thread) run alone in a process.
-  thread_local std::vector<T> b_storage;
+  // Kept by this thread for its next call (up to 64 MiB): a fresh one (MBs, which glibc maps anew on
+  // each call when no larger block was freed before) is page-faulted in as it is packed, 3.1 of 9.5 ms
+  // on conv3d 32ch 16x28x28 batch 2 (1 thread) run alone in a process.
+  thread_local std::vector<T> kept_b;
   const int64_t b_size = checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true);
-  if (b_storage.size() < size_t(b_size)) b_storage = std::vector<T>(b_size);
-  T* const b_data = b_storage.data();
+  const bool keep = b_size * int64_t(sizeof(T)) <= (int64_t(64) << 20);
+  if (keep && kept_b.size() < size_t(b_size)) kept_b = std::vector<T>(b_size);
+  const auto fresh_b = scratch<T>(keep ? 0 : b_size);
+  T* const b_data = keep ? kept_b.data() : fresh_b.get();
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / chunks, r0 = task % chunks * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
