@@ -159,8 +159,8 @@ def test_matches_torch(name, dtype):
 
 
 def test_speed_rules_convert_small_and_3d_inputs():
-    """Without the override, small maps and 3-d layers run the NCHW kernels on converted tensors
-    (conv.cpp's kernel_memory_format), with torch's results and memory format."""
+    """Without the override, small maps and narrow 3-d layers (wide ones: test_conv3d_cpu.py) run the
+    NCHW kernels on converted tensors (conv.cpp's kernel_memory_format), with torch's results and memory format."""
     _C._set_cpu_nhwc_kernels_forced(False)
     for name in ("packed_7x7", "in_place_tail", "grid_3d", "packed_3d"):
         dims, x, w, b, kwargs = case_tensors(name, torch.float32)

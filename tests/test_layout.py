@@ -1,10 +1,12 @@
 """NCHW <-> NHWC conversion (csrc/cpu/layout.cpp's contiguous_as), which channels-last inputs the
 NCHW kernels serve go through: small maps (at most 64 positions a sample, or 256 in all) and 3-d
-layers (conv.cpp's kernel_memory_format). A 1x1 convolution with the identity weight is exact
-(each output sums x * 1 and zeros), so its output and input gradient must equal x and the
-upstream gradient bit for bit: any misplaced value of either conversion shows. Shapes go around
-the transpose's vector blocks (16 floats or 8 doubles on AVX-512, less on AVX2 and portable),
-both in channels and in positions, with every ISA's kernel."""
+layers of at most 16 channels (conv.cpp's kernel_memory_format and nhwc_serves_3d). A 1x1
+convolution with the identity weight is exact (each output sums x * 1 and zeros), so its output
+and input gradient must equal x and the upstream gradient bit for bit: any misplaced value of
+either conversion shows. Shapes go around the transpose's vector blocks (16 floats or 8 doubles on
+AVX-512, less on AVX2 and portable), both in channels and in positions, with every ISA's kernel."""
+
+import math
 
 import pytest
 import torch
@@ -26,8 +28,11 @@ def identity_conv_roundtrip(channels, spatial, batch, dtype):
     conv = cnnops.functional.conv2d if dims == 2 else cnnops.functional.conv3d
     before = _C._cpu_nhwc_kernel_calls()
     y = conv(x, w)
-    if channels > 4:  # (1-4 channels: the first-layer kernel reads channels-last itself)
-        assert _C._cpu_nhwc_kernel_calls() == before  # converted to NCHW, not the NHWC kernels
+    # (1-4 channels: the first-layer kernel reads channels-last itself; wider 3-d layers over 256
+    # positions: the NHWC kernels)
+    nhwc_3d = dims == 3 and channels > 16 and batch * math.prod(spatial) > 256
+    if channels > 4:
+        assert (_C._cpu_nhwc_kernel_calls() > before) == nhwc_3d  # converted to NCHW unless nhwc_3d
     assert y.is_contiguous(memory_format=fmt)
     assert torch.equal(y, x)
     go = torch.randn_like(y).contiguous(memory_format=fmt)

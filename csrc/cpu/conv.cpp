@@ -688,13 +688,21 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
   // chunk c of group grp at b + (grp * chunks + c) * chunk_size, as gemm's panels: reduction block
   // k0 (kKc rows) at + k0 * padded_m, its panel of columns j0 kc * NR further on, zero past M.
   const int64_t chunk_size = kColumnBlock * padded_m;
-  const auto b = scratch<T>(checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true));
+  // Kept by this thread for its next call (up to 64 MiB): a fresh one (MBs, which glibc maps anew on
+  // each call when no larger block was freed before) is page-faulted in as it is packed, 3.1 of 9.5 ms
+  // on conv3d 32ch 16x28x28 batch 2 (1 thread) run alone in a process.
+  thread_local std::vector<T> kept_b;
+  const int64_t b_size = checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true);
+  const bool keep = b_size * int64_t(sizeof(T)) <= (int64_t(64) << 20);
+  if (keep && kept_b.size() < size_t(b_size)) kept_b = std::vector<T>(b_size);
+  const auto fresh_b = scratch<T>(keep ? 0 : b_size);
+  T* const b_data = keep ? kept_b.data() : fresh_b.get();
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / chunks, r0 = task % chunks * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
       for (int64_t k0 = 0; k0 < rc; k0 += kKc) {
         const int64_t kc = std::min(kKc, rc - k0);
-        T* block = b.get() + task * chunk_size + k0 * padded_m;
+        T* block = b_data + task * chunk_size + k0 * padded_m;
         for (int64_t j = m; j < padded_m; ++j)
           for (int64_t kk = 0; kk < kc; ++kk) block[(j / nr * kc + kk) * nr + j % nr] = T(0);
         for_each_sample_segment(r0 + k0, kc, l, [&](int64_t n, int64_t l0, int64_t len, int64_t offset) {
@@ -716,7 +724,7 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
       const T* x_g = x_base + grp * cg * layout.plane;
       for (int64_t chunk = split.first(p); chunk < split.first(p + 1); ++chunk) {
         const int64_t r0 = chunk * kColumnBlock, rc = std::min(kColumnBlock, total - r0);
-        const T* b_chunk = b.get() + (grp * chunks + chunk) * chunk_size;
+        const T* b_chunk = b_data + (grp * chunks + chunk) * chunk_size;
         const std::vector<int64_t> column_offset = im2col_column_offsets(g, layout, r0, rc);
         gemm_offset_a_packed_b<T>(
             rows, rc, x_g, row_offset.data() + i0, column_offset.data(), m,
@@ -830,6 +838,25 @@ at::Tensor tap_channel_view(const at::Tensor& flat, c10::IntArrayRef sizes) {
   return flat.view(stored).permute(to_weight);
 }
 
+// Ungrouped 3-d convolutions run the NHWC kernels with more than 16 channels on the product's output
+// side (the forward's output channels, the backward's input channels: grad input is the larger
+// share); with 16 or fewer the NCHW shifted-window path and its transposed product run 1.1-1.9x
+// faster despite the conversions (1 thread, batch 2, 16x28x28: 32->16 forward 3.7 vs 6.2 ms, 16->32
+// grad input 3.5 vs 5.9 ms). Above that the NHWC kernels win (3x3x3, batch 2, 1 thread,
+// NCHW-converted -> NHWC, forward / grad input / grad weight, ms: 32ch 16x28x28 6.7 / 8.1 / 6.7 ->
+// 5.8 / 5.9 / 5.9; 16^3 3.7 / 4.0 / 3.9 -> 1.7 / 1.8 / 1.9; 48ch 16^3 7.3 / 7.8 / 8.1 -> 5.4 / 5.4 /
+// 5.5; 64->128 8x14x14 8.8 / 10.4 / 6.5 -> 5.4 / 5.8 / 5.9; kernel (1,3,3) 6.9 / 8.4 / 9.1 -> 2.1 /
+// 2.1 / 2.2; stride 2 1.9 / 2.9 / 1.9 -> 1.0 / 0.8 / 1.4). Except two backwards, where the NHWC grad
+// input loses: a large weight over few output rows (it packs the weight, the NCHW one reads it in
+// place; 128ch 4x7x7 batch 2: 2.1 -> 3.7 ms, 256ch 6x7x7: 11.8 -> 18.5 ms; at 784 rows 128ch 8x7x7
+// 6.0 -> 4.8) and 1x1x1 layers that widen (64->256 8x14x14 grad input + weight 0.9 -> 1.2 ms).
+bool nhwc_serves_3d(const ConvGeometry& g, bool forward, double weight_bytes) {
+  if (g.groups != 1 || (forward ? g.out_channels : g.in_channels) <= 16) return false;
+  if (forward) return true;
+  const bool few_rows = g.batch * g.out_plane() < 768 && weight_bytes > 1e6;
+  return !few_rows && !(g.is_pointwise() && g.out_channels > g.in_channels);
+}
+
 // Channels-last inputs run the NHWC kernels (depthwise ones where conv_depthwise_direct.cpp has
 // one, else they are converted). Not for 1-3 input channels per group (the RGB stem): the NHWC
 // im2col copies runs of that many values per tap, where converting the small input to NCHW and
@@ -837,16 +864,13 @@ at::Tensor tap_channel_view(const at::Tensor& flat, c10::IntArrayRef sizes) {
 // have 4 * C channels and whose output would cost a conversion back. Nor for grouped layers with
 // fewer output channels a group than a B panel is wide (RegNet, ResNeXt), where the NHWC GEMM
 // wastes most of each panel: 3-10x slower than converting to NCHW and back; except those the
-// direct grouped kernels serve, which read and write either layout. Nor for 3-d
-// convolutions (channels_last_3d), whose NCHW shifted-window path runs 2-3x faster than the NHWC
-// kernels (32 channels 16x28x28, 3x3x3, 1 thread: forward 11 vs 30 ms, backward 26 vs 48 ms),
-// where the conversions cost about 1 ms each (layout.cpp). Nor for small inputs (at most 64
-// positions a sample, or 256 in all: ResNet's last stage, batch 1 at 14x14), where the NCHW
-// small-map paths run 1.1-5x faster than the NHWC kernels and converting costs little (512ch 7x7,
-// batch 1, 1 thread: grad input 13.0 -> 2.4 ms, grad weight 3.7 -> 2.3 ms). The forward goes by the
-// input's size (a stride-2 layer's larger input costs more to convert than the NCHW kernel saves),
-// the backward by the output's (the NHWC strided grad input is the slower one: 14.8 vs 8.7 ms on
-// 256->512 14x14 stride 2, batch 8).
+// direct grouped kernels serve, which read and write either layout. 3-d ones: nhwc_serves_3d.
+// Nor for small inputs (at most 64 positions a sample, or 256 in all: ResNet's last stage, batch 1
+// at 14x14), where the NCHW small-map paths run 1.1-5x faster than the NHWC kernels and converting
+// costs little (512ch 7x7, batch 1, 1 thread: grad input 13.0 -> 2.4 ms, grad weight 3.7 -> 2.3 ms).
+// The forward goes by the input's size (a stride-2 layer's larger input costs more to convert than
+// the NCHW kernel saves), the backward by the output's (the NHWC strided grad input is the slower
+// one: 14.8 vs 8.7 ms on 256->512 14x14 stride 2, batch 8).
 std::atomic<bool> nhwc_forced{false};
 std::atomic<int64_t> nhwc_calls{0};
 
@@ -867,6 +891,8 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
     nhwc_kernel = depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
   else if (use_grouped(g, input.scalar_type() != at::kDouble) || nhwc_forced.load(std::memory_order_relaxed))
     nhwc_kernel = true;
+  else if (input.dim() == 5)
+    nhwc_kernel = !small_maps && nhwc_serves_3d(g, forward, weight_bytes);
   else
     nhwc_kernel = !has_narrow_groups(g) && input.dim() == 4 && !small_maps &&
                   (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
