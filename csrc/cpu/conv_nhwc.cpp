@@ -292,6 +292,26 @@ int64_t row_blocks(int64_t rows) {
   return blocks > 1 && blocks < 4 * threads ? num_blocks(blocks, threads) * threads : blocks;
 }
 
+// Runs fn(task) for tasks [0, cost.size()) split into one contiguous run per thread of about equal
+// total cost: a task goes to the thread whose share holds its cost's midpoint. at::parallel_for's
+// even split of the task count would leave one thread the heavy tasks where costs differ (the
+// grad input phases of a 3x3 stride 2 layer have 4, 2, 2 and 1 taps). Every task computes the same
+// values whichever thread runs it.
+template <typename Fn>
+void parallel_for_by_cost(const std::vector<int64_t>& cost, const Fn& fn) {
+  const int64_t tasks = int64_t(cost.size());
+  std::vector<int64_t> before(tasks + 1, 0);  // total cost of the tasks before each
+  for (int64_t t = 0; t < tasks; ++t) before[t + 1] = before[t] + cost[t];
+  const int64_t total = std::max<int64_t>(before[tasks], 1);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t share = (2 * before[t] + cost[t]) * threads / (2 * total);  // midpoint's share
+      if (share >= begin && share < end) fn(t);
+    }
+  });
+}
+
 // Splits the columns (output channels) into whole NR panels when the row tasks are too few to
 // give every thread two.
 struct ColumnSplit {
@@ -869,51 +889,53 @@ void conv_backward_input_nhwc_phases(const ConvGeometry& g, const std::vector<In
     for (int64_t q0 = 0; q0 < rows; q0 += block) tasks.push_back({int64_t(index), q0, std::min(block, rows - q0)});
   }
   const ColumnSplit cols(cg, nr, g.groups * int64_t(tasks.size()));
-  parallel_for(0, int64_t(tasks.size()) * g.groups * cols.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> a_row, c_row, seg_rows;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = task % cols.count * cols.size, nj = std::min(cols.size, cg - j0);
-      const int64_t grp = task / cols.count % g.groups;
-      const Task& t = tasks[task / cols.count / g.groups];
-      const InputPhase& ph = phases[t.phase];
-      const int64_t width = ph.count[2];
-      // dX pixel of phase position u: x_i = s_i u_i + residue_i - p_i
-      auto x_of = [&](int i, int64_t u) { return g.stride[i] * u + ph.residue[i] - g.pad[i]; };
-      const int64_t ldc = g.stride[2] * g.in_channels;
-      if (ph.taps.empty()) {  // no tap reaches these positions: dX is zero there
-        for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
-          const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
-          const int64_t n = q / ph.count[1] / ph.count[0];
-          T* row =
-              dx +
-              (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) * g.in_channels +
-              grp * cg + j0;
-          for (int64_t i = 0; i < width; ++i) std::fill(row + i * ldc, row + i * ldc + nj, T(0));
-        }
-        continue;
-      }
-      const int64_t mr = row_segment_mr(width), per_row = num_blocks(width, mr);
-      a_row.resize(t.qc * per_row);
-      c_row.resize(t.qc * per_row);
-      seg_rows.resize(t.qc * per_row);
-      int64_t segments = 0;
+  std::vector<int64_t> cost(tasks.size() * g.groups * cols.count);
+  for (size_t task = 0; task < cost.size(); ++task) {  // multiply-adds, or values written for a zero fill
+    const Task& t = tasks[task / cols.count / g.groups];
+    const int64_t nj = std::min(cols.size, cg - int64_t(task) % cols.count * cols.size);
+    const int64_t taps = int64_t(phases[t.phase].taps.size());
+    cost[task] = t.qc * phases[t.phase].count[2] * nj * (taps == 0 ? 1 : taps * m);
+  }
+  parallel_for_by_cost(cost, [&](int64_t task) {
+    const int64_t j0 = task % cols.count * cols.size, nj = std::min(cols.size, cg - j0);
+    const int64_t grp = task / cols.count % g.groups;
+    const Task& t = tasks[task / cols.count / g.groups];
+    const InputPhase& ph = phases[t.phase];
+    const int64_t width = ph.count[2];
+    // dX pixel of phase position u: x_i = s_i u_i + residue_i - p_i
+    auto x_of = [&](int i, int64_t u) { return g.stride[i] * u + ph.residue[i] - g.pad[i]; };
+    const int64_t ldc = g.stride[2] * g.in_channels;
+    if (ph.taps.empty()) {  // no tap reaches these positions: dX is zero there
       for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
         const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
         const int64_t n = q / ph.count[1] / ph.count[0];
-        const int64_t a_base = ((n * size[0] + ud + front[0]) * size[1] + uh + front[1]) * size[2] + front[2];
-        const int64_t c_base = ((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2];
-        for (int64_t i = 0; i < width; i += mr, ++segments) {
-          const int64_t uw = ph.first[2] + i;
-          a_row[segments] = (a_base + uw) * c_out + grp * m;
-          c_row[segments] = (c_base + x_of(2, uw)) * g.in_channels + grp * cg + j0;
-          seg_rows[segments] = std::min(mr, width - i);
-        }
+        T* row =
+            dx +
+            (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) * g.in_channels +
+            grp * cg + j0;
+        for (int64_t i = 0; i < width; ++i) std::fill(row + i * ldc, row + i * ldc + nj, T(0));
       }
-      const WeightPanels<T>& panels = b[t.phase];
-      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
-      gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), panels.k, dyp, c_out,
-                           column_offset[t.phase].data(), nj, panel, dx, ldc, false);
+      return;
     }
+    const int64_t mr = row_segment_mr(width), per_row = num_blocks(width, mr);
+    std::vector<int64_t> a_row(t.qc * per_row), c_row(t.qc * per_row), seg_rows(t.qc * per_row);
+    int64_t segments = 0;
+    for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
+      const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
+      const int64_t n = q / ph.count[1] / ph.count[0];
+      const int64_t a_base = ((n * size[0] + ud + front[0]) * size[1] + uh + front[1]) * size[2] + front[2];
+      const int64_t c_base = ((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2];
+      for (int64_t i = 0; i < width; i += mr, ++segments) {
+        const int64_t uw = ph.first[2] + i;
+        a_row[segments] = (a_base + uw) * c_out + grp * m;
+        c_row[segments] = (c_base + x_of(2, uw)) * g.in_channels + grp * cg + j0;
+        seg_rows[segments] = std::min(mr, width - i);
+      }
+    }
+    const WeightPanels<T>& panels = b[t.phase];
+    auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
+    gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), panels.k, dyp, c_out,
+                         column_offset[t.phase].data(), nj, panel, dx, ldc, false);
   });
 }
 

@@ -1,0 +1,85 @@
+"""Strided (ResNet downsampling) 3x3 convolutions on the CPU against torch.nn.functional.
+
+Channels-last grad input by input stride phases (conv_backward_input_nhwc_phases): the phases of a
+3x3 stride-2 layer have 4, 2, 2 and 1 taps, so their tasks differ in cost and are split between
+threads by cost (parallel_for_by_cost), not by count. These cases run it at 1, 2 and 3 threads
+(each split leaves different tasks to each thread, and a task left out would leave dX
+uninitialized) and check the bits do not depend on the thread count. Expected values come from
+torch (float64 reference).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional
+from cnnops import _C
+from conftest import assert_same_bits_across_threads, check_conv_against_torch, conv_tensors, dtype_id, make_tensor
+
+SEGMENTS = torch.ops.cnnops.cpu_gemm_isa() == "avx512"  # the phase kernels run on AVX-512 only
+
+# name -> (n, cin, cout, (h, w), kwargs): channels-last 3x3 layers whose grad input runs by phases.
+PHASE_CASES = {
+    "s2_57x55_c33": (2, 33, 65, (57, 55), dict(stride=2, padding=1)),  # odd maps and channels
+    "s2_pad0": (2, 24, 40, (27, 30), dict(stride=2)),  # phases of 2, 1 and 0 leading pad columns
+    "s2_1_mixed": (2, 20, 36, (25, 29), dict(stride=(2, 1), padding=1)),  # two phases, 3 and 6 taps
+    "s2_dilation2": (2, 18, 32, (30, 31), dict(stride=2, padding=2, dilation=2)),  # one phase has all 9 taps
+    "s2_groups2": (2, 66, 68, (23, 27), dict(stride=2, padding=1, groups=2)),  # 33 and 34 channels a group
+    "s2_batch1_column_split": (1, 40, 48, (33, 34), dict(stride=2, padding=1)),  # 4 tasks: 3 threads split columns
+    "s2_resnet_like": (2, 64, 64, (28, 28), dict(stride=2, padding=1)),
+}
+
+
+def phase_tensors(name, dtype, n=None):
+    batch, cin, cout, spatial, kwargs = PHASE_CASES[name]
+    x, w, b = conv_tensors(2, batch if n is None else n, cin, cout, spatial, 3, kwargs.get("groups", 1), True, dtype,
+                           layout="channels_last")
+    return x, w, b, kwargs
+
+
+def run_at_threads(threads, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", list(PHASE_CASES))
+def test_phase_grad_input_matches_torch(name, dtype, threads):
+    x, w, b, kwargs = phase_tensors(name, dtype)
+    before = _C._cpu_nhwc_phase_grad_input_calls()
+    run_at_threads(threads, lambda: check_conv_against_torch(2, x, w, b, kwargs, dtype, msg=name))
+    assert _C._cpu_nhwc_phase_grad_input_calls() > before or not SEGMENTS, name
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_phase_grad_input_small_batches(n):
+    x, w, b, kwargs = phase_tensors("s2_57x55_c33", torch.float32, n=n)
+    before = _C._cpu_nhwc_phase_grad_input_calls()
+    run_at_threads(2, lambda: check_conv_against_torch(2, x, w, b, kwargs, torch.float32, msg=f"batch {n}"))
+    # batch 0: nothing to compute, dX is zeroed without a kernel
+    assert _C._cpu_nhwc_phase_grad_input_calls() == before + int(SEGMENTS and n > 0)
+
+
+def test_phase_grad_input_non_dense_channels_last():
+    """A channels-last view with gaps (every other column) is copied dense, then runs by phases."""
+    x, w, b, kwargs = phase_tensors("s2_57x55_c33", torch.float32)
+    wide = make_tensor((2, 33, 57, 110), torch.float32, "channels_last")
+    x = wide[:, :, :, ::2]
+    assert x.stride()[1] == 1 and not x.is_contiguous(memory_format=torch.channels_last)
+    before = _C._cpu_nhwc_phase_grad_input_calls()
+    run_at_threads(2, lambda: check_conv_against_torch(2, x, w, b, kwargs, torch.float32, check_channels_last=False))
+    assert _C._cpu_nhwc_phase_grad_input_calls() > before or not SEGMENTS
+
+
+@pytest.mark.parametrize("name", list(PHASE_CASES))
+def test_phase_grad_input_same_bits_across_threads(name):
+    x, w, b, kwargs = phase_tensors(name, torch.float32)
+    with torch.no_grad():
+        go = make_tensor(F.conv2d(x, w, b, **kwargs).shape, torch.float32, "channels_last")
+    assert_same_bits_across_threads(cnnops.functional.conv2d, x, w, b, go, kwargs, threads=(1, 2, 3))
