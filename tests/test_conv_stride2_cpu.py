@@ -4,6 +4,10 @@ Contiguous (NCHW) float32 3x3 stride-2 forwards with at least 64 input channels 
 run converted to channels-last on the NHWC row-segment kernel (strided_forward_as_nhwc in conv.cpp);
 the route counters prove which cases take it and which do not.
 
+Channels-last forward on the row-segment kernel: for 2-d stride-2 layers of one group with at least
+14x14 outputs each task fills the phase-grid rows it reads itself (row_tasks_fill_grid in
+conv_nhwc.cpp; counter _cpu_nhwc_row_segment_own_fill_calls).
+
 Channels-last grad input by input stride phases (conv_backward_input_nhwc_phases): the phases of a
 3x3 stride-2 layer have 4, 2, 2 and 1 taps, so their tasks differ in cost and are split between
 threads by cost (parallel_for_by_cost), not by count. These cases run it at 1, 2 and 3 threads
@@ -32,7 +36,11 @@ PHASE_CASES = {
     "s2_groups2": (2, 66, 68, (23, 27), dict(stride=2, padding=1, groups=2)),  # 33 and 34 channels a group
     "s2_batch1_column_split": (1, 40, 48, (33, 34), dict(stride=2, padding=1)),  # 4 tasks: 3 threads split columns
     "s2_resnet_like": (2, 64, 64, (28, 28), dict(stride=2, padding=1)),
+    "s2_blocks_across_samples": (8, 24, 32, (27, 29), dict(stride=2, padding=1)),  # 14 output rows, G_h 15
 }
+# The forward's tasks fill the phase-grid rows they read themselves (row_tasks_fill_grid): 2-d,
+# stride 2, one group, at least 14x14 outputs. The others fill the whole grid first.
+OWN_FILL = {"s2_57x55_c33", "s2_dilation2", "s2_batch1_column_split", "s2_resnet_like", "s2_blocks_across_samples"}
 
 
 def phase_tensors(name, dtype, n=None):
@@ -59,6 +67,25 @@ def test_phase_grad_input_matches_torch(name, dtype, threads):
     before = _C._cpu_nhwc_phase_grad_input_calls()
     run_at_threads(threads, lambda: check_conv_against_torch(2, x, w, b, kwargs, dtype, msg=name))
     assert _C._cpu_nhwc_phase_grad_input_calls() > before or not SEGMENTS, name
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("name", list(PHASE_CASES))
+def test_forward_own_fill(name, dtype, threads):
+    """Forward (with bias, and ReLU fused) against torch; the own-fill counter proves which cases fill their rows."""
+    x, w, b, kwargs = phase_tensors(name, dtype)
+    before = _C._cpu_nhwc_row_segment_own_fill_calls()
+    kw = dict(stride=1, padding=0, dilation=1, groups=1)
+    kw.update(kwargs)
+    with torch.no_grad():
+        got = run_at_threads(threads, lambda: cnnops.functional._conv(
+            x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], 2, _activation="relu"))
+    expected = torch.relu(F.conv2d(x.double(), w.double(), b.double(), **kwargs)).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert _C._cpu_nhwc_row_segment_own_fill_calls() == before + int(SEGMENTS and name in OWN_FILL), name
 
 
 @pytest.mark.parametrize("n", [0, 1])
@@ -99,6 +126,7 @@ NCHW_AS_NHWC_CASES = {
     "transposed": (2, 64, 48, (21, 21), "transposed", dict(stride=2, padding=1)),
     "wide_rows": (8, 272, 32, (20, 20), "contiguous", dict(stride=2, padding=1)),  # over 256 channels, 800 rows
 }
+NCHW_OWN_FILL = {"c65_57x55"}  # at least 14x14 outputs: the tasks fill their grid rows
 # Kept on the NCHW kernels: float64, and geometries the rule does not take.
 NCHW_KEPT_CASES = {
     "outputs_7x7": (2, 64, 64, (14, 14), "contiguous", dict(stride=2, padding=1)),
@@ -128,9 +156,11 @@ def nhwc_forward_calls():
 def test_nchw_forward_as_nhwc_matches_torch(name, threads):
     x, w, b, kwargs = nchw_tensors(NCHW_AS_NHWC_CASES, name, torch.float32)
     segments, nhwc = nhwc_forward_calls()
+    own_fill = _C._cpu_nhwc_row_segment_own_fill_calls()
     out, _ = run_at_threads(threads, lambda: check_conv_against_torch(2, x, w, b, kwargs, torch.float32, msg=name))
     assert out.is_contiguous(), "an NCHW input gives an NCHW output"
     assert nhwc_forward_calls() == (segments + int(SEGMENTS), nhwc + int(SEGMENTS)), name
+    assert _C._cpu_nhwc_row_segment_own_fill_calls() == own_fill + int(SEGMENTS and name in NCHW_OWN_FILL), name
 
 
 @pytest.mark.parametrize("name", list(NCHW_KEPT_CASES))
