@@ -874,9 +874,34 @@ bool nhwc_serves_3d(const ConvGeometry& g, bool forward, double weight_bytes) {
 std::atomic<bool> nhwc_forced{false};
 std::atomic<int64_t> nhwc_calls{0};
 
+// A contiguous input's 3x3 stride-2 forward (ResNet's downsampling) runs converted to channels-last
+// on the NHWC row-segment kernel (conversions by layout.cpp, both ways): it beats the NCHW im2col +
+// GEMM by more than they cost. float32, 1 thread, torch/cnnops before -> after: batch 8, 128ch
+// 56x56 0.83 -> 0.89, 256ch 28x28 0.88 -> 0.95, 64->128 56x56 0.78 -> 0.83, 128->256 28x28
+// 0.94 -> 0.97, 512ch 28x28 0.86 -> 1.06, 512ch 20x20 0.81 -> 0.94; batch 1, 128ch 56x56
+// 0.87 -> 0.93, 64->128 56x56 0.88 -> 0.99, 256ch 20x20 0.85 -> 0.92. Not for 7x7 outputs
+// (14x14 inputs: 512ch 0.86 -> 0.84 batch 8, 1.29 -> 0.63 batch 1), nor for a large weight on few
+// rows, which the NCHW kernel reads in place and the NHWC one packs (512ch batch 1: 28x28 1.02 -> 0.83).
+constexpr int64_t kStridedNhwcMinChannels = 64;
+constexpr int64_t kStridedNhwcMinOutputs = 100;  // output positions a sample (10x10)
+// Over kStridedNhwcWideChannels input channels, only with kStridedNhwcWideMinRows output positions in all.
+constexpr int64_t kStridedNhwcWideChannels = 256;
+constexpr int64_t kStridedNhwcWideMinRows = 800;
+bool strided_forward_as_nhwc(const at::Tensor& input, const ConvGeometry& g) {
+  const bool wide = g.in_channels > kStridedNhwcWideChannels;
+  const bool resnet_3x3_s2 = g.kernel[1] == 3 && g.kernel[2] == 3 && g.stride[1] == 2 && g.stride[2] == 2 &&
+                             g.pad[1] == 1 && g.pad[2] == 1 && g.dilation[1] == 1 && g.dilation[2] == 1;
+  return input.dim() == 4 && input.scalar_type() != at::kDouble && g.groups == 1 && resnet_3x3_s2 &&
+         g.in_channels >= kStridedNhwcMinChannels && g.out_plane() >= kStridedNhwcMinOutputs &&
+         (!wide || g.batch * g.out_plane() >= kStridedNhwcWideMinRows) && nhwc_row_segments_serve(g);
+}
+
 at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
-  if (input.dim() < 4 || input.suggest_memory_format() != channels_last_format(input.dim()))
-    return at::MemoryFormat::Contiguous;
+  if (input.dim() < 4 || input.suggest_memory_format() != channels_last_format(input.dim())) {
+    if (!forward || !strided_forward_as_nhwc(input, g)) return at::MemoryFormat::Contiguous;
+    nhwc_calls.fetch_add(1, std::memory_order_relaxed);
+    return at::MemoryFormat::ChannelsLast;
+  }
   const int64_t plane = forward ? g.in_plane() : g.out_plane();
   // A forward whose output rows the NHWC row-segment kernel serves stays channels-last on small maps
   // too, unless a large weight meets few rows (the NCHW kernel reads it in place, the NHWC one packs

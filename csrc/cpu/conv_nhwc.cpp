@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -49,8 +50,10 @@ struct PhaseGrid {
   int64_t rows;                        // grid rows up to the last real output position
   std::vector<int64_t> column_offset;  // per im2col column (tap, c) of group 0
   std::unique_ptr<T[]> copy;           // the padded copy; none for 1x1 stride 1 without padding
-  const T* data;                       // the copy, or the input itself
+  const T* data;                       // the copy, or the input itself; null where not filled (fill_rows)
   bool slack;                          // whether reads may run past the last grid row (the copy has slack)
+  int64_t phase_size;                  // values per stored phase: batch * plane * C_in
+  std::vector<std::array<int64_t, 3>> residue;  // per stored phase: its padded coordinates mod s
 
   int64_t row_of(const ConvGeometry& g, int64_t r) const {  // grid row of flat output position r
     const int64_t ow = r % g.out[2], oh = r / g.out[2] % g.out[1];
@@ -66,8 +69,37 @@ double phase_grid_efficiency(const ConvGeometry& g) {
   return double(g.out_plane()) / rows;
 }
 
+// Grid rows (phase, sample n, qd, qh) of the phase grid: the input pixels that land there (pixels of
+// a phase row are s_w apart in the input, or a run when s_w = 1), zeros for the padding. dst: the
+// row's G_w x C_in values.
 template <typename T>
-PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
+void fill_grid_row(const ConvGeometry& g, const PhaseGrid<T>& grid, const T* x, int64_t phase, int64_t n,
+                   int64_t qd, int64_t qh, T* dst) {
+  const int64_t c_in = g.in_channels;
+  const std::array<int64_t, 3>& a = grid.residue[phase];
+  const int64_t d = qd * g.stride[0] + a[0] - g.pad[0], h = qh * g.stride[1] + a[1] - g.pad[1];
+  if (d < 0 || d >= g.in[0] || h < 0 || h >= g.in[1]) {  // a row of padding
+    std::fill(dst, dst + grid.size[2] * c_in, T(0));
+    return;
+  }
+  const T* src = x + ((n * g.in[0] + d) * g.in[1] + h) * g.in[2] * c_in;
+  // Grid column qw holds input w = qw * s_w + a_w - pad_w: columns [first, last) are inside.
+  const int64_t first = std::min(grid.size[2], std::max<int64_t>(0, ceil_div(g.pad[2] - a[2], g.stride[2])));
+  const int64_t last = std::clamp<int64_t>(ceil_div(g.in[2] + g.pad[2] - a[2], g.stride[2]), first, grid.size[2]);
+  std::fill(dst, dst + first * c_in, T(0));
+  if (g.stride[2] == 1) {  // one run
+    std::memcpy(dst + first * c_in, src + (first + a[2] - g.pad[2]) * c_in, (last - first) * c_in * sizeof(T));
+  } else {
+    for (int64_t qw = first; qw < last; ++qw)
+      std::memcpy(dst + qw * c_in, src + (qw * g.stride[2] + a[2] - g.pad[2]) * c_in, c_in * sizeof(T));
+  }
+  std::fill(dst + last * c_in, dst + grid.size[2] * c_in, T(0));
+}
+
+// The phase grid of x; with fill = false only its layout (sizes, column offsets), for a kernel that
+// fills the rows each task reads itself (conv_forward_nhwc_rows).
+template <typename T>
+PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x, bool fill = true) {
   PhaseGrid<T> grid;
   int64_t padded[3];
   std::vector<int64_t> phase_index[3];  // per dim: phase a -> its index among the used ones, or -1
@@ -86,6 +118,7 @@ PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
               (g.out[1] - 1) * grid.size[2] + g.out[2];
   const int64_t c_in = g.in_channels, cg = g.in_channels_per_group(), phases = used[0] * used[1] * used[2];
   const int64_t phase_size = checked_numel({g.batch, grid.plane, c_in}, "conv (channels-last grid)", true);
+  grid.phase_size = phase_size;
   const int64_t taps = g.kernel_volume();
   grid.column_offset.resize(g.gemm_k());
   for (int64_t tap = 0; tap < taps; ++tap) {
@@ -98,19 +131,30 @@ PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
     }
     for (int64_t c = 0; c < cg; ++c) grid.column_offset[tap * cg + c] = phase * phase_size + pixel * c_in + c;
   }
+  grid.residue.resize(phases);
+  for (int64_t phase = 0; phase < phases; ++phase) {
+    int64_t rest = phase;
+    for (int i = 2; i >= 0; --i) {
+      const int64_t index = rest % used[i];
+      rest /= used[i];
+      grid.residue[phase][i] =
+          std::find(phase_index[i].begin(), phase_index[i].end(), index) - phase_index[i].begin();
+    }
+  }
   if (g.is_pointwise()) {  // the grid is the input itself
     grid.data = x;
     grid.slack = false;
     return grid;
   }
+  grid.slack = true;
+  grid.data = nullptr;
+  if (!fill) return grid;
   const int64_t size = checked_numel({phases, phase_size}, "conv (channels-last grid)", true);
   const int64_t slack = (grid.plane + 2 * kGemmMaxMr) * c_in;  // for reads past the last row of the last phase
   grid.copy = scratch<T>(size + slack);
   grid.data = grid.copy.get();
-  grid.slack = true;
   std::fill(grid.copy.get() + size, grid.copy.get() + size + slack, T(0));
-  // Fill: one task per (phase, sample, grid row of depth and height), copying the input pixels
-  // that land there (pixels of a phase row are s_w apart in the input, or a run when s_w = 1).
+  // One task per (phase, sample, grid row of depth and height).
   const int64_t row_tasks = phases * g.batch * grid.size[0] * grid.size[1];
   T* out = grid.copy.get();
   parallel_for(0, row_tasks, 1, [&](int64_t begin, int64_t end) {
@@ -118,30 +162,8 @@ PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x) {
       const int64_t qh = task % grid.size[1], qd = task / grid.size[1] % grid.size[0];
       const int64_t n = task / grid.size[1] / grid.size[0] % g.batch,
                     phase = task / grid.size[1] / grid.size[0] / g.batch;
-      int64_t a[3], rest = phase;
-      for (int i = 2; i >= 0; --i) {
-        const int64_t index = rest % used[i];
-        rest /= used[i];
-        a[i] = std::find(phase_index[i].begin(), phase_index[i].end(), index) - phase_index[i].begin();
-      }
-      const int64_t d = qd * g.stride[0] + a[0] - g.pad[0], h = qh * g.stride[1] + a[1] - g.pad[1];
       T* dst = out + phase * phase_size + ((n * grid.size[0] + qd) * grid.size[1] + qh) * grid.size[2] * c_in;
-      if (d < 0 || d >= g.in[0] || h < 0 || h >= g.in[1]) {  // a row of padding
-        std::fill(dst, dst + grid.size[2] * c_in, T(0));
-        continue;
-      }
-      const T* src = x + ((n * g.in[0] + d) * g.in[1] + h) * g.in[2] * c_in;
-      // Grid column qw holds input w = qw * s_w + a_w - pad_w: columns [first, last) are inside.
-      const int64_t first = std::min(grid.size[2], std::max<int64_t>(0, ceil_div(g.pad[2] - a[2], g.stride[2])));
-      const int64_t last = std::clamp<int64_t>(ceil_div(g.in[2] + g.pad[2] - a[2], g.stride[2]), first, grid.size[2]);
-      std::fill(dst, dst + first * c_in, T(0));
-      if (g.stride[2] == 1) {  // one run
-        std::memcpy(dst + first * c_in, src + (first + a[2] - g.pad[2]) * c_in, (last - first) * c_in * sizeof(T));
-      } else {
-        for (int64_t qw = first; qw < last; ++qw)
-          std::memcpy(dst + qw * c_in, src + (qw * g.stride[2] + a[2] - g.pad[2]) * c_in, c_in * sizeof(T));
-      }
-      std::fill(dst + last * c_in, dst + grid.size[2] * c_in, T(0));
+      fill_grid_row(g, grid, x, phase, n, qd, qh, dst);
     }
   });
   return grid;
@@ -292,6 +314,26 @@ int64_t row_blocks(int64_t rows) {
   return blocks > 1 && blocks < 4 * threads ? num_blocks(blocks, threads) * threads : blocks;
 }
 
+// Runs fn(task) for tasks [0, cost.size()) split into one contiguous run per thread of about equal
+// total cost: a task goes to the thread whose share holds its cost's midpoint. at::parallel_for's
+// even split of the task count would leave one thread the heavy tasks where costs differ (the
+// grad input phases of a 3x3 stride 2 layer have 4, 2, 2 and 1 taps). Every task computes the same
+// values whichever thread runs it.
+template <typename Fn>
+void parallel_for_by_cost(const std::vector<int64_t>& cost, const Fn& fn) {
+  const int64_t tasks = int64_t(cost.size());
+  std::vector<int64_t> before(tasks + 1, 0);  // total cost of the tasks before each
+  for (int64_t t = 0; t < tasks; ++t) before[t + 1] = before[t] + cost[t];
+  const int64_t total = std::max<int64_t>(before[tasks], 1);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t share = (2 * before[t] + cost[t]) * threads / (2 * total);  // midpoint's share
+      if (share >= begin && share < end) fn(t);
+    }
+  });
+}
+
 // Splits the columns (output channels) into whole NR panels when the row tasks are too few to
 // give every thread two.
 struct ColumnSplit {
@@ -402,26 +444,68 @@ int64_t row_segment_mr(int64_t width) {
 // segments of `mr` rows, each a micro-kernel call that writes Y in place (gemm_row_segments). No
 // grid row is computed and dropped, and no tile is copied out. The segments of a last output row
 // read up to mr - 1 grid rows past it: the grid's slack covers them.
+//
+// A grid without data (make_phase_grid with fill = false; 2-d, one group) is filled by the tasks:
+// each copies the grid rows its output rows read, all phases, into a buffer of its own and runs on
+// that while it is in cache, instead of one pass writing the whole grid to memory and the GEMMs
+// reading it back (row_tasks_fill_grid).
 template <typename T>
 void conv_forward_nhwc_rows(const ConvGeometry& g, const PhaseGrid<T>& grid, const WeightPanels<T>& panels,
-                            const T* bias, T* y, Activation activation, int64_t mr) {
+                            const T* bias, T* y, Activation activation, int64_t mr, const T* x) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), c_in = g.in_channels;
   const int64_t cg = g.in_channels_per_group(), width = g.out[2], per_row = num_blocks(width, mr);
   const int64_t out_rows = g.batch * g.out[0] * g.out[1];  // rows of `width` output positions
-  const int64_t blocks = std::min(out_rows, row_blocks(out_rows * width)), block = num_blocks(out_rows, blocks);
+  // Several blocks: a multiple of the thread count, the rows dealt out evenly (block b holds rows
+  // [b R / B, (b + 1) R / B)), so each thread gets the same rows within one (17 blocks of 14 rows ran
+  // 9 against 8 on 2 threads; 18 of 12-13 run 112 rows each).
+  int64_t blocks = row_blocks(out_rows * width);
+  if (blocks > 1) blocks = num_blocks(blocks, at::get_num_threads()) * at::get_num_threads();
+  blocks = std::min(out_rows, blocks);
+  const int64_t block = num_blocks(out_rows, blocks);
   const ColumnSplit cols(m, nr, g.groups * blocks);
+  // Own fill (2-d: grid rows f = n G_h + qh): the rows [f0, f1] of every phase, f1 the last output
+  // row's plus the largest tap shift; `halo` rows more than the block's output rows at most.
+  const bool own_fill = grid.data == nullptr;
+  const int64_t phases = int64_t(grid.residue.size()), row_values = grid.size[2] * c_in;
+  const int64_t halo = (g.kernel[1] - 1) * g.dilation[1] / g.stride[1];
+  // A block of qc output rows spans qc - 1 + halo grid rows, plus G_h - H_out for each sample it enters.
+  const int64_t local_rows =
+      own_fill ? block + halo + (block / g.out[1] + 1) * (grid.size[1] - g.out[1]) : 0;
+  const int64_t local_size = phases * local_rows * row_values;
+  const int64_t local_slack = (grid.size[2] + 2 * kGemmMaxMr) * c_in;  // a last segment's reads past its row
   parallel_for(0, g.groups * blocks * cols.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> a_row(block * per_row), c_row(block * per_row), seg_rows(block * per_row);
+    std::vector<int64_t> local_offset(own_fill ? k : 0);
+    const auto local = scratch<T>(own_fill ? local_size + local_slack : 0);
+    if (own_fill) std::fill(local.get() + local_size, local.get() + local_size + local_slack, T(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j0 = (task % cols.count) * cols.size, nj = std::min(cols.size, m - j0);
-      const int64_t q0 = (task / cols.count % blocks) * block, grp = task / cols.count / blocks;
-      const int64_t qc = std::min(block, out_rows - q0);
+      const int64_t b = task / cols.count % blocks, grp = task / cols.count / blocks;
+      const int64_t q0 = b * out_rows / blocks, qc = (b + 1) * out_rows / blocks - q0;
       if (qc <= 0) continue;
+      const T* a = grid.data;
+      const int64_t* column_offset = grid.column_offset.data();
+      int64_t f0 = 0;  // first grid row in `local`
+      if (own_fill) {
+        f0 = q0 / g.out[1] * grid.size[1] + q0 % g.out[1];
+        const int64_t f1 = (q0 + qc - 1) / g.out[1] * grid.size[1] + (q0 + qc - 1) % g.out[1] + halo;
+        const int64_t stride = (f1 - f0 + 1) * row_values;  // values per phase in `local`
+        for (int64_t phase = 0; phase < phases; ++phase)
+          for (int64_t f = f0; f <= f1; ++f)
+            fill_grid_row(g, grid, x, phase, f / grid.size[1], 0, f % grid.size[1],
+                          local.get() + phase * stride + (f - f0) * row_values);
+        for (int64_t kk = 0; kk < k; ++kk) {  // phase * phase_size + pixel offset -> phase * stride + the same
+          const int64_t offset = grid.column_offset[kk];
+          local_offset[kk] = offset / grid.phase_size * stride + offset % grid.phase_size;
+        }
+        a = local.get();
+        column_offset = local_offset.data();
+      }
       int64_t segments = 0;
       for (int64_t q = q0; q < q0 + qc; ++q) {
         const int64_t oh = q % g.out[1], od = q / g.out[1] % g.out[0], n = q / g.out[1] / g.out[0];
-        const int64_t base = ((n * grid.size[0] + od) * grid.size[1] + oh) * grid.size[2];
+        const int64_t base = ((n * grid.size[0] + od) * grid.size[1] + oh) * grid.size[2] - f0 * grid.size[2];
         for (int64_t ow = 0; ow < width; ow += mr, ++segments) {
           a_row[segments] = (base + ow) * c_in + grp * cg;
           c_row[segments] = (q * width + ow) * g.out_channels + grp * m + j0;
@@ -433,8 +517,8 @@ void conv_forward_nhwc_rows(const ConvGeometry& g, const PhaseGrid<T>& grid, con
           std::copy_n(bias + grp * m + j0, nj, y + r * g.out_channels + grp * m + j0);
       }
       auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
-      gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), k, grid.data, c_in,
-                           grid.column_offset.data(), nj, panel, y, g.out_channels, bias != nullptr, activation);
+      gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), k, a, c_in, column_offset, nj,
+                           panel, y, g.out_channels, bias != nullptr, activation);
     }
   });
 }
@@ -454,6 +538,7 @@ namespace {
 
 std::atomic<int64_t> packed_forward_calls{0};
 std::atomic<int64_t> row_segment_forward_calls{0};
+std::atomic<int64_t> row_segment_own_fill_calls{0};
 std::atomic<int64_t> phase_backward_input_calls{0};
 
 std::atomic<bool> row_segments_enabled{true};
@@ -475,6 +560,17 @@ bool use_phase_backward_input(const ConvGeometry& g) {
          gemm_row_segments_max_mr() > 0;
 }
 
+// The row-segment forward's tasks fill the grid rows they read (conv_forward_nhwc_rows): 2-d
+// stride-2 layers of one group with at least 14x14 outputs. 3x3, 1 thread, torch/cnnops
+// channels-last before -> after: batch 8, 128ch 56x56 0.78 -> 0.86, 256ch 28x28 0.88 -> 0.93,
+// 64->128 56x56 0.81 -> 0.85, 128->256 28x28 0.93 -> 0.95; batch 1 level (0.90, 1.04, 0.91, 1.08);
+// 7x7 outputs level or a little worse (512ch batch 8 0.98 -> 0.96), so left out.
+constexpr int64_t kOwnFillMinOutputs = 196;
+bool row_tasks_fill_grid(const ConvGeometry& g) {
+  return g.in[0] == 1 && g.kernel[0] == 1 && g.pad[0] == 0 && g.stride[0] == 1 && g.groups == 1 &&
+         g.stride[1] == 2 && g.stride[2] == 2 && !g.is_pointwise() && g.out_plane() >= kOwnFillMinOutputs;
+}
+
 bool use_phase_grid(const ConvGeometry& g) {
   const bool narrow = g.out_channels_per_group() <= kNarrowOutputs;
   return phase_grid_efficiency(g) >= (narrow ? kMinGridEfficiencyNarrow : kMinGridEfficiency);
@@ -485,11 +581,13 @@ bool use_phase_grid(const ConvGeometry& g) {
 template <typename T>
 void conv_forward_nhwc(const ConvGeometry& g, const T* x, const T* w, WeightOrder order, const T* bias, T* y,
                        Activation activation) {
-  const PhaseGrid<T> grid = make_phase_grid(g, x);
+  const bool own_fill = use_row_segments(g) && row_tasks_fill_grid(g);
+  const PhaseGrid<T> grid = make_phase_grid(g, x, !own_fill);
   const auto panels = weight_panels(g, w, order);
   if (grid.slack && use_row_segments(g)) {  // slack: a row's last segment reads past it
     row_segment_forward_calls.fetch_add(1, std::memory_order_relaxed);
-    conv_forward_nhwc_rows(g, grid, *panels, bias, y, activation, row_segment_mr(g.out[2]));
+    if (own_fill) row_segment_own_fill_calls.fetch_add(1, std::memory_order_relaxed);
+    conv_forward_nhwc_rows(g, grid, *panels, bias, y, activation, row_segment_mr(g.out[2]), x);
   } else if (use_phase_grid(g)) {
     conv_forward_nhwc_grid(g, grid, *panels, bias, y, activation);
   } else {
@@ -505,6 +603,8 @@ void set_nhwc_row_segments_enabled(bool on) { row_segments_enabled.store(on, std
 bool nhwc_row_segments_serve(const ConvGeometry& g) { return use_row_segments(g); }
 
 int64_t nhwc_row_segment_forward_count() { return row_segment_forward_calls.load(std::memory_order_relaxed); }
+
+int64_t nhwc_row_segment_own_fill_count() { return row_segment_own_fill_calls.load(std::memory_order_relaxed); }
 
 int64_t nhwc_phase_backward_input_count() { return phase_backward_input_calls.load(std::memory_order_relaxed); }
 
@@ -869,51 +969,53 @@ void conv_backward_input_nhwc_phases(const ConvGeometry& g, const std::vector<In
     for (int64_t q0 = 0; q0 < rows; q0 += block) tasks.push_back({int64_t(index), q0, std::min(block, rows - q0)});
   }
   const ColumnSplit cols(cg, nr, g.groups * int64_t(tasks.size()));
-  parallel_for(0, int64_t(tasks.size()) * g.groups * cols.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> a_row, c_row, seg_rows;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = task % cols.count * cols.size, nj = std::min(cols.size, cg - j0);
-      const int64_t grp = task / cols.count % g.groups;
-      const Task& t = tasks[task / cols.count / g.groups];
-      const InputPhase& ph = phases[t.phase];
-      const int64_t width = ph.count[2];
-      // dX pixel of phase position u: x_i = s_i u_i + residue_i - p_i
-      auto x_of = [&](int i, int64_t u) { return g.stride[i] * u + ph.residue[i] - g.pad[i]; };
-      const int64_t ldc = g.stride[2] * g.in_channels;
-      if (ph.taps.empty()) {  // no tap reaches these positions: dX is zero there
-        for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
-          const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
-          const int64_t n = q / ph.count[1] / ph.count[0];
-          T* row =
-              dx +
-              (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) * g.in_channels +
-              grp * cg + j0;
-          for (int64_t i = 0; i < width; ++i) std::fill(row + i * ldc, row + i * ldc + nj, T(0));
-        }
-        continue;
-      }
-      const int64_t mr = row_segment_mr(width), per_row = num_blocks(width, mr);
-      a_row.resize(t.qc * per_row);
-      c_row.resize(t.qc * per_row);
-      seg_rows.resize(t.qc * per_row);
-      int64_t segments = 0;
+  std::vector<int64_t> cost(tasks.size() * g.groups * cols.count);
+  for (size_t task = 0; task < cost.size(); ++task) {  // multiply-adds, or values written for a zero fill
+    const Task& t = tasks[task / cols.count / g.groups];
+    const int64_t nj = std::min(cols.size, cg - int64_t(task) % cols.count * cols.size);
+    const int64_t taps = int64_t(phases[t.phase].taps.size());
+    cost[task] = t.qc * phases[t.phase].count[2] * nj * (taps == 0 ? 1 : taps * m);
+  }
+  parallel_for_by_cost(cost, [&](int64_t task) {
+    const int64_t j0 = task % cols.count * cols.size, nj = std::min(cols.size, cg - j0);
+    const int64_t grp = task / cols.count % g.groups;
+    const Task& t = tasks[task / cols.count / g.groups];
+    const InputPhase& ph = phases[t.phase];
+    const int64_t width = ph.count[2];
+    // dX pixel of phase position u: x_i = s_i u_i + residue_i - p_i
+    auto x_of = [&](int i, int64_t u) { return g.stride[i] * u + ph.residue[i] - g.pad[i]; };
+    const int64_t ldc = g.stride[2] * g.in_channels;
+    if (ph.taps.empty()) {  // no tap reaches these positions: dX is zero there
       for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
         const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
         const int64_t n = q / ph.count[1] / ph.count[0];
-        const int64_t a_base = ((n * size[0] + ud + front[0]) * size[1] + uh + front[1]) * size[2] + front[2];
-        const int64_t c_base = ((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2];
-        for (int64_t i = 0; i < width; i += mr, ++segments) {
-          const int64_t uw = ph.first[2] + i;
-          a_row[segments] = (a_base + uw) * c_out + grp * m;
-          c_row[segments] = (c_base + x_of(2, uw)) * g.in_channels + grp * cg + j0;
-          seg_rows[segments] = std::min(mr, width - i);
-        }
+        T* row =
+            dx +
+            (((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2] + x_of(2, ph.first[2])) * g.in_channels +
+            grp * cg + j0;
+        for (int64_t i = 0; i < width; ++i) std::fill(row + i * ldc, row + i * ldc + nj, T(0));
       }
-      const WeightPanels<T>& panels = b[t.phase];
-      auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
-      gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), panels.k, dyp, c_out,
-                           column_offset[t.phase].data(), nj, panel, dx, ldc, false);
+      return;
     }
+    const int64_t mr = row_segment_mr(width), per_row = num_blocks(width, mr);
+    std::vector<int64_t> a_row(t.qc * per_row), c_row(t.qc * per_row), seg_rows(t.qc * per_row);
+    int64_t segments = 0;
+    for (int64_t q = t.q0; q < t.q0 + t.qc; ++q) {
+      const int64_t uh = q % ph.count[1] + ph.first[1], ud = q / ph.count[1] % ph.count[0] + ph.first[0];
+      const int64_t n = q / ph.count[1] / ph.count[0];
+      const int64_t a_base = ((n * size[0] + ud + front[0]) * size[1] + uh + front[1]) * size[2] + front[2];
+      const int64_t c_base = ((n * g.in[0] + x_of(0, ud)) * g.in[1] + x_of(1, uh)) * g.in[2];
+      for (int64_t i = 0; i < width; i += mr, ++segments) {
+        const int64_t uw = ph.first[2] + i;
+        a_row[segments] = (a_base + uw) * c_out + grp * m;
+        c_row[segments] = (c_base + x_of(2, uw)) * g.in_channels + grp * cg + j0;
+        seg_rows[segments] = std::min(mr, width - i);
+      }
+    }
+    const WeightPanels<T>& panels = b[t.phase];
+    auto panel = [&](int64_t k0, int64_t kc, int64_t n0) { return panels.block(grp, k0, kc, j0 + n0); };
+    gemm_row_segments<T>(mr, segments, a_row.data(), c_row.data(), seg_rows.data(), panels.k, dyp, c_out,
+                         column_offset[t.phase].data(), nj, panel, dx, ldc, false);
   });
 }
 

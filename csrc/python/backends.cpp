@@ -92,6 +92,11 @@ PyObject* cpu_nhwc_row_segment_calls(PyObject* /*module*/, PyObject* /*unused*/)
   return PyLong_FromLongLong(cnnops::cpu::nhwc_row_segment_forward_count());
 }
 
+// _cpu_nhwc_row_segment_own_fill_calls() -> int: of those, calls whose tasks filled their grid rows (tests)
+PyObject* cpu_nhwc_row_segment_own_fill_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::nhwc_row_segment_own_fill_count());
+}
+
 // _cpu_nhwc_phase_grad_input_calls() -> int: NHWC strided grad inputs run by input phases (tests)
 PyObject* cpu_nhwc_phase_grad_input_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::nhwc_phase_backward_input_count());
@@ -167,6 +172,8 @@ PyMethodDef methods[] = {
      "tests: False runs the channels-last grid, packed and col2im kernels instead of the row segments"},
     {"_cpu_nhwc_row_segment_calls", cpu_nhwc_row_segment_calls, METH_NOARGS,
      "number of channels-last forward calls run by the row-segment kernel (only real output rows)"},
+    {"_cpu_nhwc_row_segment_own_fill_calls", cpu_nhwc_row_segment_own_fill_calls, METH_NOARGS,
+     "number of row-segment forward calls whose tasks filled the phase-grid rows they read"},
     {"_cpu_nhwc_phase_grad_input_calls", cpu_nhwc_phase_grad_input_calls, METH_NOARGS,
      "number of strided channels-last grad inputs run by input phases (no col2im)"},
     {"_cpu_conv_forward_routes", cpu_conv_forward_routes, METH_NOARGS,
