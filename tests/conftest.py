@@ -294,17 +294,20 @@ def run_conv(fn, x, w, b, grad_out, kwargs, grads=("input", "weight", "bias")):
     return out.detach(), result
 
 
+def run_at_threads(threads, fn):
+    """fn() with torch's intra-op thread count set to `threads`, restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
 def assert_same_bits_across_threads(fn, x, w, b, grad_out, kwargs, threads=(1, 2), grads=("input", "weight", "bias")):
     """run_conv at each thread count: the output and every gradient must be bitwise those of the
     first count (the kernels' work partitions and partial sums may not change a sum)."""
-    saved = torch.get_num_threads()
-    runs = []
-    try:
-        for t in threads:
-            torch.set_num_threads(t)
-            runs.append(run_conv(fn, x, w, b, grad_out, kwargs, grads))
-    finally:
-        torch.set_num_threads(saved)
+    runs = [run_at_threads(t, lambda: run_conv(fn, x, w, b, grad_out, kwargs, grads)) for t in threads]
     out0, grads0 = runs[0]
     for t, (out, got) in zip(threads[1:], runs[1:]):
         assert torch.equal(out, out0), f"forward depends on the thread count ({t} threads)"

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import cnnops
 import cnnops.functional
 from cnnops import _C
-from conftest import assert_same_bits_across_threads, check_conv_against_torch, conv_tensors, dtype_id, make_tensor
+from conftest import (assert_same_bits_across_threads, check_conv_against_torch, conv_tensors, dtype_id, make_tensor,
+                      run_at_threads)
 
 SEGMENTS = torch.ops.cnnops.cpu_gemm_isa() == "avx512"  # the phase kernels run on AVX-512 only
 
@@ -48,15 +49,6 @@ def phase_tensors(name, dtype, n=None):
     x, w, b = conv_tensors(2, batch if n is None else n, cin, cout, spatial, 3, kwargs.get("groups", 1), True, dtype,
                            layout="channels_last")
     return x, w, b, kwargs
-
-
-def run_at_threads(threads, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -896,12 +896,8 @@ bool strided_forward_as_nhwc(const at::Tensor& input, const ConvGeometry& g) {
          (!wide || g.batch * g.out_plane() >= kStridedNhwcWideMinRows) && nhwc_row_segments_serve(g);
 }
 
-at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
-  if (input.dim() < 4 || input.suggest_memory_format() != channels_last_format(input.dim())) {
-    if (!forward || !strided_forward_as_nhwc(input, g)) return at::MemoryFormat::Contiguous;
-    nhwc_calls.fetch_add(1, std::memory_order_relaxed);
-    return at::MemoryFormat::ChannelsLast;
-  }
+// Whether a channels-last input stays channels-last for the NHWC kernels.
+bool nhwc_kernel_serves(const at::Tensor& input, const ConvGeometry& g, bool forward) {
   const int64_t plane = forward ? g.in_plane() : g.out_plane();
   // A forward whose output rows the NHWC row-segment kernel serves stays channels-last on small maps
   // too, unless a large weight meets few rows (the NCHW kernel reads it in place, the NHWC one packs
@@ -911,17 +907,20 @@ at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometr
   const bool segments =
       forward && nhwc_row_segments_serve(g) && (g.batch * g.out_plane() >= 128 || weight_bytes <= 2e6);
   const bool small_maps = !segments && (plane <= 64 || g.batch * plane <= 256);
-  bool nhwc_kernel;
   if (g.is_depthwise())  // NHWC kernels for some geometries only
-    nhwc_kernel = depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
-  else if (use_grouped(g, input.scalar_type() != at::kDouble) || nhwc_forced.load(std::memory_order_relaxed))
-    nhwc_kernel = true;
-  else if (input.dim() == 5)
-    nhwc_kernel = !small_maps && nhwc_serves_3d(g, forward, weight_bytes);
-  else
-    nhwc_kernel = !has_narrow_groups(g) && input.dim() == 4 && !small_maps &&
-                  (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
-  if (!nhwc_kernel) return at::MemoryFormat::Contiguous;
+    return depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
+  if (use_grouped(g, input.scalar_type() != at::kDouble) || nhwc_forced.load(std::memory_order_relaxed)) return true;
+  if (input.dim() == 5) return !small_maps && nhwc_serves_3d(g, forward, weight_bytes);
+  return !has_narrow_groups(g) && !small_maps &&
+         (g.in_channels_per_group() >= 4 || (forward && use_space_to_depth(g)));
+}
+
+// The layout the kernels run in: channels-last inputs where the NHWC kernels serve them, and
+// contiguous ones of ResNet's stride-2 forward (strided_forward_as_nhwc).
+at::MemoryFormat kernel_memory_format(const at::Tensor& input, const ConvGeometry& g, bool forward = false) {
+  const bool channels_last = input.dim() >= 4 && input.suggest_memory_format() == channels_last_format(input.dim());
+  const bool nhwc = channels_last ? nhwc_kernel_serves(input, g, forward) : forward && strided_forward_as_nhwc(input, g);
+  if (!nhwc) return at::MemoryFormat::Contiguous;
   nhwc_calls.fetch_add(1, std::memory_order_relaxed);
   return channels_last_format(input.dim());
 }

@@ -212,24 +212,25 @@ GemmSpec fit_to_l2(GemmSpec spec) {
   return spec;
 }
 
+// kSpec fitted to this CPU's L2, made once (the kernel choices keep a pointer to it).
+template <const GemmSpec& kSpec>
+const GemmSpec& l2_fitted() {
+  static const GemmSpec spec = fit_to_l2(kSpec);
+  return spec;
+}
+
 template <typename T>
 const KernelChoice<T>& kernel_choice() {
   static const KernelChoice<T> choice = [] {
     switch (cpu_isa()) {
 #if CNNOPS_X86
-      case Isa::Avx512: {
-        static const GemmSpec spec = fit_to_l2(kGemmAvx512);
-        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, spec);
-      }
-      case Isa::Avx2: {
-        static const GemmSpec spec = fit_to_l2(kGemmAvx2);
-        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, spec);
-      }
+      case Isa::Avx512:
+        return make_choice<T>(kernel_avx512_f, kernel_avx512_d, l2_fitted<kGemmAvx512>());
+      case Isa::Avx2:
+        return make_choice<T>(kernel_avx2_f, kernel_avx2_d, l2_fitted<kGemmAvx2>());
 #endif
-      default: {
-        static const GemmSpec spec = fit_to_l2(kGemmPortable);
-        return make_choice<T>(kernel_portable_f, kernel_portable_d, spec);
-      }
+      default:
+        return make_choice<T>(kernel_portable_f, kernel_portable_d, l2_fitted<kGemmPortable>());
     }
   }();
   return choice;
@@ -241,8 +242,8 @@ template <typename T>
 const KernelChoice<T>& wide_kernel_choice() {
   static const KernelChoice<T> choice = [] {
 #if CNNOPS_X86
-    static const GemmSpec wide_spec = fit_to_l2(kGemmAvx512Wide);
-    if (cpu_isa() == Isa::Avx512) return make_choice<T>(kernel_avx512_wide_f, kernel_avx512_wide_d, wide_spec);
+    if (cpu_isa() == Isa::Avx512)
+      return make_choice<T>(kernel_avx512_wide_f, kernel_avx512_wide_d, l2_fitted<kGemmAvx512Wide>());
 #endif
     return kernel_choice<T>();
   }();
