@@ -30,6 +30,21 @@ def _winograd_on():
         _C._set_cpu_winograd_min_tiles(-1)
 
 
+@pytest.fixture(params=["transformed", "streamed"])
+def weight_modes(request):
+    """The forward's two ways to U = G g G^T (stream_weights): all of it first, or slab by slab inside
+    the products. Checks on teardown that every Winograd forward of the test took the one asked for."""
+    streamed = request.param == "streamed"
+    _C._set_cpu_winograd_weight_streaming(int(streamed))
+    before, before_streamed = calls(), _C._cpu_winograd_streamed_calls()
+    try:
+        yield request.param
+    finally:
+        _C._set_cpu_winograd_weight_streaming(-1)
+    forwards, streamed_forwards = calls() - before, _C._cpu_winograd_streamed_calls() - before_streamed
+    assert streamed_forwards == (forwards if streamed else 0)
+
+
 # Output sizes 1..13 (every remainder mod 4, odd and even), with padding 0 and 1.
 SIZES = [(1, 1), (2, 3), (3, 1), (1, 13), (4, 4), (5, 7), (6, 9), (7, 13), (8, 5), (9, 11), (10, 10), (11, 6),
          (12, 12), (13, 8)]
@@ -37,6 +52,7 @@ SIZES = [(1, 1), (2, 3), (3, 1), (1, 13), (4, 4), (5, 7), (6, 9), (7, 13), (8, 5
 
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("out_size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.usefixtures("weight_modes")
 def test_tile_edges_forward_and_gradients(out_size, padding):
     """Output sizes that are not multiples of the 4x4 tile; forward, grad_input, grad_weight and
     grad_bias. Forward and grad_input take Winograd (two calls)."""
@@ -51,6 +67,7 @@ def test_tile_edges_forward_and_gradients(out_size, padding):
 
 
 @pytest.mark.parametrize("cin,cout", [(1, 1), (3, 5), (7, 9)])
+@pytest.mark.usefixtures("weight_modes")
 def test_few_channels(cin, cout):
     x, w, b = conv_tensors(2, 2, cin, cout, (6, 11), 3, 1, True, torch.float32)
     before = calls()
@@ -81,6 +98,7 @@ def test_default_size_rules():
 
 @pytest.mark.parametrize("batch", [0, 1, 3])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.usefixtures("weight_modes")
 def test_batch_sizes_and_bias(batch, bias):
     x, w, b = conv_tensors(2, batch, 16, 16, (9, 10), 3, 1, bias, torch.float32)
     before = calls()
@@ -89,6 +107,7 @@ def test_batch_sizes_and_bias(batch, bias):
 
 
 @pytest.mark.parametrize("groups,cin,cout", [(2, 32, 48), (3, 48, 48), (2, 32, 32)])
+@pytest.mark.usefixtures("weight_modes")
 def test_groups(groups, cin, cout):
     x, w, b = conv_tensors(2, 2, cin, cout, (11, 7), 3, groups, True, torch.float32)
     before = calls()
@@ -97,6 +116,7 @@ def test_groups(groups, cin, cout):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.usefixtures("weight_modes")
 def test_layouts(layout):
     """channels_last runs the NHWC flavour of the kernel; other strided inputs are made dense."""
     x, w, b = conv_tensors(2, 2, 16, 32, (10, 13), 3, 1, True, torch.float32, layout=layout)
@@ -107,6 +127,7 @@ def test_layouts(layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.usefixtures("weight_modes")
 def test_channels_last_weight(layout):
     """A channels-last weight reaches the weight transform in OIHW order (conv.cpp converts it for
     the kernels that do not read WeightOrder::TapChannel)."""
@@ -119,6 +140,7 @@ def test_channels_last_weight(layout):
 
 
 @pytest.mark.parametrize("cin,cout", [(16, 16), (24, 40), (40, 8)])
+@pytest.mark.usefixtures("weight_modes")
 def test_channels_last_wide(cin, cout):
     """Channels-last rows wider than a vector, channel counts with and without a partial group of
     16 (the channels-last copies transpose 16 x 16 blocks, the rest one by one)."""
@@ -128,6 +150,7 @@ def test_channels_last_wide(cin, cout):
     assert calls() - before == 2
 
 
+@pytest.mark.usefixtures("weight_modes")
 def test_many_tile_rows_and_blocks():
     """Enough tiles to split the work into several blocks of tile rows, each spanning samples."""
     x, w, b = conv_tensors(2, 5, 16, 16, (30, 29), 3, 1, True, torch.float32)
@@ -145,6 +168,7 @@ def test_wide_rows():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.usefixtures("weight_modes")
 def test_fused_relu(layout):
     """activation='relu' is applied in the output transform, after the bias."""
     x, w, b = conv_tensors(2, 2, 16, 24, (9, 7), 3, 1, True, torch.float32, layout=layout)
@@ -158,6 +182,7 @@ def test_fused_relu(layout):
 
 @pytest.mark.parametrize("where", ["input", "weight"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.usefixtures("weight_modes")
 def test_nonfinite_values_give_torch_results(where, value):
     """Winograd's transforms would spread an inf or NaN to outputs whose window does not hold it
     (0 * inf); such calls run the direct path, so NaN and inf land where torch puts them."""
@@ -176,9 +201,11 @@ def test_nonfinite_values_give_torch_results(where, value):
     assert_close_to_torch(got[finite], ref[finite].float(), torch.float32, 16 * 9)
 
 
+@pytest.mark.usefixtures("weight_modes")
 def test_result_does_not_depend_on_the_thread_count():
-    """Work is split by sizes and threads differently, never the arithmetic of one output."""
-    x, w, b = conv_tensors(2, 6, 32, 32, (21, 18), 3, 1, True, torch.float32)
+    """Work is split by sizes and threads differently, never the arithmetic of one output (streamed:
+    two slabs of input channels summed in order, three of output channels)."""
+    x, w, b = conv_tensors(2, 6, 136, 72, (21, 18), 3, 1, True, torch.float32)
     threads = torch.get_num_threads()
     try:
         outs = []
@@ -265,6 +292,7 @@ def test_reduced_precision_computes_through_winograd():
     assert calls() - before == 2
 
 
+@pytest.mark.usefixtures("weight_modes")
 def test_large_channels_and_values():
     """A ResNet-like layer: the error stays within the float32 tolerance at 256 channels."""
     x, w, b = conv_tensors(2, 2, 256, 128, (14, 14), 3, 1, True, torch.float32)
@@ -272,6 +300,37 @@ def test_large_channels_and_values():
     check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grads=("input",))
     assert calls() - before == 2
 
+
+
+@pytest.mark.usefixtures("weight_modes")
+@pytest.mark.parametrize("groups,cin,cout", [(1, 136, 40), (1, 260, 33), (2, 272, 80), (1, 128, 64)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_slab_edges(groups, cin, cout, layout):
+    """Streamed U is made for slabs of 32 output x 128 input channels a group: channel counts that
+    leave partial slabs on each side (and a partial 8-row panel: 33, 40 a group), several input slabs
+    summed into M, groups."""
+    x, w, b = conv_tensors(2, 2, cin, cout, (9, 10), 3, groups, True, torch.float32, layout=layout)
+    before = calls()
+    check_conv_against_torch(2, x, w, b, {"padding": 1, "groups": groups}, torch.float32, grads=("input",),
+                             grad_layout=layout)
+    assert calls() - before == 2
+
+
+def test_default_streaming_rule():
+    """By default U is streamed when it is larger than 4 MB (36 C_out C_in/groups floats): a 256-channel
+    layer's 9.4 MB (and its grad input's) but not a 128-channel layer's 2.4 MB. With U streamed the
+    512-channel 7x7 layer pays from batch 8 (32 tiles) on, not at batch 4."""
+    _C._set_cpu_winograd_min_tiles(-1)
+    cases = [((2, 256, 14, 14), (256, 256, 3, 3), 2, 2), ((2, 128, 28, 28), (128, 128, 3, 3), 2, 0),
+             ((8, 512, 7, 7), (512, 512, 3, 3), 2, 2), ((4, 512, 7, 7), (512, 512, 3, 3), 0, 0)]
+    for x_shape, w_shape, expected, expected_streamed in cases:
+        x = torch.randn(x_shape, requires_grad=True)
+        w = torch.randn(w_shape) * (9 * w_shape[1]) ** -0.5
+        before, before_streamed = calls(), _C._cpu_winograd_streamed_calls()
+        y = CF.conv2d(x, w, None, padding=1)
+        y.backward(torch.ones_like(y))
+        assert calls() - before == expected, (x_shape, w_shape)
+        assert _C._cpu_winograd_streamed_calls() - before_streamed == expected_streamed, (x_shape, w_shape)
 
 
 @pytest.mark.parametrize("channels,size", [(128, 28), (256, 14)])
@@ -303,8 +362,10 @@ from cnnops import _C
 print(torch.ops.cnnops.cpu_gemm_isa())
 _C._set_cpu_winograd_min_tiles(0)
 torch.manual_seed(0)
-for (h, w), p, cl, (g, ci, co) in itertools.product(
-        [(3, 3), (4, 4), (7, 13), (11, 6), (5, 40)], [0, 1], [False, True], [(1, 16, 24), (2, 32, 32), (1, 3, 5)]):
+for (h, w), p, cl, (g, ci, co), streamed in itertools.product(
+        [(3, 3), (4, 4), (7, 13), (11, 6), (5, 40)], [0, 1], [False, True],
+        [(1, 16, 24), (2, 32, 32), (1, 3, 5), (1, 136, 40)], [0, 1]):
+    _C._set_cpu_winograd_weight_streaming(streamed)
     x = torch.randn(2, ci, h + 2 - 2 * p, w + 2 - 2 * p)
     if cl:
         x = x.to(memory_format=torch.channels_last)

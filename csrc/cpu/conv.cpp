@@ -49,6 +49,17 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
+// `size` values of scratch, kept by this thread in `kept` for its next call when at most 64 MiB, else
+// fresh in `fresh`: a fresh buffer of MBs, which glibc maps anew on each call when no larger block
+// was freed before, is page-faulted in as it is written (3.1 of 9.5 ms on conv3d 32ch 16x28x28
+// batch 2, 1 thread, run alone in a process). Written whole before it is read.
+template <typename T>
+T* kept_scratch(std::vector<T>& kept, std::unique_ptr<T[]>& fresh, int64_t size) {
+  if (size * int64_t(sizeof(T)) > (int64_t(64) << 20)) return (fresh = scratch<T>(size)).get();
+  if (kept.size() < size_t(size)) kept = std::vector<T>(size);
+  return kept.data();
+}
+
 // Splits M rows into blocks of whole micro-kernel panels when `tasks` other tasks are too few
 // to keep every thread busy (two tasks per thread).
 struct RowSplit {
@@ -509,6 +520,14 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
   }
 }
 
+// dst[N - 1 - r] = src[r] for r < N: one (output, input channel) pair's taps rotated 180 degrees.
+template <int N, typename T>
+inline void copy_reversed(const T* __restrict src, T* __restrict dst) {
+  T taps[N];
+  for (int r = 0; r < N; ++r) taps[r] = src[r];
+  for (int r = 0; r < N; ++r) dst[N - 1 - r] = taps[r];
+}
+
 // The transposed problem t of conv_backward_input_as_forward with few columns (small maps, batch
 // 1), NCHW: the rotated weight is read in place as the GEMM's A,
 //   A_g[c, (m, r)] = W[g*M + m, c, taps - 1 - r]          (formulas.md §Conv backward)
@@ -588,24 +607,30 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   }
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();
-  std::vector<T> rotated(g.out_channels * cin_g * taps);  // [C_in][C_out / groups][taps]
+  thread_local std::vector<T> kept_rotated;
+  std::unique_ptr<T[]> fresh_rotated;
+  T* const rotated = kept_scratch(kept_rotated, fresh_rotated, g.out_channels * cin_g * taps);  // [C_in][C_out/groups][taps]
   // A transpose of (m, c) with the taps reversed, in 16 x 16 tiles: row by row it would write
   // (or read) one value per cache line, milliseconds for a 2048 x 512 weight.
   constexpr int64_t tile = 16;
   const int64_t c_tiles = num_blocks(cin_g, tile), m_tiles = num_blocks(cout_g, tile);
+  const int64_t tap_step = weight_column(g, order, 0, 1) - weight_column(g, order, 0, 0);
   parallel_for(0, g.groups * c_tiles * m_tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t / (c_tiles * m_tiles), c0 = t / m_tiles % c_tiles * tile, m0 = t % m_tiles * tile;
       for (int64_t c = c0; c < std::min(cin_g, c0 + tile); ++c)
         for (int64_t m = m0; m < std::min(cout_g, m0 + tile); ++m) {
           const T* src = w + (grp * cout_g + m) * cin_g * taps + weight_column(g, order, c, 0);
-          const int64_t tap_step = weight_column(g, order, 0, 1) - weight_column(g, order, 0, 0);
-          T* dst = rotated.data() + ((grp * cin_g + c) * cout_g + m) * taps + taps - 1;
-          for (int64_t r = 0; r < taps; ++r) dst[-r] = src[r * tap_step];
+          T* dst = rotated + ((grp * cin_g + c) * cout_g + m) * taps;
+          if (taps == 9 && tap_step == 1) {  // 3x3 in ChannelTap order: a constant-length copy the compiler unrolls
+            copy_reversed<9>(src, dst);
+          } else {
+            for (int64_t r = 0; r < taps; ++r) dst[taps - 1 - r] = src[r * tap_step];
+          }
         }
     }
   });
-  conv_forward_any(t, dy, rotated.data(), static_cast<const T*>(nullptr), dx, nhwc, Activation::None);
+  conv_forward_any(t, dy, static_cast<const T*>(rotated), static_cast<const T*>(nullptr), dx, nhwc, Activation::None);
   return true;
 }
 
@@ -688,15 +713,10 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
   // chunk c of group grp at b + (grp * chunks + c) * chunk_size, as gemm's panels: reduction block
   // k0 (kKc rows) at + k0 * padded_m, its panel of columns j0 kc * NR further on, zero past M.
   const int64_t chunk_size = kColumnBlock * padded_m;
-  // Kept by this thread for its next call (up to 64 MiB): a fresh one (MBs, which glibc maps anew on
-  // each call when no larger block was freed before) is page-faulted in as it is packed, 3.1 of 9.5 ms
-  // on conv3d 32ch 16x28x28 batch 2 (1 thread) run alone in a process.
   thread_local std::vector<T> kept_b;
-  const int64_t b_size = checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true);
-  const bool keep = b_size * int64_t(sizeof(T)) <= (int64_t(64) << 20);
-  if (keep && kept_b.size() < size_t(b_size)) kept_b = std::vector<T>(b_size);
-  const auto fresh_b = scratch<T>(keep ? 0 : b_size);
-  T* const b_data = keep ? kept_b.data() : fresh_b.get();
+  std::unique_ptr<T[]> fresh_b;
+  T* const b_data =
+      kept_scratch(kept_b, fresh_b, checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true));
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / chunks, r0 = task % chunks * kColumnBlock, rc = std::min(kColumnBlock, total - r0);

@@ -38,11 +38,16 @@ std::atomic<bool> allowed{true};
 std::atomic<int64_t> calls{0};
 std::atomic<int64_t> weight_calls{0};
 std::atomic<int64_t> forced_min_tiles{-1};
+std::atomic<int64_t> forced_streaming{-1};
+std::atomic<int64_t> streamed_calls{0};
 
 constexpr int64_t kTile = 4;          // output tile side (m in F(m, r))
 constexpr int64_t kAlpha = 6;         // input tile side m + r - 1
 constexpr int64_t kPositions = 36;    // kAlpha^2 transform positions
 constexpr int64_t kTargetTiles = 96;  // tiles per block: V and M of a block stay in L2 for ~64 channels
+constexpr int64_t kSlabRows = 32, kSlabChannels = 128;  // U made and used a slab at a time (stream_weights)
+constexpr double kStreamedWeightBytes = 4e6;            // U larger than this is streamed
+constexpr int64_t kMinTiles = 32;                       // fewer tiles than this: the direct path
 
 // ---- vectors of L floats (GCC vector extensions), compiled once per ISA below -----------------
 
@@ -63,6 +68,21 @@ CNNOPS_INLINE typename Lanes<L>::V load(const float* p) {
 template <int L>
 CNNOPS_INLINE void store(float* p, typename Lanes<L>::V v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// Lanes [8p, 8p + 8) of v to d + offset[p]: output channels into the 8-row panels of a packed A.
+template <int L>
+CNNOPS_INLINE void store_eighths(typename Lanes<L>::V v, float* d, const int64_t* offset) {
+  typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
+  static_assert(L == 8 || L == 16);
+  if constexpr (L == 8) {
+    std::memcpy(d + offset[0], &v, sizeof(v));
+  } else {
+    const V8 low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const V8 high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    std::memcpy(d + offset[0], &low, sizeof(low));
+    std::memcpy(d + offset[1], &high, sizeof(high));
+  }
 }
 
 // Constant shuffle masks built from an index function (simd_transpose.h's make_mask), so the
@@ -290,21 +310,22 @@ struct PackedLayout {
   }
 };
 
-// U[xi] = G g G^T for output channels [co0, co1) of one group (w_g: its weights, [cout_g][cin][3][3]),
-// written straight into the packed GEMM operands dst[xi] (vectors over output channels). Returns
-// false when a weight is inf or NaN.
+// U[xi] = G g G^T for output channels [co0, co1) and input channels [0, ci_count) of w_g (weights
+// [co][ci][3][3] with row stride 9 * cin), written straight into the packed GEMM operands dst[xi]
+// (vectors over output channels), column ci at layout column ci. Returns false when a weight is inf
+// or NaN.
 template <int L>
-CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64_t co1, float* const* dst,
-                               PackedLayout layout) {
+CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t ci_count, int64_t co0, int64_t co1,
+                               float* const* dst, PackedLayout layout) {
   using V = typename Lanes<L>::V;
   V nonfinite = V{};
   for (int64_t co = co0; co < co1; co += L) {
     const int64_t n = std::min<int64_t>(L, co1 - co);
     const bool panels = n == L && L % layout.mr == 0 && co % layout.mr == 0;  // whole panels: vector stores
     float block[9 * L][L];  // block[ci' * 9 + k][l]: L input channels from ci0, L output channels
-    for (int64_t ci = 0; ci < cin; ++ci) {
+    for (int64_t ci = 0; ci < ci_count; ++ci) {
       const int64_t ci0 = ci - ci % L;
-      if (ci == ci0 && n == L && ci0 + L <= cin) {
+      if (ci == ci0 && n == L && ci0 + L <= ci_count) {
         // The L x 9L weights of L output and L input channels, transposed L x L at a time.
         for (int b = 0; b < 9; ++b) {
           V r[L];
@@ -314,7 +335,7 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64
         }
       }
       float tmp[9][L];
-      if (n == L && ci0 + L <= cin) {
+      if (n == L && ci0 + L <= ci_count) {
         std::memcpy(tmp, block[(ci - ci0) * 9], sizeof(tmp));
       } else {
         for (int64_t l = 0; l < L; ++l)
@@ -333,14 +354,16 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64
         V o[kAlpha];
         g3(col, o);
         for (int i = 0; i < kAlpha; ++i) {
+          float* d = dst[i * kAlpha + j];
+          if constexpr (L % 8 == 0) {  // whole 8-row panels: each 8 lanes one store
+            if (panels && layout.mr == 8) {
+              store_eighths<L>(o[i], d, offset);
+              continue;
+            }
+          }
           float out[L];
           store<L>(out, o[i]);
-          float* d = dst[i * kAlpha + j];
-          if (L % 8 == 0 && panels && layout.mr == 8) {  // whole 8-row panels (not the 4-lane portable body)
-            for (int64_t l = 0; l < L; l += 8) std::memcpy(d + offset[l / 8], out + l, 8 * sizeof(float));
-          } else {
-            for (int64_t l = 0; l < n; ++l) d[layout.at(co + l, ci)] = out[l];
-          }
+          for (int64_t l = 0; l < n; ++l) d[layout.at(co + l, ci)] = out[l];
         }
       }
     }
@@ -353,7 +376,7 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t co0, int64
 struct Kernels {
   bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t, int64_t);
-  bool (*weights)(const float*, int64_t, int64_t, int64_t, float* const*, PackedLayout);
+  bool (*weights)(const float*, int64_t, int64_t, int64_t, int64_t, float* const*, PackedLayout);
   void (*transpose)(const float*, int64_t, float*, int64_t);
   bool (*grad_row)(const float*, int64_t, int64_t, float*, int64_t);
   int64_t lanes;
@@ -367,9 +390,9 @@ struct Kernels {
                                int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                           \
     output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                           \
   }                                                                                                          \
-  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t co0, int64_t co1, float* const* dst,    \
-                                PackedLayout layout) {                                                       \
-    return weight_body<L>(w, cin, co0, co1, dst, layout);                                                    \
+  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t ci_count, int64_t co0, int64_t co1,    \
+                                float* const* dst, PackedLayout layout) {                                    \
+    return weight_body<L>(w, cin, ci_count, co0, co1, dst, layout);                                          \
   }                                                                                                          \
   /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */             \
   ATTRIBUTE void NAME##_transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {    \
@@ -430,6 +453,9 @@ int64_t winograd_call_count() { return calls.load(std::memory_order_relaxed); }
 int64_t winograd_weight_call_count() { return weight_calls.load(std::memory_order_relaxed); }
 void set_winograd_min_tiles(int64_t tiles) { forced_min_tiles.store(tiles, std::memory_order_relaxed); }
 
+void set_winograd_weight_streaming(int64_t mode) { forced_streaming.store(mode, std::memory_order_relaxed); }
+int64_t winograd_streamed_call_count() { return streamed_calls.load(std::memory_order_relaxed); }
+
 bool winograd_size_rules_replaced() { return forced_min_tiles.load(std::memory_order_relaxed) >= 0; }
 
 bool use_winograd(const ConvGeometry& g) {
@@ -455,9 +481,12 @@ bool use_winograd(const ConvGeometry& g) {
   // paths 0.74 and 0.65; its channels-last grad input, 32->128: 0.55, direct 0.66).
   const int64_t covered = num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile) * kTile * kTile;
   if (std::min(cin, cout) < 64 && double(g.out[1] * g.out[2]) < 0.85 * double(covered)) return false;
-  const double tiles = double(g.batch) * double(num_blocks(g.out[1], kTile)) * double(num_blocks(g.out[2], kTile));
-  const double weight_bytes = double(kPositions) * double(g.out_channels) * double(cin) * sizeof(float);
-  return tiles >= (weight_bytes > 16e6 ? 128 : 64);
+  // At least one full GEMM panel of tiles (nr = 32 columns). With U streamed (stream_weights) the
+  // weight transform costs no memory traffic, so large weights need no more tiles (1 thread,
+  // torch/cnnops, Winograd vs direct: 512 channels at 7x7, 32 tiles, 1.35 vs 0.74; 256 at 14x14,
+  // 32 tiles, 1.56 vs 0.90; 16 tiles lose: 0.77 vs 0.89 and 0.87 vs 0.95).
+  const int64_t tiles = g.batch * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile);
+  return tiles >= kMinTiles;
 }
 
 void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& out) {
@@ -479,14 +508,20 @@ void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& ou
     const int64_t grp = task / chunks, co0 = (task % chunks) * chunk;
     float* dst[kPositions];
     for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[xi * g.groups + grp].data.data();
-    if (!kern.weights(w + grp * cout * cin * 9, cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
+    if (!kern.weights(w + grp * cout * cin * 9, cin, cin, co0, std::min(cout, co0 + chunk), dst, layout))
+      finite = false;
   });
   out.finite = finite;
 }
 
-bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
-                           float* y, bool nhwc, Activation activation) {
-  if (!weights.finite) return false;
+namespace {
+
+// The forward over blocks of tile rows: input transform, the 36 products M = U V, output transform.
+// U comes from `transformed`, or, when that is null, is made from `weight` a slab at a time inside the
+// products (stream_weights).
+bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights* transformed, const float* weight,
+                   const float* bias, float* y, bool nhwc, Activation activation) {
+  if (transformed && !transformed->finite) return false;
   std::atomic<bool> finite{true};
   const Kernels& kern = kernels();
   const int64_t lanes = kern.lanes;
@@ -566,11 +601,44 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
     });
     if (!finite) return;
     // The 36 GEMMs per group: M[xi] = U[xi] * V[xi].
-    parallel_dynamic(kPositions * groups, [&](int64_t task) {
-      const int64_t xi = task / groups, grp = task % groups;
-      gemm_shifted_b<float>(weights.u[task], tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
-                            m + xi * m_xi + grp * cout_g * ld, ld, nullptr, false);
-    });
+    if (transformed) {
+      parallel_dynamic(kPositions * groups, [&](int64_t task) {
+        const int64_t xi = task / groups, grp = task % groups;
+        gemm_shifted_b<float>(transformed->u[task], tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
+                              m + xi * m_xi + grp * cout_g * ld, ld, nullptr, false);
+      });
+    } else {
+      // U made from the weight for a slab of kSlabRows output x kSlabChannels input channels (36 x 32 x 128
+      // values: 590 KB, in L2) and multiplied at once into M's rows, summed over the input slabs
+      // in order. Each task streams the weights once and reads V's slab rows from L1 for every
+      // panel of its rows.
+      const int64_t row_blocks = num_blocks(cout_g, kSlabRows), mr = gemm_mr<float>();
+      parallel_dynamic(groups * row_blocks, [&](int64_t task) {
+        const int64_t grp = task / row_blocks, co0 = task % row_blocks * kSlabRows;
+        const int64_t rows = std::min(kSlabRows, cout_g - co0);
+        thread_local std::vector<PackedA<float>> slab(kPositions);
+        for (int64_t ci0 = 0; ci0 < cin_g && finite; ci0 += kSlabChannels) {
+          const int64_t kc = std::min(kSlabChannels, cin_g - ci0);
+          const PackedLayout layout{mr, round_up(rows, mr), kc};
+          float* dst[kPositions];
+          for (int64_t xi = 0; xi < kPositions; ++xi) {
+            PackedA<float>& u = slab[xi];
+            u.m = rows, u.k = kc, u.mr = mr;
+            u.data.resize(layout.padded_m * kc);
+            if (rows % mr != 0) std::fill(u.data.begin(), u.data.end(), 0.0f);  // the padding rows
+            dst[xi] = u.data.data();
+          }
+          if (!kern.weights(weight + ((grp * cout_g + co0) * cin_g + ci0) * 9, cin_g, kc, 0, rows, dst, layout)) {
+            finite = false;
+            return;
+          }
+          for (int64_t xi = 0; xi < kPositions; ++xi)
+            gemm_shifted_b<float>(slab[xi], tiles, v + xi * v_xi + (grp * cin_g + ci0) * ld, row_offset.data(),
+                                  m + xi * m_xi + (grp * cout_g + co0) * ld, ld, nullptr, ci0 > 0);
+        }
+      });
+      if (!finite) return;
+    }
     // Output transform, bias and activation into y; channels-last output L channels at a time,
     // through planes of 4 rows transposed L x L.
     parallel_dynamic(num_blocks(c_out, out_group), [&](int64_t task) {
@@ -619,8 +687,31 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   return finite;
 }
 
+}  // namespace
+
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
+                           float* y, bool nhwc, Activation activation) {
+  return forward_tiles(g, x, &weights, nullptr, bias, y, nhwc, activation);
+}
+
+bool stream_weights(const ConvGeometry& g) {
+  const int64_t forced = forced_streaming.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  // Past a few MB, U made first is read back from L3 or memory by every product (1 thread, 56x56 to
+  // 7x7 maps, batch 1 to 32: 192 to 512 channels 6-40% faster streamed, up to 2.4x at 512x512
+  // 14x14 batch 2); below, the products read it from L2 and one full-width GEMM per position beats
+  // the slabs' 36 narrower ones (128 channels: 8-17% slower streamed).
+  const double u_bytes = double(kPositions) * double(g.out_channels) * double(g.in_channels_per_group()) * sizeof(float);
+  return u_bytes > kStreamedWeightBytes;
+}
+
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
                            bool nhwc, Activation activation) {
+  if (stream_weights(g)) {
+    if (!forward_tiles(g, x, nullptr, w, bias, y, nhwc, activation)) return false;
+    streamed_calls.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
   thread_local WinogradWeights weights;  // storage reused by the next call on this thread
   winograd_weights(g, w, weights);
   return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);

@@ -21,12 +21,22 @@ int64_t winograd_weight_call_count();
 // Tests and benchmarks: tiles >= 0 replaces the size rules of use_winograd by "at least this many
 // tiles" (0: every eligible geometry, however small); -1 restores them.
 void set_winograd_min_tiles(int64_t tiles);
+// Tests and benchmarks: 1 makes every Winograd forward stream its weights (stream_weights), 0 none,
+// -1 restores the size rule.
+void set_winograd_weight_streaming(int64_t mode);
+// Winograd forwards that streamed their weights since the process started.
+int64_t winograd_streamed_call_count();
 // Whether set_winograd_min_tiles replaces the size rules now (other kernels' rules then defer to it).
 bool winograd_size_rules_replaced();
 
 // Whether conv_forward_any runs this geometry through Winograd: the switch is on, the layer is a
 // 2d 3x3 stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where it pays.
 bool use_winograd(const ConvGeometry& g);
+
+// Whether the forward makes U = G g G^T a slab of (output, input) channels at a time inside the
+// products, where it stays in L2, instead of all of it first (winograd_weights), which the
+// products then read back from memory when it is larger than the caches.
+bool stream_weights(const ConvGeometry& g);
 
 // The transformed weights U = G g G^T, one packed GEMM operand per (transform position, group):
 // u[xi * groups + group]. Computed per call (into storage reused between calls); a cache keyed by

@@ -67,6 +67,19 @@ PyObject* set_cpu_winograd_min_tiles(PyObject* /*module*/, PyObject* value) {
   Py_RETURN_NONE;
 }
 
+// _set_cpu_winograd_weight_streaming(int): tests and benchmarks; see cpu/conv_winograd.h
+PyObject* set_cpu_winograd_weight_streaming(PyObject* /*module*/, PyObject* value) {
+  const long long mode = PyLong_AsLongLong(value);
+  if (mode == -1 && PyErr_Occurred()) return nullptr;
+  cnnops::cpu::set_winograd_weight_streaming(mode < 0 ? -1 : mode > 0);
+  Py_RETURN_NONE;
+}
+
+// _cpu_winograd_streamed_calls() -> int: Winograd forwards that made U slab by slab (tests)
+PyObject* cpu_winograd_streamed_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::winograd_streamed_call_count());
+}
+
 // _set_cpu_nhwc_kernels_forced(bool): tests; see cpu/conv_cpu.h
 PyObject* set_cpu_nhwc_kernels_forced(PyObject* /*module*/, PyObject* value) {
   return set_bool(value, "", cnnops::cpu::set_nhwc_kernels_forced);
@@ -162,6 +175,10 @@ PyMethodDef methods[] = {
      "number of weight gradients run with Winograd"},
     {"_set_cpu_winograd_min_tiles", set_cpu_winograd_min_tiles, METH_O,
      "tests: n >= 0 takes Winograd for every eligible layer of at least n tiles; -1: the size rules"},
+    {"_set_cpu_winograd_weight_streaming", set_cpu_winograd_weight_streaming, METH_O,
+     "tests: 1 makes Winograd's U slab by slab inside the products, 0 all at once first, -1: the size rule"},
+    {"_cpu_winograd_streamed_calls", cpu_winograd_streamed_calls, METH_NOARGS,
+     "number of Winograd forwards that made U slab by slab"},
     {"_set_cpu_nhwc_kernels_forced", set_cpu_nhwc_kernels_forced, METH_O,
      "tests: True runs the channels-last kernels wherever they serve, past the speed rules"},
     {"_cpu_nhwc_kernel_calls", cpu_nhwc_kernel_calls, METH_NOARGS,
