@@ -467,6 +467,36 @@ class KernelWeight {
   std::vector<T> converted_;
 };
 
+// Whether Winograd suits g where the kernels before it in conv_forward_any do not take it. Narrow
+// layers (fewer than 64 channels on a side) on maps up to 32x32 run faster on the NHWC row segments
+// (DenseNet's 128->32 3x3 at 28x28, batch 8, 1 thread: forward 0.66 -> 0.80, its grad input 0.77 ->
+// 0.87); at 56x56 Winograd stays ahead (0.85 vs 0.80).
+bool winograd_serves(const ConvGeometry& g, bool nhwc) {
+  const bool narrow_segments = nhwc && !winograd_size_rules_replaced() &&
+                               std::min(g.in_channels_per_group(), g.out_channels_per_group()) < 64 &&
+                               g.out_plane() <= 1024 && nhwc_row_segments_serve(g);
+  return use_winograd(g) && !narrow_segments;
+}
+
+// Whether conv_forward_any runs g (float32) through Winograd, unless an input is not finite.
+bool forward_runs_winograd(const ConvGeometry& g, bool nhwc) {
+  return !use_window_dot(g, nhwc) && !use_space_to_depth(g) && !use_grouped(g, true) && winograd_serves(g, nhwc);
+}
+
+// g's 3x3 weight w, in `order`, as Winograd reads it in place. Rotated: g is the transposed problem
+// of conv_backward_input_as_forward, whose kernel is w (the forward's weight) turned 180 degrees
+// with its channels swapped: g's (co, ci) is w's (ci, co).
+WinogradWeightView winograd_view(const ConvGeometry& g, const float* w, WeightOrder order, bool rotated) {
+  const int64_t co_g = g.out_channels_per_group(), ci_g = g.in_channels_per_group();
+  const int64_t w_cin = rotated ? co_g : ci_g;  // input channels a group of the weight as it lies
+  // Strides of the weight's own (output channel, input channel, tap) in its order.
+  const int64_t o_stride = 9 * w_cin, i_stride = order == WeightOrder::ChannelTap ? 9 : 1;
+  const int64_t t_stride = order == WeightOrder::ChannelTap ? 1 : w_cin;
+  const int64_t group_stride = 9 * co_g * ci_g;
+  return WinogradWeightView{w,         rotated ? i_stride : o_stride, rotated ? o_stride : i_stride, t_stride,
+                            group_stride, rotated, w + g.groups * group_stride};
+}
+
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 // Each applies the activation in its own output step, where the bias is added. The GEMM kernels
 // read the weight in either order; the others get it in ChannelTap order.
@@ -494,14 +524,8 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     return conv_grouped_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
   }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
-    // Narrow layers (fewer than 64 channels on a side) on maps up to 32x32 run faster on the NHWC
-    // row segments (DenseNet's 128->32 3x3 at 28x28, batch 8, 1 thread: forward 0.66 -> 0.80, its
-    // grad input 0.77 -> 0.87); at 56x56 Winograd stays ahead (0.85 vs 0.80).
-    const bool narrow_segments = nhwc && !winograd_size_rules_replaced() &&
-                                 std::min(g.in_channels_per_group(), g.out_channels_per_group()) < 64 &&
-                                 g.out_plane() <= 1024 && nhwc_row_segments_serve(g);
-    if (use_winograd(g) && !narrow_segments &&
-        conv_forward_winograd(g, x, weight.channel_tap(), bias, y, nhwc, activation))
+    if (winograd_serves(g, nhwc) &&
+        conv_forward_winograd(g, x, winograd_view(g, w, order, false), bias, y, nhwc, activation))
       return count_route(ForwardRoute::Winograd);
   }
   // (grad input's transposed problem may be depthwise in NHWC where no depthwise kernel serves it)
@@ -604,6 +628,13 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   if (use_backward_input_small(t, nhwc, std::is_same_v<T, float>)) {
     conv_backward_input_small(t, dy, w, order, dx);
     return true;
+  }
+  if constexpr (std::is_same_v<T, float>) {  // Winograd reads the rotated kernel in place
+    if (forward_runs_winograd(t, nhwc) &&
+        conv_forward_winograd(t, dy, winograd_view(t, w, order, true), nullptr, dx, nhwc, Activation::None)) {
+      count_route(ForwardRoute::Winograd);
+      return true;
+    }
   }
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();

@@ -310,14 +310,22 @@ struct PackedLayout {
   }
 };
 
-// U[xi] = G g G^T for output channels [co0, co1) and input channels [0, ci_count) of w_g (weights
-// [co][ci][3][3] with row stride 9 * cin), written straight into the packed GEMM operands dst[xi]
-// (vectors over output channels), column ci at layout column ci. Returns false when a weight is inf
-// or NaN.
+// U[xi] = G g G^T for output channels [co0, co1) and input channels [0, ci_count) of the view w
+// (already at the group's and slab's first channels), written straight into the packed GEMM
+// operands dst[xi] (vectors over output channels), column ci at layout column ci. Returns false
+// when a weight is inf or NaN.
 template <int L>
-CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t ci_count, int64_t co0, int64_t co1,
+CNNOPS_INLINE bool weight_body(const WinogradWeightView& w, int64_t ci_count, int64_t co0, int64_t co1,
                                float* const* dst, PackedLayout layout) {
   using V = typename Lanes<L>::V;
+  // How the L lanes' taps lie, each read with whole vectors where the lanes are full:
+  const bool channel_tap = !w.rotated && w.ci_stride == 9 && w.tap_stride == 1;  // OIHW: a lane's 9L values a row
+  const bool tap_channel = !w.rotated && w.ci_stride == 1;                      // OHWI: a lane's L channels a row
+  const bool rotated_taps = w.rotated && w.co_stride == 9 && w.tap_stride == 1 && L >= 9;  // a lane's taps a row
+  const bool rotated_lanes = w.rotated && w.co_stride == 1;                      // the lanes a row
+  auto tap_at = [&](int64_t co, int64_t ci, int k) {
+    return w.w + co * w.co_stride + ci * w.ci_stride + (w.rotated ? 8 - k : k) * w.tap_stride;
+  };
   V nonfinite = V{};
   for (int64_t co = co0; co < co1; co += L) {
     const int64_t n = std::min<int64_t>(L, co1 - co);
@@ -325,21 +333,30 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t ci_count, 
     float block[9 * L][L];  // block[ci' * 9 + k][l]: L input channels from ci0, L output channels
     for (int64_t ci = 0; ci < ci_count; ++ci) {
       const int64_t ci0 = ci - ci % L;
-      if (ci == ci0 && n == L && ci0 + L <= ci_count) {
-        // The L x 9L weights of L output and L input channels, transposed L x L at a time.
+      const bool in_block = n == L && ci0 + L <= ci_count && (channel_tap || tap_channel);
+      if (in_block && ci == ci0) {
+        // The weights of L output and L input channels, transposed L x L at a time: OIHW rows of
+        // (channel, tap) pairs, OHWI rows of channels one tap at a time.
         for (int b = 0; b < 9; ++b) {
           V r[L];
-          for (int l = 0; l < L; ++l) r[l] = load<L>(w_g + ((co + l) * cin + ci0) * 9 + b * L);
+          for (int l = 0; l < L; ++l) r[l] = load<L>(channel_tap ? tap_at(co + l, ci0, 0) + b * L : tap_at(co + l, ci0, b));
           transpose<L>(r);
-          for (int q = 0; q < L; ++q) store<L>(block[b * L + q], r[q]);
+          for (int q = 0; q < L; ++q) store<L>(block[channel_tap ? b * L + q : q * 9 + b], r[q]);
         }
       }
       float tmp[9][L];
-      if (n == L && ci0 + L <= ci_count) {
+      if (in_block) {
         std::memcpy(tmp, block[(ci - ci0) * 9], sizeof(tmp));
+      } else if (n == L && rotated_taps && tap_at(co + L - 1, ci, 8) + L <= w.end) {
+        V r[L];  // lane l's 9 taps (and L - 9 values past them), transposed
+        for (int l = 0; l < L; ++l) r[l] = load<L>(tap_at(co + l, ci, 8));
+        transpose<L>(r);
+        for (int k = 0; k < 9; ++k) store<L>(tmp[k], r[8 - k]);
+      } else if (n == L && rotated_lanes) {
+        for (int k = 0; k < 9; ++k) store<L>(tmp[k], load<L>(tap_at(co, ci, k)));
       } else {
         for (int64_t l = 0; l < L; ++l)
-          for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? w_g[((co + l) * cin + ci) * 9 + k] : 0.0f;
+          for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? *tap_at(co + l, ci, k) : 0.0f;
       }
       V gc[3][kAlpha];  // g G^T: each kernel row a transformed along its columns
       for (int a = 0; a < 3; ++a) {
@@ -376,7 +393,7 @@ CNNOPS_INLINE bool weight_body(const float* w_g, int64_t cin, int64_t ci_count, 
 struct Kernels {
   bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t, int64_t);
-  bool (*weights)(const float*, int64_t, int64_t, int64_t, int64_t, float* const*, PackedLayout);
+  bool (*weights)(const WinogradWeightView&, int64_t, int64_t, int64_t, float* const*, PackedLayout);
   void (*transpose)(const float*, int64_t, float*, int64_t);
   bool (*grad_row)(const float*, int64_t, int64_t, float*, int64_t);
   int64_t lanes;
@@ -390,9 +407,9 @@ struct Kernels {
                                int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                           \
     output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                           \
   }                                                                                                          \
-  ATTRIBUTE bool NAME##_weights(const float* w, int64_t cin, int64_t ci_count, int64_t co0, int64_t co1,    \
+  ATTRIBUTE bool NAME##_weights(const WinogradWeightView& w, int64_t ci_count, int64_t co0, int64_t co1,    \
                                 float* const* dst, PackedLayout layout) {                                    \
-    return weight_body<L>(w, cin, ci_count, co0, co1, dst, layout);                                          \
+    return weight_body<L>(w, ci_count, co0, co1, dst, layout);                                               \
   }                                                                                                          \
   /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */             \
   ATTRIBUTE void NAME##_transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {    \
@@ -489,7 +506,18 @@ bool use_winograd(const ConvGeometry& g) {
   return tiles >= kMinTiles;
 }
 
-void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& out) {
+namespace {
+
+// The view at group grp, output channel co0 and input channel ci0.
+WinogradWeightView view_at(const WinogradWeightView& w, int64_t grp, int64_t co0, int64_t ci0) {
+  WinogradWeightView at = w;
+  at.w += grp * w.group_stride + co0 * w.co_stride + ci0 * w.ci_stride;
+  return at;
+}
+
+}  // namespace
+
+void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, WinogradWeights& out) {
   const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
   const Kernels& kern = kernels();
   const int64_t mr = gemm_mr<float>();
@@ -508,8 +536,7 @@ void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& ou
     const int64_t grp = task / chunks, co0 = (task % chunks) * chunk;
     float* dst[kPositions];
     for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[xi * g.groups + grp].data.data();
-    if (!kern.weights(w + grp * cout * cin * 9, cin, cin, co0, std::min(cout, co0 + chunk), dst, layout))
-      finite = false;
+    if (!kern.weights(view_at(w, grp, 0, 0), cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
   });
   out.finite = finite;
 }
@@ -519,8 +546,8 @@ namespace {
 // The forward over blocks of tile rows: input transform, the 36 products M = U V, output transform.
 // U comes from `transformed`, or, when that is null, is made from `weight` a slab at a time inside the
 // products (stream_weights).
-bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights* transformed, const float* weight,
-                   const float* bias, float* y, bool nhwc, Activation activation) {
+bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights* transformed,
+                   const WinogradWeightView& weight, const float* bias, float* y, bool nhwc, Activation activation) {
   if (transformed && !transformed->finite) return false;
   std::atomic<bool> finite{true};
   const Kernels& kern = kernels();
@@ -628,7 +655,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
             if (rows % mr != 0) std::fill(u.data.begin(), u.data.end(), 0.0f);  // the padding rows
             dst[xi] = u.data.data();
           }
-          if (!kern.weights(weight + ((grp * cout_g + co0) * cin_g + ci0) * 9, cin_g, kc, 0, rows, dst, layout)) {
+          if (!kern.weights(view_at(weight, grp, co0, ci0), kc, 0, rows, dst, layout)) {
             finite = false;
             return;
           }
@@ -691,7 +718,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
 
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
                            float* y, bool nhwc, Activation activation) {
-  return forward_tiles(g, x, &weights, nullptr, bias, y, nhwc, activation);
+  return forward_tiles(g, x, &weights, WinogradWeightView{}, bias, y, nhwc, activation);
 }
 
 bool stream_weights(const ConvGeometry& g) {
@@ -705,8 +732,8 @@ bool stream_weights(const ConvGeometry& g) {
   return u_bytes > kStreamedWeightBytes;
 }
 
-bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
-                           bool nhwc, Activation activation) {
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeightView& w, const float* bias,
+                           float* y, bool nhwc, Activation activation) {
   if (stream_weights(g)) {
     if (!forward_tiles(g, x, nullptr, w, bias, y, nhwc, activation)) return false;
     streamed_calls.fetch_add(1, std::memory_order_relaxed);

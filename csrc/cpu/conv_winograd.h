@@ -38,6 +38,18 @@ bool use_winograd(const ConvGeometry& g);
 // products then read back from memory when it is larger than the caches.
 bool stream_weights(const ConvGeometry& g);
 
+// A 3x3 weight as Winograd reads it, in place: value (co, ci, tap) of group grp, with co and ci the
+// channels of the problem it runs and tap = 3 * row + column, at
+//   w[grp * group_stride + co * co_stride + ci * ci_stride + t * tap_stride],  t = rotated ? 8 - tap : tap.
+// Reads stay before `end`. Rotated views read grad input's kernel (the forward weight turned 180
+// degrees, its channels swapped) where the forward weight lies.
+struct WinogradWeightView {
+  const float* w;
+  int64_t co_stride, ci_stride, tap_stride, group_stride;
+  bool rotated;
+  const float* end;
+};
+
 // The transformed weights U = G g G^T, one packed GEMM operand per (transform position, group):
 // u[xi * groups + group]. Computed per call (into storage reused between calls); a cache keyed by
 // the weight's version can hold it instead.
@@ -45,16 +57,17 @@ struct WinogradWeights {
   std::vector<PackedA<float>> u;
   bool finite = true;  // false when a weight is inf or NaN
 };
-void winograd_weights(const ConvGeometry& g, const float* w, WinogradWeights& out);
+void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, WinogradWeights& out);
 
 // y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc. Returns false, y
 // unfinished, when x or w holds an inf or NaN: Winograd's transforms would spread it to outputs
 // whose window does not hold it (0 * inf), so the caller runs the direct path instead.
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
                            float* y, bool nhwc, Activation activation);
-// The same with the weights transformed by this call (per-thread storage kept for the next one).
-bool conv_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y,
-                           bool nhwc, Activation activation);
+// The same with the weights transformed by this call: streamed, or into per-thread storage kept for
+// the next call.
+bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeightView& w, const float* bias,
+                           float* y, bool nhwc, Activation activation);
 
 // dW (contiguous) of a float32 convolution that use_winograd accepts, dy and x NCHW, or NHWC when
 // nhwc: G^T [sum over tiles of (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd). Returns false,
