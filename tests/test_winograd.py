@@ -260,7 +260,7 @@ def test_switch_rejects_non_bool():
     assert cnnops.backends.cpu.allow_winograd is True
 
 
-@pytest.mark.parametrize("case", ["float64", "stride2", "dilation2", "depthwise", "5x5", "conv3d", "1x1"])
+@pytest.mark.parametrize("case", ["float64", "stride2", "dilation2", "depthwise", "5x5", "conv3d_depth2", "1x1"])
 def test_other_convolutions_keep_the_direct_path(case):
     dims, groups, kernel, kwargs, dtype = 2, 1, 3, {"padding": 1}, torch.float32
     if case == "float64":
@@ -273,8 +273,8 @@ def test_other_convolutions_keep_the_direct_path(case):
         groups = 16
     elif case == "5x5":
         kernel, kwargs = 5, {"padding": 2}
-    elif case == "conv3d":
-        dims = 3
+    elif case == "conv3d_depth2":  # 3-d needs 3 taps in depth
+        dims, kernel = 3, (2, 3, 3)
     elif case == "1x1":
         kernel, kwargs = 1, {}
     spatial = (6, 9, 9) if dims == 3 else (12, 12)
@@ -300,6 +300,48 @@ def test_large_channels_and_values():
     check_conv_against_torch(2, x, w, b, {"padding": 1}, torch.float32, grads=("input",))
     assert calls() - before == 2
 
+
+
+@pytest.mark.usefixtures("weight_modes")
+@pytest.mark.parametrize("padding", [0, 1, (1, 0, 1), (0, 1, 0)], ids=str)
+@pytest.mark.parametrize("size", [(1, 4, 4), (3, 5, 7), (4, 9, 6), (2, 13, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout,weight_layout", [("contiguous", "contiguous"), ("channels_last", "contiguous"),
+                                                  ("channels_last", "channels_last")])
+def test_3d_depth_taps(size, padding, layout, weight_layout):
+    """conv3d 3x3x3 stride 1: each depth tap a 2-d F(4x4, 3x3), summed into M; input planes in the depth
+    padding are zero. Forward and grad input (the turned kernel read in place, its depth taps reversed
+    too) take Winograd; grad weight keeps the direct path (its transforms are 2-d)."""
+    pads = (padding,) * 3 if isinstance(padding, int) else padding
+    spatial = tuple(s + 2 - 2 * p for s, p in zip(size, pads))
+    x, wt, b = conv_tensors(3, 2, 16, 24, spatial, 3, 1, True, torch.float32, layout=layout,
+                            weight_layout=weight_layout)
+    before, before_weight = calls(), _C._cpu_winograd_weight_calls()
+    check_conv_against_torch(3, x, wt, b, {"padding": padding}, torch.float32, grad_layout=layout)
+    assert calls() - before == 2
+    assert _C._cpu_winograd_weight_calls() == before_weight
+
+
+@pytest.mark.usefixtures("weight_modes")
+@pytest.mark.parametrize("groups,cin,cout", [(1, 136, 40), (2, 64, 48)])
+def test_3d_slabs_and_groups(groups, cin, cout):
+    """3-d layers with partial slabs (streamed U per depth tap) and groups."""
+    x, w, b = conv_tensors(3, 1, cin, cout, (4, 6, 9), 3, groups, True, torch.float32)
+    before = calls()
+    check_conv_against_torch(3, x, w, b, {"padding": 1, "groups": groups}, torch.float32, grads=("input",))
+    assert calls() - before == 2
+
+
+def test_3d_default_size_rules():
+    """By default the benchmark's conv3d layer (32 channels, 16x28x28, batch 2) takes Winograd, forward and grad
+    input, not its weight gradient."""
+    _C._set_cpu_winograd_min_tiles(-1)
+    x = torch.randn(2, 32, 16, 28, 28, requires_grad=True)
+    w = (torch.randn(32, 32, 3, 3, 3) / (27 * 32) ** 0.5).requires_grad_()
+    before, before_weight = calls(), _C._cpu_winograd_weight_calls()
+    y = CF.conv3d(x, w, None, padding=1)
+    y.backward(torch.ones_like(y))
+    assert calls() - before == 2
+    assert _C._cpu_winograd_weight_calls() == before_weight
 
 
 @pytest.mark.usefixtures("weight_modes")
@@ -387,6 +429,26 @@ for (h, w), p, cl, (g, ci, co), streamed in itertools.product(
         err = ((a.double() - e).abs().max() / e.abs().max().clamp_min(1)).item()
         if not err < 1e-5:
             sys.exit(f"{(h, w, p, cl, g)} {name}: relative error {err}")
+for cl, streamed in itertools.product([False, True], [0, 1]):  # 3-d: a 2-d transform per depth tap
+    _C._set_cpu_winograd_weight_streaming(streamed)
+    x = torch.randn(2, 16, 4, 7, 9)
+    wt = torch.randn(24, 16, 3, 3, 3)
+    if cl:
+        x, wt = (t.to(memory_format=torch.channels_last_3d) for t in (x, wt))
+    x.requires_grad_()
+    before = _C._cpu_winograd_calls()
+    ours = CF.conv3d(x, wt, padding=1)
+    go = torch.randn_like(ours)
+    (dx,) = torch.autograd.grad(ours, x, go)
+    if _C._cpu_winograd_calls() - before != 2:
+        sys.exit(f"3-d Winograd not taken for {(cl, streamed)}")
+    xd = x.detach().double().requires_grad_()
+    ref = F.conv3d(xd, wt.double(), padding=1)
+    (ref_dx,) = torch.autograd.grad(ref, xd, go.double())
+    for name, a, e in (("out", ours, ref), ("dx", dx, ref_dx)):
+        err = ((a.double() - e).abs().max() / e.abs().max().clamp_min(1)).item()
+        if not err < 1e-5:
+            sys.exit(f"3-d {(cl, streamed)} {name}: relative error {err}")
 """
 
 

@@ -487,14 +487,14 @@ bool forward_runs_winograd(const ConvGeometry& g, bool nhwc) {
 // of conv_backward_input_as_forward, whose kernel is w (the forward's weight) turned 180 degrees
 // with its channels swapped: g's (co, ci) is w's (ci, co).
 WinogradWeightView winograd_view(const ConvGeometry& g, const float* w, WeightOrder order, bool rotated) {
-  const int64_t co_g = g.out_channels_per_group(), ci_g = g.in_channels_per_group();
+  const int64_t co_g = g.out_channels_per_group(), ci_g = g.in_channels_per_group(), taps = g.kernel_volume();
   const int64_t w_cin = rotated ? co_g : ci_g;  // input channels a group of the weight as it lies
   // Strides of the weight's own (output channel, input channel, tap) in its order.
-  const int64_t o_stride = 9 * w_cin, i_stride = order == WeightOrder::ChannelTap ? 9 : 1;
+  const int64_t o_stride = taps * w_cin, i_stride = order == WeightOrder::ChannelTap ? taps : 1;
   const int64_t t_stride = order == WeightOrder::ChannelTap ? 1 : w_cin;
-  const int64_t group_stride = 9 * co_g * ci_g;
-  return WinogradWeightView{w,         rotated ? i_stride : o_stride, rotated ? o_stride : i_stride, t_stride,
-                            group_stride, rotated, w + g.groups * group_stride};
+  const int64_t group_stride = taps * co_g * ci_g;
+  return WinogradWeightView{w,        rotated ? i_stride : o_stride, rotated ? o_stride : i_stride, t_stride, group_stride,
+                            g.kernel[0], rotated,  w + g.groups * group_stride};
 }
 
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
@@ -794,7 +794,7 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
 template <typename T>
 void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/false)) return;
+    if (use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/false)) return;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();

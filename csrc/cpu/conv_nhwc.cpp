@@ -744,7 +744,7 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   // The transposed product goes before Winograd, unless a test has replaced Winograd's size rules.
   const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced();
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (!rows && use_winograd(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true))
+    if (!rows && use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true))
       return WeightOrder::ChannelTap;
   }
   constexpr int64_t nr = gemm_nr<T>();

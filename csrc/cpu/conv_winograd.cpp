@@ -477,12 +477,15 @@ bool winograd_size_rules_replaced() { return forced_min_tiles.load(std::memory_o
 
 bool use_winograd(const ConvGeometry& g) {
   if (!winograd_allowed()) return false;
-  if (g.kernel[0] != 1 || g.kernel[1] != 3 || g.kernel[2] != 3 || g.in[0] != 1 || g.pad[0] != 0) return false;
+  // 2-d (a depth of one tap) or 3-d with 3 taps in depth, each depth tap a 2-d F(4x4, 3x3).
+  const bool planar = g.kernel[0] == 1 && g.in[0] == 1 && g.pad[0] == 0;
+  if (!(planar || g.kernel[0] == 3) || g.kernel[1] != 3 || g.kernel[2] != 3) return false;
   for (int i = 0; i < 3; ++i)
     if (g.stride[i] != 1 || g.dilation[i] != 1) return false;
-  if (g.is_depthwise() || g.batch == 0) return false;
+  if (g.is_depthwise() || g.batch == 0 || g.out[0] == 0) return false;
+  const int64_t tiles = g.batch * g.out[0] * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile);
   const int64_t forced = forced_min_tiles.load(std::memory_order_relaxed);
-  if (forced >= 0) return g.batch * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile) >= forced;
+  if (forced >= 0) return tiles >= forced;
   // Where it pays (measured on 1 and 2 AVX-512 cores, benchmarks/bench_winograd.py): the GEMMs must
   // outweigh the transforms, whose cost per tile grows with C_in + C_out while the GEMMs' grows
   // with C_in * C_out; and the per-call weight transform (36 C_in C_out values written, memory
@@ -502,16 +505,17 @@ bool use_winograd(const ConvGeometry& g) {
   // weight transform costs no memory traffic, so large weights need no more tiles (1 thread,
   // torch/cnnops, Winograd vs direct: 512 channels at 7x7, 32 tiles, 1.35 vs 0.74; 256 at 14x14,
   // 32 tiles, 1.56 vs 0.90; 16 tiles lose: 0.77 vs 0.89 and 0.87 vs 0.95).
-  const int64_t tiles = g.batch * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile);
   return tiles >= kMinTiles;
 }
 
 namespace {
 
-// The view at group grp, output channel co0 and input channel ci0.
-WinogradWeightView view_at(const WinogradWeightView& w, int64_t grp, int64_t co0, int64_t ci0) {
+// The view at group grp, output channel co0, input channel ci0 and depth tap kd: the 3x3 slice of
+// taps [9 kd, 9 kd + 9) (of the turned kernel's taps when rotated).
+WinogradWeightView view_at(const WinogradWeightView& w, int64_t grp, int64_t co0, int64_t ci0, int64_t kd) {
   WinogradWeightView at = w;
-  at.w += grp * w.group_stride + co0 * w.co_stride + ci0 * w.ci_stride;
+  at.w += grp * w.group_stride + co0 * w.co_stride + ci0 * w.ci_stride +
+          9 * (w.rotated ? w.depth - 1 - kd : kd) * w.tap_stride;
   return at;
 }
 
@@ -522,7 +526,8 @@ void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, Winogr
   const Kernels& kern = kernels();
   const int64_t mr = gemm_mr<float>();
   const PackedLayout layout{mr, round_up(cout, mr), cin};
-  out.u.resize(kPositions * g.groups);
+  const int64_t depth = g.kernel[0];
+  out.u.resize(depth * kPositions * g.groups);
   for (auto& a : out.u) {  // reuses the storage of an earlier call where it is large enough
     a.m = cout;
     a.k = cin;
@@ -532,11 +537,11 @@ void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, Winogr
   }
   const int64_t chunk = 2 * kern.lanes, chunks = num_blocks(cout, chunk);
   std::atomic<bool> finite{true};
-  parallel_dynamic(g.groups * chunks, [&](int64_t task) {
-    const int64_t grp = task / chunks, co0 = (task % chunks) * chunk;
+  parallel_dynamic(depth * g.groups * chunks, [&](int64_t task) {
+    const int64_t kd = task / (g.groups * chunks), grp = task / chunks % g.groups, co0 = (task % chunks) * chunk;
     float* dst[kPositions];
-    for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[xi * g.groups + grp].data.data();
-    if (!kern.weights(view_at(w, grp, 0, 0), cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
+    for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[(kd * kPositions + xi) * g.groups + grp].data.data();
+    if (!kern.weights(view_at(w, grp, 0, 0, kd), cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
   });
   out.finite = finite;
 }
@@ -545,7 +550,8 @@ namespace {
 
 // The forward over blocks of tile rows: input transform, the 36 products M = U V, output transform.
 // U comes from `transformed`, or, when that is null, is made from `weight` a slab at a time inside the
-// products (stream_weights).
+// products (stream_weights). 3-d: output plane od sums, over depth taps kd, the 2-d products of U's
+// slice kd with V of input plane od + kd - pad (zero outside the input), M = sum_kd U_kd V_kd.
 bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights* transformed,
                    const WinogradWeightView& weight, const float* bias, float* y, bool nhwc, Activation activation) {
   if (transformed && !transformed->finite) return false;
@@ -555,11 +561,14 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
-  // Element strides (n, c, h, w) of x and y.
-  const int64_t xs_n = c_in * h * w, xs_c = nhwc ? 1 : h * w, xs_h = nhwc ? w * c_in : w, xs_w = nhwc ? c_in : 1;
-  const int64_t ys_n = c_out * ho * wo, ys_c = nhwc ? 1 : ho * wo, ys_h = nhwc ? wo * c_out : wo;
-  const int64_t ys_w = nhwc ? c_out : 1;
-  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * th;
+  const int64_t d = g.in[0], dout = g.out[0], pd = g.pad[0], depth = g.kernel[0];
+  // Element strides (n, c, depth, h, w) of x and y.
+  const int64_t xs_n = c_in * d * h * w, xs_c = nhwc ? 1 : d * h * w, xs_d = h * w * (nhwc ? c_in : 1);
+  const int64_t xs_h = nhwc ? w * c_in : w, xs_w = nhwc ? c_in : 1;
+  const int64_t ys_n = c_out * dout * ho * wo, ys_c = nhwc ? 1 : dout * ho * wo, ys_d = ho * wo * (nhwc ? c_out : 1);
+  const int64_t ys_h = nhwc ? wo * c_out : wo, ys_w = nhwc ? c_out : 1;
+  // Tile rows r = (plane, ty) over the output planes (sample, od), plane = n * dout + od.
+  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * dout * th;
   // Padded plane copy: rows of the 4 * th + 2 input rows the tiles read, wide enough for whole
   // vectors of tiles (5 vectors of L floats per chunk of L tiles).
   const int64_t plane_h = kTile * th + 2, plane_w = kTile * round_up(tw, lanes) + lanes;
@@ -587,27 +596,29 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   auto run_block = [&](int64_t block, float* v, float* m) {
     const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
     const int64_t tiles = (r1 - r0) * tw;
-    if (!finite) return;
+    const int64_t plane_size = plane_h * plane_w;
+    for (int64_t kd = 0; kd < depth && finite; ++kd) {
     // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
     // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
     // Channels-last input is copied L channels at a time, transposed L x L.
-    const int64_t plane_size = plane_h * plane_w;
     parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
       const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
       thread_local std::vector<float> plane_buffer;
       plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
       float* planes = plane_buffer.data();
       for (int64_t r = r0; r < r1;) {
-        const int64_t n = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
+        const int64_t plane = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
+        const int64_t n = plane / dout, id = plane % dout + kd - pd;  // the input plane depth tap kd reads
+        const bool plane_inside = id >= 0 && id < d;
         for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
-          const bool inside = hp >= ph && hp < ph + h;
+          const bool inside = plane_inside && hp >= ph && hp < ph + h;
           for (int64_t q = 0; q < cn; ++q) {
             float* dst = planes + q * plane_size + hp * plane_w;
             std::fill(dst, dst + (inside ? pw : plane_w), 0.0f);
             if (inside) std::fill(dst + pw + w, dst + plane_w, 0.0f);
           }
           if (!inside) continue;
-          const float* src = x + n * xs_n + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
+          const float* src = x + n * xs_n + id * xs_d + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
           float* dst = planes + hp * plane_w + pw;
           int64_t j = 0;
           if (cn == lanes)
@@ -621,18 +632,18 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
         for (int64_t q = 0; q < cn; ++q)
           for (int64_t ty = ty0; ty < ty1; ++ty)
             if (!kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
-                                v + (c0 + q) * ld + (n * th + ty - r0) * tw, v_xi))
+                                v + (c0 + q) * ld + (plane * th + ty - r0) * tw, v_xi))
               finite = false;
         r += ty1 - ty0;
       }
     });
     if (!finite) return;
-    // The 36 GEMMs per group: M[xi] = U[xi] * V[xi].
+    // The 36 GEMMs per group: M[xi] = U[xi] * V[xi] (+ M[xi] past the first depth tap).
     if (transformed) {
       parallel_dynamic(kPositions * groups, [&](int64_t task) {
         const int64_t xi = task / groups, grp = task % groups;
-        gemm_shifted_b<float>(transformed->u[task], tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
-                              m + xi * m_xi + grp * cout_g * ld, ld, nullptr, false);
+        gemm_shifted_b<float>(transformed->u[kd * kPositions * groups + task], tiles, v + xi * v_xi + grp * cin_g * ld,
+                              row_offset.data(), m + xi * m_xi + grp * cout_g * ld, ld, nullptr, kd > 0);
       });
     } else {
       // U made from the weight for a slab of kSlabRows output x kSlabChannels input channels (36 x 32 x 128
@@ -655,17 +666,18 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
             if (rows % mr != 0) std::fill(u.data.begin(), u.data.end(), 0.0f);  // the padding rows
             dst[xi] = u.data.data();
           }
-          if (!kern.weights(view_at(weight, grp, co0, ci0), kc, 0, rows, dst, layout)) {
+          if (!kern.weights(view_at(weight, grp, co0, ci0, kd), kc, 0, rows, dst, layout)) {
             finite = false;
             return;
           }
           for (int64_t xi = 0; xi < kPositions; ++xi)
             gemm_shifted_b<float>(slab[xi], tiles, v + xi * v_xi + (grp * cin_g + ci0) * ld, row_offset.data(),
-                                  m + xi * m_xi + (grp * cout_g + co0) * ld, ld, nullptr, ci0 > 0);
+                                  m + xi * m_xi + (grp * cout_g + co0) * ld, ld, nullptr, ci0 > 0 || kd > 0);
         }
       });
-      if (!finite) return;
     }
+    }
+    if (!finite) return;
     // Output transform, bias and activation into y; channels-last output L channels at a time,
     // through planes of 4 rows transposed L x L.
     parallel_dynamic(num_blocks(c_out, out_group), [&](int64_t task) {
@@ -674,8 +686,8 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
       thread_local std::vector<float> rows_buffer;
       if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / th, ty = r % th, rows = std::min(kTile, ho - kTile * ty);
-        float* y_row = y + n * ys_n + kTile * ty * ys_h;
+        const int64_t plane = r / th, ty = r % th, rows = std::min(kTile, ho - kTile * ty);
+        float* y_row = y + plane / dout * ys_n + plane % dout * ys_d + kTile * ty * ys_h;
         for (int64_t q = 0; q < cn; ++q) {
           const float b = bias ? bias[co0 + q] : 0.0f;
           if (grouped)
@@ -721,6 +733,8 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   return forward_tiles(g, x, &weights, WinogradWeightView{}, bias, y, nhwc, activation);
 }
 
+bool use_winograd_weight_gradient(const ConvGeometry& g) { return g.kernel[0] == 1 && use_winograd(g); }
+
 bool stream_weights(const ConvGeometry& g) {
   const int64_t forced = forced_streaming.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
@@ -728,7 +742,8 @@ bool stream_weights(const ConvGeometry& g) {
   // 7x7 maps, batch 1 to 32: 192 to 512 channels 6-40% faster streamed, up to 2.4x at 512x512
   // 14x14 batch 2); below, the products read it from L2 and one full-width GEMM per position beats
   // the slabs' 36 narrower ones (128 channels: 8-17% slower streamed).
-  const double u_bytes = double(kPositions) * double(g.out_channels) * double(g.in_channels_per_group()) * sizeof(float);
+  const double u_bytes =
+      double(g.kernel[0] * kPositions) * double(g.out_channels) * double(g.in_channels_per_group()) * sizeof(float);
   return u_bytes > kStreamedWeightBytes;
 }
 

@@ -33,19 +33,24 @@ bool winograd_size_rules_replaced();
 // 2d 3x3 stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where it pays.
 bool use_winograd(const ConvGeometry& g);
 
+// Whether conv_backward_weight_winograd serves g: use_winograd's 2-d layers (its transforms are 2-d only).
+bool use_winograd_weight_gradient(const ConvGeometry& g);
+
 // Whether the forward makes U = G g G^T a slab of (output, input) channels at a time inside the
 // products, where it stays in L2, instead of all of it first (winograd_weights), which the
 // products then read back from memory when it is larger than the caches.
 bool stream_weights(const ConvGeometry& g);
 
-// A 3x3 weight as Winograd reads it, in place: value (co, ci, tap) of group grp, with co and ci the
-// channels of the problem it runs and tap = 3 * row + column, at
-//   w[grp * group_stride + co * co_stride + ci * ci_stride + t * tap_stride],  t = rotated ? 8 - tap : tap.
-// Reads stay before `end`. Rotated views read grad input's kernel (the forward weight turned 180
-// degrees, its channels swapped) where the forward weight lies.
+// A 3x3 (3x3x3: depth x 3 x 3) weight as Winograd reads it, in place: value (co, ci, tap) of group
+// grp, with co and ci the channels of the problem it runs and tap = 9 * depth tap + 3 * row + column, at
+//   w[grp * group_stride + co * co_stride + ci * ci_stride + t * tap_stride],
+// t = tap, or 9 * depth - 1 - tap when rotated. Reads stay before `end`. Rotated views read grad
+// input's kernel (the forward weight turned 180 degrees, its channels swapped) where the forward
+// weight lies.
 struct WinogradWeightView {
   const float* w;
   int64_t co_stride, ci_stride, tap_stride, group_stride;
+  int64_t depth;  // taps in depth: 1 (2-d) or 3
   bool rotated;
   const float* end;
 };
