@@ -445,6 +445,19 @@ const Kernels& kernels() {
   return chosen;
 }
 
+// The tile-row transforms for rows of `tiles` tiles: the next narrower vectors when a row fills at
+// most half of this CPU's, whose other lanes would compute tiles past the row's end (7x7 to 28x28
+// maps: 2 to 7 tiles a row).
+const Kernels& row_kernels(int64_t tiles) {
+  const Kernels& widest = kernels();
+  if (tiles > widest.lanes / 2) return widest;
+#if CNNOPS_X86
+  if (&widest == &avx512_kernels) return avx2_kernels;
+  if (&widest == &avx2_kernels) return portable_kernels;
+#endif
+  return widest;
+}
+
 // fn(i) for i in [0, n) on the pool's threads, each taking the next index when done: under load,
 // a thread that starts late or is preempted leaves its share to the others. Each index's work is
 // independent of the others, so the result does not depend on which thread runs it.
@@ -561,6 +574,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
+  const Kernels& rows_kern = row_kernels(num_blocks(wo, kTile));
   const int64_t d = g.in[0], dout = g.out[0], pd = g.pad[0], depth = g.kernel[0];
   // Element strides (n, c, depth, h, w) of x and y.
   const int64_t xs_n = c_in * d * h * w, xs_c = nhwc ? 1 : d * h * w, xs_d = h * w * (nhwc ? c_in : 1);
@@ -631,7 +645,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
         }
         for (int64_t q = 0; q < cn; ++q)
           for (int64_t ty = ty0; ty < ty1; ++ty)
-            if (!kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
+            if (!rows_kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
                                 v + (c0 + q) * ld + (plane * th + ty - r0) * tw, v_xi))
               finite = false;
         r += ty1 - ty0;
@@ -691,11 +705,11 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
         for (int64_t q = 0; q < cn; ++q) {
           const float b = bias ? bias[co0 + q] : 0.0f;
           if (grouped)
-            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
+            rows_kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
                             rows_buffer.data() + q * kTile * out_w, out_w, 1, rows, wo);
           else
-            kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c, ys_h,
-                            ys_w, rows, wo);
+            rows_kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c,
+                                 ys_h, ys_w, rows, wo);
         }
         if (!grouped) continue;
         for (int64_t a = 0; a < rows; ++a) {
