@@ -162,11 +162,21 @@ def test_speed_rules_convert_small_and_3d_inputs():
     """Without the override, small maps and narrow 3-d layers (wide ones: test_conv3d_cpu.py) run the
     NCHW kernels on converted tensors (conv.cpp's kernel_memory_format), with torch's results and memory format."""
     _C._set_cpu_nhwc_kernels_forced(False)
-    for name in ("packed_7x7", "in_place_tail", "grid_3d", "packed_3d"):
+    for name in ("packed_7x7", "grid_3d", "packed_3d"):
         dims, x, w, b, kwargs = case_tensors(name, torch.float32)
         before = _C._cpu_nhwc_kernel_calls()
         check_conv_against_torch(dims, x, w, b, kwargs, torch.float32, msg=name)
         assert _C._cpu_nhwc_kernel_calls() == before, name
+
+
+def test_speed_rules_keep_small_pointwise_forwards_channels_last():
+    """A 1x1 stride-1 forward on a small map reads channels-last in place (its backward still
+    converts): one NHWC call, the forward's, for forward and both gradients."""
+    _C._set_cpu_nhwc_kernels_forced(False)
+    dims, x, w, b, kwargs = case_tensors("in_place_tail", torch.float32)
+    before = _C._cpu_nhwc_kernel_calls()
+    check_conv_against_torch(dims, x, w, b, kwargs, torch.float32, msg="in_place_tail")
+    assert _C._cpu_nhwc_kernel_calls() == before + 1
 
 
 @pytest.mark.parametrize("name", ["grid_s2", "packed_7x7", "in_place_tail", "direct_1x1_s2"])

@@ -3,7 +3,8 @@ NCHW kernels serve go through: small maps (at most 64 positions a sample, or 256
 layers of at most 16 channels (conv.cpp's kernel_memory_format and nhwc_serves_3d). A 1x1
 convolution with the identity weight is exact (each output sums x * 1 and zeros), so its output
 and input gradient must equal x and the upstream gradient bit for bit: any misplaced value of
-either conversion shows. Shapes go around the transpose's vector blocks (16 floats or 8 doubles on
+either conversion shows. Its forward reads channels-last in place (a 1x1 forward stays
+channels-last on small maps too); its grad input converts dY to NCHW and dX back. Shapes go around the transpose's vector blocks (16 floats or 8 doubles on
 AVX-512, less on AVX2 and portable), both in channels and in positions, with every ISA's kernel."""
 
 import math
@@ -26,17 +27,17 @@ def identity_conv_roundtrip(channels, spatial, batch, dtype):
     x = torch.randn(batch, channels, *spatial, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
     w = torch.eye(channels, dtype=dtype).reshape(channels, channels, *([1] * dims))
     conv = cnnops.functional.conv2d if dims == 2 else cnnops.functional.conv3d
-    before = _C._cpu_nhwc_kernel_calls()
     y = conv(x, w)
+    assert y.is_contiguous(memory_format=fmt)
+    assert torch.equal(y, x)
+    go = torch.randn_like(y).contiguous(memory_format=fmt)
+    before = _C._cpu_nhwc_kernel_calls()
+    (dx,) = torch.autograd.grad(y, (x,), go)
     # (1-4 channels: the first-layer kernel reads channels-last itself; wider 3-d layers over 256
     # positions: the NHWC kernels)
     nhwc_3d = dims == 3 and channels > 16 and batch * math.prod(spatial) > 256
     if channels > 4:
         assert (_C._cpu_nhwc_kernel_calls() > before) == nhwc_3d  # converted to NCHW unless nhwc_3d
-    assert y.is_contiguous(memory_format=fmt)
-    assert torch.equal(y, x)
-    go = torch.randn_like(y).contiguous(memory_format=fmt)
-    (dx,) = torch.autograd.grad(y, (x,), go)
     assert torch.equal(dx, go)
 
 

@@ -957,7 +957,11 @@ bool nhwc_kernel_serves(const at::Tensor& input, const ConvGeometry& g, bool for
   const double weight_bytes = double(g.out_channels) * double(g.gemm_k()) * double(input.element_size());
   const bool segments =
       forward && nhwc_row_segments_serve(g) && (g.batch * g.out_plane() >= 128 || weight_bytes <= 2e6);
-  const bool small_maps = !segments && (plane <= 64 || g.batch * plane <= 256);
+  // A 1x1 forward stays channels-last too: its NHWC product reads X in place, the NCHW one pays two
+  // layout copies (2 threads, torch/cnnops, NCHW kernels -> NHWC: DenseNet's 960->128 at 7x7 batch 8
+  // 0.80 -> 1.07, EfficientNet's 160->960 0.78 -> 1.06, 1024->256 14x14 batch 1 0.96 -> 1.18).
+  const bool pointwise_forward = forward && g.is_pointwise();
+  const bool small_maps = !segments && !pointwise_forward && (plane <= 64 || g.batch * plane <= 256);
   if (g.is_depthwise())  // NHWC kernels for some geometries only
     return depthwise_nhwc_supported(g, input.scalar_type() == at::kDouble);
   if (use_grouped(g, input.scalar_type() != at::kDouble) || nhwc_forced.load(std::memory_order_relaxed)) return true;
