@@ -4,7 +4,8 @@ layers of at most 16 channels (conv.cpp's kernel_memory_format and nhwc_serves_3
 convolution with the identity weight is exact (each output sums x * 1 and zeros), so its output
 and input gradient must equal x and the upstream gradient bit for bit: any misplaced value of
 either conversion shows. Its forward reads channels-last in place (a 1x1 forward stays
-channels-last on small maps too); its grad input converts dY to NCHW and dX back. Shapes go around the transpose's vector blocks (16 floats or 8 doubles on
+channels-last on small maps too); its grad input converts dY to NCHW and dX back. Shapes go
+around the transpose's vector blocks (16 floats or 8 doubles on
 AVX-512, less on AVX2 and portable), both in channels and in positions, with every ISA's kernel."""
 
 import math
