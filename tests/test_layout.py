@@ -65,3 +65,28 @@ def test_every_isa(isa):
     result = run_with_cpu_isa(isa, "import sys; sys.path.insert(0, 'tests')\n" + ISA_CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("shape,kernel", [((8, 16, 7, 7), 3), ((2, 1, 5, 5), 3), ((2, 8, 1, 1), 1), ((3, 24, 4, 6), 1),
+                                          ((2, 16, 3, 4, 5), 3)], ids=str)
+def test_results_survive_the_next_call(shape, kernel, dtype):
+    """The kernels' copies of their operands and results before conversion live in per-thread kept
+    storage (layout.h's KeptStorage); what a call returns is the caller's own: the next call, with
+    other values, leaves it as it was. Channels-last inputs on small maps (converted to NCHW and
+    back), shapes whose layouts coincide (1 channel, 1x1 maps), reduced precision."""
+    dims = len(shape) - 2
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    conv = cnnops.functional.conv2d if dims == 2 else cnnops.functional.conv3d
+    w = torch.randn(shape[1], shape[1], *([kernel] * dims), dtype=dtype)
+    results = []
+    for _ in range(2):
+        x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+        y = conv(x, w, padding=kernel // 2)
+        (dx,) = torch.autograd.grad(y, (x,), torch.randn_like(y))
+        results.append((y.detach(), dx))
+        if len(results) == 1:
+            saved = [t.clone() for t in results[0]]
+    for got, kept in zip(results[0], saved):
+        assert torch.equal(got, kept)
+    assert not torch.equal(results[0][0], results[1][0])

@@ -866,8 +866,18 @@ void conv_backward_bias_nhwc(const ConvGeometry& g, const T* dy, T* db) {
 
 // Reduced-precision tensors run through the float kernels: float accumulation, as torch does.
 bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
-at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
-  return contiguous_as(is_reduced(t) ? t.to(at::kFloat) : t, format);
+at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::MemoryFormat::Contiguous,
+                        KeptStorage* storage = nullptr) {
+  return contiguous_as(is_reduced(t) ? t.to(at::kFloat) : t, format, storage);
+}
+
+// Where a kernel writes a result that `format` and `input`'s dtype give back to the caller: kept
+// storage when a conversion (a fresh tensor) follows, else a fresh tensor, which is returned as it is.
+at::Tensor kernel_result(KeptStorage& storage, c10::IntArrayRef sizes, const at::TensorOptions& options,
+                         at::MemoryFormat layout, const at::Tensor& input, at::MemoryFormat format) {
+  at::Tensor t = storage.empty(sizes, options, layout);
+  if (!is_reduced(input) && t.is_contiguous(format)) return at::empty(sizes, options.memory_format(layout));
+  return t;
 }
 
 // The weight as the forward kernels read it: float32 or float64, dense, in either WeightOrder
@@ -1012,12 +1022,14 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, c
   check_cpu_dtype("conv_forward()", input);
   const auto layout = kernel_memory_format(input, g, /*forward=*/true);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
-  const auto x = compute_copy(input, layout);
+  thread_local KeptStorage kept_x, kept_y;  // temporaries: the input and the output in the kernels' layout
+  const auto x = compute_copy(input, layout, &kept_x);
   const auto [w, order] = kernel_weight(weight);
   const WeightCacheScope weight_cache(weight, w.data_ptr());  // under no_grad: kernels may keep w packed
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? compute_copy(*bias) : at::Tensor();
-  auto y = at::empty(conv_output_shape(g, weight.dim() - 2), x.options().memory_format(layout));
+  const auto out_format = conv_output_memory_format(input, weight);
+  auto y = kernel_result(kept_y, conv_output_shape(g, weight.dim() - 2), x.options(), layout, input, out_format);
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward_cpu", [&] {
       const scalar_t* bias_ptr = has_bias ? b.data_ptr<scalar_t>() : nullptr;
@@ -1025,7 +1037,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& weight, c
                        activation, order);
     });
   }
-  return contiguous_as(y.to(input.scalar_type()), conv_output_memory_format(input, weight));
+  return contiguous_as(y.to(input.scalar_type()), out_format);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -1040,16 +1052,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
   check_cpu_dtype("conv_backward()", input);
   const auto layout = kernel_memory_format(input, g);
   const bool nhwc = layout != at::MemoryFormat::Contiguous;
-  const auto dy = compute_copy(grad_output, layout), x = compute_copy(input, layout);
+  thread_local KeptStorage kept_dy, kept_x, kept_dx;  // temporaries, as in conv_forward_cpu
+  const auto dy = compute_copy(grad_output, layout, &kept_dy);
+  const auto x = output_mask[1] ? compute_copy(input, layout, &kept_x) : at::Tensor();  // only dW reads X
   const auto [w, order] = kernel_weight(weight);
   // Masked-out gradients are distinct empty tensors: outputs of an op must not alias each other.
   auto empty = [&] { return at::empty({0}, input.options()); };
   at::Tensor dx = empty(), dw = empty(), db = empty();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv_backward_cpu", [&] {
     const scalar_t* dy_ptr = dy.data_ptr<scalar_t>();
     KernelWeight<scalar_t> kw(g, w.data_ptr<scalar_t>(), order);
     if (output_mask[0]) {
-      dx = at::empty(x.sizes(), x.options().memory_format(layout));  // at::zeros ignores the format
+      const auto dx_format = conv_output_memory_format(input, input);
+      dx = kernel_result(kept_dx, input.sizes(), dy.options(), layout, input, dx_format);
       scalar_t* dx_ptr = dx.data_ptr<scalar_t>();
       const bool work = dx.numel() > 0 && dy.numel() > 0;
       // Every path writes every value of dX; only an empty dY leaves it to be zeroed.
@@ -1070,7 +1085,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
           conv_backward_input_nhwc(g, dy_ptr, kw.data(), kw.order(), dx_ptr);
         }
       }
-      dx = contiguous_as(dx.to(input.scalar_type()), conv_output_memory_format(input, input));
+      dx = contiguous_as(dx.to(input.scalar_type()), dx_format);
     }
     if (output_mask[2]) db = at::zeros({g.out_channels}, dy.options());
     bool db_done = false;  // the depthwise and first-layer kernels may sum db in their pass over dY

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 
@@ -33,7 +34,31 @@ void transpose_bands(const T* __restrict src, T* __restrict dst, int64_t rows, i
 
 }  // namespace
 
-at::Tensor contiguous_as(const at::Tensor& t, at::MemoryFormat format) {
+at::Tensor KeptStorage::empty(c10::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes > (size_t(64) << 20)) return at::empty(sizes, options.memory_format(format));
+  if (bytes > bytes_) {
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    data_.reset(static_cast<std::byte*>(std::aligned_alloc(64, rounded)));
+    TORCH_CHECK(data_ != nullptr, "out of memory: ", rounded, " bytes of kept scratch");
+    bytes_ = rounded;
+  }
+  std::vector<int64_t> strides(sizes.size());
+  if (format == at::MemoryFormat::ChannelsLast) {
+    strides = c10::get_channels_last_strides_2d(sizes);
+  } else if (format == at::MemoryFormat::ChannelsLast3d) {
+    strides = c10::get_channels_last_strides_3d(sizes);
+  } else {
+    int64_t stride = 1;
+    for (size_t i = sizes.size(); i-- > 0;) {
+      strides[i] = stride;
+      stride *= std::max<int64_t>(sizes[i], 1);
+    }
+  }
+  return at::from_blob(data_.get(), sizes, strides, options);
+}
+
+at::Tensor contiguous_as(const at::Tensor& t, at::MemoryFormat format, KeptStorage* storage) {
   if (t.is_contiguous(format)) return t;
   const bool to_rows = format != at::MemoryFormat::Contiguous;  // to channels last
   const bool convertible = (t.dim() == 4 || t.dim() == 5) && t.numel() > 0 &&
@@ -41,7 +66,8 @@ at::Tensor contiguous_as(const at::Tensor& t, at::MemoryFormat format) {
                            format == (to_rows ? channels_last_format(t.dim()) : at::MemoryFormat::Contiguous) &&
                            t.is_contiguous(to_rows ? at::MemoryFormat::Contiguous : channels_last_format(t.dim()));
   if (!convertible) return t.contiguous(format);
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(format));
+  at::Tensor out = storage ? storage->empty(t.sizes(), t.options(), format)
+                           : at::empty(t.sizes(), t.options().memory_format(format));
   const int64_t n = t.size(0), c = t.size(1), s = t.numel() / (n * c);
   const int64_t rows = to_rows ? c : s, cols = to_rows ? s : c;  // the source matrix of a sample
   const int64_t tiles = ceil_div(rows, kTile);
