@@ -561,13 +561,14 @@ def test_row_segment_cases_cover_the_segment_sizes():
 @pytest.mark.usefixtures("segments")
 def test_row_segment_speed_rules():
     """Without the override: a small-map forward the segments serve stays channels-last (its backward
-    still converts), a large weight on few rows converts, and narrow float32 layers up to 32x32 take
-    the segments before Winograd, which keeps 56x56 (conv.cpp)."""
+    still converts), a large weight on few rows converts, and narrow float32 layers up to 16x16 take
+    the segments before Winograd, which keeps 28x28 and 56x56 (conv.cpp)."""
     _C._set_cpu_nhwc_kernels_forced(False)
     cases = [  # (x shape, weight shape, forward on the segments, Winograd, channels-last kernels)
         ((2, 16, 7, 7), (20, 16, 3, 3), True, False, True),  # 98 rows, a small weight
         ((1, 512, 7, 7), (512, 512, 3, 3), False, False, False),  # 49 rows, 9.4 MB of weight: NCHW
-        ((2, 64, 28, 28), (16, 64, 3, 3), True, False, True),  # narrow, 98 Winograd tiles
+        ((2, 64, 16, 16), (16, 64, 3, 3), True, False, True),  # narrow, 32 Winograd tiles
+        ((2, 64, 28, 28), (16, 64, 3, 3), False, True, True),
         ((2, 64, 56, 56), (16, 64, 3, 3), False, True, True),
     ]
     with cnnops.backends.cpu.flags(allow_winograd=True):

@@ -468,13 +468,13 @@ class KernelWeight {
 };
 
 // Whether Winograd suits g where the kernels before it in conv_forward_any do not take it. Narrow
-// layers (fewer than 64 channels on a side) on maps up to 32x32 run faster on the NHWC row segments
-// (DenseNet's 128->32 3x3 at 28x28, batch 8, 1 thread: forward 0.66 -> 0.80, its grad input 0.77 ->
-// 0.87); at 56x56 Winograd stays ahead (0.85 vs 0.80).
+// layers (fewer than 64 channels on a side) on maps up to 16x16 run faster on the NHWC row segments
+// (DenseNet's 128->32 3x3 at 14x14, batch 8, torch/cnnops: forward 0.93 vs Winograd's 0.71 at 1
+// thread); from 28x28 Winograd is ahead (forward 1.16 vs 0.86, grad input 1.22 vs 0.88).
 bool winograd_serves(const ConvGeometry& g, bool nhwc) {
   const bool narrow_segments = nhwc && !winograd_size_rules_replaced() &&
                                std::min(g.in_channels_per_group(), g.out_channels_per_group()) < 64 &&
-                               g.out_plane() <= 1024 && nhwc_row_segments_serve(g);
+                               g.out_plane() <= 256 && nhwc_row_segments_serve(g);
   return use_winograd(g) && !narrow_segments;
 }
 
