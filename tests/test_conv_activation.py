@@ -128,12 +128,14 @@ def nhwc_kernels_forced(on):
 
 
 EVERY_PATH = {"gemm", "gemm_long_k", "gemm_split", "gemm_split_long_k", "shifted", "shifted_long_k", "depthwise",
-              "grouped", "space_to_depth", "nhwc", "nhwc_long_k"}
+              "grouped", "space_to_depth", "nhwc", "nhwc_long_k", "subsampled"}
 
 # name -> config, tuples written for 3 dims and cut to the first `dims`. `cl` asks for a
 # channels_last input (2d/3d only). Comments name the 2d path.
 GRID = {
     "gemm_stride2": dict(stride=2, padding=1),                                    # im2col GEMM
+    "subsampled_1x1": dict(kernel=1, stride=(2, 3, 2), spatial=(9, 10, 7)),       # a pointwise one on X[::s]
+    "subsampled_1x1_groups": dict(kernel=1, stride=2, groups=2, cin=8, cout=6, spatial=(5, 8, 6)),
     "gemm_dilation_stride": dict(stride=(2, 1, 2), dilation=2, padding=2, spatial=(9, 10, 8)),
     "gemm_small_image_many_rows": dict(n=3, cin=5, cout=40, spatial=5, stride=2),  # tiles span samples, rows split
     "gemm_long_k": dict(cin=32, cout=10, stride=2, padding=1, spatial=(9, 8, 6)),  # K = 288 (2d): two blocks

@@ -224,10 +224,12 @@ enum class ForwardRoute {
   Shifted,
   Gemm,
   GemmSplit,
+  Subsampled,
   kCount
 };
-constexpr const char* kForwardRouteNames[] = {"window_dot", "space_to_depth", "grouped", "first_layer", "winograd",
-                                              "depthwise",  "nhwc",           "shifted", "gemm",        "gemm_split"};
+constexpr const char* kForwardRouteNames[] = {"window_dot", "space_to_depth", "grouped", "first_layer",
+                                              "winograd",   "depthwise",      "nhwc",    "shifted",
+                                              "gemm",       "gemm_split",     "subsampled"};
 static_assert(std::size(kForwardRouteNames) == size_t(ForwardRoute::kCount));
 std::atomic<int64_t> forward_route_calls[size_t(ForwardRoute::kCount)];
 void count_route(ForwardRoute route) { forward_route_calls[size_t(route)].fetch_add(1, std::memory_order_relaxed); }
@@ -497,6 +499,38 @@ WinogradWeightView winograd_view(const ConvGeometry& g, const float* w, WeightOr
                             g.kernel[0], rotated,  w + g.groups * group_stride};
 }
 
+// A 1x1 convolution without padding and with a stride reads only every stride-th input position:
+// those, copied into a dense (N, C_in, D_out, H_out, W_out) input, make it a pointwise one whose
+// product reads X in place, where the strided one gathers im2col columns (ResNet's 512->1024
+// downsampling at 28x28, batch 8, 2 threads: 5.4 -> 4.2 ms). NCHW: channels-last inputs pick
+// the strided positions as they pack rows.
+bool use_subsampled_pointwise(const ConvGeometry& g, bool nhwc) {
+  if (nhwc) return false;
+  bool strided = false;
+  for (int i = 0; i < 3; ++i) {
+    if (g.kernel[i] != 1 || g.pad[i] != 0) return false;
+    strided = strided || g.stride[i] != 1;
+  }
+  return strided;
+}
+
+// x's positions that g's 1x1 windows read: xs[n, c, od, oh, ow] = x[n, c, od * s_d, oh * s_h, ow * s_w].
+template <typename T>
+void subsample_positions(const ConvGeometry& g, const T* x, T* xs) {
+  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
+  at::parallel_for(0, g.batch * g.in_channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* src = x + p * in_plane;
+      T* dst = xs + p * out_plane;
+      for (int64_t od = 0; od < g.out[0]; ++od)
+        for (int64_t oh = 0; oh < g.out[1]; ++oh) {
+          const T* row = src + (od * g.stride[0] * g.in[1] + oh * g.stride[1]) * g.in[2];
+          for (int64_t ow = 0; ow < g.out[2]; ++ow) *dst++ = row[ow * g.stride[2]];
+        }
+    }
+  });
+}
+
 // The forward kernel that suits the geometry and layout (x and y channels-last when nhwc).
 // Each applies the activation in its own output step, where the bias is added. The GEMM kernels
 // read the weight in either order; the others get it in ChannelTap order.
@@ -507,6 +541,16 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
   if (use_window_dot(g, nhwc)) {  // 1x1 maps
     count_route(ForwardRoute::WindowDot);
     return conv_forward_window_dot(g, x, weight.channel_tap(), bias, y, activation);
+  }
+  if (use_subsampled_pointwise(g, nhwc)) {
+    count_route(ForwardRoute::Subsampled);
+    ConvGeometry pointwise = g;
+    for (int i = 0; i < 3; ++i) pointwise.in[i] = g.out[i], pointwise.stride[i] = 1, pointwise.dilation[i] = 1;
+    thread_local std::vector<T> kept;
+    std::unique_ptr<T[]> fresh;
+    T* xs = kept_scratch(kept, fresh, g.batch * g.in_channels * g.out_plane());
+    subsample_positions(g, x, xs);
+    return conv_forward_any(pointwise, static_cast<const T*>(xs), w, bias, y, nhwc, activation, order);
   }
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
