@@ -542,16 +542,6 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     count_route(ForwardRoute::WindowDot);
     return conv_forward_window_dot(g, x, weight.channel_tap(), bias, y, activation);
   }
-  if (use_subsampled_pointwise(g, nhwc)) {
-    count_route(ForwardRoute::Subsampled);
-    ConvGeometry pointwise = g;
-    for (int i = 0; i < 3; ++i) pointwise.in[i] = g.out[i], pointwise.stride[i] = 1, pointwise.dilation[i] = 1;
-    thread_local std::vector<T> kept;
-    std::unique_ptr<T[]> fresh;
-    T* xs = kept_scratch(kept, fresh, g.batch * g.in_channels * g.out_plane());
-    subsample_positions(g, x, xs);
-    return conv_forward_any(pointwise, static_cast<const T*>(xs), w, bias, y, nhwc, activation, order);
-  }
   if (use_space_to_depth(g)) {  // the 7x7 stride-2 stem as a stride-1 convolution
     SpaceToDepth<T> s;
     if (space_to_depth(g, x, weight.channel_tap(), nhwc, s)) {
@@ -566,6 +556,16 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     }
     count_route(ForwardRoute::Grouped);
     return conv_grouped_forward(g, x, weight.channel_tap(), bias, y, activation, nhwc);
+  }
+  if (use_subsampled_pointwise(g, nhwc)) {
+    count_route(ForwardRoute::Subsampled);
+    ConvGeometry pointwise = g;
+    for (int i = 0; i < 3; ++i) pointwise.in[i] = g.out[i], pointwise.stride[i] = 1, pointwise.dilation[i] = 1;
+    thread_local std::vector<T> kept;
+    std::unique_ptr<T[]> fresh;
+    T* xs = kept_scratch(kept, fresh, g.batch * g.in_channels * g.out_plane());
+    subsample_positions(g, x, xs);
+    return conv_forward_any(pointwise, static_cast<const T*>(xs), w, bias, y, nhwc, activation, order);
   }
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
     if (winograd_serves(g, nhwc) &&
