@@ -485,7 +485,7 @@ bool forward_runs_winograd(const ConvGeometry& g, bool nhwc) {
   return !use_window_dot(g, nhwc) && !use_space_to_depth(g) && !use_grouped(g, true) && winograd_serves(g, nhwc);
 }
 
-// g's 3x3 weight w, in `order`, as Winograd reads it in place. Rotated: g is the transposed problem
+// g's 3x3 (3x3x3) weight w, in `order`, as Winograd reads it in place. Rotated: g is the transposed problem
 // of conv_backward_input_as_forward, whose kernel is w (the forward's weight) turned 180 degrees
 // with its channels swapped: g's (co, ci) is w's (ci, co).
 WinogradWeightView winograd_view(const ConvGeometry& g, const float* w, WeightOrder order, bool rotated) {
@@ -495,8 +495,9 @@ WinogradWeightView winograd_view(const ConvGeometry& g, const float* w, WeightOr
   const int64_t o_stride = taps * w_cin, i_stride = order == WeightOrder::ChannelTap ? taps : 1;
   const int64_t t_stride = order == WeightOrder::ChannelTap ? 1 : w_cin;
   const int64_t group_stride = taps * co_g * ci_g;
-  return WinogradWeightView{w,        rotated ? i_stride : o_stride, rotated ? o_stride : i_stride, t_stride, group_stride,
-                            g.kernel[0], rotated,  w + g.groups * group_stride};
+  const int64_t co_stride = rotated ? i_stride : o_stride, ci_stride = rotated ? o_stride : i_stride;
+  const float* end = w + g.groups * group_stride;
+  return WinogradWeightView{w, co_stride, ci_stride, t_stride, group_stride, g.kernel[0], rotated, end};
 }
 
 // A 1x1 convolution without padding and with a stride reads only every stride-th input position:
@@ -684,7 +685,8 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   const int64_t taps = g.kernel_volume();
   thread_local std::vector<T> kept_rotated;
   std::unique_ptr<T[]> fresh_rotated;
-  T* const rotated = kept_scratch(kept_rotated, fresh_rotated, g.out_channels * cin_g * taps);  // [C_in][C_out/groups][taps]
+  // [C_in][C_out / groups][taps]
+  T* const rotated = kept_scratch(kept_rotated, fresh_rotated, g.out_channels * cin_g * taps);
   // A transpose of (m, c) with the taps reversed, in 16 x 16 tiles: row by row it would write
   // (or read) one value per cache line, milliseconds for a 2048 x 512 weight.
   constexpr int64_t tile = 16;

@@ -339,7 +339,8 @@ CNNOPS_INLINE bool weight_body(const WinogradWeightView& w, int64_t ci_count, in
         // (channel, tap) pairs, OHWI rows of channels one tap at a time.
         for (int b = 0; b < 9; ++b) {
           V r[L];
-          for (int l = 0; l < L; ++l) r[l] = load<L>(channel_tap ? tap_at(co + l, ci0, 0) + b * L : tap_at(co + l, ci0, b));
+          for (int l = 0; l < L; ++l)
+            r[l] = load<L>(channel_tap ? tap_at(co + l, ci0, 0) + b * L : tap_at(co + l, ci0, b));
           transpose<L>(r);
           for (int q = 0; q < L; ++q) store<L>(block[channel_tap ? b * L + q : q * 9 + b], r[q]);
         }
@@ -612,84 +613,85 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
     const int64_t tiles = (r1 - r0) * tw;
     const int64_t plane_size = plane_h * plane_w;
     for (int64_t kd = 0; kd < depth && finite; ++kd) {
-    // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
-    // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
-    // Channels-last input is copied L channels at a time, transposed L x L.
-    parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
-      const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
-      thread_local std::vector<float> plane_buffer;
-      plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
-      float* planes = plane_buffer.data();
-      for (int64_t r = r0; r < r1;) {
-        const int64_t plane = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
-        const int64_t n = plane / dout, id = plane % dout + kd - pd;  // the input plane depth tap kd reads
-        const bool plane_inside = id >= 0 && id < d;
-        for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
-          const bool inside = plane_inside && hp >= ph && hp < ph + h;
-          for (int64_t q = 0; q < cn; ++q) {
-            float* dst = planes + q * plane_size + hp * plane_w;
-            std::fill(dst, dst + (inside ? pw : plane_w), 0.0f);
-            if (inside) std::fill(dst + pw + w, dst + plane_w, 0.0f);
+      // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
+      // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
+      // Channels-last input is copied L channels at a time, transposed L x L.
+      parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
+        const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
+        thread_local std::vector<float> plane_buffer;
+        plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
+        float* planes = plane_buffer.data();
+        for (int64_t r = r0; r < r1;) {
+          const int64_t plane = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
+          const int64_t n = plane / dout, id = plane % dout + kd - pd;  // the input plane depth tap kd reads
+          const bool plane_inside = id >= 0 && id < d;
+          for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
+            const bool inside = plane_inside && hp >= ph && hp < ph + h;
+            for (int64_t q = 0; q < cn; ++q) {
+              float* dst = planes + q * plane_size + hp * plane_w;
+              std::fill(dst, dst + (inside ? pw : plane_w), 0.0f);
+              if (inside) std::fill(dst + pw + w, dst + plane_w, 0.0f);
+            }
+            if (!inside) continue;
+            const float* src = x + n * xs_n + id * xs_d + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
+            float* dst = planes + hp * plane_w + pw;
+            int64_t j = 0;
+            if (cn == lanes)
+              for (; j + lanes <= w; j += lanes) kern.transpose(src + j * xs_w, xs_w, dst + j, plane_size);
+            for (int64_t q = 0; q < cn; ++q)
+              if (xs_w == 1)
+                std::memcpy(dst + q * plane_size + j, src + q * xs_c + j, (w - j) * sizeof(float));
+              else
+                for (int64_t jj = j; jj < w; ++jj) dst[q * plane_size + jj] = src[q * xs_c + jj * xs_w];
           }
-          if (!inside) continue;
-          const float* src = x + n * xs_n + id * xs_d + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
-          float* dst = planes + hp * plane_w + pw;
-          int64_t j = 0;
-          if (cn == lanes)
-            for (; j + lanes <= w; j += lanes) kern.transpose(src + j * xs_w, xs_w, dst + j, plane_size);
           for (int64_t q = 0; q < cn; ++q)
-            if (xs_w == 1)
-              std::memcpy(dst + q * plane_size + j, src + q * xs_c + j, (w - j) * sizeof(float));
-            else
-              for (int64_t jj = j; jj < w; ++jj) dst[q * plane_size + jj] = src[q * xs_c + jj * xs_w];
+            for (int64_t ty = ty0; ty < ty1; ++ty)
+              if (!rows_kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
+                                  v + (c0 + q) * ld + (plane * th + ty - r0) * tw, v_xi))
+                finite = false;
+          r += ty1 - ty0;
         }
-        for (int64_t q = 0; q < cn; ++q)
-          for (int64_t ty = ty0; ty < ty1; ++ty)
-            if (!rows_kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
-                                v + (c0 + q) * ld + (plane * th + ty - r0) * tw, v_xi))
+      });
+      if (!finite) return;
+      // The 36 GEMMs per group: M[xi] = U[xi] * V[xi] (+ M[xi] past the first depth tap).
+      if (transformed) {
+        parallel_dynamic(kPositions * groups, [&](int64_t task) {
+          const int64_t xi = task / groups, grp = task % groups;
+          const PackedA<float>& u = transformed->u[kd * kPositions * groups + task];
+          gemm_shifted_b<float>(u, tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
+                                m + xi * m_xi + grp * cout_g * ld, ld, nullptr, kd > 0);
+        });
+      } else {
+        // U made from the weight for a slab of kSlabRows output x kSlabChannels input channels (36 x 32 x 128
+        // values: 590 KB, in L2) and multiplied at once into M's rows, summed over the input slabs
+        // in order. Each task streams the weights once and reads V's slab rows from L1 for every
+        // panel of its rows.
+        const int64_t row_blocks = num_blocks(cout_g, kSlabRows), mr = gemm_mr<float>();
+        parallel_dynamic(groups * row_blocks, [&](int64_t task) {
+          const int64_t grp = task / row_blocks, co0 = task % row_blocks * kSlabRows;
+          const int64_t rows = std::min(kSlabRows, cout_g - co0);
+          thread_local std::vector<PackedA<float>> slab(kPositions);
+          for (int64_t ci0 = 0; ci0 < cin_g && finite; ci0 += kSlabChannels) {
+            const int64_t kc = std::min(kSlabChannels, cin_g - ci0);
+            const PackedLayout layout{mr, round_up(rows, mr), kc};
+            float* dst[kPositions];
+            for (int64_t xi = 0; xi < kPositions; ++xi) {
+              PackedA<float>& u = slab[xi];
+              u.m = rows, u.k = kc, u.mr = mr;
+              u.data.resize(layout.padded_m * kc);
+              if (rows % mr != 0) std::fill(u.data.begin(), u.data.end(), 0.0f);  // the padding rows
+              dst[xi] = u.data.data();
+            }
+            if (!kern.weights(view_at(weight, grp, co0, ci0, kd), kc, 0, rows, dst, layout)) {
               finite = false;
-        r += ty1 - ty0;
+              return;
+            }
+            for (int64_t xi = 0; xi < kPositions; ++xi)
+              gemm_shifted_b<float>(slab[xi], tiles, v + xi * v_xi + (grp * cin_g + ci0) * ld, row_offset.data(),
+                                    m + xi * m_xi + (grp * cout_g + co0) * ld, ld, nullptr, ci0 > 0 || kd > 0);
+          }
+        });
       }
-    });
-    if (!finite) return;
-    // The 36 GEMMs per group: M[xi] = U[xi] * V[xi] (+ M[xi] past the first depth tap).
-    if (transformed) {
-      parallel_dynamic(kPositions * groups, [&](int64_t task) {
-        const int64_t xi = task / groups, grp = task % groups;
-        gemm_shifted_b<float>(transformed->u[kd * kPositions * groups + task], tiles, v + xi * v_xi + grp * cin_g * ld,
-                              row_offset.data(), m + xi * m_xi + grp * cout_g * ld, ld, nullptr, kd > 0);
-      });
-    } else {
-      // U made from the weight for a slab of kSlabRows output x kSlabChannels input channels (36 x 32 x 128
-      // values: 590 KB, in L2) and multiplied at once into M's rows, summed over the input slabs
-      // in order. Each task streams the weights once and reads V's slab rows from L1 for every
-      // panel of its rows.
-      const int64_t row_blocks = num_blocks(cout_g, kSlabRows), mr = gemm_mr<float>();
-      parallel_dynamic(groups * row_blocks, [&](int64_t task) {
-        const int64_t grp = task / row_blocks, co0 = task % row_blocks * kSlabRows;
-        const int64_t rows = std::min(kSlabRows, cout_g - co0);
-        thread_local std::vector<PackedA<float>> slab(kPositions);
-        for (int64_t ci0 = 0; ci0 < cin_g && finite; ci0 += kSlabChannels) {
-          const int64_t kc = std::min(kSlabChannels, cin_g - ci0);
-          const PackedLayout layout{mr, round_up(rows, mr), kc};
-          float* dst[kPositions];
-          for (int64_t xi = 0; xi < kPositions; ++xi) {
-            PackedA<float>& u = slab[xi];
-            u.m = rows, u.k = kc, u.mr = mr;
-            u.data.resize(layout.padded_m * kc);
-            if (rows % mr != 0) std::fill(u.data.begin(), u.data.end(), 0.0f);  // the padding rows
-            dst[xi] = u.data.data();
-          }
-          if (!kern.weights(view_at(weight, grp, co0, ci0, kd), kc, 0, rows, dst, layout)) {
-            finite = false;
-            return;
-          }
-          for (int64_t xi = 0; xi < kPositions; ++xi)
-            gemm_shifted_b<float>(slab[xi], tiles, v + xi * v_xi + (grp * cin_g + ci0) * ld, row_offset.data(),
-                                  m + xi * m_xi + (grp * cout_g + co0) * ld, ld, nullptr, ci0 > 0 || kd > 0);
-        }
-      });
-    }
     }
     if (!finite) return;
     // Output transform, bias and activation into y; channels-last output L channels at a time,
