@@ -7,8 +7,12 @@
 //   M[xi] (C_out x tiles) = U[xi] (C_out x C_in) * V[xi] (C_in x tiles)
 // Steps, for a block of whole tile rows at a time (so V and M stay in cache):
 //   input transform  V = B^T d B per tile and channel, vectorized over the tiles of a tile row
-//   36 GEMMs         the project's GEMM, B read in place (gemm_shifted_b)
+//   36 GEMMs         the project's GEMM, B read in place (gemm_shifted_b); U made all at once
+//                    first, or slab by slab inside them where all of it would not fit the caches
 //   output transform A^T M A, + bias, activation, written straight into y
+// A 3x3x3 layer repeats the first two steps per depth tap kd, on input plane od + kd - pad,
+// summing into M (formulas.md §Winograd).
+// The weight is read where it lies (WinogradWeightView): grad input's turned kernel too.
 // The weight gradient runs the same steps backwards: dU[xi] = Z[xi] * V[xi]^T summed over tiles,
 // with Z = A dY A^T per output-gradient tile, then dW = G^T dU G.
 // The transforms change rounding (not bitwise equal to the direct path), hence the switch

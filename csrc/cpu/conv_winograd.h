@@ -1,5 +1,5 @@
 #pragma once
-// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (conv_winograd.cpp).
+// Winograd convolution F(4x4, 3x3) for float32 3x3 (and 3x3x3) stride-1 layers (conv_winograd.cpp).
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -30,10 +30,11 @@ int64_t winograd_streamed_call_count();
 bool winograd_size_rules_replaced();
 
 // Whether conv_forward_any runs this geometry through Winograd: the switch is on, the layer is a
-// 2d 3x3 stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where it pays.
+// 2d 3x3 (or 3d 3x3x3) stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where
+// it pays.
 bool use_winograd(const ConvGeometry& g);
 
-// Whether conv_backward_weight_winograd serves g: use_winograd's 2-d layers (its transforms are 2-d only).
+// Whether conv_backward_weight_winograd serves g: use_winograd's 2-d layers (its transforms are 2-d).
 bool use_winograd_weight_gradient(const ConvGeometry& g);
 
 // Whether the forward makes U = G g G^T a slab of (output, input) channels at a time inside the
@@ -42,7 +43,8 @@ bool use_winograd_weight_gradient(const ConvGeometry& g);
 bool stream_weights(const ConvGeometry& g);
 
 // A 3x3 (3x3x3: depth x 3 x 3) weight as Winograd reads it, in place: value (co, ci, tap) of group
-// grp, with co and ci the channels of the problem it runs and tap = 9 * depth tap + 3 * row + column, at
+// grp, with co and ci the channels of the problem it runs and tap = 9 * depth tap + 3 * row + column,
+// at
 //   w[grp * group_stride + co * co_stride + ci * ci_stride + t * tap_stride],
 // t = tap, or 9 * depth - 1 - tap when rotated. Reads stay before `end`. Rotated views read grad
 // input's kernel (the forward weight turned 180 degrees, its channels swapped) where the forward
@@ -55,8 +57,8 @@ struct WinogradWeightView {
   const float* end;
 };
 
-// The transformed weights U = G g G^T, one packed GEMM operand per (transform position, group):
-// u[xi * groups + group]. Computed per call (into storage reused between calls); a cache keyed by
+// The transformed weights U = G g G^T, one packed GEMM operand per (depth tap, transform position,
+// group): u[(kd * 36 + xi) * groups + group]. Computed per call (into storage reused between calls); a cache keyed by
 // the weight's version can hold it instead.
 struct WinogradWeights {
   std::vector<PackedA<float>> u;
