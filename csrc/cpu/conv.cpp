@@ -49,17 +49,6 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// `size` values of scratch, kept by this thread in `kept` for its next call when at most 64 MiB, else
-// fresh in `fresh`: a fresh buffer of MBs, which glibc maps anew on each call when no larger block
-// was freed before, is page-faulted in as it is written (3.1 of 9.5 ms on conv3d 32ch 16x28x28
-// batch 2, 1 thread, run alone in a process). Written whole before it is read.
-template <typename T>
-T* kept_scratch(std::vector<T>& kept, std::unique_ptr<T[]>& fresh, int64_t size) {
-  if (size * int64_t(sizeof(T)) > (int64_t(64) << 20)) return (fresh = scratch<T>(size)).get();
-  if (kept.size() < size_t(size)) kept = std::vector<T>(size);
-  return kept.data();
-}
-
 // Splits M rows into blocks of whole micro-kernel panels when `tasks` other tasks are too few
 // to keep every thread busy (two tasks per thread).
 struct RowSplit {
@@ -562,9 +551,9 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     count_route(ForwardRoute::Subsampled);
     ConvGeometry pointwise = g;
     for (int i = 0; i < 3; ++i) pointwise.in[i] = g.out[i], pointwise.stride[i] = 1, pointwise.dilation[i] = 1;
-    thread_local std::vector<T> kept;
+    thread_local KeptStorage kept;
     std::unique_ptr<T[]> fresh;
-    T* xs = kept_scratch(kept, fresh, g.batch * g.in_channels * g.out_plane());
+    T* xs = kept.values<T>(g.batch * g.in_channels * g.out_plane(), fresh);
     subsample_positions(g, x, xs);
     return conv_forward_any(pointwise, static_cast<const T*>(xs), w, bias, y, nhwc, activation, order);
   }
@@ -587,14 +576,6 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
   } else {
     conv_forward_gemm(g, x, weight.data(), weight.order(), bias, y, activation);  // counts Gemm or GemmSplit
   }
-}
-
-// dst[N - 1 - r] = src[r] for r < N: one (output, input channel) pair's taps rotated 180 degrees.
-template <int N, typename T>
-inline void copy_reversed(const T* __restrict src, T* __restrict dst) {
-  T taps[N];
-  for (int r = 0; r < N; ++r) taps[r] = src[r];
-  for (int r = 0; r < N; ++r) dst[N - 1 - r] = taps[r];
 }
 
 // The transposed problem t of conv_backward_input_as_forward with few columns (small maps, batch
@@ -683,10 +664,9 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   }
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();
-  thread_local std::vector<T> kept_rotated;
+  thread_local KeptStorage kept_rotated;
   std::unique_ptr<T[]> fresh_rotated;
-  // [C_in][C_out / groups][taps]
-  T* const rotated = kept_scratch(kept_rotated, fresh_rotated, g.out_channels * cin_g * taps);
+  T* const rotated = kept_rotated.values<T>(g.out_channels * cin_g * taps, fresh_rotated);  // [C_in][C_out/g][taps]
   // A transpose of (m, c) with the taps reversed, in 16 x 16 tiles: row by row it would write
   // (or read) one value per cache line, milliseconds for a 2048 x 512 weight.
   constexpr int64_t tile = 16;
@@ -699,11 +679,7 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
         for (int64_t m = m0; m < std::min(cout_g, m0 + tile); ++m) {
           const T* src = w + (grp * cout_g + m) * cin_g * taps + weight_column(g, order, c, 0);
           T* dst = rotated + ((grp * cin_g + c) * cout_g + m) * taps;
-          if (taps == 9 && tap_step == 1) {  // 3x3 in ChannelTap order: a constant-length copy the compiler unrolls
-            copy_reversed<9>(src, dst);
-          } else {
-            for (int64_t r = 0; r < taps; ++r) dst[taps - 1 - r] = src[r * tap_step];
-          }
+          for (int64_t r = 0; r < taps; ++r) dst[taps - 1 - r] = src[r * tap_step];
         }
     }
   });
@@ -790,10 +766,12 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
   // chunk c of group grp at b + (grp * chunks + c) * chunk_size, as gemm's panels: reduction block
   // k0 (kKc rows) at + k0 * padded_m, its panel of columns j0 kc * NR further on, zero past M.
   const int64_t chunk_size = kColumnBlock * padded_m;
-  thread_local std::vector<T> kept_b;
+  // Kept between calls (KeptStorage): a fresh buffer of MBs was page-faulted in as it was packed, 3.1
+  // of 9.5 ms on conv3d 32ch 16x28x28 batch 2 (1 thread).
+  thread_local KeptStorage kept_b;
   std::unique_ptr<T[]> fresh_b;
   T* const b_data =
-      kept_scratch(kept_b, fresh_b, checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true));
+      kept_b.values<T>(checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true), fresh_b);
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / chunks, r0 = task % chunks * kColumnBlock, rc = std::min(kColumnBlock, total - r0);

@@ -34,15 +34,20 @@ void transpose_bands(const T* __restrict src, T* __restrict dst, int64_t rows, i
 
 }  // namespace
 
-at::Tensor KeptStorage::empty(c10::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
-  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes > (size_t(64) << 20)) return at::empty(sizes, options.memory_format(format));
+void* KeptStorage::reserve(size_t bytes) {
+  if (bytes > kLimitBytes) return nullptr;
   if (bytes > bytes_) {
     const size_t rounded = (bytes + 63) / 64 * 64;
     data_.reset(static_cast<std::byte*>(std::aligned_alloc(64, rounded)));
     TORCH_CHECK(data_ != nullptr, "out of memory: ", rounded, " bytes of kept scratch");
     bytes_ = rounded;
   }
+  return data_.get();
+}
+
+at::Tensor KeptStorage::empty(c10::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
+  void* data = reserve(size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize());
+  if (data == nullptr) return at::empty(sizes, options.memory_format(format));
   std::vector<int64_t> strides(sizes.size());
   if (format == at::MemoryFormat::ChannelsLast) {
     strides = c10::get_channels_last_strides_2d(sizes);
@@ -55,7 +60,7 @@ at::Tensor KeptStorage::empty(c10::IntArrayRef sizes, const at::TensorOptions& o
       stride *= std::max<int64_t>(sizes[i], 1);
     }
   }
-  return at::from_blob(data_.get(), sizes, strides, options);
+  return at::from_blob(data, sizes, strides, options);
 }
 
 at::Tensor contiguous_as(const at::Tensor& t, at::MemoryFormat format, KeptStorage* storage) {

@@ -24,7 +24,19 @@ class KeptStorage {
  public:
   at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
 
+  // n values of scratch in the kept storage, or past its limit in `fresh`, allocated now. Valid
+  // until the next call on this storage; written before they are read.
+  template <typename T>
+  T* values(int64_t n, std::unique_ptr<T[]>& fresh) {
+    if (void* kept = reserve(size_t(n) * sizeof(T))) return static_cast<T*>(kept);
+    fresh = std::make_unique_for_overwrite<T[]>(n);
+    return fresh.get();
+  }
+
  private:
+  static constexpr size_t kLimitBytes = size_t(64) << 20;
+  void* reserve(size_t bytes);  // the kept storage grown to `bytes`, or nullptr past kLimitBytes
+
   struct Free {
     void operator()(void* p) const { std::free(p); }
   };
