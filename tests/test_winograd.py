@@ -529,6 +529,29 @@ def test_weight_gradient_wide_rows_and_large_layers(n, cin, cout, size, layout):
     check_weight_gradient(n, cin, cout, size, layout=layout)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cin,size", [(16, (9, 10)), (13, (9, 10)), (40, (7, 7)), (24, (6, 21))])
+def test_weight_gradient_channels_last_weight(cin, size, layout):
+    """A channels-last weight gets its gradient written channels-last (OHWI) by the output
+    transform itself, on the NCHW and the NHWC kernels' routes, with the same sums: bitwise the
+    gradient of the contiguous weight."""
+    x, w, _ = conv_tensors(2, 3, cin, 24, size, 3, 1, False, torch.float32, layout=layout,
+                           weight_layout="contiguous")
+    go = torch.randn(3, 24, *size, generator=torch.Generator().manual_seed(7))
+    if layout == "channels_last":
+        go = go.contiguous(memory_format=torch.channels_last)
+    args = ([1, 1], [1, 1], [1, 1], 1, [False, True, False])
+    before = weight_calls()
+    oihw = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
+    ohwi = torch.ops.cnnops.conv_backward(go, x, w.contiguous(memory_format=torch.channels_last), *args)[1]
+    assert weight_calls() - before == 2
+    assert ohwi.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ohwi, oihw)
+    ref = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, *args[:3], False, [0, 0], 1,
+                                              args[4])[1]
+    assert_close_to_torch(ohwi, ref.float(), torch.float32, 3 * size[0] * size[1])
+
+
 @pytest.mark.parametrize("where", ["input", "grad_output"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

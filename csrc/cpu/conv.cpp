@@ -815,10 +815,12 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
   if (partials > 1) sum_partials(partial.get(), partials, size, dw);
 }
 
+// dW in ChannelTap order, or in `preferred` where Winograd serves (it writes either); returns the order.
 template <typename T>
-void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw) {
+WeightOrder conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred) {
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/false)) return;
+    if (use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/false, preferred))
+      return preferred;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), l = g.out_plane();
@@ -827,8 +829,10 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
   const bool padding = g.pad[0] != 0 || g.pad[1] != 0 || g.pad[2] != 0;
   const std::vector<T> padded = padding ? pad_planes(g, layout, x, g.batch * g.in_channels) : std::vector<T>();
   const T* x_base = padding ? padded.data() : x;
-  if (use_backward_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()))
-    return conv_backward_weight_rows(g, dy, x_base, layout, dw);
+  if (use_backward_weight_rows(g, gemm_mr<T>(), gemm_nr<T>())) {
+    conv_backward_weight_rows(g, dy, x_base, layout, dw);
+    return WeightOrder::ChannelTap;
+  }
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout);
   reduce_weight_gradient<T>(
       g, dw, [&](int64_t r0, int64_t rc, int64_t grp, int64_t j0, int64_t jw, T* dw_slice, T* workspace) {
@@ -848,6 +852,7 @@ void conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const T* x, T
         };
         gemm_shifted_a<T>(m, rc, dy, l, a_offset.data(), jw, pack, dw_slice, g.gemm_k(), workspace, true);
       });
+  return WeightOrder::ChannelTap;
 }
 
 template <typename T>
@@ -1138,7 +1143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
           dw_order = conv_backward_weight_nhwc(g, dy_ptr, x_ptr, dw_ptr,
                                                dw_channels_last ? WeightOrder::TapChannel : WeightOrder::ChannelTap);
         else
-          conv_backward_weight_gemm(g, dy_ptr, x_ptr, dw_ptr);
+          dw_order = conv_backward_weight_gemm(g, dy_ptr, x_ptr, dw_ptr,
+                                               dw_channels_last ? WeightOrder::TapChannel : WeightOrder::ChannelTap);
       }
       // One tap or one channel a group: both orders are the same memory, which .contiguous(format)
       // (the fake's) leaves with contiguous strides.

@@ -744,8 +744,8 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   // The transposed product goes before Winograd, unless a test has replaced Winograd's size rules.
   const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced();
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (!rows && use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true))
-      return WeightOrder::ChannelTap;
+    if (!rows && use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true, preferred))
+      return preferred;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();

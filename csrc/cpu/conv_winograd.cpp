@@ -297,6 +297,52 @@ CNNOPS_INLINE bool grad_row_body(const float* rows, int64_t ld, int64_t tw, floa
   return finite;
 }
 
+// G^T applied to 6 values: rows [1/2 -1/6 1/6 1/30 -16/15 0; 0 -1/6 -1/6 1/15 8/15 0;
+// 0 -1/6 1/6 2/15 -4/15 1/2] (G in g3).
+template <typename V>
+CNNOPS_INLINE void gt6(const V* u, V* o) {
+  const V s = (u[2] - u[1]) * (1.0f / 6), d = (u[1] + u[2]) * (-1.0f / 6);
+  o[0] = u[0] * 0.5f + s + u[3] * (1.0f / 30) + u[4] * (-16.0f / 15);
+  o[1] = d + u[3] * (1.0f / 15) + u[4] * (8.0f / 15);
+  o[2] = s + u[3] * (2.0f / 15) + u[4] * (-4.0f / 15) + u[5] * 0.5f;
+}
+
+// dW[co, ci] = G^T dU[., co, ci] G for n <= L input channels ci (the lanes), dU's position xi at
+// u[xi * xi_stride]. Tap t of channel l goes to out[t * tap_stride + l] (OHWI), or to out[l * 9 + t]
+// when tap_stride is 0 (OIHW).
+template <int L>
+CNNOPS_INLINE void weight_grad_body(const float* u, int64_t xi_stride, int64_t n, float* out, int64_t tap_stride) {
+  using V = typename Lanes<L>::V;
+  float part[kPositions][L];  // a last group of fewer than L channels, zero past them
+  if (n < L) {
+    for (int64_t xi = 0; xi < kPositions; ++xi)
+      for (int64_t l = 0; l < L; ++l) part[xi][l] = l < n ? u[xi * xi_stride + l] : 0.0f;
+    u = part[0], xi_stride = L;
+  }
+  V t[3][kAlpha];  // t[a][j] = (G^T dU)[a][j]
+  for (int j = 0; j < kAlpha; ++j) {
+    V col[kAlpha];
+    for (int i = 0; i < kAlpha; ++i) col[i] = load<L>(u + (i * kAlpha + j) * xi_stride);
+    V o[3];
+    gt6(col, o);
+    for (int a = 0; a < 3; ++a) t[a][j] = o[a];
+  }
+  float taps[9][L];
+  for (int a = 0; a < 3; ++a) {
+    V o[3];
+    gt6(t[a], o);
+    for (int b = 0; b < 3; ++b) {
+      if (tap_stride != 0 && n == L)
+        store<L>(out + (a * 3 + b) * tap_stride, o[b]);
+      else
+        store<L>(taps[a * 3 + b], o[b]);
+    }
+  }
+  if (tap_stride != 0 && n == L) return;
+  for (int64_t l = 0; l < n; ++l)
+    for (int k = 0; k < 9; ++k) out[tap_stride != 0 ? k * tap_stride + l : l * 9 + k] = taps[k][l];
+}
+
 // Transposes the L x L matrix whose rows are r[0..L-1] (simd_transpose.h's butterfly: Lanes<L>::V
 // is Simd<float, 4L>'s vector).
 template <int L>
@@ -400,7 +446,9 @@ struct Kernels {
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t, int64_t);
   bool (*weights)(const WinogradWeightView&, int64_t, int64_t, int64_t, float* const*, PackedLayout);
   void (*transpose)(const float*, int64_t, float*, int64_t);
+  void (*transpose_part)(const float*, int64_t, int64_t, float*, int64_t, int64_t);
   bool (*grad_row)(const float*, int64_t, int64_t, float*, int64_t);
+  void (*weight_grad)(const float*, int64_t, int64_t, float*, int64_t);
   int64_t lanes;
 };
 
@@ -423,10 +471,24 @@ struct Kernels {
     transpose<L>(r);                                                                                         \
     for (int q = 0; q < L; ++q) store<L>(dst + q * dst_stride, r[q]);                                        \
   }                                                                                                          \
+  /* The same for src's first src_rows rows (the others zeros), storing dst's first dst_rows rows: */       \
+  /* the last pixels of a channels-last row narrower than a multiple of L. */                               \
+  ATTRIBUTE void NAME##_transpose_part(const float* src, int64_t src_stride, int64_t src_rows, float* dst,  \
+                                       int64_t dst_stride, int64_t dst_rows) {                              \
+    typename Lanes<L>::V r[L];                                                                               \
+    for (int i = 0; i < L; ++i) r[i] = i < src_rows ? load<L>(src + i * src_stride) : typename Lanes<L>::V{}; \
+    transpose<L>(r);                                                                                         \
+    for (int q = 0; q < L; ++q)                                                                              \
+      if (q < dst_rows) store<L>(dst + q * dst_stride, r[q]);                                                \
+  }                                                                                                          \
   ATTRIBUTE bool NAME##_grad(const float* rows, int64_t ld, int64_t tw, float* z, int64_t xs) {              \
     return grad_row_body<L>(rows, ld, tw, z, xs);                                                            \
   }                                                                                                          \
-  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, NAME##_grad, L};
+  ATTRIBUTE void NAME##_weight_grad(const float* u, int64_t xs, int64_t n, float* out, int64_t tap_stride) { \
+    weight_grad_body<L>(u, xs, n, out, tap_stride);                                                          \
+  }                                                                                                          \
+  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, NAME##_transpose_part, \
+                               NAME##_grad, NAME##_weight_grad, L};
 
 #if CNNOPS_X86
 CNNOPS_WINOGRAD_KERNELS(avx512, CNNOPS_TARGET_AVX512, 16)
@@ -605,9 +667,9 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   // a transform touches do not all map to the same cache set.
   const int64_t ld = round_up(rows_per_block * tw, nr) + round_up(lanes, nr);
   const int64_t v_xi = c_in * ld + 16, m_xi = c_out * ld + 16;
-  // Channels per transform task: L for channels-last rows of at least L pixels (moved by L x L
-  // transposes), else 1 (element by element).
-  const int64_t in_group = nhwc && w >= lanes ? lanes : 1, out_group = nhwc && wo >= lanes ? lanes : 1;
+  // Channels per transform task: L for channels-last rows (moved by L x L transposes, a row's last
+  // pixels by a partial one), else 1.
+  const int64_t in_group = nhwc ? lanes : 1, out_group = nhwc ? lanes : 1;
   const int64_t out_w = kTile * round_up(tw, lanes);  // a row of the channels-last output planes
   std::vector<int64_t> row_offset(cin_g);
   for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
@@ -640,8 +702,10 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
             const float* src = x + n * xs_n + id * xs_d + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
             float* dst = planes + hp * plane_w + pw;
             int64_t j = 0;
-            if (cn == lanes)
+            if (cn == lanes) {  // the part's lanes past the row's end are its zero padding
               for (; j + lanes <= w; j += lanes) kern.transpose(src + j * xs_w, xs_w, dst + j, plane_size);
+              if (j < w) kern.transpose_part(src + j * xs_w, xs_w, w - j, dst + j, plane_size, lanes), j = w;
+            }
             for (int64_t q = 0; q < cn; ++q)
               if (xs_w == 1)
                 std::memcpy(dst + q * plane_size + j, src + q * xs_c + j, (w - j) * sizeof(float));
@@ -723,6 +787,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
           float* dst = y_row + a * ys_h + co0;
           int64_t j = 0;
           for (; j + lanes <= wo; j += lanes) kern.transpose(src + j, kTile * out_w, dst + j * ys_w, ys_w);
+          if (j < wo) kern.transpose_part(src + j, kTile * out_w, lanes, dst + j * ys_w, ys_w, wo - j), j = wo;
           for (int64_t q = 0; q < cn; ++q)
             for (int64_t jj = j; jj < wo; ++jj) dst[jj * ys_w + q] = src[q * kTile * out_w + jj];
         }
@@ -783,7 +848,8 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
 // the gradient of U = G g G^T through M = U V and Y = A^T M A (formulas.md §Winograd). Blocks of
 // whole tile rows, their size fixed by the layer's sizes, add into dU in order, so no sum depends
 // on the thread count.
-bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc) {
+bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc,
+                                   WeightOrder order) {
   const Kernels& kern = kernels();
   const int64_t lanes = kern.lanes, nr = gemm_nr<float>();
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
@@ -847,8 +913,10 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
             }
             const float* src = t + (n * t_h + row) * t_w * channels + c0;  // column 0, channel c0
             int64_t j = 0;
-            if (cn == lanes)
+            if (cn == lanes) {  // as in the forward
               for (; j + lanes <= t_w; j += lanes) kern.transpose(src + j * channels, channels, dst + j, plane_size);
+              if (j < t_w) kern.transpose_part(src + j * channels, channels, t_w - j, dst + j, plane_size, lanes), j = t_w;
+            }
             for (int64_t k = 0; k < cn; ++k)
               for (int64_t jj = j; jj < t_w; ++jj) dst[k * plane_size + jj] = src[jj * channels + k];
           }
@@ -890,35 +958,14 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
     });
   }
   if (!finite) return false;
-  // dW[co, ci] = G^T dU[., co, ci] G, vectorized over ci; rows of G^T (G in g3):
-  // [1/2 -1/6 1/6 1/30 -16/15 0; 0 -1/6 -1/6 1/15 8/15 0; 0 -1/6 1/6 2/15 -4/15 1/2].
+  // dW[co, ci] = G^T dU[., co, ci] G, L input channels at a time, in the order asked.
+  const int64_t tap_stride = order == WeightOrder::TapChannel ? cin_g : 0;
   parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kChunk = 64;
     for (int64_t co = begin; co < end; ++co) {
-      const int64_t grp = co / cout_g, cl = co % cout_g;
-      for (int64_t ci0 = 0; ci0 < cin_g; ci0 += kChunk) {
-        const int64_t cn = std::min(kChunk, cin_g - ci0);
-        auto u = [&](int64_t xi) { return du + ((xi * groups + grp) * cout_g + cl) * cin_g + ci0; };
-        float t[3][kAlpha][kChunk];  // t[a][j] = sum_i G[i][a] dU[i][j]
-        for (int j = 0; j < kAlpha; ++j) {
-          const float *u0 = u(j), *u1 = u(6 + j), *u2 = u(12 + j), *u3 = u(18 + j), *u4 = u(24 + j), *u5 = u(30 + j);
-          for (int64_t c = 0; c < cn; ++c) {
-            const float s = (u2[c] - u1[c]) * (1.0f / 6), d = (u1[c] + u2[c]) * (-1.0f / 6);
-            t[0][j][c] = u0[c] * 0.5f + s + u3[c] * (1.0f / 30) + u4[c] * (-16.0f / 15);
-            t[1][j][c] = d + u3[c] * (1.0f / 15) + u4[c] * (8.0f / 15);
-            t[2][j][c] = s + u3[c] * (2.0f / 15) + u4[c] * (-4.0f / 15) + u5[c] * 0.5f;
-          }
-        }
-        float* out = dw + (co * cin_g + ci0) * 9;
-        for (int a = 0; a < 3; ++a) {
-          const float *u0 = t[a][0], *u1 = t[a][1], *u2 = t[a][2], *u3 = t[a][3], *u4 = t[a][4], *u5 = t[a][5];
-          for (int64_t c = 0; c < cn; ++c) {
-            const float s = (u2[c] - u1[c]) * (1.0f / 6), d = (u1[c] + u2[c]) * (-1.0f / 6);
-            out[c * 9 + a * 3 + 0] = u0[c] * 0.5f + s + u3[c] * (1.0f / 30) + u4[c] * (-16.0f / 15);
-            out[c * 9 + a * 3 + 1] = d + u3[c] * (1.0f / 15) + u4[c] * (8.0f / 15);
-            out[c * 9 + a * 3 + 2] = s + u3[c] * (2.0f / 15) + u4[c] * (-4.0f / 15) + u5[c] * 0.5f;
-          }
-        }
+      const float* du_co = du + co * cin_g;  // position 0 of dU[xi][grp][cout_g][cin_g]
+      for (int64_t ci0 = 0; ci0 < cin_g; ci0 += lanes) {
+        float* out = dw + co * cin_g * 9 + (tap_stride != 0 ? ci0 : ci0 * 9);
+        kern.weight_grad(du_co + ci0, c_out * cin_g, std::min(lanes, cin_g - ci0), out, tap_stride);
       }
     }
   });

@@ -6,6 +6,7 @@
 
 #include "common/activation.h"
 #include "common/conv_shape.h"
+#include "cpu/conv_cpu.h"
 #include "cpu/gemm.h"
 
 namespace cnnops {
@@ -76,10 +77,11 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeightView& w, const float* bias,
                            float* y, bool nhwc, Activation activation);
 
-// dW (contiguous) of a float32 convolution that use_winograd accepts, dy and x NCHW, or NHWC when
-// nhwc: G^T [sum over tiles of (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd). Returns false,
-// dw unwritten, when x or dy holds an inf or NaN (the caller runs the direct path).
-bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc);
+// dW of a float32 convolution that use_winograd accepts, in `order` (OIHW or OHWI), dy and x NCHW,
+// or NHWC when nhwc: G^T [sum over tiles of (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd).
+// Returns false, dw unwritten, when x or dy holds an inf or NaN (the caller runs the direct path).
+bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc,
+                                   WeightOrder order);
 
 }  // namespace cpu
 }  // namespace cnnops
