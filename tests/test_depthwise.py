@@ -35,9 +35,11 @@ import cnnops.functional
 
 DTYPES = [torch.float32, torch.float64]
 KERNEL_STRIDE = [(3, 1), (3, 2), (5, 1), (5, 2), (7, 1)]
-# (H, W): 1x1 and 2x3 (below the kernel, needs padding), 7x7, 13x17, 20x37 (rows of more than two
-# float32 AVX-512 vectors and more than one NHWC column tile, at stride 1)
-SIZES = [(1, 1), (2, 3), (7, 7), (13, 17), (20, 37)]
+# (H, W): 1x1 and 2x3 (below the kernel, needs padding), 7x7, 13x17, 9x22 and 4x29 (3x3 stride-1
+# rows of 20 to 31 outputs: one float32 AVX-512 vector and a part, direct; narrower 3x3 rows and
+# other kernels' go through channels-last blocks), 20x37 (rows of more than two float32 AVX-512
+# vectors and more than one NHWC column tile, at stride 1)
+SIZES = [(1, 1), (2, 3), (7, 7), (13, 17), (9, 22), (4, 29), (20, 37)]
 LAYOUTS = ["contiguous", "channels_last"]
 
 
