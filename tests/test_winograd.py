@@ -310,7 +310,8 @@ def test_large_channels_and_values():
 def test_3d_depth_taps(size, padding, layout, weight_layout):
     """conv3d 3x3x3 stride 1: each depth tap a 2-d F(4x4, 3x3), summed into M; input planes in the depth
     padding are zero. Forward and grad input (the turned kernel read in place, its depth taps reversed
-    too) take Winograd; grad weight keeps the direct path (its transforms are 2-d)."""
+    too) take Winograd, and grad weight: per depth tap kd, output plane od's Z against input plane
+    od + kd - pad's V."""
     pads = (padding,) * 3 if isinstance(padding, int) else padding
     spatial = tuple(s + 2 - 2 * p for s, p in zip(size, pads))
     x, wt, b = conv_tensors(3, 2, 16, 24, spatial, 3, 1, True, torch.float32, layout=layout,
@@ -318,22 +319,43 @@ def test_3d_depth_taps(size, padding, layout, weight_layout):
     before, before_weight = calls(), _C._cpu_winograd_weight_calls()
     check_conv_against_torch(3, x, wt, b, {"padding": padding}, torch.float32, grad_layout=layout)
     assert calls() - before == 2
-    assert _C._cpu_winograd_weight_calls() == before_weight
+    assert _C._cpu_winograd_weight_calls() == before_weight + 1
 
 
 @pytest.mark.usefixtures("weight_modes")
 @pytest.mark.parametrize("groups,cin,cout", [(1, 136, 40), (2, 64, 48)])
 def test_3d_slabs_and_groups(groups, cin, cout):
-    """3-d layers with partial slabs (streamed U per depth tap) and groups."""
+    """3-d layers with partial slabs (streamed U per depth tap), partial vectors of input channels
+    (grad weight's output transform) and groups."""
     x, w, b = conv_tensors(3, 1, cin, cout, (4, 6, 9), 3, groups, True, torch.float32)
-    before = calls()
-    check_conv_against_torch(3, x, w, b, {"padding": 1, "groups": groups}, torch.float32, grads=("input",))
+    before, before_weight = calls(), _C._cpu_winograd_weight_calls()
+    check_conv_against_torch(3, x, w, b, {"padding": 1, "groups": groups}, torch.float32, grads=("input", "weight"))
     assert calls() - before == 2
+    assert _C._cpu_winograd_weight_calls() == before_weight + 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_3d_weight_gradient_blocks(layout):
+    """64 + 64 channels at 6x56x56: grad weight's tile rows run in 3 blocks, which start inside an
+    output plane and pair it with the input planes of its 3 depth taps (the first and last in the
+    depth padding); against torch's float64 gradient."""
+    x, w, _ = conv_tensors(3, 1, 64, 64, (6, 56, 56), 3, 1, False, torch.float32, layout=layout,
+                           weight_layout="contiguous")
+    go = torch.randn(1, 64, 6, 56, 56, generator=torch.Generator().manual_seed(5))
+    if layout == "channels_last":
+        go = go.contiguous(memory_format=torch.channels_last_3d)
+    args = ([1] * 3, [1] * 3, [1] * 3, 1, [False, True, False])
+    before = _C._cpu_winograd_weight_calls()
+    got = torch.ops.cnnops.conv_backward(go, x, w, *args)[1]
+    assert _C._cpu_winograd_weight_calls() == before + 1
+    ref = torch.ops.aten.convolution_backward(go.double(), x.double(), w.double(), None, *args[:3], False, [0] * 3, 1,
+                                              args[4])[1]
+    assert_close_to_torch(got, ref.float(), torch.float32, 6 * 56 * 56)
 
 
 def test_3d_default_size_rules():
-    """By default the benchmark's conv3d layer (32 channels, 16x28x28, batch 2) takes Winograd, forward and grad
-    input, not its weight gradient."""
+    """By default the benchmark's conv3d layer (32 channels, 16x28x28, batch 2) takes Winograd: forward, grad
+    input and grad weight."""
     _C._set_cpu_winograd_min_tiles(-1)
     x = torch.randn(2, 32, 16, 28, 28, requires_grad=True)
     w = (torch.randn(32, 32, 3, 3, 3) / (27 * 32) ** 0.5).requires_grad_()
@@ -341,7 +363,7 @@ def test_3d_default_size_rules():
     y = CF.conv3d(x, w, None, padding=1)
     y.backward(torch.ones_like(y))
     assert calls() - before == 2
-    assert _C._cpu_winograd_weight_calls() == before_weight
+    assert _C._cpu_winograd_weight_calls() == before_weight + 1
 
 
 @pytest.mark.usefixtures("weight_modes")

@@ -14,7 +14,8 @@
 // summing into M (formulas.md §Winograd).
 // The weight is read where it lies (WinogradWeightView): grad input's turned kernel too.
 // The weight gradient runs the same steps backwards: dU[xi] = Z[xi] * V[xi]^T summed over tiles,
-// with Z = A dY A^T per output-gradient tile, then dW = G^T dU G.
+// with Z = A dY A^T per output-gradient tile, then dW = G^T dU G (3x3x3: one dU per depth tap, each
+// output plane's Z against the V of the input plane that tap reads).
 // The transforms change rounding (not bitwise equal to the direct path), hence the switch
 // cnnops.backends.cpu.allow_winograd.
 #include "cpu/conv_winograd.h"
@@ -22,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <utility>
 
@@ -308,10 +310,11 @@ CNNOPS_INLINE void gt6(const V* u, V* o) {
 }
 
 // dW[co, ci] = G^T dU[., co, ci] G for n <= L input channels ci (the lanes), dU's position xi at
-// u[xi * xi_stride]. Tap t of channel l goes to out[t * tap_stride + l] (OHWI), or to out[l * 9 + t]
-// when tap_stride is 0 (OIHW).
+// u[xi * xi_stride]. Tap t of channel l goes to out[t * tap_stride + l] (OHWI), or to
+// out[l * channel_stride + t] when tap_stride is 0 (OIHW).
 template <int L>
-CNNOPS_INLINE void weight_grad_body(const float* u, int64_t xi_stride, int64_t n, float* out, int64_t tap_stride) {
+CNNOPS_INLINE void weight_grad_body(const float* u, int64_t xi_stride, int64_t n, float* out, int64_t tap_stride,
+                                    int64_t channel_stride) {
   using V = typename Lanes<L>::V;
   float part[kPositions][L];  // a last group of fewer than L channels, zero past them
   if (n < L) {
@@ -340,7 +343,7 @@ CNNOPS_INLINE void weight_grad_body(const float* u, int64_t xi_stride, int64_t n
   }
   if (tap_stride != 0 && n == L) return;
   for (int64_t l = 0; l < n; ++l)
-    for (int k = 0; k < 9; ++k) out[tap_stride != 0 ? k * tap_stride + l : l * 9 + k] = taps[k][l];
+    for (int k = 0; k < 9; ++k) out[tap_stride != 0 ? k * tap_stride + l : l * channel_stride + k] = taps[k][l];
 }
 
 // Transposes the L x L matrix whose rows are r[0..L-1] (simd_transpose.h's butterfly: Lanes<L>::V
@@ -448,7 +451,7 @@ struct Kernels {
   void (*transpose)(const float*, int64_t, float*, int64_t);
   void (*transpose_part)(const float*, int64_t, int64_t, float*, int64_t, int64_t);
   bool (*grad_row)(const float*, int64_t, int64_t, float*, int64_t);
-  void (*weight_grad)(const float*, int64_t, int64_t, float*, int64_t);
+  void (*weight_grad)(const float*, int64_t, int64_t, float*, int64_t, int64_t);
   int64_t lanes;
 };
 
@@ -484,8 +487,9 @@ struct Kernels {
   ATTRIBUTE bool NAME##_grad(const float* rows, int64_t ld, int64_t tw, float* z, int64_t xs) {              \
     return grad_row_body<L>(rows, ld, tw, z, xs);                                                            \
   }                                                                                                          \
-  ATTRIBUTE void NAME##_weight_grad(const float* u, int64_t xs, int64_t n, float* out, int64_t tap_stride) { \
-    weight_grad_body<L>(u, xs, n, out, tap_stride);                                                          \
+  ATTRIBUTE void NAME##_weight_grad(const float* u, int64_t xs, int64_t n, float* out, int64_t tap_stride,   \
+                                    int64_t channel_stride) {                                                \
+    weight_grad_body<L>(u, xs, n, out, tap_stride, channel_stride);                                          \
   }                                                                                                          \
   const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, NAME##_transpose_part, \
                                NAME##_grad, NAME##_weight_grad, L};
@@ -818,7 +822,7 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
   return forward_tiles(g, x, &weights, WinogradWeightView{}, bias, y, nhwc, activation);
 }
 
-bool use_winograd_weight_gradient(const ConvGeometry& g) { return g.kernel[0] == 1 && use_winograd(g); }
+bool use_winograd_weight_gradient(const ConvGeometry& g) { return use_winograd(g); }
 
 bool stream_weights(const ConvGeometry& g) {
   const int64_t forced = forced_streaming.load(std::memory_order_relaxed);
@@ -855,11 +859,15 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
-  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * th;
+  const int64_t d = g.in[0], dout = g.out[0], pd = g.pad[0], depth = g.kernel[0];
+  const Kernels& rows_kern = row_kernels(num_blocks(wo, kTile));
+  // Tile rows r = (plane, ty) over the output planes (sample, od), plane = n * dout + od, as in the
+  // forward; depth tap kd pairs output plane od with input plane od + kd - pad (zero outside).
+  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * dout * th;
   // V and Z of a block: at least 8 MB, and twice dU, which every block after the first reads and
   // writes again; at least one tile row.
   const double row_bytes = double(kPositions) * double(c_in + c_out) * double(tw) * sizeof(float);
-  const double du_bytes = double(kPositions) * double(c_out) * double(cin_g) * sizeof(float);
+  const double du_bytes = double(depth * kPositions) * double(c_out) * double(cin_g) * sizeof(float);
   const double target = std::max(double(int64_t(8) << 20), 2 * du_bytes);
   const int64_t rows_per_block = std::clamp<int64_t>(int64_t(std::min(target / row_bytes, 1e15)), 1, tile_rows);
   const int64_t blocks = num_blocks(tile_rows, rows_per_block);
@@ -872,7 +880,8 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
   const char* what = "conv_backward() Winograd grad_weight";
   const int64_t v_size = checked_numel({kPositions, v_xi}, what, true),
                 z_size = checked_numel({kPositions, z_xi}, what, true);
-  const int64_t du_size = checked_numel({kPositions, c_out, cin_g}, what, true);  // [xi][grp][cout_g][cin_g]
+  const int64_t du_kd = checked_numel({kPositions, c_out, cin_g}, what, true);  // [xi][grp][cout_g][cin_g]
+  const int64_t du_size = checked_numel({depth, du_kd}, what, true);
   // Buffers kept between calls on this thread, as the forward's: fresh ones would page-fault on
   // every call. Every value the GEMMs read is written first (lanes past a block's tiles are not read).
   thread_local std::vector<float> v_buffer, z_buffer, du_buffer;
@@ -882,92 +891,109 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
   float *v = v_buffer.data(), *z = z_buffer.data(), *du = du_buffer.data();
   std::vector<int64_t> a_offset(rows_per_block * tw);
   for (int64_t k = 0; k < rows_per_block * tw; ++k) a_offset[k] = k;
+  // Element strides (n, c, depth, h, w) of x (channels c_in) and dy (c_out).
+  auto strides = [&](int64_t channels, int64_t planes, int64_t rows, int64_t cols) {
+    const int64_t plane = rows * cols * (nhwc ? channels : 1);
+    return std::array<int64_t, 5>{channels * planes * rows * cols, nhwc ? 1 : planes * rows * cols, plane,
+                                  cols * (nhwc ? channels : 1), nhwc ? channels : 1};
+  };
+  const auto xs = strides(c_in, d, h, w), ys = strides(c_out, dout, ho, wo);
   std::atomic<bool> finite{true};
   for (int64_t block = 0; block < blocks && finite; ++block) {
     const int64_t r0 = block * rows_per_block, r1 = std::min(tile_rows, r0 + rows_per_block);
     const int64_t tiles = (r1 - r0) * tw;
-    // Input transform, V = B^T d B, and gradient transform, Z = A dY A^T, per channel plane:
-    // tasks [0, in_tasks) take `step` input channels each, the rest `step` output channels.
-    // Channels-last rows are moved L channels at a time, transposed L x L, as in the forward.
-    parallel_for(0, in_tasks + out_tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> planes(step * plane_size);
-      for (int64_t task = begin; task < end && finite; ++task) {
-        const bool input = task < in_tasks;
-        const int64_t channels = input ? c_in : c_out;
-        const int64_t c0 = (input ? task : task - in_tasks) * step, cn = std::min(step, channels - c0);
-        const float* t = input ? x : dy;
-        const int64_t t_h = input ? h : ho, t_w = input ? w : wo;
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t n = r / th, ty = r % th;
-          // The rows this tile row reads, zero outside the (padded) input or the output.
-          const int64_t rows = input ? kTile + 2 : kTile;
-          for (int64_t q = 0; q < rows; ++q) {
-            float* dst = planes.data() + q * plane_w;
-            for (int64_t k = 0; k < cn; ++k) std::fill(dst + k * plane_size, dst + k * plane_size + plane_w, 0.0f);
-            const int64_t row = input ? kTile * ty + q - ph : kTile * ty + q;
-            if (row < 0 || row >= t_h) continue;
-            if (input) dst += pw;
-            if (!nhwc) {
-              std::memcpy(dst, t + ((n * channels + c0) * t_h + row) * t_w, t_w * sizeof(float));
-              continue;
+    for (int64_t kd = 0; kd < depth && finite; ++kd) {
+      // Input transform, V = B^T d B, of the input planes depth tap kd reads, and (with the first
+      // tap) the gradient transform, Z = A dY A^T, per channel plane: tasks [0, in_tasks) take
+      // `step` input channels each, the rest `step` output channels. Channels-last rows are moved
+      // L channels at a time, transposed L x L, as in the forward.
+      parallel_for(0, in_tasks + (kd == 0 ? out_tasks : 0), 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> planes(step * plane_size);
+        for (int64_t task = begin; task < end && finite; ++task) {
+          const bool input = task < in_tasks;
+          const int64_t channels = input ? c_in : c_out;
+          const int64_t c0 = (input ? task : task - in_tasks) * step, cn = std::min(step, channels - c0);
+          const float* t = input ? x : dy;
+          const auto& ts = input ? xs : ys;
+          const int64_t t_h = input ? h : ho, t_w = input ? w : wo;
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t plane = r / th, ty = r % th, n = plane / dout, od = plane % dout;
+            const int64_t t_d = input ? od + kd - pd : od;  // the plane read
+            const bool plane_inside = !input || (t_d >= 0 && t_d < d);
+            // The rows this tile row reads, zero outside the (padded) input or the output.
+            const int64_t rows = input ? kTile + 2 : kTile;
+            for (int64_t q = 0; q < rows; ++q) {
+              float* dst = planes.data() + q * plane_w;
+              for (int64_t k = 0; k < cn; ++k) std::fill(dst + k * plane_size, dst + k * plane_size + plane_w, 0.0f);
+              const int64_t row = input ? kTile * ty + q - ph : kTile * ty + q;
+              if (!plane_inside || row < 0 || row >= t_h) continue;
+              if (input) dst += pw;
+              const float* src = t + n * ts[0] + c0 * ts[1] + t_d * ts[2] + row * ts[3];  // channel c0, column 0
+              if (!nhwc) {
+                std::memcpy(dst, src, t_w * sizeof(float));
+                continue;
+              }
+              int64_t j = 0;
+              if (cn == lanes) {  // as in the forward
+                for (; j + lanes <= t_w; j += lanes) kern.transpose(src + j * channels, channels, dst + j, plane_size);
+                if (j < t_w)
+                  kern.transpose_part(src + j * channels, channels, t_w - j, dst + j, plane_size, lanes), j = t_w;
+              }
+              for (int64_t k = 0; k < cn; ++k)
+                for (int64_t jj = j; jj < t_w; ++jj) dst[k * plane_size + jj] = src[jj * channels + k];
             }
-            const float* src = t + (n * t_h + row) * t_w * channels + c0;  // column 0, channel c0
-            int64_t j = 0;
-            if (cn == lanes) {  // as in the forward
-              for (; j + lanes <= t_w; j += lanes) kern.transpose(src + j * channels, channels, dst + j, plane_size);
-              if (j < t_w) kern.transpose_part(src + j * channels, channels, t_w - j, dst + j, plane_size, lanes), j = t_w;
+            for (int64_t k = 0; k < cn; ++k) {
+              const float* tile_rows_copy = planes.data() + k * plane_size;
+              const int64_t c = c0 + k;
+              const bool ok = input ? rows_kern.input_row(tile_rows_copy, plane_w, tw, v + c * ld + (r - r0) * tw, v_xi)
+                                    : rows_kern.grad_row(tile_rows_copy, plane_w, tw, z + c * ld + (r - r0) * tw, z_xi);
+              if (!ok) finite = false;
             }
-            for (int64_t k = 0; k < cn; ++k)
-              for (int64_t jj = j; jj < t_w; ++jj) dst[k * plane_size + jj] = src[jj * channels + k];
-          }
-          for (int64_t k = 0; k < cn; ++k) {
-            const float* plane = planes.data() + k * plane_size;
-            const int64_t c = c0 + k;
-            const bool ok = input ? kern.input_row(plane, plane_w, tw, v + c * ld + (r - r0) * tw, v_xi)
-                                  : kern.grad_row(plane, plane_w, tw, z + c * ld + (r - r0) * tw, z_xi);
-            if (!ok) finite = false;
           }
         }
-      }
-    });
-    if (!finite) break;
-    // dU[xi][group] (+)= Z[xi] * V[xi]^T: Z read in place, V's rows transposed into B panels.
-    parallel_for(0, kPositions * groups, 1, [&](int64_t begin, int64_t end) {
-      const auto workspace = scratch<float>(gemm_workspace_size<float>(cin_g));
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t xi = task / groups, grp = task % groups;
-        const float* v_g = v + xi * v_xi + grp * cin_g * ld;
-        auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, float* dst) {
-          for (int64_t p = 0; p * nr < jc; ++p) {  // panel p: B[k0 + kk, j0 + p * NR + q] = V[q'][k0 + kk]
-            const int64_t cols = std::min(nr, jc - p * nr);
-            const float* src = v_g + (j0 + p * nr) * ld + k0;
-            float* panel = dst + p * kc * nr;
-            int64_t kk = 0;
-            if (cols % lanes == 0)
-              for (; kk + lanes <= kc; kk += lanes)
-                for (int64_t q0 = 0; q0 < cols; q0 += lanes)
-                  kern.transpose(src + q0 * ld + kk, ld, panel + kk * nr + q0, nr);
-            for (; kk < kc; ++kk)
-              for (int64_t q = 0; q < cols; ++q) panel[kk * nr + q] = src[q * ld + kk];
-          }
-          zero_panel_tail(kc, jc, dst);
-        };
-        gemm_shifted_a<float>(cout_g, tiles, z + xi * z_xi + grp * cout_g * ld, ld, a_offset.data(), cin_g, pack,
-                              du + (xi * groups + grp) * cout_g * cin_g, cin_g, workspace.get(), block > 0);
-      }
-    });
+      });
+      if (!finite) break;
+      // dU[kd][xi][group] (+)= Z[xi] * V[xi]^T: Z read in place, V's rows transposed into B panels.
+      parallel_for(0, kPositions * groups, 1, [&](int64_t begin, int64_t end) {
+        const auto workspace = scratch<float>(gemm_workspace_size<float>(cin_g));
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t xi = task / groups, grp = task % groups;
+          const float* v_g = v + xi * v_xi + grp * cin_g * ld;
+          auto pack = [&](int64_t k0, int64_t kc, int64_t j0, int64_t jc, float* dst) {
+            for (int64_t p = 0; p * nr < jc; ++p) {  // panel p: B[k0 + kk, j0 + p * NR + q] = V[q'][k0 + kk]
+              const int64_t cols = std::min(nr, jc - p * nr);
+              const float* src = v_g + (j0 + p * nr) * ld + k0;
+              float* panel = dst + p * kc * nr;
+              int64_t kk = 0;
+              if (cols % lanes == 0)
+                for (; kk + lanes <= kc; kk += lanes)
+                  for (int64_t q0 = 0; q0 < cols; q0 += lanes)
+                    kern.transpose(src + q0 * ld + kk, ld, panel + kk * nr + q0, nr);
+              for (; kk < kc; ++kk)
+                for (int64_t q = 0; q < cols; ++q) panel[kk * nr + q] = src[q * ld + kk];
+            }
+            zero_panel_tail(kc, jc, dst);
+          };
+          gemm_shifted_a<float>(cout_g, tiles, z + xi * z_xi + grp * cout_g * ld, ld, a_offset.data(), cin_g, pack,
+                                du + kd * du_kd + (xi * groups + grp) * cout_g * cin_g, cin_g, workspace.get(),
+                                block > 0);
+        }
+      });
+    }
   }
   if (!finite) return false;
-  // dW[co, ci] = G^T dU[., co, ci] G, L input channels at a time, in the order asked.
-  const int64_t tap_stride = order == WeightOrder::TapChannel ? cin_g : 0;
+  // dW[co, ci, kd] = G^T dU[kd][., co, ci] G, L input channels at a time, in the order asked
+  // (OIHW: a channel's 9 * depth taps together; OHWI: a tap's channels together).
+  const int64_t taps = 9 * depth, tap_stride = order == WeightOrder::TapChannel ? cin_g : 0;
   parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t co = begin; co < end; ++co) {
-      const float* du_co = du + co * cin_g;  // position 0 of dU[xi][grp][cout_g][cin_g]
-      for (int64_t ci0 = 0; ci0 < cin_g; ci0 += lanes) {
-        float* out = dw + co * cin_g * 9 + (tap_stride != 0 ? ci0 : ci0 * 9);
-        kern.weight_grad(du_co + ci0, c_out * cin_g, std::min(lanes, cin_g - ci0), out, tap_stride);
+    for (int64_t co = begin; co < end; ++co)
+      for (int64_t kd = 0; kd < depth; ++kd) {
+        const float* du_co = du + kd * du_kd + co * cin_g;  // position 0 of dU[kd][xi][grp][cout_g][cin_g]
+        for (int64_t ci0 = 0; ci0 < cin_g; ci0 += lanes) {
+          float* out = dw + co * cin_g * taps + kd * 9 * (tap_stride != 0 ? cin_g : 1) + ci0 * (tap_stride != 0 ? 1 : taps);
+          kern.weight_grad(du_co + ci0, c_out * cin_g, std::min(lanes, cin_g - ci0), out, tap_stride, taps);
+        }
       }
-    }
   });
   weight_calls.fetch_add(1, std::memory_order_relaxed);
   return true;

@@ -35,7 +35,7 @@ bool winograd_size_rules_replaced();
 // it pays.
 bool use_winograd(const ConvGeometry& g);
 
-// Whether conv_backward_weight_winograd serves g: use_winograd's 2-d layers (its transforms are 2-d).
+// Whether conv_backward_weight_winograd serves g: the layers use_winograd takes, 2-d and 3x3x3.
 bool use_winograd_weight_gradient(const ConvGeometry& g);
 
 // Whether the forward makes U = G g G^T a slab of (output, input) channels at a time inside the
