@@ -353,12 +353,15 @@ def test_3d_weight_gradient_blocks(layout):
     assert_close_to_torch(got, ref.float(), torch.float32, 6 * 56 * 56)
 
 
-def test_3d_default_size_rules():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_3d_default_size_rules(layout):
     """By default the benchmark's conv3d layer (32 channels, 16x28x28, batch 2) takes Winograd: forward, grad
-    input and grad weight."""
+    input and grad weight (channels-last too, where 2-d layers of 32 output channels take the
+    transposed direct product)."""
     _C._set_cpu_winograd_min_tiles(-1)
-    x = torch.randn(2, 32, 16, 28, 28, requires_grad=True)
-    w = (torch.randn(32, 32, 3, 3, 3) / (27 * 32) ** 0.5).requires_grad_()
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 32, 16, 28, 28).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(32, 32, 3, 3, 3) / (27 * 32) ** 0.5).contiguous(memory_format=fmt).requires_grad_()
     before, before_weight = calls(), _C._cpu_winograd_weight_calls()
     y = CF.conv3d(x, w, None, padding=1)
     y.backward(torch.ones_like(y))

@@ -741,8 +741,11 @@ int64_t nhwc_weight_pointwise_count() { return nhwc_weight_pointwise_calls.load(
 // positions, B = the chunk's im2col rows copied from the phase grid.
 template <typename T>
 WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred) {
-  // The transposed product goes before Winograd, unless a test has replaced Winograd's size rules.
-  const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced();
+  // The transposed product goes before Winograd on 2-d layers, unless a test has replaced Winograd's
+  // size rules; 3x3x3 layers take Winograd (2 threads, 32 channels 16x28x28 batch 2: 3.2 -> 2.3 ms).
+  const bool winograd_3d = std::is_same_v<T, float> && g.kernel[0] > 1 && use_winograd_weight_gradient(g);
+  const bool rows =
+      use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced() && !winograd_3d;
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
     if (!rows && use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true, preferred))
       return preferred;
