@@ -747,7 +747,8 @@ WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const 
   const bool rows =
       use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced() && !winograd_3d;
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (!rows && use_winograd_weight_gradient(g) && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true, preferred))
+    if (!rows && use_winograd_weight_gradient(g) &&
+        conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true, preferred))
       return preferred;
   }
   constexpr int64_t nr = gemm_nr<T>();

@@ -989,8 +989,10 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
     for (int64_t co = begin; co < end; ++co)
       for (int64_t kd = 0; kd < depth; ++kd) {
         const float* du_co = du + kd * du_kd + co * cin_g;  // position 0 of dU[kd][xi][grp][cout_g][cin_g]
+        // Where tap 9 kd of channel ci0 lies: OHWI (tap, ci) rows, or OIHW (ci, tap) rows.
+        float* dw_kd = dw + co * cin_g * taps + (tap_stride != 0 ? kd * 9 * cin_g : kd * 9);
         for (int64_t ci0 = 0; ci0 < cin_g; ci0 += lanes) {
-          float* out = dw + co * cin_g * taps + kd * 9 * (tap_stride != 0 ? cin_g : 1) + ci0 * (tap_stride != 0 ? 1 : taps);
+          float* out = dw_kd + (tap_stride != 0 ? ci0 : ci0 * taps);
           kern.weight_grad(du_co + ci0, c_out * cin_g, std::min(lanes, cin_g - ci0), out, tap_stride, taps);
         }
       }
