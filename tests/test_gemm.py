@@ -165,3 +165,13 @@ def test_gemm_micro_kernel_hook():
     assert plain["seconds"] > 0 and wide["seconds"] > 0
     with pytest.raises(RuntimeError, match="must be positive"):
         _C.gemm_micro_kernel(False, 0, 1)
+
+
+def test_kernel_buffers_are_cache_line_aligned():
+    """Packed operands, scratch and padded copies start on a 64-byte line (scratch.h), so the
+    micro-kernels' vector loads never straddle two lines."""
+    from cnnops import _C
+
+    offsets = _C.operand_misalignments()
+    assert len(offsets) == 33
+    assert set(offsets) == {0}

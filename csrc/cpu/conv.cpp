@@ -157,13 +157,13 @@ std::vector<int32_t> gather_indices(const std::vector<int64_t>& column_offset) {
 // cols[(grp * blocks + b) * K * block + r * block + j] is row r, column b * block + j (zero past
 // the last column), with NR values of slack for the reads of the last rows' padded panels.
 template <typename T>
-std::unique_ptr<T[]> im2col_blocks(const ConvGeometry& g, const T* x, WeightOrder order, int64_t blocks,
+Scratch<T> im2col_blocks(const ConvGeometry& g, const T* x, WeightOrder order, int64_t blocks,
                                    int64_t block) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t k = g.gemm_k(), l = g.out_plane(), total = g.batch * l, cg = g.in_channels_per_group();
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);
-  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
+  const OperandVector<T> padded = pointwise ? OperandVector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> im2col_rows = im2col_row_offsets(g, layout, order);
   const int64_t block_size = checked_numel({k, block}, "conv (im2col blocks)", true);
   const int64_t size = checked_numel({g.groups, blocks, block_size}, "conv (im2col blocks)", true);
@@ -299,7 +299,7 @@ void conv_forward_gemm(const ConvGeometry& g, const T* x, const T* w, WeightOrde
     return conv_forward_gemm_split(g, x, w, order, &weights, bias, y, activation, blocks, block, rows);
   const bool pointwise = g.is_pointwise();
   const PaddedLayout layout(g);  // im2col through offset tables on a padded copy (conv_im2col.h)
-  const std::vector<T> padded = pointwise ? std::vector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
+  const OperandVector<T> padded = pointwise ? OperandVector<T>() : pad_planes(g, layout, x, g.batch * g.in_channels);
   const std::vector<int64_t> row_offset = im2col_row_offsets(g, layout, order);
   // A 1x1 layer with few output channels reads X in place: packing B then costs as much as the
   // product, which uses each packed value only m times (1 thread, 64x256x3136: 0.62 -> 0.80 of
@@ -552,7 +552,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     ConvGeometry pointwise = g;
     for (int i = 0; i < 3; ++i) pointwise.in[i] = g.out[i], pointwise.stride[i] = 1, pointwise.dilation[i] = 1;
     thread_local KeptStorage kept;
-    std::unique_ptr<T[]> fresh;
+    Scratch<T> fresh;
     T* xs = kept.values<T>(g.batch * g.in_channels * g.out_plane(), fresh);
     subsample_positions(g, x, xs);
     return conv_forward_any(pointwise, static_cast<const T*>(xs), w, bias, y, nhwc, activation, order);
@@ -665,7 +665,7 @@ bool conv_backward_input_as_forward(const ConvGeometry& g, const T* dy, const T*
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_volume();
   thread_local KeptStorage kept_rotated;
-  std::unique_ptr<T[]> fresh_rotated;
+  Scratch<T> fresh_rotated;
   T* const rotated = kept_rotated.values<T>(g.out_channels * cin_g * taps, fresh_rotated);  // [C_in][C_out/g][taps]
   // A transpose of (m, c) with the taps reversed, in 16 x 16 tiles: row by row it would write
   // (or read) one value per cache line, milliseconds for a 2048 x 512 weight.
@@ -769,7 +769,7 @@ void conv_backward_weight_rows(const ConvGeometry& g, const T* dy, const T* x_ba
   // Kept between calls (KeptStorage): a fresh buffer of MBs was page-faulted in as it was packed, 3.1
   // of 9.5 ms on conv3d 32ch 16x28x28 batch 2 (1 thread).
   thread_local KeptStorage kept_b;
-  std::unique_ptr<T[]> fresh_b;
+  Scratch<T> fresh_b;
   T* const b_data =
       kept_b.values<T>(checked_numel({g.groups, chunks, chunk_size}, "conv_backward (weight)", true), fresh_b);
   parallel_for(0, g.groups * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -827,7 +827,7 @@ WeightOrder conv_backward_weight_gemm(const ConvGeometry& g, const T* dy, const 
   const PaddedLayout layout(g);
   // Without padding the padded copy would equal x: im2col reads x itself.
   const bool padding = g.pad[0] != 0 || g.pad[1] != 0 || g.pad[2] != 0;
-  const std::vector<T> padded = padding ? pad_planes(g, layout, x, g.batch * g.in_channels) : std::vector<T>();
+  const OperandVector<T> padded = padding ? pad_planes(g, layout, x, g.batch * g.in_channels) : OperandVector<T>();
   const T* x_base = padding ? padded.data() : x;
   if (use_backward_weight_rows(g, gemm_mr<T>(), gemm_nr<T>())) {
     conv_backward_weight_rows(g, dy, x_base, layout, dw);

@@ -427,7 +427,7 @@ CNNOPS_ALWAYS_INLINE void weight_sweep(const T* src, const int64_t* offset, int6
 // tasks (several read each): pass q (samples q * p.samples on, side by side as PhaseGrid lays them),
 // channel c at (q * C_in + c) * p.channel; two vectors of zeros after the last.
 template <typename T>
-std::unique_ptr<T[]> fill_all_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx,
+Scratch<T> fill_all_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx,
                                      int64_t lanes) {
   const int64_t passes = num_blocks(g.batch, p.samples);
   const int64_t size = checked_numel({passes, g.in_channels, p.channel}, "grouped conv (phase planes)", true);
@@ -793,7 +793,7 @@ CNNOPS_ALWAYS_INLINE void weight_groups(const WeightJob<T>& j, int64_t g0, int64
 // tasks: row (q * C_out + m) of pass q, p.padded values, zero off the outputs (dropped columns, the last
 // pass's unused samples). Blocks of 16 channels: whole cache lines of a channels-last pixel.
 template <typename T>
-std::unique_ptr<T[]> fill_all_grad_output(const ConvGeometry& g, const PhaseGrid& p, const T* dy, const Layout& l) {
+Scratch<T> fill_all_grad_output(const ConvGeometry& g, const PhaseGrid& p, const T* dy, const Layout& l) {
   constexpr int64_t kBlock = 16;
   const int64_t passes = num_blocks(g.batch, p.samples), blocks = num_blocks(g.out_channels, kBlock);
   const int64_t size = checked_numel({passes, g.out_channels, p.padded}, "grouped conv (grad output grid)", true);

@@ -104,8 +104,9 @@ void pad_plane(const ConvGeometry& g, const PaddedLayout& p, const T* x, T* padd
 // A zero-padded copy of planes [0, planes) of x (each D x H x W), with `slack` zeros after the
 // last plane for readers that run past it.
 template <typename T>
-std::vector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes, int64_t slack = 0) {
-  std::vector<T> padded(planes * p.plane + slack, T(0));
+OperandVector<T> pad_planes(const ConvGeometry& g, const PaddedLayout& p, const T* x, int64_t planes,
+                            int64_t slack = 0) {
+  OperandVector<T> padded(planes * p.plane + slack, T(0));
   parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) pad_plane(g, p, x + q * g.in_plane(), padded.data() + q * p.plane);
   });

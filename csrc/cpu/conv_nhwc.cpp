@@ -49,7 +49,7 @@ struct PhaseGrid {
   int64_t plane;                       // G_d * G_h * G_w: grid rows per sample
   int64_t rows;                        // grid rows up to the last real output position
   std::vector<int64_t> column_offset;  // per im2col column (tap, c) of group 0
-  std::unique_ptr<T[]> copy;           // the padded copy; none for 1x1 stride 1 without padding
+  Scratch<T> copy;           // the padded copy; none for 1x1 stride 1 without padding
   const T* data;                       // the copy, or the input itself; null where not filled (fill_rows)
   bool slack;                          // whether reads may run past the last grid row (the copy has slack)
   int64_t phase_size;                  // values per stored phase: batch * plane * C_in
@@ -176,7 +176,7 @@ PhaseGrid<T> make_phase_grid(const ConvGeometry& g, const T* x, bool fill = true
 template <typename T>
 struct WeightPanels {
   int64_t k = 0, padded_m = 0;
-  std::vector<T, DefaultInitAllocator<T>> data;
+  OperandVector<T> data;
   // Panels [j0 / NR, ...) of reduction block k0 (kc rows) of group grp.
   const T* block(int64_t grp, int64_t k0, int64_t kc, int64_t j0) const {
     return data.data() + (grp * k + k0) * padded_m + (j0 / gemm_nr<T>()) * kc * gemm_nr<T>();

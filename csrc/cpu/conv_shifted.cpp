@@ -43,7 +43,7 @@ void conv_forward_shifted(const ConvGeometry& g, const T* x, const T* w, WeightO
   const int64_t m = g.out_channels_per_group();
   const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;
   // The slack keeps the last panel's reads past the grid in bounds.
-  const std::vector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
+  const OperandVector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
 
   const auto packed = packed_group_weights(g, w);  // packed once (or cached), shared by every task
   const std::vector<PackedA<T>>& weights = *packed;
@@ -95,7 +95,7 @@ void conv_forward_shifted_rows(const ConvGeometry& g, const T* x, const T* w, We
   const ShiftedGrid grid(g, order);
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), padded_m = num_blocks(m, nr) * nr;
   const int64_t pp = grid.padded.plane, hp = grid.padded.h, wp = grid.padded.w;
-  const std::vector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
+  const OperandVector<T> padded = pad_planes(g, grid.padded, x, g.batch * g.in_channels, nr);
   // W_g^T in gemm's panels: reduction block k0 (kKc rows) at k0 * padded_m, its panel of columns j0
   // kc * NR further on, row kk holding W[grp * m + j0 + q][k0 + kk], zero past M.
   const int64_t group_size = checked_numel({k, padded_m}, "conv_forward (shifted rows)", true);

@@ -688,7 +688,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
       // Channels-last input is copied L channels at a time, transposed L x L.
       parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
         const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
-        thread_local std::vector<float> plane_buffer;
+        thread_local OperandVector<float> plane_buffer;
         plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
         float* planes = plane_buffer.data();
         for (int64_t r = r0; r < r1;) {
@@ -771,7 +771,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
     parallel_dynamic(num_blocks(c_out, out_group), [&](int64_t task) {
       const int64_t co0 = task * out_group, cn = std::min(out_group, c_out - co0);
       const bool grouped = cn == lanes;
-      thread_local std::vector<float> rows_buffer;
+      thread_local OperandVector<float> rows_buffer;
       if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t plane = r / th, ty = r % th, rows = std::min(kTile, ho - kTile * ty);
@@ -802,7 +802,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   // used before this call writes it, except GEMM columns and vector lanes past the block's
   // tiles, whose results are dropped.
   auto run_blocks = [&](int64_t block) {
-    thread_local std::vector<float> v_buffer, m_buffer;
+    thread_local OperandVector<float> v_buffer, m_buffer;
     v_buffer.resize(std::max<size_t>(v_buffer.size(), kPositions * v_xi));
     m_buffer.resize(std::max<size_t>(m_buffer.size(), kPositions * m_xi));
     run_block(block, v_buffer.data(), m_buffer.data());
@@ -884,7 +884,7 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
   const int64_t du_size = checked_numel({depth, du_kd}, what, true);
   // Buffers kept between calls on this thread, as the forward's: fresh ones would page-fault on
   // every call. Every value the GEMMs read is written first (lanes past a block's tiles are not read).
-  thread_local std::vector<float> v_buffer, z_buffer, du_buffer;
+  thread_local OperandVector<float> v_buffer, z_buffer, du_buffer;
   v_buffer.resize(std::max<size_t>(v_buffer.size(), v_size));
   z_buffer.resize(std::max<size_t>(z_buffer.size(), z_size));
   du_buffer.resize(std::max<size_t>(du_buffer.size(), du_size));

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "cpu/scratch.h"
 
 namespace cnnops {
 namespace cpu {
@@ -66,31 +67,12 @@ int64_t l2_cache_bytes();
 template <typename T>
 using PackB = c10::function_ref<void(int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* dst)>;
 
-// An allocator whose resize() leaves new values uninitialized, for buffers that are written whole
-// before they are read (assign() and the value constructors still fill).
-template <typename T>
-struct DefaultInitAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = DefaultInitAllocator<U>;
-  };
-  using std::allocator<T>::allocator;
-  template <typename U>
-  void construct(U* p) noexcept {
-    ::new (static_cast<void*>(p)) U;
-  }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-  }
-};
-
 // A (M x K) packed once and reused for many B blocks: per kKc block, ceil(M / mr) panels of
 // kc x mr values, zero padded past M.
 template <typename T>
 struct PackedA {
   int64_t m = 0, k = 0, mr = 0;
-  std::vector<T, DefaultInitAllocator<T>> data;
+  OperandVector<T> data;
   const T* panel(int64_t k0, int64_t kc, int64_t m0) const {
     const int64_t padded_m = ceil_div(m, mr) * mr;
     return data.data() + k0 * padded_m + m0 * kc;
@@ -186,12 +168,6 @@ void gemm_offset_a_packed_b(int64_t m, int64_t k, const T* a, const int64_t* row
 template <typename T>
 int64_t gemm_mr();
 
-// Scratch memory that is always written before it is read (GEMM workspaces, output tiles):
-// left uninitialized, where a std::vector would zero hundreds of KB on every call.
-template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::make_unique_for_overwrite<T[]>(n);
-}
 
 // Values of gemm()'s workspace: one kKc x spec.nc block of packed B (less for a narrower B).
 template <typename T>

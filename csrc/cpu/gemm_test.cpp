@@ -204,6 +204,19 @@ double fma_peak(int64_t reps, int64_t trials) {
   TORCH_CHECK(false, "fma_peak(): AVX-512 only");
 }
 
+// Offsets from a cache line of the kernels' buffers (scratch.h): Scratch and OperandVector of sizes
+// 1 to 2^20 values, float and double.
+std::vector<int64_t> operand_misalignments() {
+  std::vector<int64_t> out;
+  for (int64_t n = 1; n <= (int64_t(1) << 20); n *= 4) {
+    out.push_back(int64_t(reinterpret_cast<uintptr_t>(scratch<float>(n).get()) % kOperandAlignment));
+    out.push_back(int64_t(reinterpret_cast<uintptr_t>(scratch<double>(n + 1).get()) % kOperandAlignment));
+    OperandVector<float> v(n);
+    out.push_back(int64_t(reinterpret_cast<uintptr_t>(v.data()) % kOperandAlignment));
+  }
+  return out;
+}
+
 }  // namespace
 
 void add_gemm_test_functions(PyObject* module) {
@@ -216,6 +229,8 @@ void add_gemm_test_functions(PyObject* module) {
         "The float32 micro-kernel alone with its panels in L1 (gemm(), or wide: gemm_shifted_a_packed_b's): "
         "mr, nr, seconds (min of trials) and GFLOP/s.",
         py::arg("wide"), py::arg("kc"), py::arg("reps"), py::arg("trials") = 5);
+  m.def("operand_misalignments", &operand_misalignments,
+        "Offsets from a cache line of freshly allocated kernel buffers (scratch.h): all 0.");
   m.def("fma_peak_gflops", &fma_peak, "Float32 AVX-512 FMA throughput on registers (GFLOP/s, best of trials).",
         py::arg("reps"), py::arg("trials") = 5);
 }

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <memory>
 
+#include "cpu/scratch.h"
+
 namespace cnnops {
 namespace cpu {
 
@@ -27,9 +29,9 @@ class KeptStorage {
   // n values of scratch in the kept storage, or past its limit in `fresh`, allocated now. Valid
   // until the next call on this storage; written before they are read.
   template <typename T>
-  T* values(int64_t n, std::unique_ptr<T[]>& fresh) {
+  T* values(int64_t n, Scratch<T>& fresh) {
     if (void* kept = reserve(size_t(n) * sizeof(T))) return static_cast<T*>(kept);
-    fresh = std::make_unique_for_overwrite<T[]>(n);
+    fresh = scratch<T>(n);
     return fresh.get();
   }
 
