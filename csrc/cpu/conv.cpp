@@ -157,8 +157,7 @@ std::vector<int32_t> gather_indices(const std::vector<int64_t>& column_offset) {
 // cols[(grp * blocks + b) * K * block + r * block + j] is row r, column b * block + j (zero past
 // the last column), with NR values of slack for the reads of the last rows' padded panels.
 template <typename T>
-Scratch<T> im2col_blocks(const ConvGeometry& g, const T* x, WeightOrder order, int64_t blocks,
-                                   int64_t block) {
+Scratch<T> im2col_blocks(const ConvGeometry& g, const T* x, WeightOrder order, int64_t blocks, int64_t block) {
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t k = g.gemm_k(), l = g.out_plane(), total = g.batch * l, cg = g.in_channels_per_group();
   const bool pointwise = g.is_pointwise();
@@ -1124,6 +1123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
       // NHWC kernel writes it in (tap, channel) order directly, the other kernels in ChannelTap
       // order, then converted.
       const bool dw_channels_last = conv_output_memory_format(input, weight) != at::MemoryFormat::Contiguous;
+      const WeightOrder dw_preferred = dw_channels_last ? WeightOrder::TapChannel : WeightOrder::ChannelTap;
       at::Tensor dw_flat = at::zeros({w.numel()}, w.options());
       WeightOrder dw_order = WeightOrder::ChannelTap;
       if (dw_flat.numel() > 0 && dy.numel() > 0) {
@@ -1140,11 +1140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(const at::Tenso
         else if (use_grouped(g, std::is_same_v<scalar_t, float>))
           conv_grouped_backward_weight(g, dy_ptr, x_ptr, dw_ptr, nhwc);
         else if (nhwc)
-          dw_order = conv_backward_weight_nhwc(g, dy_ptr, x_ptr, dw_ptr,
-                                               dw_channels_last ? WeightOrder::TapChannel : WeightOrder::ChannelTap);
+          dw_order = conv_backward_weight_nhwc(g, dy_ptr, x_ptr, dw_ptr, dw_preferred);
         else
-          dw_order = conv_backward_weight_gemm(g, dy_ptr, x_ptr, dw_ptr,
-                                               dw_channels_last ? WeightOrder::TapChannel : WeightOrder::ChannelTap);
+          dw_order = conv_backward_weight_gemm(g, dy_ptr, x_ptr, dw_ptr, dw_preferred);
       }
       // One tap or one channel a group: both orders are the same memory, which .contiguous(format)
       // (the fake's) leaves with contiguous strides.

@@ -427,8 +427,7 @@ CNNOPS_ALWAYS_INLINE void weight_sweep(const T* src, const int64_t* offset, int6
 // tasks (several read each): pass q (samples q * p.samples on, side by side as PhaseGrid lays them),
 // channel c at (q * C_in + c) * p.channel; two vectors of zeros after the last.
 template <typename T>
-Scratch<T> fill_all_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx,
-                                     int64_t lanes) {
+Scratch<T> fill_all_phases(const ConvGeometry& g, const PhaseGrid& p, const T* x, const Layout& lx, int64_t lanes) {
   const int64_t passes = num_blocks(g.batch, p.samples);
   const int64_t size = checked_numel({passes, g.in_channels, p.channel}, "grouped conv (phase planes)", true);
   auto buf = scratch<T>(size + 2 * lanes);

@@ -49,7 +49,7 @@ struct PhaseGrid {
   int64_t plane;                       // G_d * G_h * G_w: grid rows per sample
   int64_t rows;                        // grid rows up to the last real output position
   std::vector<int64_t> column_offset;  // per im2col column (tap, c) of group 0
-  Scratch<T> copy;           // the padded copy; none for 1x1 stride 1 without padding
+  Scratch<T> copy;                     // the padded copy; none for 1x1 stride 1 without padding
   const T* data;                       // the copy, or the input itself; null where not filled (fill_rows)
   bool slack;                          // whether reads may run past the last grid row (the copy has slack)
   int64_t phase_size;                  // values per stored phase: batch * plane * C_in
@@ -743,13 +743,11 @@ template <typename T>
 WeightOrder conv_backward_weight_nhwc(const ConvGeometry& g, const T* dy, const T* x, T* dw, WeightOrder preferred) {
   // The transposed product goes before Winograd on 2-d layers, unless a test has replaced Winograd's
   // size rules; 3x3x3 layers take Winograd (2 threads, 32 channels 16x28x28 batch 2: 3.2 -> 2.3 ms).
-  const bool winograd_3d = std::is_same_v<T, float> && g.kernel[0] > 1 && use_winograd_weight_gradient(g);
-  const bool rows =
-      use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced() && !winograd_3d;
+  const bool winograd = std::is_same_v<T, float> && use_winograd_weight_gradient(g);
+  const bool rows = use_nhwc_weight_rows(g, gemm_mr<T>(), gemm_nr<T>()) && !winograd_size_rules_replaced() &&
+                    !(winograd && g.kernel[0] > 1);
   if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd where the forward takes it
-    if (!rows && use_winograd_weight_gradient(g) &&
-        conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true, preferred))
-      return preferred;
+    if (winograd && !rows && conv_backward_weight_winograd(g, dy, x, dw, /*nhwc=*/true, preferred)) return preferred;
   }
   constexpr int64_t nr = gemm_nr<T>();
   const int64_t m = g.out_channels_per_group(), k = g.gemm_k(), taps = g.kernel_volume();

@@ -529,6 +529,25 @@ const Kernels& row_kernels(int64_t tiles) {
   return widest;
 }
 
+// One input row of cn channels into the transforms' plane copies: pixel p of channel q from
+// src[q * c_stride + p * p_stride] to dst[q * plane_size + p]. L channels of a channels-last row
+// move by L x L transposes, the row's last pixels by a partial one (its lanes past the row are
+// zeros: the copy's right padding); planar rows by copies, anything else value by value.
+void copy_row_into_planes(const Kernels& kern, const float* src, int64_t c_stride, int64_t p_stride, int64_t width,
+                          int64_t cn, float* dst, int64_t plane_size) {
+  const int64_t lanes = kern.lanes;
+  int64_t j = 0;
+  if (cn == lanes && p_stride != 1) {
+    for (; j + lanes <= width; j += lanes) kern.transpose(src + j * p_stride, p_stride, dst + j, plane_size);
+    if (j < width) kern.transpose_part(src + j * p_stride, p_stride, width - j, dst + j, plane_size, lanes), j = width;
+  }
+  for (int64_t q = 0; q < cn; ++q)
+    if (p_stride == 1)
+      std::memcpy(dst + q * plane_size + j, src + q * c_stride + j, (width - j) * sizeof(float));
+    else
+      for (int64_t p = j; p < width; ++p) dst[q * plane_size + p] = src[q * c_stride + p * p_stride];
+}
+
 // fn(i) for i in [0, n) on the pool's threads, each taking the next index when done: under load,
 // a thread that starts late or is preempted leaves its share to the others. Each index's work is
 // independent of the others, so the result does not depend on which thread runs it.
@@ -673,7 +692,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   const int64_t v_xi = c_in * ld + 16, m_xi = c_out * ld + 16;
   // Channels per transform task: L for channels-last rows (moved by L x L transposes, a row's last
   // pixels by a partial one), else 1.
-  const int64_t in_group = nhwc ? lanes : 1, out_group = nhwc ? lanes : 1;
+  const int64_t group = nhwc ? lanes : 1;
   const int64_t out_w = kTile * round_up(tw, lanes);  // a row of the channels-last output planes
   std::vector<int64_t> row_offset(cin_g);
   for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
@@ -686,10 +705,10 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
       // Input transform: a padded copy of the block's rows of each (sample, channel) plane, then its
       // tile rows in order (a row's vectors spill into the next row's slots, which it overwrites).
       // Channels-last input is copied L channels at a time, transposed L x L.
-      parallel_dynamic(num_blocks(c_in, in_group), [&](int64_t task) {
-        const int64_t c0 = task * in_group, cn = std::min(in_group, c_in - c0);
+      parallel_dynamic(num_blocks(c_in, group), [&](int64_t task) {
+        const int64_t c0 = task * group, cn = std::min(group, c_in - c0);
         thread_local OperandVector<float> plane_buffer;
-        plane_buffer.resize(std::max<size_t>(plane_buffer.size(), in_group * plane_size));
+        plane_buffer.resize(std::max<size_t>(plane_buffer.size(), group * plane_size));
         float* planes = plane_buffer.data();
         for (int64_t r = r0; r < r1;) {
           const int64_t plane = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
@@ -704,17 +723,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
             }
             if (!inside) continue;
             const float* src = x + n * xs_n + id * xs_d + c0 * xs_c + (hp - ph) * xs_h;  // channel c0, column 0
-            float* dst = planes + hp * plane_w + pw;
-            int64_t j = 0;
-            if (cn == lanes) {  // the part's lanes past the row's end are its zero padding
-              for (; j + lanes <= w; j += lanes) kern.transpose(src + j * xs_w, xs_w, dst + j, plane_size);
-              if (j < w) kern.transpose_part(src + j * xs_w, xs_w, w - j, dst + j, plane_size, lanes), j = w;
-            }
-            for (int64_t q = 0; q < cn; ++q)
-              if (xs_w == 1)
-                std::memcpy(dst + q * plane_size + j, src + q * xs_c + j, (w - j) * sizeof(float));
-              else
-                for (int64_t jj = j; jj < w; ++jj) dst[q * plane_size + jj] = src[q * xs_c + jj * xs_w];
+            copy_row_into_planes(kern, src, xs_c, xs_w, w, cn, planes + hp * plane_w + pw, plane_size);
           }
           for (int64_t q = 0; q < cn; ++q)
             for (int64_t ty = ty0; ty < ty1; ++ty)
@@ -768,8 +777,8 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
     if (!finite) return;
     // Output transform, bias and activation into y; channels-last output L channels at a time,
     // through planes of 4 rows transposed L x L.
-    parallel_dynamic(num_blocks(c_out, out_group), [&](int64_t task) {
-      const int64_t co0 = task * out_group, cn = std::min(out_group, c_out - co0);
+    parallel_dynamic(num_blocks(c_out, group), [&](int64_t task) {
+      const int64_t co0 = task * group, cn = std::min(group, c_out - co0);
       const bool grouped = cn == lanes;
       thread_local OperandVector<float> rows_buffer;
       if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
@@ -929,18 +938,7 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
               if (!plane_inside || row < 0 || row >= t_h) continue;
               if (input) dst += pw;
               const float* src = t + n * ts[0] + c0 * ts[1] + t_d * ts[2] + row * ts[3];  // channel c0, column 0
-              if (!nhwc) {
-                std::memcpy(dst, src, t_w * sizeof(float));
-                continue;
-              }
-              int64_t j = 0;
-              if (cn == lanes) {  // as in the forward
-                for (; j + lanes <= t_w; j += lanes) kern.transpose(src + j * channels, channels, dst + j, plane_size);
-                if (j < t_w)
-                  kern.transpose_part(src + j * channels, channels, t_w - j, dst + j, plane_size, lanes), j = t_w;
-              }
-              for (int64_t k = 0; k < cn; ++k)
-                for (int64_t jj = j; jj < t_w; ++jj) dst[k * plane_size + jj] = src[jj * channels + k];
+              copy_row_into_planes(kern, src, ts[1], ts[4], t_w, cn, dst, plane_size);
             }
             for (int64_t k = 0; k < cn; ++k) {
               const float* tile_rows_copy = planes.data() + k * plane_size;
