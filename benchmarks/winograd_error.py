@@ -6,7 +6,9 @@ gradient is a forward convolution, so it runs Winograd too) and grad_weight (its
     python3 -m benchmarks.winograd_error [--batch 8]
 
 max abs: max |got - ref|; max rel: max |got - ref| / max |ref|. The "winograd" rows force the path
-on every shape (at batch 8 the size rules take all four; 256 and 512 channels stream U).
+on every shape (at batch 8 the size rules take all four; 256 and 512 channels stream U), F(4x4, 3x3);
+"winograd F(2x2)" the forward and grad input with F(2x2, 3x3) (the size rules' choice for small maps at
+small batches; grad weight has F(4x4) only).
 """
 import argparse
 
@@ -40,13 +42,14 @@ def main():
         xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
         ref = F.conv2d(xd, wd, None, padding=1)
         ref_dx, ref_dw = torch.autograd.grad(ref, (xd, wd), go.double())
-        for path, allowed in (("direct", False), ("winograd", True)):
+        for path, allowed, tile in (("direct", False, 0), ("winograd", True, 4), ("winograd F(2x2)", True, 2)):
+            _C._set_cpu_winograd_tile(tile)
             with cnnops.backends.cpu.flags(allow_winograd=allowed):
                 xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
                 y = CF.conv2d(xf, wf, None, padding=1)
                 dx, dw = torch.autograd.grad(y, (xf, wf), go)
-            for name, got, r in (("forward", y.detach(), ref.detach()), ("grad_input", dx, ref_dx),
-                                 ("grad_weight", dw, ref_dw)):
+            outputs = [("forward", y.detach(), ref.detach()), ("grad_input", dx, ref_dx), ("grad_weight", dw, ref_dw)]
+            for name, got, r in outputs[:2] if tile == 2 else outputs:
                 a, rel = errors(got, r)
                 print(f"| {c}ch {hw}x{hw} | {name} | {path} | {a:.2e} | {rel:.2e} |", flush=True)
 

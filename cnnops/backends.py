@@ -1,13 +1,14 @@
 """Algorithm switches of the cnnops kernels, in the style of ``torch.backends.cudnn``.
 
 ``cnnops.backends.cpu.allow_winograd`` (default ``True``): float32 3x3 stride-1 convolutions on
-the CPU may run the Winograd algorithm F(4x4, 3x3) (Lavin & Gray 2016) instead of the direct
-one. It trades rounding for speed: Winograd does about 2-4x fewer multiplications on the layers
-where it is chosen, but its transforms round differently, so results are not bitwise equal to the
-direct path (the error stays within the float32 test tolerances; ``benchmarks/winograd_error.py``
-measures it against a float64 reference). float64 always runs the direct path; bfloat16 and
-float16 inputs compute in float32 and may take Winograd too. It covers the forward pass and the
-stride-1 input gradient (computed as a forward convolution), not the weight gradient.
+the CPU may run the Winograd algorithm F(4x4, 3x3), or F(2x2, 3x3) on small maps at small batches
+(Lavin & Gray 2016), instead of the direct one. It trades rounding for speed: Winograd does about
+2-4x fewer multiplications on the layers where it is chosen, but its transforms round differently,
+so results are not bitwise equal to the direct path (the error stays within the float32 test
+tolerances; ``benchmarks/winograd_error.py`` measures it against a float64 reference). float64
+always runs the direct path; bfloat16 and float16 inputs compute in float32 and may take Winograd
+too. It covers the forward pass, the stride-1 input gradient (computed as a forward convolution)
+and the weight gradient (F(4x4, 3x3) only).
 
 ``cnnops.backends.cpu.cache_packed_weights`` (default ``False``; ``CNNOPS_WEIGHT_CACHE=1`` sets
 it at start): under ``torch.no_grad()`` the CPU convolutions keep each weight's packed GEMM
@@ -35,7 +36,7 @@ class _CpuBackend:
 
     @property
     def allow_winograd(self) -> bool:
-        """Whether float32 3x3 stride-1 convolutions may use Winograd F(4x4, 3x3) (faster, rounds
+        """Whether float32 3x3 stride-1 convolutions may use Winograd F(4x4, 3x3) or F(2x2, 3x3) (faster, rounds
         differently from the direct path; float64 never does). Read by every call."""
         return _C._get_cpu_allow_winograd()
 

@@ -1,8 +1,8 @@
-"""Winograd F(4x4, 3x3) convolution (csrc/cpu/conv_winograd.cpp) against torch: tile edges, padding,
-batch sizes, groups, bias, fused ReLU, layouts, forward and every gradient (grad_input is a
-stride-1 forward convolution, so it runs Winograd too; grad_weight has its own transforms), each ISA, and the switch
-cnnops.backends.cpu.allow_winograd. Expected values come from torch (float64 reference); a
-counter in the extension tells which path ran."""
+"""Winograd F(4x4, 3x3) and F(2x2, 3x3) convolution (csrc/cpu/conv_winograd.cpp) against torch: tile
+edges, padding, batch sizes, groups, bias, fused ReLU, layouts, forward and every gradient (grad_input
+is a stride-1 forward convolution, so it runs Winograd too; grad_weight has its own F(4x4) transforms),
+each ISA, the size rules that choose the tile, and the switch cnnops.backends.cpu.allow_winograd.
+Expected values come from torch (float64 reference); counters in the extension tell which path ran."""
 
 import pytest
 import torch
@@ -45,6 +45,20 @@ def weight_modes(request):
     assert streamed_forwards == (forwards if streamed else 0)
 
 
+@pytest.fixture(params=[4, 2], ids=["F4", "F2"])
+def tiles(request):
+    """The forward's two tiles, F(4x4, 3x3) and F(2x2, 3x3) (winograd_tile), forced for every Winograd
+    forward of the test (grad input's too); checks on teardown that each ran the one asked for."""
+    _C._set_cpu_winograd_tile(request.param)
+    before, before_small = calls(), _C._cpu_winograd_small_tile_calls()
+    try:
+        yield request.param
+    finally:
+        _C._set_cpu_winograd_tile(0)
+    forwards, small = calls() - before, _C._cpu_winograd_small_tile_calls() - before_small
+    assert small == (forwards if request.param == 2 else 0)
+
+
 # Output sizes 1..13 (every remainder mod 4, odd and even), with padding 0 and 1.
 SIZES = [(1, 1), (2, 3), (3, 1), (1, 13), (4, 4), (5, 7), (6, 9), (7, 13), (8, 5), (9, 11), (10, 10), (11, 6),
          (12, 12), (13, 8)]
@@ -53,8 +67,9 @@ SIZES = [(1, 1), (2, 3), (3, 1), (1, 13), (4, 4), (5, 7), (6, 9), (7, 13), (8, 5
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("out_size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_tile_edges_forward_and_gradients(out_size, padding):
-    """Output sizes that are not multiples of the 4x4 tile; forward, grad_input, grad_weight and
+    """Output sizes that are not multiples of the 4x4 or 2x2 tile; forward, grad_input, grad_weight and
     grad_bias. Forward and grad_input take Winograd (two calls)."""
     h, w = (s + 2 - 2 * padding for s in out_size)
     x, wt, b = conv_tensors(2, 2, 16, 24, (h, w), 3, 1, True, torch.float32)
@@ -68,6 +83,7 @@ def test_tile_edges_forward_and_gradients(out_size, padding):
 
 @pytest.mark.parametrize("cin,cout", [(1, 1), (3, 5), (7, 9)])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_few_channels(cin, cout):
     x, w, b = conv_tensors(2, 2, cin, cout, (6, 11), 3, 1, True, torch.float32)
     before = calls()
@@ -96,9 +112,36 @@ def test_default_size_rules():
         assert calls() - before == expected, (x_shape, w_shape, groups)
 
 
+def test_small_tiles_default_size_rules():
+    """Without the test overrides, F(2x2, 3x3) runs the layers of 128 channels and more whose maps leave
+    F(4x4) fewer than 32 tiles but give F(2x2) at least 32 (512 channels at 7x7 from batch 2, 256 and
+    384 channels at 13x13 and 14x14 at batch 1), forward and grad input; their grad weight stays direct
+    (F(4x4) only). F(4x4) keeps the layers where it has 32 tiles; fewer F(2x2) tiles or 64 channels
+    keep the direct path."""
+    _C._set_cpu_winograd_min_tiles(-1)
+    cases = [((2, 512, 7, 7), 512, 2, 2), ((4, 512, 7, 7), 512, 2, 2), ((1, 256, 14, 14), 256, 2, 2),
+             ((1, 384, 13, 13), 384, 2, 2), ((1, 128, 14, 14), 256, 2, 2), ((2, 256, 14, 14), 256, 2, 0),
+             ((1, 512, 7, 7), 512, 0, 0), ((1, 64, 14, 14), 64, 0, 0), ((1, 256, 14, 14), 64, 0, 0)]
+    for x_shape, cout, expected, expected_small in cases:
+        x = torch.randn(x_shape, requires_grad=True)
+        w = (torch.randn(cout, x_shape[1], 3, 3) * (9 * x_shape[1]) ** -0.5).requires_grad_()
+        before, before_small, before_weight = calls(), _C._cpu_winograd_small_tile_calls(), weight_calls()
+        y = CF.conv2d(x, w, None, padding=1)
+        y.backward(torch.ones_like(y))
+        assert (calls() - before, _C._cpu_winograd_small_tile_calls() - before_small) == (expected, expected_small), (
+            x_shape, cout)
+        assert weight_calls() - before_weight == (1 if expected > expected_small else 0), (x_shape, cout)
+
+
+def test_small_tile_switch_rejects_other_sizes():
+    with pytest.raises(ValueError, match="0, 2 or 4"):
+        _C._set_cpu_winograd_tile(3)
+
+
 @pytest.mark.parametrize("batch", [0, 1, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_batch_sizes_and_bias(batch, bias):
     x, w, b = conv_tensors(2, batch, 16, 16, (9, 10), 3, 1, bias, torch.float32)
     before = calls()
@@ -108,6 +151,7 @@ def test_batch_sizes_and_bias(batch, bias):
 
 @pytest.mark.parametrize("groups,cin,cout", [(2, 32, 48), (3, 48, 48), (2, 32, 32)])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_groups(groups, cin, cout):
     x, w, b = conv_tensors(2, 2, cin, cout, (11, 7), 3, groups, True, torch.float32)
     before = calls()
@@ -117,6 +161,7 @@ def test_groups(groups, cin, cout):
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_layouts(layout):
     """channels_last runs the NHWC flavour of the kernel; other strided inputs are made dense."""
     x, w, b = conv_tensors(2, 2, 16, 32, (10, 13), 3, 1, True, torch.float32, layout=layout)
@@ -128,6 +173,7 @@ def test_layouts(layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_channels_last_weight(layout):
     """A channels-last weight (OHWI in memory) is read in place by the weight transform
     (WinogradWeightView), forward and grad input's rotated kernel: no converted copy."""
@@ -141,6 +187,7 @@ def test_channels_last_weight(layout):
 
 @pytest.mark.parametrize("cin,cout", [(16, 16), (24, 40), (40, 8)])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_channels_last_wide(cin, cout):
     """Channels-last rows wider than a vector, channel counts with and without a partial group of
     16 (the channels-last copies transpose 16 x 16 blocks, the rest one by one)."""
@@ -151,6 +198,7 @@ def test_channels_last_wide(cin, cout):
 
 
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_many_tile_rows_and_blocks():
     """Enough tiles to split the work into several blocks of tile rows, each spanning samples."""
     x, w, b = conv_tensors(2, 5, 16, 16, (30, 29), 3, 1, True, torch.float32)
@@ -159,6 +207,7 @@ def test_many_tile_rows_and_blocks():
     assert calls() - before == 2
 
 
+@pytest.mark.usefixtures("tiles")
 def test_wide_rows():
     """Tile rows longer than one vector of tiles (chunks of 16 tiles on AVX-512)."""
     x, w, b = conv_tensors(2, 1, 16, 16, (5, 150), 3, 1, True, torch.float32)
@@ -169,6 +218,7 @@ def test_wide_rows():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_fused_relu(layout):
     """activation='relu' is applied in the output transform, after the bias."""
     x, w, b = conv_tensors(2, 2, 16, 24, (9, 7), 3, 1, True, torch.float32, layout=layout)
@@ -183,6 +233,7 @@ def test_fused_relu(layout):
 @pytest.mark.parametrize("where", ["input", "weight"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_nonfinite_values_give_torch_results(where, value):
     """Winograd's transforms would spread an inf or NaN to outputs whose window does not hold it
     (0 * inf); such calls run the direct path, so NaN and inf land where torch puts them."""
@@ -202,6 +253,7 @@ def test_nonfinite_values_give_torch_results(where, value):
 
 
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_result_does_not_depend_on_the_thread_count():
     """Work is split by sizes and threads differently, never the arithmetic of one output (streamed:
     two slabs of input channels summed in order, three of output channels)."""
@@ -293,6 +345,7 @@ def test_reduced_precision_computes_through_winograd():
 
 
 @pytest.mark.usefixtures("weight_modes")
+@pytest.mark.usefixtures("tiles")
 def test_large_channels_and_values():
     """A ResNet-like layer: the error stays within the float32 tolerance at 256 channels."""
     x, w, b = conv_tensors(2, 2, 256, 128, (14, 14), 3, 1, True, torch.float32)
@@ -307,6 +360,7 @@ def test_large_channels_and_values():
 @pytest.mark.parametrize("size", [(1, 4, 4), (3, 5, 7), (4, 9, 6), (2, 13, 8)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout,weight_layout", [("contiguous", "contiguous"), ("channels_last", "contiguous"),
                                                   ("channels_last", "channels_last")])
+@pytest.mark.usefixtures("tiles")
 def test_3d_depth_taps(size, padding, layout, weight_layout):
     """conv3d 3x3x3 stride 1: each depth tap a 2-d F(4x4, 3x3), summed into M; input planes in the depth
     padding are zero. Forward and grad input (the turned kernel read in place, its depth taps reversed
@@ -324,6 +378,7 @@ def test_3d_depth_taps(size, padding, layout, weight_layout):
 
 @pytest.mark.usefixtures("weight_modes")
 @pytest.mark.parametrize("groups,cin,cout", [(1, 136, 40), (2, 64, 48)])
+@pytest.mark.usefixtures("tiles")
 def test_3d_slabs_and_groups(groups, cin, cout):
     """3-d layers with partial slabs (streamed U per depth tap), partial vectors of input channels
     (grad weight's output transform) and groups."""
@@ -372,6 +427,7 @@ def test_3d_default_size_rules(layout):
 @pytest.mark.usefixtures("weight_modes")
 @pytest.mark.parametrize("groups,cin,cout", [(1, 136, 40), (1, 260, 33), (2, 272, 80), (1, 128, 64)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.usefixtures("tiles")
 def test_weight_slab_edges(groups, cin, cout, layout):
     """Streamed U is made for slabs of 32 output x 128 input channels a group: channel counts that
     leave partial slabs on each side (and a partial 8-row panel: 33, 40 a group), several input slabs
@@ -384,12 +440,13 @@ def test_weight_slab_edges(groups, cin, cout, layout):
 
 
 def test_default_streaming_rule():
-    """By default U is streamed when it is larger than 4 MB (36 C_out C_in/groups floats): a 256-channel
-    layer's 9.4 MB (and its grad input's) but not a 128-channel layer's 2.4 MB. With U streamed the
-    512-channel 7x7 layer pays from batch 8 (32 tiles) on, not at batch 4."""
+    """By default U is streamed when it is larger than 4 MB ((m + 2)^2 C_out C_in/groups floats): a
+    256-channel layer's 9.4 MB (and its grad input's) but not a 128-channel layer's 2.4 MB; F(2x2)'s
+    U of a 512-channel layer (16.8 MB) too. With U streamed the 512-channel 7x7 layer pays with
+    F(4x4) from batch 8 (32 tiles) on; at batch 4 it runs F(2x2)."""
     _C._set_cpu_winograd_min_tiles(-1)
     cases = [((2, 256, 14, 14), (256, 256, 3, 3), 2, 2), ((2, 128, 28, 28), (128, 128, 3, 3), 2, 0),
-             ((8, 512, 7, 7), (512, 512, 3, 3), 2, 2), ((4, 512, 7, 7), (512, 512, 3, 3), 0, 0)]
+             ((8, 512, 7, 7), (512, 512, 3, 3), 2, 2), ((4, 512, 7, 7), (512, 512, 3, 3), 2, 2)]
     for x_shape, w_shape, expected, expected_streamed in cases:
         x = torch.randn(x_shape, requires_grad=True)
         w = torch.randn(w_shape) * (9 * w_shape[1]) ** -0.5
@@ -401,6 +458,7 @@ def test_default_streaming_rule():
 
 
 @pytest.mark.parametrize("channels,size", [(128, 28), (256, 14)])
+@pytest.mark.usefixtures("tiles")
 def test_trained_scale_layers_stay_inside_the_float32_tolerance(channels, size):
     """What benchmarks/results/winograd_cpu.md and docs/formulas.md claim: on ResNet-sized layers
     with weights of a trained layer's scale (N(0, 1/fan_in)), forward and grad_input through
@@ -429,10 +487,11 @@ from cnnops import _C
 print(torch.ops.cnnops.cpu_gemm_isa())
 _C._set_cpu_winograd_min_tiles(0)
 torch.manual_seed(0)
-for (h, w), p, cl, (g, ci, co), streamed in itertools.product(
+for (h, w), p, cl, (g, ci, co), streamed, tile in itertools.product(
         [(3, 3), (4, 4), (7, 13), (11, 6), (5, 40)], [0, 1], [False, True],
-        [(1, 16, 24), (2, 32, 32), (1, 3, 5), (1, 136, 40)], [0, 1]):
+        [(1, 16, 24), (2, 32, 32), (1, 3, 5), (1, 136, 40)], [0, 1], [4, 2]):
     _C._set_cpu_winograd_weight_streaming(streamed)
+    _C._set_cpu_winograd_tile(tile)
     x = torch.randn(2, ci, h + 2 - 2 * p, w + 2 - 2 * p)
     if cl:
         x = x.to(memory_format=torch.channels_last)
@@ -440,11 +499,14 @@ for (h, w), p, cl, (g, ci, co), streamed in itertools.product(
     wt = torch.randn(co, ci // g, 3, 3, requires_grad=True)
     b = torch.randn(co, requires_grad=True)
     before, before_w = _C._cpu_winograd_calls(), _C._cpu_winograd_weight_calls()
+    before_small = _C._cpu_winograd_small_tile_calls()
     ours = CF.conv2d(x, wt, b, padding=p, groups=g)
     go = torch.randn_like(ours)
     got = torch.autograd.grad(ours, (x, wt, b), go)
     if _C._cpu_winograd_calls() - before != 2:
         sys.exit(f"Winograd not taken for {(h, w, p, cl, g)}")
+    if _C._cpu_winograd_small_tile_calls() - before_small != (2 if tile == 2 else 0):
+        sys.exit(f"F({tile}x{tile}, 3x3) not taken for {(h, w, p, cl, g)}")
     if _C._cpu_winograd_weight_calls() - before_w != 1:
         sys.exit(f"Winograd grad_weight not taken for {(h, w, p, cl, g)}")
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
@@ -453,9 +515,10 @@ for (h, w), p, cl, (g, ci, co), streamed in itertools.product(
     for name, a, e in zip(("out", "dx", "dw", "db"), (ours,) + got, (ref,) + exp):
         err = ((a.double() - e).abs().max() / e.abs().max().clamp_min(1)).item()
         if not err < 1e-5:
-            sys.exit(f"{(h, w, p, cl, g)} {name}: relative error {err}")
-for cl, streamed in itertools.product([False, True], [0, 1]):  # 3-d: a 2-d transform per depth tap
+            sys.exit(f"{(h, w, p, cl, g, tile)} {name}: relative error {err}")
+for cl, streamed, tile in itertools.product([False, True], [0, 1], [4, 2]):  # 3-d: a 2-d transform per depth tap
     _C._set_cpu_winograd_weight_streaming(streamed)
+    _C._set_cpu_winograd_tile(tile)
     x = torch.randn(2, 16, 4, 7, 9)
     wt = torch.randn(24, 16, 3, 3, 3)
     if cl:
@@ -466,21 +529,21 @@ for cl, streamed in itertools.product([False, True], [0, 1]):  # 3-d: a 2-d tran
     go = torch.randn_like(ours)
     (dx,) = torch.autograd.grad(ours, x, go)
     if _C._cpu_winograd_calls() - before != 2:
-        sys.exit(f"3-d Winograd not taken for {(cl, streamed)}")
+        sys.exit(f"3-d Winograd not taken for {(cl, streamed, tile)}")
     xd = x.detach().double().requires_grad_()
     ref = F.conv3d(xd, wt.double(), padding=1)
     (ref_dx,) = torch.autograd.grad(ref, xd, go.double())
     for name, a, e in (("out", ours, ref), ("dx", dx, ref_dx)):
         err = ((a.double() - e).abs().max() / e.abs().max().clamp_min(1)).item()
         if not err < 1e-5:
-            sys.exit(f"3-d {(cl, streamed)} {name}: relative error {err}")
+            sys.exit(f"3-d {(cl, streamed, tile)} {name}: relative error {err}")
 """
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_each_isa_matches_torch(isa):
-    """The transforms (the weight gradient's too) are compiled per ISA (16, 8 and 4 tiles per vector):
-    each one against torch."""
+    """The transforms of both tiles (the weight gradient's too) are compiled per ISA (16, 8 and 4 tiles per
+    vector): each one against torch."""
     result = run_with_cpu_isa(isa, ISA_CHECK, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == isa

@@ -1,13 +1,16 @@
-// Winograd convolution F(4x4, 3x3) for float32 3x3 stride-1 layers (formulas.md §Winograd;
-// Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"; points below): each
-// 4x4 output tile is
+// Winograd convolution F(4x4, 3x3) and F(2x2, 3x3) for float32 3x3 stride-1 layers (formulas.md
+// §Winograd; Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"; points below):
+// each m x m output tile is
 //   Y = A^T [ (G g G^T) (.) (B^T d B) ] A
-// over a 6x6 input tile d, so the 36 products per tile and channel pair replace 144 multiply-adds.
-// Summed over input channels, each of the 36 transform positions xi is a GEMM:
+// over an (m + 2) x (m + 2) input tile d, so (m + 2)^2 products per tile and channel pair replace
+// 9 m^2 multiply-adds (F(4x4): 36 for 144). Summed over input channels, each transform position xi
+// is a GEMM:
 //   M[xi] (C_out x tiles) = U[xi] (C_out x C_in) * V[xi] (C_in x tiles)
+// F(4x4) does the fewest products; F(2x2) has 4 times the tiles, the GEMMs' columns, which small
+// maps at small batches need (winograd_tile).
 // Steps, for a block of whole tile rows at a time (so V and M stay in cache):
 //   input transform  V = B^T d B per tile and channel, vectorized over the tiles of a tile row
-//   36 GEMMs         the project's GEMM, B read in place (gemm_shifted_b); U made all at once
+//   (m + 2)^2 GEMMs  the project's GEMM, B read in place (gemm_shifted_b); U made all at once
 //                    first, or slab by slab inside them where all of it would not fit the caches
 //   output transform A^T M A, + bias, activation, written straight into y
 // A 3x3x3 layer repeats the first two steps per depth tap kd, on input plane od + kd - pad,
@@ -46,14 +49,19 @@ std::atomic<int64_t> weight_calls{0};
 std::atomic<int64_t> forced_min_tiles{-1};
 std::atomic<int64_t> forced_streaming{-1};
 std::atomic<int64_t> streamed_calls{0};
+std::atomic<int64_t> forced_tile{0};
+std::atomic<int64_t> small_tile_calls{0};
 
+// The weight gradient's F(4x4, 3x3); the forward runs F(4x4, 3x3) or F(2x2, 3x3) (winograd_tile).
 constexpr int64_t kTile = 4;          // output tile side (m in F(m, r))
 constexpr int64_t kAlpha = 6;         // input tile side m + r - 1
-constexpr int64_t kPositions = 36;    // kAlpha^2 transform positions
-constexpr int64_t kTargetTiles = 96;  // tiles per block: V and M of a block stay in L2 for ~64 channels
+constexpr int64_t kPositions = 36;    // kAlpha^2 transform positions, the most of either tile
+constexpr int64_t kTargetValues = 96 * kPositions;  // V values a channel per block (96 F(4x4) tiles): V and M
+                                                     // of a block stay in L2 for ~64 channels
 constexpr int64_t kSlabRows = 32, kSlabChannels = 128;  // U made and used a slab at a time (stream_weights)
 constexpr double kStreamedWeightBytes = 4e6;            // U larger than this is streamed
 constexpr int64_t kMinTiles = 32;                       // fewer tiles than this: the direct path
+constexpr int64_t kF2MinChannels = 128;                 // F(2x2, 3x3) takes layers this wide on each side
 
 // ---- vectors of L floats (GCC vector extensions), compiled once per ISA below -----------------
 
@@ -124,6 +132,9 @@ CNNOPS_INLINE typename Lanes<L>::V shuffle(typename Lanes<L>::V a, typename Lane
   return __builtin_shuffle(a, b, m);
 }
 
+template <int M>
+struct Transforms;  // F(M x M, 3x3): bt = B^T, at = A^T, g = G on vectors of values, one lane a tile
+
 // F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -1/2, inf (Lavin & Gray 2016, section 4; the
 // point -1/2 in place of -2 after Barabasz et al. 2020, "Error analysis and improving the accuracy
 // of Winograd convolution": about half the float32 error, which keeps layers with weights of a
@@ -131,70 +142,123 @@ CNNOPS_INLINE typename Lanes<L>::V shuffle(typename Lanes<L>::V a, typename Lane
 // it on a few outputs per million). Rows of B^T are scaled by powers of 2 (exact), G's rows by the
 // inverses.
 // B^T = [2 3 -4 -3 2 0; 0 -2 -5 -1 2 0; 0 2 1 -5 2 0; 0 -1 -2 1 2 0; 0 2 -1 -2 1 0; 0 2 3 -4 -3 2]
-template <typename V>
-CNNOPS_INLINE void bt6(const V* d, V* o) {
-  o[0] = 2.0f * (d[0] + d[4] - 2.0f * d[2]) + 3.0f * (d[1] - d[3]);
-  o[1] = 2.0f * (d[4] - d[1]) - 5.0f * d[2] - d[3];
-  o[2] = 2.0f * (d[1] + d[4]) + d[2] - 5.0f * d[3];
-  o[3] = 2.0f * (d[4] - d[2]) + d[3] - d[1];
-  o[4] = 2.0f * (d[1] - d[3]) + d[4] - d[2];
-  o[5] = 2.0f * (d[1] + d[5] - 2.0f * d[3]) + 3.0f * (d[2] - d[4]);
+template <>
+struct Transforms<4> {
+  static constexpr int alpha = 6;
+  template <typename V>
+  static CNNOPS_INLINE void bt(const V* d, V* o) {
+    o[0] = 2.0f * (d[0] + d[4] - 2.0f * d[2]) + 3.0f * (d[1] - d[3]);
+    o[1] = 2.0f * (d[4] - d[1]) - 5.0f * d[2] - d[3];
+    o[2] = 2.0f * (d[1] + d[4]) + d[2] - 5.0f * d[3];
+    o[3] = 2.0f * (d[4] - d[2]) + d[3] - d[1];
+    o[4] = 2.0f * (d[1] - d[3]) + d[4] - d[2];
+    o[5] = 2.0f * (d[1] + d[5] - 2.0f * d[3]) + 3.0f * (d[2] - d[4]);
+  }
+
+  // A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 0; 0 1 1 4 1/4 0; 0 1 -1 8 -1/8 1]
+  template <typename V>
+  static CNNOPS_INLINE void at(const V* m, V* o) {
+    const V s12 = m[1] + m[2], d12 = m[1] - m[2];
+    o[0] = m[0] + s12 + m[3] + m[4];
+    o[1] = d12 + 2.0f * m[3] - 0.5f * m[4];
+    o[2] = s12 + 4.0f * m[3] + 0.25f * m[4];
+    o[3] = d12 + 8.0f * m[3] - 0.125f * m[4] + m[5];
+  }
+
+  // G = [1/2 0 0; -1/6 -1/6 -1/6; 1/6 -1/6 1/6; 1/30 1/15 2/15; -16/15 8/15 -4/15; 0 0 1/2]
+  template <typename V>
+  static CNNOPS_INLINE void g(const V* g, V* o) {
+    const V s = g[0] + g[2];
+    o[0] = g[0] * 0.5f;
+    o[1] = (s + g[1]) * (-1.0f / 6);
+    o[2] = (s - g[1]) * (1.0f / 6);
+    o[3] = g[0] * (1.0f / 30) + g[1] * (1.0f / 15) + g[2] * (2.0f / 15);
+    o[4] = g[0] * (-16.0f / 15) + g[1] * (8.0f / 15) + g[2] * (-4.0f / 15);
+    o[5] = g[2] * 0.5f;
+  }
+};
+
+// F(2x2, 3x3) with interpolation points 0, 1, -1, inf (Lavin & Gray 2016, section 4.1): 16 products
+// per 2x2 tile and channel pair, 4 an output (direct: 9, F(4x4): 2.25), but 4 times F(4x4)'s tiles:
+// the GEMMs' columns on small maps, where F(4x4) leaves too few of them.
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
+// A^T = [1 1 1 0; 0 1 -1 -1]
+template <>
+struct Transforms<2> {
+  static constexpr int alpha = 4;
+  template <typename V>
+  static CNNOPS_INLINE void bt(const V* d, V* o) {
+    o[0] = d[0] - d[2];
+    o[1] = d[1] + d[2];
+    o[2] = d[2] - d[1];
+    o[3] = d[1] - d[3];
+  }
+  template <typename V>
+  static CNNOPS_INLINE void at(const V* m, V* o) {
+    o[0] = m[0] + m[1] + m[2];
+    o[1] = m[1] - m[2] - m[3];
+  }
+  template <typename V>
+  static CNNOPS_INLINE void g(const V* g, V* o) {
+    const V s = (g[0] + g[2]) * 0.5f, h = g[1] * 0.5f;
+    o[0] = g[0];
+    o[1] = s + h;
+    o[2] = s - h;
+    o[3] = g[2];
+  }
+};
+
+// Columns M tx + j, j < M + 2, of the windows of L tiles tx0 + lane in a row p (whose first M L + L
+// values they read): lanes are tiles, a stride-M deinterleave. Adds x * 0 of what it reads to
+// nonfinite (NaN for an inf or NaN, else 0).
+template <int M, int L>
+CNNOPS_INLINE void window_columns(const float* p, typename Lanes<L>::V* d, typename Lanes<L>::V& nonfinite) {
+  using V = typename Lanes<L>::V;
+  if constexpr (M == 4) {
+    const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L), v3 = load<L>(p + 3 * L);
+    const V v4 = load<L>(p + 4 * L);
+    nonfinite += (v0 + v1 + v2 + v3 + v4) * 0.0f;
+    const V e01 = shuffle<L, Even<L>>(v0, v1), o01 = shuffle<L, Odd<L>>(v0, v1);
+    const V e23 = shuffle<L, Even<L>>(v2, v3), o23 = shuffle<L, Odd<L>>(v2, v3);
+    d[0] = shuffle<L, Even<L>>(e01, e23);
+    d[2] = shuffle<L, Odd<L>>(e01, e23);
+    d[1] = shuffle<L, Even<L>>(o01, o23);
+    d[3] = shuffle<L, Odd<L>>(o01, o23);
+    d[4] = shuffle<L, ShiftIn<L, 0>>(d[0], v4);
+    d[5] = shuffle<L, ShiftIn<L, 1>>(d[1], v4);
+  } else {
+    static_assert(M == 2);
+    const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L);
+    nonfinite += (v0 + v1 + v2) * 0.0f;
+    d[0] = shuffle<L, Even<L>>(v0, v1);
+    d[1] = shuffle<L, Odd<L>>(v0, v1);
+    d[2] = shuffle<L, ShiftIn<L, 0>>(d[0], v2);
+    d[3] = shuffle<L, ShiftIn<L, 1>>(d[1], v2);
+  }
 }
 
-// A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 0; 0 1 1 4 1/4 0; 0 1 -1 8 -1/8 1]
-template <typename V>
-CNNOPS_INLINE void at6(const V* m, V* o) {
-  const V s12 = m[1] + m[2], d12 = m[1] - m[2];
-  o[0] = m[0] + s12 + m[3] + m[4];
-  o[1] = d12 + 2.0f * m[3] - 0.5f * m[4];
-  o[2] = s12 + 4.0f * m[3] + 0.25f * m[4];
-  o[3] = d12 + 8.0f * m[3] - 0.125f * m[4] + m[5];
-}
-
-// G = [1/2 0 0; -1/6 -1/6 -1/6; 1/6 -1/6 1/6; 1/30 1/15 2/15; -16/15 8/15 -4/15; 0 0 1/2]
-template <typename V>
-CNNOPS_INLINE void g3(const V* g, V* o) {
-  const V s = g[0] + g[2];
-  o[0] = g[0] * 0.5f;
-  o[1] = (s + g[1]) * (-1.0f / 6);
-  o[2] = (s - g[1]) * (1.0f / 6);
-  o[3] = g[0] * (1.0f / 30) + g[1] * (1.0f / 15) + g[2] * (2.0f / 15);
-  o[4] = g[0] * (-16.0f / 15) + g[1] * (8.0f / 15) + g[2] * (-4.0f / 15);
-  o[5] = g[2] * 0.5f;
-}
-
-// The input transform of one tile row: tiles tx in [0, tw), tile tx's 6x6 window at
-// rows[r * ld + 4 * tx + j] (a zero-padded copy of the plane). Writes V[xi][tx] at
+// The input transform of one tile row of F(M x M, 3x3): tiles tx in [0, tw), tile tx's window at
+// rows[r * ld + M * tx + j] (a zero-padded copy of the plane). Writes V[xi][tx] at
 // v[xi * xi_stride + tx]; whole vectors, so up to L - 1 values past tw are written too.
 // Returns false when the window holds an infinity or NaN.
-template <int L>
+template <int M, int L>
 CNNOPS_INLINE bool input_row_body(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xi_stride) {
   using V = typename Lanes<L>::V;
+  using T = Transforms<M>;
+  constexpr int alpha = T::alpha;
   V nonfinite = V{};  // x * 0 is NaN for inf and NaN, else 0
   for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
-    V e[kAlpha][kAlpha];  // e[r][k]: row r of d B
-    for (int r = 0; r < kAlpha; ++r) {
-      const float* p = rows + r * ld + 4 * tx0;
-      const V v0 = load<L>(p), v1 = load<L>(p + L), v2 = load<L>(p + 2 * L), v3 = load<L>(p + 3 * L);
-      const V v4 = load<L>(p + 4 * L);
-      nonfinite += (v0 + v1 + v2 + v3 + v4) * 0.0f;
-      // Lanes are tiles: d[j] holds column 4 * tx + j of each tile (a stride-4 deinterleave).
-      const V e01 = shuffle<L, Even<L>>(v0, v1), o01 = shuffle<L, Odd<L>>(v0, v1);
-      const V e23 = shuffle<L, Even<L>>(v2, v3), o23 = shuffle<L, Odd<L>>(v2, v3);
-      V d[kAlpha];
-      d[0] = shuffle<L, Even<L>>(e01, e23);
-      d[2] = shuffle<L, Odd<L>>(e01, e23);
-      d[1] = shuffle<L, Even<L>>(o01, o23);
-      d[3] = shuffle<L, Odd<L>>(o01, o23);
-      d[4] = shuffle<L, ShiftIn<L, 0>>(d[0], v4);
-      d[5] = shuffle<L, ShiftIn<L, 1>>(d[1], v4);
-      bt6(d, e[r]);
+    V e[alpha][alpha];  // e[r][k]: row r of d B
+    for (int r = 0; r < alpha; ++r) {
+      V d[alpha];  // d[j]: column M * tx + j of each tile
+      window_columns<M, L>(rows + r * ld + M * tx0, d, nonfinite);
+      T::bt(d, e[r]);
     }
-    for (int k = 0; k < kAlpha; ++k) {
-      V col[kAlpha], out[kAlpha];
-      for (int r = 0; r < kAlpha; ++r) col[r] = e[r][k];
-      bt6(col, out);
-      for (int i = 0; i < kAlpha; ++i) store<L>(v + (i * kAlpha + k) * xi_stride + tx0, out[i]);
+    for (int k = 0; k < alpha; ++k) {
+      V col[alpha], out[alpha];
+      for (int r = 0; r < alpha; ++r) col[r] = e[r][k];
+      T::bt(col, out);
+      for (int i = 0; i < alpha; ++i) store<L>(v + (i * alpha + k) * xi_stride + tx0, out[i]);
     }
   }
   bool finite = true;
@@ -202,50 +266,63 @@ CNNOPS_INLINE bool input_row_body(const float* rows, int64_t ld, int64_t tw, flo
   return finite;
 }
 
-// The output transform of one tile row: M[xi][tx] at m[xi * xi_stride + tx]; writes
-// activation(A^T M A + bias) to the output rows [0, rows) (at most 4) of y_row, columns < wo,
-// with strides (sh, sw).
-template <int L>
+// Output row a of L tiles, column j of each in out[j], back in pixel order: M vectors of
+// columns M * tx + j.
+template <int M, int L>
+CNNOPS_INLINE void interleave_columns(const typename Lanes<L>::V* out, typename Lanes<L>::V* row) {
+  using V = typename Lanes<L>::V;
+  if constexpr (M == 4) {
+    const V ab0 = shuffle<L, ZipLanes<L, 0>>(out[0], out[1]), ab1 = shuffle<L, ZipLanes<L, 1>>(out[0], out[1]);
+    const V cd0 = shuffle<L, ZipLanes<L, 0>>(out[2], out[3]), cd1 = shuffle<L, ZipLanes<L, 1>>(out[2], out[3]);
+    row[0] = shuffle<L, ZipPairs<L, 0>>(ab0, cd0);
+    row[1] = shuffle<L, ZipPairs<L, 1>>(ab0, cd0);
+    row[2] = shuffle<L, ZipPairs<L, 0>>(ab1, cd1);
+    row[3] = shuffle<L, ZipPairs<L, 1>>(ab1, cd1);
+  } else {
+    static_assert(M == 2);
+    row[0] = shuffle<L, ZipLanes<L, 0>>(out[0], out[1]);
+    row[1] = shuffle<L, ZipLanes<L, 1>>(out[0], out[1]);
+  }
+}
+
+// The output transform of one tile row of F(M x M, 3x3): M[xi][tx] at m[xi * xi_stride + tx];
+// writes activation(A^T M A + bias) to the output rows [0, rows) (at most M) of y_row, columns
+// < wo, with strides (sh, sw).
+template <int M, int L>
 CNNOPS_INLINE void output_row_body(const float* m, int64_t xi_stride, int64_t tw, float bias, Activation act,
                                    float* y_row, int64_t sh, int64_t sw, int64_t rows, int64_t wo) {
   using V = typename Lanes<L>::V;
+  using T = Transforms<M>;
+  constexpr int alpha = T::alpha;
   const V zero = V{} * 0.0f;
   for (int64_t tx0 = 0; tx0 < tw; tx0 += L) {
-    V s[kAlpha][kTile];  // s[i][j]: row i of M A
-    for (int i = 0; i < kAlpha; ++i) {
-      V mi[kAlpha];
-      for (int k = 0; k < kAlpha; ++k) mi[k] = load<L>(m + (i * kAlpha + k) * xi_stride + tx0);
-      at6(mi, s[i]);
+    V s[alpha][M];  // s[i][j]: row i of M A
+    for (int i = 0; i < alpha; ++i) {
+      V mi[alpha];
+      for (int k = 0; k < alpha; ++k) mi[k] = load<L>(m + (i * alpha + k) * xi_stride + tx0);
+      T::at(mi, s[i]);
     }
-    V out[kTile][kTile];  // out[a][j]: output row a, column j of each tile
-    for (int j = 0; j < kTile; ++j) {
-      V col[kAlpha], o[kTile];
-      for (int i = 0; i < kAlpha; ++i) col[i] = s[i][j];
-      at6(col, o);
-      for (int a = 0; a < kTile; ++a) {
+    V out[M][M];  // out[a][j]: output row a, column j of each tile
+    for (int j = 0; j < M; ++j) {
+      V col[alpha], o[M];
+      for (int i = 0; i < alpha; ++i) col[i] = s[i][j];
+      T::at(col, o);
+      for (int a = 0; a < M; ++a) {
         V value = o[a] + bias;
         if (act == Activation::Relu) value = value < zero ? zero : value;  // NaN passes, as torch.relu
         out[a][j] = value;
       }
     }
-    const int64_t cols = std::min<int64_t>(4 * L, wo - 4 * tx0);
+    const int64_t cols = std::min<int64_t>(M * L, wo - M * tx0);
     for (int64_t a = 0; a < rows; ++a) {
-      // Interleave the 4 columns back: tile-major output columns 4 * tx + j.
-      const V ab0 = shuffle<L, ZipLanes<L, 0>>(out[a][0], out[a][1]);
-      const V ab1 = shuffle<L, ZipLanes<L, 1>>(out[a][0], out[a][1]);
-      const V cd0 = shuffle<L, ZipLanes<L, 0>>(out[a][2], out[a][3]);
-      const V cd1 = shuffle<L, ZipLanes<L, 1>>(out[a][2], out[a][3]);
-      V row[4];
-      row[0] = shuffle<L, ZipPairs<L, 0>>(ab0, cd0);
-      row[1] = shuffle<L, ZipPairs<L, 1>>(ab0, cd0);
-      row[2] = shuffle<L, ZipPairs<L, 0>>(ab1, cd1);
-      row[3] = shuffle<L, ZipPairs<L, 1>>(ab1, cd1);
-      float* dst = y_row + a * sh + 4 * tx0 * sw;
-      if (sw == 1 && cols == 4 * L) {
-        for (int q = 0; q < 4; ++q) store<L>(dst + q * L, row[q]);
+      V row[M];
+      interleave_columns<M, L>(out[a], row);
+      float* dst = y_row + a * sh + M * tx0 * sw;
+      if (sw == 1 && cols == M * L) {
+        for (int q = 0; q < M; ++q) store<L>(dst + q * L, row[q]);
       } else {
-        float tmp[4 * L];
-        for (int q = 0; q < 4; ++q) store<L>(tmp + q * L, row[q]);
+        float tmp[M * L];
+        for (int q = 0; q < M; ++q) store<L>(tmp + q * L, row[q]);
         for (int64_t j = 0; j < cols; ++j) dst[j * sw] = tmp[j];
       }
     }
@@ -300,7 +377,7 @@ CNNOPS_INLINE bool grad_row_body(const float* rows, int64_t ld, int64_t tw, floa
 }
 
 // G^T applied to 6 values: rows [1/2 -1/6 1/6 1/30 -16/15 0; 0 -1/6 -1/6 1/15 8/15 0;
-// 0 -1/6 1/6 2/15 -4/15 1/2] (G in g3).
+// 0 -1/6 1/6 2/15 -4/15 1/2] (G in Transforms<4>::g).
 template <typename V>
 CNNOPS_INLINE void gt6(const V* u, V* o) {
   const V s = (u[2] - u[1]) * (1.0f / 6), d = (u[1] + u[2]) * (-1.0f / 6);
@@ -363,14 +440,15 @@ struct PackedLayout {
   }
 };
 
-// U[xi] = G g G^T for output channels [co0, co1) and input channels [0, ci_count) of the view w
-// (already at the group's and slab's first channels), written straight into the packed GEMM
-// operands dst[xi] (vectors over output channels), column ci at layout column ci. Returns false
+// U[xi] = G g G^T of F(M x M, 3x3) for output channels [co0, co1) and input channels [0, ci_count) of
+// the view w (already at the group's and slab's first channels), written straight into the packed
+// GEMM operands dst[xi] (vectors over output channels), column ci at layout column ci. Returns false
 // when a weight is inf or NaN.
-template <int L>
+template <int M, int L>
 CNNOPS_INLINE bool weight_body(const WinogradWeightView& w, int64_t ci_count, int64_t co0, int64_t co1,
                                float* const* dst, PackedLayout layout) {
   using V = typename Lanes<L>::V;
+  constexpr int alpha = Transforms<M>::alpha;
   // How the L lanes' taps lie, each read with whole vectors where the lanes are full:
   const bool channel_tap = !w.rotated && w.ci_stride == 9 && w.tap_stride == 1;  // OIHW: a lane's 9L values a row
   const bool tap_channel = !w.rotated && w.ci_stride == 1;                      // OHWI: a lane's L channels a row
@@ -412,20 +490,20 @@ CNNOPS_INLINE bool weight_body(const WinogradWeightView& w, int64_t ci_count, in
         for (int64_t l = 0; l < L; ++l)
           for (int k = 0; k < 9; ++k) tmp[k][l] = l < n ? *tap_at(co + l, ci, k) : 0.0f;
       }
-      V gc[3][kAlpha];  // g G^T: each kernel row a transformed along its columns
+      V gc[3][alpha];  // g G^T: each kernel row a transformed along its columns
       for (int a = 0; a < 3; ++a) {
         const V row[3] = {load<L>(tmp[a * 3]), load<L>(tmp[a * 3 + 1]), load<L>(tmp[a * 3 + 2])};
-        g3(row, gc[a]);
+        Transforms<M>::g(row, gc[a]);
         nonfinite += (row[0] + row[1] + row[2]) * 0.0f;
       }
       int64_t offset[L / 8 + 1];  // where each 8-row panel's slice of column ci lies (same for every xi)
       for (int64_t l = 0; l < L; l += 8) offset[l / 8] = layout.at(co + l, ci);
-      for (int j = 0; j < kAlpha; ++j) {
+      for (int j = 0; j < alpha; ++j) {
         const V col[3] = {gc[0][j], gc[1][j], gc[2][j]};
-        V o[kAlpha];
-        g3(col, o);
-        for (int i = 0; i < kAlpha; ++i) {
-          float* d = dst[i * kAlpha + j];
+        V o[alpha];
+        Transforms<M>::g(col, o);
+        for (int i = 0; i < alpha; ++i) {
+          float* d = dst[i * alpha + j];
           if constexpr (L % 8 == 0) {  // whole 8-row panels: each 8 lanes one store
             if (panels && layout.mr == 8) {
               store_eighths<L>(o[i], d, offset);
@@ -444,29 +522,39 @@ CNNOPS_INLINE bool weight_body(const WinogradWeightView& w, int64_t ci_count, in
   return finite;
 }
 
-struct Kernels {
+// The forward's transforms of F(m x m, 3x3), compiled for one ISA.
+struct TileKernels {
   bool (*input_row)(const float*, int64_t, int64_t, float*, int64_t);
   void (*output_row)(const float*, int64_t, int64_t, float, Activation, float*, int64_t, int64_t, int64_t, int64_t);
   bool (*weights)(const WinogradWeightView&, int64_t, int64_t, int64_t, float* const*, PackedLayout);
+};
+
+struct Kernels {
+  TileKernels f4, f2;  // F(4x4, 3x3) and F(2x2, 3x3)
   void (*transpose)(const float*, int64_t, float*, int64_t);
   void (*transpose_part)(const float*, int64_t, int64_t, float*, int64_t, int64_t);
   bool (*grad_row)(const float*, int64_t, int64_t, float*, int64_t);
   void (*weight_grad)(const float*, int64_t, int64_t, float*, int64_t, int64_t);
   int64_t lanes;
+  const TileKernels& tile(int64_t m) const { return m == 2 ? f2 : f4; }
 };
 
+#define CNNOPS_WINOGRAD_TILE_KERNELS(NAME, ATTRIBUTE, M, L)                                                 \
+  ATTRIBUTE bool NAME##_input##M(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {          \
+    return input_row_body<M, L>(rows, ld, tw, v, xs);                                                        \
+  }                                                                                                          \
+  ATTRIBUTE void NAME##_output##M(const float* m, int64_t xs, int64_t tw, float bias, Activation act, float* y, \
+                                  int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                        \
+    output_row_body<M, L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                        \
+  }                                                                                                          \
+  ATTRIBUTE bool NAME##_weights##M(const WinogradWeightView& w, int64_t ci_count, int64_t co0, int64_t co1, \
+                                   float* const* dst, PackedLayout layout) {                                 \
+    return weight_body<M, L>(w, ci_count, co0, co1, dst, layout);                                            \
+  }
+
 #define CNNOPS_WINOGRAD_KERNELS(NAME, ATTRIBUTE, L)                                                          \
-  ATTRIBUTE bool NAME##_input(const float* rows, int64_t ld, int64_t tw, float* v, int64_t xs) {             \
-    return input_row_body<L>(rows, ld, tw, v, xs);                                                           \
-  }                                                                                                          \
-  ATTRIBUTE void NAME##_output(const float* m, int64_t xs, int64_t tw, float bias, Activation act, float* y, \
-                               int64_t sh, int64_t sw, int64_t rows, int64_t wo) {                           \
-    output_row_body<L>(m, xs, tw, bias, act, y, sh, sw, rows, wo);                                           \
-  }                                                                                                          \
-  ATTRIBUTE bool NAME##_weights(const WinogradWeightView& w, int64_t ci_count, int64_t co0, int64_t co1,    \
-                                float* const* dst, PackedLayout layout) {                                    \
-    return weight_body<L>(w, ci_count, co0, co1, dst, layout);                                               \
-  }                                                                                                          \
+  CNNOPS_WINOGRAD_TILE_KERNELS(NAME, ATTRIBUTE, 4, L)                                                        \
+  CNNOPS_WINOGRAD_TILE_KERNELS(NAME, ATTRIBUTE, 2, L)                                                        \
   /* dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < L: channels-last <-> planes */             \
   ATTRIBUTE void NAME##_transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {    \
     typename Lanes<L>::V r[L];                                                                               \
@@ -491,8 +579,13 @@ struct Kernels {
                                     int64_t channel_stride) {                                                \
     weight_grad_body<L>(u, xs, n, out, tap_stride, channel_stride);                                          \
   }                                                                                                          \
-  const Kernels NAME##_kernels{NAME##_input, NAME##_output, NAME##_weights, NAME##_transpose, NAME##_transpose_part, \
-                               NAME##_grad, NAME##_weight_grad, L};
+  const Kernels NAME##_kernels{{NAME##_input4, NAME##_output4, NAME##_weights4},                              \
+                               {NAME##_input2, NAME##_output2, NAME##_weights2},                              \
+                               NAME##_transpose,                                                              \
+                               NAME##_transpose_part,                                                         \
+                               NAME##_grad,                                                                   \
+                               NAME##_weight_grad,                                                            \
+                               L};
 
 #if CNNOPS_X86
 CNNOPS_WINOGRAD_KERNELS(avx512, CNNOPS_TARGET_AVX512, 16)
@@ -576,23 +669,32 @@ void set_winograd_min_tiles(int64_t tiles) { forced_min_tiles.store(tiles, std::
 void set_winograd_weight_streaming(int64_t mode) { forced_streaming.store(mode, std::memory_order_relaxed); }
 int64_t winograd_streamed_call_count() { return streamed_calls.load(std::memory_order_relaxed); }
 
+void set_winograd_tile(int64_t m) { forced_tile.store(m, std::memory_order_relaxed); }
+int64_t winograd_small_tile_call_count() { return small_tile_calls.load(std::memory_order_relaxed); }
+
 bool winograd_size_rules_replaced() { return forced_min_tiles.load(std::memory_order_relaxed) >= 0; }
 
-bool use_winograd(const ConvGeometry& g) {
-  if (!winograd_allowed()) return false;
-  // 2-d (a depth of one tap) or 3-d with 3 taps in depth, each depth tap a 2-d F(4x4, 3x3).
+namespace {
+
+// 2-d (a depth of one tap) or 3-d with 3 taps in depth, each depth tap a 2-d F(m x m, 3x3); stride 1,
+// dilation 1, not depthwise, not empty.
+bool winograd_geometry(const ConvGeometry& g) {
   const bool planar = g.kernel[0] == 1 && g.in[0] == 1 && g.pad[0] == 0;
   if (!(planar || g.kernel[0] == 3) || g.kernel[1] != 3 || g.kernel[2] != 3) return false;
   for (int i = 0; i < 3; ++i)
     if (g.stride[i] != 1 || g.dilation[i] != 1) return false;
-  if (g.is_depthwise() || g.batch == 0 || g.out[0] == 0) return false;
-  const int64_t tiles = g.batch * g.out[0] * num_blocks(g.out[1], kTile) * num_blocks(g.out[2], kTile);
-  const int64_t forced = forced_min_tiles.load(std::memory_order_relaxed);
-  if (forced >= 0) return tiles >= forced;
-  // Where it pays (measured on 1 and 2 AVX-512 cores, benchmarks/bench_winograd.py): the GEMMs must
-  // outweigh the transforms, whose cost per tile grows with C_in + C_out while the GEMMs' grows
-  // with C_in * C_out; and the per-call weight transform (36 C_in C_out values written, memory
-  // bound once past the caches) must be spread over enough tiles, each using every value once.
+  return !g.is_depthwise() && g.batch > 0 && g.out[0] > 0;
+}
+
+int64_t tile_count(const ConvGeometry& g, int64_t m) {
+  return g.batch * g.out[0] * num_blocks(g.out[1], m) * num_blocks(g.out[2], m);
+}
+
+// Where F(4x4, 3x3) pays (measured on 1 and 2 AVX-512 cores, benchmarks/bench_winograd.py): the GEMMs
+// must outweigh the transforms, whose cost per tile grows with C_in + C_out while the GEMMs' grows
+// with C_in * C_out; and the per-call weight transform (36 C_in C_out values written, memory
+// bound once past the caches) must be spread over enough tiles, each using every value once.
+bool f4_pays(const ConvGeometry& g) {
   // Grouped layers (ResNeXt, RegNet) pay one transform per group for small per-group GEMMs: below
   // 64 channels a group the direct path won in every measured case.
   const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
@@ -608,7 +710,33 @@ bool use_winograd(const ConvGeometry& g) {
   // weight transform costs no memory traffic, so large weights need no more tiles (1 thread,
   // torch/cnnops, Winograd vs direct: 512 channels at 7x7, 32 tiles, 1.35 vs 0.74; 256 at 14x14,
   // 32 tiles, 1.56 vs 0.90; 16 tiles lose: 0.77 vs 0.89 and 0.87 vs 0.95).
-  return tiles >= kMinTiles;
+  return tile_count(g, kTile) >= kMinTiles;
+}
+
+// Where F(2x2, 3x3) pays once F(4x4) does not: too few tiles of 4x4 for the GEMMs.
+bool f2_pays(const ConvGeometry& g) {
+  const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
+  if (cin < kF2MinChannels || cout < kF2MinChannels || g.out[1] < 2 || g.out[2] < 2) return false;
+  return tile_count(g, 2) >= kMinTiles;
+}
+
+}  // namespace
+
+int64_t winograd_tile(const ConvGeometry& g) {
+  if (!winograd_allowed() || !winograd_geometry(g)) return 0;
+  const int64_t forced = forced_min_tiles.load(std::memory_order_relaxed);
+  const int64_t tile = forced_tile.load(std::memory_order_relaxed);
+  if (forced >= 0) return tile_count(g, tile ? tile : kTile) >= forced ? (tile ? tile : kTile) : 0;
+  const int64_t chosen = f4_pays(g) ? 4 : f2_pays(g) ? 2 : 0;
+  return chosen && tile ? tile : chosen;
+}
+
+bool use_winograd(const ConvGeometry& g) { return winograd_tile(g) != 0; }
+
+bool use_winograd_weight_gradient(const ConvGeometry& g) {
+  if (!winograd_allowed() || !winograd_geometry(g)) return false;
+  const int64_t forced = forced_min_tiles.load(std::memory_order_relaxed);
+  return forced >= 0 ? tile_count(g, kTile) >= forced : f4_pays(g);
 }
 
 namespace {
@@ -624,13 +752,14 @@ WinogradWeightView view_at(const WinogradWeightView& w, int64_t grp, int64_t co0
 
 }  // namespace
 
-void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, WinogradWeights& out) {
+void winograd_weights(const ConvGeometry& g, int64_t m, const WinogradWeightView& w, WinogradWeights& out) {
   const int64_t cin = g.in_channels_per_group(), cout = g.out_channels_per_group();
   const Kernels& kern = kernels();
   const int64_t mr = gemm_mr<float>();
   const PackedLayout layout{mr, round_up(cout, mr), cin};
-  const int64_t depth = g.kernel[0];
-  out.u.resize(depth * kPositions * g.groups);
+  const int64_t depth = g.kernel[0], positions = (m + 2) * (m + 2);
+  out.tile = m;
+  out.u.resize(depth * positions * g.groups);
   for (auto& a : out.u) {  // reuses the storage of an earlier call where it is large enough
     a.m = cout;
     a.k = cin;
@@ -643,19 +772,21 @@ void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, Winogr
   parallel_dynamic(depth * g.groups * chunks, [&](int64_t task) {
     const int64_t kd = task / (g.groups * chunks), grp = task / chunks % g.groups, co0 = (task % chunks) * chunk;
     float* dst[kPositions];
-    for (int64_t xi = 0; xi < kPositions; ++xi) dst[xi] = out.u[(kd * kPositions + xi) * g.groups + grp].data.data();
-    if (!kern.weights(view_at(w, grp, 0, 0, kd), cin, co0, std::min(cout, co0 + chunk), dst, layout)) finite = false;
+    for (int64_t xi = 0; xi < positions; ++xi) dst[xi] = out.u[(kd * positions + xi) * g.groups + grp].data.data();
+    const int64_t co1 = std::min(cout, co0 + chunk);
+    if (!kern.tile(m).weights(view_at(w, grp, 0, 0, kd), cin, co0, co1, dst, layout)) finite = false;
   });
   out.finite = finite;
 }
 
 namespace {
 
-// The forward over blocks of tile rows: input transform, the 36 products M = U V, output transform.
+// The forward of F(m x m, 3x3) over blocks of tile rows: input transform, the (m + 2)^2 products
+// M = U V, output transform.
 // U comes from `transformed`, or, when that is null, is made from `weight` a slab at a time inside the
 // products (stream_weights). 3-d: output plane od sums, over depth taps kd, the 2-d products of U's
 // slice kd with V of input plane od + kd - pad (zero outside the input), M = sum_kd U_kd V_kd.
-bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights* transformed,
+bool forward_tiles(const ConvGeometry& g, int64_t tile, const float* x, const WinogradWeights* transformed,
                    const WinogradWeightView& weight, const float* bias, float* y, bool nhwc, Activation activation) {
   if (transformed && !transformed->finite) return false;
   std::atomic<bool> finite{true};
@@ -664,7 +795,9 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   const int64_t c_in = g.in_channels, c_out = g.out_channels, groups = g.groups;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t h = g.in[1], w = g.in[2], ho = g.out[1], wo = g.out[2], ph = g.pad[1], pw = g.pad[2];
-  const Kernels& rows_kern = row_kernels(num_blocks(wo, kTile));
+  const int64_t positions = (tile + 2) * (tile + 2);
+  const Kernels& rows_kern = row_kernels(num_blocks(wo, tile));
+  const TileKernels& row_transforms = rows_kern.tile(tile);
   const int64_t d = g.in[0], dout = g.out[0], pd = g.pad[0], depth = g.kernel[0];
   // Element strides (n, c, depth, h, w) of x and y.
   const int64_t xs_n = c_in * d * h * w, xs_c = nhwc ? 1 : d * h * w, xs_d = h * w * (nhwc ? c_in : 1);
@@ -672,14 +805,14 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   const int64_t ys_n = c_out * dout * ho * wo, ys_c = nhwc ? 1 : dout * ho * wo, ys_d = ho * wo * (nhwc ? c_out : 1);
   const int64_t ys_h = nhwc ? wo * c_out : wo, ys_w = nhwc ? c_out : 1;
   // Tile rows r = (plane, ty) over the output planes (sample, od), plane = n * dout + od.
-  const int64_t th = num_blocks(ho, kTile), tw = num_blocks(wo, kTile), tile_rows = g.batch * dout * th;
-  // Padded plane copy: rows of the 4 * th + 2 input rows the tiles read, wide enough for whole
-  // vectors of tiles (5 vectors of L floats per chunk of L tiles).
-  const int64_t plane_h = kTile * th + 2, plane_w = kTile * round_up(tw, lanes) + lanes;
+  const int64_t th = num_blocks(ho, tile), tw = num_blocks(wo, tile), tile_rows = g.batch * dout * th;
+  // Padded plane copy: rows of the m * th + 2 input rows the tiles read, wide enough for whole
+  // vectors of tiles (m + 1 vectors of L floats per chunk of L tiles).
+  const int64_t plane_h = tile * th + 2, plane_w = tile * round_up(tw, lanes) + lanes;
   // Blocks of whole tile rows, one thread each (a single parallel region: cheap on a busy machine).
   // Fewer blocks than threads: one per thread while each still fills a GEMM panel of columns, else
   // a single block with parallel steps inside.
-  int64_t rows_per_block = std::max<int64_t>(1, kTargetTiles / tw);
+  int64_t rows_per_block = std::max<int64_t>(1, kTargetValues / positions / tw);
   int64_t blocks = num_blocks(tile_rows, rows_per_block);
   const int64_t threads = SerialRegion::active() ? 1 : at::get_num_threads();
   if (blocks < threads) blocks = tile_rows * tw / threads >= gemm_nr<float>() ? std::min(threads, tile_rows) : 1;
@@ -693,7 +826,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   // Channels per transform task: L for channels-last rows (moved by L x L transposes, a row's last
   // pixels by a partial one), else 1.
   const int64_t group = nhwc ? lanes : 1;
-  const int64_t out_w = kTile * round_up(tw, lanes);  // a row of the channels-last output planes
+  const int64_t out_w = tile * round_up(tw, lanes);  // a row of the channels-last output planes
   std::vector<int64_t> row_offset(cin_g);
   for (int64_t k = 0; k < cin_g; ++k) row_offset[k] = k * ld;
 
@@ -714,7 +847,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
           const int64_t plane = r / th, ty0 = r % th, ty1 = std::min(th, ty0 + (r1 - r));
           const int64_t n = plane / dout, id = plane % dout + kd - pd;  // the input plane depth tap kd reads
           const bool plane_inside = id >= 0 && id < d;
-          for (int64_t hp = kTile * ty0; hp < kTile * ty1 + 2; ++hp) {
+          for (int64_t hp = tile * ty0; hp < tile * ty1 + 2; ++hp) {
             const bool inside = plane_inside && hp >= ph && hp < ph + h;
             for (int64_t q = 0; q < cn; ++q) {
               float* dst = planes + q * plane_size + hp * plane_w;
@@ -727,18 +860,18 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
           }
           for (int64_t q = 0; q < cn; ++q)
             for (int64_t ty = ty0; ty < ty1; ++ty)
-              if (!rows_kern.input_row(planes + q * plane_size + kTile * ty * plane_w, plane_w, tw,
-                                  v + (c0 + q) * ld + (plane * th + ty - r0) * tw, v_xi))
+              if (!row_transforms.input_row(planes + q * plane_size + tile * ty * plane_w, plane_w, tw,
+                                            v + (c0 + q) * ld + (plane * th + ty - r0) * tw, v_xi))
                 finite = false;
           r += ty1 - ty0;
         }
       });
       if (!finite) return;
-      // The 36 GEMMs per group: M[xi] = U[xi] * V[xi] (+ M[xi] past the first depth tap).
+      // The (m + 2)^2 GEMMs per group: M[xi] = U[xi] * V[xi] (+ M[xi] past the first depth tap).
       if (transformed) {
-        parallel_dynamic(kPositions * groups, [&](int64_t task) {
+        parallel_dynamic(positions * groups, [&](int64_t task) {
           const int64_t xi = task / groups, grp = task % groups;
-          const PackedA<float>& u = transformed->u[kd * kPositions * groups + task];
+          const PackedA<float>& u = transformed->u[kd * positions * groups + task];
           gemm_shifted_b<float>(u, tiles, v + xi * v_xi + grp * cin_g * ld, row_offset.data(),
                                 m + xi * m_xi + grp * cout_g * ld, ld, nullptr, kd > 0);
         });
@@ -756,18 +889,18 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
             const int64_t kc = std::min(kSlabChannels, cin_g - ci0);
             const PackedLayout layout{mr, round_up(rows, mr), kc};
             float* dst[kPositions];
-            for (int64_t xi = 0; xi < kPositions; ++xi) {
+            for (int64_t xi = 0; xi < positions; ++xi) {
               PackedA<float>& u = slab[xi];
               u.m = rows, u.k = kc, u.mr = mr;
               u.data.resize(layout.padded_m * kc);
               if (rows % mr != 0) std::fill(u.data.begin(), u.data.end(), 0.0f);  // the padding rows
               dst[xi] = u.data.data();
             }
-            if (!kern.weights(view_at(weight, grp, co0, ci0, kd), kc, 0, rows, dst, layout)) {
+            if (!kern.tile(tile).weights(view_at(weight, grp, co0, ci0, kd), kc, 0, rows, dst, layout)) {
               finite = false;
               return;
             }
-            for (int64_t xi = 0; xi < kPositions; ++xi)
+            for (int64_t xi = 0; xi < positions; ++xi)
               gemm_shifted_b<float>(slab[xi], tiles, v + xi * v_xi + (grp * cin_g + ci0) * ld, row_offset.data(),
                                     m + xi * m_xi + (grp * cout_g + co0) * ld, ld, nullptr, ci0 > 0 || kd > 0);
           }
@@ -781,28 +914,28 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
       const int64_t co0 = task * group, cn = std::min(group, c_out - co0);
       const bool grouped = cn == lanes;
       thread_local OperandVector<float> rows_buffer;
-      if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * kTile * out_w));
+      if (grouped) rows_buffer.resize(std::max<size_t>(rows_buffer.size(), lanes * tile * out_w));
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t plane = r / th, ty = r % th, rows = std::min(kTile, ho - kTile * ty);
-        float* y_row = y + plane / dout * ys_n + plane % dout * ys_d + kTile * ty * ys_h;
+        const int64_t plane = r / th, ty = r % th, rows = std::min(tile, ho - tile * ty);
+        float* y_row = y + plane / dout * ys_n + plane % dout * ys_d + tile * ty * ys_h;
         for (int64_t q = 0; q < cn; ++q) {
           const float b = bias ? bias[co0 + q] : 0.0f;
           if (grouped)
-            rows_kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
-                            rows_buffer.data() + q * kTile * out_w, out_w, 1, rows, wo);
+            row_transforms.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
+                                      rows_buffer.data() + q * tile * out_w, out_w, 1, rows, wo);
           else
-            rows_kern.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation, y_row + (co0 + q) * ys_c,
-                                 ys_h, ys_w, rows, wo);
+            row_transforms.output_row(m + (co0 + q) * ld + (r - r0) * tw, m_xi, tw, b, activation,
+                                      y_row + (co0 + q) * ys_c, ys_h, ys_w, rows, wo);
         }
         if (!grouped) continue;
         for (int64_t a = 0; a < rows; ++a) {
           const float* src = rows_buffer.data() + a * out_w;
           float* dst = y_row + a * ys_h + co0;
           int64_t j = 0;
-          for (; j + lanes <= wo; j += lanes) kern.transpose(src + j, kTile * out_w, dst + j * ys_w, ys_w);
-          if (j < wo) kern.transpose_part(src + j, kTile * out_w, lanes, dst + j * ys_w, ys_w, wo - j), j = wo;
+          for (; j + lanes <= wo; j += lanes) kern.transpose(src + j, tile * out_w, dst + j * ys_w, ys_w);
+          if (j < wo) kern.transpose_part(src + j, tile * out_w, lanes, dst + j * ys_w, ys_w, wo - j), j = wo;
           for (int64_t q = 0; q < cn; ++q)
-            for (int64_t jj = j; jj < wo; ++jj) dst[jj * ys_w + q] = src[q * kTile * out_w + jj];
+            for (int64_t jj = j; jj < wo; ++jj) dst[jj * ys_w + q] = src[q * tile * out_w + jj];
         }
       }
     });
@@ -812,8 +945,8 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   // tiles, whose results are dropped.
   auto run_blocks = [&](int64_t block) {
     thread_local OperandVector<float> v_buffer, m_buffer;
-    v_buffer.resize(std::max<size_t>(v_buffer.size(), kPositions * v_xi));
-    m_buffer.resize(std::max<size_t>(m_buffer.size(), kPositions * m_xi));
+    v_buffer.resize(std::max<size_t>(v_buffer.size(), positions * v_xi));
+    m_buffer.resize(std::max<size_t>(m_buffer.size(), positions * m_xi));
     run_block(block, v_buffer.data(), m_buffer.data());
   };
   if (blocks == 1)
@@ -821,6 +954,7 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
   else
     parallel_dynamic(blocks, run_blocks);
   if (finite) calls.fetch_add(1, std::memory_order_relaxed);
+  if (finite && tile == 2) small_tile_calls.fetch_add(1, std::memory_order_relaxed);
   return finite;
 }
 
@@ -828,32 +962,32 @@ bool forward_tiles(const ConvGeometry& g, const float* x, const WinogradWeights*
 
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeights& weights, const float* bias,
                            float* y, bool nhwc, Activation activation) {
-  return forward_tiles(g, x, &weights, WinogradWeightView{}, bias, y, nhwc, activation);
+  return forward_tiles(g, weights.tile, x, &weights, WinogradWeightView{}, bias, y, nhwc, activation);
 }
 
-bool use_winograd_weight_gradient(const ConvGeometry& g) { return use_winograd(g); }
-
-bool stream_weights(const ConvGeometry& g) {
+bool stream_weights(const ConvGeometry& g, int64_t tile) {
   const int64_t forced = forced_streaming.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
   // Past a few MB, U made first is read back from L3 or memory by every product (1 thread, 56x56 to
   // 7x7 maps, batch 1 to 32: 192 to 512 channels 6-40% faster streamed, up to 2.4x at 512x512
   // 14x14 batch 2); below, the products read it from L2 and one full-width GEMM per position beats
   // the slabs' 36 narrower ones (128 channels: 8-17% slower streamed).
+  const double positions = double((tile + 2) * (tile + 2));
   const double u_bytes =
-      double(g.kernel[0] * kPositions) * double(g.out_channels) * double(g.in_channels_per_group()) * sizeof(float);
+      double(g.kernel[0]) * positions * double(g.out_channels) * double(g.in_channels_per_group()) * sizeof(float);
   return u_bytes > kStreamedWeightBytes;
 }
 
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeightView& w, const float* bias,
                            float* y, bool nhwc, Activation activation) {
-  if (stream_weights(g)) {
-    if (!forward_tiles(g, x, nullptr, w, bias, y, nhwc, activation)) return false;
+  const int64_t tile = winograd_tile(g) == 2 ? 2 : kTile;
+  if (stream_weights(g, tile)) {
+    if (!forward_tiles(g, tile, x, nullptr, w, bias, y, nhwc, activation)) return false;
     streamed_calls.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
   thread_local WinogradWeights weights;  // storage reused by the next call on this thread
-  winograd_weights(g, w, weights);
+  winograd_weights(g, tile, w, weights);
   return conv_forward_winograd(g, x, weights, bias, y, nhwc, activation);
 }
 
@@ -942,9 +1076,9 @@ bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const
             }
             for (int64_t k = 0; k < cn; ++k) {
               const float* tile_rows_copy = planes.data() + k * plane_size;
-              const int64_t c = c0 + k;
-              const bool ok = input ? rows_kern.input_row(tile_rows_copy, plane_w, tw, v + c * ld + (r - r0) * tw, v_xi)
-                                    : rows_kern.grad_row(tile_rows_copy, plane_w, tw, z + c * ld + (r - r0) * tw, z_xi);
+              const int64_t c = c0 + k, at = c * ld + (r - r0) * tw;
+              const bool ok = input ? rows_kern.f4.input_row(tile_rows_copy, plane_w, tw, v + at, v_xi)
+                                    : rows_kern.grad_row(tile_rows_copy, plane_w, tw, z + at, z_xi);
               if (!ok) finite = false;
             }
           }

@@ -1,5 +1,6 @@
 #pragma once
-// Winograd convolution F(4x4, 3x3) for float32 3x3 (and 3x3x3) stride-1 layers (conv_winograd.cpp).
+// Winograd convolution F(4x4, 3x3) and F(2x2, 3x3) for float32 3x3 (and 3x3x3) stride-1 layers
+// (conv_winograd.cpp).
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -27,21 +28,29 @@ void set_winograd_min_tiles(int64_t tiles);
 void set_winograd_weight_streaming(int64_t mode);
 // Winograd forwards that streamed their weights since the process started.
 int64_t winograd_streamed_call_count();
+// Tests and benchmarks: 2 or 4 makes every Winograd forward run F(m x m, 3x3) with that m (the size
+// rules still decide whether Winograd runs); 0 restores the choice.
+void set_winograd_tile(int64_t m);
+// Winograd forwards that ran F(2x2, 3x3) since the process started.
+int64_t winograd_small_tile_call_count();
 // Whether set_winograd_min_tiles replaces the size rules now (other kernels' rules then defer to it).
 bool winograd_size_rules_replaced();
 
-// Whether conv_forward_any runs this geometry through Winograd: the switch is on, the layer is a
-// 2d 3x3 (or 3d 3x3x3) stride-1 dilation-1 non-depthwise convolution, and its sizes are ones where
-// it pays.
-bool use_winograd(const ConvGeometry& g);
+// The output tile m of the F(m x m, 3x3) that the forward runs this geometry with: 4 or 2, or 0 for
+// none. Nonzero when the switch is on, the layer is a 2d 3x3 (or 3d 3x3x3) stride-1 dilation-1
+// non-depthwise convolution, and its sizes are ones where Winograd pays: 4 where F(4x4) has tiles
+// enough for its GEMMs, else 2 on small maps of many channels.
+int64_t winograd_tile(const ConvGeometry& g);
+bool use_winograd(const ConvGeometry& g);  // winograd_tile(g) != 0
 
-// Whether conv_backward_weight_winograd serves g: the layers use_winograd takes, 2-d and 3x3x3.
+// Whether conv_backward_weight_winograd (F(4x4, 3x3) only) serves g: the layers the forward runs
+// with F(4x4), 2-d and 3x3x3.
 bool use_winograd_weight_gradient(const ConvGeometry& g);
 
-// Whether the forward makes U = G g G^T a slab of (output, input) channels at a time inside the
-// products, where it stays in L2, instead of all of it first (winograd_weights), which the
-// products then read back from memory when it is larger than the caches.
-bool stream_weights(const ConvGeometry& g);
+// Whether the forward of F(tile x tile, 3x3) makes U = G g G^T a slab of (output, input) channels at
+// a time inside the products, where it stays in L2, instead of all of it first (winograd_weights),
+// which the products then read back from memory when it is larger than the caches.
+bool stream_weights(const ConvGeometry& g, int64_t tile);
 
 // A 3x3 (3x3x3: depth x 3 x 3) weight as Winograd reads it, in place: value (co, ci, tap) of group
 // grp, with co and ci the channels of the problem it runs and tap = 9 * depth tap + 3 * row + column,
@@ -58,14 +67,15 @@ struct WinogradWeightView {
   const float* end;
 };
 
-// The transformed weights U = G g G^T, one packed GEMM operand per (depth tap, transform position,
-// group): u[(kd * 36 + xi) * groups + group]. Computed per call (into storage reused between calls); a cache keyed by
-// the weight's version can hold it instead.
+// The transformed weights U = G g G^T of F(tile x tile, 3x3), one packed GEMM operand per (depth
+// tap, transform position, group): u[(kd * (tile + 2)^2 + xi) * groups + group]. Computed per call
+// (into storage reused between calls); a cache keyed by the weight's version can hold it instead.
 struct WinogradWeights {
   std::vector<PackedA<float>> u;
+  int64_t tile = 4;
   bool finite = true;  // false when a weight is inf or NaN
 };
-void winograd_weights(const ConvGeometry& g, const WinogradWeightView& w, WinogradWeights& out);
+void winograd_weights(const ConvGeometry& g, int64_t tile, const WinogradWeightView& w, WinogradWeights& out);
 
 // y = activation(conv(x, w) + bias) with x and y NCHW, or NHWC when nhwc. Returns false, y
 // unfinished, when x or w holds an inf or NaN: Winograd's transforms would spread it to outputs
@@ -77,7 +87,7 @@ bool conv_forward_winograd(const ConvGeometry& g, const float* x, const Winograd
 bool conv_forward_winograd(const ConvGeometry& g, const float* x, const WinogradWeightView& w, const float* bias,
                            float* y, bool nhwc, Activation activation);
 
-// dW of a float32 convolution that use_winograd accepts, in `order` (OIHW or OHWI), dy and x NCHW,
+// dW of a float32 convolution that use_winograd_weight_gradient accepts, in `order` (OIHW or OHWI), dy and x NCHW,
 // or NHWC when nhwc: G^T [sum over tiles of (A dY A^T) .* (B^T d B)] G (formulas.md §Winograd).
 // Returns false, dw unwritten, when x or dy holds an inf or NaN (the caller runs the direct path).
 bool conv_backward_weight_winograd(const ConvGeometry& g, const float* dy, const float* x, float* dw, bool nhwc,

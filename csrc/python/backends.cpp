@@ -80,6 +80,23 @@ PyObject* cpu_winograd_streamed_calls(PyObject* /*module*/, PyObject* /*unused*/
   return PyLong_FromLongLong(cnnops::cpu::winograd_streamed_call_count());
 }
 
+// _set_cpu_winograd_tile(int): tests and benchmarks; see cpu/conv_winograd.h
+PyObject* set_cpu_winograd_tile(PyObject* /*module*/, PyObject* value) {
+  const long long m = PyLong_AsLongLong(value);
+  if (m == -1 && PyErr_Occurred()) return nullptr;
+  if (m != 0 && m != 2 && m != 4) {
+    PyErr_Format(PyExc_ValueError, "_set_cpu_winograd_tile: expected 0, 2 or 4, got %lld", m);
+    return nullptr;
+  }
+  cnnops::cpu::set_winograd_tile(m);
+  Py_RETURN_NONE;
+}
+
+// _cpu_winograd_small_tile_calls() -> int: Winograd forwards that ran F(2x2, 3x3) (tests)
+PyObject* cpu_winograd_small_tile_calls(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(cnnops::cpu::winograd_small_tile_call_count());
+}
+
 // _set_cpu_nhwc_kernels_forced(bool): tests; see cpu/conv_cpu.h
 PyObject* set_cpu_nhwc_kernels_forced(PyObject* /*module*/, PyObject* value) {
   return set_bool(value, "", cnnops::cpu::set_nhwc_kernels_forced);
@@ -179,6 +196,10 @@ PyMethodDef methods[] = {
      "tests: 1 makes Winograd's U slab by slab inside the products, 0 all at once first, -1: the size rule"},
     {"_cpu_winograd_streamed_calls", cpu_winograd_streamed_calls, METH_NOARGS,
      "number of Winograd forwards that made U slab by slab"},
+    {"_set_cpu_winograd_tile", set_cpu_winograd_tile, METH_O,
+     "tests: 2 or 4 runs every Winograd forward with F(m x m, 3x3); 0: the size rules choose"},
+    {"_cpu_winograd_small_tile_calls", cpu_winograd_small_tile_calls, METH_NOARGS,
+     "number of Winograd forwards that ran F(2x2, 3x3)"},
     {"_set_cpu_nhwc_kernels_forced", set_cpu_nhwc_kernels_forced, METH_O,
      "tests: True runs the channels-last kernels wherever they serve, past the speed rules"},
     {"_cpu_nhwc_kernel_calls", cpu_nhwc_kernel_calls, METH_NOARGS,
