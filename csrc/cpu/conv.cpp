@@ -42,6 +42,7 @@
 #include "cpu/conv_winograd.h"
 #include "cpu/gemm.h"
 #include "cpu/layout.h"
+#include "cpu/result_memory.h"
 #include "cpu/simd.h"
 #include "cpu/weight_cache.h"
 
@@ -904,7 +905,7 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 at::Tensor kernel_result(KeptStorage& storage, c10::IntArrayRef sizes, const at::TensorOptions& options,
                          at::MemoryFormat layout, const at::Tensor& input, at::MemoryFormat format) {
   at::Tensor t = storage.empty(sizes, options, layout);
-  if (!is_reduced(input) && t.is_contiguous(format)) return at::empty(sizes, options.memory_format(layout));
+  if (!is_reduced(input) && t.is_contiguous(format)) return empty_result(sizes, options, layout);
   return t;
 }
 

@@ -18,6 +18,7 @@
 
 #include "common/norm_checks.h"
 #include "cpu/norm_cpu.h"
+#include "cpu/result_memory.h"
 
 namespace cnnops {
 namespace cpu {
@@ -35,7 +36,7 @@ TensorTriple group_norm_forward(const at::Tensor& input, const c10::optional<at:
   check_group_norm_param(kForward, "bias", bias, input, s);
   const bool rows = use_rows_layout(input, s.spatial);
   const at::Tensor x = dense_for_layout(input, rows);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_result_like(x);
   const auto stat_opts = input.options().dtype(norm_stat_dtype(input));
   at::Tensor mean_out = at::empty({s.batch, num_groups}, stat_opts);
   at::Tensor invstd_out = at::empty({s.batch, num_groups}, stat_opts);
@@ -143,7 +144,7 @@ TensorTriple group_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor dy = dense_for_layout(grad_output, rows);
   const at::Tensor mean_d = mean.contiguous();
   const at::Tensor invstd_d = invstd.contiguous();
-  at::Tensor dx = output_mask[0] ? at::empty_like(x) : norm_unselected(input);
+  at::Tensor dx = output_mask[0] ? empty_result_like(x) : norm_unselected(input);
   at::Tensor dw = output_mask[1] ? at::empty({s.channels}, input.options().dtype(pdtype)) : norm_unselected(input);
   at::Tensor db = output_mask[2] ? at::empty({s.channels}, input.options().dtype(pdtype)) : norm_unselected(input);
 

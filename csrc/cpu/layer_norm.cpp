@@ -12,6 +12,7 @@
 
 #include "common/norm_checks.h"
 #include "cpu/norm_cpu.h"
+#include "cpu/result_memory.h"
 
 namespace cnnops {
 namespace cpu {
@@ -37,7 +38,7 @@ TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normal
   check_layer_norm_param(kForward, "weight", weight, input, normalized_shape);
   check_layer_norm_param(kForward, "bias", bias, input, normalized_shape);
   const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(input.sizes(), input.options());
+  at::Tensor y = empty_result(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   const auto stat_shape = layer_norm_stat_shape(input, normalized_shape);
   const auto stat_opts = input.options().dtype(norm_stat_dtype(input));
   at::Tensor mean_out = at::empty(stat_shape, stat_opts);
@@ -80,7 +81,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor dy = grad_output.contiguous();
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
-  at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options()) : norm_unselected(input);
+  at::Tensor dx =
+      output_mask[0] ? empty_result(input.sizes(), input.options(), at::MemoryFormat::Contiguous) : norm_unselected(input);
   at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
   at::Tensor db = output_mask[2] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
 

@@ -12,6 +12,7 @@
 
 #include "common/macros.h"
 #include "common/conv_checks.h"
+#include "cpu/result_memory.h"
 #include "cpu/simd.h"
 #include "cpu/simd_transpose.h"
 
@@ -47,7 +48,7 @@ void* KeptStorage::reserve(size_t bytes) {
 
 at::Tensor KeptStorage::empty(c10::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   void* data = reserve(size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize());
-  if (data == nullptr) return at::empty(sizes, options.memory_format(format));
+  if (data == nullptr) return empty_result(sizes, options, format);
   std::vector<int64_t> strides(sizes.size());
   if (format == at::MemoryFormat::ChannelsLast) {
     strides = c10::get_channels_last_strides_2d(sizes);
@@ -72,7 +73,7 @@ at::Tensor contiguous_as(const at::Tensor& t, at::MemoryFormat format, KeptStora
                            t.is_contiguous(to_rows ? at::MemoryFormat::Contiguous : channels_last_format(t.dim()));
   if (!convertible) return t.contiguous(format);
   at::Tensor out = storage ? storage->empty(t.sizes(), t.options(), format)
-                           : at::empty(t.sizes(), t.options().memory_format(format));
+                           : empty_result(t.sizes(), t.options(), format);
   const int64_t n = t.size(0), c = t.size(1), s = t.numel() / (n * c);
   const int64_t rows = to_rows ? c : s, cols = to_rows ? s : c;  // the source matrix of a sample
   const int64_t tiles = ceil_div(rows, kTile);

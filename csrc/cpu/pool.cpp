@@ -14,6 +14,7 @@
 
 #include "common/pool_checks.h"
 #include "cpu/pool_cpu.h"
+#include "cpu/result_memory.h"
 
 namespace cnnops {
 namespace cpu {
@@ -31,7 +32,7 @@ void check_floating(const char* op, const Tensor& input) {
 
 Tensor empty_like_format(IntArrayRef shape, const Tensor& like, at::MemoryFormat format,
                          std::optional<at::ScalarType> dtype = std::nullopt) {
-  return at::empty(shape, like.options().dtype(dtype.value_or(like.scalar_type())).memory_format(format));
+  return empty_result(shape, like.options().dtype(dtype.value_or(like.scalar_type())), format);
 }
 
 // A backward's gradient w.r.t. the pooled-from input: input's sizes and memory format.

@@ -9,6 +9,7 @@
 
 #include "common/norm_checks.h"
 #include "cpu/batch_norm_cpu.h"
+#include "cpu/result_memory.h"
 
 namespace cnnops {
 namespace cpu {
@@ -40,7 +41,7 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const c10::optional<at::Ten
   const ChannelNormShape s = check_batch_norm_elemt(input, weight, bias, mean, invstd);
   const bool rows = use_rows_layout(input, s.spatial);
   const at::Tensor x = dense_for_layout(input, rows);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_result_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto mu = load_param<acc_t>(mean, s.channels, 0);
@@ -58,7 +59,7 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
   const bool rows = use_rows_layout(input, s.spatial);
   const at::Tensor x = dense_for_layout(input, rows);
   const at::Tensor dy = dense_for_layout(grad_output, rows);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_result_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
     using acc_t = acc_type<scalar_t>;
     const int64_t C = s.channels;

@@ -10,6 +10,7 @@
 #include "cpu/conv_small.h"
 #include "cpu/conv_space_to_depth.h"
 #include "cpu/conv_winograd.h"
+#include "cpu/result_memory.h"
 
 namespace cnnops::python {
 namespace {
@@ -95,6 +96,35 @@ PyObject* set_cpu_winograd_tile(PyObject* /*module*/, PyObject* value) {
 // _cpu_winograd_small_tile_calls() -> int: Winograd forwards that ran F(2x2, 3x3) (tests)
 PyObject* cpu_winograd_small_tile_calls(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(cnnops::cpu::winograd_small_tile_call_count());
+}
+
+// _set_cpu_keep_result_memory(bool), _get_cpu_keep_result_memory() -> bool
+PyObject* set_cpu_keep_result_memory(PyObject* /*module*/, PyObject* value) {
+  return set_bool(value, "keep_result_memory: ", cnnops::cpu::set_result_memory_kept);
+}
+PyObject* get_cpu_keep_result_memory(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(cnnops::cpu::result_memory_kept());
+}
+
+// _cpu_release_result_memory(): cnnops.backends.cpu.empty_cache()
+PyObject* cpu_release_result_memory(PyObject* /*module*/, PyObject* /*unused*/) {
+  cnnops::cpu::release_result_memory();
+  Py_RETURN_NONE;
+}
+
+// _cpu_result_memory_stats() -> (bytes held, byte limit, results that reused a block)
+PyObject* cpu_result_memory_stats(PyObject* /*module*/, PyObject* /*unused*/) {
+  return Py_BuildValue("(LLL)", static_cast<long long>(cnnops::cpu::result_memory_held_bytes()),
+                       static_cast<long long>(cnnops::cpu::result_memory_limit_bytes()),
+                       static_cast<long long>(cnnops::cpu::result_memory_reuse_count()));
+}
+
+// _set_cpu_result_memory_limit(int): tests; see cpu/result_memory.h
+PyObject* set_cpu_result_memory_limit(PyObject* /*module*/, PyObject* value) {
+  const long long bytes = PyLong_AsLongLong(value);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  cnnops::cpu::set_result_memory_limit(bytes < 0 ? -1 : bytes);
+  Py_RETURN_NONE;
 }
 
 // _set_cpu_nhwc_kernels_forced(bool): tests; see cpu/conv_cpu.h
@@ -196,6 +226,15 @@ PyMethodDef methods[] = {
      "tests: 1 makes Winograd's U slab by slab inside the products, 0 all at once first, -1: the size rule"},
     {"_cpu_winograd_streamed_calls", cpu_winograd_streamed_calls, METH_NOARGS,
      "number of Winograd forwards that made U slab by slab"},
+    {"_set_cpu_keep_result_memory", set_cpu_keep_result_memory, METH_O,
+     "cnnops.backends.cpu.keep_result_memory setter"},
+    {"_get_cpu_keep_result_memory", get_cpu_keep_result_memory, METH_NOARGS,
+     "cnnops.backends.cpu.keep_result_memory getter"},
+    {"_cpu_release_result_memory", cpu_release_result_memory, METH_NOARGS, "cnnops.backends.cpu.empty_cache()"},
+    {"_cpu_result_memory_stats", cpu_result_memory_stats, METH_NOARGS,
+     "(bytes the result pool holds, its limit, results that reused a block)"},
+    {"_set_cpu_result_memory_limit", set_cpu_result_memory_limit, METH_O,
+     "tests: bytes >= 0 replaces the result pool's limit, -1 restores it"},
     {"_set_cpu_winograd_tile", set_cpu_winograd_tile, METH_O,
      "tests: 2 or 4 runs every Winograd forward with F(m x m, 3x3); 0: the size rules choose"},
     {"_cpu_winograd_small_tile_calls", cpu_winograd_small_tile_calls, METH_NOARGS,
