@@ -81,8 +81,8 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor dy = grad_output.contiguous();
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
-  at::Tensor dx =
-      output_mask[0] ? empty_result(input.sizes(), input.options(), at::MemoryFormat::Contiguous) : norm_unselected(input);
+  const auto dense = at::MemoryFormat::Contiguous;
+  at::Tensor dx = output_mask[0] ? empty_result(input.sizes(), input.options(), dense) : norm_unselected(input);
   at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
   at::Tensor db = output_mask[2] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
 
