@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <new>
@@ -91,32 +92,38 @@ class ResultPool final : public c10::Allocator {
   }
 
  private:
+  // The most recently freed of the smallest blocks that hold `size` bytes and waste at most an
+  // eighth: the one likeliest still in cache (blocks of equal size are kept in the order freed).
   Block* take(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = free_.find(size);
-    if (it == free_.end()) return nullptr;
+    auto it = free_.lower_bound(size);
+    if (it == free_.end() || it->first > size + size / 8) return nullptr;
+    it = std::prev(free_.upper_bound(it->first));
     Block* block = it->second;
     free_.erase(it);
-    held_ -= size;
+    held_ -= block->size;
     reuses_.fetch_add(1, std::memory_order_relaxed);
     return block;
   }
 
-  static void give_back(void* context) {
+  static void give_back(void* context) noexcept {
     Block* block = static_cast<Block*>(context);
     ResultPool& pool = instance();
     if (kept.load(std::memory_order_relaxed)) {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       if (pool.held_ + block->size <= limit_bytes()) {
-        pool.free_.emplace(block->size, block);
-        pool.held_ += block->size;
-        return;
+        try {
+          pool.free_.emplace(block->size, block);
+          pool.held_ += block->size;
+          return;
+        } catch (const std::bad_alloc&) {  // no memory for the list's node: a deleter must not throw
+        }
       }
     }
     free_block(block);
   }
 
-  static void free_block(Block* block) {
+  static void free_block(Block* block) noexcept {
     ::operator delete(block->data, std::align_val_t(kAlignment));
     delete block;
   }
