@@ -81,7 +81,7 @@ SANITIZE_TESTS ?= tests/test_conv.py tests/test_conv_errors.py tests/test_pool.p
 	tests/test_pool_autograd.py tests/test_norm_autograd.py tests/test_winograd.py tests/test_depthwise.py \
 	tests/test_conv_small.py tests/test_gemm.py tests/test_space_to_depth.py tests/test_conv_grouped.py \
 	tests/test_conv_nhwc.py tests/test_conv_backward_small.py tests/test_conv_first_layer.py tests/test_layout.py \
-	tests/test_conv3d_cpu.py tests/test_conv_stride2_cpu.py tests/test_conv_activation.py
+	tests/test_conv3d_cpu.py tests/test_conv_stride2_cpu.py tests/test_conv_activation.py tests/test_result_memory.py
 sanitize:
 	CNNOPS_CUDA=0 CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="-fsanitize=address,undefined" $(PYTHON) setup.py build_ext \
 		--build-temp $(SANITIZE_DIR)/temp --build-lib $(SANITIZE_DIR)/lib -j 2

@@ -14,6 +14,17 @@
 #include <mutex>
 #include <new>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+// Blocks waiting in the pool are poisoned: a read or write through a freed result's pointer is
+// reported under `make sanitize`, as it would be after a free.
+#define CNNOPS_POOLED(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define CNNOPS_UNPOOLED(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define CNNOPS_POOLED(p, n)
+#define CNNOPS_UNPOOLED(p, n)
+#endif
+
 namespace cnnops {
 namespace cpu {
 
@@ -103,6 +114,7 @@ class ResultPool final : public c10::Allocator {
     free_.erase(it);
     held_ -= block->size;
     reuses_.fetch_add(1, std::memory_order_relaxed);
+    CNNOPS_UNPOOLED(block->data, block->size);
     return block;
   }
 
@@ -115,6 +127,7 @@ class ResultPool final : public c10::Allocator {
         try {
           pool.free_.emplace(block->size, block);
           pool.held_ += block->size;
+          CNNOPS_POOLED(block->data, block->size);
           return;
         } catch (const std::bad_alloc&) {  // no memory for the list's node: a deleter must not throw
         }
@@ -124,6 +137,7 @@ class ResultPool final : public c10::Allocator {
   }
 
   static void free_block(Block* block) noexcept {
+    CNNOPS_UNPOOLED(block->data, block->size);
     ::operator delete(block->data, std::align_val_t(kAlignment));
     delete block;
   }
