@@ -18,7 +18,8 @@ through ``param.data``, a numpy array or a DLPack alias does not, and the cache 
 the old weight: turn it on only for inference code that never writes weights that way (or call
 ``torch.ops.cnnops.cpu_weight_cache_clear()`` after such a write).
 
-``cnnops.backends.cpu.keep_result_memory`` (default ``True``): the storage of a tensor that a
+``cnnops.backends.cpu.keep_result_memory`` (default ``True``; ``CNNOPS_KEEP_RESULT_MEMORY=0`` turns it
+off at start): the storage of a tensor that a
 cnnops CPU op returned (a convolution's, a norm's or a pooling's output or input gradient) of 1 MiB
 or more is kept when the tensor is freed and given to the next result of the same size (rounded up
 to 64 KiB), instead of going back to the system, which would map it fresh, page by page, for the

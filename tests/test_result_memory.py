@@ -5,6 +5,9 @@ tensors behave as torch's (resize, share_memory_, save/load, numpy); the switch,
 the byte limit."""
 
 import io
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -88,6 +91,19 @@ def test_switch_off_releases_the_pool_and_reuses_nothing():
 def test_switch_rejects_non_bool():
     with pytest.raises(TypeError, match="bool"):
         cnnops.backends.cpu.keep_result_memory = 1
+
+
+def test_environment_turns_it_off_at_start():
+    code = ("import torch, cnnops, cnnops.functional as CF; from cnnops import _C\n"
+            "assert cnnops.backends.cpu.keep_result_memory is False\n"
+            "x, w = torch.randn(8, 32, 40, 40), torch.randn(32, 32, 3, 3)\n"
+            "for _ in range(2): CF.conv2d(x, w, padding=1)\n"
+            "assert _C._cpu_result_memory_stats()[0] == 0 and _C._cpu_result_memory_stats()[2] == 0\n"
+            "print('ok')")
+    env = dict(os.environ, CNNOPS_KEEP_RESULT_MEMORY="0")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_empty_cache_releases_what_the_pool_holds():

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <map>
 #include <mutex>
@@ -34,7 +36,11 @@ constexpr size_t kPooledMinBytes = size_t(1) << 20;  // below: torch's CPU alloc
 constexpr size_t kGranule = size_t(64) << 10;        // sizes round up to this, so near sizes share blocks
 constexpr size_t kAlignment = 64;
 
-std::atomic<bool> kept{true};
+// On unless the environment's CNNOPS_KEEP_RESULT_MEMORY=0 turns it off at start.
+std::atomic<bool> kept{[] {
+  const char* env = std::getenv("CNNOPS_KEEP_RESULT_MEMORY");
+  return !(env && std::strcmp(env, "0") == 0);
+}()};
 std::atomic<int64_t> forced_limit{-1};
 
 // The most the pool holds: an eighth of the machine's memory, at most 2 GiB.
