@@ -1,13 +1,14 @@
 #include "cpu/result_memory.h"
 
 #include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/CPUAllocator.h>
 #include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -63,6 +64,7 @@ class ResultPool final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n < kPooledMinBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
+    TORCH_CHECK_WITH(OutOfMemoryError, n <= SIZE_MAX - kGranule, "cnnops: cannot allocate ", n, " bytes");
     const size_t size = (n + kGranule - 1) / kGranule * kGranule;
     Block* block = take(size);
     if (block == nullptr) {
@@ -71,9 +73,10 @@ class ResultPool final : public c10::Allocator {
         release();
         data = ::operator new(size, std::align_val_t(kAlignment), std::nothrow);
       }
-      TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "cnnops: out of memory allocating ", size,
+      block = data ? new (std::nothrow) Block{data, size} : nullptr;
+      if (block == nullptr && data != nullptr) ::operator delete(data, std::align_val_t(kAlignment));
+      TORCH_CHECK_WITH(OutOfMemoryError, block != nullptr, "cnnops: out of memory allocating ", size,
                        " bytes for a result");
-      block = new Block{data, size};
     }
     return {block->data, block, &ResultPool::give_back, c10::Device(c10::DeviceType::CPU)};
   }
