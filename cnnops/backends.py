@@ -18,17 +18,16 @@ through ``param.data``, a numpy array or a DLPack alias does not, and the cache 
 the old weight: turn it on only for inference code that never writes weights that way (or call
 ``torch.ops.cnnops.cpu_weight_cache_clear()`` after such a write).
 
-``cnnops.backends.cpu.keep_result_memory`` (default ``True``; ``CNNOPS_KEEP_RESULT_MEMORY=0`` turns it
-off at start): the storage of a tensor that a
-cnnops CPU op returned (a convolution's, a norm's or a pooling's output or input gradient) of 1 MiB
-or more is kept when the tensor is freed and given to the next result of the same size (rounded up
-to 64 KiB), instead of going back to the system, which would map it fresh, page by page, for the
-next one: a network's activations are tens of MB each, and page faults took a fifth of a ResNet-50
-step at batch 8. The pool holds at most an eighth of the machine's memory, 2 GiB at most (a block
-freed past that goes back to the system); ``cnnops.backends.cpu.empty_cache()`` releases what it
-holds, and turning the switch off releases it too. Like torch's CUDA caching allocator, it makes the
-process hold memory it is not using: after a training step, up to the size of the step's
-activations.
+``cnnops.backends.cpu.keep_result_memory`` (default ``True``; ``CNNOPS_KEEP_RESULT_MEMORY=0`` turns
+it off at start): the storage of a tensor that a cnnops CPU op returned (a convolution's, a norm's
+or a pooling's output or input gradient) of 1 MiB or more is kept when the tensor is freed and given
+to the next result it holds with at most an eighth to spare (sizes rounded up to 64 KiB), instead of
+going back to the system, which would map it fresh, page by page, for the next one: a network's
+activations are tens of MB each, and page faults took a fifth of a ResNet-50 step at batch 8. The
+pool holds at most an eighth of the machine's memory, 2 GiB at most (a block freed past that goes
+back to the system); ``cnnops.backends.cpu.empty_cache()`` releases what it holds, and turning the
+switch off releases it too. Like torch's CUDA caching allocator, it makes the process hold memory it
+is not using: after a training step, up to the size of the step's activations.
 
 The kernels read the flags at run time, on every call: setting it takes effect on the next call,
 in eager mode and in graphs compiled with ``torch.compile`` alike (no recompilation; the
@@ -73,7 +72,7 @@ class _CpuBackend:
     @property
     def keep_result_memory(self) -> bool:
         """Whether the storage of freed cnnops CPU results (1 MiB and more) is kept for the next
-        result of the same size (default ``True``; see the module's docstring). Off releases it."""
+        result of about its size (default ``True``; see the module's docstring). Off releases it."""
         return _C._get_cpu_keep_result_memory()
 
     @keep_result_memory.setter

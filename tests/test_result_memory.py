@@ -1,5 +1,5 @@
 """The pool of result storage (csrc/cpu/result_memory.cpp, cnnops.backends.cpu.keep_result_memory):
-freed results of 1 MiB and more are reused by the next result of the same size, never while a tensor
+freed results of 1 MiB and more are reused by the next result of about their size, never while a tensor
 still holds them; every op writes each value of a reused block (stale values would show); pooled
 tensors behave as torch's (resize, share_memory_, save/load, numpy); the switch, empty_cache() and
 the byte limit."""
