@@ -557,7 +557,7 @@ void conv_forward_any(const ConvGeometry& g, const T* x, const T* w, const T* bi
     subsample_positions(g, x, xs);
     return conv_forward_any(pointwise, static_cast<const T*>(xs), w, bias, y, nhwc, activation, order);
   }
-  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd F(4x4, 3x3) where it pays
+  if constexpr (std::is_same_v<T, float>) {  // 3x3 stride 1: Winograd (winograd_tile) where it pays
     if (winograd_serves(g, nhwc) &&
         conv_forward_winograd(g, x, winograd_view(g, w, order, false), bias, y, nhwc, activation))
       return count_route(ForwardRoute::Winograd);
