@@ -73,6 +73,23 @@ def test_small_results_use_torch_allocator():
     assert stats() == before
 
 
+def test_pool_threshold_is_one_mib():
+    """Results of 1 MiB and more are pooled, smaller ones not (the README's and backends' claim):
+    average pooling outputs of 8 x 32 x 32 x 32 floats (1 MiB) and one row less."""
+    for rows, pooled in ((32, True), (31, False)):
+        cnnops.backends.cpu.empty_cache()
+        x = torch.randn(8, 32, 2 * rows, 64)
+        y = cnnops.functional.avg_pool2d(x, 2)
+        assert (y.nbytes >= MIB) == pooled
+        del y
+        assert (stats()[0] > 0) == pooled, rows
+
+
+def test_default_limit_is_an_eighth_of_memory_at_most_2_gib():
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert stats()[1] == min(memory // 8, 2 << 30)
+
+
 def test_switch_off_releases_the_pool_and_reuses_nothing():
     x, w = torch.randn(8, 32, 40, 40), torch.randn(32, 32, 3, 3)
     conv(x, w)  # freed at once: the pool holds its block
