@@ -902,11 +902,12 @@ at::Tensor compute_copy(const at::Tensor& t, at::MemoryFormat format = at::Memor
 
 // Where a kernel writes a result that `format` and `input`'s dtype give back to the caller: kept
 // storage when a conversion (a fresh tensor) follows, else a fresh tensor, which is returned as it is.
+// (Whether `layout` is already `format` for these sizes is asked of a meta tensor: no storage.)
 at::Tensor kernel_result(KeptStorage& storage, c10::IntArrayRef sizes, const at::TensorOptions& options,
                          at::MemoryFormat layout, const at::Tensor& input, at::MemoryFormat format) {
-  at::Tensor t = storage.empty(sizes, options, layout);
-  if (!is_reduced(input) && t.is_contiguous(format)) return empty_result(sizes, options, layout);
-  return t;
+  const bool returned_as_is =
+      !is_reduced(input) && at::empty(sizes, options.device(at::kMeta).memory_format(layout)).is_contiguous(format);
+  return returned_as_is ? empty_result(sizes, options, layout) : storage.empty(sizes, options, layout);
 }
 
 // The weight as the forward kernels read it: float32 or float64, dense, in either WeightOrder

@@ -168,7 +168,6 @@ void gemm_offset_a_packed_b(int64_t m, int64_t k, const T* a, const int64_t* row
 template <typename T>
 int64_t gemm_mr();
 
-
 // Values of gemm()'s workspace: one kKc x spec.nc block of packed B (less for a narrower B).
 template <typename T>
 int64_t gemm_workspace_size(int64_t n) {

@@ -38,7 +38,7 @@ TensorTriple layer_norm_forward(const at::Tensor& input, c10::IntArrayRef normal
   check_layer_norm_param(kForward, "weight", weight, input, normalized_shape);
   check_layer_norm_param(kForward, "bias", bias, input, normalized_shape);
   const at::Tensor x = input.contiguous();
-  at::Tensor y = empty_result(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_result(input.sizes(), input.options());
   const auto stat_shape = layer_norm_stat_shape(input, normalized_shape);
   const auto stat_opts = input.options().dtype(norm_stat_dtype(input));
   at::Tensor mean_out = at::empty(stat_shape, stat_opts);
@@ -81,8 +81,7 @@ TensorTriple layer_norm_backward(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor dy = grad_output.contiguous();
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
-  const auto dense = at::MemoryFormat::Contiguous;
-  at::Tensor dx = output_mask[0] ? empty_result(input.sizes(), input.options(), dense) : norm_unselected(input);
+  at::Tensor dx = output_mask[0] ? empty_result(input.sizes(), input.options()) : norm_unselected(input);
   at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
   at::Tensor db = output_mask[2] ? at::empty(normalized_shape, input.options().dtype(pdtype)) : norm_unselected(input);
 

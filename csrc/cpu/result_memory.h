@@ -15,7 +15,8 @@ namespace cpu {
 
 // An empty tensor (sizes, options' dtype, CPU) in `format`, whose storage comes from the pool
 // while keeping results is on; torch's CPU allocator otherwise. Resizable like at::empty's.
-at::Tensor empty_result(c10::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
+at::Tensor empty_result(c10::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat format = at::MemoryFormat::Contiguous);
 // at::empty_like(x): x's sizes and, where x is dense, its strides.
 at::Tensor empty_result_like(const at::Tensor& x);
 
